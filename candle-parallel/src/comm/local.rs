@@ -1,0 +1,963 @@
+//! The local backend: ranks are threads of one process and share memory.
+//!
+//! A collective is one *round* on its group, with two meeting points:
+//!
+//! 1. **arrive**: each rank posts a description of its call (op, dtype, shape, arguments) and
+//!    raw pointers to its input and (uninitialised) output buffers. The last rank to arrive
+//!    checks that all descriptions agree. On disagreement the group is poisoned and every rank
+//!    returns the same error. Waiting here can end early: on timeout, on a poisoned group, or
+//!    when the job failed (a rank returned an error or panicked).
+//! 2. **work**, then **finish**: each rank does its share of the data movement directly between
+//!    the posted buffers (for all-reduce: rank `r` reduces chunk `r` of every input and writes it
+//!    into every output, i.e. a reduce-scatter and an all-gather with no staging copy), then
+//!    waits until all ranks have finished. This wait is deliberately not interruptible: other
+//!    ranks are reading this rank's input and writing its output, and they always finish (the
+//!    work is bounded memory traffic), so leaving early would free memory still in use.
+//!
+//! Point-to-point messages go through per-pair mailboxes on the group (`send` does not wait).
+
+use super::{Backend, Collective, Comm, CommError, ReduceOp};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// The default time a rank waits for its peers before failing, overridden by the
+/// `CANDLE_PARALLEL_TIMEOUT_SECS` environment variable.
+pub fn default_timeout() -> Duration {
+    std::env::var("CANDLE_PARALLEL_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(600))
+}
+
+/// The first failure of a job: which global rank failed, and why.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub rank: usize,
+    pub message: String,
+}
+
+/// Shared state of one job on the local backend: its groups, its timeout, its first failure.
+#[derive(Clone)]
+pub struct LocalFabric {
+    inner: Arc<FabricInner>,
+}
+
+struct FabricInner {
+    world_size: usize,
+    timeout: Duration,
+    failure: Mutex<Option<Failure>>,
+    groups: Mutex<Vec<Weak<Group>>>,
+}
+
+impl LocalFabric {
+    /// A job of `world_size` ranks whose waits give up after `timeout`.
+    pub fn new(world_size: usize, timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(FabricInner {
+                world_size,
+                timeout,
+                failure: Mutex::new(None),
+                groups: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// One world communicator per rank, in rank order.
+    pub fn world_comms(&self) -> Vec<Comm> {
+        let group = self.new_group("world", (0..self.inner.world_size).collect());
+        (0..self.inner.world_size)
+            .map(|rank| {
+                Comm::from_backend(Arc::new(LocalBackend {
+                    group: group.clone(),
+                    rank,
+                    device: Device::Cpu,
+                }))
+            })
+            .collect()
+    }
+
+    /// Records that global rank `rank` failed (the first failure wins) and wakes every rank
+    /// waiting in any group of the job, so that they fail promptly instead of hanging.
+    pub fn fail(&self, rank: usize, message: impl Into<String>) {
+        {
+            let mut f = lock(&self.inner.failure);
+            if f.is_none() {
+                *f = Some(Failure {
+                    rank,
+                    message: message.into(),
+                });
+            }
+        }
+        let groups: Vec<Arc<Group>> = lock(&self.inner.groups)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for g in groups {
+            // Taking the lock orders this wake-up after any waiter's check of the flag.
+            let _st = lock(&g.state);
+            g.cv.notify_all();
+        }
+    }
+
+    /// The job's first failure, if any.
+    pub fn failure(&self) -> Option<Failure> {
+        lock(&self.inner.failure).clone()
+    }
+
+    fn new_group(&self, label: &str, ranks: Vec<usize>) -> Arc<Group> {
+        let n = ranks.len();
+        let group = Arc::new(Group {
+            fabric: self.clone(),
+            label: format!(
+                "{label}[{}]",
+                ranks
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            ranks,
+            state: Mutex::new(State {
+                call: 0,
+                posts: (0..n).map(|_| None).collect(),
+                arrived: 0,
+                finished: 0,
+                decided: None,
+                poison: None,
+                mail: HashMap::new(),
+            }),
+            cv: Condvar::new(),
+        });
+        let mut groups = lock(&self.inner.groups);
+        groups.retain(|g| g.strong_count() > 0);
+        groups.push(Arc::downgrade(&group));
+        group
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent state (no code under them
+    // panics by design); keep going rather than cascading the panic into every rank.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Group {
+    fabric: LocalFabric,
+    label: String,
+    /// Global ranks of the members, in group-rank order.
+    ranks: Vec<usize>,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+struct State {
+    /// Number of collective rounds completed on this group.
+    call: u64,
+    posts: Vec<Option<Post>>,
+    arrived: usize,
+    finished: usize,
+    /// Set by the last rank to arrive once the posts agree.
+    decided: Option<Arc<Decision>>,
+    /// Set when the group failed; every later call returns it.
+    poison: Option<String>,
+    /// Point-to-point messages, keyed by (source, destination) group rank.
+    mail: HashMap<(usize, usize), VecDeque<Tensor>>,
+}
+
+#[derive(Clone, Copy)]
+struct InPtr(*const u8);
+#[derive(Clone, Copy)]
+struct OutPtr(*mut u8);
+// SAFETY: the pointers are only dereferenced during a round's work phase, while their owners
+// are held (by the finish wait) in the same round, and each output range has one writer.
+unsafe impl Send for InPtr {}
+unsafe impl Sync for InPtr {}
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Call {
+    Collective(Collective),
+    Barrier,
+    Split {
+        color: Option<usize>,
+        key: usize,
+        label: String,
+    },
+}
+
+/// One rank's description of its call, compared across the group before any data moves.
+#[derive(Clone, Debug)]
+struct Desc {
+    call: Call,
+    dtype: Option<DType>,
+    dims: Vec<usize>,
+}
+
+impl Desc {
+    fn op_name(&self) -> &'static str {
+        match &self.call {
+            Call::Collective(c) => c.name(),
+            Call::Barrier => "barrier",
+            Call::Split { .. } => "split",
+        }
+    }
+
+    fn describe(&self) -> String {
+        let call = match &self.call {
+            Call::Collective(c) => c.to_string(),
+            Call::Barrier => "barrier".to_string(),
+            Call::Split { color, key, label } => {
+                format!("split(color={color:?}, key={key}, label={label})")
+            }
+        };
+        match self.dtype {
+            Some(dt) => format!("{call} {dt:?}{:?}", self.dims),
+            None => call,
+        }
+    }
+
+    /// What must be identical on every rank. For all-to-all the splits and the number of rows
+    /// legitimately differ; for split the color and key do.
+    fn agreement_key(&self) -> String {
+        match &self.call {
+            Call::Collective(Collective::AllToAll { .. }) => format!(
+                "all_to_all {:?}[_, {:?}]",
+                self.dtype,
+                self.dims.get(1..).unwrap_or(&[])
+            ),
+            Call::Split { label, .. } => format!("split {label}"),
+            _ => self.describe(),
+        }
+    }
+}
+
+struct Post {
+    desc: Desc,
+    input: InPtr,
+    output: OutPtr,
+}
+
+/// What every rank of a round needs once all have arrived and agreed.
+struct Decision {
+    descs: Vec<Desc>,
+    inputs: Vec<InPtr>,
+    outputs: Vec<OutPtr>,
+    /// For split: each member's new handle.
+    split: Vec<Option<LocalBackend>>,
+    /// Set if any rank's work panicked: then no rank may trust its output.
+    work_failed: AtomicBool,
+}
+
+/// Checks that the posts of one round are compatible; the error lists each rank's call.
+fn validate(descs: &[Desc], ranks: &[usize]) -> std::result::Result<(), String> {
+    let n = descs.len();
+    let listing = || {
+        descs
+            .iter()
+            .zip(ranks)
+            .map(|(d, r)| format!("rank {r}: {}", d.describe()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let key0 = descs[0].agreement_key();
+    if descs.iter().any(|d| d.agreement_key() != key0) {
+        return Err(format!(
+            "ranks disagree on the operation or its arguments ({}). Every rank of a group \
+             must issue the same calls, in the same order, with matching shapes and dtypes",
+            listing()
+        ));
+    }
+    let Call::Collective(op) = &descs[0].call else {
+        return Ok(());
+    };
+    let dims = &descs[0].dims;
+    match op {
+        Collective::AllGather { dim } | Collective::ReduceScatter { dim, .. }
+            if *dim >= dims.len() =>
+        {
+            return Err(format!("dim {dim} is out of range for shape {dims:?}"));
+        }
+        Collective::ReduceScatter { dim, .. } if dims[*dim] % n != 0 => {
+            return Err(format!(
+                "dimension {dim} of shape {dims:?} has size {}, which is not divisible by the \
+                 group size {n}: pad it to a multiple of {n}",
+                dims[*dim]
+            ));
+        }
+        Collective::Broadcast { root } if *root >= n => {
+            return Err(format!(
+                "root {root} is not a rank of this group of {n} ranks"
+            ));
+        }
+        Collective::AllToAll { .. } => {
+            for (i, d) in descs.iter().enumerate() {
+                let Call::Collective(Collective::AllToAll {
+                    send_splits,
+                    recv_splits,
+                }) = &d.call
+                else {
+                    unreachable!("agreement keys are equal")
+                };
+                if d.dims.is_empty() {
+                    return Err(format!(
+                        "rank {}: all_to_all needs a tensor with at least one dimension",
+                        ranks[i]
+                    ));
+                }
+                if send_splits.len() != n || recv_splits.len() != n {
+                    return Err(format!(
+                        "rank {}: send_splits {send_splits:?} and recv_splits {recv_splits:?} \
+                         must each have one entry per rank ({n})",
+                        ranks[i]
+                    ));
+                }
+                let rows: usize = send_splits.iter().sum();
+                if rows != d.dims[0] {
+                    return Err(format!(
+                        "rank {}: send_splits {send_splits:?} add up to {rows} rows but the \
+                         tensor has {} rows (shape {:?})",
+                        ranks[i], d.dims[0], d.dims
+                    ));
+                }
+            }
+            for (i, d) in descs.iter().enumerate() {
+                let Call::Collective(Collective::AllToAll { recv_splits, .. }) = &d.call else {
+                    unreachable!()
+                };
+                for (j, dj) in descs.iter().enumerate() {
+                    let Call::Collective(Collective::AllToAll { send_splits, .. }) = &dj.call
+                    else {
+                        unreachable!()
+                    };
+                    if recv_splits[j] != send_splits[i] {
+                        return Err(format!(
+                            "rank {} expects {} rows from rank {} but rank {} sends it {}: \
+                             use Comm::exchange_split_sizes to compute recv_splits",
+                            ranks[i], recv_splits[j], ranks[j], ranks[j], send_splits[i]
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One rank's handle on one group of the local backend.
+#[derive(Clone)]
+pub struct LocalBackend {
+    group: Arc<Group>,
+    rank: usize,
+    device: Device,
+}
+
+impl LocalBackend {
+    fn n(&self) -> usize {
+        self.group.ranks.len()
+    }
+
+    fn global(&self) -> usize {
+        self.group.ranks[self.rank]
+    }
+
+    fn aborted(&self, op: &str, reason: String) -> candle_core::Error {
+        CommError::Aborted {
+            op: op.to_string(),
+            group: self.group.label.clone(),
+            rank: self.global(),
+            reason,
+        }
+        .into()
+    }
+
+    /// Fails if the group or the job has failed; poisons the group on a job failure so that
+    /// no later round can start with a rank missing.
+    fn check_alive(&self, st: &mut State, op: &str) -> Result<()> {
+        if let Some(p) = &st.poison {
+            return Err(self.aborted(op, p.clone()));
+        }
+        if let Some(f) = self.group.fabric.failure() {
+            let reason = format!("rank {} failed: {}", f.rank, f.message);
+            st.poison = Some(reason.clone());
+            self.group.cv.notify_all();
+            return Err(self.aborted(op, reason));
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, op: &str, msg: String) -> candle_core::Error {
+        CommError::Invalid {
+            op: op.to_string(),
+            group: self.group.label.clone(),
+            rank: self.global(),
+            msg,
+        }
+        .into()
+    }
+
+    /// Runs one round: arrive, agree, `work` on the decision, finish.
+    fn round<R>(
+        &self,
+        desc: Desc,
+        input: InPtr,
+        output: OutPtr,
+        work: impl FnOnce(&Decision) -> R,
+    ) -> Result<R> {
+        let g = &*self.group;
+        let n = self.n();
+        let op = desc.op_name();
+        let mut st = lock(&g.state);
+        self.check_alive(&mut st, op)?;
+        if st.posts[self.rank].is_some() {
+            return Err(self.invalid(
+                op,
+                "this rank is already inside a call on this group (the same communicator \
+                 used from two threads at once?)"
+                    .into(),
+            ));
+        }
+        let call = st.call;
+        st.posts[self.rank] = Some(Post {
+            desc,
+            input,
+            output,
+        });
+        st.arrived += 1;
+        if st.arrived == n {
+            let posts: Vec<&Post> = st.posts.iter().map(|p| p.as_ref().unwrap()).collect();
+            let descs: Vec<Desc> = posts.iter().map(|p| p.desc.clone()).collect();
+            let inputs: Vec<InPtr> = posts.iter().map(|p| p.input).collect();
+            let outputs: Vec<OutPtr> = posts.iter().map(|p| p.output).collect();
+            if let Err(details) = validate(&descs, &g.ranks) {
+                let e = CommError::Mismatch {
+                    op: op.to_string(),
+                    call,
+                    group: g.label.clone(),
+                    details,
+                };
+                st.poison = Some(e.to_string());
+                g.cv.notify_all();
+                return Err(e.into());
+            }
+            let split = match &descs[0].call {
+                Call::Split { label, .. } => self.make_split(&descs, label),
+                _ => Vec::new(),
+            };
+            st.decided = Some(Arc::new(Decision {
+                inputs,
+                outputs,
+                descs,
+                split,
+                work_failed: AtomicBool::new(false),
+            }));
+            g.cv.notify_all();
+        } else {
+            let timeout = g.fabric.inner.timeout;
+            let deadline = Instant::now() + timeout;
+            while st.decided.is_none() {
+                self.check_alive(&mut st, op)?;
+                let now = Instant::now();
+                if now >= deadline {
+                    let missing: Vec<usize> = (0..n)
+                        .filter(|&i| st.posts[i].is_none())
+                        .map(|i| g.ranks[i])
+                        .collect();
+                    let e = CommError::Timeout {
+                        op: op.to_string(),
+                        call,
+                        group: g.label.clone(),
+                        rank: self.global(),
+                        secs: timeout.as_secs_f64(),
+                        missing,
+                    };
+                    st.poison = Some(e.to_string());
+                    g.cv.notify_all();
+                    return Err(e.into());
+                }
+                st =
+                    g.cv.wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+            }
+        }
+        let decision = st.decided.clone().expect("decided");
+        drop(st);
+
+        let out = catch_unwind(AssertUnwindSafe(|| work(&decision)));
+        if out.is_err() {
+            decision.work_failed.store(true, Ordering::SeqCst);
+        }
+
+        let mut st = lock(&g.state);
+        st.finished += 1;
+        if st.finished == n {
+            st.posts.iter_mut().for_each(|p| *p = None);
+            st.arrived = 0;
+            st.finished = 0;
+            st.decided = None;
+            st.call += 1;
+            g.cv.notify_all();
+        } else {
+            while st.call == call {
+                st = g.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if decision.work_failed.load(Ordering::SeqCst) {
+            let reason =
+                format!("a rank's data movement panicked in {op} (a bug in candle-parallel)");
+            st.poison.get_or_insert(reason.clone());
+            return Err(self.aborted(op, reason));
+        }
+        drop(st);
+        Ok(out.expect("checked above"))
+    }
+
+    fn make_split(&self, descs: &[Desc], label: &str) -> Vec<Option<LocalBackend>> {
+        let mut colors: Vec<usize> = descs
+            .iter()
+            .filter_map(|d| match d.call {
+                Call::Split { color, .. } => color,
+                _ => None,
+            })
+            .collect();
+        colors.sort_unstable();
+        colors.dedup();
+        let mut out: Vec<Option<LocalBackend>> = vec![None; descs.len()];
+        for color in colors {
+            let mut members: Vec<(usize, usize)> = descs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| match d.call {
+                    Call::Split {
+                        color: Some(c),
+                        key,
+                        ..
+                    } if c == color => Some((key, i)),
+                    _ => None,
+                })
+                .collect();
+            members.sort_unstable();
+            let ranks = members.iter().map(|&(_, i)| self.group.ranks[i]).collect();
+            let group = self.group.fabric.new_group(label, ranks);
+            for (new_rank, &(_, i)) in members.iter().enumerate() {
+                out[i] = Some(LocalBackend {
+                    group: group.clone(),
+                    rank: new_rank,
+                    device: Device::Cpu,
+                });
+            }
+        }
+        out
+    }
+
+    fn collective_typed<T: Elem>(
+        &self,
+        op: &Collective,
+        input: &[T],
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<(Vec<T>, Shape)> {
+        let out_dims = op.output_dims(dims, self.n());
+        // An impossible output shape fails the group-wide check, so no work touches `out`.
+        let out_len = out_dims.as_ref().map_or(0, |d| d.iter().product());
+        let mut out: Vec<T> = Vec::with_capacity(out_len);
+        let desc = Desc {
+            call: Call::Collective(op.clone()),
+            dtype: Some(dtype),
+            dims: dims.to_vec(),
+        };
+        let (me, n) = (self.rank, self.n());
+        self.round(
+            desc,
+            InPtr(input.as_ptr().cast()),
+            OutPtr(out.as_mut_ptr().cast()),
+            // SAFETY: the round validated that all posts agree (same dtype, compatible shapes),
+            // so every pointer refers to a live buffer of `T` of the length its desc implies.
+            |d| unsafe { move_data::<T>(op, d, me, n) },
+        )?;
+        // SAFETY: a completed round wrote every element of this rank's output.
+        unsafe { out.set_len(out_len) };
+        Ok((out, Shape::from(out_dims.unwrap_or_default())))
+    }
+}
+
+/// Element types the local backend moves and reduces.
+trait Elem: Copy + Send + Sync + 'static {
+    /// The type reductions accumulate in (f32 for the 16-bit floats).
+    type Acc: Copy;
+    fn acc(self) -> Self::Acc;
+    fn from_acc(a: Self::Acc) -> Self;
+    fn add(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn max(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn min(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn div(a: Self::Acc, n: usize) -> Self::Acc;
+}
+
+macro_rules! elem_float {
+    ($t:ty, $acc:ty, $to:expr, $from:expr) => {
+        impl Elem for $t {
+            type Acc = $acc;
+            #[inline(always)]
+            fn acc(self) -> $acc {
+                $to(self)
+            }
+            #[inline(always)]
+            fn from_acc(a: $acc) -> Self {
+                $from(a)
+            }
+            #[inline(always)]
+            fn add(a: $acc, b: $acc) -> $acc {
+                a + b
+            }
+            #[inline(always)]
+            fn max(a: $acc, b: $acc) -> $acc {
+                a.max(b)
+            }
+            #[inline(always)]
+            fn min(a: $acc, b: $acc) -> $acc {
+                a.min(b)
+            }
+            #[inline(always)]
+            fn div(a: $acc, n: usize) -> $acc {
+                a / n as $acc
+            }
+        }
+    };
+}
+elem_float!(f32, f32, |x| x, |x| x);
+elem_float!(f64, f64, |x| x, |x| x);
+elem_float!(f16, f32, f16::to_f32, f16::from_f32);
+elem_float!(bf16, f32, bf16::to_f32, bf16::from_f32);
+
+macro_rules! elem_int {
+    ($t:ty) => {
+        impl Elem for $t {
+            type Acc = $t;
+            #[inline(always)]
+            fn acc(self) -> $t {
+                self
+            }
+            #[inline(always)]
+            fn from_acc(a: $t) -> Self {
+                a
+            }
+            #[inline(always)]
+            fn add(a: $t, b: $t) -> $t {
+                a.wrapping_add(b)
+            }
+            #[inline(always)]
+            fn max(a: $t, b: $t) -> $t {
+                a.max(b)
+            }
+            #[inline(always)]
+            fn min(a: $t, b: $t) -> $t {
+                a.min(b)
+            }
+            #[inline(always)]
+            fn div(a: $t, n: usize) -> $t {
+                a / n as $t
+            }
+        }
+    };
+}
+elem_int!(u8);
+elem_int!(u32);
+elem_int!(i16);
+elem_int!(i32);
+elem_int!(i64);
+
+/// Elements reduced per block: small enough for the accumulators to stay in L1.
+const BLOCK: usize = 2048;
+
+/// Reduces `srcs[0][i] op srcs[1][i] op ...` (in rank order, so every rank and every run gets
+/// the same bits) for `i in 0..len`, writing the result to every pointer in `dsts`.
+///
+/// # Safety
+/// Each `srcs[j]` must be valid for `len` reads and each `dsts[j]` for `len` writes, with no
+/// other writer of those ranges.
+unsafe fn reduce_into<T: Elem>(op: ReduceOp, srcs: &[*const T], len: usize, dsts: &[*mut T]) {
+    let n = srcs.len();
+    let mut acc: Vec<T::Acc> = Vec::with_capacity(BLOCK);
+    let mut tmp: Vec<T> = Vec::with_capacity(BLOCK);
+    let mut start = 0;
+    while start < len {
+        let m = BLOCK.min(len - start);
+        let first = std::slice::from_raw_parts(srcs[0].add(start), m);
+        acc.clear();
+        acc.extend(first.iter().map(|x| x.acc()));
+        for src in &srcs[1..] {
+            let s = std::slice::from_raw_parts(src.add(start), m);
+            let f: fn(T::Acc, T::Acc) -> T::Acc = match op {
+                ReduceOp::Sum | ReduceOp::Avg => T::add,
+                ReduceOp::Max => T::max,
+                ReduceOp::Min => T::min,
+            };
+            for (a, x) in acc.iter_mut().zip(s) {
+                *a = f(*a, x.acc());
+            }
+        }
+        tmp.clear();
+        if op == ReduceOp::Avg {
+            tmp.extend(acc.iter().map(|&a| T::from_acc(T::div(a, n))));
+        } else {
+            tmp.extend(acc.iter().map(|&a| T::from_acc(a)));
+        }
+        for dst in dsts {
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(start), m);
+        }
+        start += m;
+    }
+}
+
+/// This rank's share of the data movement of a validated round.
+///
+/// # Safety
+/// `d` must come from a round whose posts were validated for `op` with element type `T`.
+unsafe fn move_data<T: Elem>(op: &Collective, d: &Decision, me: usize, n: usize) {
+    let ins: Vec<*const T> = d.inputs.iter().map(|p| p.0.cast()).collect();
+    let outs: Vec<*mut T> = d.outputs.iter().map(|p| p.0.cast()).collect();
+    let dims = &d.descs[me].dims;
+    let len: usize = dims.iter().product();
+    match op {
+        Collective::AllReduce { op } => {
+            // Rank `me` owns chunk `me` of the buffer: it reduces it and writes it everywhere.
+            let (s, e) = (me * len / n, (me + 1) * len / n);
+            let srcs: Vec<*const T> = ins.iter().map(|p| p.add(s)).collect();
+            let dsts: Vec<*mut T> = outs.iter().map(|p| p.add(s)).collect();
+            reduce_into(*op, &srcs, e - s, &dsts);
+        }
+        Collective::AllGather { dim } => {
+            // Rank `me` writes its input into slot `me` of every output.
+            let outer: usize = dims[..*dim].iter().product();
+            let inner: usize = dims[*dim..].iter().product();
+            for out in &outs {
+                for o in 0..outer {
+                    std::ptr::copy_nonoverlapping(
+                        ins[me].add(o * inner),
+                        out.add((o * n + me) * inner),
+                        inner,
+                    );
+                }
+            }
+        }
+        Collective::ReduceScatter { dim, op } => {
+            // Rank `me` reduces chunk `me` of every input into its own output.
+            let outer: usize = dims[..*dim].iter().product();
+            let full: usize = dims[*dim..].iter().product();
+            let block = full / n;
+            for o in 0..outer {
+                let srcs: Vec<*const T> =
+                    ins.iter().map(|p| p.add(o * full + me * block)).collect();
+                reduce_into(*op, &srcs, block, &[outs[me].add(o * block)]);
+            }
+        }
+        Collective::AllToAll { .. } => {
+            // Rank `me` pulls its rows from every peer, in rank order.
+            let row: usize = dims[1..].iter().product();
+            let mut written = 0;
+            for (j, src) in ins.iter().enumerate() {
+                let Call::Collective(Collective::AllToAll { send_splits, .. }) = &d.descs[j].call
+                else {
+                    unreachable!("validated")
+                };
+                let offset: usize = send_splits[..me].iter().sum();
+                let count = send_splits[me] * row;
+                std::ptr::copy_nonoverlapping(src.add(offset * row), outs[me].add(written), count);
+                written += count;
+            }
+        }
+        Collective::Broadcast { root } => {
+            std::ptr::copy_nonoverlapping(ins[*root], outs[me], len);
+        }
+    }
+}
+
+impl Backend for LocalBackend {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.n()
+    }
+
+    fn ranks(&self) -> &[usize] {
+        &self.group.ranks
+    }
+
+    fn label(&self) -> &str {
+        &self.group.label
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn collective_cpu(
+        &self,
+        op: &Collective,
+        input: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(self.invalid(
+                op.name(),
+                format!(
+                    "the input must be contiguous (shape {:?}, stride {:?}): call .contiguous()",
+                    layout.dims(),
+                    layout.stride()
+                ),
+            ));
+        };
+        let dims = layout.dims();
+        macro_rules! run {
+            ($variant:ident, $v:expr) => {{
+                let (o, s) = self.collective_typed(op, &$v[start..end], dims, input.dtype())?;
+                Ok((CpuStorage::$variant(o), s))
+            }};
+        }
+        match input {
+            CpuStorage::U8(v) => run!(U8, v),
+            CpuStorage::U32(v) => run!(U32, v),
+            CpuStorage::I16(v) => run!(I16, v),
+            CpuStorage::I32(v) => run!(I32, v),
+            CpuStorage::I64(v) => run!(I64, v),
+            CpuStorage::BF16(v) => run!(BF16, v),
+            CpuStorage::F16(v) => run!(F16, v),
+            CpuStorage::F32(v) => run!(F32, v),
+            CpuStorage::F64(v) => run!(F64, v),
+            other => Err(CommError::Unsupported {
+                backend: "local",
+                what: format!("{op} on dtype {:?}", other.dtype()),
+            }
+            .into()),
+        }
+    }
+
+    fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+        if dst >= self.n() {
+            return Err(self.invalid(
+                "send",
+                format!(
+                    "destination {dst} is not a rank of this group of {}",
+                    self.n()
+                ),
+            ));
+        }
+        // The message is a private copy: the sender may change or drop `x` afterwards.
+        let msg = x.detach().force_contiguous()?;
+        let mut st = lock(&self.group.state);
+        self.check_alive(&mut st, "send")?;
+        st.mail.entry((self.rank, dst)).or_default().push_back(msg);
+        self.group.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor> {
+        let g = &*self.group;
+        if src >= self.n() {
+            return Err(self.invalid(
+                "recv",
+                format!("source {src} is not a rank of this group of {}", self.n()),
+            ));
+        }
+        let timeout = g.fabric.inner.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&g.state);
+        loop {
+            if let Some(t) = st
+                .mail
+                .get_mut(&(src, self.rank))
+                .and_then(|q| q.pop_front())
+            {
+                if t.dims() != shape.dims() || t.dtype() != dtype {
+                    let e = CommError::Mismatch {
+                        op: "send/recv".into(),
+                        call: 0,
+                        group: g.label.clone(),
+                        details: format!(
+                            "rank {} sent {:?}{:?} but rank {} expects {dtype:?}{:?}",
+                            g.ranks[src],
+                            t.dtype(),
+                            t.dims(),
+                            self.global(),
+                            shape.dims()
+                        ),
+                    };
+                    st.poison = Some(e.to_string());
+                    g.cv.notify_all();
+                    return Err(e.into());
+                }
+                return Ok(t);
+            }
+            self.check_alive(&mut st, "recv")?;
+            let now = Instant::now();
+            if now >= deadline {
+                let e = CommError::Timeout {
+                    op: "recv".into(),
+                    call: 0,
+                    group: g.label.clone(),
+                    rank: self.global(),
+                    secs: timeout.as_secs_f64(),
+                    missing: vec![g.ranks[src]],
+                };
+                st.poison = Some(e.to_string());
+                g.cv.notify_all();
+                return Err(e.into());
+            }
+            st =
+                g.cv.wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let desc = Desc {
+            call: Call::Barrier,
+            dtype: None,
+            dims: Vec::new(),
+        };
+        let null = (InPtr(std::ptr::null()), OutPtr(std::ptr::null_mut()));
+        self.round(desc, null.0, null.1, |_| ())
+    }
+
+    fn split(
+        &self,
+        color: Option<usize>,
+        key: usize,
+        label: &str,
+    ) -> Result<Option<Arc<dyn Backend>>> {
+        let desc = Desc {
+            call: Call::Split {
+                color,
+                key,
+                label: label.to_string(),
+            },
+            dtype: None,
+            dims: Vec::new(),
+        };
+        let me = self.rank;
+        let null = (InPtr(std::ptr::null()), OutPtr(std::ptr::null_mut()));
+        let handle = self.round(desc, null.0, null.1, |d| d.split[me].clone())?;
+        Ok(handle.map(|h| Arc::new(h) as Arc<dyn Backend>))
+    }
+
+    fn abort(&self, reason: &str) {
+        self.group.fabric.fail(self.global(), reason);
+    }
+}

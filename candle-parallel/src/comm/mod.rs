@@ -1,0 +1,409 @@
+//! Communicators: a cheap, cloneable [`Comm`] handle for one rank of one group, over a
+//! [`Backend`].
+//!
+//! Every operation takes and returns Candle tensors. Outputs are always fresh tensors that never
+//! alias an input, so a result can be turned into a `Var` or updated in place safely.
+//!
+//! The default backend ([`local`]) runs the ranks as threads of one process and moves data
+//! through shared memory. A GPU backend (NCCL) implements the same [`Backend`] trait: the trait
+//! works on Candle's CPU *and* CUDA storage, so no layer changes when the backend does.
+//!
+//! ```
+//! use candle_core::{Tensor, Device};
+//! use candle_parallel::comm::ReduceOp;
+//! use candle_parallel::launch::launch;
+//!
+//! let sums = launch(2, |ctx| {
+//!     let x = Tensor::new(&[ctx.rank() as f32 + 1.0, 10.0], &Device::Cpu)?;
+//!     ctx.comm().all_reduce(&x, ReduceOp::Sum)?.to_vec1::<f32>()
+//! })?;
+//! assert_eq!(sums, vec![vec![3.0, 20.0], vec![3.0, 20.0]]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+mod error;
+pub mod local;
+
+pub use error::CommError;
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::shape::Dim;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor,
+};
+use std::fmt;
+use std::sync::Arc;
+
+/// How [`Comm::all_reduce`] and [`Comm::reduce_scatter`] combine the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    /// The sum divided by the group size (integer division for integer dtypes).
+    Avg,
+    Max,
+    Min,
+}
+
+impl fmt::Display for ReduceOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Sum => "sum",
+            Self::Avg => "avg",
+            Self::Max => "max",
+            Self::Min => "min",
+        })
+    }
+}
+
+/// A collective that maps one input buffer per rank to one output buffer per rank: what a
+/// [`Backend`] runs on CPU or CUDA storage.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Collective {
+    AllReduce {
+        op: ReduceOp,
+    },
+    /// Concatenates the ranks' inputs (equal shapes) along `dim`, in group-rank order.
+    AllGather {
+        dim: usize,
+    },
+    /// Reduces the inputs, then keeps the `rank`-th of `size` equal chunks along `dim`.
+    ReduceScatter {
+        dim: usize,
+        op: ReduceOp,
+    },
+    /// Rank `i` sends rows `[sum(send[..j]), sum(send[..=j]))` of dim 0 to rank `j`, and
+    /// receives `recv[j]` rows from rank `j`, concatenated in rank order.
+    AllToAll {
+        send_splits: Vec<usize>,
+        recv_splits: Vec<usize>,
+    },
+    /// Every rank receives a copy of `root`'s input.
+    Broadcast {
+        root: usize,
+    },
+}
+
+impl Collective {
+    /// The operation's name, as used in error messages and traces.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AllReduce { .. } => "all_reduce",
+            Self::AllGather { .. } => "all_gather",
+            Self::ReduceScatter { .. } => "reduce_scatter",
+            Self::AllToAll { .. } => "all_to_all",
+            Self::Broadcast { .. } => "broadcast",
+        }
+    }
+
+    /// The shape of this rank's output for an input of shape `dims` in a group of `size`.
+    /// `None` when the arguments cannot be valid (the group-wide check reports why).
+    pub fn output_dims(&self, dims: &[usize], size: usize) -> Option<Vec<usize>> {
+        let mut out = dims.to_vec();
+        match self {
+            Self::AllReduce { .. } | Self::Broadcast { .. } => {}
+            Self::AllGather { dim } => *out.get_mut(*dim)? *= size,
+            Self::ReduceScatter { dim, .. } => {
+                let d = out.get_mut(*dim)?;
+                if *d % size != 0 {
+                    return None;
+                }
+                *d /= size;
+            }
+            Self::AllToAll { recv_splits, .. } => *out.first_mut()? = recv_splits.iter().sum(),
+        }
+        Some(out)
+    }
+}
+
+impl fmt::Display for Collective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AllReduce { op } => write!(f, "all_reduce({op})"),
+            Self::AllGather { dim } => write!(f, "all_gather(dim={dim})"),
+            Self::ReduceScatter { dim, op } => write!(f, "reduce_scatter(dim={dim}, {op})"),
+            Self::AllToAll {
+                send_splits,
+                recv_splits,
+            } => write!(f, "all_to_all(send={send_splits:?}, recv={recv_splits:?})"),
+            Self::Broadcast { root } => write!(f, "broadcast(root={root})"),
+        }
+    }
+}
+
+/// What a communication backend implements for one rank of one group.
+///
+/// Ranks are numbered `0..size()` within the group; [`Backend::ranks`] maps them to global
+/// ranks for messages. Every rank of a group must issue the same calls in the same order; a
+/// backend reports any disagreement as an error on every rank (never a hang), and once a group
+/// has failed all later calls on it fail too.
+pub trait Backend: Send + Sync + 'static {
+    /// Short backend name (`"local"`, `"nccl"`).
+    fn name(&self) -> &'static str;
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// Global ranks of the group's members, in group-rank order.
+    fn ranks(&self) -> &[usize];
+    /// A label for messages, such as `tp[0,1]`.
+    fn label(&self) -> &str;
+    /// The device whose tensors this backend moves.
+    fn device(&self) -> &Device;
+    /// Runs `op` on a CPU buffer. The layout is contiguous (callers make it so).
+    fn collective_cpu(
+        &self,
+        op: &Collective,
+        input: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _ = (input, layout);
+        Err(CommError::Unsupported {
+            backend: self.name(),
+            what: format!("{op} on CPU tensors"),
+        }
+        .into())
+    }
+    /// Runs `op` on a CUDA buffer. The layout is contiguous (callers make it so).
+    fn collective_cuda(
+        &self,
+        op: &Collective,
+        input: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let _ = (input, layout);
+        Err(CommError::Unsupported {
+            backend: self.name(),
+            what: format!("{op} on CUDA tensors"),
+        }
+        .into())
+    }
+    /// Sends `x` to group rank `dst`.
+    fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
+    /// Receives a tensor of the given shape and dtype from group rank `src`.
+    fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor>;
+    /// Returns once every rank of the group has called it.
+    fn barrier(&self) -> Result<()>;
+    /// Collective: ranks passing the same `color` form a new group, ordered by `(key, rank)`;
+    /// ranks passing `None` get no group.
+    fn split(
+        &self,
+        color: Option<usize>,
+        key: usize,
+        label: &str,
+    ) -> Result<Option<Arc<dyn Backend>>>;
+    /// Marks the group (and, for the local backend, the whole job) as failed because of this
+    /// rank, so that no other rank waits forever for it.
+    fn abort(&self, reason: &str);
+}
+
+/// A handle for one rank of one communication group: cheap to clone, shareable across threads.
+///
+/// See the [module documentation](self) for an example.
+#[derive(Clone)]
+pub struct Comm {
+    backend: Arc<dyn Backend>,
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Comm({} {} rank {}/{})",
+            self.backend.name(),
+            self.backend.label(),
+            self.rank(),
+            self.size()
+        )
+    }
+}
+
+impl Comm {
+    /// Wraps a backend handle.
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    /// The backend behind this handle.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// This rank's index in the group.
+    pub fn rank(&self) -> usize {
+        self.backend.rank()
+    }
+
+    /// Number of ranks in the group.
+    pub fn size(&self) -> usize {
+        self.backend.size()
+    }
+
+    /// Global ranks of the group's members, in group-rank order.
+    pub fn ranks(&self) -> &[usize] {
+        self.backend.ranks()
+    }
+
+    /// The group's label, such as `tp[0,1]`.
+    pub fn label(&self) -> &str {
+        self.backend.label()
+    }
+
+    /// The device whose tensors this communicator moves.
+    pub fn device(&self) -> &Device {
+        self.backend.device()
+    }
+
+    /// Reduces `x` over the group; every rank gets the result.
+    pub fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.collective(x, Collective::AllReduce { op })
+    }
+
+    /// Concatenates every rank's `x` (equal shapes) along `dim`, in rank order.
+    pub fn all_gather<D: Dim>(&self, x: &Tensor, dim: D) -> Result<Tensor> {
+        let dim = dim.to_index(x.shape(), "all_gather")?;
+        self.collective(x, Collective::AllGather { dim })
+    }
+
+    /// Reduces `x` over the group and returns this rank's chunk along `dim`, whose size must be
+    /// divisible by the group size.
+    pub fn reduce_scatter<D: Dim>(&self, x: &Tensor, dim: D, op: ReduceOp) -> Result<Tensor> {
+        let dim = dim.to_index(x.shape(), "reduce_scatter")?;
+        self.collective(x, Collective::ReduceScatter { dim, op })
+    }
+
+    /// Ragged all-to-all along dim 0: this rank sends `send_splits[j]` consecutive rows to rank
+    /// `j` and receives `recv_splits[j]` rows from rank `j`, concatenated in rank order.
+    /// `recv_splits` must match what the peers send; [`Comm::exchange_split_sizes`] computes it.
+    pub fn all_to_all(
+        &self,
+        x: &Tensor,
+        send_splits: &[usize],
+        recv_splits: &[usize],
+    ) -> Result<Tensor> {
+        self.collective(
+            x,
+            Collective::AllToAll {
+                send_splits: send_splits.to_vec(),
+                recv_splits: recv_splits.to_vec(),
+            },
+        )
+    }
+
+    /// Tells every rank how many rows each peer will send it: returns `recv` with `recv[j]` the
+    /// `send_splits[rank]` of rank `j` (an all-to-all of the counts).
+    pub fn exchange_split_sizes(&self, send_splits: &[usize]) -> Result<Vec<usize>> {
+        let counts: Vec<i64> = send_splits.iter().map(|&c| c as i64).collect();
+        let n = self.size();
+        let ones = vec![1; n];
+        let x = Tensor::from_vec(counts, send_splits.len(), self.device())?;
+        if send_splits.len() != n {
+            // Let the group-wide check report it on every rank.
+            return self.all_to_all(&x, send_splits, &ones).map(|_| Vec::new());
+        }
+        let recv = self.all_to_all(&x, &ones, &ones)?;
+        Ok(recv
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect())
+    }
+
+    /// Every rank gets a copy of `root`'s `x`; the other ranks pass a tensor of the same shape
+    /// and dtype (its values are ignored).
+    pub fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {
+        self.collective(x, Collective::Broadcast { root })
+    }
+
+    /// Sends `x` to group rank `dst` (a copy travels; `x` stays yours).
+    pub fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+        tracing::trace!(group = self.label(), dst, shape = ?x.dims(), "send");
+        self.backend.send(x, dst)
+    }
+
+    /// Receives a tensor of `shape` and `dtype` from group rank `src`. A sender whose tensor
+    /// differs fails both sides with an error naming the two shapes.
+    pub fn recv<S: Into<Shape>>(&self, src: usize, shape: S, dtype: DType) -> Result<Tensor> {
+        let shape = shape.into();
+        tracing::trace!(group = self.label(), src, shape = ?shape.dims(), "recv");
+        self.backend.recv(src, &shape, dtype)
+    }
+
+    /// Returns once every rank of the group has reached it.
+    pub fn barrier(&self) -> Result<()> {
+        self.backend.barrier()
+    }
+
+    /// Collective over the group: ranks with the same `color` form a new group, ordered by
+    /// `(key, rank)`, as `MPI_Comm_split`; `None` opts out and returns `None`.
+    pub fn split(&self, color: Option<usize>, key: usize) -> Result<Option<Comm>> {
+        self.split_labeled(color, key, "split")
+    }
+
+    /// [`Comm::split`] with a label for the new groups' messages (`tp` gives `tp[0,1]`).
+    pub fn split_labeled(
+        &self,
+        color: Option<usize>,
+        key: usize,
+        label: &str,
+    ) -> Result<Option<Comm>> {
+        Ok(self
+            .backend
+            .split(color, key, label)?
+            .map(Comm::from_backend))
+    }
+
+    /// Fails the group on behalf of this rank: every other rank's pending and later calls
+    /// return an error carrying `reason`.
+    pub fn abort(&self, reason: &str) {
+        self.backend.abort(reason)
+    }
+
+    /// Runs `op` on `x` without recording it for backprop.
+    fn collective(&self, x: &Tensor, op: Collective) -> Result<Tensor> {
+        tracing::trace!(group = self.label(), op = %op, shape = ?x.dims(), dtype = ?x.dtype(), "collective");
+        x.contiguous()?.apply_op1_no_bwd(&CollectiveOp {
+            backend: self.backend(),
+            op: &op,
+        })
+    }
+}
+
+/// Runs a collective as the forward of a Candle custom op, on CPU or CUDA storage.
+struct CollectiveOp<'a> {
+    backend: &'a dyn Backend,
+    op: &'a Collective,
+}
+
+impl CustomOp1 for CollectiveOp<'_> {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.backend.collective_cpu(self.op, s, l)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.backend.collective_cuda(self.op, s, l)
+    }
+}
+
+/// Storage types a [`Backend`] runs collectives on: lets code that is generic over CPU and
+/// CUDA storage (the differentiable ops) call the right backend entry point.
+pub(crate) trait CollectiveStorage: BackendStorage
+where
+    Self::Device: BackendDevice<Storage = Self>,
+{
+    fn run(backend: &dyn Backend, op: &Collective, s: &Self, l: &Layout) -> Result<(Self, Shape)>;
+}
+
+impl CollectiveStorage for CpuStorage {
+    fn run(backend: &dyn Backend, op: &Collective, s: &Self, l: &Layout) -> Result<(Self, Shape)> {
+        backend.collective_cpu(op, s, l)
+    }
+}
+
+impl CollectiveStorage for CudaStorage {
+    fn run(backend: &dyn Backend, op: &Collective, s: &Self, l: &Layout) -> Result<(Self, Shape)> {
+        backend.collective_cuda(op, s, l)
+    }
+}

@@ -1,0 +1,34 @@
+//! # candle-parallel
+//!
+//! Run and train [Candle](https://github.com/huggingface/candle) models across many devices.
+//!
+//! - [`comm`]: the [`Comm`] communicator and its backends (threads on the CPU by default);
+//! - [`launch`]: start N ranks ([`launch::launch`], [`launch::Launcher`]);
+//! - [`mesh`]: the `dp × pp × ep × tp` [`DeviceMesh`] and its per-dimension groups;
+//! - [`ops`]: collectives that take part in autograd (`copy_to_group`, `reduce_from_group`, ...);
+//! - [`logging`]: rank-tagged `tracing` output, one file per rank on request.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use candle_parallel::{launch::launch, ops};
+//!
+//! // Each of 2 ranks holds half of W's columns; the gradient of x is summed over both.
+//! let grads = launch(2, |ctx| {
+//!     let x = Var::new(&[[1f32, 2.0]], &Device::Cpu)?;
+//!     let w = Tensor::new(&[[1f32], [1.0]], &Device::Cpu)?; // this rank's column
+//!     let y = ops::copy_to_group(x.as_tensor(), ctx.comm())?.matmul(&w)?;
+//!     let grads = y.sum_all()?.backward()?;
+//!     grads.get(x.as_tensor()).unwrap().to_vec2::<f32>()
+//! })?;
+//! assert_eq!(grads[0], vec![vec![2.0, 2.0]]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+pub mod comm;
+pub mod launch;
+pub mod logging;
+pub mod mesh;
+pub mod ops;
+
+pub use comm::{Comm, CommError, ReduceOp};
+pub use launch::{launch, Launcher, RankContext};
+pub use mesh::{DeviceMesh, MeshDim, MeshShape};

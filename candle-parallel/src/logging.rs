@@ -1,0 +1,104 @@
+//! Rank-tagged logging with `tracing`.
+//!
+//! The launcher runs each rank inside a span `rank{rank=1 ep=0 tp=1}`, so every event a rank
+//! emits carries its rank and mesh coordinates. [`init`] installs a subscriber that prints to
+//! stderr and, for ranks that have a log file (see `Launcher::log_dir`), also writes each
+//! rank's events to its own file, e.g. `logs/rank-1_ep-0_tp-1.log`.
+//!
+//! The filter comes from `RUST_LOG` in `tracing_subscriber::filter::Targets` syntax
+//! (`info`, `candle_parallel=debug,warn`); the default is `info`.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+thread_local! {
+    static RANK_LOG: RefCell<Option<Arc<Mutex<File>>>> = const { RefCell::new(None) };
+}
+
+/// Installs the global subscriber: stderr plus per-rank files. Returns `false` (and changes
+/// nothing) if a global subscriber was already installed.
+pub fn init() -> bool {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(io::stderr)
+        .with_target(false)
+        .with_filter(filter.clone());
+    let files = tracing_subscriber::fmt::layer()
+        .with_writer(RankFileWriter)
+        .with_ansi(false)
+        .with_target(false)
+        .with_filter(filter);
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(files)
+        .try_init()
+        .is_ok()
+}
+
+/// While alive, the current thread's log events also go to a file. Dropping it stops that.
+#[must_use = "the rank log file is closed when the guard is dropped"]
+pub struct RankLogGuard {
+    path: PathBuf,
+}
+
+impl RankLogGuard {
+    /// The file this thread logs to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RankLogGuard {
+    fn drop(&mut self) {
+        RANK_LOG.with(|f| f.borrow_mut().take());
+    }
+}
+
+/// Sends the current thread's events to `dir/NAME.log` (created or truncated) from now on.
+pub fn log_to_file(dir: &Path, name: &str) -> io::Result<RankLogGuard> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{name}.log"));
+    let file = File::create(&path)?;
+    RANK_LOG.with(|f| *f.borrow_mut() = Some(Arc::new(Mutex::new(file))));
+    Ok(RankLogGuard { path })
+}
+
+struct RankFileWriter;
+
+/// Writes to the current thread's rank file, or nowhere if it has none.
+struct RankFile(Option<Arc<Mutex<File>>>);
+
+impl Write for RankFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &self.0 {
+            Some(f) => f.lock().unwrap_or_else(|e| e.into_inner()).write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &self.0 {
+            Some(f) => f.lock().unwrap_or_else(|e| e.into_inner()).flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for RankFileWriter {
+    type Writer = RankFile;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        RankFile(RANK_LOG.with(|f| f.borrow().clone()))
+    }
+}

@@ -1,0 +1,32 @@
+//! Helpers shared by the examples and the integration tests of candle-parallel.
+use candle_core::{DType, Device, Result, Tensor};
+
+/// A deterministic tensor of `dims` with values in [-1, 1), different for each `seed`
+/// (a 64-bit LCG: the same on every platform and run, no RNG crate needed).
+pub fn seeded(dims: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// max |a - b| / max(max |b|, tiny): the relative error of `a` against the reference `b`.
+pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("shapes differ: {:?} vs {:?}", a.dims(), b.dims())
+    }
+    let a = a.to_dtype(DType::F64)?.flatten_all()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?;
+    let diff = (&a - &b)?.abs()?.max(0)?.to_scalar::<f64>()?;
+    let scale = b.abs()?.max(0)?.to_scalar::<f64>()?.max(1e-30);
+    Ok(diff / scale)
+}
