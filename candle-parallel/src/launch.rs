@@ -147,12 +147,14 @@ impl Launcher {
                             match out {
                                 Ok(Ok(v)) => Some(v),
                                 Ok(Err(e)) => {
-                                    fabric.fail(rank, e.to_string());
+                                    fabric.fail(rank, message_of(&e));
                                     None
                                 }
                                 Err(panic) => {
-                                    fabric
-                                        .fail(rank, format!("panicked: {}", panic_message(&panic)));
+                                    fabric.fail(
+                                        rank,
+                                        format!("panicked: {}", panic_message(&*panic)),
+                                    );
                                     None
                                 }
                             }
@@ -223,6 +225,21 @@ impl Launcher {
             comm,
             mesh,
         })
+    }
+}
+
+/// The error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set:
+/// the failure is reported once, to every rank, and should read as one line.
+fn message_of(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => message_of(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", message_of(inner))
+        }
+        candle_core::Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), message_of(inner))
+        }
+        e => e.to_string(),
     }
 }
 
