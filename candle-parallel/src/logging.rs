@@ -10,11 +10,12 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::{format, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -32,9 +33,15 @@ pub fn init() -> bool {
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .with_target(false)
         .with_filter(filter.clone());
+    // Span fields are formatted once per field-formatter *type* and cached on the span, so the
+    // file layer needs a type of its own, or it would reuse the stderr layer's coloured text.
+    let plain_fields =
+        format::debug_fn(|w, field, value| write!(w, "{field}={value:?}")).delimited(" ");
     let files = tracing_subscriber::fmt::layer()
+        .fmt_fields(plain_fields)
         .with_writer(RankFileWriter)
         .with_ansi(false)
         .with_target(false)
