@@ -30,3 +30,8 @@ pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let scale = b.abs()?.max(0)?.to_scalar::<f64>()?.max(1e-30);
     Ok(diff / scale)
 }
+
+/// The README's code runs as a doctest, so it cannot drift from the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

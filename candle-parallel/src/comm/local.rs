@@ -286,7 +286,7 @@ fn validate(descs: &[Desc], ranks: &[usize]) -> std::result::Result<(), String> 
         {
             return Err(format!("dim {dim} is out of range for shape {dims:?}"));
         }
-        Collective::ReduceScatter { dim, .. } if dims[*dim] % n != 0 => {
+        Collective::ReduceScatter { dim, .. } if !dims[*dim].is_multiple_of(n) => {
             return Err(format!(
                 "dimension {dim} of shape {dims:?} has size {}, which is not divisible by the \
                  group size {n}: pad it to a multiple of {n}",
@@ -679,6 +679,13 @@ elem_int!(i64);
 /// Elements reduced per block: small enough for the accumulators to stay in L1.
 const BLOCK: usize = 2048;
 
+#[inline(always)]
+fn combine<T: Elem>(acc: &mut [T::Acc], src: &[T], f: impl Fn(T::Acc, T::Acc) -> T::Acc) {
+    for (a, x) in acc.iter_mut().zip(src) {
+        *a = f(*a, x.acc());
+    }
+}
+
 /// Reduces `srcs[0][i] op srcs[1][i] op ...` (in rank order, so every rank and every run gets
 /// the same bits) for `i in 0..len`, writing the result to every pointer in `dsts`.
 ///
@@ -697,13 +704,11 @@ unsafe fn reduce_into<T: Elem>(op: ReduceOp, srcs: &[*const T], len: usize, dsts
         acc.extend(first.iter().map(|x| x.acc()));
         for src in &srcs[1..] {
             let s = std::slice::from_raw_parts(src.add(start), m);
-            let f: fn(T::Acc, T::Acc) -> T::Acc = match op {
-                ReduceOp::Sum | ReduceOp::Avg => T::add,
-                ReduceOp::Max => T::max,
-                ReduceOp::Min => T::min,
-            };
-            for (a, x) in acc.iter_mut().zip(s) {
-                *a = f(*a, x.acc());
+            // One monomorphised loop per op, so that it inlines and vectorises.
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => combine(&mut acc, s, T::add),
+                ReduceOp::Max => combine(&mut acc, s, T::max),
+                ReduceOp::Min => combine(&mut acc, s, T::min),
             }
         }
         tmp.clear();

@@ -103,7 +103,7 @@ impl Collective {
             Self::AllGather { dim } => *out.get_mut(*dim)? *= size,
             Self::ReduceScatter { dim, .. } => {
                 let d = out.get_mut(*dim)?;
-                if *d % size != 0 {
+                if !d.is_multiple_of(size) {
                     return None;
                 }
                 *d /= size;

@@ -156,7 +156,7 @@ pub fn gather_from_group<D: Dim>(x: &Tensor, dim: D, comm: &Comm) -> Result<Tens
 pub fn scatter_to_group<D: Dim>(x: &Tensor, dim: D, comm: &Comm) -> Result<Tensor> {
     let dim = dim.to_index(x.shape(), "scatter_to_group")?;
     let size = x.dim(dim)?;
-    if size % comm.size() != 0 {
+    if !size.is_multiple_of(comm.size()) {
         bail!(
             "scatter_to_group on rank {} of {}: dim {dim} of shape {:?} has size {size}, which \
              is not divisible by the group size {}",
