@@ -24,7 +24,7 @@
 
 use crate::comm::local::{default_timeout, LocalFabric};
 use crate::comm::Comm;
-use crate::mesh::{DeviceMesh, MeshDim, MeshShape};
+use crate::mesh::{DeviceMesh, MeshShape};
 use candle_core::{bail, Device, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -217,7 +217,12 @@ impl Launcher {
             }
             None => None,
         };
-        tracing::debug!(world_size = self.world_size, dims = ?self.mesh.map(|m| m.named_dims().iter().map(|d| (*d, m.size(*d))).collect::<Vec<(MeshDim, usize)>>()), "rank started");
+        match &self.mesh {
+            Some(shape) => {
+                tracing::debug!(world_size = self.world_size, mesh = %shape, "rank started")
+            }
+            None => tracing::debug!(world_size = self.world_size, "rank started"),
+        }
         f(RankContext {
             rank,
             world_size: self.world_size,
