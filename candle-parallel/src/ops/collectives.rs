@@ -20,8 +20,9 @@
 //! Every rank of the group must call the same op on tensors of the same shape (except
 //! `all_to_all`'s rows), and — since the backward is collective too — must run the backward.
 
+use super::copy_view;
 use crate::comm::{Collective, CollectiveStorage, Comm, ReduceOp};
-use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backend::BackendDevice;
 use candle_core::shape::Dim;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
@@ -39,18 +40,6 @@ enum Kind {
 struct GroupOp {
     comm: Comm,
     kind: Kind,
-}
-
-/// A contiguous copy of the view `l` of `s`, on whatever device `s` lives on.
-fn copy_view<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)>
-where
-    S::Device: BackendDevice<Storage = S>,
-{
-    let shape = l.shape().clone();
-    // SAFETY: copy_strided_src writes every element of the new buffer.
-    let mut dst = unsafe { s.device().alloc_uninit(&shape, s.dtype())? };
-    s.copy_strided_src(&mut dst, 0, l)?;
-    Ok((dst, shape))
 }
 
 impl GroupOp {

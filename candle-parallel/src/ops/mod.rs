@@ -1,8 +1,30 @@
-//! Operations for parallel models: differentiable collectives ([`collectives`]), re-exported
-//! here so that layers write `ops::copy_to_group(&x, &tp)`.
+//! Operations for parallel models, re-exported here so that layers write
+//! `ops::copy_to_group(&x, &tp)`:
+//!
+//! - [`collectives`]: collectives that take part in autograd (F/G conjugates, gather/scatter,
+//!   reduce-scatter, all-to-all);
+//! - [`train`]: trainable versions of candle-nn's fast kernels that lack a backward (softmax,
+//!   RMSNorm, rotary embedding) and SwiGLU.
 pub mod collectives;
+pub mod train;
 
 pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,
     reduce_scatter_to_group, scatter_to_group,
 };
+pub use train::{rms_norm, rope, softmax_last_dim, swiglu};
+
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{Layout, Result, Shape};
+
+/// A contiguous copy of the view `l` of `s`, on whatever device `s` lives on.
+pub(crate) fn copy_view<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)>
+where
+    S::Device: BackendDevice<Storage = S>,
+{
+    let shape = l.shape().clone();
+    // SAFETY: copy_strided_src writes every element of the new buffer.
+    let mut dst = unsafe { s.device().alloc_uninit(&shape, s.dtype())? };
+    s.copy_strided_src(&mut dst, 0, l)?;
+    Ok((dst, shape))
+}

@@ -1,0 +1,201 @@
+//! Trainable versions of candle-nn's fast kernels.
+//!
+//! candle-nn 0.11's `softmax_last_dim`, `rms_norm` and `rope` are fast but have no backward.
+//! These run the same fast kernels forward and attach an analytic backward: the fast result is
+//! joined to the graph by a custom op whose backward is the vector-Jacobian product (one extra
+//! copy of the output, on CPU or CUDA alike). When the input does not take part in a graph, the
+//! fast result is returned as is.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use candle_parallel::ops;
+//!
+//! let x = Var::new(&[[1f32, 2.0, 3.0]], &Device::Cpu)?;
+//! let y = ops::softmax_last_dim(x.as_tensor())?;
+//! let grads = (y.narrow(1, 0, 1)?.sum_all()?).backward()?; // d y0 / d x
+//! let g = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>()?;
+//! let p = y.to_vec2::<f32>()?[0].clone();
+//! assert!((g[0][0] - p[0] * (1.0 - p[0])).abs() < 1e-6);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use super::copy_view;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+
+/// Which backward a fast single-input op gets.
+enum Vjp1 {
+    Softmax,
+    Rope { cos: Tensor, sin: Tensor },
+}
+
+/// `(x, fast_y) -> fast_y`, with the backward of the op that produced `fast_y` from `x`.
+struct Attach1(Vjp1);
+
+impl CustomOp2 for Attach1 {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Vjp1::Softmax => "softmax_last_dim",
+            Vjp1::Rope { .. } => "rope",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = match &self.0 {
+            // dx = y ⊙ (g − Σ(g ⊙ y))
+            Vjp1::Softmax => {
+                let dot = (g * res)?.sum_keepdim(D::Minus1)?;
+                (res * g.broadcast_sub(&dot)?)?
+            }
+            // rope is a rotation by θ; its transpose is the rotation by −θ.
+            Vjp1::Rope { cos, sin } => {
+                candle_nn::rotary_emb::rope(&g.contiguous()?, cos, &sin.neg()?)?
+            }
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+/// Softmax over the last dimension, with a backward: candle-nn's fast kernel forward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(&y, Attach1(Vjp1::Softmax))
+}
+
+/// Rotary embedding in the non-interleaved (`rotate_half`, HF Llama) layout, with a backward.
+/// `x` is `[batch, heads, seq, head_dim]`, `cos`/`sin` are `[seq, head_dim / 2]`; they are
+/// treated as constants.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let y = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(
+        &y,
+        Attach1(Vjp1::Rope {
+            cos: cos.detach(),
+            sin: sin.detach(),
+        }),
+    )
+}
+
+/// `(x, w, fast_y) -> fast_y` with the RMSNorm backward for `x` and `w`.
+struct RmsNormVjp {
+    eps: f64,
+}
+
+impl CustomOp3 for RmsNormVjp {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // With r = 1/sqrt(mean(x²) + eps) per row and y = x·r·w:
+        //   dw = Σ_rows g·x·r,  dx = r·(g·w) − x·r³·mean(g·w·x).
+        let dtype = x.dtype();
+        let acc = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let (x32, w32, g32) = (x.to_dtype(acc)?, w.to_dtype(acc)?, g.to_dtype(acc)?);
+        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let gw = g32.broadcast_mul(&w32)?;
+        let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+        let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
+        let hidden = x.dim(D::Minus1)?;
+        let dw = (g32 * x32.broadcast_mul(&r)?)?
+            .reshape(((), hidden))?
+            .sum(0)?;
+        Ok((
+            Some(dx.to_dtype(dtype)?),
+            Some(dw.to_dtype(w.dtype())?),
+            None,
+        ))
+    }
+}
+
+/// RMSNorm over the last dimension, `x / sqrt(mean(x²) + eps) · w`, with a backward for `x`
+/// and `w`: candle-nn's fast kernel forward (its composite for f64, which has no kernel).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let (xd, wd) = (x.detach(), w.detach());
+    let y = if x.dtype() == DType::F64 {
+        candle_nn::ops::rms_norm_slow(&xd, &wd, eps as f32)?
+    } else {
+        candle_nn::ops::rms_norm(&xd.contiguous()?, &wd, eps as f32)?
+    };
+    if !x.track_op() && !w.track_op() {
+        return Ok(y);
+    }
+    x.apply_op3(w, &y, RmsNormVjp { eps })
+}
+
+/// SwiGLU, `silu(a) · b` (the gate of Llama and Mixtral MLPs). Composite: candle's `silu`
+/// and `mul` have backwards and are no slower than a fused kernel on CPU.
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.silu()? * b
+}
