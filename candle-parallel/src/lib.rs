@@ -23,11 +23,13 @@
 //! assert_eq!(grads[0], vec![vec![2.0, 2.0]]);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+pub mod checkpoint;
 pub mod comm;
 pub mod launch;
 pub mod logging;
 pub mod mesh;
 pub mod ops;
+pub mod tensor_parallel;
 
 pub use comm::{Comm, CommError, ReduceOp};
 pub use launch::{launch, Launcher, RankContext};

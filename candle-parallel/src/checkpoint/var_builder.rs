@@ -1,0 +1,511 @@
+//! [`ShardedVarBuilder`]: what parallel layers build their parameters from. Like candle-nn's
+//! `VarBuilder` (`vb.pp("model.layers.0")`), but every tensor comes with a [`Shard`]: which
+//! part of the full (unsharded) tensor this rank holds.
+//!
+//! Two sources:
+//! - **safetensors files** (Hugging Face checkpoints): memory-mapped; a rank copies only the
+//!   byte ranges of its slice, never a whole sharded tensor;
+//! - **deterministic initialisation**: every element of the full tensor is a pure function of
+//!   (seed, tensor name, flat index), so a rank generates only its slice, and the slices at
+//!   tp = 4 are exactly the slices of the tensor at tp = 1.
+//!
+//! With [`ShardedVarBuilder::trainable`], each tensor becomes a `Var` recorded under its full
+//! name ([`ShardedVarBuilder::params`], sorted by name) for optimizers and gradient export.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use candle_nn::Init;
+//! use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+//!
+//! let full = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu);
+//! let part = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu);
+//! let init = Init::Uniform { lo: -1.0, up: 1.0 };
+//! let w = full.pp("mlp").get((8, 4), "weight", Shard::Replicated, init)?;
+//! let w1 = part.pp("mlp").get((8, 4), "weight", Shard::Split { dim: 0, rank: 1, parts: 2 }, init)?;
+//! assert_eq!(w1.to_vec2::<f32>()?, w.narrow(0, 4, 4)?.to_vec2::<f32>()?);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::Init;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Which part of a full tensor a rank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shard {
+    /// The whole tensor.
+    Replicated,
+    /// Chunk `rank` of `parts` equal chunks along `dim` (the size must be divisible).
+    Split {
+        dim: usize,
+        rank: usize,
+        parts: usize,
+    },
+    /// Chunk `rank` of `parts` chunks of `ceil(size / parts)` along `dim`; the part past the
+    /// end of the tensor is zero padding (a vocabulary not divisible by tp).
+    SplitPadded {
+        dim: usize,
+        rank: usize,
+        parts: usize,
+    },
+    /// Rows `start..start + len` along `dim` (e.g. a key/value head replicated over ranks).
+    Range {
+        dim: usize,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Where a rank's slice lies: `len` elements from `start` along `dim` are real, then
+/// `padded - len` zeros.
+struct Slice {
+    dim: usize,
+    start: usize,
+    len: usize,
+    padded: usize,
+}
+
+impl Shard {
+    /// The slice of a tensor of shape `full` that this shard describes (`None`: all of it).
+    fn slice(&self, full: &[usize], name: &str) -> Result<Option<Slice>> {
+        let (dim, start, len, padded) = match *self {
+            Shard::Replicated => return Ok(None),
+            Shard::Split { dim, rank, parts } => {
+                let size = dim_size(full, dim, name)?;
+                if parts == 0 || !size.is_multiple_of(parts) || rank >= parts {
+                    bail!(
+                        "tensor {name} of shape {full:?}: dim {dim} of size {size} cannot be split \
+                         into {parts} equal parts (rank {rank}); choose a parallel size that divides {size}"
+                    )
+                }
+                let chunk = size / parts;
+                (dim, rank * chunk, chunk, chunk)
+            }
+            Shard::SplitPadded { dim, rank, parts } => {
+                let size = dim_size(full, dim, name)?;
+                if parts == 0 || rank >= parts {
+                    bail!("tensor {name}: rank {rank} is not one of {parts} parts")
+                }
+                let chunk = size.div_ceil(parts);
+                let start = (rank * chunk).min(size);
+                (dim, start, chunk.min(size - start), chunk)
+            }
+            Shard::Range { dim, start, len } => {
+                let size = dim_size(full, dim, name)?;
+                if start + len > size {
+                    bail!(
+                        "tensor {name} of shape {full:?}: rows {start}..{} are past the end of dim \
+                         {dim} (size {size})",
+                        start + len
+                    )
+                }
+                (dim, start, len, len)
+            }
+        };
+        Ok(Some(Slice {
+            dim,
+            start,
+            len,
+            padded,
+        }))
+    }
+
+    /// The shape this rank holds of a tensor of shape `full`.
+    pub fn local_dims(&self, full: &[usize]) -> Result<Vec<usize>> {
+        let mut dims = full.to_vec();
+        if let Some(s) = self.slice(full, "(shape)")? {
+            dims[s.dim] = s.padded;
+        }
+        Ok(dims)
+    }
+}
+
+fn dim_size(full: &[usize], dim: usize, name: &str) -> Result<usize> {
+    match full.get(dim) {
+        Some(s) => Ok(*s),
+        None => bail!("tensor {name} of shape {full:?} has no dim {dim} to shard"),
+    }
+}
+
+/// A trainable parameter: this rank's slice of the tensor `name`.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// The full name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// This rank's slice.
+    pub var: Var,
+    /// The full tensor's shape.
+    pub full_dims: Vec<usize>,
+    /// Which part this rank holds.
+    pub shard: Shard,
+}
+
+enum Source {
+    Init {
+        seed: u64,
+    },
+    SafeTensors {
+        files: MmapedSafetensors,
+        paths: Vec<PathBuf>,
+    },
+}
+
+struct Inner {
+    source: Source,
+    dtype: DType,
+    device: Device,
+    trainable: AtomicBool,
+    params: Mutex<BTreeMap<String, Param>>,
+    bytes_read: AtomicU64,
+}
+
+/// Builds a rank's parameter slices from a checkpoint or a deterministic initialisation.
+/// Cheap to clone; clones share the recorded parameters. See the [module docs](self).
+#[derive(Clone)]
+pub struct ShardedVarBuilder {
+    inner: Arc<Inner>,
+    prefix: Vec<String>,
+}
+
+impl ShardedVarBuilder {
+    fn new(source: Source, dtype: DType, device: &Device) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source,
+                dtype,
+                device: device.clone(),
+                trainable: AtomicBool::new(false),
+                params: Mutex::new(BTreeMap::new()),
+                bytes_read: AtomicU64::new(0),
+            }),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Parameters initialised deterministically from `seed` (and each tensor's full name).
+    pub fn from_init(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Init { seed }, dtype, device)
+    }
+
+    /// Parameters read from safetensors files, memory-mapped; tensors are converted to `dtype`.
+    pub fn from_safetensors<P: AsRef<Path>>(
+        paths: &[P],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let paths: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
+        for p in &paths {
+            if !p.is_file() {
+                bail!("checkpoint file {} does not exist", p.display())
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every safetensors reader we rely on them
+        // not being modified while mapped.
+        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| {
+            candle_core::Error::msg(format!("cannot read checkpoint {paths:?}: {e}"))
+        })?;
+        Ok(Self::new(
+            Source::SafeTensors { files, paths },
+            dtype,
+            device,
+        ))
+    }
+
+    /// Parameters of a Hugging Face model directory: `model.safetensors`, or the files named by
+    /// `model.safetensors.index.json`.
+    pub fn from_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_safetensors(&hf_safetensors_files(dir)?, dtype, device)
+    }
+
+    /// From now on, every tensor this builder (or a clone) creates is a `Var`, recorded in
+    /// [`ShardedVarBuilder::params`].
+    pub fn trainable(self) -> Self {
+        self.inner.trainable.store(true, Ordering::SeqCst);
+        self
+    }
+
+    /// A builder for the names under `prefix` (`vb.pp("model").pp("layers.0")`).
+    pub fn pp<S: ToString>(&self, prefix: S) -> Self {
+        let mut p = self.prefix.clone();
+        p.push(prefix.to_string());
+        Self {
+            inner: self.inner.clone(),
+            prefix: p,
+        }
+    }
+
+    /// The dtype tensors are created in.
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    /// The full name of `name` under this builder's prefix.
+    pub fn full_name(&self, name: &str) -> String {
+        let mut parts = self.prefix.clone();
+        parts.push(name.to_string());
+        parts.join(".")
+    }
+
+    /// Whether the checkpoint has a tensor `name` (always true for an initialisation).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.inner.source {
+            Source::Init { .. } => true,
+            Source::SafeTensors { files, .. } => files.get(&self.full_name(name)).is_ok(),
+        }
+    }
+
+    /// Bytes copied out of checkpoint files so far (by this builder and its clones).
+    pub fn bytes_read(&self) -> u64 {
+        self.inner.bytes_read.load(Ordering::SeqCst)
+    }
+
+    /// The recorded trainable parameters, sorted by name.
+    pub fn params(&self) -> Vec<Param> {
+        self.inner
+            .params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// This rank's part of the tensor `name`, whose full shape is `full`: read from the
+    /// checkpoint (which must hold exactly that shape) or initialised with `init`.
+    pub fn get<S: Into<Shape>>(
+        &self,
+        full: S,
+        name: &str,
+        shard: Shard,
+        init: Init,
+    ) -> Result<Tensor> {
+        let full: Shape = full.into();
+        let name = self.full_name(name);
+        let slice = shard.slice(full.dims(), &name)?;
+        let t = match &self.inner.source {
+            Source::Init { seed } => init_slice(*seed, &name, full.dims(), slice.as_ref(), init)?
+                .to_dtype(self.inner.dtype)?
+                .to_device(&self.inner.device)?,
+            Source::SafeTensors { files, paths } => {
+                self.read_slice(files, paths, &name, full.dims(), slice.as_ref())?
+            }
+        };
+        if !self.inner.trainable.load(Ordering::SeqCst) {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let mut params = self.inner.params.lock().unwrap_or_else(|e| e.into_inner());
+        if params.contains_key(&name) {
+            bail!("parameter {name} was created twice: each parameter name must be unique")
+        }
+        params.insert(
+            name.clone(),
+            Param {
+                name,
+                var: var.clone(),
+                full_dims: full.dims().to_vec(),
+                shard,
+            },
+        );
+        Ok(var.as_tensor().clone())
+    }
+
+    fn read_slice(
+        &self,
+        files: &MmapedSafetensors,
+        paths: &[PathBuf],
+        name: &str,
+        full: &[usize],
+        slice: Option<&Slice>,
+    ) -> Result<Tensor> {
+        let view = files.get(name).map_err(|_| {
+            candle_core::Error::msg(format!(
+                "tensor {name} is missing from checkpoint {paths:?}"
+            ))
+        })?;
+        if view.shape() != full {
+            bail!(
+                "tensor {name} in checkpoint {paths:?} has shape {:?} but the model config expects {full:?}",
+                view.shape()
+            )
+        }
+        let dtype: DType = view.dtype().try_into()?;
+        let elem = dtype.size_in_bytes();
+        let data = view.data();
+        let (bytes, dims, pad) = match slice {
+            None => (data.to_vec(), full.to_vec(), None),
+            Some(s) => {
+                // Copy `outer` runs of `len` rows of `inner` elements each.
+                let outer: usize = full[..s.dim].iter().product();
+                let inner: usize = full[s.dim + 1..].iter().product::<usize>() * elem;
+                let (run, stride) = (s.len * inner, full[s.dim] * inner);
+                let mut out = Vec::with_capacity(outer * run);
+                for o in 0..outer {
+                    let at = o * stride + s.start * inner;
+                    out.extend_from_slice(&data[at..at + run]);
+                }
+                let mut dims = full.to_vec();
+                dims[s.dim] = s.len;
+                let pad = (s.padded > s.len).then_some((s.dim, s.padded - s.len));
+                (out, dims, pad)
+            }
+        };
+        self.inner
+            .bytes_read
+            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
+            .to_dtype(self.inner.dtype)?;
+        match pad {
+            Some((dim, n)) => t.pad_with_zeros(dim, 0, n),
+            None => Ok(t),
+        }
+    }
+}
+
+/// The safetensors files of a Hugging Face model directory.
+pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            candle_core::Error::msg(format!("{}: not valid JSON: {e}", index.display()))
+        })?;
+        let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+            bail!("{}: no \"weight_map\" object", index.display())
+        };
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+            bail!(
+                "{} names {} which does not exist",
+                index.display(),
+                missing.display()
+            )
+        }
+        Ok(paths)
+    } else if single.is_file() {
+        Ok(vec![single])
+    } else {
+        bail!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )
+    }
+}
+
+/// splitmix64: a fast, well-mixed 64-bit hash, used as a counter-based generator.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform sample in (0, 1) for element `i` of the tensor with key `key`.
+fn uniform01(key: u64, i: u64) -> f64 {
+    ((mix(key ^ mix(i)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// A standard normal sample for element `i` (Box–Muller on two independent uniforms).
+fn normal(key: u64, i: u64) -> f64 {
+    let (u1, u2) = (uniform01(key, 2 * i), uniform01(key, 2 * i + 1));
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// The value of each element, as candle-nn's `Init` describes the distribution.
+enum Dist {
+    Const(f64),
+    Normal { mean: f64, std: f64 },
+    Uniform { lo: f64, up: f64 },
+}
+
+fn dist(init: Init, full: &[usize]) -> Dist {
+    match init {
+        Init::Const(v) => Dist::Const(v),
+        Init::Randn { mean, stdev } => Dist::Normal { mean, std: stdev },
+        Init::Uniform { lo, up } => Dist::Uniform { lo, up },
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let receptive: usize = full.iter().skip(2).product();
+            let fan = match fan {
+                FanInOut::FanIn => full.get(1).map_or(1, |d| d * receptive),
+                FanInOut::FanOut => full.first().map_or(1, |d| d * receptive),
+            };
+            let gain = match non_linearity {
+                NonLinearity::ReLU => 2f64.sqrt(),
+                NonLinearity::Tanh => 5.0 / 3.0,
+                NonLinearity::Linear | NonLinearity::Sigmoid => 1.0,
+                NonLinearity::SELU => 0.75,
+                NonLinearity::ExplicitGain(g) => g,
+            };
+            let std = gain / (fan as f64).sqrt();
+            match dist {
+                NormalOrUniform::Normal => Dist::Normal { mean: 0.0, std },
+                NormalOrUniform::Uniform => {
+                    let b = 3f64.sqrt() * std;
+                    Dist::Uniform { lo: -b, up: b }
+                }
+            }
+        }
+    }
+}
+
+/// This rank's slice of the deterministic initialisation of `name`: only its elements are
+/// generated, each from its flat index in the full tensor.
+fn init_slice(
+    seed: u64,
+    name: &str,
+    full: &[usize],
+    slice: Option<&Slice>,
+    init: Init,
+) -> Result<Tensor> {
+    let key = name.bytes().fold(mix(seed), |h, b| mix(h ^ b as u64));
+    let d = dist(init, full);
+    let value = |i: usize| -> f32 {
+        let i = i as u64;
+        (match d {
+            Dist::Const(v) => v,
+            Dist::Normal { mean, std } => mean + std * normal(key, i),
+            Dist::Uniform { lo, up } => lo + (up - lo) * uniform01(key, i),
+        }) as f32
+    };
+    let (dims, values) = match slice {
+        None => (
+            full.to_vec(),
+            (0..full.iter().product()).map(value).collect::<Vec<f32>>(),
+        ),
+        Some(s) => {
+            let outer: usize = full[..s.dim].iter().product();
+            let inner: usize = full[s.dim + 1..].iter().product();
+            let mut v = Vec::with_capacity(outer * s.padded * inner);
+            for o in 0..outer {
+                let base = (o * full[s.dim] + s.start) * inner;
+                v.extend((base..base + s.len * inner).map(value));
+                v.extend(std::iter::repeat_n(0f32, (s.padded - s.len) * inner));
+            }
+            let mut dims = full.to_vec();
+            dims[s.dim] = s.padded;
+            (dims, v)
+        }
+    };
+    Tensor::from_vec(values, dims, &Device::Cpu)
+}

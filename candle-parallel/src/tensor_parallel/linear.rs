@@ -1,0 +1,303 @@
+//! Column- and row-parallel linear layers (Megatron-LM), drop-in for `candle_nn::Linear`.
+
+use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::comm::Comm;
+use crate::ops;
+use candle_core::{bail, Module, Result, Tensor, D};
+use candle_nn::{Init, Linear};
+
+/// candle-nn's `linear` initialisation: Kaiming-normal weight, uniform(±1/√in) bias.
+fn weight_init() -> Init {
+    candle_nn::init::DEFAULT_KAIMING_NORMAL
+}
+
+fn bias_init(in_dim: usize) -> Init {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+fn check_divisible(
+    layer: &str,
+    what: &str,
+    size: usize,
+    tp: &Comm,
+    vb: &ShardedVarBuilder,
+) -> Result<()> {
+    if !size.is_multiple_of(tp.size()) {
+        bail!(
+            "{layer} {}: {what} {size} is not divisible by the tensor-parallel size {} (rank {} of {}): \
+             choose a tp that divides {size}",
+            vb.full_name("weight"),
+            tp.size(),
+            tp.rank(),
+            tp.label()
+        )
+    }
+    Ok(())
+}
+
+/// `y = x Wᵀ + b` with `W` (`[out, in]`) split along the output dim: rank `r` holds rows
+/// `r·out/tp ..`, so its output is its slice of the features. The input is replicated
+/// (`copy_to_group`: its gradient is summed over the group), or, with sequence parallelism,
+/// split along the sequence and all-gathered first.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_parallel::checkpoint::ShardedVarBuilder;
+/// use candle_parallel::{launch, tensor_parallel::column_parallel_linear};
+///
+/// let outs = launch(2, |ctx| {
+///     let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu);
+///     let layer = column_parallel_linear(4, 6, vb.pp("fc"), ctx.comm())?.with_gather_output(true);
+///     layer.forward(&Tensor::ones((3, 4), DType::F32, &Device::Cpu)?)
+/// })?;
+/// assert_eq!(outs[0].dims(), &[3, 6]); // gathered: the full output on every rank
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ColumnParallelLinear {
+    linear: Linear,
+    tp: Comm,
+    gather_output: bool,
+    sequence_dim: Option<usize>,
+    weight_group: Option<Comm>,
+}
+
+impl ColumnParallelLinear {
+    /// Wraps this rank's weight slice `[out/tp, in]` (and bias slice `[out/tp]`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>, tp: &Comm) -> Self {
+        Self {
+            linear: Linear::new(weight, bias),
+            tp: tp.clone(),
+            gather_output: false,
+            sequence_dim: None,
+            weight_group: None,
+        }
+    }
+
+    /// All-gather the output so every rank gets all `out` features (default: keep the slice,
+    /// as the input of a row-parallel layer wants).
+    pub fn with_gather_output(mut self, gather: bool) -> Self {
+        self.gather_output = gather;
+        self
+    }
+
+    /// Sequence parallelism: the input is split along `dim` (the sequence) across the group and
+    /// is all-gathered before the matmul; its gradient is reduce-scattered back.
+    pub fn with_sequence_parallel(mut self, dim: Option<usize>) -> Self {
+        self.sequence_dim = dim;
+        self
+    }
+
+    /// Ranks of `group` hold the same weight slice (a key/value head replicated because tp
+    /// exceeds the number of KV heads): their weight gradients are summed over it.
+    pub fn with_weight_group(mut self, group: Option<Comm>) -> Self {
+        self.weight_group = group;
+        self
+    }
+
+    /// This rank's weight slice.
+    pub fn weight(&self) -> &Tensor {
+        self.linear.weight()
+    }
+
+    /// This rank's bias slice.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.linear.bias()
+    }
+}
+
+impl Module for ColumnParallelLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match self.sequence_dim {
+            Some(dim) => ops::all_gather_to_group(x, dim, &self.tp)?,
+            None => ops::copy_to_group(x, &self.tp)?,
+        };
+        let y = match &self.weight_group {
+            Some(g) => {
+                let w = ops::copy_to_group(self.linear.weight(), g)?;
+                let b = self
+                    .linear
+                    .bias()
+                    .map(|b| ops::copy_to_group(b, g))
+                    .transpose()?;
+                Linear::new(w, b).forward(&x)?
+            }
+            None => self.linear.forward(&x)?,
+        };
+        if self.gather_output {
+            ops::gather_from_group(&y, D::Minus1, &self.tp)
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+fn column(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<ColumnParallelLinear> {
+    check_divisible("column_parallel_linear", "out_dim", out_dim, tp, &vb)?;
+    let shard = Shard::Split {
+        dim: 0,
+        rank: tp.rank(),
+        parts: tp.size(),
+    };
+    let w = vb.get((out_dim, in_dim), "weight", shard, weight_init())?;
+    let b = if bias {
+        Some(vb.get(out_dim, "bias", shard, bias_init(in_dim))?)
+    } else {
+        None
+    };
+    Ok(ColumnParallelLinear::new(w, b, tp))
+}
+
+/// A column-parallel twin of `candle_nn::linear(in_dim, out_dim, vb)`: this rank holds
+/// `out_dim / tp` output features (from the checkpoint, or the slice of the unsharded
+/// initialisation).
+pub fn column_parallel_linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<ColumnParallelLinear> {
+    column(in_dim, out_dim, true, vb, tp)
+}
+
+/// [`column_parallel_linear`] without a bias.
+pub fn column_parallel_linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    vb: ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<ColumnParallelLinear> {
+    column(in_dim, out_dim, false, vb, tp)
+}
+
+/// `y = x Wᵀ + b` with `W` (`[out, in]`) split along the input dim: the input arrives split
+/// (the output of a column-parallel layer), each rank computes a partial product, one
+/// all-reduce sums them (`reduce_from_group`), and the bias is added once, after the reduce.
+/// With sequence parallelism the sum is reduce-scattered along the sequence instead.
+#[derive(Clone, Debug)]
+pub struct RowParallelLinear {
+    linear: Linear,
+    bias: Option<Tensor>,
+    tp: Comm,
+    input_is_parallel: bool,
+    sequence_dim: Option<usize>,
+}
+
+impl RowParallelLinear {
+    /// Wraps this rank's weight slice `[out, in/tp]` and the (replicated) bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, tp: &Comm) -> Self {
+        Self {
+            linear: Linear::new(weight, None),
+            bias,
+            tp: tp.clone(),
+            input_is_parallel: true,
+            sequence_dim: None,
+        }
+    }
+
+    /// When `false`, the input is replicated and each rank takes its slice of the features
+    /// first (`scatter_to_group`). Default `true`.
+    pub fn with_input_is_parallel(mut self, parallel: bool) -> Self {
+        self.input_is_parallel = parallel;
+        self
+    }
+
+    /// Sequence parallelism: reduce-scatter the output along `dim` instead of all-reducing it.
+    pub fn with_sequence_parallel(mut self, dim: Option<usize>) -> Self {
+        self.sequence_dim = dim;
+        self
+    }
+
+    /// This rank's weight slice.
+    pub fn weight(&self) -> &Tensor {
+        self.linear.weight()
+    }
+
+    /// The bias (replicated).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for RowParallelLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.input_is_parallel {
+            x.clone()
+        } else {
+            ops::scatter_to_group(x, D::Minus1, &self.tp)?
+        };
+        let partial = self.linear.forward(&x)?;
+        let (y, bias) = match self.sequence_dim {
+            // The bias now meets only this rank's part of the sequence: sum its gradient
+            // over the group.
+            Some(dim) => (
+                ops::reduce_scatter_to_group(&partial, dim, &self.tp)?,
+                self.bias
+                    .as_ref()
+                    .map(|b| ops::copy_to_group(b, &self.tp))
+                    .transpose()?,
+            ),
+            None => (
+                ops::reduce_from_group(&partial, &self.tp)?,
+                self.bias.clone(),
+            ),
+        };
+        match bias {
+            Some(b) => y.broadcast_add(&b),
+            None => Ok(y),
+        }
+    }
+}
+
+fn row(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<RowParallelLinear> {
+    check_divisible("row_parallel_linear", "in_dim", in_dim, tp, &vb)?;
+    let shard = Shard::Split {
+        dim: 1,
+        rank: tp.rank(),
+        parts: tp.size(),
+    };
+    let w = vb.get((out_dim, in_dim), "weight", shard, weight_init())?;
+    let b = if bias {
+        Some(vb.get(out_dim, "bias", Shard::Replicated, bias_init(in_dim))?)
+    } else {
+        None
+    };
+    Ok(RowParallelLinear::new(w, b, tp))
+}
+
+/// A row-parallel twin of `candle_nn::linear(in_dim, out_dim, vb)`: this rank holds `in_dim / tp`
+/// input features; the bias is replicated.
+pub fn row_parallel_linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<RowParallelLinear> {
+    row(in_dim, out_dim, true, vb, tp)
+}
+
+/// [`row_parallel_linear`] without a bias.
+pub fn row_parallel_linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    vb: ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<RowParallelLinear> {
+    row(in_dim, out_dim, false, vb, tp)
+}
