@@ -53,11 +53,9 @@ fn full_params(
 /// Runs `step` (build the layer, forward, return output and loss) on `tp` ranks; returns each
 /// rank's output and its parameters' gradients (name, shard, grad).
 type RankOut = (Tensor, Vec<(String, Shard, Tensor)>, Option<Tensor>);
-fn run_tp(
-    tp: usize,
-    x: Option<&Tensor>,
-    step: &(dyn Fn(ShardedVarBuilder, &Comm, Option<&Tensor>) -> Result<(Tensor, Tensor)> + Sync),
-) -> Result<Vec<RankOut>> {
+/// Builds the layer on one rank and returns its output and loss.
+type Step = dyn Fn(ShardedVarBuilder, &Comm, Option<&Tensor>) -> Result<(Tensor, Tensor)> + Sync;
+fn run_tp(tp: usize, x: Option<&Tensor>, step: &Step) -> Result<Vec<RankOut>> {
     launch(tp, |ctx| {
         let vb = ShardedVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
         let xv = x.map(Var::from_tensor).transpose()?;
