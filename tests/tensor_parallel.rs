@@ -54,7 +54,8 @@ fn full_params(
 /// rank's output and its parameters' gradients (name, shard, grad).
 type RankOut = (Tensor, Vec<(String, Shard, Tensor)>, Option<Tensor>);
 /// Builds the layer on one rank and returns its output and loss.
-type Step = dyn Fn(ShardedVarBuilder, &Comm, Option<&Tensor>) -> Result<(Tensor, Tensor)> + Sync;
+type Step<'a> =
+    dyn Fn(ShardedVarBuilder, &Comm, Option<&Tensor>) -> Result<(Tensor, Tensor)> + Sync + 'a;
 fn run_tp(tp: usize, x: Option<&Tensor>, step: &Step) -> Result<Vec<RankOut>> {
     launch(tp, |ctx| {
         let vb = ShardedVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
