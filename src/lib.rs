@@ -35,3 +35,28 @@ pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// Writes a random Llama-style checkpoint in Hugging Face layout (`config.json` and
+/// `model.safetensors` with HF tensor names) into `dir`: the deterministic initialisation of
+/// `seed`, as tp = 1 builds it.
+pub fn write_random_llama(
+    dir: &std::path::Path,
+    cfg: &candle_parallel_models::llama::LlamaConfig,
+    seed: u64,
+) -> Result<()> {
+    use candle_parallel::checkpoint::ShardedVarBuilder;
+    std::fs::create_dir_all(dir)?;
+    let params = candle_parallel::launch(1, |ctx| {
+        let vb = ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
+        candle_parallel_models::llama::Llama::new(cfg, vb.clone(), ctx.comm())?;
+        Ok(vb.params())
+    })?;
+    let tensors: std::collections::HashMap<String, Tensor> = params[0]
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(candle_core::Error::wrap)?;
+    std::fs::write(dir.join("config.json"), json)?;
+    Ok(())
+}

@@ -1,6 +1,6 @@
-//! Parallel-aware models for candle-parallel.
+//! Parallel-aware models for candle-parallel, reading Hugging Face checkpoints by their names.
 //!
-//! The Llama-style and Mixtral-style models (HF checkpoint names, any tensor / expert parallel
-//! layout) land here once the tensor-parallel layers and sharded checkpoints exist. The crate is
-//! part of the workspace from the start so that the layout users see does not change.
+//! - [`llama`]: a Llama-style dense transformer with tensor parallelism.
+pub mod llama;
+
 pub use candle_parallel;

@@ -2,4 +2,6 @@
 //! deterministic initialisation), reading only the bytes of the rank's shard.
 pub mod var_builder;
 
-pub use var_builder::{hf_safetensors_files, Param, Shard, ShardedVarBuilder};
+pub use var_builder::{
+    full_gradients, gather_full, hf_safetensors_files, Param, Shard, ShardedVarBuilder,
+};

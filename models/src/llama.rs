@@ -1,0 +1,404 @@
+//! A Llama-style dense transformer with tensor parallelism, reading Hugging Face checkpoints
+//! (`model.layers.N.self_attn.q_proj.weight`, ...).
+//!
+//! Every rank holds its slice of each layer: query heads and MLP columns split over the tp
+//! group, key/value heads split or replicated (GQA), vocabulary split (padded) for the
+//! embedding and the LM head. Training (forward + backward through the trainable ops) and
+//! inference with a KV cache.
+
+use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_nn::Init;
+use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+use candle_parallel::ops;
+use candle_parallel::tensor_parallel::{
+    column_parallel_linear_no_bias, row_parallel_linear_no_bias, vocab_parallel_cross_entropy,
+    vocab_parallel_embedding, ColumnParallelLinear, RowParallelLinear, TpHeads,
+    VocabParallelEmbedding, VocabRange,
+};
+use candle_parallel::Comm;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The fields of a Hugging Face Llama `config.json` this model uses.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    /// Not supported yet: a config that sets it is rejected rather than run with wrong numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl LlamaConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
+            candle_core::Error::msg(format!("{}: not a Llama config: {e}", path.display()))
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// A small random-model configuration for examples and tests.
+    pub fn tiny() -> Self {
+        Self {
+            hidden_size: 64,
+            intermediate_size: 192,
+            vocab_size: 257,
+            num_hidden_layers: 2,
+            num_attention_heads: 8,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 128,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_id: Some(serde_json::json!(2)),
+            rope_scaling: None,
+        }
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Checks what the model relies on.
+    pub fn check(&self) -> Result<()> {
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            bail!("config sets rope_scaling, which this Llama model does not implement yet")
+        }
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            bail!(
+                "config: hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            )
+        }
+        Ok(())
+    }
+}
+
+/// The rotary tables `[max_pos, head_dim / 2]`, computed as Hugging Face and
+/// candle-transformers do.
+fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let theta: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / hd as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx = Tensor::arange(0, cfg.max_position_embeddings as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.max_position_embeddings, 1))?
+        .matmul(&theta.reshape((1, hd / 2))?)?;
+    Ok((idx.cos()?.to_dtype(dtype)?, idx.sin()?.to_dtype(dtype)?))
+}
+
+/// Cached keys and values of every layer, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Attention {
+    q: ColumnParallelLinear,
+    k: ColumnParallelLinear,
+    v: ColumnParallelLinear,
+    o: RowParallelLinear,
+    heads: TpHeads,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos: usize,
+        rope: &(Tensor, Tensor),
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let hd = self.heads.head_dim();
+        let (hl, kvl) = (self.heads.local_heads(), self.heads.local_kv_heads());
+        let split = |t: Tensor, h: usize| t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous();
+        let (cos, sin) = (rope.0.narrow(0, pos, s)?, rope.1.narrow(0, pos, s)?);
+        let q = ops::rope(&split(self.q.forward(x)?, hl)?, &cos, &sin)?;
+        let mut k = ops::rope(&split(self.k.forward(x)?, kvl)?, &cos, &sin)?;
+        let mut v = split(self.v.forward(x)?, kvl)?;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = cache.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *cache = Some((k.detach(), v.detach()));
+        }
+        let (k, v) = (self.heads.repeat_kv(&k)?, self.heads.repeat_kv(&v)?);
+        let total = k.dim(2)?;
+        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let scores = if s > 1 {
+            // Query i (absolute position pos + i) sees keys 0..=pos + i.
+            let mask: Vec<f32> = (0..s)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (s, total), x.device())?.to_dtype(scores.dtype())?;
+            scores.broadcast_add(&mask)?
+        } else {
+            scores
+        };
+        let probs = ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, hl * hd))?;
+        self.o.forward(&out)
+    }
+}
+
+struct Mlp {
+    gate: ColumnParallelLinear,
+    up: ColumnParallelLinear,
+    down: RowParallelLinear,
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// The tensor-parallel Llama model; see the [module docs](self).
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: VocabParallelEmbedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: ColumnParallelLinear,
+    rope: (Tensor, Tensor),
+    tp: Comm,
+}
+
+impl Llama {
+    /// Builds this rank's part of the model from `vb` (a checkpoint with HF names, or an
+    /// initialisation) over the tensor-parallel group `tp`.
+    pub fn new(cfg: &LlamaConfig, vb: ShardedVarBuilder, tp: &Comm) -> Result<Self> {
+        cfg.check()?;
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        // Collective when KV heads are replicated: create the groups once, share them.
+        let heads = TpHeads::new(cfg.num_attention_heads, cfg.num_kv_heads(), hd, tp)?;
+        if !cfg.intermediate_size.is_multiple_of(tp.size()) {
+            bail!(
+                "intermediate_size {} is not divisible by the tensor-parallel size {}",
+                cfg.intermediate_size,
+                tp.size()
+            )
+        }
+        let m = vb.pp("model");
+        let embed = vocab_parallel_embedding(cfg.vocab_size, h, m.pp("embed_tokens"), tp)?;
+        let norm_init = Init::Const(1.0);
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let attn = Attention {
+                q: column_parallel_linear_no_bias(
+                    h,
+                    cfg.num_attention_heads * hd,
+                    a.pp("q_proj"),
+                    tp,
+                )?,
+                k: heads.kv_projection(h, false, a.pp("k_proj"), tp)?,
+                v: heads.kv_projection(h, false, a.pp("v_proj"), tp)?,
+                o: row_parallel_linear_no_bias(
+                    cfg.num_attention_heads * hd,
+                    h,
+                    a.pp("o_proj"),
+                    tp,
+                )?,
+                heads: heads.clone(),
+            };
+            let p = l.pp("mlp");
+            let mlp = Mlp {
+                gate: column_parallel_linear_no_bias(
+                    h,
+                    cfg.intermediate_size,
+                    p.pp("gate_proj"),
+                    tp,
+                )?,
+                up: column_parallel_linear_no_bias(h, cfg.intermediate_size, p.pp("up_proj"), tp)?,
+                down: row_parallel_linear_no_bias(cfg.intermediate_size, h, p.pp("down_proj"), tp)?,
+            };
+            blocks.push(Block {
+                input_norm: l.pp("input_layernorm").get(
+                    h,
+                    "weight",
+                    Shard::Replicated,
+                    norm_init,
+                )?,
+                attn,
+                post_norm: l.pp("post_attention_layernorm").get(
+                    h,
+                    "weight",
+                    Shard::Replicated,
+                    norm_init,
+                )?,
+                mlp,
+            });
+        }
+        let norm = m
+            .pp("norm")
+            .get(h, "weight", Shard::Replicated, norm_init)?;
+        let head_w = if cfg.tie_word_embeddings {
+            embed.weight().clone()
+        } else {
+            let shard = Shard::SplitPadded {
+                dim: 0,
+                rank: tp.rank(),
+                parts: tp.size(),
+            };
+            vb.pp("lm_head").get(
+                (cfg.vocab_size, h),
+                "weight",
+                shard,
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?
+        };
+        let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head: ColumnParallelLinear::new(head_w, None, tp),
+            rope,
+            tp: tp.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// A KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len())
+    }
+
+    /// This rank's columns of the logits, `[b, s, padded_vocab / tp]`, for token ids `[b, s]`
+    /// at positions `pos..pos + s`. With a cache, keys and values are appended to it.
+    pub fn forward_shard(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (_, s) = ids.dims2()?;
+        if pos + s > self.cfg.max_position_embeddings {
+            bail!(
+                "positions up to {} exceed max_position_embeddings {}",
+                pos + s,
+                self.cfg.max_position_embeddings
+            )
+        }
+        let eps = self.cfg.rms_norm_eps;
+        let mut x = self.embed.forward(ids)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = b.attn.forward(
+                &ops::rms_norm(&x, &b.input_norm, eps)?,
+                pos,
+                &self.rope,
+                layer_cache,
+            )?;
+            x = (x + a)?;
+            let n = ops::rms_norm(&x, &b.post_norm, eps)?;
+            let m = b.mlp.down.forward(&ops::swiglu(
+                &b.mlp.gate.forward(&n)?,
+                &b.mlp.up.forward(&n)?,
+            )?)?;
+            x = (x + m)?;
+        }
+        self.lm_head.forward(&ops::rms_norm(&x, &self.norm, eps)?)
+    }
+
+    /// Full logits `[b, s, vocab]` on every rank (gathered over the tp group).
+    pub fn forward(&self, ids: &Tensor, pos: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let shard = self.forward_shard(ids, pos, cache)?;
+        let full = ops::gather_from_group(&shard, D::Minus1, &self.tp)?;
+        full.narrow(D::Minus1, 0, self.cfg.vocab_size)
+    }
+
+    /// Mean next-token cross-entropy over `ids` (`[b, s]`, s ≥ 2), computed on the vocabulary
+    /// shards (the full logits are never gathered).
+    pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        if s < 2 {
+            bail!("the next-token loss needs at least 2 tokens per sequence, got {s}")
+        }
+        let logits = self.forward_shard(ids, 0, None)?;
+        let cols = VocabRange::new(self.cfg.vocab_size, self.tp.rank(), self.tp.size()).padded;
+        let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), cols))?;
+        let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
+        vocab_parallel_cross_entropy(&logits, &targets, self.cfg.vocab_size, &self.tp, None)
+    }
+}

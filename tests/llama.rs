@@ -1,0 +1,185 @@
+//! The tensor-parallel Llama against candle-transformers' Llama on the same random
+//! checkpoint, and its gradients at tp 2 and 4 against tp 1.
+use candle_core::{DType, Device, Result, Tensor};
+use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::launch;
+use candle_parallel_examples::{max_rel_err, write_random_llama};
+use candle_parallel_models::llama::{Llama, LlamaConfig};
+use std::path::{Path, PathBuf};
+
+const TOKENS: [u32; 7] = [1, 17, 256, 3, 99, 200, 5];
+
+fn checkpoint(name: &str, cfg: &LlamaConfig) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cp-llama-{name}-{}", std::process::id()));
+    write_random_llama(&dir, cfg, 3)?;
+    Ok(dir)
+}
+
+/// candle-transformers' logits at every position, fed one token at a time through its cache
+/// (its forward returns the last position only).
+fn reference_logits(dir: &Path) -> Result<Tensor> {
+    use candle_transformers::models::llama as ct;
+    let text = std::fs::read_to_string(dir.join("config.json"))?;
+    let cfg: ct::LlamaConfig = serde_json::from_str(&text).map_err(candle_core::Error::wrap)?;
+    let cfg = cfg.into_config(false);
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    let model = ct::Llama::load(vb, &cfg)?;
+    let mut cache = ct::Cache::new(true, DType::F32, &cfg, &Device::Cpu)?;
+    let mut rows = Vec::new();
+    for (pos, &t) in TOKENS.iter().enumerate() {
+        let input = Tensor::new(&[[t]], &Device::Cpu)?;
+        rows.push(model.forward(&input, pos, &mut cache)?.squeeze(0)?);
+    }
+    Tensor::stack(&rows, 0)
+}
+
+fn ids() -> Result<Tensor> {
+    Tensor::new(&TOKENS, &Device::Cpu)?.unsqueeze(0)
+}
+
+#[test]
+fn logits_equal_candle_transformers_llama_at_every_tp() -> Result<()> {
+    let cfg = LlamaConfig::tiny(); // 8 heads, 2 KV heads: tp 4 replicates KV heads
+    let dir = checkpoint("logits", &cfg)?;
+    let want = reference_logits(&dir)?;
+    for tp in [1, 2, 4] {
+        let outs = launch(tp, |ctx| {
+            let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+            let model = Llama::new(&cfg, vb, ctx.comm())?;
+            let full = model.forward(&ids()?, 0, None)?.squeeze(0)?;
+            // Incremental decoding through the KV cache gives the same logits.
+            let mut cache = model.new_cache();
+            let mut rows = vec![model
+                .forward(&ids()?.narrow(1, 0, 3)?, 0, Some(&mut cache))?
+                .squeeze(0)?];
+            for pos in 3..TOKENS.len() {
+                rows.push(
+                    model
+                        .forward(&ids()?.narrow(1, pos, 1)?, pos, Some(&mut cache))?
+                        .squeeze(0)?,
+                );
+            }
+            Ok((full, Tensor::cat(&rows, 0)?))
+        })?;
+        for (r, (full, cached)) in outs.iter().enumerate() {
+            let e = max_rel_err(full, &want)?;
+            assert!(
+                e <= 1e-5,
+                "tp={tp} rank {r}: logits differ from candle-transformers by {e:e}"
+            );
+            let e = max_rel_err(cached, &want)?;
+            assert!(
+                e <= 1e-5,
+                "tp={tp} rank {r}: cached decoding differs by {e:e}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+#[test]
+fn gradients_at_tp_2_and_4_equal_tp_1() -> Result<()> {
+    let cfg = LlamaConfig::tiny();
+    let dir = checkpoint("grads", &cfg)?;
+    let run = |tp: usize| {
+        launch(tp, |ctx| {
+            let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+            let model = Llama::new(&cfg, vb.clone(), ctx.comm())?;
+            let loss = model.loss(&ids()?)?;
+            let grads = loss.backward()?;
+            Ok((
+                loss.to_scalar::<f32>()?,
+                full_gradients(&vb.params(), &grads, ctx.comm())?,
+            ))
+        })
+    };
+    let base = run(1)?.remove(0);
+    assert_eq!(
+        base.1.len(),
+        2 + 9 * cfg.num_hidden_layers + 1,
+        "every parameter has a gradient"
+    );
+    for tp in [2, 4] {
+        for (r, (loss, grads)) in run(tp)?.into_iter().enumerate() {
+            assert!(
+                (loss - base.0).abs() <= 1e-5 * base.0.abs(),
+                "tp={tp} rank {r}: loss {loss} vs {}",
+                base.0
+            );
+            for ((name, g), (name1, g1)) in grads.iter().zip(&base.1) {
+                assert_eq!(name, name1);
+                let e = max_rel_err(g, g1)?;
+                assert!(
+                    e <= 1e-4,
+                    "tp={tp} rank {r}: gradient of {name} differs by {e:e}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+#[test]
+fn configurations_that_cannot_be_split_fail_clearly() -> Result<()> {
+    let mut cfg = LlamaConfig::tiny();
+    cfg.num_attention_heads = 6; // hidden 64 does not divide by 6
+    let e = launch(1, |ctx| {
+        Llama::new(
+            &cfg,
+            ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu),
+            ctx.comm(),
+        )
+        .map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("hidden_size 64 is not divisible by num_attention_heads 6"),
+        "{e}"
+    );
+    let cfg = LlamaConfig::tiny();
+    let e = launch(3, |ctx| {
+        Llama::new(
+            &cfg,
+            ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu),
+            ctx.comm(),
+        )
+        .map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("8 query heads cannot be split over tensor-parallel size 3"),
+        "{e}"
+    );
+    // A checkpoint whose tensor shapes disagree with the config.
+    let dir = checkpoint("mismatch", &cfg)?;
+    let mut wider = cfg.clone();
+    wider.intermediate_size = 256;
+    let e = launch(2, |ctx| {
+        Llama::new(
+            &wider,
+            ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?,
+            ctx.comm(),
+        )
+        .map(|_| ())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("[192, 64]")
+            && e.contains("[256, 64]"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
