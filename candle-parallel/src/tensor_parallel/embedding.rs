@@ -90,6 +90,20 @@ impl VocabParallelEmbedding {
 impl Module for VocabParallelEmbedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let ids64 = ids.to_dtype(DType::I64)?;
+        // An id no rank owns would silently embed as zeros: refuse it.
+        if ids64.elem_count() > 0 {
+            let (lo, hi) = (
+                ids64.min_all()?.to_scalar::<i64>()?,
+                ids64.max_all()?.to_scalar::<i64>()?,
+            );
+            if lo < 0 || hi >= self.vocab as i64 {
+                bail!(
+                    "vocab_parallel_embedding: token id {} is outside the vocabulary 0..{}",
+                    if lo < 0 { lo } else { hi },
+                    self.vocab
+                )
+            }
+        }
         let start = self.range.start as f64;
         let owned = ids64
             .ge(start)?
