@@ -61,13 +61,16 @@ fn time_mlp(a: &Args, tp: usize) -> Result<f64> {
 fn main() -> Result<()> {
     let a = Args::parse();
     let flops = 3.0 * 2.0 * 2.0 * (a.tokens * a.hidden * a.ffn) as f64; // fwd + 2× for bwd
-    // Interleave the two so that drift on a shared machine hits both.
+                                                                        // Interleave the two so that drift on a shared machine hits both.
     let (mut t1, mut tn) = (Vec::new(), Vec::new());
     for _ in 0..2 {
         t1.push(time_mlp(&a, 1)?);
         tn.push(time_mlp(&a, a.tp)?);
     }
-    let (t1, tn) = (t1.into_iter().fold(f64::MAX, f64::min), tn.into_iter().fold(f64::MAX, f64::min));
+    let (t1, tn) = (
+        t1.into_iter().fold(f64::MAX, f64::min),
+        tn.into_iter().fold(f64::MAX, f64::min),
+    );
     println!(
         "MLP hidden {} ffn {} tokens {}, forward + backward, {} threads of rayon per process",
         a.hidden,
@@ -77,7 +80,11 @@ fn main() -> Result<()> {
     );
     println!("| layout | time (ms) | GFLOP/s | time / unsharded |");
     println!("|---|---:|---:|---:|");
-    println!("| unsharded (candle-nn shapes, 1 rank) | {:.1} | {:.1} | 1.00 |", t1 * 1e3, flops / t1 / 1e9);
+    println!(
+        "| unsharded (candle-nn shapes, 1 rank) | {:.1} | {:.1} | 1.00 |",
+        t1 * 1e3,
+        flops / t1 / 1e9
+    );
     println!(
         "| tensor parallel tp={} (column → row) | {:.1} | {:.1} | {:.2} |",
         a.tp,
