@@ -81,12 +81,12 @@ fn main() -> Result<()> {
     println!("| layout | time (ms) | GFLOP/s | time / unsharded |");
     println!("|---|---:|---:|---:|");
     println!(
-        "| unsharded (candle-nn shapes, 1 rank) | {:.1} | {:.1} | 1.00 |",
+        "| unsharded (tp = 1, candle-nn `Linear`) | {:.1} | {:.1} | 1.00 |",
         t1 * 1e3,
         flops / t1 / 1e9
     );
     println!(
-        "| tensor parallel tp={} (column → row) | {:.1} | {:.1} | {:.2} |",
+        "| tensor parallel tp = {} (column → row) | {:.1} | {:.1} | {:.2} |",
         a.tp,
         tn * 1e3,
         flops / tn / 1e9,
