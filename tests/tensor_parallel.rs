@@ -82,6 +82,26 @@ fn weights_c(dims: &[usize]) -> Tensor {
     seeded(dims, 7, DType::F32).unwrap()
 }
 
+/// candle-nn's `Linear` on the full `fc.weight` / `fc.bias`: output, gradient of the input and
+/// gradients of the parameters by name, for the loss `sum(y² · c)`.
+fn reference_linear(
+    full: &BTreeMap<String, Tensor>,
+    x: &Tensor,
+    c: &Tensor,
+) -> Result<(Tensor, Tensor, BTreeMap<&'static str, Tensor>)> {
+    let (w, b) = (
+        Var::from_tensor(&full["fc.weight"])?,
+        Var::from_tensor(&full["fc.bias"])?,
+    );
+    let xv = Var::from_tensor(x)?;
+    let y = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))
+        .forward(xv.as_tensor())?;
+    let g = (y.sqr()? * c)?.sum_all()?.backward()?;
+    let grad = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+    let params = [("fc.weight", grad(&w)), ("fc.bias", grad(&b))].into();
+    Ok((y, grad(&xv), params))
+}
+
 #[test]
 fn column_parallel_linear_equals_candle_nn_linear() -> Result<()> {
     let (i, o) = (6, 12);
@@ -89,19 +109,7 @@ fn column_parallel_linear_equals_candle_nn_linear() -> Result<()> {
         full_params(&|vb, c| tp_layers::column_parallel_linear(i, o, vb.pp("fc"), c).map(|_| ()))?;
     let x = seeded(&[2, 3, i], 1, DType::F32)?;
     let c = weights_c(&[2, 3, o]);
-    let (w, b) = (
-        Var::from_tensor(&full["fc.weight"])?,
-        Var::from_tensor(&full["fc.bias"])?,
-    );
-    let xv = Var::from_tensor(&x)?;
-    let y_ref = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))
-        .forward(xv.as_tensor())?;
-    let g = (y_ref.sqr()? * &c)?.sum_all()?.backward()?;
-    let grads_ref: BTreeMap<&str, Tensor> = [
-        ("fc.weight", g.get(w.as_tensor()).unwrap().clone()),
-        ("fc.bias", g.get(b.as_tensor()).unwrap().clone()),
-    ]
-    .into();
+    let (y_ref, gx_ref, grads_ref) = reference_linear(&full, &x, &c)?;
     for gather in [true, false] {
         for tp in 1..=4 {
             let outs = run_tp(tp, Some(&x), &|vb, comm, x| {
@@ -138,11 +146,7 @@ fn column_parallel_linear_equals_candle_nn_linear() -> Result<()> {
                     )?
                 };
                 close(y, &want, &format!("{what} output"));
-                close(
-                    gx.as_ref().unwrap(),
-                    g.get(xv.as_tensor()).unwrap(),
-                    &format!("{what} grad x"),
-                );
+                close(gx.as_ref().unwrap(), &gx_ref, &format!("{what} grad x"));
                 assert_eq!(pg.len(), 2);
                 for (name, shard, grad) in pg {
                     close(
@@ -164,19 +168,7 @@ fn row_parallel_linear_equals_candle_nn_linear() -> Result<()> {
         full_params(&|vb, c| tp_layers::row_parallel_linear(i, o, vb.pp("fc"), c).map(|_| ()))?;
     let x = seeded(&[4, i], 2, DType::F32)?;
     let c = weights_c(&[4, o]);
-    let (w, b) = (
-        Var::from_tensor(&full["fc.weight"])?,
-        Var::from_tensor(&full["fc.bias"])?,
-    );
-    let xv = Var::from_tensor(&x)?;
-    let y_ref = candle_nn::Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()))
-        .forward(xv.as_tensor())?;
-    let g = (y_ref.sqr()? * &c)?.sum_all()?.backward()?;
-    let grads_ref: BTreeMap<&str, Tensor> = [
-        ("fc.weight", g.get(w.as_tensor()).unwrap().clone()),
-        ("fc.bias", g.get(b.as_tensor()).unwrap().clone()),
-    ]
-    .into();
+    let (y_ref, gx_ref, grads_ref) = reference_linear(&full, &x, &c)?;
     for tp in 1..=4 {
         // A replicated input: the layer scatters it itself.
         let outs = run_tp(tp, Some(&x), &|vb, comm, x| {
@@ -189,11 +181,7 @@ fn row_parallel_linear_equals_candle_nn_linear() -> Result<()> {
         for (r, (y, pg, gx)) in outs.iter().enumerate() {
             let what = format!("row tp={tp} rank {r}");
             close(y, &y_ref, &format!("{what} output"));
-            close(
-                gx.as_ref().unwrap(),
-                g.get(xv.as_tensor()).unwrap(),
-                &format!("{what} grad x"),
-            );
+            close(gx.as_ref().unwrap(), &gx_ref, &format!("{what} grad x"));
             for (name, shard, grad) in pg {
                 close(
                     grad,
