@@ -29,6 +29,7 @@ pub mod launch;
 pub mod logging;
 pub mod mesh;
 pub mod ops;
+pub mod optim;
 pub mod tensor_parallel;
 
 pub use comm::{Comm, CommError, ReduceOp};

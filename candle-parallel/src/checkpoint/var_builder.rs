@@ -63,7 +63,7 @@ pub enum Shard {
 
 /// Where a rank's slice lies: `len` elements from `start` along `dim` are real, then
 /// `padded - len` zeros.
-struct Slice {
+pub(crate) struct Slice {
     dim: usize,
     start: usize,
     len: usize,
@@ -153,6 +153,7 @@ enum Source {
         files: MmapedSafetensors,
         paths: Vec<PathBuf>,
     },
+    Distributed(Box<super::dist::DistSource>),
 }
 
 struct Inner {
@@ -184,6 +185,23 @@ impl ShardedVarBuilder {
                 bytes_read: AtomicU64::new(0),
             }),
             prefix: Vec::new(),
+        }
+    }
+
+    pub(crate) fn from_dist(src: super::dist::DistSource, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Distributed(Box::new(src)), dtype, device)
+    }
+
+    /// A builder that only assembles pieces (for export).
+    pub(crate) fn for_export(dtype: DType) -> Self {
+        Self::new(Source::Init { seed: 0 }, dtype, &Device::Cpu)
+    }
+
+    /// The metadata of the distributed checkpoint this builder reads, if it reads one.
+    pub fn checkpoint_meta(&self) -> Option<&super::dist::CheckpointMeta> {
+        match &self.inner.source {
+            Source::Distributed(d) => Some(&d.meta),
+            _ => None,
         }
     }
 
@@ -261,6 +279,7 @@ impl ShardedVarBuilder {
         match &self.inner.source {
             Source::Init { .. } => true,
             Source::SafeTensors { files, .. } => files.get(&self.full_name(name)).is_ok(),
+            Source::Distributed(d) => d.meta.tensors.contains_key(&self.full_name(name)),
         }
     }
 
@@ -280,6 +299,18 @@ impl ShardedVarBuilder {
             .collect()
     }
 
+    /// Like [`ShardedVarBuilder::get`], but never recorded as a trainable parameter (for state
+    /// such as optimizer moments).
+    pub fn get_untracked<S: Into<Shape>>(
+        &self,
+        full: S,
+        name: &str,
+        shard: Shard,
+        init: Init,
+    ) -> Result<Tensor> {
+        self.fetch(full.into(), name, shard, init, false)
+    }
+
     /// This rank's part of the tensor `name`, whose full shape is `full`: read from the
     /// checkpoint (which must hold exactly that shape) or initialised with `init`.
     pub fn get<S: Into<Shape>>(
@@ -289,7 +320,18 @@ impl ShardedVarBuilder {
         shard: Shard,
         init: Init,
     ) -> Result<Tensor> {
-        let full: Shape = full.into();
+        let record = self.inner.trainable.load(Ordering::SeqCst);
+        self.fetch(full.into(), name, shard, init, record)
+    }
+
+    fn fetch(
+        &self,
+        full: Shape,
+        name: &str,
+        shard: Shard,
+        init: Init,
+        record: bool,
+    ) -> Result<Tensor> {
         let name = self.full_name(name);
         let slice = shard.slice(full.dims(), &name)?;
         let t = match &self.inner.source {
@@ -299,8 +341,12 @@ impl ShardedVarBuilder {
             Source::SafeTensors { files, paths } => {
                 self.read_slice(files, paths, &name, full.dims(), slice.as_ref())?
             }
+            Source::Distributed(d) => {
+                let (dtype, pieces) = d.pieces(&name, full.dims())?;
+                self.assemble(&name, full.dims(), slice.as_ref(), dtype, &pieces)?
+            }
         };
-        if !self.inner.trainable.load(Ordering::SeqCst) {
+        if !record {
             return Ok(t);
         }
         let var = Var::from_tensor(&t)?;
@@ -340,34 +386,162 @@ impl ShardedVarBuilder {
             )
         }
         let dtype: DType = view.dtype().try_into()?;
-        let elem = dtype.size_in_bytes();
-        let data = view.data();
-        let (bytes, dims, pad) = match slice {
-            None => (data.to_vec(), full.to_vec(), None),
-            Some(s) => {
-                // Copy `outer` runs of `len` rows of `inner` elements each.
-                let outer: usize = full[..s.dim].iter().product();
-                let inner: usize = full[s.dim + 1..].iter().product::<usize>() * elem;
-                let (run, stride) = (s.len * inner, full[s.dim] * inner);
-                let mut out = Vec::with_capacity(outer * run);
-                for o in 0..outer {
-                    let at = o * stride + s.start * inner;
-                    out.extend_from_slice(&data[at..at + run]);
-                }
-                let mut dims = full.to_vec();
-                dims[s.dim] = s.len;
-                let pad = (s.padded > s.len).then_some((s.dim, s.padded - s.len));
-                (out, dims, pad)
-            }
+        let whole = Region::whole(full);
+        self.assemble(name, full, slice, dtype, &[(whole, view.data())])
+    }
+
+    /// Builds this rank's part of tensor `name` (full shape `full`) from stored `pieces`, each
+    /// a region of the full tensor and its row-major bytes, copying only the bytes inside the
+    /// wanted region. Pieces with identical regions (replicas) are read once.
+    pub(crate) fn assemble(
+        &self,
+        name: &str,
+        full: &[usize],
+        slice: Option<&Slice>,
+        dtype: DType,
+        pieces: &[StoredPiece<'_>],
+    ) -> Result<Tensor> {
+        let want = match slice {
+            None => Region::whole(full),
+            Some(s) => Region::whole(full).restrict(s.dim, s.start, s.len),
         };
+        let mut out_dims = want.lens();
+        if let Some(s) = slice {
+            out_dims[s.dim] = s.padded;
+        }
+        let elem = dtype.size_in_bytes();
+        let mut out = vec![0u8; out_dims.iter().product::<usize>() * elem];
+        let (mut seen, mut covered, mut read): (Vec<&Region>, usize, usize) = (Vec::new(), 0, 0);
+        for (region, data) in pieces {
+            if seen.contains(&region) {
+                continue;
+            }
+            seen.push(region);
+            let Some(common) = want.intersect(region) else {
+                continue;
+            };
+            let n = common.volume();
+            if data.len() != region.volume() * elem {
+                bail!(
+                    "tensor {name}: a stored piece holds {} bytes but its region {:?} needs {}",
+                    data.len(),
+                    region.0,
+                    region.volume() * elem
+                )
+            }
+            copy_box(data, region, &common, &mut out, &want, &out_dims, elem);
+            covered += n;
+            read += n * elem;
+        }
+        if covered != want.volume() {
+            bail!(
+                "tensor {name}: the checkpoint covers {covered} of the {} elements of region {:?}",
+                want.volume(),
+                want.0
+            )
+        }
         self.inner
             .bytes_read
-            .fetch_add(bytes.len() as u64, Ordering::SeqCst);
-        let t = Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
-            .to_dtype(self.inner.dtype)?;
-        match pad {
-            Some((dim, n)) => t.pad_with_zeros(dim, 0, n),
-            None => Ok(t),
+            .fetch_add(read as u64, Ordering::SeqCst);
+        Tensor::from_raw_buffer(&out, dtype, &out_dims, &self.inner.device)?
+            .to_dtype(self.inner.dtype)
+    }
+}
+
+/// A stored piece of a tensor: the region of the full tensor it covers and its row-major bytes.
+pub(crate) type StoredPiece<'a> = (Region, &'a [u8]);
+
+/// A box in a tensor: `(start, len)` per dimension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Region(pub Vec<(usize, usize)>);
+
+impl Region {
+    pub fn whole(dims: &[usize]) -> Self {
+        Self(dims.iter().map(|&d| (0, d)).collect())
+    }
+
+    pub fn restrict(mut self, dim: usize, start: usize, len: usize) -> Self {
+        self.0[dim] = (start, len);
+        self
+    }
+
+    pub fn lens(&self) -> Vec<usize> {
+        self.0.iter().map(|r| r.1).collect()
+    }
+
+    pub fn volume(&self) -> usize {
+        self.0.iter().map(|r| r.1).product()
+    }
+
+    pub fn intersect(&self, other: &Region) -> Option<Region> {
+        let mut r = Vec::with_capacity(self.0.len());
+        for (&(a, al), &(b, bl)) in self.0.iter().zip(&other.0) {
+            let (s, e) = (a.max(b), (a + al).min(b + bl));
+            if s >= e {
+                return None;
+            }
+            r.push((s, e - s));
+        }
+        Some(Region(r))
+    }
+}
+
+/// Copies the elements of region `what` (global coordinates) from `src`, the row-major bytes of
+/// region `src_region`, into `dst`, a buffer of dims `dst_dims` whose origin is at `dst_region`'s
+/// start. Runs of contiguous elements are copied at once.
+fn copy_box(
+    src: &[u8],
+    src_region: &Region,
+    what: &Region,
+    dst: &mut [u8],
+    dst_region: &Region,
+    dst_dims: &[usize],
+    elem: usize,
+) {
+    let nd = what.0.len();
+    let src_dims = src_region.lens();
+    let lens = what.lens();
+    // Merge trailing dims that are whole in source, destination and region into one run.
+    let mut k = nd;
+    while k > 0 && lens[k - 1] == src_dims[k - 1] && lens[k - 1] == dst_dims[k - 1] {
+        k -= 1;
+    }
+    let tail: usize = lens[k..].iter().product::<usize>() * elem;
+    let (run, outer_dims) = if k == 0 {
+        (tail, 0)
+    } else {
+        (lens[k - 1] * tail, k - 1)
+    };
+    let strides = |dims: &[usize]| -> Vec<usize> {
+        let mut s = vec![elem; nd];
+        for i in (0..nd.saturating_sub(1)).rev() {
+            s[i] = s[i + 1] * dims[i + 1];
+        }
+        s
+    };
+    let (ss, ds) = (strides(&src_dims), strides(dst_dims));
+    let mut idx = vec![0usize; outer_dims];
+    loop {
+        let (mut so, mut dofs) = (0, 0);
+        for d in 0..nd {
+            let i = if d < outer_dims { idx[d] } else { 0 };
+            let g = what.0[d].0 + i; // global coordinate
+            so += (g - src_region.0[d].0) * ss[d];
+            dofs += (g - dst_region.0[d].0) * ds[d];
+        }
+        dst[dofs..dofs + run].copy_from_slice(&src[so..so + run]);
+        // Next index over the outer dims, last fastest.
+        let mut d = outer_dims;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < lens[d] {
+                break;
+            }
+            idx[d] = 0;
         }
     }
 }

@@ -307,6 +307,28 @@ impl Comm {
             .collect())
     }
 
+    /// Every rank's byte string, in rank order (lengths may differ): for small metadata.
+    pub fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let len = Tensor::new(&[bytes.len() as i64], self.device())?;
+        let lens: Vec<usize> = self
+            .all_gather(&len, 0)?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|l| l as usize)
+            .collect();
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let mut padded = bytes.to_vec();
+        padded.resize(max, 0);
+        let all = self
+            .all_gather(&Tensor::from_vec(padded, max, self.device())?, 0)?
+            .to_vec1::<u8>()?;
+        Ok(lens
+            .iter()
+            .enumerate()
+            .map(|(r, &l)| all[r * max..r * max + l].to_vec())
+            .collect())
+    }
+
     /// Every rank gets a copy of `root`'s `x`; the other ranks pass a tensor of the same shape
     /// and dtype (its values are ignored).
     pub fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor> {

@@ -1,0 +1,212 @@
+//! AdamW over sharded parameters, with its state in checkpoints, and gradient clipping by the
+//! global norm across ranks.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_parallel::checkpoint::ShardedVarBuilder;
+//! use candle_parallel::optim::{AdamW, AdamWConfig};
+//! use candle_parallel::tensor_parallel::column_parallel_linear;
+//! use candle_parallel::launch;
+//!
+//! launch(2, |ctx| {
+//!     let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+//!     let fc = column_parallel_linear(4, 4, vb.pp("fc"), ctx.comm())?.with_gather_output(true);
+//!     let mut opt = AdamW::new(vb.params(), AdamWConfig { lr: 1e-2, ..Default::default() })?;
+//!     let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
+//!     let loss = candle_core::Module::forward(&fc, &x)?.sqr()?.sum_all()?;
+//!     opt.backward_step(&loss)?;
+//!     Ok(())
+//! })?;
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::checkpoint::{Param, Shard, ShardedTensor, ShardedVarBuilder};
+use crate::comm::{Comm, ReduceOp};
+use candle_core::backprop::GradStore;
+use candle_core::{bail, DType, Result, Tensor, Var};
+
+/// AdamW hyper-parameters (PyTorch's defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW (decoupled weight decay) over this rank's parameter slices. The moments have the
+/// parameters' shards, so they are saved and resharded with them.
+pub struct AdamW {
+    params: Vec<Param>,
+    exp_avg: Vec<Var>,
+    exp_avg_sq: Vec<Var>,
+    step: u64,
+    cfg: AdamWConfig,
+}
+
+impl AdamW {
+    /// An optimizer with zero moments for `params` (e.g. `vb.params()`).
+    pub fn new(params: Vec<Param>, cfg: AdamWConfig) -> Result<Self> {
+        let zeros = |p: &Param| Var::zeros(p.var.shape(), DType::F32, p.var.device());
+        Ok(Self {
+            exp_avg: params.iter().map(zeros).collect::<Result<_>>()?,
+            exp_avg_sq: params.iter().map(zeros).collect::<Result<_>>()?,
+            params,
+            step: 0,
+            cfg,
+        })
+    }
+
+    /// The parameters it updates, sorted by name.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    /// One update from `grads`; parameters without a gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let (bc1, bc2) = (
+            1.0 - c.beta1.powi(self.step as i32),
+            1.0 - c.beta2.powi(self.step as i32),
+        );
+        for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let dtype = p.var.dtype();
+            let g = g.to_dtype(DType::F32)?;
+            let w = p.var.as_tensor().to_dtype(DType::F32)?;
+            let m_new = ((m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v_new = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m_new / bc1)? / ((&v_new / bc2)?.sqrt()? + c.eps)?)?;
+            let w_new = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+            m.set(&m_new)?;
+            v.set(&v_new)?;
+            p.var.set(&w_new.to_dtype(dtype)?)?;
+        }
+        Ok(())
+    }
+
+    /// `loss.backward()` then [`AdamW::step`].
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = loss.backward()?;
+        self.step(&grads)
+    }
+
+    /// The optimizer state as named sharded tensors (`optimizer.exp_avg.NAME`,
+    /// `optimizer.exp_avg_sq.NAME`, `optimizer.step`), for [`crate::checkpoint::save_checkpoint`].
+    pub fn state(&self) -> Result<Vec<ShardedTensor>> {
+        let mut out = Vec::with_capacity(2 * self.params.len() + 1);
+        for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+            for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                out.push(ShardedTensor {
+                    name: format!("optimizer.{kind}.{}", p.name),
+                    local: t.as_tensor().detach(),
+                    full_dims: p.full_dims.clone(),
+                    shard: p.shard,
+                });
+            }
+        }
+        out.push(ShardedTensor {
+            name: "optimizer.step".into(),
+            local: Tensor::new(
+                &[self.step as f64],
+                self.params
+                    .first()
+                    .map_or(&candle_core::Device::Cpu, |p| p.var.device()),
+            )?,
+            full_dims: vec![1],
+            shard: Shard::Replicated,
+        });
+        Ok(out)
+    }
+
+    /// Restores the state saved by [`AdamW::state`] from a checkpoint (any layout: each moment
+    /// is read with its parameter's shard).
+    pub fn load_state(&mut self, vb: &ShardedVarBuilder) -> Result<()> {
+        if !vb.contains("optimizer.step") {
+            bail!("the checkpoint holds no optimizer state (optimizer.step is missing)")
+        }
+        let init = candle_nn::Init::Const(0.0);
+        for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
+            for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let name = format!("optimizer.{kind}.{}", p.name);
+                let loaded = vb.get_untracked(p.full_dims.as_slice(), &name, p.shard, init)?;
+                t.set(&loaded.to_dtype(DType::F32)?)?;
+            }
+        }
+        let step = vb.get_untracked(1, "optimizer.step", Shard::Replicated, init)?;
+        self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Scales `grads` so that the global L2 norm of all parameters' gradients, across the ranks of
+/// `comm` (the group the parameters are sharded over), is at most `max_norm`. Elements held by
+/// several ranks (replicated parameters, replicated KV heads) count once. Returns the norm
+/// before clipping, the same on every rank.
+pub fn clip_grad_norm(
+    params: &[Param],
+    grads: &mut GradStore,
+    max_norm: f64,
+    comm: &Comm,
+) -> Result<f64> {
+    let n = comm.size() as f64;
+    let mut local = 0f64;
+    for p in params {
+        let Some(g) = grads.get(p.var.as_tensor()) else {
+            continue;
+        };
+        let sq = g
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        // How many ranks hold each of this rank's elements.
+        let holders = match p.shard {
+            Shard::Replicated => n,
+            Shard::Split { .. } | Shard::SplitPadded { .. } => 1.0,
+            Shard::Range { dim, len, .. } => (n * len as f64 / p.full_dims[dim] as f64).max(1.0),
+        };
+        local += sq / holders;
+    }
+    let total = comm.all_reduce(&Tensor::new(&[local], comm.device())?, ReduceOp::Sum)?;
+    let norm = total.to_vec1::<f64>()?[0].sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for p in params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let scaled = (g * scale)?;
+                grads.insert(p.var.as_tensor(), scaled);
+            }
+        }
+    }
+    Ok(norm)
+}

@@ -1,0 +1,455 @@
+//! Sharded checkpoints: HF loading that reads only a rank's bytes, distributed atomic saves,
+//! resharding across layouts, export back to HF, bad input, interrupted saves and resuming.
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::Init;
+use candle_parallel::checkpoint::{
+    export_hf, read_metadata, save_checkpoint, SaveOptions, SaveStage, Shard, ShardedTensor,
+    ShardedVarBuilder, COMPLETE_FILE, METADATA_FILE,
+};
+use candle_parallel::optim::{AdamW, AdamWConfig};
+use candle_parallel::{launch, Launcher, MeshShape};
+use candle_parallel_examples::{seeded, write_random_llama};
+use candle_parallel_models::llama::{Llama, LlamaConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const EXPERTS: &str = "model.layers.0.block_sparse_moe.experts.w1";
+const EXPERT_DIMS: [usize; 3] = [4, 6, 8];
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cp-ckpt-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A random HF Llama checkpoint in `dtype`, plus a stacked experts tensor (split by expert).
+fn hf_checkpoint(name: &str, dtype: DType) -> Result<(PathBuf, LlamaConfig)> {
+    let dir = tmp(name);
+    let cfg = LlamaConfig::tiny();
+    write_random_llama(&dir, &cfg, 11)?;
+    let st = unsafe { MmapedSafetensors::new(dir.join("model.safetensors"))? };
+    let mut tensors: HashMap<String, Tensor> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, _)| Ok((n.clone(), st.load(&n, &Device::Cpu)?.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    tensors.insert(EXPERTS.into(), seeded(&EXPERT_DIMS, 5, dtype)?);
+    drop(st);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    Ok((dir, cfg))
+}
+
+/// Builds the model (and the experts tensor, split by expert over `ep`) from `vb` on this rank,
+/// returning what a save needs.
+fn build(
+    vb: &ShardedVarBuilder,
+    cfg: &LlamaConfig,
+    mesh: &candle_parallel::DeviceMesh,
+) -> Result<Vec<ShardedTensor>> {
+    Llama::new(cfg, vb.clone(), mesh.tp())?;
+    let shard = Shard::Split {
+        dim: 0,
+        rank: mesh.ep().rank(),
+        parts: mesh.ep().size(),
+    };
+    vb.get(EXPERT_DIMS.as_slice(), EXPERTS, shard, Init::Const(0.0))?;
+    Ok(vb.params().iter().map(ShardedTensor::from).collect())
+}
+
+/// Loads from `source` under `mesh` and saves to `dest`; returns each rank's bytes read.
+fn reshard(
+    source: &Path,
+    from_hf: bool,
+    mesh: MeshShape,
+    dest: &Path,
+    cfg: &LlamaConfig,
+    dtype: DType,
+) -> Result<Vec<u64>> {
+    Launcher::new(mesh.world_size()).mesh(mesh).run(|ctx| {
+        let vb = if from_hf {
+            ShardedVarBuilder::from_hf_dir(source, dtype, &Device::Cpu)?
+        } else {
+            ShardedVarBuilder::from_checkpoint(source, dtype, &Device::Cpu)?
+        }
+        .trainable();
+        let tensors = build(&vb, cfg, ctx.mesh()?)?;
+        let opts = SaveOptions {
+            step: 7,
+            mesh: mesh.to_string(),
+            config: serde_json::to_value(cfg).map_err(candle_core::Error::wrap)?,
+            interrupt_at: None,
+        };
+        save_checkpoint(dest, &tensors, &opts, ctx.comm())?;
+        Ok(vb.bytes_read())
+    })
+}
+
+/// Every tensor of `b` is byte-identical to the one of the same name in `a`.
+fn assert_same_bytes(a: &[PathBuf], b: &[PathBuf]) -> Result<()> {
+    let (a, b) = unsafe { (MmapedSafetensors::multi(a)?, MmapedSafetensors::multi(b)?) };
+    let (ta, tb) = (a.tensors(), b.tensors());
+    assert_eq!(ta.len(), tb.len(), "tensor count");
+    for (name, va) in ta {
+        let vb = b.get(&name)?;
+        assert_eq!((va.dtype(), va.shape()), (vb.dtype(), vb.shape()), "{name}");
+        assert!(va.data() == vb.data(), "{name}: bytes differ");
+    }
+    Ok(())
+}
+
+#[test]
+fn hf_to_ep2_tp2_to_tp4_to_tp1_and_export_is_byte_identical() -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        let (hf, cfg) = hf_checkpoint(&format!("rt-{dtype:?}"), dtype)?;
+        let (a, b, c) = (tmp("rt-a"), tmp("rt-b"), tmp("rt-c"));
+        reshard(&hf, true, MeshShape::new().ep(2).tp(2), &a, &cfg, dtype)?;
+        let meta = read_metadata(&a)?;
+        assert_eq!(
+            (meta.world_size, meta.mesh.as_str(), meta.step),
+            (4, "ep=2,tp=2", 7)
+        );
+        assert_eq!(meta.tensors[EXPERTS].pieces.len(), 4); // each ep half held by two tp ranks
+        reshard(&a, false, MeshShape::new().tp(4), &b, &cfg, dtype)?;
+        reshard(&b, false, MeshShape::new().tp(1), &c, &cfg, dtype)?;
+        let out = tmp("rt-out");
+        let files = export_hf(&c, &out, None)?;
+        assert!(files.iter().any(|f| f.ends_with("config.json")));
+        assert_same_bytes(
+            &[hf.join("model.safetensors")],
+            &[out.join("model.safetensors")],
+        )?;
+        // The same export in files of at most 64 KiB, with an index.
+        let split = tmp("rt-split");
+        export_hf(&b, &split, Some(64 << 10))?;
+        let parts = candle_parallel::checkpoint::hf_safetensors_files(&split)?;
+        assert!(parts.len() > 2, "{parts:?}");
+        assert_same_bytes(&[hf.join("model.safetensors")], &parts)?;
+        for d in [hf, a, b, c, out, split] {
+            std::fs::remove_dir_all(d)?;
+        }
+    }
+    Ok(())
+}
+
+/// The full-tensor elements a shard holds (padding excluded), as a rank must read them.
+fn real_elems(shard: Shard, full: &[usize]) -> usize {
+    let total: usize = full.iter().product();
+    match shard {
+        Shard::Replicated => total,
+        Shard::Split { parts, .. } => total / parts,
+        Shard::SplitPadded { dim, rank, parts } => {
+            let c = full[dim].div_ceil(parts);
+            let start = (rank * c).min(full[dim]);
+            total / full[dim] * c.min(full[dim] - start)
+        }
+        Shard::Range { dim, len, .. } => total / full[dim] * len,
+    }
+}
+
+#[test]
+fn each_rank_reads_only_its_own_bytes() -> Result<()> {
+    let (hf, cfg) = hf_checkpoint("bytes", DType::F32)?;
+    let file_bytes: usize = unsafe { MmapedSafetensors::new(hf.join("model.safetensors"))? }
+        .tensors()
+        .iter()
+        .map(|(_, v)| v.data().len())
+        .sum();
+    let dist = tmp("bytes-dist");
+    reshard(&hf, true, MeshShape::new().tp(2), &dist, &cfg, DType::F32)?;
+    for from_hf in [true, false] {
+        let src = if from_hf { &hf } else { &dist };
+        let reads = launch(4, |ctx| {
+            let vb = if from_hf {
+                ShardedVarBuilder::from_hf_dir(src, DType::F32, &Device::Cpu)?
+            } else {
+                ShardedVarBuilder::from_checkpoint(src, DType::F32, &Device::Cpu)?
+            }
+            .trainable();
+            Llama::new(&cfg, vb.clone(), ctx.comm())?;
+            let want: usize = vb
+                .params()
+                .iter()
+                .map(|p| real_elems(p.shard, &p.full_dims) * 4)
+                .sum();
+            Ok((vb.bytes_read() as usize, want))
+        })?;
+        for (r, (read, want)) in reads.into_iter().enumerate() {
+            assert_eq!(
+                read, want,
+                "rank {r} (from_hf={from_hf}) read {read} bytes, its shard is {want}"
+            );
+            assert!(
+                read * 3 < file_bytes,
+                "rank {r} read {read} of {file_bytes} bytes"
+            );
+        }
+    }
+    std::fs::remove_dir_all(hf)?;
+    std::fs::remove_dir_all(dist)?;
+    Ok(())
+}
+
+fn load_err(f: impl Fn() -> Result<()>) -> String {
+    f().unwrap_err().to_string()
+}
+
+#[test]
+fn bad_input_is_a_clear_error() -> Result<()> {
+    let (hf, cfg) = hf_checkpoint("bad", DType::F32)?;
+    let file = hf.join("model.safetensors");
+    let cpu = &Device::Cpu;
+    let vb = ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu)?;
+    // A missing tensor, and a shape that disagrees with the config.
+    let e = load_err(|| {
+        vb.get(
+            (4, 4),
+            "model.nope.weight",
+            Shard::Replicated,
+            Init::Const(0.0),
+        )
+        .map(|_| ())
+    });
+    assert!(
+        e.contains("tensor model.nope.weight is missing from checkpoint"),
+        "{e}"
+    );
+    let e = load_err(|| {
+        vb.get(
+            (64, 65),
+            "model.norm.weight",
+            Shard::Replicated,
+            Init::Const(0.0),
+        )
+        .map(|_| ())
+    });
+    assert!(
+        e.contains("model.norm.weight") && e.contains("[64]") && e.contains("[64, 65]"),
+        "{e}"
+    );
+    // A split that does not divide.
+    let e = load_err(|| {
+        vb.get(
+            64,
+            "model.norm.weight",
+            Shard::Split {
+                dim: 0,
+                rank: 0,
+                parts: 3,
+            },
+            Init::Const(0.0),
+        )
+        .map(|_| ())
+    });
+    assert!(
+        e.contains("model.norm.weight") && e.contains("cannot be split into 3 equal parts"),
+        "{e}"
+    );
+    drop(vb);
+    // A truncated file and a corrupt header.
+    let bytes = std::fs::read(&file)?;
+    std::fs::write(&file, &bytes[..bytes.len() / 2])?;
+    let e = load_err(|| ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
+    assert!(e.contains("model.safetensors"), "{e}");
+    let mut corrupt = bytes.clone();
+    corrupt[8..16].copy_from_slice(b"!garbage");
+    std::fs::write(&file, &corrupt)?;
+    let e = load_err(|| ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
+    assert!(e.contains("model.safetensors"), "{e}");
+    std::fs::write(&file, &bytes)?;
+    // An index that names a missing file.
+    std::fs::write(
+        hf.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}"#,
+    )?;
+    let e = load_err(|| ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
+    assert!(
+        e.contains("model-00002-of-00002.safetensors which does not exist"),
+        "{e}"
+    );
+    std::fs::remove_file(hf.join("model.safetensors.index.json"))?;
+    // An incomplete checkpoint directory and a metadata version we do not know.
+    let dist = tmp("bad-dist");
+    reshard(&hf, true, MeshShape::new().tp(2), &dist, &cfg, DType::F32)?;
+    let meta_text = std::fs::read_to_string(dist.join(METADATA_FILE))?;
+    std::fs::write(
+        dist.join(METADATA_FILE),
+        meta_text.replace("\"format_version\": 1", "\"format_version\": 99"),
+    )?;
+    let e = load_err(|| ShardedVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
+    assert!(
+        e.contains("format version 99 is not one this library reads"),
+        "{e}"
+    );
+    std::fs::write(dist.join(METADATA_FILE), meta_text)?;
+    std::fs::remove_file(dist.join(COMPLETE_FILE))?;
+    let e = load_err(|| ShardedVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
+    assert!(e.contains("incomplete checkpoint"), "{e}");
+    // Saving over a completed checkpoint is refused.
+    std::fs::write(dist.join(COMPLETE_FILE), "step 7\n")?;
+    let e = reshard(&hf, true, MeshShape::new().tp(2), &dist, &cfg, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already holds a completed checkpoint"), "{e}");
+    std::fs::remove_dir_all(hf)?;
+    std::fs::remove_dir_all(dist)?;
+    Ok(())
+}
+
+#[test]
+fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
+    let (hf, cfg) = hf_checkpoint("kill", DType::F32)?;
+    let good = tmp("kill-good");
+    reshard(&hf, true, MeshShape::new().tp(2), &good, &cfg, DType::F32)?;
+    for stage in [
+        SaveStage::RankFileWritten,
+        SaveStage::RankFileRenamed,
+        SaveStage::MetadataWritten,
+    ] {
+        let partial = tmp(&format!("kill-{stage:?}"));
+        let res = launch(2, |ctx| {
+            let vb =
+                ShardedVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?.trainable();
+            Llama::new(&cfg, vb.clone(), ctx.comm())?;
+            let tensors: Vec<ShardedTensor> = vb.params().iter().map(ShardedTensor::from).collect();
+            let opts = SaveOptions {
+                step: 8,
+                interrupt_at: Some(stage),
+                ..Default::default()
+            };
+            save_checkpoint(&partial, &tensors, &opts, ctx.comm())
+        });
+        assert!(res.unwrap_err().to_string().contains("interrupted"));
+        // The partial directory is recognisably incomplete...
+        let e = ShardedVarBuilder::from_checkpoint(&partial, DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("incomplete checkpoint"), "{stage:?}: {e}");
+        // ... and the previous checkpoint still loads, with the same numbers.
+        let logits = launch(2, |ctx| {
+            let vb = ShardedVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?;
+            Llama::new(&cfg, vb, ctx.comm())?.forward(
+                &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?,
+                0,
+                None,
+            )
+        })?;
+        let want = launch(2, |ctx| {
+            let vb = ShardedVarBuilder::from_hf_dir(&hf, DType::F32, &Device::Cpu)?;
+            Llama::new(&cfg, vb, ctx.comm())?.forward(
+                &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?,
+                0,
+                None,
+            )
+        })?;
+        assert_eq!(
+            logits[0].flatten_all()?.to_vec1::<f32>()?,
+            want[0].flatten_all()?.to_vec1::<f32>()?
+        );
+        // Retrying the save into the partial directory completes it.
+        launch(2, |ctx| {
+            let vb =
+                ShardedVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?.trainable();
+            Llama::new(&cfg, vb.clone(), ctx.comm())?;
+            let tensors: Vec<ShardedTensor> = vb.params().iter().map(ShardedTensor::from).collect();
+            save_checkpoint(
+                &partial,
+                &tensors,
+                &SaveOptions {
+                    step: 8,
+                    ..Default::default()
+                },
+                ctx.comm(),
+            )
+        })?;
+        assert_eq!(read_metadata(&partial)?.step, 8);
+        std::fs::remove_dir_all(partial)?;
+    }
+    std::fs::remove_dir_all(hf)?;
+    std::fs::remove_dir_all(good)?;
+    Ok(())
+}
+
+/// Three AdamW steps, save, three more: equals six uninterrupted steps, bit for bit.
+#[test]
+fn resuming_from_a_checkpoint_is_bit_identical() -> Result<()> {
+    let cfg = LlamaConfig::tiny();
+    let ids = Tensor::new(&[[1u32, 5, 9, 200, 3, 17, 42, 8]], &Device::Cpu)?;
+    let dir = tmp("resume");
+    let adamw = AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let train = |vb: ShardedVarBuilder,
+                 resume: bool,
+                 steps: usize,
+                 save: bool,
+                 comm: &candle_parallel::Comm|
+     -> Result<Vec<Vec<f32>>> {
+        let model = Llama::new(&cfg, vb.clone(), comm)?;
+        let mut opt = AdamW::new(vb.params(), adamw)?;
+        if resume {
+            opt.load_state(&vb)?;
+            assert_eq!(opt.step_count(), 3);
+        }
+        for _ in 0..steps {
+            opt.backward_step(&model.loss(&ids)?)?;
+        }
+        if save {
+            let mut tensors: Vec<ShardedTensor> =
+                vb.params().iter().map(ShardedTensor::from).collect();
+            tensors.extend(opt.state()?);
+            save_checkpoint(
+                &dir,
+                &tensors,
+                &SaveOptions {
+                    step: 3,
+                    ..Default::default()
+                },
+                comm,
+            )?;
+            for _ in 0..steps {
+                opt.backward_step(&model.loss(&ids)?)?;
+            }
+        }
+        vb.params()
+            .iter()
+            .map(|p| p.var.as_tensor().flatten_all()?.to_vec1::<f32>())
+            .collect()
+    };
+    let straight = launch(2, |ctx| {
+        train(
+            ShardedVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable(),
+            false,
+            3,
+            true,
+            ctx.comm(),
+        )
+    })?;
+    let resumed = launch(2, |ctx| {
+        train(
+            ShardedVarBuilder::from_checkpoint(&dir, DType::F32, &Device::Cpu)?.trainable(),
+            true,
+            3,
+            false,
+            ctx.comm(),
+        )
+    })?;
+    assert_eq!(
+        straight, resumed,
+        "resumed parameters differ from the uninterrupted run"
+    );
+    let fresh = launch(2, |ctx| {
+        train(
+            ShardedVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable(),
+            false,
+            1,
+            false,
+            ctx.comm(),
+        )
+    })?;
+    assert_ne!(fresh, resumed, "the comparison must be able to fail");
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
