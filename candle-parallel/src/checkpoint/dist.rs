@@ -58,6 +58,23 @@ pub struct TensorMeta {
     pub pieces: Vec<Piece>,
 }
 
+impl TensorMeta {
+    /// The stored dtype.
+    pub fn dtype(&self) -> Result<DType> {
+        self.dtype.to_lowercase().parse().map_err(|_| {
+            candle_core::Error::msg(format!(
+                "unknown dtype {} in checkpoint metadata",
+                self.dtype
+            ))
+        })
+    }
+
+    /// Bytes of the full tensor.
+    pub fn size_in_bytes(&self) -> Result<u64> {
+        Ok((self.dims.iter().product::<usize>() * self.dtype()?.size_in_bytes()) as u64)
+    }
+}
+
 /// The contents of `checkpoint.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointMeta {
@@ -437,20 +454,11 @@ pub fn export_hf(
     }
     std::fs::create_dir_all(out).map_err(|e| io_err("cannot create", out, e))?;
     // Group the tensors into files of at most max_file_bytes (one tensor may exceed it alone).
-    let size = |n: &str| {
-        let t = &meta.tensors[n];
-        let elem = match t.dtype.as_str() {
-            "F64" | "I64" => 8,
-            "F32" | "U32" | "I32" => 4,
-            "F16" | "BF16" | "I16" => 2,
-            _ => 1,
-        };
-        (t.dims.iter().product::<usize>() * elem) as u64
-    };
+    let size = |n: &str| meta.tensors[n].size_in_bytes();
     let mut groups: Vec<Vec<&String>> = vec![Vec::new()];
     let mut current = 0u64;
     for n in &names {
-        let s = size(n);
+        let s = size(n)?;
         if let Some(max) = max_file_bytes {
             if current > 0 && current + s > max {
                 groups.push(Vec::new());
@@ -480,7 +488,7 @@ pub fn export_hf(
             let reader = ShardedVarBuilder::for_export(dtype);
             tensors.push((n.as_str(), reader.assemble(n, dims, None, dtype, &pieces)?));
             weight_map.insert(n.to_string(), serde_json::Value::String(file_name(i)));
-            total += size(n);
+            total += size(n)?;
         }
         let bytes =
             safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), None).map_err(|e| {
