@@ -125,6 +125,22 @@ fn hf_to_ep2_tp2_to_tp4_to_tp1_and_export_is_byte_identical() -> Result<()> {
         let parts = candle_parallel::checkpoint::hf_safetensors_files(&split)?;
         assert!(parts.len() > 2, "{parts:?}");
         assert_same_bytes(&[hf.join("model.safetensors")], &parts)?;
+        // candle-transformers loads the split export and runs it.
+        if dtype == DType::F32 {
+            use candle_transformers::models::llama as ct;
+            let ct_cfg: ct::LlamaConfig =
+                serde_json::from_slice(&std::fs::read(split.join("config.json"))?)
+                    .map_err(candle_core::Error::wrap)?;
+            let ct_cfg = ct_cfg.into_config(false);
+            let vb = unsafe {
+                candle_nn::VarBuilder::from_mmaped_safetensors(&parts, DType::F32, &Device::Cpu)?
+            };
+            let model = ct::Llama::load(vb, &ct_cfg)?;
+            let mut cache = ct::Cache::new(false, DType::F32, &ct_cfg, &Device::Cpu)?;
+            let logits =
+                model.forward(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?, 0, &mut cache)?;
+            assert_eq!(logits.dims(), &[1, cfg.vocab_size]);
+        }
         for d in [hf, a, b, c, out, split] {
             std::fs::remove_dir_all(d)?;
         }
