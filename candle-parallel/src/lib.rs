@@ -28,6 +28,7 @@ pub mod comm;
 pub mod launch;
 pub mod logging;
 pub mod mesh;
+pub mod moe;
 pub mod ops;
 pub mod optim;
 pub mod tensor_parallel;

@@ -592,7 +592,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// A uniform sample in (0, 1) for element `i` of the tensor with key `key`.
-fn uniform01(key: u64, i: u64) -> f64 {
+pub(crate) fn uniform01(key: u64, i: u64) -> f64 {
     ((mix(key ^ mix(i)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
 }
 
