@@ -36,19 +36,21 @@ pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-/// Writes a random Llama-style checkpoint in Hugging Face layout (`config.json` and
-/// `model.safetensors` with HF tensor names) into `dir`: the deterministic initialisation of
-/// `seed`, as tp = 1 builds it.
-pub fn write_random_llama(
+/// Writes a random model in Hugging Face layout into `dir`: `config.json` (`cfg`) and
+/// `model.safetensors` with the tensors `build` creates on one rank from the deterministic
+/// initialisation of `seed`.
+pub fn write_random_hf<C: serde::Serialize>(
     dir: &std::path::Path,
-    cfg: &candle_parallel_models::llama::LlamaConfig,
+    cfg: &C,
     seed: u64,
+    build: impl Fn(candle_parallel::checkpoint::ShardedVarBuilder, &candle_parallel::Comm) -> Result<()>
+        + Sync,
 ) -> Result<()> {
     use candle_parallel::checkpoint::ShardedVarBuilder;
     std::fs::create_dir_all(dir)?;
     let params = candle_parallel::launch(1, |ctx| {
         let vb = ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
-        candle_parallel_models::llama::Llama::new(cfg, vb.clone(), ctx.comm())?;
+        build(vb.clone(), ctx.comm())?;
         Ok(vb.params())
     })?;
     let tensors: std::collections::HashMap<String, Tensor> = params[0]
@@ -59,4 +61,28 @@ pub fn write_random_llama(
     let json = serde_json::to_string_pretty(cfg).map_err(candle_core::Error::wrap)?;
     std::fs::write(dir.join("config.json"), json)?;
     Ok(())
+}
+
+/// A random Llama-style checkpoint (see [`write_random_hf`]).
+pub fn write_random_llama(
+    dir: &std::path::Path,
+    cfg: &candle_parallel_models::llama::LlamaConfig,
+    seed: u64,
+) -> Result<()> {
+    write_random_hf(dir, cfg, seed, |vb, comm| {
+        candle_parallel_models::llama::Llama::new(cfg, vb, comm).map(|_| ())
+    })
+}
+
+/// A random Mixtral-style checkpoint (see [`write_random_hf`]).
+pub fn write_random_mixtral(
+    dir: &std::path::Path,
+    cfg: &candle_parallel_models::mixtral::MixtralConfig,
+    seed: u64,
+) -> Result<()> {
+    use candle_parallel::moe::Dispatch;
+    write_random_hf(dir, cfg, seed, |vb, comm| {
+        candle_parallel_models::mixtral::Mixtral::new(cfg, vb, comm, comm, Dispatch::AllReduce)
+            .map(|_| ())
+    })
 }

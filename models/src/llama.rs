@@ -117,7 +117,11 @@ impl LlamaConfig {
 
 /// The rotary tables `[max_pos, head_dim / 2]`, computed as Hugging Face and
 /// candle-transformers do.
-fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(
+    cfg: &LlamaConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let theta: Vec<f32> = (0..hd)
         .step_by(2)
@@ -134,7 +138,7 @@ fn rope_tables(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<(Tens
 /// Cached keys and values of every layer, for incremental decoding.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
 impl KvCache {
@@ -158,7 +162,7 @@ impl KvCache {
     }
 }
 
-struct Attention {
+pub(crate) struct Attention {
     q: ColumnParallelLinear,
     k: ColumnParallelLinear,
     v: ColumnParallelLinear,
@@ -167,7 +171,29 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(
+    /// The attention of one layer (`vb` at `...self_attn`), heads split over `tp` by `heads`.
+    pub(crate) fn new(
+        cfg: &LlamaConfig,
+        heads: &TpHeads,
+        vb: &ShardedVarBuilder,
+        tp: &Comm,
+    ) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        Ok(Self {
+            q: column_parallel_linear_no_bias(
+                h,
+                cfg.num_attention_heads * hd,
+                vb.pp("q_proj"),
+                tp,
+            )?,
+            k: heads.kv_projection(h, false, vb.pp("k_proj"), tp)?,
+            v: heads.kv_projection(h, false, vb.pp("v_proj"), tp)?,
+            o: row_parallel_linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"), tp)?,
+            heads: heads.clone(),
+        })
+    }
+
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         pos: usize,
@@ -258,24 +284,7 @@ impl Llama {
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
-            let a = l.pp("self_attn");
-            let attn = Attention {
-                q: column_parallel_linear_no_bias(
-                    h,
-                    cfg.num_attention_heads * hd,
-                    a.pp("q_proj"),
-                    tp,
-                )?,
-                k: heads.kv_projection(h, false, a.pp("k_proj"), tp)?,
-                v: heads.kv_projection(h, false, a.pp("v_proj"), tp)?,
-                o: row_parallel_linear_no_bias(
-                    cfg.num_attention_heads * hd,
-                    h,
-                    a.pp("o_proj"),
-                    tp,
-                )?,
-                heads: heads.clone(),
-            };
+            let attn = Attention::new(cfg, &heads, &l.pp("self_attn"), tp)?;
             let p = l.pp("mlp");
             let mlp = Mlp {
                 gate: column_parallel_linear_no_bias(

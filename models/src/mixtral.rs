@@ -1,0 +1,346 @@
+//! A Mixtral-style sparse MoE transformer with expert and tensor parallelism, reading Hugging
+//! Face Mixtral checkpoints (`model.layers.N.block_sparse_moe.gate.weight`,
+//! `...experts.J.w1/w2/w3.weight`, attention as Llama).
+//!
+//! Each rank reads only its experts (ep) and its tp slices. Attention, embedding and LM head
+//! are split over tp as in [`crate::llama`]; every MoE layer routes with Mixtral's router
+//! (softmax, top-k, renormalised, dropless) and dispatches over the ep group.
+
+use crate::llama::{rope_tables, Attention, KvCache, LlamaConfig};
+use candle_core::{bail, Module, Result, Tensor, D};
+use candle_nn::Init;
+use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+use candle_parallel::moe::{
+    hf_load_balancing_loss, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
+};
+use candle_parallel::tensor_parallel::{
+    vocab_parallel_cross_entropy, vocab_parallel_embedding, ColumnParallelLinear, TpHeads,
+    VocabParallelEmbedding, VocabRange,
+};
+use candle_parallel::{ops, Comm};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The fields of a Hugging Face Mixtral `config.json` this model uses.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MixtralConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub num_local_experts: usize,
+    pub num_experts_per_tok: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Attention only reaches this far back; sequences longer than it are refused.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default = "default_aux_coef")]
+    pub router_aux_loss_coef: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    1e6
+}
+fn default_max_pos() -> usize {
+    32768
+}
+fn default_aux_coef() -> f64 {
+    0.02
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl MixtralConfig {
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
+            candle_core::Error::msg(format!("{}: not a Mixtral config: {e}", path.display()))
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// A small random-model configuration: 4 experts, top-2.
+    pub fn tiny() -> Self {
+        Self {
+            hidden_size: 64,
+            intermediate_size: 128,
+            vocab_size: 257,
+            num_hidden_layers: 2,
+            num_attention_heads: 8,
+            num_key_value_heads: 2,
+            num_local_experts: 4,
+            num_experts_per_tok: 2,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            max_position_embeddings: 256,
+            sliding_window: Some(256),
+            router_aux_loss_coef: 0.02,
+            tie_word_embeddings: false,
+            hidden_act: "silu".into(),
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+        }
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if self.hidden_act != "silu" {
+            bail!(
+                "config: hidden_act {} is not supported (Mixtral uses silu)",
+                self.hidden_act
+            )
+        }
+        self.as_llama().check()
+    }
+
+    /// The attention part, as a Llama config.
+    pub fn as_llama(&self) -> LlamaConfig {
+        LlamaConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            vocab_size: self.vocab_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: Some(self.num_key_value_heads),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta as f32,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            bos_token_id: self.bos_token_id,
+            eos_token_id: self.eos_token_id.map(|e| serde_json::json!(e)),
+            rope_scaling: None,
+        }
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    moe: MoeLayer,
+}
+
+/// The losses of one forward over a batch.
+pub struct MixtralLosses {
+    /// Mean next-token cross-entropy.
+    pub ce_loss: Tensor,
+    /// Hugging Face's load-balancing loss over all layers, unscaled.
+    pub aux_loss: Tensor,
+    /// `ce_loss + router_aux_loss_coef · aux_loss`.
+    pub loss: Tensor,
+    /// Per-layer routing statistics.
+    pub stats: Vec<MoeStats>,
+}
+
+/// The expert- and tensor-parallel Mixtral model; see the [module docs](self).
+pub struct Mixtral {
+    cfg: MixtralConfig,
+    embed: VocabParallelEmbedding,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: ColumnParallelLinear,
+    rope: (Tensor, Tensor),
+    tp: Comm,
+}
+
+impl Mixtral {
+    /// Builds this rank's part: its tp slices of everything and, of the experts, only those of
+    /// its ep rank. `dispatch` says whether the ep ranks hold different tokens (`AllToAll`) or
+    /// share them (`AllReduce`).
+    pub fn new(
+        cfg: &MixtralConfig,
+        vb: ShardedVarBuilder,
+        ep: &Comm,
+        tp: &Comm,
+        dispatch: Dispatch,
+    ) -> Result<Self> {
+        cfg.check()?;
+        let lcfg = cfg.as_llama();
+        let h = cfg.hidden_size;
+        let heads = TpHeads::new(
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            lcfg.head_dim(),
+            tp,
+        )?;
+        let m = vb.pp("model");
+        let embed = vocab_parallel_embedding(cfg.vocab_size, h, m.pp("embed_tokens"), tp)?;
+        let ones = Init::Const(1.0);
+        let router = RouterConfig::mixtral(cfg.num_local_experts, cfg.num_experts_per_tok);
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            blocks.push(Block {
+                input_norm: l
+                    .pp("input_layernorm")
+                    .get(h, "weight", Shard::Replicated, ones)?,
+                attn: Attention::new(&lcfg, &heads, &l.pp("self_attn"), tp)?,
+                post_norm: l.pp("post_attention_layernorm").get(
+                    h,
+                    "weight",
+                    Shard::Replicated,
+                    ones,
+                )?,
+                moe: moe_layer(
+                    h,
+                    cfg.intermediate_size,
+                    router,
+                    dispatch,
+                    l.pp("block_sparse_moe"),
+                    ep,
+                    tp,
+                )?,
+            });
+        }
+        let norm = m.pp("norm").get(h, "weight", Shard::Replicated, ones)?;
+        let head_w = if cfg.tie_word_embeddings {
+            embed.weight().clone()
+        } else {
+            let shard = Shard::SplitPadded {
+                dim: 0,
+                rank: tp.rank(),
+                parts: tp.size(),
+            };
+            vb.pp("lm_head").get(
+                (cfg.vocab_size, h),
+                "weight",
+                shard,
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?
+        };
+        Ok(Self {
+            rope: rope_tables(&lcfg, vb.dtype(), vb.device())?,
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head: ColumnParallelLinear::new(head_w, None, tp),
+            tp: tp.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &MixtralConfig {
+        &self.cfg
+    }
+
+    /// A KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len())
+    }
+
+    /// This rank's logit columns `[b, s, padded_vocab / tp]`, every layer's router logits and
+    /// routing statistics. `train` enables router jitter (none for Mixtral's router).
+    pub fn forward_shard(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<(Tensor, Vec<Tensor>, Vec<MoeStats>)> {
+        let (_, s) = ids.dims2()?;
+        let end = pos + s;
+        if end > self.cfg.max_position_embeddings {
+            bail!(
+                "positions up to {end} exceed max_position_embeddings {}",
+                self.cfg.max_position_embeddings
+            )
+        }
+        if let Some(w) = self.cfg.sliding_window {
+            if end > w {
+                bail!("positions up to {end} exceed the sliding window {w}, which this model does not implement")
+            }
+        }
+        let eps = self.cfg.rms_norm_eps;
+        let mut x = self.embed.forward(ids)?;
+        let (mut logits, mut stats) = (Vec::new(), Vec::new());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = b.attn.forward(
+                &ops::rms_norm(&x, &b.input_norm, eps)?,
+                pos,
+                &self.rope,
+                layer_cache,
+            )?;
+            x = (x + a)?;
+            let o = b
+                .moe
+                .forward(&ops::rms_norm(&x, &b.post_norm, eps)?, train)?;
+            tracing::debug!(
+                layer = i,
+                tokens_per_expert = ?o.stats.tokens_per_expert,
+                max_over_mean = o.stats.max_over_mean(),
+                dropped = o.stats.dropped,
+                "moe"
+            );
+            x = (x + o.output)?;
+            logits.push(o.routing.logits);
+            stats.push(o.stats);
+        }
+        let out = self.lm_head.forward(&ops::rms_norm(&x, &self.norm, eps)?)?;
+        Ok((out, logits, stats))
+    }
+
+    /// Full logits `[b, s, vocab]` on every rank.
+    pub fn forward(&self, ids: &Tensor, pos: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (shard, _, _) = self.forward_shard(ids, pos, cache, false)?;
+        ops::gather_from_group(&shard, D::Minus1, &self.tp)?.narrow(
+            D::Minus1,
+            0,
+            self.cfg.vocab_size,
+        )
+    }
+
+    /// Next-token cross-entropy, the HF load-balancing loss and their weighted sum, for `ids`
+    /// (`[b, s]`, s ≥ 2), computed on the vocabulary shards.
+    pub fn losses(&self, ids: &Tensor, train: bool) -> Result<MixtralLosses> {
+        let (b, s) = ids.dims2()?;
+        if s < 2 {
+            bail!("the next-token loss needs at least 2 tokens per sequence, got {s}")
+        }
+        let (logits, router_logits, stats) = self.forward_shard(ids, 0, None, train)?;
+        let cols = VocabRange::new(self.cfg.vocab_size, self.tp.rank(), self.tp.size()).padded;
+        let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), cols))?;
+        let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
+        let ce_loss =
+            vocab_parallel_cross_entropy(&logits, &targets, self.cfg.vocab_size, &self.tp, None)?;
+        let aux_loss = hf_load_balancing_loss(
+            &router_logits,
+            self.cfg.num_local_experts,
+            self.cfg.num_experts_per_tok,
+        )?;
+        let loss = (&ce_loss + (&aux_loss * self.cfg.router_aux_loss_coef)?)?;
+        Ok(MixtralLosses {
+            ce_loss,
+            aux_loss,
+            loss,
+            stats,
+        })
+    }
+
+    /// Whether parameter `name` is an expert weight (held by one ep rank) rather than replicated
+    /// over the ep group.
+    pub fn is_expert_param(name: &str) -> bool {
+        name.contains(".block_sparse_moe.experts.")
+    }
+}

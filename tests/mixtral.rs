@@ -1,0 +1,228 @@
+//! The expert- and tensor-parallel Mixtral against candle-transformers' Mixtral on the same
+//! random checkpoint; its gradients at ep=2 × tp=2 against ep=1 × tp=1; a few fine-tuning
+//! steps lower the loss.
+use candle_core::{DType, Device, Result, Tensor};
+use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::moe::Dispatch;
+use candle_parallel::optim::{AdamW, AdamWConfig};
+use candle_parallel::{Launcher, MeshShape, ReduceOp};
+use candle_parallel_examples::{max_rel_err, write_random_mixtral};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use std::path::{Path, PathBuf};
+
+const TOKENS: [u32; 7] = [1, 17, 256, 3, 99, 200, 5];
+
+fn checkpoint(name: &str, cfg: &MixtralConfig) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("cp-mixtral-{name}-{}", std::process::id()));
+    write_random_mixtral(&dir, cfg, 4)?;
+    Ok(dir)
+}
+
+fn ids() -> Result<Tensor> {
+    Tensor::new(&TOKENS, &Device::Cpu)?.unsqueeze(0)
+}
+
+/// candle-transformers' logits at every position, one token at a time through its cache.
+fn reference_logits(dir: &Path) -> Result<Tensor> {
+    use candle_transformers::models::mixtral as ct;
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)
+            .map_err(candle_core::Error::wrap)?;
+    json["use_flash_attn"] = serde_json::json!(false);
+    let cfg: ct::Config = serde_json::from_value(json).map_err(candle_core::Error::wrap)?;
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    let mut model = ct::Model::new(&cfg, vb)?;
+    let mut rows = Vec::new();
+    for (pos, &t) in TOKENS.iter().enumerate() {
+        rows.push(
+            model
+                .forward(&Tensor::new(&[[t]], &Device::Cpu)?, pos)?
+                .squeeze(0)?
+                .squeeze(0)?,
+        );
+    }
+    Tensor::stack(&rows, 0)
+}
+
+#[test]
+fn logits_equal_candle_transformers_mixtral() -> Result<()> {
+    let cfg = MixtralConfig::tiny();
+    let dir = checkpoint("logits", &cfg)?;
+    let want = reference_logits(&dir)?;
+    for (ep, tp, dispatch) in [
+        (1, 1, Dispatch::AllToAll),
+        (2, 2, Dispatch::AllToAll),
+        (2, 2, Dispatch::AllReduce),
+        (4, 1, Dispatch::AllToAll),
+        (1, 4, Dispatch::AllReduce),
+    ] {
+        let outs = Launcher::new(ep * tp)
+            .mesh(MeshShape::new().ep(ep).tp(tp))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+                let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), dispatch)?;
+                let full = model.forward(&ids()?, 0, None)?.squeeze(0)?;
+                let mut cache = model.new_cache();
+                let mut rows = vec![model
+                    .forward(&ids()?.narrow(1, 0, 4)?, 0, Some(&mut cache))?
+                    .squeeze(0)?];
+                for pos in 4..TOKENS.len() {
+                    rows.push(
+                        model
+                            .forward(&ids()?.narrow(1, pos, 1)?, pos, Some(&mut cache))?
+                            .squeeze(0)?,
+                    );
+                }
+                Ok((full, Tensor::cat(&rows, 0)?, vb.bytes_read()))
+            })?;
+        for (r, (full, cached, _)) in outs.iter().enumerate() {
+            let e = max_rel_err(full, &want)?;
+            assert!(e <= 1e-5, "ep={ep} tp={tp} {dispatch:?} rank {r}: logits differ from candle-transformers by {e:e}");
+            let e = max_rel_err(cached, &want)?;
+            assert!(
+                e <= 1e-5,
+                "ep={ep} tp={tp} {dispatch:?} rank {r}: cached decoding differs by {e:e}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// Gradients of `loss = ce + coef · aux` at ep=2 × tp=2 equal ep=1 × tp=1. With all-to-all
+/// dispatch the ep ranks are data-parallel for everything but the experts: each rank's loss is
+/// scaled by 1/ep and the replicated parameters' gradients are summed over the ep group.
+#[test]
+fn gradients_at_ep2_tp2_equal_ep1_tp1() -> Result<()> {
+    let cfg = MixtralConfig::tiny();
+    let dir = checkpoint("grads", &cfg)?;
+    let run = |ep: usize, tp: usize, dispatch: Dispatch| {
+        Launcher::new(ep * tp)
+            .mesh(MeshShape::new().ep(ep).tp(tp))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb =
+                    ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+                let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), dispatch)?;
+                let l = model.losses(&ids()?, true)?;
+                let scale = if dispatch == Dispatch::AllToAll {
+                    ep as f64
+                } else {
+                    1.0
+                };
+                let mut grads = (&l.loss / scale)?.backward()?;
+                if dispatch == Dispatch::AllToAll {
+                    for p in vb
+                        .params()
+                        .iter()
+                        .filter(|p| !Mixtral::is_expert_param(&p.name))
+                    {
+                        let g = mesh
+                            .ep()
+                            .all_reduce(grads.get(p.var.as_tensor()).unwrap(), ReduceOp::Sum)?;
+                        grads.insert(p.var.as_tensor(), g);
+                    }
+                }
+                let full = full_gradients(&vb.params(), &grads, mesh.tp())?;
+                Ok((
+                    l.ce_loss.to_scalar::<f32>()?,
+                    l.aux_loss.to_scalar::<f32>()?,
+                    full,
+                ))
+            })
+    };
+    let base = run(1, 1, Dispatch::AllToAll)?.remove(0);
+    let base_grads: std::collections::BTreeMap<_, _> = base.2.into_iter().collect();
+    assert!(base.1 > 0.0, "aux loss {}", base.1);
+    for dispatch in [Dispatch::AllReduce, Dispatch::AllToAll] {
+        for (r, (ce, aux, grads)) in run(2, 2, dispatch)?.into_iter().enumerate() {
+            assert!(
+                (ce - base.0).abs() <= 1e-5 * base.0,
+                "{dispatch:?} rank {r}: ce {ce} vs {}",
+                base.0
+            );
+            assert!(
+                (aux - base.1).abs() <= 1e-5 * base.1,
+                "{dispatch:?} rank {r}: aux {aux} vs {}",
+                base.1
+            );
+            // This rank holds the non-expert parameters and its own two experts of four.
+            assert_eq!(
+                grads.len(),
+                base_grads.len() - 2 * 3 * cfg.num_hidden_layers
+            );
+            for (name, g) in grads {
+                let e = max_rel_err(&g, &base_grads[&name])?;
+                assert!(
+                    e <= 1e-4,
+                    "{dispatch:?} rank {r}: gradient of {name} differs by {e:e}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+#[test]
+fn a_few_fine_tuning_steps_lower_the_loss() -> Result<()> {
+    let cfg = MixtralConfig::tiny();
+    let batch = Tensor::new(
+        &[
+            [1u32, 5, 9, 13, 17, 21, 25, 29],
+            [2, 6, 10, 14, 18, 22, 26, 30],
+        ],
+        &Device::Cpu,
+    )?;
+    let losses = Launcher::new(4)
+        .mesh(MeshShape::new().ep(2).tp(2))
+        .run(|ctx| {
+            let mesh = ctx.mesh()?;
+            let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+            let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+            let mut opt = AdamW::new(
+                vb.params(),
+                AdamWConfig {
+                    lr: 3e-3,
+                    ..Default::default()
+                },
+            )?;
+            let mine = batch.narrow(0, mesh.ep().rank(), 1)?;
+            let mut losses = Vec::new();
+            for _ in 0..8 {
+                let l = model.losses(&mine, true)?;
+                let mut grads = (&l.loss / 2.0)?.backward()?;
+                for p in vb
+                    .params()
+                    .iter()
+                    .filter(|p| !Mixtral::is_expert_param(&p.name))
+                {
+                    let g = mesh
+                        .ep()
+                        .all_reduce(grads.get(p.var.as_tensor()).unwrap(), ReduceOp::Sum)?;
+                    grads.insert(p.var.as_tensor(), g);
+                }
+                opt.step(&grads)?;
+                losses.push(
+                    mesh.ep()
+                        .all_reduce(&l.ce_loss, ReduceOp::Avg)?
+                        .to_scalar::<f32>()?,
+                );
+            }
+            Ok(losses)
+        })?;
+    let l = &losses[0];
+    assert!(l[7] < 0.7 * l[0], "loss did not fall: {l:?}");
+    assert!(
+        losses.iter().all(|x| x == l),
+        "every rank sees the same loss"
+    );
+    Ok(())
+}
