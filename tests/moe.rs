@@ -320,3 +320,34 @@ fn experts_that_do_not_divide_are_a_clear_error() {
         "{e}"
     );
 }
+
+/// Ranks whose experts receive no tokens still run the same backward collectives as their
+/// peers (one token, top-1, four experts over four ranks: three ranks get nothing).
+#[test]
+fn ranks_whose_experts_get_no_tokens_still_train() -> Result<()> {
+    let cfg = RouterConfig::mixtral(E, 1);
+    let x = seeded(&[1, H], 7, DType::F32)?;
+    for dispatch in [Dispatch::AllToAll, Dispatch::AllReduce] {
+        let outs = Launcher::new(4).mesh(MeshShape::new().ep(4)).run(|ctx| {
+            let mesh = ctx.mesh()?;
+            let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+            let layer = moe_layer(H, F, cfg, dispatch, vb.pp("moe"), mesh.ep(), mesh.tp())?;
+            let xv = Var::from_tensor(&x)?;
+            let o = layer.forward(xv.as_tensor(), true)?;
+            let g = o.output.sqr()?.sum_all()?.backward()?;
+            Ok((o.output, g.get(xv.as_tensor()).unwrap().clone(), o.stats))
+        })?;
+        let busy = outs[0]
+            .2
+            .tokens_per_expert
+            .iter()
+            .filter(|&&c| c > 0)
+            .count();
+        assert_eq!(busy, 1, "{dispatch:?}: one expert is busy, the others idle");
+        for (out, gx, _) in &outs[1..] {
+            close(out, &outs[0].0, &format!("{dispatch:?} output"));
+            close(gx, &outs[0].1, &format!("{dispatch:?} grad"));
+        }
+    }
+    Ok(())
+}

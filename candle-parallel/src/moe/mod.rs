@@ -460,7 +460,7 @@ impl MoeLayer {
         let (_, h) = y.dims2()?;
         let out = Tensor::zeros((t, h), y.dtype(), y.device())?;
         if assignment.is_empty() {
-            return Ok(out);
+            return keep_in_graph(&out, &[y, weights]);
         }
         let dev = y.device();
         let w = weights
@@ -488,7 +488,10 @@ impl MoeLayer {
             let rows = xe.index_select(&Tensor::new(token, x.device())?, 0)?;
             self.run_experts(&rows, &p.counts[local])?
         } else {
-            Tensor::zeros((0, x.dim(1)?), x.dtype(), x.device())?
+            keep_in_graph(
+                &Tensor::zeros((0, x.dim(1)?), x.dtype(), x.device())?,
+                &[&xe],
+            )?
         };
         let partial = self.combine(&y, &w, assignment, token, t)?;
         Ok((
@@ -551,12 +554,63 @@ impl MoeLayer {
             }
             y.index_select(&Tensor::new(inverse.as_slice(), dev)?, 0)?
         } else {
-            Tensor::zeros((0, h), x.dtype(), dev)?
+            keep_in_graph(&Tensor::zeros((0, h), x.dtype(), dev)?, &[&got])?
         };
         let back = ops::all_to_all(&y, &recv, &send, &self.ep)?;
         let out = self.combine(&back, &r.weights, &p.assignment, &p.token, t)?;
         let tokens_per_expert = (0..e).map(|x| (0..n_ep).map(|s| c(s, x)).sum()).collect();
         Ok((out, tokens_per_expert))
+    }
+}
+
+/// `t`, made to depend (with value zero) on `deps`. A rank whose experts get no tokens must
+/// still run the same collectives in backward as its peers: this keeps the inputs of its empty
+/// branches on the gradient path, so their collective backwards run everywhere. (Candle's
+/// ordinary ops return an empty tensor untracked, so the link is a custom op.)
+fn keep_in_graph(t: &Tensor, deps: &[&Tensor]) -> Result<Tensor> {
+    let mut out = t.clone();
+    for d in deps {
+        out = out.apply_op2(d, Depend)?;
+    }
+    Ok(out)
+}
+
+/// `(t, dep) -> t`; backward: the gradient to `t`, zeros to `dep`.
+struct Depend;
+
+impl candle_core::CustomOp2 for Depend {
+    fn name(&self) -> &'static str {
+        "depend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        ops::copy_view(s, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        ops::copy_view(s, l)
+    }
+
+    fn bwd(
+        &self,
+        _t: &Tensor,
+        dep: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.clone()), Some(dep.zeros_like()?)))
     }
 }
 
