@@ -42,28 +42,6 @@ struct Args {
     seed: u64,
 }
 
-/// A byte-level BPE tokenizer with no merges: ids 0..256 are the bytes, 256 is `<eos>`.
-fn byte_tokenizer() -> Result<Tokenizer> {
-    use tokenizers::models::bpe::BPE;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let mut chars: Vec<char> = ByteLevel::alphabet().into_iter().collect();
-    chars.sort_unstable();
-    let vocab: tokenizers::models::bpe::Vocab = chars
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.to_string(), i as u32))
-        .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, vec![])
-        .build()
-        .map_err(|e| candle_core::Error::msg(format!("byte tokenizer: {e}")))?;
-    let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tok.with_decoder(Some(ByteLevel::default()));
-    tok.add_special_tokens(&[tokenizers::AddedToken::from("<eos>", true)]);
-    Ok(tok)
-}
-
 /// The end-of-sequence ids of a config (`eos_token_id` may be one id or a list).
 fn eos_ids(cfg: &LlamaConfig) -> Vec<u32> {
     match &cfg.eos_token_id {
@@ -119,7 +97,7 @@ fn main() -> Result<()> {
             (cfg, tok, eos)
         }
         None => {
-            let tok = byte_tokenizer()?;
+            let tok = candle_parallel_examples::byte_tokenizer()?;
             (LlamaConfig::tiny(), tok, vec![256])
         }
     };

@@ -168,16 +168,10 @@ impl AdamW {
     }
 }
 
-/// Scales `grads` so that the global L2 norm of all parameters' gradients, across the ranks of
-/// `comm` (the group the parameters are sharded over), is at most `max_norm`. Elements held by
-/// several ranks (replicated parameters, replicated KV heads) count once. Returns the norm
-/// before clipping, the same on every rank.
-pub fn clip_grad_norm(
-    params: &[Param],
-    grads: &mut GradStore,
-    max_norm: f64,
-    comm: &Comm,
-) -> Result<f64> {
+/// The squared L2 norm of `params`' gradients over the ranks of `comm` (the group they are
+/// sharded over); elements held by several ranks (replicated parameters, replicated KV heads)
+/// count once. Collective; the same on every rank.
+pub fn grad_norm_sq(params: &[Param], grads: &GradStore, comm: &Comm) -> Result<f64> {
     let n = comm.size() as f64;
     let mut local = 0f64;
     for p in params {
@@ -198,15 +192,39 @@ pub fn clip_grad_norm(
         local += sq / holders;
     }
     let total = comm.all_reduce(&Tensor::new(&[local], comm.device())?, ReduceOp::Sum)?;
-    let norm = total.to_vec1::<f64>()?[0].sqrt();
-    if norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for p in params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
-                let scaled = (g * scale)?;
-                grads.insert(p.var.as_tensor(), scaled);
-            }
+    Ok(total.to_vec1::<f64>()?[0])
+}
+
+/// Multiplies every gradient of `params` by `factor`.
+pub fn scale_grads(params: &[Param], grads: &mut GradStore, factor: f64) -> Result<()> {
+    for p in params {
+        if let Some(g) = grads.get(p.var.as_tensor()) {
+            let scaled = (g * factor)?;
+            grads.insert(p.var.as_tensor(), scaled);
         }
     }
+    Ok(())
+}
+
+/// The factor that brings a gradient norm of `norm` down to at most `max_norm`.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Scales `grads` so that the global L2 norm of all parameters' gradients, across the ranks of
+/// `comm` (the group the parameters are sharded over), is at most `max_norm`. Returns the norm
+/// before clipping, the same on every rank.
+pub fn clip_grad_norm(
+    params: &[Param],
+    grads: &mut GradStore,
+    max_norm: f64,
+    comm: &Comm,
+) -> Result<f64> {
+    let norm = grad_norm_sq(params, grads, comm)?.sqrt();
+    scale_grads(params, grads, clip_factor(norm, max_norm))?;
     Ok(norm)
 }

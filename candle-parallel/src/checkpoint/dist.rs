@@ -434,7 +434,8 @@ impl DistSource {
 /// Writes the checkpoint's model tensors (not `optimizer.*`) as a Hugging Face checkpoint in
 /// `out`: `model.safetensors`, or with `max_file_bytes`, files of at most that size
 /// (`model-00001-of-0000N.safetensors`) and `model.safetensors.index.json`; plus `config.json`.
-/// Tensors keep the dtype they were saved in. Returns the files written.
+/// Tensors keep the dtype they were saved in; tokenizer files found in the checkpoint
+/// directory are copied along. Returns the files written.
 pub fn export_hf(
     checkpoint: &Path,
     out: &Path,
@@ -507,6 +508,20 @@ pub fn export_hf(
             &serde_json::to_vec_pretty(&index).map_err(candle_core::Error::wrap)?,
         )?;
         written.push(path);
+    }
+    // Tokenizer files saved beside the checkpoint travel with the export.
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        let src = checkpoint.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(|e| io_err("cannot read", &src, e))?;
+            let path = out.join(name);
+            write_atomic(&path, &bytes)?;
+            written.push(path);
+        }
     }
     if !meta.config.is_null() {
         let path = out.join("config.json");
