@@ -295,12 +295,7 @@ fn main() -> Result<()> {
             // Each ep rank's loss counts 1/ep of the global batch; the weights replicated over
             // the ep group sum their gradients (the experts get theirs through the all-to-all).
             let mut grads = (&l.loss / ep.size() as f64)?.backward()?;
-            for p in &shared {
-                if let Some(g) = grads.get(p.var.as_tensor()) {
-                    let g = ep.all_reduce(g, ReduceOp::Sum)?;
-                    grads.insert(p.var.as_tensor(), g);
-                }
-            }
+            Mixtral::sum_shared_grads(&params, &mut grads, ep)?;
             // Global norm over every distinct element: shared weights once (over tp), experts
             // over the whole world (each rank holds unique expert slices).
             let norm = (grad_norm_sq(&shared, &grads, tp)? + grad_norm_sq(&experts, &grads, ctx.comm())?).sqrt();

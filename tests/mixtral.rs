@@ -119,16 +119,7 @@ fn gradients_at_ep2_tp2_equal_ep1_tp1() -> Result<()> {
                 };
                 let mut grads = (&l.loss / scale)?.backward()?;
                 if dispatch == Dispatch::AllToAll {
-                    for p in vb
-                        .params()
-                        .iter()
-                        .filter(|p| !Mixtral::is_expert_param(&p.name))
-                    {
-                        let g = mesh
-                            .ep()
-                            .all_reduce(grads.get(p.var.as_tensor()).unwrap(), ReduceOp::Sum)?;
-                        grads.insert(p.var.as_tensor(), g);
-                    }
+                    Mixtral::sum_shared_grads(&vb.params(), &mut grads, mesh.ep())?;
                 }
                 let full = full_gradients(&vb.params(), &grads, mesh.tp())?;
                 Ok((
@@ -199,16 +190,7 @@ fn a_few_fine_tuning_steps_lower_the_loss() -> Result<()> {
             for _ in 0..8 {
                 let l = model.losses(&mine, true)?;
                 let mut grads = (&l.loss / 2.0)?.backward()?;
-                for p in vb
-                    .params()
-                    .iter()
-                    .filter(|p| !Mixtral::is_expert_param(&p.name))
-                {
-                    let g = mesh
-                        .ep()
-                        .all_reduce(grads.get(p.var.as_tensor()).unwrap(), ReduceOp::Sum)?;
-                    grads.insert(p.var.as_tensor(), g);
-                }
+                Mixtral::sum_shared_grads(&vb.params(), &mut grads, mesh.ep())?;
                 opt.step(&grads)?;
                 losses.push(
                     mesh.ep()

@@ -6,3 +6,14 @@ pub mod llama;
 pub mod mixtral;
 
 pub use candle_parallel;
+
+/// Reads `path` as the JSON of a `what` (e.g. "Llama config"), with errors naming the file.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> candle_core::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| candle_core::Error::msg(format!("{}: not a {what}: {e}", path.display())))
+}

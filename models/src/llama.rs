@@ -61,11 +61,7 @@ fn default_max_pos() -> usize {
 impl LlamaConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
-            candle_core::Error::msg(format!("{}: not a Llama config: {e}", path.display()))
-        })?;
+        let cfg: Self = crate::read_json(path, "Llama config")?;
         cfg.check()?;
         Ok(cfg)
     }

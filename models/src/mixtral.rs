@@ -7,9 +7,10 @@
 //! (softmax, top-k, renormalised, dropless) and dispatches over the ep group.
 
 use crate::llama::{rope_tables, Attention, KvCache, LlamaConfig};
+use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::Init;
-use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+use candle_parallel::checkpoint::{Param, Shard, ShardedVarBuilder};
 use candle_parallel::moe::{
     hf_load_balancing_loss, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
@@ -17,7 +18,7 @@ use candle_parallel::tensor_parallel::{
     vocab_parallel_cross_entropy, vocab_parallel_embedding, ColumnParallelLinear, TpHeads,
     VocabParallelEmbedding, VocabRange,
 };
-use candle_parallel::{ops, Comm};
+use candle_parallel::{ops, Comm, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -72,11 +73,7 @@ fn default_act() -> String {
 impl MixtralConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| {
-            candle_core::Error::msg(format!("{}: not a Mixtral config: {e}", path.display()))
-        })?;
+        let cfg: Self = crate::read_json(path, "Mixtral config")?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -336,6 +333,20 @@ impl Mixtral {
             loss,
             stats,
         })
+    }
+
+    /// With all-to-all dispatch the ep ranks are data-parallel for every weight but their own
+    /// experts: sums the gradients of those shared weights over the ep group (the experts get
+    /// theirs from every rank through the all-to-all). Scale each rank's loss by `1 / ep` for
+    /// the mean over the global batch.
+    pub fn sum_shared_grads(params: &[Param], grads: &mut GradStore, ep: &Comm) -> Result<()> {
+        for p in params.iter().filter(|p| !Self::is_expert_param(&p.name)) {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let g = ep.all_reduce(g, ReduceOp::Sum)?;
+                grads.insert(p.var.as_tensor(), g);
+            }
+        }
+        Ok(())
     }
 
     /// Whether parameter `name` is an expert weight (held by one ep rank) rather than replicated
