@@ -469,3 +469,38 @@ fn resuming_from_a_checkpoint_is_bit_identical() -> Result<()> {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// f16 and bf16 on disk load as the requested dtype (here f32), values exactly converted.
+#[test]
+fn half_precision_on_disk_converts_to_the_requested_dtype() -> Result<()> {
+    for dtype in [DType::F16, DType::BF16] {
+        let dir = tmp(&format!("dtype-{dtype:?}"));
+        std::fs::create_dir_all(&dir)?;
+        let t = seeded(&[6, 4], 3, dtype)?;
+        candle_core::safetensors::save(
+            &HashMap::from([("w".to_string(), t.clone())]),
+            dir.join("model.safetensors"),
+        )?;
+        let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+        let got = vb.get(
+            (6, 4),
+            "w",
+            Shard::Split {
+                dim: 1,
+                rank: 1,
+                parts: 2,
+            },
+            Init::Const(0.0),
+        )?;
+        assert_eq!(got.dtype(), DType::F32);
+        let want = t.to_dtype(DType::F32)?.narrow(1, 2, 2)?;
+        assert_eq!(got.to_vec2::<f32>()?, want.to_vec2::<f32>()?);
+        assert_eq!(
+            vb.bytes_read(),
+            6 * 2 * 2,
+            "{dtype:?}: only the slice's bytes"
+        );
+        std::fs::remove_dir_all(dir)?;
+    }
+    Ok(())
+}

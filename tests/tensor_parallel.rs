@@ -457,3 +457,38 @@ fn gqa_replicated_kv_projection_sums_gradients_over_replicas() -> Result<()> {
     }
     Ok(())
 }
+
+/// Dropout keyed per layer agrees across the replicas of a tp group; keyed with the tp rank
+/// (sequence-parallel activations) it differs; its gradient is the same mask, scaled.
+#[test]
+fn keyed_dropout_agrees_across_replicas_and_trains() -> Result<()> {
+    let x = seeded(&[16, 32], 4, DType::F32)?;
+    let outs = launch(2, |ctx| {
+        let xv = Var::from_tensor(&x)?;
+        let replicated = ops::dropout(xv.as_tensor(), 0.25, 99)?;
+        let split = ops::dropout(&x, 0.25, 99 ^ (ctx.rank() as u64 + 1) << 32)?;
+        let g = replicated
+            .sum_all()?
+            .backward()?
+            .get(xv.as_tensor())
+            .unwrap()
+            .clone();
+        Ok((replicated, split, g))
+    })?;
+    assert_eq!(outs[0].0.to_vec2::<f32>()?, outs[1].0.to_vec2::<f32>()?);
+    assert_ne!(outs[0].1.to_vec2::<f32>()?, outs[1].1.to_vec2::<f32>()?);
+    // The gradient of sum(dropout(x)) is the scaled mask: 0 where dropped, 1/(1−p) elsewhere.
+    let (y, g) = (outs[0].0.to_vec2::<f32>()?, outs[0].2.to_vec2::<f32>()?);
+    let xs = x.to_vec2::<f32>()?;
+    for ((yr, gr), xr) in y.iter().zip(&g).zip(&xs) {
+        for ((yv, gv), xv) in yr.iter().zip(gr).zip(xr) {
+            assert!((yv - xv * gv).abs() < 1e-6 && (*gv == 0.0 || (gv - 4.0 / 3.0).abs() < 1e-6));
+        }
+    }
+    let dropped = g.iter().flatten().filter(|v| **v == 0.0).count() as f64 / 512.0;
+    assert!(
+        (0.15..0.35).contains(&dropped),
+        "dropped fraction {dropped}"
+    );
+    Ok(())
+}

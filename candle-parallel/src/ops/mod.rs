@@ -4,7 +4,8 @@
 //! - [`collectives`]: collectives that take part in autograd (F/G conjugates, gather/scatter,
 //!   reduce-scatter, all-to-all);
 //! - [`train`]: trainable versions of candle-nn's fast kernels that lack a backward (softmax,
-//!   RMSNorm, rotary embedding) and SwiGLU.
+//!   RMSNorm, rotary embedding), SwiGLU, and a dropout whose mask is chosen by a key (so that
+//!   tensor-parallel replicas agree).
 pub mod collectives;
 pub mod train;
 
@@ -12,7 +13,7 @@ pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,
     reduce_scatter_to_group, scatter_to_group,
 };
-pub use train::{rms_norm, rope, softmax_last_dim, swiglu};
+pub use train::{dropout, rms_norm, rope, softmax_last_dim, swiglu};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{Layout, Result, Shape};

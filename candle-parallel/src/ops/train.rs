@@ -199,3 +199,45 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.silu()? * b
 }
+
+/// Inverted dropout with a mask that is a pure function of `(key, element index)`: zeroes each
+/// element with probability `p` and scales the rest by `1 / (1 − p)`. Differentiable (the
+/// gradient is masked and scaled the same way).
+///
+/// Under tensor parallelism the key decides which ranks agree: activations replicated over the
+/// tp group must drop the same elements on every rank (pass the same key, e.g. derived from the
+/// step and layer), while sequence-parallel activations hold different tokens on each rank and
+/// need their own masks (mix in the tp rank). candle-nn's `dropout` draws a fresh random mask on
+/// every rank, which would silently make replicas diverge.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_parallel::ops;
+///
+/// let x = Tensor::ones(1000, candle_core::DType::F32, &Device::Cpu)?;
+/// let a = ops::dropout(&x, 0.5, 7)?;
+/// assert_eq!(a.to_vec1::<f32>()?, ops::dropout(&x, 0.5, 7)?.to_vec1::<f32>()?); // same key, same mask
+/// let kept = a.to_vec1::<f32>()?.iter().filter(|v| **v > 0.0).count();
+/// assert!((400..600).contains(&kept));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout: probability {p} must be in [0, 1)")
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|i| {
+            if crate::checkpoint::var_builder::uniform01(key, i as u64) < p {
+                0.0
+            } else {
+                scale as f32
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}

@@ -11,7 +11,8 @@
 //! on each layer (`with_sequence_parallel(Some(seq_dim))`): activations between the row and
 //! column layers stay split along the sequence, norms run on the split activations, and
 //! [`sequence_parallel_weight`] makes a replicated weight used there (e.g. a norm's) receive
-//! the gradient summed over the group.
+//! the gradient summed over the group. Dropout there needs a different mask on each rank,
+//! dropout on replicated activations the same one: [`crate::ops::dropout`] takes the key.
 //!
 //! Constructors take a [`crate::checkpoint::ShardedVarBuilder`]: a rank gets its slice of the
 //! checkpoint, or of the deterministic initialisation (tp = 1 and tp = 4 start from the same
