@@ -3,9 +3,14 @@
 //! Run and train [Candle](https://github.com/huggingface/candle) models across many devices.
 //!
 //! - [`comm`]: the [`Comm`] communicator and its backends (threads on the CPU by default);
-//! - [`launch`]: start N ranks ([`launch::launch`], [`launch::Launcher`]);
+//! - [`mod@launch`]: start N ranks ([`launch::launch`], [`launch::Launcher`]);
 //! - [`mesh`]: the `dp × pp × ep × tp` [`DeviceMesh`] and its per-dimension groups;
 //! - [`ops`]: collectives that take part in autograd (`copy_to_group`, `reduce_from_group`, ...);
+//! - [`tensor_parallel`]: column/row-parallel linear, vocab-parallel embedding and cross-entropy,
+//!   sequence parallelism, attention heads over tp;
+//! - [`moe`]: router, auxiliary losses, expert-parallel MoE layer (all-to-all / all-reduce);
+//! - [`checkpoint`]: per-rank sharded loading, distributed atomic saves, resharding, HF export;
+//! - [`optim`]: AdamW over sharded parameters, global gradient-norm clipping;
 //! - [`logging`]: rank-tagged `tracing` output, one file per rank on request.
 //!
 //! ```
