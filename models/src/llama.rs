@@ -131,6 +131,59 @@ pub(crate) fn rope_tables(
     Ok((idx.cos()?.to_dtype(dtype)?, idx.sin()?.to_dtype(dtype)?))
 }
 
+/// The LM head: this rank's vocabulary rows (padded), or the embedding's when they are tied.
+pub(crate) fn lm_head(
+    vocab: usize,
+    hidden: usize,
+    tied: bool,
+    embed: &VocabParallelEmbedding,
+    vb: &ShardedVarBuilder,
+    tp: &Comm,
+) -> Result<ColumnParallelLinear> {
+    let w = if tied {
+        embed.weight().clone()
+    } else {
+        let shard = Shard::SplitPadded {
+            dim: 0,
+            rank: tp.rank(),
+            parts: tp.size(),
+        };
+        vb.pp("lm_head").get(
+            (vocab, hidden),
+            "weight",
+            shard,
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?
+    };
+    Ok(ColumnParallelLinear::new(w, None, tp))
+}
+
+/// Checks that `ids` (`[b, s]`) has a next token to predict.
+pub(crate) fn check_next_token_ids(ids: &Tensor) -> Result<()> {
+    let (_, s) = ids.dims2()?;
+    if s < 2 {
+        bail!("the next-token loss needs at least 2 tokens per sequence, got {s}")
+    }
+    Ok(())
+}
+
+/// Mean next-token cross-entropy of `ids` (`[b, s]`) from this rank's logit columns
+/// (`[b, s, padded_vocab / tp]`), without gathering the full logits.
+pub(crate) fn next_token_loss(
+    logits_shard: &Tensor,
+    ids: &Tensor,
+    vocab: usize,
+    tp: &Comm,
+) -> Result<Tensor> {
+    let (b, s) = ids.dims2()?;
+    let cols = VocabRange::new(vocab, tp.rank(), tp.size()).padded;
+    let logits = logits_shard
+        .narrow(1, 0, s - 1)?
+        .reshape((b * (s - 1), cols))?;
+    let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
+    vocab_parallel_cross_entropy(&logits, &targets, vocab, tp, None)
+}
+
 /// Cached keys and values of every layer, for incremental decoding.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
@@ -312,28 +365,14 @@ impl Llama {
         let norm = m
             .pp("norm")
             .get(h, "weight", Shard::Replicated, norm_init)?;
-        let head_w = if cfg.tie_word_embeddings {
-            embed.weight().clone()
-        } else {
-            let shard = Shard::SplitPadded {
-                dim: 0,
-                rank: tp.rank(),
-                parts: tp.size(),
-            };
-            vb.pp("lm_head").get(
-                (cfg.vocab_size, h),
-                "weight",
-                shard,
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            )?
-        };
+        let lm_head = lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, &embed, &vb, tp)?;
         let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
             cfg: cfg.clone(),
             embed,
             blocks,
             norm,
-            lm_head: ColumnParallelLinear::new(head_w, None, tp),
+            lm_head,
             rope,
             tp: tp.clone(),
         })
@@ -396,14 +435,8 @@ impl Llama {
     /// Mean next-token cross-entropy over `ids` (`[b, s]`, s ≥ 2), computed on the vocabulary
     /// shards (the full logits are never gathered).
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        if s < 2 {
-            bail!("the next-token loss needs at least 2 tokens per sequence, got {s}")
-        }
+        check_next_token_ids(ids)?;
         let logits = self.forward_shard(ids, 0, None)?;
-        let cols = VocabRange::new(self.cfg.vocab_size, self.tp.rank(), self.tp.size()).padded;
-        let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), cols))?;
-        let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
-        vocab_parallel_cross_entropy(&logits, &targets, self.cfg.vocab_size, &self.tp, None)
+        next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)
     }
 }

@@ -6,7 +6,9 @@
 //! are split over tp as in [`crate::llama`]; every MoE layer routes with Mixtral's router
 //! (softmax, top-k, renormalised, dropless) and dispatches over the ep group.
 
-use crate::llama::{rope_tables, Attention, KvCache, LlamaConfig};
+use crate::llama::{
+    check_next_token_ids, lm_head, next_token_loss, rope_tables, Attention, KvCache, LlamaConfig,
+};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::Init;
@@ -15,8 +17,7 @@ use candle_parallel::moe::{
     hf_load_balancing_loss, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
 use candle_parallel::tensor_parallel::{
-    vocab_parallel_cross_entropy, vocab_parallel_embedding, ColumnParallelLinear, TpHeads,
-    VocabParallelEmbedding, VocabRange,
+    vocab_parallel_embedding, ColumnParallelLinear, TpHeads, VocabParallelEmbedding,
 };
 use candle_parallel::{ops, Comm, ReduceOp};
 use serde::{Deserialize, Serialize};
@@ -211,28 +212,14 @@ impl Mixtral {
             });
         }
         let norm = m.pp("norm").get(h, "weight", Shard::Replicated, ones)?;
-        let head_w = if cfg.tie_word_embeddings {
-            embed.weight().clone()
-        } else {
-            let shard = Shard::SplitPadded {
-                dim: 0,
-                rank: tp.rank(),
-                parts: tp.size(),
-            };
-            vb.pp("lm_head").get(
-                (cfg.vocab_size, h),
-                "weight",
-                shard,
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            )?
-        };
+        let lm_head = lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, &embed, &vb, tp)?;
         Ok(Self {
             rope: rope_tables(&lcfg, vb.dtype(), vb.device())?,
             cfg: cfg.clone(),
             embed,
             blocks,
             norm,
-            lm_head: ColumnParallelLinear::new(head_w, None, tp),
+            lm_head,
             tp: tp.clone(),
         })
     }
@@ -311,16 +298,9 @@ impl Mixtral {
     /// Next-token cross-entropy, the HF load-balancing loss and their weighted sum, for `ids`
     /// (`[b, s]`, s ≥ 2), computed on the vocabulary shards.
     pub fn losses(&self, ids: &Tensor, train: bool) -> Result<MixtralLosses> {
-        let (b, s) = ids.dims2()?;
-        if s < 2 {
-            bail!("the next-token loss needs at least 2 tokens per sequence, got {s}")
-        }
+        check_next_token_ids(ids)?;
         let (logits, router_logits, stats) = self.forward_shard(ids, 0, None, train)?;
-        let cols = VocabRange::new(self.cfg.vocab_size, self.tp.rank(), self.tp.size()).padded;
-        let logits = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), cols))?;
-        let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
-        let ce_loss =
-            vocab_parallel_cross_entropy(&logits, &targets, self.cfg.vocab_size, &self.tp, None)?;
+        let ce_loss = next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)?;
         let aux_loss = hf_load_balancing_loss(
             &router_logits,
             self.cfg.num_local_experts,
