@@ -1,5 +1,8 @@
 //! Starting N ranks.
 //!
+//! Ranks as processes (torchrun's environment variables, a TCP rendezvous, a launcher that
+//! starts the ranks of a node) are in [`process`].
+//!
 //! [`launch`] runs a closure on N ranks as threads of this process (CPU devices, the local
 //! backend): no flags, no environment, no network. It returns every rank's result in rank
 //! order, or the first failure with the rank that raised it. A rank that returns an error or
@@ -21,6 +24,8 @@
 //! assert_eq!(coords, vec![(0, 0), (0, 1), (1, 0), (1, 1)]);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+
+pub mod process;
 
 use crate::comm::local::{default_timeout, LocalFabric};
 use crate::comm::Comm;
