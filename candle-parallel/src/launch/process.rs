@@ -246,9 +246,10 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
-                children.iter_mut().for_each(|(_, c)| {
+                for (_, c) in children.iter_mut() {
                     let _ = c.kill();
-                });
+                    let _ = c.wait();
+                }
                 bail!(
                     "launch: cannot start rank {rank} ({}): {e}",
                     program.display()
