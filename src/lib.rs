@@ -19,6 +19,28 @@ pub fn seeded(dims: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
     Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)
 }
 
+/// This rank's part of `full` as `shard` describes it (padding with zeros): the reference the
+/// tests slice single-device results with, written independently of the library's loader.
+pub fn slice_of(full: &Tensor, shard: candle_parallel::checkpoint::Shard) -> Result<Tensor> {
+    use candle_parallel::checkpoint::Shard;
+    Ok(match shard {
+        Shard::Replicated => full.clone(),
+        Shard::Split { dim, rank, parts } => {
+            let c = full.dim(dim)? / parts;
+            full.narrow(dim, rank * c, c)?
+        }
+        Shard::SplitPadded { dim, rank, parts } => {
+            let size = full.dim(dim)?;
+            let c = size.div_ceil(parts);
+            let start = (rank * c).min(size);
+            let len = c.min(size - start);
+            full.narrow(dim, start, len)?
+                .pad_with_zeros(dim, 0, c - len)?
+        }
+        Shard::Range { dim, start, len } => full.narrow(dim, start, len)?,
+    })
+}
+
 /// max |a - b| / max(max |b|, tiny): the relative error of `a` against the reference `b`.
 pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.dims() != b.dims() {

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
 use candle_parallel::moe::{moe_layer, Dispatch, DropPolicy, RouterConfig};
 use candle_parallel::{launch, Launcher, MeshShape, ReduceOp};
-use candle_parallel_examples::{max_rel_err, seeded};
+use candle_parallel_examples::{max_rel_err, seeded, slice_of};
 use std::collections::BTreeMap;
 
 const E: usize = 4;
@@ -17,16 +17,6 @@ const TOL: f64 = 1e-5;
 fn close(got: &Tensor, want: &Tensor, what: &str) {
     let e = max_rel_err(got, want).unwrap();
     assert!(e <= TOL, "{what}: relative error {e:e}");
-}
-
-fn slice_of(full: &Tensor, shard: Shard) -> Result<Tensor> {
-    match shard {
-        Shard::Split { dim, rank, parts } => {
-            let c = full.dim(dim)? / parts;
-            full.narrow(dim, rank * c, c)
-        }
-        _ => Ok(full.clone()),
-    }
 }
 
 /// The single-rank layer on `x`: output, input gradient and parameter gradients by name, for

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
 use candle_parallel::tensor_parallel::{self as tp_layers, TpHeads};
 use candle_parallel::{launch, ops, Comm};
-use candle_parallel_examples::{max_rel_err, seeded};
+use candle_parallel_examples::{max_rel_err, seeded, slice_of};
 use std::collections::BTreeMap;
 
 const TOL: f64 = 1e-5;
@@ -13,26 +13,6 @@ const SEED: u64 = 42;
 fn close(got: &Tensor, want: &Tensor, what: &str) {
     let e = max_rel_err(got, want).unwrap();
     assert!(e <= TOL, "{what}: relative error {e:e} > {TOL:e}");
-}
-
-/// This rank's part of `full` as `shard` describes it (padding with zeros).
-fn slice_of(full: &Tensor, shard: Shard) -> Result<Tensor> {
-    Ok(match shard {
-        Shard::Replicated => full.clone(),
-        Shard::Split { dim, rank, parts } => {
-            let c = full.dim(dim)? / parts;
-            full.narrow(dim, rank * c, c)?
-        }
-        Shard::SplitPadded { dim, rank, parts } => {
-            let size = full.dim(dim)?;
-            let c = size.div_ceil(parts);
-            let start = (rank * c).min(size);
-            let len = c.min(size - start);
-            full.narrow(dim, start, len)?
-                .pad_with_zeros(dim, 0, c - len)?
-        }
-        Shard::Range { dim, start, len } => full.narrow(dim, start, len)?,
-    })
 }
 
 /// The full (tp = 1) parameters a builder function creates, by name.

@@ -191,20 +191,21 @@ pub fn save_checkpoint(
     let mut local = Vec::with_capacity(tensors.len());
     let mut pieces = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let split = match t.shard {
-            Shard::Replicated => None,
-            shard => {
-                let dims = shard.local_dims(&t.full_dims)?;
-                let s = shard_rows(shard, &t.full_dims, &t.name)?;
+        let split = match t.shard.slice(&t.full_dims, &t.name)? {
+            None => None,
+            Some(sl) => {
+                let mut dims = t.full_dims.clone();
+                dims[sl.dim] = sl.padded;
                 if t.local.dims() != dims.as_slice() {
                     bail!(
-                        "save: rank {rank} holds {} with shape {:?} but its shard {shard:?} of {:?} has {dims:?}",
+                        "save: rank {rank} holds {} with shape {:?} but its shard {:?} of {:?} has {dims:?}",
                         t.name,
                         t.local.dims(),
+                        t.shard,
                         t.full_dims
                     )
                 }
-                Some(s)
+                Some((sl.dim, sl.start, sl.len))
             }
         };
         let stored = match split {
@@ -286,28 +287,6 @@ pub fn save_checkpoint(
     comm.barrier()?;
     tracing::info!(dir = %dir.display(), step = opts.step, "checkpoint saved");
     Ok(())
-}
-
-/// `(dim, start, len)` of the real (unpadded) rows a shard holds.
-fn shard_rows(shard: Shard, full: &[usize], name: &str) -> Result<(usize, usize, usize)> {
-    let (dim, start, len) = match shard {
-        Shard::Replicated => (0, 0, *full.first().unwrap_or(&1)),
-        Shard::Split { dim, rank, parts } => {
-            let c = full.get(dim).copied().unwrap_or(0) / parts.max(1);
-            (dim, rank * c, c)
-        }
-        Shard::SplitPadded { dim, rank, parts } => {
-            let size = full.get(dim).copied().unwrap_or(0);
-            let c = size.div_ceil(parts.max(1));
-            let start = (rank * c).min(size);
-            (dim, start, c.min(size - start))
-        }
-        Shard::Range { dim, start, len } => (dim, start, len),
-    };
-    if dim >= full.len() || start + len > full[dim] {
-        bail!("tensor {name}: shard {shard:?} does not fit its shape {full:?}")
-    }
-    Ok((dim, start, len))
 }
 
 /// Reads and checks a checkpoint's metadata: the directory must hold a completed checkpoint of

@@ -64,15 +64,15 @@ pub enum Shard {
 /// Where a rank's slice lies: `len` elements from `start` along `dim` are real, then
 /// `padded - len` zeros.
 pub(crate) struct Slice {
-    dim: usize,
-    start: usize,
-    len: usize,
-    padded: usize,
+    pub dim: usize,
+    pub start: usize,
+    pub len: usize,
+    pub padded: usize,
 }
 
 impl Shard {
     /// The slice of a tensor of shape `full` that this shard describes (`None`: all of it).
-    fn slice(&self, full: &[usize], name: &str) -> Result<Option<Slice>> {
+    pub(crate) fn slice(&self, full: &[usize], name: &str) -> Result<Option<Slice>> {
         let (dim, start, len, padded) = match *self {
             Shard::Replicated => return Ok(None),
             Shard::Split { dim, rank, parts } => {
