@@ -4,14 +4,19 @@
 //! ```text
 //! cargo run --release --example bench_collectives
 //! cargo run --release --example bench_collectives -- --ranks 2 --max-bytes 16777216
+//! # NCCL on GPUs, one rank per GPU:
+//! cargo run --release --features nccl --example bench_collectives -- --backend nccl --ranks 1,8
 //! ```
 //!
 //! Columns follow nccl-tests: `size` is the per-rank buffer for all-reduce, the gathered output
 //! for all-gather, the full input for reduce-scatter and the per-rank send buffer for
 //! all-to-all; `algbw = size / time`; `busbw = algbw × factor`, with factor `2(n−1)/n` for
-//! all-reduce and `(n−1)/n` for the others. A single-thread memcpy of the largest size,
-//! measured in the same run, is printed as the ceiling to compare busbw with.
+//! all-reduce and `(n−1)/n` for the others. A copy of the largest size, measured in the same
+//! run, is printed as the ceiling to compare busbw with: a single-thread memcpy for the local
+//! backend, a device-to-device copy on GPU 0 for NCCL. (With one rank busbw is 0 by definition;
+//! algbw then measures the backend's own overhead.)
 use candle_core::{DType, Device, Result, Tensor};
+use candle_parallel::launch::BackendKind;
 use candle_parallel::{Comm, Launcher, ReduceOp};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,9 +25,12 @@ use std::time::Instant;
 #[derive(Parser, Debug)]
 #[command(about = "Collective bandwidth of the candle-parallel communicator")]
 struct Args {
-    /// World sizes to measure, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "2,4")]
-    ranks: Vec<usize>,
+    /// `local` (CPU threads) or `nccl` (one GPU per rank; needs `--features nccl`).
+    #[arg(long, default_value = "local")]
+    backend: BackendKind,
+    /// World sizes to measure, comma separated [default: 2,4 for local, 1 for nccl].
+    #[arg(long, value_delimiter = ',')]
+    ranks: Option<Vec<usize>>,
     /// Smallest message in bytes.
     #[arg(long, default_value_t = 4 << 10)]
     min_bytes: usize,
@@ -80,12 +88,12 @@ impl Op {
     }
 
     /// This rank's input for a message of `elems` f32 elements (nccl-tests' size convention).
-    fn input(self, elems: usize, n: usize) -> Result<Tensor> {
+    fn input(self, elems: usize, n: usize, device: &Device) -> Result<Tensor> {
         let len = match self {
             Self::AllGather => elems / n,
             _ => elems,
         };
-        Tensor::ones(len, DType::F32, &Device::Cpu)
+        Tensor::ones(len, DType::F32, device)
     }
 
     fn run(self, comm: &Comm, x: &Tensor, splits: &[usize]) -> Result<Tensor> {
@@ -109,6 +117,23 @@ struct Row {
 /// Iterations for a message: enough to move ~1 GiB, at least 3, at most 200.
 fn iterations(bytes: usize) -> usize {
     ((1usize << 30) / bytes.max(1)).clamp(3, 200)
+}
+
+/// A device-to-device copy of `bytes` on the first rank's device, as the NCCL ceiling.
+fn device_copy_gbps(bytes: usize, backend: BackendKind) -> Result<f64> {
+    let secs = Launcher::new(1).backend(backend).run(|ctx| {
+        let x = Tensor::ones(bytes / 4, DType::F32, ctx.device())?;
+        let reps = iterations(bytes).min(20);
+        x.copy()?.sum_all()?.to_scalar::<f32>()?; // warm up, and wait for the device
+        let t = Instant::now();
+        let mut last = x.clone();
+        for _ in 0..reps {
+            last = x.copy()?;
+        }
+        last.narrow(0, 0, 1)?.to_vec1::<f32>()?; // waits for the copies
+        Ok(t.elapsed().as_secs_f64() / reps as f64)
+    })?;
+    Ok(bytes as f64 / secs[0] / 1e9)
 }
 
 fn memcpy_gbps(bytes: usize) -> f64 {
@@ -161,22 +186,26 @@ fn main() -> Result<()> {
         sizes.push(b);
         b *= args.step_factor;
     }
-    let total = (args.ranks.len() * ops.len() * sizes.len()) as u64;
+    let ranks = args.ranks.clone().unwrap_or(match args.backend {
+        BackendKind::Local => vec![2, 4],
+        BackendKind::Nccl => vec![1],
+    });
+    let total = (ranks.len() * ops.len() * sizes.len()) as u64;
     let bar = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed}]")
             .expect("valid template"),
     );
     let mut rows = Vec::new();
-    for &n in &args.ranks {
+    for &n in &ranks {
         for &op in &ops {
             for &bytes in &sizes {
                 // Round to a multiple of n elements so every op divides evenly.
                 let elems = (bytes / 4).div_ceil(n) * n;
                 let iters = iterations(bytes);
                 bar.set_message(format!("{} n={n} {}", op.name(), human(bytes)));
-                let secs = Launcher::new(n).run(|ctx| {
+                let secs = Launcher::new(n).backend(args.backend).run(|ctx| {
                     let comm = ctx.comm();
-                    let x = op.input(elems, n)?;
+                    let x = op.input(elems, n, ctx.device())?;
                     let splits = vec![elems / n; n];
                     op.run(comm, &x, &splits)?; // warm-up
                     comm.barrier()?;
@@ -184,7 +213,7 @@ fn main() -> Result<()> {
                     for _ in 0..iters {
                         std::hint::black_box(op.run(comm, &x, &splits)?);
                     }
-                    comm.barrier()?;
+                    comm.barrier()?; // on GPUs this also waits for the enqueued operations
                     Ok(t.elapsed().as_secs_f64() / iters as f64)
                 })?;
                 // The slowest rank defines the collective's time.
@@ -202,8 +231,28 @@ fn main() -> Result<()> {
     }
     bar.finish_and_clear();
     let largest = *sizes.last().unwrap();
-    let ceiling = memcpy_gbps(largest);
-    let fresh = fresh_memcpy_gbps(largest);
+    let (ceiling, ceiling_note) = match args.backend {
+        BackendKind::Local => {
+            let ceiling = memcpy_gbps(largest);
+            let fresh = fresh_memcpy_gbps(largest);
+            let note = format!(
+                "single-thread memcpy of {}: {ceiling:.2} GB/s into a reused buffer (the ceiling \
+                 busbw is compared with), {fresh:.2} GB/s into a fresh buffer",
+                human(largest)
+            );
+            (ceiling, note)
+        }
+        BackendKind::Nccl => {
+            let ceiling = device_copy_gbps(largest, args.backend)?;
+            let note = format!(
+                "device-to-device copy of {} on GPU 0: {ceiling:.2} GB/s (the ceiling busbw is \
+                 compared with)",
+                human(largest)
+            );
+            (ceiling, note)
+        }
+    };
+    println!("backend: {:?}\n", args.backend);
 
     println!(
         "| op | ranks | size | iters | time (µs) | algbw (GB/s) | busbw (GB/s) | busbw / memcpy |"
@@ -224,10 +273,6 @@ fn main() -> Result<()> {
             busbw / ceiling
         );
     }
-    println!(
-        "\nsingle-thread memcpy of {}: {ceiling:.2} GB/s into a reused buffer (the ceiling \
-         busbw is compared with), {fresh:.2} GB/s into a fresh buffer",
-        human(largest)
-    );
+    println!("\n{ceiling_note}");
     Ok(())
 }

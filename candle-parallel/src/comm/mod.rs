@@ -22,6 +22,8 @@
 //! ```
 mod error;
 pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub use error::CommError;
 

@@ -33,7 +33,12 @@ use crate::mesh::{DeviceMesh, MeshShape};
 use candle_core::{bail, Device, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What a rank's closure gets: who it is, its device and its communicators.
 pub struct RankContext {
@@ -90,6 +95,40 @@ pub struct Launcher {
     timeout: Duration,
     mesh: Option<MeshShape>,
     log_dir: Option<PathBuf>,
+    backend: Option<BackendKind>,
+}
+
+/// The communication backend of ranks that run as threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// CPU tensors, ranks exchange data through shared memory (the default).
+    Local,
+    /// CUDA tensors, rank `r` on CUDA device `r`, NCCL (needs the `nccl` feature).
+    Nccl,
+}
+
+impl BackendKind {
+    /// `CANDLE_PARALLEL_BACKEND` (`local` or `nccl`); `Local` when unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("CANDLE_PARALLEL_BACKEND") {
+            Err(_) => Ok(Self::Local),
+            Ok(v) => v.parse(),
+        }
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "" | "local" => Ok(Self::Local),
+            "nccl" => Ok(Self::Nccl),
+            other => {
+                bail!("unknown backend {other:?}: use local (CPU threads) or nccl (CUDA devices)")
+            }
+        }
+    }
 }
 
 impl Launcher {
@@ -101,6 +140,7 @@ impl Launcher {
             timeout: default_timeout(),
             mesh: None,
             log_dir: None,
+            backend: None,
         }
     }
 
@@ -123,8 +163,20 @@ impl Launcher {
         self
     }
 
+    /// Which backend the ranks use when they run as threads; the default is
+    /// `CANDLE_PARALLEL_BACKEND` (`local` or `nccl`), else [`BackendKind::Local`]. Ranks started
+    /// as processes by a launcher always use NCCL.
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
     /// Runs `f` on every rank and returns their results in rank order, or the first failure:
     /// `rank R failed: ...`.
+    ///
+    /// When this process was started as one rank of a multi-process job (`RANK` is set, see
+    /// [`process`]), it runs that rank alone, on CUDA device `LOCAL_RANK` with the NCCL backend,
+    /// and returns its one result; `WORLD_SIZE` must equal the launcher's world size.
     pub fn run<T, F>(&self, f: F) -> Result<Vec<T>>
     where
         T: Send,
@@ -136,36 +188,177 @@ impl Launcher {
         if let Some(shape) = &self.mesh {
             shape.check(self.world_size)?;
         }
-        let fabric = LocalFabric::new(self.world_size, self.timeout);
-        let comms = fabric.world_comms();
-        let results: Vec<Option<T>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, comm)| {
-                    let (f, fabric) = (&f, &fabric);
+        if let Some(env) = process::ProcessEnv::from_env()? {
+            if env.world_size != self.world_size {
+                bail!(
+                    "this process is rank {} of WORLD_SIZE={} but the job needs {} ranks: start it with --nproc {} (times the number of nodes)",
+                    env.rank,
+                    env.world_size,
+                    self.world_size,
+                    self.world_size
+                )
+            }
+            return self.run_process(&env, &f).map(|v| vec![v]);
+        }
+        let backend = match self.backend {
+            Some(b) => b,
+            None => BackendKind::from_env()?,
+        };
+        match backend {
+            BackendKind::Local => {
+                let fabric = LocalFabric::new(self.world_size, self.timeout);
+                let comms = fabric.world_comms();
+                let comms: Vec<_> = comms.into_iter().map(Some).map(Mutex::new).collect();
+                let results = self.run_threads(
+                    &f,
+                    |rank| {
+                        let comm = lock(&comms[rank]).take().expect("one comm per rank");
+                        Ok((comm, Device::Cpu))
+                    },
+                    |rank, msg| fabric.fail(rank, msg),
+                );
+                if let Some(failure) = fabric.failure() {
+                    bail!("rank {} failed: {}", failure.rank, failure.message)
+                }
+                Ok(results
+                    .into_iter()
+                    .map(|r| r.expect("no failure recorded"))
+                    .collect())
+            }
+            BackendKind::Nccl => self.run_nccl_threads(&f),
+        }
+    }
+
+    #[cfg(feature = "nccl")]
+    fn run_nccl_threads<T, F>(&self, f: &F) -> Result<Vec<T>>
+    where
+        T: Send,
+        F: Fn(RankContext) -> Result<T> + Sync,
+    {
+        use crate::comm::nccl::{abort_all, NcclBackend, NcclId};
+        let id = NcclId::new()?;
+        let first: Mutex<Option<(usize, String)>> = Mutex::new(None);
+        let results = self.run_threads(
+            f,
+            |rank| {
+                let device = Device::new_cuda(rank).map_err(|e| {
+                    candle_core::Error::msg(format!(
+                        "rank {rank} runs on CUDA device {rank}, which is not usable: {e}. The NCCL backend with threads needs one GPU per rank"
+                    ))
+                })?;
+                let backend = NcclBackend::new(&device, rank, self.world_size, &id, self.timeout)?;
+                Ok((Comm::from_backend(backend), device))
+            },
+            |rank, msg| {
+                let mut first = lock(&first);
+                if first.is_none() {
+                    *first = Some((rank, msg.clone()));
+                    // Peers blocked in NCCL would otherwise wait for this rank until the timeout.
+                    abort_all(&format!("rank {rank} failed: {msg}"));
+                }
+            },
+        );
+        if let Some((rank, msg)) = lock(&first).take() {
+            bail!("rank {rank} failed: {msg}")
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("no failure recorded"))
+            .collect())
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn run_nccl_threads<T, F>(&self, _: &F) -> Result<Vec<T>>
+    where
+        T: Send,
+        F: Fn(RankContext) -> Result<T> + Sync,
+    {
+        bail!("the NCCL backend was asked for, but this program was built without it: build with --features nccl (and CUDA), or use the default local backend (unset CANDLE_PARALLEL_BACKEND)")
+    }
+
+    #[cfg(feature = "nccl")]
+    fn run_process<T, F>(&self, env: &process::ProcessEnv, f: &F) -> Result<T>
+    where
+        F: Fn(RankContext) -> Result<T>,
+    {
+        use crate::comm::nccl::{NcclBackend, NcclId};
+        let rank = env.rank;
+        let device = Device::new_cuda(env.local_rank).map_err(|e| {
+            candle_core::Error::msg(format!(
+                "rank {rank}: CUDA device LOCAL_RANK={} is not usable: {e}",
+                env.local_rank
+            ))
+        })?;
+        let id = if rank == 0 {
+            let id = NcclId::new()?;
+            process::rendezvous(env, Some(&id.to_bytes()), self.timeout)?;
+            id
+        } else {
+            NcclId::from_bytes(&process::rendezvous(env, None, self.timeout)?)?
+        };
+        let backend = NcclBackend::new(&device, rank, env.world_size, &id, self.timeout)?;
+        let comm = Comm::from_backend(backend.clone());
+        let out = self.run_rank(rank, comm, device, f);
+        let out = match out {
+            // A value computed after the communicator was aborted is not to be trusted.
+            Ok(v) => backend.check().map(|()| v),
+            Err(e) => {
+                backend.abort(&message_of(&e));
+                Err(e)
+            }
+        };
+        out.map_err(|e| candle_core::Error::msg(format!("rank {rank} failed: {}", message_of(&e))))
+    }
+
+    #[cfg(not(feature = "nccl"))]
+    fn run_process<T, F>(&self, env: &process::ProcessEnv, _: &F) -> Result<T>
+    where
+        F: Fn(RankContext) -> Result<T>,
+    {
+        bail!(
+            "this process was started as rank {} of {} (RANK is set), but ranks as processes need the NCCL backend: build with --features nccl. Without it, run the program directly: its ranks run as threads",
+            env.rank,
+            env.world_size
+        )
+    }
+
+    /// Runs every rank on its own thread; `setup` makes a rank's communicator and device,
+    /// `fail` reports a rank's error or panic (and must make the other ranks stop waiting).
+    fn run_threads<T, F>(
+        &self,
+        f: &F,
+        setup: impl Fn(usize) -> Result<(Comm, Device)> + Sync,
+        fail: impl Fn(usize, String) + Sync,
+    ) -> Vec<Option<T>>
+    where
+        T: Send,
+        F: Fn(RankContext) -> Result<T> + Sync,
+    {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..self.world_size)
+                .map(|rank| {
+                    let (setup, fail) = (&setup, &fail);
                     let spawned = std::thread::Builder::new()
                         .name(format!("rank-{rank}"))
                         .spawn_scoped(scope, move || {
-                            let out =
-                                catch_unwind(AssertUnwindSafe(|| self.run_rank(rank, comm, f)));
+                            let out = catch_unwind(AssertUnwindSafe(|| {
+                                let (comm, device) = setup(rank)?;
+                                self.run_rank(rank, comm, device, f)
+                            }));
                             match out {
                                 Ok(Ok(v)) => Some(v),
                                 Ok(Err(e)) => {
-                                    fabric.fail(rank, message_of(&e));
+                                    fail(rank, message_of(&e));
                                     None
                                 }
                                 Err(panic) => {
-                                    fabric.fail(
-                                        rank,
-                                        format!("panicked: {}", panic_message(&*panic)),
-                                    );
+                                    fail(rank, format!("panicked: {}", panic_message(&*panic)));
                                     None
                                 }
                             }
                         });
                     if let Err(e) = &spawned {
-                        fabric.fail(rank, format!("could not start its thread: {e}"));
+                        fail(rank, format!("could not start its thread: {e}"));
                     }
                     spawned
                 })
@@ -174,17 +367,10 @@ impl Launcher {
                 .into_iter()
                 .map(|h| h.ok().and_then(|h| h.join().ok().flatten()))
                 .collect()
-        });
-        if let Some(failure) = fabric.failure() {
-            bail!("rank {} failed: {}", failure.rank, failure.message)
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("no failure recorded"))
-            .collect())
+        })
     }
 
-    fn run_rank<T, F>(&self, rank: usize, comm: Comm, f: &F) -> Result<T>
+    fn run_rank<T, F>(&self, rank: usize, comm: Comm, device: Device, f: &F) -> Result<T>
     where
         F: Fn(RankContext) -> Result<T>,
     {
@@ -231,7 +417,7 @@ impl Launcher {
         f(RankContext {
             rank,
             world_size: self.world_size,
-            device: Device::Cpu,
+            device,
             comm,
             mesh,
         })
