@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! cargo run --release --example finetune_mixtral          # built-in task, no downloads, no flags
+//! # on 4 GPUs, ranks as processes with NCCL:
+//! cargo build --release --features nccl --example finetune_mixtral --example launch
+//! cargo run --release --features nccl --example launch -- --nproc 4 -- finetune_mixtral
 //! cargo run --release --example finetune_mixtral -- --data my.jsonl --steps 500 --mesh ep=2,tp=2
 //! cargo run --release --example finetune_mixtral -- --model DIR --out runs/ckpt --lr 1e-3
 //! ```
@@ -21,6 +24,7 @@
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::{save_checkpoint, SaveOptions, ShardedTensor, ShardedVarBuilder};
+use candle_parallel::launch::process::ProcessEnv;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::{clip_factor, grad_norm_sq, scale_grads, AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape, ReduceOp};
@@ -119,8 +123,26 @@ fn load_text(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Loads the model directory's config and tokenizer, creating a random model first if needed.
+/// True unless this process is a rank other than 0 of a multi-process job.
+fn is_lead_process() -> Result<bool> {
+    Ok(ProcessEnv::from_env()?.is_none_or(|e| e.rank == 0))
+}
+
 fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
     let dir = &args.model;
+    if !dir.join("config.json").exists() && !is_lead_process()? {
+        // Rank 0's process creates the model; wait for it to appear (it is renamed into place).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !dir.join("config.json").exists() {
+            if std::time::Instant::now() > deadline {
+                candle_core::bail!(
+                    "{} did not appear within 300s: rank 0 creates it",
+                    dir.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
     if !dir.join("config.json").exists() {
         let tok = if args.data.is_some() {
             byte_tokenizer()?
@@ -135,9 +157,17 @@ fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
             "creating a random Mixtral-style model in {} (once)",
             dir.display()
         );
-        write_random_mixtral(dir, &cfg, args.seed)?;
-        tok.save(dir.join("tokenizer.json"), true)
+        // Built aside and renamed into place, so that no reader sees a half-written model.
+        let tmp = PathBuf::from(format!("{}.partial-{}", dir.display(), std::process::id()));
+        write_random_mixtral(&tmp, &cfg, args.seed)?;
+        tok.save(tmp.join("tokenizer.json"), true)
             .map_err(|e| candle_core::Error::msg(format!("saving the tokenizer: {e}")))?;
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dir.join("config.json").exists() {
+                candle_core::bail!("cannot move the new model into {}: {e}", dir.display());
+            }
+        }
     }
     let cfg = MixtralConfig::from_file(&dir.join("config.json"))?;
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
@@ -215,7 +245,7 @@ impl Rng {
 
 impl Data {
     /// A batch `[n, s]` drawn with `rng`.
-    fn batch(&self, rng: &mut Rng, n: usize, seq_len: usize) -> Result<Tensor> {
+    fn batch(&self, rng: &mut Rng, n: usize, seq_len: usize, device: &Device) -> Result<Tensor> {
         let rows: Vec<Vec<u32>> = match self {
             Data::Addition { problems } => (0..n)
                 .map(|_| problems[rng.next(problems.len())].to_vec())
@@ -227,7 +257,7 @@ impl Data {
                 })
                 .collect(),
         };
-        Tensor::new(rows, &Device::Cpu)
+        Tensor::new(rows, device)
     }
 }
 
@@ -244,14 +274,20 @@ fn main() -> Result<()> {
     }
     // Checkpoints are never overwritten: a rerun gets step-N.1, step-N.2, ...
     let base = args.out.join(format!("step-{:06}", args.steps));
-    let out_dir = std::iter::once(base.clone())
-        .chain((1..).map(|i| PathBuf::from(format!("{}.{i}", base.display()))))
-        .find(|d| !d.exists())
-        .expect("an unused directory name");
+    let unused_dir = || {
+        std::iter::once(base.clone())
+            .chain((1..).map(|i| PathBuf::from(format!("{}.{i}", base.display()))))
+            .find(|d| !d.exists())
+            .expect("an unused directory name")
+    };
     let report = launcher.run(|ctx| {
+        // Rank 0 names the checkpoint directory for all (ranks may be processes that started
+        // at different times).
+        let pick = if ctx.rank() == 0 { unused_dir().to_string_lossy().into_owned() } else { String::new() };
+        let out_dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
         let mesh = ctx.mesh()?;
         let (ep, tp) = (mesh.ep(), mesh.tp());
-        let vb = ShardedVarBuilder::from_hf_dir(&args.model, DType::F32, &Device::Cpu)?.trainable();
+        let vb = ShardedVarBuilder::from_hf_dir(&args.model, DType::F32, ctx.device())?.trainable();
         let model = Mixtral::new(&cfg, vb.clone(), ep, tp, Dispatch::AllToAll)?;
         let params = vb.params();
         let (experts, shared): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|p| Mixtral::is_expert_param(&p.name));
@@ -272,7 +308,7 @@ fn main() -> Result<()> {
             match &data {
                 Data::Addition { problems } => {
                     let prompts: Vec<Vec<u32>> = problems.iter().map(|p| p[..4].to_vec()).collect();
-                    let logits = model.forward(&Tensor::new(prompts, &Device::Cpu)?, 0, None)?;
+                    let logits = model.forward(&Tensor::new(prompts, ctx.device())?, 0, None)?;
                     let guess = logits.narrow(1, 3, 1)?.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
                     let right = guess.iter().zip(problems).filter(|(g, p)| **g == p[4]).count();
                     Ok((right as f64 / problems.len() as f64, "accuracy"))
@@ -280,7 +316,7 @@ fn main() -> Result<()> {
                 Data::Text { eval, .. } => {
                     let n = (eval.len() - 1) / args.seq_len;
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
-                    let l = model.losses(&Tensor::new(rows, &Device::Cpu)?, false)?;
+                    let l = model.losses(&Tensor::new(rows, ctx.device())?, false)?;
                     Ok((l.ce_loss.to_scalar::<f32>()? as f64, "eval loss"))
                 }
             }
@@ -290,7 +326,7 @@ fn main() -> Result<()> {
         let mut history = Vec::with_capacity(args.steps);
         let mut last_eval = first_eval;
         for step in 1..=args.steps {
-            let batch = data.batch(&mut rng, args.batch_size, args.seq_len)?;
+            let batch = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
             let l = model.losses(&batch, true)?;
             // Each ep rank's loss counts 1/ep of the global batch; the weights replicated over
             // the ep group sum their gradients (the experts get theirs through the all-to-all).
@@ -325,15 +361,18 @@ fn main() -> Result<()> {
             interrupt_at: None,
         };
         save_checkpoint(&out_dir, &tensors, &opts, ctx.comm())?;
-        Ok((history, first_eval, last_eval, metric))
+        Ok((history, first_eval, last_eval, metric, out_dir))
     })?;
+    if !is_lead_process()? {
+        return Ok(()); // rank 0's process reports
+    }
+    let (history, first, last, metric, out_dir) = &report[0];
     // The tokenizer travels with the checkpoint, so that an export is a complete model.
     std::fs::copy(
         args.model.join("tokenizer.json"),
         out_dir.join("tokenizer.json"),
     )
     .map_err(|e| candle_core::Error::msg(format!("copying tokenizer.json: {e}")))?;
-    let (history, first, last, metric) = &report[0];
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
     let k = (history.len() / 10).max(1);
     println!(

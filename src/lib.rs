@@ -70,11 +70,14 @@ pub fn write_random_hf<C: serde::Serialize>(
 ) -> Result<()> {
     use candle_parallel::checkpoint::ShardedVarBuilder;
     std::fs::create_dir_all(dir)?;
-    let params = candle_parallel::launch(1, |ctx| {
-        let vb = ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
-        build(vb.clone(), ctx.comm())?;
-        Ok(vb.params())
-    })?;
+    // Explicitly local: this helper also runs inside multi-process (NCCL) jobs.
+    let params = candle_parallel::Launcher::new(1)
+        .backend(candle_parallel::launch::BackendKind::Local)
+        .run(|ctx| {
+            let vb = ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
+            build(vb.clone(), ctx.comm())?;
+            Ok(vb.params())
+        })?;
     let tensors: std::collections::HashMap<String, Tensor> = params[0]
         .iter()
         .map(|p| (p.name.clone(), p.var.as_tensor().clone()))

@@ -163,9 +163,10 @@ impl Launcher {
         self
     }
 
-    /// Which backend the ranks use when they run as threads; the default is
-    /// `CANDLE_PARALLEL_BACKEND` (`local` or `nccl`), else [`BackendKind::Local`]. Ranks started
-    /// as processes by a launcher always use NCCL.
+    /// Which backend the ranks use; the default is `CANDLE_PARALLEL_BACKEND` (`local` or
+    /// `nccl`), else [`BackendKind::Local`]. Ranks started as processes by a launcher use NCCL
+    /// unless the backend is explicitly `Local`: such a launcher runs its ranks as threads of
+    /// this process even inside a multi-process job (for a helper computation).
     pub fn backend(mut self, backend: BackendKind) -> Self {
         self.backend = Some(backend);
         self
@@ -175,7 +176,7 @@ impl Launcher {
     /// `rank R failed: ...`.
     ///
     /// When this process was started as one rank of a multi-process job (`RANK` is set, see
-    /// [`process`]), it runs that rank alone, on CUDA device `LOCAL_RANK` with the NCCL backend,
+    /// [`process`]) and the backend is not explicitly `Local`, it runs that rank alone, on CUDA device `LOCAL_RANK` with the NCCL backend,
     /// and returns its one result; `WORLD_SIZE` must equal the launcher's world size.
     pub fn run<T, F>(&self, f: F) -> Result<Vec<T>>
     where
@@ -188,7 +189,12 @@ impl Launcher {
         if let Some(shape) = &self.mesh {
             shape.check(self.world_size)?;
         }
-        if let Some(env) = process::ProcessEnv::from_env()? {
+        let env = match self.backend {
+            // Explicitly local: threads even inside a multi-process job (a helper computation).
+            Some(BackendKind::Local) => None,
+            _ => process::ProcessEnv::from_env()?,
+        };
+        if let Some(env) = env {
             if env.world_size != self.world_size {
                 bail!(
                     "this process is rank {} of WORLD_SIZE={} but the job needs {} ranks: start it with --nproc {} (times the number of nodes)",
