@@ -210,3 +210,28 @@ fn mixtral_with_both_dispatchers_on_cuda_matches_the_cpu() -> Result<()> {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// A process started as rank 0 of a world of one: `Launcher::run` joins through the TCP
+/// rendezvous and NCCL on CUDA device `LOCAL_RANK`.
+#[test]
+fn a_rank_process_runs_its_rank_on_nccl() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rendezvous_probe"))
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .env("LOCAL_RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .args(["--launcher", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("launcher ran rank 0; sum of ranks 0"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

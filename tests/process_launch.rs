@@ -163,3 +163,33 @@ fn bad_environment_variables_are_clear_errors() {
     let e = run(&[]);
     assert!(e.contains("RANK is not set"), "{e}");
 }
+
+/// `Launcher::run` in a process started as a rank: the world size must match, and without the
+/// `nccl` feature the process says that it needs it (with it, tests/nccl.rs runs the job).
+#[test]
+fn a_launcher_inside_a_rank_process_checks_the_world_and_the_backend() {
+    let run = |world: &str, n: &str| {
+        let out = Command::new(PROBE)
+            .env("RANK", "0")
+            .env("WORLD_SIZE", world)
+            .env("LOCAL_RANK", "0")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", free_port().to_string())
+            .args(["--launcher", n])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run("2", "3");
+    assert!(
+        e.contains("rank 0 of WORLD_SIZE=2 but the job needs 3 ranks"),
+        "{e}"
+    );
+    if !cfg!(feature = "nccl") {
+        let e = run("1", "1");
+        assert!(
+            e.contains("need the NCCL backend: build with --features nccl"),
+            "{e}"
+        );
+    }
+}

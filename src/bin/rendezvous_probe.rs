@@ -2,7 +2,8 @@
 //! rendezvous, and writes what rank 0 handed out to `--out DIR/rank-R.txt`.
 //!
 //! `--fail-rank R` makes rank R exit with status 3 before the rendezvous; `--timeout-ms`
-//! bounds the rendezvous.
+//! bounds the rendezvous. `--launcher N` instead runs `Launcher::new(N)` (which joins the job
+//! through NCCL) and prints the rank it ran and an all-reduce of the ranks.
 use candle_parallel::launch::process::{rendezvous, ProcessEnv};
 use std::time::Duration;
 
@@ -14,6 +15,17 @@ fn main() -> candle_core::Result<()> {
             .and_then(|i| args.get(i + 1))
             .cloned()
     };
+    if let Some(n) = arg("--launcher").and_then(|n| n.parse::<usize>().ok()) {
+        let out = candle_parallel::Launcher::new(n).run(|ctx| {
+            let r = candle_core::Tensor::new(&[ctx.rank() as f32], ctx.device())?;
+            let sum = ctx.comm().all_reduce(&r, candle_parallel::ReduceOp::Sum)?;
+            Ok((ctx.rank(), sum.to_vec1::<f32>()?[0]))
+        })?;
+        for (rank, sum) in out {
+            println!("launcher ran rank {rank}; sum of ranks {sum}");
+        }
+        return Ok(());
+    }
     let Some(env) = ProcessEnv::from_env()? else {
         candle_core::bail!("rendezvous_probe: RANK is not set (start it with a launcher)")
     };

@@ -36,12 +36,14 @@
 
 use super::{Backend, Collective, CommError, ReduceOp};
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 use candle_core::cuda_backend::cudarc::nccl::sys;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
-use std::ffi::CStr;
+use std::ffi::{c_void, CStr};
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -598,6 +600,16 @@ macro_rules! with_ptr {
     };
 }
 
+/// The device address of a buffer for reading on `stream`; the guard records the use.
+fn read_ptr<'a>(s: &'a CudaStorageSlice, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    with_ptr!(s, stream, device_ptr, |p, g| (p, g))
+}
+
+/// The device address of a buffer for writing on `stream`; the guard records the use.
+fn write_ptr<'a>(s: &'a mut CudaStorageSlice, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+    with_ptr!(s, stream, device_ptr_mut, |p, g| (p, g))
+}
+
 /// NCCL's type for reductions over `dtype`.
 fn reduce_type(dtype: DType) -> Option<sys::ncclDataType_t> {
     use sys::ncclDataType_t as T;
@@ -640,14 +652,13 @@ impl NcclBackend {
     fn all_to_all(
         &self,
         stream: &CudaStream,
-        input: (u64, usize),
+        in_ptr: u64,
         out: u64,
         row_bytes: usize,
         send: &[usize],
         recv: &[usize],
     ) -> Result<()> {
         let me = self.rank;
-        let (in_ptr, _) = input;
         let offsets = |splits: &[usize]| -> Vec<usize> {
             splits
                 .iter()
@@ -798,28 +809,17 @@ impl Backend for NcclBackend {
                 _ => 0,
             })
             .product();
+        // SAFETY (every NCCL call below): the addresses point into live buffers of the sizes
+        // passed, ordered on `stream` by the guards.
         match op {
             Collective::AllReduce { op: rop } => {
                 let (t, r) = needs_reduce(*rop)?;
-                with_ptr!(&input.slice, &stream, device_ptr, |ip, _g| {
-                    with_ptr!(&mut out.slice, &stream, device_ptr_mut, |op_, _h| {
-                        self.issue(name, &stream, |c| {
-                            nccl_result(
-                                unsafe {
-                                    sys::ncclAllReduce(
-                                        (ip as usize + in_off) as _,
-                                        op_ as _,
-                                        len,
-                                        t,
-                                        r,
-                                        c,
-                                        s,
-                                    )
-                                },
-                                c,
-                            )
-                        })
-                    })
+                let (ip, _g) = read_ptr(&input.slice, &stream);
+                let (op_, _h) = write_ptr(&mut out.slice, &stream);
+                let ip = (ip as usize + in_off) as *const c_void;
+                self.issue(name, &stream, |c| {
+                    let res = unsafe { sys::ncclAllReduce(ip, op_ as _, len, t, r, c, s) };
+                    nccl_result(res, c)
                 })?;
             }
             Collective::Broadcast { root } => {
@@ -829,55 +829,35 @@ impl Backend for NcclBackend {
                         format!("root {root} is not a rank of this group of {n}"),
                     ));
                 }
-                with_ptr!(&input.slice, &stream, device_ptr, |ip, _g| {
-                    with_ptr!(&mut out.slice, &stream, device_ptr_mut, |op_, _h| {
-                        self.issue(name, &stream, |c| {
-                            nccl_result(
-                                unsafe {
-                                    sys::ncclBroadcast(
-                                        (ip as usize + in_off) as _,
-                                        op_ as _,
-                                        len * esz,
-                                        BYTES,
-                                        *root as i32,
-                                        c,
-                                        s,
-                                    )
-                                },
-                                c,
-                            )
-                        })
-                    })
+                let (ip, _g) = read_ptr(&input.slice, &stream);
+                let (op_, _h) = write_ptr(&mut out.slice, &stream);
+                let ip = (ip as usize + in_off) as *const c_void;
+                let root = *root as i32;
+                self.issue(name, &stream, |c| {
+                    let res =
+                        unsafe { sys::ncclBroadcast(ip, op_ as _, len * esz, BYTES, root, c, s) };
+                    nccl_result(res, c)
                 })?;
             }
             Collective::AllGather { .. } => {
                 // NCCL gathers along the flat buffer; other dims are regrouped afterwards.
-                let mut tmp = if outer == 1 {
-                    None
-                } else {
-                    Some(unsafe { dev.alloc_uninit(&Shape::from(len * n), dtype) }?)
+                let mut tmp = match outer {
+                    1 => None,
+                    _ => Some(unsafe { dev.alloc_uninit(&Shape::from(len * n), dtype) }?),
                 };
-                with_ptr!(&input.slice, &stream, device_ptr, |ip, _g| {
+                {
+                    let (ip, _g) = read_ptr(&input.slice, &stream);
                     let dst = tmp.as_mut().map_or(&mut out.slice, |t| &mut t.slice);
-                    with_ptr!(dst, &stream, device_ptr_mut, |op_, _h| {
-                        self.issue(name, &stream, |c| {
-                            nccl_result(
-                                unsafe {
-                                    sys::ncclAllGather(
-                                        (ip as usize + in_off) as _,
-                                        op_ as _,
-                                        len * esz,
-                                        BYTES,
-                                        c,
-                                        s,
-                                    )
-                                },
-                                c,
-                            )
-                        })
-                    })
-                })?;
+                    let (op_, _h) = write_ptr(dst, &stream);
+                    let ip = (ip as usize + in_off) as *const c_void;
+                    self.issue(name, &stream, |c| {
+                        let res =
+                            unsafe { sys::ncclAllGather(ip, op_ as _, len * esz, BYTES, c, s) };
+                        nccl_result(res, c)
+                    })?;
+                }
                 if let Some(tmp) = tmp {
+                    // tmp is [n, outer, c]; the output is [outer, n * c].
                     let c = len / outer;
                     for r in 0..n {
                         tmp.copy2d(&mut out, outer, c, c, n * c, r * len, r * c)?;
@@ -887,48 +867,29 @@ impl Backend for NcclBackend {
             Collective::ReduceScatter { op: rop, .. } => {
                 let (t, r) = needs_reduce(*rop)?;
                 let out_len = out_shape.elem_count();
-                // NCCL scatters contiguous chunks; other dims are regrouped first.
-                let tmp = if outer == 1 {
-                    None
-                } else {
-                    let mut tmp = unsafe { dev.alloc_uninit(&Shape::from(len), dtype) }?;
-                    let c = len / outer / n;
-                    for rk in 0..n {
-                        input.copy2d(
-                            &mut tmp,
-                            outer,
-                            c,
-                            n * c,
-                            c,
-                            start + rk * c,
-                            rk * outer * c,
-                        )?;
+                // NCCL scatters contiguous chunks: [outer, n * c] is regrouped to [n, outer, c].
+                let tmp = match outer {
+                    1 => None,
+                    _ => {
+                        let mut tmp = unsafe { dev.alloc_uninit(&Shape::from(len), dtype) }?;
+                        let c = len / outer / n;
+                        for rk in 0..n {
+                            let (src_o, dst_o) = (start + rk * c, rk * outer * c);
+                            input.copy2d(&mut tmp, outer, c, n * c, c, src_o, dst_o)?;
+                        }
+                        Some(tmp)
                     }
-                    Some(tmp)
                 };
                 let (src, src_off) = match &tmp {
                     Some(t) => (&t.slice, 0),
                     None => (&input.slice, in_off),
                 };
-                with_ptr!(src, &stream, device_ptr, |ip, _g| {
-                    with_ptr!(&mut out.slice, &stream, device_ptr_mut, |op_, _h| {
-                        self.issue(name, &stream, |c| {
-                            nccl_result(
-                                unsafe {
-                                    sys::ncclReduceScatter(
-                                        (ip as usize + src_off) as _,
-                                        op_ as _,
-                                        out_len,
-                                        t,
-                                        r,
-                                        c,
-                                        s,
-                                    )
-                                },
-                                c,
-                            )
-                        })
-                    })
+                let (ip, _g) = read_ptr(src, &stream);
+                let (op_, _h) = write_ptr(&mut out.slice, &stream);
+                let ip = (ip as usize + src_off) as *const c_void;
+                self.issue(name, &stream, |c| {
+                    let res = unsafe { sys::ncclReduceScatter(ip, op_ as _, out_len, t, r, c, s) };
+                    nccl_result(res, c)
                 })?;
             }
             Collective::AllToAll {
@@ -949,18 +910,10 @@ impl Backend for NcclBackend {
                     )));
                 }
                 let row_bytes = dims.iter().skip(1).product::<usize>() * esz;
-                with_ptr!(&input.slice, &stream, device_ptr, |ip, _g| {
-                    with_ptr!(&mut out.slice, &stream, device_ptr_mut, |op_, _h| {
-                        self.all_to_all(
-                            &stream,
-                            (ip + in_off as u64, len),
-                            op_,
-                            row_bytes,
-                            send_splits,
-                            recv_splits,
-                        )
-                    })
-                })?;
+                let (ip, _g) = read_ptr(&input.slice, &stream);
+                let (op_, _h) = write_ptr(&mut out.slice, &stream);
+                let ip = ip + in_off as u64;
+                self.all_to_all(&stream, ip, op_, row_bytes, send_splits, recv_splits)?;
             }
         }
         Ok((out, out_shape))
@@ -991,22 +944,13 @@ impl Backend for NcclBackend {
         let off = layout.start_offset() * x.dtype().size_in_bytes();
         let bytes = x.elem_count() * x.dtype().size_in_bytes();
         self.check_same("send", &[1000, self.rank as i64, dst as i64], "send")?;
-        with_ptr!(&cs.slice, &stream, device_ptr, |p, _g| {
-            self.issue("send", &stream, |c| {
-                nccl_result(
-                    unsafe {
-                        sys::ncclSend(
-                            (p as usize + off) as _,
-                            bytes,
-                            BYTES,
-                            dst as i32,
-                            c,
-                            stream.cu_stream() as _,
-                        )
-                    },
-                    c,
-                )
-            })
+        let (p, _g) = read_ptr(&cs.slice, &stream);
+        let p = (p as usize + off) as *const c_void;
+        let s = stream.cu_stream() as sys::cudaStream_t;
+        self.issue("send", &stream, |c| {
+            // SAFETY: `bytes` bytes from `p` lie inside the tensor, ordered on `stream`.
+            let res = unsafe { sys::ncclSend(p, bytes, BYTES, dst as i32, c, s) };
+            nccl_result(res, c)
         })
     }
 
@@ -1023,22 +967,12 @@ impl Backend for NcclBackend {
         let mut out = unsafe { dev.alloc_uninit(shape, dtype) }?;
         let bytes = shape.elem_count() * dtype.size_in_bytes();
         if bytes > 0 {
-            with_ptr!(&mut out.slice, &stream, device_ptr_mut, |p, _g| {
-                self.issue("recv", &stream, |c| {
-                    nccl_result(
-                        unsafe {
-                            sys::ncclRecv(
-                                p as _,
-                                bytes,
-                                BYTES,
-                                src as i32,
-                                c,
-                                stream.cu_stream() as _,
-                            )
-                        },
-                        c,
-                    )
-                })
+            let (p, _g) = write_ptr(&mut out.slice, &stream);
+            let s = stream.cu_stream() as sys::cudaStream_t;
+            self.issue("recv", &stream, |c| {
+                // SAFETY: the fresh buffer holds `bytes` bytes, ordered on `stream`.
+                let res = unsafe { sys::ncclRecv(p as _, bytes, BYTES, src as i32, c, s) };
+                nccl_result(res, c)
             })?;
         }
         Ok(Tensor::from_storage(
