@@ -353,7 +353,7 @@ impl NcclBackend {
         tracing::debug!(rank, world_size, "NCCL communicator ready");
         Ok(Self::wrap(
             comm,
-            format!("world[0..{world_size}]"),
+            group_label("world", &(0..world_size).collect::<Vec<_>>()),
             rank,
             (0..world_size).collect(),
             device.clone(),
@@ -534,6 +534,12 @@ impl NcclBackend {
         }
         .into())
     }
+}
+
+/// `tp[0,1]`: as the local backend names its groups.
+fn group_label(label: &str, ranks: &[usize]) -> String {
+    let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+    format!("{label}[{}]", ranks.join(","))
 }
 
 fn cuda_device<'a>(device: &'a Device, op: &str) -> Result<&'a CudaDevice> {
@@ -1026,7 +1032,7 @@ impl Backend for NcclBackend {
                 self.shared.global_rank
             )
         }
-        let label = format!("{label}{ranks:?}");
+        let label = group_label(label, &ranks);
         let b: Arc<dyn Backend> = Self::wrap(
             new,
             label,

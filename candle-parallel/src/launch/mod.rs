@@ -288,6 +288,7 @@ impl Launcher {
         F: Fn(RankContext) -> Result<T>,
     {
         use crate::comm::nccl::{NcclBackend, NcclId};
+        use crate::comm::Backend;
         let rank = env.rank;
         let device = Device::new_cuda(env.local_rank).map_err(|e| {
             candle_core::Error::msg(format!(
