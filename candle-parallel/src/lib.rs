@@ -2,8 +2,10 @@
 //!
 //! Run and train [Candle](https://github.com/huggingface/candle) models across many devices.
 //!
-//! - [`comm`]: the [`Comm`] communicator and its backends (threads on the CPU by default);
-//! - [`mod@launch`]: start N ranks ([`launch::launch`], [`launch::Launcher`]);
+//! - [`comm`]: the [`Comm`] communicator and its backends (threads on the CPU by default; NCCL
+//!   on CUDA devices with the `nccl` feature);
+//! - [`mod@launch`]: start N ranks as threads ([`launch::launch`], [`launch::Launcher`]) or as
+//!   processes on one or many machines ([`launch::process`]);
 //! - [`mesh`]: the `dp × pp × ep × tp` [`DeviceMesh`] and its per-dimension groups;
 //! - [`ops`]: collectives that take part in autograd (`copy_to_group`, `reduce_from_group`, ...);
 //! - [`tensor_parallel`]: column/row-parallel linear, vocab-parallel embedding and cross-entropy,

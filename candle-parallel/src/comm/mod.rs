@@ -5,8 +5,9 @@
 //! alias an input, so a result can be turned into a `Var` or updated in place safely.
 //!
 //! The default backend ([`local`]) runs the ranks as threads of one process and moves data
-//! through shared memory. A GPU backend (NCCL) implements the same [`Backend`] trait: the trait
-//! works on Candle's CPU *and* CUDA storage, so no layer changes when the backend does.
+//! through shared memory. The GPU backend (`nccl`, cargo feature `nccl`) implements the same
+//! [`Backend`] trait: the trait works on Candle's CPU *and* CUDA storage, so no layer changes
+//! when the backend does.
 //!
 //! ```
 //! use candle_core::{Tensor, Device};

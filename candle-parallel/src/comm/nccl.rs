@@ -2,7 +2,7 @@
 //!
 //! Every operation is enqueued on the CUDA stream of the tensor it moves and returns at once:
 //! the host waits only where the algorithm needs a value on the host (barrier, the split sizes
-//! of a ragged all-to-all, [`Comm::split`]).
+//! of a ragged all-to-all, [`Comm::split`](super::Comm::split)).
 //!
 //! NCCL itself never times out: a rank that never arrives leaves its peers' kernels spinning.
 //! A watchdog thread (one per process) therefore follows every enqueued operation with a CUDA
@@ -294,7 +294,8 @@ pub fn abort_all(reason: &str) {
 }
 
 /// One rank of one NCCL communicator. Built with [`NcclBackend::new`] (a new world) or by
-/// [`Comm::split`]; wrap it in a [`Comm`] with [`Comm::from_backend`].
+/// [`Comm::split`](super::Comm::split); wrap it in a [`Comm`](super::Comm) with
+/// [`Comm::from_backend`](super::Comm::from_backend).
 pub struct NcclBackend {
     shared: Arc<Shared>,
     rank: usize,

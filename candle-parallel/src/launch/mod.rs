@@ -9,6 +9,11 @@
 //! panics fails the job: every other rank's pending and later collectives return an error
 //! naming it, so the job ends promptly instead of hanging.
 //!
+//! With the `nccl` feature the same closure runs on GPUs: as threads, rank `r` on CUDA device
+//! `r` ([`Launcher::backend`] or `CANDLE_PARALLEL_BACKEND=nccl`), or as processes started by a
+//! launcher ([`process`]), where [`Launcher::run`] runs this process's one rank on device
+//! `LOCAL_RANK`. Code that creates its tensors on [`RankContext::device`] runs unchanged.
+//!
 //! ```
 //! use candle_parallel::launch::Launcher;
 //! use candle_parallel::mesh::{MeshDim, MeshShape};

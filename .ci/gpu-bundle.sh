@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the `nccl` feature here (no GPU needed) and packs what a GPU machine runs into
+# gpu-bin/ (ignored by git): bundle.tar.xz with the NCCL test binary, the examples that run on
+# GPUs, the rendezvous probe, cuda-run-env.sh and run-all.sh. On the GPU machine (no Rust
+# toolchain there), in the carried folder:
+#
+#     tar xJf bundle.tar.xz && ./run-all.sh
+#
+# PTX makes each binary 40-60 MB; xz brings the bundle to about a tenth of that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fetch --quiet
+# shellcheck source=/dev/null
+source .ci/cuda-env.sh
+set -u
+export CARGO_TARGET_DIR="$HOME/.cache/candle-parallel-nccl-target"
+out=gpu-bin
+rm -rf "$out" && mkdir -p "$out/stage"
+cargo build --release --features nccl --tests --examples --workspace --message-format=json \
+    > "$out/build.json"
+python3 - "$out/build.json" "$out/stage" <<'PY'
+import json, shutil, sys
+want_tests = {"nccl"}
+want_examples = {"bench_collectives", "launch", "finetune_mixtral", "quickstart"}
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    name, kinds = t["name"], t["kind"]
+    if ("test" in kinds and name in want_tests) or ("example" in kinds and name in want_examples) \
+            or ("bin" in kinds and name == "rendezvous_probe"):
+        shutil.copy(m["executable"], f"{sys.argv[2]}/{name}")
+PY
+cp .ci/cuda-run-env.sh "$out/stage/"
+# The tests find the probe at the path cargo compiled into them.
+probe_dir="$CARGO_TARGET_DIR/release"
+cat > "$out/stage/run-all.sh" <<EOF
+#!/usr/bin/env bash
+# Runs on the GPU machine: every NCCL test, the collective benchmark and the main job as a
+# process rank and as a thread rank.
+cd "\$(dirname "\$0")"
+source ./cuda-run-env.sh
+mkdir -p "$probe_dir" && cp rendezvous_probe "$probe_dir/"
+status=0
+./nccl --test-threads=1 || status=1
+./bench_collectives --backend nccl --ranks 1 --max-bytes 268435456 || status=1
+./launch --nproc 1 -- finetune_mixtral --mesh ep=1,tp=1 --model /tmp/cp-model --out /tmp/cp-ckpt || status=1
+CANDLE_PARALLEL_BACKEND=nccl ./finetune_mixtral --mesh ep=1,tp=1 --model /tmp/cp-model --out /tmp/cp-ckpt || status=1
+exit \$status
+EOF
+chmod +x "$out/stage/run-all.sh"
+tar -C "$out/stage" -cf - . | xz -T0 -6 > "$out/bundle.tar.xz"
+rm -rf "$out/stage" "$out/build.json"
+ls -la "$out"
