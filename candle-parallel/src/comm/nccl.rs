@@ -76,6 +76,14 @@ impl NcclId {
         self.0.internal.iter().map(|&c| c as u8).collect()
     }
 
+    /// A short fingerprint of the id: the communicators of one world share it.
+    fn world(&self) -> u64 {
+        // FNV-1a: enough to tell the worlds of one process apart.
+        self.to_bytes().iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
     /// The id from the bytes rank 0 sent.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let mut internal = [0 as std::ffi::c_char; 128];
@@ -127,6 +135,8 @@ struct Shared {
     global_rank: usize,
     timeout: Duration,
     calls: AtomicU64,
+    /// The world this communicator was split from (see [`abort_world`]).
+    world: u64,
 }
 
 // SAFETY: the raw communicator is only used under `issue` (or aborted once, atomically).
@@ -281,12 +291,15 @@ impl Watchdog {
     }
 }
 
-/// Aborts every NCCL communicator of this process with `reason`: used when one rank of a
-/// job that runs ranks as threads fails, so that its peers stop waiting for it.
-pub fn abort_all(reason: &str) {
+/// Aborts every communicator of this process that belongs to the world of `id` (split groups
+/// included) with `reason`: when one rank of a job whose ranks are threads fails, its peers
+/// stop waiting for it. Other worlds in the process are left alone.
+pub fn abort_world(id: &NcclId, reason: &str) {
+    let world = id.world();
     let comms: Vec<Arc<Shared>> = lock(&watchdog().comms)
         .iter()
         .filter_map(Weak::upgrade)
+        .filter(|c| c.world == world)
         .collect();
     for c in comms {
         c.abort(reason.to_string());
@@ -359,6 +372,7 @@ impl NcclBackend {
             (0..world_size).collect(),
             device.clone(),
             timeout,
+            id.world(),
         ))
     }
 
@@ -369,6 +383,7 @@ impl NcclBackend {
         ranks: Vec<usize>,
         device: Device,
         timeout: Duration,
+        world: u64,
     ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             comm: AtomicPtr::new(comm),
@@ -379,6 +394,7 @@ impl NcclBackend {
             global_rank: ranks[rank],
             timeout,
             calls: AtomicU64::new(0),
+            world,
         });
         lock(&watchdog().comms).push(Arc::downgrade(&shared));
         let check_args = std::env::var("CANDLE_PARALLEL_CHECK_COLLECTIVES")
@@ -1041,6 +1057,7 @@ impl Backend for NcclBackend {
             ranks,
             self.device.clone(),
             self.shared.timeout,
+            self.shared.world,
         );
         Ok(Some(b))
     }

@@ -246,7 +246,7 @@ impl Launcher {
         T: Send,
         F: Fn(RankContext) -> Result<T> + Sync,
     {
-        use crate::comm::nccl::{abort_all, NcclBackend, NcclId};
+        use crate::comm::nccl::{abort_world, NcclBackend, NcclId};
         let id = NcclId::new()?;
         let first: Mutex<Option<(usize, String)>> = Mutex::new(None);
         let results = self.run_threads(
@@ -265,7 +265,7 @@ impl Launcher {
                 if first.is_none() {
                     *first = Some((rank, msg.clone()));
                     // Peers blocked in NCCL would otherwise wait for this rank until the timeout.
-                    abort_all(&format!("rank {rank} failed: {msg}"));
+                    abort_world(&id, &format!("rank {rank} failed: {msg}"));
                 }
             },
         );
