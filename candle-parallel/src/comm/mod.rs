@@ -432,3 +432,109 @@ impl CollectiveStorage for CudaStorage {
         backend.collective_cuda(op, s, l)
     }
 }
+
+/// Backends whose library gathers and scatters flat buffers only (NCCL) regroup along other
+/// dims with these. `c` is one rank's contiguous run within one of the `outer` rows.
+///
+/// After a flat all-gather of `n` inputs of `[outer, c]` into `flat` (`[n, outer, c]`), writes
+/// `out` as `[outer, n * c]`: the concatenation along the gathered dim.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn regroup_gathered<S: BackendStorage>(
+    flat: &S,
+    out: &mut S,
+    n: usize,
+    outer: usize,
+    c: usize,
+) -> Result<()> {
+    for r in 0..n {
+        flat.copy2d(out, outer, c, c, n * c, r * outer * c, r * c)?;
+    }
+    Ok(())
+}
+
+/// Before a flat reduce-scatter: copies `input` (`[outer, n * c]` from element `start`) into
+/// `tmp` as `[n, outer, c]`, so that rank `r`'s chunk is contiguous.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn regroup_for_scatter<S: BackendStorage>(
+    input: &S,
+    start: usize,
+    tmp: &mut S,
+    n: usize,
+    outer: usize,
+    c: usize,
+) -> Result<()> {
+    for r in 0..n {
+        input.copy2d(tmp, outer, c, n * c, c, start + r * c, r * outer * c)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::op::BackpropOp;
+    use candle_core::{IndexOp, Storage};
+
+    fn cpu(t: &Tensor) -> CpuStorage {
+        match &*t.storage_and_layout().0 {
+            Storage::Cpu(s) => s.clone(),
+            _ => unreachable!("CPU tensor"),
+        }
+    }
+
+    fn tensor(s: CpuStorage, dims: &[usize]) -> Tensor {
+        Tensor::from_storage(Storage::Cpu(s), dims, BackpropOp::none(), false)
+    }
+
+    /// The regrouping the NCCL backend does around its flat collectives, checked on CPU
+    /// storage against concatenation and narrowing along every dim.
+    #[test]
+    fn regrouping_matches_cat_and_narrow_along_every_dim() -> Result<()> {
+        let n = 3;
+        let dims = [2usize, 3, 4];
+        let xs: Vec<Tensor> = (0..n)
+            .map(|r| {
+                Tensor::arange(0f32, 24.0, &Device::Cpu)?
+                    .affine(1.0, 100.0 * r as f64)?
+                    .reshape(&dims[..])
+            })
+            .collect::<Result<_>>()?;
+        for dim in 0..dims.len() {
+            let outer: usize = dims[..dim].iter().product();
+            let len = 24;
+            let c = len / outer;
+            // All-gather: NCCL concatenates the flat inputs.
+            let flat = Tensor::cat(
+                &xs.iter()
+                    .map(|x| x.flatten_all())
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?;
+            let mut out = CpuStorage::F32(vec![0.0; n * len]);
+            regroup_gathered(&cpu(&flat), &mut out, n, outer, c)?;
+            let want = Tensor::cat(&xs, dim)?;
+            let got = tensor(out, want.dims());
+            assert_eq!(
+                got.flatten_all()?.to_vec1::<f32>()?,
+                want.flatten_all()?.to_vec1::<f32>()?,
+                "gather dim {dim}"
+            );
+            // Reduce-scatter: rank r's chunk of the regrouped input is its slice along dim.
+            let big = Tensor::cat(&xs, dim)?; // n * dims[dim] along dim
+            let pad = Tensor::zeros(5, DType::F32, &Device::Cpu)?;
+            let with_offset = Tensor::cat(&[pad, big.flatten_all()?], 0)?;
+            let mut tmp = CpuStorage::F32(vec![0.0; n * len]);
+            regroup_for_scatter(&cpu(&with_offset), 5, &mut tmp, n, outer, c)?;
+            let tmp = tensor(tmp, &[n, len]);
+            for r in 0..n {
+                let want = big.narrow(dim, r * dims[dim], dims[dim])?.flatten_all()?;
+                assert_eq!(
+                    tmp.i(r)?.to_vec1::<f32>()?,
+                    want.to_vec1::<f32>()?,
+                    "scatter dim {dim} rank {r}"
+                );
+            }
+        }
+        Ok(())
+    }
+}

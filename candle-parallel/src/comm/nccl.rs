@@ -34,7 +34,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use super::{Backend, Collective, CommError, ReduceOp};
+use super::{regroup_for_scatter, regroup_gathered, Backend, Collective, CommError, ReduceOp};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
@@ -880,11 +880,7 @@ impl Backend for NcclBackend {
                     })?;
                 }
                 if let Some(tmp) = tmp {
-                    // tmp is [n, outer, c]; the output is [outer, n * c].
-                    let c = len / outer;
-                    for r in 0..n {
-                        tmp.copy2d(&mut out, outer, c, c, n * c, r * len, r * c)?;
-                    }
+                    regroup_gathered(&tmp, &mut out, n, outer, len / outer)?;
                 }
             }
             Collective::ReduceScatter { op: rop, .. } => {
@@ -895,11 +891,7 @@ impl Backend for NcclBackend {
                     1 => None,
                     _ => {
                         let mut tmp = unsafe { dev.alloc_uninit(&Shape::from(len), dtype) }?;
-                        let c = len / outer / n;
-                        for rk in 0..n {
-                            let (src_o, dst_o) = (start + rk * c, rk * outer * c);
-                            input.copy2d(&mut tmp, outer, c, n * c, c, src_o, dst_o)?;
-                        }
+                        regroup_for_scatter(input, start, &mut tmp, n, outer, len / outer / n)?;
                         Some(tmp)
                     }
                 };
