@@ -133,10 +133,18 @@ struct Shared {
     failure: Mutex<Option<String>>,
     label: String,
     global_rank: usize,
-    timeout: Duration,
     calls: AtomicU64,
-    /// The world this communicator was split from (see [`abort_world`]).
+    lineage: Lineage,
+}
+
+/// What the communicators of one rank in one world (its own and those split from it) share.
+#[derive(Clone)]
+struct Lineage {
+    /// The world's fingerprint (see [`abort_world`]).
     world: u64,
+    timeout: Duration,
+    /// The first failure of any of them: what [`NcclBackend::check`] reports.
+    rank_failure: Arc<Mutex<Option<String>>>,
 }
 
 // SAFETY: the raw communicator is only used under `issue` (or aborted once, atomically).
@@ -155,6 +163,7 @@ impl Shared {
             let mut f = lock(&self.failure);
             if f.is_none() {
                 tracing::error!(group = %self.label, rank = self.global_rank, "aborting the NCCL communicator: {reason}");
+                lock(&self.lineage.rank_failure).get_or_insert_with(|| reason.clone());
                 *f = Some(reason);
             }
         }
@@ -216,7 +225,7 @@ impl Watchdog {
                     let _ = p.event.context().bind_to_thread();
                     match p.event.try_is_complete() {
                         Ok(true) => false,
-                        Ok(false) if p.since.elapsed() > p.shared.timeout => {
+                        Ok(false) if p.since.elapsed() > p.shared.lineage.timeout => {
                             p.shared.abort(format!(
                                 "{} timed out after {:.1}s on rank {}: a peer never arrived or is stuck. If they are only slow, raise the timeout (Launcher::timeout or CANDLE_PARALLEL_TIMEOUT_SECS)",
                                 p.what,
@@ -276,13 +285,13 @@ impl Watchdog {
                 }
                 Err(_) => {
                     let since = *lock(&s.busy_since);
-                    if since.is_some_and(|t| t.elapsed() > s.timeout) {
+                    if since.is_some_and(|t| t.elapsed() > s.lineage.timeout) {
                         // The issuing thread is stuck inside NCCL (peers never joined a group
                         // call): NCCL's abort is the only way to release it.
                         s.abort(format!(
                             "a call on rank {} waited more than {:.0}s inside NCCL for its peers",
                             s.global_rank,
-                            s.timeout.as_secs_f64()
+                            s.lineage.timeout.as_secs_f64()
                         ));
                     }
                 }
@@ -299,7 +308,7 @@ pub fn abort_world(id: &NcclId, reason: &str) {
     let comms: Vec<Arc<Shared>> = lock(&watchdog().comms)
         .iter()
         .filter_map(Weak::upgrade)
-        .filter(|c| c.world == world)
+        .filter(|c| c.lineage.world == world)
         .collect();
     for c in comms {
         c.abort(reason.to_string());
@@ -371,8 +380,11 @@ impl NcclBackend {
             rank,
             (0..world_size).collect(),
             device.clone(),
-            timeout,
-            id.world(),
+            Lineage {
+                world: id.world(),
+                timeout,
+                rank_failure: Arc::default(),
+            },
         ))
     }
 
@@ -382,8 +394,7 @@ impl NcclBackend {
         rank: usize,
         ranks: Vec<usize>,
         device: Device,
-        timeout: Duration,
-        world: u64,
+        lineage: Lineage,
     ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             comm: AtomicPtr::new(comm),
@@ -392,9 +403,8 @@ impl NcclBackend {
             failure: Mutex::new(None),
             label,
             global_rank: ranks[rank],
-            timeout,
             calls: AtomicU64::new(0),
-            world,
+            lineage,
         });
         lock(&watchdog().comms).push(Arc::downgrade(&shared));
         let check_args = std::env::var("CANDLE_PARALLEL_CHECK_COLLECTIVES")
@@ -409,10 +419,12 @@ impl NcclBackend {
         })
     }
 
-    /// Fails when the communicator was aborted (a timeout, an NCCL error or a peer's failure):
-    /// values computed since then are not to be trusted.
+    /// Fails when this communicator, or any other of this rank in the same world (split groups
+    /// included), was aborted (a timeout, an NCCL error or a peer's failure): values computed
+    /// since then are not to be trusted.
     pub fn check(&self) -> Result<()> {
-        match self.shared.failure() {
+        let failure = lock(&self.shared.lineage.rank_failure).clone();
+        match failure {
             Some(reason) => Err(self.aborted("check", reason)),
             None => Ok(()),
         }
@@ -1048,8 +1060,7 @@ impl Backend for NcclBackend {
             rank,
             ranks,
             self.device.clone(),
-            self.shared.timeout,
-            self.shared.world,
+            self.shared.lineage.clone(),
         );
         Ok(Some(b))
     }

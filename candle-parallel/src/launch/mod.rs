@@ -249,6 +249,8 @@ impl Launcher {
         use crate::comm::nccl::{abort_world, NcclBackend, NcclId};
         let id = NcclId::new()?;
         let first: Mutex<Option<(usize, String)>> = Mutex::new(None);
+        let worlds: Vec<Mutex<Option<std::sync::Arc<NcclBackend>>>> =
+            (0..self.world_size).map(|_| Mutex::new(None)).collect();
         let results = self.run_threads(
             f,
             |rank| {
@@ -258,6 +260,7 @@ impl Launcher {
                     ))
                 })?;
                 let backend = NcclBackend::new(&device, rank, self.world_size, &id, self.timeout)?;
+                *lock(&worlds[rank]) = Some(backend.clone());
                 Ok((Comm::from_backend(backend), device))
             },
             |rank, msg| {
@@ -271,6 +274,14 @@ impl Launcher {
         );
         if let Some((rank, msg)) = lock(&first).take() {
             bail!("rank {rank} failed: {msg}")
+        }
+        // A value computed after a communicator was aborted is not to be trusted.
+        for (rank, world) in worlds.iter().enumerate() {
+            if let Some(world) = lock(world).as_ref() {
+                world
+                    .check()
+                    .map_err(|e| candle_core::Error::msg(format!("rank {rank} failed: {e}")))?;
+            }
         }
         Ok(results
             .into_iter()
