@@ -27,9 +27,11 @@ for line in open(sys.argv[1]):
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
-    name, kinds = t["name"], t["kind"]
-    if ("test" in kinds and name in want_tests) or ("example" in kinds and name in want_examples) \
-            or ("bin" in kinds and name == "rendezvous_probe"):
+    name, kinds, harness = t["name"], t["kind"], m["profile"]["test"]
+    # `--tests` also builds test harnesses of bins and examples: take the programs themselves.
+    if ("test" in kinds and name in want_tests) or (not harness and (
+            ("example" in kinds and name in want_examples)
+            or ("bin" in kinds and name == "rendezvous_probe"))):
         shutil.copy(m["executable"], f"{sys.argv[2]}/{name}")
 PY
 cp .ci/cuda-run-env.sh "$out/stage/"
