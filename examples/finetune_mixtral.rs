@@ -24,7 +24,7 @@
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::{save_checkpoint, SaveOptions, ShardedTensor, ShardedVarBuilder};
-use candle_parallel::launch::process::ProcessEnv;
+use candle_parallel::launch::process::is_lead;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::{clip_factor, grad_norm_sq, scale_grads, AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape, ReduceOp};
@@ -123,14 +123,9 @@ fn load_text(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Loads the model directory's config and tokenizer, creating a random model first if needed.
-/// True unless this process is a rank other than 0 of a multi-process job.
-fn is_lead_process() -> Result<bool> {
-    Ok(ProcessEnv::from_env()?.is_none_or(|e| e.rank == 0))
-}
-
 fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
     let dir = &args.model;
-    if !dir.join("config.json").exists() && !is_lead_process()? {
+    if !dir.join("config.json").exists() && !is_lead()? {
         // Rank 0's process creates the model; wait for it to appear (it is renamed into place).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
         while !dir.join("config.json").exists() {
@@ -363,7 +358,7 @@ fn main() -> Result<()> {
         save_checkpoint(&out_dir, &tensors, &opts, ctx.comm())?;
         Ok((history, first_eval, last_eval, metric, out_dir))
     })?;
-    if !is_lead_process()? {
+    if !is_lead()? {
         return Ok(()); // rank 0's process reports
     }
     let (history, first, last, metric, out_dir) = &report[0];

@@ -11,7 +11,7 @@
 //! created on the fly: the text is noise, but every step of the pipeline runs. Decoding is
 //! greedy (`--temperature 0`, the default) or sampled; every rank samples with the same seed
 //! from the same gathered logits, so the ranks stay in step, and rank 0 prints.
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_parallel::checkpoint::ShardedVarBuilder;
 use candle_parallel::Launcher;
 use candle_parallel_models::llama::{Llama, LlamaConfig};
@@ -121,14 +121,14 @@ fn main() -> Result<()> {
     std::io::stdout().flush()?;
     let out = Launcher::new(a.tp).run(|ctx| {
         let vb = match &a.model {
-            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?,
-            None => ShardedVarBuilder::from_init(a.seed, DType::F32, &Device::Cpu),
+            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            None => ShardedVarBuilder::from_init(a.seed, DType::F32, ctx.device()),
         };
         let model = Llama::new(&cfg, vb, ctx.comm())?;
         let mut cache = model.new_cache();
         let mut rng = Rng(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut ids = prompt.clone();
-        let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let mut input = Tensor::new(prompt.as_slice(), ctx.device())?.unsqueeze(0)?;
         let mut printed = tokenizer.decode(&ids, true).map_err(err)?.len();
         for _ in 0..a.max_tokens {
             let pos = cache.len();
@@ -147,10 +147,12 @@ fn main() -> Result<()> {
                     printed = text.len();
                 }
             }
-            input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+            input = Tensor::new(&[next], ctx.device())?.unsqueeze(0)?;
         }
         Ok(ids.len() - prompt.len())
     })?;
-    println!("\n[{} tokens generated at tp={}]", out[0], a.tp);
+    if candle_parallel::launch::process::is_lead()? {
+        println!("\n[{} tokens generated at tp={}]", out[0], a.tp);
+    }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! `loss` for every parameter under its Hugging Face name at its full (unsharded) shape.
 //! `DIR` holds `config.json` and `model.safetensors` (or an index and several files); without
 //! `--model`, a small random model is created on the fly.
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
 use candle_parallel::Launcher;
 use candle_parallel_models::llama::{Llama, LlamaConfig};
@@ -69,12 +69,12 @@ fn main() -> Result<()> {
     }
     let results = Launcher::new(tp).run(|ctx| {
         let vb = match &model {
-            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?,
-            None => ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu),
+            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            None => ShardedVarBuilder::from_init(seed, DType::F32, ctx.device()),
         };
         let vb = if grads { vb.trainable() } else { vb };
         let llama = Llama::new(&cfg, vb.clone(), ctx.comm())?;
-        let ids = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let ids = Tensor::new(tokens.as_slice(), ctx.device())?.unsqueeze(0)?;
         let logits = llama.forward(&ids, 0, None)?.squeeze(0)?;
         let mut tensors = vec![("logits".to_string(), logits)];
         if tokens.len() >= 2 {
@@ -91,6 +91,9 @@ fn main() -> Result<()> {
         Ok(tensors)
     })?;
     // Every rank holds the same gathered results; rank 0's are written.
+    if !candle_parallel::launch::process::is_lead()? {
+        return Ok(()); // in a multi-process job, rank 0's process writes and reports
+    }
     let tensors: HashMap<String, Tensor> =
         results.into_iter().next().unwrap().into_iter().collect();
     candle_core::safetensors::save(&tensors, &out)?;

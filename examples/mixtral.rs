@@ -72,12 +72,12 @@ fn main() -> Result<()> {
     let results = Launcher::new(ep * tp).mesh(mesh).run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = match &model {
-            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?,
-            None => ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu),
+            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            None => ShardedVarBuilder::from_init(seed, DType::F32, ctx.device()),
         };
         let vb = if grads { vb.trainable() } else { vb };
         let m = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllReduce)?;
-        let ids = Tensor::new(tokens.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let ids = Tensor::new(tokens.as_slice(), ctx.device())?.unsqueeze(0)?;
         let logits = m.forward(&ids, 0, None)?.squeeze(0)?;
         let l = m.losses(&ids, false)?;
         let mut tensors: Vec<(String, Tensor)> = vec![
@@ -105,6 +105,9 @@ fn main() -> Result<()> {
         }
         Ok(tensors)
     })?;
+    if !candle_parallel::launch::process::is_lead()? {
+        return Ok(()); // in a multi-process job, rank 0's process writes and reports
+    }
     let tensors: HashMap<String, Tensor> =
         results.into_iter().next().unwrap().into_iter().collect();
     candle_core::safetensors::save(&tensors, &out)?;

@@ -73,6 +73,12 @@ impl ProcessEnv {
     }
 }
 
+/// False when this process is a rank other than 0 of a multi-process job: the process that
+/// writes a job's files and reports (every process computes; one speaks).
+pub fn is_lead() -> Result<bool> {
+    Ok(ProcessEnv::from_env()?.is_none_or(|e| e.rank == 0))
+}
+
 const MAGIC: &[u8; 8] = b"cp-rdzv1";
 
 fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
