@@ -296,3 +296,24 @@ fn empty_worlds_and_bad_peers_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn backend_names_parse_and_unknown_ones_are_clear_errors() {
+    use candle_parallel::launch::BackendKind;
+    assert_eq!("local".parse::<BackendKind>().unwrap(), BackendKind::Local);
+    assert_eq!(" nccl ".parse::<BackendKind>().unwrap(), BackendKind::Nccl);
+    let e = "gpu".parse::<BackendKind>().unwrap_err().to_string();
+    assert!(e.contains("unknown backend \"gpu\": use local"), "{e}");
+}
+
+/// Without the `nccl` feature, asking for NCCL says how to get it instead of running on the CPU.
+#[cfg(not(feature = "nccl"))]
+#[test]
+fn the_nccl_backend_without_the_feature_is_a_clear_error() {
+    let e = Launcher::new(2)
+        .backend(candle_parallel::launch::BackendKind::Nccl)
+        .run(|_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("build with --features nccl"), "{e}");
+}

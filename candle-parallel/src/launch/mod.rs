@@ -103,7 +103,7 @@ pub struct Launcher {
     backend: Option<BackendKind>,
 }
 
-/// The communication backend of ranks that run as threads.
+/// The communication backend of a job's ranks ([`Launcher::backend`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
     /// CPU tensors, ranks exchange data through shared memory (the default).
@@ -181,8 +181,9 @@ impl Launcher {
     /// `rank R failed: ...`.
     ///
     /// When this process was started as one rank of a multi-process job (`RANK` is set, see
-    /// [`process`]) and the backend is not explicitly `Local`, it runs that rank alone, on CUDA device `LOCAL_RANK` with the NCCL backend,
-    /// and returns its one result; `WORLD_SIZE` must equal the launcher's world size.
+    /// [`process`]) and the backend is not explicitly `Local`, it runs that rank alone, on CUDA
+    /// device `LOCAL_RANK` with the NCCL backend, and returns its one result; `WORLD_SIZE` must
+    /// equal the launcher's world size.
     pub fn run<T, F>(&self, f: F) -> Result<Vec<T>>
     where
         T: Send,
@@ -247,6 +248,18 @@ impl Launcher {
         F: Fn(RankContext) -> Result<T> + Sync,
     {
         use crate::comm::nccl::{abort_world, NcclBackend, NcclId};
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        // Checked up front: a rank without a GPU would leave the others waiting to join.
+        let gpus = CudaContext::device_count()
+            .map_err(|e| candle_core::Error::msg(format!("cannot count the CUDA devices: {e:?}")))?
+            as usize;
+        if gpus < self.world_size {
+            bail!(
+                "the NCCL backend with threads runs one rank per GPU: {} ranks need {} GPUs, this machine has {gpus}. Use fewer ranks, or processes on several machines (launch::process)",
+                self.world_size,
+                self.world_size
+            )
+        }
         let id = NcclId::new()?;
         let first: Mutex<Option<(usize, String)>> = Mutex::new(None);
         let worlds: Vec<Mutex<Option<std::sync::Arc<NcclBackend>>>> =
