@@ -119,9 +119,9 @@ fn iterations(bytes: usize) -> usize {
     ((1usize << 30) / bytes.max(1)).clamp(3, 200)
 }
 
-/// A device-to-device copy of `bytes` on the first rank's device, as the NCCL ceiling.
-fn device_copy_gbps(bytes: usize, backend: BackendKind) -> Result<f64> {
-    let secs = Launcher::new(1).backend(backend).run(|ctx| {
+/// A device-to-device copy of `bytes` on GPU 0, as the NCCL ceiling.
+fn device_copy_gbps(bytes: usize) -> Result<f64> {
+    let secs = Launcher::new(1).backend(BackendKind::Nccl).run(|ctx| {
         let x = Tensor::ones(bytes / 4, DType::F32, ctx.device())?;
         let reps = iterations(bytes).min(20);
         x.copy()?.sum_all()?.to_scalar::<f32>()?; // warm up, and wait for the device
@@ -243,7 +243,7 @@ fn main() -> Result<()> {
             (ceiling, note)
         }
         BackendKind::Nccl => {
-            let ceiling = device_copy_gbps(largest, args.backend)?;
+            let ceiling = device_copy_gbps(largest)?;
             let note = format!(
                 "device-to-device copy of {} on GPU 0: {ceiling:.2} GB/s (the ceiling busbw is \
                  compared with)",

@@ -53,6 +53,18 @@ fn assert_bitwise(cpu: &[Tensor], gpu: &[Tensor], what: &str) -> Result<()> {
     Ok(())
 }
 
+fn assert_close(cpu: &[Tensor], gpu: &[Tensor], tol: f64, what: &str) -> Result<()> {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: number of outputs");
+    for (i, (c, g)) in cpu.iter().zip(gpu).enumerate() {
+        let e = max_rel_err(c, g)?;
+        assert!(
+            e <= tol,
+            "{what}: output #{i} differs from the CPU by {e:e}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn every_operation_matches_the_cpu_backend() -> Result<()> {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -111,11 +123,7 @@ fn gradients_of_differentiable_collectives_match_the_cpu() -> Result<()> {
         let grads = y.sum_all()?.backward()?;
         Ok(vec![y, grads.get(&w).expect("gradient of w").clone()])
     })?;
-    for (c, g) in cpu.iter().zip(&gpu) {
-        let e = max_rel_err(c, g)?;
-        assert!(e <= 1e-6, "differs by {e:e}");
-    }
-    Ok(())
+    assert_close(&cpu, &gpu, 1e-6, "collectives and their gradient")
 }
 
 #[test]
@@ -171,10 +179,7 @@ fn llama_logits_and_gradients_on_cuda_match_the_cpu() -> Result<()> {
         );
         Ok(out)
     })?;
-    for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
-        let e = max_rel_err(c, g)?;
-        assert!(e <= 1e-4, "output #{i} differs from the CPU by {e:e}");
-    }
+    assert_close(&cpu, &gpu, 1e-4, "llama")?;
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
@@ -200,13 +205,7 @@ fn mixtral_with_both_dispatchers_on_cuda_matches_the_cpu() -> Result<()> {
             );
             Ok(out)
         })?;
-        for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
-            let e = max_rel_err(c, g)?;
-            assert!(
-                e <= 1e-4,
-                "{dispatch:?}: output #{i} differs from the CPU by {e:e}"
-            );
-        }
+        assert_close(&cpu, &gpu, 1e-4, &format!("mixtral {dispatch:?}"))?;
     }
     std::fs::remove_dir_all(dir)?;
     Ok(())

@@ -16,14 +16,14 @@
 //!
 //! Point-to-point messages go through per-pair mailboxes on the group (`send` does not wait).
 
-use super::{Backend, Collective, Comm, CommError, ReduceOp};
+use super::{group_label, lock, Backend, Collective, Comm, CommError, ReduceOp};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The default time a rank waits for its peers before failing, overridden by the
@@ -116,14 +116,7 @@ impl LocalFabric {
         let n = ranks.len();
         let group = Arc::new(Group {
             fabric: self.clone(),
-            label: format!(
-                "{label}[{}]",
-                ranks
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            ),
+            label: group_label(label, &ranks),
             ranks,
             state: Mutex::new(State {
                 call: 0,
@@ -141,12 +134,6 @@ impl LocalFabric {
         groups.push(Arc::downgrade(&group));
         group
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent state (no code under them
-    // panics by design); keep going rather than cascading the panic into every rank.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Group {

@@ -34,7 +34,20 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor,
 };
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Locks `m`, ignoring poisoning: a panic while holding one of the crate's locks leaves
+/// consistent state (no code under them panics by design); keep going rather than cascading
+/// the panic into every rank.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A group's name in messages, `tp[0,1]`: its label and the global ranks of its members.
+pub(crate) fn group_label(label: &str, ranks: &[usize]) -> String {
+    let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+    format!("{label}[{}]", ranks.join(","))
+}
 
 /// How [`Comm::all_reduce`] and [`Comm::reduce_scatter`] combine the ranks' values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -34,7 +34,10 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use super::{regroup_for_scatter, regroup_gathered, Backend, Collective, CommError, ReduceOp};
+use super::{
+    group_label, lock, regroup_for_scatter, regroup_gathered, Backend, Collective, CommError,
+    ReduceOp,
+};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaEvent, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
@@ -46,12 +49,8 @@ use candle_core::{CudaStorage, DType, Device, Layout, Result, Shape, Storage, Te
 use std::ffi::{c_void, CStr};
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// The 128-byte id that the ranks of a new NCCL world share: rank 0 makes it with
 /// [`NcclId::new`], the others receive its [`NcclId::to_bytes`] (over the rendezvous).
@@ -563,12 +562,6 @@ impl NcclBackend {
         }
         .into())
     }
-}
-
-/// `tp[0,1]`: as the local backend names its groups.
-fn group_label(label: &str, ranks: &[usize]) -> String {
-    let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
-    format!("{label}[{}]", ranks.join(","))
 }
 
 fn cuda_device<'a>(device: &'a Device, op: &str) -> Result<&'a CudaDevice> {

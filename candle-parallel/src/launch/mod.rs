@@ -33,17 +33,13 @@
 pub mod process;
 
 use crate::comm::local::{default_timeout, LocalFabric};
-use crate::comm::Comm;
+use crate::comm::{lock, Comm};
 use crate::mesh::{DeviceMesh, MeshShape};
 use candle_core::{bail, Device, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What a rank's closure gets: who it is, its device and its communicators.
 pub struct RankContext {
