@@ -21,7 +21,7 @@ cargo build --release --features nccl --tests --examples --workspace --message-f
 python3 - "$out/build.json" "$out/stage" <<'PY'
 import json, shutil, sys
 want_tests = {"nccl"}
-want_examples = {"bench_collectives", "launch", "finetune_mixtral", "quickstart"}
+want_examples = {"bench_collectives", "launch", "finetune_mixtral", "quickstart", "rendezvous_probe"}
 for line in open(sys.argv[1]):
     m = json.loads(line)
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
@@ -30,20 +30,18 @@ for line in open(sys.argv[1]):
     name, kinds, harness = t["name"], t["kind"], m["profile"]["test"]
     # `--tests` also builds test harnesses of bins and examples: take the programs themselves.
     if ("test" in kinds and name in want_tests) or (not harness and (
-            ("example" in kinds and name in want_examples)
-            or ("bin" in kinds and name == "rendezvous_probe"))):
+            "example" in kinds and name in want_examples)):
         shutil.copy(m["executable"], f"{sys.argv[2]}/{name}")
 PY
 cp .ci/cuda-run-env.sh "$out/stage/"
-# The tests find the probe at the path cargo compiled into them.
-probe_dir="$CARGO_TARGET_DIR/release"
 cat > "$out/stage/run-all.sh" <<EOF
 #!/usr/bin/env bash
 # Runs on the GPU machine: every NCCL test, the collective benchmark and the main job as a
 # process rank and as a thread rank.
 cd "\$(dirname "\$0")"
 source ./cuda-run-env.sh
-mkdir -p "$probe_dir" && cp rendezvous_probe "$probe_dir/"
+# The tests find the probe here rather than in a cargo build directory.
+export CANDLE_PARALLEL_PROBE="\$PWD/rendezvous_probe"
 status=0
 ./nccl --test-threads=1 || status=1
 ./bench_collectives --backend nccl --ranks 1 --max-bytes 268435456 || status=1

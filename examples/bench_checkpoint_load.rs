@@ -122,7 +122,7 @@ fn main() -> Result<()> {
             bench_config().num_hidden_layers,
             a.dir.display()
         );
-        candle_parallel_examples::write_random_llama(&a.dir, &bench_config(), 0)?;
+        candle_parallel_models::testing::write_random_llama(&a.dir, &bench_config(), 0)?;
     }
     let file_bytes: u64 = candle_parallel::checkpoint::hf_safetensors_files(&a.dir)?
         .iter()

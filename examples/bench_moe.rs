@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_parallel::checkpoint::ShardedVarBuilder;
 use candle_parallel::moe::{moe_layer, Dispatch, RouterConfig};
 use candle_parallel::{Launcher, MeshShape};
-use candle_parallel_examples::{seeded, write_random_mixtral};
+use candle_parallel_models::testing::{seeded, write_random_mixtral};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use clap::Parser;
 use std::path::PathBuf;

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Module, Result, Var};
 use candle_parallel::checkpoint::ShardedVarBuilder;
 use candle_parallel::tensor_parallel::{column_parallel_linear, row_parallel_linear};
 use candle_parallel::Launcher;
-use candle_parallel_examples::seeded;
+use candle_parallel_models::testing::seeded;
 use clap::Parser;
 use std::time::Instant;
 

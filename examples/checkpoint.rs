@@ -218,7 +218,7 @@ fn main() -> Result<()> {
     candle_parallel::logging::init();
     match Args::parse().command {
         Command::Random { to, seed } => {
-            candle_parallel_examples::write_random_llama(&to, &LlamaConfig::tiny(), seed)?;
+            candle_parallel_models::testing::write_random_llama(&to, &LlamaConfig::tiny(), seed)?;
             println!("wrote a random Llama-style model to {}", to.display());
             Ok(())
         }

@@ -97,7 +97,7 @@ fn main() -> Result<()> {
             (cfg, tok, eos)
         }
         None => {
-            let tok = candle_parallel_examples::byte_tokenizer()?;
+            let tok = candle_parallel_models::tokenizer::byte_tokenizer()?;
             (LlamaConfig::tiny(), tok, vec![256])
         }
     };

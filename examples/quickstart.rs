@@ -12,7 +12,7 @@
 //! gradient. It exits with an error if any check fails.
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
-use candle_parallel_examples::{max_rel_err, seeded};
+use candle_parallel_models::testing::{max_rel_err, seeded};
 use clap::Parser;
 
 #[derive(Parser, Debug)]

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
 use candle_parallel::tensor_parallel::{column_parallel_linear, row_parallel_linear};
 use candle_parallel::{launch, Comm};
-use candle_parallel_examples::{max_rel_err, seeded};
+use candle_parallel_models::testing::{max_rel_err, seeded};
 use clap::Parser;
 
 #[derive(Parser, Debug)]

@@ -9,7 +9,7 @@ use candle_parallel::checkpoint::{
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{launch, Launcher, MeshShape};
-use candle_parallel_examples::{seeded, write_random_llama};
+use candle_parallel_models::testing::{seeded, write_random_llama};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! inputs, for world sizes 1..=4, several dtypes and several dims.
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_parallel::{launch, Launcher, ReduceOp};
-use candle_parallel_examples::seeded;
+use candle_parallel_models::testing::seeded;
 
 const DTYPES: [DType; 6] = [
     DType::F32,

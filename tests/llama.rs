@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
 use candle_parallel::launch;
-use candle_parallel_examples::{max_rel_err, write_random_llama};
+use candle_parallel_models::testing::{max_rel_err, write_random_llama};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use std::path::{Path, PathBuf};
 

@@ -6,7 +6,7 @@ use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape, ReduceOp};
-use candle_parallel_examples::{max_rel_err, write_random_mixtral};
+use candle_parallel_models::testing::{max_rel_err, write_random_mixtral};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use std::path::{Path, PathBuf};
 

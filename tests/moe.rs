@@ -1,10 +1,13 @@
 //! The MoE layer at ep ∈ {1, 2, 4} × tp ∈ {1, 2} with both dispatchers against the
 //! single-rank layer: outputs and every gradient, gate included. Capacity dropping.
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
 use candle_parallel::moe::{moe_layer, Dispatch, DropPolicy, RouterConfig};
 use candle_parallel::{launch, Launcher, MeshShape, ReduceOp};
-use candle_parallel_examples::{max_rel_err, seeded, slice_of};
+use candle_parallel_models::testing::{max_rel_err, seeded};
+use common::slice_of;
 use std::collections::BTreeMap;
 
 const E: usize = 4;
@@ -214,7 +217,7 @@ fn capacity_drops_exactly_what_the_policy_names() -> Result<()> {
                 ctx.comm(),
                 ctx.comm(),
             )?;
-            let r = dropless.router().forward(&x, false)?;
+            let r = dropless.router().route(&x, false)?;
             // Each expert alone: route every token to it with weight 1 by running the layer
             // on one-hot... simpler: evaluate experts through a top-1 layer is not possible, so
             // recompute the expert MLPs from the checkpointed weights.

@@ -3,13 +3,15 @@
 //! world of one rank; multi-rank correctness is proven on the CPU backend).
 #![cfg(feature = "nccl")]
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
 use candle_parallel::comm::nccl::{NcclBackend, NcclId};
 use candle_parallel::launch::{BackendKind, RankContext};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::{ops, Launcher, MeshShape, ReduceOp};
-use candle_parallel_examples::{max_rel_err, seeded, write_random_llama, write_random_mixtral};
+use candle_parallel_models::testing::{max_rel_err, seeded, write_random_llama, write_random_mixtral};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use std::time::Duration;
@@ -219,7 +221,7 @@ fn a_rank_process_runs_its_rank_on_nccl() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rendezvous_probe"))
+    let out = std::process::Command::new(common::probe_path())
         .env("RANK", "0")
         .env("WORLD_SIZE", "1")
         .env("LOCAL_RANK", "0")

@@ -2,7 +2,7 @@
 //! computation written for one process.
 use candle_core::{DType, Result, Tensor, Var};
 use candle_parallel::{launch, ops};
-use candle_parallel_examples::{max_rel_err, seeded};
+use candle_parallel_models::testing::{max_rel_err, seeded};
 
 const TOL: f64 = 1e-5;
 

@@ -1,11 +1,13 @@
 //! Ranks as processes on loopback: the rendezvous, the launcher, a rank that dies, a rank that
 //! never starts, and bad environment variables.
+mod common;
+
+use common::probe_path;
 use candle_parallel::launch::process::{spawn_ranks, NodePlan};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const PROBE: &str = env!("CARGO_BIN_EXE_rendezvous_probe");
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("cp-proc-{name}-{}", std::process::id()));
@@ -33,7 +35,7 @@ fn args(out: &Path, extra: &[&str]) -> Vec<String> {
 #[test]
 fn four_processes_meet_and_share_rank_zeros_blob() {
     let out = tmp("ok");
-    spawn_ranks(Path::new(PROBE), &args(&out, &[]), &plan(4)).unwrap();
+    spawn_ranks(&probe_path(), &args(&out, &[]), &plan(4)).unwrap();
     for r in 0..4 {
         let got = std::fs::read_to_string(out.join(format!("rank-{r}.txt"))).unwrap();
         assert_eq!(got, "unique-id-from-rank-0-of-4", "rank {r}");
@@ -47,7 +49,7 @@ fn a_rank_that_dies_stops_the_others_promptly() {
     let start = Instant::now();
     // The others would wait 60 s for the missing rank: only the launcher can end them sooner.
     let e = spawn_ranks(
-        Path::new(PROBE),
+        &probe_path(),
         &args(&out, &["--fail-rank", "2", "--timeout-ms", "60000"]),
         &plan(4),
     )
@@ -75,7 +77,7 @@ fn start(
     let children: Vec<_> = ranks
         .iter()
         .map(|&r| {
-            let child = Command::new(PROBE)
+            let child = Command::new(probe_path())
                 .args(["--timeout-ms", &timeout_ms.to_string()])
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", world.to_string())
@@ -139,7 +141,7 @@ fn a_rank_that_never_starts_is_named_by_the_timeout() {
 #[test]
 fn bad_environment_variables_are_clear_errors() {
     let run = |vars: &[(&str, &str)]| {
-        let mut c = Command::new(PROBE);
+        let mut c = Command::new(probe_path());
         for v in [
             "RANK",
             "WORLD_SIZE",
@@ -169,7 +171,7 @@ fn bad_environment_variables_are_clear_errors() {
 #[test]
 fn a_launcher_inside_a_rank_process_checks_the_world_and_the_backend() {
     let run = |world: &str, n: &str| {
-        let out = Command::new(PROBE)
+        let out = Command::new(probe_path())
             .env("RANK", "0")
             .env("WORLD_SIZE", world)
             .env("LOCAL_RANK", "0")

@@ -1,10 +1,13 @@
 //! Tensor-parallel layers against the single-device candle-nn computation, for tp = 1..=4:
 //! outputs and every parameter's gradient (relative error <= 1e-5 in f32).
+mod common;
+
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
 use candle_parallel::tensor_parallel::{self as tp_layers, TpHeads};
 use candle_parallel::{launch, ops, Comm};
-use candle_parallel_examples::{max_rel_err, seeded, slice_of};
+use candle_parallel_models::testing::{max_rel_err, seeded};
+use common::slice_of;
 use std::collections::BTreeMap;
 
 const TOL: f64 = 1e-5;

@@ -2,7 +2,7 @@
 //! against candle-nn's composite references.
 use candle_core::{DType, Result, Tensor, Var};
 use candle_parallel::ops;
-use candle_parallel_examples::{max_rel_err, seeded};
+use candle_parallel_models::testing::{max_rel_err, seeded};
 
 /// d(sum(f(inputs) · c))/d(inputs[k]) by central differences, for every element.
 fn numeric_grad(

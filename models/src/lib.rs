@@ -1,9 +1,14 @@
 //! Parallel-aware models for candle-parallel, reading Hugging Face checkpoints by their names.
 //!
 //! - [`llama`]: a Llama-style dense transformer with tensor parallelism;
-//! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism.
+//! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism;
+//! - [`testing`]: deterministic inputs, error checks and random HF checkpoints for tests,
+//!   examples and benchmarks;
+//! - [`tokenizer`]: byte- and word-level tokenizers that need no download.
 pub mod llama;
 pub mod mixtral;
+pub mod testing;
+pub mod tokenizer;
 
 pub use candle_parallel;
 

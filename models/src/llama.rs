@@ -143,11 +143,7 @@ pub(crate) fn lm_head(
     let w = if tied {
         embed.weight().clone()
     } else {
-        let shard = Shard::SplitPadded {
-            dim: 0,
-            rank: tp.rank(),
-            parts: tp.size(),
-        };
+        let shard = Shard::split_padded_over(0, tp);
         vb.pp("lm_head").get(
             (vocab, hidden),
             "weight",

@@ -1,13 +1,18 @@
 //! Operations for parallel models, re-exported here so that layers write
 //! `ops::copy_to_group(&x, &tp)`:
 //!
+//! - [`attach_backward`]: a fast kernel's result joined to the graph with a backward you supply;
+//!   [`depend_on`] keeps tensors on the gradient path;
 //! - [`collectives`]: collectives that take part in autograd (F/G conjugates, gather/scatter,
 //!   reduce-scatter, all-to-all);
 //! - [`train`]: trainable versions of candle-nn's fast kernels that lack a backward (softmax,
 //!   RMSNorm, rotary embedding), SwiGLU, and a dropout whose mask is chosen by a key (so that
 //!   tensor-parallel replicas agree).
+mod attach;
 pub mod collectives;
 pub mod train;
+
+pub use attach::{attach_backward, depend_on, Vjp};
 
 pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,

@@ -19,77 +19,17 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use super::copy_view;
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
-};
-
-/// Which backward a fast single-input op gets.
-enum Vjp1 {
-    Softmax,
-    Rope { cos: Tensor, sin: Tensor },
-}
-
-/// `(x, fast_y) -> fast_y`, with the backward of the op that produced `fast_y` from `x`.
-struct Attach1(Vjp1);
-
-impl CustomOp2 for Attach1 {
-    fn name(&self) -> &'static str {
-        match self.0 {
-            Vjp1::Softmax => "softmax_last_dim",
-            Vjp1::Rope { .. } => "rope",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_view(y, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_view(y, l)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = match &self.0 {
-            // dx = y ⊙ (g − Σ(g ⊙ y))
-            Vjp1::Softmax => {
-                let dot = (g * res)?.sum_keepdim(D::Minus1)?;
-                (res * g.broadcast_sub(&dot)?)?
-            }
-            // rope is a rotation by θ; its transpose is the rotation by −θ.
-            Vjp1::Rope { cos, sin } => {
-                candle_nn::rotary_emb::rope(&g.contiguous()?, cos, &sin.neg()?)?
-            }
-        };
-        Ok((Some(dx), None))
-    }
-}
+use super::attach_backward;
+use candle_core::{DType, Result, Tensor, D};
 
 /// Softmax over the last dimension, with a backward: candle-nn's fast kernel forward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    x.apply_op2(&y, Attach1(Vjp1::Softmax))
+    // dx = y ⊙ (g − Σ(g ⊙ y))
+    attach_backward("softmax_last_dim", &y, &[x], |_, y, g| {
+        let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+        Ok(vec![Some((y * g.broadcast_sub(&dot)?)?)])
+    })
 }
 
 /// Rotary embedding in the non-interleaved (`rotate_half`, HF Llama) layout, with a backward.
@@ -98,85 +38,39 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     let y = candle_nn::rotary_emb::rope(&x.detach(), cos, sin)?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    x.apply_op2(
-        &y,
-        Attach1(Vjp1::Rope {
-            cos: cos.detach(),
-            sin: sin.detach(),
-        }),
-    )
+    let (cos, sin) = (cos.detach(), sin.detach());
+    // rope is a rotation by θ; its transpose is the rotation by −θ.
+    attach_backward("rope", &y, &[&x], move |_, _, g| {
+        let dx = candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &sin.neg()?)?;
+        Ok(vec![Some(dx)])
+    })
 }
 
-/// `(x, w, fast_y) -> fast_y` with the RMSNorm backward for `x` and `w`.
-struct RmsNormVjp {
-    eps: f64,
-}
-
-impl CustomOp3 for RmsNormVjp {
-    fn name(&self) -> &'static str {
-        "rms_norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_view(y, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_view(y, l)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // With r = 1/sqrt(mean(x²) + eps) per row and y = x·r·w:
-        //   dw = Σ_rows g·x·r,  dx = r·(g·w) − x·r³·mean(g·w·x).
-        let dtype = x.dtype();
-        let acc = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let (x32, w32, g32) = (x.to_dtype(acc)?, w.to_dtype(acc)?, g.to_dtype(acc)?);
-        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let gw = g32.broadcast_mul(&w32)?;
-        let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
-        let hidden = x.dim(D::Minus1)?;
-        let dw = (g32 * x32.broadcast_mul(&r)?)?
-            .reshape(((), hidden))?
-            .sum(0)?;
-        Ok((
-            Some(dx.to_dtype(dtype)?),
-            Some(dw.to_dtype(w.dtype())?),
-            None,
-        ))
-    }
+/// The RMSNorm backward for `x` and `w`.
+fn rms_norm_vjp(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Vec<Option<Tensor>>> {
+    // With r = 1/sqrt(mean(x²) + eps) per row and y = x·r·w:
+    //   dw = Σ_rows g·x·r,  dx = r·(g·w) − x·r³·mean(g·w·x).
+    let dtype = x.dtype();
+    let acc = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let (x32, w32, g32) = (x.to_dtype(acc)?, w.to_dtype(acc)?, g.to_dtype(acc)?);
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let gw = g32.broadcast_mul(&w32)?;
+    let m = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * m)?)?)?;
+    let hidden = x.dim(D::Minus1)?;
+    let dw = (g32 * x32.broadcast_mul(&r)?)?
+        .reshape(((), hidden))?
+        .sum(0)?;
+    Ok(vec![
+        Some(dx.to_dtype(dtype)?),
+        Some(dw.to_dtype(w.dtype())?),
+    ])
 }
 
 /// RMSNorm over the last dimension, `x / sqrt(mean(x²) + eps) · w`, with a backward for `x`
@@ -188,10 +82,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     } else {
         candle_nn::ops::rms_norm(&xd.contiguous()?, &wd, eps as f32)?
     };
-    if !x.track_op() && !w.track_op() {
-        return Ok(y);
-    }
-    x.apply_op3(w, &y, RmsNormVjp { eps })
+    attach_backward("rms_norm", &y, &[x, w], move |ins, _, g| {
+        rms_norm_vjp(ins[0], ins[1], g, eps)
+    })
 }
 
 /// SwiGLU, `silu(a) · b` (the gate of Llama and Mixtral MLPs). Composite: candle's `silu`
@@ -231,7 +124,7 @@ pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
     let scale = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|i| {
-            if crate::checkpoint::var_builder::uniform01(key, i as u64) < p {
+            if crate::random::uniform01(key, i as u64) < p {
                 0.0
             } else {
                 scale as f32

@@ -3,7 +3,7 @@
 
 use crate::checkpoint::{Shard, ShardedVarBuilder};
 use crate::comm::Comm;
-use crate::tensor_parallel::ColumnParallelLinear;
+use crate::tensor_parallel::{linear_bias_init, linear_weight_init, ColumnParallelLinear};
 use candle_core::{bail, Result, Tensor};
 
 /// How the heads of one attention layer are split over the tp group.
@@ -127,19 +127,9 @@ impl TpHeads {
         tp: &Comm,
     ) -> Result<ColumnParallelLinear> {
         let out = self.num_kv_heads * self.head_dim;
-        let w = vb.get(
-            (out, hidden),
-            "weight",
-            self.kv_shard(),
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
+        let w = vb.get((out, hidden), "weight", self.kv_shard(), linear_weight_init())?;
         let b = if bias {
-            let bound = 1.0 / (hidden as f64).sqrt();
-            let init = candle_nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            };
-            Some(vb.get(out, "bias", self.kv_shard(), init)?)
+            Some(vb.get(out, "bias", self.kv_shard(), linear_bias_init(hidden))?)
         } else {
             None
         };

@@ -130,11 +130,7 @@ pub fn vocab_parallel_embedding(
     vb: ShardedVarBuilder,
     tp: &Comm,
 ) -> Result<VocabParallelEmbedding> {
-    let shard = Shard::SplitPadded {
-        dim: 0,
-        rank: tp.rank(),
-        parts: tp.size(),
-    };
+    let shard = Shard::split_padded_over(0, tp);
     let init = Init::Randn {
         mean: 0.0,
         stdev: 1.0,

@@ -6,12 +6,13 @@ use crate::ops;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear};
 
-/// candle-nn's `linear` initialisation: Kaiming-normal weight, uniform(±1/√in) bias.
-fn weight_init() -> Init {
+/// candle-nn's `linear` weight initialisation (Kaiming normal).
+pub fn linear_weight_init() -> Init {
     candle_nn::init::DEFAULT_KAIMING_NORMAL
 }
 
-fn bias_init(in_dim: usize) -> Init {
+/// candle-nn's `linear` bias initialisation: uniform in ±1/√in_dim.
+pub fn linear_bias_init(in_dim: usize) -> Init {
     let bound = 1.0 / (in_dim as f64).sqrt();
     Init::Uniform {
         lo: -bound,
@@ -64,6 +65,7 @@ pub struct ColumnParallelLinear {
     gather_output: bool,
     sequence_dim: Option<usize>,
     weight_group: Option<Comm>,
+    external_comm: bool,
 }
 
 impl ColumnParallelLinear {
@@ -75,6 +77,7 @@ impl ColumnParallelLinear {
             gather_output: false,
             sequence_dim: None,
             weight_group: None,
+            external_comm: false,
         }
     }
 
@@ -99,6 +102,15 @@ impl ColumnParallelLinear {
         self
     }
 
+    /// The caller does the group's communication: the input is taken as already copied to the
+    /// group (no `copy_to_group`) and the output is never gathered. MoE experts use this: the
+    /// layer copies all routed tokens to the group once and reduces every expert's output at
+    /// once, instead of one collective per expert.
+    pub fn with_external_communication(mut self, external: bool) -> Self {
+        self.external_comm = external;
+        self
+    }
+
     /// This rank's weight slice.
     pub fn weight(&self) -> &Tensor {
         self.linear.weight()
@@ -113,6 +125,7 @@ impl ColumnParallelLinear {
 impl Module for ColumnParallelLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = match self.sequence_dim {
+            _ if self.external_comm => x.clone(),
             Some(dim) => ops::all_gather_to_group(x, dim, &self.tp)?,
             None => ops::copy_to_group(x, &self.tp)?,
         };
@@ -128,7 +141,7 @@ impl Module for ColumnParallelLinear {
             }
             None => self.linear.forward(&x)?,
         };
-        if self.gather_output {
+        if self.gather_output && !self.external_comm {
             ops::gather_from_group(&y, D::Minus1, &self.tp)
         } else {
             Ok(y)
@@ -144,14 +157,10 @@ fn column(
     tp: &Comm,
 ) -> Result<ColumnParallelLinear> {
     check_divisible("column_parallel_linear", "out_dim", out_dim, tp, &vb)?;
-    let shard = Shard::Split {
-        dim: 0,
-        rank: tp.rank(),
-        parts: tp.size(),
-    };
-    let w = vb.get((out_dim, in_dim), "weight", shard, weight_init())?;
+    let shard = Shard::split_over(0, tp);
+    let w = vb.get((out_dim, in_dim), "weight", shard, linear_weight_init())?;
     let b = if bias {
-        Some(vb.get(out_dim, "bias", shard, bias_init(in_dim))?)
+        Some(vb.get(out_dim, "bias", shard, linear_bias_init(in_dim))?)
     } else {
         None
     };
@@ -191,6 +200,7 @@ pub struct RowParallelLinear {
     tp: Comm,
     input_is_parallel: bool,
     sequence_dim: Option<usize>,
+    external_comm: bool,
 }
 
 impl RowParallelLinear {
@@ -202,6 +212,7 @@ impl RowParallelLinear {
             tp: tp.clone(),
             input_is_parallel: true,
             sequence_dim: None,
+            external_comm: false,
         }
     }
 
@@ -215,6 +226,14 @@ impl RowParallelLinear {
     /// Sequence parallelism: reduce-scatter the output along `dim` instead of all-reducing it.
     pub fn with_sequence_parallel(mut self, dim: Option<usize>) -> Self {
         self.sequence_dim = dim;
+        self
+    }
+
+    /// The caller does the group's communication: the output is this rank's partial product,
+    /// not reduced over the group (the caller reduces it, e.g. every MoE expert's output at
+    /// once). A layer with a bias cannot do this: the bias belongs after the reduction.
+    pub fn with_external_communication(mut self, external: bool) -> Self {
+        self.external_comm = external;
         self
     }
 
@@ -237,6 +256,17 @@ impl Module for RowParallelLinear {
             ops::scatter_to_group(x, D::Minus1, &self.tp)?
         };
         let partial = self.linear.forward(&x)?;
+        if self.external_comm {
+            if self.bias.is_some() {
+                bail!(
+                    "row_parallel_linear with external communication (rank {} of {}): the layer has \
+                     a bias, which must be added after the reduction; build it without a bias",
+                    self.tp.rank(),
+                    self.tp.label()
+                )
+            }
+            return Ok(partial);
+        }
         let (y, bias) = match self.sequence_dim {
             // The bias now meets only this rank's part of the sequence: sum its gradient
             // over the group.
@@ -267,14 +297,10 @@ fn row(
     tp: &Comm,
 ) -> Result<RowParallelLinear> {
     check_divisible("row_parallel_linear", "in_dim", in_dim, tp, &vb)?;
-    let shard = Shard::Split {
-        dim: 1,
-        rank: tp.rank(),
-        parts: tp.size(),
-    };
-    let w = vb.get((out_dim, in_dim), "weight", shard, weight_init())?;
+    let shard = Shard::split_over(1, tp);
+    let w = vb.get((out_dim, in_dim), "weight", shard, linear_weight_init())?;
     let b = if bias {
-        Some(vb.get(out_dim, "bias", Shard::Replicated, bias_init(in_dim))?)
+        Some(vb.get(out_dim, "bias", Shard::Replicated, linear_bias_init(in_dim))?)
     } else {
         None
     };

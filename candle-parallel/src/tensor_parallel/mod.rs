@@ -26,8 +26,8 @@ pub use embedding::{
     vocab_parallel_cross_entropy, vocab_parallel_embedding, VocabParallelEmbedding, VocabRange,
 };
 pub use linear::{
-    column_parallel_linear, column_parallel_linear_no_bias, row_parallel_linear,
-    row_parallel_linear_no_bias, ColumnParallelLinear, RowParallelLinear,
+    column_parallel_linear, column_parallel_linear_no_bias, linear_bias_init, linear_weight_init,
+    row_parallel_linear, row_parallel_linear_no_bias, ColumnParallelLinear, RowParallelLinear,
 };
 
 use crate::comm::Comm;

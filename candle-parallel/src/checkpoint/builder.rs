@@ -1,0 +1,244 @@
+//! [`ShardedVarBuilder`]: what parallel layers build their parameters from. Like candle-nn's
+//! `VarBuilder` (`vb.pp("model.layers.0")`), but every tensor comes with a [`Shard`]: which
+//! part of the full (unsharded) tensor this rank holds.
+//!
+//! Two sources:
+//! - **safetensors files** (Hugging Face checkpoints): memory-mapped; a rank copies only the
+//!   byte ranges of its slice, never a whole sharded tensor;
+//! - **deterministic initialisation**: every element of the full tensor is a pure function of
+//!   (seed, tensor name, flat index), so a rank generates only its slice, and the slices at
+//!   tp = 4 are exactly the slices of the tensor at tp = 1.
+//!
+//! With [`ShardedVarBuilder::trainable`], each tensor becomes a `Var` recorded under its full
+//! name ([`ShardedVarBuilder::params`], sorted by name) for optimizers and gradient export.
+//!
+//! ```
+//! use candle_core::{DType, Device};
+//! use candle_nn::Init;
+//! use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+//!
+//! let full = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu);
+//! let part = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu);
+//! let init = Init::Uniform { lo: -1.0, up: 1.0 };
+//! let w = full.pp("mlp").get((8, 4), "weight", Shard::Replicated, init)?;
+//! let w1 = part.pp("mlp").get((8, 4), "weight", Shard::Split { dim: 0, rank: 1, parts: 2 }, init)?;
+//! assert_eq!(w1.to_vec2::<f32>()?, w.narrow(0, 4, 4)?.to_vec2::<f32>()?);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use super::format::CheckpointMeta;
+use super::init::init_slice;
+use super::region::assemble;
+use super::shard::{Param, Shard};
+use super::source::{hf_safetensors_files, DistSource, SafeTensorsSource, TensorSource};
+use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::Init;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+enum Source {
+    /// Deterministic initialisation ([`super::init`]).
+    Init { seed: u64 },
+    /// Safetensors files or a distributed checkpoint ([`super::source`]).
+    Stored(Box<dyn TensorSource>),
+}
+
+struct Inner {
+    source: Source,
+    dtype: DType,
+    device: Device,
+    trainable: AtomicBool,
+    params: Mutex<BTreeMap<String, Param>>,
+    bytes_read: AtomicU64,
+}
+
+/// Builds a rank's parameter slices from a checkpoint or a deterministic initialisation.
+/// Cheap to clone; clones share the recorded parameters. See the [module docs](self).
+#[derive(Clone)]
+pub struct ShardedVarBuilder {
+    inner: Arc<Inner>,
+    prefix: Vec<String>,
+}
+
+impl ShardedVarBuilder {
+    fn new(source: Source, dtype: DType, device: &Device) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                source,
+                dtype,
+                device: device.clone(),
+                trainable: AtomicBool::new(false),
+                params: Mutex::new(BTreeMap::new()),
+                bytes_read: AtomicU64::new(0),
+            }),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// The metadata of the distributed checkpoint this builder reads, if it reads one.
+    pub fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
+        match &self.inner.source {
+            Source::Stored(s) => s.checkpoint_meta(),
+            Source::Init { .. } => None,
+        }
+    }
+
+    /// Parameters initialised deterministically from `seed` (and each tensor's full name).
+    pub fn from_init(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Init { seed }, dtype, device)
+    }
+
+    /// Parameters read from safetensors files, memory-mapped; tensors are converted to `dtype`.
+    pub fn from_safetensors<P: AsRef<Path>>(
+        paths: &[P],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let paths = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
+        let source = SafeTensorsSource::open(paths)?;
+        Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
+    }
+
+    /// Parameters of a Hugging Face model directory: `model.safetensors`, or the files named by
+    /// `model.safetensors.index.json`.
+    pub fn from_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_safetensors(&hf_safetensors_files(dir)?, dtype, device)
+    }
+
+    /// From now on, every tensor this builder (or a clone) creates is a `Var`, recorded in
+    /// [`ShardedVarBuilder::params`].
+    pub fn trainable(self) -> Self {
+        self.inner.trainable.store(true, Ordering::SeqCst);
+        self
+    }
+
+    /// A builder for the names under `prefix` (`vb.pp("model").pp("layers.0")`).
+    pub fn pp<S: ToString>(&self, prefix: S) -> Self {
+        let mut p = self.prefix.clone();
+        p.push(prefix.to_string());
+        Self {
+            inner: self.inner.clone(),
+            prefix: p,
+        }
+    }
+
+    /// The dtype tensors are created in.
+    pub fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &Device {
+        &self.inner.device
+    }
+
+    /// The full name of `name` under this builder's prefix.
+    pub fn full_name(&self, name: &str) -> String {
+        let mut parts = self.prefix.clone();
+        parts.push(name.to_string());
+        parts.join(".")
+    }
+
+    /// Whether the checkpoint has a tensor `name` (always true for an initialisation).
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.inner.source {
+            Source::Init { .. } => true,
+            Source::Stored(s) => s.contains(&self.full_name(name)),
+        }
+    }
+
+    /// Bytes copied out of checkpoint files so far (by this builder and its clones).
+    pub fn bytes_read(&self) -> u64 {
+        self.inner.bytes_read.load(Ordering::SeqCst)
+    }
+
+    /// The recorded trainable parameters, sorted by name.
+    pub fn params(&self) -> Vec<Param> {
+        self.inner
+            .params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Like [`ShardedVarBuilder::get`], but never recorded as a trainable parameter (for state
+    /// such as optimizer moments).
+    pub fn get_untracked<S: Into<Shape>>(
+        &self,
+        full: S,
+        name: &str,
+        shard: Shard,
+        init: Init,
+    ) -> Result<Tensor> {
+        self.fetch(full.into(), name, shard, init, false)
+    }
+
+    /// This rank's part of the tensor `name`, whose full shape is `full`: read from the
+    /// checkpoint (which must hold exactly that shape) or initialised with `init`.
+    pub fn get<S: Into<Shape>>(
+        &self,
+        full: S,
+        name: &str,
+        shard: Shard,
+        init: Init,
+    ) -> Result<Tensor> {
+        let record = self.inner.trainable.load(Ordering::SeqCst);
+        self.fetch(full.into(), name, shard, init, record)
+    }
+
+    fn fetch(
+        &self,
+        full: Shape,
+        name: &str,
+        shard: Shard,
+        init: Init,
+        record: bool,
+    ) -> Result<Tensor> {
+        let name = self.full_name(name);
+        let slice = shard.slice(full.dims(), &name)?;
+        let t = match &self.inner.source {
+            Source::Init { seed } => init_slice(*seed, &name, full.dims(), slice.as_ref(), init)?
+                .to_dtype(self.inner.dtype)?
+                .to_device(&self.inner.device)?,
+            Source::Stored(s) => {
+                let (dtype, pieces) = s.pieces(&name, full.dims())?;
+                let (bytes, dims, read) =
+                    assemble(&name, full.dims(), slice.as_ref(), dtype, &pieces)?;
+                self.inner
+                    .bytes_read
+                    .fetch_add(read as u64, Ordering::SeqCst);
+                Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
+                    .to_dtype(self.inner.dtype)?
+            }
+        };
+        if !record {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let mut params = self.inner.params.lock().unwrap_or_else(|e| e.into_inner());
+        if params.contains_key(&name) {
+            bail!("parameter {name} was created twice: each parameter name must be unique")
+        }
+        params.insert(
+            name.clone(),
+            Param {
+                name,
+                var: var.clone(),
+                full_dims: full.dims().to_vec(),
+                shard,
+            },
+        );
+        Ok(var.as_tensor().clone())
+    }
+
+    /// Parameters read from a distributed checkpoint saved under any layout: each rank reads
+    /// only the byte ranges of the saved pieces that overlap its own shard.
+    pub fn from_checkpoint(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let source = DistSource::open(dir)?;
+        Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
+    }
+}

@@ -1,0 +1,169 @@
+//! Distributed checkpoints: one safetensors file per rank with that rank's pieces, plus one
+//! metadata file; saved atomically; loadable under any other layout; exportable to HF format.
+//!
+//! A checkpoint directory holds:
+//!
+//! ```text
+//! rank-00000.safetensors ...   each rank's pieces (padding stripped), under the full names
+//! checkpoint.json              format version, mesh, step, model config, and for every tensor
+//!                              its full shape, dtype and which rank holds which rows
+//! COMPLETE                     written last: a directory without it is an interrupted save
+//! ```
+//!
+//! Every file is written under a temporary name, synced, then renamed, and the `COMPLETE`
+//! marker comes last, so a crash at any point leaves earlier checkpoints untouched and this one
+//! recognisably incomplete.
+
+
+use super::region::Region;
+use candle_core::{bail, DType, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The metadata format this version writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The metadata file of a checkpoint directory.
+pub const METADATA_FILE: &str = "checkpoint.json";
+/// The marker written last by a completed save.
+pub const COMPLETE_FILE: &str = "COMPLETE";
+
+/// Which rows of a tensor one rank's file holds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Piece {
+    pub rank: usize,
+    pub file: String,
+    /// `None`: the whole tensor; otherwise `len` rows from `start` along `dim`.
+    pub split: Option<(usize, usize, usize)>,
+}
+
+impl Piece {
+    pub(crate) fn region(&self, dims: &[usize]) -> Region {
+        match self.split {
+            None => Region::whole(dims),
+            Some((dim, start, len)) => Region::whole(dims).restrict(dim, start, len),
+        }
+    }
+}
+
+/// A tensor of the checkpoint: its full shape, its dtype and where its pieces are.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TensorMeta {
+    pub dims: Vec<usize>,
+    pub dtype: String,
+    pub pieces: Vec<Piece>,
+}
+
+impl TensorMeta {
+    /// The stored dtype.
+    pub fn dtype(&self) -> Result<DType> {
+        self.dtype.to_lowercase().parse().map_err(|_| {
+            candle_core::Error::msg(format!(
+                "unknown dtype {} in checkpoint metadata",
+                self.dtype
+            ))
+        })
+    }
+
+    /// Bytes of the full tensor.
+    pub fn size_in_bytes(&self) -> Result<u64> {
+        Ok((self.dims.iter().product::<usize>() * self.dtype()?.size_in_bytes()) as u64)
+    }
+}
+
+/// The contents of `checkpoint.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub world_size: usize,
+    /// The layout it was saved under, e.g. `ep=2,tp=2`.
+    pub mesh: String,
+    /// The training step.
+    pub step: u64,
+    /// The model's `config.json`.
+    pub config: serde_json::Value,
+    pub tensors: BTreeMap<String, TensorMeta>,
+}
+
+pub(crate) fn io_err(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
+    candle_core::Error::msg(format!("{what} {}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename (and fsync of the
+/// directory so that the rename itself is durable).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err("cannot rename into", path, e))?;
+    sync_dir(path)
+}
+
+pub(crate) fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| io_err("cannot create", path, e))?;
+    f.write_all(bytes)
+        .map_err(|e| io_err("cannot write", path, e))?;
+    f.sync_all().map_err(|e| io_err("cannot sync", path, e))
+}
+
+pub(crate) fn sync_dir(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        // Directory fsync is best effort (not every filesystem supports it).
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Reads and checks a checkpoint's metadata: the directory must hold a completed checkpoint of
+/// a format version this library knows, with every rank file present.
+pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
+    let meta_path = dir.join(METADATA_FILE);
+    if !dir.is_dir() {
+        bail!("checkpoint directory {} does not exist", dir.display())
+    }
+    if !dir.join(COMPLETE_FILE).is_file() {
+        bail!(
+            "{} is an incomplete checkpoint (no {COMPLETE_FILE} marker: its save was interrupted); \
+             load the previous checkpoint instead",
+            dir.display()
+        )
+    }
+    let text =
+        std::fs::read_to_string(&meta_path).map_err(|e| io_err("cannot read", &meta_path, e))?;
+    let version: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        candle_core::Error::msg(format!("{}: not valid JSON: {e}", meta_path.display()))
+    })?;
+    match version.get("format_version").and_then(|v| v.as_u64()) {
+        Some(v) if v == FORMAT_VERSION as u64 => {}
+        Some(v) => bail!(
+            "{}: checkpoint format version {v} is not one this library reads (it reads {FORMAT_VERSION}); \
+             use the candle-parallel version that wrote it",
+            meta_path.display()
+        ),
+        None => bail!("{}: no format_version field", meta_path.display()),
+    }
+    let meta: CheckpointMeta = serde_json::from_value(version).map_err(|e| {
+        candle_core::Error::msg(format!("{}: bad metadata: {e}", meta_path.display()))
+    })?;
+    for t in meta.tensors.values() {
+        for p in &t.pieces {
+            if !dir.join(&p.file).is_file() {
+                bail!(
+                    "{}: names {} which does not exist",
+                    meta_path.display(),
+                    p.file
+                )
+            }
+        }
+    }
+    Ok(meta)
+}

@@ -1,0 +1,77 @@
+//! Reassembling full tensors from every rank's parts (for comparisons, exports and tests).
+
+use super::shard::{Param, Shard};
+use crate::comm::{Comm, ReduceOp};
+use candle_core::{Result, Tensor};
+
+/// Reassembles the full tensor from every rank's `local` part (collective over `comm`, whose
+/// ranks hold the parts that `shard` describes for each of them). Every rank gets the result.
+/// Parts held by several ranks (replicated rows) are averaged, so they count once.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_parallel::checkpoint::{gather_full, Shard};
+/// use candle_parallel::launch;
+///
+/// let full = launch(3, |ctx| {
+///     let part = Tensor::full(ctx.rank() as f32, (2, 1), &Device::Cpu)?;
+///     let shard = Shard::SplitPadded { dim: 1, rank: ctx.rank(), parts: 3 };
+///     gather_full(&part, shard, &[2, 3], ctx.comm())
+/// })?;
+/// assert_eq!(full[0].to_vec2::<f32>()?, vec![vec![0.0, 1.0, 2.0]; 2]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn gather_full(
+    local: &Tensor,
+    shard: Shard,
+    full: &[usize],
+    comm: &Comm,
+) -> Result<Tensor> {
+    let Some(s) = shard.slice(full, "(gather_full)")? else {
+        // Replicated: every rank holds the whole tensor already; average any drift.
+        return comm.all_reduce(&local.detach(), ReduceOp::Avg);
+    };
+    let real = local.detach().narrow(s.dim, 0, s.len)?;
+    let after = full[s.dim] - s.start - s.len;
+    let placed = real.pad_with_zeros(s.dim, s.start, after)?;
+    let sum = comm.all_reduce(&placed, ReduceOp::Sum)?;
+    // How many ranks hold each row along the shard dim.
+    let mut ones = vec![0f32; full[s.dim]];
+    ones[s.start..s.start + s.len]
+        .iter_mut()
+        .for_each(|v| *v = 1.0);
+    let coverage = comm.all_reduce(
+        &Tensor::new(ones.as_slice(), local.device())?,
+        ReduceOp::Sum,
+    )?;
+    let mut shape = vec![1; full.len()];
+    shape[s.dim] = full[s.dim];
+    let coverage = coverage
+        .maximum(1f32)?
+        .reshape(shape)?
+        .to_dtype(local.dtype())?;
+    sum.broadcast_div(&coverage)
+}
+
+/// The gradient of every parameter at its full (unsharded) shape, by name, sorted by name
+/// (collective over `comm`, the group the parameters are sharded over). A parameter without a
+/// gradient gets zeros.
+pub fn full_gradients(
+    params: &[Param],
+    grads: &candle_core::backprop::GradStore,
+    comm: &Comm,
+) -> Result<Vec<(String, Tensor)>> {
+    params
+        .iter()
+        .map(|p| {
+            let local = match grads.get(p.var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => p.var.as_tensor().zeros_like()?,
+            };
+            Ok((
+                p.name.clone(),
+                gather_full(&local, p.shard, &p.full_dims, comm)?,
+            ))
+        })
+        .collect()
+}

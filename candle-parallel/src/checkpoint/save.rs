@@ -1,0 +1,176 @@
+//! Saving a distributed checkpoint: each rank writes its pieces, rank 0 the metadata, all
+//! atomically (see [`super::format`]).
+
+use super::format::{
+    io_err, sync_dir, tmp_path, write_atomic, write_synced, CheckpointMeta, Piece, TensorMeta,
+    COMPLETE_FILE, FORMAT_VERSION, METADATA_FILE,
+};
+use super::shard::{Param, Shard};
+use crate::comm::Comm;
+use candle_core::{bail, Result, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One rank's part of a named tensor, as saved.
+#[derive(Clone, Debug)]
+pub struct ShardedTensor {
+    pub name: String,
+    /// This rank's part (padding rows, if any, are dropped when saving).
+    pub local: Tensor,
+    pub full_dims: Vec<usize>,
+    pub shard: Shard,
+}
+
+impl From<&Param> for ShardedTensor {
+    fn from(p: &Param) -> Self {
+        Self {
+            name: p.name.clone(),
+            local: p.var.as_tensor().detach(),
+            full_dims: p.full_dims.clone(),
+            shard: p.shard,
+        }
+    }
+}
+
+/// Points where a save can be stopped, to test that an interrupted save is harmless.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveStage {
+    /// Each rank's file is written under its temporary name.
+    RankFileWritten,
+    /// Each rank's file is renamed into place.
+    RankFileRenamed,
+    /// The metadata file is in place, the completion marker is not.
+    MetadataWritten,
+}
+
+/// What a save records besides the tensors.
+#[derive(Clone, Debug, Default)]
+pub struct SaveOptions {
+    pub step: u64,
+    /// The layout, for the metadata (e.g. `MeshShape::to_string()`).
+    pub mesh: String,
+    /// The model config (`config.json` contents).
+    pub config: serde_json::Value,
+    /// Testing hook: fail every rank at this stage, leaving the files as a crash would.
+    pub interrupt_at: Option<SaveStage>,
+}
+
+/// Saves every rank's `tensors` into the checkpoint directory `dir` (collective over `comm`,
+/// the world). `dir` must not hold a completed checkpoint already: checkpoints are never
+/// overwritten in place, so the previous one survives a crash.
+pub fn save_checkpoint(
+    dir: &Path,
+    tensors: &[ShardedTensor],
+    opts: &SaveOptions,
+    comm: &Comm,
+) -> Result<()> {
+    let rank = comm.rank();
+    if dir.join(COMPLETE_FILE).exists() {
+        bail!(
+            "{} already holds a completed checkpoint: save into a new directory (checkpoints are \
+             never overwritten, so that a crash cannot lose the last good one)",
+            dir.display()
+        )
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+    let file = format!("rank-{rank:05}.safetensors");
+    let mut local = Vec::with_capacity(tensors.len());
+    let mut pieces = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let split = match t.shard.slice(&t.full_dims, &t.name)? {
+            None => None,
+            Some(sl) => {
+                let mut dims = t.full_dims.clone();
+                dims[sl.dim] = sl.padded;
+                if t.local.dims() != dims.as_slice() {
+                    bail!(
+                        "save: rank {rank} holds {} with shape {:?} but its shard {:?} of {:?} has {dims:?}",
+                        t.name,
+                        t.local.dims(),
+                        t.shard,
+                        t.full_dims
+                    )
+                }
+                Some((sl.dim, sl.start, sl.len))
+            }
+        };
+        let stored = match split {
+            Some((dim, _, len)) => t.local.narrow(dim, 0, len)?.contiguous()?,
+            None => t.local.contiguous()?,
+        };
+        pieces.push((
+            t.name.clone(),
+            t.full_dims.clone(),
+            format!("{:?}", stored.dtype()),
+            split,
+        ));
+        local.push((t.name.clone(), stored));
+    }
+    let bytes =
+        safetensors::serialize(local.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
+            candle_core::Error::msg(format!("cannot serialise rank {rank}'s tensors: {e}"))
+        })?;
+    let path = dir.join(&file);
+    write_synced(&tmp_path(&path), &bytes)?;
+    if opts.interrupt_at == Some(SaveStage::RankFileWritten) {
+        bail!("save interrupted after writing rank {rank}'s temporary file (testing hook)")
+    }
+    std::fs::rename(tmp_path(&path), &path).map_err(|e| io_err("cannot rename into", &path, e))?;
+    sync_dir(&path)?;
+    if opts.interrupt_at == Some(SaveStage::RankFileRenamed) {
+        bail!("save interrupted after renaming rank {rank}'s file (testing hook)")
+    }
+
+    // Everyone's pieces, for the metadata; this also waits until every file is in place.
+    let mine = serde_json::to_vec(&pieces).map_err(candle_core::Error::wrap)?;
+    let all = comm.all_gather_bytes(&mine)?;
+    if rank == 0 {
+        let mut tensors: BTreeMap<String, TensorMeta> = BTreeMap::new();
+        for (r, bytes) in all.iter().enumerate() {
+            type Entry = (String, Vec<usize>, String, Option<(usize, usize, usize)>);
+            let entries: Vec<Entry> =
+                serde_json::from_slice(bytes).map_err(candle_core::Error::wrap)?;
+            for (name, dims, dtype, split) in entries {
+                let meta = tensors.entry(name.clone()).or_insert_with(|| TensorMeta {
+                    dims: dims.clone(),
+                    dtype: dtype.clone(),
+                    pieces: Vec::new(),
+                });
+                if meta.dims != dims || meta.dtype != dtype {
+                    bail!(
+                        "save: ranks disagree on tensor {name}: {:?} {} vs rank {r}'s {dims:?} {dtype}",
+                        meta.dims,
+                        meta.dtype
+                    )
+                }
+                meta.pieces.push(Piece {
+                    rank: r,
+                    file: format!("rank-{r:05}.safetensors"),
+                    split,
+                });
+            }
+        }
+        let meta = CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            world_size: comm.size(),
+            mesh: opts.mesh.clone(),
+            step: opts.step,
+            config: opts.config.clone(),
+            tensors,
+        };
+        let json = serde_json::to_vec_pretty(&meta).map_err(candle_core::Error::wrap)?;
+        write_atomic(&dir.join(METADATA_FILE), &json)?;
+        if opts.interrupt_at == Some(SaveStage::MetadataWritten) {
+            bail!("save interrupted after writing the metadata (testing hook)")
+        }
+        write_atomic(
+            &dir.join(COMPLETE_FILE),
+            format!("step {}\n", opts.step).as_bytes(),
+        )?;
+    } else if opts.interrupt_at == Some(SaveStage::MetadataWritten) {
+        bail!("save interrupted after writing the metadata (testing hook)")
+    }
+    comm.barrier()?;
+    tracing::info!(dir = %dir.display(), step = opts.step, "checkpoint saved");
+    Ok(())
+}

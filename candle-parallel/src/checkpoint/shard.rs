@@ -1,0 +1,135 @@
+//! [`Shard`]: which part of a full tensor a rank holds, and [`Param`], a rank's slice of a
+//! named parameter.
+
+use crate::comm::Comm;
+use candle_core::{bail, Result, Var};
+
+/// Which part of a full tensor a rank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shard {
+    /// The whole tensor.
+    Replicated,
+    /// Chunk `rank` of `parts` equal chunks along `dim` (the size must be divisible).
+    Split {
+        dim: usize,
+        rank: usize,
+        parts: usize,
+    },
+    /// Chunk `rank` of `parts` chunks of `ceil(size / parts)` along `dim`; the part past the
+    /// end of the tensor is zero padding (a vocabulary not divisible by tp).
+    SplitPadded {
+        dim: usize,
+        rank: usize,
+        parts: usize,
+    },
+    /// Rows `start..start + len` along `dim` (e.g. a key/value head replicated over ranks).
+    Range {
+        dim: usize,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Where a rank's slice lies: `len` elements from `start` along `dim` are real, then
+/// `padded - len` zeros.
+pub(crate) struct Slice {
+    pub dim: usize,
+    pub start: usize,
+    pub len: usize,
+    pub padded: usize,
+}
+
+impl Shard {
+    /// Chunk `comm.rank()` of `comm.size()` equal chunks along `dim`: how a tensor split over a
+    /// group (usually tp) is held by this rank.
+    pub fn split_over(dim: usize, comm: &Comm) -> Self {
+        Shard::Split {
+            dim,
+            rank: comm.rank(),
+            parts: comm.size(),
+        }
+    }
+
+    /// Chunk `comm.rank()` of `comm.size()` chunks of `ceil(size / parts)` along `dim`, zero
+    /// padded at the end (see [`Shard::SplitPadded`]).
+    pub fn split_padded_over(dim: usize, comm: &Comm) -> Self {
+        Shard::SplitPadded {
+            dim,
+            rank: comm.rank(),
+            parts: comm.size(),
+        }
+    }
+
+    /// The slice of a tensor of shape `full` that this shard describes (`None`: all of it).
+    pub(crate) fn slice(&self, full: &[usize], name: &str) -> Result<Option<Slice>> {
+        let (dim, start, len, padded) = match *self {
+            Shard::Replicated => return Ok(None),
+            Shard::Split { dim, rank, parts } => {
+                let size = dim_size(full, dim, name)?;
+                if parts == 0 || !size.is_multiple_of(parts) || rank >= parts {
+                    bail!(
+                        "tensor {name} of shape {full:?}: dim {dim} of size {size} cannot be split \
+                         into {parts} equal parts (rank {rank}); choose a parallel size that divides {size}"
+                    )
+                }
+                let chunk = size / parts;
+                (dim, rank * chunk, chunk, chunk)
+            }
+            Shard::SplitPadded { dim, rank, parts } => {
+                let size = dim_size(full, dim, name)?;
+                if parts == 0 || rank >= parts {
+                    bail!("tensor {name}: rank {rank} is not one of {parts} parts")
+                }
+                let chunk = size.div_ceil(parts);
+                let start = (rank * chunk).min(size);
+                (dim, start, chunk.min(size - start), chunk)
+            }
+            Shard::Range { dim, start, len } => {
+                let size = dim_size(full, dim, name)?;
+                if start + len > size {
+                    bail!(
+                        "tensor {name} of shape {full:?}: rows {start}..{} are past the end of dim \
+                         {dim} (size {size})",
+                        start + len
+                    )
+                }
+                (dim, start, len, len)
+            }
+        };
+        Ok(Some(Slice {
+            dim,
+            start,
+            len,
+            padded,
+        }))
+    }
+
+    /// The shape this rank holds of a tensor of shape `full`.
+    pub fn local_dims(&self, full: &[usize]) -> Result<Vec<usize>> {
+        let mut dims = full.to_vec();
+        if let Some(s) = self.slice(full, "(shape)")? {
+            dims[s.dim] = s.padded;
+        }
+        Ok(dims)
+    }
+}
+
+fn dim_size(full: &[usize], dim: usize, name: &str) -> Result<usize> {
+    match full.get(dim) {
+        Some(s) => Ok(*s),
+        None => bail!("tensor {name} of shape {full:?} has no dim {dim} to shard"),
+    }
+}
+
+/// A trainable parameter: this rank's slice of the tensor `name`.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// The full name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// This rank's slice.
+    pub var: Var,
+    /// The full tensor's shape.
+    pub full_dims: Vec<usize>,
+    /// Which part this rank holds.
+    pub shard: Shard,
+}

@@ -1,0 +1,194 @@
+//! Where stored tensors come from: Hugging Face safetensors files and distributed
+//! checkpoints, both memory-mapped. A source hands out the stored pieces of a tensor (regions
+//! of the full tensor and their bytes); [`super::region::assemble`] copies what a rank needs.
+
+use super::format::{read_metadata, CheckpointMeta, METADATA_FILE};
+use super::region::{Region, StoredPiece};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{bail, DType, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Stored tensors a builder reads from.
+pub(crate) trait TensorSource: Send + Sync {
+    /// Whether the source holds tensor `name`.
+    fn contains(&self, name: &str) -> bool;
+    /// The stored dtype and pieces of `name`, whose full shape must be `full`.
+    fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)>;
+    /// The distributed checkpoint's metadata, for sources that read one.
+    fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
+        None
+    }
+}
+
+/// Safetensors files (a Hugging Face checkpoint): each tensor is one piece, the whole tensor.
+pub(crate) struct SafeTensorsSource {
+    files: MmapedSafetensors,
+    paths: Vec<PathBuf>,
+}
+
+impl SafeTensorsSource {
+    pub fn open(paths: Vec<PathBuf>) -> Result<Self> {
+        for p in &paths {
+            if !p.is_file() {
+                bail!("checkpoint file {} does not exist", p.display())
+            }
+        }
+        // SAFETY: the files are mapped read-only; like every safetensors reader we rely on them
+        // not being modified while mapped.
+        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| {
+            candle_core::Error::msg(format!("cannot read checkpoint {paths:?}: {e}"))
+        })?;
+        Ok(Self { files, paths })
+    }
+}
+
+impl TensorSource for SafeTensorsSource {
+    fn contains(&self, name: &str) -> bool {
+        self.files.get(name).is_ok()
+    }
+
+    fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
+        let paths = &self.paths;
+        let view = self.files.get(name).map_err(|_| {
+            candle_core::Error::msg(format!(
+                "tensor {name} is missing from checkpoint {paths:?}"
+            ))
+        })?;
+        if view.shape() != full {
+            bail!(
+                "tensor {name} in checkpoint {paths:?} has shape {:?} but the model config expects {full:?}",
+                view.shape()
+            )
+        }
+        let dtype: DType = view.dtype().try_into()?;
+        Ok((dtype, vec![(Region::whole(full), view.data())]))
+    }
+}
+
+/// A distributed checkpoint opened for reading: its metadata and every rank file, mapped.
+pub(crate) struct DistSource {
+    pub meta: CheckpointMeta,
+    pub dir: PathBuf,
+    files: BTreeMap<String, MmapedSafetensors>,
+}
+
+impl DistSource {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let meta = read_metadata(dir)?;
+        let mut files = BTreeMap::new();
+        for t in meta.tensors.values() {
+            for p in &t.pieces {
+                if !files.contains_key(&p.file) {
+                    let path = dir.join(&p.file);
+                    // SAFETY: mapped read-only; checkpoint files are not modified once complete.
+                    let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
+                        candle_core::Error::msg(format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    files.insert(p.file.clone(), st);
+                }
+            }
+        }
+        Ok(Self {
+            meta,
+            dir: dir.to_path_buf(),
+            files,
+        })
+    }
+
+    /// The regions of `name` and their bytes, straight from the mapped files.
+    fn pieces_of(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
+        let Some(t) = self.meta.tensors.get(name) else {
+            bail!(
+                "tensor {name} is missing from checkpoint {}",
+                self.dir.display()
+            )
+        };
+        if t.dims != full {
+            bail!(
+                "tensor {name} in checkpoint {} has shape {:?} but the model config expects {full:?}",
+                self.dir.display(),
+                t.dims
+            )
+        }
+        let mut out = Vec::with_capacity(t.pieces.len());
+        let mut dtype = None;
+        for p in &t.pieces {
+            let view = self.files[&p.file].get(name).map_err(|_| {
+                candle_core::Error::msg(format!(
+                    "tensor {name} is missing from {} although {METADATA_FILE} lists it",
+                    self.dir.join(&p.file).display()
+                ))
+            })?;
+            dtype = Some(DType::try_from(view.dtype())?);
+            let region = p.region(&t.dims);
+            if view.shape() != region.lens() {
+                bail!(
+                    "tensor {name} in {} has shape {:?} but {METADATA_FILE} says {:?}",
+                    p.file,
+                    view.shape(),
+                    region.lens()
+                )
+            }
+            out.push((region, view.data()));
+        }
+        match dtype {
+            Some(d) => Ok((d, out)),
+            None => bail!(
+                "tensor {name} has no pieces in checkpoint {}",
+                self.dir.display()
+            ),
+        }
+    }
+}
+
+impl TensorSource for DistSource {
+    fn contains(&self, name: &str) -> bool {
+        self.meta.tensors.contains_key(name)
+    }
+
+    fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
+        self.pieces_of(name, full)
+    }
+
+    fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
+        Some(&self.meta)
+    }
+}
+
+/// The safetensors files of a Hugging Face model directory.
+pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            candle_core::Error::msg(format!("{}: not valid JSON: {e}", index.display()))
+        })?;
+        let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+            bail!("{}: no \"weight_map\" object", index.display())
+        };
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+            bail!(
+                "{} names {} which does not exist",
+                index.display(),
+                missing.display()
+            )
+        }
+        Ok(paths)
+    } else if single.is_file() {
+        Ok(vec![single])
+    } else {
+        bail!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )
+    }
+}

@@ -1,0 +1,56 @@
+//! The ep group shares its tokens: each rank runs its experts on the copies routed to them and
+//! the partial outputs are summed over the group. At ep = 1 this is the local computation.
+
+use super::{combine, Dispatched, TokenDispatcher};
+use crate::comm::Comm;
+use crate::moe::experts::LocalExperts;
+use crate::moe::plan::Plan;
+use crate::moe::router::Routing;
+use crate::ops;
+use candle_core::{Result, Tensor};
+
+/// See the [module docs](self).
+pub struct AllReduceDispatcher {
+    ep: Comm,
+}
+
+impl AllReduceDispatcher {
+    /// A dispatcher over the expert-parallel group `ep`, whose ranks hold the same tokens.
+    pub fn new(ep: &Comm) -> Self {
+        Self { ep: ep.clone() }
+    }
+}
+
+impl TokenDispatcher for AllReduceDispatcher {
+    fn dispatch(
+        &self,
+        x: &Tensor,
+        r: &Routing,
+        p: &Plan,
+        experts: &LocalExperts,
+    ) -> Result<Dispatched> {
+        let (t, _) = x.dims2()?;
+        let local = experts.range();
+        let start: usize = p.counts[..local.start].iter().sum();
+        let n: usize = p.counts[local.clone()].iter().sum();
+        let (assignment, token) = (&p.assignment[start..start + n], &p.token[start..start + n]);
+        // The expert path's input gradient and the routing weights' gradient are partial on each
+        // ep rank (its experts only): sum them over the ep group.
+        let xe = ops::copy_to_group(x, &self.ep)?;
+        let w = ops::copy_to_group(&r.weights, &self.ep)?;
+        let y = if n > 0 {
+            let rows = xe.index_select(&Tensor::new(token, x.device())?, 0)?;
+            experts.forward(&rows, &p.counts[local])?
+        } else {
+            ops::depend_on(
+                &Tensor::zeros((0, x.dim(1)?), x.dtype(), x.device())?,
+                &[&xe],
+            )?
+        };
+        let partial = combine(&y, &w, assignment, token, t)?;
+        Ok(Dispatched {
+            output: ops::reduce_from_group(&partial, &self.ep)?,
+            tokens_per_expert: p.counts.clone(),
+        })
+    }
+}

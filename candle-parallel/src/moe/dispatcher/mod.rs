@@ -1,0 +1,93 @@
+//! Token dispatchers: how routed tokens reach the experts and come back.
+//!
+//! A dispatcher gets the layer's tokens, the router's decision, the [`Plan`] (which copies each
+//! expert keeps, in which order) and this rank's [`LocalExperts`], and returns the combined
+//! output. A new strategy (a grouped all-gather, a capacity-free DeepEP-style exchange) is a
+//! new type implementing [`TokenDispatcher`], passed to [`super::MoeLayer::with_dispatcher`].
+//!
+//! - [`AllToAllDispatcher`]: tokens differ per ep rank and travel to their experts' ranks and
+//!   back (GShard / Megatron);
+//! - [`AllReduceDispatcher`]: the ep group shares its tokens; each rank runs its experts on the
+//!   copies routed to them and the partial outputs are summed over the group (at ep = 1, the
+//!   plain local computation).
+mod all_reduce;
+mod all_to_all;
+
+pub use all_reduce::AllReduceDispatcher;
+pub use all_to_all::AllToAllDispatcher;
+
+use super::experts::LocalExperts;
+use super::plan::Plan;
+use super::router::Routing;
+use crate::comm::Comm;
+use crate::ops;
+use candle_core::{Result, Tensor};
+
+/// What a dispatcher returns.
+pub struct Dispatched {
+    /// `[T, hidden]`: each token's experts' outputs weighted by the routing weights.
+    pub output: Tensor,
+    /// Routed copies each expert processed (over the ep group where tokens are exchanged).
+    pub tokens_per_expert: Vec<usize>,
+}
+
+/// Moves a layer's routed tokens to their experts and the results back.
+pub trait TokenDispatcher: Send + Sync {
+    /// Runs `experts` on the copies of `x` (`[T, hidden]`) that `plan` keeps and combines the
+    /// results with `routing.weights`. Every rank of the group must call it (it may
+    /// communicate), and every rank must take part in the same collectives in backward, also
+    /// when its experts receive no tokens (see [`ops::depend_on`]).
+    fn dispatch(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        plan: &Plan,
+        experts: &LocalExperts,
+    ) -> Result<Dispatched>;
+}
+
+/// The built-in dispatchers, by name (what models and configs choose).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Tokens differ per ep rank; they travel to the experts' ranks and back (GShard/Megatron).
+    AllToAll,
+    /// The ep group shares its tokens; partial outputs are summed over it.
+    AllReduce,
+}
+
+impl Dispatch {
+    /// The dispatcher over the expert-parallel group `ep` (at ep = 1 both are the local
+    /// computation).
+    pub fn dispatcher(self, ep: &Comm) -> Box<dyn TokenDispatcher> {
+        match self {
+            Dispatch::AllToAll if ep.size() > 1 => Box::new(AllToAllDispatcher::new(ep)),
+            _ => Box::new(AllReduceDispatcher::new(ep)),
+        }
+    }
+}
+
+/// Weights `y` (rows in `assignment` order) by the routing weights and adds them into a
+/// `[t, h]` output at their tokens.
+pub fn combine(
+    y: &Tensor,
+    weights: &Tensor,
+    assignment: &[u32],
+    token: &[u32],
+    t: usize,
+) -> Result<Tensor> {
+    let (_, h) = y.dims2()?;
+    let out = Tensor::zeros((t, h), y.dtype(), y.device())?;
+    if assignment.is_empty() {
+        return ops::depend_on(&out, &[y, weights]);
+    }
+    let dev = y.device();
+    let w = weights
+        .flatten_all()?
+        .index_select(&Tensor::new(assignment, dev)?, 0)?
+        .to_dtype(y.dtype())?;
+    out.index_add(
+        &Tensor::new(token, dev)?,
+        &y.broadcast_mul(&w.unsqueeze(1)?)?,
+        0,
+    )
+}

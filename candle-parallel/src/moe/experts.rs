@@ -1,0 +1,120 @@
+//! The experts: SwiGLU MLPs (`w2(silu(w1 x) · w3 x)`) built from the tensor-parallel linear
+//! layers (w1/w3 column-parallel, w2 row-parallel), and the contiguous range of them a rank
+//! holds under expert parallelism.
+
+use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::comm::Comm;
+use crate::ops;
+use crate::tensor_parallel::{ColumnParallelLinear, RowParallelLinear};
+use candle_core::{bail, Module, Result, Tensor};
+use std::ops::Range;
+
+/// One SwiGLU expert on this rank: its tp slices. Its layers leave the tp communication to
+/// [`LocalExperts::forward`], which does it once for all experts.
+#[derive(Clone, Debug)]
+pub struct Expert {
+    /// `[ffn / tp, hidden]`
+    pub w1: ColumnParallelLinear,
+    /// `[hidden, ffn / tp]`
+    pub w2: RowParallelLinear,
+    /// `[ffn / tp, hidden]`
+    pub w3: ColumnParallelLinear,
+}
+
+impl Expert {
+    /// Wraps this rank's slices of the three weights (no biases).
+    pub fn new(w1: Tensor, w2: Tensor, w3: Tensor, tp: &Comm) -> Self {
+        let col = |w| ColumnParallelLinear::new(w, None, tp).with_external_communication(true);
+        Self {
+            w1: col(w1),
+            w2: RowParallelLinear::new(w2, None, tp).with_external_communication(true),
+            w3: col(w3),
+        }
+    }
+
+    /// Reads expert `vb` (HF names `w1`, `w2`, `w3`): this rank's tp slices.
+    pub fn load(hidden: usize, ffn: usize, vb: &ShardedVarBuilder, tp: &Comm) -> Result<Self> {
+        let init = crate::tensor_parallel::linear_weight_init();
+        let (col, row) = (Shard::split_over(0, tp), Shard::split_over(1, tp));
+        Ok(Self::new(
+            vb.pp("w1").get((ffn, hidden), "weight", col, init)?,
+            vb.pp("w2").get((hidden, ffn), "weight", row, init)?,
+            vb.pp("w3").get((ffn, hidden), "weight", col, init)?,
+            tp,
+        ))
+    }
+}
+
+/// This rank's partial output (before the tp reduction).
+impl Module for Expert {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = ops::swiglu(&self.w1.forward(x)?, &self.w3.forward(x)?)?;
+        self.w2.forward(&h)
+    }
+}
+
+/// The experts a rank holds: `experts[i]` is global expert `first + i`.
+pub struct LocalExperts {
+    experts: Vec<Expert>,
+    first: usize,
+    tp: Comm,
+}
+
+impl LocalExperts {
+    /// `experts` are global experts `first..first + experts.len()`, split over `tp`.
+    pub fn new(experts: Vec<Expert>, first: usize, tp: &Comm) -> Self {
+        Self {
+            experts,
+            first,
+            tp: tp.clone(),
+        }
+    }
+
+    /// Global indices of the experts this rank holds.
+    pub fn range(&self) -> Range<usize> {
+        self.first..self.first + self.experts.len()
+    }
+
+    /// How many experts this rank holds.
+    pub fn len(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Whether this rank holds no expert.
+    pub fn is_empty(&self) -> bool {
+        self.experts.is_empty()
+    }
+
+    /// The tensor-parallel group the experts are split over.
+    pub fn tp(&self) -> &Comm {
+        &self.tp
+    }
+
+    /// Runs local expert `i` on the `i`-th consecutive segment of `x` (`counts[i]` rows each;
+    /// one count per local expert): one `copy_to_group` before and one reduction over tp after,
+    /// for all experts together. `x` must have rows (dispatchers keep empty branches in the
+    /// graph with [`ops::depend_on`]).
+    pub fn forward(&self, x: &Tensor, counts: &[usize]) -> Result<Tensor> {
+        if counts.len() != self.experts.len() {
+            bail!(
+                "moe experts {:?}: {} row counts given for {} local experts",
+                self.range(),
+                counts.len(),
+                self.experts.len()
+            )
+        }
+        let x = ops::copy_to_group(x, &self.tp)?;
+        let mut outs = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for (expert, &n) in self.experts.iter().zip(counts) {
+            if n > 0 {
+                outs.push(expert.forward(&x.narrow(0, at, n)?)?);
+            }
+            at += n;
+        }
+        if outs.is_empty() {
+            return x.zeros_like();
+        }
+        ops::reduce_from_group(&Tensor::cat(&outs, 0)?, &self.tp)
+    }
+}

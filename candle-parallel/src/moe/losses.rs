@@ -1,0 +1,56 @@
+//! Auxiliary losses of MoE routing: load balancing (Hugging Face Mixtral's over all layers,
+//! Switch / Megatron's per layer) and the router z-loss.
+
+use crate::ops;
+use candle_core::{bail, DType, Result, Tensor, D};
+
+/// Hugging Face Mixtral's `load_balancing_loss_func`: over the router logits of all layers
+/// (concatenated), `E · Σ_{k,e} f[k,e] · P[e]` with `f` the fraction of tokens whose k-th choice
+/// is `e` and `P` the mean softmax probability. Unscaled (multiply by `router_aux_loss_coef`).
+pub fn hf_load_balancing_loss(
+    logits: &[Tensor],
+    num_experts: usize,
+    top_k: usize,
+) -> Result<Tensor> {
+    if logits.is_empty() {
+        bail!("hf_load_balancing_loss: no router logits")
+    }
+    let all = Tensor::cat(logits, 0)?.to_dtype(DType::F32)?;
+    let probs = ops::softmax_last_dim(&all)?;
+    let chosen = probs
+        .detach()
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, top_k)?; // [N, k]
+    let ids = Tensor::arange(0u32, num_experts as u32, all.device())?;
+    let mask = chosen
+        .unsqueeze(2)?
+        .broadcast_eq(&ids.reshape((1, 1, num_experts))?)?
+        .to_dtype(DType::F32)?;
+    let tokens_per_expert = mask.mean(0)?; // [k, E]
+    let prob_per_expert = probs.mean(0)?; // [E]
+    tokens_per_expert
+        .broadcast_mul(&prob_per_expert.unsqueeze(0)?)?
+        .sum_all()?
+        * num_experts as f64
+}
+
+/// Router z-loss: mean over tokens of `logsumexp(logits)²`.
+pub fn router_z_loss(logits: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
+    lse.sqr()?.mean_all()
+}
+
+/// Switch / Megatron auxiliary loss of one layer: `E · Σ_e f_e · P_e`, with `f_e` the fraction
+/// of routed copies sent to expert `e` (`fractions`) and `P_e` its mean router score (`scores`,
+/// `[T, E]`).
+pub fn switch_aux_loss(scores: &Tensor, fractions: &[f32]) -> Result<Tensor> {
+    let e = fractions.len();
+    let f = Tensor::new(fractions, scores.device())?;
+    (scores.mean(0)? * f)?.sum_all()? * e as f64
+}

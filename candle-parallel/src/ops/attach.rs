@@ -1,0 +1,169 @@
+//! [`attach_backward`]: a value computed by a fast kernel outside the graph, joined to the graph
+//! with a backward you supply. The trainable softmax, RMSNorm and rotary embedding are built on
+//! it, and so is the MoE layer's link that keeps empty branches on the gradient path.
+
+use super::copy_view;
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
+use candle_core::Tensor;
+
+/// The backward of [`attach_backward`]: given the inputs, the forward value and the output
+/// gradient, one gradient (or `None`) per input.
+pub type Vjp = dyn Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+
+/// `value`, with a backward into `inputs` (one or two tensors): forward is a copy of `value`;
+/// backward calls `vjp(inputs, value, grad)`. Use it to give a backward to a fast kernel
+/// (computed on detached inputs) or to make a tensor depend on others. When no input takes
+/// part in a graph, `value` is returned as is.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_parallel::ops::attach_backward;
+///
+/// let x = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+/// let fast = x.as_tensor().detach().sqr()?; // e.g. a kernel without a backward
+/// let y = attach_backward("square", &fast, &[x.as_tensor()], |ins, _y, g| {
+///     Ok(vec![Some((g * (ins[0] * 2.0)?)?)])
+/// })?;
+/// let grads = y.sum_all()?.backward()?;
+/// assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec1::<f32>()?, [2.0, 4.0, 6.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn attach_backward(
+    name: &'static str,
+    value: &Tensor,
+    inputs: &[&Tensor],
+    vjp: impl Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(value.clone());
+    }
+    let op = Attached {
+        name,
+        vjp: Box::new(vjp),
+    };
+    match *inputs {
+        [a] => a.apply_op2(value, op),
+        [a, b] => a.apply_op3(b, value, op),
+        _ => bail!(
+            "attach_backward({name}): takes one or two inputs, got {}",
+            inputs.len()
+        ),
+    }
+}
+
+/// The custom op behind [`attach_backward`]: its last argument is the value.
+struct Attached {
+    name: &'static str,
+    vjp: Box<Vjp>,
+}
+
+impl Attached {
+    fn grads<const N: usize>(
+        &self,
+        inputs: [&Tensor; N],
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<[Option<Tensor>; N]> {
+        let got = (self.vjp)(&inputs, res, g)?;
+        let n = got.len();
+        got.try_into().map_err(|_| {
+            candle_core::Error::msg(format!(
+                "attach_backward({}): the backward returned {n} gradients for {N} inputs",
+                self.name
+            ))
+        })
+    }
+}
+
+impl CustomOp2 for Attached {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        _: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [da] = self.grads([a], res, g)?;
+        Ok((da, None))
+    }
+}
+
+impl CustomOp3 for Attached {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_view(y, l)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [da, db] = self.grads([a, b], res, g)?;
+        Ok((da, db, None))
+    }
+}
+
+/// `t`, made to depend (with value zero) on `deps`: backward passes the gradient to `t` and
+/// zeros to each dependency. A rank whose branch is empty must still run the same collectives
+/// in backward as its peers; this keeps the branch's inputs on the gradient path (candle's
+/// ordinary ops return an empty tensor untracked).
+pub fn depend_on(t: &Tensor, deps: &[&Tensor]) -> Result<Tensor> {
+    let mut out = t.clone();
+    for d in deps {
+        out = attach_backward("depend", &out.detach(), &[&out, d], |ins, _, g| {
+            Ok(vec![Some(g.clone()), Some(ins[1].zeros_like()?)])
+        })?;
+    }
+    Ok(out)
+}

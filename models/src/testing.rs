@@ -1,0 +1,96 @@
+//! Helpers for tests, examples and benchmarks: deterministic inputs, a relative-error check,
+//! and random models written in Hugging Face layout (no downloads).
+//!
+//! ```
+//! use candle_core::DType;
+//! use candle_parallel_models::testing::{max_rel_err, seeded};
+//!
+//! let a = seeded(&[2, 3], 7, DType::F32)?;
+//! assert_eq!(max_rel_err(&a, &seeded(&[2, 3], 7, DType::F32)?)?, 0.0);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+use candle_core::{DType, Device, Result, Tensor};
+
+/// A deterministic tensor of `dims` with values in [-1, 1), different for each `seed`
+/// (a 64-bit LCG: the same on every platform and run, no RNG crate needed).
+pub fn seeded(dims: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// max |a - b| / max(max |b|, tiny): the relative error of `a` against the reference `b`.
+pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        candle_core::bail!("shapes differ: {:?} vs {:?}", a.dims(), b.dims())
+    }
+    let a = a.to_dtype(DType::F64)?.flatten_all()?;
+    let b = b.to_dtype(DType::F64)?.flatten_all()?;
+    let diff = (&a - &b)?.abs()?.max(0)?.to_scalar::<f64>()?;
+    let scale = b.abs()?.max(0)?.to_scalar::<f64>()?.max(1e-30);
+    Ok(diff / scale)
+}
+
+/// Writes a random model in Hugging Face layout into `dir`: `config.json` (`cfg`) and
+/// `model.safetensors` with the tensors `build` creates on one rank from the deterministic
+/// initialisation of `seed`.
+pub fn write_random_hf<C: serde::Serialize>(
+    dir: &std::path::Path,
+    cfg: &C,
+    seed: u64,
+    build: impl Fn(candle_parallel::checkpoint::ShardedVarBuilder, &candle_parallel::Comm) -> Result<()>
+        + Sync,
+) -> Result<()> {
+    use candle_parallel::checkpoint::ShardedVarBuilder;
+    std::fs::create_dir_all(dir)?;
+    // Explicitly local: this helper also runs inside multi-process (NCCL) jobs.
+    let params = candle_parallel::Launcher::new(1)
+        .backend(candle_parallel::launch::BackendKind::Local)
+        .run(|ctx| {
+            let vb = ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
+            build(vb.clone(), ctx.comm())?;
+            Ok(vb.params())
+        })?;
+    let tensors: std::collections::HashMap<String, Tensor> = params[0]
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(candle_core::Error::wrap)?;
+    std::fs::write(dir.join("config.json"), json)?;
+    Ok(())
+}
+
+/// A random Llama-style checkpoint (see [`write_random_hf`]).
+pub fn write_random_llama(
+    dir: &std::path::Path,
+    cfg: &crate::llama::LlamaConfig,
+    seed: u64,
+) -> Result<()> {
+    write_random_hf(dir, cfg, seed, |vb, comm| {
+        crate::llama::Llama::new(cfg, vb, comm).map(|_| ())
+    })
+}
+
+/// A random Mixtral-style checkpoint (see [`write_random_hf`]).
+pub fn write_random_mixtral(
+    dir: &std::path::Path,
+    cfg: &crate::mixtral::MixtralConfig,
+    seed: u64,
+) -> Result<()> {
+    use candle_parallel::moe::Dispatch;
+    write_random_hf(dir, cfg, seed, |vb, comm| {
+        crate::mixtral::Mixtral::new(cfg, vb, comm, comm, Dispatch::AllReduce)
+            .map(|_| ())
+    })
+}
