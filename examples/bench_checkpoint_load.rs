@@ -12,7 +12,7 @@
 //! loaded tensors hold; the peak (`VmHWM`) also counts the mapped checkpoint pages that were
 //! touched (page cache, shared, reclaimable).
 use candle_core::{DType, Device, Result};
-use candle_parallel::checkpoint::ShardedVarBuilder;
+use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::launch;
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use clap::Parser;
@@ -62,7 +62,7 @@ fn child(dir: &Path, tp: usize) -> Result<()> {
     let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
     let t = Instant::now();
     let out = launch(tp, |ctx| {
-        let vb = ShardedVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?;
+        let vb = ParallelVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?;
         let model = Llama::new(&cfg, vb.clone(), ctx.comm())?;
         ctx.comm().barrier()?;
         Ok((vb.bytes_read(), model))

@@ -11,11 +11,11 @@
 //!   candle-transformers' on the same checkpoint: its sparse MoE block is not public, so the
 //!   comparison is the smallest model that contains it; it has no gate gradient, so forward only.
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_parallel::checkpoint::ShardedVarBuilder;
+use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::moe::{moe_layer, Dispatch, RouterConfig};
 use candle_parallel::{Launcher, MeshShape};
-use candle_parallel_models::testing::{seeded, write_random_mixtral};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use candle_parallel_models::testing::{seeded, write_random_mixtral};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -69,7 +69,7 @@ fn moe_layer_times(ep: usize, iters: usize) -> Result<(f64, f64)> {
     let tokens = B * S;
     let times = Launcher::new(ep).mesh(MeshShape::new().ep(ep)).run(|ctx| {
         let mesh = ctx.mesh()?;
-        let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+        let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
         let layer = moe_layer(
             H,
             F,
@@ -122,7 +122,7 @@ fn main() -> Result<()> {
     let (f2, b2) = moe_layer_times(2, a.iters)?;
 
     let ours = Launcher::new(1).run(|ctx| {
-        let vb = ShardedVarBuilder::from_hf_dir(&a.dir, DType::F32, &Device::Cpu)?;
+        let vb = ParallelVarBuilder::from_hf_dir(&a.dir, DType::F32, &Device::Cpu)?;
         let m = Mixtral::new(&cfg, vb, ctx.comm(), ctx.comm(), Dispatch::AllToAll)?;
         best(a.iters, || {
             m.forward_shard(&ids, 0, None, false).map(|_| ())

@@ -10,7 +10,7 @@
 //! the same cores, so the ratio shows the overhead of sharding and communication (on one
 //! machine it cannot show a speed-up: the work is the same, split over the same cores).
 use candle_core::{DType, Device, Module, Result, Var};
-use candle_parallel::checkpoint::ShardedVarBuilder;
+use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::tensor_parallel::{column_parallel_linear, row_parallel_linear};
 use candle_parallel::Launcher;
 use candle_parallel_models::testing::seeded;
@@ -37,7 +37,7 @@ struct Args {
 /// Median seconds of one forward + backward at tensor-parallel size `tp`.
 fn time_mlp(a: &Args, tp: usize) -> Result<f64> {
     let times = Launcher::new(tp).run(|ctx| {
-        let vb = ShardedVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
+        let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
         let up = column_parallel_linear(a.hidden, a.ffn, vb.pp("up"), ctx.comm())?;
         let down = row_parallel_linear(a.ffn, a.hidden, vb.pp("down"), ctx.comm())?;
         let x = Var::from_tensor(&seeded(&[a.tokens, a.hidden], 2, DType::F32)?)?;

@@ -15,8 +15,8 @@
 //! `config.json`.
 use candle_core::{DType, Device, Result};
 use candle_parallel::checkpoint::{
-    export_hf, hf_safetensors_files, read_metadata, save_checkpoint, SaveOptions, ShardedTensor,
-    ShardedVarBuilder, METADATA_FILE,
+    export_hf, hf_safetensors_files, read_metadata, save_checkpoint, ParallelVarBuilder,
+    SaveOptions, ShardedTensor, METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape};
@@ -186,9 +186,9 @@ fn reshard(from: &Path, to: &Path, mesh: &str, dtype: &str) -> Result<()> {
     cfg.check()?;
     let reads = Launcher::new(mesh.world_size()).mesh(mesh).run(|ctx| {
         let vb = if distributed {
-            ShardedVarBuilder::from_checkpoint(from, dtype, &Device::Cpu)?
+            ParallelVarBuilder::from_checkpoint(from, dtype, &Device::Cpu)?
         } else {
-            ShardedVarBuilder::from_hf_dir(from, dtype, &Device::Cpu)?
+            ParallelVarBuilder::from_hf_dir(from, dtype, &Device::Cpu)?
         }
         .trainable();
         Llama::new(&cfg, vb.clone(), ctx.mesh()?.tp())?;

@@ -23,14 +23,16 @@
 //! distributed checkpoint that `cargo run --release --example checkpoint -- export` turns into
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Tensor};
-use candle_parallel::checkpoint::{save_checkpoint, SaveOptions, ShardedTensor, ShardedVarBuilder};
+use candle_parallel::checkpoint::{
+    save_checkpoint, ParallelVarBuilder, SaveOptions, ShardedTensor,
+};
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::{clip_factor, grad_norm_sq, scale_grads, AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape, ReduceOp};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -283,7 +285,7 @@ fn main() -> Result<()> {
         let out_dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
         let mesh = ctx.mesh()?;
         let (ep, tp) = (mesh.ep(), mesh.tp());
-        let vb = ShardedVarBuilder::from_hf_dir(&args.model, DType::F32, ctx.device())?.trainable();
+        let vb = ParallelVarBuilder::from_hf_dir(&args.model, DType::F32, ctx.device())?.trainable();
         let model = Mixtral::new(&cfg, vb.clone(), ep, tp, Dispatch::AllToAll)?;
         let params = vb.params();
         let (experts, shared): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|p| Mixtral::is_expert_param(&p.name));

@@ -12,7 +12,7 @@
 //! greedy (`--temperature 0`, the default) or sampled; every rank samples with the same seed
 //! from the same gathered logits, so the ranks stay in step, and rank 0 prints.
 use candle_core::{DType, Result, Tensor};
-use candle_parallel::checkpoint::ShardedVarBuilder;
+use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::Launcher;
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use clap::Parser;
@@ -121,8 +121,8 @@ fn main() -> Result<()> {
     std::io::stdout().flush()?;
     let out = Launcher::new(a.tp).run(|ctx| {
         let vb = match &a.model {
-            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
-            None => ShardedVarBuilder::from_init(a.seed, DType::F32, ctx.device()),
+            Some(dir) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            None => ParallelVarBuilder::from_init(a.seed, DType::F32, ctx.device()),
         };
         let model = Llama::new(&cfg, vb, ctx.comm())?;
         let mut cache = model.new_cache();

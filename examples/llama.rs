@@ -11,7 +11,7 @@
 //! `DIR` holds `config.json` and `model.safetensors` (or an index and several files); without
 //! `--model`, a small random model is created on the fly.
 use candle_core::{DType, Result, Tensor};
-use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::Launcher;
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use clap::{Parser, Subcommand};
@@ -69,8 +69,8 @@ fn main() -> Result<()> {
     }
     let results = Launcher::new(tp).run(|ctx| {
         let vb = match &model {
-            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
-            None => ShardedVarBuilder::from_init(seed, DType::F32, ctx.device()),
+            Some(dir) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            None => ParallelVarBuilder::from_init(seed, DType::F32, ctx.device()),
         };
         let vb = if grads { vb.trainable() } else { vb };
         let llama = Llama::new(&cfg, vb.clone(), ctx.comm())?;

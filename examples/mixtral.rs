@@ -12,7 +12,7 @@
 //! rank). The ep ranks share the tokens (all-reduce dispatch). Without `--model`, a small
 //! random Mixtral-style model is created on the fly.
 use candle_core::{DType, Device, Result, Tensor};
-use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
@@ -72,8 +72,8 @@ fn main() -> Result<()> {
     let results = Launcher::new(ep * tp).mesh(mesh).run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = match &model {
-            Some(dir) => ShardedVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
-            None => ShardedVarBuilder::from_init(seed, DType::F32, ctx.device()),
+            Some(dir) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            None => ParallelVarBuilder::from_init(seed, DType::F32, ctx.device()),
         };
         let vb = if grads { vb.trainable() } else { vb };
         let m = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllReduce)?;

@@ -15,7 +15,7 @@
 //! + let down = row_parallel_linear(FFN, HIDDEN, vb.pp("down"), tp)?;
 //! ```
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::tensor_parallel::{column_parallel_linear, row_parallel_linear};
 use candle_parallel::{launch, Comm};
 use candle_parallel_models::testing::{max_rel_err, seeded};
@@ -56,7 +56,7 @@ struct TpMlp {
 }
 
 impl TpMlp {
-    fn new(vb: ShardedVarBuilder, tp: &Comm) -> Result<Self> {
+    fn new(vb: ParallelVarBuilder, tp: &Comm) -> Result<Self> {
         let up = column_parallel_linear(HIDDEN, FFN, vb.pp("up"), tp)?;
         let down = row_parallel_linear(FFN, HIDDEN, vb.pp("down"), tp)?;
         Ok(Self { up, down })
@@ -73,7 +73,7 @@ fn main() -> Result<()> {
 
     // Tensor parallel: each rank builds its shard (the slice of the seeded initialisation).
     let ranks = launch(args.tp, |ctx| {
-        let vb = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu).trainable();
+        let vb = ParallelVarBuilder::from_init(7, DType::F32, &Device::Cpu).trainable();
         let mlp = TpMlp::new(vb.clone(), ctx.comm())?;
         let xv = Var::from_tensor(&x)?;
         let y = mlp.forward(xv.as_tensor())?;
@@ -83,28 +83,14 @@ fn main() -> Result<()> {
     })?;
     let (y_tp, gx_tp, grads_tp) = &ranks[0];
 
-    // Single device: candle-nn's MLP on the same (full) weights.
-    let full = launch(1, |ctx| {
-        let vb = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu).trainable();
-        TpMlp::new(vb.clone(), ctx.comm())?;
-        Ok(vb.params())
-    })?;
-    let varmap = candle_nn::VarMap::new();
-    for p in &full[0] {
-        varmap
-            .data()
-            .lock()
-            .unwrap()
-            .insert(p.name.clone(), Var::from_tensor(p.var.as_tensor())?);
-    }
-    let mlp = Mlp::new(candle_nn::VarBuilder::from_varmap(
-        &varmap,
-        DType::F32,
-        &Device::Cpu,
-    ))?;
+    // Single device: candle-nn's MLP on the same (full) weights, through the builder's
+    // candle-nn view (its parameters are recorded by name, as the sharded ones are).
+    let vb = ParallelVarBuilder::from_init(7, DType::F32, &Device::Cpu).trainable();
+    let mlp = Mlp::new(vb.to_candle_nn())?;
     let xv = Var::from_tensor(&x)?;
     let y = mlp.forward(xv.as_tensor())?;
     let grads = y.sqr()?.sum_all()?.backward()?;
+    let params = vb.params();
 
     println!(
         "candle-nn MLP vs tensor-parallel MLP at tp={} (max relative error)",
@@ -115,10 +101,10 @@ fn main() -> Result<()> {
         "  grad input      {:.1e}",
         max_rel_err(gx_tp, grads.get(xv.as_tensor()).unwrap())?
     );
-    let data = varmap.data().lock().unwrap();
     let mut worst = 0f64;
-    for (name, g) in grads_tp {
-        let e = max_rel_err(g, grads.get(data[name].as_tensor()).unwrap())?;
+    for ((name, g), p) in grads_tp.iter().zip(&params) {
+        assert_eq!(name, &p.name);
+        let e = max_rel_err(g, grads.get(p.var.as_tensor()).unwrap())?;
         println!("  grad {name:<12}{e:.1e}");
         worst = worst.max(e);
     }

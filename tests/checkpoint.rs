@@ -4,13 +4,13 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{
-    export_hf, read_metadata, save_checkpoint, SaveOptions, SaveStage, Shard, ShardedTensor,
-    ShardedVarBuilder, COMPLETE_FILE, METADATA_FILE,
+    export_hf, read_metadata, save_checkpoint, ParallelVarBuilder, Placement, SaveOptions,
+    SaveStage, ShardedTensor, COMPLETE_FILE, METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{launch, Launcher, MeshShape};
-use candle_parallel_models::testing::{seeded, write_random_llama};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
+use candle_parallel_models::testing::{seeded, write_random_llama};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -43,12 +43,12 @@ fn hf_checkpoint(name: &str, dtype: DType) -> Result<(PathBuf, LlamaConfig)> {
 /// Builds the model (and the experts tensor, split by expert over `ep`) from `vb` on this rank,
 /// returning what a save needs.
 fn build(
-    vb: &ShardedVarBuilder,
+    vb: &ParallelVarBuilder,
     cfg: &LlamaConfig,
     mesh: &candle_parallel::DeviceMesh,
 ) -> Result<Vec<ShardedTensor>> {
     Llama::new(cfg, vb.clone(), mesh.tp())?;
-    let shard = Shard::Split {
+    let shard = Placement::Split {
         dim: 0,
         rank: mesh.ep().rank(),
         parts: mesh.ep().size(),
@@ -68,9 +68,9 @@ fn reshard(
 ) -> Result<Vec<u64>> {
     Launcher::new(mesh.world_size()).mesh(mesh).run(|ctx| {
         let vb = if from_hf {
-            ShardedVarBuilder::from_hf_dir(source, dtype, &Device::Cpu)?
+            ParallelVarBuilder::from_hf_dir(source, dtype, &Device::Cpu)?
         } else {
-            ShardedVarBuilder::from_checkpoint(source, dtype, &Device::Cpu)?
+            ParallelVarBuilder::from_checkpoint(source, dtype, &Device::Cpu)?
         }
         .trainable();
         let tensors = build(&vb, cfg, ctx.mesh()?)?;
@@ -149,17 +149,17 @@ fn hf_to_ep2_tp2_to_tp4_to_tp1_and_export_is_byte_identical() -> Result<()> {
 }
 
 /// The full-tensor elements a shard holds (padding excluded), as a rank must read them.
-fn real_elems(shard: Shard, full: &[usize]) -> usize {
+fn real_elems(shard: Placement, full: &[usize]) -> usize {
     let total: usize = full.iter().product();
     match shard {
-        Shard::Replicated => total,
-        Shard::Split { parts, .. } => total / parts,
-        Shard::SplitPadded { dim, rank, parts } => {
+        Placement::Replicated => total,
+        Placement::Split { parts, .. } => total / parts,
+        Placement::SplitPadded { dim, rank, parts } => {
             let c = full[dim].div_ceil(parts);
             let start = (rank * c).min(full[dim]);
             total / full[dim] * c.min(full[dim] - start)
         }
-        Shard::Range { dim, len, .. } => total / full[dim] * len,
+        Placement::Range { dim, len, .. } => total / full[dim] * len,
     }
 }
 
@@ -177,9 +177,9 @@ fn each_rank_reads_only_its_own_bytes() -> Result<()> {
         let src = if from_hf { &hf } else { &dist };
         let reads = launch(4, |ctx| {
             let vb = if from_hf {
-                ShardedVarBuilder::from_hf_dir(src, DType::F32, &Device::Cpu)?
+                ParallelVarBuilder::from_hf_dir(src, DType::F32, &Device::Cpu)?
             } else {
-                ShardedVarBuilder::from_checkpoint(src, DType::F32, &Device::Cpu)?
+                ParallelVarBuilder::from_checkpoint(src, DType::F32, &Device::Cpu)?
             }
             .trainable();
             Llama::new(&cfg, vb.clone(), ctx.comm())?;
@@ -215,13 +215,13 @@ fn bad_input_is_a_clear_error() -> Result<()> {
     let (hf, cfg) = hf_checkpoint("bad", DType::F32)?;
     let file = hf.join("model.safetensors");
     let cpu = &Device::Cpu;
-    let vb = ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu)?;
+    let vb = ParallelVarBuilder::from_hf_dir(&hf, DType::F32, cpu)?;
     // A missing tensor, and a shape that disagrees with the config.
     let e = load_err(|| {
         vb.get(
             (4, 4),
             "model.nope.weight",
-            Shard::Replicated,
+            Placement::Replicated,
             Init::Const(0.0),
         )
         .map(|_| ())
@@ -234,7 +234,7 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         vb.get(
             (64, 65),
             "model.norm.weight",
-            Shard::Replicated,
+            Placement::Replicated,
             Init::Const(0.0),
         )
         .map(|_| ())
@@ -248,7 +248,7 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         vb.get(
             64,
             "model.norm.weight",
-            Shard::Split {
+            Placement::Split {
                 dim: 0,
                 rank: 0,
                 parts: 3,
@@ -265,12 +265,12 @@ fn bad_input_is_a_clear_error() -> Result<()> {
     // A truncated file and a corrupt header.
     let bytes = std::fs::read(&file)?;
     std::fs::write(&file, &bytes[..bytes.len() / 2])?;
-    let e = load_err(|| ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
+    let e = load_err(|| ParallelVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
     assert!(e.contains("model.safetensors"), "{e}");
     let mut corrupt = bytes.clone();
     corrupt[8..16].copy_from_slice(b"!garbage");
     std::fs::write(&file, &corrupt)?;
-    let e = load_err(|| ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
+    let e = load_err(|| ParallelVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
     assert!(e.contains("model.safetensors"), "{e}");
     std::fs::write(&file, &bytes)?;
     // An index that names a missing file.
@@ -278,7 +278,7 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         hf.join("model.safetensors.index.json"),
         r#"{"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}"#,
     )?;
-    let e = load_err(|| ShardedVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
+    let e = load_err(|| ParallelVarBuilder::from_hf_dir(&hf, DType::F32, cpu).map(|_| ()));
     assert!(
         e.contains("model-00002-of-00002.safetensors which does not exist"),
         "{e}"
@@ -292,14 +292,14 @@ fn bad_input_is_a_clear_error() -> Result<()> {
         dist.join(METADATA_FILE),
         meta_text.replace("\"format_version\": 1", "\"format_version\": 99"),
     )?;
-    let e = load_err(|| ShardedVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
+    let e = load_err(|| ParallelVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
     assert!(
         e.contains("format version 99 is not one this library reads"),
         "{e}"
     );
     std::fs::write(dist.join(METADATA_FILE), meta_text)?;
     std::fs::remove_file(dist.join(COMPLETE_FILE))?;
-    let e = load_err(|| ShardedVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
+    let e = load_err(|| ParallelVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
     assert!(e.contains("incomplete checkpoint"), "{e}");
     // Saving over a completed checkpoint is refused.
     std::fs::write(dist.join(COMPLETE_FILE), "step 7\n")?;
@@ -325,7 +325,7 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
         let partial = tmp(&format!("kill-{stage:?}"));
         let res = launch(2, |ctx| {
             let vb =
-                ShardedVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?.trainable();
+                ParallelVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?.trainable();
             Llama::new(&cfg, vb.clone(), ctx.comm())?;
             let tensors: Vec<ShardedTensor> = vb.params().iter().map(ShardedTensor::from).collect();
             let opts = SaveOptions {
@@ -337,14 +337,14 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
         });
         assert!(res.unwrap_err().to_string().contains("interrupted"));
         // The partial directory is recognisably incomplete...
-        let e = ShardedVarBuilder::from_checkpoint(&partial, DType::F32, &Device::Cpu)
+        let e = ParallelVarBuilder::from_checkpoint(&partial, DType::F32, &Device::Cpu)
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("incomplete checkpoint"), "{stage:?}: {e}");
         // ... and the previous checkpoint still loads, with the same numbers.
         let logits = launch(2, |ctx| {
-            let vb = ShardedVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?;
+            let vb = ParallelVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?;
             Llama::new(&cfg, vb, ctx.comm())?.forward(
                 &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?,
                 0,
@@ -352,7 +352,7 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
             )
         })?;
         let want = launch(2, |ctx| {
-            let vb = ShardedVarBuilder::from_hf_dir(&hf, DType::F32, &Device::Cpu)?;
+            let vb = ParallelVarBuilder::from_hf_dir(&hf, DType::F32, &Device::Cpu)?;
             Llama::new(&cfg, vb, ctx.comm())?.forward(
                 &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?,
                 0,
@@ -366,7 +366,7 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
         // Retrying the save into the partial directory completes it.
         launch(2, |ctx| {
             let vb =
-                ShardedVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?.trainable();
+                ParallelVarBuilder::from_checkpoint(&good, DType::F32, &Device::Cpu)?.trainable();
             Llama::new(&cfg, vb.clone(), ctx.comm())?;
             let tensors: Vec<ShardedTensor> = vb.params().iter().map(ShardedTensor::from).collect();
             save_checkpoint(
@@ -397,7 +397,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() -> Result<()> {
         lr: 1e-2,
         ..Default::default()
     };
-    let train = |vb: ShardedVarBuilder,
+    let train = |vb: ParallelVarBuilder,
                  resume: bool,
                  steps: usize,
                  save: bool,
@@ -436,7 +436,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() -> Result<()> {
     };
     let straight = launch(2, |ctx| {
         train(
-            ShardedVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable(),
+            ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable(),
             false,
             3,
             true,
@@ -445,7 +445,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() -> Result<()> {
     })?;
     let resumed = launch(2, |ctx| {
         train(
-            ShardedVarBuilder::from_checkpoint(&dir, DType::F32, &Device::Cpu)?.trainable(),
+            ParallelVarBuilder::from_checkpoint(&dir, DType::F32, &Device::Cpu)?.trainable(),
             true,
             3,
             false,
@@ -458,7 +458,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() -> Result<()> {
     );
     let fresh = launch(2, |ctx| {
         train(
-            ShardedVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable(),
+            ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable(),
             false,
             1,
             false,
@@ -481,11 +481,11 @@ fn half_precision_on_disk_converts_to_the_requested_dtype() -> Result<()> {
             &HashMap::from([("w".to_string(), t.clone())]),
             dir.join("model.safetensors"),
         )?;
-        let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+        let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
         let got = vb.get(
             (6, 4),
             "w",
-            Shard::Split {
+            Placement::Split {
                 dim: 1,
                 rank: 1,
                 parts: 2,

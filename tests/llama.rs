@@ -1,10 +1,10 @@
 //! The tensor-parallel Llama against candle-transformers' Llama on the same random
 //! checkpoint, and its gradients at tp 2 and 4 against tp 1.
 use candle_core::{DType, Device, Result, Tensor};
-use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::launch;
-use candle_parallel_models::testing::{max_rel_err, write_random_llama};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
+use candle_parallel_models::testing::{max_rel_err, write_random_llama};
 use std::path::{Path, PathBuf};
 
 const TOKENS: [u32; 7] = [1, 17, 256, 3, 99, 200, 5];
@@ -50,7 +50,7 @@ fn logits_equal_candle_transformers_llama_at_every_tp() -> Result<()> {
     let want = reference_logits(&dir)?;
     for tp in [1, 2, 4] {
         let outs = launch(tp, |ctx| {
-            let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+            let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
             let model = Llama::new(&cfg, vb, ctx.comm())?;
             let full = model.forward(&ids()?, 0, None)?.squeeze(0)?;
             // Incremental decoding through the KV cache gives the same logits.
@@ -90,7 +90,7 @@ fn gradients_at_tp_2_and_4_equal_tp_1() -> Result<()> {
     let dir = checkpoint("grads", &cfg)?;
     let run = |tp: usize| {
         launch(tp, |ctx| {
-            let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+            let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
             let model = Llama::new(&cfg, vb.clone(), ctx.comm())?;
             let loss = model.loss(&ids()?)?;
             let grads = loss.backward()?;
@@ -134,7 +134,7 @@ fn configurations_that_cannot_be_split_fail_clearly() -> Result<()> {
     let e = launch(1, |ctx| {
         Llama::new(
             &cfg,
-            ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu),
+            ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu),
             ctx.comm(),
         )
         .map(|_| ())
@@ -149,7 +149,7 @@ fn configurations_that_cannot_be_split_fail_clearly() -> Result<()> {
     let e = launch(3, |ctx| {
         Llama::new(
             &cfg,
-            ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu),
+            ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu),
             ctx.comm(),
         )
         .map(|_| ())
@@ -167,7 +167,7 @@ fn configurations_that_cannot_be_split_fail_clearly() -> Result<()> {
     let e = launch(2, |ctx| {
         Llama::new(
             &wider,
-            ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?,
+            ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?,
             ctx.comm(),
         )
         .map(|_| ())

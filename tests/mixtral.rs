@@ -2,12 +2,12 @@
 //! random checkpoint; its gradients at ep=2 × tp=2 against ep=1 × tp=1; a few fine-tuning
 //! steps lower the loss.
 use candle_core::{DType, Device, Result, Tensor};
-use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape, ReduceOp};
-use candle_parallel_models::testing::{max_rel_err, write_random_mixtral};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use candle_parallel_models::testing::{max_rel_err, write_random_mixtral};
 use std::path::{Path, PathBuf};
 
 const TOKENS: [u32; 7] = [1, 17, 256, 3, 99, 200, 5];
@@ -66,7 +66,7 @@ fn logits_equal_candle_transformers_mixtral() -> Result<()> {
             .mesh(MeshShape::new().ep(ep).tp(tp))
             .run(|ctx| {
                 let mesh = ctx.mesh()?;
-                let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+                let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
                 let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), dispatch)?;
                 let full = model.forward(&ids()?, 0, None)?.squeeze(0)?;
                 let mut cache = model.new_cache();
@@ -109,7 +109,7 @@ fn gradients_at_ep2_tp2_equal_ep1_tp1() -> Result<()> {
             .run(|ctx| {
                 let mesh = ctx.mesh()?;
                 let vb =
-                    ShardedVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+                    ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
                 let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), dispatch)?;
                 let l = model.losses(&ids()?, true)?;
                 let scale = if dispatch == Dispatch::AllToAll {
@@ -176,7 +176,7 @@ fn a_few_fine_tuning_steps_lower_the_loss() -> Result<()> {
         .mesh(MeshShape::new().ep(2).tp(2))
         .run(|ctx| {
             let mesh = ctx.mesh()?;
-            let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+            let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
             let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
             let mut opt = AdamW::new(
                 vb.params(),

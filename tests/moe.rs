@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::moe::{moe_layer, Dispatch, DropPolicy, RouterConfig};
 use candle_parallel::{launch, Launcher, MeshShape, ReduceOp};
 use candle_parallel_models::testing::{max_rel_err, seeded};
@@ -27,7 +27,7 @@ fn close(got: &Tensor, want: &Tensor, what: &str) {
 type Grads = BTreeMap<String, Tensor>;
 fn reference(cfg: RouterConfig, x: &Tensor, c: &Tensor) -> Result<(Tensor, Tensor, Grads, usize)> {
     let out = launch(1, |ctx| {
-        let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+        let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
         let layer = moe_layer(
             H,
             F,
@@ -81,7 +81,7 @@ fn moe_layer_equals_single_rank_layer_at_every_layout() -> Result<()> {
                         let mesh = ctx.mesh()?;
                         let g = if groups > 1 { mesh.ep().rank() } else { 0 };
                         let vb =
-                            ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+                            ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
                         let layer =
                             moe_layer(H, F, cfg, dispatch, vb.pp("moe"), mesh.ep(), mesh.tp())?;
                         let xv = Var::from_tensor(&xs[g])?;
@@ -90,7 +90,7 @@ fn moe_layer_equals_single_rank_layer_at_every_layout() -> Result<()> {
                         let mut pg = Vec::new();
                         for p in vb.params() {
                             let mut grad = grads.get(p.var.as_tensor()).unwrap().clone();
-                            if p.shard == Shard::Replicated && groups > 1 {
+                            if p.shard == Placement::Replicated && groups > 1 {
                                 // The gate is replicated over ranks with different tokens: its
                                 // gradient is the sum over them (data-parallel style).
                                 grad = mesh.ep().all_reduce(&grad, ReduceOp::Sum)?;
@@ -156,7 +156,7 @@ fn router_options_route_and_train() -> Result<()> {
             // Two ranks sharing tokens route identically, jitter included, and match one rank.
             let outs = Launcher::new(2).mesh(MeshShape::new().ep(2)).run(|ctx| {
                 let mesh = ctx.mesh()?;
-                let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+                let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
                 let layer = moe_layer(
                     H,
                     F,
@@ -207,7 +207,7 @@ fn capacity_drops_exactly_what_the_policy_names() -> Result<()> {
         let x = seeded(&[T, H], 5, DType::F32)?;
         // The dropless layer's routing and per-copy expert outputs, to rebuild the answer.
         let full = launch(1, |ctx| {
-            let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu);
+            let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu);
             let dropless = moe_layer(
                 H,
                 F,
@@ -225,9 +225,15 @@ fn capacity_drops_exactly_what_the_policy_names() -> Result<()> {
             for j in 0..E {
                 let v = vb.pp("moe").pp("experts").pp(j);
                 let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-                let w1 = v.pp("w1").get((F, H), "weight", Shard::Replicated, init)?;
-                let w2 = v.pp("w2").get((H, F), "weight", Shard::Replicated, init)?;
-                let w3 = v.pp("w3").get((F, H), "weight", Shard::Replicated, init)?;
+                let w1 = v
+                    .pp("w1")
+                    .get((F, H), "weight", Placement::Replicated, init)?;
+                let w2 = v
+                    .pp("w2")
+                    .get((H, F), "weight", Placement::Replicated, init)?;
+                let w3 = v
+                    .pp("w3")
+                    .get((F, H), "weight", Placement::Replicated, init)?;
                 let h = candle_parallel::ops::swiglu(&x.matmul(&w1.t()?)?, &x.matmul(&w3.t()?)?)?;
                 per_expert.push(h.matmul(&w2.t()?)?);
             }
@@ -276,7 +282,7 @@ fn capacity_drops_exactly_what_the_policy_names() -> Result<()> {
         ] {
             let outs = Launcher::new(ep).mesh(MeshShape::new().ep(ep)).run(|ctx| {
                 let mesh = ctx.mesh()?;
-                let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu);
+                let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu);
                 let layer = moe_layer(H, F, cfg, dispatch, vb.pp("moe"), mesh.ep(), mesh.tp())?;
                 let o = layer.forward(&x, false)?;
                 Ok((o.output, o.stats))
@@ -294,7 +300,7 @@ fn capacity_drops_exactly_what_the_policy_names() -> Result<()> {
 #[test]
 fn experts_that_do_not_divide_are_a_clear_error() {
     let e = launch(3, |ctx| {
-        let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu);
+        let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu);
         moe_layer(
             H,
             F,
@@ -323,7 +329,7 @@ fn ranks_whose_experts_get_no_tokens_still_train() -> Result<()> {
     for dispatch in [Dispatch::AllToAll, Dispatch::AllReduce] {
         let outs = Launcher::new(4).mesh(MeshShape::new().ep(4)).run(|ctx| {
             let mesh = ctx.mesh()?;
-            let vb = ShardedVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+            let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
             let layer = moe_layer(H, F, cfg, dispatch, vb.pp("moe"), mesh.ep(), mesh.tp())?;
             let xv = Var::from_tensor(&x)?;
             let o = layer.forward(xv.as_tensor(), true)?;

@@ -6,14 +6,16 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_parallel::checkpoint::{full_gradients, ShardedVarBuilder};
+use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::comm::nccl::{NcclBackend, NcclId};
 use candle_parallel::launch::{BackendKind, RankContext};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::{ops, Launcher, MeshShape, ReduceOp};
-use candle_parallel_models::testing::{max_rel_err, seeded, write_random_llama, write_random_mixtral};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use candle_parallel_models::testing::{
+    max_rel_err, seeded, write_random_llama, write_random_mixtral,
+};
 use std::time::Duration;
 
 /// Runs `f` on one rank with the local backend (CPU) and with NCCL (CUDA device 0), and
@@ -168,7 +170,7 @@ fn llama_logits_and_gradients_on_cuda_match_the_cpu() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("cp-nccl-llama-{}", std::process::id()));
     write_random_llama(&dir, &cfg, 3)?;
     let (cpu, gpu) = on_cpu_and_gpu(None, |ctx| {
-        let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, ctx.device())?.trainable();
+        let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, ctx.device())?.trainable();
         let model = Llama::new(&cfg, vb.clone(), ctx.comm())?;
         let ids = Tensor::new(&[[1u32, 17, 256, 3, 99, 200, 5]], ctx.device())?;
         let logits = model.forward(&ids, 0, None)?;
@@ -194,7 +196,7 @@ fn mixtral_with_both_dispatchers_on_cuda_matches_the_cpu() -> Result<()> {
     for dispatch in [Dispatch::AllToAll, Dispatch::AllReduce] {
         let (cpu, gpu) = on_cpu_and_gpu(Some(MeshShape::new().ep(1).tp(1)), |ctx| {
             let mesh = ctx.mesh()?;
-            let vb = ShardedVarBuilder::from_hf_dir(&dir, DType::F32, ctx.device())?.trainable();
+            let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, ctx.device())?.trainable();
             let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), dispatch)?;
             let ids = Tensor::new(&[[1u32, 17, 56, 3, 99, 20, 5, 8]], ctx.device())?;
             let l = model.losses(&ids, true)?;

@@ -2,12 +2,11 @@
 //! never starts, and bad environment variables.
 mod common;
 
-use common::probe_path;
 use candle_parallel::launch::process::{spawn_ranks, NodePlan};
+use common::probe_path;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("cp-proc-{name}-{}", std::process::id()));

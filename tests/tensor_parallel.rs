@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::tensor_parallel::{self as tp_layers, TpHeads};
 use candle_parallel::{launch, ops, Comm};
 use candle_parallel_models::testing::{max_rel_err, seeded};
@@ -20,10 +20,10 @@ fn close(got: &Tensor, want: &Tensor, what: &str) {
 
 /// The full (tp = 1) parameters a builder function creates, by name.
 fn full_params(
-    build: &(dyn Fn(ShardedVarBuilder, &Comm) -> Result<()> + Sync),
+    build: &(dyn Fn(ParallelVarBuilder, &Comm) -> Result<()> + Sync),
 ) -> Result<BTreeMap<String, Tensor>> {
     let params = launch(1, |ctx| {
-        let vb = ShardedVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
+        let vb = ParallelVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
         build(vb.clone(), ctx.comm())?;
         Ok(vb.params())
     })?;
@@ -35,13 +35,13 @@ fn full_params(
 
 /// Runs `step` (build the layer, forward, return output and loss) on `tp` ranks; returns each
 /// rank's output and its parameters' gradients (name, shard, grad).
-type RankOut = (Tensor, Vec<(String, Shard, Tensor)>, Option<Tensor>);
+type RankOut = (Tensor, Vec<(String, Placement, Tensor)>, Option<Tensor>);
 /// Builds the layer on one rank and returns its output and loss.
 type Step<'a> =
-    dyn Fn(ShardedVarBuilder, &Comm, Option<&Tensor>) -> Result<(Tensor, Tensor)> + Sync + 'a;
+    dyn Fn(ParallelVarBuilder, &Comm, Option<&Tensor>) -> Result<(Tensor, Tensor)> + Sync + 'a;
 fn run_tp(tp: usize, x: Option<&Tensor>, step: &Step) -> Result<Vec<RankOut>> {
     launch(tp, |ctx| {
-        let vb = ShardedVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
+        let vb = ParallelVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
         let xv = x.map(Var::from_tensor).transpose()?;
         let (y, loss) = step(vb.clone(), ctx.comm(), xv.as_ref().map(|v| v.as_tensor()))?;
         let grads = loss.backward()?;
@@ -104,7 +104,7 @@ fn column_parallel_linear_equals_candle_nn_linear() -> Result<()> {
                 } else {
                     slice_of(
                         &c,
-                        Shard::Split {
+                        Placement::Split {
                             dim: 2,
                             rank: comm.rank(),
                             parts: comm.size(),
@@ -121,7 +121,7 @@ fn column_parallel_linear_equals_candle_nn_linear() -> Result<()> {
                 } else {
                     slice_of(
                         &y_ref,
-                        Shard::Split {
+                        Placement::Split {
                             dim: 2,
                             rank: r,
                             parts: tp,
@@ -182,7 +182,7 @@ fn row_parallel_linear_equals_candle_nn_linear() -> Result<()> {
 #[test]
 fn sequence_parallel_block_equals_unsharded_block() -> Result<()> {
     let (h, f, seq) = (8, 24, 12);
-    let build = |vb: ShardedVarBuilder,
+    let build = |vb: ParallelVarBuilder,
                  c: &Comm|
      -> Result<(
         Tensor,
@@ -192,7 +192,7 @@ fn sequence_parallel_block_equals_unsharded_block() -> Result<()> {
         let norm = vb.pp("norm").get(
             h,
             "weight",
-            Shard::Replicated,
+            Placement::Replicated,
             candle_nn::Init::Uniform { lo: 0.5, up: 1.5 },
         )?;
         let up = tp_layers::column_parallel_linear(h, f, vb.pp("up"), c)?;
@@ -221,7 +221,7 @@ fn sequence_parallel_block_equals_unsharded_block() -> Result<()> {
     for tp in [1, 2, 3, 4] {
         let outs = launch(tp, |ctx| {
             let comm = ctx.comm();
-            let vb = ShardedVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
+            let vb = ParallelVarBuilder::from_init(SEED, DType::F32, &Device::Cpu).trainable();
             let (norm, up, down) = build(vb.clone(), comm)?;
             let (up, down) = (
                 up.with_sequence_parallel(Some(1)),
@@ -240,7 +240,7 @@ fn sequence_parallel_block_equals_unsharded_block() -> Result<()> {
                 comm,
             )?;
             let grads = loss.backward()?;
-            let pg: Vec<(String, Shard, Tensor)> = vb
+            let pg: Vec<(String, Placement, Tensor)> = vb
                 .params()
                 .into_iter()
                 .map(|p| {
@@ -328,7 +328,7 @@ fn vocab_parallel_cross_entropy_equals_full_softmax_cross_entropy() -> Result<()
     let g_ref = loss_ref.backward()?.get(lv.as_tensor()).unwrap().clone();
     for tp in 1..=4 {
         let outs = launch(tp, |ctx| {
-            let shard = Shard::SplitPadded {
+            let shard = Placement::SplitPadded {
                 dim: 1,
                 rank: ctx.rank(),
                 parts: tp,
@@ -356,10 +356,10 @@ fn vocab_parallel_cross_entropy_equals_full_softmax_cross_entropy() -> Result<()
 
 #[test]
 fn bad_configurations_fail_at_construction() {
-    let err = |f: &(dyn Fn(ShardedVarBuilder, &Comm) -> Result<()> + Sync), tp: usize| -> String {
+    let err = |f: &(dyn Fn(ParallelVarBuilder, &Comm) -> Result<()> + Sync), tp: usize| -> String {
         launch(tp, |ctx| {
             f(
-                ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu),
+                ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu),
                 ctx.comm(),
             )
         })

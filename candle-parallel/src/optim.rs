@@ -3,13 +3,13 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use candle_parallel::checkpoint::ShardedVarBuilder;
+//! use candle_parallel::checkpoint::ParallelVarBuilder;
 //! use candle_parallel::optim::{AdamW, AdamWConfig};
 //! use candle_parallel::tensor_parallel::column_parallel_linear;
 //! use candle_parallel::launch;
 //!
 //! launch(2, |ctx| {
-//!     let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+//!     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
 //!     let fc = column_parallel_linear(4, 4, vb.pp("fc"), ctx.comm())?.with_gather_output(true);
 //!     let mut opt = AdamW::new(vb.params(), AdamWConfig { lr: 1e-2, ..Default::default() })?;
 //!     let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu)?;
@@ -20,7 +20,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::checkpoint::{Param, Shard, ShardedTensor, ShardedVarBuilder};
+use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
 use crate::comm::{Comm, ReduceOp};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
@@ -143,14 +143,14 @@ impl AdamW {
                     .map_or(&candle_core::Device::Cpu, |p| p.var.device()),
             )?,
             full_dims: vec![1],
-            shard: Shard::Replicated,
+            shard: Placement::Replicated,
         });
         Ok(out)
     }
 
     /// Restores the state saved by [`AdamW::state`] from a checkpoint (any layout: each moment
     /// is read with its parameter's shard).
-    pub fn load_state(&mut self, vb: &ShardedVarBuilder) -> Result<()> {
+    pub fn load_state(&mut self, vb: &ParallelVarBuilder) -> Result<()> {
         if !vb.contains("optimizer.step") {
             bail!("the checkpoint holds no optimizer state (optimizer.step is missing)")
         }
@@ -162,9 +162,44 @@ impl AdamW {
                 t.set(&loaded.to_dtype(DType::F32)?)?;
             }
         }
-        let step = vb.get_untracked(1, "optimizer.step", Shard::Replicated, init)?;
+        let step = vb.get_untracked(1, "optimizer.step", Placement::Replicated, init)?;
         self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
         Ok(())
+    }
+}
+
+/// candle-nn's optimizer interface, so that our AdamW drops in where `candle_nn::AdamW` was.
+/// `Optimizer::new(vars, cfg)` takes plain variables as replicated parameters named
+/// `param.00000`, `param.00001`, ... (their state is saved under those names); build it from
+/// [`crate::checkpoint::ParallelVarBuilder::params`] with [`AdamW::new`] to keep names and
+/// shards.
+impl candle_nn::Optimizer for AdamW {
+    type Config = AdamWConfig;
+
+    fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+        let params = vars
+            .into_iter()
+            .enumerate()
+            .map(|(i, var)| Param {
+                name: format!("param.{i:05}"),
+                full_dims: var.dims().to_vec(),
+                var,
+                shard: Placement::Replicated,
+            })
+            .collect();
+        AdamW::new(params, cfg)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        AdamW::step(self, grads)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        AdamW::learning_rate(self)
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        AdamW::set_learning_rate(self, lr)
     }
 }
 
@@ -185,9 +220,11 @@ pub fn grad_norm_sq(params: &[Param], grads: &GradStore, comm: &Comm) -> Result<
             .to_scalar::<f64>()?;
         // How many ranks hold each of this rank's elements.
         let holders = match p.shard {
-            Shard::Replicated => n,
-            Shard::Split { .. } | Shard::SplitPadded { .. } => 1.0,
-            Shard::Range { dim, len, .. } => (n * len as f64 / p.full_dims[dim] as f64).max(1.0),
+            Placement::Replicated => n,
+            Placement::Split { .. } | Placement::SplitPadded { .. } => 1.0,
+            Placement::Range { dim, len, .. } => {
+                (n * len as f64 / p.full_dims[dim] as f64).max(1.0)
+            }
         };
         local += sq / holders;
     }

@@ -8,7 +8,7 @@
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::Init;
-use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::ops;
 use candle_parallel::tensor_parallel::{
     column_parallel_linear_no_bias, row_parallel_linear_no_bias, vocab_parallel_cross_entropy,
@@ -137,13 +137,13 @@ pub(crate) fn lm_head(
     hidden: usize,
     tied: bool,
     embed: &VocabParallelEmbedding,
-    vb: &ShardedVarBuilder,
+    vb: &ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<ColumnParallelLinear> {
     let w = if tied {
         embed.weight().clone()
     } else {
-        let shard = Shard::split_padded_over(0, tp);
+        let shard = Placement::split_padded_over(0, tp);
         vb.pp("lm_head").get(
             (vocab, hidden),
             "weight",
@@ -220,7 +220,7 @@ impl Attention {
     pub(crate) fn new(
         cfg: &LlamaConfig,
         heads: &TpHeads,
-        vb: &ShardedVarBuilder,
+        vb: &ParallelVarBuilder,
         tp: &Comm,
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
@@ -311,7 +311,7 @@ pub struct Llama {
 impl Llama {
     /// Builds this rank's part of the model from `vb` (a checkpoint with HF names, or an
     /// initialisation) over the tensor-parallel group `tp`.
-    pub fn new(cfg: &LlamaConfig, vb: ShardedVarBuilder, tp: &Comm) -> Result<Self> {
+    pub fn new(cfg: &LlamaConfig, vb: ParallelVarBuilder, tp: &Comm) -> Result<Self> {
         cfg.check()?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         // Collective when KV heads are replicated: create the groups once, share them.
@@ -345,14 +345,14 @@ impl Llama {
                 input_norm: l.pp("input_layernorm").get(
                     h,
                     "weight",
-                    Shard::Replicated,
+                    Placement::Replicated,
                     norm_init,
                 )?,
                 attn,
                 post_norm: l.pp("post_attention_layernorm").get(
                     h,
                     "weight",
-                    Shard::Replicated,
+                    Placement::Replicated,
                     norm_init,
                 )?,
                 mlp,
@@ -360,7 +360,7 @@ impl Llama {
         }
         let norm = m
             .pp("norm")
-            .get(h, "weight", Shard::Replicated, norm_init)?;
+            .get(h, "weight", Placement::Replicated, norm_init)?;
         let lm_head = lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, &embed, &vb, tp)?;
         let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Self {

@@ -12,7 +12,7 @@ use crate::llama::{
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::Init;
-use candle_parallel::checkpoint::{Param, Shard, ShardedVarBuilder};
+use candle_parallel::checkpoint::{ParallelVarBuilder, Param, Placement};
 use candle_parallel::moe::{
     hf_load_balancing_loss, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
@@ -168,7 +168,7 @@ impl Mixtral {
     /// share them (`AllReduce`).
     pub fn new(
         cfg: &MixtralConfig,
-        vb: ShardedVarBuilder,
+        vb: ParallelVarBuilder,
         ep: &Comm,
         tp: &Comm,
         dispatch: Dispatch,
@@ -190,14 +190,17 @@ impl Mixtral {
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             blocks.push(Block {
-                input_norm: l
-                    .pp("input_layernorm")
-                    .get(h, "weight", Shard::Replicated, ones)?,
+                input_norm: l.pp("input_layernorm").get(
+                    h,
+                    "weight",
+                    Placement::Replicated,
+                    ones,
+                )?,
                 attn: Attention::new(&lcfg, &heads, &l.pp("self_attn"), tp)?,
                 post_norm: l.pp("post_attention_layernorm").get(
                     h,
                     "weight",
-                    Shard::Replicated,
+                    Placement::Replicated,
                     ones,
                 )?,
                 moe: moe_layer(
@@ -211,7 +214,7 @@ impl Mixtral {
                 )?,
             });
         }
-        let norm = m.pp("norm").get(h, "weight", Shard::Replicated, ones)?;
+        let norm = m.pp("norm").get(h, "weight", Placement::Replicated, ones)?;
         let lm_head = lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, &embed, &vb, tp)?;
         Ok(Self {
             rope: rope_tables(&lcfg, vb.dtype(), vb.device())?,

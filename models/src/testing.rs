@@ -48,16 +48,16 @@ pub fn write_random_hf<C: serde::Serialize>(
     dir: &std::path::Path,
     cfg: &C,
     seed: u64,
-    build: impl Fn(candle_parallel::checkpoint::ShardedVarBuilder, &candle_parallel::Comm) -> Result<()>
+    build: impl Fn(candle_parallel::checkpoint::ParallelVarBuilder, &candle_parallel::Comm) -> Result<()>
         + Sync,
 ) -> Result<()> {
-    use candle_parallel::checkpoint::ShardedVarBuilder;
+    use candle_parallel::checkpoint::ParallelVarBuilder;
     std::fs::create_dir_all(dir)?;
     // Explicitly local: this helper also runs inside multi-process (NCCL) jobs.
     let params = candle_parallel::Launcher::new(1)
         .backend(candle_parallel::launch::BackendKind::Local)
         .run(|ctx| {
-            let vb = ShardedVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
+            let vb = ParallelVarBuilder::from_init(seed, DType::F32, &Device::Cpu).trainable();
             build(vb.clone(), ctx.comm())?;
             Ok(vb.params())
         })?;
@@ -90,7 +90,6 @@ pub fn write_random_mixtral(
 ) -> Result<()> {
     use candle_parallel::moe::Dispatch;
     write_random_hf(dir, cfg, seed, |vb, comm| {
-        crate::mixtral::Mixtral::new(cfg, vb, comm, comm, Dispatch::AllReduce)
-            .map(|_| ())
+        crate::mixtral::Mixtral::new(cfg, vb, comm, comm, Dispatch::AllReduce).map(|_| ())
     })
 }

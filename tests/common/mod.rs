@@ -6,15 +6,15 @@ use std::path::PathBuf;
 
 /// This rank's part of `full` as `shard` describes it (padding with zeros): the reference the
 /// tests slice single-device results with, written independently of the library's loader.
-pub fn slice_of(full: &Tensor, shard: candle_parallel::checkpoint::Shard) -> Result<Tensor> {
-    use candle_parallel::checkpoint::Shard;
+pub fn slice_of(full: &Tensor, shard: candle_parallel::checkpoint::Placement) -> Result<Tensor> {
+    use candle_parallel::checkpoint::Placement;
     Ok(match shard {
-        Shard::Replicated => full.clone(),
-        Shard::Split { dim, rank, parts } => {
+        Placement::Replicated => full.clone(),
+        Placement::Split { dim, rank, parts } => {
             let c = full.dim(dim)? / parts;
             full.narrow(dim, rank * c, c)?
         }
-        Shard::SplitPadded { dim, rank, parts } => {
+        Placement::SplitPadded { dim, rank, parts } => {
             let size = full.dim(dim)?;
             let c = size.div_ceil(parts);
             let start = (rank * c).min(size);
@@ -22,7 +22,7 @@ pub fn slice_of(full: &Tensor, shard: candle_parallel::checkpoint::Shard) -> Res
             full.narrow(dim, start, len)?
                 .pad_with_zeros(dim, 0, c - len)?
         }
-        Shard::Range { dim, start, len } => full.narrow(dim, start, len)?,
+        Placement::Range { dim, start, len } => full.narrow(dim, start, len)?,
     })
 }
 
@@ -35,7 +35,10 @@ pub fn probe_path() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("the test binary's path");
     // target/<profile>/deps/<test binary> -> target/<profile>/examples/rendezvous_probe
-    let dir = exe.parent().and_then(|d| d.parent()).expect("a build directory");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("a build directory");
     dir.join("examples")
         .join(format!("rendezvous_probe{}", std::env::consts::EXE_SUFFIX))
 }

@@ -1,5 +1,5 @@
-//! [`ShardedVarBuilder`]: what parallel layers build their parameters from. Like candle-nn's
-//! `VarBuilder` (`vb.pp("model.layers.0")`), but every tensor comes with a [`Shard`]: which
+//! [`ParallelVarBuilder`]: what parallel layers build their parameters from. Like candle-nn's
+//! `VarBuilder` (`vb.pp("model.layers.0")`), but every tensor comes with a [`Placement`]: which
 //! part of the full (unsharded) tensor this rank holds.
 //!
 //! Two sources:
@@ -9,27 +9,28 @@
 //!   (seed, tensor name, flat index), so a rank generates only its slice, and the slices at
 //!   tp = 4 are exactly the slices of the tensor at tp = 1.
 //!
-//! With [`ShardedVarBuilder::trainable`], each tensor becomes a `Var` recorded under its full
-//! name ([`ShardedVarBuilder::params`], sorted by name) for optimizers and gradient export.
+//! With [`ParallelVarBuilder::trainable`], each tensor becomes a `Var` recorded under its full
+//! name ([`ParallelVarBuilder::params`], sorted by name) for optimizers and gradient export.
 //!
 //! ```
 //! use candle_core::{DType, Device};
 //! use candle_nn::Init;
-//! use candle_parallel::checkpoint::{Shard, ShardedVarBuilder};
+//! use candle_parallel::checkpoint::{Placement, ParallelVarBuilder};
 //!
-//! let full = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu);
-//! let part = ShardedVarBuilder::from_init(7, DType::F32, &Device::Cpu);
+//! let full = ParallelVarBuilder::from_init(7, DType::F32, &Device::Cpu);
+//! let part = ParallelVarBuilder::from_init(7, DType::F32, &Device::Cpu);
 //! let init = Init::Uniform { lo: -1.0, up: 1.0 };
-//! let w = full.pp("mlp").get((8, 4), "weight", Shard::Replicated, init)?;
-//! let w1 = part.pp("mlp").get((8, 4), "weight", Shard::Split { dim: 0, rank: 1, parts: 2 }, init)?;
+//! let w = full.pp("mlp").get((8, 4), "weight", Placement::Replicated, init)?;
+//! let w1 = part.pp("mlp").get((8, 4), "weight", Placement::Split { dim: 0, rank: 1, parts: 2 }, init)?;
 //! assert_eq!(w1.to_vec2::<f32>()?, w.narrow(0, 4, 4)?.to_vec2::<f32>()?);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
 use super::format::CheckpointMeta;
 use super::init::init_slice;
+use super::interop::slice_of_full;
+use super::placement::{Param, Placement};
 use super::region::assemble;
-use super::shard::{Param, Shard};
 use super::source::{hf_safetensors_files, DistSource, SafeTensorsSource, TensorSource};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::Init;
@@ -43,6 +44,9 @@ enum Source {
     Init { seed: u64 },
     /// Safetensors files or a distributed checkpoint ([`super::source`]).
     Stored(Box<dyn TensorSource>),
+    /// A candle-nn `VarBuilder` (a `VarMap`, a user's own backend): full tensors, sliced
+    /// ([`super::interop`]).
+    CandleNn(candle_nn::VarBuilder<'static>),
 }
 
 struct Inner {
@@ -57,12 +61,12 @@ struct Inner {
 /// Builds a rank's parameter slices from a checkpoint or a deterministic initialisation.
 /// Cheap to clone; clones share the recorded parameters. See the [module docs](self).
 #[derive(Clone)]
-pub struct ShardedVarBuilder {
+pub struct ParallelVarBuilder {
     inner: Arc<Inner>,
     prefix: Vec<String>,
 }
 
-impl ShardedVarBuilder {
+impl ParallelVarBuilder {
     fn new(source: Source, dtype: DType, device: &Device) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -81,7 +85,7 @@ impl ShardedVarBuilder {
     pub fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
         match &self.inner.source {
             Source::Stored(s) => s.checkpoint_meta(),
-            Source::Init { .. } => None,
+            Source::Init { .. } | Source::CandleNn(_) => None,
         }
     }
 
@@ -108,7 +112,7 @@ impl ShardedVarBuilder {
     }
 
     /// From now on, every tensor this builder (or a clone) creates is a `Var`, recorded in
-    /// [`ShardedVarBuilder::params`].
+    /// [`ParallelVarBuilder::params`].
     pub fn trainable(self) -> Self {
         self.inner.trainable.store(true, Ordering::SeqCst);
         self
@@ -146,6 +150,7 @@ impl ShardedVarBuilder {
         match &self.inner.source {
             Source::Init { .. } => true,
             Source::Stored(s) => s.contains(&self.full_name(name)),
+            Source::CandleNn(vb) => vb.contains_tensor(&self.full_name(name)),
         }
     }
 
@@ -165,13 +170,13 @@ impl ShardedVarBuilder {
             .collect()
     }
 
-    /// Like [`ShardedVarBuilder::get`], but never recorded as a trainable parameter (for state
+    /// Like [`ParallelVarBuilder::get`], but never recorded as a trainable parameter (for state
     /// such as optimizer moments).
     pub fn get_untracked<S: Into<Shape>>(
         &self,
         full: S,
         name: &str,
-        shard: Shard,
+        shard: Placement,
         init: Init,
     ) -> Result<Tensor> {
         self.fetch(full.into(), name, shard, init, false)
@@ -183,7 +188,7 @@ impl ShardedVarBuilder {
         &self,
         full: S,
         name: &str,
-        shard: Shard,
+        shard: Placement,
         init: Init,
     ) -> Result<Tensor> {
         let record = self.inner.trainable.load(Ordering::SeqCst);
@@ -194,7 +199,7 @@ impl ShardedVarBuilder {
         &self,
         full: Shape,
         name: &str,
-        shard: Shard,
+        shard: Placement,
         init: Init,
         record: bool,
     ) -> Result<Tensor> {
@@ -213,6 +218,12 @@ impl ShardedVarBuilder {
                     .fetch_add(read as u64, Ordering::SeqCst);
                 Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
                     .to_dtype(self.inner.dtype)?
+            }
+            Source::CandleNn(vb) => {
+                let whole = vb.get_with_hints(full.clone(), &name, init)?;
+                slice_of_full(&whole, slice.as_ref())?
+                    .to_dtype(self.inner.dtype)?
+                    .to_device(&self.inner.device)?
             }
         };
         if !record {
@@ -233,6 +244,66 @@ impl ShardedVarBuilder {
             },
         );
         Ok(var.as_tensor().clone())
+    }
+
+    /// The full shape of the stored tensor `name` (under this builder's prefix), where the
+    /// source knows it without being told (not for an initialisation).
+    pub fn stored_dims(&self, name: &str) -> Option<Vec<usize>> {
+        let name = self.full_name(name);
+        match &self.inner.source {
+            Source::Init { .. } => None,
+            Source::Stored(s) => s.dims(&name),
+            Source::CandleNn(vb) => vb.get_unchecked(&name).ok().map(|t| t.dims().to_vec()),
+        }
+    }
+
+    /// The recorded parameter `name` (a full name), if any.
+    pub(crate) fn recorded(&self, name: &str) -> Option<Param> {
+        let params = self.inner.params.lock().unwrap_or_else(|e| e.into_inner());
+        params.get(name).cloned()
+    }
+
+    /// The same builder without its prefix (names are then full names).
+    pub(crate) fn root(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// Parameters read from a candle-nn `VarBuilder` (over a `VarMap`, safetensors, or any
+    /// candle-nn backend): each rank takes its slice of the full tensor the builder gives (a
+    /// copy; the `VarMap`'s own variables are not shared). A tensor the backend lacks is
+    /// created by it with the `Init` hint, as candle-nn would (a `VarMap` shared by all rank
+    /// threads creates it once, so every rank slices the same values).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Module, Tensor};
+    /// use candle_parallel::checkpoint::ParallelVarBuilder;
+    /// use candle_parallel::{launch, tensor_parallel::column_parallel_linear};
+    ///
+    /// // A single-device model's weights, in a VarMap the user already has.
+    /// let varmap = candle_nn::VarMap::new();
+    /// let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let dense = candle_nn::linear(4, 6, vb.pp("fc"))?;
+    /// let x = Tensor::ones((3, 4), DType::F32, &Device::Cpu)?;
+    /// let want = dense.forward(&x)?.to_vec2::<f32>()?;
+    /// let outs = launch(2, |ctx| {
+    ///     let vb = ParallelVarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    ///     let fc = column_parallel_linear(4, 6, vb.pp("fc"), ctx.comm())?.with_gather_output(true);
+    ///     fc.forward(&x)?.to_vec2::<f32>()
+    /// })?;
+    /// assert_eq!(outs[1], want);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn from_candle_nn(vb: candle_nn::VarBuilder<'static>) -> Self {
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        Self::new(Source::CandleNn(vb), dtype, &device)
+    }
+
+    /// [`ParallelVarBuilder::from_candle_nn`] over a `VarMap`.
+    pub fn from_varmap(varmap: &candle_nn::VarMap, dtype: DType, device: &Device) -> Self {
+        Self::from_candle_nn(candle_nn::VarBuilder::from_varmap(varmap, dtype, device))
     }
 
     /// Parameters read from a distributed checkpoint saved under any layout: each rank reads

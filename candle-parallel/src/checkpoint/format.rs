@@ -14,7 +14,6 @@
 //! marker comes last, so a crash at any point leaves earlier checkpoints untouched and this one
 //! recognisably incomplete.
 
-
 use super::region::Region;
 use candle_core::{bail, DType, Result};
 use serde::{Deserialize, Serialize};

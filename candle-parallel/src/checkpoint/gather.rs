@@ -1,6 +1,6 @@
 //! Reassembling full tensors from every rank's parts (for comparisons, exports and tests).
 
-use super::shard::{Param, Shard};
+use super::placement::{Param, Placement};
 use crate::comm::{Comm, ReduceOp};
 use candle_core::{Result, Tensor};
 
@@ -10,12 +10,12 @@ use candle_core::{Result, Tensor};
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// use candle_parallel::checkpoint::{gather_full, Shard};
+/// use candle_parallel::checkpoint::{gather_full, Placement};
 /// use candle_parallel::launch;
 ///
 /// let full = launch(3, |ctx| {
 ///     let part = Tensor::full(ctx.rank() as f32, (2, 1), &Device::Cpu)?;
-///     let shard = Shard::SplitPadded { dim: 1, rank: ctx.rank(), parts: 3 };
+///     let shard = Placement::SplitPadded { dim: 1, rank: ctx.rank(), parts: 3 };
 ///     gather_full(&part, shard, &[2, 3], ctx.comm())
 /// })?;
 /// assert_eq!(full[0].to_vec2::<f32>()?, vec![vec![0.0, 1.0, 2.0]; 2]);
@@ -23,7 +23,7 @@ use candle_core::{Result, Tensor};
 /// ```
 pub fn gather_full(
     local: &Tensor,
-    shard: Shard,
+    shard: Placement,
     full: &[usize],
     comm: &Comm,
 ) -> Result<Tensor> {

@@ -2,7 +2,7 @@
 //! tensor name, flat index), so a rank generates only its slice, and the slices at tp = 4 are
 //! exactly the slices of the tensor at tp = 1.
 
-use super::shard::Slice;
+use super::placement::Slice;
 use crate::random::{key_of, normal, uniform01};
 use candle_core::{Device, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};

@@ -1,6 +1,6 @@
 //! Checkpoints.
 //!
-//! - [`ShardedVarBuilder`]: each rank's parameter slices, from Hugging Face safetensors files,
+//! - [`ParallelVarBuilder`]: each rank's parameter slices, from Hugging Face safetensors files,
 //!   a distributed checkpoint saved under any layout, or a deterministic initialisation, reading
 //!   only the bytes of the rank's shard;
 //! - [`save_checkpoint`] / [`export_hf`]: distributed, atomic saves and export back to HF format;
@@ -10,32 +10,33 @@
 //!
 //! | file | what | uses |
 //! |---|---|---|
-//! | `shard` | [`Shard`] (which part a rank holds), [`Param`] | — |
-//! | `region` | boxes of a tensor; assembling a slice from stored pieces | `shard` |
+//! | `placement` | [`Placement`] (which part a rank holds), [`Param`] | — |
+//! | `region` | boxes of a tensor; assembling a slice from stored pieces | `placement` |
 //! | `format` | the distributed format: `checkpoint.json`, atomic writes, [`read_metadata`] | `region` |
 //! | `source` | stored tensors: HF safetensors files, distributed checkpoints | `format`, `region` |
-//! | `init` | deterministic initialisation of any slice | `shard`, `crate::random` |
-//! | `builder` | [`ShardedVarBuilder`] | `source`, `init`, `region`, `shard` |
-//! | `save` | [`save_checkpoint`] | `format`, `shard` |
+//! | `init` | deterministic initialisation of any slice | `placement`, `crate::random` |
+//! | `builder` | [`ParallelVarBuilder`] | `source`, `init`, `region`, `placement` |
+//! | `save` | [`save_checkpoint`] | `format`, `placement` |
 //! | `export` | [`export_hf`] | `format`, `source`, `region` |
-//! | `gather` | [`gather_full`], [`full_gradients`] | `shard` |
+//! | `gather` | [`gather_full`], [`full_gradients`] | `placement` |
 mod builder;
 mod export;
 mod format;
 mod gather;
 mod init;
+mod interop;
+mod placement;
 mod region;
 mod save;
-mod shard;
 mod source;
 
-pub use builder::ShardedVarBuilder;
+pub use builder::ParallelVarBuilder;
 pub use export::export_hf;
 pub use format::{
     read_metadata, write_atomic, CheckpointMeta, Piece, TensorMeta, COMPLETE_FILE, FORMAT_VERSION,
     METADATA_FILE,
 };
 pub use gather::{full_gradients, gather_full};
+pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
-pub use shard::{Param, Shard};
 pub use source::hf_safetensors_files;

@@ -1,7 +1,7 @@
 //! Regions of a tensor and the copy that assembles a rank's slice from stored pieces, reading
 //! only the bytes inside the slice.
 
-use super::shard::Slice;
+use super::placement::Slice;
 use candle_core::{bail, DType, Result};
 
 /// This rank's part of tensor `name` (full shape `full`, `slice` of it or all) from stored

@@ -5,7 +5,7 @@ use super::format::{
     io_err, sync_dir, tmp_path, write_atomic, write_synced, CheckpointMeta, Piece, TensorMeta,
     COMPLETE_FILE, FORMAT_VERSION, METADATA_FILE,
 };
-use super::shard::{Param, Shard};
+use super::placement::{Param, Placement};
 use crate::comm::Comm;
 use candle_core::{bail, Result, Tensor};
 use std::collections::BTreeMap;
@@ -18,7 +18,7 @@ pub struct ShardedTensor {
     /// This rank's part (padding rows, if any, are dropped when saving).
     pub local: Tensor,
     pub full_dims: Vec<usize>,
-    pub shard: Shard,
+    pub shard: Placement,
 }
 
 impl From<&Param> for ShardedTensor {

@@ -15,6 +15,8 @@ pub(crate) trait TensorSource: Send + Sync {
     fn contains(&self, name: &str) -> bool;
     /// The stored dtype and pieces of `name`, whose full shape must be `full`.
     fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)>;
+    /// The full shape of the stored tensor `name`, if the source holds it.
+    fn dims(&self, name: &str) -> Option<Vec<usize>>;
     /// The distributed checkpoint's metadata, for sources that read one.
     fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
         None
@@ -46,6 +48,10 @@ impl SafeTensorsSource {
 impl TensorSource for SafeTensorsSource {
     fn contains(&self, name: &str) -> bool {
         self.files.get(name).is_ok()
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.files.get(name).ok().map(|v| v.shape().to_vec())
     }
 
     fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
@@ -145,6 +151,10 @@ impl DistSource {
 impl TensorSource for DistSource {
     fn contains(&self, name: &str) -> bool {
         self.meta.tensors.contains_key(name)
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.meta.tensors.get(name).map(|t| t.dims.clone())
     }
 
     fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {

@@ -2,7 +2,7 @@
 //! layers (w1/w3 column-parallel, w2 row-parallel), and the contiguous range of them a rank
 //! holds under expert parallelism.
 
-use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
 use crate::ops;
 use crate::tensor_parallel::{ColumnParallelLinear, RowParallelLinear};
@@ -33,9 +33,9 @@ impl Expert {
     }
 
     /// Reads expert `vb` (HF names `w1`, `w2`, `w3`): this rank's tp slices.
-    pub fn load(hidden: usize, ffn: usize, vb: &ShardedVarBuilder, tp: &Comm) -> Result<Self> {
+    pub fn load(hidden: usize, ffn: usize, vb: &ParallelVarBuilder, tp: &Comm) -> Result<Self> {
         let init = crate::tensor_parallel::linear_weight_init();
-        let (col, row) = (Shard::split_over(0, tp), Shard::split_over(1, tp));
+        let (col, row) = (Placement::split_over(0, tp), Placement::split_over(1, tp));
         Ok(Self::new(
             vb.pp("w1").get((ffn, hidden), "weight", col, init)?,
             vb.pp("w2").get((hidden, ffn), "weight", row, init)?,

@@ -5,7 +5,7 @@ use super::experts::{Expert, LocalExperts};
 use super::losses::{router_z_loss, switch_aux_loss};
 use super::plan::plan;
 use super::router::{Router, RouterConfig, Routing};
-use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
 use candle_core::{bail, ModuleT, Result, Tensor};
 use std::sync::Mutex;
@@ -177,7 +177,7 @@ pub fn moe_layer(
     ffn: usize,
     router_cfg: RouterConfig,
     dispatch: Dispatch,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     ep: &Comm,
     tp: &Comm,
 ) -> Result<MoeLayer> {
@@ -194,7 +194,7 @@ pub fn moe_layer(
     let gate = vb.pp("gate").get(
         (e, hidden),
         "weight",
-        Shard::Replicated,
+        Placement::Replicated,
         candle_nn::init::DEFAULT_KAIMING_NORMAL,
     )?;
     let el = e / ep.size();

@@ -38,4 +38,3 @@ pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
 pub use losses::{hf_load_balancing_loss, router_z_loss, switch_aux_loss};
 pub use plan::{plan, Plan};
 pub use router::{DropPolicy, Router, RouterConfig, Routing, Scoring};
-

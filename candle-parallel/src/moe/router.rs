@@ -112,13 +112,7 @@ impl Router {
             let n = x.elem_count();
             let j = self.cfg.jitter;
             let noise: Vec<f32> = (0..n)
-                .map(|i| {
-                    (1.0 - j
-                        + 2.0
-                            * j
-                            * uniform01(self.seed ^ call, i as u64))
-                        as f32
-                })
+                .map(|i| (1.0 - j + 2.0 * j * uniform01(self.seed ^ call, i as u64)) as f32)
                 .collect();
             (x * Tensor::from_vec(noise, x.dims(), x.device())?.to_dtype(x.dtype())?)?
         } else {

@@ -3,8 +3,8 @@
 //! it, and so is the MoE layer's link that keeps empty branches on the gradient path.
 
 use super::copy_view;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
 use candle_core::Tensor;
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
 
 /// The backward of [`attach_backward`]: given the inputs, the forward value and the output
 /// gradient, one gradient (or `None`) per input.

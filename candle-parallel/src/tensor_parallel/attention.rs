@@ -1,7 +1,7 @@
 //! Splitting attention heads over the tp group, including grouped-query attention where tp
 //! exceeds the number of key/value heads.
 
-use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
 use crate::tensor_parallel::{linear_bias_init, linear_weight_init, ColumnParallelLinear};
 use candle_core::{bail, Result, Tensor};
@@ -109,8 +109,8 @@ impl TpHeads {
     }
 
     /// The rows of a `[num_kv_heads · head_dim, hidden]` projection this rank holds.
-    pub fn kv_shard(&self) -> Shard {
-        Shard::Range {
+    pub fn kv_shard(&self) -> Placement {
+        Placement::Range {
             dim: 0,
             start: self.kv_head_start() * self.head_dim,
             len: self.local_kv_heads() * self.head_dim,
@@ -123,11 +123,16 @@ impl TpHeads {
         &self,
         hidden: usize,
         bias: bool,
-        vb: ShardedVarBuilder,
+        vb: ParallelVarBuilder,
         tp: &Comm,
     ) -> Result<ColumnParallelLinear> {
         let out = self.num_kv_heads * self.head_dim;
-        let w = vb.get((out, hidden), "weight", self.kv_shard(), linear_weight_init())?;
+        let w = vb.get(
+            (out, hidden),
+            "weight",
+            self.kv_shard(),
+            linear_weight_init(),
+        )?;
         let b = if bias {
             Some(vb.get(out, "bias", self.kv_shard(), linear_bias_init(hidden))?)
         } else {

@@ -1,6 +1,6 @@
 //! The vocabulary-parallel embedding and cross-entropy: no rank ever holds the whole vocabulary.
 
-use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::{Comm, ReduceOp};
 use crate::ops;
 use candle_core::{bail, DType, Module, Result, Tensor, D};
@@ -127,10 +127,10 @@ impl Module for VocabParallelEmbedding {
 pub fn vocab_parallel_embedding(
     vocab: usize,
     hidden: usize,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<VocabParallelEmbedding> {
-    let shard = Shard::split_padded_over(0, tp);
+    let shard = Placement::split_padded_over(0, tp);
     let init = Init::Randn {
         mean: 0.0,
         stdev: 1.0,

@@ -1,6 +1,6 @@
 //! Column- and row-parallel linear layers (Megatron-LM), drop-in for `candle_nn::Linear`.
 
-use crate::checkpoint::{Shard, ShardedVarBuilder};
+use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
 use crate::ops;
 use candle_core::{bail, Module, Result, Tensor, D};
@@ -25,7 +25,7 @@ fn check_divisible(
     what: &str,
     size: usize,
     tp: &Comm,
-    vb: &ShardedVarBuilder,
+    vb: &ParallelVarBuilder,
 ) -> Result<()> {
     if !size.is_multiple_of(tp.size()) {
         bail!(
@@ -47,11 +47,11 @@ fn check_divisible(
 ///
 /// ```
 /// use candle_core::{DType, Device, Module, Tensor};
-/// use candle_parallel::checkpoint::ShardedVarBuilder;
+/// use candle_parallel::checkpoint::ParallelVarBuilder;
 /// use candle_parallel::{launch, tensor_parallel::column_parallel_linear};
 ///
 /// let outs = launch(2, |ctx| {
-///     let vb = ShardedVarBuilder::from_init(0, DType::F32, &Device::Cpu);
+///     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu);
 ///     let layer = column_parallel_linear(4, 6, vb.pp("fc"), ctx.comm())?.with_gather_output(true);
 ///     layer.forward(&Tensor::ones((3, 4), DType::F32, &Device::Cpu)?)
 /// })?;
@@ -153,11 +153,11 @@ fn column(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<ColumnParallelLinear> {
     check_divisible("column_parallel_linear", "out_dim", out_dim, tp, &vb)?;
-    let shard = Shard::split_over(0, tp);
+    let shard = Placement::split_over(0, tp);
     let w = vb.get((out_dim, in_dim), "weight", shard, linear_weight_init())?;
     let b = if bias {
         Some(vb.get(out_dim, "bias", shard, linear_bias_init(in_dim))?)
@@ -173,7 +173,7 @@ fn column(
 pub fn column_parallel_linear(
     in_dim: usize,
     out_dim: usize,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<ColumnParallelLinear> {
     column(in_dim, out_dim, true, vb, tp)
@@ -183,7 +183,7 @@ pub fn column_parallel_linear(
 pub fn column_parallel_linear_no_bias(
     in_dim: usize,
     out_dim: usize,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<ColumnParallelLinear> {
     column(in_dim, out_dim, false, vb, tp)
@@ -293,14 +293,19 @@ fn row(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<RowParallelLinear> {
     check_divisible("row_parallel_linear", "in_dim", in_dim, tp, &vb)?;
-    let shard = Shard::split_over(1, tp);
+    let shard = Placement::split_over(1, tp);
     let w = vb.get((out_dim, in_dim), "weight", shard, linear_weight_init())?;
     let b = if bias {
-        Some(vb.get(out_dim, "bias", Shard::Replicated, linear_bias_init(in_dim))?)
+        Some(vb.get(
+            out_dim,
+            "bias",
+            Placement::Replicated,
+            linear_bias_init(in_dim),
+        )?)
     } else {
         None
     };
@@ -312,7 +317,7 @@ fn row(
 pub fn row_parallel_linear(
     in_dim: usize,
     out_dim: usize,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<RowParallelLinear> {
     row(in_dim, out_dim, true, vb, tp)
@@ -322,7 +327,7 @@ pub fn row_parallel_linear(
 pub fn row_parallel_linear_no_bias(
     in_dim: usize,
     out_dim: usize,
-    vb: ShardedVarBuilder,
+    vb: ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<RowParallelLinear> {
     row(in_dim, out_dim, false, vb, tp)

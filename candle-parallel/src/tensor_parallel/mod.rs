@@ -14,7 +14,7 @@
 //! the gradient summed over the group. Dropout there needs a different mask on each rank,
 //! dropout on replicated activations the same one: [`crate::ops::dropout`] takes the key.
 //!
-//! Constructors take a [`crate::checkpoint::ShardedVarBuilder`]: a rank gets its slice of the
+//! Constructors take a [`crate::checkpoint::ParallelVarBuilder`]: a rank gets its slice of the
 //! checkpoint, or of the deterministic initialisation (tp = 1 and tp = 4 start from the same
 //! weights).
 mod attention;

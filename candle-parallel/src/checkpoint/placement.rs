@@ -1,4 +1,4 @@
-//! [`Shard`]: which part of a full tensor a rank holds, and [`Param`], a rank's slice of a
+//! [`Placement`]: which part of a full tensor a rank holds, and [`Param`], a rank's slice of a
 //! named parameter.
 
 use crate::comm::Comm;
@@ -6,7 +6,7 @@ use candle_core::{bail, Result, Var};
 
 /// Which part of a full tensor a rank holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Shard {
+pub enum Placement {
     /// The whole tensor.
     Replicated,
     /// Chunk `rank` of `parts` equal chunks along `dim` (the size must be divisible).
@@ -39,11 +39,11 @@ pub(crate) struct Slice {
     pub padded: usize,
 }
 
-impl Shard {
+impl Placement {
     /// Chunk `comm.rank()` of `comm.size()` equal chunks along `dim`: how a tensor split over a
     /// group (usually tp) is held by this rank.
     pub fn split_over(dim: usize, comm: &Comm) -> Self {
-        Shard::Split {
+        Placement::Split {
             dim,
             rank: comm.rank(),
             parts: comm.size(),
@@ -51,9 +51,9 @@ impl Shard {
     }
 
     /// Chunk `comm.rank()` of `comm.size()` chunks of `ceil(size / parts)` along `dim`, zero
-    /// padded at the end (see [`Shard::SplitPadded`]).
+    /// padded at the end (see [`Placement::SplitPadded`]).
     pub fn split_padded_over(dim: usize, comm: &Comm) -> Self {
-        Shard::SplitPadded {
+        Placement::SplitPadded {
             dim,
             rank: comm.rank(),
             parts: comm.size(),
@@ -63,8 +63,8 @@ impl Shard {
     /// The slice of a tensor of shape `full` that this shard describes (`None`: all of it).
     pub(crate) fn slice(&self, full: &[usize], name: &str) -> Result<Option<Slice>> {
         let (dim, start, len, padded) = match *self {
-            Shard::Replicated => return Ok(None),
-            Shard::Split { dim, rank, parts } => {
+            Placement::Replicated => return Ok(None),
+            Placement::Split { dim, rank, parts } => {
                 let size = dim_size(full, dim, name)?;
                 if parts == 0 || !size.is_multiple_of(parts) || rank >= parts {
                     bail!(
@@ -75,7 +75,7 @@ impl Shard {
                 let chunk = size / parts;
                 (dim, rank * chunk, chunk, chunk)
             }
-            Shard::SplitPadded { dim, rank, parts } => {
+            Placement::SplitPadded { dim, rank, parts } => {
                 let size = dim_size(full, dim, name)?;
                 if parts == 0 || rank >= parts {
                     bail!("tensor {name}: rank {rank} is not one of {parts} parts")
@@ -84,7 +84,7 @@ impl Shard {
                 let start = (rank * chunk).min(size);
                 (dim, start, chunk.min(size - start), chunk)
             }
-            Shard::Range { dim, start, len } => {
+            Placement::Range { dim, start, len } => {
                 let size = dim_size(full, dim, name)?;
                 if start + len > size {
                     bail!(
@@ -131,5 +131,5 @@ pub struct Param {
     /// The full tensor's shape.
     pub full_dims: Vec<usize>,
     /// Which part this rank holds.
-    pub shard: Shard,
+    pub shard: Placement,
 }
