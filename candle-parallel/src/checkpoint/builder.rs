@@ -28,8 +28,7 @@
 
 use super::format::CheckpointMeta;
 use super::init::init_slice;
-use super::interop::slice_of_full;
-use super::placement::{Param, Placement};
+use super::placement::{slice_of_full, Param, Placement};
 use super::region::assemble;
 use super::source::{hf_safetensors_files, DistSource, SafeTensorsSource, TensorSource};
 use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
@@ -45,7 +44,7 @@ enum Source {
     /// Safetensors files or a distributed checkpoint ([`super::source`]).
     Stored(Box<dyn TensorSource>),
     /// A candle-nn `VarBuilder` (a `VarMap`, a user's own backend): full tensors, sliced
-    /// ([`super::interop`]).
+    /// ([`ParallelVarBuilder::from_candle_nn`]).
     CandleNn(candle_nn::VarBuilder<'static>),
 }
 

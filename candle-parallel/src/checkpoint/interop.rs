@@ -10,23 +10,10 @@
 //!   tensors).
 
 use super::builder::ParallelVarBuilder;
-use super::placement::{Placement, Slice};
+use super::placement::Placement;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
-
-/// This rank's `slice` of the full tensor `t` (all of it for `None`), zero padded to the
-/// slice's padded length; always a fresh tensor, detached from `t`.
-pub(crate) fn slice_of_full(t: &Tensor, slice: Option<&Slice>) -> Result<Tensor> {
-    let t = t.detach();
-    match slice {
-        None => t.copy(),
-        Some(s) => t
-            .narrow(s.dim, s.start, s.len)?
-            .pad_with_zeros(s.dim, 0, s.padded - s.len)?
-            .contiguous(),
-    }
-}
 
 /// A sharded builder seen as candle-nn's backend: every tensor replicated.
 struct ReplicatedBackend(ParallelVarBuilder);

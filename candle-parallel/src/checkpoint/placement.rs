@@ -2,7 +2,7 @@
 //! named parameter.
 
 use crate::comm::Comm;
-use candle_core::{bail, Result, Var};
+use candle_core::{bail, Result, Tensor, Var};
 
 /// Which part of a full tensor a rank holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -132,4 +132,17 @@ pub struct Param {
     pub full_dims: Vec<usize>,
     /// Which part this rank holds.
     pub shard: Placement,
+}
+
+/// This rank's `slice` of the full tensor `t` (all of it for `None`), zero padded to the
+/// slice's padded length; always a fresh tensor, detached from `t`.
+pub(crate) fn slice_of_full(t: &Tensor, slice: Option<&Slice>) -> Result<Tensor> {
+    let t = t.detach();
+    match slice {
+        None => t.copy(),
+        Some(s) => t
+            .narrow(s.dim, s.start, s.len)?
+            .pad_with_zeros(s.dim, 0, s.padded - s.len)?
+            .contiguous(),
+    }
 }

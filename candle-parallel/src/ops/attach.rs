@@ -4,7 +4,7 @@
 
 use super::copy_view;
 use candle_core::Tensor;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape};
 
 /// The backward of [`attach_backward`]: given the inputs, the forward value and the output
 /// gradient, one gradient (or `None`) per input.
@@ -39,10 +39,13 @@ pub fn attach_backward(
     }
     let op = Attached {
         name,
+        inputs: inputs.len(),
         vjp: Box::new(vjp),
     };
+    // One op for one or two inputs: a single input comes with the value in its second place
+    // (untracked there: its gradient is dropped).
     match *inputs {
-        [a] => a.apply_op2(value, op),
+        [a] => a.apply_op3(&value.detach(), value, op),
         [a, b] => a.apply_op3(b, value, op),
         _ => bail!(
             "attach_backward({name}): takes one or two inputs, got {}",
@@ -54,62 +57,9 @@ pub fn attach_backward(
 /// The custom op behind [`attach_backward`]: its last argument is the value.
 struct Attached {
     name: &'static str,
+    /// How many of the op's first two arguments are real inputs (1 or 2).
+    inputs: usize,
     vjp: Box<Vjp>,
-}
-
-impl Attached {
-    fn grads<const N: usize>(
-        &self,
-        inputs: [&Tensor; N],
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<[Option<Tensor>; N]> {
-        let got = (self.vjp)(&inputs, res, g)?;
-        let n = got.len();
-        got.try_into().map_err(|_| {
-            candle_core::Error::msg(format!(
-                "attach_backward({}): the backward returned {n} gradients for {N} inputs",
-                self.name
-            ))
-        })
-    }
-}
-
-impl CustomOp2 for Attached {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_view(y, l)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_view(y, l)
-    }
-
-    fn bwd(
-        &self,
-        a: &Tensor,
-        _: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [da] = self.grads([a], res, g)?;
-        Ok((da, None))
-    }
 }
 
 impl CustomOp3 for Attached {
@@ -149,8 +99,20 @@ impl CustomOp3 for Attached {
         res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [da, db] = self.grads([a, b], res, g)?;
-        Ok((da, db, None))
+        let inputs = [a, b];
+        let inputs = &inputs[..self.inputs];
+        let mut got = (self.vjp)(inputs, res, g)?;
+        if got.len() != inputs.len() {
+            bail!(
+                "attach_backward({}): the backward returned {} gradients for {} inputs",
+                self.name,
+                got.len(),
+                inputs.len()
+            )
+        }
+        got.resize(2, None);
+        let db = got.pop().flatten();
+        Ok((got.pop().flatten(), db, None))
     }
 }
 
