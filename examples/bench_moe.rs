@@ -1,29 +1,42 @@
-//! MoE throughput: 8 experts, top-2, hidden 1024, ffn 3584, 2048 tokens (8 × 256).
+//! MoE throughput: 8 experts, top-2, hidden 1024, ffn 3584, 2048 tokens (8 × 256), f32.
 //!
 //! ```text
 //! cargo run --release --example bench_moe
+//! cargo run --release --example bench_moe -- --torch /work/venv-torch/bin/python
 //! ```
 //!
-//! Measured side by side in one run, on the same threads:
+//! Measured side by side in one run, medians over `--reps` repetitions (spread: min–max):
+//! - the ceiling: the FLOPs of the layer's expert matmuls at the GFLOP/s that Candle's matmul
+//!   reaches on one expert's shapes (`[512, 1024] × [3584, 1024]ᵀ`, as `Linear` runs it),
+//!   measured in every repetition next to the layer (forward + backward: a third of it, as
+//!   backward does twice the forward's matmuls);
 //! - our MoE layer alone, forward and forward + backward (gate gradient included), at ep = 1
-//!   and ep = 2 (all-to-all between two ranks sharing the cores);
-//! - a one-layer Mixtral (embedding, attention, sparse MoE block, head) forward, ours against
-//!   candle-transformers' on the same checkpoint: its sparse MoE block is not public, so the
-//!   comparison is the smallest model that contains it; it has no gate gradient, so forward only.
-use candle_core::{DType, Device, Result, Tensor, Var};
+//!   and ep = 2 (all-to-all between two ranks sharing the cores), and where its time goes:
+//!   route, permute, expert matmuls, combine, each forward and backward;
+//! - with `--torch PYTHON`: Hugging Face transformers' `MixtralSparseMoeBlock` on PyTorch with
+//!   the same shapes and thread count (`scripts/bench_moe_torch.py`; the README says how to
+//!   make the virtual environment);
+//! - a one-layer Mixtral forward, ours against candle-transformers' on the same checkpoint
+//!   (its sparse MoE block is not public, so the comparison is the smallest model that holds
+//!   it).
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_parallel::checkpoint::ParallelVarBuilder;
-use candle_parallel::moe::{moe_layer, Dispatch, RouterConfig};
+use candle_parallel::moe::{combine, moe_layer, plan, Dispatch, MoeLayer, RouterConfig};
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use candle_parallel_models::testing::{seeded, write_random_mixtral};
 use clap::Parser;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
 struct Args {
-    #[arg(long, default_value_t = 3)]
-    iters: usize,
+    /// Timed repetitions of each measurement (after one warm-up); the table shows medians.
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+    /// A Python with torch and transformers: also time their `MixtralSparseMoeBlock`.
+    #[arg(long)]
+    torch: Option<PathBuf>,
     #[arg(long, default_value = "target/bench-moe")]
     dir: PathBuf,
 }
@@ -34,6 +47,7 @@ const H: usize = 1024;
 const F: usize = 3584;
 const E: usize = 8;
 const K: usize = 2;
+const TOKENS: usize = B * S;
 
 fn config() -> MixtralConfig {
     MixtralConfig {
@@ -53,81 +67,228 @@ fn config() -> MixtralConfig {
     }
 }
 
-/// Fastest of `iters` timings of `f`, after one warm-up.
-fn best(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut t = f64::MAX;
-    for _ in 0..iters {
-        let s = Instant::now();
-        f()?;
-        t = t.min(s.elapsed().as_secs_f64());
+/// Timings in seconds: median and spread.
+#[derive(Clone, Debug, Default)]
+struct Times(Vec<f64>);
+
+impl Times {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
     }
-    Ok(t)
+
+    fn spread(&self) -> String {
+        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.0.iter().copied().fold(0.0, f64::max);
+        format!("{:.0}–{:.0}", min * 1e3, max * 1e3)
+    }
+
+    /// `self − other`, repetition by repetition (a backward as forward+backward − forward).
+    fn minus(&self, other: &Times) -> Times {
+        Times(self.0.iter().zip(&other.0).map(|(a, b)| a - b).collect())
+    }
 }
 
-fn moe_layer_times(ep: usize, iters: usize) -> Result<(f64, f64)> {
-    let tokens = B * S;
+/// `reps` timings of `f`, after one warm-up.
+fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Times> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64());
+    }
+    Ok(Times(t))
+}
+
+fn layer(
+    vb: ParallelVarBuilder,
+    ep: &candle_parallel::Comm,
+    tp: &candle_parallel::Comm,
+) -> Result<MoeLayer> {
+    moe_layer(
+        H,
+        F,
+        RouterConfig::mixtral(E, K),
+        Dispatch::AllToAll,
+        vb.pp("moe"),
+        ep,
+        tp,
+    )
+}
+
+/// The whole layer at `ep` (each ep rank takes its share of the tokens): forward and
+/// forward + backward, and between them, in the same repetition, the ceiling's matmul
+/// (GFLOP/s), so that the ratios see the same load on a shared machine.
+fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times)> {
     let times = Launcher::new(ep).mesh(MeshShape::new().ep(ep)).run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
-        let layer = moe_layer(
-            H,
-            F,
-            RouterConfig::mixtral(E, K),
-            Dispatch::AllToAll,
-            vb.pp("moe"),
-            mesh.ep(),
-            mesh.tp(),
-        )?;
-        // Each ep rank takes its share of the tokens.
+        let layer = layer(vb, mesh.ep(), mesh.tp())?;
         let x = Var::from_tensor(&seeded(
-            &[tokens / ep, H],
+            &[TOKENS / ep, H],
             1 + mesh.ep().rank() as u64,
             DType::F32,
         )?)?;
-        let fwd = best(iters, || {
+        let (rows, w) = (
+            seeded(&[TOKENS * K / E, H], 3, DType::F32)?,
+            seeded(&[F, H], 4, DType::F32)?,
+        );
+        let expert_w1 = candle_nn::Linear::new(w, None);
+        let flops = 2.0 * (TOKENS * K / E) as f64 * H as f64 * F as f64;
+        let (mut fwd, mut both, mut gflops) =
+            (Times::default(), Times::default(), Times::default());
+        for rep in 0..=reps {
+            // The ceiling is what the matmul can do: the fastest of three.
+            let mut mm = f64::INFINITY;
+            for _ in 0..3 {
+                let s = Instant::now();
+                std::hint::black_box(expert_w1.forward(&rows)?);
+                mm = mm.min(s.elapsed().as_secs_f64());
+            }
             mesh.ep().barrier()?;
+            let s = Instant::now();
             std::hint::black_box(layer.forward(x.as_tensor(), false)?);
-            mesh.ep().barrier()
-        })?;
-        let both = best(iters, || {
             mesh.ep().barrier()?;
+            let f = s.elapsed().as_secs_f64();
+            let s = Instant::now();
             let o = layer.forward(x.as_tensor(), true)?;
             std::hint::black_box(o.output.sqr()?.sum_all()?.backward()?);
-            mesh.ep().barrier()
-        })?;
-        Ok((fwd, both))
+            mesh.ep().barrier()?;
+            let b = s.elapsed().as_secs_f64();
+            if rep > 0 {
+                // The first repetition warms up.
+                fwd.0.push(f);
+                both.0.push(b);
+                gflops.0.push(flops / mm / 1e9);
+            }
+        }
+        Ok((fwd, both, gflops))
     })?;
-    Ok(times[0])
+    Ok(times.into_iter().next().expect("rank 0"))
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
-    let tokens = (B * S) as f64;
-    if !a.dir.join("config.json").exists() {
-        eprintln!(
-            "creating a random one-layer Mixtral checkpoint in {} (once)",
-            a.dir.display()
-        );
-        write_random_mixtral(&a.dir, &config(), 0)?;
+/// One phase's forward and forward + backward timings.
+struct Phase {
+    name: &'static str,
+    fwd: Times,
+    both: Times,
+}
+
+/// The layer's phases at ep = 1, each timed alone on the inputs the layer gives it: route
+/// (gate matmul, softmax, top-k), permute (planning and gathering each expert's rows), the
+/// experts (matmuls and SwiGLU), combine (weighting and scattering back to tokens).
+fn phase_times(reps: usize) -> Result<Vec<Phase>> {
+    let phases = Launcher::new(1).run(|ctx| {
+        let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+        let layer = layer(vb, ctx.comm(), ctx.comm())?;
+        let cfg = *layer.router().config();
+        let x = Var::from_tensor(&seeded(&[TOKENS, H], 1, DType::F32)?)?;
+        let r = layer.router().route(x.as_tensor(), false)?;
+        let p = plan(&r.experts, &r.weights, &cfg)?;
+        let token = Tensor::new(p.token.as_slice(), &Device::Cpu)?;
+        let rows = Var::from_tensor(&x.as_tensor().index_select(&token, 0)?)?;
+        let y = Var::from_tensor(&layer.experts().forward(rows.as_tensor(), &p.counts)?)?;
+        let w = Var::from_tensor(&r.weights.detach())?;
+        let mut out = Vec::new();
+        let mut phase = |name, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
+            let fwd = time(reps, || f().map(|t| drop(std::hint::black_box(t))))?;
+            let both = time(reps, || {
+                std::hint::black_box(f()?.sqr()?.sum_all()?.backward()?);
+                Ok(())
+            })?;
+            out.push(Phase { name, fwd, both });
+            Ok(())
+        };
+        phase("route (gate, softmax, top-k)", &|| {
+            layer.router().route(x.as_tensor(), true).map(|r| r.weights)
+        })?;
+        phase("permute (plan, gather rows)", &|| {
+            let r = layer.router().route(&x.as_tensor().detach(), false)?;
+            let p = plan(&r.experts, &r.weights, &cfg)?;
+            let token = Tensor::new(p.token.as_slice(), &Device::Cpu)?;
+            x.as_tensor().index_select(&token, 0)
+        })?;
+        phase("experts (matmuls, SwiGLU)", &|| {
+            layer.experts().forward(rows.as_tensor(), &p.counts)
+        })?;
+        phase("combine (weight, scatter)", &|| {
+            combine(
+                y.as_tensor(),
+                w.as_tensor(),
+                &p.assignment,
+                &p.token,
+                TOKENS,
+            )
+        })?;
+        Ok(out)
+    })?;
+    Ok(phases.into_iter().next().expect("rank 0"))
+}
+
+/// Runs the PyTorch script; its forward and forward + backward timings.
+fn torch_times(python: &Path, reps: usize) -> Result<(Times, Times, String)> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_moe_torch.py");
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--tokens", &TOKENS.to_string(), "--batch", &B.to_string()])
+        .args(["--hidden", &H.to_string(), "--ffn", &F.to_string()])
+        .args(["--experts", &E.to_string(), "--top-k", &K.to_string()])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--reps",
+            &reps.to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| candle_core::Error::msg(format!("cannot run {}: {e}", python.display())))?;
+    if !out.status.success() {
+        candle_core::bail!(
+            "{} {} failed: {}",
+            python.display(),
+            script.display(),
+            out.status
+        )
     }
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(candle_core::Error::wrap)?;
+    let times = |k: &str| -> Result<Times> {
+        let v = json[k].as_array().ok_or_else(|| {
+            candle_core::Error::msg(format!("the PyTorch script printed no {k:?}"))
+        })?;
+        Ok(Times(v.iter().filter_map(|x| x.as_f64()).collect()))
+    };
+    let version = format!(
+        "torch {}, transformers {}, {} threads",
+        json["torch"].as_str().unwrap_or("?"),
+        json["transformers"].as_str().unwrap_or("?"),
+        json["threads"]
+    );
+    Ok((times("forward_s")?, times("forward_backward_s")?, version))
+}
+
+/// The one-layer Mixtral forward, ours and candle-transformers'.
+fn mixtral_times(dir: &Path, reps: usize) -> Result<(Times, Times)> {
     let cfg = config();
     let ids = Tensor::new(
-        (0..B * S).map(|i| (i * 7 % 256) as u32).collect::<Vec<_>>(),
+        (0..TOKENS)
+            .map(|i| (i * 7 % 256) as u32)
+            .collect::<Vec<_>>(),
         &Device::Cpu,
     )?
     .reshape((B, S))?;
-
-    let (f1, b1) = moe_layer_times(1, a.iters)?;
-    let (f2, b2) = moe_layer_times(2, a.iters)?;
-
     let ours = Launcher::new(1).run(|ctx| {
-        let vb = ParallelVarBuilder::from_hf_dir(&a.dir, DType::F32, &Device::Cpu)?;
+        let vb = ParallelVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?;
         let m = Mixtral::new(&cfg, vb, ctx.comm(), ctx.comm(), Dispatch::AllToAll)?;
-        best(a.iters, || {
-            m.forward_shard(&ids, 0, None, false).map(|_| ())
-        })
-    })?[0];
+        time(reps, || m.forward_shard(&ids, 0, None, false).map(|_| ()))
+    })?;
     let theirs = {
         use candle_transformers::models::mixtral as ct;
         let mut json = serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?;
@@ -135,59 +296,148 @@ fn main() -> Result<()> {
         let ct_cfg: ct::Config = serde_json::from_value(json).map_err(candle_core::Error::wrap)?;
         let vb = unsafe {
             candle_nn::VarBuilder::from_mmaped_safetensors(
-                &[a.dir.join("model.safetensors")],
+                &[dir.join("model.safetensors")],
                 DType::F32,
                 &Device::Cpu,
             )?
         };
         // Its model keeps a KV cache across calls and cannot clear it: a fresh one per run
         // (built outside the timed region).
-        let mut t = f64::MAX;
-        for i in 0..=a.iters {
+        let mut t = Vec::new();
+        for i in 0..=reps {
             let mut m = ct::Model::new(&ct_cfg, vb.clone())?;
             let s = Instant::now();
             std::hint::black_box(m.forward(&ids, 0)?);
             if i > 0 {
-                t = t.min(s.elapsed().as_secs_f64());
+                t.push(s.elapsed().as_secs_f64());
             }
         }
-        t
+        Times(t)
     };
+    Ok((ours.into_iter().next().expect("rank 0"), theirs))
+}
 
+fn row(what: &str, t: &Times, ratio: &str) {
+    let m = t.median();
     println!(
-        "MoE: {E} experts, top-{K}, hidden {H}, ffn {F}, {} tokens, f32, one run",
-        B * S
+        "| {what} | {:.0} | {} | {:.0} | {ratio} |",
+        m * 1e3,
+        t.spread(),
+        TOKENS as f64 / m
     );
-    println!("| what | time (ms) | tokens/s | ratio |");
-    println!("|---|---:|---:|---:|");
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if a.reps == 0 {
+        candle_core::bail!("--reps must be at least 1")
+    }
+    if !a.dir.join("config.json").exists() {
+        eprintln!(
+            "creating a random one-layer Mixtral checkpoint in {} (once)",
+            a.dir.display()
+        );
+        write_random_mixtral(&a.dir, &config(), 0)?;
+    }
+    let (f1, b1, gflops) = layer_times(1, a.reps)?;
+    let torch = a
+        .torch
+        .as_ref()
+        .map(|p| torch_times(p, a.reps))
+        .transpose()?;
+    let (f2, b2, _) = layer_times(2, a.reps)?;
+    let phases = phase_times(a.reps)?;
+    let (ours, theirs) = mixtral_times(&a.dir, a.reps)?;
+
+    // Forward FLOPs: three matmuls of 2·H·F per routed copy, K copies per token.
+    let flops_per_token = (3 * 2 * H * F * K) as f64;
+    let ceiling = gflops.median() * 1e9 / flops_per_token;
     println!(
-        "| our MoE layer, forward, ep=1 | {:.0} | {:.0} | |",
-        f1 * 1e3,
-        tokens / f1
+        "MoE: {E} experts, top-{K}, hidden {H}, ffn {F}, {TOKENS} tokens, f32; medians of {} runs (spread min–max)",
+        a.reps
     );
     println!(
-        "| our MoE layer, forward + backward, ep=1 | {:.0} | {:.0} | {:.2} × forward |",
-        b1 * 1e3,
-        tokens / b1,
-        b1 / f1
+        "matmul ceiling: {:.0} GFLOP/s on one expert's shapes → {ceiling:.0} tokens/s forward, {:.0} forward + backward",
+        gflops.median(),
+        ceiling / 3.0
     );
+    println!();
+    println!("| what | median (ms) | spread (ms) | tokens/s | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    let of_ceiling =
+        |t: &Times, c: f64| format!("{:.2} of ceiling", TOKENS as f64 / t.median() / c);
+    row(
+        "our MoE layer, forward, ep=1",
+        &f1,
+        &of_ceiling(&f1, ceiling),
+    );
+    row(
+        "our MoE layer, forward + backward, ep=1",
+        &b1,
+        &of_ceiling(&b1, ceiling / 3.0),
+    );
+    if let Some((tf, tb, version)) = &torch {
+        row(
+            &format!("PyTorch MixtralSparseMoeBlock, forward ({version})"),
+            tf,
+            &format!(
+                "{} · ours {:.2}× its tokens/s",
+                of_ceiling(tf, ceiling),
+                tf.median() / f1.median()
+            ),
+        );
+        row(
+            "PyTorch MixtralSparseMoeBlock, forward + backward",
+            tb,
+            &format!(
+                "{} · ours {:.2}× its tokens/s",
+                of_ceiling(tb, ceiling / 3.0),
+                tb.median() / b1.median()
+            ),
+        );
+    }
+    row(
+        "our MoE layer, forward, ep=2 (all-to-all, same cores)",
+        &f2,
+        &format!("{:.2} × ep=1 time", f2.median() / f1.median()),
+    );
+    row(
+        "our MoE layer, forward + backward, ep=2",
+        &b2,
+        &format!("{:.2} × ep=1 time", b2.median() / b1.median()),
+    );
+    row(
+        "1-layer Mixtral forward, candle-transformers",
+        &theirs,
+        "1.00",
+    );
+    row(
+        "1-layer Mixtral forward, ours (ep=1, tp=1)",
+        &ours,
+        &format!(
+            "{:.2} × candle-transformers' time",
+            ours.median() / theirs.median()
+        ),
+    );
+
+    println!();
     println!(
-        "| our MoE layer, forward, ep=2 (all-to-all, same cores) | {:.0} | {:.0} | {:.2} × ep=1 |",
-        f2 * 1e3,
-        tokens / f2,
-        f2 / f1
+        "Where the layer's time goes (ep=1, each phase timed alone; share of the layer's median):"
     );
-    println!(
-        "| our MoE layer, forward + backward, ep=2 | {:.0} | {:.0} | {:.2} × ep=1 |",
-        b2 * 1e3,
-        tokens / b2,
-        b2 / b1
-    );
-    println!(
-        "| 1-layer Mixtral forward, candle-transformers | {:.0} | {:.0} | 1.00 |",
-        theirs * 1e3,
-        tokens / theirs
-    );
-    println!("| 1-layer Mixtral forward, ours (ep=1, tp=1) | {:.0} | {:.0} | {:.2} × candle-transformers |", ours * 1e3, tokens / ours, ours / theirs);
+    println!();
+    println!("| phase | forward (ms) | share | backward (ms) | share |");
+    println!("|---|---:|---:|---:|---:|");
+    let bwd_total = b1.median() - f1.median();
+    for p in &phases {
+        let bwd = p.both.minus(&p.fwd).median();
+        println!(
+            "| {} | {:.1} | {:.0}% | {:.1} | {:.0}% |",
+            p.name,
+            p.fwd.median() * 1e3,
+            100.0 * p.fwd.median() / f1.median(),
+            bwd * 1e3,
+            100.0 * bwd / bwd_total
+        );
+    }
     Ok(())
 }

@@ -127,3 +127,41 @@ fn trainable_ops_work_in_bf16() -> Result<()> {
     assert_eq!(g.get(w.as_tensor()).unwrap().dims(), &[8]);
     Ok(())
 }
+
+#[test]
+fn fused_swiglu_equals_the_composite_on_many_threads_and_strided_inputs() -> Result<()> {
+    // Large enough to be split over the cores; `a` strided (a transpose).
+    let a = Var::from_tensor(&seeded(&[300, 257], 11, DType::F32)?.t()?)?;
+    let b = Var::from_tensor(&seeded(&[257, 300], 12, DType::F32)?)?;
+    let c = seeded(&[257, 300], 13, DType::F32)?;
+    let grads = |y: Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+        let g = (&y * &c)?.sum_all()?.backward()?;
+        Ok((
+            y,
+            g.get(a.as_tensor()).unwrap().clone(),
+            g.get(b.as_tensor()).unwrap().clone(),
+        ))
+    };
+    let fused = grads(ops::swiglu(a.as_tensor(), b.as_tensor())?)?;
+    let composite = grads((a.as_tensor().silu()? * b.as_tensor())?)?;
+    for (what, got, want) in [
+        ("output", &fused.0, &composite.0),
+        ("grad a", &fused.1, &composite.1),
+        ("grad b", &fused.2, &composite.2),
+    ] {
+        let e = max_rel_err(got, want)?;
+        assert!(e < 1e-6, "swiglu {what}: {e:e}");
+    }
+    // Other dtypes and broadcasting take the composite path.
+    let h = ops::swiglu(
+        &seeded(&[4, 8], 14, DType::BF16)?,
+        &seeded(&[4, 8], 15, DType::BF16)?,
+    )?;
+    assert_eq!(h.dtype(), DType::BF16);
+    let h = ops::swiglu(
+        &seeded(&[4, 8], 14, DType::F32)?,
+        &seeded(&[8], 15, DType::F32)?.broadcast_as((4, 8))?,
+    )?;
+    assert_eq!(h.dims(), &[4, 8]);
+    Ok(())
+}

@@ -3,13 +3,15 @@
 //!
 //! - [`attach_backward`]: a fast kernel's result joined to the graph with a backward you supply;
 //!   [`depend_on`] keeps tensors on the gradient path;
+//! - [`swiglu`]: SwiGLU fused on the CPU (forward and backward one pass each);
 //! - [`collectives`]: collectives that take part in autograd (F/G conjugates, gather/scatter,
 //!   reduce-scatter, all-to-all);
 //! - [`train`]: trainable versions of candle-nn's fast kernels that lack a backward (softmax,
-//!   RMSNorm, rotary embedding), SwiGLU, and a dropout whose mask is chosen by a key (so that
+//!   RMSNorm, rotary embedding) and a dropout whose mask is chosen by a key (so that
 //!   tensor-parallel replicas agree).
 mod attach;
 pub mod collectives;
+mod swiglu;
 pub mod train;
 
 pub use attach::{attach_backward, depend_on, Vjp};
@@ -18,7 +20,8 @@ pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,
     reduce_scatter_to_group, scatter_to_group,
 };
-pub use train::{dropout, rms_norm, rope, softmax_last_dim, swiglu};
+pub use swiglu::swiglu;
+pub use train::{dropout, rms_norm, rope, softmax_last_dim};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::{Layout, Result, Shape};

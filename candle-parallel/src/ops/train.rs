@@ -87,12 +87,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
-/// SwiGLU, `silu(a) · b` (the gate of Llama and Mixtral MLPs). Composite: candle's `silu`
-/// and `mul` have backwards and are no slower than a fused kernel on CPU.
-pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.silu()? * b
-}
-
 /// Inverted dropout with a mask that is a pure function of `(key, element index)`: zeroes each
 /// element with probability `p` and scales the rest by `1 / (1 − p)`. Differentiable (the
 /// gradient is masked and scaled the same way).

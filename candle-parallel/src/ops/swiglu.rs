@@ -1,0 +1,250 @@
+//! SwiGLU, `silu(a) · b`, fused on the CPU: one pass forward and one backward (candle's
+//! composite takes five passes forward and backward), split over the cores. The MoE experts
+//! and the Llama / Mixtral MLPs spend most of their non-matmul time here.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::mem::MaybeUninit;
+
+/// SwiGLU, `silu(a) · b` (the gate of Llama and Mixtral MLPs), with a backward. Fused on the
+/// CPU for f32 and f64 tensors of the same shape; candle's composite elsewhere.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_parallel::ops;
+///
+/// let a = Tensor::new(&[0f32, 1.0, -2.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[3f32, 2.0, 1.0], &Device::Cpu)?;
+/// let want = (a.silu()? * &b)?.to_vec1::<f32>()?;
+/// let got = ops::swiglu(&a, &b)?.to_vec1::<f32>()?;
+/// assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fused = a.device().is_cpu()
+        && a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64);
+    if !fused {
+        return a.silu()? * b;
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)
+}
+
+/// Below this many elements a single thread does the pass.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// Runs `f` over matching chunks of `inputs` and `outputs` (all of length `n`), one chunk
+/// per core; together the chunks cover `0..n` exactly once.
+fn chunked<T: Real>(
+    inputs: &[&[T]],
+    outputs: &mut [&mut [MaybeUninit<T>]],
+    f: impl Fn(&[&[T]], &mut [&mut [MaybeUninit<T>]]) + Sync,
+) {
+    let n = inputs[0].len();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    if n < PARALLEL_MIN || threads == 1 {
+        return f(inputs, outputs);
+    }
+    let chunk = n.div_ceil(threads);
+    let mut outs: Vec<_> = outputs.iter_mut().map(|o| o.chunks_mut(chunk)).collect();
+    std::thread::scope(|s| {
+        for (c, start) in (0..n).step_by(chunk).enumerate() {
+            let end = (start + chunk).min(n);
+            let ins: Vec<&[T]> = inputs.iter().map(|x| &x[start..end]).collect();
+            let mut os: Vec<&mut [MaybeUninit<T>]> = outs
+                .iter_mut()
+                .map(|o| o.next().expect("a chunk"))
+                .collect();
+            let f = &f;
+            if c + 1 == n.div_ceil(chunk) {
+                f(&ins, &mut os); // the last chunk on this thread
+            } else {
+                s.spawn(move || f(&ins, &mut os));
+            }
+        }
+    });
+}
+
+/// The element types the fused passes run on.
+trait Real: Copy + Send + Sync + 'static {
+    /// The logistic sigmoid.
+    fn sigmoid(x: Self) -> Self;
+    fn fwd(a: Self, b: Self) -> Self;
+    /// `(d a, d b)` of `silu(a) · b` for the output gradient `g`.
+    fn bwd(a: Self, b: Self, g: Self) -> (Self, Self);
+}
+
+macro_rules! swiglu_formulas {
+    () => {
+        #[inline(always)]
+        fn fwd(a: Self, b: Self) -> Self {
+            a * Self::sigmoid(a) * b
+        }
+
+        #[inline(always)]
+        fn bwd(a: Self, b: Self, g: Self) -> (Self, Self) {
+            let s = Self::sigmoid(a);
+            (g * b * s * (1.0 + a * (1.0 - s)), g * a * s)
+        }
+    };
+}
+
+impl Real for f32 {
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + exp_f32(-x))
+    }
+
+    swiglu_formulas!();
+}
+
+impl Real for f64 {
+    #[inline(always)]
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    swiglu_formulas!();
+}
+
+/// `exp(x)` in f32 without a library call, so that loops over it vectorise: `2^n · e^r` with
+/// `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and Cephes' degree-6 polynomial for `e^r`
+/// (relative error about 1e-7). The input is clamped to [-87, 88], where `2^n` is a normal
+/// float; NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    // Adding 1.5 · 2^23 rounds to an integer and leaves it in the low mantissa bits.
+    const SHIFT: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let e_r = p * r * r + r + 1.0;
+    let n_bits = t.to_bits().wrapping_sub(SHIFT.to_bits());
+    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s[start..end]),
+        None => candle_core::bail!("swiglu: the fused pass needs contiguous inputs"),
+    }
+}
+
+fn forward<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
+    let n = a.len();
+    let mut out = Vec::with_capacity(n);
+    chunked(
+        &[a, b],
+        &mut [&mut out.spare_capacity_mut()[..n]],
+        |i, o| {
+            for ((y, &a), &b) in o[0].iter_mut().zip(i[0]).zip(i[1]) {
+                y.write(T::fwd(a, b));
+            }
+        },
+    );
+    // SAFETY: the chunks cover 0..n and the loop above writes each of their elements.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// `[d a; d b]`, the two gradients one after the other.
+fn backward<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
+    let n = a.len();
+    let mut out = Vec::with_capacity(2 * n);
+    let (da, db) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
+    chunked(&[a, b, g], &mut [da, db], |i, o| {
+        if let [da, db] = o {
+            for (((da, db), (&a, &b)), &g) in da
+                .iter_mut()
+                .zip(db.iter_mut())
+                .zip(i[0].iter().zip(i[1]))
+                .zip(i[2])
+            {
+                let (x, y) = T::bwd(a, b, g);
+                da.write(x);
+                db.write(y);
+            }
+        }
+    });
+    // SAFETY: the chunks cover 0..n of both halves and the loop above writes every element.
+    unsafe { out.set_len(2 * n) };
+    out
+}
+
+/// The fused forward, with the fused backward.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (a, b) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(forward(contiguous(a, la)?, contiguous(b, lb)?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(forward(contiguous(a, la)?, contiguous(b, lb)?))
+            }
+            _ => candle_core::bail!("swiglu: the fused pass runs on f32 or f64 pairs"),
+        };
+        Ok((out, la.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = a
+            .detach()
+            .apply_op3_no_bwd(&b.detach(), &g.contiguous()?, &SwiGluBwd)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `(a, b, g) -> [d a; d b]` stacked along a new first dim.
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (a, b, g) {
+            (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(g)) => CpuStorage::F32(
+                backward(contiguous(a, la)?, contiguous(b, lb)?, contiguous(g, lg)?),
+            ),
+            (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(g)) => CpuStorage::F64(
+                backward(contiguous(a, la)?, contiguous(b, lb)?, contiguous(g, lg)?),
+            ),
+            _ => candle_core::bail!("swiglu backward: the fused pass runs on f32 or f64 triples"),
+        };
+        let mut dims = vec![2];
+        dims.extend_from_slice(la.dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
