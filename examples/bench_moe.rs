@@ -21,7 +21,9 @@
 //!   it).
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_parallel::checkpoint::ParallelVarBuilder;
-use candle_parallel::moe::{combine, moe_layer, plan, Dispatch, MoeLayer, RouterConfig};
+use candle_parallel::moe::{
+    combine_outputs, moe_layer, plan_tokens, Dispatch, MoeLayer, RouterConfig,
+};
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use candle_parallel_models::testing::{seeded, write_random_mixtral};
@@ -123,9 +125,9 @@ fn layer(
 }
 
 /// The whole layer at `ep` (each ep rank takes its share of the tokens): forward and
-/// forward + backward, and between them, in the same repetition, the ceiling's matmul
+/// forward + backward, each repetition next to a measurement of the ceiling's matmul
 /// (GFLOP/s), so that the ratios see the same load on a shared machine.
-fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times)> {
+fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times, Times)> {
     let times = Launcher::new(ep).mesh(MeshShape::new().ep(ep)).run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
@@ -141,34 +143,40 @@ fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times)> {
         );
         let expert_w1 = candle_nn::Linear::new(w, None);
         let flops = 2.0 * (TOKENS * K / E) as f64 * H as f64 * F as f64;
-        let (mut fwd, mut both, mut gflops) =
-            (Times::default(), Times::default(), Times::default());
-        for rep in 0..=reps {
-            // The ceiling is what the matmul can do: the fastest of three.
-            let mut mm = f64::INFINITY;
-            for _ in 0..3 {
+        // Each repetition: the ceiling (the fastest of three matmuls: what the matmul can do),
+        // then the measured work. Forwards run back to back, as in inference, then the
+        // training steps.
+        let measure = |work: &mut dyn FnMut() -> Result<()>| -> Result<(Times, Times)> {
+            let (mut t, mut g) = (Times::default(), Times::default());
+            for rep in 0..=reps {
+                let mut mm = f64::INFINITY;
+                for _ in 0..3 {
+                    let s = Instant::now();
+                    std::hint::black_box(expert_w1.forward(&rows)?);
+                    mm = mm.min(s.elapsed().as_secs_f64());
+                }
+                mesh.ep().barrier()?;
                 let s = Instant::now();
-                std::hint::black_box(expert_w1.forward(&rows)?);
-                mm = mm.min(s.elapsed().as_secs_f64());
+                work()?;
+                mesh.ep().barrier()?;
+                if rep > 0 {
+                    // The first repetition warms up.
+                    t.0.push(s.elapsed().as_secs_f64());
+                    g.0.push(flops / mm / 1e9);
+                }
             }
-            mesh.ep().barrier()?;
-            let s = Instant::now();
+            Ok((t, g))
+        };
+        let (fwd, gflops_fwd) = measure(&mut || {
             std::hint::black_box(layer.forward(x.as_tensor(), false)?);
-            mesh.ep().barrier()?;
-            let f = s.elapsed().as_secs_f64();
-            let s = Instant::now();
+            Ok(())
+        })?;
+        let (both, gflops_both) = measure(&mut || {
             let o = layer.forward(x.as_tensor(), true)?;
             std::hint::black_box(o.output.sqr()?.sum_all()?.backward()?);
-            mesh.ep().barrier()?;
-            let b = s.elapsed().as_secs_f64();
-            if rep > 0 {
-                // The first repetition warms up.
-                fwd.0.push(f);
-                both.0.push(b);
-                gflops.0.push(flops / mm / 1e9);
-            }
-        }
-        Ok((fwd, both, gflops))
+            Ok(())
+        })?;
+        Ok((fwd, both, gflops_fwd, gflops_both))
     })?;
     Ok(times.into_iter().next().expect("rank 0"))
 }
@@ -190,7 +198,7 @@ fn phase_times(reps: usize) -> Result<Vec<Phase>> {
         let cfg = *layer.router().config();
         let x = Var::from_tensor(&seeded(&[TOKENS, H], 1, DType::F32)?)?;
         let r = layer.router().route(x.as_tensor(), false)?;
-        let p = plan(&r.experts, &r.weights, &cfg)?;
+        let p = plan_tokens(&r.experts, &r.weights, &cfg)?;
         let token = Tensor::new(p.token.as_slice(), &Device::Cpu)?;
         let rows = Var::from_tensor(&x.as_tensor().index_select(&token, 0)?)?;
         let y = Var::from_tensor(&layer.experts().forward(rows.as_tensor(), &p.counts)?)?;
@@ -210,7 +218,7 @@ fn phase_times(reps: usize) -> Result<Vec<Phase>> {
         })?;
         phase("permute (plan, gather rows)", &|| {
             let r = layer.router().route(&x.as_tensor().detach(), false)?;
-            let p = plan(&r.experts, &r.weights, &cfg)?;
+            let p = plan_tokens(&r.experts, &r.weights, &cfg)?;
             let token = Tensor::new(p.token.as_slice(), &Device::Cpu)?;
             x.as_tensor().index_select(&token, 0)
         })?;
@@ -218,7 +226,7 @@ fn phase_times(reps: usize) -> Result<Vec<Phase>> {
             layer.experts().forward(rows.as_tensor(), &p.counts)
         })?;
         phase("combine (weight, scatter)", &|| {
-            combine(
+            combine_outputs(
                 y.as_tensor(),
                 w.as_tensor(),
                 &p.assignment,
@@ -339,13 +347,13 @@ fn main() -> Result<()> {
         );
         write_random_mixtral(&a.dir, &config(), 0)?;
     }
-    let (f1, b1, gflops) = layer_times(1, a.reps)?;
+    let (f1, b1, gflops, gflops_b) = layer_times(1, a.reps)?;
     let torch = a
         .torch
         .as_ref()
         .map(|p| torch_times(p, a.reps))
         .transpose()?;
-    let (f2, b2, _) = layer_times(2, a.reps)?;
+    let (f2, b2, _, _) = layer_times(2, a.reps)?;
     let phases = phase_times(a.reps)?;
     let (ours, theirs) = mixtral_times(&a.dir, a.reps)?;
 
@@ -366,15 +374,29 @@ fn main() -> Result<()> {
     println!("|---|---:|---:|---:|---:|");
     let of_ceiling =
         |t: &Times, c: f64| format!("{:.2} of ceiling", TOKENS as f64 / t.median() / c);
+    // Ours against the ceiling of the same repetition, then the median of those ratios.
+    let per_rep = |t: &Times, gflops: &Times, share: f64| {
+        let r = Times(
+            t.0.iter()
+                .zip(&gflops.0)
+                .map(|(s, g)| TOKENS as f64 / s / (g * 1e9 / flops_per_token * share))
+                .collect(),
+        );
+        let (lo, hi) = (
+            r.0.iter().copied().fold(f64::INFINITY, f64::min),
+            r.0.iter().copied().fold(0.0, f64::max),
+        );
+        format!("{:.2} of ceiling ({lo:.2}–{hi:.2})", r.median())
+    };
     row(
         "our MoE layer, forward, ep=1",
         &f1,
-        &of_ceiling(&f1, ceiling),
+        &per_rep(&f1, &gflops, 1.0),
     );
     row(
         "our MoE layer, forward + backward, ep=1",
         &b1,
-        &of_ceiling(&b1, ceiling / 3.0),
+        &per_rep(&b1, &gflops_b, 1.0 / 3.0),
     );
     if let Some((tf, tb, version)) = &torch {
         row(

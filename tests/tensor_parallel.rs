@@ -475,3 +475,32 @@ fn keyed_dropout_agrees_across_replicas_and_trains() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn external_communication_leaves_the_collectives_to_the_caller() -> Result<()> {
+    launch(2, |ctx| {
+        let tp = ctx.comm();
+        let vb = ParallelVarBuilder::from_init(4, DType::F32, &Device::Cpu);
+        let x = seeded(&[3, 4], 5, DType::F32)?;
+        let up = tp_layers::column_parallel_linear_no_bias(4, 6, vb.pp("up"), tp)?;
+        let down = tp_layers::row_parallel_linear_no_bias(6, 4, vb.pp("down"), tp)?;
+        let want = down.forward(&up.forward(&x)?)?;
+        // The same layers without their collectives: the caller reduces the partial outputs.
+        let (up, down) = (
+            up.with_external_communication(true),
+            down.with_external_communication(true),
+        );
+        let partial = down.forward(&up.forward(&x)?)?;
+        let got = tp.all_reduce(&partial, candle_parallel::ReduceOp::Sum)?;
+        assert!(max_rel_err(&got, &want)? < 1e-6);
+        // A row-parallel bias belongs after the reduction: refused.
+        let biased =
+            tp_layers::row_parallel_linear(6, 4, vb.pp("b"), tp)?.with_external_communication(true);
+        let err = biased
+            .forward(&partial.narrow(1, 0, 3)?.contiguous()?)
+            .unwrap_err();
+        assert!(err.to_string().contains("bias"), "{err}");
+        Ok(())
+    })?;
+    Ok(())
+}

@@ -130,20 +130,23 @@ fn trainable_ops_work_in_bf16() -> Result<()> {
 
 #[test]
 fn fused_swiglu_equals_the_composite_on_many_threads_and_strided_inputs() -> Result<()> {
-    // Large enough to be split over the cores; `a` strided (a transpose).
-    let a = Var::from_tensor(&seeded(&[300, 257], 11, DType::F32)?.t()?)?;
-    let b = Var::from_tensor(&seeded(&[257, 300], 12, DType::F32)?)?;
-    let c = seeded(&[257, 300], 13, DType::F32)?;
+    // Large enough to be split over the cores, in chunks of unequal length; `a` is a strided
+    // view (a transpose), made contiguous inside the graph.
+    let at = Var::from_tensor(&seeded(&[257, 301], 11, DType::F32)?)?;
+    let a = at.as_tensor().t()?;
+    let b = Var::from_tensor(&seeded(&[301, 257], 12, DType::F32)?)?;
+    let c = seeded(&[301, 257], 13, DType::F32)?;
+    assert!(!a.is_contiguous());
     let grads = |y: Tensor| -> Result<(Tensor, Tensor, Tensor)> {
         let g = (&y * &c)?.sum_all()?.backward()?;
         Ok((
             y,
-            g.get(a.as_tensor()).unwrap().clone(),
+            g.get(at.as_tensor()).unwrap().clone(),
             g.get(b.as_tensor()).unwrap().clone(),
         ))
     };
-    let fused = grads(ops::swiglu(a.as_tensor(), b.as_tensor())?)?;
-    let composite = grads((a.as_tensor().silu()? * b.as_tensor())?)?;
+    let fused = grads(ops::swiglu(&a, b.as_tensor())?)?;
+    let composite = grads((a.silu()? * b.as_tensor())?)?;
     for (what, got, want) in [
         ("output", &fused.0, &composite.0),
         ("grad a", &fused.1, &composite.1),
@@ -152,16 +155,39 @@ fn fused_swiglu_equals_the_composite_on_many_threads_and_strided_inputs() -> Res
         let e = max_rel_err(got, want)?;
         assert!(e < 1e-6, "swiglu {what}: {e:e}");
     }
-    // Other dtypes and broadcasting take the composite path.
+    // Other dtypes take candle's composite.
     let h = ops::swiglu(
         &seeded(&[4, 8], 14, DType::BF16)?,
         &seeded(&[4, 8], 15, DType::BF16)?,
     )?;
     assert_eq!(h.dtype(), DType::BF16);
-    let h = ops::swiglu(
-        &seeded(&[4, 8], 14, DType::F32)?,
-        &seeded(&[8], 15, DType::F32)?.broadcast_as((4, 8))?,
+    // Extreme inputs: the fused sigmoid saturates like the exact one.
+    let x = Tensor::new(
+        &[-200f32, -90.0, -30.0, 0.0, 30.0, 90.0, 200.0],
+        &candle_core::Device::Cpu,
     )?;
-    assert_eq!(h.dims(), &[4, 8]);
+    let one = x.ones_like()?;
+    let got = ops::swiglu(&x, &one)?.to_vec1::<f32>()?;
+    let want = [0.0, 0.0, -2.8e-12, 0.0, 30.0, 90.0, 200.0];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{got:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn attach_backward_takes_a_tracked_value_as_a_constant() -> Result<()> {
+    let x = Var::new(&[1f32, 2.0, 3.0], &candle_core::Device::Cpu)?;
+    let tracked = (x.as_tensor() * 3.0)?; // a value that is itself part of the graph
+    let y = ops::attach_backward("triple", &tracked, &[x.as_tensor()], |_, _, g| {
+        Ok(vec![Some((g * 3.0)?)])
+    })?;
+    let g = y.sum_all()?.backward()?;
+    assert_eq!(
+        g.get(x.as_tensor()).unwrap().to_vec1::<f32>()?,
+        [3.0, 3.0, 3.0]
+    );
+    let err = ops::attach_backward("none", &tracked, &[], |_, _, _| Ok(vec![])).unwrap_err();
+    assert!(err.to_string().contains("one or two inputs"), "{err}");
     Ok(())
 }

@@ -39,6 +39,16 @@ pub fn probe_path() -> PathBuf {
         .parent()
         .and_then(|d| d.parent())
         .expect("a build directory");
-    dir.join("examples")
-        .join(format!("rendezvous_probe{}", std::env::consts::EXE_SUFFIX))
+    let probe = dir
+        .join("examples")
+        .join(format!("rendezvous_probe{}", std::env::consts::EXE_SUFFIX));
+    // `cargo test` builds it with the other example targets; `cargo test --test NAME` alone
+    // does not.
+    assert!(
+        probe.is_file(),
+        "{} is missing: run `cargo build --example rendezvous_probe` (with the same profile and \
+         features as the tests), or plain `cargo test`, which builds it",
+        probe.display()
+    );
+    probe
 }

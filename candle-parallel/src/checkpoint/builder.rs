@@ -220,6 +220,13 @@ impl ParallelVarBuilder {
             }
             Source::CandleNn(vb) => {
                 let whole = vb.get_with_hints(full.clone(), &name, init)?;
+                if whole.dims() != full.dims() {
+                    bail!(
+                        "tensor {name}: the candle-nn VarBuilder gives shape {:?} but the model expects {:?}",
+                        whole.dims(),
+                        full.dims()
+                    )
+                }
                 slice_of_full(&whole, slice.as_ref())?
                     .to_dtype(self.inner.dtype)?
                     .to_device(&self.inner.device)?

@@ -10,12 +10,13 @@
 //!
 //! | file | what | uses |
 //! |---|---|---|
-//! | `placement` | [`Placement`] (which part a rank holds), [`Param`] | — |
+//! | `placement` | [`Placement`] (which part a rank holds), [`Param`] | `crate::comm` |
 //! | `region` | boxes of a tensor; assembling a slice from stored pieces | `placement` |
 //! | `format` | the distributed format: `checkpoint.json`, atomic writes, [`read_metadata`] | `region` |
 //! | `source` | stored tensors: HF safetensors files, distributed checkpoints | `format`, `region` |
 //! | `init` | deterministic initialisation of any slice | `placement`, `crate::random` |
-//! | `builder` | [`ParallelVarBuilder`] | `source`, `init`, `region`, `placement` |
+//! | `builder` | [`ParallelVarBuilder`] (also over a candle-nn `VarBuilder` / `VarMap`) | `source`, `init`, `region`, `placement` |
+//! | `interop` | [`ParallelVarBuilder::to_candle_nn`]: candle-nn layers load from a builder | `builder`, `placement` |
 //! | `save` | [`save_checkpoint`] | `format`, `placement` |
 //! | `export` | [`export_hf`] | `format`, `source`, `region` |
 //! | `gather` | [`gather_full`], [`full_gradients`] | `placement` |

@@ -3,7 +3,7 @@
 use super::dispatcher::{Dispatch, TokenDispatcher};
 use super::experts::{Expert, LocalExperts};
 use super::losses::{router_z_loss, switch_aux_loss};
-use super::plan::plan;
+use super::plan::plan_tokens;
 use super::router::{Router, RouterConfig, Routing};
 use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
@@ -135,7 +135,7 @@ impl MoeLayer {
         let hidden = *dims.last().unwrap_or(&0);
         let x2 = x.reshape(((), hidden))?;
         let routing = self.router.route(&x2, train)?;
-        let p = plan(&routing.experts, &routing.weights, self.router.config())?;
+        let p = plan_tokens(&routing.experts, &routing.weights, self.router.config())?;
         let d = self.dispatcher.dispatch(&x2, &routing, &p, &self.experts)?;
         Ok(MoeOutput {
             output: d.output.reshape(dims)?,
@@ -148,7 +148,10 @@ impl MoeLayer {
         })
     }
 
-    /// The routing and statistics of the last [`ModuleT::forward_t`] call, taken out.
+    /// The routing and statistics of the last [`ModuleT::forward_t`] call, taken out (each
+    /// call replaces what the previous one left; [`MoeLayer::forward`] returns them instead
+    /// and leaves nothing). Take them after every forward that needs them, e.g. per
+    /// micro-batch: until taken they keep the router's part of the graph alive.
     pub fn take_aux(&self) -> Option<MoeAux> {
         self.last_aux
             .lock()

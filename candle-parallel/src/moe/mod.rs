@@ -31,10 +31,10 @@ mod plan;
 mod router;
 
 pub use dispatcher::{
-    combine, AllReduceDispatcher, AllToAllDispatcher, Dispatch, Dispatched, TokenDispatcher,
+    combine_outputs, AllReduceDispatcher, AllToAllDispatcher, Dispatch, Dispatched, TokenDispatcher,
 };
 pub use experts::{Expert, LocalExperts};
 pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
 pub use losses::{hf_load_balancing_loss, router_z_loss, switch_aux_loss};
-pub use plan::{plan, Plan};
+pub use plan::{plan_tokens, Plan};
 pub use router::{DropPolicy, Router, RouterConfig, Routing, Scoring};

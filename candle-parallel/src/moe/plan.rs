@@ -2,7 +2,7 @@
 //! order they travel. Shared by every dispatcher.
 
 use super::router::{DropPolicy, RouterConfig};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 
 /// The kept routed copies of this rank, sorted by (expert, token position).
 pub struct Plan {
@@ -20,13 +20,23 @@ pub struct Plan {
 
 /// Which routed copies of `experts` / `weights` (`[T, k]`) each expert keeps under `cfg`'s
 /// capacity limit, in the order every dispatcher uses.
-pub fn plan(experts: &Tensor, weights: &Tensor, cfg: &RouterConfig) -> Result<Plan> {
+pub fn plan_tokens(experts: &Tensor, weights: &Tensor, cfg: &RouterConfig) -> Result<Plan> {
     let (t, k) = experts.dims2()?;
     let e = cfg.num_experts;
+    if weights.dims() != experts.dims() {
+        bail!(
+            "moe plan: routing weights of shape {:?} for chosen experts of shape {:?}: they must match",
+            weights.dims(),
+            experts.dims()
+        )
+    }
     let ids = experts.flatten_all()?.to_vec1::<u32>()?;
     let mut by_expert: Vec<Vec<u32>> = vec![Vec::new(); e];
     for (a, &x) in ids.iter().enumerate() {
-        by_expert[x as usize].push(a as u32);
+        match by_expert.get_mut(x as usize) {
+            Some(list) => list.push(a as u32),
+            None => bail!("moe plan: expert {x} chosen, but there are only {e} experts"),
+        }
     }
     let fractions = by_expert
         .iter()

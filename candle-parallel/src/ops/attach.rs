@@ -8,7 +8,7 @@ use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shap
 
 /// The backward of [`attach_backward`]: given the inputs, the forward value and the output
 /// gradient, one gradient (or `None`) per input.
-pub type Vjp = dyn Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
+type Vjp = dyn Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// `value`, with a backward into `inputs` (one or two tensors): forward is a copy of `value`;
 /// backward calls `vjp(inputs, value, grad)`. Use it to give a backward to a fast kernel
@@ -34,9 +34,17 @@ pub fn attach_backward(
     inputs: &[&Tensor],
     vjp: impl Fn(&[&Tensor], &Tensor, &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
+    if !(1..=2).contains(&inputs.len()) {
+        bail!(
+            "attach_backward({name}): takes one or two inputs, got {}",
+            inputs.len()
+        )
+    }
     if !inputs.iter().any(|t| t.track_op()) {
         return Ok(value.clone());
     }
+    // The value is a constant of the graph: only the inputs receive gradients.
+    let value = &value.detach();
     let op = Attached {
         name,
         inputs: inputs.len(),
@@ -47,10 +55,7 @@ pub fn attach_backward(
     match *inputs {
         [a] => a.apply_op3(&value.detach(), value, op),
         [a, b] => a.apply_op3(b, value, op),
-        _ => bail!(
-            "attach_backward({name}): takes one or two inputs, got {}",
-            inputs.len()
-        ),
+        _ => bail!("attach_backward({name}): takes one or two inputs"),
     }
 }
 

@@ -14,7 +14,7 @@ pub mod collectives;
 mod swiglu;
 pub mod train;
 
-pub use attach::{attach_backward, depend_on, Vjp};
+pub use attach::{attach_backward, depend_on};
 
 pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,

@@ -3,7 +3,7 @@
 //! and the Llama / Mixtral MLPs spend most of their non-matmul time here.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use std::mem::MaybeUninit;
+use rayon::prelude::*;
 
 /// SwiGLU, `silu(a) · b` (the gate of Llama and Mixtral MLPs), with a backward. Fused on the
 /// CPU for f32 and f64 tensors of the same shape; candle's composite elsewhere.
@@ -30,39 +30,13 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)
 }
 
-/// Below this many elements a single thread does the pass.
-const PARALLEL_MIN: usize = 1 << 15;
+/// Elements per parallel task: large enough that scheduling costs nothing next to the pass.
+const CHUNK_MIN: usize = 1 << 15;
 
-/// Runs `f` over matching chunks of `inputs` and `outputs` (all of length `n`), one chunk
-/// per core; together the chunks cover `0..n` exactly once.
-fn chunked<T: Real>(
-    inputs: &[&[T]],
-    outputs: &mut [&mut [MaybeUninit<T>]],
-    f: impl Fn(&[&[T]], &mut [&mut [MaybeUninit<T>]]) + Sync,
-) {
-    let n = inputs[0].len();
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    if n < PARALLEL_MIN || threads == 1 {
-        return f(inputs, outputs);
-    }
-    let chunk = n.div_ceil(threads);
-    let mut outs: Vec<_> = outputs.iter_mut().map(|o| o.chunks_mut(chunk)).collect();
-    std::thread::scope(|s| {
-        for (c, start) in (0..n).step_by(chunk).enumerate() {
-            let end = (start + chunk).min(n);
-            let ins: Vec<&[T]> = inputs.iter().map(|x| &x[start..end]).collect();
-            let mut os: Vec<&mut [MaybeUninit<T>]> = outs
-                .iter_mut()
-                .map(|o| o.next().expect("a chunk"))
-                .collect();
-            let f = &f;
-            if c + 1 == n.div_ceil(chunk) {
-                f(&ins, &mut os); // the last chunk on this thread
-            } else {
-                s.spawn(move || f(&ins, &mut os));
-            }
-        }
-    });
+/// How many elements each of the pool's threads takes (one chunk per thread).
+fn chunk_len(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1))
+        .max(CHUNK_MIN)
 }
 
 /// The element types the fused passes run on.
@@ -135,45 +109,62 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// `silu(a) · b`; `a` and `b` have the same length.
 fn forward<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
-    let n = a.len();
+    let n = a.len().min(b.len());
+    let c = chunk_len(n);
     let mut out = Vec::with_capacity(n);
-    chunked(
-        &[a, b],
-        &mut [&mut out.spare_capacity_mut()[..n]],
-        |i, o| {
-            for ((y, &a), &b) in o[0].iter_mut().zip(i[0]).zip(i[1]) {
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(c)
+        .zip(a[..n].par_chunks(c).zip(b[..n].par_chunks(c)))
+        .for_each(|(y, (a, b))| {
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
                 y.write(T::fwd(a, b));
             }
-        },
-    );
-    // SAFETY: the chunks cover 0..n and the loop above writes each of their elements.
+        });
+    // SAFETY: the chunks of the n-element spare capacity, of `a[..n]` and of `b[..n]` have the
+    // same lengths, so the loops above wrote every element of 0..n.
     unsafe { out.set_len(n) };
     out
 }
 
-/// `[d a; d b]`, the two gradients one after the other.
+/// `[d a; d b]`, the two gradients one after the other; `a`, `b` and `g` have the same length.
 fn backward<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
-    let n = a.len();
+    let n = a.len().min(b.len()).min(g.len());
+    let c = chunk_len(n);
     let mut out = Vec::with_capacity(2 * n);
     let (da, db) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
-    chunked(&[a, b, g], &mut [da, db], |i, o| {
-        if let [da, db] = o {
-            for (((da, db), (&a, &b)), &g) in da
-                .iter_mut()
-                .zip(db.iter_mut())
-                .zip(i[0].iter().zip(i[1]))
-                .zip(i[2])
-            {
+    da.par_chunks_mut(c)
+        .zip(db.par_chunks_mut(c))
+        .zip(
+            a[..n]
+                .par_chunks(c)
+                .zip(b[..n].par_chunks(c))
+                .zip(g[..n].par_chunks(c)),
+        )
+        .for_each(|((da, db), ((a, b), g))| {
+            for ((da, db), ((&a, &b), &g)) in da.iter_mut().zip(db).zip(a.iter().zip(b).zip(g)) {
                 let (x, y) = T::bwd(a, b, g);
                 da.write(x);
                 db.write(y);
             }
-        }
-    });
-    // SAFETY: the chunks cover 0..n of both halves and the loop above writes every element.
+        });
+    // SAFETY: both halves and the three inputs are cut into chunks of the same lengths, so the
+    // loops above wrote every element of 0..2n.
     unsafe { out.set_len(2 * n) };
     out
+}
+
+/// The two layouts must describe the same number of elements (the fused passes pair them).
+fn same_len(what: &str, a: &Layout, b: &Layout) -> Result<()> {
+    if a.shape().elem_count() != b.shape().elem_count() {
+        candle_core::bail!(
+            "swiglu {what}: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        )
+    }
+    Ok(())
 }
 
 /// The fused forward, with the fused backward.
@@ -191,6 +182,7 @@ impl CustomOp2 for SwiGlu {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        same_len("forward", la, lb)?;
         let out = match (a, b) {
             (CpuStorage::F32(a), CpuStorage::F32(b)) => {
                 CpuStorage::F32(forward(contiguous(a, la)?, contiguous(b, lb)?))
@@ -234,6 +226,8 @@ impl CustomOp3 for SwiGluBwd {
         g: &CpuStorage,
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        same_len("backward", la, lb)?;
+        same_len("backward", la, lg)?;
         let out = match (a, b, g) {
             (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(g)) => CpuStorage::F32(
                 backward(contiguous(a, la)?, contiguous(b, lb)?, contiguous(g, lg)?),

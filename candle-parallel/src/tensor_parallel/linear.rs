@@ -103,7 +103,8 @@ impl ColumnParallelLinear {
     }
 
     /// The caller does the group's communication: the input is taken as already copied to the
-    /// group (no `copy_to_group`) and the output is never gathered. MoE experts use this: the
+    /// group (no `copy_to_group`, nor the all-gather of sequence parallelism) and the output
+    /// is never gathered. MoE experts use this: the
     /// layer copies all routed tokens to the group once and reduces every expert's output at
     /// once, instead of one collective per expert.
     pub fn with_external_communication(mut self, external: bool) -> Self {
@@ -229,8 +230,9 @@ impl RowParallelLinear {
         self
     }
 
-    /// The caller does the group's communication: the output is this rank's partial product,
-    /// not reduced over the group (the caller reduces it, e.g. every MoE expert's output at
+    /// The caller does the group's communication: the input is taken as already split (no
+    /// scatter, whatever `with_input_is_parallel` says) and the output is this rank's partial
+    /// product, not reduced over the group (nor reduce-scattered) (the caller reduces it, e.g. every MoE expert's output at
     /// once). A layer with a bias cannot do this: the bias belongs after the reduction.
     pub fn with_external_communication(mut self, external: bool) -> Self {
         self.external_comm = external;
@@ -250,12 +252,6 @@ impl RowParallelLinear {
 
 impl Module for RowParallelLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.input_is_parallel {
-            x.clone()
-        } else {
-            ops::scatter_to_group(x, D::Minus1, &self.tp)?
-        };
-        let partial = self.linear.forward(&x)?;
         if self.external_comm {
             if self.bias.is_some() {
                 bail!(
@@ -265,8 +261,14 @@ impl Module for RowParallelLinear {
                     self.tp.label()
                 )
             }
-            return Ok(partial);
+            return self.linear.forward(x);
         }
+        let x = if self.input_is_parallel {
+            x.clone()
+        } else {
+            ops::scatter_to_group(x, D::Minus1, &self.tp)?
+        };
+        let partial = self.linear.forward(&x)?;
         let (y, bias) = match self.sequence_dim {
             // The bias now meets only this rank's part of the sequence: sum its gradient
             // over the group.

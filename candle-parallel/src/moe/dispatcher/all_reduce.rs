@@ -1,13 +1,13 @@
 //! The ep group shares its tokens: each rank runs its experts on the copies routed to them and
 //! the partial outputs are summed over the group. At ep = 1 this is the local computation.
 
-use super::{combine, Dispatched, TokenDispatcher};
+use super::{combine_outputs, Dispatched, TokenDispatcher};
 use crate::comm::Comm;
 use crate::moe::experts::LocalExperts;
 use crate::moe::plan::Plan;
 use crate::moe::router::Routing;
 use crate::ops;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 /// See the [module docs](self).
 pub struct AllReduceDispatcher {
@@ -31,6 +31,13 @@ impl TokenDispatcher for AllReduceDispatcher {
     ) -> Result<Dispatched> {
         let (t, _) = x.dims2()?;
         let local = experts.range();
+        if local.end > p.counts.len() {
+            bail!(
+                "moe all-reduce on {}: local experts {local:?} are not among the plan's {} experts",
+                self.ep.label(),
+                p.counts.len()
+            )
+        }
         let start: usize = p.counts[..local.start].iter().sum();
         let n: usize = p.counts[local.clone()].iter().sum();
         let (assignment, token) = (&p.assignment[start..start + n], &p.token[start..start + n]);
@@ -47,7 +54,7 @@ impl TokenDispatcher for AllReduceDispatcher {
                 &[&xe],
             )?
         };
-        let partial = combine(&y, &w, assignment, token, t)?;
+        let partial = combine_outputs(&y, &w, assignment, token, t)?;
         Ok(Dispatched {
             output: ops::reduce_from_group(&partial, &self.ep)?,
             tokens_per_expert: p.counts.clone(),

@@ -3,13 +3,13 @@
 //! run as one matmul over its contiguous rows, sent back, and combined with the routing weights
 //! (GShard / Megatron).
 
-use super::{combine, Dispatched, TokenDispatcher};
+use super::{combine_outputs, Dispatched, TokenDispatcher};
 use crate::comm::Comm;
 use crate::moe::experts::LocalExperts;
 use crate::moe::plan::Plan;
 use crate::moe::router::Routing;
 use crate::ops;
-use candle_core::{Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 
 /// See the [module docs](self).
 pub struct AllToAllDispatcher {
@@ -45,8 +45,17 @@ impl TokenDispatcher for AllToAllDispatcher {
                 .as_slice(),
             dev,
         )?;
-        let all: Vec<i64> = self.ep.all_gather(&counts, 0)?.to_vec1::<i64>()?;
         let e = p.counts.len();
+        if e != n_ep * el || experts.range().end > e {
+            bail!(
+                "moe all-to-all on {} (rank {}): {e} experts cannot be {el} local experts (at {:?}) \
+                 on each of {n_ep} ranks: the dispatcher's ep group must be the layer's",
+                self.ep.label(),
+                self.ep.rank(),
+                experts.range()
+            )
+        }
+        let all: Vec<i64> = self.ep.all_gather(&counts, 0)?.to_vec1::<i64>()?;
         let c = |src: usize, expert: usize| all[src * e + expert] as usize;
         let send: Vec<usize> = (0..n_ep)
             .map(|j| (j * el..(j + 1) * el).map(|x| p.counts[x]).sum())
@@ -89,7 +98,7 @@ impl TokenDispatcher for AllToAllDispatcher {
             ops::depend_on(&Tensor::zeros((0, h), x.dtype(), dev)?, &[&got])?
         };
         let back = ops::all_to_all(&y, &recv, &send, &self.ep)?;
-        let output = combine(&back, &r.weights, &p.assignment, &p.token, t)?;
+        let output = combine_outputs(&back, &r.weights, &p.assignment, &p.token, t)?;
         let tokens_per_expert = (0..e).map(|x| (0..n_ep).map(|s| c(s, x)).sum()).collect();
         Ok(Dispatched {
             output,

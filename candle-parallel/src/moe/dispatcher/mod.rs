@@ -68,7 +68,7 @@ impl Dispatch {
 
 /// Weights `y` (rows in `assignment` order) by the routing weights and adds them into a
 /// `[t, h]` output at their tokens.
-pub fn combine(
+pub fn combine_outputs(
     y: &Tensor,
     weights: &Tensor,
     assignment: &[u32],
