@@ -10,7 +10,8 @@
 //!   reaches on one expert's shapes (`[512, 1024] × [3584, 1024]ᵀ`, as `Linear` runs it),
 //!   measured in every repetition next to the layer (forward + backward: a third of it, as
 //!   backward does twice the forward's matmuls);
-//! - our MoE layer alone, forward and forward + backward (gate gradient included), at ep = 1
+//! - our MoE layer alone, forward (inference: weights not trainable, as PyTorch's forward
+//!   under `no_grad`) and forward + backward (training: gate gradient included), at ep = 1
 //!   and ep = 2 (all-to-all between two ranks sharing the cores), and where its time goes:
 //!   route, permute, expert matmuls, combine, each forward and backward;
 //! - with `--torch PYTHON`: Hugging Face transformers' `MixtralSparseMoeBlock` on PyTorch with
@@ -132,6 +133,13 @@ fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times, Times)> {
         let mesh = ctx.mesh()?;
         let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
         let layer = layer(vb, mesh.ep(), mesh.tp())?;
+        // Inference, as PyTorch's forward under `no_grad`: the same weights, not trainable, so
+        // no graph keeps the intermediates alive.
+        let frozen = self::layer(
+            ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu),
+            mesh.ep(),
+            mesh.tp(),
+        )?;
         let x = Var::from_tensor(&seeded(
             &[TOKENS / ep, H],
             1 + mesh.ep().rank() as u64,
@@ -167,8 +175,9 @@ fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times, Times)> {
             }
             Ok((t, g))
         };
+        let x_in = x.as_tensor().detach();
         let (fwd, gflops_fwd) = measure(&mut || {
-            std::hint::black_box(layer.forward(x.as_tensor(), false)?);
+            std::hint::black_box(frozen.forward(&x_in, false)?);
             Ok(())
         })?;
         let (both, gflops_both) = measure(&mut || {

@@ -3,6 +3,7 @@
 //!
 //! - [`attach_backward`]: a fast kernel's result joined to the graph with a backward you supply;
 //!   [`depend_on`] keeps tensors on the gradient path;
+//! - [`linear`]: `x · wᵀ` whose weight gradient arrives in the weight's layout;
 //! - [`swiglu`]: SwiGLU fused on the CPU (forward and backward one pass each);
 //! - [`collectives`]: collectives that take part in autograd (F/G conjugates, gather/scatter,
 //!   reduce-scatter, all-to-all);
@@ -11,6 +12,7 @@
 //!   tensor-parallel replicas agree).
 mod attach;
 pub mod collectives;
+mod linear;
 mod swiglu;
 pub mod train;
 
@@ -20,6 +22,7 @@ pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,
     reduce_scatter_to_group, scatter_to_group,
 };
+pub use linear::linear;
 pub use swiglu::swiglu;
 pub use train::{dropout, rms_norm, rope, softmax_last_dim};
 

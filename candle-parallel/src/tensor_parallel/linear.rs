@@ -20,6 +20,15 @@ pub fn linear_bias_init(in_dim: usize) -> Init {
     }
 }
 
+/// `x · wᵀ + b` (`ops::linear`: the weight's gradient arrives in its own layout).
+fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = ops::linear(x, w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 fn check_divisible(
     layer: &str,
     what: &str,
@@ -138,9 +147,9 @@ impl Module for ColumnParallelLinear {
                     .bias()
                     .map(|b| ops::copy_to_group(b, g))
                     .transpose()?;
-                Linear::new(w, b).forward(&x)?
+                affine(&x, &w, b.as_ref())?
             }
-            None => self.linear.forward(&x)?,
+            None => affine(&x, self.linear.weight(), self.linear.bias())?,
         };
         if self.gather_output && !self.external_comm {
             ops::gather_from_group(&y, D::Minus1, &self.tp)
@@ -261,14 +270,14 @@ impl Module for RowParallelLinear {
                     self.tp.label()
                 )
             }
-            return self.linear.forward(x);
+            return ops::linear(x, self.linear.weight());
         }
         let x = if self.input_is_parallel {
             x.clone()
         } else {
             ops::scatter_to_group(x, D::Minus1, &self.tp)?
         };
-        let partial = self.linear.forward(&x)?;
+        let partial = ops::linear(&x, self.linear.weight())?;
         let (y, bias) = match self.sequence_dim {
             // The bias now meets only this rank's part of the sequence: sum its gradient
             // over the group.
