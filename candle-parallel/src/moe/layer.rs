@@ -80,6 +80,11 @@ impl MoeAux {
     pub fn switch_aux_loss(&self) -> Result<Tensor> {
         switch_aux_loss(&self.routing.scores, &self.fractions)
     }
+
+    /// See [`MoeOutput::z_loss`].
+    pub fn z_loss(&self) -> Result<Tensor> {
+        router_z_loss(&self.routing.logits)
+    }
 }
 
 impl MoeLayer {

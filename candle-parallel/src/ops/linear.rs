@@ -38,12 +38,7 @@ struct Linear;
 
 /// `x · wᵀ` on any backend's storage: `x` contiguous `[m, k]` (any leading dims flattened),
 /// `w` `[n, k]` read transposed by the matmul itself.
-fn forward<S: BackendStorage>(
-    x: &S,
-    xl: &Layout,
-    w: &S,
-    wl: &Layout,
-) -> Result<(S, Shape)> {
+fn forward<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
     let (n, k) = wl.shape().dims2()?;
     if !xl.is_contiguous() {
         bail!("linear: the input must be contiguous")

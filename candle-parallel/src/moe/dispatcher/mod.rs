@@ -32,6 +32,35 @@ pub struct Dispatched {
 }
 
 /// Moves a layer's routed tokens to their experts and the results back.
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Result, Tensor};
+/// use candle_parallel::checkpoint::ParallelVarBuilder;
+/// use candle_parallel::moe::*;
+/// use candle_parallel::launch;
+///
+/// /// Logs each dispatch, then lets the all-reduce dispatcher do the work.
+/// struct Logged(AllReduceDispatcher);
+///
+/// impl TokenDispatcher for Logged {
+///     fn dispatch(&self, x: &Tensor, r: &Routing, p: &Plan, e: &LocalExperts) -> Result<Dispatched> {
+///         eprintln!("{} tokens, {} dropped", x.dim(0)?, p.dropped);
+///         self.0.dispatch(x, r, p, e)
+///     }
+/// }
+///
+/// launch(1, |ctx| {
+///     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu);
+///     let cfg = RouterConfig::mixtral(4, 2);
+///     let layer = moe_layer(8, 16, cfg, Dispatch::AllToAll, vb, ctx.comm(), ctx.comm())?
+///         .with_dispatcher(Box::new(Logged(AllReduceDispatcher::new(ctx.comm()))));
+///     let y = layer.forward_t(&Tensor::ones((3, 8), DType::F32, &Device::Cpu)?, false)?;
+///     assert_eq!(y.dims(), &[3, 8]);
+///     assert_eq!(layer.take_aux().unwrap().stats.tokens_per_expert.iter().sum::<usize>(), 6);
+///     Ok(())
+/// })?;
+/// # Ok::<(), candle_core::Error>(())
+/// ```
 pub trait TokenDispatcher: Send + Sync {
     /// Runs `experts` on the copies of `x` (`[T, hidden]`) that `plan` keeps and combines the
     /// results with `routing.weights`. Every rank of the group must call it (it may
