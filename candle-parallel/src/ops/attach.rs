@@ -53,7 +53,7 @@ pub fn attach_backward(
     // One op for one or two inputs: a single input comes with the value in its second place
     // (untracked there: its gradient is dropped).
     match *inputs {
-        [a] => a.apply_op3(&value.detach(), value, op),
+        [a] => a.apply_op3(value, value, op),
         [a, b] => a.apply_op3(b, value, op),
         _ => bail!("attach_backward({name}): takes one or two inputs"),
     }
