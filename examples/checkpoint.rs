@@ -15,14 +15,21 @@
 //! `config.json`.
 use candle_core::{DType, Device, Result};
 use candle_parallel::checkpoint::{
-    export_hf, hf_safetensors_files, read_metadata, save_checkpoint, ParallelVarBuilder,
-    SaveOptions, ShardedTensor, METADATA_FILE,
+    check_checkpoint, export_hf, hf_safetensors_files, read_metadata, save_checkpoint,
+    ParallelVarBuilder, SaveOptions, ShardedTensor, COMPLETE_FILE, METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
+
+/// The tokenizer files a checkpoint carries along.
+const TOKENIZER_FILES: [&str; 3] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
 
 #[derive(Parser, Debug)]
 #[command(about = "Inspect, reshard and export candle-parallel checkpoints")]
@@ -95,8 +102,16 @@ fn human(bytes: u64) -> String {
 }
 
 fn inspect(dir: &Path) -> Result<()> {
-    if dir.join(METADATA_FILE).exists() {
-        let meta = read_metadata(dir)?;
+    // A distributed checkpoint, complete or not (an interrupted save may have left only
+    // temporary rank files).
+    let distributed = dir.join(METADATA_FILE).exists()
+        || dir.join(COMPLETE_FILE).exists()
+        || std::fs::read_dir(dir)?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("rank-"));
+    if distributed {
+        // Cheap checks first: files present, headers matching the metadata.
+        let meta = check_checkpoint(dir)?;
         println!(
             "distributed checkpoint {} (format {}): step {}, {} ranks, mesh {}",
             dir.display(),
@@ -184,6 +199,14 @@ fn reshard(from: &Path, to: &Path, mesh: &str, dtype: &str) -> Result<()> {
         (LlamaConfig::from_file(&from.join("config.json"))?, 0)
     };
     cfg.check()?;
+    // Tokenizer files travel with the checkpoint (written before its completion marker).
+    let mut files = Vec::new();
+    for name in TOKENIZER_FILES {
+        let path = from.join(name);
+        if path.is_file() {
+            files.push((name.to_string(), std::fs::read(&path)?));
+        }
+    }
     let reads = Launcher::new(mesh.world_size()).mesh(mesh).run(|ctx| {
         let vb = if distributed {
             ParallelVarBuilder::from_checkpoint(from, dtype, &Device::Cpu)?
@@ -202,6 +225,7 @@ fn reshard(from: &Path, to: &Path, mesh: &str, dtype: &str) -> Result<()> {
             step,
             mesh: mesh.to_string(),
             config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
+            files: files.clone(),
             interrupt_at: None,
         };
         save_checkpoint(to, &tensors, &opts, ctx.comm())?;

@@ -128,6 +128,14 @@ fn load_text(path: &Path) -> Result<Vec<String>> {
 /// Loads the model directory's config and tokenizer, creating a random model first if needed.
 fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
     let dir = &args.model;
+    let holds_files = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if !dir.join("config.json").exists() && holds_files {
+        candle_core::bail!(
+            "{} has no config.json: point --model at a Hugging Face model directory, or at a \
+             new path to create a random model there",
+            dir.display()
+        );
+    }
     if !dir.join("config.json").exists() && !is_lead()? {
         // Rank 0's process creates the model; wait for it to appear (it is renamed into place).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
@@ -263,7 +271,20 @@ fn main() -> Result<()> {
     candle_parallel::logging::init();
     let args = Args::parse();
     let mesh: MeshShape = args.mesh.parse()?;
+    for (flag, value) in [
+        ("--steps", args.steps),
+        ("--eval-every", args.eval_every),
+        ("--batch-size", args.batch_size),
+    ] {
+        if value == 0 {
+            candle_core::bail!("{flag} must be at least 1");
+        }
+    }
+    if args.seq_len < 2 {
+        candle_core::bail!("--seq-len must be at least 2 (a token and the next one to predict)");
+    }
     let (cfg, tok) = prepare_model(&args)?;
+    let tokenizer_json = std::fs::read(args.model.join("tokenizer.json"))?;
     let data = prepare_data(&args, &tok, &cfg)?;
     let world = mesh.world_size();
     let mut launcher = Launcher::new(world).mesh(mesh);
@@ -356,6 +377,8 @@ fn main() -> Result<()> {
             step: args.steps as u64,
             mesh: mesh.shape().to_string(),
             config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
+            // The tokenizer travels with the checkpoint, so that an export is a complete model.
+            files: vec![("tokenizer.json".to_string(), tokenizer_json.clone())],
             interrupt_at: None,
         };
         save_checkpoint(&out_dir, &tensors, &opts, ctx.comm())?;
@@ -365,12 +388,6 @@ fn main() -> Result<()> {
         return Ok(()); // rank 0's process reports
     }
     let (history, first, last, metric, out_dir) = &report[0];
-    // The tokenizer travels with the checkpoint, so that an export is a complete model.
-    std::fs::copy(
-        args.model.join("tokenizer.json"),
-        out_dir.join("tokenizer.json"),
-    )
-    .map_err(|e| candle_core::Error::msg(format!("copying tokenizer.json: {e}")))?;
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
     let k = (history.len() / 10).max(1);
     println!(

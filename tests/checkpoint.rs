@@ -4,8 +4,8 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{
-    export_hf, read_metadata, save_checkpoint, ParallelVarBuilder, Placement, SaveOptions,
-    SaveStage, ShardedTensor, COMPLETE_FILE, METADATA_FILE,
+    check_checkpoint, export_hf, read_metadata, save_checkpoint, ParallelVarBuilder, Placement,
+    SaveOptions, SaveStage, ShardedTensor, COMPLETE_FILE, METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{launch, Launcher, MeshShape};
@@ -78,6 +78,7 @@ fn reshard(
             step: 7,
             mesh: mesh.to_string(),
             config: serde_json::to_value(cfg).map_err(candle_core::Error::wrap)?,
+            files: Vec::new(),
             interrupt_at: None,
         };
         save_checkpoint(dest, &tensors, &opts, ctx.comm())?;
@@ -330,6 +331,7 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() -> Result<()> {
             let tensors: Vec<ShardedTensor> = vb.params().iter().map(ShardedTensor::from).collect();
             let opts = SaveOptions {
                 step: 8,
+                files: Vec::new(),
                 interrupt_at: Some(stage),
                 ..Default::default()
             };
@@ -502,5 +504,112 @@ fn half_precision_on_disk_converts_to_the_requested_dtype() -> Result<()> {
         );
         std::fs::remove_dir_all(dir)?;
     }
+    Ok(())
+}
+
+/// Loads every tensor of the tp=2 checkpoint `dist` at tp=1 (the whole tensors).
+fn load_all(dist: &Path, cfg: &LlamaConfig) -> Result<()> {
+    launch(1, |ctx| {
+        let vb = ParallelVarBuilder::from_checkpoint(dist, DType::F32, &Device::Cpu)?;
+        Llama::new(cfg, vb, ctx.comm()).map(|_| ())
+    })
+    .map(|_| ())
+}
+
+/// Rewrites `dist`'s metadata with `edit` applied to the JSON.
+fn edit_metadata(dist: &Path, edit: impl Fn(&mut serde_json::Value)) -> Result<String> {
+    let path = dist.join(METADATA_FILE);
+    let original = std::fs::read_to_string(&path)?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&original).map_err(candle_core::Error::wrap)?;
+    edit(&mut json);
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&json).map_err(candle_core::Error::wrap)?,
+    )?;
+    Ok(original)
+}
+
+#[test]
+fn corrupt_metadata_and_pieces_are_errors_not_wrong_values() -> Result<()> {
+    let (hf, cfg) = hf_checkpoint("corrupt", DType::F32)?;
+    let dist = tmp("corrupt-dist");
+    reshard(&hf, true, MeshShape::new().tp(2), &dist, &cfg, DType::F32)?;
+    load_all(&dist, &cfg)?;
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let rows = cfg.hidden_size / 2;
+    // Two pieces that overlap (rank 1's moved one row up) and so leave the last row uncovered.
+    let original = edit_metadata(&dist, |j| {
+        j["tensors"][q]["pieces"][1]["split"] = serde_json::json!([0, rows - 1, rows]);
+    })?;
+    let e = load_all(&dist, &cfg).unwrap_err().to_string();
+    assert!(e.contains(q) && e.contains("overlap"), "{e}");
+    // A dtype in the metadata that the rank files do not hold.
+    std::fs::write(dist.join(METADATA_FILE), &original)?;
+    edit_metadata(&dist, |j| j["tensors"][q]["dtype"] = "F16".into())?;
+    let e = load_all(&dist, &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains(q) && e.contains("stored as F32") && e.contains("F16"),
+        "{e}"
+    );
+    // A split dim the tensor does not have: an error, not an index panic.
+    std::fs::write(dist.join(METADATA_FILE), &original)?;
+    edit_metadata(&dist, |j| {
+        j["tensors"][q]["pieces"][0]["split"] = serde_json::json!([5, 0, rows]);
+    })?;
+    let e = load_all(&dist, &cfg).unwrap_err().to_string();
+    assert!(e.contains(q) && e.contains("dim 5"), "{e}");
+    let e = export_hf(&dist, &tmp("corrupt-export"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dim 5"), "{e}");
+    // The cheap check finds a truncated rank file without reading the tensors.
+    std::fs::write(dist.join(METADATA_FILE), &original)?;
+    check_checkpoint(&dist)?;
+    let rank1 = dist.join("rank-00001.safetensors");
+    let bytes = std::fs::read(&rank1)?;
+    std::fs::write(&rank1, &bytes[..bytes.len() - 100])?;
+    let e = check_checkpoint(&dist).unwrap_err().to_string();
+    assert!(e.contains("rank-00001.safetensors"), "{e}");
+    std::fs::remove_dir_all(hf)?;
+    std::fs::remove_dir_all(dist)?;
+    Ok(())
+}
+
+#[test]
+fn extra_files_are_written_before_the_completion_marker() -> Result<()> {
+    let dir = tmp("extra-files");
+    let save = |files: Vec<(String, Vec<u8>)>, at: Option<SaveStage>| {
+        launch(1, |ctx| {
+            let t = ShardedTensor {
+                name: "w".into(),
+                local: seeded(&[2, 2], 1, DType::F32)?,
+                full_dims: vec![2, 2],
+                shard: Placement::Replicated,
+            };
+            let opts = SaveOptions {
+                files: files.clone(),
+                interrupt_at: at,
+                ..Default::default()
+            };
+            save_checkpoint(&dir, &[t], &opts, ctx.comm())
+        })
+        .map(|_| ())
+    };
+    let tok = ("tokenizer.json".to_string(), b"{\"model\": {}}".to_vec());
+    // Interrupted right after the metadata: the file is already there, the marker is not.
+    assert!(save(vec![tok.clone()], Some(SaveStage::MetadataWritten)).is_err());
+    assert!(dir.join("tokenizer.json").is_file() && !dir.join(COMPLETE_FILE).exists());
+    std::fs::remove_dir_all(&dir)?;
+    save(vec![tok.clone()], None)?;
+    assert_eq!(std::fs::read(dir.join("tokenizer.json"))?, tok.1);
+    std::fs::remove_dir_all(&dir)?;
+    for bad in ["../x", "checkpoint.json", "rank-00000.safetensors", ""] {
+        let e = save(vec![(bad.to_string(), vec![])], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain file name"), "{bad}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

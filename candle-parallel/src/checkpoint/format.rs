@@ -153,8 +153,24 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
     let meta: CheckpointMeta = serde_json::from_value(version).map_err(|e| {
         candle_core::Error::msg(format!("{}: bad metadata: {e}", meta_path.display()))
     })?;
-    for t in meta.tensors.values() {
+    for (name, t) in &meta.tensors {
+        t.dtype().map_err(|e| {
+            candle_core::Error::msg(format!("{}: tensor {name}: {e}", meta_path.display()))
+        })?;
         for p in &t.pieces {
+            if let Some((dim, start, len)) = p.split {
+                if dim >= t.dims.len() || start + len > t.dims[dim] {
+                    bail!(
+                        "{}: tensor {name} of shape {:?}: the piece in {} claims rows \
+                         {start}..{} of dim {dim}, which the tensor does not have: the metadata \
+                         is corrupt",
+                        meta_path.display(),
+                        t.dims,
+                        p.file,
+                        start + len
+                    )
+                }
+            }
             if !dir.join(&p.file).is_file() {
                 bail!(
                     "{}: names {} which does not exist",

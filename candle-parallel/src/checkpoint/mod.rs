@@ -40,4 +40,4 @@ pub use format::{
 pub use gather::{full_gradients, gather_full};
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
-pub use source::hf_safetensors_files;
+pub use source::{check_checkpoint, hf_safetensors_files};

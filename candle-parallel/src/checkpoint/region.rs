@@ -25,7 +25,8 @@ pub(crate) fn assemble(
     }
     let elem = dtype.size_in_bytes();
     let mut out = vec![0u8; out_dims.iter().product::<usize>() * elem];
-    let (mut seen, mut covered, mut read): (Vec<&Region>, usize, usize) = (Vec::new(), 0, 0);
+    let mut filled = Bits::new(out.len() / elem.max(1));
+    let (mut seen, mut read): (Vec<&Region>, usize) = (Vec::new(), 0);
     for (region, data) in pieces {
         if seen.contains(&region) {
             continue;
@@ -43,13 +44,31 @@ pub(crate) fn assemble(
                 region.volume() * elem
             )
         }
-        copy_box(data, region, &common, &mut out, &want, &out_dims, elem);
-        covered += n;
+        let copied = copy_box(
+            data,
+            region,
+            &common,
+            &mut out,
+            &want,
+            &out_dims,
+            elem,
+            &mut filled,
+        );
+        if let Err(i) = copied {
+            bail!(
+                "tensor {name}: stored pieces overlap with different values (piece {:?} differs \
+                 at element {i} of the wanted region {:?}): the checkpoint is corrupt",
+                region.0,
+                want.0
+            )
+        }
         read += n * elem;
     }
+    let covered = filled.count();
     if covered != want.volume() {
         bail!(
-            "tensor {name}: the checkpoint covers {covered} of the {} elements of region {:?}",
+            "tensor {name}: the checkpoint covers {covered} of the {} elements of region {:?} \
+             (its pieces leave a gap): the checkpoint is corrupt",
             want.volume(),
             want.0
         )
@@ -98,6 +117,11 @@ impl Region {
 /// Copies the elements of region `what` (global coordinates) from `src`, the row-major bytes of
 /// region `src_region`, into `dst`, a buffer of dims `dst_dims` whose origin is at `dst_region`'s
 /// start. Runs of contiguous elements are copied at once.
+///
+/// `filled` marks the destination elements already written: a run that meets filled elements
+/// is compared with them instead, and the first element that differs is returned as an error
+/// (its index in `dst`), since overlapping pieces must be replicas of the same values.
+#[allow(clippy::too_many_arguments)]
 fn copy_box(
     src: &[u8],
     src_region: &Region,
@@ -106,7 +130,8 @@ fn copy_box(
     dst_region: &Region,
     dst_dims: &[usize],
     elem: usize,
-) {
+    filled: &mut Bits,
+) -> std::result::Result<(), usize> {
     let nd = what.0.len();
     let src_dims = src_region.lens();
     let lens = what.lens();
@@ -138,12 +163,28 @@ fn copy_box(
             so += (g - src_region.0[d].0) * ss[d];
             dofs += (g - dst_region.0[d].0) * ds[d];
         }
-        dst[dofs..dofs + run].copy_from_slice(&src[so..so + run]);
+        let (first, count) = (dofs / elem, run / elem);
+        if filled.none_in(first, count) {
+            dst[dofs..dofs + run].copy_from_slice(&src[so..so + run]);
+            filled.set(first, count);
+        } else {
+            for j in 0..count {
+                let (d, s) = (dofs + j * elem, so + j * elem);
+                if filled.get(first + j) {
+                    if dst[d..d + elem] != src[s..s + elem] {
+                        return Err(first + j);
+                    }
+                } else {
+                    dst[d..d + elem].copy_from_slice(&src[s..s + elem]);
+                    filled.set(first + j, 1);
+                }
+            }
+        }
         // Next index over the outer dims, last fastest.
         let mut d = outer_dims;
         loop {
             if d == 0 {
-                return;
+                return Ok(());
             }
             d -= 1;
             idx[d] += 1;
@@ -152,5 +193,55 @@ fn copy_box(
             }
             idx[d] = 0;
         }
+    }
+}
+
+/// One bit per element of a buffer.
+pub(crate) struct Bits(Vec<u64>);
+
+impl Bits {
+    pub fn new(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        self.0[i / 64] >> (i % 64) & 1 == 1
+    }
+
+    /// Calls `f(word, mask)` for the words covering `start..start + len`.
+    fn words(start: usize, len: usize, mut f: impl FnMut(usize, u64) -> bool) -> bool {
+        let end = start + len;
+        let mut i = start;
+        while i < end {
+            let (w, b) = (i / 64, i % 64);
+            let n = (64 - b).min(end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << b
+            };
+            if !f(w, mask) {
+                return false;
+            }
+            i += n;
+        }
+        true
+    }
+
+    /// Whether no element of `start..start + len` is set.
+    pub fn none_in(&self, start: usize, len: usize) -> bool {
+        Self::words(start, len, |w, m| self.0[w] & m == 0)
+    }
+
+    pub fn set(&mut self, start: usize, len: usize) {
+        let bits = &mut self.0;
+        Self::words(start, len, |w, m| {
+            bits[w] |= m;
+            true
+        });
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
 }

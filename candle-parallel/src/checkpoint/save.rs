@@ -51,6 +51,9 @@ pub struct SaveOptions {
     pub mesh: String,
     /// The model config (`config.json` contents).
     pub config: serde_json::Value,
+    /// Files rank 0 writes into the checkpoint directory (name, contents), such as
+    /// `tokenizer.json`, before the completion marker, so that a complete checkpoint has them.
+    pub files: Vec<(String, Vec<u8>)>,
     /// Testing hook: fail every rank at this stage, leaving the files as a crash would.
     pub interrupt_at: Option<SaveStage>,
 }
@@ -65,6 +68,21 @@ pub fn save_checkpoint(
     comm: &Comm,
 ) -> Result<()> {
     let rank = comm.rank();
+    for (name, _) in &opts.files {
+        let plain = !name.is_empty()
+            && !name.contains(['/', '\\'])
+            && name != "."
+            && name != ".."
+            && name != METADATA_FILE
+            && name != COMPLETE_FILE
+            && !name.starts_with("rank-");
+        if !plain {
+            bail!(
+                "save: extra file name {name:?} must be a plain file name other than \
+                 {METADATA_FILE}, {COMPLETE_FILE} and rank-*"
+            )
+        }
+    }
     if dir.join(COMPLETE_FILE).exists() {
         bail!(
             "{} already holds a completed checkpoint: save into a new directory (checkpoints are \
@@ -158,6 +176,9 @@ pub fn save_checkpoint(
             config: opts.config.clone(),
             tensors,
         };
+        for (name, bytes) in &opts.files {
+            write_atomic(&dir.join(name), bytes)?;
+        }
         let json = serde_json::to_vec_pretty(&meta).map_err(candle_core::Error::wrap)?;
         write_atomic(&dir.join(METADATA_FILE), &json)?;
         if opts.interrupt_at == Some(SaveStage::MetadataWritten) {

@@ -117,8 +117,14 @@ impl DistSource {
                 t.dims
             )
         }
+        let dtype = t.dtype()?;
+        if t.pieces.is_empty() {
+            bail!(
+                "tensor {name} has no pieces in checkpoint {}",
+                self.dir.display()
+            )
+        }
         let mut out = Vec::with_capacity(t.pieces.len());
-        let mut dtype = None;
         for p in &t.pieces {
             let view = self.files[&p.file].get(name).map_err(|_| {
                 candle_core::Error::msg(format!(
@@ -126,7 +132,15 @@ impl DistSource {
                     self.dir.join(&p.file).display()
                 ))
             })?;
-            dtype = Some(DType::try_from(view.dtype())?);
+            let stored = DType::try_from(view.dtype())?;
+            if stored != dtype {
+                bail!(
+                    "tensor {name} in {} is stored as {stored:?} but {METADATA_FILE} says {}: \
+                     the checkpoint is corrupt",
+                    self.dir.join(&p.file).display(),
+                    t.dtype
+                )
+            }
             let region = p.region(&t.dims);
             if view.shape() != region.lens() {
                 bail!(
@@ -138,14 +152,26 @@ impl DistSource {
             }
             out.push((region, view.data()));
         }
-        match dtype {
-            Some(d) => Ok((d, out)),
-            None => bail!(
-                "tensor {name} has no pieces in checkpoint {}",
-                self.dir.display()
-            ),
-        }
+        Ok((dtype, out))
     }
+}
+
+/// Checks a distributed checkpoint without reading its tensor data: the metadata (see
+/// [`read_metadata`]), every rank file present and a valid safetensors file as long as its
+/// header says, and every piece there with the shape and dtype the metadata gives. Returns the
+/// metadata.
+///
+/// ```no_run
+/// let meta = candle_parallel::checkpoint::check_checkpoint(std::path::Path::new("ckpt/step-000300"))?;
+/// println!("{} tensors", meta.tensors.len());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn check_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
+    let source = DistSource::open(dir)?;
+    for (name, t) in &source.meta.tensors {
+        source.pieces_of(name, &t.dims)?;
+    }
+    Ok(source.meta)
 }
 
 impl TensorSource for DistSource {
