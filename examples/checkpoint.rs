@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example checkpoint -- random --to DIR     # a small random HF model
-//! cargo run --release --example checkpoint -- inspect DIR
+//! cargo run --release --example checkpoint -- inspect DIR            # cheap checks + summary
+//! cargo run --release --example checkpoint -- verify DIR             # every byte vs its CRC-32C
 //! cargo run --release --example checkpoint -- reshard --from DIR --to OUT --mesh tp=4
 //! cargo run --release --example checkpoint -- export --from DIR --to HF_DIR [--max-file-size 2GB]
 //! ```
@@ -16,7 +17,8 @@
 use candle_core::{DType, Device, Result};
 use candle_parallel::checkpoint::{
     check_checkpoint, export_hf, hf_safetensors_files, read_metadata, save_checkpoint,
-    ParallelVarBuilder, SaveOptions, ShardedTensor, COMPLETE_FILE, METADATA_FILE,
+    verify_checkpoint, ParallelVarBuilder, SaveOptions, ShardedTensor, COMPLETE_FILE,
+    METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{Launcher, MeshShape};
@@ -49,6 +51,8 @@ enum Command {
     },
     /// Print every tensor: dtype, shape, how it is split and its size.
     Inspect { dir: PathBuf },
+    /// Read a distributed checkpoint whole and check every byte against its CRC-32C.
+    Verify { dir: PathBuf },
     /// Save the checkpoint again under another layout.
     Reshard {
         #[arg(long)]
@@ -247,6 +251,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Inspect { dir } => inspect(&dir),
+        Command::Verify { dir } => {
+            let (bytes, unchecked) = verify_checkpoint(&dir)?;
+            println!("{}: {} verified", dir.display(), human(bytes));
+            if unchecked > 0 {
+                println!(
+                    "{unchecked} pieces have no checksums (written before checksums): not verified"
+                );
+            }
+            Ok(())
+        }
         Command::Reshard {
             from,
             to,

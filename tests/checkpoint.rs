@@ -4,8 +4,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{
-    check_checkpoint, export_hf, read_metadata, save_checkpoint, ParallelVarBuilder, Placement,
-    SaveOptions, SaveStage, ShardedTensor, COMPLETE_FILE, METADATA_FILE,
+    check_checkpoint, export_hf, read_metadata, save_checkpoint, verify_checkpoint,
+    ParallelVarBuilder, Placement, SaveOptions, SaveStage, ShardedTensor, COMPLETE_FILE,
+    METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{launch, Launcher, MeshShape};
@@ -611,5 +612,66 @@ fn extra_files_are_written_before_the_completion_marker() -> Result<()> {
         assert!(e.contains("plain file name"), "{bad}: {e}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The byte range of tensor `name`'s data in the safetensors file `bytes`.
+fn data_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let o = &header[name]["data_offsets"];
+    let (b, e) = (
+        o[0].as_u64().unwrap() as usize,
+        o[1].as_u64().unwrap() as usize,
+    );
+    8 + n + b..8 + n + e
+}
+
+#[test]
+fn checksums_catch_flipped_bytes_and_swapped_files() -> Result<()> {
+    let (hf, cfg) = hf_checkpoint("crc", DType::F32)?;
+    let dist = tmp("crc-dist");
+    reshard(&hf, true, MeshShape::new().tp(2), &dist, &cfg, DType::F32)?;
+    let (checked, unchecked) = verify_checkpoint(&dist)?;
+    assert!(checked > 0 && unchecked == 0);
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let rank0 = dist.join("rank-00000.safetensors");
+    let good = std::fs::read(&rank0)?;
+    // Four bytes flipped in the middle of a tensor: every reader refuses them.
+    let mut bad = good.clone();
+    let r = data_range(&good, q);
+    let mid = (r.start + r.end) / 2;
+    for b in &mut bad[mid..mid + 4] {
+        *b ^= 0xFF;
+    }
+    std::fs::write(&rank0, &bad)?;
+    let e = load_all(&dist, &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains(q) && e.contains("rank-00000.safetensors") && e.contains("CRC-32C"),
+        "{e}"
+    );
+    let e = verify_checkpoint(&dist).unwrap_err().to_string();
+    assert!(e.contains(q) && e.contains("CRC-32C"), "{e}");
+    check_checkpoint(&dist)?; // the cheap check reads no tensor data
+                              // Rank 1's file copied over rank 0's: same size, other values.
+    std::fs::copy(dist.join("rank-00001.safetensors"), &rank0)?;
+    let e = load_all(&dist, &cfg).unwrap_err().to_string();
+    assert!(e.contains("rank-00000.safetensors"), "{e}");
+    // A checkpoint written before checksums (no crc32c, no file list) still loads.
+    std::fs::write(&rank0, &good)?;
+    edit_metadata(&dist, |j| {
+        j.as_object_mut().unwrap().remove("files");
+        j.as_object_mut().unwrap().remove("crc_block_bytes");
+        for t in j["tensors"].as_object_mut().unwrap().values_mut() {
+            for p in t["pieces"].as_array_mut().unwrap() {
+                p.as_object_mut().unwrap().remove("crc32c");
+            }
+        }
+    })?;
+    load_all(&dist, &cfg)?;
+    let (_, unchecked) = verify_checkpoint(&dist)?;
+    assert!(unchecked > 0);
+    std::fs::remove_dir_all(hf)?;
+    std::fs::remove_dir_all(dist)?;
     Ok(())
 }

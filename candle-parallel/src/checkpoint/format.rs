@@ -36,6 +36,10 @@ pub struct Piece {
     pub file: String,
     /// `None`: the whole tensor; otherwise `len` rows from `start` along `dim`.
     pub split: Option<(usize, usize, usize)>,
+    /// CRC-32C of each block of the piece's bytes ([`CheckpointMeta::crc_block_bytes`] each);
+    /// absent in checkpoints written before checksums, which load unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<Vec<u32>>,
 }
 
 impl Piece {
@@ -84,6 +88,20 @@ pub struct CheckpointMeta {
     /// The model's `config.json`.
     pub config: serde_json::Value,
     pub tensors: BTreeMap<String, TensorMeta>,
+    /// Each rank file: which rank wrote it and its size in bytes (a truncated or swapped file is
+    /// caught before it is read).
+    #[serde(default)]
+    pub files: BTreeMap<String, RankFile>,
+    /// The block size of the pieces' checksums.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc_block_bytes: Option<usize>,
+}
+
+/// A rank file of a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RankFile {
+    pub rank: usize,
+    pub bytes: u64,
 }
 
 pub(crate) fn io_err(what: &str, path: &Path, e: std::io::Error) -> candle_core::Error {
@@ -178,6 +196,21 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
                     p.file
                 )
             }
+        }
+    }
+    for (file, f) in &meta.files {
+        let path = dir.join(file);
+        let len = std::fs::metadata(&path)
+            .map_err(|e| io_err("cannot read", &path, e))?
+            .len();
+        if len != f.bytes {
+            bail!(
+                "{} is {len} bytes but {METADATA_FILE} says rank {} wrote {} bytes: the file \
+                 was truncated or replaced",
+                path.display(),
+                f.rank,
+                f.bytes
+            )
         }
     }
     Ok(meta)

@@ -11,16 +11,18 @@
 //! | file | what | uses |
 //! |---|---|---|
 //! | `placement` | [`Placement`] (which part a rank holds), [`Param`] | `crate::comm` |
-//! | `region` | boxes of a tensor; assembling a slice from stored pieces | `placement` |
+//! | `checksum` | CRC-32C of stored pieces, block by block | — |
+//! | `region` | boxes of a tensor; assembling a slice from stored pieces (exact coverage, checksums verified) | `placement`, `checksum` |
 //! | `format` | the distributed format: `checkpoint.json`, atomic writes, [`read_metadata`] | `region` |
 //! | `source` | stored tensors: HF safetensors files, distributed checkpoints | `format`, `region` |
 //! | `init` | deterministic initialisation of any slice | `placement`, `crate::random` |
 //! | `builder` | [`ParallelVarBuilder`] (also over a candle-nn `VarBuilder` / `VarMap`) | `source`, `init`, `region`, `placement` |
 //! | `interop` | [`ParallelVarBuilder::to_candle_nn`]: candle-nn layers load from a builder | `builder`, `placement` |
-//! | `save` | [`save_checkpoint`] | `format`, `placement` |
+//! | `save` | [`save_checkpoint`] | `format`, `placement`, `checksum` |
 //! | `export` | [`export_hf`] | `format`, `source`, `region` |
 //! | `gather` | [`gather_full`], [`full_gradients`] | `placement` |
 mod builder;
+mod checksum;
 mod export;
 mod format;
 mod gather;
@@ -34,10 +36,10 @@ mod source;
 pub use builder::ParallelVarBuilder;
 pub use export::export_hf;
 pub use format::{
-    read_metadata, write_atomic, CheckpointMeta, Piece, TensorMeta, COMPLETE_FILE, FORMAT_VERSION,
-    METADATA_FILE,
+    read_metadata, write_atomic, CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE,
+    FORMAT_VERSION, METADATA_FILE,
 };
 pub use gather::{full_gradients, gather_full};
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
-pub use source::{check_checkpoint, hf_safetensors_files};
+pub use source::{check_checkpoint, hf_safetensors_files, verify_checkpoint};

@@ -1,6 +1,7 @@
 //! Regions of a tensor and the copy that assembles a rank's slice from stored pieces, reading
 //! only the bytes inside the slice.
 
+use super::checksum::PieceCheck;
 use super::placement::Slice;
 use candle_core::{bail, DType, Result};
 
@@ -27,7 +28,8 @@ pub(crate) fn assemble(
     let mut out = vec![0u8; out_dims.iter().product::<usize>() * elem];
     let mut filled = Bits::new(out.len() / elem.max(1));
     let (mut seen, mut read): (Vec<&Region>, usize) = (Vec::new(), 0);
-    for (region, data) in pieces {
+    for piece in pieces {
+        let (region, data) = (&piece.region, piece.data);
         if seen.contains(&region) {
             continue;
         }
@@ -44,6 +46,12 @@ pub(crate) fn assemble(
                 region.volume() * elem
             )
         }
+        // Every block of stored bytes this copy reads is checked against its checksum first.
+        let mut checked = vec![false; data.len().div_ceil(super::checksum::BLOCK_BYTES)];
+        let mut verify = |start: usize, len: usize| match &piece.check {
+            Some(c) => c.verify(name, data, start, len, &mut checked),
+            None => Ok(()),
+        };
         let copied = copy_box(
             data,
             region,
@@ -53,7 +61,8 @@ pub(crate) fn assemble(
             &out_dims,
             elem,
             &mut filled,
-        );
+            &mut verify,
+        )?;
         if let Err(i) = copied {
             bail!(
                 "tensor {name}: stored pieces overlap with different values (piece {:?} differs \
@@ -76,8 +85,13 @@ pub(crate) fn assemble(
     Ok((out, out_dims, read))
 }
 
-/// A stored piece of a tensor: the region of the full tensor it covers and its row-major bytes.
-pub(crate) type StoredPiece<'a> = (Region, &'a [u8]);
+/// A stored piece of a tensor: the region of the full tensor it covers, its row-major bytes,
+/// and the checksums they must match, where the source has them.
+pub(crate) struct StoredPiece<'a> {
+    pub region: Region,
+    pub data: &'a [u8],
+    pub check: Option<PieceCheck<'a>>,
+}
 
 /// A box in a tensor: `(start, len)` per dimension.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,8 +133,9 @@ impl Region {
 /// start. Runs of contiguous elements are copied at once.
 ///
 /// `filled` marks the destination elements already written: a run that meets filled elements
-/// is compared with them instead, and the first element that differs is returned as an error
-/// (its index in `dst`), since overlapping pieces must be replicas of the same values.
+/// is compared with them instead, and the first element that differs is returned (its index
+/// in `dst`, as `Ok(Err(i))`), since overlapping pieces must be replicas of the same values.
+/// `verify(start, len)` is called on each run of `src` bytes before they are read.
 #[allow(clippy::too_many_arguments)]
 fn copy_box(
     src: &[u8],
@@ -131,7 +146,8 @@ fn copy_box(
     dst_dims: &[usize],
     elem: usize,
     filled: &mut Bits,
-) -> std::result::Result<(), usize> {
+    verify: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<std::result::Result<(), usize>> {
     let nd = what.0.len();
     let src_dims = src_region.lens();
     let lens = what.lens();
@@ -163,6 +179,7 @@ fn copy_box(
             so += (g - src_region.0[d].0) * ss[d];
             dofs += (g - dst_region.0[d].0) * ds[d];
         }
+        verify(so, run)?;
         let (first, count) = (dofs / elem, run / elem);
         if filled.none_in(first, count) {
             dst[dofs..dofs + run].copy_from_slice(&src[so..so + run]);
@@ -172,7 +189,7 @@ fn copy_box(
                 let (d, s) = (dofs + j * elem, so + j * elem);
                 if filled.get(first + j) {
                     if dst[d..d + elem] != src[s..s + elem] {
-                        return Err(first + j);
+                        return Ok(Err(first + j));
                     }
                 } else {
                     dst[d..d + elem].copy_from_slice(&src[s..s + elem]);
@@ -184,7 +201,7 @@ fn copy_box(
         let mut d = outer_dims;
         loop {
             if d == 0 {
-                return Ok(());
+                return Ok(Ok(()));
             }
             d -= 1;
             idx[d] += 1;

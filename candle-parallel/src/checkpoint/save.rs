@@ -1,6 +1,8 @@
 //! Saving a distributed checkpoint: each rank writes its pieces, rank 0 the metadata, all
 //! atomically (see [`super::format`]).
 
+use super::checksum::{block_crcs, BLOCK_BYTES};
+use super::format::RankFile;
 use super::format::{
     io_err, sync_dir, tmp_path, write_atomic, write_synced, CheckpointMeta, Piece, TensorMeta,
     COMPLETE_FILE, FORMAT_VERSION, METADATA_FILE,
@@ -139,16 +141,34 @@ pub fn save_checkpoint(
         bail!("save interrupted after renaming rank {rank}'s file (testing hook)")
     }
 
-    // Everyone's pieces, for the metadata; this also waits until every file is in place.
-    let mine = serde_json::to_vec(&pieces).map_err(candle_core::Error::wrap)?;
+    // Everyone's pieces with their checksums and file size, for the metadata; this also waits
+    // until every file is in place.
+    let crcs = piece_crcs(
+        &bytes,
+        &pieces.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
+    )?;
+    let entries: Vec<Entry> = pieces
+        .into_iter()
+        .zip(crcs)
+        .map(|((name, dims, dtype, split), crc)| (name, dims, dtype, split, crc))
+        .collect();
+    let mine =
+        serde_json::to_vec(&(bytes.len() as u64, entries)).map_err(candle_core::Error::wrap)?;
     let all = comm.all_gather_bytes(&mine)?;
     if rank == 0 {
         let mut tensors: BTreeMap<String, TensorMeta> = BTreeMap::new();
+        let mut files = BTreeMap::new();
         for (r, bytes) in all.iter().enumerate() {
-            type Entry = (String, Vec<usize>, String, Option<(usize, usize, usize)>);
-            let entries: Vec<Entry> =
+            let (file_bytes, entries): (u64, Vec<Entry>) =
                 serde_json::from_slice(bytes).map_err(candle_core::Error::wrap)?;
-            for (name, dims, dtype, split) in entries {
+            files.insert(
+                format!("rank-{r:05}.safetensors"),
+                RankFile {
+                    rank: r,
+                    bytes: file_bytes,
+                },
+            );
+            for (name, dims, dtype, split, crc) in entries {
                 let meta = tensors.entry(name.clone()).or_insert_with(|| TensorMeta {
                     dims: dims.clone(),
                     dtype: dtype.clone(),
@@ -165,6 +185,7 @@ pub fn save_checkpoint(
                     rank: r,
                     file: format!("rank-{r:05}.safetensors"),
                     split,
+                    crc32c: Some(crc),
                 });
             }
         }
@@ -175,6 +196,8 @@ pub fn save_checkpoint(
             step: opts.step,
             config: opts.config.clone(),
             tensors,
+            files,
+            crc_block_bytes: Some(BLOCK_BYTES),
         };
         for (name, bytes) in &opts.files {
             write_atomic(&dir.join(name), bytes)?;
@@ -194,4 +217,39 @@ pub fn save_checkpoint(
     comm.barrier()?;
     tracing::info!(dir = %dir.display(), step = opts.step, "checkpoint saved");
     Ok(())
+}
+
+/// What each rank tells rank 0 about a piece: name, full dims, dtype, split, block checksums.
+type Entry = (
+    String,
+    Vec<usize>,
+    String,
+    Option<(usize, usize, usize)>,
+    Vec<u32>,
+);
+
+/// The block checksums of each named tensor's data in `file`, the bytes of a safetensors file
+/// (its header gives where each tensor's data lies).
+fn piece_crcs(file: &[u8], names: &[&str]) -> Result<Vec<Vec<u32>>> {
+    let bad = || candle_core::Error::msg("save: the serialised rank file has no valid header");
+    let n = u64::from_le_bytes(
+        file.get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(file.get(8..8 + n).ok_or_else(bad)?).map_err(|_| bad())?;
+    let data = &file[8 + n..];
+    names
+        .iter()
+        .map(|name| {
+            let offsets = &header[*name]["data_offsets"];
+            let (Some(b), Some(e)) = (offsets[0].as_u64(), offsets[1].as_u64()) else {
+                bail!("save: tensor {name} is missing from the serialised rank file")
+            };
+            let bytes = data.get(b as usize..e as usize).ok_or_else(bad)?;
+            Ok(block_crcs(bytes))
+        })
+        .collect()
 }

@@ -2,6 +2,7 @@
 //! checkpoints, both memory-mapped. A source hands out the stored pieces of a tensor (regions
 //! of the full tensor and their bytes); [`super::region::assemble`] copies what a rank needs.
 
+use super::checksum::{PieceCheck, BLOCK_BYTES};
 use super::format::{read_metadata, CheckpointMeta, METADATA_FILE};
 use super::region::{Region, StoredPiece};
 use candle_core::safetensors::MmapedSafetensors;
@@ -68,7 +69,12 @@ impl TensorSource for SafeTensorsSource {
             )
         }
         let dtype: DType = view.dtype().try_into()?;
-        Ok((dtype, vec![(Region::whole(full), view.data())]))
+        let piece = StoredPiece {
+            region: Region::whole(full),
+            data: view.data(),
+            check: None,
+        };
+        Ok((dtype, vec![piece]))
     }
 }
 
@@ -82,6 +88,15 @@ pub(crate) struct DistSource {
 impl DistSource {
     pub fn open(dir: &Path) -> Result<Self> {
         let meta = read_metadata(dir)?;
+        if let Some(b) = meta.crc_block_bytes {
+            if b != BLOCK_BYTES {
+                bail!(
+                    "{}: checksums over blocks of {b} bytes; this library checks blocks of \
+                     {BLOCK_BYTES}: use the candle-parallel version that wrote it",
+                    dir.join(METADATA_FILE).display()
+                )
+            }
+        }
         let mut files = BTreeMap::new();
         for t in meta.tensors.values() {
             for p in &t.pieces {
@@ -150,7 +165,15 @@ impl DistSource {
                     region.lens()
                 )
             }
-            out.push((region, view.data()));
+            let check = p.crc32c.as_deref().map(|crcs| PieceCheck {
+                crcs,
+                file: &p.file,
+            });
+            out.push(StoredPiece {
+                region,
+                data: view.data(),
+                check,
+            });
         }
         Ok((dtype, out))
     }
@@ -172,6 +195,35 @@ pub fn check_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
         source.pieces_of(name, &t.dims)?;
     }
     Ok(source.meta)
+}
+
+/// Reads a distributed checkpoint whole and checks every stored byte against its checksum
+/// (after [`check_checkpoint`]'s checks). Returns the bytes checked and the pieces that have no
+/// checksums (written before checksums existed).
+///
+/// ```no_run
+/// use candle_parallel::checkpoint::verify_checkpoint;
+/// let (bytes, unchecked) = verify_checkpoint(std::path::Path::new("ckpt/step-000300"))?;
+/// println!("{bytes} bytes verified, {unchecked} pieces without checksums");
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn verify_checkpoint(dir: &Path) -> Result<(u64, usize)> {
+    let source = DistSource::open(dir)?;
+    let (mut bytes, mut unchecked) = (0u64, 0usize);
+    for (name, t) in &source.meta.tensors {
+        let (_, pieces) = source.pieces_of(name, &t.dims)?;
+        for p in pieces {
+            match &p.check {
+                Some(c) => {
+                    let mut done = vec![false; p.data.len().div_ceil(BLOCK_BYTES)];
+                    c.verify(name, p.data, 0, p.data.len(), &mut done)?;
+                    bytes += p.data.len() as u64;
+                }
+                None => unchecked += 1,
+            }
+        }
+    }
+    Ok((bytes, unchecked))
 }
 
 impl TensorSource for DistSource {
