@@ -66,6 +66,28 @@ fn a_rank_that_dies_stops_the_others_promptly() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
+#[test]
+fn what_a_rank_leaves_running_does_not_keep_the_launcher_waiting() {
+    for (fail, what) in [
+        (&["--fail-rank", "1"][..], "failed"),
+        (&[][..], "succeeded"),
+    ] {
+        let out = tmp("orphans");
+        let start = Instant::now();
+        // Every rank starts a 30 s sleep that holds its output pipes.
+        let mut extra = vec!["--leave-child", "30"];
+        extra.extend_from_slice(fail);
+        let result = spawn_ranks(&probe_path(), &args(&out, &extra), &plan(2));
+        assert_eq!(result.is_err(), !fail.is_empty(), "{what}: {result:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}: took {:?}",
+            start.elapsed()
+        );
+        std::fs::remove_dir_all(out).unwrap();
+    }
+}
+
 /// Starts ranks `ranks` of a world of `world` by hand (so that one can be left out).
 fn start(
     ranks: &[usize],

@@ -236,10 +236,18 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
     };
     let world = plan.nproc * plan.nnodes;
     let mut children: Vec<(usize, Child)> = Vec::new();
-    let mut forwarders = Vec::new();
+    // Output forwarders report when their pipe closes; a pipe held open by a process a rank
+    // left behind must not keep the launcher waiting.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let mut forwarders = 0usize;
     for local in 0..plan.nproc {
         let rank = plan.node_rank * plan.nproc + local;
-        let spawned = Command::new(program)
+        let mut command = Command::new(program);
+        // Each rank leads a process group of its own, so that stopping it also stops the
+        // processes it started.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let spawned = command
             .args(args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
@@ -253,7 +261,7 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
             Ok(c) => c,
             Err(e) => {
                 for (_, c) in children.iter_mut() {
-                    let _ = c.kill();
+                    stop_group(c);
                     let _ = c.wait();
                 }
                 bail!(
@@ -279,7 +287,9 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
             ),
         ] {
             if let Some(p) = pipe {
-                forwarders.push(std::thread::spawn(move || {
+                let done = done_tx.clone();
+                forwarders += 1;
+                std::thread::spawn(move || {
                     for line in BufReader::new(p).lines().map_while(|l| l.ok()) {
                         if to_err {
                             eprintln!("[rank {rank}] {line}");
@@ -287,7 +297,8 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
                             println!("[rank {rank}] {line}");
                         }
                     }
-                }));
+                    let _ = done.send(());
+                });
             }
         }
         children.push((rank, child));
@@ -298,29 +309,53 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
         while i < children.len() {
             match children[i].1.try_wait() {
                 Ok(Some(status)) => {
-                    let (rank, _) = children.remove(i);
+                    let (rank, mut child) = children.remove(i);
+                    // Whatever the rank started and left running goes with it.
+                    stop_group(&mut child);
                     if !status.success() && failure.is_none() {
                         failure = Some(format!("rank {rank} exited with {status}"));
                         for (_, c) in children.iter_mut() {
-                            let _ = c.kill();
+                            stop_group(c);
                         }
                     }
                 }
                 Ok(None) => i += 1,
                 Err(e) => {
                     failure.get_or_insert(format!("cannot wait for rank {}: {e}", children[i].0));
-                    let _ = children[i].1.kill();
+                    stop_group(&mut children[i].1);
                     i += 1;
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    for f in forwarders {
-        let _ = f.join();
+    // The ranks are gone: let their last output through, but only briefly (a process that left
+    // its group may still hold a pipe).
+    drop(done_tx);
+    let drain = Instant::now() + Duration::from_secs(2);
+    for _ in 0..forwarders {
+        if done_rx
+            .recv_timeout(drain.saturating_duration_since(Instant::now()))
+            .is_err()
+        {
+            break;
+        }
     }
     match failure {
         Some(f) => bail!("launch: {f}; the other ranks were stopped"),
         None => Ok(()),
     }
+}
+
+/// Stops `child` and every process of its process group (it leads one, see `spawn_ranks`).
+fn stop_group(child: &mut Child) {
+    #[cfg(unix)]
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) with a negative pid signals the process group `pid`; it touches no
+        // memory of ours.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
 }
