@@ -31,6 +31,7 @@
 //! ```
 
 pub mod process;
+pub mod rendezvous;
 
 use crate::comm::local::{default_timeout, LocalFabric};
 use crate::comm::{lock, Comm};

@@ -4,7 +4,9 @@
 //!   `MASTER_PORT`.
 //! - [`rendezvous`]: rank 0 listens at `MASTER_ADDR:MASTER_PORT` and hands every other rank a
 //!   byte string (the NCCL unique id) once all have checked in: a rank that does not show up
-//!   within the timeout is an error that names it, on every rank that is there.
+//!   within the timeout is an error that names it, on every rank that is there; connections
+//!   that are not ranks of the job are dropped, and `CANDLE_PARALLEL_RENDEZVOUS_SECRET` keeps
+//!   the id to the processes that know it (what it trusts: [`super::rendezvous`]).
 //! - [`spawn_ranks`]: starts the local ranks of one node as child processes with those
 //!   variables set, prefixes their output with the rank, and stops all of them as soon as one
 //!   fails.
@@ -12,9 +14,10 @@
 //! Multi-node: run one launcher per node with the same `--master-addr`/`--master-port`, the
 //! node's `--node-rank` and `--nnodes`.
 
+pub use super::rendezvous::{rendezvous, rendezvous_with_secret, MAX_BLOB, SECRET_VAR};
 use candle_core::{bail, Result};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -68,7 +71,7 @@ impl ProcessEnv {
         }))
     }
 
-    fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         format!("{}:{}", self.master_addr, self.master_port)
     }
 }
@@ -77,126 +80,6 @@ impl ProcessEnv {
 /// writes a job's files and reports (every process computes; one speaks).
 pub fn is_lead() -> Result<bool> {
     Ok(ProcessEnv::from_env()?.is_none_or(|e| e.rank == 0))
-}
-
-const MAGIC: &[u8; 8] = b"cp-rdzv1";
-
-fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
-    let mut b = [0u8; 8];
-    s.read_exact(&mut b)?;
-    Ok(u64::from_le_bytes(b))
-}
-
-/// Every rank gets rank 0's `blob` once all `world_size` ranks have checked in (a barrier).
-/// Rank 0 passes `Some(blob)`, the others `None`. Fails, naming the ranks, when some do not
-/// arrive within `timeout`, when two processes claim the same rank, or when ranks disagree on
-/// the world size.
-pub fn rendezvous(env: &ProcessEnv, blob: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
-    let deadline = Instant::now() + timeout;
-    let io = |what: &str, e: std::io::Error| {
-        candle_core::Error::msg(format!("rendezvous at {}: {what}: {e}", env.address()))
-    };
-    if env.rank == 0 {
-        let Some(blob) = blob else {
-            bail!("rendezvous: rank 0 must provide the blob")
-        };
-        let listener = TcpListener::bind(env.address()).map_err(|e| io("cannot listen", e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| io("listener", e))?;
-        let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
-        while peers.iter().skip(1).any(Option::is_none) {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).map_err(|e| io("peer", e))?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))
-                        .map_err(|e| io("peer", e))?;
-                    let mut magic = [0u8; 8];
-                    if s.read_exact(&mut magic).is_err() || &magic != MAGIC {
-                        continue; // not one of ours
-                    }
-                    let (r, w) = (
-                        read_u64(&mut s).map_err(|e| io("peer", e))? as usize,
-                        read_u64(&mut s).map_err(|e| io("peer", e))? as usize,
-                    );
-                    if w != env.world_size {
-                        bail!(
-                            "rendezvous: rank {r} has WORLD_SIZE={w} but rank 0 has {}",
-                            env.world_size
-                        )
-                    }
-                    if r == 0 || r >= env.world_size || peers[r].is_some() {
-                        bail!("rendezvous: a second process claims rank {r} (of {w}): check RANK of every process")
-                    }
-                    peers[r] = Some(s);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<usize> = (1..env.world_size)
-                            .filter(|r| peers[*r].is_none())
-                            .collect();
-                        bail!(
-                            "rendezvous at {}: rank(s) {missing:?} did not show up within {:.1}s",
-                            env.address(),
-                            timeout.as_secs_f64()
-                        )
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(io("accept", e)),
-            }
-        }
-        for s in peers.iter_mut().flatten() {
-            s.write_all(&(blob.len() as u64).to_le_bytes())
-                .and_then(|_| s.write_all(blob))
-                .map_err(|e| io("send", e))?;
-        }
-        Ok(blob.to_vec())
-    } else {
-        // Rank 0 may not be listening yet: retry until the deadline.
-        let mut s = loop {
-            let addrs: Vec<_> = env
-                .address()
-                .to_socket_addrs()
-                .map_err(|e| io("bad MASTER_ADDR", e))?
-                .collect();
-            if let Some(s) = addrs
-                .iter()
-                .find_map(|a| TcpStream::connect_timeout(a, Duration::from_millis(200)).ok())
-            {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "rendezvous: rank {} could not reach rank 0 at {} within {:.1}s: is rank 0 running, and MASTER_ADDR/MASTER_PORT right?",
-                    env.rank,
-                    env.address(),
-                    timeout.as_secs_f64()
-                )
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        s.write_all(MAGIC)
-            .and_then(|_| s.write_all(&(env.rank as u64).to_le_bytes()))
-            .and_then(|_| s.write_all(&(env.world_size as u64).to_le_bytes()))
-            .map_err(|e| io("send", e))?;
-        s.set_read_timeout(Some(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1)),
-        ))
-        .map_err(|e| io("socket", e))?;
-        let len = read_u64(&mut s).map_err(|e| {
-            candle_core::Error::msg(format!(
-                "rendezvous: rank {} got no answer from rank 0 at {} ({e}): another rank did not show up, or rank 0 failed",
-                env.rank,
-                env.address()
-            ))
-        })? as usize;
-        let mut blob = vec![0u8; len];
-        s.read_exact(&mut blob).map_err(|e| io("receive", e))?;
-        Ok(blob)
-    }
 }
 
 /// How to start the ranks of one node.

@@ -1,0 +1,151 @@
+//! The rendezvous against clients that are not ranks (on loopback): junk, silence, a wrong
+//! world size, a wrong secret, and a fake rank 0 that announces an oversized answer. None of
+//! them may fail or hold up the job.
+use candle_parallel::launch::process::{rendezvous_with_secret, ProcessEnv, MAX_BLOB};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+fn env(rank: usize, world: usize, port: u16) -> ProcessEnv {
+    ProcessEnv {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    }
+}
+
+/// Connects to rank 0, retrying until it listens.
+fn connect(port: u16) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "rank 0 never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a world of two with `secret`, after `intruders` have connected; the real rank 1 joins
+/// last. Returns what each rank got and how long it took.
+fn world_of_two(
+    secret: Option<&'static str>,
+    rank1_secret: Option<&'static str>,
+    intruders: impl FnOnce(u16) -> Vec<TcpStream>,
+) -> (
+    candle_core::Result<Vec<u8>>,
+    candle_core::Result<Vec<u8>>,
+    Duration,
+) {
+    let port = free_port();
+    let start = Instant::now();
+    let r0 = std::thread::spawn(move || {
+        rendezvous_with_secret(
+            &env(0, 2, port),
+            Some(b"the-id"),
+            Duration::from_millis(2500),
+            secret,
+        )
+    });
+    let held = intruders(port); // kept open (silent ones stay silent) until the end
+    std::thread::sleep(Duration::from_millis(100));
+    let r1 = rendezvous_with_secret(
+        &env(1, 2, port),
+        None,
+        Duration::from_millis(2500),
+        rank1_secret,
+    );
+    let r0 = r0.join().unwrap();
+    drop(held);
+    (r0, r1, start.elapsed())
+}
+
+#[test]
+fn strangers_are_dropped_without_failing_or_holding_up_the_job() {
+    let (r0, r1, took) = world_of_two(None, None, |port| {
+        let mut junk = connect(port);
+        junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let silent = connect(port);
+        // Our greeting but the wrong world size, then an answer to the challenge.
+        let mut wrong = connect(port);
+        wrong.write_all(b"cp-rdzv2").unwrap();
+        wrong.write_all(&1u64.to_le_bytes()).unwrap();
+        wrong.write_all(&7u64.to_le_bytes()).unwrap();
+        let mut c = [0u8; 16];
+        wrong.read_exact(&mut c).unwrap();
+        wrong.write_all(&0u64.to_le_bytes()).unwrap();
+        vec![junk, silent, wrong]
+    });
+    assert_eq!(r0.unwrap(), b"the-id");
+    assert_eq!(r1.unwrap(), b"the-id");
+    // The silent client would hold a serial accept loop for its whole 5 s handshake.
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[test]
+fn only_processes_that_know_the_secret_get_the_id() {
+    // A stranger without the secret claims rank 1 first: dropped; the real rank 1 gets in.
+    let (r0, r1, _) = world_of_two(Some("s3cret"), Some("s3cret"), |port| {
+        let mut thief = connect(port);
+        thief.write_all(b"cp-rdzv2").unwrap();
+        thief.write_all(&1u64.to_le_bytes()).unwrap();
+        thief.write_all(&2u64.to_le_bytes()).unwrap();
+        let mut c = [0u8; 16];
+        thief.read_exact(&mut c).unwrap();
+        thief.write_all(&0x1234u64.to_le_bytes()).unwrap();
+        let mut rest = Vec::new();
+        // Rank 0 closes the connection: nothing comes back.
+        thief
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = thief.read_to_end(&mut rest);
+        assert!(rest.is_empty(), "the stranger got {rest:?}");
+        vec![thief]
+    });
+    assert_eq!(r0.unwrap(), b"the-id");
+    assert_eq!(r1.unwrap(), b"the-id");
+    // A rank with the wrong secret is dropped too: the timeout names it and says why.
+    let (r0, r1, _) = world_of_two(Some("s3cret"), Some("guess"), |_| Vec::new());
+    let e = r0.unwrap_err().to_string();
+    assert!(
+        e.contains("rank(s) [1] did not show up") && e.contains("secret"),
+        "{e}"
+    );
+    assert!(r1.is_err());
+}
+
+#[test]
+fn an_oversized_answer_is_refused_not_allocated() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // A fake rank 0 that answers with an absurd length.
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 24];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&[0u8; 16]).unwrap();
+        let mut answer = [0u8; 8];
+        s.read_exact(&mut answer).unwrap();
+        s.write_all(&u64::MAX.to_le_bytes()).unwrap();
+    });
+    let e = rendezvous_with_secret(&env(1, 2, port), None, Duration::from_secs(4), None)
+        .unwrap_err()
+        .to_string();
+    fake.join().unwrap();
+    assert!(
+        e.contains(&u64::MAX.to_string()) && e.contains(&MAX_BLOB.to_string()),
+        "{e}"
+    );
+}
