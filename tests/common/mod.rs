@@ -33,22 +33,28 @@ pub fn probe_path() -> PathBuf {
     if let Some(p) = std::env::var_os("CANDLE_PARALLEL_PROBE") {
         return PathBuf::from(p);
     }
+    example_path("rendezvous_probe")
+}
+
+/// The example program `name`, which `cargo test` builds (with the same profile and features)
+/// into `target/<profile>/examples/`.
+pub fn example_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test binary> -> target/<profile>/examples/rendezvous_probe
+    // target/<profile>/deps/<test binary> -> target/<profile>/examples/<name>
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("a build directory");
-    let probe = dir
+    let path = dir
         .join("examples")
-        .join(format!("rendezvous_probe{}", std::env::consts::EXE_SUFFIX));
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     // `cargo test` builds it with the other example targets; `cargo test --test NAME` alone
     // does not.
     assert!(
-        probe.is_file(),
-        "{} is missing: run `cargo build --example rendezvous_probe` (with the same profile and \
-         features as the tests), or plain `cargo test`, which builds it",
-        probe.display()
+        path.is_file(),
+        "{} is missing: run `cargo build --example {name}` (with the same profile and features \
+         as the tests), or plain `cargo test`, which builds it",
+        path.display()
     );
-    probe
+    path
 }

@@ -1,0 +1,96 @@
+//! The example programs as a user runs them, on bad input: a clear error and exit status 1,
+//! never a panic (status 101), a hang or a healthy-looking report of a broken checkpoint.
+mod common;
+
+use common::example_path;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cp-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn run(example: &str, args: &[&str]) -> Output {
+    Command::new(example_path(example))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("the example runs")
+}
+
+/// The run failed cleanly (status 1, not a panic) and said `needle`.
+fn fails_saying(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "status {:?}: {err}", out.status);
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+#[test]
+fn finetune_rejects_zero_steps_and_a_model_dir_without_config() {
+    let out = tmp("ft");
+    let o = out.display().to_string();
+    fails_saying(
+        &run("finetune_mixtral", &["--steps", "0", "--out", &o]),
+        "--steps must be at least 1",
+    );
+    fails_saying(
+        &run("finetune_mixtral", &["--eval-every", "0", "--out", &o]),
+        "--eval-every must be at least 1",
+    );
+    let model = tmp("ft-model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+    fails_saying(
+        &run(
+            "finetune_mixtral",
+            &["--model", &model.display().to_string(), "--out", &o],
+        ),
+        "has no config.json",
+    );
+    std::fs::remove_dir_all(model).unwrap();
+    let _ = std::fs::remove_dir_all(out);
+}
+
+#[test]
+fn inspect_and_verify_do_not_pass_a_broken_checkpoint() {
+    let hf = tmp("hf");
+    let dist = tmp("dist");
+    let (h, d) = (hf.display().to_string(), dist.display().to_string());
+    assert!(run("checkpoint", &["random", "--to", &h]).status.success());
+    let o = run(
+        "checkpoint",
+        &["reshard", "--from", &h, "--to", &d, "--mesh", "tp=2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(run("checkpoint", &["inspect", &d]).status.success());
+    assert!(run("checkpoint", &["verify", &d]).status.success());
+    // A truncated rank file: inspect sees it without reading the tensors.
+    let rank1 = dist.join("rank-00001.safetensors");
+    let bytes = std::fs::read(&rank1).unwrap();
+    std::fs::write(&rank1, &bytes[..bytes.len() - 64]).unwrap();
+    fails_saying(
+        &run("checkpoint", &["inspect", &d]),
+        "was truncated or replaced",
+    );
+    // Flipped bytes of the same size: only reading them finds it.
+    let mut flipped = bytes.clone();
+    let n = flipped.len();
+    for b in &mut flipped[n - 64..n - 60] {
+        *b ^= 0xFF;
+    }
+    std::fs::write(&rank1, &flipped).unwrap();
+    assert!(run("checkpoint", &["inspect", &d]).status.success());
+    fails_saying(&run("checkpoint", &["verify", &d]), "CRC-32C");
+    // An interrupted save (rank files under temporary names only) is named as one.
+    std::fs::remove_dir_all(&dist).unwrap();
+    std::fs::create_dir_all(&dist).unwrap();
+    std::fs::write(dist.join("rank-00000.safetensors.tmp"), &bytes).unwrap();
+    fails_saying(
+        &run("checkpoint", &["inspect", &d]),
+        "incomplete checkpoint",
+    );
+    std::fs::remove_dir_all(hf).unwrap();
+    std::fs::remove_dir_all(dist).unwrap();
+}
