@@ -38,6 +38,18 @@ fn connect(port: u16) -> TcpStream {
     }
 }
 
+/// A client that greets rank 0 as rank `rank` of `world` and answers the challenge with `tag`.
+fn claim(port: u16, rank: u64, world: u64, tag: u64) -> TcpStream {
+    let mut s = connect(port);
+    s.write_all(b"cp-rdzv2").unwrap();
+    s.write_all(&rank.to_le_bytes()).unwrap();
+    s.write_all(&world.to_le_bytes()).unwrap();
+    let mut c = [0u8; 16];
+    s.read_exact(&mut c).unwrap();
+    s.write_all(&tag.to_le_bytes()).unwrap();
+    s
+}
+
 /// Runs a world of two with `secret`, after `intruders` have connected; the real rank 1 joins
 /// last. Returns what each rank got and how long it took.
 fn world_of_two(
@@ -78,14 +90,8 @@ fn strangers_are_dropped_without_failing_or_holding_up_the_job() {
         let mut junk = connect(port);
         junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let silent = connect(port);
-        // Our greeting but the wrong world size, then an answer to the challenge.
-        let mut wrong = connect(port);
-        wrong.write_all(b"cp-rdzv2").unwrap();
-        wrong.write_all(&1u64.to_le_bytes()).unwrap();
-        wrong.write_all(&7u64.to_le_bytes()).unwrap();
-        let mut c = [0u8; 16];
-        wrong.read_exact(&mut c).unwrap();
-        wrong.write_all(&0u64.to_le_bytes()).unwrap();
+        // Our greeting but the wrong world size.
+        let wrong = claim(port, 1, 7, 0);
         vec![junk, silent, wrong]
     });
     assert_eq!(r0.unwrap(), b"the-id");
@@ -98,13 +104,7 @@ fn strangers_are_dropped_without_failing_or_holding_up_the_job() {
 fn only_processes_that_know_the_secret_get_the_id() {
     // A stranger without the secret claims rank 1 first: dropped; the real rank 1 gets in.
     let (r0, r1, _) = world_of_two(Some("s3cret"), Some("s3cret"), |port| {
-        let mut thief = connect(port);
-        thief.write_all(b"cp-rdzv2").unwrap();
-        thief.write_all(&1u64.to_le_bytes()).unwrap();
-        thief.write_all(&2u64.to_le_bytes()).unwrap();
-        let mut c = [0u8; 16];
-        thief.read_exact(&mut c).unwrap();
-        thief.write_all(&0x1234u64.to_le_bytes()).unwrap();
+        let mut thief = claim(port, 1, 2, 0x1234);
         let mut rest = Vec::new();
         // Rank 0 closes the connection: nothing comes back.
         thief
