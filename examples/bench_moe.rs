@@ -198,8 +198,9 @@ struct Phase {
 }
 
 /// The layer's phases at ep = 1, each timed alone on the inputs the layer gives it: route
-/// (gate matmul, softmax, top-k), permute (planning and gathering each expert's rows), the
-/// experts (matmuls and SwiGLU), combine (weighting and scattering back to tokens).
+/// (gate matmul, softmax, top-k), plan (which copies each expert takes, in which order), the
+/// experts (gathering their rows, matmuls, SwiGLU), combine (weighting and scattering back to
+/// tokens).
 fn phase_times(reps: usize) -> Result<Vec<Phase>> {
     let phases = Launcher::new(1).run(|ctx| {
         let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
@@ -208,9 +209,11 @@ fn phase_times(reps: usize) -> Result<Vec<Phase>> {
         let x = Var::from_tensor(&seeded(&[TOKENS, H], 1, DType::F32)?)?;
         let r = layer.router().route(x.as_tensor(), false)?;
         let p = plan_tokens(&r.experts, &r.weights, &cfg)?;
-        let token = Tensor::new(p.token.as_slice(), &Device::Cpu)?;
-        let rows = Var::from_tensor(&x.as_tensor().index_select(&token, 0)?)?;
-        let y = Var::from_tensor(&layer.experts().forward(rows.as_tensor(), &p.counts)?)?;
+        let y = Var::from_tensor(&layer.experts().forward_rows(
+            x.as_tensor(),
+            &p.token,
+            &p.counts,
+        )?)?;
         let w = Var::from_tensor(&r.weights.detach())?;
         let mut out = Vec::new();
         let mut phase = |name, f: &dyn Fn() -> Result<Tensor>| -> Result<()> {
@@ -225,14 +228,14 @@ fn phase_times(reps: usize) -> Result<Vec<Phase>> {
         phase("route (gate, softmax, top-k)", &|| {
             layer.router().route(x.as_tensor(), true).map(|r| r.weights)
         })?;
-        phase("permute (plan, gather rows)", &|| {
-            let r = layer.router().route(&x.as_tensor().detach(), false)?;
+        phase("plan (capacity, order)", &|| {
             let p = plan_tokens(&r.experts, &r.weights, &cfg)?;
-            let token = Tensor::new(p.token.as_slice(), &Device::Cpu)?;
-            x.as_tensor().index_select(&token, 0)
+            Tensor::new(p.assignment.as_slice(), &Device::Cpu)?.to_dtype(DType::F32)
         })?;
-        phase("experts (matmuls, SwiGLU)", &|| {
-            layer.experts().forward(rows.as_tensor(), &p.counts)
+        phase("experts (gather rows, matmuls, SwiGLU)", &|| {
+            layer
+                .experts()
+                .forward_rows(x.as_tensor(), &p.token, &p.counts)
         })?;
         phase("combine (weight, scatter)", &|| {
             combine_outputs(

@@ -90,6 +90,40 @@ impl LocalExperts {
         &self.tp
     }
 
+    /// Runs local expert `i` on the rows `rows[at_i..at_i + counts[i]]` of `src` (the
+    /// segments of `rows` in order, one per local expert), each gathered straight from `src`:
+    /// in backward each expert's input gradient is scattered into `src`'s once, instead of a
+    /// full-size padded copy per expert as slicing one gathered tensor would cost. One
+    /// `copy_to_group` before and one reduction over tp after, for all experts together. The
+    /// output rows follow `rows`.
+    pub fn forward_rows(&self, src: &Tensor, rows: &[u32], counts: &[usize]) -> Result<Tensor> {
+        if counts.len() != self.experts.len() || counts.iter().sum::<usize>() != rows.len() {
+            bail!(
+                "moe experts {:?}: {} row counts (sum {}) for {} local experts and {} rows",
+                self.range(),
+                counts.len(),
+                counts.iter().sum::<usize>(),
+                self.experts.len(),
+                rows.len()
+            )
+        }
+        let src = ops::copy_to_group(src, &self.tp)?;
+        let mut outs = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for (expert, &n) in self.experts.iter().zip(counts) {
+            if n > 0 {
+                let idx = Tensor::new(&rows[at..at + n], src.device())?;
+                outs.push(expert.forward(&src.index_select(&idx, 0)?)?);
+            }
+            at += n;
+        }
+        if outs.is_empty() {
+            let empty = Tensor::zeros((0, src.dim(1)?), src.dtype(), src.device())?;
+            return ops::depend_on(&empty, &[&src]);
+        }
+        ops::reduce_from_group(&Tensor::cat(&outs, 0)?, &self.tp)
+    }
+
     /// Runs local expert `i` on the `i`-th consecutive segment of `x` (`counts[i]` rows each;
     /// one count per local expert): one `copy_to_group` before and one reduction over tp after,
     /// for all experts together. `x` must have rows (dispatchers keep empty branches in the

@@ -46,8 +46,7 @@ impl TokenDispatcher for AllReduceDispatcher {
         let xe = ops::copy_to_group(x, &self.ep)?;
         let w = ops::copy_to_group(&r.weights, &self.ep)?;
         let y = if n > 0 {
-            let rows = xe.index_select(&Tensor::new(token, x.device())?, 0)?;
-            experts.forward(&rows, &p.counts[local])?
+            experts.forward_rows(&xe, token, &p.counts[local])?
         } else {
             ops::depend_on(
                 &Tensor::zeros((0, x.dim(1)?), x.dtype(), x.device())?,

@@ -85,9 +85,7 @@ impl TokenDispatcher for AllToAllDispatcher {
             }
         }
         let y = if at > 0 {
-            let idx = Tensor::new(order.as_slice(), dev)?;
-            let grouped = got.index_select(&idx, 0)?;
-            let y = experts.forward(&grouped, &per_expert)?;
+            let y = experts.forward_rows(&got, &order, &per_expert)?;
             // Back to arrival order: y_arrival[order[j]] = y[j].
             let mut inverse = vec![0u32; at];
             for (j, &o) in order.iter().enumerate() {
