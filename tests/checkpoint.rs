@@ -188,7 +188,7 @@ fn each_rank_reads_only_its_own_bytes() -> Result<()> {
             let want: usize = vb
                 .params()
                 .iter()
-                .map(|p| real_elems(p.shard, &p.full_dims) * 4)
+                .map(|p| real_elems(p.placement, &p.full_dims) * 4)
                 .sum();
             Ok((vb.bytes_read() as usize, want))
         })?;
@@ -586,7 +586,7 @@ fn extra_files_are_written_before_the_completion_marker() -> Result<()> {
                 name: "w".into(),
                 local: seeded(&[2, 2], 1, DType::F32)?,
                 full_dims: vec![2, 2],
-                shard: Placement::Replicated,
+                placement: Placement::Replicated,
             };
             let opts = SaveOptions {
                 files: files.clone(),

@@ -90,12 +90,12 @@ fn moe_layer_equals_single_rank_layer_at_every_layout() -> Result<()> {
                         let mut pg = Vec::new();
                         for p in vb.params() {
                             let mut grad = grads.get(p.var.as_tensor()).unwrap().clone();
-                            if p.shard == Placement::Replicated && groups > 1 {
+                            if p.placement == Placement::Replicated && groups > 1 {
                                 // The gate is replicated over ranks with different tokens: its
                                 // gradient is the sum over them (data-parallel style).
                                 grad = mesh.ep().all_reduce(&grad, ReduceOp::Sum)?;
                             }
-                            pg.push((p.name, p.shard, grad));
+                            pg.push((p.name, p.placement, grad));
                         }
                         Ok((
                             g,

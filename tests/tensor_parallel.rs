@@ -51,7 +51,7 @@ fn run_tp(tp: usize, x: Option<&Tensor>, step: &Step) -> Result<Vec<RankOut>> {
             .map(|p| {
                 (
                     p.name,
-                    p.shard,
+                    p.placement,
                     grads.get(p.var.as_tensor()).expect("param grad").clone(),
                 )
             })
@@ -246,7 +246,7 @@ fn sequence_parallel_block_equals_unsharded_block() -> Result<()> {
                 .map(|p| {
                     (
                         p.name,
-                        p.shard,
+                        p.placement,
                         grads.get(p.var.as_tensor()).unwrap().clone(),
                     )
                 })

@@ -130,7 +130,7 @@ impl AdamW {
                     name: format!("optimizer.{kind}.{}", p.name),
                     local: t.as_tensor().detach(),
                     full_dims: p.full_dims.clone(),
-                    shard: p.shard,
+                    placement: p.placement,
                 });
             }
         }
@@ -143,7 +143,7 @@ impl AdamW {
                     .map_or(&candle_core::Device::Cpu, |p| p.var.device()),
             )?,
             full_dims: vec![1],
-            shard: Placement::Replicated,
+            placement: Placement::Replicated,
         });
         Ok(out)
     }
@@ -158,7 +158,7 @@ impl AdamW {
         for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
             for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let name = format!("optimizer.{kind}.{}", p.name);
-                let loaded = vb.get_untracked(p.full_dims.as_slice(), &name, p.shard, init)?;
+                let loaded = vb.get_untracked(p.full_dims.as_slice(), &name, p.placement, init)?;
                 t.set(&loaded.to_dtype(DType::F32)?)?;
             }
         }
@@ -184,7 +184,7 @@ impl candle_nn::Optimizer for AdamW {
                 name: format!("param.{i:05}"),
                 full_dims: var.dims().to_vec(),
                 var,
-                shard: Placement::Replicated,
+                placement: Placement::Replicated,
             })
             .collect();
         AdamW::new(params, cfg)
@@ -219,7 +219,7 @@ pub fn grad_norm_sq(params: &[Param], grads: &GradStore, comm: &Comm) -> Result<
             .sum_all()?
             .to_scalar::<f64>()?;
         // How many ranks hold each of this rank's elements.
-        let holders = match p.shard {
+        let holders = match p.placement {
             Placement::Replicated => n,
             Placement::Split { .. } | Placement::SplitPadded { .. } => 1.0,
             Placement::Range { dim, len, .. } => {

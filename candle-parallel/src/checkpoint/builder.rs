@@ -246,7 +246,7 @@ impl ParallelVarBuilder {
                 name,
                 var: var.clone(),
                 full_dims: full.dims().to_vec(),
-                shard,
+                placement: shard,
             },
         );
         Ok(var.as_tensor().clone())

@@ -70,7 +70,7 @@ pub fn full_gradients(
             };
             Ok((
                 p.name.clone(),
-                gather_full(&local, p.shard, &p.full_dims, comm)?,
+                gather_full(&local, p.placement, &p.full_dims, comm)?,
             ))
         })
         .collect()

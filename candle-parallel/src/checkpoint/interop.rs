@@ -22,7 +22,7 @@ impl SimpleBackend for ReplicatedBackend {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         // As with a VarMap, asking twice (tied weights) gives the same variable.
         let t = match self.0.recorded(name) {
-            Some(p) if p.shard == Placement::Replicated => {
+            Some(p) if p.placement == Placement::Replicated => {
                 if p.full_dims != s.dims() {
                     candle_core::bail!(
                         "tensor {name}: asked for with shape {:?} but created earlier with shape {:?}",

@@ -131,7 +131,7 @@ pub struct Param {
     /// The full tensor's shape.
     pub full_dims: Vec<usize>,
     /// Which part this rank holds.
-    pub shard: Placement,
+    pub placement: Placement,
 }
 
 /// This rank's `slice` of the full tensor `t` (all of it for `None`), zero padded to the

@@ -20,7 +20,7 @@ pub struct ShardedTensor {
     /// This rank's part (padding rows, if any, are dropped when saving).
     pub local: Tensor,
     pub full_dims: Vec<usize>,
-    pub shard: Placement,
+    pub placement: Placement,
 }
 
 impl From<&Param> for ShardedTensor {
@@ -29,7 +29,7 @@ impl From<&Param> for ShardedTensor {
             name: p.name.clone(),
             local: p.var.as_tensor().detach(),
             full_dims: p.full_dims.clone(),
-            shard: p.shard,
+            placement: p.placement,
         }
     }
 }
@@ -97,7 +97,7 @@ pub fn save_checkpoint(
     let mut local = Vec::with_capacity(tensors.len());
     let mut pieces = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let split = match t.shard.slice(&t.full_dims, &t.name)? {
+        let split = match t.placement.slice(&t.full_dims, &t.name)? {
             None => None,
             Some(sl) => {
                 let mut dims = t.full_dims.clone();
@@ -107,7 +107,7 @@ pub fn save_checkpoint(
                         "save: rank {rank} holds {} with shape {:?} but its shard {:?} of {:?} has {dims:?}",
                         t.name,
                         t.local.dims(),
-                        t.shard,
+                        t.placement,
                         t.full_dims
                     )
                 }
