@@ -49,7 +49,7 @@ fn reference(cfg: RouterConfig, x: &Tensor, c: &Tensor) -> Result<(Tensor, Tenso
             o.output,
             g.get(xv.as_tensor()).unwrap().clone(),
             grads,
-            o.stats.dropped,
+            o.aux.stats.dropped,
         ))
     })?;
     Ok(out.into_iter().next().unwrap())
@@ -102,7 +102,7 @@ fn moe_layer_equals_single_rank_layer_at_every_layout() -> Result<()> {
                             o.output,
                             grads.get(xv.as_tensor()).unwrap().clone(),
                             pg,
-                            o.stats,
+                            o.aux.stats,
                         ))
                     })?;
                 for (r, (g, out, gx, pg, stats)) in outs.iter().enumerate() {
@@ -167,7 +167,7 @@ fn router_options_route_and_train() -> Result<()> {
                     mesh.tp(),
                 )?;
                 let o = layer.forward(&x, true)?;
-                let w = o.routing.weights.to_vec2::<f32>()?;
+                let w = o.aux.routing.weights.to_vec2::<f32>()?;
                 if renormalize || scoring == Scoring::TopKThenSoftmax {
                     for row in &w {
                         assert!(
@@ -176,14 +176,14 @@ fn router_options_route_and_train() -> Result<()> {
                         );
                     }
                 }
-                let aux = (o.switch_aux_loss()? + o.z_loss()?)?;
+                let aux = (o.aux.switch_aux_loss()? + o.aux.z_loss()?)?;
                 let g = (o.output.sum_all()? + aux)?.backward()?;
                 let gate = &vb.params()[0];
                 assert!(
                     g.get(gate.var.as_tensor()).is_some(),
                     "the gate gets a gradient"
                 );
-                Ok((o.routing.experts.to_vec2::<u32>()?, o.output))
+                Ok((o.aux.routing.experts.to_vec2::<u32>()?, o.output))
             })?;
             assert_eq!(outs[0].0, outs[1].0);
             close(&outs[0].1, &outs[1].1, &format!("{scoring:?}"));
@@ -285,7 +285,7 @@ fn capacity_drops_exactly_what_the_policy_names() -> Result<()> {
                 let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu);
                 let layer = moe_layer(H, F, cfg, dispatch, vb.pp("moe"), mesh.ep(), mesh.tp())?;
                 let o = layer.forward(&x, false)?;
-                Ok((o.output, o.stats))
+                Ok((o.output, o.aux.stats))
             })?;
             for (r, (out, stats)) in outs.iter().enumerate() {
                 let what = format!("{policy:?} ep={ep} {dispatch:?} rank {r}");
@@ -334,7 +334,11 @@ fn ranks_whose_experts_get_no_tokens_still_train() -> Result<()> {
             let xv = Var::from_tensor(&x)?;
             let o = layer.forward(xv.as_tensor(), true)?;
             let g = o.output.sqr()?.sum_all()?.backward()?;
-            Ok((o.output, g.get(xv.as_tensor()).unwrap().clone(), o.stats))
+            Ok((
+                o.output,
+                g.get(xv.as_tensor()).unwrap().clone(),
+                o.aux.stats,
+            ))
         })?;
         let busy = outs[0]
             .2

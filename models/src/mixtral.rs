@@ -275,14 +275,14 @@ impl Mixtral {
                 .forward(&ops::rms_norm(&x, &b.post_norm, eps)?, train)?;
             tracing::debug!(
                 layer = i,
-                tokens_per_expert = ?o.stats.tokens_per_expert,
-                max_over_mean = o.stats.max_over_mean(),
-                dropped = o.stats.dropped,
+                tokens_per_expert = ?o.aux.stats.tokens_per_expert,
+                max_over_mean = o.aux.stats.max_over_mean(),
+                dropped = o.aux.stats.dropped,
                 "moe"
             );
             x = (x + o.output)?;
-            logits.push(o.routing.logits);
-            stats.push(o.stats);
+            logits.push(o.aux.routing.logits);
+            stats.push(o.aux.stats);
         }
         let out = self.lm_head.forward(&ops::rms_norm(&x, &self.norm, eps)?)?;
         Ok((out, logits, stats))

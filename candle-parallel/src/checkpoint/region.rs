@@ -47,7 +47,10 @@ pub(crate) fn assemble(
             )
         }
         // Every block of stored bytes this copy reads is checked against its checksum first.
-        let mut checked = vec![false; data.len().div_ceil(super::checksum::BLOCK_BYTES)];
+        let mut checked = match piece.check {
+            Some(_) => vec![false; data.len().div_ceil(super::checksum::BLOCK_BYTES)],
+            None => Vec::new(),
+        };
         let mut verify = |start: usize, len: usize| match &piece.check {
             Some(c) => c.verify(name, data, start, len, &mut checked),
             None => Ok(()),

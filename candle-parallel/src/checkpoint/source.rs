@@ -116,9 +116,66 @@ impl DistSource {
             files,
         })
     }
+}
+
+/// Checks a distributed checkpoint without reading its tensor data: the metadata (see
+/// [`read_metadata`]), every rank file present and a valid safetensors file as long as its
+/// header says, and every piece there with the shape and dtype the metadata gives. Returns the
+/// metadata.
+///
+/// ```no_run
+/// let meta = candle_parallel::checkpoint::check_checkpoint(std::path::Path::new("ckpt/step-000300"))?;
+/// println!("{} tensors", meta.tensors.len());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn check_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
+    let source = DistSource::open(dir)?;
+    for (name, t) in &source.meta.tensors {
+        source.pieces(name, &t.dims)?;
+    }
+    Ok(source.meta)
+}
+
+/// Reads a distributed checkpoint whole and checks every stored byte against its checksum
+/// (after [`check_checkpoint`]'s checks). Returns the bytes checked and the pieces that have no
+/// checksums (written before checksums existed).
+///
+/// ```no_run
+/// use candle_parallel::checkpoint::verify_checkpoint;
+/// let (bytes, unchecked) = verify_checkpoint(std::path::Path::new("ckpt/step-000300"))?;
+/// println!("{bytes} bytes verified, {unchecked} pieces without checksums");
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn verify_checkpoint(dir: &Path) -> Result<(u64, usize)> {
+    let source = DistSource::open(dir)?;
+    let (mut bytes, mut unchecked) = (0u64, 0usize);
+    for (name, t) in &source.meta.tensors {
+        let (_, pieces) = source.pieces(name, &t.dims)?;
+        for p in pieces {
+            match &p.check {
+                Some(c) => {
+                    let mut done = vec![false; p.data.len().div_ceil(BLOCK_BYTES)];
+                    c.verify(name, p.data, 0, p.data.len(), &mut done)?;
+                    bytes += p.data.len() as u64;
+                }
+                None => unchecked += 1,
+            }
+        }
+    }
+    Ok((bytes, unchecked))
+}
+
+impl TensorSource for DistSource {
+    fn contains(&self, name: &str) -> bool {
+        self.meta.tensors.contains_key(name)
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.meta.tensors.get(name).map(|t| t.dims.clone())
+    }
 
     /// The regions of `name` and their bytes, straight from the mapped files.
-    fn pieces_of(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
+    fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
         let Some(t) = self.meta.tensors.get(name) else {
             bail!(
                 "tensor {name} is missing from checkpoint {}",
@@ -176,67 +233,6 @@ impl DistSource {
             });
         }
         Ok((dtype, out))
-    }
-}
-
-/// Checks a distributed checkpoint without reading its tensor data: the metadata (see
-/// [`read_metadata`]), every rank file present and a valid safetensors file as long as its
-/// header says, and every piece there with the shape and dtype the metadata gives. Returns the
-/// metadata.
-///
-/// ```no_run
-/// let meta = candle_parallel::checkpoint::check_checkpoint(std::path::Path::new("ckpt/step-000300"))?;
-/// println!("{} tensors", meta.tensors.len());
-/// # Ok::<(), candle_core::Error>(())
-/// ```
-pub fn check_checkpoint(dir: &Path) -> Result<CheckpointMeta> {
-    let source = DistSource::open(dir)?;
-    for (name, t) in &source.meta.tensors {
-        source.pieces_of(name, &t.dims)?;
-    }
-    Ok(source.meta)
-}
-
-/// Reads a distributed checkpoint whole and checks every stored byte against its checksum
-/// (after [`check_checkpoint`]'s checks). Returns the bytes checked and the pieces that have no
-/// checksums (written before checksums existed).
-///
-/// ```no_run
-/// use candle_parallel::checkpoint::verify_checkpoint;
-/// let (bytes, unchecked) = verify_checkpoint(std::path::Path::new("ckpt/step-000300"))?;
-/// println!("{bytes} bytes verified, {unchecked} pieces without checksums");
-/// # Ok::<(), candle_core::Error>(())
-/// ```
-pub fn verify_checkpoint(dir: &Path) -> Result<(u64, usize)> {
-    let source = DistSource::open(dir)?;
-    let (mut bytes, mut unchecked) = (0u64, 0usize);
-    for (name, t) in &source.meta.tensors {
-        let (_, pieces) = source.pieces_of(name, &t.dims)?;
-        for p in pieces {
-            match &p.check {
-                Some(c) => {
-                    let mut done = vec![false; p.data.len().div_ceil(BLOCK_BYTES)];
-                    c.verify(name, p.data, 0, p.data.len(), &mut done)?;
-                    bytes += p.data.len() as u64;
-                }
-                None => unchecked += 1,
-            }
-        }
-    }
-    Ok((bytes, unchecked))
-}
-
-impl TensorSource for DistSource {
-    fn contains(&self, name: &str) -> bool {
-        self.meta.tensors.contains_key(name)
-    }
-
-    fn dims(&self, name: &str) -> Option<Vec<usize>> {
-        self.meta.tensors.get(name).map(|t| t.dims.clone())
-    }
-
-    fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
-        self.pieces_of(name, full)
     }
 
     fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {

@@ -10,7 +10,7 @@ use candle_core::{bail, Module, Result, Tensor};
 use std::ops::Range;
 
 /// One SwiGLU expert on this rank: its tp slices. Its layers leave the tp communication to
-/// [`LocalExperts::forward`], which does it once for all experts.
+/// [`LocalExperts::forward_rows`], which does it once for all experts.
 #[derive(Clone, Debug)]
 pub struct Expert {
     /// `[ffn / tp, hidden]`
@@ -120,34 +120,6 @@ impl LocalExperts {
         if outs.is_empty() {
             let empty = Tensor::zeros((0, src.dim(1)?), src.dtype(), src.device())?;
             return ops::depend_on(&empty, &[&src]);
-        }
-        ops::reduce_from_group(&Tensor::cat(&outs, 0)?, &self.tp)
-    }
-
-    /// Runs local expert `i` on the `i`-th consecutive segment of `x` (`counts[i]` rows each;
-    /// one count per local expert): one `copy_to_group` before and one reduction over tp after,
-    /// for all experts together. `x` must have rows (dispatchers keep empty branches in the
-    /// graph with [`ops::depend_on`]).
-    pub fn forward(&self, x: &Tensor, counts: &[usize]) -> Result<Tensor> {
-        if counts.len() != self.experts.len() {
-            bail!(
-                "moe experts {:?}: {} row counts given for {} local experts",
-                self.range(),
-                counts.len(),
-                self.experts.len()
-            )
-        }
-        let x = ops::copy_to_group(x, &self.tp)?;
-        let mut outs = Vec::with_capacity(counts.len());
-        let mut at = 0;
-        for (expert, &n) in self.experts.iter().zip(counts) {
-            if n > 0 {
-                outs.push(expert.forward(&x.narrow(0, at, n)?)?);
-            }
-            at += n;
-        }
-        if outs.is_empty() {
-            return x.zeros_like();
         }
         ops::reduce_from_group(&Tensor::cat(&outs, 0)?, &self.tp)
     }

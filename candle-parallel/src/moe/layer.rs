@@ -36,23 +36,7 @@ impl MoeStats {
 /// What a MoE layer returns: its output, and what the auxiliary losses and logs need.
 pub struct MoeOutput {
     pub output: Tensor,
-    pub routing: Routing,
-    pub stats: MoeStats,
-    /// Fraction of this rank's routed copies per expert (before dropping), for the Switch loss.
-    pub fractions: Vec<f32>,
-}
-
-impl MoeOutput {
-    /// Switch / Megatron auxiliary loss of this layer: `E · Σ_e f_e · P_e`, `f_e` the fraction of
-    /// routed copies sent to expert `e`, `P_e` its mean router score.
-    pub fn switch_aux_loss(&self) -> Result<Tensor> {
-        switch_aux_loss(&self.routing.scores, &self.fractions)
-    }
-
-    /// Router z-loss of this layer.
-    pub fn z_loss(&self) -> Result<Tensor> {
-        router_z_loss(&self.routing.logits)
-    }
+    pub aux: MoeAux,
 }
 
 /// A MoE layer; see the [module docs](super).
@@ -67,21 +51,23 @@ pub struct MoeLayer {
     last_aux: Mutex<Option<MoeAux>>,
 }
 
-/// What [`ModuleT::forward_t`] leaves behind for the auxiliary losses: [`MoeOutput`] without
-/// the output.
+/// A layer's routing and statistics: what the auxiliary losses and logs need (part of
+/// [`MoeOutput`]; what [`ModuleT::forward_t`] leaves for [`MoeLayer::take_aux`]).
 pub struct MoeAux {
     pub routing: Routing,
     pub stats: MoeStats,
+    /// Fraction of this rank's routed copies per expert (before dropping), for the Switch loss.
     pub fractions: Vec<f32>,
 }
 
 impl MoeAux {
-    /// See [`MoeOutput::switch_aux_loss`].
+    /// Switch / Megatron auxiliary loss of this layer: `E · Σ_e f_e · P_e`, `f_e` the fraction of
+    /// routed copies sent to expert `e`, `P_e` its mean router score.
     pub fn switch_aux_loss(&self) -> Result<Tensor> {
         switch_aux_loss(&self.routing.scores, &self.fractions)
     }
 
-    /// See [`MoeOutput::z_loss`].
+    /// Router z-loss of this layer.
     pub fn z_loss(&self) -> Result<Tensor> {
         router_z_loss(&self.routing.logits)
     }
@@ -144,18 +130,20 @@ impl MoeLayer {
         let d = self.dispatcher.dispatch(&x2, &routing, &p, &self.experts)?;
         Ok(MoeOutput {
             output: d.output.reshape(dims)?,
-            routing,
-            stats: MoeStats {
-                tokens_per_expert: d.tokens_per_expert,
-                dropped: p.dropped,
+            aux: MoeAux {
+                routing,
+                stats: MoeStats {
+                    tokens_per_expert: d.tokens_per_expert,
+                    dropped: p.dropped,
+                },
+                fractions: p.fractions,
             },
-            fractions: p.fractions,
         })
     }
 
     /// The routing and statistics of the last [`ModuleT::forward_t`] call, taken out (each
-    /// call replaces what the previous one left; [`MoeLayer::forward`] returns them instead
-    /// and leaves nothing). Take them after every forward that needs them, e.g. per
+    /// call replaces what the previous one left; [`MoeLayer::forward`] returns them in its
+    /// output instead and leaves nothing). Take them after every forward that needs them, e.g. per
     /// micro-batch: until taken they keep the router's part of the graph alive.
     pub fn take_aux(&self) -> Option<MoeAux> {
         self.last_aux
@@ -168,11 +156,7 @@ impl MoeLayer {
 impl ModuleT for MoeLayer {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let out = self.forward(x, train)?;
-        *self.last_aux.lock().unwrap_or_else(|e| e.into_inner()) = Some(MoeAux {
-            routing: out.routing,
-            stats: out.stats,
-            fractions: out.fractions,
-        });
+        *self.last_aux.lock().unwrap_or_else(|e| e.into_inner()) = Some(out.aux);
         Ok(out.output)
     }
 }

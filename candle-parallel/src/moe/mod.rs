@@ -5,7 +5,7 @@
 //!   on the logits then softmax (Megatron), sigmoid scores, no renormalisation, a capacity
 //!   factor with token dropping (by lowest probability or by position), input jitter.
 //! - Auxiliary losses: [`hf_load_balancing_loss`] (Hugging Face Mixtral's, one loss over all
-//!   layers), [`MoeOutput::switch_aux_loss`] (Switch / Megatron, per layer), router z-loss.
+//!   layers), [`MoeAux::switch_aux_loss`] (Switch / Megatron, per layer), router z-loss.
 //! - [`MoeLayer`]: SwiGLU experts (`w2(silu(w1 x) · w3 x)`), each rank holding its experts
 //!   (w1/w3 column-parallel and w2 row-parallel over tp), with a [`TokenDispatcher`]
 //!   ([`Dispatch`] names the built-in ones):

@@ -113,9 +113,9 @@ impl ColumnParallelLinear {
 
     /// The caller does the group's communication: the input is taken as already copied to the
     /// group (no `copy_to_group`, nor the all-gather of sequence parallelism) and the output
-    /// is never gathered. MoE experts use this: the
-    /// layer copies all routed tokens to the group once and reduces every expert's output at
-    /// once, instead of one collective per expert.
+    /// is never gathered. MoE experts use this: the layer copies all routed tokens to the
+    /// group once and reduces every expert's output at once, instead of one collective per
+    /// expert.
     pub fn with_external_communication(mut self, external: bool) -> Self {
         self.external_comm = external;
         self
@@ -241,8 +241,9 @@ impl RowParallelLinear {
 
     /// The caller does the group's communication: the input is taken as already split (no
     /// scatter, whatever `with_input_is_parallel` says) and the output is this rank's partial
-    /// product, not reduced over the group (nor reduce-scattered) (the caller reduces it, e.g. every MoE expert's output at
-    /// once). A layer with a bias cannot do this: the bias belongs after the reduction.
+    /// product, neither reduced nor reduce-scattered over the group (the caller reduces it,
+    /// e.g. every MoE expert's output at once). A layer with a bias cannot do this: the bias
+    /// belongs after the reduction.
     pub fn with_external_communication(mut self, external: bool) -> Self {
         self.external_comm = external;
         self
