@@ -1,8 +1,11 @@
 //! Every collective of the local backend against a serial reference computed from all ranks'
 //! inputs, for world sizes 1..=4, several dtypes and several dims.
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, D};
-use candle_parallel::{launch, Launcher, ReduceOp};
+use candle_parallel::ReduceOp;
 use candle_parallel_models::testing::seeded;
+use common::{launch, Launcher};
 
 const DTYPES: [DType; 6] = [
     DType::F32,
@@ -225,14 +228,12 @@ fn send_recv_around_a_ring_and_to_self() -> Result<()> {
                 .collect::<Result<_>>()?;
             let outs = launch(n, |ctx| {
                 let (r, c) = (ctx.rank(), ctx.comm());
-                // Two messages in flight on the same pair arrive in order.
-                c.send(&inputs[r], (r + 1) % n)?;
-                c.send(
-                    &(inputs[r].to_dtype(DType::F32)? * 2.0)?.to_dtype(dtype)?,
-                    (r + 1) % n,
-                )?;
-                let a = c.recv((r + n - 1) % n, (2, 5), dtype)?;
-                let b = c.recv((r + n - 1) % n, (2, 5), dtype)?;
+                let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+                // Every rank sends and receives at once: grouped, so the ring cannot deadlock
+                // (with n = 1 a rank sends to itself).
+                let a = c.send_recv(&inputs[r], next, prev, (2, 5), dtype)?;
+                let twice = (inputs[r].to_dtype(DType::F32)? * 2.0)?.to_dtype(dtype)?;
+                let b = c.send_recv(&twice, next, prev, (2, 5), dtype)?;
                 Ok((a, b))
             })?;
             for (r, (a, b)) in outs.iter().enumerate() {
@@ -248,6 +249,44 @@ fn send_recv_around_a_ring_and_to_self() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[test]
+fn send_then_recv_in_matching_order_delivers_messages_in_order() -> Result<()> {
+    let outs = launch(2, |ctx| {
+        let c = ctx.comm();
+        let x = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+        if ctx.rank() == 0 {
+            // Two messages in flight on the same pair arrive in order.
+            c.send(&x, 1)?;
+            c.send(&(&x * 10.0)?, 1)?;
+            Ok(c.recv(1, 3, DType::F32)?.to_vec1::<f32>()?)
+        } else {
+            let a = c.recv(0, 3, DType::F32)?;
+            let b = c.recv(0, 3, DType::F32)?;
+            c.send(&(a + b)?, 0)?;
+            Ok(Vec::new())
+        }
+    })?;
+    assert_eq!(outs[0], vec![11.0, 22.0, 33.0]);
+    Ok(())
+}
+
+#[test]
+fn a_ring_where_every_rank_sends_first_deadlocks_on_every_backend() {
+    // Sends are rendezvous-style, as NCCL's ungrouped ones: this code hangs on GPUs, so it
+    // must fail here too (the timeout reports it) rather than pass thanks to buffering.
+    let err = Launcher::new(3)
+        .timeout(std::time::Duration::from_secs(2))
+        .run(|ctx| {
+            let (r, n, c) = (ctx.rank(), ctx.world_size(), ctx.comm());
+            c.send(&Tensor::new(&[r as f32], &Device::Cpu)?, (r + 1) % n)?;
+            c.recv((r + n - 1) % n, 1, DType::F32)
+        })
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("timed out"), "{err}");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! The tensor-parallel Llama against candle-transformers' Llama on the same random
 //! checkpoint, and its gradients at tp 2 and 4 against tp 1.
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
-use candle_parallel::launch;
 use candle_parallel_models::llama::{Llama, LlamaConfig};
 use candle_parallel_models::testing::{max_rel_err, write_random_llama};
+use common::launch;
 use std::path::{Path, PathBuf};
 
 const TOKENS: [u32; 7] = [1, 17, 256, 3, 99, 200, 5];

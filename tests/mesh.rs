@@ -1,7 +1,10 @@
 //! The device mesh: coordinates, groups, bad shapes, and per-rank log files.
+mod common;
+
 use candle_core::{Device, Result, Tensor};
 use candle_parallel::mesh::DeviceMesh;
-use candle_parallel::{launch, Launcher, MeshDim, MeshShape, ReduceOp};
+use candle_parallel::{MeshDim, MeshShape, ReduceOp};
+use common::{launch, Launcher};
 
 #[test]
 fn ep_tp_layout_of_the_seed_document() -> Result<()> {

@@ -1,13 +1,16 @@
 //! The expert- and tensor-parallel Mixtral against candle-transformers' Mixtral on the same
 //! random checkpoint; its gradients at ep=2 × tp=2 against ep=1 × tp=1; a few fine-tuning
 //! steps lower the loss.
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::{full_gradients, ParallelVarBuilder};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::{AdamW, AdamWConfig};
-use candle_parallel::{Launcher, MeshShape, ReduceOp};
+use candle_parallel::{MeshShape, ReduceOp};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use candle_parallel_models::testing::{max_rel_err, write_random_mixtral};
+use common::Launcher;
 use std::path::{Path, PathBuf};
 
 const TOKENS: [u32; 7] = [1, 17, 256, 3, 99, 200, 5];

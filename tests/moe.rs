@@ -5,9 +5,10 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::moe::{moe_layer, Dispatch, DropPolicy, RouterConfig};
-use candle_parallel::{launch, Launcher, MeshShape, ReduceOp};
+use candle_parallel::{MeshShape, ReduceOp};
 use candle_parallel_models::testing::{max_rel_err, seeded};
 use common::slice_of;
+use common::{launch, Launcher};
 use std::collections::BTreeMap;
 
 const E: usize = 4;

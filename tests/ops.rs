@@ -1,8 +1,11 @@
 //! Differentiable collectives: outputs and gradients on every rank equal those of the same
 //! computation written for one process.
+mod common;
+
 use candle_core::{DType, Result, Tensor, Var};
-use candle_parallel::{launch, ops};
+use candle_parallel::ops;
 use candle_parallel_models::testing::{max_rel_err, seeded};
+use common::launch;
 
 const TOL: f64 = 1e-5;
 

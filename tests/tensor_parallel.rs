@@ -5,8 +5,9 @@ mod common;
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::tensor_parallel::{self as tp_layers, TpHeads};
-use candle_parallel::{launch, ops, Comm};
+use candle_parallel::{ops, Comm};
 use candle_parallel_models::testing::{max_rel_err, seeded};
+use common::launch;
 use common::slice_of;
 use std::collections::BTreeMap;
 

@@ -1,8 +1,64 @@
 //! Helpers of the integration tests only.
 #![allow(dead_code)] // each test file uses its own subset
 
-use candle_core::{Result, Tensor};
+pub mod nccl_emulator;
+
+use candle_core::{Device, Result, Tensor};
+use candle_parallel::launch::RankContext;
+use candle_parallel::MeshShape;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Whether the multi-rank tests run on the NCCL backend's logic over the emulator of NCCL
+/// (`CANDLE_PARALLEL_TEST_BACKEND=nccl-emulator`) instead of the local backend.
+pub fn on_emulator() -> bool {
+    std::env::var("CANDLE_PARALLEL_TEST_BACKEND").is_ok_and(|v| v == "nccl-emulator")
+}
+
+/// The library's launcher, or the NCCL backend over the emulator when [`on_emulator`]: the
+/// tests that use it run unchanged on both.
+#[derive(Clone, Debug)]
+pub struct Launcher(candle_parallel::Launcher);
+
+impl Launcher {
+    pub fn new(world_size: usize) -> Self {
+        Self(candle_parallel::Launcher::new(world_size))
+    }
+
+    pub fn mesh(self, shape: MeshShape) -> Self {
+        Self(self.0.mesh(shape))
+    }
+
+    pub fn timeout(self, timeout: Duration) -> Self {
+        Self(self.0.timeout(timeout))
+    }
+
+    pub fn log_dir(self, dir: impl Into<PathBuf>) -> Self {
+        Self(self.0.log_dir(dir))
+    }
+
+    pub fn run<T, F>(&self, f: F) -> Result<Vec<T>>
+    where
+        T: Send,
+        F: Fn(RankContext) -> Result<T> + Sync,
+    {
+        if on_emulator() {
+            self.0
+                .run_on_engine::<nccl_emulator::HostNccl, T, F>(|_| Ok(Device::Cpu), &f)
+        } else {
+            self.0.run(f)
+        }
+    }
+}
+
+/// [`candle_parallel::launch`] through [`Launcher`].
+pub fn launch<T, F>(world_size: usize, f: F) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(RankContext) -> Result<T> + Sync,
+{
+    Launcher::new(world_size).run(f)
+}
 
 /// This rank's part of `full` as `shard` describes it (padding with zeros): the reference the
 /// tests slice single-device results with, written independently of the library's loader.

@@ -14,7 +14,8 @@
 //!    ranks are reading this rank's input and writing its output, and they always finish (the
 //!    work is bounded memory traffic), so leaving early would free memory still in use.
 //!
-//! Point-to-point messages go through per-pair mailboxes on the group (`send` does not wait).
+//! Point-to-point messages go through per-pair mailboxes on the group; `send` waits until its
+//! message was taken, as NCCL's ungrouped send waits for its peer (see [`Comm::send`]).
 
 use super::{group_label, lock, Backend, Collective, Comm, CommError, ReduceOp};
 use candle_core::backend::BackendStorage;
@@ -126,6 +127,8 @@ impl LocalFabric {
                 decided: None,
                 poison: None,
                 mail: HashMap::new(),
+                posted: HashMap::new(),
+                taken: HashMap::new(),
             }),
             cv: Condvar::new(),
         });
@@ -157,6 +160,10 @@ struct State {
     poison: Option<String>,
     /// Point-to-point messages, keyed by (source, destination) group rank.
     mail: HashMap<(usize, usize), VecDeque<Tensor>>,
+    /// Messages posted and taken so far per (source, destination): a sender waits until its
+    /// message was taken (rendezvous, as an ungrouped `ncclSend`).
+    posted: HashMap<(usize, usize), u64>,
+    taken: HashMap<(usize, usize), u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -369,6 +376,113 @@ impl LocalBackend {
 
     /// Fails if the group or the job has failed; poisons the group on a job failure so that
     /// no later round can start with a rank missing.
+    fn check_peer(&self, op: &str, peer: usize, role: &str) -> Result<()> {
+        if peer >= self.n() {
+            return Err(self.invalid(
+                op,
+                format!("{role} {peer} is not a rank of this group of {}", self.n()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Leaves a private copy of `x` in `dst`'s mailbox; returns its ticket, or `None` for a
+    /// zero-element message (nothing travels: the receiver does not wait for it either).
+    fn post(&self, x: &Tensor, dst: usize) -> Result<Option<u64>> {
+        if x.elem_count() == 0 {
+            return Ok(None);
+        }
+        // The message is a private copy: the sender may change or drop `x` afterwards.
+        let msg = x.detach().force_contiguous()?;
+        let mut st = lock(&self.group.state);
+        self.check_alive(&mut st, "send")?;
+        st.mail.entry((self.rank, dst)).or_default().push_back(msg);
+        let posted = st.posted.entry((self.rank, dst)).or_default();
+        *posted += 1;
+        let ticket = *posted;
+        self.group.cv.notify_all();
+        Ok(Some(ticket))
+    }
+
+    /// Waits until `dst` took this rank's message number `ticket`.
+    fn wait_taken(&self, op: &str, dst: usize, ticket: u64) -> Result<()> {
+        self.wait(op, dst, |st| {
+            st.taken.get(&(self.rank, dst)).copied().unwrap_or(0) >= ticket
+        })
+    }
+
+    /// Waits until `ready` holds, the group fails, or the timeout (naming `peer`).
+    fn wait(&self, op: &str, peer: usize, mut ready: impl FnMut(&mut State) -> bool) -> Result<()> {
+        let g = &*self.group;
+        let timeout = g.fabric.inner.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&g.state);
+        loop {
+            if ready(&mut st) {
+                return Ok(());
+            }
+            self.check_alive(&mut st, op)?;
+            let now = Instant::now();
+            if now >= deadline {
+                let e = CommError::Timeout {
+                    op: op.into(),
+                    call: 0,
+                    group: g.label.clone(),
+                    rank: self.global(),
+                    secs: timeout.as_secs_f64(),
+                    missing: vec![g.ranks[peer]],
+                };
+                st.poison = Some(e.to_string());
+                g.cv.notify_all();
+                return Err(e.into());
+            }
+            st =
+                g.cv.wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        }
+    }
+
+    /// Takes the next message from `src`, which must have `shape` and `dtype`.
+    fn take(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor> {
+        let g = &*self.group;
+        if shape.elem_count() == 0 {
+            return Tensor::zeros(shape, dtype, &Device::Cpu);
+        }
+        let mut msg = None;
+        self.wait("recv", src, |st| {
+            msg = st
+                .mail
+                .get_mut(&(src, self.rank))
+                .and_then(|q| q.pop_front());
+            if msg.is_some() {
+                *st.taken.entry((src, self.rank)).or_default() += 1;
+            }
+            msg.is_some()
+        })?;
+        g.cv.notify_all();
+        let t = msg.expect("a message was taken");
+        if t.dims() != shape.dims() || t.dtype() != dtype {
+            let e = CommError::Mismatch {
+                op: "send/recv".into(),
+                call: 0,
+                group: g.label.clone(),
+                details: format!(
+                    "rank {} sent {:?}{:?} but rank {} expects {dtype:?}{:?}",
+                    g.ranks[src],
+                    t.dtype(),
+                    t.dims(),
+                    self.global(),
+                    shape.dims()
+                ),
+            };
+            lock(&g.state).poison = Some(e.to_string());
+            g.cv.notify_all();
+            return Err(e.into());
+        }
+        Ok(t)
+    }
+
     fn check_alive(&self, st: &mut State, op: &str) -> Result<()> {
         if let Some(p) = &st.poison {
             return Err(self.aborted(op, p.clone()));
@@ -841,81 +955,47 @@ impl Backend for LocalBackend {
     }
 
     fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
-        if dst >= self.n() {
+        self.check_peer("send", dst, "destination")?;
+        if dst == self.rank {
             return Err(self.invalid(
                 "send",
-                format!(
-                    "destination {dst} is not a rank of this group of {}",
-                    self.n()
-                ),
+                "a rank cannot send to itself: send waits for the matching recv, which this rank can only post afterwards. Use Comm::send_recv".to_string(),
             ));
         }
-        // The message is a private copy: the sender may change or drop `x` afterwards.
-        let msg = x.detach().force_contiguous()?;
-        let mut st = lock(&self.group.state);
-        self.check_alive(&mut st, "send")?;
-        st.mail.entry((self.rank, dst)).or_default().push_back(msg);
-        self.group.cv.notify_all();
+        if let Some(ticket) = self.post(x, dst)? {
+            self.wait_taken("send", dst, ticket)?;
+        }
         Ok(())
     }
 
     fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor> {
-        let g = &*self.group;
-        if src >= self.n() {
+        self.check_peer("recv", src, "source")?;
+        if src == self.rank {
             return Err(self.invalid(
                 "recv",
-                format!("source {src} is not a rank of this group of {}", self.n()),
+                "a rank cannot receive from itself with recv: use Comm::send_recv".to_string(),
             ));
         }
-        let timeout = g.fabric.inner.timeout;
-        let deadline = Instant::now() + timeout;
-        let mut st = lock(&g.state);
-        loop {
-            if let Some(t) = st
-                .mail
-                .get_mut(&(src, self.rank))
-                .and_then(|q| q.pop_front())
-            {
-                if t.dims() != shape.dims() || t.dtype() != dtype {
-                    let e = CommError::Mismatch {
-                        op: "send/recv".into(),
-                        call: 0,
-                        group: g.label.clone(),
-                        details: format!(
-                            "rank {} sent {:?}{:?} but rank {} expects {dtype:?}{:?}",
-                            g.ranks[src],
-                            t.dtype(),
-                            t.dims(),
-                            self.global(),
-                            shape.dims()
-                        ),
-                    };
-                    st.poison = Some(e.to_string());
-                    g.cv.notify_all();
-                    return Err(e.into());
-                }
-                return Ok(t);
-            }
-            self.check_alive(&mut st, "recv")?;
-            let now = Instant::now();
-            if now >= deadline {
-                let e = CommError::Timeout {
-                    op: "recv".into(),
-                    call: 0,
-                    group: g.label.clone(),
-                    rank: self.global(),
-                    secs: timeout.as_secs_f64(),
-                    missing: vec![g.ranks[src]],
-                };
-                st.poison = Some(e.to_string());
-                g.cv.notify_all();
-                return Err(e.into());
-            }
-            st =
-                g.cv.wait_timeout(st, deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+        self.take(src, shape, dtype)
+    }
+
+    fn send_recv(
+        &self,
+        x: &Tensor,
+        dst: usize,
+        src: usize,
+        shape: &Shape,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.check_peer("send_recv", dst, "destination")?;
+        self.check_peer("send_recv", src, "source")?;
+        // Post first, then receive, then wait for the peer to take ours: both progress together.
+        let ticket = self.post(x, dst)?;
+        let got = self.take(src, shape, dtype)?;
+        if let Some(ticket) = ticket {
+            self.wait_taken("send_recv", dst, ticket)?;
         }
+        Ok(got)
     }
 
     fn barrier(&self) -> Result<()> {

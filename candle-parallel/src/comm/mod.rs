@@ -25,6 +25,8 @@ mod error;
 pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+#[doc(hidden)]
+pub mod nccl_engine;
 
 pub use error::CommError;
 
@@ -192,10 +194,27 @@ pub trait Backend: Send + Sync + 'static {
         }
         .into())
     }
-    /// Sends `x` to group rank `dst`.
+    /// Sends `x` to group rank `dst`; may wait until `dst` posts the matching receive.
     fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
     /// Receives a tensor of the given shape and dtype from group rank `src`.
     fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor>;
+    /// Sends `x` to `dst` and receives from `src` at the same time (one group of two
+    /// point-to-point operations), so that a ring of them cannot deadlock.
+    fn send_recv(
+        &self,
+        x: &Tensor,
+        dst: usize,
+        src: usize,
+        shape: &Shape,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let _ = (x, dst, src, shape, dtype);
+        Err(CommError::Unsupported {
+            backend: self.name(),
+            what: "send_recv".to_string(),
+        }
+        .into())
+    }
     /// Returns once every rank of the group has called it.
     fn barrier(&self) -> Result<()>;
     /// Collective: ranks passing the same `color` form a new group, ordered by `(key, rank)`;
@@ -352,9 +371,47 @@ impl Comm {
     }
 
     /// Sends `x` to group rank `dst` (a copy travels; `x` stays yours).
+    ///
+    /// Rendezvous semantics, on every backend: `send` may wait until `dst` posts the matching
+    /// [`Comm::recv`] (an ungrouped `ncclSend` waits for its peer on the GPU stream, and the
+    /// local backend waits the same way, so that code which deadlocks on GPUs deadlocks on the
+    /// CPU too, where the timeout reports it). Do not rely on buffering: a ring where every
+    /// rank sends before it receives deadlocks; use [`Comm::send_recv`] there. A rank cannot
+    /// send to itself with `send`. A zero-element message moves nothing and waits for no one.
     pub fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
         tracing::trace!(group = self.label(), dst, shape = ?x.dims(), "send");
         self.backend.send(x, dst)
+    }
+
+    /// Sends `x` to `dst` and receives a tensor of `shape` and `dtype` from `src` in one step
+    /// (a grouped `ncclSend` + `ncclRecv`): every rank of a ring can call it at once, and
+    /// `dst == src == rank` returns a copy of `x`. A pipeline stage uses it to pass activations
+    /// on while it receives the next ones.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_parallel::launch;
+    ///
+    /// let got = launch(3, |ctx| {
+    ///     let (r, n) = (ctx.rank(), ctx.world_size());
+    ///     let x = Tensor::new(&[r as f32], &Device::Cpu)?;
+    ///     let y = ctx.comm().send_recv(&x, (r + 1) % n, (r + n - 1) % n, 1, DType::F32)?;
+    ///     y.to_vec1::<f32>()
+    /// })?;
+    /// assert_eq!(got, vec![vec![2.0], vec![0.0], vec![1.0]]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn send_recv<S: Into<Shape>>(
+        &self,
+        x: &Tensor,
+        dst: usize,
+        src: usize,
+        shape: S,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        tracing::trace!(group = self.label(), dst, src, shape = ?shape.dims(), "send_recv");
+        self.backend.send_recv(x, dst, src, &shape, dtype)
     }
 
     /// Receives a tensor of `shape` and `dtype` from group rank `src`. A sender whose tensor

@@ -244,7 +244,7 @@ impl Launcher {
         T: Send,
         F: Fn(RankContext) -> Result<T> + Sync,
     {
-        use crate::comm::nccl::{abort_world, NcclBackend, NcclId};
+        use crate::comm::nccl::CudaNccl;
         use candle_core::cuda_backend::cudarc::driver::CudaContext;
         // Checked up front: a rank without a GPU would leave the others waiting to join.
         let gpus = CudaContext::device_count()
@@ -257,19 +257,50 @@ impl Launcher {
                 self.world_size
             )
         }
-        let id = NcclId::new()?;
+        self.run_on_engine::<CudaNccl, T, F>(
+            |rank| {
+                Device::new_cuda(rank).map_err(|e| {
+                    candle_core::Error::msg(format!(
+                        "rank {rank} runs on CUDA device {rank}, which is not usable: {e}. The NCCL backend with threads needs one GPU per rank"
+                    ))
+                })
+            },
+            f,
+        )
+    }
+
+    /// Runs `f` on every rank as threads over the NCCL backend's logic with the NCCL
+    /// implementation `A`, rank `r` on `device(r)`: how the tests run the backend on an
+    /// emulator of NCCL's semantics. Fails like [`Launcher::run`]; a rank whose communicators
+    /// were aborted fails even if its closure returned.
+    #[doc(hidden)]
+    pub fn run_on_engine<A, T, F>(
+        &self,
+        device: impl Fn(usize) -> Result<Device> + Sync,
+        f: &F,
+    ) -> Result<Vec<T>>
+    where
+        A: crate::comm::nccl_engine::NcclApi,
+        T: Send,
+        F: Fn(RankContext) -> Result<T> + Sync,
+    {
+        use crate::comm::nccl_engine::{abort_world, EngineBackend, NcclId};
+        if self.world_size == 0 {
+            bail!("cannot launch 0 ranks: the world size must be at least 1")
+        }
+        if let Some(shape) = &self.mesh {
+            shape.check(self.world_size)?;
+        }
+        let id = NcclId::generate::<A>()?;
         let first: Mutex<Option<(usize, String)>> = Mutex::new(None);
-        let worlds: Vec<Mutex<Option<std::sync::Arc<NcclBackend>>>> =
+        let worlds: Vec<Mutex<Option<std::sync::Arc<EngineBackend<A>>>>> =
             (0..self.world_size).map(|_| Mutex::new(None)).collect();
         let results = self.run_threads(
             f,
             |rank| {
-                let device = Device::new_cuda(rank).map_err(|e| {
-                    candle_core::Error::msg(format!(
-                        "rank {rank} runs on CUDA device {rank}, which is not usable: {e}. The NCCL backend with threads needs one GPU per rank"
-                    ))
-                })?;
-                let backend = NcclBackend::new(&device, rank, self.world_size, &id, self.timeout)?;
+                let device = device(rank)?;
+                let backend =
+                    EngineBackend::<A>::new(&device, rank, self.world_size, &id, self.timeout)?;
                 *lock(&worlds[rank]) = Some(backend.clone());
                 Ok((Comm::from_backend(backend), device))
             },

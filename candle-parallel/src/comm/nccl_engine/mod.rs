@@ -1,0 +1,1277 @@
+//! The NCCL backend's logic, over the narrow interface [`NcclApi`].
+//!
+//! `comm::nccl` (feature `nccl`) runs it on CUDA devices with NCCL itself; the integration
+//! tests run it on host memory with an emulator of NCCL's documented semantics, at several
+//! ranks, on machines without GPUs. It is not a user-facing backend of its own.
+//!
+//! What it promises (the same as the local backend):
+//! - every operation is enqueued on the stream of the tensor it moves and returns at once
+//!   (the host waits only where a value is needed on the host: barrier, split, the argument
+//!   checks);
+//! - nothing hangs: NCCL has no timeout, so a watchdog thread follows each operation with an
+//!   event and aborts the communicator when one is not done within the timeout or NCCL reports
+//!   an error; every later call fails with [`CommError::Aborted`] and the reason;
+//! - communicators are non-blocking (`blocking = 0`): no NCCL call waits for peers on the
+//!   host, so an abort (the watchdog's, or a failing peer thread's) never races a call in flight;
+//!   every call on a communicator, the abort included, holds its lock for one short call;
+//! - `send` is rendezvous-style, as an ungrouped `ncclSend` is: it may wait until the peer
+//!   posts the matching `recv`; `send_recv` groups the two and never deadlocks a ring.
+
+pub mod api;
+mod watchdog;
+
+pub use api::{Addr, NcclApi, Status};
+
+use super::{
+    group_label, lock, regroup_for_scatter, regroup_gathered, Backend, Collective, CommError,
+    ReduceOp,
+};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Result, Shape, Tensor};
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use watchdog::{watchdog, Pending, Watched};
+
+/// The 128-byte id that the ranks of a new NCCL world share: rank 0 makes it, the others
+/// receive its [`NcclId::to_bytes`] (over the rendezvous).
+#[derive(Clone, Copy)]
+pub struct NcclId([u8; 128]);
+
+impl NcclId {
+    /// A fresh id from the implementation `A` (rank 0 only).
+    pub fn generate<A: NcclApi>() -> Result<Self> {
+        A::unique_id().map(Self)
+    }
+
+    /// The id's bytes, to send to the other ranks.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.to_vec()
+    }
+
+    /// The id from the bytes rank 0 sent.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let id: [u8; 128] = bytes.try_into().map_err(|_| {
+            candle_core::Error::msg(format!(
+                "an NCCL unique id has 128 bytes, got {}: the rendezvous blob is not an NCCL id",
+                bytes.len()
+            ))
+        })?;
+        Ok(Self(id))
+    }
+
+    /// The raw bytes.
+    pub fn bytes(&self) -> &[u8; 128] {
+        &self.0
+    }
+
+    /// A short fingerprint: the communicators of one world share it.
+    fn world(&self) -> u64 {
+        // FNV-1a: enough to tell the worlds of one process apart.
+        self.0.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+/// Aborts every communicator of this process in the world of `id` (split groups included)
+/// with `reason`: when one rank of a job whose ranks are threads fails, its peers stop waiting
+/// for it. Other worlds in the process are left alone.
+pub fn abort_world(id: &NcclId, reason: &str) {
+    for c in watchdog().of_world(id.world()) {
+        c.abort(reason.to_string());
+    }
+}
+
+/// What the communicators of one rank in one world (its own and those split from it) share.
+#[derive(Clone)]
+struct Lineage {
+    world: u64,
+    timeout: Duration,
+    /// The first failure of any of them: what [`EngineBackend::check`] reports.
+    rank_failure: Arc<Mutex<Option<String>>>,
+}
+
+/// One communicator, shared by the backend handle and the watchdog.
+struct Shared<A: NcclApi> {
+    /// `None` once aborted. Held only for the length of one non-blocking NCCL call (or the
+    /// calls of one group), by issuers, the watchdog and abort alike: NCCL forbids using a
+    /// communicator from two threads at once.
+    comm: Mutex<Option<A::Comm>>,
+    /// Serialises this communicator's operations (a call and its wait for `InProgress`).
+    issue: Mutex<()>,
+    failure: Mutex<Option<String>>,
+    label: String,
+    global_rank: usize,
+    calls: AtomicU64,
+    lineage: Lineage,
+}
+
+impl<A: NcclApi> Shared<A> {
+    fn failure(&self) -> Option<String> {
+        lock(&self.failure).clone()
+    }
+
+    /// Calls `f` on the communicator and, while it reports [`Status::InProgress`], polls it
+    /// (releasing the lock in between, so that an abort gets in) until it is done, failed,
+    /// aborted, or the timeout passed.
+    fn call(&self, f: impl FnOnce(A::Comm) -> Status) -> std::result::Result<(), CallError> {
+        let start = Instant::now();
+        let mut status = {
+            let c = lock(&self.comm);
+            let Some(c) = *c else {
+                return Err(CallError::Aborted);
+            };
+            f(c)
+        };
+        loop {
+            match status {
+                Status::Success => return Ok(()),
+                Status::Failed(e) => return Err(CallError::Failed(e)),
+                Status::InProgress => {
+                    if start.elapsed() > self.lineage.timeout {
+                        return Err(CallError::Failed(format!(
+                            "still in progress after {:.0}s: a peer never joined",
+                            self.lineage.timeout.as_secs_f64()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                    let c = lock(&self.comm);
+                    let Some(c) = *c else {
+                        return Err(CallError::Aborted);
+                    };
+                    status = A::async_error(c);
+                }
+            }
+        }
+    }
+}
+
+enum CallError {
+    Aborted,
+    Failed(String),
+}
+
+impl<A: NcclApi> Watched for Shared<A> {
+    /// Records `reason` (the first one wins) and aborts the communicator, which ends its
+    /// kernels still waiting for a peer.
+    fn abort(&self, reason: String) {
+        {
+            let mut f = lock(&self.failure);
+            if f.is_none() {
+                tracing::error!(group = %self.label, rank = self.global_rank, "aborting the NCCL communicator: {reason}");
+                lock(&self.lineage.rank_failure).get_or_insert_with(|| reason.clone());
+                *f = Some(reason);
+            }
+        }
+        let mut c = lock(&self.comm);
+        if let Some(p) = c.take() {
+            A::abort(p);
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.lineage.timeout
+    }
+
+    fn global_rank(&self) -> usize {
+        self.global_rank
+    }
+
+    fn world(&self) -> u64 {
+        self.lineage.world
+    }
+
+    fn poll_async_error(&self) {
+        let state = match *lock(&self.comm) {
+            Some(c) => A::async_error(c),
+            None => return,
+        };
+        if let Status::Failed(e) = state {
+            self.abort(format!(
+                "NCCL reported an error on rank {}: {e}",
+                self.global_rank
+            ));
+        }
+    }
+}
+
+impl<A: NcclApi> Drop for Shared<A> {
+    fn drop(&mut self) {
+        // Abort rather than destroy: destroy may wait for peers, and every enqueued operation
+        // has completed by now (the watchdog holds the communicator until they have).
+        if let Some(p) = lock(&self.comm).take() {
+            A::abort(p);
+        }
+    }
+}
+
+/// One rank of one NCCL communicator over the implementation `A`. Built with
+/// [`EngineBackend::new`] (a new world) or by [`Comm::split`](super::Comm::split).
+pub struct EngineBackend<A: NcclApi> {
+    shared: Arc<Shared<A>>,
+    rank: usize,
+    size: usize,
+    ranks: Vec<usize>,
+    device: Device,
+    check_args: bool,
+}
+
+/// Marks an argument-check message on the wire.
+const P2P_HEADER: i64 = 0x5032_5048; // "P2PH"
+const CHECK_LEN: usize = 16;
+
+impl<A: NcclApi> EngineBackend<A> {
+    /// Joins rank `rank` of a new world of `world_size` ranks, all holding the same `id`, on
+    /// `device`. Returns once every rank has joined, or fails after `timeout` naming this
+    /// rank; the same `timeout` bounds every later operation.
+    pub fn new(
+        device: &Device,
+        rank: usize,
+        world_size: usize,
+        id: &NcclId,
+        timeout: Duration,
+    ) -> Result<Arc<Self>> {
+        if rank >= world_size {
+            candle_core::bail!("NCCL world: rank {rank} is not a rank of a world of {world_size}")
+        }
+        let stream = A::stream(device, "NcclBackend::new")?;
+        A::bind(&stream)?;
+        let (comm, status) = A::init_rank(world_size, id.bytes(), rank, device);
+        let comm = wait_ready::<A>(comm, status, timeout).map_err(|e| {
+            candle_core::Error::msg(format!(
+                "rank {rank}: joining the NCCL world of {world_size} failed: {e}"
+            ))
+        })?;
+        tracing::debug!(rank, world_size, "NCCL communicator ready");
+        Ok(Self::wrap(
+            comm,
+            group_label("world", &(0..world_size).collect::<Vec<_>>()),
+            rank,
+            (0..world_size).collect(),
+            device.clone(),
+            Lineage {
+                world: id.world(),
+                timeout,
+                rank_failure: Arc::default(),
+            },
+        ))
+    }
+
+    fn wrap(
+        comm: A::Comm,
+        label: String,
+        rank: usize,
+        ranks: Vec<usize>,
+        device: Device,
+        lineage: Lineage,
+    ) -> Arc<Self> {
+        let shared = Arc::new(Shared::<A> {
+            comm: Mutex::new(Some(comm)),
+            issue: Mutex::new(()),
+            failure: Mutex::new(None),
+            label,
+            global_rank: ranks[rank],
+            calls: AtomicU64::new(0),
+            lineage,
+        });
+        let weak = Arc::downgrade(&shared);
+        watchdog().register(weak);
+        let check_args = std::env::var("CANDLE_PARALLEL_CHECK_COLLECTIVES")
+            .is_ok_and(|v| !v.is_empty() && v != "0");
+        Arc::new(Self {
+            shared,
+            rank,
+            size: ranks.len(),
+            ranks,
+            device,
+            check_args,
+        })
+    }
+
+    /// Checks every collective's arguments across the group first (what
+    /// `CANDLE_PARALLEL_CHECK_COLLECTIVES=1` turns on), for this handle.
+    pub fn with_checked_arguments(mut self: Arc<Self>, on: bool) -> Arc<Self> {
+        match Arc::get_mut(&mut self) {
+            Some(b) => b.check_args = on,
+            None => tracing::warn!("with_checked_arguments: the backend is shared, unchanged"),
+        }
+        self
+    }
+
+    /// Waits for every operation enqueued on this rank's device stream, then fails when this
+    /// communicator, or any other of this rank in the same world (split groups included), was
+    /// aborted (a timeout, an NCCL error or a peer's failure): values computed since then are
+    /// not to be trusted.
+    pub fn check(&self) -> Result<()> {
+        let synced = A::stream(&self.device, "check").and_then(|s| A::synchronize(&s));
+        let failure = lock(&self.shared.lineage.rank_failure).clone();
+        match failure {
+            Some(reason) => Err(self.aborted("check", reason)),
+            None => synced,
+        }
+    }
+
+    fn aborted(&self, op: &str, reason: String) -> candle_core::Error {
+        CommError::Aborted {
+            op: op.to_string(),
+            group: self.shared.label.clone(),
+            rank: self.shared.global_rank,
+            reason,
+        }
+        .into()
+    }
+
+    fn invalid(&self, op: &str, msg: String) -> candle_core::Error {
+        CommError::Invalid {
+            op: op.to_string(),
+            group: self.shared.label.clone(),
+            rank: self.shared.global_rank,
+            msg,
+        }
+        .into()
+    }
+
+    fn abort_with(&self, reason: String) {
+        Watched::abort(&*self.shared, reason)
+    }
+
+    /// Issues NCCL calls on `stream` (`f` gets the communicator; the calls of one group go in
+    /// one `f`), then hands the work to the watchdog. Any NCCL error aborts the communicator:
+    /// its peers would wait forever.
+    fn issue(
+        &self,
+        what: &str,
+        stream: &A::Stream,
+        f: impl FnOnce(A::Comm) -> Status,
+    ) -> Result<()> {
+        let call = self.shared.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let desc = format!("{what} (call #{call} on group {})", self.shared.label);
+        let _serial = lock(&self.shared.issue);
+        A::bind(stream)?;
+        match self.shared.call(f) {
+            Ok(()) => {}
+            Err(CallError::Aborted) => {
+                let reason = self.shared.failure().unwrap_or_default();
+                return Err(self.aborted(what, reason));
+            }
+            Err(CallError::Failed(e)) => {
+                let reason = format!("{desc} failed on rank {}: {e}", self.shared.global_rank);
+                self.abort_with(reason.clone());
+                return Err(self.aborted(what, reason));
+            }
+        }
+        let event = A::record(stream)?;
+        watchdog().follow(Pending {
+            comm: self.shared.clone(),
+            done: Box::new(move || A::is_done(&event)),
+            what: desc,
+            since: Instant::now(),
+        });
+        // Host memory is read as soon as the op returns: wait for it (a no-op on CUDA). A wait
+        // that ends because the watchdog aborted the communicator leaves garbage behind.
+        A::host_wait(stream)?;
+        match self.shared.failure() {
+            Some(reason) => Err(self.aborted(what, reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Every rank's `values` (the same length on every rank), in group-rank order; waits on
+    /// the host for the result.
+    fn gather_i64(&self, what: &str, values: &[i64]) -> Result<Vec<i64>> {
+        let stream = A::stream(&self.device, what)?;
+        let send = A::upload_i64(&self.device, values)?;
+        // SAFETY: the gather below writes every element.
+        let mut all = unsafe {
+            A::alloc(
+                &self.device,
+                &Shape::from(values.len() * self.size),
+                DType::I64,
+            )
+        }?;
+        let bytes = values.len() * 8;
+        A::read(&send, &stream, |s| {
+            A::write(&mut all, &stream, |r| {
+                self.issue(what, &stream, |c| unsafe {
+                    // SAFETY: both buffers are live and sized for the gather.
+                    A::all_gather(c, s, r, bytes, &stream)
+                })
+            })
+        })?;
+        let all = A::download_i64(&all, &stream)?;
+        self.check()?;
+        Ok(all)
+    }
+
+    /// Sends (`Some`) and receives (`None`) small i64 messages of [`CHECK_LEN`] values with
+    /// peers, grouped: the argument checks of point-to-point calls.
+    fn exchange_i64(
+        &self,
+        what: &str,
+        send: Option<(usize, &[i64])>,
+        recv: Option<usize>,
+    ) -> Result<Option<Vec<i64>>> {
+        let stream = A::stream(&self.device, what)?;
+        let mut payload = [0i64; CHECK_LEN];
+        if let Some((_, v)) = send {
+            payload[..v.len()].copy_from_slice(v);
+        }
+        let out_buf = A::upload_i64(&self.device, &payload)?;
+        let mut in_buf = A::upload_i64(&self.device, &[0i64; CHECK_LEN])?;
+        let bytes = CHECK_LEN * 8;
+        A::read(&out_buf, &stream, |o| {
+            A::write(&mut in_buf, &stream, |i| {
+                self.issue(what, &stream, |c| unsafe {
+                    // SAFETY: both buffers hold CHECK_LEN values.
+                    group::<A>(|| {
+                        let mut st = Status::Success;
+                        if let Some((dst, _)) = send {
+                            st = first_failure(st, A::send(c, o, bytes, dst, &stream));
+                        }
+                        if let Some(src) = recv {
+                            st = first_failure(st, A::recv(c, i, bytes, src, &stream));
+                        }
+                        st
+                    })
+                })
+            })
+        })?;
+        match recv {
+            Some(_) => {
+                let v = A::download_i64(&in_buf, &stream)?;
+                self.check()?;
+                Ok(Some(v))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// With checked arguments: compares `what` (an operation code and its arguments, at most
+    /// [`CHECK_LEN`] values) across the group and fails on every rank when they differ.
+    fn check_same(&self, op: &str, what: &[i64], shown: &str) -> Result<()> {
+        let mut mine = [i64::MIN; CHECK_LEN];
+        for (d, &v) in mine.iter_mut().zip(what) {
+            *d = v;
+        }
+        let all = self.gather_i64("argument check", &mine)?;
+        // Every rank sees the same table, so every rank reaches the same verdict.
+        if all.chunks(CHECK_LEN).all(|c| c == &all[..CHECK_LEN]) {
+            return Ok(());
+        }
+        let per_rank = self
+            .ranks
+            .iter()
+            .zip(all.chunks(CHECK_LEN))
+            .map(|(r, c)| {
+                let c: Vec<i64> = c.iter().copied().take_while(|&v| v != i64::MIN).collect();
+                format!("rank {r}: {c:?}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(self.mismatch(
+            op,
+            format!(
+                "ranks disagree on the operation or its arguments ({shown} on rank {}); per rank (op code, dtype, rank count, dims...): {per_rank}",
+                self.shared.global_rank
+            ),
+        ))
+    }
+
+    fn mismatch(&self, op: &str, details: String) -> candle_core::Error {
+        CommError::Mismatch {
+            op: op.to_string(),
+            call: self.shared.calls.load(Ordering::SeqCst),
+            group: self.shared.label.clone(),
+            details,
+        }
+        .into()
+    }
+
+    /// With checked arguments, after the fingerprints agreed: every rank's send and receive
+    /// splits, so that each pair's `send_splits[j]` on rank `i` equals `recv_splits[i]` on
+    /// rank `j`. Every rank checks the whole table and reaches the same verdict.
+    fn check_splits(&self, send: &[usize], recv: &[usize]) -> Result<()> {
+        let n = self.size;
+        let mine: Vec<i64> = send.iter().chain(recv).map(|&c| c as i64).collect();
+        let all = self.gather_i64("all_to_all split check", &mine)?;
+        let row = |r: usize| &all[r * 2 * n..(r + 1) * 2 * n];
+        for i in 0..n {
+            for j in 0..n {
+                let sent = row(i)[j];
+                let expected = row(j)[n + i];
+                if sent != expected {
+                    return Err(self.mismatch(
+                        "all_to_all",
+                        format!(
+                            "rank {} sends {sent} rows to rank {} but rank {} expects {expected} from it (recv_splits must equal the peers' send_splits: use Comm::exchange_split_sizes)",
+                            self.ranks[i], self.ranks[j], self.ranks[j]
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of a collective that does not depend on the storage type.
+    fn collective(
+        &self,
+        op: &Collective,
+        input: &A::Storage,
+        layout: &Layout,
+    ) -> Result<(A::Storage, Shape)> {
+        let name = op.name();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(self.invalid(
+                name,
+                format!(
+                    "the input must be contiguous (shape {:?}, stride {:?}): call .contiguous()",
+                    layout.dims(),
+                    layout.stride()
+                ),
+            ));
+        };
+        if !A::on_device(input, &self.device) {
+            return Err(self.invalid(
+                name,
+                format!(
+                    "the tensor is not on this communicator's device {:?}: move it there (Comm::device)",
+                    self.device.location()
+                ),
+            ));
+        }
+        let dims = layout.dims();
+        let n = self.size;
+        let dtype = input.dtype();
+        self.check_dtype(name, dtype)?;
+        let stream = A::stream(&self.device, name)?;
+        // Always checked, on this rank alone (free): what would make NCCL read or write out of
+        // bounds.
+        if let Collective::AllToAll {
+            send_splits,
+            recv_splits,
+        } = op
+        {
+            self.check_all_to_all_locally(dims, send_splits, recv_splits)?;
+        }
+        if let Collective::Broadcast { root } = op {
+            if *root >= n {
+                return Err(self.invalid(
+                    name,
+                    format!("root {root} is not a rank of this group of {n}"),
+                ));
+            }
+        }
+        if self.check_args && n > 1 {
+            let mut fingerprint = vec![op_code(op), dtype as i64, dims.len() as i64];
+            match op {
+                // Row counts legitimately differ per rank: compared pairwise below.
+                Collective::AllToAll { .. } => {
+                    fingerprint.extend(dims.iter().skip(1).map(|&d| d as i64))
+                }
+                _ => fingerprint.extend(dims.iter().map(|&d| d as i64)),
+            }
+            if fingerprint.len() > CHECK_LEN {
+                return Err(self.invalid(
+                    name,
+                    format!(
+                        "checked mode compares at most {} dims, got {dims:?}",
+                        CHECK_LEN - 3
+                    ),
+                ));
+            }
+            self.check_same(name, &fingerprint, &format!("{op} on {dtype:?} {dims:?}"))?;
+            if let Collective::AllToAll {
+                send_splits,
+                recv_splits,
+            } = op
+            {
+                self.check_splits(send_splits, recv_splits)?;
+            }
+        }
+        let Some(out_dims) = op.output_dims(dims, n) else {
+            return Err(self.invalid(
+                name,
+                format!("{op} cannot apply to a tensor of shape {dims:?} in a group of {n}"),
+            ));
+        };
+        let esz = dtype.size_in_bytes();
+        let len = end - start;
+        let out_shape = Shape::from(out_dims);
+        // SAFETY: every byte of the output is written below before anyone reads it.
+        let mut out = unsafe { A::alloc(&self.device, &out_shape, dtype) }?;
+        if len == 0 && out_shape.elem_count() == 0 {
+            return Ok((out, out_shape));
+        }
+        let reduce = |rop: ReduceOp| -> Result<ReduceOp> {
+            if A::reduces(dtype) {
+                Ok(rop)
+            } else {
+                Err(CommError::Unsupported {
+                    backend: "nccl",
+                    what: format!("{op} on {dtype:?} tensors (NCCL reduces u8, u32, i32, i64, f16, bf16, f32, f64)"),
+                }
+                .into())
+            }
+        };
+        let in_off = (start * esz) as Addr;
+        let outer: usize = dims
+            .iter()
+            .take(match op {
+                Collective::AllGather { dim } | Collective::ReduceScatter { dim, .. } => *dim,
+                _ => 0,
+            })
+            .product();
+        // SAFETY (every NCCL call below): the addresses point into live buffers of the sizes
+        // passed, ordered on `stream`.
+        match op {
+            Collective::AllReduce { op: rop } => {
+                let rop = reduce(*rop)?;
+                A::read(input, &stream, |ip| {
+                    A::write(&mut out, &stream, |o| {
+                        self.issue(name, &stream, |c| unsafe {
+                            A::all_reduce(c, ip + in_off, o, len, dtype, rop, &stream)
+                        })
+                    })
+                })?;
+            }
+            Collective::Broadcast { root } => {
+                A::read(input, &stream, |ip| {
+                    A::write(&mut out, &stream, |o| {
+                        self.issue(name, &stream, |c| unsafe {
+                            A::broadcast(c, ip + in_off, o, len * esz, *root, &stream)
+                        })
+                    })
+                })?;
+            }
+            Collective::AllGather { .. } => {
+                // NCCL gathers along the flat buffer; other dims are regrouped afterwards.
+                let mut tmp = match outer {
+                    1 => None,
+                    _ => Some(unsafe { A::alloc(&self.device, &Shape::from(len * n), dtype) }?),
+                };
+                {
+                    let dst = tmp.as_mut().unwrap_or(&mut out);
+                    A::read(input, &stream, |ip| {
+                        A::write(dst, &stream, |o| {
+                            self.issue(name, &stream, |c| unsafe {
+                                A::all_gather(c, ip + in_off, o, len * esz, &stream)
+                            })
+                        })
+                    })?;
+                }
+                if let Some(tmp) = tmp {
+                    regroup_gathered(&tmp, &mut out, n, outer, len / outer)?;
+                }
+            }
+            Collective::ReduceScatter { op: rop, .. } => {
+                let rop = reduce(*rop)?;
+                let out_len = out_shape.elem_count();
+                // NCCL scatters contiguous chunks: [outer, n * c] is regrouped to [n, outer, c].
+                let tmp = match outer {
+                    1 => None,
+                    _ => {
+                        let mut tmp = unsafe { A::alloc(&self.device, &Shape::from(len), dtype) }?;
+                        regroup_for_scatter(input, start, &mut tmp, n, outer, len / outer / n)?;
+                        Some(tmp)
+                    }
+                };
+                let (src, src_off) = match &tmp {
+                    Some(t) => (t, 0),
+                    None => (input, in_off),
+                };
+                A::read(src, &stream, |ip| {
+                    A::write(&mut out, &stream, |o| {
+                        self.issue(name, &stream, |c| unsafe {
+                            A::reduce_scatter(c, ip + src_off, o, out_len, dtype, rop, &stream)
+                        })
+                    })
+                })?;
+            }
+            Collective::AllToAll {
+                send_splits,
+                recv_splits,
+            } => {
+                let row_bytes = dims.iter().skip(1).product::<usize>() * esz;
+                A::read(input, &stream, |ip| {
+                    A::write(&mut out, &stream, |o| {
+                        self.all_to_all(
+                            &stream,
+                            ip + in_off,
+                            o,
+                            row_bytes,
+                            send_splits,
+                            recv_splits,
+                        )
+                    })
+                })?;
+            }
+        }
+        Ok((out, out_shape))
+    }
+
+    fn check_dtype(&self, op: &str, dtype: DType) -> Result<()> {
+        if dtype.size_in_bytes() == 0 || matches!(dtype, DType::F4 | DType::F6E2M3 | DType::F6E3M2)
+        {
+            return Err(self.invalid(
+                op,
+                format!("{dtype:?} packs values into fractions of a byte, which NCCL cannot move: convert the tensor (to_dtype) first"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_all_to_all_locally(
+        &self,
+        dims: &[usize],
+        send: &[usize],
+        recv: &[usize],
+    ) -> Result<()> {
+        let (n, me) = (self.size, self.rank);
+        if send.len() != n || recv.len() != n {
+            return Err(self.invalid(
+                "all_to_all",
+                format!(
+                    "send_splits ({}) and recv_splits ({}) need one entry per rank of this group of {n}",
+                    send.len(),
+                    recv.len()
+                ),
+            ));
+        }
+        let rows = dims.first().copied().unwrap_or(1);
+        if send.iter().sum::<usize>() != rows {
+            return Err(self.invalid(
+                "all_to_all",
+                format!(
+                    "send_splits {send:?} sum to {} but the input has {rows} rows (shape {dims:?})",
+                    send.iter().sum::<usize>()
+                ),
+            ));
+        }
+        if send[me] != recv[me] {
+            return Err(self.invalid(
+                "all_to_all",
+                format!(
+                    "this rank keeps send_splits[{me}] = {} rows but recv_splits[{me}] = {} expects a different count from itself",
+                    send[me], recv[me]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ragged all-to-all as grouped send/recv; the part a rank keeps is a device copy.
+    fn all_to_all(
+        &self,
+        stream: &A::Stream,
+        in_ptr: Addr,
+        out: Addr,
+        row_bytes: usize,
+        send: &[usize],
+        recv: &[usize],
+    ) -> Result<()> {
+        let me = self.rank;
+        let offsets = |splits: &[usize]| -> Vec<Addr> {
+            splits
+                .iter()
+                .scan(0, |acc, &c| {
+                    let o = *acc;
+                    *acc += c;
+                    Some((o * row_bytes) as Addr)
+                })
+                .collect()
+        };
+        let (so, ro) = (offsets(send), offsets(recv));
+        self.issue("all_to_all", stream, |c| unsafe {
+            // SAFETY: offsets and counts stay within the buffers (checked by the caller).
+            group::<A>(|| {
+                let mut st = Status::Success;
+                for j in 0..self.size {
+                    if j == me {
+                        continue;
+                    }
+                    if send[j] > 0 {
+                        let r = A::send(c, in_ptr + so[j], send[j] * row_bytes, j, stream);
+                        st = first_failure(st, r);
+                    }
+                    if recv[j] > 0 {
+                        let r = A::recv(c, out + ro[j], recv[j] * row_bytes, j, stream);
+                        st = first_failure(st, r);
+                    }
+                }
+                st
+            })
+        })?;
+        if send[me] > 0 {
+            // SAFETY: both ranges lie inside live buffers ordered on `stream`; the counts are
+            // equal (checked by the caller).
+            unsafe { A::copy(out + ro[me], in_ptr + so[me], send[me] * row_bytes, stream) }?;
+            A::host_wait(stream)?;
+        }
+        Ok(())
+    }
+
+    fn check_peer(&self, op: &str, peer: usize, role: &str) -> Result<()> {
+        if peer >= self.size {
+            return Err(self.invalid(
+                op,
+                format!("{role} {peer} is not a rank of this group of {}", self.size),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The header a sender's arguments travel in (checked mode).
+    fn header(&self, dtype: DType, dims: &[usize]) -> Result<Vec<i64>> {
+        if dims.len() + 3 > CHECK_LEN {
+            return Err(self.invalid(
+                "send",
+                format!(
+                    "checked mode describes at most {} dims, got {dims:?}",
+                    CHECK_LEN - 3
+                ),
+            ));
+        }
+        let mut h = vec![P2P_HEADER, dtype as i64, dims.len() as i64];
+        h.extend(dims.iter().map(|&d| d as i64));
+        Ok(h)
+    }
+
+    fn shown(h: &[i64]) -> String {
+        let dtype = DTYPES
+            .iter()
+            .find(|d| **d as i64 == h[1])
+            .map_or_else(|| format!("dtype#{}", h[1]), |d| format!("{d:?}"));
+        let n = (h[2].max(0) as usize).min(CHECK_LEN - 3);
+        format!("{dtype}{:?}", &h[3..3 + n])
+    }
+
+    /// Checked mode, on the receiving side: compares the sender's header with what this rank
+    /// expects and returns the verdict to send back (the expectation, flagged).
+    fn judge(&self, src: usize, got: &[i64], dtype: DType, dims: &[usize]) -> Result<Vec<i64>> {
+        let want = self.header(dtype, dims)?;
+        let ok = got.len() >= want.len()
+            && got[..want.len()] == want[..]
+            && got[want.len()..].iter().all(|&v| v == 0);
+        let mut verdict = want.clone();
+        verdict[0] = if ok { 1 } else { 0 };
+        if got[0] != P2P_HEADER {
+            verdict[0] = 0;
+        }
+        let _ = src;
+        Ok(verdict)
+    }
+
+    fn p2p_mismatch(
+        &self,
+        sender: usize,
+        sent: &[i64],
+        receiver: usize,
+        wanted: &[i64],
+    ) -> candle_core::Error {
+        let mut wanted = wanted.to_vec();
+        wanted[0] = P2P_HEADER;
+        self.mismatch(
+            "send/recv",
+            format!(
+                "rank {sender} sent {} but rank {receiver} expects {}",
+                Self::shown(sent),
+                Self::shown(&wanted)
+            ),
+        )
+    }
+
+    /// The payload part of a send and/or receive, grouped.
+    fn p2p(
+        &self,
+        what: &str,
+        send: Option<(&Tensor, usize)>,
+        recv: Option<(usize, &Shape, DType)>,
+    ) -> Result<Option<Tensor>> {
+        let stream = A::stream(&self.device, what)?;
+        let mut out = match recv {
+            // SAFETY: filled by the receive before any use (ordered on `stream`).
+            Some((_, shape, dtype)) => Some(unsafe { A::alloc(&self.device, shape, dtype) }?),
+            None => None,
+        };
+        let recv_bytes = recv.map_or(0, |(_, s, d)| s.elem_count() * d.size_in_bytes());
+        let run =
+            |send_addr: Option<(Addr, usize, usize)>, out: Option<&mut A::Storage>| -> Result<()> {
+                let recv_part = |o: Option<Addr>| -> Result<()> {
+                    let send_part = send_addr.filter(|(_, b, _)| *b > 0);
+                    let recv_part = o.filter(|_| recv_bytes > 0);
+                    if send_part.is_none() && recv_part.is_none() {
+                        // Zero bytes on both sides: nothing is issued on either (the peer skips
+                        // its side too), so no operation is left unmatched.
+                        return Ok(());
+                    }
+                    self.issue(what, &stream, |c| unsafe {
+                        group::<A>(|| {
+                            let mut st = Status::Success;
+                            if let Some((p, bytes, dst)) = send_part {
+                                st = first_failure(st, A::send(c, p, bytes, dst, &stream));
+                            }
+                            if let (Some(p), Some((src, _, _))) = (recv_part, recv) {
+                                st = first_failure(st, A::recv(c, p, recv_bytes, src, &stream));
+                            }
+                            st
+                        })
+                    })
+                };
+                match out {
+                    Some(o) => A::write(o, &stream, |p| recv_part(Some(p))),
+                    None => recv_part(None),
+                }
+            };
+        match send {
+            Some((x, dst)) => {
+                let x = x.contiguous()?;
+                A::with_storage(&x, what, |s, layout| {
+                    if !A::on_device(s, &self.device) {
+                        return Err(self.invalid(
+                            what,
+                            format!(
+                                "the tensor is not on this communicator's device {:?}",
+                                self.device.location()
+                            ),
+                        ));
+                    }
+                    let off = (layout.start_offset() * x.dtype().size_in_bytes()) as Addr;
+                    let bytes = x.elem_count() * x.dtype().size_in_bytes();
+                    A::read(s, &stream, |p| {
+                        run(Some((p + off, bytes, dst)), out.as_mut())
+                    })
+                })?;
+            }
+            None => run(None, out.as_mut())?,
+        }
+        Ok(out.map(|o| {
+            let shape = recv
+                .map(|(_, s, _)| s.clone())
+                .unwrap_or_else(|| Shape::from(0));
+            A::into_tensor(o, shape)
+        }))
+    }
+
+    /// Checked mode: the sender's header goes to `dst` and the sender at `src` is judged; the
+    /// verdicts come back. Fails on both sides of a mismatched pair, naming both shapes.
+    fn check_p2p(
+        &self,
+        send: Option<(&Tensor, usize)>,
+        recv: Option<(usize, &Shape, DType)>,
+    ) -> Result<()> {
+        if !self.check_args {
+            return Ok(());
+        }
+        let header = match send {
+            Some((x, _)) => Some(self.header(x.dtype(), x.dims())?),
+            None => None,
+        };
+        let got = self.exchange_i64(
+            "send/recv argument check",
+            send.zip(header.as_deref()).map(|((_, dst), h)| (dst, h)),
+            recv.map(|(src, _, _)| src),
+        )?;
+        let verdict = match (recv, &got) {
+            (Some((src, shape, dtype)), Some(got)) => {
+                Some((src, self.judge(src, got, dtype, shape.dims())?))
+            }
+            _ => None,
+        };
+        let back = self.exchange_i64(
+            "send/recv argument verdict",
+            verdict.as_ref().map(|(src, v)| (*src, v.as_slice())),
+            send.map(|(_, dst)| dst),
+        )?;
+        if let (Some((src, v)), Some(got)) = (&verdict, &got) {
+            if v[0] != 1 {
+                return Err(self.p2p_mismatch(self.ranks[*src], got, self.shared.global_rank, v));
+            }
+        }
+        if let (Some((_, dst)), Some(v), Some(h)) = (send, back, header) {
+            if v[0] != 1 {
+                return Err(self.p2p_mismatch(self.shared.global_rank, &h, self.ranks[dst], &v));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a collective on storage of another type than `A`'s: an error, unless the types
+    /// are the same (the CUDA implementation gets CUDA storage, the emulator CPU storage).
+    fn collective_any<S: Any>(
+        &self,
+        op: &Collective,
+        input: &S,
+        layout: &Layout,
+    ) -> Result<(S, Shape)> {
+        let Some(s) = (input as &dyn Any).downcast_ref::<A::Storage>() else {
+            return Err(CommError::Unsupported {
+                backend: "nccl",
+                what: format!(
+                    "{op} on {} tensors: this communicator moves tensors of {:?}; create them on Comm::device",
+                    if std::any::type_name::<S>().contains("Cpu") { "CPU" } else { "CUDA" },
+                    self.device.location()
+                ),
+            }
+            .into());
+        };
+        let (out, shape) = self.collective(op, s, layout)?;
+        let out: Box<dyn Any> = Box::new(out);
+        Ok((*out.downcast::<S>().expect("the same storage type"), shape))
+    }
+}
+
+/// The dtypes a header may name.
+const DTYPES: [DType; 9] = [
+    DType::U8,
+    DType::U32,
+    DType::I16,
+    DType::I32,
+    DType::I64,
+    DType::BF16,
+    DType::F16,
+    DType::F32,
+    DType::F64,
+];
+
+/// The first failure of two statuses.
+fn first_failure(a: Status, b: Status) -> Status {
+    match (a, b) {
+        (Status::Failed(e), _) | (_, Status::Failed(e)) => Status::Failed(e),
+        (Status::InProgress, _) | (_, Status::InProgress) => Status::InProgress,
+        _ => Status::Success,
+    }
+}
+
+/// Runs `f`'s calls as one NCCL group.
+fn group<A: NcclApi>(f: impl FnOnce() -> Status) -> Status {
+    let start = A::group_start();
+    if let Status::Failed(e) = start {
+        return Status::Failed(e);
+    }
+    let inner = f();
+    let end = A::group_end();
+    match (inner, end) {
+        (Status::Failed(e), _) => Status::Failed(e),
+        (_, end) => end,
+    }
+}
+
+/// Polls a new communicator until it is ready; aborts it on failure or timeout.
+fn wait_ready<A: NcclApi>(
+    comm: Option<A::Comm>,
+    mut status: Status,
+    timeout: Duration,
+) -> std::result::Result<A::Comm, String> {
+    let Some(comm) = comm else {
+        return Err(match status {
+            Status::Failed(e) => e,
+            _ => "NCCL returned no communicator".to_string(),
+        });
+    };
+    let start = Instant::now();
+    loop {
+        match status {
+            Status::Success => return Ok(comm),
+            Status::Failed(e) => {
+                A::abort(comm);
+                return Err(e);
+            }
+            Status::InProgress if start.elapsed() > timeout => {
+                A::abort(comm);
+                return Err(format!(
+                    "not every rank joined within {:.0}s; check that all ranks were started with the same unique id",
+                    timeout.as_secs_f64()
+                ));
+            }
+            Status::InProgress => {
+                std::thread::sleep(Duration::from_micros(500));
+                status = A::async_error(comm);
+            }
+        }
+    }
+}
+
+fn op_code(op: &Collective) -> i64 {
+    match op {
+        Collective::AllReduce { op } => 10 + *op as i64,
+        Collective::AllGather { dim } => 100 + *dim as i64,
+        Collective::ReduceScatter { dim, op } => 200 + 10 * *dim as i64 + *op as i64,
+        Collective::AllToAll { .. } => 300,
+        Collective::Broadcast { root } => 400 + *root as i64,
+    }
+}
+
+impl<A: NcclApi> Backend for EngineBackend<A> {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn ranks(&self) -> &[usize] {
+        &self.ranks
+    }
+
+    fn label(&self) -> &str {
+        &self.shared.label
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn collective_cpu(
+        &self,
+        op: &Collective,
+        input: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.collective_any(op, input, layout)
+    }
+
+    fn collective_cuda(
+        &self,
+        op: &Collective,
+        input: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.collective_any(op, input, layout)
+    }
+
+    fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
+        self.check_peer("send", dst, "destination")?;
+        if dst == self.rank {
+            return Err(self.invalid(
+                "send",
+                "a rank cannot send to itself: send waits for the matching recv, which this rank can only post afterwards. Use Comm::send_recv".to_string(),
+            ));
+        }
+        self.check_dtype("send", x.dtype())?;
+        self.check_p2p(Some((x, dst)), None)?;
+        self.p2p("send", Some((x, dst)), None).map(|_| ())
+    }
+
+    fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor> {
+        self.check_peer("recv", src, "source")?;
+        if src == self.rank {
+            return Err(self.invalid(
+                "recv",
+                "a rank cannot receive from itself with recv: use Comm::send_recv".to_string(),
+            ));
+        }
+        self.check_dtype("recv", dtype)?;
+        self.check_p2p(None, Some((src, shape, dtype)))?;
+        Ok(self
+            .p2p("recv", None, Some((src, shape, dtype)))?
+            .expect("a receive returns a tensor"))
+    }
+
+    fn send_recv(
+        &self,
+        x: &Tensor,
+        dst: usize,
+        src: usize,
+        shape: &Shape,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.check_peer("send_recv", dst, "destination")?;
+        self.check_peer("send_recv", src, "source")?;
+        self.check_dtype("send_recv", x.dtype())?;
+        self.check_dtype("send_recv", dtype)?;
+        self.check_p2p(Some((x, dst)), Some((src, shape, dtype)))?;
+        Ok(self
+            .p2p("send_recv", Some((x, dst)), Some((src, shape, dtype)))?
+            .expect("a receive returns a tensor"))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.gather_i64("barrier", &[0]).map(|_| ())
+    }
+
+    fn split(
+        &self,
+        color: Option<usize>,
+        key: usize,
+        label: &str,
+    ) -> Result<Option<Arc<dyn Backend>>> {
+        // Every rank learns every (color, key) first: the new group's global ranks.
+        let all = self.gather_i64("split", &[color.map_or(-1, |c| c as i64), key as i64])?;
+        let stream = A::stream(&self.device, "split")?;
+        let mut new = None;
+        {
+            let _serial = lock(&self.shared.issue);
+            A::bind(&stream)?;
+            let res = self.shared.call(|c| {
+                let (comm, status) = A::split(c, color, key);
+                new = comm;
+                status
+            });
+            if let Err(e) = res {
+                let reason = match e {
+                    CallError::Aborted => self.shared.failure().unwrap_or_default(),
+                    CallError::Failed(e) => {
+                        let r = format!("split failed on rank {}: {e}", self.shared.global_rank);
+                        self.abort_with(r.clone());
+                        r
+                    }
+                };
+                if let Some(c) = new {
+                    A::abort(c);
+                }
+                return Err(self.aborted("split", reason));
+            }
+        }
+        let Some(color) = color else {
+            if let Some(c) = new {
+                A::abort(c);
+            }
+            return Ok(None);
+        };
+        let mut members: Vec<(i64, usize, usize)> = all
+            .chunks(2)
+            .enumerate()
+            .filter(|(_, ck)| ck[0] == color as i64)
+            .map(|(r, ck)| (ck[1], r, self.ranks[r]))
+            .collect();
+        members.sort();
+        let ranks: Vec<usize> = members.iter().map(|m| m.2).collect();
+        let rank = members
+            .iter()
+            .position(|m| m.1 == self.rank)
+            .expect("this rank is a member");
+        let timeout = self.shared.lineage.timeout;
+        let comm = wait_ready::<A>(new, Status::InProgress, timeout).map_err(|e| {
+            candle_core::Error::msg(format!(
+                "split: the new communicator for color {color} on rank {} failed: {e}",
+                self.shared.global_rank
+            ))
+        })?;
+        let label = group_label(label, &ranks);
+        let b: Arc<dyn Backend> = Self::wrap(
+            comm,
+            label,
+            rank,
+            ranks,
+            self.device.clone(),
+            self.shared.lineage.clone(),
+        )
+        .with_checked_arguments(self.check_args);
+        Ok(Some(b))
+    }
+
+    fn abort(&self, reason: &str) {
+        self.abort_with(format!(
+            "rank {} aborted: {reason}",
+            self.shared.global_rank
+        ));
+    }
+}
