@@ -36,17 +36,30 @@ PY
 cp .ci/cuda-run-env.sh "$out/stage/"
 cat > "$out/stage/run-all.sh" <<EOF
 #!/usr/bin/env bash
-# Runs on the GPU machine: every NCCL test, the collective benchmark and the main job as a
-# process rank and as a thread rank.
+# Runs on the GPU machine: every NCCL test (the abort and timeout paths included), the
+# collective benchmark and the main job as a process rank and as a thread rank, once more with
+# checked arguments; with 2 or more GPUs, the benchmark at every GPU and, with 4 or more, the
+# main job's default 4-rank layout (ep 2 x tp 2) as processes and as threads.
 cd "\$(dirname "\$0")"
 source ./cuda-run-env.sh
 # The tests find the probe here rather than in a cargo build directory.
 export CANDLE_PARALLEL_PROBE="\$PWD/rendezvous_probe"
+export CANDLE_PARALLEL_TIMEOUT_SECS=120
+gpus=\$(nvidia-smi -L | wc -l)
+echo "GPUs: \$gpus"
 status=0
 ./nccl --test-threads=1 || status=1
 ./bench_collectives --backend nccl --ranks 1 --max-bytes 268435456 || status=1
 ./launch --nproc 1 -- finetune_mixtral --mesh ep=1,tp=1 --model /tmp/cp-model --out /tmp/cp-ckpt || status=1
-CANDLE_PARALLEL_BACKEND=nccl ./finetune_mixtral --mesh ep=1,tp=1 --model /tmp/cp-model --out /tmp/cp-ckpt || status=1
+CANDLE_PARALLEL_BACKEND=nccl ./finetune_mixtral --mesh ep=1,tp=1 --model /tmp/cp-model --out /tmp/cp-ckpt-threads || status=1
+CANDLE_PARALLEL_CHECK_COLLECTIVES=1 CANDLE_PARALLEL_BACKEND=nccl ./finetune_mixtral --mesh ep=1,tp=1 --model /tmp/cp-model --out /tmp/cp-ckpt-checked || status=1
+if [ "\$gpus" -ge 2 ]; then
+  ./bench_collectives --backend nccl --ranks "1,\$gpus" --max-bytes 268435456 || status=1
+fi
+if [ "\$gpus" -ge 4 ]; then
+  ./launch --nproc 4 -- finetune_mixtral --model /tmp/cp-model --out /tmp/cp-ckpt-4p || status=1
+  CANDLE_PARALLEL_CHECK_COLLECTIVES=1 CANDLE_PARALLEL_BACKEND=nccl ./finetune_mixtral --model /tmp/cp-model --out /tmp/cp-ckpt-4t || status=1
+fi
 exit \$status
 EOF
 chmod +x "$out/stage/run-all.sh"

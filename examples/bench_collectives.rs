@@ -119,19 +119,23 @@ fn iterations(bytes: usize) -> usize {
     ((1usize << 30) / bytes.max(1)).clamp(3, 200)
 }
 
-/// A device-to-device copy of `bytes` on GPU 0, as the NCCL ceiling.
+/// A device-to-device copy of `bytes` on GPU 0 into a fresh buffer (as every collective
+/// returns one), as the NCCL ceiling: median of 20 copies, each timed between device syncs.
 fn device_copy_gbps(bytes: usize) -> Result<f64> {
     let secs = Launcher::new(1).backend(BackendKind::Nccl).run(|ctx| {
         let x = Tensor::ones(bytes / 4, DType::F32, ctx.device())?;
-        let reps = iterations(bytes).min(20);
-        x.copy()?.sum_all()?.to_scalar::<f32>()?; // warm up, and wait for the device
-        let t = Instant::now();
-        let mut last = x.clone();
-        for _ in 0..reps {
-            last = x.copy()?;
+        x.copy()?; // warm up the allocator
+        ctx.device().synchronize()?;
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let y = x.copy()?;
+            ctx.device().synchronize()?;
+            times.push(t.elapsed().as_secs_f64());
+            drop(y);
         }
-        last.narrow(0, 0, 1)?.to_vec1::<f32>()?; // waits for the copies
-        Ok(t.elapsed().as_secs_f64() / reps as f64)
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
     })?;
     Ok(bytes as f64 / secs[0] / 1e9)
 }

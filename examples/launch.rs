@@ -44,7 +44,8 @@ fn main() -> Result<()> {
     let (name, rest) = a.command.split_first().expect("clap requires a command");
     let path = PathBuf::from(name);
     let program = if path.components().count() > 1 || path.is_file() {
-        path
+        // A bare name would be looked up on PATH when started: `launch -- prog` means ./prog.
+        std::path::absolute(&path)?
     } else {
         let sibling = std::env::current_exe()?.with_file_name(name);
         if !sibling.is_file() {

@@ -164,6 +164,68 @@ fn world_that_never_fills_is_an_error_not_a_hang() -> Result<()> {
     Ok(())
 }
 
+/// The abort path on a real non-blocking communicator: another thread aborts while this one
+/// keeps enqueuing; the calls end in an `Aborted` error (no crash, no hang), and `check` (which
+/// waits for the device first) reports it. A fresh communicator works afterwards.
+#[test]
+fn an_abort_from_another_thread_ends_calls_in_flight_cleanly() -> Result<()> {
+    let device = Device::new_cuda(0)?;
+    let backend = NcclBackend::new(&device, 0, 1, &NcclId::new()?, Duration::from_secs(30))?;
+    let comm = candle_parallel::Comm::from_backend(backend.clone());
+    let x = Tensor::ones(1 << 20, DType::F32, &device)?;
+    // Enqueued work is waited for by check.
+    for _ in 0..50 {
+        comm.all_reduce(&x, ReduceOp::Sum)?;
+    }
+    backend.check()?;
+    let started = std::time::Instant::now();
+    let err = std::thread::scope(|s| {
+        let aborter = comm.clone();
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            aborter.abort("stop from another thread");
+        });
+        loop {
+            if let Err(e) = comm.all_reduce(&x, ReduceOp::Sum) {
+                break e.to_string();
+            }
+        }
+    });
+    assert!(err.contains("stop from another thread"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let checked = backend.check().unwrap_err().to_string();
+    assert!(checked.contains("stop from another thread"), "{checked}");
+    let again = NcclBackend::new(&device, 0, 1, &NcclId::new()?, Duration::from_secs(30))?;
+    let y = candle_parallel::Comm::from_backend(again).all_reduce(&x, ReduceOp::Sum)?;
+    assert_eq!(y.sum_all()?.to_scalar::<f32>()?, (1 << 20) as f32);
+    Ok(())
+}
+
+/// A grouped send and receive to itself (the one point-to-point pair a world of one has), and
+/// the checked mode's pairwise comparison of the two sides, on a real communicator.
+#[test]
+fn send_recv_to_self_and_checked_arguments_work_on_the_gpu() -> Result<()> {
+    let device = Device::new_cuda(0)?;
+    let backend = NcclBackend::new(&device, 0, 1, &NcclId::new()?, Duration::from_secs(30))?
+        .with_checked_arguments(true);
+    let comm = candle_parallel::Comm::from_backend(backend);
+    let x = seeded(&[3, 4], 9, DType::F32)?.to_device(&device)?;
+    let y = comm.send_recv(&x, 0, 0, (3, 4), DType::F32)?;
+    assert_eq!(
+        y.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
+        x.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?
+    );
+    let e = comm
+        .send_recv(&x, 0, 0, (4, 3), DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("rank 0 sent F32[3, 4] but rank 0 expects F32[4, 3]"),
+        "{e}"
+    );
+    Ok(())
+}
+
 #[test]
 fn llama_logits_and_gradients_on_cuda_match_the_cpu() -> Result<()> {
     let cfg = LlamaConfig::tiny();

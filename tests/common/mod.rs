@@ -43,8 +43,16 @@ impl Launcher {
         F: Fn(RankContext) -> Result<T> + Sync,
     {
         if on_emulator() {
+            let on_engine = |ctx: RankContext| {
+                assert_eq!(
+                    ctx.comm().backend().name(),
+                    "nccl",
+                    "the emulated NCCL backend"
+                );
+                f(ctx)
+            };
             self.0
-                .run_on_engine::<nccl_emulator::HostNccl, T, F>(|_| Ok(Device::Cpu), &f)
+                .run_on_engine::<nccl_emulator::HostNccl, T, _>(|_| Ok(Device::Cpu), &on_engine)
         } else {
             self.0.run(f)
         }

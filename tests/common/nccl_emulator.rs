@@ -6,8 +6,8 @@
 //! - **streams**: each thread has one stream, a worker thread that runs the enqueued work in
 //!   order; a call returns once its work is enqueued, and an event is done once the work before
 //!   it is;
-//! - **non-blocking communicators**: joining a world or a split answers `InProgress` until
-//!   every rank arrived; `async_error` reports it, and an injected background error;
+//! - **non-blocking communicators**: joining a world answers `InProgress` until every rank
+//!   arrived; `async_error` reports it, and an injected background error;
 //! - **point-to-point**: an ungrouped send or receive occupies its stream until the peer posts
 //!   the matching call (a ring where everyone sends first deadlocks, as on GPUs); the calls of
 //!   one group are posted together and progress together; sends and receives of different
@@ -150,7 +150,7 @@ fn violations() -> &'static Mutex<Vec<String>> {
     V.get_or_init(Default::default)
 }
 
-/// The members of one communicator (a world or a split group).
+/// The members of one communicator.
 struct Group {
     size: usize,
     state: Mutex<GroupState>,
@@ -167,8 +167,6 @@ struct GroupState {
     recvs: HashMap<(usize, usize), VecDeque<Post>>,
     /// Posts whose transfer is done.
     done: HashSet<u64>,
-    /// Split number → each rank's (color, key) and its pending new communicator.
-    splits: HashMap<u64, Vec<Option<(Option<usize>, usize, Option<usize>)>>>,
 }
 
 struct Slot {
@@ -213,7 +211,7 @@ struct Post {
 
 /// One rank's communicator.
 pub struct EmuComm {
-    /// Set when the last rank joined (split communicators are made before that).
+    /// Its group and its rank there.
     group: Mutex<Option<(Arc<Group>, usize)>>,
     aborted: AtomicBool,
     /// A background error (see [`HostNccl::inject_async_error`]).
@@ -221,15 +219,14 @@ pub struct EmuComm {
     creator: ThreadId,
     /// Calls in flight on it: NCCL allows one thread at a time.
     in_use: AtomicBool,
-    /// Collectives and splits run so far (in stream order / call order).
+    /// Collectives run so far (in stream order).
     colls: AtomicU64,
-    splits: AtomicU64,
     /// A call of this communicator answered `InProgress` and was not yet polled to an end.
     in_progress: AtomicBool,
 }
 
 impl EmuComm {
-    fn new(group: Option<(Arc<Group>, usize)>) -> usize {
+    fn create(group: Option<(Arc<Group>, usize)>) -> usize {
         let c = Arc::new(Self {
             group: Mutex::new(group),
             aborted: AtomicBool::new(false),
@@ -237,7 +234,6 @@ impl EmuComm {
             creator: std::thread::current().id(),
             in_use: AtomicBool::new(false),
             colls: AtomicU64::new(0),
-            splits: AtomicU64::new(0),
             in_progress: AtomicBool::new(false),
         });
         let mut all = lock(comms());
@@ -264,6 +260,8 @@ impl EmuComm {
                 "communicator {handle}: {what} while its previous call is still in progress"
             ));
         }
+        // Calls take time in NCCL too: a call that overlaps another is then caught reliably.
+        std::thread::sleep(std::time::Duration::from_micros(50));
         InUse(self.clone())
     }
 }
@@ -490,13 +488,10 @@ struct P2pOp {
 fn match_p2p(st: &mut GroupState) {
     let keys: Vec<(usize, usize)> = st.sends.keys().copied().collect();
     for k in keys {
-        loop {
-            let (Some(s), Some(r)) = (
-                st.sends.get(&k).and_then(|q| q.front()).copied(),
-                st.recvs.get(&k).and_then(|q| q.front()).copied(),
-            ) else {
-                break;
-            };
+        while let (Some(s), Some(r)) = (
+            st.sends.get(&k).and_then(|q| q.front()).copied(),
+            st.recvs.get(&k).and_then(|q| q.front()).copied(),
+        ) {
             if s.bytes != r.bytes {
                 break; // never matches: NCCL would hang
             }
@@ -645,65 +640,12 @@ impl NcclApi for HostNccl {
         }
         lock(&g.state).joined += 1;
         g.cv.notify_all();
-        let h = EmuComm::new(Some((g, rank)));
+        let h = EmuComm::create(Some((g, rank)));
         let c = comm(h);
         let st = ready_status(&c);
         c.in_progress
             .store(st == Status::InProgress, Ordering::SeqCst);
         (Some(h), st)
-    }
-
-    fn split(handle: usize, color: Option<usize>, key: usize) -> (Option<usize>, Status) {
-        let parent = comm(handle);
-        let _in = parent.enter(handle, "split", false);
-        let Some((g, rank)) = parent.group() else {
-            return (
-                None,
-                Status::Failed("split of a communicator not ready".into()),
-            );
-        };
-        let round = parent.splits.fetch_add(1, Ordering::SeqCst);
-        let new = color.map(|_| EmuComm::new(None));
-        let mut st = lock(&g.state);
-        let n = g.size;
-        let entries = st.splits.entry(round).or_insert_with(|| vec![None; n]);
-        entries[rank] = Some((color, key, new));
-        if entries.iter().all(Option::is_some) {
-            // The last to arrive makes the new groups for everyone.
-            let entries: Vec<_> = entries.iter().map(|e| e.unwrap()).collect();
-            st.splits.remove(&round);
-            let colors: HashSet<usize> = entries.iter().filter_map(|e| e.0).collect();
-            for c in colors {
-                let mut members: Vec<(usize, usize, usize)> = entries
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, e)| e.0 == Some(c))
-                    .map(|(r, e)| (e.1, r, e.2.unwrap()))
-                    .collect();
-                members.sort();
-                let group = Arc::new(Group {
-                    size: members.len(),
-                    state: Mutex::new(GroupState {
-                        joined: members.len(),
-                        ..Default::default()
-                    }),
-                    cv: Condvar::new(),
-                });
-                for (new_rank, (_, _, h)) in members.into_iter().enumerate() {
-                    *lock(&comm(h).group) = Some((group.clone(), new_rank));
-                }
-            }
-        }
-        match new {
-            Some(h) => {
-                let st = ready_status(&comm(h));
-                comm(h)
-                    .in_progress
-                    .store(st == Status::InProgress, Ordering::SeqCst);
-                (Some(h), st)
-            }
-            None => (None, Status::Success),
-        }
     }
 
     fn async_error(handle: usize) -> Status {

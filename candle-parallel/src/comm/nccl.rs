@@ -216,23 +216,6 @@ impl NcclApi for CudaNccl {
         ((!comm.is_null()).then_some(RawComm(comm)), status(r, comm))
     }
 
-    fn split(comm: RawComm, color: Option<usize>, key: usize) -> (Option<RawComm>, Status) {
-        let mut config = NcclConfig::non_blocking();
-        let mut new = std::ptr::null_mut();
-        let c_color = color.map_or(-1, |c| c as c_int); // NCCL_SPLIT_NOCOLOR
-                                                        // SAFETY: `new` receives the new communicator; the parent is live.
-        let r = unsafe {
-            sys::ncclCommSplit(
-                comm.0,
-                c_color,
-                key as c_int,
-                &mut new,
-                &mut config as *mut NcclConfig as *mut sys::ncclConfig_t,
-            )
-        };
-        ((!new.is_null()).then_some(RawComm(new)), status(r, comm.0))
-    }
-
     fn async_error(comm: RawComm) -> Status {
         let mut state = sys::ncclResult_t::ncclSuccess;
         // SAFETY: live communicator, used by this thread alone (the engine's lock).

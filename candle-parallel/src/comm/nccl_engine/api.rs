@@ -52,9 +52,6 @@ pub trait NcclApi: Sized + Send + Sync + 'static {
         rank: usize,
         device: &Device,
     ) -> (Option<Self::Comm>, Status);
-    /// `ncclCommSplit`: ranks with the same color form a new non-blocking communicator,
-    /// ordered by `(key, rank)`; `None` opts out.
-    fn split(comm: Self::Comm, color: Option<usize>, key: usize) -> (Option<Self::Comm>, Status);
     /// `ncclCommGetAsyncError`: the state of the communicator's last call and of its
     /// background work.
     fn async_error(comm: Self::Comm) -> Status;

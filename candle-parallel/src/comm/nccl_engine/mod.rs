@@ -1205,51 +1205,43 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
     ) -> Result<Option<Arc<dyn Backend>>> {
         // Every rank learns every (color, key) first: the new group's global ranks.
         let all = self.gather_i64("split", &[color.map_or(-1, |c| c as i64), key as i64])?;
-        let stream = A::stream(&self.device, "split")?;
-        let mut new = None;
-        {
-            let _serial = lock(&self.shared.issue);
-            A::bind(&stream)?;
-            let res = self.shared.call(|c| {
-                let (comm, status) = A::split(c, color, key);
-                new = comm;
-                status
-            });
-            if let Err(e) = res {
-                let reason = match e {
-                    CallError::Aborted => self.shared.failure().unwrap_or_default(),
-                    CallError::Failed(e) => {
-                        let r = format!("split failed on rank {}: {e}", self.shared.global_rank);
-                        self.abort_with(r.clone());
-                        r
-                    }
-                };
-                if let Some(c) = new {
-                    A::abort(c);
-                }
-                return Err(self.aborted("split", reason));
+        // Each new group is a new NCCL world: its first member makes the id, every rank learns
+        // every id (ncclCommSplit's non-blocking form writes the new communicator at a time the
+        // caller cannot observe, so it is not used).
+        let mut members: Vec<(i64, usize, usize)> = match color {
+            Some(color) => all
+                .chunks(2)
+                .enumerate()
+                .filter(|(_, ck)| ck[0] == color as i64)
+                .map(|(r, ck)| (ck[1], r, self.ranks[r]))
+                .collect(),
+            None => Vec::new(),
+        };
+        members.sort();
+        let leader = members.first().is_some_and(|m| m.1 == self.rank);
+        let mut mine = [0i64; 16];
+        if leader {
+            let id = A::unique_id()?;
+            for (d, c) in mine.iter_mut().zip(id.chunks(8)) {
+                *d = i64::from_le_bytes(c.try_into().expect("8 bytes"));
             }
         }
-        let Some(color) = color else {
-            if let Some(c) = new {
-                A::abort(c);
-            }
-            return Ok(None);
-        };
-        let mut members: Vec<(i64, usize, usize)> = all
-            .chunks(2)
-            .enumerate()
-            .filter(|(_, ck)| ck[0] == color as i64)
-            .map(|(r, ck)| (ck[1], r, self.ranks[r]))
-            .collect();
-        members.sort();
+        let ids = self.gather_i64("split ids", &mine)?;
+        let Some(color) = color else { return Ok(None) };
         let ranks: Vec<usize> = members.iter().map(|m| m.2).collect();
         let rank = members
             .iter()
             .position(|m| m.1 == self.rank)
             .expect("this rank is a member");
-        let timeout = self.shared.lineage.timeout;
-        let comm = wait_ready::<A>(new, Status::InProgress, timeout).map_err(|e| {
+        let leader_id = &ids[members[0].1 * 16..(members[0].1 + 1) * 16];
+        let mut id = [0u8; 128];
+        for (d, v) in id.chunks_mut(8).zip(leader_id) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+        let stream = A::stream(&self.device, "split")?;
+        A::bind(&stream)?;
+        let (new, status) = A::init_rank(ranks.len(), &id, rank, &self.device);
+        let comm = wait_ready::<A>(new, status, self.shared.lineage.timeout).map_err(|e| {
             candle_core::Error::msg(format!(
                 "split: the new communicator for color {color} on rank {} failed: {e}",
                 self.shared.global_rank
