@@ -118,6 +118,7 @@ impl<A: NcclApi> Shared<A> {
     /// aborted, or the timeout passed.
     fn call(&self, f: impl FnOnce(A::Comm) -> Status) -> std::result::Result<(), CallError> {
         let start = Instant::now();
+        let mut backoff = Backoff::default();
         let mut status = {
             let c = lock(&self.comm);
             let Some(c) = *c else {
@@ -136,7 +137,7 @@ impl<A: NcclApi> Shared<A> {
                             self.lineage.timeout.as_secs_f64()
                         )));
                     }
-                    std::thread::sleep(Duration::from_micros(200));
+                    backoff.wait();
                     let c = lock(&self.comm);
                     let Some(c) = *c else {
                         return Err(CallError::Aborted);
@@ -1059,6 +1060,21 @@ fn group<A: NcclApi>(f: impl FnOnce() -> Status) -> Status {
     }
 }
 
+/// Waits between polls of a call in progress: most finish within microseconds (an enqueue), so
+/// the first polls only yield; a join that waits for peers backs off to a millisecond.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn wait(&mut self) {
+        self.0 += 1;
+        match self.0 {
+            0..=200 => std::thread::yield_now(),
+            n => std::thread::sleep(Duration::from_micros(((n - 200) as u64 * 10).min(1000))),
+        }
+    }
+}
+
 /// Polls a new communicator until it is ready; aborts it on failure or timeout.
 fn wait_ready<A: NcclApi>(
     comm: Option<A::Comm>,
@@ -1072,6 +1088,7 @@ fn wait_ready<A: NcclApi>(
         });
     };
     let start = Instant::now();
+    let mut backoff = Backoff::default();
     loop {
         match status {
             Status::Success => return Ok(comm),
@@ -1087,7 +1104,7 @@ fn wait_ready<A: NcclApi>(
                 ));
             }
             Status::InProgress => {
-                std::thread::sleep(Duration::from_micros(500));
+                backoff.wait();
                 status = A::async_error(comm);
             }
         }
