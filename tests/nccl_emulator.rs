@@ -334,3 +334,41 @@ fn a_world_that_never_fills_is_an_error() {
     assert!(e.contains("not every rank joined"), "{e}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// Checked mode's point-to-point protocol always runs both of its exchanges on both sides, so
+/// ranks that call different operations (a `send` against a `send_recv`, a receiver that
+/// expects more dims than a message describes) get errors on both sides, not a hang.
+#[test]
+fn checked_point_to_point_fails_both_sides_whatever_the_disagreement() {
+    let start = Instant::now();
+    let outs = world(2, true, Duration::from_secs(20), |rank, c| {
+        let x = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+        if rank == 0 {
+            c.send(&x, 1)
+        } else {
+            c.send_recv(&x, 0, 0, 3, DType::F32).map(|_| ())
+        }
+    });
+    for o in &outs {
+        let e = err_of(o);
+        assert!(e.contains("send/recv"), "{e}");
+    }
+    let outs = world(2, true, Duration::from_secs(20), |rank, c| {
+        let dims = [1usize; 14];
+        if rank == 0 {
+            c.send(&Tensor::ones(&dims[..13], DType::F32, &Device::Cpu)?, 1)
+        } else {
+            c.recv(0, &dims[..], DType::F32).map(|_| ())
+        }
+    });
+    for o in &outs {
+        let e = err_of(o);
+        assert!(
+            e.contains(
+                "rank 0 sent F32[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...] but rank 1 expects"
+            ),
+            "{e}"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(15), "no hang");
+}

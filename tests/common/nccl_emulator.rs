@@ -77,7 +77,9 @@ impl EmuStream {
                         st = w.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                 };
-                job();
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                    violation(format!("an emulated stream job panicked: {p:?}"));
+                }
                 lock(&w.state).completed += 1;
                 w.cv.notify_all();
             })
@@ -223,6 +225,9 @@ pub struct EmuComm {
     colls: AtomicU64,
     /// A call of this communicator answered `InProgress` and was not yet polled to an end.
     in_progress: AtomicBool,
+    /// Polls left before the call in progress is done; calls made so far.
+    polls_left: AtomicU64,
+    calls: AtomicU64,
 }
 
 impl EmuComm {
@@ -235,6 +240,8 @@ impl EmuComm {
             in_use: AtomicBool::new(false),
             colls: AtomicU64::new(0),
             in_progress: AtomicBool::new(false),
+            polls_left: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
         });
         let mut all = lock(comms());
         all.push(c);
@@ -564,10 +571,11 @@ fn enqueue_p2p(op: P2pOp, stream: &Arc<EmuStream>) -> Status {
             false
         }
     });
-    if !grouped {
-        stream.enqueue(Box::new(move || run_p2p(vec![op])));
+    if grouped {
+        return Status::Success;
     }
-    Status::Success
+    stream.enqueue(Box::new(move || run_p2p(vec![op])));
+    enqueued(&comm(op.comm))
 }
 
 fn enqueue_collective(
@@ -585,6 +593,17 @@ fn enqueue_collective(
     }
     let c = me.clone();
     stream.enqueue(Box::new(move || run_collective(c, kind, send, recv)));
+    enqueued(&me)
+}
+
+/// What a call that enqueued its work answers: every third one `InProgress` for two polls (as a
+/// non-blocking NCCL call answers while it connects to peers), so that callers must poll.
+fn enqueued(c: &EmuComm) -> Status {
+    if c.calls.fetch_add(1, Ordering::SeqCst) % 3 == 2 {
+        c.polls_left.store(2, Ordering::SeqCst);
+        c.in_progress.store(true, Ordering::SeqCst);
+        return Status::InProgress;
+    }
     Status::Success
 }
 
@@ -594,6 +613,10 @@ fn ready_status(c: &EmuComm) -> Status {
     }
     if c.aborted.load(Ordering::SeqCst) {
         return Status::Failed("the communicator was aborted".into());
+    }
+    if c.polls_left.load(Ordering::SeqCst) > 0 {
+        c.polls_left.fetch_sub(1, Ordering::SeqCst);
+        return Status::InProgress;
     }
     match c.group() {
         Some((g, _)) if lock(&g.state).joined >= g.size => Status::Success,
@@ -685,10 +708,23 @@ impl NcclApi for HostNccl {
                 Vec::new()
             }
         });
-        if !ops.is_empty() {
-            this_stream().enqueue(Box::new(move || run_p2p(ops)));
-        }
-        Status::Success
+        let Some(first) = ops.first().map(|o| o.comm) else {
+            return Status::Success;
+        };
+        this_stream().enqueue(Box::new(move || run_p2p(ops)));
+        enqueued(&comm(first))
+    }
+
+    fn finalize(handle: usize) -> Status {
+        let c = comm(handle);
+        let _in = c.enter(handle, "finalize", false);
+        enqueued(&c)
+    }
+
+    fn destroy(handle: usize) {
+        let c = comm(handle);
+        let _in = c.enter(handle, "destroy", true);
+        c.aborted.store(true, Ordering::SeqCst);
     }
 
     fn reduces(dtype: DType) -> bool {
@@ -852,7 +888,11 @@ impl NcclApi for HostNccl {
     }
 
     unsafe fn alloc(_: &Device, shape: &Shape, dtype: DType) -> Result<CpuStorage> {
-        CpuDevice.zeros_impl(shape, dtype)
+        // Garbage, as device memory is: a result that reads an unwritten byte shows it.
+        let mut s = CpuDevice.zeros_impl(shape, dtype)?;
+        let bytes = shape.elem_count() * dtype.size_in_bytes();
+        bytes_mut(cpu_addr_mut(&mut s), bytes).fill(0xa5);
+        Ok(s)
     }
 
     fn read<R>(s: &CpuStorage, _: &Arc<EmuStream>, f: impl FnOnce(Addr) -> R) -> R {

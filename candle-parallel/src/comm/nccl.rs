@@ -231,6 +231,16 @@ impl NcclApi for CudaNccl {
         unsafe { sys::ncclCommAbort(comm.0) };
     }
 
+    fn finalize(comm: RawComm) -> Status {
+        // SAFETY: live communicator, no longer reachable by anyone else.
+        status(unsafe { sys::ncclCommFinalize(comm.0) }, comm.0)
+    }
+
+    fn destroy(comm: RawComm) {
+        // SAFETY: a finalized communicator, no longer reachable by anyone else.
+        unsafe { sys::ncclCommDestroy(comm.0) };
+    }
+
     fn group_start() -> Status {
         status(unsafe { sys::ncclGroupStart() }, std::ptr::null_mut())
     }

@@ -57,6 +57,11 @@ pub trait NcclApi: Sized + Send + Sync + 'static {
     fn async_error(comm: Self::Comm) -> Status;
     /// `ncclCommAbort`: frees the communicator and ends its kernels still waiting for peers.
     fn abort(comm: Self::Comm);
+    /// `ncclCommFinalize`: flushes the communicator's work before [`NcclApi::destroy`]
+    /// (`InProgress` until done).
+    fn finalize(comm: Self::Comm) -> Status;
+    /// `ncclCommDestroy`: frees a finalized communicator.
+    fn destroy(comm: Self::Comm);
     fn group_start() -> Status;
     fn group_end() -> Status;
     /// Whether NCCL reduces this dtype.

@@ -29,7 +29,7 @@ use super::{
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Result, Shape, Tensor};
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use watchdog::{watchdog, Pending, Watched};
@@ -79,9 +79,7 @@ impl NcclId {
 /// with `reason`: when one rank of a job whose ranks are threads fails, its peers stop waiting
 /// for it. Other worlds in the process are left alone.
 pub fn abort_world(id: &NcclId, reason: &str) {
-    for c in watchdog().of_world(id.world()) {
-        c.abort(reason.to_string());
-    }
+    watchdog().abort_world(id.world(), reason);
 }
 
 /// What the communicators of one rank in one world (its own and those split from it) share.
@@ -102,6 +100,8 @@ struct Shared<A: NcclApi> {
     /// Serialises this communicator's operations (a call and its wait for `InProgress`).
     issue: Mutex<()>,
     failure: Mutex<Option<String>>,
+    /// When an abort started, until it finished (the watchdog escalates a stuck one).
+    aborting: Mutex<Option<Instant>>,
     label: String,
     global_rank: usize,
     calls: AtomicU64,
@@ -119,12 +119,19 @@ impl<A: NcclApi> Shared<A> {
     fn call(&self, f: impl FnOnce(A::Comm) -> Status) -> std::result::Result<(), CallError> {
         let start = Instant::now();
         let mut backoff = Backoff::default();
+        let live = || -> std::result::Result<A::Comm, CallError> {
+            // A failure recorded by an abort still on its way counts as the abort.
+            match (*lock(&self.comm), self.failure()) {
+                (Some(c), None) => Ok(c),
+                _ => Err(CallError::Aborted),
+            }
+        };
         let mut status = {
             let c = lock(&self.comm);
-            let Some(c) = *c else {
-                return Err(CallError::Aborted);
-            };
-            f(c)
+            match (*c, self.failure()) {
+                (Some(c), None) => f(c),
+                _ => return Err(CallError::Aborted),
+            }
         };
         loop {
             match status {
@@ -138,6 +145,7 @@ impl<A: NcclApi> Shared<A> {
                         )));
                     }
                     backoff.wait();
+                    live()?;
                     let c = lock(&self.comm);
                     let Some(c) = *c else {
                         return Err(CallError::Aborted);
@@ -155,21 +163,27 @@ enum CallError {
 }
 
 impl<A: NcclApi> Watched for Shared<A> {
-    /// Records `reason` (the first one wins) and aborts the communicator, which ends its
-    /// kernels still waiting for a peer.
-    fn abort(&self, reason: String) {
-        {
-            let mut f = lock(&self.failure);
-            if f.is_none() {
-                tracing::error!(group = %self.label, rank = self.global_rank, "aborting the NCCL communicator: {reason}");
-                lock(&self.lineage.rank_failure).get_or_insert_with(|| reason.clone());
-                *f = Some(reason);
-            }
+    fn record_failure(&self, reason: &str) {
+        let mut f = lock(&self.failure);
+        if f.is_none() {
+            tracing::error!(group = %self.label, rank = self.global_rank, "aborting the NCCL communicator: {reason}");
+            lock(&self.lineage.rank_failure).get_or_insert_with(|| reason.to_string());
+            *f = Some(reason.to_string());
         }
-        let mut c = lock(&self.comm);
-        if let Some(p) = c.take() {
-            A::abort(p);
+    }
+
+    fn abort_now(&self) {
+        *lock(&self.aborting) = Some(Instant::now());
+        // Taking the handle waits for a call in flight (one short non-blocking call).
+        let taken = lock(&self.comm).take();
+        if let Some(c) = taken {
+            A::abort(c);
         }
+        *lock(&self.aborting) = None;
+    }
+
+    fn abort_pending_since(&self) -> Option<Instant> {
+        *lock(&self.aborting)
     }
 
     fn timeout(&self) -> Duration {
@@ -180,31 +194,63 @@ impl<A: NcclApi> Watched for Shared<A> {
         self.global_rank
     }
 
+    fn label(&self) -> &str {
+        &self.label
+    }
+
     fn world(&self) -> u64 {
         self.lineage.world
     }
 
-    fn poll_async_error(&self) {
-        let state = match *lock(&self.comm) {
-            Some(c) => A::async_error(c),
-            None => return,
-        };
-        if let Status::Failed(e) = state {
-            self.abort(format!(
-                "NCCL reported an error on rank {}: {e}",
-                self.global_rank
-            ));
+    fn lineage(&self) -> usize {
+        Arc::as_ptr(&self.lineage.rank_failure) as usize
+    }
+
+    fn poll_async_error(&self) -> Option<String> {
+        // A call in flight holds the communicator: skip this round rather than wait for it.
+        let c = self.comm.try_lock().ok()?;
+        match A::async_error((*c)?) {
+            Status::Failed(e) => Some(e),
+            _ => None,
         }
     }
 }
 
 impl<A: NcclApi> Drop for Shared<A> {
     fn drop(&mut self) {
-        // Abort rather than destroy: destroy may wait for peers, and every enqueued operation
-        // has completed by now (the watchdog holds the communicator until they have).
-        if let Some(p) = lock(&self.comm).take() {
-            A::abort(p);
+        // Every enqueued operation has completed by now (the watchdog holds the communicator
+        // until they have): a normal teardown finalizes and destroys; a failed communicator is
+        // aborted. Off this thread, which may be the watchdog's.
+        let Some(c) = lock(&self.comm).take() else {
+            return;
+        };
+        let failed = self.failure().is_some();
+        let timeout = self.lineage.timeout;
+        let spawned = std::thread::Builder::new()
+            .name("nccl-teardown".into())
+            .spawn(move || release::<A>(c, failed, timeout));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a thread to release an NCCL communicator: {e}");
         }
+    }
+}
+
+/// `ncclCommFinalize` (polled to its end, within `timeout`) then `ncclCommDestroy`; abort
+/// when the communicator failed or finalizing does not end.
+fn release<A: NcclApi>(c: A::Comm, failed: bool, timeout: Duration) {
+    if failed {
+        return A::abort(c);
+    }
+    let start = Instant::now();
+    let mut backoff = Backoff::default();
+    let mut status = A::finalize(c);
+    while status == Status::InProgress && start.elapsed() < timeout {
+        backoff.wait();
+        status = A::async_error(c);
+    }
+    match status {
+        Status::Success => A::destroy(c),
+        _ => A::abort(c),
     }
 }
 
@@ -216,12 +262,46 @@ pub struct EngineBackend<A: NcclApi> {
     size: usize,
     ranks: Vec<usize>,
     device: Device,
-    check_args: bool,
+    /// Compare arguments across ranks first (the same on every rank of the group).
+    check_args: AtomicBool,
 }
 
-/// Marks an argument-check message on the wire.
+/// Tags of the argument-check messages of point-to-point calls.
 const P2P_HEADER: i64 = 0x5032_5048; // "P2PH"
+const VERDICT_OK: i64 = 0x5032_504f; // "P2PO"
+const VERDICT_BAD: i64 = 0x5032_5042; // "P2PB"
 const CHECK_LEN: usize = 16;
+/// Dims a check message describes (after the tag, dtype, rank count and element count).
+const DESCRIBED_DIMS: usize = CHECK_LEN - 4;
+
+/// A tensor's description in a check message: tag, dtype, number of dims, element count, and
+/// the first [`DESCRIBED_DIMS`] dims (zero-padded).
+fn describe(tag: i64, dtype: DType, dims: &[usize]) -> Vec<i64> {
+    let mut m = vec![0i64; CHECK_LEN];
+    m[0] = tag;
+    m[1] = dtype as i64;
+    m[2] = dims.len() as i64;
+    m[3] = dims.iter().product::<usize>() as i64;
+    for (d, &v) in m[4..].iter_mut().zip(dims) {
+        *d = v as i64;
+    }
+    m
+}
+
+/// A description as `F32[2, 3]`.
+fn shown(m: &[i64]) -> String {
+    let dtype = DTYPES
+        .iter()
+        .find(|d| **d as i64 == m[1])
+        .map_or_else(|| format!("dtype#{}", m[1]), |d| format!("{d:?}"));
+    let n = m[2].max(0) as usize;
+    let dims: Vec<String> = m[4..4 + n.min(DESCRIBED_DIMS)]
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    let more = if n > DESCRIBED_DIMS { ", ..." } else { "" };
+    format!("{dtype}[{}{more}]", dims.join(", "))
+}
 
 impl<A: NcclApi> EngineBackend<A> {
     /// Joins rank `rank` of a new world of `world_size` ranks, all holding the same `id`, on
@@ -240,13 +320,13 @@ impl<A: NcclApi> EngineBackend<A> {
         let stream = A::stream(device, "NcclBackend::new")?;
         A::bind(&stream)?;
         let (comm, status) = A::init_rank(world_size, id.bytes(), rank, device);
-        let comm = wait_ready::<A>(comm, status, timeout).map_err(|e| {
+        let comm = wait_ready::<A>(comm, status, timeout, id.world()).map_err(|e| {
             candle_core::Error::msg(format!(
                 "rank {rank}: joining the NCCL world of {world_size} failed: {e}"
             ))
         })?;
         tracing::debug!(rank, world_size, "NCCL communicator ready");
-        Ok(Self::wrap(
+        let backend = Self::wrap(
             comm,
             group_label("world", &(0..world_size).collect::<Vec<_>>()),
             rank,
@@ -257,7 +337,16 @@ impl<A: NcclApi> EngineBackend<A> {
                 timeout,
                 rank_failure: Arc::default(),
             },
-        ))
+        );
+        // Checked mode adds calls: every rank must agree on it, or the calls would not match.
+        if world_size > 1 {
+            let all =
+                backend.gather_i64("agreeing on checked mode", &[backend.checked() as i64])?;
+            backend
+                .check_args
+                .store(all.iter().any(|&c| c != 0), Ordering::SeqCst);
+        }
+        Ok(backend)
     }
 
     fn wrap(
@@ -272,6 +361,7 @@ impl<A: NcclApi> EngineBackend<A> {
             comm: Mutex::new(Some(comm)),
             issue: Mutex::new(()),
             failure: Mutex::new(None),
+            aborting: Mutex::new(None),
             label,
             global_rank: ranks[rank],
             calls: AtomicU64::new(0),
@@ -287,18 +377,20 @@ impl<A: NcclApi> EngineBackend<A> {
             size: ranks.len(),
             ranks,
             device,
-            check_args,
+            check_args: AtomicBool::new(check_args),
         })
     }
 
     /// Checks every collective's arguments across the group first (what
-    /// `CANDLE_PARALLEL_CHECK_COLLECTIVES=1` turns on), for this handle.
-    pub fn with_checked_arguments(mut self: Arc<Self>, on: bool) -> Arc<Self> {
-        match Arc::get_mut(&mut self) {
-            Some(b) => b.check_args = on,
-            None => tracing::warn!("with_checked_arguments: the backend is shared, unchanged"),
-        }
+    /// `CANDLE_PARALLEL_CHECK_COLLECTIVES=1` turns on, agreed by every rank when a world is
+    /// made), for this handle; every rank of the group must set the same.
+    pub fn with_checked_arguments(self: Arc<Self>, on: bool) -> Arc<Self> {
+        self.check_args.store(on, Ordering::SeqCst);
         self
+    }
+
+    fn checked(&self) -> bool {
+        self.check_args.load(Ordering::SeqCst)
     }
 
     /// Waits for every operation enqueued on this rank's device stream, then fails when this
@@ -334,8 +426,9 @@ impl<A: NcclApi> EngineBackend<A> {
         .into()
     }
 
+    /// Fails this communicator and every other of this rank in its world, and aborts them.
     fn abort_with(&self, reason: String) {
-        Watched::abort(&*self.shared, reason)
+        watchdog().abort_lineage(&*self.shared, &reason)
     }
 
     /// Issues NCCL calls on `stream` (`f` gets the communicator; the calls of one group go in
@@ -360,10 +453,18 @@ impl<A: NcclApi> EngineBackend<A> {
             Err(CallError::Failed(e)) => {
                 let reason = format!("{desc} failed on rank {}: {e}", self.shared.global_rank);
                 self.abort_with(reason.clone());
+                // Part of a group may have been enqueued: host memory stays in use until then.
+                let _ = A::host_wait(stream);
                 return Err(self.aborted(what, reason));
             }
         }
-        let event = A::record(stream)?;
+        let event = match A::record(stream) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = A::host_wait(stream);
+                return Err(e);
+            }
+        };
         watchdog().follow(Pending {
             comm: self.shared.clone(),
             done: Box::new(move || A::is_done(&event)),
@@ -538,7 +639,7 @@ impl<A: NcclApi> EngineBackend<A> {
             return Err(self.invalid(
                 name,
                 format!(
-                    "the tensor is not on this communicator's device {:?}: move it there (Comm::device)",
+                    "the tensor is not on this communicator's device {:?}: create it on Comm::device (another Device instance of the same GPU has its own stream, which the communicator's work would not be ordered with)",
                     self.device.location()
                 ),
             ));
@@ -565,7 +666,7 @@ impl<A: NcclApi> EngineBackend<A> {
                 ));
             }
         }
-        if self.check_args && n > 1 {
+        if self.checked() && n > 1 {
             let mut fingerprint = vec![op_code(op), dtype as i64, dims.len() as i64];
             match op {
                 // Row counts legitimately differ per rank: compared pairwise below.
@@ -824,66 +925,6 @@ impl<A: NcclApi> EngineBackend<A> {
         Ok(())
     }
 
-    /// The header a sender's arguments travel in (checked mode).
-    fn header(&self, dtype: DType, dims: &[usize]) -> Result<Vec<i64>> {
-        if dims.len() + 3 > CHECK_LEN {
-            return Err(self.invalid(
-                "send",
-                format!(
-                    "checked mode describes at most {} dims, got {dims:?}",
-                    CHECK_LEN - 3
-                ),
-            ));
-        }
-        let mut h = vec![P2P_HEADER, dtype as i64, dims.len() as i64];
-        h.extend(dims.iter().map(|&d| d as i64));
-        Ok(h)
-    }
-
-    fn shown(h: &[i64]) -> String {
-        let dtype = DTYPES
-            .iter()
-            .find(|d| **d as i64 == h[1])
-            .map_or_else(|| format!("dtype#{}", h[1]), |d| format!("{d:?}"));
-        let n = (h[2].max(0) as usize).min(CHECK_LEN - 3);
-        format!("{dtype}{:?}", &h[3..3 + n])
-    }
-
-    /// Checked mode, on the receiving side: compares the sender's header with what this rank
-    /// expects and returns the verdict to send back (the expectation, flagged).
-    fn judge(&self, src: usize, got: &[i64], dtype: DType, dims: &[usize]) -> Result<Vec<i64>> {
-        let want = self.header(dtype, dims)?;
-        let ok = got.len() >= want.len()
-            && got[..want.len()] == want[..]
-            && got[want.len()..].iter().all(|&v| v == 0);
-        let mut verdict = want.clone();
-        verdict[0] = if ok { 1 } else { 0 };
-        if got[0] != P2P_HEADER {
-            verdict[0] = 0;
-        }
-        let _ = src;
-        Ok(verdict)
-    }
-
-    fn p2p_mismatch(
-        &self,
-        sender: usize,
-        sent: &[i64],
-        receiver: usize,
-        wanted: &[i64],
-    ) -> candle_core::Error {
-        let mut wanted = wanted.to_vec();
-        wanted[0] = P2P_HEADER;
-        self.mismatch(
-            "send/recv",
-            format!(
-                "rank {sender} sent {} but rank {receiver} expects {}",
-                Self::shown(sent),
-                Self::shown(&wanted)
-            ),
-        )
-    }
-
     /// The payload part of a send and/or receive, grouped.
     fn p2p(
         &self,
@@ -934,7 +975,7 @@ impl<A: NcclApi> EngineBackend<A> {
                         return Err(self.invalid(
                             what,
                             format!(
-                                "the tensor is not on this communicator's device {:?}",
+                                "the tensor is not on this communicator's device {:?}: create it on Comm::device",
                                 self.device.location()
                             ),
                         ));
@@ -957,46 +998,72 @@ impl<A: NcclApi> EngineBackend<A> {
     }
 
     /// Checked mode: the sender's header goes to `dst` and the sender at `src` is judged; the
-    /// verdicts come back. Fails on both sides of a mismatched pair, naming both shapes.
+    /// verdicts come back. Both exchanges always happen on both sides (a failure is a verdict,
+    /// never an early return that would leave the peer waiting); a mismatched pair fails on
+    /// both sides, naming both shapes.
     fn check_p2p(
         &self,
         send: Option<(&Tensor, usize)>,
         recv: Option<(usize, &Shape, DType)>,
     ) -> Result<()> {
-        if !self.check_args {
+        if !self.checked() {
             return Ok(());
         }
-        let header = match send {
-            Some((x, _)) => Some(self.header(x.dtype(), x.dims())?),
-            None => None,
-        };
+        let header = send.map(|(x, dst)| (dst, describe(P2P_HEADER, x.dtype(), x.dims())));
         let got = self.exchange_i64(
             "send/recv argument check",
-            send.zip(header.as_deref()).map(|((_, dst), h)| (dst, h)),
+            header.as_ref().map(|(dst, h)| (*dst, h.as_slice())),
             recv.map(|(src, _, _)| src),
         )?;
-        let verdict = match (recv, &got) {
-            (Some((src, shape, dtype)), Some(got)) => {
-                Some((src, self.judge(src, got, dtype, shape.dims())?))
-            }
-            _ => None,
-        };
+        // The receiver's verdict: its own expectation, tagged as agreeing or not.
+        let verdict = recv.zip(got.as_ref()).map(|((src, shape, dtype), got)| {
+            let want = describe(P2P_HEADER, dtype, shape.dims());
+            let tag = if got[..] == want[..] {
+                VERDICT_OK
+            } else {
+                VERDICT_BAD
+            };
+            (src, describe(tag, dtype, shape.dims()), got.clone())
+        });
         let back = self.exchange_i64(
             "send/recv argument verdict",
-            verdict.as_ref().map(|(src, v)| (*src, v.as_slice())),
+            verdict.as_ref().map(|(src, v, _)| (*src, v.as_slice())),
             send.map(|(_, dst)| dst),
         )?;
-        if let (Some((src, v)), Some(got)) = (&verdict, &got) {
-            if v[0] != 1 {
+        if let Some((src, v, got)) = &verdict {
+            if v[0] != VERDICT_OK {
                 return Err(self.p2p_mismatch(self.ranks[*src], got, self.shared.global_rank, v));
             }
         }
-        if let (Some((_, dst)), Some(v), Some(h)) = (send, back, header) {
-            if v[0] != 1 {
-                return Err(self.p2p_mismatch(self.shared.global_rank, &h, self.ranks[dst], &v));
+        if let (Some((dst, h)), Some(v)) = (&header, &back) {
+            if v[0] != VERDICT_OK {
+                return Err(self.p2p_mismatch(self.shared.global_rank, h, self.ranks[*dst], v));
             }
         }
         Ok(())
+    }
+
+    /// Both sides' view of a mismatched pair; a message that is not what the protocol expects
+    /// means the two ranks called different operations (`send` against `send_recv`, say).
+    fn p2p_mismatch(
+        &self,
+        sender: usize,
+        sent: &[i64],
+        receiver: usize,
+        wanted: &[i64],
+    ) -> candle_core::Error {
+        let details = if sent[0] != P2P_HEADER || !matches!(wanted[0], VERDICT_OK | VERDICT_BAD) {
+            format!(
+                "rank {sender} and rank {receiver} called different point-to-point operations (a send must meet a recv, and send_recv a send_recv or the matching send and recv)"
+            )
+        } else {
+            format!(
+                "rank {sender} sent {} but rank {receiver} expects {}",
+                shown(sent),
+                shown(wanted)
+            )
+        };
+        self.mismatch("send/recv", details)
     }
 
     /// Runs a collective on storage of another type than `A`'s: an error, unless the types
@@ -1080,6 +1147,7 @@ fn wait_ready<A: NcclApi>(
     comm: Option<A::Comm>,
     mut status: Status,
     timeout: Duration,
+    world: u64,
 ) -> std::result::Result<A::Comm, String> {
     let Some(comm) = comm else {
         return Err(match status {
@@ -1095,6 +1163,10 @@ fn wait_ready<A: NcclApi>(
             Status::Failed(e) => {
                 A::abort(comm);
                 return Err(e);
+            }
+            Status::InProgress if watchdog().world_aborted(world) => {
+                A::abort(comm);
+                return Err("the job was aborted while this rank waited for its peers".into());
             }
             Status::InProgress if start.elapsed() > timeout => {
                 A::abort(comm);
@@ -1172,8 +1244,9 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
                 "a rank cannot send to itself: send waits for the matching recv, which this rank can only post afterwards. Use Comm::send_recv".to_string(),
             ));
         }
-        self.check_dtype("send", x.dtype())?;
+        // Checked first: both sides of a pair always run the check's two exchanges.
         self.check_p2p(Some((x, dst)), None)?;
+        self.check_dtype("send", x.dtype())?;
         self.p2p("send", Some((x, dst)), None).map(|_| ())
     }
 
@@ -1185,8 +1258,8 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
                 "a rank cannot receive from itself with recv: use Comm::send_recv".to_string(),
             ));
         }
-        self.check_dtype("recv", dtype)?;
         self.check_p2p(None, Some((src, shape, dtype)))?;
+        self.check_dtype("recv", dtype)?;
         Ok(self
             .p2p("recv", None, Some((src, shape, dtype)))?
             .expect("a receive returns a tensor"))
@@ -1202,9 +1275,9 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
     ) -> Result<Tensor> {
         self.check_peer("send_recv", dst, "destination")?;
         self.check_peer("send_recv", src, "source")?;
+        self.check_p2p(Some((x, dst)), Some((src, shape, dtype)))?;
         self.check_dtype("send_recv", x.dtype())?;
         self.check_dtype("send_recv", dtype)?;
-        self.check_p2p(Some((x, dst)), Some((src, shape, dtype)))?;
         Ok(self
             .p2p("send_recv", Some((x, dst)), Some((src, shape, dtype)))?
             .expect("a receive returns a tensor"))
@@ -1258,7 +1331,8 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
         let stream = A::stream(&self.device, "split")?;
         A::bind(&stream)?;
         let (new, status) = A::init_rank(ranks.len(), &id, rank, &self.device);
-        let comm = wait_ready::<A>(new, status, self.shared.lineage.timeout).map_err(|e| {
+        let lineage = &self.shared.lineage;
+        let comm = wait_ready::<A>(new, status, lineage.timeout, lineage.world).map_err(|e| {
             candle_core::Error::msg(format!(
                 "split: the new communicator for color {color} on rank {} failed: {e}",
                 self.shared.global_rank
@@ -1273,7 +1347,7 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
             self.device.clone(),
             self.shared.lineage.clone(),
         )
-        .with_checked_arguments(self.check_args);
+        .with_checked_arguments(self.checked());
         Ok(Some(b))
     }
 
