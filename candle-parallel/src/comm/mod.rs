@@ -447,7 +447,8 @@ impl Comm {
     }
 
     /// Fails the group on behalf of this rank: every other rank's pending and later calls
-    /// return an error carrying `reason`.
+    /// return an error carrying `reason`. (The local backend fails the whole job; NCCL aborts
+    /// every communicator of this rank in the world, whose peers then fail or time out.)
     pub fn abort(&self, reason: &str) {
         self.backend.abort(reason)
     }
