@@ -372,3 +372,41 @@ fn checked_point_to_point_fails_both_sides_whatever_the_disagreement() {
     }
     assert!(start.elapsed() < Duration::from_secs(15), "no hang");
 }
+
+/// A group of sends and receives with several peers (what a pipeline stage does at each step:
+/// activations forward, gradients back), two messages per pair kept in order, checked or not.
+#[test]
+fn grouped_exchanges_with_both_neighbours_deliver_in_order() {
+    for checked in [false, true] {
+        let outs = world(4, checked, Duration::from_secs(30), |rank, c| {
+            let n = 4;
+            let (next, prev) = ((rank + 1) % n, (rank + n - 1) % n);
+            let a = Tensor::new(&[rank as f32, 1.0], &Device::Cpu)?;
+            let b = Tensor::new(&[rank as f32, 2.0], &Device::Cpu)?;
+            let two = candle_core::Shape::from(2);
+            let got = c.exchange(
+                &[(&a, next), (&b, next), (&a, prev)],
+                &[
+                    (prev, &two, DType::F32),
+                    (prev, &two, DType::F32),
+                    (next, &two, DType::F32),
+                ],
+            )?;
+            got.iter()
+                .map(|t| t.to_vec1::<f32>())
+                .collect::<Result<Vec<_>>>()
+        });
+        for (rank, o) in outs.into_iter().enumerate() {
+            let (next, prev) = ((rank + 1) % 4, (rank + 3) % 4);
+            assert_eq!(
+                o.unwrap(),
+                vec![
+                    vec![prev as f32, 1.0],
+                    vec![prev as f32, 2.0],
+                    vec![next as f32, 1.0]
+                ],
+                "rank {rank}, checked {checked}"
+            );
+        }
+    }
+}

@@ -979,21 +979,31 @@ impl Backend for LocalBackend {
         self.take(src, shape, dtype)
     }
 
-    fn send_recv(
+    fn exchange(
         &self,
-        x: &Tensor,
-        dst: usize,
-        src: usize,
-        shape: &Shape,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        self.check_peer("send_recv", dst, "destination")?;
-        self.check_peer("send_recv", src, "source")?;
-        // Post first, then receive, then wait for the peer to take ours: both progress together.
-        let ticket = self.post(x, dst)?;
-        let got = self.take(src, shape, dtype)?;
-        if let Some(ticket) = ticket {
-            self.wait_taken("send_recv", dst, ticket)?;
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
+    ) -> Result<Vec<Tensor>> {
+        for (_, dst) in sends {
+            self.check_peer("exchange", *dst, "destination")?;
+        }
+        for (src, _, _) in recvs {
+            self.check_peer("exchange", *src, "source")?;
+        }
+        // Post every send, then receive, then wait for the peers to take ours: the group
+        // progresses together.
+        let tickets: Vec<(usize, Option<u64>)> = sends
+            .iter()
+            .map(|(x, dst)| Ok((*dst, self.post(x, *dst)?)))
+            .collect::<Result<_>>()?;
+        let got = recvs
+            .iter()
+            .map(|(src, shape, dtype)| self.take(*src, shape, *dtype))
+            .collect::<Result<Vec<_>>>()?;
+        for (dst, ticket) in tickets {
+            if let Some(ticket) = ticket {
+                self.wait_taken("exchange", dst, ticket)?;
+            }
         }
         Ok(got)
     }

@@ -198,20 +198,19 @@ pub trait Backend: Send + Sync + 'static {
     fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
     /// Receives a tensor of the given shape and dtype from group rank `src`.
     fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor>;
-    /// Sends `x` to `dst` and receives from `src` at the same time (one group of two
-    /// point-to-point operations), so that a ring of them cannot deadlock.
-    fn send_recv(
+    /// Runs `sends` (tensor, destination) and receives (source, shape, dtype) as one group,
+    /// so that they progress together and cannot deadlock one another (PyTorch's
+    /// `batch_isend_irecv`, NCCL's grouped `ncclSend`/`ncclRecv`); returns the received
+    /// tensors in the order of `recvs`.
+    fn exchange(
         &self,
-        x: &Tensor,
-        dst: usize,
-        src: usize,
-        shape: &Shape,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        let _ = (x, dst, src, shape, dtype);
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
+    ) -> Result<Vec<Tensor>> {
+        let _ = (sends, recvs);
         Err(CommError::Unsupported {
             backend: self.name(),
-            what: "send_recv".to_string(),
+            what: "grouped point-to-point (exchange)".to_string(),
         }
         .into())
     }
@@ -411,11 +410,54 @@ impl Comm {
     ) -> Result<Tensor> {
         let shape = shape.into();
         tracing::trace!(group = self.label(), dst, src, shape = ?shape.dims(), "send_recv");
-        self.backend.send_recv(x, dst, src, &shape, dtype)
+        Ok(self
+            .backend
+            .exchange(&[(x, dst)], &[(src, &shape, dtype)])?
+            .remove(0))
+    }
+
+    /// Sends every `(tensor, destination)` of `sends` and receives every `(source, shape,
+    /// dtype)` of `recvs` as one group (PyTorch's `batch_isend_irecv`): they progress
+    /// together, so neighbours that send to each other at once cannot deadlock. Messages
+    /// between the same pair arrive in the order given. Returns the received tensors in the
+    /// order of `recvs`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Shape, Tensor};
+    /// use candle_parallel::launch;
+    ///
+    /// // Every rank sends to both neighbours and receives from both.
+    /// let got = launch(3, |ctx| {
+    ///     let (r, n) = (ctx.rank(), ctx.world_size());
+    ///     let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    ///     let x = Tensor::new(&[r as f32], &Device::Cpu)?;
+    ///     let one = Shape::from(1);
+    ///     let got = ctx.comm().exchange(
+    ///         &[(&x, next), (&x, prev)],
+    ///         &[(prev, &one, DType::F32), (next, &one, DType::F32)],
+    ///     )?;
+    ///     Ok((got[0].to_vec1::<f32>()?[0], got[1].to_vec1::<f32>()?[0]))
+    /// })?;
+    /// assert_eq!(got, vec![(2.0, 1.0), (0.0, 2.0), (1.0, 0.0)]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn exchange(
+        &self,
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
+    ) -> Result<Vec<Tensor>> {
+        tracing::trace!(
+            group = self.label(),
+            sends = sends.len(),
+            recvs = recvs.len(),
+            "exchange"
+        );
+        self.backend.exchange(sends, recvs)
     }
 
     /// Receives a tensor of `shape` and `dtype` from group rank `src`. A sender whose tensor
-    /// differs fails both sides with an error naming the two shapes.
+    /// differs fails both sides with an error naming the two shapes (on the NCCL backend, with
+    /// `CANDLE_PARALLEL_CHECK_COLLECTIVES=1`).
     pub fn recv<S: Into<Shape>>(&self, src: usize, shape: S, dtype: DType) -> Result<Tensor> {
         let shape = shape.into();
         tracing::trace!(group = self.label(), src, shape = ?shape.dims(), "recv");

@@ -507,47 +507,50 @@ impl<A: NcclApi> EngineBackend<A> {
         Ok(all)
     }
 
-    /// Sends (`Some`) and receives (`None`) small i64 messages of [`CHECK_LEN`] values with
-    /// peers, grouped: the argument checks of point-to-point calls.
+    /// Sends small i64 messages of [`CHECK_LEN`] values to peers and receives one from each
+    /// of `recv`, as one group: the argument checks of point-to-point calls.
     fn exchange_i64(
         &self,
         what: &str,
-        send: Option<(usize, &[i64])>,
-        recv: Option<usize>,
-    ) -> Result<Option<Vec<i64>>> {
+        send: &[(usize, Vec<i64>)],
+        recv: &[usize],
+    ) -> Result<Vec<Vec<i64>>> {
+        if send.is_empty() && recv.is_empty() {
+            return Ok(Vec::new());
+        }
         let stream = A::stream(&self.device, what)?;
-        let mut payload = [0i64; CHECK_LEN];
-        if let Some((_, v)) = send {
-            payload[..v.len()].copy_from_slice(v);
+        let mut payload = vec![0i64; CHECK_LEN * send.len().max(1)];
+        for (i, (_, v)) in send.iter().enumerate() {
+            payload[i * CHECK_LEN..i * CHECK_LEN + v.len()].copy_from_slice(v);
         }
         let out_buf = A::upload_i64(&self.device, &payload)?;
-        let mut in_buf = A::upload_i64(&self.device, &[0i64; CHECK_LEN])?;
+        let mut in_buf = A::upload_i64(&self.device, &vec![0i64; CHECK_LEN * recv.len().max(1)])?;
         let bytes = CHECK_LEN * 8;
         A::read(&out_buf, &stream, |o| {
             A::write(&mut in_buf, &stream, |i| {
                 self.issue(what, &stream, |c| unsafe {
-                    // SAFETY: both buffers hold CHECK_LEN values.
+                    // SAFETY: the buffers hold CHECK_LEN values per message.
                     group::<A>(|| {
                         let mut st = Status::Success;
-                        if let Some((dst, _)) = send {
-                            st = first_failure(st, A::send(c, o, bytes, dst, &stream));
+                        for (k, (dst, _)) in send.iter().enumerate() {
+                            let r = A::send(c, o + (k * bytes) as Addr, bytes, *dst, &stream);
+                            st = first_failure(st, r);
                         }
-                        if let Some(src) = recv {
-                            st = first_failure(st, A::recv(c, i, bytes, src, &stream));
+                        for (k, src) in recv.iter().enumerate() {
+                            let r = A::recv(c, i + (k * bytes) as Addr, bytes, *src, &stream);
+                            st = first_failure(st, r);
                         }
                         st
                     })
                 })
             })
         })?;
-        match recv {
-            Some(_) => {
-                let v = A::download_i64(&in_buf, &stream)?;
-                self.check()?;
-                Ok(Some(v))
-            }
-            None => Ok(None),
+        if recv.is_empty() {
+            return Ok(Vec::new());
         }
+        let v = A::download_i64(&in_buf, &stream)?;
+        self.check()?;
+        Ok(v.chunks(CHECK_LEN).map(<[i64]>::to_vec).collect())
     }
 
     /// With checked arguments: compares `what` (an operation code and its arguments, at most
@@ -915,6 +918,31 @@ impl<A: NcclApi> EngineBackend<A> {
         Ok(())
     }
 
+    /// A group of point-to-point calls: peers checked here, arguments across the pairs in
+    /// checked mode (before anything local can fail, so both sides always run the check),
+    /// then the payloads.
+    fn p2p_checked(
+        &self,
+        what: &str,
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
+    ) -> Result<Vec<Tensor>> {
+        for (_, dst) in sends {
+            self.check_peer(what, *dst, "destination")?;
+        }
+        for (src, _, _) in recvs {
+            self.check_peer(what, *src, "source")?;
+        }
+        self.check_p2p(sends, recvs)?;
+        for (x, _) in sends {
+            self.check_dtype(what, x.dtype())?;
+        }
+        for (_, _, dtype) in recvs {
+            self.check_dtype(what, *dtype)?;
+        }
+        self.p2p(what, sends, recvs)
+    }
+
     fn check_peer(&self, op: &str, peer: usize, role: &str) -> Result<()> {
         if peer >= self.size {
             return Err(self.invalid(
@@ -925,117 +953,135 @@ impl<A: NcclApi> EngineBackend<A> {
         Ok(())
     }
 
-    /// The payload part of a send and/or receive, grouped.
+    /// The payloads of a group of sends and receives. Zero-byte messages are issued on
+    /// neither side (the peer skips its side too), so no operation is left unmatched.
     fn p2p(
         &self,
         what: &str,
-        send: Option<(&Tensor, usize)>,
-        recv: Option<(usize, &Shape, DType)>,
-    ) -> Result<Option<Tensor>> {
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
+    ) -> Result<Vec<Tensor>> {
         let stream = A::stream(&self.device, what)?;
-        let mut out = match recv {
-            // SAFETY: filled by the receive before any use (ordered on `stream`).
-            Some((_, shape, dtype)) => Some(unsafe { A::alloc(&self.device, shape, dtype) }?),
-            None => None,
-        };
-        let recv_bytes = recv.map_or(0, |(_, s, d)| s.elem_count() * d.size_in_bytes());
-        let run =
-            |send_addr: Option<(Addr, usize, usize)>, out: Option<&mut A::Storage>| -> Result<()> {
-                let recv_part = |o: Option<Addr>| -> Result<()> {
-                    let send_part = send_addr.filter(|(_, b, _)| *b > 0);
-                    let recv_part = o.filter(|_| recv_bytes > 0);
-                    if send_part.is_none() && recv_part.is_none() {
-                        // Zero bytes on both sides: nothing is issued on either (the peer skips
-                        // its side too), so no operation is left unmatched.
-                        return Ok(());
-                    }
-                    self.issue(what, &stream, |c| unsafe {
-                        group::<A>(|| {
-                            let mut st = Status::Success;
-                            if let Some((p, bytes, dst)) = send_part {
-                                st = first_failure(st, A::send(c, p, bytes, dst, &stream));
-                            }
-                            if let (Some(p), Some((src, _, _))) = (recv_part, recv) {
-                                st = first_failure(st, A::recv(c, p, recv_bytes, src, &stream));
-                            }
-                            st
-                        })
-                    })
-                };
-                match out {
-                    Some(o) => A::write(o, &stream, |p| recv_part(Some(p))),
-                    None => recv_part(None),
-                }
-            };
-        match send {
-            Some((x, dst)) => {
-                let x = x.contiguous()?;
-                A::with_storage(&x, what, |s, layout| {
-                    if !A::on_device(s, &self.device) {
-                        return Err(self.invalid(
-                            what,
-                            format!(
-                                "the tensor is not on this communicator's device {:?}: create it on Comm::device",
-                                self.device.location()
-                            ),
-                        ));
-                    }
-                    let off = (layout.start_offset() * x.dtype().size_in_bytes()) as Addr;
-                    let bytes = x.elem_count() * x.dtype().size_in_bytes();
-                    A::read(s, &stream, |p| {
-                        run(Some((p + off, bytes, dst)), out.as_mut())
-                    })
-                })?;
+        let sends: Vec<(Tensor, usize)> = sends
+            .iter()
+            .map(|(x, dst)| Ok((x.contiguous()?, *dst)))
+            .collect::<Result<_>>()?;
+        let mut outs: Vec<A::Storage> = recvs
+            .iter()
+            // SAFETY: filled by the receives before any use (ordered on `stream`).
+            .map(|(_, shape, dtype)| unsafe { A::alloc(&self.device, shape, *dtype) })
+            .collect::<Result<_>>()?;
+        let run = |send_addrs: &[SendAddr], recv_addrs: &[Addr]| -> Result<()> {
+            let sends: Vec<_> = send_addrs.iter().filter(|s| s.1 > 0).collect();
+            let recvs: Vec<(Addr, usize, usize)> = recv_addrs
+                .iter()
+                .zip(recvs)
+                .map(|(&p, (src, shape, dtype))| {
+                    (p, shape.elem_count() * dtype.size_in_bytes(), *src)
+                })
+                .filter(|r| r.1 > 0)
+                .collect();
+            if sends.is_empty() && recvs.is_empty() {
+                return Ok(());
             }
-            None => run(None, out.as_mut())?,
-        }
-        Ok(out.map(|o| {
-            let shape = recv
-                .map(|(_, s, _)| s.clone())
-                .unwrap_or_else(|| Shape::from(0));
-            A::into_tensor(o, shape)
-        }))
+            self.issue(what, &stream, |c| unsafe {
+                // SAFETY: every address and size lies in a live buffer ordered on `stream`.
+                group::<A>(|| {
+                    let mut st = Status::Success;
+                    for &&(p, bytes, dst) in &sends {
+                        st = first_failure(st, A::send(c, p, bytes, dst, &stream));
+                    }
+                    for &(p, bytes, src) in &recvs {
+                        st = first_failure(st, A::recv(c, p, bytes, src, &stream));
+                    }
+                    st
+                })
+            })
+        };
+        self.with_send_addrs(what, &stream, &sends, &mut Vec::new(), &mut |send_addrs| {
+            with_write_addrs::<A, _>(&mut outs, &stream, &mut Vec::new(), &mut |recv_addrs| {
+                run(send_addrs, recv_addrs)
+            })
+        })?;
+        Ok(outs
+            .into_iter()
+            .zip(recvs)
+            .map(|(o, (_, shape, _))| A::into_tensor(o, (*shape).clone()))
+            .collect())
     }
 
-    /// Checked mode: the sender's header goes to `dst` and the sender at `src` is judged; the
-    /// verdicts come back. Both exchanges always happen on both sides (a failure is a verdict,
-    /// never an early return that would leave the peer waiting); a mismatched pair fails on
-    /// both sides, naming both shapes.
+    /// Calls `f` with the (address, bytes, destination) of every tensor of `sends`, each held
+    /// for reading on `stream` meanwhile.
+    fn with_send_addrs(
+        &self,
+        what: &str,
+        stream: &A::Stream,
+        sends: &[(Tensor, usize)],
+        acc: &mut Vec<SendAddr>,
+        f: &mut dyn FnMut(&[SendAddr]) -> Result<()>,
+    ) -> Result<()> {
+        let Some(((x, dst), rest)) = sends.split_first() else {
+            return f(acc);
+        };
+        A::with_storage(x, what, |s, layout| {
+            if !A::on_device(s, &self.device) {
+                return Err(self.invalid(
+                    what,
+                    format!(
+                        "the tensor is not on this communicator's device {:?}: create it on Comm::device",
+                        self.device.location()
+                    ),
+                ));
+            }
+            let off = (layout.start_offset() * x.dtype().size_in_bytes()) as Addr;
+            let bytes = x.elem_count() * x.dtype().size_in_bytes();
+            A::read(s, stream, |p| {
+                acc.push((p + off, bytes, *dst));
+                self.with_send_addrs(what, stream, rest, acc, f)
+            })
+        })
+    }
+
+    /// Checked mode: each send's header goes to its destination and each receive judges its
+    /// sender; the verdicts come back. Both exchanges always happen on both sides (a failure
+    /// is a verdict, never an early return that would leave a peer waiting); a mismatched pair
+    /// fails on both sides, naming both shapes.
     fn check_p2p(
         &self,
-        send: Option<(&Tensor, usize)>,
-        recv: Option<(usize, &Shape, DType)>,
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
     ) -> Result<()> {
         if !self.checked() {
             return Ok(());
         }
-        let header = send.map(|(x, dst)| (dst, describe(P2P_HEADER, x.dtype(), x.dims())));
-        let got = self.exchange_i64(
-            "send/recv argument check",
-            header.as_ref().map(|(dst, h)| (*dst, h.as_slice())),
-            recv.map(|(src, _, _)| src),
-        )?;
-        // The receiver's verdict: its own expectation, tagged as agreeing or not.
-        let verdict = recv.zip(got.as_ref()).map(|((src, shape, dtype), got)| {
-            let want = describe(P2P_HEADER, dtype, shape.dims());
-            let tag = if got[..] == want[..] {
-                VERDICT_OK
-            } else {
-                VERDICT_BAD
-            };
-            (src, describe(tag, dtype, shape.dims()), got.clone())
-        });
-        let back = self.exchange_i64(
-            "send/recv argument verdict",
-            verdict.as_ref().map(|(src, v, _)| (*src, v.as_slice())),
-            send.map(|(_, dst)| dst),
-        )?;
-        if let Some((src, v, got)) = &verdict {
+        let headers: Vec<(usize, Vec<i64>)> = sends
+            .iter()
+            .map(|(x, dst)| (*dst, describe(P2P_HEADER, x.dtype(), x.dims())))
+            .collect();
+        let srcs: Vec<usize> = recvs.iter().map(|r| r.0).collect();
+        let got = self.exchange_i64("send/recv argument check", &headers, &srcs)?;
+        // Each receiver's verdict: its own expectation, tagged as agreeing or not.
+        let verdicts: Vec<(usize, Vec<i64>)> = recvs
+            .iter()
+            .zip(&got)
+            .map(|((src, shape, dtype), got)| {
+                let want = describe(P2P_HEADER, *dtype, shape.dims());
+                let tag = if got[..] == want[..] {
+                    VERDICT_OK
+                } else {
+                    VERDICT_BAD
+                };
+                (*src, describe(tag, *dtype, shape.dims()))
+            })
+            .collect();
+        let dsts: Vec<usize> = sends.iter().map(|s| s.1).collect();
+        let back = self.exchange_i64("send/recv argument verdict", &verdicts, &dsts)?;
+        for ((src, v), got) in verdicts.iter().zip(&got) {
             if v[0] != VERDICT_OK {
                 return Err(self.p2p_mismatch(self.ranks[*src], got, self.shared.global_rank, v));
             }
         }
-        if let (Some((dst, h)), Some(v)) = (&header, &back) {
+        for ((dst, h), v) in headers.iter().zip(&back) {
             if v[0] != VERDICT_OK {
                 return Err(self.p2p_mismatch(self.shared.global_rank, h, self.ranks[*dst], v));
             }
@@ -1089,6 +1135,25 @@ impl<A: NcclApi> EngineBackend<A> {
         let out: Box<dyn Any> = Box::new(out);
         Ok((*out.downcast::<S>().expect("the same storage type"), shape))
     }
+}
+
+/// Where a send's bytes are: address, length, destination.
+type SendAddr = (Addr, usize, usize);
+
+/// Calls `f` with the address of every buffer of `outs`, each held for writing on `stream`.
+fn with_write_addrs<A: NcclApi, R>(
+    outs: &mut [A::Storage],
+    stream: &A::Stream,
+    acc: &mut Vec<Addr>,
+    f: &mut dyn FnMut(&[Addr]) -> Result<R>,
+) -> Result<R> {
+    let Some((o, rest)) = outs.split_first_mut() else {
+        return f(acc);
+    };
+    A::write(o, stream, |p| {
+        acc.push(p);
+        with_write_addrs::<A, R>(rest, stream, acc, f)
+    })
 }
 
 /// The dtypes a header may name.
@@ -1244,10 +1309,7 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
                 "a rank cannot send to itself: send waits for the matching recv, which this rank can only post afterwards. Use Comm::send_recv".to_string(),
             ));
         }
-        // Checked first: both sides of a pair always run the check's two exchanges.
-        self.check_p2p(Some((x, dst)), None)?;
-        self.check_dtype("send", x.dtype())?;
-        self.p2p("send", Some((x, dst)), None).map(|_| ())
+        self.p2p_checked("send", &[(x, dst)], &[]).map(|_| ())
     }
 
     fn recv(&self, src: usize, shape: &Shape, dtype: DType) -> Result<Tensor> {
@@ -1258,29 +1320,17 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
                 "a rank cannot receive from itself with recv: use Comm::send_recv".to_string(),
             ));
         }
-        self.check_p2p(None, Some((src, shape, dtype)))?;
-        self.check_dtype("recv", dtype)?;
         Ok(self
-            .p2p("recv", None, Some((src, shape, dtype)))?
-            .expect("a receive returns a tensor"))
+            .p2p_checked("recv", &[], &[(src, shape, dtype)])?
+            .remove(0))
     }
 
-    fn send_recv(
+    fn exchange(
         &self,
-        x: &Tensor,
-        dst: usize,
-        src: usize,
-        shape: &Shape,
-        dtype: DType,
-    ) -> Result<Tensor> {
-        self.check_peer("send_recv", dst, "destination")?;
-        self.check_peer("send_recv", src, "source")?;
-        self.check_p2p(Some((x, dst)), Some((src, shape, dtype)))?;
-        self.check_dtype("send_recv", x.dtype())?;
-        self.check_dtype("send_recv", dtype)?;
-        Ok(self
-            .p2p("send_recv", Some((x, dst)), Some((src, shape, dtype)))?
-            .expect("a receive returns a tensor"))
+        sends: &[(&Tensor, usize)],
+        recvs: &[(usize, &Shape, DType)],
+    ) -> Result<Vec<Tensor>> {
+        self.p2p_checked("exchange", sends, recvs)
     }
 
     fn barrier(&self) -> Result<()> {
