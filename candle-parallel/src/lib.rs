@@ -38,6 +38,7 @@ pub mod mesh;
 pub mod moe;
 pub mod ops;
 pub mod optim;
+pub mod pipeline;
 mod random;
 pub mod tensor_parallel;
 

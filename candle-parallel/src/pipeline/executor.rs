@@ -1,0 +1,284 @@
+//! Runs a [`Schedule`] for one training step on this rank's model chunks.
+//!
+//! Every rank follows the schedule's simulated clock: at each tick it first exchanges the
+//! messages due then (activations to the next stage, gradients to the previous one) in one
+//! group ([`Comm::exchange`]), then starts its action due then. Ranks meet only in those
+//! groups, tick by tick in the same order, so no two ranks can wait on each other in a cycle:
+//! neighbours that send to each other at once (1F1B's steady state) never deadlock.
+
+use super::schedule::{Action, Schedule};
+use crate::comm::{Comm, ReduceOp};
+use candle_core::{bail, DType, Module, Result, Shape, Tensor, Var};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// What one rank's part of a pipelined step produced.
+pub struct StepOutput {
+    /// The step's loss: the mean over micro-batches of the last stage's loss, on every rank.
+    pub loss: f32,
+    /// The gradients of the step's parameters, in their order, summed over micro-batches (so
+    /// that with a mean loss they equal the full batch's gradients); `None` for a parameter no
+    /// chunk of this rank used.
+    pub grads: Vec<Option<Tensor>>,
+    /// The most micro-batch chunks this rank held activations for at once (measured).
+    pub peak_live: usize,
+    /// What this rank ran, with wall-clock times in seconds from the start of the step.
+    pub executed: Vec<Executed>,
+}
+
+/// One executed action.
+#[derive(Clone, Copy, Debug)]
+pub struct Executed {
+    pub action: Action,
+    pub stage: usize,
+    pub start: f64,
+    pub end: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Activation,
+    Gradient,
+}
+
+/// A message between stages: at tick `time`, from rank `from` to rank `to`, the activation
+/// (or gradient) of micro-batch `mb` for stage `stage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Message {
+    time: usize,
+    kind: Kind,
+    mb: usize,
+    stage: usize,
+    from: usize,
+    to: usize,
+}
+
+/// Runs one training step of `schedule` on this rank (`comm` is the pipeline group; its rank
+/// is the pipeline rank).
+///
+/// - `chunks`: this rank's model chunks, chunk `c` being stage `schedule.stage_of(rank, c)`.
+/// - `params`: the trainable variables of this rank's chunks, whose gradients are returned.
+/// - `micro_batches`: the inputs of the first stage, one per micro-batch, all of one shape;
+///   every rank passes them (only the first stage reads them), so that every rank checks them
+///   alike before any work.
+/// - `activation`: the shape and dtype of what passes between stages (per micro-batch).
+/// - `loss`: on the last stage, the loss of micro-batch `mb` given its output (a scalar; the
+///   step's loss is their mean).
+///
+/// See the [module documentation](super) for an example.
+pub fn run_step(
+    comm: &Comm,
+    schedule: &Schedule,
+    chunks: &[&dyn Module],
+    params: &[Var],
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+    loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+) -> Result<StepOutput> {
+    let me = comm.rank();
+    let m = schedule.micro_batches();
+    let stages = schedule.stages();
+    if comm.size() != schedule.ranks() {
+        bail!(
+            "pipeline step: the schedule {} is for {} ranks but the pipeline group {} has {}",
+            schedule.name(),
+            schedule.ranks(),
+            comm.label(),
+            comm.size()
+        )
+    }
+    if chunks.len() != schedule.chunks() {
+        bail!(
+            "pipeline step on rank {me}: the schedule {} runs {} model chunks per rank, got {}",
+            schedule.name(),
+            schedule.chunks(),
+            chunks.len()
+        )
+    }
+    if micro_batches.len() != m {
+        bail!(
+            "pipeline step on rank {me}: the schedule {} runs {m} micro-batches, got {}",
+            schedule.name(),
+            micro_batches.len()
+        )
+    }
+    if let Some((i, x)) = micro_batches
+        .iter()
+        .enumerate()
+        .find(|(_, x)| x.dims() != micro_batches[0].dims())
+    {
+        bail!(
+            "pipeline step: micro-batch {i} has shape {:?} but micro-batch 0 has {:?}: every micro-batch must have the same shape",
+            x.dims(),
+            micro_batches[0].dims()
+        )
+    }
+    let sim = schedule.simulate()?;
+    let mut messages = Vec::new();
+    for (r, timeline) in sim.timeline().iter().enumerate() {
+        for t in timeline {
+            let (kind, stage) = match t.action {
+                Action::Forward { .. } if t.stage + 1 < stages => (Kind::Activation, t.stage + 1),
+                Action::Backward { .. } if t.stage > 0 => (Kind::Gradient, t.stage - 1),
+                _ => continue,
+            };
+            messages.push(Message {
+                time: t.end,
+                kind,
+                mb: t.action.mb(),
+                stage,
+                from: r,
+                to: schedule.holder_of(stage).0,
+            });
+        }
+    }
+    // The same order on every rank: the groups' messages between a pair match one by one.
+    messages.sort();
+    let mine: Vec<_> = sim.timeline()[me].clone();
+
+    let started = Instant::now();
+    // Produced here, to hand on: (kind, mb, stage it is for) -> tensor.
+    let mut produced: HashMap<(Kind, usize, usize), Tensor> = HashMap::new();
+    // Arrived here: (kind, mb, stage it is for) -> tensor.
+    let mut arrived: HashMap<(Kind, usize, usize), Tensor> = HashMap::new();
+    // Per (mb, stage) held here: the input variable (not on stage 0) and the output.
+    let mut inputs: HashMap<(usize, usize), Var> = HashMap::new();
+    let mut outputs: HashMap<(usize, usize), Tensor> = HashMap::new();
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0f64;
+    let (mut peak_live, mut executed) = (0, Vec::with_capacity(mine.len()));
+    let (act_shape, act_dtype) = activation;
+    let mut next_message = 0;
+    let mut next_action = 0;
+    for tick in 0..=sim.makespan() {
+        // 1. The messages due at this tick, as one group.
+        let due_end = messages[next_message..]
+            .iter()
+            .position(|msg| msg.time > tick)
+            .map_or(messages.len(), |p| next_message + p);
+        let due = &messages[next_message..due_end];
+        next_message = due_end;
+        let mut sends = Vec::new();
+        let mut recvs = Vec::new();
+        for msg in due.iter().filter(|x| x.from == me || x.to == me) {
+            let key = (msg.kind, msg.mb, msg.stage);
+            if msg.from == me {
+                let t = produced
+                    .remove(&key)
+                    .expect("a message is sent after its action ran");
+                if msg.to == me {
+                    arrived.insert(key, t);
+                } else {
+                    sends.push((t, msg.to));
+                }
+            } else {
+                recvs.push((msg.from, key));
+            }
+        }
+        if !sends.is_empty() || !recvs.is_empty() {
+            let send_refs: Vec<(&Tensor, usize)> = sends.iter().map(|(t, to)| (t, *to)).collect();
+            let recv_specs: Vec<(usize, &Shape, DType)> = recvs
+                .iter()
+                .map(|(from, _)| (*from, act_shape, act_dtype))
+                .collect();
+            let got = comm.exchange(&send_refs, &recv_specs)?;
+            for ((_, key), t) in recvs.into_iter().zip(got) {
+                arrived.insert(key, t);
+            }
+        }
+        // 2. This rank's action due at this tick.
+        while let Some(t) = mine.get(next_action).filter(|t| t.start == tick) {
+            next_action += 1;
+            let start = started.elapsed().as_secs_f64();
+            let (mb, chunk, stage) = (t.action.mb(), t.action.chunk(), t.stage);
+            match t.action {
+                Action::Forward { .. } => {
+                    let x = if stage == 0 {
+                        micro_batches[mb].clone()
+                    } else {
+                        let a = arrived
+                            .remove(&(Kind::Activation, mb, stage))
+                            .expect("the activation arrived before its forward");
+                        let v = Var::from_tensor(&a)?;
+                        let x = v.as_tensor().clone();
+                        inputs.insert((mb, stage), v);
+                        x
+                    };
+                    let y = chunks[chunk].forward(&x)?;
+                    if stage + 1 < stages {
+                        if y.dims() != act_shape.dims() || y.dtype() != act_dtype {
+                            bail!(
+                                "pipeline step: stage {stage} (rank {me}, chunk {chunk}) produced {:?}{:?} for micro-batch {mb}, but the activation between stages was declared {act_dtype:?}{:?}",
+                                y.dtype(),
+                                y.dims(),
+                                act_shape.dims()
+                            )
+                        }
+                        produced.insert((Kind::Activation, mb, stage + 1), y.detach());
+                    }
+                    outputs.insert((mb, stage), y);
+                    peak_live = peak_live.max(outputs.len());
+                }
+                Action::Backward { .. } => {
+                    let y = outputs
+                        .remove(&(mb, stage))
+                        .expect("a backward runs after its forward");
+                    let store = if stage + 1 == stages {
+                        let l = (loss(mb, &y)?.to_dtype(DType::F32)? / m as f64)?;
+                        loss_sum += l.to_scalar::<f32>()? as f64;
+                        l.backward()?
+                    } else {
+                        let g = arrived
+                            .remove(&(Kind::Gradient, mb, stage))
+                            .expect("the gradient arrived before its backward");
+                        (y * g)?.sum_all()?.backward()?
+                    };
+                    for (acc, p) in grads.iter_mut().zip(params) {
+                        if let Some(g) = store.get(p.as_tensor()) {
+                            *acc = Some(match acc.take() {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            });
+                        }
+                    }
+                    if stage > 0 {
+                        let v = inputs
+                            .remove(&(mb, stage))
+                            .expect("a stage's input is kept until its backward");
+                        let g = match store.get(v.as_tensor()) {
+                            Some(g) => g.clone(),
+                            None => v.as_tensor().zeros_like()?,
+                        };
+                        produced.insert((Kind::Gradient, mb, stage - 1), g);
+                    }
+                }
+            }
+            executed.push(Executed {
+                action: t.action,
+                stage,
+                start,
+                end: started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    // The loss lives on the last stage's rank: everyone gets it.
+    let device = comm.device().clone();
+    let total = comm.all_reduce(&Tensor::new(&[loss_sum as f32], &device)?, ReduceOp::Sum)?;
+    Ok(StepOutput {
+        loss: total.to_vec1::<f32>()?[0],
+        grads,
+        peak_live,
+        executed,
+    })
+}
+
+/// Cuts `batch` into `micro_batches` equal parts along dim 0.
+pub fn split_batch(batch: &Tensor, micro_batches: usize) -> Result<Vec<Tensor>> {
+    let rows = batch.dim(0)?;
+    if micro_batches == 0 || !rows.is_multiple_of(micro_batches) {
+        bail!(
+            "a batch of {rows} rows does not split into {micro_batches} equal micro-batches: use a number of micro-batches that divides {rows}"
+        )
+    }
+    batch.chunk(micro_batches, 0)
+}

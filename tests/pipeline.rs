@@ -1,0 +1,273 @@
+//! Pipeline schedules (simulated) and pipelined training steps against the single-device
+//! full-batch run, at 2–4 pipeline ranks, for every schedule.
+mod common;
+
+use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_parallel::pipeline::{
+    run_step, split_balanced, split_batch, split_layers, Action, Schedule,
+};
+use candle_parallel_models::testing::{max_rel_err, seeded};
+use common::launch;
+use std::ops::Range;
+
+const HIDDEN: usize = 6;
+const LAYERS: usize = 12;
+const BATCH: usize = 24;
+
+/// A stage: `tanh(x W_i + b_i)` for each of its layers.
+struct Layers(Vec<(Var, Var)>);
+
+impl Module for Layers {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (w, b) in &self.0 {
+            x = x
+                .matmul(w.as_tensor())?
+                .broadcast_add(b.as_tensor())?
+                .tanh()?;
+        }
+        Ok(x)
+    }
+}
+
+/// Layer `i`'s weights, the same wherever it is built.
+fn layer(i: usize) -> Result<(Var, Var)> {
+    let w = (seeded(&[HIDDEN, HIDDEN], 100 + i as u64, DType::F32)? * 0.8)?;
+    let b = (seeded(&[HIDDEN], 200 + i as u64, DType::F32)? * 0.1)?;
+    Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
+}
+
+fn layers(range: Range<usize>) -> Result<Layers> {
+    Ok(Layers(range.map(layer).collect::<Result<_>>()?))
+}
+
+fn batch() -> Result<(Tensor, Tensor)> {
+    Ok((
+        seeded(&[BATCH, HIDDEN], 1, DType::F32)?,
+        seeded(&[BATCH, HIDDEN], 2, DType::F32)?,
+    ))
+}
+
+fn mse(y: &Tensor, target: &Tensor) -> Result<Tensor> {
+    (y - target)?.sqr()?.mean_all()
+}
+
+/// The single-device run: loss and every layer's (w, b) gradients on the full batch.
+fn reference() -> Result<(f32, Vec<Tensor>)> {
+    let model = layers(0..LAYERS)?;
+    let (x, target) = batch()?;
+    let loss = mse(&model.forward(&x)?, &target)?;
+    let grads = loss.backward()?;
+    let mut out = Vec::new();
+    for (w, b) in &model.0 {
+        out.push(grads.get(w.as_tensor()).unwrap().clone());
+        out.push(grads.get(b.as_tensor()).unwrap().clone());
+    }
+    Ok((loss.to_scalar::<f32>()?, out))
+}
+
+/// A pipelined step: per rank, its loss, its layers' indices and their gradients, and its
+/// peak of live activations.
+type Ranked = (f32, Vec<usize>, Vec<Tensor>, usize);
+
+fn pipelined(schedule: &Schedule) -> Result<Vec<Ranked>> {
+    let p = schedule.ranks();
+    let m = schedule.micro_batches();
+    let split = split_layers(LAYERS, schedule.stages())?;
+    launch(p, |ctx| {
+        let r = ctx.rank();
+        let ranges: Vec<Range<usize>> = (0..schedule.chunks())
+            .map(|c| split[schedule.stage_of(r, c)].clone())
+            .collect();
+        let chunks: Vec<Layers> = ranges
+            .iter()
+            .map(|range| layers(range.clone()))
+            .collect::<Result<_>>()?;
+        let mut params = Vec::new();
+        let mut indices = Vec::new();
+        for (range, chunk) in ranges.iter().zip(&chunks) {
+            for (i, (w, b)) in range.clone().zip(&chunk.0) {
+                params.push(w.clone());
+                params.push(b.clone());
+                indices.push(i);
+            }
+        }
+        let (x, target) = batch()?;
+        let targets = split_batch(&target, m)?;
+        let modules: Vec<&dyn Module> = chunks.iter().map(|c| c as &dyn Module).collect();
+        let out = run_step(
+            ctx.comm(),
+            schedule,
+            &modules,
+            &params,
+            &split_batch(&x, m)?,
+            (&Shape::from((BATCH / m, HIDDEN)), DType::F32),
+            &|mb, y| mse(y, &targets[mb]),
+        )?;
+        let grads = out
+            .grads
+            .into_iter()
+            .map(|g| g.expect("every layer is used"))
+            .collect();
+        Ok((out.loss, indices, grads, out.peak_live))
+    })
+}
+
+fn check_against_reference(schedule: &Schedule) -> Result<Vec<usize>> {
+    let (loss, want) = reference()?;
+    let ranks = pipelined(schedule)?;
+    let mut seen = [false; LAYERS];
+    let what = format!(
+        "{} p={} v={} m={}",
+        schedule.name(),
+        schedule.ranks(),
+        schedule.chunks(),
+        schedule.micro_batches()
+    );
+    for (l, indices, grads, _) in &ranks {
+        assert!(
+            ((l - loss) / loss).abs() < 1e-5,
+            "{what}: loss {l} vs {loss}"
+        );
+        for (k, &i) in indices.iter().enumerate() {
+            seen[i] = true;
+            for (j, g) in grads[2 * k..2 * k + 2].iter().enumerate() {
+                let e = max_rel_err(g, &want[2 * i + j])?;
+                assert!(e <= 1e-5, "{what}: layer {i} grad {j} differs by {e:e}");
+            }
+        }
+    }
+    assert!(seen.iter().all(|&s| s), "{what}: every layer has a stage");
+    Ok(ranks.iter().map(|r| r.3).collect())
+}
+
+#[test]
+fn every_schedule_gives_the_full_batch_gradients_at_2_to_4_ranks() -> Result<()> {
+    for p in 2..=4 {
+        let m = 2 * p; // divisible by p, for the interleaved schedule
+        let gpipe = check_against_reference(&Schedule::gpipe(p, m)?)?;
+        assert_eq!(gpipe, vec![m; p], "GPipe keeps every micro-batch alive");
+        let one_f_one_b = check_against_reference(&Schedule::one_f_one_b(p, m)?)?;
+        for (r, &live) in one_f_one_b.iter().enumerate() {
+            assert_eq!(
+                live,
+                p - r,
+                "1F1B rank {r} holds at most p - r micro-batches"
+            );
+        }
+        check_against_reference(&Schedule::interleaved(p, 2, m)?)?;
+    }
+    // Uneven stages (12 layers over 5 stages), more micro-batches than ranks.
+    check_against_reference(&Schedule::one_f_one_b(5, 6)?)?;
+    Ok(())
+}
+
+#[test]
+fn simulated_bubbles_match_the_formula_and_interleaving_shrinks_them() -> Result<()> {
+    for p in [2usize, 4] {
+        for m in [4usize, 8, 16] {
+            let formula = (p - 1) as f64 / (m + p - 1) as f64;
+            for s in [Schedule::gpipe(p, m)?, Schedule::one_f_one_b(p, m)?] {
+                let sim = s.simulate()?;
+                assert!(
+                    (sim.bubble_fraction() - formula).abs() < 1e-12,
+                    "{} p={p} m={m}: {} vs {formula}",
+                    s.name(),
+                    sim.bubble_fraction()
+                );
+            }
+            let one = Schedule::one_f_one_b(p, m)?.simulate()?;
+            let inter = Schedule::interleaved(p, 2, m)?.simulate()?;
+            assert!(
+                inter.bubble_fraction() < one.bubble_fraction(),
+                "interleaved p={p} m={m}: {} vs 1F1B {}",
+                inter.bubble_fraction(),
+                one.bubble_fraction()
+            );
+            assert!(one.peak_in_flight().iter().all(|&n| n <= p));
+            assert_eq!(
+                Schedule::gpipe(p, m)?.simulate()?.peak_in_flight(),
+                vec![m; p]
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_schedule_prints_as_a_step_by_rank_grid() -> Result<()> {
+    let grid = Schedule::one_f_one_b(2, 2)?.simulate()?.to_string();
+    let rows: Vec<&str> = grid.lines().collect();
+    assert!(
+        rows[0].contains("1f1b") && rows[0].contains("bubble"),
+        "{grid}"
+    );
+    // t=0: rank 0 runs the forward of micro-batch 0, rank 1 waits for it.
+    assert!(rows[2].split_whitespace().eq(["0", "F0.0", "."]), "{grid}");
+    assert_eq!(
+        rows.len(),
+        2 + Schedule::one_f_one_b(2, 2)?.simulate()?.makespan()
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_schedules_and_inputs_are_clear_errors() -> Result<()> {
+    // A rank that runs a backward before its forward waits forever: found by the simulation.
+    let f = |mb| Action::Forward { mb, chunk: 0 };
+    let b = |mb| Action::Backward { mb, chunk: 0 };
+    let e = Schedule::from_actions("bad", 2, 1, 1, vec![vec![b(0), f(0)], vec![f(0), b(0)]])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("deadlocks")
+            && e.contains("rank 0 at B0.0 waits for forward of micro-batch 0 on stage 0"),
+        "{e}"
+    );
+    let e = Schedule::from_actions("short", 2, 1, 2, vec![vec![f(0), b(0)], vec![f(0), b(0)]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank 0 has 2 actions"), "{e}");
+    let e = Schedule::interleaved(4, 2, 6).unwrap_err().to_string();
+    assert!(e.contains("not a multiple of 4"), "{e}");
+    let e = split_layers(3, 4).unwrap_err().to_string();
+    assert!(e.contains("use at most 3 stages"), "{e}");
+    let e = split_batch(&Tensor::zeros((10, 2), DType::F32, &Device::Cpu)?, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not split into 4"), "{e}");
+    // A micro-batch of another shape fails on every rank before any work.
+    let errs = launch(2, |ctx| {
+        let s = Schedule::gpipe(2, 2)?;
+        let stage = layers(0..1)?;
+        let mbs = [
+            Tensor::zeros((2, HIDDEN), DType::F32, &Device::Cpu)?,
+            Tensor::zeros((3, HIDDEN), DType::F32, &Device::Cpu)?,
+        ];
+        let r = run_step(
+            ctx.comm(),
+            &s,
+            &[&stage],
+            &[],
+            &mbs,
+            (&Shape::from((2, HIDDEN)), DType::F32),
+            &|_, y| y.sum_all(),
+        );
+        Ok(r.err().map(|e| e.to_string()).unwrap_or_default())
+    })?;
+    for e in errs {
+        assert!(e.contains("micro-batch 1 has shape [3, 6]"), "{e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn balanced_splits_minimise_the_heaviest_stage() -> Result<()> {
+    assert_eq!(split_layers(7, 3)?, vec![0..3, 3..5, 5..7]);
+    let w = [5, 1, 1, 1, 1, 1, 4, 4];
+    let s = split_balanced(&w, 3)?;
+    let heaviest = s.iter().map(|r| w[r.clone()].iter().sum::<usize>()).max();
+    assert_eq!(heaviest, Some(7), "{s:?}"); // [5, 1, 1] [1, 1, 1, 4] [4]
+    assert_eq!(s.iter().map(|r| r.len()).sum::<usize>(), w.len());
+    Ok(())
+}
