@@ -3,6 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_parallel::ops;
 use candle_parallel::pipeline::{
     run_step, split_balanced, split_batch, split_layers, Action, Schedule,
 };
@@ -14,15 +15,15 @@ const HIDDEN: usize = 6;
 const LAYERS: usize = 12;
 const BATCH: usize = 24;
 
-/// A stage: `tanh(x W_i + b_i)` for each of its layers.
+/// A stage: `tanh(x W_iᵀ + b_i)` for each of its layers (the library's linear, whose weight
+/// gradients zero-bubble schedules defer).
 struct Layers(Vec<(Var, Var)>);
 
 impl Module for Layers {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for (w, b) in &self.0 {
-            x = x
-                .matmul(w.as_tensor())?
+            x = ops::linear(&x, w.as_tensor())?
                 .broadcast_add(b.as_tensor())?
                 .tanh()?;
         }
@@ -66,9 +67,9 @@ fn reference() -> Result<(f32, Vec<Tensor>)> {
     Ok((loss.to_scalar::<f32>()?, out))
 }
 
-/// A pipelined step: per rank, its loss, its layers' indices and their gradients, and its
-/// peak of live activations.
-type Ranked = (f32, Vec<usize>, Vec<Tensor>, usize);
+/// A pipelined step: per rank, its loss, its layers' indices and their gradients, its peak of
+/// live activations and its deferred weight gradients.
+type Ranked = (f32, Vec<usize>, Vec<Tensor>, usize, usize);
 
 fn pipelined(schedule: &Schedule) -> Result<Vec<Ranked>> {
     let p = schedule.ranks();
@@ -109,7 +110,13 @@ fn pipelined(schedule: &Schedule) -> Result<Vec<Ranked>> {
             .into_iter()
             .map(|g| g.expect("every layer is used"))
             .collect();
-        Ok((out.loss, indices, grads, out.peak_live))
+        Ok((
+            out.loss,
+            indices,
+            grads,
+            out.peak_live,
+            out.deferred_weight_grads,
+        ))
     })
 }
 
@@ -124,7 +131,20 @@ fn check_against_reference(schedule: &Schedule) -> Result<Vec<usize>> {
         schedule.chunks(),
         schedule.micro_batches()
     );
-    for (l, indices, grads, _) in &ranks {
+    for (l, indices, grads, _, deferred) in &ranks {
+        // Zero-bubble defers every layer's weight gradient of every micro-batch to its W step.
+        let split = schedule.name() == "zero-bubble";
+        let expected = if split {
+            indices.len() * schedule.micro_batches()
+        } else {
+            0
+        };
+        assert_eq!(
+            *deferred,
+            expected,
+            "{}: deferred weight gradients",
+            schedule.name()
+        );
         assert!(
             ((l - loss) / loss).abs() < 1e-5,
             "{what}: loss {l} vs {loss}"
@@ -156,6 +176,14 @@ fn every_schedule_gives_the_full_batch_gradients_at_2_to_4_ranks() -> Result<()>
             );
         }
         check_against_reference(&Schedule::interleaved(p, 2, m)?)?;
+        let zb = check_against_reference(&Schedule::zero_bubble(p, m)?)?;
+        for (r, &live) in zb.iter().enumerate() {
+            assert!(
+                live <= p - r,
+                "zero-bubble rank {r} holds {live} > {}",
+                p - r
+            );
+        }
     }
     // Uneven stages (12 layers over 5 stages), more micro-batches than ranks.
     check_against_reference(&Schedule::one_f_one_b(5, 6)?)?;
@@ -185,6 +213,13 @@ fn simulated_bubbles_match_the_formula_and_interleaving_shrinks_them() -> Result
                 one.bubble_fraction()
             );
             assert!(one.peak_in_flight().iter().all(|&n| n <= p));
+            let zb = Schedule::zero_bubble(p, m)?.simulate()?;
+            assert!(
+                zb.bubble_fraction() < one.bubble_fraction(),
+                "zero-bubble p={p} m={m}: {} vs 1F1B {}",
+                zb.bubble_fraction(),
+                one.bubble_fraction()
+            );
             assert_eq!(
                 Schedule::gpipe(p, m)?.simulate()?.peak_in_flight(),
                 vec![m; p]
@@ -227,7 +262,10 @@ fn bad_schedules_and_inputs_are_clear_errors() -> Result<()> {
     let e = Schedule::from_actions("short", 2, 1, 2, vec![vec![f(0), b(0)], vec![f(0), b(0)]])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("rank 0 has 2 actions"), "{e}");
+    assert!(
+        e.contains("rank 0 (2 actions) does not run micro-batch 1 on chunk 0 exactly once"),
+        "{e}"
+    );
     let e = Schedule::interleaved(4, 2, 6).unwrap_err().to_string();
     assert!(e.contains("not a multiple of 4"), "{e}");
     let e = split_layers(3, 4).unwrap_err().to_string();

@@ -5,6 +5,71 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use std::cell::RefCell;
+
+thread_local! {
+    /// While [`defer_weight_grads`] runs on this thread: what the weight gradients need.
+    static DEFERRED: RefCell<Option<Vec<Deferred>>> = const { RefCell::new(None) };
+}
+
+/// One weight gradient left for later: the weight, and its input and output gradient as
+/// `[m, in]` and `[m, out]`.
+struct Deferred {
+    weight: Tensor,
+    x: Tensor,
+    g: Tensor,
+}
+
+/// The weight gradients of [`linear`] that a backward under [`defer_weight_grads`] left for
+/// later: what zero-bubble pipeline schedules run in their weight-gradient step.
+#[derive(Default)]
+pub struct DeferredWeightGrads(Vec<Deferred>);
+
+impl DeferredWeightGrads {
+    /// Computes the gradients (`dw = gᵀ · x`), as (weight, gradient) pairs; a weight used
+    /// several times gets several pairs (add them).
+    pub fn compute(self) -> Result<Vec<(Tensor, Tensor)>> {
+        self.0
+            .into_iter()
+            .map(|d| Ok((d.weight, d.g.t()?.matmul(&d.x)?)))
+            .collect()
+    }
+
+    /// How many weight gradients wait.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Runs `f` (typically a `backward()`) with the weight gradients of every [`linear`] deferred:
+/// its backward computes the input gradient only and records what the weight gradient needs,
+/// returned here to [`DeferredWeightGrads::compute`] later. Other gradients are unchanged.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_parallel::ops;
+///
+/// let x = Var::new(&[[1f32, 2.0]], &Device::Cpu)?;
+/// let w = Var::new(&[[1f32, 0.0], [0.0, 3.0]], &Device::Cpu)?;
+/// let y = ops::linear(x.as_tensor(), w.as_tensor())?;
+/// let (grads, deferred) = ops::defer_weight_grads(|| y.sum_all()?.backward())?;
+/// assert!(grads.get(w.as_tensor()).is_none()); // not yet...
+/// assert_eq!(grads.get(x.as_tensor()).unwrap().to_vec2::<f32>()?, [[1.0, 3.0]]);
+/// let (weight, dw) = deferred.compute()?.remove(0); // ...now
+/// assert_eq!(weight.id(), w.as_tensor().id());
+/// assert_eq!(dw.to_vec2::<f32>()?, [[1.0, 2.0], [1.0, 2.0]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn defer_weight_grads<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, DeferredWeightGrads)> {
+    let outer = DEFERRED.with(|d| d.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let deferred = DEFERRED.with(|d| std::mem::replace(&mut *d.borrow_mut(), outer));
+    Ok((out?, DeferredWeightGrads(deferred.unwrap_or_default())))
+}
 
 /// `x · wᵀ` for `x` of shape `[..., in]` and `w` of shape `[out, in]`: `[..., out]`, with a
 /// backward (`dx = g · w`, `dw = gᵀ · x`).
@@ -90,7 +155,22 @@ impl CustomOp2 for Linear {
         let m = x.elem_count() / k.max(1);
         let g2 = g.detach().reshape((m, n))?;
         let dx = g2.matmul(&w.detach())?.reshape(x.dims())?;
-        let dw = g2.t()?.matmul(&x.detach().reshape((m, k))?)?;
+        let x2 = x.detach().reshape((m, k))?;
+        let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+            Some(list) => {
+                list.push(Deferred {
+                    weight: w.clone(),
+                    x: x2.clone(),
+                    g: g2.clone(),
+                });
+                true
+            }
+            None => false,
+        });
+        if deferred {
+            return Ok((Some(dx), None));
+        }
+        let dw = g2.t()?.matmul(&x2)?;
         Ok((Some(dx), Some(dw)))
     }
 }

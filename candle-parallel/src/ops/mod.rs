@@ -22,7 +22,7 @@ pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,
     reduce_scatter_to_group, scatter_to_group,
 };
-pub use linear::linear;
+pub use linear::{defer_weight_grads, linear, DeferredWeightGrads};
 pub use swiglu::swiglu;
 pub use train::{dropout, rms_norm, rope, softmax_last_dim};
 

@@ -8,6 +8,8 @@
 
 use super::schedule::{Action, Schedule};
 use crate::comm::{Comm, ReduceOp};
+use crate::ops;
+use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Module, Result, Shape, Tensor, Var};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -22,6 +24,9 @@ pub struct StepOutput {
     pub grads: Vec<Option<Tensor>>,
     /// The most micro-batch chunks this rank held activations for at once (measured).
     pub peak_live: usize,
+    /// Weight gradients computed in weight-gradient (`W`) steps rather than with their
+    /// backward: zero-bubble schedules defer those of [`crate::ops::linear`].
+    pub deferred_weight_grads: usize,
     /// What this rank ran, with wall-clock times in seconds from the start of the step.
     pub executed: Vec<Executed>,
 }
@@ -119,7 +124,9 @@ pub fn run_step(
         for t in timeline {
             let (kind, stage) = match t.action {
                 Action::Forward { .. } if t.stage + 1 < stages => (Kind::Activation, t.stage + 1),
-                Action::Backward { .. } if t.stage > 0 => (Kind::Gradient, t.stage - 1),
+                Action::Backward { .. } | Action::BackwardInput { .. } if t.stage > 0 => {
+                    (Kind::Gradient, t.stage - 1)
+                }
                 _ => continue,
             };
             messages.push(Message {
@@ -144,8 +151,11 @@ pub fn run_step(
     // Per (mb, stage) held here: the input variable (not on stage 0) and the output.
     let mut inputs: HashMap<(usize, usize), Var> = HashMap::new();
     let mut outputs: HashMap<(usize, usize), Tensor> = HashMap::new();
+    // Per (mb, stage): the weight gradients a split backward left for its W step.
+    let mut waiting_weights: HashMap<(usize, usize), ops::DeferredWeightGrads> = HashMap::new();
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0f64;
+    let mut deferred_count = 0;
     let (mut peak_live, mut executed) = (0, Vec::with_capacity(mine.len()));
     let (act_shape, act_dtype) = activation;
     let mut next_message = 0;
@@ -217,28 +227,35 @@ pub fn run_step(
                         produced.insert((Kind::Activation, mb, stage + 1), y.detach());
                     }
                     outputs.insert((mb, stage), y);
-                    peak_live = peak_live.max(outputs.len());
                 }
-                Action::Backward { .. } => {
+                Action::Backward { .. } | Action::BackwardInput { .. } => {
                     let y = outputs
                         .remove(&(mb, stage))
                         .expect("a backward runs after its forward");
-                    let store = if stage + 1 == stages {
-                        let l = (loss(mb, &y)?.to_dtype(DType::F32)? / m as f64)?;
-                        loss_sum += l.to_scalar::<f32>()? as f64;
-                        l.backward()?
+                    let split = matches!(t.action, Action::BackwardInput { .. });
+                    let mut backward = || -> Result<GradStore> {
+                        if stage + 1 == stages {
+                            let l = (loss(mb, &y)?.to_dtype(DType::F32)? / m as f64)?;
+                            loss_sum += l.to_scalar::<f32>()? as f64;
+                            l.backward()
+                        } else {
+                            let g = arrived
+                                .remove(&(Kind::Gradient, mb, stage))
+                                .expect("the gradient arrived before its backward");
+                            (&y * g)?.sum_all()?.backward()
+                        }
+                    };
+                    let store = if split {
+                        // The weight gradients of the linear layers wait for the W step.
+                        let (store, deferred) = ops::defer_weight_grads(backward)?;
+                        waiting_weights.insert((mb, stage), deferred);
+                        store
                     } else {
-                        let g = arrived
-                            .remove(&(Kind::Gradient, mb, stage))
-                            .expect("the gradient arrived before its backward");
-                        (y * g)?.sum_all()?.backward()?
+                        backward()?
                     };
                     for (acc, p) in grads.iter_mut().zip(params) {
                         if let Some(g) = store.get(p.as_tensor()) {
-                            *acc = Some(match acc.take() {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            });
+                            accumulate(acc, g)?;
                         }
                     }
                     if stage > 0 {
@@ -252,7 +269,22 @@ pub fn run_step(
                         produced.insert((Kind::Gradient, mb, stage - 1), g);
                     }
                 }
+                Action::BackwardWeight { .. } => {
+                    let deferred = waiting_weights
+                        .remove(&(mb, stage))
+                        .expect("a weight-gradient step runs after its input-gradient step");
+                    deferred_count += deferred.len();
+                    for (weight, g) in deferred.compute()? {
+                        if let Some(i) = params
+                            .iter()
+                            .position(|p| p.as_tensor().id() == weight.id())
+                        {
+                            accumulate(&mut grads[i], &g)?;
+                        }
+                    }
+                }
             }
+            peak_live = peak_live.max(outputs.len() + waiting_weights.len());
             executed.push(Executed {
                 action: t.action,
                 stage,
@@ -268,8 +300,18 @@ pub fn run_step(
         loss: total.to_vec1::<f32>()?[0],
         grads,
         peak_live,
+        deferred_weight_grads: deferred_count,
         executed,
     })
+}
+
+/// Adds `g` to the gradient accumulated in `acc`.
+fn accumulate(acc: &mut Option<Tensor>, g: &Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + g)?,
+        None => g.clone(),
+    });
+    Ok(())
 }
 
 /// Cuts `batch` into `micro_batches` equal parts along dim 0.

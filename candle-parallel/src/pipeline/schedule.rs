@@ -30,36 +30,68 @@ pub enum Action {
     Forward { mb: usize, chunk: usize },
     /// Backward of micro-batch `mb` through chunk `chunk` (input and weight gradients).
     Backward { mb: usize, chunk: usize },
+    /// The input-gradient half of a backward (zero-bubble schedules): what the previous stage
+    /// waits for. The weight gradients of [`crate::ops::linear`] are deferred to...
+    BackwardInput { mb: usize, chunk: usize },
+    /// ...the weight-gradient half, which no other stage waits for: it fills bubbles.
+    BackwardWeight { mb: usize, chunk: usize },
+}
+
+/// What has been computed for a micro-batch on a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Done {
+    Forward,
+    InputGrad,
+    WeightGrad,
 }
 
 impl Action {
     pub fn mb(&self) -> usize {
         match *self {
-            Self::Forward { mb, .. } | Self::Backward { mb, .. } => mb,
+            Self::Forward { mb, .. }
+            | Self::Backward { mb, .. }
+            | Self::BackwardInput { mb, .. }
+            | Self::BackwardWeight { mb, .. } => mb,
         }
     }
 
     pub fn chunk(&self) -> usize {
         match *self {
-            Self::Forward { chunk, .. } | Self::Backward { chunk, .. } => chunk,
+            Self::Forward { chunk, .. }
+            | Self::Backward { chunk, .. }
+            | Self::BackwardInput { chunk, .. }
+            | Self::BackwardWeight { chunk, .. } => chunk,
         }
     }
 
-    /// Simulated duration: a backward costs two forwards (input and weight gradients).
+    /// Simulated duration: a forward 1, each half of a backward 1 (a whole backward 2).
     pub fn cost(&self) -> usize {
         match self {
-            Self::Forward { .. } => 1,
             Self::Backward { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// What the action computes.
+    fn computes(&self) -> &'static [Done] {
+        match self {
+            Self::Forward { .. } => &[Done::Forward],
+            Self::Backward { .. } => &[Done::InputGrad, Done::WeightGrad],
+            Self::BackwardInput { .. } => &[Done::InputGrad],
+            Self::BackwardWeight { .. } => &[Done::WeightGrad],
         }
     }
 }
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::Forward { mb, chunk } => write!(f, "F{mb}.{chunk}"),
-            Self::Backward { mb, chunk } => write!(f, "B{mb}.{chunk}"),
-        }
+        let (letter, mb, chunk) = match *self {
+            Self::Forward { mb, chunk } => ("F", mb, chunk),
+            Self::Backward { mb, chunk } => ("B", mb, chunk),
+            Self::BackwardInput { mb, chunk } => ("I", mb, chunk),
+            Self::BackwardWeight { mb, chunk } => ("W", mb, chunk),
+        };
+        write!(f, "{letter}{mb}.{chunk}")
     }
 }
 
@@ -161,6 +193,66 @@ impl Schedule {
         Self::from_actions("interleaved", ranks, chunks, micro_batches, actions)
     }
 
+    /// Zero-bubble (ZB-H1, Qi et al. 2023): each backward is split into its input-gradient
+    /// half (`I`, what the previous stage waits for) and its weight-gradient half (`W`, which
+    /// nobody waits for). Built by list scheduling on the clock (every action costs 1): a rank
+    /// runs a ready `I` first, else the next forward while it holds fewer micro-batches than
+    /// 1F1B would (`ranks - rank`), else a waiting `W`; so the `W`s fill the bubbles of 1F1B's
+    /// warm-up and cool-down at 1F1B's peak memory.
+    pub fn zero_bubble(ranks: usize, micro_batches: usize) -> Result<Self> {
+        check_sizes("zero-bubble", ranks, 1, micro_batches)?;
+        let (p, m) = (ranks, micro_batches);
+        let mut end: HashMap<(Done, usize, usize), usize> = HashMap::new();
+        let mut actions: Vec<Vec<Action>> = vec![Vec::new(); p];
+        let mut next_forward = vec![0usize; p];
+        let mut next_input = vec![0usize; p];
+        let mut waiting_w: Vec<std::collections::VecDeque<usize>> = vec![Default::default(); p];
+        let mut holding = vec![0usize; p];
+        let mut free = vec![0usize; p];
+        let done_by = |end: &HashMap<(Done, usize, usize), usize>, key, t: usize| {
+            end.get(&key).is_some_and(|&e| e <= t)
+        };
+        let mut t = 0;
+        while actions.iter().any(|a| a.len() < 3 * m) {
+            if t > 10 * (m + p) {
+                bail!("zero-bubble: list scheduling did not finish (a bug)")
+            }
+            for r in 0..p {
+                if free[r] > t {
+                    continue;
+                }
+                let (s, i, f) = (r, next_input[r], next_forward[r]);
+                let input_ready = i < f
+                    && done_by(&end, (Done::Forward, i, s), t)
+                    && (s + 1 == p || done_by(&end, (Done::InputGrad, i, s + 1), t));
+                let forward_ready = f < m
+                    && holding[r] < p - r
+                    && (s == 0 || done_by(&end, (Done::Forward, f, s - 1), t));
+                let action = if input_ready {
+                    next_input[r] += 1;
+                    waiting_w[r].push_back(i);
+                    Action::BackwardInput { mb: i, chunk: 0 }
+                } else if forward_ready {
+                    next_forward[r] += 1;
+                    holding[r] += 1;
+                    Action::Forward { mb: f, chunk: 0 }
+                } else if let Some(mb) = waiting_w[r].pop_front() {
+                    holding[r] -= 1;
+                    Action::BackwardWeight { mb, chunk: 0 }
+                } else {
+                    continue;
+                };
+                for &d in action.computes() {
+                    end.insert((d, action.mb(), s), t + action.cost());
+                }
+                free[r] = t + action.cost();
+                actions[r].push(action);
+            }
+            t += 1;
+        }
+        Self::from_actions("zero-bubble", ranks, 1, micro_batches, actions)
+    }
+
     /// A schedule from its actions, after checking that every micro-batch runs forward and
     /// backward exactly once on every stage, on the rank that holds it, and that the schedule
     /// completes (its simulation finds no deadlock).
@@ -188,12 +280,29 @@ impl Schedule {
                     bail!("schedule {name}: rank {r} runs {a} twice")
                 }
             }
-            let expected = 2 * micro_batches * chunks;
-            if list.len() != expected {
-                bail!(
-                    "schedule {name}: rank {r} has {} actions; every rank runs a forward and a backward per micro-batch and chunk ({expected})",
-                    list.len()
-                )
+        }
+        // Every micro-batch and chunk: one forward, and one backward or both of its halves.
+        for (r, list) in actions.iter().enumerate() {
+            for mb in 0..micro_batches {
+                for chunk in 0..chunks {
+                    let has = |a: Action| seen.contains(&(r, a));
+                    let whole = has(Action::Backward { mb, chunk });
+                    let halves = (
+                        has(Action::BackwardInput { mb, chunk }),
+                        has(Action::BackwardWeight { mb, chunk }),
+                    );
+                    let complete = has(Action::Forward { mb, chunk })
+                        && matches!(
+                            (whole, halves),
+                            (true, (false, false)) | (false, (true, true))
+                        );
+                    if !complete {
+                        bail!(
+                            "schedule {name}: rank {r} ({} actions) does not run micro-batch {mb} on chunk {chunk} exactly once: it needs a forward and a backward (or both halves of one)",
+                            list.len()
+                        )
+                    }
+                }
             }
         }
         let s = Self {
@@ -207,13 +316,17 @@ impl Schedule {
         Ok(s)
     }
 
-    /// The schedule by name: `gpipe`, `1f1b`, `interleaved` (with `chunks` per rank).
+    /// The schedule by name: `gpipe`, `1f1b`, `interleaved` (with `chunks` per rank) or
+    /// `zero-bubble`.
     pub fn by_name(name: &str, ranks: usize, chunks: usize, micro_batches: usize) -> Result<Self> {
         match name {
             "gpipe" => Self::gpipe(ranks, micro_batches),
             "1f1b" => Self::one_f_one_b(ranks, micro_batches),
             "interleaved" => Self::interleaved(ranks, chunks, micro_batches),
-            other => bail!("unknown schedule {other:?}: use gpipe, 1f1b or interleaved"),
+            "zero-bubble" => Self::zero_bubble(ranks, micro_batches),
+            other => {
+                bail!("unknown schedule {other:?}: use gpipe, 1f1b, interleaved or zero-bubble")
+            }
         }
     }
 
@@ -261,7 +374,7 @@ impl Schedule {
     pub fn simulate(&self) -> Result<Simulation> {
         let stages = self.stages();
         // End time of every scheduled (action kind, mb, stage).
-        let mut end: HashMap<(bool, usize, usize), usize> = HashMap::new();
+        let mut end: HashMap<(Done, usize, usize), usize> = HashMap::new();
         let mut next = vec![0usize; self.ranks];
         let mut free = vec![0usize; self.ranks];
         let mut slots: Vec<Vec<Timed>> = vec![Vec::new(); self.ranks];
@@ -281,10 +394,9 @@ impl Schedule {
                         break;
                     };
                     let finish = ready + a.cost();
-                    end.insert(
-                        (matches!(a, Action::Backward { .. }), a.mb(), stage),
-                        finish,
-                    );
+                    for &d in a.computes() {
+                        end.insert((d, a.mb(), stage), finish);
+                    }
                     slots[r].push(Timed {
                         action: a,
                         stage,
@@ -306,11 +418,13 @@ impl Schedule {
                                 .dependencies(*a, stage, stages)
                                 .into_iter()
                                 .filter(|d| !end.contains_key(d))
-                                .map(|(b, mb, s)| {
-                                    format!(
-                                        "{} of micro-batch {mb} on stage {s}",
-                                        if b { "backward" } else { "forward" }
-                                    )
+                                .map(|(d, mb, s)| {
+                                    let what = match d {
+                                        Done::Forward => "forward",
+                                        Done::InputGrad => "backward",
+                                        Done::WeightGrad => "weight gradient",
+                                    };
+                                    format!("{what} of micro-batch {mb} on stage {s}")
                                 })
                                 .collect();
                             format!("rank {r} at {a} waits for {}", missing.join(" and "))
@@ -326,15 +440,19 @@ impl Schedule {
         })
     }
 
-    /// What `a` on `stage` waits for: (is backward, micro-batch, stage).
-    fn dependencies(&self, a: Action, stage: usize, stages: usize) -> Vec<(bool, usize, usize)> {
+    /// What `a` on `stage` waits for: (what, micro-batch, stage).
+    fn dependencies(&self, a: Action, stage: usize, stages: usize) -> Vec<(Done, usize, usize)> {
+        let mb = a.mb();
         match a {
-            Action::Forward { mb, .. } if stage > 0 => vec![(false, mb, stage - 1)],
+            Action::Forward { .. } if stage > 0 => vec![(Done::Forward, mb, stage - 1)],
             Action::Forward { .. } => vec![],
-            Action::Backward { mb, .. } if stage + 1 < stages => {
-                vec![(false, mb, stage), (true, mb, stage + 1)]
+            Action::Backward { .. } | Action::BackwardInput { .. } if stage + 1 < stages => {
+                vec![(Done::Forward, mb, stage), (Done::InputGrad, mb, stage + 1)]
             }
-            Action::Backward { mb, .. } => vec![(false, mb, stage)],
+            Action::Backward { .. } | Action::BackwardInput { .. } => {
+                vec![(Done::Forward, mb, stage)]
+            }
+            Action::BackwardWeight { .. } => vec![(Done::InputGrad, mb, stage)],
         }
     }
 }
@@ -401,7 +519,9 @@ impl Simulation {
                             live += 1;
                             peak = peak.max(live);
                         }
-                        Action::Backward { .. } => live -= 1,
+                        // Activations stay until the weight gradients no longer need them.
+                        Action::Backward { .. } | Action::BackwardWeight { .. } => live -= 1,
+                        Action::BackwardInput { .. } => {}
                     }
                 }
                 peak
