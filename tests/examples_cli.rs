@@ -94,3 +94,59 @@ fn inspect_and_verify_do_not_pass_a_broken_checkpoint() {
     std::fs::remove_dir_all(hf).unwrap();
     std::fs::remove_dir_all(dist).unwrap();
 }
+
+#[test]
+fn the_pipeline_example_trains_and_draws_every_schedule() {
+    for schedule in ["gpipe", "1f1b", "interleaved", "zero-bubble"] {
+        let dir = tmp(&format!("pipeline-{schedule}"));
+        let dir_s = dir.to_string_lossy().into_owned();
+        let out = run(
+            "pipeline",
+            &[
+                "--pp",
+                "2",
+                "--schedule",
+                schedule,
+                "--micro-batches",
+                "4",
+                "--layers",
+                "4",
+                "--hidden",
+                "16",
+                "--batch",
+                "16",
+                "--steps",
+                "3",
+                "--out",
+                &dir_s,
+            ],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{schedule}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("schedule {schedule}")), "{stdout}");
+        let json = std::fs::read_to_string(dir.join("timeline.json")).unwrap();
+        let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
+        // Two ranks, each with a forward and a backward (or its two halves) per micro-batch.
+        let slices = json.matches("\"ph\":\"X\"").count();
+        let per_mb = if schedule == "zero-bubble" { 3 } else { 2 };
+        let chunks = if schedule == "interleaved" { 2 } else { 1 };
+        assert_eq!(slices, 2 * 4 * per_mb * chunks, "{schedule}: {json}");
+        assert!(svg.starts_with("<svg") && svg.contains("rank 1"), "{svg}");
+    }
+    let out = run(
+        "pipeline",
+        &[
+            "--schedule",
+            "interleaved",
+            "--pp",
+            "4",
+            "--micro-batches",
+            "6",
+        ],
+    );
+    fails_saying(&out, "not a multiple of 4");
+}

@@ -90,14 +90,38 @@ impl AdamW {
 
     /// One update from `grads`; parameters without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|p| grads.get(p.var.as_tensor()).cloned())
+            .collect();
+        self.step_with(&grads)
+    }
+
+    /// One update from gradients given in the order of [`AdamW::params`] (what a pipelined
+    /// step returns); `None` leaves a parameter alone.
+    pub fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        if grads.len() != self.params.len() {
+            candle_core::bail!(
+                "AdamW::step_with: {} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            )
+        }
         self.step += 1;
         let c = self.cfg;
         let (bc1, bc2) = (
             1.0 - c.beta1.powi(self.step as i32),
             1.0 - c.beta2.powi(self.step as i32),
         );
-        for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
+        for (((p, m), v), g) in self
+            .params
+            .iter()
+            .zip(&self.exp_avg)
+            .zip(&self.exp_avg_sq)
+            .zip(grads)
+        {
+            let Some(g) = g else {
                 continue;
             };
             let dtype = p.var.dtype();

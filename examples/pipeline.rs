@@ -1,0 +1,328 @@
+//! Trains a small MLP split into pipeline stages over CPU ranks, with a schedule of your choice,
+//! and draws the executed schedule.
+//!
+//! ```text
+//! cargo run --release --example pipeline                       # 4 ranks, 1F1B, 8 micro-batches
+//! cargo run --release --example pipeline -- --pp 4 --schedule zero-bubble --micro-batches 8
+//! cargo run --release --example pipeline -- --schedule interleaved --chunks 2
+//! ```
+//!
+//! The model (`--layers` layers of `tanh(x Wᵀ + b)`) learns to imitate a fixed random "teacher"
+//! of the same shape. Each rank builds only its stages' layers. Every step cuts the batch into
+//! micro-batches and runs the schedule (`gpipe`, `1f1b`, `interleaved`, `zero-bubble`); AdamW
+//! then updates each rank's layers. Rank 0 shows a progress bar and the loss, prints the
+//! schedule's simulated step × rank grid, and writes the last step as `timeline.json` (open in
+//! chrome://tracing or ui.perfetto.dev: one track per rank, one slice per action) and
+//! `timeline.svg` (ranks × time; forward, backward, input- and weight-gradient halves and idle
+//! in distinct colours).
+use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_parallel::checkpoint::{Param, Placement};
+use candle_parallel::optim::{AdamW, AdamWConfig};
+use candle_parallel::pipeline::{run_step, split_batch, split_layers, Executed, Schedule};
+use candle_parallel::{ops, Launcher, MeshShape};
+use candle_parallel_models::testing::seeded;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(about = "Train an MLP with pipeline parallelism and draw the executed schedule")]
+struct Args {
+    /// Pipeline ranks.
+    #[arg(long, default_value_t = 4)]
+    pp: usize,
+    /// gpipe, 1f1b, interleaved or zero-bubble.
+    #[arg(long, default_value = "1f1b")]
+    schedule: String,
+    #[arg(long, default_value_t = 8)]
+    micro_batches: usize,
+    /// Model chunks per rank (the interleaved schedule).
+    #[arg(long, default_value_t = 2)]
+    chunks: usize,
+    #[arg(long, default_value_t = 16)]
+    layers: usize,
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Rows per step, cut into the micro-batches.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long, default_value_t = 60)]
+    steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Where timeline.json and timeline.svg go.
+    #[arg(long, default_value = "target/pipeline")]
+    out: PathBuf,
+}
+
+/// A stage: `tanh(x Wᵀ + b)` per layer.
+struct Layers(Vec<(Var, Var)>);
+
+impl Module for Layers {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (w, b) in &self.0 {
+            x = ops::linear(&x, w.as_tensor())?
+                .broadcast_add(b.as_tensor())?
+                .tanh()?;
+        }
+        Ok(x)
+    }
+}
+
+fn layer(hidden: usize, seed: u64) -> Result<(Tensor, Tensor)> {
+    let scale = 1.5 / (hidden as f64).sqrt();
+    Ok((
+        (seeded(&[hidden, hidden], seed, DType::F32)? * scale)?,
+        (seeded(&[hidden], seed + 1, DType::F32)? * 0.1)?,
+    ))
+}
+
+fn main() -> Result<()> {
+    candle_parallel::logging::init();
+    let args = Args::parse();
+    let chunks = if args.schedule == "interleaved" {
+        args.chunks
+    } else {
+        1
+    };
+    let schedule = Schedule::by_name(&args.schedule, args.pp, chunks, args.micro_batches)?;
+    let stages = split_layers(args.layers, schedule.stages())?;
+    split_batch(
+        &Tensor::zeros((args.batch, 1), DType::F32, &Device::Cpu)?,
+        args.micro_batches,
+    )?;
+    let sim = schedule.simulate()?;
+    let mb_rows = args.batch / args.micro_batches;
+    let timelines = Launcher::new(args.pp)
+        .mesh(MeshShape::new().pp(args.pp))
+        .run(|ctx| {
+            let pp = ctx.mesh()?.pp().clone();
+            let r = pp.rank();
+            let lead = ctx.rank() == 0;
+            if lead {
+                println!("{sim}");
+            }
+            // This rank's chunks: its stages' layers only.
+            let mut modules = Vec::new();
+            let mut vars = Vec::new();
+            for c in 0..schedule.chunks() {
+                let range = stages[schedule.stage_of(r, c)].clone();
+                let mut layers = Vec::new();
+                for i in range {
+                    let (w, b) = layer(args.hidden, 1000 + 2 * i as u64)?;
+                    let (w, b) = (Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+                    vars.extend([w.clone(), b.clone()]);
+                    layers.push((w, b));
+                }
+                modules.push(Layers(layers));
+            }
+            let params: Vec<Param> = vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Param {
+                    name: format!("stage{r}.{i}"),
+                    var: v.clone(),
+                    full_dims: v.dims().to_vec(),
+                    placement: Placement::Replicated,
+                })
+                .collect();
+            let mut opt = AdamW::new(
+                params,
+                AdamWConfig {
+                    lr: args.lr,
+                    weight_decay: 0.0,
+                    ..Default::default()
+                },
+            )?;
+            // The teacher: the same architecture with other weights, on every rank alike.
+            let teacher = Layers(
+                (0..args.layers)
+                    .map(|i| {
+                        let (w, b) = layer(args.hidden, 9000 + 2 * i as u64)?;
+                        Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
+                    })
+                    .collect::<Result<_>>()?,
+            );
+            let bar = if lead {
+                ProgressBar::new(args.steps as u64).with_style(
+                    ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                        .expect("valid template"),
+                )
+            } else {
+                ProgressBar::hidden()
+            };
+            let refs: Vec<&dyn Module> = modules.iter().map(|m| m as &dyn Module).collect();
+            let mut last = Vec::new();
+            let mut first_loss = None;
+            for step in 0..args.steps {
+                let x = seeded(&[args.batch, args.hidden], 77 + step as u64, DType::F32)?;
+                let target = teacher.forward(&x)?.detach();
+                let targets = split_batch(&target, args.micro_batches)?;
+                pp.barrier()?; // a common start, so that the ranks' timelines line up
+                let out = run_step(
+                    &pp,
+                    &schedule,
+                    &refs,
+                    &vars,
+                    &split_batch(&x, args.micro_batches)?,
+                    (&Shape::from((mb_rows, args.hidden)), DType::F32),
+                    &|mb, y| (y - &targets[mb])?.sqr()?.mean_all(),
+                )?;
+                opt.step_with(&out.grads)?;
+                first_loss.get_or_insert(out.loss);
+                tracing::debug!(step, loss = out.loss, peak_live = out.peak_live, "step");
+                bar.set_message(format!("loss {:.5}", out.loss));
+                bar.inc(1);
+                last = out.executed;
+                if step + 1 == args.steps && lead {
+                    bar.finish();
+                    tracing::info!(
+                        first = first_loss.unwrap_or(0.0),
+                        last = out.loss,
+                        peak_live = out.peak_live,
+                        "trained"
+                    );
+                }
+            }
+            // Every rank's last step, to rank 0.
+            let mine = serde_json::to_vec(&encode(&last)).map_err(candle_core::Error::wrap)?;
+            let all = pp.all_gather_bytes(&mine)?;
+            all.iter()
+                .map(|b| {
+                    serde_json::from_slice::<Vec<(String, usize, f64, f64)>>(b)
+                        .map_err(candle_core::Error::wrap)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+    let timelines = &timelines[0];
+    std::fs::create_dir_all(&args.out)?;
+    let json = args.out.join("timeline.json");
+    let svg = args.out.join("timeline.svg");
+    std::fs::write(&json, chrome_trace(timelines))?;
+    std::fs::write(&svg, picture(timelines, &schedule))?;
+    let (span, busy) = span_and_busy(timelines);
+    println!(
+        "\nexecuted last step: {:.1} ms, bubble {:.1}% (simulated {:.1}%)\ntimeline: {} (chrome://tracing, ui.perfetto.dev) and {}",
+        span * 1e3,
+        100.0 * (1.0 - busy / (span * timelines.len() as f64)),
+        100.0 * sim.bubble_fraction(),
+        json.display(),
+        svg.display()
+    );
+    Ok(())
+}
+
+/// (action, stage, start s, end s) per executed action.
+fn encode(executed: &[Executed]) -> Vec<(String, usize, f64, f64)> {
+    executed
+        .iter()
+        .map(|e| (e.action.to_string(), e.stage, e.start, e.end))
+        .collect()
+}
+
+fn span_and_busy(timelines: &[Vec<(String, usize, f64, f64)>]) -> (f64, f64) {
+    let span = timelines.iter().flatten().map(|t| t.3).fold(0.0, f64::max);
+    let busy = timelines.iter().flatten().map(|t| t.3 - t.2).sum();
+    (span, busy)
+}
+
+/// The kind of an action by its printed name, and its colour.
+fn kind(name: &str) -> (&'static str, &'static str) {
+    match name.as_bytes().first() {
+        Some(b'F') => ("forward", "#4e79a7"),
+        Some(b'B') => ("backward", "#59a14f"),
+        Some(b'I') => ("input gradient", "#f28e2b"),
+        _ => ("weight gradient", "#b07aa1"),
+    }
+}
+
+/// Chrome's trace event format: one complete event ("X") per action, a thread per rank.
+fn chrome_trace(timelines: &[Vec<(String, usize, f64, f64)>]) -> String {
+    let mut events = Vec::new();
+    for (rank, timeline) in timelines.iter().enumerate() {
+        events.push(serde_json::json!({
+            "name": "thread_name", "ph": "M", "pid": 0, "tid": rank,
+            "args": { "name": format!("rank {rank}") }
+        }));
+        for (name, stage, start, end) in timeline {
+            events.push(serde_json::json!({
+                "name": name, "cat": kind(name).0, "ph": "X", "pid": 0, "tid": rank,
+                "ts": start * 1e6, "dur": (end - start) * 1e6,
+                "args": { "stage": stage }
+            }));
+        }
+    }
+    serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" }).to_string()
+}
+
+/// Ranks × time: a bar per action, grey where a rank is idle.
+fn picture(timelines: &[Vec<(String, usize, f64, f64)>], schedule: &Schedule) -> String {
+    let (span, _) = span_and_busy(timelines);
+    let (width, row, left, top) = (1000.0, 28.0, 70.0, 40.0);
+    let height = top + row * timelines.len() as f64 + 50.0;
+    let x = |t: f64| left + (width - left - 20.0) * t / span.max(1e-9);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="20" font-size="14">{} schedule, {} ranks, {} micro-batches: executed last step ({:.1} ms)</text>"#,
+        schedule.name(),
+        schedule.ranks(),
+        schedule.micro_batches(),
+        span * 1e3
+    );
+    for (rank, timeline) in timelines.iter().enumerate() {
+        let y = top + row * rank as f64;
+        let _ = writeln!(
+            s,
+            r##"<text x="8" y="{}">rank {rank}</text><rect x="{left}" y="{y}" width="{}" height="{}" fill="#dddddd"/>"##,
+            y + row * 0.6,
+            x(span) - left,
+            row - 4.0
+        );
+        for (name, _, start, end) in timeline {
+            let _ = writeln!(
+                s,
+                r#"<rect x="{:.2}" y="{y}" width="{:.2}" height="{}" fill="{}"><title>{name}</title></rect>"#,
+                x(*start),
+                (x(*end) - x(*start)).max(0.5),
+                row - 4.0,
+                kind(name).1
+            );
+            if x(*end) - x(*start) > 22.0 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.2}" y="{}" fill="white">{name}</text>"#,
+                    x(*start) + 2.0,
+                    y + row * 0.6
+                );
+            }
+        }
+    }
+    let legend_y = top + row * timelines.len() as f64 + 20.0;
+    for (i, (label, colour)) in [
+        ("forward", "#4e79a7"),
+        ("backward", "#59a14f"),
+        ("input gradient", "#f28e2b"),
+        ("weight gradient", "#b07aa1"),
+        ("idle", "#dddddd"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let lx = left + 150.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="{legend_y}" width="14" height="14" fill="{colour}"/><text x="{}" y="{}">{label}</text>"#,
+            lx + 18.0,
+            legend_y + 11.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
