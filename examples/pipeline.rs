@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::{Param, Placement};
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Executed, Schedule};
-use candle_parallel::{ops, Launcher, MeshShape};
-use candle_parallel_models::testing::seeded;
+use candle_parallel::{Launcher, MeshShape};
+use candle_parallel_models::testing::{seeded, TanhMlp};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fmt::Write as _;
@@ -56,29 +56,6 @@ struct Args {
     out: PathBuf,
 }
 
-/// A stage: `tanh(x Wᵀ + b)` per layer.
-struct Layers(Vec<(Var, Var)>);
-
-impl Module for Layers {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
-        for (w, b) in &self.0 {
-            x = ops::linear(&x, w.as_tensor())?
-                .broadcast_add(b.as_tensor())?
-                .tanh()?;
-        }
-        Ok(x)
-    }
-}
-
-fn layer(hidden: usize, seed: u64) -> Result<(Tensor, Tensor)> {
-    let scale = 1.5 / (hidden as f64).sqrt();
-    Ok((
-        (seeded(&[hidden, hidden], seed, DType::F32)? * scale)?,
-        (seeded(&[hidden], seed + 1, DType::F32)? * 0.1)?,
-    ))
-}
-
 fn main() -> Result<()> {
     candle_parallel::logging::init();
     let args = Args::parse();
@@ -105,19 +82,10 @@ fn main() -> Result<()> {
                 println!("{sim}");
             }
             // This rank's chunks: its stages' layers only.
-            let mut modules = Vec::new();
-            let mut vars = Vec::new();
-            for c in 0..schedule.chunks() {
-                let range = stages[schedule.stage_of(r, c)].clone();
-                let mut layers = Vec::new();
-                for i in range {
-                    let (w, b) = layer(args.hidden, 1000 + 2 * i as u64)?;
-                    let (w, b) = (Var::from_tensor(&w)?, Var::from_tensor(&b)?);
-                    vars.extend([w.clone(), b.clone()]);
-                    layers.push((w, b));
-                }
-                modules.push(Layers(layers));
-            }
+            let modules: Vec<TanhMlp> = (0..schedule.chunks())
+                .map(|c| TanhMlp::new(stages[schedule.stage_of(r, c)].clone(), args.hidden, 1000))
+                .collect::<Result<_>>()?;
+            let vars: Vec<Var> = modules.iter().flat_map(TanhMlp::vars).collect();
             let params: Vec<Param> = vars
                 .iter()
                 .enumerate()
@@ -137,14 +105,7 @@ fn main() -> Result<()> {
                 },
             )?;
             // The teacher: the same architecture with other weights, on every rank alike.
-            let teacher = Layers(
-                (0..args.layers)
-                    .map(|i| {
-                        let (w, b) = layer(args.hidden, 9000 + 2 * i as u64)?;
-                        Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
-                    })
-                    .collect::<Result<_>>()?,
-            );
+            let teacher = TanhMlp::new(0..args.layers, args.hidden, 9000)?;
             let bar = if lead {
                 ProgressBar::new(args.steps as u64).with_style(
                     ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")

@@ -2,12 +2,11 @@
 //! full-batch run, at 2–4 pipeline ranks, for every schedule.
 mod common;
 
-use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
-use candle_parallel::ops;
+use candle_core::{DType, Device, Module, Result, Shape, Tensor};
 use candle_parallel::pipeline::{
     run_step, split_balanced, split_batch, split_layers, Action, Schedule,
 };
-use candle_parallel_models::testing::{max_rel_err, seeded};
+use candle_parallel_models::testing::{max_rel_err, seeded, TanhMlp};
 use common::launch;
 use std::ops::Range;
 
@@ -15,31 +14,8 @@ const HIDDEN: usize = 6;
 const LAYERS: usize = 12;
 const BATCH: usize = 24;
 
-/// A stage: `tanh(x W_iᵀ + b_i)` for each of its layers (the library's linear, whose weight
-/// gradients zero-bubble schedules defer).
-struct Layers(Vec<(Var, Var)>);
-
-impl Module for Layers {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
-        for (w, b) in &self.0 {
-            x = ops::linear(&x, w.as_tensor())?
-                .broadcast_add(b.as_tensor())?
-                .tanh()?;
-        }
-        Ok(x)
-    }
-}
-
-/// Layer `i`'s weights, the same wherever it is built.
-fn layer(i: usize) -> Result<(Var, Var)> {
-    let w = (seeded(&[HIDDEN, HIDDEN], 100 + i as u64, DType::F32)? * 0.8)?;
-    let b = (seeded(&[HIDDEN], 200 + i as u64, DType::F32)? * 0.1)?;
-    Ok((Var::from_tensor(&w)?, Var::from_tensor(&b)?))
-}
-
-fn layers(range: Range<usize>) -> Result<Layers> {
-    Ok(Layers(range.map(layer).collect::<Result<_>>()?))
+fn layers(range: Range<usize>) -> Result<TanhMlp> {
+    TanhMlp::new(range, HIDDEN, 100)
 }
 
 fn batch() -> Result<(Tensor, Tensor)> {
@@ -60,7 +36,7 @@ fn reference() -> Result<(f32, Vec<Tensor>)> {
     let loss = mse(&model.forward(&x)?, &target)?;
     let grads = loss.backward()?;
     let mut out = Vec::new();
-    for (w, b) in &model.0 {
+    for (w, b) in &model.layers {
         out.push(grads.get(w.as_tensor()).unwrap().clone());
         out.push(grads.get(b.as_tensor()).unwrap().clone());
     }
@@ -80,14 +56,14 @@ fn pipelined(schedule: &Schedule) -> Result<Vec<Ranked>> {
         let ranges: Vec<Range<usize>> = (0..schedule.chunks())
             .map(|c| split[schedule.stage_of(r, c)].clone())
             .collect();
-        let chunks: Vec<Layers> = ranges
+        let chunks: Vec<TanhMlp> = ranges
             .iter()
             .map(|range| layers(range.clone()))
             .collect::<Result<_>>()?;
         let mut params = Vec::new();
         let mut indices = Vec::new();
         for (range, chunk) in ranges.iter().zip(&chunks) {
-            for (i, (w, b)) in range.clone().zip(&chunk.0) {
+            for (i, (w, b)) in range.clone().zip(&chunk.layers) {
                 params.push(w.clone());
                 params.push(b.clone());
                 indices.push(i);

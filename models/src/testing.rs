@@ -93,3 +93,49 @@ pub fn write_random_mixtral(
         crate::mixtral::Mixtral::new(cfg, vb, comm, comm, Dispatch::AllReduce).map(|_| ())
     })
 }
+
+/// Layers `range` of a deterministic MLP of `tanh(x Wᵢᵀ + bᵢ)` (`hidden` wide; layer `i`'s
+/// weights depend on `seed` and `i` only, so any stage of it can be built anywhere): the model
+/// of the pipeline examples, benchmark and tests. Its linear layers are
+/// [`candle_parallel::ops::linear`], whose weight gradients zero-bubble schedules defer.
+pub struct TanhMlp {
+    pub layers: Vec<(candle_core::Var, candle_core::Var)>,
+}
+
+impl TanhMlp {
+    pub fn new(range: std::ops::Range<usize>, hidden: usize, seed: u64) -> Result<Self> {
+        let scale = 1.5 / (hidden as f64).sqrt();
+        let layers = range
+            .map(|i| {
+                let s = seed.wrapping_add(2 * i as u64);
+                let w = (seeded(&[hidden, hidden], s, DType::F32)? * scale)?;
+                let b = (seeded(&[hidden], s + 1, DType::F32)? * 0.1)?;
+                Ok((
+                    candle_core::Var::from_tensor(&w)?,
+                    candle_core::Var::from_tensor(&b)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Every weight and bias, in layer order.
+    pub fn vars(&self) -> Vec<candle_core::Var> {
+        self.layers
+            .iter()
+            .flat_map(|(w, b)| [w.clone(), b.clone()])
+            .collect()
+    }
+}
+
+impl candle_core::Module for TanhMlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (w, b) in &self.layers {
+            x = candle_parallel::ops::linear(&x, w.as_tensor())?
+                .broadcast_add(b.as_tensor())?
+                .tanh()?;
+        }
+        Ok(x)
+    }
+}
