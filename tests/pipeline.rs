@@ -2,12 +2,16 @@
 //! full-batch run, at 2–4 pipeline ranks, for every schedule.
 mod common;
 
-use candle_core::{DType, Device, Module, Result, Shape, Tensor};
+use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::pipeline::{
     run_step, split_balanced, split_batch, split_layers, Action, Schedule,
 };
+use candle_parallel::tensor_parallel as tp_layers;
+use candle_parallel::{Comm, MeshShape};
 use candle_parallel_models::testing::{max_rel_err, seeded, TanhMlp};
 use common::launch;
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 const HIDDEN: usize = 6;
@@ -283,5 +287,114 @@ fn balanced_splits_minimise_the_heaviest_stage() -> Result<()> {
     let heaviest = s.iter().map(|r| w[r.clone()].iter().sum::<usize>()).max();
     assert_eq!(heaviest, Some(7), "{s:?}"); // [5, 1, 1] [1, 1, 1, 4] [4]
     assert_eq!(s.iter().map(|r| r.len()).sum::<usize>(), w.len());
+    Ok(())
+}
+
+/// A residual MLP block per layer, split over tp: `x + down(tanh(up(x)))`.
+struct TpStage(
+    Vec<(
+        tp_layers::ColumnParallelLinear,
+        tp_layers::RowParallelLinear,
+    )>,
+);
+
+impl Module for TpStage {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (up, down) in &self.0 {
+            x = (&x + down.forward(&up.forward(&x)?.tanh()?)?)?;
+        }
+        Ok(x)
+    }
+}
+
+fn tp_stage(range: Range<usize>, vb: &ParallelVarBuilder, tp: &Comm) -> Result<TpStage> {
+    let blocks = range
+        .map(|i| {
+            let vb = vb.pp(format!("layers.{i}"));
+            Ok((
+                tp_layers::column_parallel_linear(HIDDEN, 2 * HIDDEN, vb.pp("up"), tp)?,
+                tp_layers::row_parallel_linear(2 * HIDDEN, HIDDEN, vb.pp("down"), tp)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(TpStage(blocks))
+}
+
+/// Pipeline stages that run tensor-parallel layers inside (pp × tp on a mesh): every rank's
+/// gradient slices equal the single-device full-batch gradients, for every schedule.
+#[test]
+fn tensor_parallel_layers_inside_pipeline_stages_give_the_full_batch_gradients() -> Result<()> {
+    const BLOCKS: usize = 4;
+    let (x, target) = batch()?;
+    let reference = candle_parallel::launch(1, |ctx| {
+        let vb = ParallelVarBuilder::from_init(5, DType::F32, &Device::Cpu).trainable();
+        let model = tp_stage(0..BLOCKS, &vb, ctx.comm())?;
+        let loss = mse(&model.forward(&x)?, &target)?;
+        let grads = loss.backward()?;
+        let full: BTreeMap<String, Tensor> = vb
+            .params()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    grads.get(p.var.as_tensor()).unwrap().clone(),
+                )
+            })
+            .collect();
+        Ok((loss.to_scalar::<f32>()?, full))
+    })?
+    .remove(0);
+    for name in ["gpipe", "1f1b", "interleaved", "zero-bubble"] {
+        let (pp, tp, m) = (2, 2, 4);
+        let schedule = Schedule::by_name(name, pp, 2, m)?;
+        let split = split_layers(BLOCKS, schedule.stages())?;
+        let outs = common::Launcher::new(pp * tp)
+            .mesh(MeshShape::new().pp(pp).tp(tp))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let (pp_comm, tp_comm) = (mesh.pp(), mesh.tp());
+                let vb = ParallelVarBuilder::from_init(5, DType::F32, &Device::Cpu).trainable();
+                let chunks: Vec<TpStage> = (0..schedule.chunks())
+                    .map(|c| {
+                        tp_stage(
+                            split[schedule.stage_of(pp_comm.rank(), c)].clone(),
+                            &vb,
+                            tp_comm,
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                let params = vb.params();
+                let vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
+                let targets = split_batch(&target, m)?;
+                let modules: Vec<&dyn Module> = chunks.iter().map(|c| c as &dyn Module).collect();
+                let out = run_step(
+                    pp_comm,
+                    &schedule,
+                    &modules,
+                    &vars,
+                    &split_batch(&x, m)?,
+                    (&Shape::from((BATCH / m, HIDDEN)), DType::F32),
+                    &|mb, y| mse(y, &targets[mb]),
+                )?;
+                let grads: Vec<(String, Placement, Tensor)> = params
+                    .into_iter()
+                    .zip(out.grads)
+                    .map(|(p, g)| (p.name, p.placement, g.expect("used")))
+                    .collect();
+                Ok((out.loss, grads))
+            })?;
+        for (rank, (loss, grads)) in outs.iter().enumerate() {
+            assert!(
+                ((loss - reference.0) / reference.0).abs() < 1e-5,
+                "{name} rank {rank}"
+            );
+            for (pname, placement, g) in grads {
+                let want = common::slice_of(&reference.1[pname], *placement)?;
+                let e = max_rel_err(g, &want)?;
+                assert!(e <= 1e-5, "{name} rank {rank} {pname}: {e:e}");
+            }
+        }
+    }
     Ok(())
 }
