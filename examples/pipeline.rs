@@ -5,12 +5,14 @@
 //! cargo run --release --example pipeline                       # 4 ranks, 1F1B, 8 micro-batches
 //! cargo run --release --example pipeline -- --pp 4 --schedule zero-bubble --micro-batches 8
 //! cargo run --release --example pipeline -- --schedule interleaved --chunks 2
+//! cargo run --release --example pipeline -- --schedule pipedream
 //! ```
 //!
 //! The model (`--layers` layers of `tanh(x Wᵀ + b)`) learns to imitate a fixed random "teacher"
 //! of the same shape. Each rank builds only its stages' layers. Every step cuts the batch into
 //! micro-batches and runs the schedule (`gpipe`, `1f1b`, `interleaved`, `zero-bubble`); AdamW
-//! then updates each rank's layers. Rank 0 shows a progress bar and the loss, prints the
+//! then updates each rank's layers. `pipedream` has no flush: AdamW runs after every
+//! micro-batch's backward, which uses the weights its forward used (weight stashing). Rank 0 shows a progress bar and the loss, prints the
 //! schedule's simulated step × rank grid, and writes the last step as `timeline.json` (open in
 //! chrome://tracing or ui.perfetto.dev: one track per rank, one slice per action) and
 //! `timeline.svg` (ranks × time; forward, backward, input- and weight-gradient halves and idle
@@ -18,7 +20,9 @@
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::{Param, Placement};
 use candle_parallel::optim::{AdamW, AdamWConfig};
-use candle_parallel::pipeline::{run_step, split_batch, split_layers, Executed, Schedule};
+use candle_parallel::pipeline::{
+    run_pipedream, run_step, split_batch, split_layers, Executed, Schedule,
+};
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::testing::{seeded, TanhMlp};
 use clap::Parser;
@@ -32,7 +36,8 @@ struct Args {
     /// Pipeline ranks.
     #[arg(long, default_value_t = 4)]
     pp: usize,
-    /// gpipe, 1f1b, interleaved or zero-bubble.
+    /// gpipe, 1f1b, interleaved, zero-bubble or pipedream (asynchronous 1F1B: weights updated
+    /// after every micro-batch's backward, with weight stashing).
     #[arg(long, default_value = "1f1b")]
     schedule: String,
     #[arg(long, default_value_t = 8)]
@@ -64,7 +69,14 @@ fn main() -> Result<()> {
     } else {
         1
     };
-    let schedule = Schedule::by_name(&args.schedule, args.pp, chunks, args.micro_batches)?;
+    // PipeDream runs 1F1B's order without a flush (its own executor, below).
+    let pipedream = args.schedule == "pipedream";
+    let name = if pipedream {
+        "1f1b"
+    } else {
+        args.schedule.as_str()
+    };
+    let schedule = Schedule::by_name(name, args.pp, chunks, args.micro_batches)?;
     let stages = split_layers(args.layers, schedule.stages())?;
     split_batch(
         &Tensor::zeros((args.batch, 1), DType::F32, &Device::Cpu)?,
@@ -122,16 +134,33 @@ fn main() -> Result<()> {
                 let target = teacher.forward(&x)?.detach();
                 let targets = split_batch(&target, args.micro_batches)?;
                 pp.barrier()?; // a common start, so that the ranks' timelines line up
-                let out = run_step(
-                    &pp,
-                    &schedule,
-                    &refs,
-                    &vars,
-                    &split_batch(&x, args.micro_batches)?,
-                    (&Shape::from((mb_rows, args.hidden)), DType::F32),
-                    &|mb, y| (y - &targets[mb])?.sqr()?.mean_all(),
-                )?;
-                opt.step_with(&out.grads)?;
+                let xs = split_batch(&x, args.micro_batches)?;
+                let activation = (&Shape::from((mb_rows, args.hidden)), DType::F32);
+                let mse = |mb: usize, y: &Tensor| (y - &targets[mb])?.sqr()?.mean_all();
+                let out = if pipedream {
+                    // One stage per rank; AdamW after every micro-batch's backward, each
+                    // backward on the weights its forward used (stashed).
+                    let stage = &modules[0];
+                    let mut update = |_mb: usize, grads: &[Tensor]| {
+                        let grads: Vec<Option<Tensor>> = grads.iter().cloned().map(Some).collect();
+                        opt.step_with(&grads)
+                    };
+                    let out = run_pipedream(&pp, stage, &xs, activation, &mse, true, &mut update)?;
+                    let loss = out.losses.iter().sum::<f32>() / out.losses.len() as f32;
+                    StepSummary {
+                        loss,
+                        peak_live: out.peak_live,
+                        executed: out.executed,
+                    }
+                } else {
+                    let out = run_step(&pp, &schedule, &refs, &vars, &xs, activation, &mse)?;
+                    opt.step_with(&out.grads)?;
+                    StepSummary {
+                        loss: out.loss,
+                        peak_live: out.peak_live,
+                        executed: out.executed,
+                    }
+                };
                 first_loss.get_or_insert(out.loss);
                 tracing::debug!(step, loss = out.loss, peak_live = out.peak_live, "step");
                 bar.set_message(format!("loss {:.5}", out.loss));
@@ -173,6 +202,13 @@ fn main() -> Result<()> {
         svg.display()
     );
     Ok(())
+}
+
+/// What a step reports, whichever executor ran it.
+struct StepSummary {
+    loss: f32,
+    peak_live: usize,
+    executed: Vec<Executed>,
 }
 
 /// (action, stage, start s, end s) per executed action.

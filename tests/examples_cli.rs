@@ -97,7 +97,7 @@ fn inspect_and_verify_do_not_pass_a_broken_checkpoint() {
 
 #[test]
 fn the_pipeline_example_trains_and_draws_every_schedule() {
-    for schedule in ["gpipe", "1f1b", "interleaved", "zero-bubble"] {
+    for schedule in ["gpipe", "1f1b", "interleaved", "zero-bubble", "pipedream"] {
         let dir = tmp(&format!("pipeline-{schedule}"));
         let dir_s = dir.to_string_lossy().into_owned();
         let out = run(
@@ -127,7 +127,15 @@ fn the_pipeline_example_trains_and_draws_every_schedule() {
             "{schedule}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(stdout.contains(&format!("schedule {schedule}")), "{stdout}");
+        let simulated = if schedule == "pipedream" {
+            "1f1b"
+        } else {
+            schedule
+        };
+        assert!(
+            stdout.contains(&format!("schedule {simulated}")),
+            "{stdout}"
+        );
         let json = std::fs::read_to_string(dir.join("timeline.json")).unwrap();
         let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
         // Two ranks, each with a forward and a backward (or its two halves) per micro-batch.

@@ -5,7 +5,8 @@ mod common;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::pipeline::{
-    run_step, split_balanced, split_batch, split_layers, Action, Schedule,
+    run_pipedream, run_step, split_balanced, split_batch, split_layers, Action, PipeDreamOutput,
+    Schedule, StashableStage,
 };
 use candle_parallel::tensor_parallel as tp_layers;
 use candle_parallel::{Comm, MeshShape};
@@ -396,5 +397,97 @@ fn tensor_parallel_layers_inside_pipeline_stages_give_the_full_batch_gradients()
             }
         }
     }
+    Ok(())
+}
+
+/// PipeDream without flushes: every backward updates its stage at once (SGD here), so the
+/// micro-batches in flight run on different weight versions. With weight stashing, each
+/// micro-batch's gradient is exactly the gradient of the function its forward computed (the
+/// composition of each stage at the version it used); without, some backward computes with
+/// newer weights than its forward and its gradient is off.
+#[test]
+fn pipedream_with_stashing_gives_each_micro_batch_the_gradient_of_its_version() -> Result<()> {
+    let (p, n, lr) = (3, 6, 0.5);
+    let split = split_layers(LAYERS, p)?;
+    let (x, target) = batch()?;
+    let (xs, targets) = (split_batch(&x, n)?, split_batch(&target, n)?);
+    let run = |stash: bool| {
+        launch(p, |ctx| {
+            let stage = layers(split[ctx.rank()].clone())?;
+            let live = stage.vars();
+            let mut sgd = |_mb: usize, grads: &[Tensor]| -> Result<()> {
+                for (v, g) in live.iter().zip(grads) {
+                    v.set(&(v.as_tensor() - (g * lr)?)?)?;
+                }
+                Ok(())
+            };
+            run_pipedream(
+                ctx.comm(),
+                &stage,
+                &xs,
+                (&Shape::from((BATCH / n, HIDDEN)), DType::F32),
+                &|mb, y| mse(y, &targets[mb]),
+                stash,
+                &mut sgd,
+            )
+        })
+    };
+    // The exact gradient of micro-batch `mb` with every stage at the version its forward used.
+    let exact = |outs: &[PipeDreamOutput], mb: usize| -> Result<Vec<Vec<Tensor>>> {
+        let vars: Vec<Vec<Var>> = outs
+            .iter()
+            .map(|o| o.forward_weights[mb].iter().map(Var::from_tensor).collect())
+            .collect::<Result<_>>()?;
+        let mut y = xs[mb].clone();
+        for (s, vs) in vars.iter().enumerate() {
+            let ws: Vec<Tensor> = vs.iter().map(|v| v.as_tensor().clone()).collect();
+            y = layers(split[s].clone())?.forward_with(&y, &ws)?;
+        }
+        let grads = mse(&y, &targets[mb])?.backward()?;
+        Ok(vars
+            .iter()
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+                    .collect()
+            })
+            .collect())
+    };
+    let stashed = run(true)?;
+    // Versions did move: the first stage's last forward saw weights its first did not.
+    let first = &stashed[0].forward_weights;
+    assert!(max_rel_err(&first[n - 1][0], &first[0][0])? > 1e-4);
+    for mb in 0..n {
+        let want = exact(&stashed, mb)?;
+        for (s, out) in stashed.iter().enumerate() {
+            for (g, w) in out.grads[mb].iter().zip(&want[s]) {
+                let e = max_rel_err(g, w)?;
+                assert!(e <= 1e-5, "stashed: micro-batch {mb} stage {s}: {e:e}");
+            }
+        }
+    }
+    let unstashed = run(false)?;
+    let mut worst: f64 = 0.0;
+    for mb in 0..n {
+        let want = exact(&unstashed, mb)?;
+        for (s, out) in unstashed.iter().enumerate() {
+            for (g, w) in out.grads[mb].iter().zip(&want[s]) {
+                worst = worst.max(max_rel_err(g, w)?);
+            }
+            // The last stage runs each backward right after its forward: one version.
+            if s == p - 1 {
+                for (a, b) in out.forward_weights[mb]
+                    .iter()
+                    .zip(&out.backward_weights[mb])
+                {
+                    assert_eq!(max_rel_err(a, b)?, 0.0);
+                }
+            }
+        }
+    }
+    assert!(
+        worst > 1e-2,
+        "without stashing some gradient is inconsistent: {worst:e}"
+    );
     Ok(())
 }

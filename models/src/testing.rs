@@ -139,3 +139,26 @@ impl candle_core::Module for TanhMlp {
         Ok(x)
     }
 }
+
+impl candle_parallel::pipeline::StashableStage for TanhMlp {
+    fn params(&self) -> Vec<candle_core::Var> {
+        self.vars()
+    }
+
+    fn forward_with(&self, x: &Tensor, params: &[Tensor]) -> Result<Tensor> {
+        if params.len() != 2 * self.layers.len() {
+            candle_core::bail!(
+                "TanhMlp::forward_with: {} tensors for {} layers (a weight and a bias each)",
+                params.len(),
+                self.layers.len()
+            )
+        }
+        let mut x = x.clone();
+        for wb in params.chunks(2) {
+            x = candle_parallel::ops::linear(&x, &wb[0])?
+                .broadcast_add(&wb[1])?
+                .tanh()?;
+        }
+        Ok(x)
+    }
+}

@@ -81,6 +81,230 @@ pub fn run_step(
     loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<StepOutput> {
     let me = comm.rank();
+    if chunks.len() != schedule.chunks() {
+        bail!(
+            "pipeline step on rank {me}: the schedule {} runs {} model chunks per rank, got {}",
+            schedule.name(),
+            schedule.chunks(),
+            chunks.len()
+        )
+    }
+    let mut compute = Accumulate {
+        chunks,
+        params,
+        grads: vec![None; params.len()],
+    };
+    let m = schedule.micro_batches() as f64;
+    let run = execute(
+        comm,
+        schedule,
+        &mut compute,
+        micro_batches,
+        activation,
+        &|mb, y| loss(mb, y)? / m,
+    )?;
+    Ok(StepOutput {
+        loss: run.losses.iter().sum(),
+        grads: compute.grads,
+        peak_live: run.peak_live,
+        deferred_weight_grads: run.deferred_weight_grads,
+        executed: run.executed,
+    })
+}
+
+/// A stage whose forward takes its parameters as arguments, so that a micro-batch can run on
+/// an older version of them while newer ones train: PipeDream's weight stashing.
+pub trait StashableStage {
+    /// The live parameters, which the update after every backward changes.
+    fn params(&self) -> Vec<Var>;
+    /// The forward computed with `params` (in the order of [`StashableStage::params`]).
+    fn forward_with(&self, x: &Tensor, params: &[Tensor]) -> Result<Tensor>;
+}
+
+/// What one rank's part of a PipeDream run produced, per micro-batch.
+pub struct PipeDreamOutput {
+    /// The last stage's loss of every micro-batch, on every rank.
+    pub losses: Vec<f32>,
+    /// This rank's stage's gradients (in the order of its parameters) from each backward.
+    pub grads: Vec<Vec<Tensor>>,
+    /// The weights each micro-batch's forward used on this stage.
+    pub forward_weights: Vec<Vec<Tensor>>,
+    /// The weights each micro-batch's backward computed with: the forward's when stashing,
+    /// else the live ones at the time (newer: the inconsistency stashing removes).
+    pub backward_weights: Vec<Vec<Tensor>>,
+    /// The most micro-batches this rank held activations (and stashed weights) for at once.
+    pub peak_live: usize,
+    pub executed: Vec<Executed>,
+}
+
+/// PipeDream's asynchronous 1F1B (Narayanan et al. 2019) over `micro_batches`: no flush, the
+/// weights of each stage updated by `update(mb, grads)` right after micro-batch `mb`'s backward
+/// on it, so the forwards in flight run on different versions. With `stash`, each
+/// micro-batch's backward uses the version its forward used (weight stashing: the gradient is
+/// that of the function it computed); without it, the backward sees the weights as updated
+/// meanwhile, which is the inconsistency PipeDream's paper describes.
+pub fn run_pipedream(
+    comm: &Comm,
+    stage: &dyn StashableStage,
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+    loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+    stash: bool,
+    update: &mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
+) -> Result<PipeDreamOutput> {
+    let schedule = Schedule::one_f_one_b(comm.size(), micro_batches.len())?;
+    let m = micro_batches.len();
+    let mut compute = PipeDream {
+        stage,
+        live: stage.params(),
+        stash,
+        stashed: HashMap::new(),
+        update,
+        grads: vec![Vec::new(); m],
+        forward_weights: vec![Vec::new(); m],
+        backward_weights: vec![Vec::new(); m],
+    };
+    let run = execute(
+        comm,
+        &schedule,
+        &mut compute,
+        micro_batches,
+        activation,
+        loss,
+    )?;
+    Ok(PipeDreamOutput {
+        losses: run.losses,
+        grads: compute.grads,
+        forward_weights: compute.forward_weights,
+        backward_weights: compute.backward_weights,
+        peak_live: run.peak_live,
+        executed: run.executed,
+    })
+}
+
+struct PipeDream<'a> {
+    stage: &'a dyn StashableStage,
+    live: Vec<Var>,
+    stash: bool,
+    /// Per micro-batch in flight, the weight versions its forward used (as variables).
+    stashed: HashMap<usize, Vec<Var>>,
+    update: &'a mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
+    grads: Vec<Vec<Tensor>>,
+    forward_weights: Vec<Vec<Tensor>>,
+    backward_weights: Vec<Vec<Tensor>>,
+}
+
+/// Copies of the values of `vars` now.
+fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {
+    vars.iter().map(|v| v.as_tensor().copy()).collect()
+}
+
+impl Compute for PipeDream<'_> {
+    fn forward(&mut self, mb: usize, _chunk: usize, x: &Tensor) -> Result<Tensor> {
+        let now = snapshot(&self.live)?;
+        let y = if self.stash {
+            let vars: Vec<Var> = now.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+            let ws: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = self.stage.forward_with(x, &ws)?;
+            self.stashed.insert(mb, vars);
+            y
+        } else {
+            // The live variables themselves: their updates change what the backward reads.
+            let ws: Vec<Tensor> = self.live.iter().map(|v| v.as_tensor().clone()).collect();
+            self.stage.forward_with(x, &ws)?
+        };
+        self.forward_weights[mb] = now;
+        Ok(y)
+    }
+
+    fn backward_done(&mut self, mb: usize, _chunk: usize, store: &GradStore) -> Result<()> {
+        let used = match self.stashed.remove(&mb) {
+            Some(vars) => vars,
+            None => self.live.clone(),
+        };
+        let grads: Vec<Tensor> = used
+            .iter()
+            .map(|v| match store.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => v.as_tensor().zeros_like(),
+            })
+            .collect::<Result<_>>()?;
+        self.backward_weights[mb] = snapshot(&used)?;
+        (self.update)(mb, &grads)?;
+        self.grads[mb] = grads;
+        Ok(())
+    }
+
+    fn weight_grads(&mut self, _: Vec<(Tensor, Tensor)>) -> Result<()> {
+        bail!("PipeDream runs whole backwards: no weight-gradient steps")
+    }
+}
+
+/// What a schedule's actions do with the model: the part that differs between a flushed step
+/// (gradients accumulated) and PipeDream (weights updated after every backward).
+trait Compute {
+    /// The forward of micro-batch `mb` through local chunk `chunk` (with its graph).
+    fn forward(&mut self, mb: usize, chunk: usize, x: &Tensor) -> Result<Tensor>;
+    /// The backward of `mb` through `chunk` produced `store`: take its parameter gradients.
+    fn backward_done(&mut self, mb: usize, chunk: usize, store: &GradStore) -> Result<()>;
+    /// A `W` step computed these (weight, gradient) pairs.
+    fn weight_grads(&mut self, grads: Vec<(Tensor, Tensor)>) -> Result<()>;
+}
+
+/// A flushed step: gradients summed over micro-batches.
+struct Accumulate<'a> {
+    chunks: &'a [&'a dyn Module],
+    params: &'a [Var],
+    grads: Vec<Option<Tensor>>,
+}
+
+impl Compute for Accumulate<'_> {
+    fn forward(&mut self, _mb: usize, chunk: usize, x: &Tensor) -> Result<Tensor> {
+        self.chunks[chunk].forward(x)
+    }
+
+    fn backward_done(&mut self, _mb: usize, _chunk: usize, store: &GradStore) -> Result<()> {
+        for (acc, p) in self.grads.iter_mut().zip(self.params) {
+            if let Some(g) = store.get(p.as_tensor()) {
+                accumulate(acc, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn weight_grads(&mut self, grads: Vec<(Tensor, Tensor)>) -> Result<()> {
+        for (weight, g) in grads {
+            if let Some(i) = self
+                .params
+                .iter()
+                .position(|p| p.as_tensor().id() == weight.id())
+            {
+                accumulate(&mut self.grads[i], &g)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`execute`] measured.
+struct Run {
+    /// Per micro-batch, the last stage's loss, on every rank.
+    losses: Vec<f32>,
+    peak_live: usize,
+    deferred_weight_grads: usize,
+    executed: Vec<Executed>,
+}
+
+/// Runs `schedule` on this rank with `compute` doing the model's part.
+fn execute(
+    comm: &Comm,
+    schedule: &Schedule,
+    compute: &mut dyn Compute,
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+    loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+) -> Result<Run> {
+    let me = comm.rank();
     let m = schedule.micro_batches();
     let stages = schedule.stages();
     if comm.size() != schedule.ranks() {
@@ -90,14 +314,6 @@ pub fn run_step(
             schedule.ranks(),
             comm.label(),
             comm.size()
-        )
-    }
-    if chunks.len() != schedule.chunks() {
-        bail!(
-            "pipeline step on rank {me}: the schedule {} runs {} model chunks per rank, got {}",
-            schedule.name(),
-            schedule.chunks(),
-            chunks.len()
         )
     }
     if micro_batches.len() != m {
@@ -153,8 +369,7 @@ pub fn run_step(
     let mut outputs: HashMap<(usize, usize), Tensor> = HashMap::new();
     // Per (mb, stage): the weight gradients a split backward left for its W step.
     let mut waiting_weights: HashMap<(usize, usize), ops::DeferredWeightGrads> = HashMap::new();
-    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    let mut loss_sum = 0f64;
+    let mut losses = vec![0f32; m];
     let mut deferred_count = 0;
     let (mut peak_live, mut executed) = (0, Vec::with_capacity(mine.len()));
     let (act_shape, act_dtype) = activation;
@@ -214,7 +429,7 @@ pub fn run_step(
                         inputs.insert((mb, stage), v);
                         x
                     };
-                    let y = chunks[chunk].forward(&x)?;
+                    let y = compute.forward(mb, chunk, &x)?;
                     if stage + 1 < stages {
                         if y.dims() != act_shape.dims() || y.dtype() != act_dtype {
                             bail!(
@@ -235,8 +450,8 @@ pub fn run_step(
                     let split = matches!(t.action, Action::BackwardInput { .. });
                     let mut backward = || -> Result<GradStore> {
                         if stage + 1 == stages {
-                            let l = (loss(mb, &y)?.to_dtype(DType::F32)? / m as f64)?;
-                            loss_sum += l.to_scalar::<f32>()? as f64;
+                            let l = loss(mb, &y)?.to_dtype(DType::F32)?;
+                            losses[mb] = l.to_scalar::<f32>()?;
                             l.backward()
                         } else {
                             let g = arrived
@@ -253,11 +468,7 @@ pub fn run_step(
                     } else {
                         backward()?
                     };
-                    for (acc, p) in grads.iter_mut().zip(params) {
-                        if let Some(g) = store.get(p.as_tensor()) {
-                            accumulate(acc, g)?;
-                        }
-                    }
+                    compute.backward_done(mb, chunk, &store)?;
                     if stage > 0 {
                         let v = inputs
                             .remove(&(mb, stage))
@@ -274,14 +485,7 @@ pub fn run_step(
                         .remove(&(mb, stage))
                         .expect("a weight-gradient step runs after its input-gradient step");
                     deferred_count += deferred.len();
-                    for (weight, g) in deferred.compute()? {
-                        if let Some(i) = params
-                            .iter()
-                            .position(|p| p.as_tensor().id() == weight.id())
-                        {
-                            accumulate(&mut grads[i], &g)?;
-                        }
-                    }
+                    compute.weight_grads(deferred.compute()?)?;
                 }
             }
             peak_live = peak_live.max(outputs.len() + waiting_weights.len());
@@ -293,12 +497,11 @@ pub fn run_step(
             });
         }
     }
-    // The loss lives on the last stage's rank: everyone gets it.
+    // The losses live on the last stage's rank: everyone gets them.
     let device = comm.device().clone();
-    let total = comm.all_reduce(&Tensor::new(&[loss_sum as f32], &device)?, ReduceOp::Sum)?;
-    Ok(StepOutput {
-        loss: total.to_vec1::<f32>()?[0],
-        grads,
+    let total = comm.all_reduce(&Tensor::new(losses, &device)?, ReduceOp::Sum)?;
+    Ok(Run {
+        losses: total.to_vec1::<f32>()?,
         peak_live,
         deferred_weight_grads: deferred_count,
         executed,

@@ -8,6 +8,8 @@
 //! - [`run_step`]: runs a schedule on this rank's model chunks, passing activations forward
 //!   and gradients back with grouped point-to-point calls, accumulating the gradients over
 //!   micro-batches so that they equal the full batch's.
+//! - [`run_pipedream`]: PipeDream's asynchronous 1F1B, weights updated after every backward,
+//!   with or without weight stashing ([`StashableStage`]).
 //! - [`split_layers`] / [`split_balanced`]: which layers each stage holds.
 //!
 //! ```
@@ -46,5 +48,7 @@
 mod executor;
 mod schedule;
 
-pub use executor::{run_step, split_batch, Executed, StepOutput};
+pub use executor::{
+    run_pipedream, run_step, split_batch, Executed, PipeDreamOutput, StashableStage, StepOutput,
+};
 pub use schedule::{split_balanced, split_layers, Action, Schedule, Simulation, Timed};
