@@ -158,3 +158,70 @@ fn the_pipeline_example_trains_and_draws_every_schedule() {
     );
     fails_saying(&out, "not a multiple of 4");
 }
+
+/// `llama eval --pp P` writes what `--pp 1` writes (logits, loss, every gradient at full shape
+/// under its HF name) for uneven splits (3 layers over 2 stages), every stage count up to the
+/// number of layers, with tp inside, and with a head tied to the embedding (whose gradient is
+/// the sum of the first and the last stage's).
+#[test]
+fn llama_eval_with_pipeline_stages_writes_what_one_stage_writes() {
+    use candle_parallel_models::llama::LlamaConfig;
+    use candle_parallel_models::testing::{max_rel_err, write_random_llama};
+    for tied in [false, true] {
+        let mut cfg = LlamaConfig::tiny();
+        cfg.num_hidden_layers = 3;
+        cfg.tie_word_embeddings = tied;
+        let model = tmp(&format!("llama-pp-model-{tied}"));
+        write_random_llama(&model, &cfg, 11).unwrap();
+        let eval = |pp: usize, tp: usize| {
+            let out = model.join(format!("out-pp{pp}-tp{tp}.safetensors"));
+            let (m, o) = (model.to_string_lossy(), out.to_string_lossy());
+            let (pp_s, tp_s) = (pp.to_string(), tp.to_string());
+            let r = run(
+                "llama",
+                &[
+                    "eval",
+                    "--model",
+                    &m,
+                    "--tokens",
+                    "1,17,99,3,200",
+                    "--tp",
+                    &tp_s,
+                    "--pp",
+                    &pp_s,
+                    "--out",
+                    &o,
+                    "--grads",
+                ],
+            );
+            assert!(
+                r.status.success(),
+                "pp={pp}: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+            candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap()
+        };
+        let base = eval(1, 1);
+        assert_eq!(
+            base.len(),
+            2 + 9 * 3 + 1 + usize::from(!tied) + 1,
+            "tied={tied}"
+        );
+        for (pp, tp) in [(2, 1), (3, 1), (2, 2)] {
+            let got = eval(pp, tp);
+            assert_eq!(got.len(), base.len(), "pp={pp} tp={tp} tied={tied}");
+            for (name, want) in &base {
+                let e = max_rel_err(&got[name], want).unwrap();
+                assert!(
+                    e <= 1e-4,
+                    "pp={pp} tp={tp} tied={tied}: {name} differs by {e:e}"
+                );
+            }
+        }
+        let r = run(
+            "llama",
+            &["eval", "--model", &model.to_string_lossy(), "--pp", "4"],
+        );
+        fails_saying(&r, "use at most 3 stages");
+    }
+}

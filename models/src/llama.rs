@@ -140,17 +140,25 @@ pub(crate) fn lm_head(
     vb: &ParallelVarBuilder,
     tp: &Comm,
 ) -> Result<ColumnParallelLinear> {
-    let w = if tied {
-        embed.weight().clone()
-    } else {
-        let shard = Placement::split_padded_over(0, tp);
-        vb.pp("lm_head").get(
-            (vocab, hidden),
-            "weight",
-            shard,
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?
-    };
+    if !tied {
+        return untied_lm_head(vocab, hidden, vb, tp);
+    }
+    Ok(ColumnParallelLinear::new(embed.weight().clone(), None, tp))
+}
+
+/// The head's own weight (`lm_head.weight`, vocabulary rows split over tp).
+fn untied_lm_head(
+    vocab: usize,
+    hidden: usize,
+    vb: &ParallelVarBuilder,
+    tp: &Comm,
+) -> Result<ColumnParallelLinear> {
+    let w = vb.pp("lm_head").get(
+        (vocab, hidden),
+        "weight",
+        Placement::split_padded_over(0, tp),
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
     Ok(ColumnParallelLinear::new(w, None, tp))
 }
 
@@ -297,13 +305,17 @@ struct Block {
     mlp: Mlp,
 }
 
-/// The tensor-parallel Llama model; see the [module docs](self).
+/// The tensor-parallel Llama model, or one pipeline stage of it; see the [module docs](self).
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: VocabParallelEmbedding,
+    /// On the first stage; also on the last when the head is tied to it.
+    embed: Option<VocabParallelEmbedding>,
+    /// Layers `first_layer..first_layer + blocks.len()`.
     blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: ColumnParallelLinear,
+    first_layer: usize,
+    /// On the last stage.
+    norm: Option<Tensor>,
+    lm_head: Option<ColumnParallelLinear>,
     rope: (Tensor, Tensor),
     tp: Comm,
 }
@@ -312,7 +324,28 @@ impl Llama {
     /// Builds this rank's part of the model from `vb` (a checkpoint with HF names, or an
     /// initialisation) over the tensor-parallel group `tp`.
     pub fn new(cfg: &LlamaConfig, vb: ParallelVarBuilder, tp: &Comm) -> Result<Self> {
+        Self::new_stage(cfg, vb, tp, 0..cfg.num_hidden_layers)
+    }
+
+    /// One pipeline stage: decoder layers `layers` (under their HF names, so a checkpoint
+    /// loads per stage unchanged, each stage reading only its layers), with the embedding when
+    /// `layers` starts at 0 and the final norm and head when it ends at the last layer. A
+    /// stage's [`Module::forward`] maps token ids (first stage) or hidden states `[b, s, h]` to
+    /// hidden states, or to this rank's logit columns (last stage).
+    pub fn new_stage(
+        cfg: &LlamaConfig,
+        vb: ParallelVarBuilder,
+        tp: &Comm,
+        layers: std::ops::Range<usize>,
+    ) -> Result<Self> {
         cfg.check()?;
+        if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
+            bail!(
+                "a Llama stage needs a non-empty range of its {} layers, got {layers:?}",
+                cfg.num_hidden_layers
+            )
+        }
+        let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         // Collective when KV heads are replicated: create the groups once, share them.
         let heads = TpHeads::new(cfg.num_attention_heads, cfg.num_kv_heads(), hd, tp)?;
@@ -324,10 +357,21 @@ impl Llama {
             )
         }
         let m = vb.pp("model");
-        let embed = vocab_parallel_embedding(cfg.vocab_size, h, m.pp("embed_tokens"), tp)?;
+        // A tied head needs the embedding on the last stage too (its gradient is the sum of
+        // both stages' copies).
+        let embed = if first || (last && cfg.tie_word_embeddings) {
+            Some(vocab_parallel_embedding(
+                cfg.vocab_size,
+                h,
+                m.pp("embed_tokens"),
+                tp,
+            )?)
+        } else {
+            None
+        };
         let norm_init = Init::Const(1.0);
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
             let l = m.pp("layers").pp(i);
             let attn = Attention::new(cfg, &heads, &l.pp("self_attn"), tp)?;
             let p = l.pp("mlp");
@@ -358,20 +402,109 @@ impl Llama {
                 mlp,
             });
         }
-        let norm = m
-            .pp("norm")
-            .get(h, "weight", Placement::Replicated, norm_init)?;
-        let lm_head = lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, &embed, &vb, tp)?;
+        let (norm, lm_head) = if last {
+            let norm = m
+                .pp("norm")
+                .get(h, "weight", Placement::Replicated, norm_init)?;
+            let embed = embed.as_ref();
+            let head = match embed {
+                Some(e) => lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, e, &vb, tp)?,
+                None => untied_lm_head(cfg.vocab_size, h, &vb, tp)?,
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
         let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
             cfg: cfg.clone(),
-            embed,
+            embed: if first { embed } else { None },
             blocks,
+            first_layer: layers.start,
             norm,
             lm_head,
             rope,
             tp: tp.clone(),
         })
+    }
+
+    /// Whether this stage starts at the first layer (takes token ids).
+    pub fn is_first_stage(&self) -> bool {
+        self.first_layer == 0
+    }
+
+    /// Whether this stage ends with the head (gives logits).
+    pub fn is_last_stage(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    /// The stage's computation at positions `pos..`: token ids or hidden states in, hidden
+    /// states or this rank's logit columns out.
+    pub fn forward_stage(
+        &self,
+        input: &Tensor,
+        pos: usize,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = match &self.embed {
+            Some(e) if self.is_first_stage() => {
+                let (_, s) = input.dims2()?;
+                if pos + s > self.cfg.max_position_embeddings {
+                    bail!(
+                        "positions up to {} exceed max_position_embeddings {}",
+                        pos + s,
+                        self.cfg.max_position_embeddings
+                    )
+                }
+                e.forward(input)?
+            }
+            _ => input.clone(),
+        };
+        let eps = self.cfg.rms_norm_eps;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = b.attn.forward(
+                &ops::rms_norm(&x, &b.input_norm, eps)?,
+                pos,
+                &self.rope,
+                layer_cache,
+            )?;
+            x = (x + a)?;
+            let n = ops::rms_norm(&x, &b.post_norm, eps)?;
+            let m = b.mlp.down.forward(&ops::swiglu(
+                &b.mlp.gate.forward(&n)?,
+                &b.mlp.up.forward(&n)?,
+            )?)?;
+            x = (x + m)?;
+        }
+        match (&self.norm, &self.lm_head) {
+            (Some(norm), Some(head)) => head.forward(&ops::rms_norm(&x, norm, eps)?),
+            _ => Ok(x),
+        }
+    }
+
+    /// Mean next-token cross-entropy of this rank's logit columns `logits` (the last stage's
+    /// output) for `ids`, over the tp group.
+    pub fn loss_of_logits(&self, logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        check_next_token_ids(ids)?;
+        next_token_loss(logits, ids, self.cfg.vocab_size, &self.tp)
+    }
+
+    /// Full logits `[b, s, vocab]` from this rank's columns (gathered over the tp group).
+    pub fn gather_logits(&self, shard: &Tensor) -> Result<Tensor> {
+        let full = ops::gather_from_group(shard, D::Minus1, &self.tp)?;
+        full.narrow(D::Minus1, 0, self.cfg.vocab_size)
+    }
+
+    fn whole(&self, what: &str) -> Result<()> {
+        if !self.is_first_stage() || !self.is_last_stage() {
+            bail!(
+                "{what} needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
+                self.first_layer,
+                self.first_layer + self.blocks.len()
+            )
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -390,42 +523,16 @@ impl Llama {
         &self,
         ids: &Tensor,
         pos: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (_, s) = ids.dims2()?;
-        if pos + s > self.cfg.max_position_embeddings {
-            bail!(
-                "positions up to {} exceed max_position_embeddings {}",
-                pos + s,
-                self.cfg.max_position_embeddings
-            )
-        }
-        let eps = self.cfg.rms_norm_eps;
-        let mut x = self.embed.forward(ids)?;
-        for (i, b) in self.blocks.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = b.attn.forward(
-                &ops::rms_norm(&x, &b.input_norm, eps)?,
-                pos,
-                &self.rope,
-                layer_cache,
-            )?;
-            x = (x + a)?;
-            let n = ops::rms_norm(&x, &b.post_norm, eps)?;
-            let m = b.mlp.down.forward(&ops::swiglu(
-                &b.mlp.gate.forward(&n)?,
-                &b.mlp.up.forward(&n)?,
-            )?)?;
-            x = (x + m)?;
-        }
-        self.lm_head.forward(&ops::rms_norm(&x, &self.norm, eps)?)
+        self.whole("forward_shard")?;
+        self.forward_stage(ids, pos, cache)
     }
 
     /// Full logits `[b, s, vocab]` on every rank (gathered over the tp group).
     pub fn forward(&self, ids: &Tensor, pos: usize, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let shard = self.forward_shard(ids, pos, cache)?;
-        let full = ops::gather_from_group(&shard, D::Minus1, &self.tp)?;
-        full.narrow(D::Minus1, 0, self.cfg.vocab_size)
+        self.gather_logits(&shard)
     }
 
     /// Mean next-token cross-entropy over `ids` (`[b, s]`, s ≥ 2), computed on the vocabulary
@@ -434,5 +541,12 @@ impl Llama {
         check_next_token_ids(ids)?;
         let logits = self.forward_shard(ids, 0, None)?;
         next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)
+    }
+}
+
+/// A pipeline stage is a module: ids or hidden states in, hidden states or logit columns out.
+impl Module for Llama {
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.forward_stage(input, 0, None)
     }
 }

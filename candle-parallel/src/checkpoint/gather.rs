@@ -61,10 +61,32 @@ pub fn full_gradients(
     grads: &candle_core::backprop::GradStore,
     comm: &Comm,
 ) -> Result<Vec<(String, Tensor)>> {
+    let grads: Vec<Option<Tensor>> = params
+        .iter()
+        .map(|p| grads.get(p.var.as_tensor()).cloned())
+        .collect();
+    full_gradients_of(params, &grads, comm)
+}
+
+/// [`full_gradients`] from gradients given in the order of `params` (what a pipelined step
+/// returns).
+pub fn full_gradients_of(
+    params: &[Param],
+    grads: &[Option<Tensor>],
+    comm: &Comm,
+) -> Result<Vec<(String, Tensor)>> {
+    if grads.len() != params.len() {
+        candle_core::bail!(
+            "full_gradients_of: {} gradients for {} parameters",
+            grads.len(),
+            params.len()
+        )
+    }
     params
         .iter()
-        .map(|p| {
-            let local = match grads.get(p.var.as_tensor()) {
+        .zip(grads)
+        .map(|(p, g)| {
+            let local = match g {
                 Some(g) => g.clone(),
                 None => p.var.as_tensor().zeros_like()?,
             };

@@ -20,7 +20,7 @@
 //! | `interop` | [`ParallelVarBuilder::to_candle_nn`]: candle-nn layers load from a builder | `builder`, `placement` |
 //! | `save` | [`save_checkpoint`] | `format`, `placement`, `checksum` |
 //! | `export` | [`export_hf`] | `format`, `source`, `region` |
-//! | `gather` | [`gather_full`], [`full_gradients`] | `placement` |
+//! | `gather` | [`gather_full`], [`full_gradients`], [`full_gradients_of`] | `placement` |
 mod builder;
 mod checksum;
 mod export;
@@ -39,7 +39,7 @@ pub use format::{
     read_metadata, write_atomic, CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE,
     FORMAT_VERSION, METADATA_FILE,
 };
-pub use gather::{full_gradients, gather_full};
+pub use gather::{full_gradients, full_gradients_of, gather_full};
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
 pub use source::{check_checkpoint, hf_safetensors_files, verify_checkpoint};
