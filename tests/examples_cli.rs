@@ -225,3 +225,61 @@ fn llama_eval_with_pipeline_stages_writes_what_one_stage_writes() {
         fails_saying(&r, "use at most 3 stages");
     }
 }
+
+/// `mixtral eval --pp P` writes what one stage writes — logits, ce_loss, aux_loss (HF's, over
+/// every layer of every stage), loss and every gradient — with ep and tp inside the stages,
+/// uneven splits and a tied head.
+#[test]
+fn mixtral_eval_with_pipeline_stages_writes_what_one_stage_writes() {
+    use candle_parallel_models::mixtral::MixtralConfig;
+    use candle_parallel_models::testing::{max_rel_err, write_random_mixtral};
+    for tied in [false, true] {
+        let mut cfg = MixtralConfig::tiny();
+        cfg.num_hidden_layers = 3;
+        cfg.tie_word_embeddings = tied;
+        let model = tmp(&format!("mixtral-pp-model-{tied}"));
+        write_random_mixtral(&model, &cfg, 13).unwrap();
+        let eval = |pp: usize, ep: usize, tp: usize| {
+            let out = model.join(format!("out-{pp}-{ep}-{tp}.safetensors"));
+            let (m, o) = (model.to_string_lossy(), out.to_string_lossy());
+            let (pp_s, ep_s, tp_s) = (pp.to_string(), ep.to_string(), tp.to_string());
+            let r = run(
+                "mixtral",
+                &[
+                    "eval",
+                    "--model",
+                    &m,
+                    "--tokens",
+                    "1,17,99,3,200,5",
+                    "--pp",
+                    &pp_s,
+                    "--ep",
+                    &ep_s,
+                    "--tp",
+                    &tp_s,
+                    "--out",
+                    &o,
+                    "--grads",
+                ],
+            );
+            assert!(
+                r.status.success(),
+                "pp={pp}: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+            candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap()
+        };
+        let base = eval(1, 1, 1);
+        for (pp, ep, tp) in [(2, 1, 1), (3, 2, 1), (2, 2, 2)] {
+            let got = eval(pp, ep, tp);
+            assert_eq!(got.len(), base.len(), "pp={pp} ep={ep} tp={tp} tied={tied}");
+            for (name, want) in &base {
+                let e = max_rel_err(&got[name], want).unwrap();
+                assert!(
+                    e <= 1e-4,
+                    "pp={pp} ep={ep} tp={tp} tied={tied}: {name} differs by {e:e}"
+                );
+            }
+        }
+    }
+}

@@ -147,7 +147,7 @@ pub(crate) fn lm_head(
 }
 
 /// The head's own weight (`lm_head.weight`, vocabulary rows split over tp).
-fn untied_lm_head(
+pub(crate) fn untied_lm_head(
     vocab: usize,
     hidden: usize,
     vb: &ParallelVarBuilder,

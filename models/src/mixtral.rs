@@ -7,14 +7,16 @@
 //! (softmax, top-k, renormalised, dropless) and dispatches over the ep group.
 
 use crate::llama::{
-    check_next_token_ids, lm_head, next_token_loss, rope_tables, Attention, KvCache, LlamaConfig,
+    check_next_token_ids, lm_head, next_token_loss, rope_tables, untied_lm_head, Attention,
+    KvCache, LlamaConfig,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{ParallelVarBuilder, Param, Placement};
 use candle_parallel::moe::{
-    hf_load_balancing_loss, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
+    hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, moe_layer,
+    Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
 use candle_parallel::tensor_parallel::{
     vocab_parallel_embedding, ColumnParallelLinear, TpHeads, VocabParallelEmbedding,
@@ -154,10 +156,14 @@ pub struct MixtralLosses {
 /// The expert- and tensor-parallel Mixtral model; see the [module docs](self).
 pub struct Mixtral {
     cfg: MixtralConfig,
-    embed: VocabParallelEmbedding,
+    /// On the first stage (and on the last when the head is tied to it).
+    embed: Option<VocabParallelEmbedding>,
+    /// Layers `first_layer..first_layer + blocks.len()`.
     blocks: Vec<Block>,
-    norm: Tensor,
-    lm_head: ColumnParallelLinear,
+    first_layer: usize,
+    /// On the last stage.
+    norm: Option<Tensor>,
+    lm_head: Option<ColumnParallelLinear>,
     rope: (Tensor, Tensor),
     tp: Comm,
 }
@@ -173,7 +179,30 @@ impl Mixtral {
         tp: &Comm,
         dispatch: Dispatch,
     ) -> Result<Self> {
+        Self::new_stage(cfg, vb, ep, tp, dispatch, 0..cfg.num_hidden_layers)
+    }
+
+    /// One pipeline stage: decoder layers `layers` under their HF names (each stage reads
+    /// only its layers), the embedding on the first stage, the final norm and head on the
+    /// last. Stages pass one packed f32 tensor ([`Mixtral::forward_stage`]): the hidden states
+    /// and the running sums of the load-balancing loss, whose probability part carries its
+    /// gradient back through the pipeline, so that the aux loss over every layer equals HF's.
+    pub fn new_stage(
+        cfg: &MixtralConfig,
+        vb: ParallelVarBuilder,
+        ep: &Comm,
+        tp: &Comm,
+        dispatch: Dispatch,
+        layers: std::ops::Range<usize>,
+    ) -> Result<Self> {
         cfg.check()?;
+        if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
+            bail!(
+                "a Mixtral stage needs a non-empty range of its {} layers, got {layers:?}",
+                cfg.num_hidden_layers
+            )
+        }
+        let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
         let lcfg = cfg.as_llama();
         let h = cfg.hidden_size;
         let heads = TpHeads::new(
@@ -183,11 +212,20 @@ impl Mixtral {
             tp,
         )?;
         let m = vb.pp("model");
-        let embed = vocab_parallel_embedding(cfg.vocab_size, h, m.pp("embed_tokens"), tp)?;
+        let embed = if first || (last && cfg.tie_word_embeddings) {
+            Some(vocab_parallel_embedding(
+                cfg.vocab_size,
+                h,
+                m.pp("embed_tokens"),
+                tp,
+            )?)
+        } else {
+            None
+        };
         let ones = Init::Const(1.0);
         let router = RouterConfig::mixtral(cfg.num_local_experts, cfg.num_experts_per_tok);
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
             let l = m.pp("layers").pp(i);
             blocks.push(Block {
                 input_norm: l.pp("input_layernorm").get(
@@ -214,17 +252,130 @@ impl Mixtral {
                 )?,
             });
         }
-        let norm = m.pp("norm").get(h, "weight", Placement::Replicated, ones)?;
-        let lm_head = lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, &embed, &vb, tp)?;
+        let (norm, lm_head) = if last {
+            let norm = m.pp("norm").get(h, "weight", Placement::Replicated, ones)?;
+            let head = match &embed {
+                Some(e) => lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, e, &vb, tp)?,
+                None => untied_lm_head(cfg.vocab_size, h, &vb, tp)?,
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
         Ok(Self {
             rope: rope_tables(&lcfg, vb.dtype(), vb.device())?,
             cfg: cfg.clone(),
-            embed,
+            embed: if first { embed } else { None },
             blocks,
+            first_layer: layers.start,
             norm,
             lm_head,
             tp: tp.clone(),
         })
+    }
+
+    /// Whether this stage starts at the first layer (takes token ids).
+    pub fn is_first_stage(&self) -> bool {
+        self.first_layer == 0
+    }
+
+    /// Whether this stage ends with the head.
+    pub fn is_last_stage(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    /// The length of the packed tensor that stages pass for `b` sequences of `s` tokens:
+    /// `[b, s]`, the hidden states, the summed router probabilities (`E`) and the choice counts
+    /// (`k · E`).
+    pub fn stage_activation_len(&self, b: usize, s: usize) -> usize {
+        let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
+        2 + b * s * self.cfg.hidden_size + e + k * e
+    }
+
+    /// One stage's computation (positions from 0): token ids `[b, s]` (first stage) or the
+    /// previous stage's packed tensor in; the packed tensor out, or on the last stage this
+    /// rank's logit columns packed with the load-balancing sums (for [`Mixtral::stage_losses`]).
+    pub fn forward_stage(&self, input: &Tensor, train: bool) -> Result<Tensor> {
+        let (e, k, h) = (
+            self.cfg.num_local_experts,
+            self.cfg.num_experts_per_tok,
+            self.cfg.hidden_size,
+        );
+        let (mut x, b, s, p_in, f_in) = match &self.embed {
+            Some(embed) if self.is_first_stage() => {
+                let (b, s) = input.dims2()?;
+                let zeros = Tensor::zeros(e, candle_core::DType::F32, input.device())?;
+                let counts = Tensor::zeros((k, e), candle_core::DType::F32, input.device())?;
+                (embed.forward(input)?, b, s, zeros, counts)
+            }
+            _ => {
+                let head = input.narrow(0, 0, 2)?.to_vec1::<f32>()?;
+                let (b, s) = (head[0] as usize, head[1] as usize);
+                if input.dims1()? != self.stage_activation_len(b, s) {
+                    bail!(
+                        "Mixtral stage at layer {}: got {} values, expected {} for {b} x {s} tokens",
+                        self.first_layer,
+                        input.dims1()?,
+                        self.stage_activation_len(b, s)
+                    )
+                }
+                let n = b * s * h;
+                (
+                    input.narrow(0, 2, n)?.reshape((b, s, h))?,
+                    b,
+                    s,
+                    input.narrow(0, 2 + n, e)?,
+                    input.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?,
+                )
+            }
+        };
+        let (router_logits, _) = self.blocks_forward_with_stats(&mut x, 0, None, train)?;
+        let x_out = x;
+        let (p, f, _) = hf_load_balancing_sums(&router_logits, e, k)?;
+        let (p, f) = ((p_in + p)?, (f_in + f)?.flatten_all()?);
+        let body = match (&self.norm, &self.lm_head) {
+            (Some(norm), Some(head)) => {
+                head.forward(&ops::rms_norm(&x_out, norm, self.cfg.rms_norm_eps)?)?
+            }
+            _ => x_out,
+        };
+        let shape = Tensor::new(&[b as f32, s as f32], body.device())?;
+        Tensor::cat(&[shape, body.flatten_all()?, p, f], 0)
+    }
+
+    /// The losses from the last stage's packed output for `ids`: the cross-entropy over this
+    /// rank's logit columns, HF's load-balancing loss over every layer, their weighted sum, and
+    /// the gathered logits `[b, s, vocab]`.
+    pub fn stage_losses(&self, out: &Tensor, ids: &Tensor) -> Result<(MixtralLosses, Tensor)> {
+        let Some(head) = &self.lm_head else {
+            bail!("stage_losses: this stage has no head (it is not the last pipeline stage)")
+        };
+        check_next_token_ids(ids)?;
+        let (b, s) = ids.dims2()?;
+        let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
+        let cols = head.weight().dim(0)?;
+        let n = b * s * cols;
+        let logits = out.narrow(0, 2, n)?.reshape((b, s, cols))?;
+        let p = out.narrow(0, 2 + n, e)?;
+        let f = out.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?;
+        let ce_loss = next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)?;
+        let tokens = b * s * self.cfg.num_hidden_layers;
+        let aux_loss = hf_load_balancing_loss_of_sums(&p, &f.detach(), tokens)?;
+        let loss = (&ce_loss + (&aux_loss * self.cfg.router_aux_loss_coef)?)?;
+        let full = ops::gather_from_group(&logits, D::Minus1, &self.tp)?.narrow(
+            D::Minus1,
+            0,
+            self.cfg.vocab_size,
+        )?;
+        Ok((
+            MixtralLosses {
+                ce_loss,
+                aux_loss,
+                loss,
+                stats: Vec::new(),
+            },
+            full,
+        ))
     }
 
     pub fn config(&self) -> &MixtralConfig {
@@ -258,34 +409,55 @@ impl Mixtral {
                 bail!("positions up to {end} exceed the sliding window {w}, which this model does not implement")
             }
         }
+        let (Some(embed), Some(norm), Some(head)) = (&self.embed, &self.norm, &self.lm_head) else {
+            bail!(
+                "forward_shard needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
+                self.first_layer,
+                self.first_layer + self.blocks.len()
+            )
+        };
+        let mut x = embed.forward(ids)?;
+        let (logits, stats) =
+            self.blocks_forward_with_stats(&mut x, pos, cache.as_deref_mut(), train)?;
+        let out = head.forward(&ops::rms_norm(&x, norm, self.cfg.rms_norm_eps)?)?;
+        Ok((out, logits, stats))
+    }
+
+    /// This stage's decoder layers on `x` (updated in place) at positions `pos..`: every
+    /// layer's router logits and routing statistics.
+    fn blocks_forward_with_stats(
+        &self,
+        x: &mut Tensor,
+        pos: usize,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<(Vec<Tensor>, Vec<MoeStats>)> {
         let eps = self.cfg.rms_norm_eps;
-        let mut x = self.embed.forward(ids)?;
         let (mut logits, mut stats) = (Vec::new(), Vec::new());
         for (i, b) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let a = b.attn.forward(
-                &ops::rms_norm(&x, &b.input_norm, eps)?,
+                &ops::rms_norm(x, &b.input_norm, eps)?,
                 pos,
                 &self.rope,
                 layer_cache,
             )?;
-            x = (x + a)?;
+            *x = (&*x + a)?;
             let o = b
                 .moe
-                .forward(&ops::rms_norm(&x, &b.post_norm, eps)?, train)?;
+                .forward(&ops::rms_norm(x, &b.post_norm, eps)?, train)?;
             tracing::debug!(
-                layer = i,
+                layer = self.first_layer + i,
                 tokens_per_expert = ?o.aux.stats.tokens_per_expert,
                 max_over_mean = o.aux.stats.max_over_mean(),
                 dropped = o.aux.stats.dropped,
                 "moe"
             );
-            x = (x + o.output)?;
+            *x = (&*x + o.output)?;
             logits.push(o.aux.routing.logits);
             stats.push(o.aux.stats);
         }
-        let out = self.lm_head.forward(&ops::rms_norm(&x, &self.norm, eps)?)?;
-        Ok((out, logits, stats))
+        Ok((logits, stats))
     }
 
     /// Full logits `[b, s, vocab]` on every rank.
@@ -336,5 +508,18 @@ impl Mixtral {
     /// over the ep group.
     pub fn is_expert_param(name: &str) -> bool {
         name.contains(".block_sparse_moe.experts.")
+    }
+}
+
+/// A Mixtral pipeline stage as a [`Module`] (for `candle_parallel::pipeline::run_step`):
+/// [`Mixtral::forward_stage`] with or without training-time routing.
+pub struct MixtralStage<'a> {
+    pub model: &'a Mixtral,
+    pub train: bool,
+}
+
+impl Module for MixtralStage<'_> {
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.model.forward_stage(input, self.train)
     }
 }

@@ -34,6 +34,42 @@ pub fn hf_load_balancing_loss(
         * num_experts as f64
 }
 
+/// The sums behind [`hf_load_balancing_loss`] for some of the layers (say, one pipeline
+/// stage's): `(p, f, n)` with `p` (`[E]`, differentiable) the summed softmax probabilities,
+/// `f` (`[k, E]`, constant) the counts of tokens whose k-th choice is `e`, and `n` the tokens
+/// counted. Sums over disjoint sets of layers add up; [`hf_load_balancing_loss_of_sums`]
+/// turns the totals into the loss.
+pub fn hf_load_balancing_sums(
+    logits: &[Tensor],
+    num_experts: usize,
+    top_k: usize,
+) -> Result<(Tensor, Tensor, usize)> {
+    if logits.is_empty() {
+        bail!("hf_load_balancing_sums: no router logits")
+    }
+    let all = Tensor::cat(logits, 0)?.to_dtype(DType::F32)?;
+    let probs = ops::softmax_last_dim(&all)?;
+    let chosen = probs
+        .detach()
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, top_k)?; // [N, k]
+    let ids = Tensor::arange(0u32, num_experts as u32, all.device())?;
+    let counts = chosen
+        .unsqueeze(2)?
+        .broadcast_eq(&ids.reshape((1, 1, num_experts))?)?
+        .to_dtype(DType::F32)?
+        .sum(0)?; // [k, E]
+    Ok((probs.sum(0)?, counts, all.dim(0)?))
+}
+
+/// [`hf_load_balancing_loss`] from the summed probabilities `p` (`[E]`), counts `f`
+/// (`[k, E]`) and token count `n` of every layer (see [`hf_load_balancing_sums`]).
+pub fn hf_load_balancing_loss_of_sums(p: &Tensor, f: &Tensor, n: usize) -> Result<Tensor> {
+    let num_experts = p.dim(0)?;
+    let n = n as f64;
+    (f / n)?.broadcast_mul(&(p / n)?.unsqueeze(0)?)?.sum_all()? * num_experts as f64
+}
+
 /// Router z-loss: mean over tokens of `logsumexp(logits)²`.
 pub fn router_z_loss(logits: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();

@@ -35,6 +35,9 @@ pub use dispatcher::{
 };
 pub use experts::{Expert, LocalExperts};
 pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
-pub use losses::{hf_load_balancing_loss, router_z_loss, switch_aux_loss};
+pub use losses::{
+    hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, router_z_loss,
+    switch_aux_loss,
+};
 pub use plan::{plan_tokens, Plan};
 pub use router::{DropPolicy, Router, RouterConfig, Routing, Scoring};
