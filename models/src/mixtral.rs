@@ -393,7 +393,7 @@ impl Mixtral {
         &self,
         ids: &Tensor,
         pos: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<(Tensor, Vec<Tensor>, Vec<MoeStats>)> {
         let (_, s) = ids.dims2()?;
@@ -418,7 +418,7 @@ impl Mixtral {
         };
         let mut x = embed.forward(ids)?;
         let (logits, stats) =
-            self.blocks_forward_with_stats(&mut x, pos, cache.as_deref_mut(), train)?;
+            self.blocks_forward_with_stats(&mut x, pos, cache, train)?;
         let out = head.forward(&ops::rms_norm(&x, norm, self.cfg.rms_norm_eps)?)?;
         Ok((out, logits, stats))
     }
