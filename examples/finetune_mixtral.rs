@@ -22,15 +22,16 @@
 //! (per rank, `RUST_LOG=debug` for every layer), periodic evaluation, and at the end a
 //! distributed checkpoint that `cargo run --release --example checkpoint -- export` turns into
 //! a Hugging Face model.
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{
     save_checkpoint, ParallelVarBuilder, SaveOptions, ShardedTensor,
 };
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::moe::Dispatch;
-use candle_parallel::optim::{clip_factor, grad_norm_sq, scale_grads, AdamW, AdamWConfig};
-use candle_parallel::{Launcher, MeshShape, ReduceOp};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use candle_parallel::optim::{clip_factor, grad_norm_sq_of, AdamW, AdamWConfig};
+use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
+use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage};
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
 use clap::Parser;
@@ -64,6 +65,10 @@ struct Args {
     seq_len: usize,
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
+    /// Micro-batches per step with pipeline stages (`pp` in --mesh; 1F1B schedule); default
+    /// twice the stages. Must divide --batch-size.
+    #[arg(long)]
+    micro_batches: Option<usize>,
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
     /// Where the final distributed checkpoint goes (a new `step-N` directory inside).
@@ -283,7 +288,20 @@ fn main() -> Result<()> {
     if args.seq_len < 2 {
         candle_core::bail!("--seq-len must be at least 2 (a token and the next one to predict)");
     }
+    let pp = mesh.size(MeshDim::Pp);
+    let micro_batches = args
+        .micro_batches
+        .unwrap_or(if pp > 1 { 2 * pp } else { 1 });
+    if pp > 1 && mesh.size(MeshDim::Dp) > 1 {
+        candle_core::bail!("--mesh: pipeline stages with data parallelism are not supported yet; use pp with ep and tp");
+    }
+    split_batch(
+        &Tensor::zeros((args.batch_size, 1), DType::F32, &Device::Cpu)?,
+        micro_batches,
+    )
+    .map_err(|e| candle_core::Error::msg(format!("--micro-batches: {e}")))?;
     let (cfg, tok) = prepare_model(&args)?;
+    let stages = split_layers(cfg.num_hidden_layers, pp)?;
     let tokenizer_json = std::fs::read(args.model.join("tokenizer.json"))?;
     let data = prepare_data(&args, &tok, &cfg)?;
     let world = mesh.world_size();
@@ -305,9 +323,46 @@ fn main() -> Result<()> {
         let pick = if ctx.rank() == 0 { unused_dir().to_string_lossy().into_owned() } else { String::new() };
         let out_dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
         let mesh = ctx.mesh()?;
-        let (ep, tp) = (mesh.ep(), mesh.tp());
+        let (ep, tp, pp_comm) = (mesh.ep(), mesh.tp(), mesh.pp());
         let vb = ParallelVarBuilder::from_hf_dir(&args.model, DType::F32, ctx.device())?.trainable();
-        let model = Mixtral::new(&cfg, vb.clone(), ep, tp, Dispatch::AllToAll)?;
+        // With pipeline stages each rank builds (and reads) only its stage's layers.
+        let model = Mixtral::new_stage(&cfg, vb.clone(), ep, tp, Dispatch::AllToAll, stages[pp_comm.rank()].clone())?;
+        // The rank that tells everyone the last stage's results: the last stage's first ep and
+        // tp rank (ranks are laid out pp, ep, tp with tp fastest).
+        let root = (pp - 1) * ep.size() * tp.size();
+        // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank: directly, or
+        // through the pipeline stages (a forward and a discarded backward).
+        let logits_and_ce = |ids: &Tensor| -> Result<(Tensor, f32)> {
+            if pp == 1 {
+                let l = model.losses(ids, false)?;
+                return Ok((model.forward(ids, 0, None)?, l.ce_loss.to_scalar::<f32>()?));
+            }
+            let (b, s) = ids.dims2()?;
+            let kept = std::sync::Mutex::new(None);
+            run_step(
+                pp_comm,
+                &Schedule::gpipe(pp, 1)?,
+                &[&MixtralStage { model: &model, train: false }],
+                &[],
+                std::slice::from_ref(ids),
+                (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
+                &|_, y| {
+                    let (l, logits) = model.stage_losses(y, ids)?;
+                    *kept.lock().unwrap() = Some((logits, l.ce_loss.unsqueeze(0)?));
+                    l.loss * 0.0
+                },
+            )?;
+            let (logits, ce) = match kept.into_inner().unwrap() {
+                Some(v) => v,
+                None => (
+                    Tensor::zeros((b, s, cfg.vocab_size), DType::F32, ctx.device())?,
+                    Tensor::zeros(1, DType::F32, ctx.device())?,
+                ),
+            };
+            let logits = ctx.comm().broadcast(&logits, root)?;
+            let ce = ctx.comm().broadcast(&ce, root)?.to_vec1::<f32>()?[0];
+            Ok((logits, ce))
+        };
         let params = vb.params();
         let (experts, shared): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|p| Mixtral::is_expert_param(&p.name));
         let mut opt = AdamW::new(params.clone(), AdamWConfig { lr: args.lr, weight_decay: 0.0, ..Default::default() })?;
@@ -323,11 +378,12 @@ fn main() -> Result<()> {
         };
         // Different examples on each ep rank, the same on the ranks of a tp group.
         let mut rng = Rng(args.seed ^ (0xD1CE + ep.rank() as u64 * 0x1_0000));
-        let eval = |model: &Mixtral| -> Result<(f64, &'static str)> {
+        let eval = || -> Result<(f64, &'static str)> {
             match &data {
                 Data::Addition { problems } => {
-                    let prompts: Vec<Vec<u32>> = problems.iter().map(|p| p[..4].to_vec()).collect();
-                    let logits = model.forward(&Tensor::new(prompts, ctx.device())?, 0, None)?;
+                    // The whole problems: the cross-entropy needs a next token (not used here).
+                    let rows: Vec<Vec<u32>> = problems.iter().map(|p| p.to_vec()).collect();
+                    let (logits, _) = logits_and_ce(&Tensor::new(rows, ctx.device())?)?;
                     let guess = logits.narrow(1, 3, 1)?.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
                     let right = guess.iter().zip(problems).filter(|(g, p)| **g == p[4]).count();
                     Ok((right as f64 / problems.len() as f64, "accuracy"))
@@ -335,33 +391,70 @@ fn main() -> Result<()> {
                 Data::Text { eval, .. } => {
                     let n = (eval.len() - 1) / args.seq_len;
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
-                    let l = model.losses(&Tensor::new(rows, ctx.device())?, false)?;
-                    Ok((l.ce_loss.to_scalar::<f32>()? as f64, "eval loss"))
+                    let (_, ce) = logits_and_ce(&Tensor::new(rows, ctx.device())?)?;
+                    Ok((ce as f64, "eval loss"))
                 }
             }
         };
-        let (first_eval, metric) = eval(&model)?;
+        let (first_eval, metric) = eval()?;
         tracing::info!(step = 0, metric, value = first_eval, "evaluation");
         let mut history = Vec::with_capacity(args.steps);
         let mut last_eval = first_eval;
         for step in 1..=args.steps {
             let batch = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
-            let l = model.losses(&batch, true)?;
             // Each ep rank's loss counts 1/ep of the global batch; the weights replicated over
             // the ep group sum their gradients (the experts get theirs through the all-to-all).
-            let mut grads = (&l.loss / ep.size() as f64)?.backward()?;
-            Mixtral::sum_shared_grads(&params, &mut grads, ep)?;
-            // Global norm over every distinct element: shared weights once (over tp), experts
-            // over the whole world (each rank holds unique expert slices).
-            let norm = (grad_norm_sq(&shared, &grads, tp)? + grad_norm_sq(&experts, &grads, ctx.comm())?).sqrt();
-            scale_grads(&params, &mut grads, clip_factor(norm, args.max_grad_norm))?;
-            opt.step(&grads)?;
-            let loss = ep.all_reduce(&l.ce_loss, ReduceOp::Avg)?.to_scalar::<f32>()?;
+            let (mut grads, ce, stats) = if pp == 1 {
+                let l = model.losses(&batch, true)?;
+                let store = (&l.loss / ep.size() as f64)?.backward()?;
+                let grads: Vec<Option<Tensor>> = params.iter().map(|p| store.get(p.var.as_tensor()).cloned()).collect();
+                (grads, l.ce_loss.to_scalar::<f32>()?, l.stats)
+            } else {
+                // 1F1B over the micro-batches; the last stage knows the cross-entropy.
+                let mbs = split_batch(&batch, micro_batches)?;
+                let (b, s) = mbs[0].dims2()?;
+                let ces = std::sync::Mutex::new(vec![0f32; micro_batches]);
+                let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
+                let out = run_step(
+                    pp_comm,
+                    &Schedule::one_f_one_b(pp, micro_batches)?,
+                    &[&MixtralStage { model: &model, train: true }],
+                    &vars,
+                    &mbs,
+                    (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
+                    &|mb, y| {
+                        let (l, _) = model.stage_losses(y, &mbs[mb])?;
+                        ces.lock().unwrap()[mb] = l.ce_loss.to_scalar::<f32>()?;
+                        l.loss / ep.size() as f64
+                    },
+                )?;
+                let ce = ces.into_inner().unwrap().iter().sum::<f32>() / micro_batches as f32;
+                let ce = ctx.comm().broadcast(&Tensor::new(&[ce], ctx.device())?, root)?.to_vec1::<f32>()?[0];
+                (out.grads, ce, Vec::new())
+            };
+            for (p, g) in params.iter().zip(grads.iter_mut()) {
+                if let (false, Some(t)) = (Mixtral::is_expert_param(&p.name), g.as_mut()) {
+                    *t = ep.all_reduce(t, ReduceOp::Sum)?;
+                }
+            }
+            // Global norm over every distinct element: shared weights once (over tp, summed over
+            // the pipeline stages), experts over the whole world (unique slices per rank).
+            let pick = |want_expert: bool| -> Vec<Option<Tensor>> {
+                params.iter().zip(&grads).filter(|(p, _)| Mixtral::is_expert_param(&p.name) == want_expert).map(|(_, g)| g.clone()).collect()
+            };
+            let shared_sq = grad_norm_sq_of(&shared, &pick(false), tp)?;
+            let shared_sq = pp_comm.all_reduce(&Tensor::new(&[shared_sq], ctx.device())?, ReduceOp::Sum)?.to_vec1::<f64>()?[0];
+            let norm = (shared_sq + grad_norm_sq_of(&experts, &pick(true), ctx.comm())?).sqrt();
+            let factor = clip_factor(norm, args.max_grad_norm);
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * factor)?;
+            }
+            opt.step_with(&grads)?;
+            let loss = ep.all_reduce(&Tensor::new(&[ce], ctx.device())?, ReduceOp::Avg)?.to_vec1::<f32>()?[0];
             history.push(loss);
             if step % args.eval_every == 0 || step == args.steps {
-                last_eval = eval(&model)?.0;
-                let loads: Vec<String> = l
-                    .stats
+                last_eval = eval()?.0;
+                let loads: Vec<String> = stats
                     .iter()
                     .map(|s| format!("{:?} (max/mean {:.2})", s.tokens_per_expert, s.max_over_mean()))
                     .collect();

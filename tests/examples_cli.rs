@@ -283,3 +283,51 @@ fn mixtral_eval_with_pipeline_stages_writes_what_one_stage_writes() {
         }
     }
 }
+
+/// The main job with pipeline stages (`--mesh pp=2,ep=2`): it trains, saves a checkpoint that
+/// verifies, and refuses micro-batch counts that do not divide the batch.
+#[test]
+fn finetune_runs_with_pipeline_stages() {
+    let out = tmp("ft-pp");
+    let o = out.to_string_lossy().into_owned();
+    let model = tmp("ft-pp-model");
+    let m = model.to_string_lossy().into_owned();
+    let r = run(
+        "finetune_mixtral",
+        &[
+            "--mesh",
+            "pp=2,ep=2",
+            "--steps",
+            "20",
+            "--eval-every",
+            "10",
+            "--model",
+            &m,
+            "--out",
+            &o,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        stdout.contains("loss ") && stdout.contains("accuracy"),
+        "{stdout}"
+    );
+    let ckpt = out.join("step-000020");
+    let v = run("checkpoint", &["verify", &ckpt.to_string_lossy()]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let bad = run(
+        "finetune_mixtral",
+        &[
+            "--mesh",
+            "pp=2,ep=2",
+            "--micro-batches",
+            "5",
+            "--model",
+            &m,
+            "--out",
+            &o,
+        ],
+    );
+    fails_saying(&bad, "--micro-batches");
+}

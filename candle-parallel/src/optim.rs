@@ -231,10 +231,27 @@ impl candle_nn::Optimizer for AdamW {
 /// sharded over); elements held by several ranks (replicated parameters, replicated KV heads)
 /// count once. Collective; the same on every rank.
 pub fn grad_norm_sq(params: &[Param], grads: &GradStore, comm: &Comm) -> Result<f64> {
+    let grads: Vec<Option<Tensor>> = params
+        .iter()
+        .map(|p| grads.get(p.var.as_tensor()).cloned())
+        .collect();
+    grad_norm_sq_of(params, &grads, comm)
+}
+
+/// [`grad_norm_sq`] of gradients given in the order of `params` (what a pipelined step
+/// returns).
+pub fn grad_norm_sq_of(params: &[Param], grads: &[Option<Tensor>], comm: &Comm) -> Result<f64> {
+    if grads.len() != params.len() {
+        candle_core::bail!(
+            "grad_norm_sq_of: {} gradients for {} parameters",
+            grads.len(),
+            params.len()
+        )
+    }
     let n = comm.size() as f64;
     let mut local = 0f64;
-    for p in params {
-        let Some(g) = grads.get(p.var.as_tensor()) else {
+    for (p, g) in params.iter().zip(grads) {
+        let Some(g) = g else {
             continue;
         };
         let sq = g

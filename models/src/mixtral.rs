@@ -417,8 +417,7 @@ impl Mixtral {
             )
         };
         let mut x = embed.forward(ids)?;
-        let (logits, stats) =
-            self.blocks_forward_with_stats(&mut x, pos, cache, train)?;
+        let (logits, stats) = self.blocks_forward_with_stats(&mut x, pos, cache, train)?;
         let out = head.forward(&ops::rms_norm(&x, norm, self.cfg.rms_norm_eps)?)?;
         Ok((out, logits, stats))
     }
