@@ -5,6 +5,7 @@
 //! - [`testing`]: deterministic inputs, error checks and random HF checkpoints for tests,
 //!   examples and benchmarks;
 //! - [`tokenizer`]: byte- and word-level tokenizers that need no download.
+mod block;
 pub mod llama;
 pub mod mixtral;
 pub mod testing;

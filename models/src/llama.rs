@@ -6,6 +6,7 @@
 //! embedding and the LM head. Training (forward + backward through the trainable ops) and
 //! inference with a KV cache.
 
+use crate::block::DecoderBlock;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
@@ -298,12 +299,7 @@ struct Mlp {
     down: RowParallelLinear,
 }
 
-struct Block {
-    input_norm: Tensor,
-    attn: Attention,
-    post_norm: Tensor,
-    mlp: Mlp,
-}
+type Block = DecoderBlock<Mlp>;
 
 /// The tensor-parallel Llama model, or one pipeline stage of it; see the [module docs](self).
 pub struct Llama {
@@ -373,7 +369,6 @@ impl Llama {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let l = m.pp("layers").pp(i);
-            let attn = Attention::new(cfg, &heads, &l.pp("self_attn"), tp)?;
             let p = l.pp("mlp");
             let mlp = Mlp {
                 gate: column_parallel_linear_no_bias(
@@ -385,22 +380,7 @@ impl Llama {
                 up: column_parallel_linear_no_bias(h, cfg.intermediate_size, p.pp("up_proj"), tp)?,
                 down: row_parallel_linear_no_bias(cfg.intermediate_size, h, p.pp("down_proj"), tp)?,
             };
-            blocks.push(Block {
-                input_norm: l.pp("input_layernorm").get(
-                    h,
-                    "weight",
-                    Placement::Replicated,
-                    norm_init,
-                )?,
-                attn,
-                post_norm: l.pp("post_attention_layernorm").get(
-                    h,
-                    "weight",
-                    Placement::Replicated,
-                    norm_init,
-                )?,
-                mlp,
-            });
+            blocks.push(DecoderBlock::new(cfg, &heads, &l, tp, mlp)?);
         }
         let (norm, lm_head) = if last {
             let norm = m
@@ -463,19 +443,12 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps;
         for (i, b) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = b.attn.forward(
-                &ops::rms_norm(&x, &b.input_norm, eps)?,
-                pos,
-                &self.rope,
-                layer_cache,
-            )?;
-            x = (x + a)?;
-            let n = ops::rms_norm(&x, &b.post_norm, eps)?;
-            let m = b.mlp.down.forward(&ops::swiglu(
-                &b.mlp.gate.forward(&n)?,
-                &b.mlp.up.forward(&n)?,
-            )?)?;
-            x = (x + m)?;
+            (x, ()) = b.forward(&x, pos, &self.rope, layer_cache, eps, |mlp, n| {
+                let m = mlp
+                    .down
+                    .forward(&ops::swiglu(&mlp.gate.forward(n)?, &mlp.up.forward(n)?)?)?;
+                Ok((m, ()))
+            })?;
         }
         match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => head.forward(&ops::rms_norm(&x, norm, eps)?),

@@ -6,9 +6,10 @@
 //! are split over tp as in [`crate::llama`]; every MoE layer routes with Mixtral's router
 //! (softmax, top-k, renormalised, dropless) and dispatches over the ep group.
 
+use crate::block::DecoderBlock;
 use crate::llama::{
-    check_next_token_ids, lm_head, next_token_loss, rope_tables, untied_lm_head, Attention,
-    KvCache, LlamaConfig,
+    check_next_token_ids, lm_head, next_token_loss, rope_tables, untied_lm_head, KvCache,
+    LlamaConfig,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
@@ -134,12 +135,7 @@ impl MixtralConfig {
     }
 }
 
-struct Block {
-    input_norm: Tensor,
-    attn: Attention,
-    post_norm: Tensor,
-    moe: MoeLayer,
-}
+type Block = DecoderBlock<MoeLayer>;
 
 /// The losses of one forward over a batch.
 pub struct MixtralLosses {
@@ -227,30 +223,16 @@ impl Mixtral {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let l = m.pp("layers").pp(i);
-            blocks.push(Block {
-                input_norm: l.pp("input_layernorm").get(
-                    h,
-                    "weight",
-                    Placement::Replicated,
-                    ones,
-                )?,
-                attn: Attention::new(&lcfg, &heads, &l.pp("self_attn"), tp)?,
-                post_norm: l.pp("post_attention_layernorm").get(
-                    h,
-                    "weight",
-                    Placement::Replicated,
-                    ones,
-                )?,
-                moe: moe_layer(
-                    h,
-                    cfg.intermediate_size,
-                    router,
-                    dispatch,
-                    l.pp("block_sparse_moe"),
-                    ep,
-                    tp,
-                )?,
-            });
+            let moe = moe_layer(
+                h,
+                cfg.intermediate_size,
+                router,
+                dispatch,
+                l.pp("block_sparse_moe"),
+                ep,
+                tp,
+            )?;
+            blocks.push(DecoderBlock::new(&lcfg, &heads, &l, tp, moe)?);
         }
         let (norm, lm_head) = if last {
             let norm = m.pp("norm").get(h, "weight", Placement::Replicated, ones)?;
@@ -435,26 +417,20 @@ impl Mixtral {
         let (mut logits, mut stats) = (Vec::new(), Vec::new());
         for (i, b) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = b.attn.forward(
-                &ops::rms_norm(x, &b.input_norm, eps)?,
-                pos,
-                &self.rope,
-                layer_cache,
-            )?;
-            *x = (&*x + a)?;
-            let o = b
-                .moe
-                .forward(&ops::rms_norm(x, &b.post_norm, eps)?, train)?;
+            let (y, aux) = b.forward(x, pos, &self.rope, layer_cache, eps, |moe, n| {
+                let o = moe.forward(n, train)?;
+                Ok((o.output, o.aux))
+            })?;
             tracing::debug!(
                 layer = self.first_layer + i,
-                tokens_per_expert = ?o.aux.stats.tokens_per_expert,
-                max_over_mean = o.aux.stats.max_over_mean(),
-                dropped = o.aux.stats.dropped,
+                tokens_per_expert = ?aux.stats.tokens_per_expert,
+                max_over_mean = aux.stats.max_over_mean(),
+                dropped = aux.stats.dropped,
                 "moe"
             );
-            *x = (&*x + o.output)?;
-            logits.push(o.aux.routing.logits);
-            stats.push(o.aux.stats);
+            *x = y;
+            logits.push(aux.routing.logits);
+            stats.push(aux.stats);
         }
         Ok((logits, stats))
     }
