@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::pipeline::{
     run_pipedream, run_step, split_balanced, split_batch, split_layers, Action, PipeDreamOutput,
-    Schedule, StashableStage,
+    PipelineSequential, Schedule, StageSplit, StashableStage,
 };
 use candle_parallel::tensor_parallel as tp_layers;
 use candle_parallel::{Comm, MeshShape};
@@ -488,6 +488,68 @@ fn pipedream_with_stashing_gives_each_micro_batch_the_gradient_of_its_version() 
     assert!(
         worst > 1e-2,
         "without stashing some gradient is inconsistent: {worst:e}"
+    );
+    Ok(())
+}
+
+/// `PipelineSequential` builds only this rank's layers, by index, under any split, and its
+/// step equals the full-batch run; bad boundaries are clear errors.
+#[test]
+fn pipeline_sequential_builds_its_stages_under_every_split() -> Result<()> {
+    let (loss, _) = reference()?;
+    let (x, target) = batch()?;
+    let m = 4;
+    let targets = split_batch(&target, m)?;
+    for split in [
+        StageSplit::Uniform,
+        StageSplit::Explicit(vec![0..5, 5..LAYERS]),
+        StageSplit::Balanced((0..LAYERS).map(|i| 1 + i % 3).collect()),
+    ] {
+        let built = std::sync::Mutex::new(Vec::new());
+        let losses = launch(2, |ctx| {
+            let model = PipelineSequential::build(
+                Schedule::one_f_one_b(2, m)?,
+                ctx.rank(),
+                LAYERS,
+                split.clone(),
+                |i| {
+                    built.lock().unwrap().push(i);
+                    Ok(Box::new(layers(i..i + 1)?))
+                },
+            )?;
+            let out = model.step(
+                ctx.comm(),
+                &[],
+                &split_batch(&x, m)?,
+                (&Shape::from((BATCH / m, HIDDEN)), DType::F32),
+                &|mb, y| mse(y, &targets[mb]),
+            )?;
+            Ok(out.loss)
+        })?;
+        for l in losses {
+            assert!(((l - loss) / loss).abs() < 1e-5, "{split:?}: {l} vs {loss}");
+        }
+        let mut built = built.into_inner().unwrap();
+        built.sort();
+        assert_eq!(
+            built,
+            (0..LAYERS).collect::<Vec<_>>(),
+            "{split:?}: each layer built once"
+        );
+    }
+    let e = PipelineSequential::build(
+        Schedule::gpipe(2, 2)?,
+        0,
+        LAYERS,
+        StageSplit::Explicit(vec![0..5, 6..LAYERS]),
+        |i| Ok(Box::new(layers(i..i + 1)?)),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("consecutive ranges covering the 12 layers"),
+        "{e}"
     );
     Ok(())
 }

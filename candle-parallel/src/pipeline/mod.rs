@@ -10,6 +10,8 @@
 //!   micro-batches so that they equal the full batch's.
 //! - [`run_pipedream`]: PipeDream's asynchronous 1F1B, weights updated after every backward,
 //!   with or without weight stashing ([`StashableStage`]).
+//! - [`PipelineSequential`]: an ordered list of layers cut into stages (uniformly, balanced by
+//!   weight, or at given boundaries), each rank building only its own.
 //! - [`split_layers`] / [`split_balanced`]: which layers each stage holds.
 //!
 //! ```
@@ -47,8 +49,10 @@
 
 mod executor;
 mod schedule;
+mod sequential;
 
 pub use executor::{
     run_pipedream, run_step, split_batch, Executed, PipeDreamOutput, StashableStage, StepOutput,
 };
 pub use schedule::{split_balanced, split_layers, Action, Schedule, Simulation, Timed};
+pub use sequential::{PipelineSequential, SequentialChunk, StageSplit};
