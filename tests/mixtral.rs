@@ -211,3 +211,111 @@ fn a_few_fine_tuning_steps_lower_the_loss() -> Result<()> {
     );
     Ok(())
 }
+
+/// Pipeline stages with expert and tensor parallelism inside, for every schedule (zero-bubble
+/// defers the experts' weight gradients too): each rank's gradients (full over tp) equal one
+/// rank's, accumulated over the same micro-batches; HF's aux loss covers every layer.
+#[test]
+fn pipeline_stages_with_ep_and_tp_inside_equal_one_rank_for_every_schedule() -> Result<()> {
+    use candle_parallel::checkpoint::full_gradients_of;
+    use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
+    use candle_parallel_models::mixtral::MixtralStage;
+    use std::collections::BTreeMap;
+    let mut cfg = MixtralConfig::tiny();
+    cfg.num_hidden_layers = 4;
+    let dir = checkpoint("pipeline", &cfg)?;
+    let m = 2;
+    let batch = Tensor::new(&[TOKENS, [5, 99, 3, 256, 17, 1, 2]], &Device::Cpu)?;
+    let mbs = split_batch(&batch, m)?;
+    // One rank, the micro-batches one after the other, their losses averaged.
+    let want: BTreeMap<String, Tensor> = candle_parallel::launch(1, |ctx| {
+        let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+        let model = Mixtral::new(
+            &cfg,
+            vb.clone(),
+            ctx.comm(),
+            ctx.comm(),
+            Dispatch::AllReduce,
+        )?;
+        let mut acc: BTreeMap<String, Tensor> = BTreeMap::new();
+        for mb in &mbs {
+            let g = (model.losses(mb, false)?.loss / m as f64)?.backward()?;
+            for (name, t) in full_gradients(&vb.params(), &g, ctx.comm())? {
+                let sum = match acc.remove(&name) {
+                    Some(a) => (a + t)?,
+                    None => t,
+                };
+                acc.insert(name, sum);
+            }
+        }
+        Ok(acc)
+    })?
+    .remove(0);
+    for name in ["gpipe", "1f1b", "interleaved", "zero-bubble"] {
+        let (pp, ep, tp) = (2, 2, 2);
+        let schedule = Schedule::by_name(name, pp, 2, m)?;
+        let stages = split_layers(cfg.num_hidden_layers, schedule.stages())?;
+        let outs = Launcher::new(pp * ep * tp)
+            .mesh(MeshShape::new().pp(pp).ep(ep).tp(tp))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb =
+                    ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+                let r = mesh.pp().rank();
+                let models: Vec<Mixtral> = (0..schedule.chunks())
+                    .map(|c| {
+                        Mixtral::new_stage(
+                            &cfg,
+                            vb.clone(),
+                            mesh.ep(),
+                            mesh.tp(),
+                            Dispatch::AllReduce,
+                            stages[schedule.stage_of(r, c)].clone(),
+                        )
+                    })
+                    .collect::<Result<_>>()?;
+                let stage_modules: Vec<MixtralStage> = models
+                    .iter()
+                    .map(|model| MixtralStage {
+                        model,
+                        train: false,
+                    })
+                    .collect();
+                let modules: Vec<&dyn candle_core::Module> = stage_modules
+                    .iter()
+                    .map(|s| s as &dyn candle_core::Module)
+                    .collect();
+                let last = models.iter().find(|m| m.is_last_stage());
+                let params = vb.params();
+                let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
+                let (b, s) = mbs[0].dims2()?;
+                let out = run_step(
+                    mesh.pp(),
+                    &schedule,
+                    &modules,
+                    &vars,
+                    &mbs,
+                    (
+                        &candle_core::Shape::from(models[0].stage_activation_len(b, s)),
+                        DType::F32,
+                    ),
+                    &|mb, y| {
+                        Ok(last
+                            .expect("the last stage")
+                            .stage_losses(y, &mbs[mb])?
+                            .0
+                            .loss)
+                    },
+                )?;
+                full_gradients_of(&params, &out.grads, mesh.tp())
+            })?;
+        for (rank, grads) in outs.iter().enumerate() {
+            for (pname, g) in grads {
+                let e = max_rel_err(g, &want[pname])?;
+                assert!(e <= 1e-4, "{name} rank {rank}: {pname} differs by {e:e}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
