@@ -374,8 +374,6 @@ impl LocalBackend {
         .into()
     }
 
-    /// Fails if the group or the job has failed; poisons the group on a job failure so that
-    /// no later round can start with a rank missing.
     fn check_peer(&self, op: &str, peer: usize, role: &str) -> Result<()> {
         if peer >= self.n() {
             return Err(self.invalid(
@@ -483,6 +481,8 @@ impl LocalBackend {
         Ok(t)
     }
 
+    /// Fails if the group or the job has failed; poisons the group on a job failure so that
+    /// no later round can start with a rank missing.
     fn check_alive(&self, st: &mut State, op: &str) -> Result<()> {
         if let Some(p) = &st.poison {
             return Err(self.aborted(op, p.clone()));
