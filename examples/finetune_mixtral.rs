@@ -302,6 +302,9 @@ fn main() -> Result<()> {
     .map_err(|e| candle_core::Error::msg(format!("--micro-batches: {e}")))?;
     let (cfg, tok) = prepare_model(&args)?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
+    if pp > 1 && cfg.tie_word_embeddings {
+        candle_core::bail!("--mesh with pp: a head tied to the embedding would be two copies on the first and last stages, whose gradients are not summed yet; train it without pp");
+    }
     let tokenizer_json = std::fs::read(args.model.join("tokenizer.json"))?;
     let data = prepare_data(&args, &tok, &cfg)?;
     let world = mesh.world_size();
@@ -429,7 +432,8 @@ fn main() -> Result<()> {
                     },
                 )?;
                 let ce = ces.into_inner().unwrap().iter().sum::<f32>() / micro_batches as f32;
-                let ce = ctx.comm().broadcast(&Tensor::new(&[ce], ctx.device())?, root)?.to_vec1::<f32>()?[0];
+                // From the last stage to its pipeline; the ep average below covers every example.
+                let ce = pp_comm.broadcast(&Tensor::new(&[ce], ctx.device())?, pp - 1)?.to_vec1::<f32>()?[0];
                 (out.grads, ce, Vec::new())
             };
             for (p, g) in params.iter().zip(grads.iter_mut()) {

@@ -11,8 +11,9 @@
 //! The model (`--layers` layers of `tanh(x Wᵀ + b)`) learns to imitate a fixed random "teacher"
 //! of the same shape. Each rank builds only its stages' layers. Every step cuts the batch into
 //! micro-batches and runs the schedule (`gpipe`, `1f1b`, `interleaved`, `zero-bubble`); AdamW
-//! then updates each rank's layers. `pipedream` has no flush: AdamW runs after every
-//! micro-batch's backward, which uses the weights its forward used (weight stashing). Rank 0 shows a progress bar and the loss, prints the
+//! then updates each rank's layers. `pipedream` updates the weights after every micro-batch's
+//! backward, which uses the weights its forward used (weight stashing), with no flush between
+//! the micro-batches of a step (each step drains at its end). Rank 0 shows a progress bar and the loss, prints the
 //! schedule's simulated step × rank grid, and writes the last step as `timeline.json` (open in
 //! chrome://tracing or ui.perfetto.dev: one track per rank, one slice per action) and
 //! `timeline.svg` (ranks × time; forward, backward, input- and weight-gradient halves and idle
@@ -36,8 +37,8 @@ struct Args {
     /// Pipeline ranks.
     #[arg(long, default_value_t = 4)]
     pp: usize,
-    /// gpipe, 1f1b, interleaved, zero-bubble or pipedream (asynchronous 1F1B: weights updated
-    /// after every micro-batch's backward, with weight stashing).
+    /// gpipe, 1f1b, interleaved, zero-bubble or pipedream (1F1B with the weights updated after
+    /// every micro-batch's backward, with weight stashing).
     #[arg(long, default_value = "1f1b")]
     schedule: String,
     #[arg(long, default_value_t = 8)]

@@ -553,3 +553,35 @@ fn pipeline_sequential_builds_its_stages_under_every_split() -> Result<()> {
     );
     Ok(())
 }
+
+/// Ranks that disagree on the step (here the number of micro-batches) fail together, before
+/// any message, naming both sides.
+#[test]
+fn ranks_that_disagree_on_the_step_fail_together() -> Result<()> {
+    let errs = launch(2, |ctx| {
+        let m = 2 + 2 * ctx.rank();
+        let s = Schedule::gpipe(2, m)?;
+        let stage = layers(0..1)?;
+        let mbs = vec![Tensor::zeros((2, HIDDEN), DType::F32, &Device::Cpu)?; m];
+        let r = run_step(
+            ctx.comm(),
+            &s,
+            &[&stage],
+            &[],
+            &mbs,
+            (&Shape::from((2, HIDDEN)), DType::F32),
+            &|_, y| y.sum_all(),
+        );
+        Ok(r.err().map(|e| e.to_string()).unwrap_or_default())
+    })?;
+    for e in errs {
+        assert!(
+            e.contains("the ranks disagree on the step")
+                && e.contains("2 micro-batches")
+                && e.contains("4 micro-batches")
+                && !e.contains("Forward"),
+            "{e}"
+        );
+    }
+    Ok(())
+}

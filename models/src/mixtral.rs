@@ -303,7 +303,10 @@ impl Mixtral {
                 }
                 let n = b * s * h;
                 (
-                    input.narrow(0, 2, n)?.reshape((b, s, h))?,
+                    input
+                        .narrow(0, 2, n)?
+                        .reshape((b, s, h))?
+                        .to_dtype(self.rope.0.dtype())?,
                     b,
                     s,
                     input.narrow(0, 2 + n, e)?,
@@ -321,8 +324,10 @@ impl Mixtral {
             }
             _ => x_out,
         };
+        // One f32 tensor whatever the model's dtype: its halves get their own dtype back.
         let shape = Tensor::new(&[b as f32, s as f32], body.device())?;
-        Tensor::cat(&[shape, body.flatten_all()?, p, f], 0)
+        let body = body.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        Tensor::cat(&[shape, body, p, f], 0)
     }
 
     /// The losses from the last stage's packed output for `ids`: the cross-entropy over this
@@ -337,7 +342,20 @@ impl Mixtral {
         let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
         let cols = head.weight().dim(0)?;
         let n = b * s * cols;
-        let logits = out.narrow(0, 2, n)?.reshape((b, s, cols))?;
+        let header = out.narrow(0, 0, 2)?.to_vec1::<f32>()?;
+        if out.dims1()? != 2 + n + e + k * e || header != [b as f32, s as f32] {
+            bail!(
+                "stage_losses: the last stage's output ({} values for {} x {} tokens) does not belong to ids of shape {:?}",
+                out.dims1()?,
+                header[0],
+                header[1],
+                ids.dims()
+            )
+        }
+        let logits = out
+            .narrow(0, 2, n)?
+            .reshape((b, s, cols))?
+            .to_dtype(self.rope.0.dtype())?;
         let p = out.narrow(0, 2 + n, e)?;
         let f = out.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?;
         let ce_loss = next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)?;

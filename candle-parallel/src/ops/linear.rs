@@ -65,8 +65,19 @@ impl DeferredWeightGrads {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn defer_weight_grads<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, DeferredWeightGrads)> {
-    let outer = DEFERRED.with(|d| d.borrow_mut().replace(Vec::new()));
+    /// Restores the enclosing state even if `f` panics: a deferral left switched on would
+    /// drop every later weight gradient of this thread.
+    struct Restore(Option<Option<Vec<Deferred>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                DEFERRED.with(|d| *d.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(DEFERRED.with(|d| d.borrow_mut().replace(Vec::new()))));
     let out = f();
+    let outer = restore.0.take().expect("restored once");
     let deferred = DEFERRED.with(|d| std::mem::replace(&mut *d.borrow_mut(), outer));
     Ok((out?, DeferredWeightGrads(deferred.unwrap_or_default())))
 }
@@ -156,8 +167,10 @@ impl CustomOp2 for Linear {
         let g2 = g.detach().reshape((m, n))?;
         let dx = g2.matmul(&w.detach())?.reshape(x.dims())?;
         let x2 = x.detach().reshape((m, k))?;
+        // Only a variable's gradient can wait: a weight computed from others (a cast, a merged
+        // adapter) must pass its gradient on now, or it would never reach them.
         let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-            Some(list) => {
+            Some(list) if w.is_variable() => {
                 list.push(Deferred {
                     weight: w.clone(),
                     x: x2.clone(),
@@ -165,7 +178,7 @@ impl CustomOp2 for Linear {
                 });
                 true
             }
-            None => false,
+            _ => false,
         });
         if deferred {
             return Ok((Some(dx), None));

@@ -18,9 +18,11 @@ use std::time::Instant;
 pub struct StepOutput {
     /// The step's loss: the mean over micro-batches of the last stage's loss, on every rank.
     pub loss: f32,
-    /// The gradients of the step's parameters, in their order, summed over micro-batches (so
-    /// that with a mean loss they equal the full batch's gradients); `None` for a parameter no
-    /// chunk of this rank used.
+    /// The gradients of the step's parameters, in their order: the gradient of the mean over
+    /// micro-batches of their losses (each loss is divided by the number of micro-batches). For
+    /// a loss that is a mean over equally sized micro-batches this is the full batch's gradient
+    /// (a loss over batch statistics, such as a load-balancing loss, is averaged per
+    /// micro-batch instead). `None` for a parameter no chunk of this rank used.
     pub grads: Vec<Option<Tensor>>,
     /// The most micro-batch chunks this rank held activations for at once (measured).
     pub peak_live: usize,
@@ -80,6 +82,8 @@ pub fn run_step(
     activation: (&Shape, DType),
     loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
 ) -> Result<StepOutput> {
+    // First, on every rank alike: what the checks below then decide alike.
+    agree(comm, schedule, chunks.len(), micro_batches, activation)?;
     let me = comm.rank();
     if chunks.len() != schedule.chunks() {
         bail!(
@@ -127,7 +131,9 @@ pub struct PipeDreamOutput {
     pub losses: Vec<f32>,
     /// This rank's stage's gradients (in the order of its parameters) from each backward.
     pub grads: Vec<Vec<Tensor>>,
-    /// The weights each micro-batch's forward used on this stage.
+    /// The weights each micro-batch's forward used on this stage (with stashing, the stashed
+    /// versions themselves; without, copies: diagnostics that cost a copy of the stage's
+    /// weights per micro-batch).
     pub forward_weights: Vec<Vec<Tensor>>,
     /// The weights each micro-batch's backward computed with: the forward's when stashing,
     /// else the live ones at the time (newer: the inconsistency stashing removes).
@@ -153,6 +159,7 @@ pub fn run_pipedream(
     update: &mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
 ) -> Result<PipeDreamOutput> {
     let schedule = Schedule::one_f_one_b(comm.size(), micro_batches.len())?;
+    agree(comm, &schedule, 1, micro_batches, activation)?;
     let m = micro_batches.len();
     let mut compute = PipeDream {
         stage,
@@ -201,20 +208,26 @@ fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {
 
 impl Compute for PipeDream<'_> {
     fn forward(&mut self, mb: usize, _chunk: usize, x: &Tensor) -> Result<Tensor> {
-        let now = snapshot(&self.live)?;
-        let y = if self.stash {
-            let vars: Vec<Var> = now.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+        if self.stash {
+            // A copy of the live weights as new variables: the version this micro-batch keeps.
+            // (`Var::from_tensor` of a variable would share it; of its detached view, it copies
+            // the storage once.)
+            let vars: Vec<Var> = self
+                .live
+                .iter()
+                .map(|v| Var::from_tensor(&v.as_tensor().detach()))
+                .collect::<Result<_>>()?;
             let ws: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = self.stage.forward_with(x, &ws)?;
+            self.forward_weights[mb] = ws; // never changed: no second copy
             self.stashed.insert(mb, vars);
-            y
+            Ok(y)
         } else {
             // The live variables themselves: their updates change what the backward reads.
             let ws: Vec<Tensor> = self.live.iter().map(|v| v.as_tensor().clone()).collect();
-            self.stage.forward_with(x, &ws)?
-        };
-        self.forward_weights[mb] = now;
-        Ok(y)
+            self.forward_weights[mb] = snapshot(&self.live)?;
+            self.stage.forward_with(x, &ws)
+        }
     }
 
     fn backward_done(&mut self, mb: usize, _chunk: usize, store: &GradStore) -> Result<()> {
@@ -229,7 +242,11 @@ impl Compute for PipeDream<'_> {
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<Result<_>>()?;
-        self.backward_weights[mb] = snapshot(&used)?;
+        self.backward_weights[mb] = if self.stash {
+            used.iter().map(|v| v.as_tensor().clone()).collect()
+        } else {
+            snapshot(&used)?
+        };
         (self.update)(mb, &grads)?;
         self.grads[mb] = grads;
         Ok(())
@@ -506,6 +523,55 @@ fn execute(
         deferred_weight_grads: deferred_count,
         executed,
     })
+}
+
+/// Checks, on every rank at once, that the pipeline's ranks run the same schedule (every
+/// action of every rank), the same number and shape of micro-batches and the same activation:
+/// each rank derives the messages it exchanges from these, so a disagreement would pair
+/// messages wrongly (or wait forever) instead of failing.
+fn agree(
+    comm: &Comm,
+    schedule: &Schedule,
+    chunks: usize,
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+) -> Result<()> {
+    let mine = format!(
+        "schedule {} ({} ranks, {} chunks, {} micro-batches, actions {:?}), {chunks} chunks given, {} micro-batches given {:?}, activation {:?} {:?}",
+        schedule.name(),
+        schedule.ranks(),
+        schedule.chunks(),
+        schedule.micro_batches(),
+        (0..schedule.ranks()).map(|r| schedule.actions(r)).collect::<Vec<_>>(),
+        micro_batches.len(),
+        micro_batches.iter().map(|x| (x.dims().to_vec(), x.dtype())).collect::<Vec<_>>(),
+        activation.0.dims(),
+        activation.1
+    );
+    let all = comm.all_gather_bytes(mine.as_bytes())?;
+    if let Some(r) = all.iter().position(|b| b != &all[0]) {
+        // Print the parts that differ, not the action lists in full.
+        let short = |b: &[u8]| {
+            let s = String::from_utf8_lossy(b).into_owned();
+            match (s.find(", actions "), s.find("]]), ")) {
+                (Some(i), Some(j)) if j > i => format!("{}{}", &s[..i], &s[j + 2..]),
+                _ => s,
+            }
+        };
+        let (a, b) = (short(&all[0]), short(&all[r]));
+        let same = if a == b {
+            " (the same sizes, different actions)"
+        } else {
+            ""
+        };
+        bail!(
+            "pipeline step on group {}: the ranks disagree on the step{same}: rank {} runs {a} but rank {} runs {b}",
+            comm.label(),
+            comm.ranks()[0],
+            comm.ranks()[r],
+        )
+    }
+    Ok(())
 }
 
 /// Adds `g` to the gradient accumulated in `acc`.

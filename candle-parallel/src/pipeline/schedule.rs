@@ -193,12 +193,13 @@ impl Schedule {
         Self::from_actions("interleaved", ranks, chunks, micro_batches, actions)
     }
 
-    /// Zero-bubble (ZB-H1, Qi et al. 2023): each backward is split into its input-gradient
-    /// half (`I`, what the previous stage waits for) and its weight-gradient half (`W`, which
-    /// nobody waits for). Built by list scheduling on the clock (every action costs 1): a rank
-    /// runs a ready `I` first, else the next forward while it holds fewer micro-batches than
-    /// 1F1B would (`ranks - rank`), else a waiting `W`; so the `W`s fill the bubbles of 1F1B's
-    /// warm-up and cool-down at 1F1B's peak memory.
+    /// A zero-bubble schedule in the spirit of ZB-H1 (Qi et al. 2023): each backward is split
+    /// into its input-gradient half (`I`, what the previous stage waits for) and its
+    /// weight-gradient half (`W`, which nobody waits for). Built by list scheduling on the
+    /// clock (every action costs 1): a rank runs a ready `I` first, else the next forward while
+    /// it holds fewer micro-batches than 1F1B would (`ranks - rank`), else a waiting `W`; so
+    /// the `W`s fill bubbles of 1F1B's warm-up and cool-down at 1F1B's peak memory. Its bubble
+    /// lies between 1F1B's and ZB-H1's hand-built ideal.
     pub fn zero_bubble(ranks: usize, micro_batches: usize) -> Result<Self> {
         check_sizes("zero-bubble", ranks, 1, micro_batches)?;
         let (p, m) = (ranks, micro_batches);

@@ -67,12 +67,14 @@ impl Module for SequentialChunk {
 /// ```
 pub struct PipelineSequential {
     schedule: Schedule,
+    rank: usize,
     chunks: Vec<SequentialChunk>,
 }
 
 impl PipelineSequential {
-    /// Builds rank `rank`'s chunks of `n` layers split by `split` over `schedule`'s stages;
-    /// `layer(i)` makes layer `i`, called only for this rank's layers.
+    /// Builds pipeline rank `rank`'s chunks (its rank in the pipeline group, `mesh.pp().rank()`)
+    /// of `n` layers split by `split` over `schedule`'s stages; `layer(i)` makes layer `i`,
+    /// called only for this rank's layers.
     pub fn build(
         schedule: Schedule,
         rank: usize,
@@ -119,7 +121,11 @@ impl PipelineSequential {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { schedule, chunks })
+        Ok(Self {
+            schedule,
+            rank,
+            chunks,
+        })
     }
 
     /// This rank's chunks, in chunk order.
@@ -140,6 +146,14 @@ impl PipelineSequential {
         activation: (&Shape, DType),
         loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
     ) -> Result<StepOutput> {
+        if comm.rank() != self.rank {
+            bail!(
+                "PipelineSequential: built for pipeline rank {} but stepped on rank {} of {}: build it with the pipeline group's rank (mesh.pp().rank())",
+                self.rank,
+                comm.rank(),
+                comm.label()
+            )
+        }
         let chunks: Vec<&dyn Module> = self.chunks.iter().map(|c| c as &dyn Module).collect();
         run_step(
             comm,
