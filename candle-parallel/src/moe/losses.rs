@@ -12,26 +12,8 @@ pub fn hf_load_balancing_loss(
     num_experts: usize,
     top_k: usize,
 ) -> Result<Tensor> {
-    if logits.is_empty() {
-        bail!("hf_load_balancing_loss: no router logits")
-    }
-    let all = Tensor::cat(logits, 0)?.to_dtype(DType::F32)?;
-    let probs = ops::softmax_last_dim(&all)?;
-    let chosen = probs
-        .detach()
-        .arg_sort_last_dim(false)?
-        .narrow(1, 0, top_k)?; // [N, k]
-    let ids = Tensor::arange(0u32, num_experts as u32, all.device())?;
-    let mask = chosen
-        .unsqueeze(2)?
-        .broadcast_eq(&ids.reshape((1, 1, num_experts))?)?
-        .to_dtype(DType::F32)?;
-    let tokens_per_expert = mask.mean(0)?; // [k, E]
-    let prob_per_expert = probs.mean(0)?; // [E]
-    tokens_per_expert
-        .broadcast_mul(&prob_per_expert.unsqueeze(0)?)?
-        .sum_all()?
-        * num_experts as f64
+    let (p, f, n) = hf_load_balancing_sums(logits, num_experts, top_k)?;
+    hf_load_balancing_loss_of_sums(&p, &f, n)
 }
 
 /// The sums behind [`hf_load_balancing_loss`] for some of the layers (say, one pipeline
