@@ -5,9 +5,9 @@
 //! ranks, on machines without GPUs. It is not a user-facing backend of its own.
 //!
 //! What it promises (the same as the local backend):
-//! - every operation is enqueued on the stream of the tensor it moves and returns at once
-//!   (the host waits only where a value is needed on the host: barrier, split, the argument
-//!   checks);
+//! - every operation is enqueued on the stream of the communicator's device (its tensors must
+//!   live there) and returns at once (the host waits only where a value is needed on the
+//!   host: barrier, split, the argument checks);
 //! - nothing hangs: NCCL has no timeout, so a watchdog thread follows each operation with an
 //!   event and aborts the communicator when one is not done within the timeout or NCCL reports
 //!   an error; every later call fails with [`CommError::Aborted`] and the reason;
@@ -15,7 +15,8 @@
 //!   host, so an abort (the watchdog's, or a failing peer thread's) never races a call in flight;
 //!   every call on a communicator, the abort included, holds its lock for one short call;
 //! - `send` is rendezvous-style, as an ungrouped `ncclSend` is: it may wait until the peer
-//!   posts the matching `recv`; `send_recv` groups the two and never deadlocks a ring.
+//!   posts the matching `recv`; `exchange` groups any sends and receives (`ncclGroupStart` /
+//!   `ncclGroupEnd`), so a ring or a pipeline step never deadlocks.
 
 pub mod api;
 mod watchdog;
