@@ -71,9 +71,10 @@ impl NcclId {
     }
 }
 
-/// NCCL's communicator configuration as of NCCL 2.17 (`ncclConfig_v21700`): the oldest layout
-/// with `splitShare`. NCCL reads a config by its `size` and `version`, so newer libraries
-/// accept it; [`CudaNccl::init_rank`] checks the linked library is at least this version.
+/// NCCL's communicator configuration as NCCL 2.17 defines it (its first version with
+/// `blocking`, `cgaClusterSize`, `minCTAs`, `maxCTAs` and `netName`). NCCL reads a config by
+/// its `size` and `version` and gives later fields their defaults, so newer libraries accept
+/// it; [`CudaNccl::init_rank`] checks the linked library is at least this version.
 #[repr(C)]
 struct NcclConfig {
     size: usize,
@@ -84,7 +85,6 @@ struct NcclConfig {
     min_ctas: c_int,
     max_ctas: c_int,
     net_name: *const c_char,
-    split_share: c_int,
 }
 
 /// `NCCL_VERSION(2, 17, 0)`.
@@ -104,7 +104,6 @@ impl NcclConfig {
             min_ctas: UNDEF,
             max_ctas: UNDEF,
             net_name: std::ptr::null(),
-            split_share: UNDEF,
         }
     }
 }
