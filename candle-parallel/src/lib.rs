@@ -32,6 +32,7 @@
 //! ```
 pub mod checkpoint;
 pub mod comm;
+pub mod data_parallel;
 pub mod launch;
 pub mod logging;
 pub mod mesh;
