@@ -333,13 +333,9 @@ fn main() -> Result<()> {
         // The rank that tells everyone the last stage's results: the last stage's first ep and
         // tp rank (ranks are laid out pp, ep, tp with tp fastest).
         let root = (pp - 1) * ep.size() * tp.size();
-        // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank: directly, or
-        // through the pipeline stages (a forward and a discarded backward).
-        let logits_and_ce = |ids: &Tensor| -> Result<(Tensor, f32)> {
-            if pp == 1 {
-                let l = model.losses(ids, false)?;
-                return Ok((model.forward(ids, 0, None)?, l.ce_loss.to_scalar::<f32>()?));
-            }
+        // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank, through the
+        // pipeline stages (a forward and a discarded backward).
+        let through_stages = |ids: &Tensor| -> Result<(Tensor, f32)> {
             let (b, s) = ids.dims2()?;
             let kept = std::sync::Mutex::new(None);
             run_step(
@@ -384,9 +380,11 @@ fn main() -> Result<()> {
         let eval = || -> Result<(f64, &'static str)> {
             match &data {
                 Data::Addition { problems } => {
-                    // The whole problems: the cross-entropy needs a next token (not used here).
-                    let rows: Vec<Vec<u32>> = problems.iter().map(|p| p.to_vec()).collect();
-                    let (logits, _) = logits_and_ce(&Tensor::new(rows, ctx.device())?)?;
+                    let prompts = Tensor::new(problems.iter().map(|p| p[..4].to_vec()).collect::<Vec<_>>(), ctx.device())?;
+                    let logits = match pp {
+                        1 => model.forward(&prompts, 0, None)?,
+                        _ => through_stages(&prompts)?.0,
+                    };
                     let guess = logits.narrow(1, 3, 1)?.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
                     let right = guess.iter().zip(problems).filter(|(g, p)| **g == p[4]).count();
                     Ok((right as f64 / problems.len() as f64, "accuracy"))
@@ -394,7 +392,11 @@ fn main() -> Result<()> {
                 Data::Text { eval, .. } => {
                     let n = (eval.len() - 1) / args.seq_len;
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
-                    let (_, ce) = logits_and_ce(&Tensor::new(rows, ctx.device())?)?;
+                    let rows = Tensor::new(rows, ctx.device())?;
+                    let ce = match pp {
+                        1 => model.losses(&rows, false)?.ce_loss.to_scalar::<f32>()?,
+                        _ => through_stages(&rows)?.1,
+                    };
                     Ok((ce as f64, "eval loss"))
                 }
             }

@@ -147,8 +147,65 @@ pub(crate) fn lm_head(
     Ok(ColumnParallelLinear::new(embed.weight().clone(), None, tp))
 }
 
+/// Whether a pipeline stage of decoder `layers` (of `n`) is the first and the last; an error
+/// naming `model` for an empty or out-of-range range.
+pub(crate) fn stage_ends(
+    model: &str,
+    layers: &std::ops::Range<usize>,
+    n: usize,
+) -> Result<(bool, bool)> {
+    if layers.start >= layers.end || layers.end > n {
+        bail!("a {model} stage needs a non-empty range of its {n} layers, got {layers:?}")
+    }
+    Ok((layers.start == 0, layers.end == n))
+}
+
+/// The embedding a stage holds: on the first stage, and on the last too when the head is tied
+/// to it (its gradient is then the sum of both stages' copies).
+pub(crate) fn stage_embedding(
+    cfg: &LlamaConfig,
+    first: bool,
+    last: bool,
+    vb: &ParallelVarBuilder,
+    tp: &Comm,
+) -> Result<Option<VocabParallelEmbedding>> {
+    if !(first || (last && cfg.tie_word_embeddings)) {
+        return Ok(None);
+    }
+    let e = vocab_parallel_embedding(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        vb.pp("model").pp("embed_tokens"),
+        tp,
+    )?;
+    Ok(Some(e))
+}
+
+/// The final norm and head of the last stage (`None`s elsewhere); a tied head shares `embed`.
+pub(crate) fn stage_norm_and_head(
+    cfg: &LlamaConfig,
+    last: bool,
+    embed: Option<&VocabParallelEmbedding>,
+    vb: &ParallelVarBuilder,
+    tp: &Comm,
+) -> Result<(Option<Tensor>, Option<ColumnParallelLinear>)> {
+    if !last {
+        return Ok((None, None));
+    }
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let norm =
+        vb.pp("model")
+            .pp("norm")
+            .get(h, "weight", Placement::Replicated, Init::Const(1.0))?;
+    let head = match embed {
+        Some(e) => lm_head(v, h, cfg.tie_word_embeddings, e, vb, tp)?,
+        None => untied_lm_head(v, h, vb, tp)?,
+    };
+    Ok((Some(norm), Some(head)))
+}
+
 /// The head's own weight (`lm_head.weight`, vocabulary rows split over tp).
-pub(crate) fn untied_lm_head(
+fn untied_lm_head(
     vocab: usize,
     hidden: usize,
     vb: &ParallelVarBuilder,
@@ -335,13 +392,7 @@ impl Llama {
         layers: std::ops::Range<usize>,
     ) -> Result<Self> {
         cfg.check()?;
-        if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
-            bail!(
-                "a Llama stage needs a non-empty range of its {} layers, got {layers:?}",
-                cfg.num_hidden_layers
-            )
-        }
-        let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
+        let (first, last) = stage_ends("Llama", &layers, cfg.num_hidden_layers)?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         // Collective when KV heads are replicated: create the groups once, share them.
         let heads = TpHeads::new(cfg.num_attention_heads, cfg.num_kv_heads(), hd, tp)?;
@@ -353,19 +404,7 @@ impl Llama {
             )
         }
         let m = vb.pp("model");
-        // A tied head needs the embedding on the last stage too (its gradient is the sum of
-        // both stages' copies).
-        let embed = if first || (last && cfg.tie_word_embeddings) {
-            Some(vocab_parallel_embedding(
-                cfg.vocab_size,
-                h,
-                m.pp("embed_tokens"),
-                tp,
-            )?)
-        } else {
-            None
-        };
-        let norm_init = Init::Const(1.0);
+        let embed = stage_embedding(cfg, first, last, &vb, tp)?;
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let l = m.pp("layers").pp(i);
@@ -382,19 +421,7 @@ impl Llama {
             };
             blocks.push(DecoderBlock::new(cfg, &heads, &l, tp, mlp)?);
         }
-        let (norm, lm_head) = if last {
-            let norm = m
-                .pp("norm")
-                .get(h, "weight", Placement::Replicated, norm_init)?;
-            let embed = embed.as_ref();
-            let head = match embed {
-                Some(e) => lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, e, &vb, tp)?,
-                None => untied_lm_head(cfg.vocab_size, h, &vb, tp)?,
-            };
-            (Some(norm), Some(head))
-        } else {
-            (None, None)
-        };
+        let (norm, lm_head) = stage_norm_and_head(cfg, last, embed.as_ref(), &vb, tp)?;
         let rope = rope_tables(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
             cfg: cfg.clone(),

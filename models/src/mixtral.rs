@@ -8,20 +8,17 @@
 
 use crate::block::DecoderBlock;
 use crate::llama::{
-    check_next_token_ids, lm_head, next_token_loss, rope_tables, untied_lm_head, KvCache,
-    LlamaConfig,
+    check_next_token_ids, next_token_loss, rope_tables, stage_embedding, stage_ends,
+    stage_norm_and_head, KvCache, LlamaConfig,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
-use candle_nn::Init;
-use candle_parallel::checkpoint::{ParallelVarBuilder, Param, Placement};
+use candle_parallel::checkpoint::{ParallelVarBuilder, Param};
 use candle_parallel::moe::{
     hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, moe_layer,
     Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
-use candle_parallel::tensor_parallel::{
-    vocab_parallel_embedding, ColumnParallelLinear, TpHeads, VocabParallelEmbedding,
-};
+use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
 use candle_parallel::{ops, Comm, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -192,13 +189,7 @@ impl Mixtral {
         layers: std::ops::Range<usize>,
     ) -> Result<Self> {
         cfg.check()?;
-        if layers.start >= layers.end || layers.end > cfg.num_hidden_layers {
-            bail!(
-                "a Mixtral stage needs a non-empty range of its {} layers, got {layers:?}",
-                cfg.num_hidden_layers
-            )
-        }
-        let (first, last) = (layers.start == 0, layers.end == cfg.num_hidden_layers);
+        let (first, last) = stage_ends("Mixtral", &layers, cfg.num_hidden_layers)?;
         let lcfg = cfg.as_llama();
         let h = cfg.hidden_size;
         let heads = TpHeads::new(
@@ -208,17 +199,7 @@ impl Mixtral {
             tp,
         )?;
         let m = vb.pp("model");
-        let embed = if first || (last && cfg.tie_word_embeddings) {
-            Some(vocab_parallel_embedding(
-                cfg.vocab_size,
-                h,
-                m.pp("embed_tokens"),
-                tp,
-            )?)
-        } else {
-            None
-        };
-        let ones = Init::Const(1.0);
+        let embed = stage_embedding(&lcfg, first, last, &vb, tp)?;
         let router = RouterConfig::mixtral(cfg.num_local_experts, cfg.num_experts_per_tok);
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
@@ -234,16 +215,7 @@ impl Mixtral {
             )?;
             blocks.push(DecoderBlock::new(&lcfg, &heads, &l, tp, moe)?);
         }
-        let (norm, lm_head) = if last {
-            let norm = m.pp("norm").get(h, "weight", Placement::Replicated, ones)?;
-            let head = match &embed {
-                Some(e) => lm_head(cfg.vocab_size, h, cfg.tie_word_embeddings, e, &vb, tp)?,
-                None => untied_lm_head(cfg.vocab_size, h, &vb, tp)?,
-            };
-            (Some(norm), Some(head))
-        } else {
-            (None, None)
-        };
+        let (norm, lm_head) = stage_norm_and_head(&lcfg, last, embed.as_ref(), &vb, tp)?;
         Ok(Self {
             rope: rope_tables(&lcfg, vb.dtype(), vb.device())?,
             cfg: cfg.clone(),

@@ -24,7 +24,7 @@ use half::{bf16, f16};
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// The default time a rank waits for its peers before failing, overridden by the
@@ -410,25 +410,39 @@ impl LocalBackend {
     }
 
     /// Waits until `ready` holds, the group fails, or the timeout (naming `peer`).
-    fn wait(&self, op: &str, peer: usize, mut ready: impl FnMut(&mut State) -> bool) -> Result<()> {
+    fn wait(&self, op: &str, peer: usize, ready: impl FnMut(&mut State) -> bool) -> Result<()> {
+        let st = lock(&self.group.state);
+        let peer = self.group.ranks[peer];
+        self.wait_on(st, op, 0, ready, |_| vec![peer]).map(drop)
+    }
+
+    /// Waits on the held group state until `ready` holds; fails when the group fails, or at
+    /// the timeout naming the global ranks `missing` gives, poisoning the group.
+    fn wait_on<'a>(
+        &self,
+        mut st: MutexGuard<'a, State>,
+        op: &str,
+        call: u64,
+        mut ready: impl FnMut(&mut State) -> bool,
+        missing: impl Fn(&State) -> Vec<usize>,
+    ) -> Result<MutexGuard<'a, State>> {
         let g = &*self.group;
         let timeout = g.fabric.inner.timeout;
         let deadline = Instant::now() + timeout;
-        let mut st = lock(&g.state);
         loop {
             if ready(&mut st) {
-                return Ok(());
+                return Ok(st);
             }
             self.check_alive(&mut st, op)?;
             let now = Instant::now();
             if now >= deadline {
                 let e = CommError::Timeout {
                     op: op.into(),
-                    call: 0,
+                    call,
                     group: g.label.clone(),
                     rank: self.global(),
                     secs: timeout.as_secs_f64(),
-                    missing: vec![g.ranks[peer]],
+                    missing: missing(&st),
                 };
                 st.poison = Some(e.to_string());
                 g.cv.notify_all();
@@ -563,33 +577,18 @@ impl LocalBackend {
             }));
             g.cv.notify_all();
         } else {
-            let timeout = g.fabric.inner.timeout;
-            let deadline = Instant::now() + timeout;
-            while st.decided.is_none() {
-                self.check_alive(&mut st, op)?;
-                let now = Instant::now();
-                if now >= deadline {
-                    let missing: Vec<usize> = (0..n)
+            st = self.wait_on(
+                st,
+                op,
+                call,
+                |st| st.decided.is_some(),
+                |st| {
+                    (0..n)
                         .filter(|&i| st.posts[i].is_none())
                         .map(|i| g.ranks[i])
-                        .collect();
-                    let e = CommError::Timeout {
-                        op: op.to_string(),
-                        call,
-                        group: g.label.clone(),
-                        rank: self.global(),
-                        secs: timeout.as_secs_f64(),
-                        missing,
-                    };
-                    st.poison = Some(e.to_string());
-                    g.cv.notify_all();
-                    return Err(e.into());
-                }
-                st =
-                    g.cv.wait_timeout(st, deadline - now)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-            }
+                        .collect()
+                },
+            )?;
         }
         let decision = st.decided.clone().expect("decided");
         drop(st);

@@ -186,12 +186,7 @@ impl Launcher {
         T: Send,
         F: Fn(RankContext) -> Result<T> + Sync,
     {
-        if self.world_size == 0 {
-            bail!("cannot launch 0 ranks: the world size must be at least 1")
-        }
-        if let Some(shape) = &self.mesh {
-            shape.check(self.world_size)?;
-        }
+        self.check_sizes()?;
         let env = match self.backend {
             // Explicitly local: threads even inside a multi-process job (a helper computation).
             Some(BackendKind::Local) => None,
@@ -285,12 +280,7 @@ impl Launcher {
         F: Fn(RankContext) -> Result<T> + Sync,
     {
         use crate::comm::nccl_engine::{abort_world, EngineBackend, NcclId};
-        if self.world_size == 0 {
-            bail!("cannot launch 0 ranks: the world size must be at least 1")
-        }
-        if let Some(shape) = &self.mesh {
-            shape.check(self.world_size)?;
-        }
+        self.check_sizes()?;
         let id = NcclId::generate::<A>()?;
         let first: Mutex<Option<(usize, String)>> = Mutex::new(None);
         let worlds: Vec<Mutex<Option<std::sync::Arc<EngineBackend<A>>>>> =
@@ -384,6 +374,17 @@ impl Launcher {
             env.rank,
             env.world_size
         )
+    }
+
+    /// At least one rank, and as many as the mesh has.
+    fn check_sizes(&self) -> Result<()> {
+        if self.world_size == 0 {
+            bail!("cannot launch 0 ranks: the world size must be at least 1")
+        }
+        if let Some(shape) = &self.mesh {
+            shape.check(self.world_size)?;
+        }
+        Ok(())
     }
 
     /// Runs every rank on its own thread; `setup` makes a rank's communicator and device,

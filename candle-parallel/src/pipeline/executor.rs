@@ -12,6 +12,7 @@ use crate::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Module, Result, Shape, Tensor, Var};
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 /// What one rank's part of a pipelined step produced.
@@ -536,13 +537,18 @@ fn agree(
     micro_batches: &[Tensor],
     activation: (&Shape, DType),
 ) -> Result<()> {
+    // The actions travel as a hash: the same schedule gives the same one in every process.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for r in 0..schedule.ranks() {
+        schedule.actions(r).hash(&mut hasher);
+    }
     let mine = format!(
-        "schedule {} ({} ranks, {} chunks, {} micro-batches, actions {:?}), {chunks} chunks given, {} micro-batches given {:?}, activation {:?} {:?}",
+        "schedule {} ({} ranks, {} chunks, {} micro-batches, actions #{:016x}), {chunks} chunks given, {} micro-batches given {:?}, activation {:?} {:?}",
         schedule.name(),
         schedule.ranks(),
         schedule.chunks(),
         schedule.micro_batches(),
-        (0..schedule.ranks()).map(|r| schedule.actions(r)).collect::<Vec<_>>(),
+        hasher.finish(),
         micro_batches.len(),
         micro_batches.iter().map(|x| (x.dims().to_vec(), x.dtype())).collect::<Vec<_>>(),
         activation.0.dims(),
@@ -550,25 +556,13 @@ fn agree(
     );
     let all = comm.all_gather_bytes(mine.as_bytes())?;
     if let Some(r) = all.iter().position(|b| b != &all[0]) {
-        // Print the parts that differ, not the action lists in full.
-        let short = |b: &[u8]| {
-            let s = String::from_utf8_lossy(b).into_owned();
-            match (s.find(", actions "), s.find("]]), ")) {
-                (Some(i), Some(j)) if j > i => format!("{}{}", &s[..i], &s[j + 2..]),
-                _ => s,
-            }
-        };
-        let (a, b) = (short(&all[0]), short(&all[r]));
-        let same = if a == b {
-            " (the same sizes, different actions)"
-        } else {
-            ""
-        };
         bail!(
-            "pipeline step on group {}: the ranks disagree on the step{same}: rank {} runs {a} but rank {} runs {b}",
+            "pipeline step on group {}: the ranks disagree on the step: rank {} runs {} but rank {} runs {}",
             comm.label(),
             comm.ranks()[0],
+            String::from_utf8_lossy(&all[0]),
             comm.ranks()[r],
+            String::from_utf8_lossy(&all[r])
         )
     }
     Ok(())

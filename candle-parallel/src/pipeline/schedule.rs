@@ -103,6 +103,8 @@ pub struct Schedule {
     chunks: usize,
     micro_batches: usize,
     actions: Vec<Vec<Action>>,
+    /// Its run on the clock, computed once when it is made (it also proves it completes).
+    simulation: Simulation,
 }
 
 impl Schedule {
@@ -306,15 +308,15 @@ impl Schedule {
                 }
             }
         }
-        let s = Self {
+        let simulation = run_clock(name, ranks, chunks, &actions)?;
+        Ok(Self {
             name: name.to_string(),
             ranks,
             chunks,
             micro_batches,
             actions,
-        };
-        s.simulate()?;
-        Ok(s)
+            simulation,
+        })
     }
 
     /// The schedule by name: `gpipe`, `1f1b`, `interleaved` (with `chunks` per rank) or
@@ -369,92 +371,104 @@ impl Schedule {
         &self.actions[rank]
     }
 
-    /// Runs the schedule on a clock (a forward costs 1, a backward 2; messages arrive at
-    /// once), each rank starting its next action as soon as its inputs are there. Fails when
-    /// some rank waits for something that never comes, naming what.
+    /// The schedule run on a clock (a forward costs 1, a backward 2, each half of a split
+    /// backward 1; messages arrive at once), each rank starting its next action as soon as its
+    /// inputs are there. Computed when the schedule is made, which fails if some rank would
+    /// wait for something that never comes.
     pub fn simulate(&self) -> Result<Simulation> {
-        let stages = self.stages();
-        // End time of every scheduled (action kind, mb, stage).
-        let mut end: HashMap<(Done, usize, usize), usize> = HashMap::new();
-        let mut next = vec![0usize; self.ranks];
-        let mut free = vec![0usize; self.ranks];
-        let mut slots: Vec<Vec<Timed>> = vec![Vec::new(); self.ranks];
-        let total: usize = self.actions.iter().map(Vec::len).sum();
-        let mut done = 0;
-        while done < total {
-            let mut progressed = false;
-            for r in 0..self.ranks {
-                while let Some(&a) = self.actions[r].get(next[r]) {
-                    let stage = self.stage_of(r, a.chunk());
-                    let deps = self.dependencies(a, stage, stages);
-                    let Some(ready) = deps
-                        .iter()
-                        .map(|d| end.get(d).copied())
-                        .try_fold(free[r], |t, e| e.map(|e| t.max(e)))
-                    else {
-                        break;
-                    };
-                    let finish = ready + a.cost();
-                    for &d in a.computes() {
-                        end.insert((d, a.mb(), stage), finish);
-                    }
-                    slots[r].push(Timed {
-                        action: a,
-                        stage,
-                        start: ready,
-                        end: finish,
-                    });
-                    free[r] = finish;
-                    next[r] += 1;
-                    done += 1;
-                    progressed = true;
-                }
-            }
-            if !progressed {
-                let waiting: Vec<String> = (0..self.ranks)
-                    .filter_map(|r| {
-                        self.actions[r].get(next[r]).map(|a| {
-                            let stage = self.stage_of(r, a.chunk());
-                            let missing: Vec<String> = self
-                                .dependencies(*a, stage, stages)
-                                .into_iter()
-                                .filter(|d| !end.contains_key(d))
-                                .map(|(d, mb, s)| {
-                                    let what = match d {
-                                        Done::Forward => "forward",
-                                        Done::InputGrad => "backward",
-                                        Done::WeightGrad => "weight gradient",
-                                    };
-                                    format!("{what} of micro-batch {mb} on stage {s}")
-                                })
-                                .collect();
-                            format!("rank {r} at {a} waits for {}", missing.join(" and "))
-                        })
-                    })
-                    .collect();
-                bail!("schedule {} deadlocks: {}", self.name, waiting.join("; "))
-            }
-        }
-        Ok(Simulation {
-            schedule: self.name.clone(),
-            slots,
-        })
+        Ok(self.simulation.clone())
     }
+}
 
-    /// What `a` on `stage` waits for: (what, micro-batch, stage).
-    fn dependencies(&self, a: Action, stage: usize, stages: usize) -> Vec<(Done, usize, usize)> {
-        let mb = a.mb();
-        match a {
-            Action::Forward { .. } if stage > 0 => vec![(Done::Forward, mb, stage - 1)],
-            Action::Forward { .. } => vec![],
-            Action::Backward { .. } | Action::BackwardInput { .. } if stage + 1 < stages => {
-                vec![(Done::Forward, mb, stage), (Done::InputGrad, mb, stage + 1)]
+/// Runs `actions` on the clock (see [`Schedule::simulate`]); fails naming what a stuck rank
+/// waits for.
+fn run_clock(
+    name: &str,
+    ranks: usize,
+    chunks: usize,
+    actions: &[Vec<Action>],
+) -> Result<Simulation> {
+    let stage_of = |r: usize, c: usize| c * ranks + r;
+    let stages = ranks * chunks;
+    // End time of every scheduled (action kind, mb, stage).
+    let mut end: HashMap<(Done, usize, usize), usize> = HashMap::new();
+    let mut next = vec![0usize; ranks];
+    let mut free = vec![0usize; ranks];
+    let mut slots: Vec<Vec<Timed>> = vec![Vec::new(); ranks];
+    let total: usize = actions.iter().map(Vec::len).sum();
+    let mut done = 0;
+    while done < total {
+        let mut progressed = false;
+        for r in 0..ranks {
+            while let Some(&a) = actions[r].get(next[r]) {
+                let stage = stage_of(r, a.chunk());
+                let deps = dependencies(a, stage, stages);
+                let Some(ready) = deps
+                    .iter()
+                    .map(|d| end.get(d).copied())
+                    .try_fold(free[r], |t, e| e.map(|e| t.max(e)))
+                else {
+                    break;
+                };
+                let finish = ready + a.cost();
+                for &d in a.computes() {
+                    end.insert((d, a.mb(), stage), finish);
+                }
+                slots[r].push(Timed {
+                    action: a,
+                    stage,
+                    start: ready,
+                    end: finish,
+                });
+                free[r] = finish;
+                next[r] += 1;
+                done += 1;
+                progressed = true;
             }
-            Action::Backward { .. } | Action::BackwardInput { .. } => {
-                vec![(Done::Forward, mb, stage)]
-            }
-            Action::BackwardWeight { .. } => vec![(Done::InputGrad, mb, stage)],
         }
+        if !progressed {
+            let waiting: Vec<String> = (0..ranks)
+                .filter_map(|r| {
+                    actions[r].get(next[r]).map(|a| {
+                        let stage = stage_of(r, a.chunk());
+                        let missing: Vec<String> = dependencies(*a, stage, stages)
+                            .into_iter()
+                            .filter(|d| !end.contains_key(d))
+                            .map(|(d, mb, s)| {
+                                let what = match d {
+                                    Done::Forward => "forward",
+                                    Done::InputGrad => "backward",
+                                    Done::WeightGrad => "weight gradient",
+                                };
+                                format!("{what} of micro-batch {mb} on stage {s}")
+                            })
+                            .collect();
+                        format!("rank {r} at {a} waits for {}", missing.join(" and "))
+                    })
+                })
+                .collect();
+            bail!("schedule {} deadlocks: {}", name, waiting.join("; "))
+        }
+    }
+    Ok(Simulation {
+        schedule: name.to_string(),
+        slots,
+    })
+}
+
+/// What `a` on `stage` waits for: (what, micro-batch, stage).
+fn dependencies(a: Action, stage: usize, stages: usize) -> Vec<(Done, usize, usize)> {
+    let mb = a.mb();
+    match a {
+        Action::Forward { .. } if stage > 0 => vec![(Done::Forward, mb, stage - 1)],
+        Action::Forward { .. } => vec![],
+        Action::Backward { .. } | Action::BackwardInput { .. } if stage + 1 < stages => {
+            vec![(Done::Forward, mb, stage), (Done::InputGrad, mb, stage + 1)]
+        }
+        Action::Backward { .. } | Action::BackwardInput { .. } => {
+            vec![(Done::Forward, mb, stage)]
+        }
+        Action::BackwardWeight { .. } => vec![(Done::InputGrad, mb, stage)],
     }
 }
 

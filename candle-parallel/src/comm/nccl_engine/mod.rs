@@ -400,10 +400,16 @@ impl<A: NcclApi> EngineBackend<A> {
     /// not to be trusted.
     pub fn check(&self) -> Result<()> {
         let synced = A::stream(&self.device, "check").and_then(|s| A::synchronize(&s));
+        self.not_aborted("check").and(synced)
+    }
+
+    /// Fails when a communicator of this rank in this world was aborted (no device wait: for
+    /// values the host just downloaded, which waited already).
+    fn not_aborted(&self, op: &str) -> Result<()> {
         let failure = lock(&self.shared.lineage.rank_failure).clone();
         match failure {
-            Some(reason) => Err(self.aborted("check", reason)),
-            None => synced,
+            Some(reason) => Err(self.aborted(op, reason)),
+            None => Ok(()),
         }
     }
 
@@ -504,7 +510,7 @@ impl<A: NcclApi> EngineBackend<A> {
             })
         })?;
         let all = A::download_i64(&all, &stream)?;
-        self.check()?;
+        self.not_aborted(what)?;
         Ok(all)
     }
 
@@ -550,7 +556,7 @@ impl<A: NcclApi> EngineBackend<A> {
             return Ok(Vec::new());
         }
         let v = A::download_i64(&in_buf, &stream)?;
-        self.check()?;
+        self.not_aborted(what)?;
         Ok(v.chunks(CHECK_LEN).map(<[i64]>::to_vec).collect())
     }
 
