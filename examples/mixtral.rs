@@ -4,7 +4,15 @@
 //! cargo run --release --example mixtral -- eval --tokens 1,2,3 --tp 2 --ep 2 --out out.safetensors --grads
 //! cargo run --release --example mixtral -- eval --model DIR --tokens 1,2,3 --tp 2 --ep 2 --out out.safetensors
 //! cargo run --release --example mixtral -- eval --tokens 1,2,3 --pp 2 --tp 2 --ep 2 --out out.safetensors --grads
+//! cargo run --release --example mixtral -- train --model DIR --batch FILE.json --steps 3 --lr 1e-3 \
+//!     --weight-decay 0.01 --clip 1.0 --dp 2 --tp 2 --ep 2 --zero 2 --out params.safetensors
 //! ```
+//!
+//! `train` runs AdamW steps over one global batch (`{"batch": [[ids], ...]}`, labels = the
+//! inputs shifted) on dp × pp × ep × tp ranks: every dp and ep rank takes its own rows (the
+//! experts' ranks dispatch tokens all-to-all), the replicas' gradients are reduced (ZeRO stage
+//! 0, 1 or 2), the global norm is clipped, and `--out` gets every parameter at full shape
+//! under its HF name, with `loss.<i>` and `grad_norm.<i>` before step i.
 //!
 //! With `--pp P` the layers are split into P pipeline stages (uneven splits allowed), each
 //! rank building and reading only its stage's layers; the aux loss still covers every layer
@@ -17,9 +25,14 @@
 //! rank). The ep ranks share the tokens (all-reduce dispatch). Without `--model`, a small
 //! random Mixtral-style model is created on the fly.
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_parallel::checkpoint::{full_gradients_of, ParallelVarBuilder};
+use candle_parallel::checkpoint::{
+    full_gradients_of, gather_full, ParallelVarBuilder, SaveOptions,
+};
 use candle_parallel::moe::Dispatch;
+use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_layers, Schedule};
+use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
+use candle_parallel::MeshDim;
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage};
 use clap::{Parser, Subcommand};
@@ -55,20 +68,131 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// AdamW steps on one global batch under any layout; writes the parameters after the
+    /// last step, and the loss and gradient norm before each. With dp > 1, ep > 1 or
+    /// --micro-batches > 1 the load-balancing loss is computed per split of the batch (each
+    /// rank's or micro-batch's tokens), which differs from the whole batch's by definition;
+    /// with --aux-coef 0 every layout computes the same numbers.
+    Train {
+        /// A Hugging Face Mixtral directory (config.json, model.safetensors); without it, the
+        /// small random model `eval` uses.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// JSON file `{"batch": [[token ids], ...]}`: every row the same length (≥ 2).
+        #[arg(long)]
+        batch: PathBuf,
+        /// Optimizer steps, each over the whole batch.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// AdamW's decoupled weight decay.
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        /// Clip the global gradient norm to this (torch's clip_grad_norm_).
+        #[arg(long, default_value_t = 1.0)]
+        clip: f64,
+        /// Weight of the load-balancing loss (default: config.json's router_aux_loss_coef).
+        #[arg(long)]
+        aux_coef: Option<f64>,
+        /// Data-parallel replicas.
+        #[arg(long, default_value_t = 1)]
+        dp: usize,
+        /// Tensor-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Expert-parallel ranks (they also split the batch: all-to-all dispatch).
+        #[arg(long, default_value_t = 1)]
+        ep: usize,
+        /// Pipeline stages (1F1B over the micro-batches).
+        #[arg(long, default_value_t = 1)]
+        pp: usize,
+        /// ZeRO stage: 0 (replicated optimizer), 1 (optimizer state sharded over the
+        /// replicas), 2 (gradients too).
+        #[arg(long, default_value_t = 0)]
+        zero: u8,
+        /// Micro-batches per step on each replica (gradient accumulation; pipelined with pp).
+        #[arg(long, default_value_t = 1)]
+        micro_batches: usize,
+        /// Output safetensors file.
+        #[arg(long, default_value = "params.safetensors")]
+        out: PathBuf,
+        /// Seed of the random model (without --model).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Save a distributed checkpoint (parameters and optimizer state) into
+        /// DIR/step-NNNNNN every --checkpoint-every steps and after the last.
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every: usize,
+        /// Resume from a checkpoint directory (saved under any layout, any ZeRO stage): its
+        /// parameters, optimizer state and step; runs the steps after it up to --steps.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
     candle_parallel::logging::init();
-    let Command::Eval {
-        model,
-        tokens,
-        tp,
-        ep,
-        pp,
-        out,
-        grads,
-        seed,
-    } = Args::parse().command;
+    match Args::parse().command {
+        Command::Eval {
+            model,
+            tokens,
+            tp,
+            ep,
+            pp,
+            out,
+            grads,
+            seed,
+        } => eval(model, tokens, tp, ep, pp, out, grads, seed),
+        train @ Command::Train { .. } => run_train(train),
+    }
+}
+
+/// Every rank's named full-shape tensors, merged on every rank: `keep` says which of its own
+/// a rank sends (one copy of each); tensors of the same name are summed.
+fn merge_on_all(
+    world: &candle_parallel::Comm,
+    mine: Vec<(String, Tensor)>,
+) -> Result<Vec<(String, Tensor)>> {
+    let bytes = if mine.is_empty() {
+        Vec::new()
+    } else {
+        safetensors::serialize(mine.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .map_err(|e| candle_core::Error::msg(format!("serialising tensors: {e}")))?
+    };
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    for b in world.all_gather_bytes(&bytes)? {
+        if b.is_empty() {
+            continue;
+        }
+        let mut got: Vec<(String, Tensor)> =
+            candle_core::safetensors::load_buffer(&b, &Device::Cpu)?
+                .into_iter()
+                .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, g) in got {
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, acc)) => *acc = (&*acc + g)?,
+                None => out.push((name, g)),
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    model: Option<PathBuf>,
+    tokens: Vec<u32>,
+    tp: usize,
+    ep: usize,
+    pp: usize,
+    out: PathBuf,
+    grads: bool,
+    seed: u64,
+) -> Result<()> {
     let cfg = match &model {
         Some(dir) => MixtralConfig::from_file(&dir.join("config.json"))?,
         None => MixtralConfig::tiny(),
@@ -147,29 +271,13 @@ fn main() -> Result<()> {
             // stage's first tp rank of every ep rank sends its experts, its first ep rank also
             // the shared weights.
             let first_tp = mesh.tp().rank() == 0;
-            let mine: HashMap<String, Tensor> = full
+            let mine: Vec<(String, Tensor)> = full
                 .into_iter()
                 .filter(|(n, _)| first_tp && (Mixtral::is_expert_param(n) || mesh.ep().rank() == 0))
                 .collect();
-            let bytes = if mine.is_empty() {
-                Vec::new()
-            } else {
-                safetensors::serialize(mine.iter().map(|(n, t)| (n.as_str(), t)), None)
-                    .map_err(|e| candle_core::Error::msg(format!("serialising gradients: {e}")))?
-            };
-            for b in ctx.comm().all_gather_bytes(&bytes)? {
-                if b.is_empty() {
-                    continue;
-                }
-                for (name, g) in candle_core::safetensors::load_buffer(&b, &Device::Cpu)? {
-                    // A tied embedding lives on the first and the last stage: its gradient is
-                    // the sum of both.
-                    match tensors.iter_mut().find(|(n, _)| *n == name) {
-                        Some((_, acc)) => *acc = (&*acc + g)?,
-                        None => tensors.push((name, g)),
-                    }
-                }
-            }
+            // A tied embedding lives on the first and the last stage: its gradient is the sum
+            // of both.
+            tensors.extend(merge_on_all(ctx.comm(), mine)?);
         }
         Ok(tensors)
     })?;
@@ -189,4 +297,245 @@ fn main() -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The `train` subcommand.
+fn run_train(command: Command) -> Result<()> {
+    let Command::Train {
+        model,
+        batch,
+        steps,
+        lr,
+        weight_decay,
+        clip,
+        aux_coef,
+        dp,
+        tp,
+        ep,
+        pp,
+        zero,
+        micro_batches,
+        out,
+        seed,
+        checkpoint_dir,
+        checkpoint_every,
+        resume,
+    } = command
+    else {
+        unreachable!("called for train")
+    };
+    let mut cfg = match (&resume, &model) {
+        (Some(dir), _) => {
+            let meta = candle_parallel::checkpoint::check_checkpoint(dir)?;
+            serde_json::from_value(meta.config).map_err(|e| {
+                candle_core::Error::msg(format!(
+                    "{}: the checkpoint's config is not a Mixtral config: {e}",
+                    dir.display()
+                ))
+            })?
+        }
+        (None, Some(dir)) => MixtralConfig::from_file(&dir.join("config.json"))?,
+        (None, None) => MixtralConfig::tiny(),
+    };
+    if let Some(c) = aux_coef {
+        cfg.router_aux_loss_coef = c;
+    }
+    // Everything that can be wrong with the input, before any rank starts.
+    for (flag, v) in [
+        ("--steps", steps),
+        ("--dp", dp),
+        ("--tp", tp),
+        ("--ep", ep),
+        ("--pp", pp),
+        ("--micro-batches", micro_batches),
+    ] {
+        if v == 0 {
+            candle_core::bail!("{flag} must be at least 1");
+        }
+    }
+    if zero > 2 {
+        candle_core::bail!(
+            "--zero {zero}: stages 0, 1 and 2 are available (3, parameters sharded, is not yet)"
+        );
+    }
+    let rows = read_batch(&batch, cfg.vocab_size)?;
+    let replicas = dp * ep;
+    if rows.len() % (replicas * micro_batches) != 0 {
+        candle_core::bail!(
+            "{}: a batch of {} rows does not split over dp × ep = {replicas} replicas and {micro_batches} micro-batches each: use a batch whose row count is a multiple of {}",
+            batch.display(),
+            rows.len(),
+            replicas * micro_batches
+        );
+    }
+    let stages = split_layers(cfg.num_hidden_layers, pp)?;
+    if pp > 1 && cfg.tie_word_embeddings {
+        candle_core::bail!("--pp: a head tied to the embedding would be two copies on the first and last stages; train it with --pp 1");
+    }
+    let mesh = MeshShape::new().dp(dp).pp(pp).ep(ep).tp(tp);
+    let results = Launcher::new(mesh.world_size()).mesh(mesh).run(|ctx| {
+        let mesh = ctx.mesh()?;
+        let vb = match (&resume, &model) {
+            (Some(dir), _) => ParallelVarBuilder::from_checkpoint(dir, DType::F32, ctx.device())?,
+            (None, Some(dir)) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            (None, None) => ParallelVarBuilder::from_init(seed, DType::F32, ctx.device()),
+        }
+        .trainable();
+        let m = Mixtral::new_stage(
+            &cfg,
+            vb.clone(),
+            mesh.ep(),
+            mesh.tp(),
+            Dispatch::AllToAll,
+            stages[mesh.pp().rank()].clone(),
+        )?;
+        let params = vb.params();
+        let tcfg = TrainerConfig {
+            steps,
+            lr: LrSchedule::constant(lr),
+            adamw: AdamWConfig {
+                lr,
+                weight_decay,
+                ..Default::default()
+            },
+            clip: Some(clip),
+            zero_stage: zero,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(params.clone(), mesh, &[MeshDim::Dp, MeshDim::Ep], tcfg)?;
+        if resume.is_some() {
+            trainer.resume(&vb)?;
+        }
+        let save = |trainer: &Trainer| -> Result<()> {
+            let Some(dir) = &checkpoint_dir else {
+                return Ok(());
+            };
+            let opts = SaveOptions {
+                config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
+                ..Default::default()
+            };
+            trainer.save(
+                &dir.join(format!("step-{:06}", trainer.steps_done())),
+                &opts,
+            )
+        };
+        // This replica's rows: dp-major, then ep.
+        let per = rows.len() / replicas;
+        let replica = mesh.dp().rank() * ep + mesh.ep().rank();
+        let ids = Tensor::new(
+            rows[replica * per..(replica + 1) * per].to_vec(),
+            ctx.device(),
+        )?;
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for i in trainer.steps_done()..steps {
+            let g = m.batch_grads(&params, &ids, micro_batches, mesh.pp())?;
+            let r = trainer.step(&g.grads, g.loss)?;
+            tensors.push((
+                format!("loss.{i}"),
+                Tensor::new(r.loss as f32, &Device::Cpu)?,
+            ));
+            tensors.push((
+                format!("grad_norm.{i}"),
+                Tensor::new(r.grad_norm as f32, &Device::Cpu)?,
+            ));
+            if (checkpoint_every > 0 && r.step % checkpoint_every == 0) || r.step == steps {
+                save(&trainer)?;
+            }
+        }
+        // One copy of every parameter at full shape: tp slices gathered; each expert from its
+        // ep rank, every other weight from ep rank 0; the replicas are equal, dp rank 0 sends.
+        let mut mine = Vec::new();
+        for p in &params {
+            let full = gather_full(p.var.as_tensor(), p.placement, &p.full_dims, mesh.tp())?;
+            let sends = mesh.tp().rank() == 0
+                && mesh.dp().rank() == 0
+                && (p.is_local_to(MeshDim::Ep) || mesh.ep().rank() == 0);
+            if sends {
+                mine.push((
+                    p.name.clone(),
+                    full.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+                ));
+            }
+        }
+        tensors.extend(merge_on_all(ctx.comm(), mine)?);
+        Ok(tensors)
+    })?;
+    if !candle_parallel::launch::process::is_lead()? {
+        return Ok(());
+    }
+    let tensors: HashMap<String, Tensor> =
+        results.into_iter().next().unwrap().into_iter().collect();
+    candle_core::safetensors::save(&tensors, &out)?;
+    let ran: Vec<usize> = (0..steps)
+        .filter(|i| tensors.contains_key(&format!("loss.{i}")))
+        .collect();
+    if ran.is_empty() {
+        println!(
+            "the checkpoint is at step {steps} already: nothing to run; parameters -> {}",
+            out.display()
+        );
+        return Ok(());
+    }
+    let at = |name: String| tensors[&name].to_scalar::<f32>();
+    let (first, last) = (ran[0], ran[ran.len() - 1]);
+    println!(
+        "dp={dp} pp={pp} ep={ep} tp={tp} zero={zero} micro-batches={micro_batches}: steps {}..={}, loss {:.6} -> {:.6}, grad norm {:.6} -> {:.6}; {} parameters -> {}",
+        first + 1,
+        last + 1,
+        at(format!("loss.{first}"))?,
+        at(format!("loss.{last}"))?,
+        at(format!("grad_norm.{first}"))?,
+        at(format!("grad_norm.{last}"))?,
+        tensors.len() - 2 * ran.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// The rows of a batch file, checked: equal lengths of at least 2, ids in the vocabulary.
+fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Vec<Vec<u32>>> {
+    #[derive(serde::Deserialize)]
+    struct BatchFile {
+        batch: Vec<Vec<u32>>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        candle_core::Error::msg(format!(
+            "cannot read the batch file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let file: BatchFile = serde_json::from_str(&text).map_err(|e| {
+        candle_core::Error::msg(format!(
+            "{}: expected {{\"batch\": [[token ids], ...]}} with non-negative integer ids: {e}",
+            path.display()
+        ))
+    })?;
+    let rows = file.batch;
+    let Some(first) = rows.first() else {
+        candle_core::bail!("{}: the batch has no rows", path.display());
+    };
+    if first.len() < 2 {
+        candle_core::bail!(
+            "{}: rows need at least 2 tokens (the loss predicts the next one); row 0 has {}",
+            path.display(),
+            first.len()
+        );
+    }
+    for (i, r) in rows.iter().enumerate() {
+        if r.len() != first.len() {
+            candle_core::bail!(
+                "{}: the rows must have the same length: row 0 has {} tokens, row {i} has {} (pad or cut them to one length)",
+                path.display(),
+                first.len(),
+                r.len()
+            );
+        }
+        if let Some((j, id)) = r.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            candle_core::bail!(
+                "{}: row {i}, position {j}: token id {id} is out of the vocabulary (size {vocab})",
+                path.display()
+            );
+        }
+    }
+    Ok(rows)
 }

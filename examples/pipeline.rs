@@ -19,7 +19,7 @@
 //! `timeline.svg` (ranks × time; forward, backward, input- and weight-gradient halves and idle
 //! in distinct colours).
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
-use candle_parallel::checkpoint::{Param, Placement};
+use candle_parallel::checkpoint::Param;
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::pipeline::{
     run_pipedream, run_step, split_batch, split_layers, Executed, Schedule,
@@ -102,12 +102,7 @@ fn main() -> Result<()> {
             let params: Vec<Param> = vars
                 .iter()
                 .enumerate()
-                .map(|(i, v)| Param {
-                    name: format!("stage{r}.{i}"),
-                    var: v.clone(),
-                    full_dims: v.dims().to_vec(),
-                    placement: Placement::Replicated,
-                })
+                .map(|(i, v)| Param::replicated(format!("stage{r}.{i}"), v.clone()))
                 .collect();
             let mut opt = AdamW::new(
                 params,

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_parallel::checkpoint::{Param, Placement};
+use candle_parallel::checkpoint::Param;
 use candle_parallel::data_parallel::{shard_batch, GradAccumulator, GradBuckets};
 use candle_parallel_models::testing::{max_rel_err, seeded, TanhMlp};
 use common::launch;
@@ -17,12 +17,7 @@ fn params(model: &TanhMlp) -> Vec<Param> {
         .vars()
         .into_iter()
         .enumerate()
-        .map(|(i, v)| Param {
-            name: format!("p{i}"),
-            full_dims: v.dims().to_vec(),
-            var: v,
-            placement: Placement::Replicated,
-        })
+        .map(|(i, v)| Param::replicated(format!("p{i}"), v))
         .collect()
 }
 

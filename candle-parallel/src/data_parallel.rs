@@ -4,20 +4,27 @@
 //! - [`shard_batch`]: this rank's rows of a global batch (the same split for any dp, given the
 //!   same global batch).
 //! - [`GradBuckets`]: the parameters' gradients packed into flat buckets (default 25 MiB, as
-//!   PyTorch's DDP) in one fixed order on every rank, each averaged with one all-reduce, then
-//!   unpacked. The layout is agreed across the group once, when the buckets are made.
+//!   PyTorch's DDP) in one fixed order on every rank, each averaged with one in-place
+//!   all-reduce into a buffer allocated once, then unpacked. The layout is agreed across the
+//!   group once, when the buckets are made.
+//! - [`DataParallel`]: the synchronisation of a whole model on a mesh, read from each
+//!   parameter's [`Param::local_to`]: a weight is summed over the batch-splitting dimensions
+//!   it is replicated along (dp, and ep where the experts' ranks see different tokens), an
+//!   expert only over dp.
 //! - [`GradAccumulator`]: gradients summed over several backward passes (micro-batches)
 //!   before the one synchronisation.
 //!
+//! [`crate::zero`] builds ZeRO's sharded optimizer on the same buckets.
+//!
 //! ```
 //! use candle_core::{DType, Device, Tensor, Var};
-//! use candle_parallel::checkpoint::{Param, Placement};
+//! use candle_parallel::checkpoint::Param;
 //! use candle_parallel::data_parallel::{shard_batch, GradBuckets};
 //! use candle_parallel::launch;
 //!
 //! let grads = launch(2, |ctx| {
 //!     let w = Var::new(&[1f32, 1.0], &Device::Cpu)?;
-//!     let params = [Param { name: "w".into(), var: w.clone(), full_dims: vec![2], placement: Placement::Replicated }];
+//!     let params = [Param::replicated("w", w.clone())];
 //!     let batch = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0]], &Device::Cpu)?;
 //!     let mine = shard_batch(&batch, ctx.comm())?; // rows 0-1 or 2-3
 //!     let loss = mine.broadcast_mul(w.as_tensor())?.sum_all()?;
@@ -32,36 +39,163 @@
 
 use crate::checkpoint::Param;
 use crate::comm::{Comm, ReduceOp};
+use crate::mesh::{DeviceMesh, MeshDim};
 use candle_core::{bail, DType, Result, Tensor};
+
+/// DDP's default bucket size: 25 MiB.
+pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 
 /// This rank's rows of `global` (dim 0 split into `dp.size()` equal consecutive parts, in rank
 /// order): an error naming the sizes when they do not divide.
 pub fn shard_batch(global: &Tensor, dp: &Comm) -> Result<Tensor> {
-    let rows = global.dim(0)?;
-    let n = dp.size();
-    if !rows.is_multiple_of(n) {
-        bail!(
-            "a global batch of {rows} rows does not split over the {n} data-parallel ranks of {}: use a batch size divisible by {n}",
-            dp.label()
-        )
-    }
-    let per = rows / n;
-    global.narrow(0, dp.rank() * per, per)
+    shard_rows(global, dp.rank(), dp.size(), dp.label())
 }
 
-/// One bucket: parameters (by index) packed one after the other.
+/// Rows `index * rows / parts ..` of `global`, for `parts` equal parts.
+pub(crate) fn shard_rows(
+    global: &Tensor,
+    index: usize,
+    parts: usize,
+    what: &str,
+) -> Result<Tensor> {
+    let rows = global.dim(0)?;
+    if !rows.is_multiple_of(parts) {
+        bail!(
+            "a global batch of {rows} rows does not split over the {parts} data-parallel ranks of {what}: use a batch size divisible by {parts}"
+        )
+    }
+    let per = rows / parts;
+    global.narrow(0, index * per, per)
+}
+
+/// Where one parameter lies in a flat bucket.
 #[derive(Clone, Debug)]
-struct Bucket {
-    members: Vec<usize>,
-    elems: usize,
+pub(crate) struct Segment {
+    /// Index into the parameter list.
+    pub param: usize,
+    /// First element in the bucket.
+    pub offset: usize,
+    /// Elements.
+    pub len: usize,
+}
+
+/// One bucket: parameters packed one after the other, then zeros up to `padded` (a multiple
+/// of the group size, so that ZeRO can cut it into equal partitions).
+#[derive(Clone, Debug)]
+pub(crate) struct FlatBucket {
+    pub segments: Vec<Segment>,
+    pub elems: usize,
+    pub padded: usize,
+}
+
+/// Collective over `comm`: an error on every rank unless all hold the same parameters
+/// (`members` of `params`) with the same local shapes, in the same order.
+pub(crate) fn agree_layout(params: &[Param], members: &[usize], comm: &Comm) -> Result<()> {
+    let layout: Vec<String> = members
+        .iter()
+        .map(|&i| format!("{} {:?}", params[i].name, params[i].var.dims()))
+        .collect();
+    let mine = layout.join("\n");
+    let all = comm.all_gather_bytes(mine.as_bytes())?;
+    for (r, other) in all.iter().enumerate() {
+        if other != mine.as_bytes() {
+            let other = String::from_utf8_lossy(other);
+            let at = layout
+                .iter()
+                .zip(other.lines())
+                .position(|(a, b)| a != b)
+                .unwrap_or(layout.len().min(other.lines().count()));
+            bail!(
+                "data parallel over {}: the replicas hold different parameters: rank {} has {} parameters, rank {} has {}; the first difference is at #{at}: {:?} vs {:?}",
+                comm.label(),
+                comm.ranks()[comm.rank()],
+                layout.len(),
+                comm.ranks()[r],
+                other.lines().count(),
+                layout.get(at),
+                other.lines().nth(at)
+            )
+        }
+    }
+    Ok(())
+}
+
+/// Buckets of at most `bucket_bytes` of f32 (a parameter larger than that gets a bucket of
+/// its own) over `members`, filled from the last to the first (the order in which a backward
+/// pass produces gradients, as DDP), each padded to a multiple of `parts`.
+pub(crate) fn plan_buckets(
+    params: &[Param],
+    members: &[usize],
+    bucket_bytes: usize,
+    parts: usize,
+) -> Vec<FlatBucket> {
+    let limit = (bucket_bytes / 4).max(1);
+    let mut buckets = Vec::new();
+    let mut current: Vec<Segment> = Vec::new();
+    let mut elems = 0;
+    let close = |segments: Vec<Segment>, elems: usize, out: &mut Vec<FlatBucket>| {
+        out.push(FlatBucket {
+            segments,
+            elems,
+            padded: elems.div_ceil(parts) * parts,
+        })
+    };
+    for &i in members.iter().rev() {
+        let n = params[i].var.elem_count();
+        if elems > 0 && elems + n > limit {
+            close(std::mem::take(&mut current), elems, &mut buckets);
+            elems = 0;
+        }
+        current.push(Segment {
+            param: i,
+            offset: elems,
+            len: n,
+        });
+        elems += n;
+    }
+    if !current.is_empty() {
+        close(current, elems, &mut buckets);
+    }
+    buckets
+}
+
+/// Writes the gradients of `bucket`'s parameters (as f32; `None` as zeros) into `buf`
+/// (`[bucket.padded]`, f32), checking their shapes.
+pub(crate) fn pack_into(
+    buf: &Tensor,
+    bucket: &FlatBucket,
+    params: &[Param],
+    grads: &[Option<Tensor>],
+) -> Result<()> {
+    for s in &bucket.segments {
+        let p = &params[s.param];
+        let flat = match &grads[s.param] {
+            Some(g) => {
+                if g.dims() != p.var.dims() {
+                    bail!(
+                        "the gradient of {} has shape {:?}, the parameter (this rank's slice) {:?}",
+                        p.name,
+                        g.dims(),
+                        p.var.dims()
+                    )
+                }
+                g.flatten_all()?.to_dtype(DType::F32)?.contiguous()?
+            }
+            None => Tensor::zeros(s.len, DType::F32, buf.device())?,
+        };
+        buf.slice_set(&flat, 0, s.offset)?;
+    }
+    Ok(())
 }
 
 /// The parameters' gradients in flat buckets, averaged over the data-parallel group.
 #[derive(Debug)]
 pub struct GradBuckets {
     dp: Comm,
-    buckets: Vec<Bucket>,
-    shapes: Vec<Vec<usize>>,
+    buckets: Vec<FlatBucket>,
+    /// One f32 buffer per bucket, allocated once and reduced in place.
+    buffers: Vec<Tensor>,
+    params: Vec<Param>,
 }
 
 impl GradBuckets {
@@ -71,60 +205,22 @@ impl GradBuckets {
     /// same parameters in the same order, or every rank gets an error naming the first
     /// difference.
     pub fn new(params: &[Param], dp: &Comm, bucket_bytes: usize) -> Result<Self> {
-        let layout: Vec<String> = params
-            .iter()
-            .map(|p| format!("{} {:?}", p.name, p.var.dims()))
-            .collect();
-        let mine = layout.join("\n");
-        let all = dp.all_gather_bytes(mine.as_bytes())?;
-        for (r, other) in all.iter().enumerate() {
-            if other != mine.as_bytes() {
-                let other = String::from_utf8_lossy(other);
-                let at = layout
-                    .iter()
-                    .zip(other.lines())
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(layout.len().min(other.lines().count()));
-                bail!(
-                    "data parallel over {}: the replicas hold different parameters: rank {} has {} parameters, rank {} has {}; the first difference is at #{at}: {:?} vs {:?}",
-                    dp.label(),
-                    dp.ranks()[dp.rank()],
-                    layout.len(),
-                    dp.ranks()[r],
-                    other.lines().count(),
-                    layout.get(at),
-                    other.lines().nth(at)
-                )
-            }
-        }
-        // Reduced in f32: 4 bytes an element.
-        let limit = (bucket_bytes / 4).max(1);
-        let mut buckets: Vec<Bucket> = Vec::new();
-        let mut current = Bucket {
-            members: Vec::new(),
-            elems: 0,
+        let members: Vec<usize> = (0..params.len()).collect();
+        agree_layout(params, &members, dp)?;
+        let buckets = plan_buckets(params, &members, bucket_bytes, 1);
+        let buffers = if dp.size() == 1 {
+            Vec::new()
+        } else {
+            buckets
+                .iter()
+                .map(|b| Tensor::zeros(b.padded, DType::F32, dp.device()))
+                .collect::<Result<_>>()?
         };
-        for (i, p) in params.iter().enumerate().rev() {
-            let n = p.var.elem_count();
-            if current.elems > 0 && current.elems + n > limit {
-                buckets.push(std::mem::replace(
-                    &mut current,
-                    Bucket {
-                        members: Vec::new(),
-                        elems: 0,
-                    },
-                ));
-            }
-            current.members.push(i);
-            current.elems += n;
-        }
-        if !current.members.is_empty() {
-            buckets.push(current);
-        }
         Ok(Self {
             dp: dp.clone(),
             buckets,
-            shapes: params.iter().map(|p| p.var.dims().to_vec()).collect(),
+            buffers,
+            params: params.to_vec(),
         })
     }
 
@@ -133,55 +229,238 @@ impl GradBuckets {
         self.buckets.iter().map(|b| b.elems).collect()
     }
 
+    /// Bytes of the bucket buffers this holds (allocated once).
+    pub fn buffer_bytes(&self) -> usize {
+        self.buffers.iter().map(|b| b.elem_count() * 4).sum()
+    }
+
     /// Averages `grads` (in the order of the parameters; `None` counts as zeros and gets the
     /// average) over the dp group, bucket by bucket, in place of the given tensors. Reduced in
     /// f32 whatever the gradients' dtype.
     pub fn all_reduce(&self, grads: &mut [Option<Tensor>]) -> Result<()> {
-        if grads.len() != self.shapes.len() {
+        self.reduce(grads, ReduceOp::Avg, 1.0)
+    }
+
+    /// Reduces with `op`, then multiplies by `scale` (1 leaves the result as reduced).
+    fn reduce(&self, grads: &mut [Option<Tensor>], op: ReduceOp, scale: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
             bail!(
                 "GradBuckets::all_reduce: {} gradients for {} parameters",
                 grads.len(),
-                self.shapes.len()
+                self.params.len()
             )
         }
         if self.dp.size() == 1 {
+            if scale != 1.0 {
+                for g in grads.iter_mut().flatten() {
+                    *g = (&*g * scale)?;
+                }
+            }
             return Ok(());
         }
-        let device = self.dp.device().clone();
-        for bucket in &self.buckets {
-            let mut dtypes = Vec::with_capacity(bucket.members.len());
-            let flat: Vec<Tensor> = bucket
-                .members
+        for (bucket, buf) in self.buckets.iter().zip(&self.buffers) {
+            let dtypes: Vec<DType> = bucket
+                .segments
                 .iter()
-                .map(|&i| match &grads[i] {
-                    Some(g) => {
-                        if g.dims() != self.shapes[i].as_slice() {
-                            bail!(
-                                "GradBuckets::all_reduce: the gradient of parameter #{i} has shape {:?}, the parameter {:?}",
-                                g.dims(),
-                                self.shapes[i]
-                            )
-                        }
-                        dtypes.push(Some(g.dtype()));
-                        g.flatten_all()?.to_dtype(DType::F32)
-                    }
-                    None => {
-                        dtypes.push(None);
-                        Tensor::zeros(self.shapes[i].iter().product::<usize>(), DType::F32, &device)
-                    }
-                })
-                .collect::<Result<_>>()?;
-            let packed = Tensor::cat(&flat, 0)?;
-            let mean = self.dp.all_reduce(&packed, ReduceOp::Avg)?;
-            let mut offset = 0;
-            for (&i, dtype) in bucket.members.iter().zip(dtypes) {
-                let n: usize = self.shapes[i].iter().product();
-                let g = mean
-                    .narrow(0, offset, n)?
-                    .reshape(self.shapes[i].as_slice())?
-                    .to_dtype(dtype.unwrap_or(DType::F32))?;
-                grads[i] = Some(g);
-                offset += n;
+                .map(|s| grads[s.param].as_ref().map_or(DType::F32, |g| g.dtype()))
+                .collect();
+            pack_into(buf, bucket, &self.params, grads)?;
+            self.dp.all_reduce_in_place(buf, op)?;
+            for (s, dtype) in bucket.segments.iter().zip(dtypes) {
+                // A copy: the buffer is reused by the next reduction.
+                let mut g = buf
+                    .narrow(0, s.offset, s.len)?
+                    .reshape(self.params[s.param].var.shape())?;
+                if scale != 1.0 {
+                    g = (g * scale)?;
+                }
+                grads[s.param] = Some(g.to_dtype(dtype)?.copy()?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The mesh dimensions along which the ranks see different examples, checked: data parallel
+/// and expert parallel only (tensor-parallel ranks share their inputs; pipeline stages pass
+/// them on).
+pub(crate) fn check_batch_dims(batch_dims: &[MeshDim]) -> Result<Vec<MeshDim>> {
+    let mut dims = batch_dims.to_vec();
+    dims.sort();
+    dims.dedup();
+    if let Some(d) = dims.iter().find(|d| matches!(d, MeshDim::Pp | MeshDim::Tp)) {
+        bail!(
+            "data parallel: {d} cannot split the batch (its ranks share their inputs); the batch dimensions are dp and, with all-to-all expert dispatch, ep"
+        )
+    }
+    Ok(dims)
+}
+
+/// A group of parameters synchronised over the same mesh dimensions.
+#[derive(Debug)]
+pub(crate) struct SyncGroup {
+    /// The dimensions its gradients are summed over (empty: none).
+    pub dims: Vec<MeshDim>,
+    /// The communicator over `dims` (`None` when that is this rank alone).
+    pub comm: Option<Comm>,
+    /// Indices into the parameters.
+    pub members: Vec<usize>,
+}
+
+/// The parameters grouped by the batch dimensions their gradients are summed over: for each
+/// parameter, the `batch_dims` it is not local to. Collective over the mesh's world (every
+/// rank builds the same communicators, in the same order).
+pub(crate) fn sync_groups(
+    params: &[Param],
+    mesh: &DeviceMesh,
+    batch_dims: &[MeshDim],
+) -> Result<Vec<SyncGroup>> {
+    let dims = check_batch_dims(batch_dims)?;
+    let mut groups = Vec::new();
+    // Every subset of the batch dimensions, in one fixed order on every rank.
+    for mask in 0..(1usize << dims.len()) {
+        let subset: Vec<MeshDim> = dims
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, d)| *d)
+            .collect();
+        let comm = match subset.iter().map(|&d| mesh.size(d)).product::<usize>() {
+            1 => None,
+            _ => Some(mesh.comm_over(&subset)?),
+        };
+        let members: Vec<usize> = params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                dims.iter()
+                    .filter(|&&d| !p.is_local_to(d))
+                    .copied()
+                    .collect::<Vec<_>>()
+                    == subset
+            })
+            .map(|(i, _)| i)
+            .collect();
+        groups.push(SyncGroup {
+            dims: subset,
+            comm,
+            members,
+        });
+    }
+    Ok(groups)
+}
+
+/// The number of replicas a global batch is split over: the product of the batch dimensions'
+/// sizes.
+pub(crate) fn replicas(mesh: &DeviceMesh, batch_dims: &[MeshDim]) -> usize {
+    batch_dims.iter().map(|&d| mesh.size(d)).product()
+}
+
+/// Gradient synchronisation for a model on a mesh (DDP over dp, and over ep for the weights
+/// the experts' ranks share), read from each parameter's [`Param::local_to`].
+///
+/// Every rank's gradients are those of the mean loss over *its* examples; after
+/// [`DataParallel::sync`] every rank holds the gradient of the mean loss over the *global*
+/// batch: a replicated weight's gradients are summed over the batch dimensions and divided by
+/// the number of replicas; an expert, which receives every ep rank's tokens through the
+/// all-to-all, is summed over dp only, with the same division.
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_parallel::checkpoint::ParallelVarBuilder;
+/// use candle_parallel::data_parallel::{DataParallel, DEFAULT_BUCKET_BYTES};
+/// use candle_parallel::mesh::MeshDim;
+/// use candle_parallel::tensor_parallel::column_parallel_linear;
+/// use candle_parallel::{Launcher, MeshShape};
+///
+/// let norms = Launcher::new(4).mesh(MeshShape::new().dp(2).tp(2)).run(|ctx| {
+///     let mesh = ctx.mesh()?;
+///     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+///     let fc = column_parallel_linear(4, 4, vb.pp("fc"), mesh.tp())?.with_gather_output(true);
+///     let params = vb.params();
+///     let dp = DataParallel::new(&params, &mesh, &[MeshDim::Dp], DEFAULT_BUCKET_BYTES)?;
+///     let x = Tensor::full(1f32 + mesh.dp().rank() as f32, (2, 4), &Device::Cpu)?;
+///     let grads = fc.forward(&x)?.sum_all()?.backward()?;
+///     let mut g: Vec<_> = params.iter().map(|p| grads.get(p.var.as_tensor()).cloned()).collect();
+///     dp.sync(&mut g)?;
+///     // Parameters sorted by name: fc.bias, then this rank's [2, 4] slice of fc.weight.
+///     g[1].as_ref().unwrap().sum_all()?.to_scalar::<f32>()
+/// })?;
+/// // The mean of the replicas' gradients (inputs of 1 and 2): 2 rows × 1.5 in each of the
+/// // slice's 8 elements.
+/// assert_eq!(norms, vec![24.0; 4]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct DataParallel {
+    groups: Vec<(Vec<usize>, Vec<MeshDim>, GradBuckets)>,
+    replicas: usize,
+    params: usize,
+}
+
+impl DataParallel {
+    /// The synchronisation of `params` on `mesh`, whose `batch_dims` (dp; with all-to-all
+    /// expert dispatch also ep) split each global batch. Collective over the world.
+    pub fn new(
+        params: &[Param],
+        mesh: &DeviceMesh,
+        batch_dims: &[MeshDim],
+        bucket_bytes: usize,
+    ) -> Result<Self> {
+        let mut groups = Vec::new();
+        for g in sync_groups(params, mesh, batch_dims)? {
+            let Some(comm) = g.comm else {
+                continue;
+            };
+            let subset: Vec<Param> = g.members.iter().map(|&i| params[i].clone()).collect();
+            let buckets = GradBuckets::new(&subset, &comm, bucket_bytes)?;
+            groups.push((g.members, g.dims, buckets));
+        }
+        Ok(Self {
+            groups,
+            replicas: replicas(mesh, &check_batch_dims(batch_dims)?),
+            params: params.len(),
+        })
+    }
+
+    /// How many replicas a global batch is split over.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// Bytes of the bucket buffers this holds.
+    pub fn buffer_bytes(&self) -> usize {
+        self.groups.iter().map(|g| g.2.buffer_bytes()).sum()
+    }
+
+    /// Turns every rank's gradients (of the mean loss over its own examples, in the order of
+    /// the parameters) into the gradients of the mean loss over the global batch, the same on
+    /// every replica.
+    pub fn sync(&self, grads: &mut [Option<Tensor>]) -> Result<()> {
+        if grads.len() != self.params {
+            bail!(
+                "DataParallel::sync: {} gradients for {} parameters",
+                grads.len(),
+                self.params
+            )
+        }
+        let scale = 1.0 / self.replicas as f64;
+        let mut done = vec![false; self.params];
+        for (members, _, buckets) in &self.groups {
+            let mut mine: Vec<Option<Tensor>> = members.iter().map(|&i| grads[i].take()).collect();
+            buckets.reduce(&mut mine, ReduceOp::Sum, scale)?;
+            for (&i, g) in members.iter().zip(mine) {
+                grads[i] = g;
+                done[i] = true;
+            }
+        }
+        if self.replicas > 1 {
+            // Parameters summed over no dimension (an expert at dp = 1 with ep > 1) still
+            // count their share of the global batch.
+            for (g, _) in grads.iter_mut().zip(done).filter(|(_, d)| !d) {
+                if let Some(t) = g {
+                    *t = (&*t * scale)?;
+                }
             }
         }
         Ok(())

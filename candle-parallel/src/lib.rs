@@ -42,6 +42,8 @@ pub mod optim;
 pub mod pipeline;
 mod random;
 pub mod tensor_parallel;
+pub mod trainer;
+pub mod zero;
 
 pub use comm::{Comm, CommError, ReduceOp};
 pub use launch::{launch, Launcher, RankContext};

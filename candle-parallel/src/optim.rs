@@ -204,12 +204,7 @@ impl candle_nn::Optimizer for AdamW {
         let params = vars
             .into_iter()
             .enumerate()
-            .map(|(i, var)| Param {
-                name: format!("param.{i:05}"),
-                full_dims: var.dims().to_vec(),
-                var,
-                placement: Placement::Replicated,
-            })
+            .map(|(i, var)| Param::replicated(format!("param.{i:05}"), var))
             .collect();
         AdamW::new(params, cfg)
     }

@@ -14,6 +14,7 @@ use crate::llama::{
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Param};
+use candle_parallel::mesh::MeshDim;
 use candle_parallel::moe::{
     hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, moe_layer,
     Dispatch, MoeLayer, MoeStats, RouterConfig,
@@ -460,7 +461,7 @@ impl Mixtral {
     /// theirs from every rank through the all-to-all). Scale each rank's loss by `1 / ep` for
     /// the mean over the global batch.
     pub fn sum_shared_grads(params: &[Param], grads: &mut GradStore, ep: &Comm) -> Result<()> {
-        for p in params.iter().filter(|p| !Self::is_expert_param(&p.name)) {
+        for p in params.iter().filter(|p| !p.is_local_to(MeshDim::Ep)) {
             if let Some(g) = grads.get(p.var.as_tensor()) {
                 let g = ep.all_reduce(g, ReduceOp::Sum)?;
                 grads.insert(p.var.as_tensor(), g);
@@ -473,6 +474,114 @@ impl Mixtral {
     /// over the ep group.
     pub fn is_expert_param(name: &str) -> bool {
         name.contains(".block_sparse_moe.experts.")
+    }
+}
+
+/// One training step's forward and backward over this rank's examples
+/// ([`Mixtral::batch_grads`]).
+pub struct BatchGrads {
+    /// The gradients of this rank's mean loss, in the order of the parameters given.
+    pub grads: Vec<Option<Tensor>>,
+    /// Mean next-token cross-entropy over this rank's examples (on every stage).
+    pub ce_loss: f64,
+    /// HF's load-balancing loss (unscaled), averaged over the micro-batches.
+    pub aux_loss: f64,
+    /// `ce_loss + router_aux_loss_coef · aux_loss`.
+    pub loss: f64,
+    /// Per-layer routing statistics of the last micro-batch (without pipeline stages).
+    pub stats: Vec<MoeStats>,
+}
+
+impl Mixtral {
+    /// The gradients (for `params`, in their order) of the mean loss over `ids` (`[b, s]`,
+    /// this rank's examples): `micro_batches` forward and backward passes, through the
+    /// pipeline stages of `pp` with a 1F1B schedule when it has several ranks (this model
+    /// being this rank's stage), summed into one gradient without synchronising. Every rank
+    /// of `pp` gets the losses.
+    pub fn batch_grads(
+        &self,
+        params: &[Param],
+        ids: &Tensor,
+        micro_batches: usize,
+        pp: &Comm,
+    ) -> Result<BatchGrads> {
+        let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
+        let m = micro_batches as f64;
+        if pp.size() == 1 {
+            let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
+            let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
+            for mb in &mbs {
+                let l = self.losses(mb, true)?;
+                let store = l.loss.backward()?;
+                let g: Vec<Option<Tensor>> = params
+                    .iter()
+                    .map(|p| store.get(p.var.as_tensor()).cloned())
+                    .collect();
+                acc.add(&g)?;
+                ce += l
+                    .ce_loss
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    / m;
+                aux += l
+                    .aux_loss
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    / m;
+                loss += l
+                    .loss
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    / m;
+                stats = l.stats;
+            }
+            return Ok(BatchGrads {
+                grads: acc.take()?,
+                ce_loss: ce,
+                aux_loss: aux,
+                loss,
+                stats,
+            });
+        }
+        let (b, s) = mbs[0].dims2()?;
+        let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
+        let vars: Vec<candle_core::Var> = params.iter().map(|p| p.var.clone()).collect();
+        let out = candle_parallel::pipeline::run_step(
+            pp,
+            &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
+            &[&MixtralStage {
+                model: self,
+                train: true,
+            }],
+            &vars,
+            &mbs,
+            (
+                &candle_core::Shape::from(self.stage_activation_len(b, s)),
+                candle_core::DType::F32,
+            ),
+            &|i, y| {
+                let (l, _) = self.stage_losses(y, &mbs[i])?;
+                let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
+                values.lock().unwrap_or_else(|e| e.into_inner())[i] =
+                    [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
+                Ok(l.loss)
+            },
+        )?;
+        // The last stage knows the losses; its pipeline learns them.
+        let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mean: Vec<f64> = (0..3)
+            .map(|j| values.iter().map(|v| v[j]).sum::<f64>() / m)
+            .collect();
+        let mean = pp
+            .broadcast(&Tensor::new(mean.as_slice(), pp.device())?, pp.size() - 1)?
+            .to_vec1::<f64>()?;
+        Ok(BatchGrads {
+            grads: out.grads,
+            ce_loss: mean[0],
+            aux_loss: mean[1],
+            loss: mean[2],
+            stats: Vec::new(),
+        })
     }
 }
 

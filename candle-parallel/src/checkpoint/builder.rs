@@ -31,6 +31,7 @@ use super::init::init_slice;
 use super::placement::{slice_of_full, Param, Placement};
 use super::region::assemble;
 use super::source::{hf_safetensors_files, DistSource, SafeTensorsSource, TensorSource};
+use crate::mesh::MeshDim;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::Init;
 use std::collections::BTreeMap;
@@ -63,6 +64,7 @@ struct Inner {
 pub struct ParallelVarBuilder {
     inner: Arc<Inner>,
     prefix: Vec<String>,
+    local_to: Vec<MeshDim>,
 }
 
 impl ParallelVarBuilder {
@@ -77,6 +79,7 @@ impl ParallelVarBuilder {
                 bytes_read: AtomicU64::new(0),
             }),
             prefix: Vec::new(),
+            local_to: Vec::new(),
         }
     }
 
@@ -124,7 +127,21 @@ impl ParallelVarBuilder {
         Self {
             inner: self.inner.clone(),
             prefix: p,
+            local_to: self.local_to.clone(),
         }
+    }
+
+    /// A builder whose parameters ranks along mesh dimension `dim` hold separately (each its
+    /// own), not as replicas: how a model declares its experts (`vb.local_to(MeshDim::Ep)`).
+    /// Recorded in [`Param::local_to`], which gradient synchronisation, norm clipping and
+    /// ZeRO read. A parameter created with a split [`Placement`] is local to `Tp` without
+    /// saying so (tensor-parallel layers split over the tp group).
+    pub fn local_to(&self, dim: MeshDim) -> Self {
+        let mut s = self.clone();
+        if !s.local_to.contains(&dim) {
+            s.local_to.push(dim);
+        }
+        s
     }
 
     /// The dtype tensors are created in.
@@ -240,6 +257,11 @@ impl ParallelVarBuilder {
         if params.contains_key(&name) {
             bail!("parameter {name} was created twice: each parameter name must be unique")
         }
+        let mut local_to = self.local_to.clone();
+        if shard != Placement::Replicated && !local_to.contains(&MeshDim::Tp) {
+            local_to.push(MeshDim::Tp);
+        }
+        local_to.sort();
         params.insert(
             name.clone(),
             Param {
@@ -247,6 +269,7 @@ impl ParallelVarBuilder {
                 var: var.clone(),
                 full_dims: full.dims().to_vec(),
                 placement: shard,
+                local_to,
             },
         );
         Ok(var.as_tensor().clone())
@@ -274,6 +297,7 @@ impl ParallelVarBuilder {
         Self {
             inner: self.inner.clone(),
             prefix: Vec::new(),
+            local_to: Vec::new(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! named parameter.
 
 use crate::comm::Comm;
+use crate::mesh::{DeviceMesh, MeshDim};
 use candle_core::{bail, Result, Tensor, Var};
 
 /// Which part of a full tensor a rank holds.
@@ -132,6 +133,48 @@ pub struct Param {
     pub full_dims: Vec<usize>,
     /// Which part this rank holds.
     pub placement: Placement,
+    /// The mesh dimensions along which ranks hold different data of this parameter: `Tp` for
+    /// a tensor-parallel slice, `Ep` for an expert. Along every other dimension it is
+    /// replicated (and, along the data-parallel dimensions, its gradients are summed). A
+    /// pipeline stage's parameters are always its own: `Pp` need not be listed.
+    pub local_to: Vec<MeshDim>,
+}
+
+impl Param {
+    /// A replicated parameter that holds all of `var` (a plain single-device weight).
+    pub fn replicated(name: impl Into<String>, var: Var) -> Self {
+        Self {
+            name: name.into(),
+            full_dims: var.dims().to_vec(),
+            var,
+            placement: Placement::Replicated,
+            local_to: Vec::new(),
+        }
+    }
+
+    /// Whether ranks along `dim` hold different data of this parameter.
+    pub fn is_local_to(&self, dim: MeshDim) -> bool {
+        dim == MeshDim::Pp || self.local_to.contains(&dim)
+    }
+
+    /// How many ranks of `mesh` hold each element of this rank's slice: the sizes of the
+    /// dimensions it is replicated over, times the copies a [`Placement::Range`] slice
+    /// shares with its neighbours (replicated key/value heads). Counting every element once
+    /// over the mesh (a global gradient norm) divides by this.
+    pub fn holders(&self, mesh: &DeviceMesh) -> f64 {
+        let mut n = 1.0;
+        for dim in MeshDim::ALL {
+            if !self.is_local_to(dim) {
+                n *= mesh.size(dim) as f64;
+            }
+        }
+        if let Placement::Range { dim, len, .. } = self.placement {
+            // `Range` slices are cut over tp: tp × len rows cover the full `full_dims[dim]`.
+            let over = mesh.size(MeshDim::Tp) as f64 * len as f64 / self.full_dims[dim] as f64;
+            n *= over.max(1.0);
+        }
+        n
+    }
 }
 
 /// This rank's `slice` of the full tensor `t` (all of it for `None`), zero padded to the

@@ -689,6 +689,33 @@ impl LocalBackend {
         unsafe { out.set_len(out_len) };
         Ok((out, Shape::from(out_dims.unwrap_or_default())))
     }
+
+    /// An all-reduce whose input and output are `buf`: each rank reduces its own chunk of
+    /// every rank's buffer, reading that chunk (block by block) before writing it, and no
+    /// other rank touches it, so the aliasing is safe.
+    fn all_reduce_in_place_typed<T: Elem>(
+        &self,
+        op: ReduceOp,
+        buf: &mut [T],
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<()> {
+        let collective = Collective::AllReduce { op };
+        let desc = Desc {
+            call: Call::Collective(collective.clone()),
+            dtype: Some(dtype),
+            dims: dims.to_vec(),
+        };
+        let (me, n) = (self.rank, self.n());
+        self.round(
+            desc,
+            InPtr(buf.as_ptr().cast()),
+            OutPtr(buf.as_mut_ptr().cast()),
+            // SAFETY: as in `collective_typed`; an all-reduce reads and writes only the
+            // chunk this rank owns, of every buffer.
+            |d| unsafe { move_data::<T>(&collective, d, me, n) },
+        )
+    }
 }
 
 /// Element types the local backend moves and reduces.
@@ -948,6 +975,47 @@ impl Backend for LocalBackend {
             other => Err(CommError::Unsupported {
                 backend: "local",
                 what: format!("{op} on dtype {:?}", other.dtype()),
+            }
+            .into()),
+        }
+    }
+
+    fn all_reduce_in_place_cpu(
+        &self,
+        op: ReduceOp,
+        storage: &mut CpuStorage,
+        layout: &Layout,
+    ) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(self.invalid(
+                "all_reduce",
+                format!(
+                    "the buffer must be contiguous (shape {:?}, stride {:?})",
+                    layout.dims(),
+                    layout.stride()
+                ),
+            ));
+        };
+        let dims = layout.dims();
+        let dtype = storage.dtype();
+        macro_rules! run {
+            ($v:expr) => {
+                self.all_reduce_in_place_typed(op, &mut $v[start..end], dims, dtype)
+            };
+        }
+        match storage {
+            CpuStorage::U8(v) => run!(v),
+            CpuStorage::U32(v) => run!(v),
+            CpuStorage::I16(v) => run!(v),
+            CpuStorage::I32(v) => run!(v),
+            CpuStorage::I64(v) => run!(v),
+            CpuStorage::BF16(v) => run!(v),
+            CpuStorage::F16(v) => run!(v),
+            CpuStorage::F32(v) => run!(v),
+            CpuStorage::F64(v) => run!(v),
+            other => Err(CommError::Unsupported {
+                backend: "local",
+                what: format!("all_reduce on dtype {:?}", other.dtype()),
             }
             .into()),
         }

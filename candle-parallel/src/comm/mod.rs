@@ -194,6 +194,29 @@ pub trait Backend: Send + Sync + 'static {
         }
         .into())
     }
+    /// All-reduces a CPU buffer in place: afterwards `storage` holds the result where the
+    /// input was. The layout is contiguous (callers make it so). The default runs
+    /// [`Backend::collective_cpu`] and copies the result back; a backend that can reduce in
+    /// place (no fresh output buffer, no first-touch page faults) overrides it.
+    fn all_reduce_in_place_cpu(
+        &self,
+        op: ReduceOp,
+        storage: &mut CpuStorage,
+        layout: &Layout,
+    ) -> Result<()> {
+        let (out, shape) = self.collective_cpu(&Collective::AllReduce { op }, storage, layout)?;
+        out.copy_strided_src(storage, layout.start_offset(), &Layout::contiguous(shape))
+    }
+    /// [`Backend::all_reduce_in_place_cpu`] on a CUDA buffer.
+    fn all_reduce_in_place_cuda(
+        &self,
+        op: ReduceOp,
+        storage: &mut CudaStorage,
+        layout: &Layout,
+    ) -> Result<()> {
+        let (out, shape) = self.collective_cuda(&Collective::AllReduce { op }, storage, layout)?;
+        out.copy_strided_src(storage, layout.start_offset(), &Layout::contiguous(shape))
+    }
     /// Sends `x` to group rank `dst`; may wait until `dst` posts the matching receive.
     fn send(&self, x: &Tensor, dst: usize) -> Result<()>;
     /// Receives a tensor of the given shape and dtype from group rank `src`.
@@ -289,6 +312,37 @@ impl Comm {
     /// Reduces `x` over the group; every rank gets the result.
     pub fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> Result<Tensor> {
         self.collective(x, Collective::AllReduce { op })
+    }
+
+    /// Reduces `x` over the group into `x` itself: no output is allocated (a gradient bucket
+    /// reduced in place). `x` must be contiguous; it must not be shared with a tensor that
+    /// expects its old values (candle tensors share storage when one is a view of another).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_parallel::{comm::ReduceOp, launch};
+    ///
+    /// let sums = launch(2, |ctx| {
+    ///     let bucket = Tensor::new(&[ctx.rank() as f32, 1.0], &Device::Cpu)?;
+    ///     ctx.comm().all_reduce_in_place(&bucket, ReduceOp::Sum)?;
+    ///     bucket.to_vec1::<f32>()
+    /// })?;
+    /// assert_eq!(sums, vec![vec![1.0, 2.0], vec![1.0, 2.0]]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn all_reduce_in_place(&self, x: &Tensor, op: ReduceOp) -> Result<()> {
+        if !x.is_contiguous() {
+            candle_core::bail!(
+                "all_reduce_in_place on {}: the tensor of shape {:?} is not contiguous; reduce a contiguous buffer",
+                self.label(),
+                x.dims()
+            )
+        }
+        tracing::trace!(group = self.label(), op = %op, shape = ?x.dims(), dtype = ?x.dtype(), "all_reduce in place");
+        x.inplace_op1(&InPlaceAllReduce {
+            backend: self.backend(),
+            op,
+        })
     }
 
     /// Concatenates every rank's `x` (equal shapes) along `dim`, in rank order.
@@ -522,6 +576,26 @@ impl CustomOp1 for CollectiveOp<'_> {
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         self.backend.collective_cuda(self.op, s, l)
+    }
+}
+
+/// [`Comm::all_reduce_in_place`] as a Candle in-place op.
+struct InPlaceAllReduce<'a> {
+    backend: &'a dyn Backend,
+    op: ReduceOp,
+}
+
+impl candle_core::InplaceOp1 for InPlaceAllReduce<'_> {
+    fn name(&self) -> &'static str {
+        "all_reduce_in_place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        self.backend.all_reduce_in_place_cpu(self.op, s, l)
+    }
+
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        self.backend.all_reduce_in_place_cuda(self.op, s, l)
     }
 }
 

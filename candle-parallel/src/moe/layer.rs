@@ -7,6 +7,7 @@ use super::plan::plan_tokens;
 use super::router::{Router, RouterConfig, Routing};
 use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
+use crate::mesh::MeshDim;
 use candle_core::{bail, ModuleT, Result, Tensor};
 use std::sync::Mutex;
 
@@ -191,8 +192,10 @@ pub fn moe_layer(
     )?;
     let el = e / ep.size();
     let first = ep.rank() * el;
+    // Each ep rank holds its own experts (not replicas of one another's).
+    let experts_vb = vb.pp("experts").local_to(MeshDim::Ep);
     let experts = (first..first + el)
-        .map(|j| Expert::load(hidden, ffn, &vb.pp("experts").pp(j), tp))
+        .map(|j| Expert::load(hidden, ffn, &experts_vb.pp(j), tp))
         .collect::<Result<Vec<_>>>()?;
     MoeLayer::new(
         Router::new(gate, router_cfg)?,

@@ -1,0 +1,326 @@
+//! One training loop's bookkeeping for dp × pp × ep × tp: the learning-rate schedule (linear
+//! warm-up, cosine decay), the ZeRO optimizer (gradient synchronisation over the replicas,
+//! global-norm clipping, AdamW), a progress bar on rank 0, a rank-tagged log line per step,
+//! and atomic checkpoints that a job resumes from under any layout.
+//!
+//! The model computes each step's gradients (its forward and backward, over micro-batches and
+//! pipeline stages); [`Trainer::step`] does the rest.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_parallel::checkpoint::ParallelVarBuilder;
+//! use candle_parallel::mesh::MeshDim;
+//! use candle_parallel::tensor_parallel::column_parallel_linear;
+//! use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
+//! use candle_parallel::{Launcher, MeshShape};
+//!
+//! let losses = Launcher::new(4).mesh(MeshShape::new().dp(2).tp(2)).run(|ctx| {
+//!     let mesh = ctx.mesh()?;
+//!     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+//!     let fc = column_parallel_linear(4, 4, vb.pp("fc"), mesh.tp())?.with_gather_output(true);
+//!     let cfg = TrainerConfig { steps: 20, lr: LrSchedule::constant(0.05), ..Default::default() };
+//!     let mut trainer = Trainer::new(vb.params(), &mesh, &[MeshDim::Dp], cfg)?;
+//!     let x = Tensor::full(1f32 + mesh.dp().rank() as f32, (2, 4), &Device::Cpu)?;
+//!     let mut losses = Vec::new();
+//!     for _ in 0..20 {
+//!         let loss = fc.forward(&x)?.sqr()?.mean_all()?;
+//!         let store = loss.backward()?;
+//!         let grads = trainer.grads_of(&store);
+//!         let report = trainer.step(&grads, loss.to_scalar::<f32>()? as f64)?;
+//!         losses.push(report.loss);
+//!     }
+//!     Ok(losses)
+//! })?;
+//! assert!(losses[0][19] < losses[0][0] / 2.0);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions, ShardedTensor};
+use crate::comm::ReduceOp;
+use crate::mesh::{DeviceMesh, MeshDim};
+use crate::optim::AdamWConfig;
+use crate::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
+use candle_core::backprop::GradStore;
+use candle_core::{bail, Result, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+
+/// The learning rate over the steps: linear warm-up from 0 to `peak` over `warmup_steps`,
+/// then cosine decay to `min` at `total_steps` (Megatron's and HF's `cosine` schedule).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LrSchedule {
+    pub peak: f64,
+    pub min: f64,
+    pub warmup_steps: usize,
+    /// Steps over which the cosine decays; 0 keeps `peak` after the warm-up.
+    pub total_steps: usize,
+}
+
+impl LrSchedule {
+    /// `lr` at every step.
+    pub fn constant(lr: f64) -> Self {
+        Self {
+            peak: lr,
+            min: lr,
+            warmup_steps: 0,
+            total_steps: 0,
+        }
+    }
+
+    /// Warm-up over `warmup_steps`, then cosine decay to `min` at `total_steps`.
+    pub fn warmup_cosine(peak: f64, min: f64, warmup_steps: usize, total_steps: usize) -> Self {
+        Self {
+            peak,
+            min,
+            warmup_steps,
+            total_steps,
+        }
+    }
+
+    /// The learning rate of step `step` (1 for the first).
+    ///
+    /// ```
+    /// use candle_parallel::trainer::LrSchedule;
+    /// let s = LrSchedule::warmup_cosine(1.0, 0.1, 10, 110);
+    /// assert_eq!(s.at(5), 0.5);
+    /// assert_eq!(s.at(10), 1.0);
+    /// assert!((s.at(60) - 0.55).abs() < 1e-12);
+    /// assert!((s.at(110) - 0.1).abs() < 1e-12);
+    /// ```
+    pub fn at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.peak * step as f64 / self.warmup_steps as f64;
+        }
+        if self.total_steps <= self.warmup_steps {
+            return self.peak;
+        }
+        let progress = ((step - self.warmup_steps) as f64
+            / (self.total_steps - self.warmup_steps) as f64)
+            .min(1.0);
+        self.min + 0.5 * (self.peak - self.min) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+/// What a [`Trainer`] does besides the model's forward and backward.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainerConfig {
+    /// Steps the job runs (the progress bar's length).
+    pub steps: usize,
+    pub lr: LrSchedule,
+    /// AdamW's other hyper-parameters (`lr` is set from the schedule every step).
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (`None`: no clipping).
+    pub clip: Option<f64>,
+    /// ZeRO stage 0, 1 or 2.
+    pub zero_stage: u8,
+    /// Gradient bucket size in bytes.
+    pub bucket_bytes: usize,
+    /// Show a progress bar on rank 0.
+    pub progress: bool,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1,
+            lr: LrSchedule::constant(1e-3),
+            adamw: AdamWConfig::default(),
+            clip: Some(1.0),
+            zero_stage: 0,
+            bucket_bytes: crate::data_parallel::DEFAULT_BUCKET_BYTES,
+            progress: false,
+        }
+    }
+}
+
+/// One step's numbers, the same on every rank.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepReport {
+    /// 1 for the first step.
+    pub step: usize,
+    /// The loss given to [`Trainer::step`], averaged over the replicas.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate the step used.
+    pub lr: f64,
+}
+
+/// The training loop's bookkeeping; see the [module docs](self).
+pub struct Trainer {
+    opt: ZeroOptimizer,
+    cfg: TrainerConfig,
+    mesh: DeviceMesh,
+    /// The ranks a global batch is split over (`None`: this rank alone).
+    replicas: Option<crate::comm::Comm>,
+    bar: ProgressBar,
+}
+
+impl Trainer {
+    /// A trainer for `params` (e.g. `vb.params()`) on `mesh`, whose `batch_dims` split each
+    /// global batch (dp; with all-to-all expert dispatch also ep). Collective over the world.
+    pub fn new(
+        params: Vec<Param>,
+        mesh: &DeviceMesh,
+        batch_dims: &[MeshDim],
+        cfg: TrainerConfig,
+    ) -> Result<Self> {
+        let zero = ZeroConfig {
+            stage: cfg.zero_stage,
+            bucket_bytes: cfg.bucket_bytes,
+            adamw: AdamWConfig {
+                lr: cfg.lr.at(1),
+                ..cfg.adamw
+            },
+        };
+        let opt = ZeroOptimizer::new(params, mesh, batch_dims, zero)?;
+        let split: Vec<MeshDim> = batch_dims
+            .iter()
+            .copied()
+            .filter(|&d| mesh.size(d) > 1)
+            .collect();
+        let replicas = match split.is_empty() {
+            true => None,
+            false => Some(mesh.comm_over(&split)?),
+        };
+        let bar = if cfg.progress && mesh.rank() == 0 {
+            ProgressBar::new(cfg.steps as u64).with_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+                    .map_err(candle_core::Error::wrap)?,
+            )
+        } else {
+            ProgressBar::hidden()
+        };
+        Ok(Self {
+            opt,
+            cfg,
+            mesh: mesh.clone(),
+            replicas,
+            bar,
+        })
+    }
+
+    /// The optimizer (its parameters, state and memory).
+    pub fn optimizer(&self) -> &ZeroOptimizer {
+        &self.opt
+    }
+
+    /// The parameters, in the order gradients are given.
+    pub fn params(&self) -> &[Param] {
+        self.opt.params()
+    }
+
+    /// Steps taken so far (restored by [`Trainer::resume`]).
+    pub fn steps_done(&self) -> usize {
+        self.opt.step_count() as usize
+    }
+
+    /// Bytes held per kind (see [`ZeroOptimizer::memory`]).
+    pub fn memory(&self) -> MemoryReport {
+        self.opt.memory()
+    }
+
+    /// The gradients of [`Trainer::params`] in a backward pass's store, in their order.
+    pub fn grads_of(&self, store: &GradStore) -> Vec<Option<Tensor>> {
+        self.params()
+            .iter()
+            .map(|p| store.get(p.var.as_tensor()).cloned())
+            .collect()
+    }
+
+    /// One optimizer step from this rank's gradients of its mean `loss` (unsynchronised; the
+    /// replicas' gradients are reduced here): the schedule's learning rate, clipping, AdamW.
+    /// Collective over the world.
+    pub fn step(&mut self, grads: &[Option<Tensor>], loss: f64) -> Result<StepReport> {
+        let step = self.steps_done() + 1;
+        let lr = self.cfg.lr.at(step);
+        self.opt.set_learning_rate(lr);
+        let grad_norm = self.opt.step(grads, self.cfg.clip)?;
+        let loss = self.replica_mean(loss)?;
+        tracing::info!(step, loss, grad_norm, lr, "step");
+        self.bar.set_position(step as u64);
+        self.bar.set_message(format!(
+            "loss {loss:.4}  grad norm {grad_norm:.3}  lr {lr:.2e}"
+        ));
+        Ok(StepReport {
+            step,
+            loss,
+            grad_norm,
+            lr,
+        })
+    }
+
+    /// The mean of `value` over the replicas (the batch dimensions).
+    pub fn replica_mean(&self, value: f64) -> Result<f64> {
+        let Some(comm) = &self.replicas else {
+            return Ok(value);
+        };
+        let t = Tensor::new(&[value], comm.device())?;
+        Ok(comm.all_reduce(&t, ReduceOp::Avg)?.to_vec1::<f64>()?[0])
+    }
+
+    /// Finishes the progress bar.
+    pub fn finish(&self) {
+        self.bar.finish();
+    }
+
+    /// Saves the parameters and the optimizer state into the checkpoint directory `dir`,
+    /// atomically (see [`save_checkpoint`]); each tensor is written by one of the ranks that
+    /// hold it. Collective over the world.
+    pub fn save(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        let params = self.params();
+        let mut tensors: Vec<ShardedTensor> = Vec::new();
+        let state = self.opt.state()?;
+        let primary = |p: &Param| {
+            MeshDim::ALL
+                .into_iter()
+                .all(|d| p.is_local_to(d) || self.mesh.coord(d) == 0)
+        };
+        for p in params.iter().filter(|p| primary(p)) {
+            tensors.push(ShardedTensor::from(p));
+        }
+        let by_name: std::collections::HashMap<&str, &Param> =
+            params.iter().map(|p| (p.name.as_str(), p)).collect();
+        for t in state {
+            // `optimizer.KIND.NAME`, or `optimizer.step`.
+            let owner = t
+                .name
+                .strip_prefix("optimizer.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(_, name)| by_name.get(name));
+            let keep = match owner {
+                Some(p) => primary(p),
+                None => self.mesh.rank() == 0, // optimizer.step
+            };
+            if keep {
+                tensors.push(t);
+            }
+        }
+        let opts = SaveOptions {
+            step: self.steps_done() as u64,
+            mesh: if opts.mesh.is_empty() {
+                self.mesh.shape().to_string()
+            } else {
+                opts.mesh.clone()
+            },
+            ..opts.clone()
+        };
+        save_checkpoint(dir, &tensors, &opts, self.mesh.world())
+    }
+
+    /// Restores the optimizer state (and the step count, so the schedule continues) from the
+    /// checkpoint `vb` reads, saved under any layout. The parameters come from building the
+    /// model from the same checkpoint.
+    pub fn resume(&mut self, vb: &ParallelVarBuilder) -> Result<()> {
+        self.opt.load_state(vb)?;
+        if self.steps_done() > self.cfg.steps {
+            bail!(
+                "the checkpoint is at step {}, past the {} steps this job runs",
+                self.steps_done(),
+                self.cfg.steps
+            )
+        }
+        self.bar.set_position(self.steps_done() as u64);
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+"""Reference for `cargo run --example mixtral -- train`: the same steps with Hugging Face
+transformers' `MixtralForCausalLM` and PyTorch's AdamW, on one device, in float32.
+
+Each step: loss = mean next-token cross-entropy over the whole batch (`labels=input_ids`) +
+aux-coef x HF's load-balancing loss (`output_router_logits=True`), backward,
+`clip_grad_norm_(params, clip)` (the norm before clipping is recorded), one
+`torch.optim.AdamW` step (betas 0.9/0.999, eps 1e-8, decoupled weight decay).
+
+Writes a safetensors file with every parameter after the last step under its HF name, plus
+`loss.<i>` and `grad_norm.<i>` before step i: the layout of our `--out`.
+
+    /work/venv-torch/bin/python scripts/mixtral_train_reference.py --model DIR \
+        --batch FILE.json --steps 3 --lr 1e-3 --weight-decay 0.01 --clip 1.0 --out ref.safetensors
+
+CI never runs it (the virtual env lives outside the checkout; see bench_moe_torch.py). It
+wrote `tests/fixtures/mixtral_train_reference.safetensors`, which `tests/mixtral_train.rs`
+compares our runs with.
+"""
+
+import argparse
+import json
+
+import torch
+from safetensors.torch import save_file
+from transformers import MixtralForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--aux-coef", type=float, default=None)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    torch.manual_seed(0)
+    # from_pretrained maps the per-expert w1/w2/w3 of the checkpoint onto transformers 5's
+    # fused expert tensors.
+    extra = {"router_aux_loss_coef": a.aux_coef} if a.aux_coef is not None else {}
+    model = MixtralForCausalLM.from_pretrained(
+        a.model,
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+        output_router_logits=True,
+        **extra,
+    )
+    model.train()
+    # No dropout in Mixtral's config by default; routing jitter is off.
+    with open(a.batch) as f:
+        ids = torch.tensor(json.load(f)["batch"], dtype=torch.long)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay
+    )
+    out = {}
+    for i in range(a.steps):
+        opt.zero_grad()
+        res = model(input_ids=ids, labels=ids)
+        res.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, a.clip)
+        out[f"loss.{i}"] = res.loss.detach().clone().reshape(())
+        out[f"grad_norm.{i}"] = norm.detach().clone().float().reshape(())
+        opt.step()
+    for name, p in model.named_parameters():
+        p = p.detach().clone()
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            # [experts, 2 * ffn, hidden]: w1 (gate) rows first, then w3 (up).
+            base = name.replace(".mlp.experts.gate_up_proj", ".block_sparse_moe.experts")
+            ffn = p.shape[1] // 2
+            for e in range(p.shape[0]):
+                out[f"{base}.{e}.w1.weight"] = p[e, :ffn].contiguous()
+                out[f"{base}.{e}.w3.weight"] = p[e, ffn:].contiguous()
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name.replace(".mlp.experts.down_proj", ".block_sparse_moe.experts")
+            for e in range(p.shape[0]):
+                out[f"{base}.{e}.w2.weight"] = p[e].contiguous()
+        else:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = p.contiguous()
+    save_file(out, a.out)
+    print(
+        json.dumps(
+            {
+                "loss": [float(out[f"loss.{i}"]) for i in range(a.steps)],
+                "grad_norm": [float(out[f"grad_norm.{i}"]) for i in range(a.steps)],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

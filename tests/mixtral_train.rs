@@ -1,0 +1,219 @@
+//! `mixtral train` under every layout: dp × pp × ep × tp with ZeRO stages 0–2 and
+//! micro-batches computes what one device computes, and what Hugging Face transformers with
+//! PyTorch's AdamW computes (`scripts/mixtral_train_reference.py` wrote the fixture).
+mod common;
+
+use candle_core::{Result, Tensor};
+use candle_parallel_models::mixtral::MixtralConfig;
+use candle_parallel_models::testing::write_random_mixtral;
+use common::example_path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const STEPS: usize = 3;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cp-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The small model of the fixture.
+fn config() -> MixtralConfig {
+    let mut cfg = MixtralConfig::tiny();
+    cfg.hidden_size = 32;
+    cfg.intermediate_size = 64;
+    cfg.vocab_size = 64;
+    cfg.num_attention_heads = 4;
+    cfg.num_key_value_heads = 2;
+    cfg.max_position_embeddings = 64;
+    cfg.sliding_window = None;
+    cfg
+}
+
+/// 8 rows of 9 tokens.
+fn batch_json() -> String {
+    let mut x: u64 = 12345;
+    let rows: Vec<Vec<u64>> = (0..8)
+        .map(|_| {
+            (0..9)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (x >> 33) % 64
+                })
+                .collect()
+        })
+        .collect();
+    serde_json::json!({ "batch": rows }).to_string()
+}
+
+/// A model directory and a batch file.
+fn setup(name: &str) -> (PathBuf, PathBuf) {
+    let dir = tmp(name);
+    write_random_mixtral(&dir.join("model"), &config(), 21).unwrap();
+    std::fs::write(dir.join("batch.json"), batch_json()).unwrap();
+    (dir.join("model"), dir.join("batch.json"))
+}
+
+fn train(model: &Path, batch: &Path, out: &Path, extra: &[&str]) -> HashMap<String, Tensor> {
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        &model.to_string_lossy(),
+        "--batch",
+        &batch.to_string_lossy(),
+        "--steps",
+        &STEPS.to_string(),
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0.01",
+        "--clip",
+        "1.0",
+        "--out",
+        &out.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = Command::new(example_path("mixtral"))
+        .args(&args)
+        .output()
+        .expect("mixtral runs");
+    assert!(
+        o.status.success(),
+        "mixtral {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    candle_core::safetensors::load(out, &candle_core::Device::Cpu).unwrap()
+}
+
+fn scalar(t: &HashMap<String, Tensor>, name: &str) -> f64 {
+    t[name]
+        .to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Losses and norms agree to `tol` relative; every parameter's update (after − before)
+/// agrees to 1e-3 relative, in L2 norm (Adam turns float-order noise in near-zero gradients
+/// into visible differences of single elements, so bit-equality is not the bar).
+fn assert_same_run(
+    what: &str,
+    got: &HashMap<String, Tensor>,
+    want: &HashMap<String, Tensor>,
+    before: &HashMap<String, Tensor>,
+    tol: f64,
+) -> Result<()> {
+    for i in 0..STEPS {
+        for k in ["loss", "grad_norm"] {
+            let name = format!("{k}.{i}");
+            let (a, b) = (scalar(got, &name), scalar(want, &name));
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1e-6),
+                "{what}: {name} {a} vs {b}"
+            );
+        }
+    }
+    let mut params = 0;
+    for (name, w0) in before {
+        let w0 = w0.to_dtype(candle_core::DType::F32)?;
+        let (a, b) = (
+            got.get(name)
+                .unwrap_or_else(|| panic!("{what}: {name} is missing")),
+            &want[name],
+        );
+        assert_eq!(a.dims(), b.dims(), "{what}: {name}");
+        let (ua, ub) = ((a - &w0)?, (b - &w0)?);
+        let norm = |t: &Tensor| -> Result<f64> {
+            Ok(t.sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt())
+        };
+        let (diff, scale) = (norm(&(ua - &ub)?)?, norm(&ub)?);
+        assert!(
+            diff <= 1e-3 * scale.max(1e-12),
+            "{what}: {name}: the update differs by {diff:e} in L2 norm (the update's norm {scale:e})"
+        );
+        params += 1;
+    }
+    assert_eq!(params, got.len() - 2 * STEPS, "{what}: parameter count");
+    Ok(())
+}
+
+fn initial(model: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(model.join("model.safetensors"), &candle_core::Device::Cpu)
+        .unwrap()
+}
+
+/// One device, with the load-balancing loss, against transformers + torch.optim.AdamW.
+#[test]
+fn one_device_matches_transformers_and_torch_adamw() -> Result<()> {
+    let (model, batch) = setup("reference");
+    let dir = model.parent().unwrap().to_path_buf();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mixtral_train_reference.safetensors");
+    let want = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu)?;
+    let got = train(&model, &batch, &dir.join("out.safetensors"), &[]);
+    assert_same_run("dp=1 vs transformers", &got, &want, &initial(&model), 1e-5)?;
+    std::fs::remove_dir_all(dir).unwrap();
+    Ok(())
+}
+
+/// Without the aux loss (whose value over a split batch differs by definition), every layout
+/// and ZeRO stage computes what one device computes.
+#[test]
+fn every_layout_and_zero_stage_matches_one_device() -> Result<()> {
+    let (model, batch) = setup("layouts");
+    let dir = model.parent().unwrap().to_path_buf();
+    let before = initial(&model);
+    let aux0 = ["--aux-coef", "0"];
+    let base = train(&model, &batch, &dir.join("base.safetensors"), &aux0);
+    // (dp, tp, ep, pp, zero, micro-batches)
+    let layouts = [
+        (2, 1, 1, 1, 0, 1),
+        (4, 1, 1, 1, 1, 1),
+        (4, 1, 1, 1, 2, 1),
+        (2, 1, 1, 1, 1, 2),
+        (2, 2, 1, 1, 2, 1),
+        (1, 1, 2, 1, 1, 1),
+        (2, 1, 2, 1, 2, 1),
+        (2, 2, 2, 1, 1, 1),
+        (2, 1, 1, 2, 2, 2),
+        (1, 2, 2, 2, 0, 2),
+    ];
+    for (dp, tp, ep, pp, zero, mb) in layouts {
+        let what = format!("dp={dp} tp={tp} ep={ep} pp={pp} zero={zero} micro-batches={mb}");
+        let s: Vec<String> = [dp, tp, ep, pp, zero, mb]
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let mut args = vec![
+            "--dp",
+            &s[0],
+            "--tp",
+            &s[1],
+            "--ep",
+            &s[2],
+            "--pp",
+            &s[3],
+            "--zero",
+            &s[4],
+            "--micro-batches",
+            &s[5],
+        ];
+        args.extend(aux0);
+        let got = train(&model, &batch, &dir.join("layout.safetensors"), &args);
+        assert_same_run(&what, &got, &base, &before, 1e-5)?;
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+    Ok(())
+}
