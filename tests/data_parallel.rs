@@ -1,12 +1,18 @@
 //! Data parallelism: gradients averaged over dp ∈ {1, 2, 4} in buckets equal the full batch's,
-//! with and without gradient accumulation; bad input fails on every rank.
+//! with and without gradient accumulation; buckets reduced in place; ZeRO's memory per rank
+//! as the paper's formulas say; bad input fails on every rank.
 mod common;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::checkpoint::Param;
+use candle_parallel::comm::ReduceOp;
 use candle_parallel::data_parallel::{shard_batch, GradAccumulator, GradBuckets};
+use candle_parallel::mesh::{MeshDim, MeshShape};
+use candle_parallel::tensor_parallel::column_parallel_linear;
+use candle_parallel::zero::{ZeroConfig, ZeroOptimizer};
 use candle_parallel_models::testing::{max_rel_err, seeded, TanhMlp};
-use common::launch;
+use common::{launch, Launcher};
 
 const HIDDEN: usize = 6;
 const LAYERS: usize = 5;
@@ -101,6 +107,106 @@ fn bad_data_parallel_input_is_a_clear_error_on_every_rank() -> Result<()> {
     })?;
     for e in errs {
         assert!(e.contains("the replicas hold different parameters"), "{e}");
+    }
+    Ok(())
+}
+
+/// The result lands in the buffer itself: a view of it sees the reduced values, which equal
+/// the out-of-place all-reduce's, for every op and several dtypes and group sizes.
+#[test]
+fn in_place_all_reduce_writes_the_result_into_the_buffer() -> Result<()> {
+    for n in [1, 2, 3, 4] {
+        launch(n, |ctx| {
+            let r = ctx.rank() as f64;
+            for dtype in [DType::F32, DType::BF16, DType::F64, DType::I64] {
+                for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min, ReduceOp::Avg] {
+                    if dtype == DType::I64 && op == ReduceOp::Avg {
+                        continue;
+                    }
+                    let buf = ((Tensor::arange(0f64, 37.0, &Device::Cpu)? * (r + 1.0))? - r * 5.0)?
+                        .to_dtype(dtype)?;
+                    let view = buf.narrow(0, 3, 5)?;
+                    let want = ctx.comm().all_reduce(&buf, op)?;
+                    ctx.comm().all_reduce_in_place(&buf, op)?;
+                    let f = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec1::<f64>();
+                    assert_eq!(f(&buf)?, f(&want)?, "n={n} {dtype:?} {op:?}");
+                    assert_eq!(
+                        f(&view)?,
+                        f(&want.narrow(0, 3, 5)?)?,
+                        "n={n} {dtype:?} {op:?}"
+                    );
+                }
+            }
+            let strided = Tensor::zeros((4, 4), DType::F32, &Device::Cpu)?.t()?;
+            let e = ctx
+                .comm()
+                .all_reduce_in_place(&strided, ReduceOp::Sum)
+                .unwrap_err();
+            assert!(e.to_string().contains("is not contiguous"), "{e}");
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Bytes held per rank for ZeRO stages 0, 1 and 2 at dp = 1, 2, 4, f32 and bf16 parameters,
+/// against the ZeRO paper's formulas: parameters Ψ·b (b bytes each); gradients 4Ψ (reduced in
+/// f32), divided by N_d at stage 2; optimizer state KΨ (K = 8 for f32 moments, 12 with f32
+/// master weights), divided by N_d from stage 1. Within 10% (bucket padding).
+#[test]
+fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        for dp in [1, 2, 4] {
+            for stage in 0..=2u8 {
+                let got = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
+                    let mesh = ctx.mesh()?;
+                    let vb = ParallelVarBuilder::from_init(3, dtype, &Device::Cpu).trainable();
+                    let mut x = Tensor::ones((2, 48), dtype, &Device::Cpu)?;
+                    for i in 0..4 {
+                        let fc = column_parallel_linear(48, 48, vb.pp(i), mesh.tp())?;
+                        x = fc.forward(&x)?.tanh()?;
+                    }
+                    let params = vb.params();
+                    let cfg = ZeroConfig {
+                        stage,
+                        bucket_bytes: 4096,
+                        ..Default::default()
+                    };
+                    let mut opt = ZeroOptimizer::new(params.clone(), &mesh, &[MeshDim::Dp], cfg)?;
+                    let grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
+                    let g: Vec<_> = params
+                        .iter()
+                        .map(|p| grads.get(p.var.as_tensor()).cloned())
+                        .collect();
+                    opt.step(&g, Some(1.0))?;
+                    let psi: usize = params.iter().map(|p| p.var.elem_count()).sum();
+                    Ok((psi, opt.memory()))
+                })?;
+                let (psi, m) = got[0];
+                let n = dp as f64;
+                let psi = psi as f64;
+                let b = dtype.size_in_bytes() as f64;
+                let k = if dtype == DType::F32 { 8.0 } else { 12.0 };
+                let want = [
+                    psi * b,
+                    if stage >= 2 { 4.0 * psi / n } else { 4.0 * psi },
+                    if stage >= 1 { k * psi / n } else { k * psi },
+                ];
+                let have = [m.param_bytes, m.grad_bytes, m.optimizer_bytes];
+                for (what, (h, w)) in ["parameters", "gradients", "optimizer"]
+                    .iter()
+                    .zip(have.iter().zip(want))
+                {
+                    let rel = (*h as f64 - w).abs() / w;
+                    assert!(
+                        rel <= 0.1,
+                        "{dtype:?} dp={dp} stage {stage}: {what} {h} bytes, formula {w}"
+                    );
+                }
+                // Every rank holds the same amount.
+                assert!(got.iter().all(|(_, r)| *r == m), "{got:?}");
+            }
+        }
     }
     Ok(())
 }
