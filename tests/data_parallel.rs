@@ -172,7 +172,7 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
                         bucket_bytes: 4096,
                         ..Default::default()
                     };
-                    let mut opt = ZeroOptimizer::new(params.clone(), &mesh, &[MeshDim::Dp], cfg)?;
+                    let mut opt = ZeroOptimizer::new(params.clone(), mesh, &[MeshDim::Dp], cfg)?;
                     let grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
                     let g: Vec<_> = params
                         .iter()
