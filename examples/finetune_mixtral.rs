@@ -7,6 +7,7 @@
 //! cargo run --release --features nccl --example launch -- --nproc 4 -- finetune_mixtral
 //! cargo run --release --example finetune_mixtral -- --data my.jsonl --steps 500 --mesh ep=2,tp=2
 //! cargo run --release --example finetune_mixtral -- --model DIR --out runs/ckpt --lr 1e-3
+//! cargo run --release --example finetune_mixtral -- --mesh dp=2,ep=2 --zero 2 --dtype bf16
 //! ```
 //!
 //! With no arguments it creates (or reuses) a small random Mixtral-style checkpoint in Hugging
@@ -16,26 +17,27 @@
 //! (one example a line) or JSONL (`{"text": ...}`); a new model for it gets a byte-level
 //! tokenizer, and the evaluation is the held-out loss.
 //!
-//! Training: the ep ranks see different examples (data parallel for every weight but their own
-//! experts, tokens exchanged with all-to-all); the tp ranks split every matrix. AdamW, gradient
-//! clipping by the global norm across all ranks, a progress bar, loss and expert-load logging
-//! (per rank, `RUST_LOG=debug` for every layer), periodic evaluation, and at the end a
+//! Training, with `candle_parallel::trainer`: the dp and ep ranks see different examples (each
+//! its share of every global batch; the ep ranks exchange tokens with all-to-all); the tp ranks
+//! split every matrix; with pp the layers are split into stages (1F1B). Gradients are reduced
+//! over the replicas with ZeRO stage `--zero` (0, 1 or 2), the global norm is clipped, AdamW
+//! steps with warm-up and cosine decay, in f32 or bf16 (`--dtype`, f32 master weights); a
+//! progress bar, loss and expert-load logging (per rank, `RUST_LOG=debug` for every layer),
+//! periodic evaluation and checkpoints (`--checkpoint-every`, `--resume`), and at the end a
 //! distributed checkpoint that `cargo run --release --example checkpoint -- export` turns into
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_parallel::checkpoint::{
-    save_checkpoint, ParallelVarBuilder, SaveOptions, ShardedTensor,
-};
+use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::moe::Dispatch;
-use candle_parallel::optim::{clip_factor, grad_norm_sq_of, AdamW, AdamWConfig};
+use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
-use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
+use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
+use candle_parallel::{Launcher, MeshDim, MeshShape};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage};
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -50,30 +52,60 @@ struct Args {
     /// addition task.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Layout; the world size is the product of the sizes.
+    /// Layout, e.g. `ep=2,tp=2`, `dp=2,ep=2`, `pp=2,ep=2`; the world size is the product of
+    /// the sizes. dp and ep ranks see different examples (each its share of every global
+    /// batch); tp ranks split every matrix; pp ranks hold consecutive layers.
     #[arg(long, default_value = "ep=2,tp=2")]
     mesh: String,
     #[arg(long, default_value_t = 300)]
     steps: usize,
+    /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
-    /// Sequences per ep rank per step.
-    #[arg(long, default_value_t = 32)]
+    /// Linear warm-up from 0 to --lr over this many steps.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Cosine decay from --lr after the warm-up down to this at the last step (default: --lr,
+    /// a constant rate).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Sequences per step over all replicas (dp × ep); each replica takes its equal share.
+    #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// Tokens per training sequence for --data.
     #[arg(long, default_value_t = 64)]
     seq_len: usize,
+    /// Clip the global gradient norm (over every rank) to this.
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
-    /// Micro-batches per step with pipeline stages (`pp` in --mesh; 1F1B schedule); default
-    /// twice the stages. Must divide --batch-size.
+    /// Micro-batches per step on each replica: gradient accumulation, pipelined with a 1F1B
+    /// schedule when --mesh has pp. Default: 1, or twice the stages with pp. Must divide each
+    /// replica's share of --batch-size.
     #[arg(long)]
     micro_batches: Option<usize>,
+    /// ZeRO stage: 0 (every replica holds the whole optimizer state), 1 (optimizer state
+    /// sharded over the replicas), 2 (gradients too).
+    #[arg(long, default_value_t = 0)]
+    zero: u8,
+    /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
+    /// optimizer state, gradients reduced in f32).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
-    /// Where the final distributed checkpoint goes (a new `step-N` directory inside).
+    /// Where the distributed checkpoints go (`step-N` directories inside).
     #[arg(long, default_value = "target/finetune-mixtral/checkpoints")]
     out: PathBuf,
+    /// Also save a checkpoint every this many steps (0: only after the last step).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Resume from a checkpoint this program saved (any layout, any ZeRO stage): its
+    /// parameters, optimizer state and step, continuing the same data order and schedule.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Write one log file per rank into this directory.
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -272,6 +304,15 @@ impl Data {
     }
 }
 
+/// `base`, or `base.1`, `base.2`, ...: the first that does not exist (checkpoints are never
+/// overwritten).
+fn unused_dir(base: &Path) -> PathBuf {
+    std::iter::once(base.to_path_buf())
+        .chain((1..).map(|i| PathBuf::from(format!("{}.{i}", base.display()))))
+        .find(|d| !d.exists())
+        .expect("an unused directory name")
+}
+
 fn main() -> Result<()> {
     candle_parallel::logging::init();
     let args = Args::parse();
@@ -288,18 +329,43 @@ fn main() -> Result<()> {
     if args.seq_len < 2 {
         candle_core::bail!("--seq-len must be at least 2 (a token and the next one to predict)");
     }
-    let pp = mesh.size(MeshDim::Pp);
+    if args.zero > 2 {
+        candle_core::bail!(
+            "--zero {}: stages 0, 1 and 2 are available (3, parameters sharded, is not yet)",
+            args.zero
+        );
+    }
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => candle_core::bail!("--dtype {other}: use f32 or bf16"),
+    };
+    let (dp, pp, ep) = (
+        mesh.size(MeshDim::Dp),
+        mesh.size(MeshDim::Pp),
+        mesh.size(MeshDim::Ep),
+    );
+    let replicas = dp * ep;
     let micro_batches = args
         .micro_batches
         .unwrap_or(if pp > 1 { 2 * pp } else { 1 });
-    if pp > 1 && mesh.size(MeshDim::Dp) > 1 {
-        candle_core::bail!("--mesh: pipeline stages with data parallelism are not supported yet; use pp with ep and tp");
+    if args.batch_size % replicas != 0 {
+        candle_core::bail!(
+            "--batch-size {} does not split over the dp × ep = {replicas} replicas of --mesh {}: use a multiple of {replicas}",
+            args.batch_size,
+            args.mesh
+        );
     }
+    let per_replica = args.batch_size / replicas;
     split_batch(
-        &Tensor::zeros((args.batch_size, 1), DType::F32, &Device::Cpu)?,
+        &Tensor::zeros((per_replica, 1), DType::F32, &Device::Cpu)?,
         micro_batches,
     )
-    .map_err(|e| candle_core::Error::msg(format!("--micro-batches: {e}")))?;
+    .map_err(|e| {
+        candle_core::Error::msg(format!(
+            "--micro-batches (each replica has {per_replica} sequences): {e}"
+        ))
+    })?;
     let (cfg, tok) = prepare_model(&args)?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
     if pp > 1 && cfg.tie_word_embeddings {
@@ -312,27 +378,34 @@ fn main() -> Result<()> {
     if let Some(dir) = &args.log_dir {
         launcher = launcher.log_dir(dir);
     }
-    // Checkpoints are never overwritten: a rerun gets step-N.1, step-N.2, ...
-    let base = args.out.join(format!("step-{:06}", args.steps));
-    let unused_dir = || {
-        std::iter::once(base.clone())
-            .chain((1..).map(|i| PathBuf::from(format!("{}.{i}", base.display()))))
-            .find(|d| !d.exists())
-            .expect("an unused directory name")
-    };
     let report = launcher.run(|ctx| {
-        // Rank 0 names the checkpoint directory for all (ranks may be processes that started
-        // at different times).
-        let pick = if ctx.rank() == 0 { unused_dir().to_string_lossy().into_owned() } else { String::new() };
-        let out_dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
         let mesh = ctx.mesh()?;
-        let (ep, tp, pp_comm) = (mesh.ep(), mesh.tp(), mesh.pp());
-        let vb = ParallelVarBuilder::from_hf_dir(&args.model, DType::F32, ctx.device())?.trainable();
+        let (ep_comm, tp, pp_comm) = (mesh.ep(), mesh.tp(), mesh.pp());
+        let vb = match &args.resume {
+            Some(dir) => ParallelVarBuilder::from_checkpoint(dir, dtype, ctx.device())?,
+            None => ParallelVarBuilder::from_hf_dir(&args.model, dtype, ctx.device())?,
+        }
+        .trainable();
         // With pipeline stages each rank builds (and reads) only its stage's layers.
-        let model = Mixtral::new_stage(&cfg, vb.clone(), ep, tp, Dispatch::AllToAll, stages[pp_comm.rank()].clone())?;
-        // The rank that tells everyone the last stage's results: the last stage's first ep and
-        // tp rank (ranks are laid out pp, ep, tp with tp fastest).
-        let root = (pp - 1) * ep.size() * tp.size();
+        let model = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, stages[pp_comm.rank()].clone())?;
+        let params = vb.params();
+        let tcfg = TrainerConfig {
+            steps: args.steps,
+            lr: LrSchedule::warmup_cosine(args.lr, args.min_lr.unwrap_or(args.lr), args.warmup_steps, args.steps),
+            adamw: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
+            clip: Some(args.max_grad_norm),
+            zero_stage: args.zero,
+            progress: true,
+            ..Default::default()
+        };
+        let mut trainer = Trainer::new(params.clone(), mesh, &[MeshDim::Dp, MeshDim::Ep], tcfg)?;
+        if args.resume.is_some() {
+            trainer.resume(&vb)?;
+        }
+        tracing::info!(read_bytes = vb.bytes_read(), params = params.len(), memory = ?trainer.memory(), "model loaded");
+        // The rank that tells everyone the last stage's results: the last stage's first ep
+        // and tp rank of dp replica 0 (ranks are laid out dp, pp, ep, tp with tp fastest).
+        let root = (pp - 1) * ep * tp.size();
         // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank, through the
         // pipeline stages (a forward and a discarded backward).
         let through_stages = |ids: &Tensor| -> Result<(Tensor, f32)> {
@@ -347,7 +420,7 @@ fn main() -> Result<()> {
                 (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
                 &|_, y| {
                     let (l, logits) = model.stage_losses(y, ids)?;
-                    *kept.lock().unwrap() = Some((logits, l.ce_loss.unsqueeze(0)?));
+                    *kept.lock().unwrap() = Some((logits.to_dtype(DType::F32)?, l.ce_loss.to_dtype(DType::F32)?.unsqueeze(0)?));
                     l.loss * 0.0
                 },
             )?;
@@ -362,21 +435,6 @@ fn main() -> Result<()> {
             let ce = ctx.comm().broadcast(&ce, root)?.to_vec1::<f32>()?[0];
             Ok((logits, ce))
         };
-        let params = vb.params();
-        let (experts, shared): (Vec<_>, Vec<_>) = params.iter().cloned().partition(|p| Mixtral::is_expert_param(&p.name));
-        let mut opt = AdamW::new(params.clone(), AdamWConfig { lr: args.lr, weight_decay: 0.0, ..Default::default() })?;
-        tracing::info!(read_bytes = vb.bytes_read(), params = params.len(), experts = experts.len(), "model loaded");
-
-        let lead = ctx.rank() == 0;
-        let bar = if lead {
-            ProgressBar::new(args.steps as u64).with_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").expect("valid template"),
-            )
-        } else {
-            ProgressBar::hidden()
-        };
-        // Different examples on each ep rank, the same on the ranks of a tp group.
-        let mut rng = Rng(args.seed ^ (0xD1CE + ep.rank() as u64 * 0x1_0000));
         let eval = || -> Result<(f64, &'static str)> {
             match &data {
                 Data::Addition { problems } => {
@@ -394,7 +452,7 @@ fn main() -> Result<()> {
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
                     let rows = Tensor::new(rows, ctx.device())?;
                     let ce = match pp {
-                        1 => model.losses(&rows, false)?.ce_loss.to_scalar::<f32>()?,
+                        1 => model.losses(&rows, false)?.ce_loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
                         _ => through_stages(&rows)?.1,
                     };
                     Ok((ce as f64, "eval loss"))
@@ -402,97 +460,84 @@ fn main() -> Result<()> {
             }
         };
         let (first_eval, metric) = eval()?;
-        tracing::info!(step = 0, metric, value = first_eval, "evaluation");
-        let mut history = Vec::with_capacity(args.steps);
+        tracing::info!(step = trainer.steps_done(), metric, value = first_eval, "evaluation");
+        let save = |trainer: &Trainer, history: &[StepReport]| -> Result<PathBuf> {
+            // Rank 0 names the checkpoint directory for all (ranks may be processes that
+            // started at different times).
+            let base = args.out.join(format!("step-{:06}", trainer.steps_done()));
+            let pick = if ctx.rank() == 0 { unused_dir(&base).to_string_lossy().into_owned() } else { String::new() };
+            let dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
+            let log: Vec<serde_json::Value> = history
+                .iter()
+                .map(|r| serde_json::json!({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr}))
+                .collect();
+            let opts = SaveOptions {
+                config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
+                // The tokenizer travels with the checkpoint, so that an export is a complete
+                // model; the loss history with it.
+                files: vec![
+                    ("tokenizer.json".to_string(), tokenizer_json.clone()),
+                    ("history.json".to_string(), serde_json::to_vec_pretty(&log).map_err(candle_core::Error::wrap)?),
+                ],
+                ..Default::default()
+            };
+            trainer.save(&dir, &opts)?;
+            Ok(dir)
+        };
+        // Every rank draws the same global batches (the same for any layout) and takes its
+        // replica's rows; a resumed job skips the batches its steps already used.
+        let mut rng = Rng(args.seed ^ 0xD1CE);
+        for _ in 0..trainer.steps_done() {
+            data.batch(&mut rng, args.batch_size, args.seq_len, &Device::Cpu)?;
+        }
+        let replica = mesh.dp().rank() * ep + ep_comm.rank();
+        let mut history: Vec<StepReport> = Vec::with_capacity(args.steps);
         let mut last_eval = first_eval;
-        for step in 1..=args.steps {
-            let batch = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
-            // Each ep rank's loss counts 1/ep of the global batch; the weights replicated over
-            // the ep group sum their gradients (the experts get theirs through the all-to-all).
-            let (mut grads, ce, stats) = if pp == 1 {
-                let l = model.losses(&batch, true)?;
-                let store = (&l.loss / ep.size() as f64)?.backward()?;
-                let grads: Vec<Option<Tensor>> = params.iter().map(|p| store.get(p.var.as_tensor()).cloned()).collect();
-                (grads, l.ce_loss.to_scalar::<f32>()?, l.stats)
-            } else {
-                // 1F1B over the micro-batches; the last stage knows the cross-entropy.
-                let mbs = split_batch(&batch, micro_batches)?;
-                let (b, s) = mbs[0].dims2()?;
-                let ces = std::sync::Mutex::new(vec![0f32; micro_batches]);
-                let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
-                let out = run_step(
-                    pp_comm,
-                    &Schedule::one_f_one_b(pp, micro_batches)?,
-                    &[&MixtralStage { model: &model, train: true }],
-                    &vars,
-                    &mbs,
-                    (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
-                    &|mb, y| {
-                        let (l, _) = model.stage_losses(y, &mbs[mb])?;
-                        ces.lock().unwrap()[mb] = l.ce_loss.to_scalar::<f32>()?;
-                        l.loss / ep.size() as f64
-                    },
-                )?;
-                let ce = ces.into_inner().unwrap().iter().sum::<f32>() / micro_batches as f32;
-                // From the last stage to its pipeline; the ep average below covers every example.
-                let ce = pp_comm.broadcast(&Tensor::new(&[ce], ctx.device())?, pp - 1)?.to_vec1::<f32>()?[0];
-                (out.grads, ce, Vec::new())
-            };
-            for (p, g) in params.iter().zip(grads.iter_mut()) {
-                if let (false, Some(t)) = (Mixtral::is_expert_param(&p.name), g.as_mut()) {
-                    *t = ep.all_reduce(t, ReduceOp::Sum)?;
-                }
-            }
-            // Global norm over every distinct element: shared weights once (over tp, summed over
-            // the pipeline stages), experts over the whole world (unique slices per rank).
-            let pick = |want_expert: bool| -> Vec<Option<Tensor>> {
-                params.iter().zip(&grads).filter(|(p, _)| Mixtral::is_expert_param(&p.name) == want_expert).map(|(_, g)| g.clone()).collect()
-            };
-            let shared_sq = grad_norm_sq_of(&shared, &pick(false), tp)?;
-            let shared_sq = pp_comm.all_reduce(&Tensor::new(&[shared_sq], ctx.device())?, ReduceOp::Sum)?.to_vec1::<f64>()?[0];
-            let norm = (shared_sq + grad_norm_sq_of(&experts, &pick(true), ctx.comm())?).sqrt();
-            let factor = clip_factor(norm, args.max_grad_norm);
-            for g in grads.iter_mut().flatten() {
-                *g = (&*g * factor)?;
-            }
-            opt.step_with(&grads)?;
-            let loss = ep.all_reduce(&Tensor::new(&[ce], ctx.device())?, ReduceOp::Avg)?.to_vec1::<f32>()?[0];
-            history.push(loss);
+        let mut out_dir = None;
+        for step in trainer.steps_done() + 1..=args.steps {
+            let global = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
+            let mine = global.narrow(0, replica * per_replica, per_replica)?;
+            let g = model.batch_grads(&params, &mine, micro_batches, pp_comm)?;
+            let r = trainer.step(&g.grads, g.ce_loss)?;
+            history.push(r);
             if step % args.eval_every == 0 || step == args.steps {
                 last_eval = eval()?.0;
-                let loads: Vec<String> = stats
+                let loads: Vec<String> = g
+                    .stats
                     .iter()
                     .map(|s| format!("{:?} (max/mean {:.2})", s.tokens_per_expert, s.max_over_mean()))
                     .collect();
-                tracing::info!(step, loss, grad_norm = norm, metric, value = last_eval, expert_load = %loads.join(" | "), "evaluation");
+                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, metric, value = last_eval, expert_load = %loads.join(" | "), "evaluation");
             }
-            bar.set_message(format!("loss {loss:.3}  {metric} {last_eval:.3}"));
-            bar.inc(1);
+            if step == args.steps || (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) {
+                out_dir = Some(save(&trainer, &history)?);
+            }
         }
-        bar.finish();
-        let mut tensors: Vec<ShardedTensor> = params.iter().map(ShardedTensor::from).collect();
-        tensors.extend(opt.state()?);
-        let opts = SaveOptions {
-            step: args.steps as u64,
-            mesh: mesh.shape().to_string(),
-            config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
-            // The tokenizer travels with the checkpoint, so that an export is a complete model.
-            files: vec![("tokenizer.json".to_string(), tokenizer_json.clone())],
-            interrupt_at: None,
+        trainer.finish();
+        let out_dir = match out_dir {
+            Some(d) => d,
+            None => candle_core::bail!("the checkpoint is at step {} already: nothing to run (raise --steps)", trainer.steps_done()),
         };
-        save_checkpoint(&out_dir, &tensors, &opts, ctx.comm())?;
-        Ok((history, first_eval, last_eval, metric, out_dir))
+        let losses: Vec<f32> = history.iter().map(|r| r.loss as f32).collect();
+        Ok((losses, first_eval, last_eval, metric, out_dir, trainer.memory()))
     })?;
     if !is_lead()? {
         return Ok(()); // rank 0's process reports
     }
-    let (history, first, last, metric, out_dir) = &report[0];
+    let (history, first, last, metric, out_dir, memory) = &report[0];
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
     let k = (history.len() / 10).max(1);
     println!(
         "\nloss {:.3} -> {:.3} (mean of the first and last {k} steps); {metric} {first:.3} -> {last:.3}",
         avg(&history[..k]),
         avg(&history[history.len() - k..])
+    );
+    println!(
+        "memory on rank 0 (ZeRO {}): parameters {} KiB, gradients {} KiB, optimizer state {} KiB",
+        args.zero,
+        memory.param_bytes / 1024,
+        memory.grad_bytes / 1024,
+        memory.optimizer_bytes / 1024
     );
     println!("checkpoint: {}", out_dir.display());
     println!(

@@ -1,0 +1,111 @@
+//! The main job (`finetune_mixtral`) through the shared trainer: mixed precision tracks f32,
+//! and a job resumed from a periodic checkpoint continues the uninterrupted run bit for bit.
+mod common;
+
+use common::example_path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cp-finetune-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn finetune(model: &Path, out: &Path, extra: &[&str]) {
+    let mut args: Vec<String> = vec![
+        "--model".into(),
+        model.to_string_lossy().into(),
+        "--out".into(),
+        out.to_string_lossy().into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = Command::new(example_path("finetune_mixtral"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("finetune_mixtral runs");
+    assert!(
+        o.status.success(),
+        "finetune_mixtral {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// (step, loss) from a checkpoint's `history.json`.
+fn losses(checkpoint: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(checkpoint.join("history.json")).unwrap();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    v.iter()
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// bf16 parameters and activations with f32 master weights and optimizer state: over 50 steps
+/// the loss stays within 0.05 of the f32 run's at every step and 0.015 on average (measured:
+/// at most 0.021, 0.005 on average), and both learn the task.
+#[test]
+fn bf16_mixed_precision_tracks_the_f32_loss_curve() {
+    let dir = tmp("bf16");
+    let model = dir.join("model");
+    let mut curves = Vec::new();
+    for dtype in ["f32", "bf16"] {
+        let out = dir.join(dtype);
+        finetune(&model, &out, &["--steps", "50", "--dtype", dtype]);
+        curves.push(losses(&out.join("step-000050")));
+    }
+    let (f32_run, bf16_run) = (&curves[0], &curves[1]);
+    assert_eq!(f32_run.len(), 50);
+    let diffs: Vec<f64> = f32_run
+        .iter()
+        .zip(bf16_run)
+        .map(|((s, a), (t, b))| {
+            assert_eq!(s, t);
+            (a - b).abs()
+        })
+        .collect();
+    let max = diffs.iter().cloned().fold(0.0, f64::max);
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    assert!(
+        max <= 0.05 && mean <= 0.015,
+        "bf16 vs f32: max {max}, mean {mean}"
+    );
+    for curve in &curves {
+        assert!(curve[49].1 < curve[0].1 / 2.0, "{curve:?}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Stopped after step 6 (a periodic checkpoint) and resumed with `--resume`, at the same
+/// layout and ZeRO stage, and at another (dp = 2 × ep = 2 with ZeRO 2 instead of ep = 2 ×
+/// tp = 2 with ZeRO 0): the same data order, schedule and optimizer state, so the same
+/// layout's losses are the uninterrupted run's bit for bit, the other's to float-order noise.
+#[test]
+fn a_resumed_job_continues_the_uninterrupted_run() {
+    let dir = tmp("resume");
+    let model = dir.join("model");
+    let common = ["--steps", "12", "--warmup-steps", "3", "--min-lr", "1e-4"];
+    let full = dir.join("full");
+    let mut args = common.to_vec();
+    args.extend(["--checkpoint-every", "6"]);
+    finetune(&model, &full, &args);
+    let whole = losses(&full.join("step-000012"));
+    assert_eq!(whole.len(), 12);
+    let from = full.join("step-000006").to_string_lossy().to_string();
+    for (mesh, zero, exact) in [("ep=2,tp=2", "0", true), ("dp=2,ep=2", "2", false)] {
+        let out = dir.join(format!("resumed-{mesh}"));
+        let mut args = common.to_vec();
+        args.extend(["--resume", &from, "--mesh", mesh, "--zero", zero]);
+        finetune(&model, &out, &args);
+        let resumed = losses(&out.join("step-000012"));
+        assert_eq!(
+            resumed.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (7..=12).collect::<Vec<_>>()
+        );
+        for ((s, a), (_, b)) in resumed.iter().zip(&whole[6..]) {
+            let ok = if exact { a == b } else { (a - b).abs() <= 1e-4 };
+            assert!(ok, "{mesh}: step {s}: resumed {a} vs uninterrupted {b}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
