@@ -1,0 +1,306 @@
+//! Data parallelism and ZeRO, measured side by side in one run:
+//!
+//! 1. **Training steps** of the main job's Mixtral-style model scaled up (about 100 M
+//!    parameters by default) at dp 1, 2 and 4 with ZeRO stages 0, 1 and 2: the step time
+//!    (forward, backward, gradient reduction, clipping, AdamW; median over `--reps`) and the
+//!    bytes each rank holds for parameters, gradients and optimizer state (counted from the
+//!    tensors), next to the ZeRO paper's formula for the same Ψ.
+//! 2. **The bucket all-reduce**, in place as the gradient buckets use it, at 16 to 256 MiB on
+//!    2 ranks: bus bandwidth (nccl-tests' `2(n−1)/n × size / time`) against a memcpy measured
+//!    in the same run, the out-of-place all-reduce, and, with `--torch PYTHON`, PyTorch's gloo
+//!    (`scripts/bench_allreduce_torch.py`, 2 processes).
+//!
+//! ```text
+//! cargo run --release --example bench_data_parallel
+//! cargo run --release --example bench_data_parallel -- --torch /work/venv-torch/bin/python
+//! cargo run --release --example bench_data_parallel -- --hidden 256 --layers 2 --reps 5
+//! ```
+use candle_core::{DType, Device, Result, Tensor};
+use candle_parallel::checkpoint::ParallelVarBuilder;
+use candle_parallel::moe::Dispatch;
+use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
+use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(about = "Step time and memory of ZeRO 0-2 at dp 1/2/4; bucket all-reduce bandwidth")]
+struct Args {
+    /// Timed repetitions (steps, or all-reduce rounds); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Data-parallel sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    dp: Vec<usize>,
+    /// ZeRO stages.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    stages: Vec<u8>,
+    #[arg(long, default_value_t = 768)]
+    hidden: usize,
+    #[arg(long, default_value_t = 2048)]
+    ffn: usize,
+    #[arg(long, default_value_t = 8)]
+    experts: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    /// Sequences per global batch (split over the replicas).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// All-reduce sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+    sizes_mib: Vec<usize>,
+    /// Skip the training-step table.
+    #[arg(long)]
+    no_steps: bool,
+    /// A Python with torch: also time gloo's all-reduce.
+    #[arg(long)]
+    torch: Option<PathBuf>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn config(a: &Args) -> MixtralConfig {
+    MixtralConfig {
+        hidden_size: a.hidden,
+        intermediate_size: a.ffn,
+        vocab_size: a.vocab,
+        num_hidden_layers: a.layers,
+        num_local_experts: a.experts,
+        max_position_embeddings: a.seq.max(64),
+        sliding_window: None,
+        ..MixtralConfig::tiny()
+    }
+}
+
+/// (median step seconds, memory of rank 0, Ψ = parameters per replica).
+fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
+    let cfg = config(a);
+    let out = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
+        let mesh = ctx.mesh()?;
+        let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
+        let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+        let params = vb.params();
+        let zero = ZeroConfig {
+            stage,
+            ..Default::default()
+        };
+        let mut opt = ZeroOptimizer::new(params.clone(), mesh, &[MeshDim::Dp], zero)?;
+        let per = a.batch / dp;
+        let ids: Vec<Vec<u32>> = (0..per)
+            .map(|i| {
+                let row = mesh.dp().rank() * per + i;
+                (0..a.seq)
+                    .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
+                    .collect()
+            })
+            .collect();
+        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let mut times = Vec::new();
+        for rep in 0..=a.reps {
+            ctx.comm().barrier()?;
+            let t = Instant::now();
+            let g = model.batch_grads(&params, &ids, 1, mesh.pp())?;
+            opt.step(&g.grads, Some(1.0))?;
+            ctx.comm().barrier()?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64()); // the first step warms up
+            }
+        }
+        let psi: usize = params.iter().map(|p| p.var.elem_count()).sum();
+        Ok((median(times), opt.memory(), psi))
+    })?;
+    Ok(out[0])
+}
+
+fn memcpy_gbps(bytes: usize, reps: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    dst.copy_from_slice(&src); // fault the pages in
+    let times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&mut dst);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    bytes as f64 / median(times) / 1e9
+}
+
+/// Median seconds per all-reduce of `bytes` on 2 ranks, in place or not.
+fn all_reduce_secs(bytes: usize, reps: usize, in_place: bool) -> Result<f64> {
+    let out = Launcher::new(2).run(|ctx| {
+        let buf = Tensor::ones(bytes / 4, DType::F32, &Device::Cpu)?;
+        let run = || -> Result<()> {
+            if in_place {
+                ctx.comm().all_reduce_in_place(&buf, ReduceOp::Sum)
+            } else {
+                ctx.comm().all_reduce(&buf, ReduceOp::Sum).map(drop)
+            }
+        };
+        run()?; // warm up
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            ctx.comm().barrier()?;
+            let t = Instant::now();
+            run()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(median(times))
+    })?;
+    Ok(out[0])
+}
+
+/// gloo's median seconds per all-reduce for each size (2 processes).
+fn gloo_secs(python: &PathBuf, sizes: &[usize], reps: usize) -> Result<(Vec<f64>, String)> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_allreduce_torch.py");
+    let sizes_arg: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--sizes", &sizes_arg.join(","), "--reps", &reps.to_string()])
+        .output()
+        .map_err(|e| candle_core::Error::msg(format!("cannot run {}: {e}", python.display())))?;
+    if !out.status.success() {
+        candle_core::bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .map_err(|e| candle_core::Error::msg(format!("{}: bad output: {e}", script.display())))?;
+    let secs = json["secs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    median(
+                        r.as_array()
+                            .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((secs, json["torch"].as_str().unwrap_or("?").to_string()))
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn main() -> Result<()> {
+    candle_parallel::logging::init();
+    let a = Args::parse();
+    if a.reps == 0 || a.dp.iter().any(|&d| d == 0 || a.batch % d != 0) {
+        candle_core::bail!("--reps must be at least 1 and every --dp must divide --batch");
+    }
+    if let Some(s) = a.stages.iter().find(|&&s| s > 2) {
+        candle_core::bail!("--stages: ZeRO stage {s} is not available (0, 1, 2)");
+    }
+    let style = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]")
+        .map_err(candle_core::Error::wrap)?;
+    if !a.no_steps {
+        let runs: Vec<(usize, u8)> =
+            a.dp.iter()
+                .flat_map(|&d| a.stages.iter().map(move |&s| (d, s)))
+                .collect();
+        let bar = ProgressBar::new(runs.len() as u64).with_style(style.clone());
+        let mut rows = Vec::new();
+        for &(dp, stage) in &runs {
+            bar.set_message(format!("dp={dp} zero={stage}"));
+            rows.push((dp, stage, steps(&a, dp, stage)?));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let base = rows[0].2 .0;
+        let psi = rows[0].2 .2;
+        println!(
+            "\nTraining steps: Mixtral-style, {} M parameters (hidden {}, ffn {}, {} experts top-2, {} layers, vocab {}), f32, global batch {} x {} tokens; median of {} steps; 2 CPU cores shared by all ranks",
+            psi as f64 / 1e6, a.hidden, a.ffn, a.experts, a.layers, a.vocab, a.batch, a.seq, a.reps
+        );
+        println!(
+            "\n| dp | ZeRO | step (s) | vs first row | params MiB | grads MiB | optimizer MiB | total MiB/rank | formula MiB |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (dp, stage, (secs, m, psi)) in &rows {
+            // f32: parameters 4Ψ, gradients 4Ψ, AdamW moments 8Ψ; ÷N_d from stage 1 (state)
+            // and 2 (gradients).
+            let n = *dp as f64;
+            let p = *psi as f64;
+            let formula = 4.0 * p
+                + if *stage >= 2 { 4.0 * p / n } else { 4.0 * p }
+                + if *stage >= 1 { 8.0 * p / n } else { 8.0 * p };
+            println!(
+                "| {dp} | {stage} | {secs:.3} | {:.2}x | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                secs / base,
+                mib(m.param_bytes),
+                mib(m.grad_bytes),
+                mib(m.optimizer_bytes),
+                mib(m.total()),
+                formula / (1 << 20) as f64
+            );
+        }
+    }
+
+    let sizes: Vec<usize> = a.sizes_mib.iter().map(|m| m << 20).collect();
+    let gloo = match &a.torch {
+        Some(py) => Some(gloo_secs(py, &sizes, a.reps)?),
+        None => None,
+    };
+    let bar = ProgressBar::new(sizes.len() as u64).with_style(style);
+    let mut rows = Vec::new();
+    for &bytes in &sizes {
+        bar.set_message(format!("all-reduce {} MiB", bytes >> 20));
+        let inplace = all_reduce_secs(bytes, a.reps, true)?;
+        let fresh = all_reduce_secs(bytes, a.reps, false)?;
+        let copy = memcpy_gbps(bytes, a.reps);
+        rows.push((bytes, inplace, fresh, copy));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!(
+        "\nBucket all-reduce, 2 ranks, f32 sum, busbw = size / time (2(n-1)/n = 1), median of {} rounds{}",
+        a.reps,
+        gloo.as_ref()
+            .map(|(_, v)| format!("; gloo from torch {v}, 2 processes"))
+            .unwrap_or_default()
+    );
+    print!("\n| size | in place GB/s | vs memcpy | out of place GB/s | memcpy GB/s |");
+    if gloo.is_some() {
+        print!(" gloo GB/s | in place vs gloo |");
+    }
+    println!();
+    println!(
+        "|---:|---:|---:|---:|---:|{}",
+        if gloo.is_some() { "---:|---:|" } else { "" }
+    );
+    for (i, (bytes, inplace, fresh, copy)) in rows.iter().enumerate() {
+        let bw = |s: f64| *bytes as f64 / s / 1e9;
+        print!(
+            "| {} MiB | {:.2} | {:.2}x | {:.2} | {:.2} |",
+            bytes >> 20,
+            bw(*inplace),
+            bw(*inplace) / copy,
+            bw(*fresh),
+            copy
+        );
+        if let Some((g, _)) = &gloo {
+            print!(" {:.2} | {:.2}x |", bw(g[i]), g[i] / inplace);
+        }
+        println!();
+    }
+    Ok(())
+}
