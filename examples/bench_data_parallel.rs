@@ -1,7 +1,7 @@
 //! Data parallelism and ZeRO, measured side by side in one run:
 //!
 //! 1. **Training steps** of the main job's Mixtral-style model scaled up (about 100 M
-//!    parameters by default) at dp 1, 2 and 4 with ZeRO stages 0, 1 and 2: the step time
+//!    parameters by default) at dp 1, 2 and 4 with ZeRO stages 0 to 3: the step time
 //!    (forward, backward, gradient reduction, clipping, AdamW; median over `--reps`) and the
 //!    bytes each rank holds for parameters, gradients and optimizer state (counted from the
 //!    tensors), next to the ZeRO paper's formula for the same Ψ.
@@ -17,17 +17,18 @@
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
+use candle_parallel::data_parallel::BatchGroups;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
 use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, ShardedMixtral};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(about = "Step time and memory of ZeRO 0-2 at dp 1/2/4; bucket all-reduce bandwidth")]
+#[command(about = "Step time and memory of ZeRO 0-3 at dp 1/2/4; bucket all-reduce bandwidth")]
 struct Args {
     /// Timed repetitions (steps, or all-reduce rounds); medians are reported.
     #[arg(long, default_value_t = 5)]
@@ -36,7 +37,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     dp: Vec<usize>,
     /// ZeRO stages.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
     stages: Vec<u8>,
     #[arg(long, default_value_t = 768)]
     hidden: usize,
@@ -88,13 +89,21 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
     let out = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
-        let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
-        let params = vb.params();
         let zero = ZeroConfig {
             stage,
             ..Default::default()
         };
-        let mut opt = ZeroOptimizer::new(params.clone(), mesh, &[MeshDim::Dp], zero)?;
+        let batch = BatchGroups::new(mesh, &[MeshDim::Dp])?;
+        let (whole, sharded, mut opt) = if stage == 3 {
+            let m = ShardedMixtral::new(&cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
+            let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
+            (None, Some(m), opt)
+        } else {
+            let m = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+            let opt = ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], zero)?;
+            (Some(m), None, opt)
+        };
+        let vars = opt.vars().to_vec();
         let per = a.batch / dp;
         let ids: Vec<Vec<u32>> = (0..per)
             .map(|i| {
@@ -109,14 +118,22 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
         for rep in 0..=a.reps {
             ctx.comm().barrier()?;
             let t = Instant::now();
-            let g = model.batch_grads(&params, &ids, 1, mesh.pp())?;
+            let g = match (&whole, &sharded) {
+                (Some(m), _) => m.batch_grads(&vars, &ids, 1, mesh.pp())?,
+                (_, Some(m)) => m.batch_grads(&vars, &ids, 1)?,
+                _ => unreachable!("one of the two"),
+            };
             opt.step(&g.grads, Some(1.0))?;
             ctx.comm().barrier()?;
             if rep > 0 {
                 times.push(t.elapsed().as_secs_f64()); // the first step warms up
             }
         }
-        let psi: usize = params.iter().map(|p| p.var.elem_count()).sum();
+        let psi: usize = opt
+            .named_params()?
+            .iter()
+            .map(|(t, _)| t.local.elem_count())
+            .sum();
         Ok((median(times), opt.memory(), psi))
     })?;
     Ok(out[0])
@@ -207,8 +224,8 @@ fn main() -> Result<()> {
     if a.reps == 0 || a.dp.iter().any(|&d| d == 0 || a.batch % d != 0) {
         candle_core::bail!("--reps must be at least 1 and every --dp must divide --batch");
     }
-    if let Some(s) = a.stages.iter().find(|&&s| s > 2) {
-        candle_core::bail!("--stages: ZeRO stage {s} is not available (0, 1, 2)");
+    if let Some(s) = a.stages.iter().find(|&&s| s > 3) {
+        candle_core::bail!("--stages: ZeRO stage {s} does not exist (0, 1, 2, 3)");
     }
     let style = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}]")
         .map_err(candle_core::Error::wrap)?;
@@ -236,11 +253,11 @@ fn main() -> Result<()> {
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (dp, stage, (secs, m, psi)) in &rows {
-            // f32: parameters 4Ψ, gradients 4Ψ, AdamW moments 8Ψ; ÷N_d from stage 1 (state)
-            // and 2 (gradients).
+            // f32: parameters 4Ψ, gradients 4Ψ, AdamW moments 8Ψ; ÷N_d from stage 1 (state),
+            // 2 (gradients) and 3 (parameters).
             let n = *dp as f64;
             let p = *psi as f64;
-            let formula = 4.0 * p
+            let formula = if *stage >= 3 { 4.0 * p / n } else { 4.0 * p }
                 + if *stage >= 2 { 4.0 * p / n } else { 4.0 * p }
                 + if *stage >= 1 { 8.0 * p / n } else { 8.0 * p };
             println!(

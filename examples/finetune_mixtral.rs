@@ -28,13 +28,14 @@
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
+use candle_parallel::data_parallel::BatchGroups;
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{Launcher, MeshDim, MeshShape};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage, ShardedMixtral};
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
 use clap::Parser;
@@ -87,7 +88,8 @@ struct Args {
     #[arg(long)]
     micro_batches: Option<usize>,
     /// ZeRO stage: 0 (every replica holds the whole optimizer state), 1 (optimizer state
-    /// sharded over the replicas), 2 (gradients too).
+    /// sharded over the replicas), 2 (gradients too), 3 (parameters too: each layer gathered
+    /// just before use and freed after; not with pp).
     #[arg(long, default_value_t = 0)]
     zero: u8,
     /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
@@ -304,6 +306,12 @@ impl Data {
     }
 }
 
+/// The model as a rank holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
+enum Model {
+    Whole(Mixtral),
+    Sharded(ShardedMixtral),
+}
+
 /// `base`, or `base.1`, `base.2`, ...: the first that does not exist (checkpoints are never
 /// overwritten).
 fn unused_dir(base: &Path) -> PathBuf {
@@ -329,11 +337,8 @@ fn main() -> Result<()> {
     if args.seq_len < 2 {
         candle_core::bail!("--seq-len must be at least 2 (a token and the next one to predict)");
     }
-    if args.zero > 2 {
-        candle_core::bail!(
-            "--zero {}: stages 0, 1 and 2 are available (3, parameters sharded, is not yet)",
-            args.zero
-        );
+    if args.zero > 3 {
+        candle_core::bail!("--zero {}: the ZeRO stages are 0, 1, 2 and 3", args.zero);
     }
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
@@ -368,6 +373,9 @@ fn main() -> Result<()> {
     })?;
     let (cfg, tok) = prepare_model(&args)?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
+    if args.zero == 3 && pp > 1 {
+        candle_core::bail!("--zero 3 with pp in --mesh: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
+    }
     if pp > 1 && cfg.tie_word_embeddings {
         candle_core::bail!("--mesh with pp: a head tied to the embedding would be two copies on the first and last stages, whose gradients are not summed yet; train it without pp");
     }
@@ -386,9 +394,6 @@ fn main() -> Result<()> {
             None => ParallelVarBuilder::from_hf_dir(&args.model, dtype, ctx.device())?,
         }
         .trainable();
-        // With pipeline stages each rank builds (and reads) only its stage's layers.
-        let model = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, stages[pp_comm.rank()].clone())?;
-        let params = vb.params();
         let tcfg = TrainerConfig {
             steps: args.steps,
             lr: LrSchedule::warmup_cosine(args.lr, args.min_lr.unwrap_or(args.lr), args.warmup_steps, args.steps),
@@ -398,23 +403,40 @@ fn main() -> Result<()> {
             progress: true,
             ..Default::default()
         };
-        let mut trainer = Trainer::new(params.clone(), mesh, &[MeshDim::Dp, MeshDim::Ep], tcfg)?;
+        let batch_dims = [MeshDim::Dp, MeshDim::Ep];
+        let (model, mut trainer) = if args.zero == 3 {
+            // Every layer a sharded module: gathered just before use, freed after.
+            let groups = BatchGroups::new(mesh, &batch_dims)?;
+            let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
+            let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
+            (Model::Sharded(m), t)
+        } else {
+            // With pipeline stages each rank builds (and reads) only its stage's layers.
+            let layers = stages[pp_comm.rank()].clone();
+            let m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
+            let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
+            (Model::Whole(m), t)
+        };
+        let vars = trainer.vars().to_vec();
         if args.resume.is_some() {
             trainer.resume(&vb)?;
         }
-        tracing::info!(read_bytes = vb.bytes_read(), params = params.len(), memory = ?trainer.memory(), "model loaded");
+        tracing::info!(read_bytes = vb.bytes_read(), memory = ?trainer.memory(), "model loaded");
         // The rank that tells everyone the last stage's results: the last stage's first ep
         // and tp rank of dp replica 0 (ranks are laid out dp, pp, ep, tp with tp fastest).
         let root = (pp - 1) * ep * tp.size();
         // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank, through the
         // pipeline stages (a forward and a discarded backward).
         let through_stages = |ids: &Tensor| -> Result<(Tensor, f32)> {
+            let Model::Whole(model) = &model else {
+                candle_core::bail!("pipeline stages hold whole parameters (ZeRO 3 is refused with pp)")
+            };
             let (b, s) = ids.dims2()?;
             let kept = std::sync::Mutex::new(None);
             run_step(
                 pp_comm,
                 &Schedule::gpipe(pp, 1)?,
-                &[&MixtralStage { model: &model, train: false }],
+                &[&MixtralStage { model, train: false }],
                 &[],
                 std::slice::from_ref(ids),
                 (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
@@ -439,8 +461,9 @@ fn main() -> Result<()> {
             match &data {
                 Data::Addition { problems } => {
                     let prompts = Tensor::new(problems.iter().map(|p| p[..4].to_vec()).collect::<Vec<_>>(), ctx.device())?;
-                    let logits = match pp {
-                        1 => model.forward(&prompts, 0, None)?,
+                    let logits = match (&model, pp) {
+                        (Model::Sharded(m), _) => m.losses(&prompts)?.1,
+                        (Model::Whole(m), 1) => m.forward(&prompts, 0, None)?,
                         _ => through_stages(&prompts)?.0,
                     };
                     let guess = logits.narrow(1, 3, 1)?.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
@@ -451,10 +474,13 @@ fn main() -> Result<()> {
                     let n = (eval.len() - 1) / args.seq_len;
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
                     let rows = Tensor::new(rows, ctx.device())?;
-                    let ce = match pp {
-                        1 => model.losses(&rows, false)?.ce_loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-                        _ => through_stages(&rows)?.1,
-                    };
+                    let ce = match (&model, pp) {
+                        (Model::Sharded(m), _) => m.losses(&rows)?.0.ce_loss,
+                        (Model::Whole(m), 1) => m.losses(&rows, false)?.ce_loss,
+                        _ => Tensor::new(through_stages(&rows)?.1, ctx.device())?,
+                    }
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?;
                     Ok((ce as f64, "eval loss"))
                 }
             }
@@ -497,7 +523,10 @@ fn main() -> Result<()> {
         for step in trainer.steps_done() + 1..=args.steps {
             let global = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
             let mine = global.narrow(0, replica * per_replica, per_replica)?;
-            let g = model.batch_grads(&params, &mine, micro_batches, pp_comm)?;
+            let g = match &model {
+                Model::Whole(m) => m.batch_grads(&vars, &mine, micro_batches, pp_comm)?,
+                Model::Sharded(m) => m.batch_grads(&vars, &mine, micro_batches)?,
+            };
             let r = trainer.step(&g.grads, g.ce_loss)?;
             history.push(r);
             if step % args.eval_every == 0 || step == args.steps {

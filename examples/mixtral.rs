@@ -28,13 +28,14 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{
     full_gradients_of, gather_full, ParallelVarBuilder, SaveOptions,
 };
+use candle_parallel::data_parallel::BatchGroups;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
 use candle_parallel::MeshDim;
 use candle_parallel::{Launcher, MeshShape};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage, ShardedMixtral};
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -108,7 +109,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         pp: usize,
         /// ZeRO stage: 0 (replicated optimizer), 1 (optimizer state sharded over the
-        /// replicas), 2 (gradients too).
+        /// replicas), 2 (gradients too), 3 (parameters too: each layer gathered just before
+        /// use; not with --pp).
         #[arg(long, default_value_t = 0)]
         zero: u8,
         /// Micro-batches per step on each replica (gradient accumulation; pipelined with pp).
@@ -353,10 +355,11 @@ fn run_train(command: Command) -> Result<()> {
             candle_core::bail!("{flag} must be at least 1");
         }
     }
-    if zero > 2 {
-        candle_core::bail!(
-            "--zero {zero}: stages 0, 1 and 2 are available (3, parameters sharded, is not yet)"
-        );
+    if zero > 3 {
+        candle_core::bail!("--zero {zero}: the ZeRO stages are 0, 1, 2 and 3");
+    }
+    if zero == 3 && pp > 1 {
+        candle_core::bail!("--zero 3 with --pp {pp}: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
     }
     let rows = read_batch(&batch, cfg.vocab_size)?;
     let replicas = dp * ep;
@@ -381,15 +384,6 @@ fn run_train(command: Command) -> Result<()> {
             (None, None) => ParallelVarBuilder::from_init(seed, DType::F32, ctx.device()),
         }
         .trainable();
-        let m = Mixtral::new_stage(
-            &cfg,
-            vb.clone(),
-            mesh.ep(),
-            mesh.tp(),
-            Dispatch::AllToAll,
-            stages[mesh.pp().rank()].clone(),
-        )?;
-        let params = vb.params();
         let tcfg = TrainerConfig {
             steps,
             lr: LrSchedule::constant(lr),
@@ -402,7 +396,27 @@ fn run_train(command: Command) -> Result<()> {
             zero_stage: zero,
             ..Default::default()
         };
-        let mut trainer = Trainer::new(params.clone(), mesh, &[MeshDim::Dp, MeshDim::Ep], tcfg)?;
+        let batch_dims = [MeshDim::Dp, MeshDim::Ep];
+        let (model, mut trainer) = if zero == 3 {
+            let groups = BatchGroups::new(mesh, &batch_dims)?;
+            let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
+            // Every parameter lives in a layer's sharded module.
+            let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
+            (Model::Sharded(m), t)
+        } else {
+            let layers = stages[mesh.pp().rank()].clone();
+            let m = Mixtral::new_stage(
+                &cfg,
+                vb.clone(),
+                mesh.ep(),
+                mesh.tp(),
+                Dispatch::AllToAll,
+                layers,
+            )?;
+            let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
+            (Model::Whole(m), t)
+        };
+        let vars = trainer.vars().to_vec();
         if resume.is_some() {
             trainer.resume(&vb)?;
         }
@@ -428,7 +442,10 @@ fn run_train(command: Command) -> Result<()> {
         )?;
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for i in trainer.steps_done()..steps {
-            let g = m.batch_grads(&params, &ids, micro_batches, mesh.pp())?;
+            let g = match &model {
+                Model::Whole(m) => m.batch_grads(&vars, &ids, micro_batches, mesh.pp())?,
+                Model::Sharded(m) => m.batch_grads(&vars, &ids, micro_batches)?,
+            };
             let r = trainer.step(&g.grads, g.loss)?;
             tensors.push((
                 format!("loss.{i}"),
@@ -445,16 +462,13 @@ fn run_train(command: Command) -> Result<()> {
         // One copy of every parameter at full shape: tp slices gathered; each expert from its
         // ep rank, every other weight from ep rank 0; the replicas are equal, dp rank 0 sends.
         let mut mine = Vec::new();
-        for p in &params {
-            let full = gather_full(p.var.as_tensor(), p.placement, &p.full_dims, mesh.tp())?;
+        for (p, local_to) in trainer.optimizer().named_params()? {
+            let full = gather_full(&p.local, p.placement, &p.full_dims, mesh.tp())?;
             let sends = mesh.tp().rank() == 0
                 && mesh.dp().rank() == 0
-                && (p.is_local_to(MeshDim::Ep) || mesh.ep().rank() == 0);
+                && (local_to.contains(&MeshDim::Ep) || mesh.ep().rank() == 0);
             if sends {
-                mine.push((
-                    p.name.clone(),
-                    full.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-                ));
+                mine.push((p.name, full.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
             }
         }
         tensors.extend(merge_on_all(ctx.comm(), mine)?);
@@ -490,6 +504,12 @@ fn run_train(command: Command) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The model as `train` holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
+enum Model {
+    Whole(Mixtral),
+    Sharded(ShardedMixtral),
 }
 
 /// The rows of a batch file, checked: equal lengths of at least 2, ids in the vocabulary.

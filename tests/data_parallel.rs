@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::checkpoint::Param;
 use candle_parallel::comm::ReduceOp;
-use candle_parallel::data_parallel::{shard_batch, GradAccumulator, GradBuckets};
+use candle_parallel::data_parallel::{shard_batch, BatchGroups, GradAccumulator, GradBuckets};
 use candle_parallel::mesh::{MeshDim, MeshShape};
 use candle_parallel::tensor_parallel::column_parallel_linear;
-use candle_parallel::zero::{ZeroConfig, ZeroOptimizer};
+use candle_parallel::zero::{ShardedModule, ZeroConfig, ZeroOptimizer};
 use candle_parallel_models::testing::{max_rel_err, seeded, TanhMlp};
 use common::{launch, Launcher};
 
@@ -149,37 +149,56 @@ fn in_place_all_reduce_writes_the_result_into_the_buffer() -> Result<()> {
     Ok(())
 }
 
-/// Bytes held per rank for ZeRO stages 0, 1 and 2 at dp = 1, 2, 4, f32 and bf16 parameters,
-/// against the ZeRO paper's formulas: parameters Ψ·b (b bytes each); gradients 4Ψ (reduced in
-/// f32), divided by N_d at stage 2; optimizer state KΨ (K = 8 for f32 moments, 12 with f32
-/// master weights), divided by N_d from stage 1. Within 10% (bucket padding).
+/// Bytes held per rank for ZeRO stages 0 to 3 at dp = 1, 2, 4, f32 and bf16 parameters,
+/// against the ZeRO paper's formulas: parameters Ψ·b (b bytes each), divided by N_d at stage
+/// 3; gradients 4Ψ (reduced in f32), divided by N_d from stage 2; optimizer state KΨ (K = 8
+/// for f32 moments, 12 with f32 master weights), divided by N_d from stage 1. Within 10%
+/// (bucket padding).
 #[test]
 fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
         for dp in [1, 2, 4] {
-            for stage in 0..=2u8 {
+            for stage in 0..=3u8 {
                 let got = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
                     let mesh = ctx.mesh()?;
                     let vb = ParallelVarBuilder::from_init(3, dtype, &Device::Cpu).trainable();
+                    let batch = BatchGroups::new(mesh, &[MeshDim::Dp])?;
                     let mut x = Tensor::ones((2, 48), dtype, &Device::Cpu)?;
+                    let mut units = Vec::new();
+                    let mut plain = Vec::new();
                     for i in 0..4 {
-                        let fc = column_parallel_linear(48, 48, vb.pp(i), mesh.tp())?;
-                        x = fc.forward(&x)?.tanh()?;
+                        let tp = mesh.tp().clone();
+                        let build =
+                            move |vb: ParallelVarBuilder| column_parallel_linear(48, 48, vb, &tp);
+                        if stage == 3 {
+                            units.push(ShardedModule::new(
+                                &format!("fc{i}"),
+                                &vb.pp(i),
+                                &batch,
+                                mesh,
+                                build,
+                            )?);
+                            x = units[i].forward(&x)?.tanh()?;
+                        } else {
+                            plain.push(build(vb.pp(i))?);
+                            x = plain[i].forward(&x)?.tanh()?;
+                        }
                     }
-                    let params = vb.params();
                     let cfg = ZeroConfig {
                         stage,
                         bucket_bytes: 4096,
                         ..Default::default()
                     };
-                    let mut opt = ZeroOptimizer::new(params.clone(), mesh, &[MeshDim::Dp], cfg)?;
+                    let mut opt = if stage == 3 {
+                        let units: Vec<&ShardedModule> = units.iter().collect();
+                        ZeroOptimizer::new_sharded(&units, vb.params(), &batch, mesh, cfg)?
+                    } else {
+                        ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], cfg)?
+                    };
                     let grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
-                    let g: Vec<_> = params
-                        .iter()
-                        .map(|p| grads.get(p.var.as_tensor()).cloned())
-                        .collect();
-                    opt.step(&g, Some(1.0))?;
-                    let psi: usize = params.iter().map(|p| p.var.elem_count()).sum();
+                    opt.step(&opt.grads_of(&grads), Some(1.0))?;
+                    // Ψ: the model's parameters, counted from the layer shapes.
+                    let psi = 4 * (48 * 48 + 48);
                     Ok((psi, opt.memory()))
                 })?;
                 let (psi, m) = got[0];
@@ -188,7 +207,7 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
                 let b = dtype.size_in_bytes() as f64;
                 let k = if dtype == DType::F32 { 8.0 } else { 12.0 };
                 let want = [
-                    psi * b,
+                    if stage >= 3 { psi * b / n } else { psi * b },
                     if stage >= 2 { 4.0 * psi / n } else { 4.0 * psi },
                     if stage >= 1 { k * psi / n } else { k * psi },
                 ];

@@ -189,6 +189,10 @@ fn every_layout_and_zero_stage_matches_one_device() -> Result<()> {
         (2, 2, 2, 1, 1, 1),
         (2, 1, 1, 2, 2, 2),
         (1, 2, 2, 2, 0, 2),
+        (1, 1, 1, 1, 3, 1),
+        (2, 1, 1, 1, 3, 1),
+        (4, 1, 1, 1, 3, 2),
+        (2, 2, 2, 1, 3, 1),
     ];
     for (dp, tp, ep, pp, zero, mb) in layouts {
         let what = format!("dp={dp} tp={tp} ep={ep} pp={pp} zero={zero} micro-batches={mb}");
@@ -219,8 +223,8 @@ fn every_layout_and_zero_stage_matches_one_device() -> Result<()> {
 }
 
 /// A job checkpointed after step 2 at dp = 4 with ZeRO 2 resumes: under the same layout its
-/// step 3 is the uninterrupted run's bit for bit; at dp = 2 with ZeRO 1, and at dp = 1, it
-/// computes the same step 3 (float-order noise aside).
+/// step 3 is the uninterrupted run's bit for bit; at dp = 2 with ZeRO 1 or 3, and at dp = 1,
+/// it computes the same step 3 (float-order noise aside).
 #[test]
 fn a_checkpointed_job_resumes_under_another_dp_and_zero_stage() -> Result<()> {
     let (model, batch) = setup("resume");
@@ -271,7 +275,12 @@ fn a_checkpointed_job_resumes_under_another_dp_and_zero_stage() -> Result<()> {
         }
         Ok(())
     };
-    for (dp, zero, exact) in [("4", "2", true), ("2", "1", false), ("1", "0", false)] {
+    for (dp, zero, exact) in [
+        ("4", "2", true),
+        ("2", "1", false),
+        ("1", "0", false),
+        ("2", "3", false),
+    ] {
         let mut args = vec!["--dp", dp, "--zero", zero, "--resume", &from];
         args.extend(aux0);
         let got = train(
@@ -321,8 +330,10 @@ fn bad_training_input_is_a_clear_error() {
     );
     let e = run(&batch, &["--dp", "2", "--ep", "2", "--micro-batches", "4"]);
     assert!(e.contains("multiple of 16"), "{e}");
-    let e = run(&batch, &["--zero", "3"]);
-    assert!(e.contains("stages 0, 1 and 2 are available"), "{e}");
+    let e = run(&batch, &["--zero", "4"]);
+    assert!(e.contains("the ZeRO stages are 0, 1, 2 and 3"), "{e}");
+    let e = run(&batch, &["--zero", "3", "--pp", "2"]);
+    assert!(e.contains("use --zero 2 with pipeline stages"), "{e}");
     let ragged = dir.join("ragged.json");
     std::fs::write(&ragged, r#"{"batch": [[1, 2, 3], [4, 5]]}"#).unwrap();
     let e = run(&ragged, &[]);

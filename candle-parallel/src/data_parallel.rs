@@ -296,64 +296,64 @@ pub(crate) fn check_batch_dims(batch_dims: &[MeshDim]) -> Result<Vec<MeshDim>> {
     Ok(dims)
 }
 
-/// A group of parameters synchronised over the same mesh dimensions.
-#[derive(Debug)]
-pub(crate) struct SyncGroup {
-    /// The dimensions its gradients are summed over (empty: none).
-    pub dims: Vec<MeshDim>,
-    /// The communicator over `dims` (`None` when that is this rank alone).
-    pub comm: Option<Comm>,
-    /// Indices into the parameters.
-    pub members: Vec<usize>,
+/// The communicators over every subset of a mesh's batch dimensions (the dimensions whose
+/// ranks see different examples: dp, and ep with all-to-all expert dispatch), made once: a
+/// parameter's gradients are summed over the batch dimensions it is not local to
+/// ([`Param::local_to`]), with one of these.
+#[derive(Clone, Debug)]
+pub struct BatchGroups {
+    dims: Vec<MeshDim>,
+    /// Per subset of `dims` (bit i: `dims[i]`): its dimensions and communicator (`None` when
+    /// that is this rank alone).
+    subsets: Vec<(Vec<MeshDim>, Option<Comm>)>,
+    replicas: usize,
 }
 
-/// The parameters grouped by the batch dimensions their gradients are summed over: for each
-/// parameter, the `batch_dims` it is not local to. Collective over the mesh's world (every
-/// rank builds the same communicators, in the same order).
-pub(crate) fn sync_groups(
-    params: &[Param],
-    mesh: &DeviceMesh,
-    batch_dims: &[MeshDim],
-) -> Result<Vec<SyncGroup>> {
-    let dims = check_batch_dims(batch_dims)?;
-    let mut groups = Vec::new();
-    // Every subset of the batch dimensions, in one fixed order on every rank.
-    for mask in 0..(1usize << dims.len()) {
-        let subset: Vec<MeshDim> = dims
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| mask & (1 << i) != 0)
-            .map(|(_, d)| *d)
-            .collect();
-        let comm = match subset.iter().map(|&d| mesh.size(d)).product::<usize>() {
-            1 => None,
-            _ => Some(mesh.comm_over(&subset)?),
-        };
-        let members: Vec<usize> = params
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| {
-                dims.iter()
-                    .filter(|&&d| !p.is_local_to(d))
-                    .copied()
-                    .collect::<Vec<_>>()
-                    == subset
-            })
-            .map(|(i, _)| i)
-            .collect();
-        groups.push(SyncGroup {
-            dims: subset,
-            comm,
-            members,
-        });
+impl BatchGroups {
+    /// Collective over the mesh's world: every rank builds the same communicators in the same
+    /// order.
+    pub fn new(mesh: &DeviceMesh, batch_dims: &[MeshDim]) -> Result<Self> {
+        let dims = check_batch_dims(batch_dims)?;
+        let mut subsets = Vec::new();
+        for mask in 0..(1usize << dims.len()) {
+            let subset: Vec<MeshDim> = dims
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, d)| *d)
+                .collect();
+            let comm = match subset.iter().map(|&d| mesh.size(d)).product::<usize>() {
+                1 => None,
+                _ => Some(mesh.comm_over(&subset)?),
+            };
+            subsets.push((subset, comm));
+        }
+        Ok(Self {
+            replicas: dims.iter().map(|&d| mesh.size(d)).product(),
+            dims,
+            subsets,
+        })
     }
-    Ok(groups)
-}
 
-/// The number of replicas a global batch is split over: the product of the batch dimensions'
-/// sizes.
-pub(crate) fn replicas(mesh: &DeviceMesh, batch_dims: &[MeshDim]) -> usize {
-    batch_dims.iter().map(|&d| mesh.size(d)).product()
+    /// How many replicas a global batch is split over.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// The subset (index) a parameter's gradients are summed over.
+    pub(crate) fn subset_of(&self, p: &Param) -> usize {
+        self.dims
+            .iter()
+            .enumerate()
+            .filter(|(_, &d)| !p.is_local_to(d))
+            .map(|(i, _)| 1 << i)
+            .sum()
+    }
+
+    /// The subsets: dimensions and communicator.
+    pub(crate) fn subsets(&self) -> &[(Vec<MeshDim>, Option<Comm>)] {
+        &self.subsets
+    }
 }
 
 /// Gradient synchronisation for a model on a mesh (DDP over dp, and over ep for the weights
@@ -407,18 +407,22 @@ impl DataParallel {
         batch_dims: &[MeshDim],
         bucket_bytes: usize,
     ) -> Result<Self> {
+        let batch = BatchGroups::new(mesh, batch_dims)?;
         let mut groups = Vec::new();
-        for g in sync_groups(params, mesh, batch_dims)? {
-            let Some(comm) = g.comm else {
+        for (i, (dims, comm)) in batch.subsets().iter().enumerate() {
+            let Some(comm) = comm else {
                 continue;
             };
-            let subset: Vec<Param> = g.members.iter().map(|&i| params[i].clone()).collect();
-            let buckets = GradBuckets::new(&subset, &comm, bucket_bytes)?;
-            groups.push((g.members, g.dims, buckets));
+            let members: Vec<usize> = (0..params.len())
+                .filter(|&j| batch.subset_of(&params[j]) == i)
+                .collect();
+            let subset: Vec<Param> = members.iter().map(|&j| params[j].clone()).collect();
+            let buckets = GradBuckets::new(&subset, comm, bucket_bytes)?;
+            groups.push((members, dims.clone(), buckets));
         }
         Ok(Self {
             groups,
-            replicas: replicas(mesh, &check_batch_dims(batch_dims)?),
+            replicas: batch.replicas(),
             params: params.len(),
         })
     }

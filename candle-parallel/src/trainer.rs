@@ -37,9 +37,10 @@
 
 use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions, ShardedTensor};
 use crate::comm::ReduceOp;
+use crate::data_parallel::BatchGroups;
 use crate::mesh::{DeviceMesh, MeshDim};
 use crate::optim::AdamWConfig;
-use crate::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
+use crate::zero::{MemoryReport, ShardedModule, ZeroConfig, ZeroOptimizer};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -158,31 +159,53 @@ pub struct Trainer {
 
 impl Trainer {
     /// A trainer for `params` (e.g. `vb.params()`) on `mesh`, whose `batch_dims` split each
-    /// global batch (dp; with all-to-all expert dispatch also ep). Collective over the world.
+    /// global batch (dp; with all-to-all expert dispatch also ep), at ZeRO stage 0, 1 or 2.
+    /// Collective over the world.
     pub fn new(
         params: Vec<Param>,
         mesh: &DeviceMesh,
         batch_dims: &[MeshDim],
         cfg: TrainerConfig,
     ) -> Result<Self> {
-        let zero = ZeroConfig {
+        let batch = BatchGroups::new(mesh, batch_dims)?;
+        let opt = ZeroOptimizer::new(params, mesh, batch_dims, Self::zero_config(&cfg))?;
+        Self::with_optimizer(opt, &batch, mesh, cfg)
+    }
+
+    /// A trainer at ZeRO stage 3: the `modules`' parameters are sharded over the replicas
+    /// (built with the same `batch` groups), `params` are the model's other parameters.
+    /// Collective over the world.
+    pub fn sharded(
+        modules: &[&ShardedModule],
+        params: Vec<Param>,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        cfg: TrainerConfig,
+    ) -> Result<Self> {
+        let opt =
+            ZeroOptimizer::new_sharded(modules, params, batch, mesh, Self::zero_config(&cfg))?;
+        Self::with_optimizer(opt, batch, mesh, cfg)
+    }
+
+    fn zero_config(cfg: &TrainerConfig) -> ZeroConfig {
+        ZeroConfig {
             stage: cfg.zero_stage,
             bucket_bytes: cfg.bucket_bytes,
             adamw: AdamWConfig {
                 lr: cfg.lr.at(1),
                 ..cfg.adamw
             },
-        };
-        let opt = ZeroOptimizer::new(params, mesh, batch_dims, zero)?;
-        let split: Vec<MeshDim> = batch_dims
-            .iter()
-            .copied()
-            .filter(|&d| mesh.size(d) > 1)
-            .collect();
-        let replicas = match split.is_empty() {
-            true => None,
-            false => Some(mesh.comm_over(&split)?),
-        };
+        }
+    }
+
+    fn with_optimizer(
+        opt: ZeroOptimizer,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        cfg: TrainerConfig,
+    ) -> Result<Self> {
+        // The communicator over all the batch dimensions (the last subset: every bit set).
+        let replicas = batch.subsets().last().and_then(|(_, c)| c.clone());
         let bar = if cfg.progress && mesh.rank() == 0 {
             ProgressBar::new(cfg.steps as u64).with_style(
                 ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
@@ -205,9 +228,10 @@ impl Trainer {
         &self.opt
     }
 
-    /// The parameters, in the order gradients are given.
-    pub fn params(&self) -> &[Param] {
-        self.opt.params()
+    /// The variables whose gradients [`Trainer::step`] takes, in order (the parameters, or at
+    /// stage 3 also the sharded modules' partitions).
+    pub fn vars(&self) -> &[candle_core::Var] {
+        self.opt.vars()
     }
 
     /// Steps taken so far (restored by [`Trainer::resume`]).
@@ -220,12 +244,9 @@ impl Trainer {
         self.opt.memory()
     }
 
-    /// The gradients of [`Trainer::params`] in a backward pass's store, in their order.
+    /// The gradients of [`Trainer::vars`] in a backward pass's store, in their order.
     pub fn grads_of(&self, store: &GradStore) -> Vec<Option<Tensor>> {
-        self.params()
-            .iter()
-            .map(|p| store.get(p.var.as_tensor()).cloned())
-            .collect()
+        self.opt.grads_of(store)
     }
 
     /// One optimizer step from this rank's gradients of its mean `loss` (unsynchronised; the
@@ -268,31 +289,29 @@ impl Trainer {
     /// atomically (see [`save_checkpoint`]); each tensor is written by one of the ranks that
     /// hold it. Collective over the world.
     pub fn save(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
-        let params = self.params();
-        let mut tensors: Vec<ShardedTensor> = Vec::new();
-        let state = self.opt.state()?;
-        let primary = |p: &Param| {
+        let primary = |local_to: &[MeshDim]| {
             MeshDim::ALL
                 .into_iter()
-                .all(|d| p.is_local_to(d) || self.mesh.coord(d) == 0)
+                .all(|d| d == MeshDim::Pp || local_to.contains(&d) || self.mesh.coord(d) == 0)
         };
-        for p in params.iter().filter(|p| primary(p)) {
-            tensors.push(ShardedTensor::from(p));
+        let params = self.opt.named_params()?;
+        let mut tensors: Vec<ShardedTensor> = Vec::new();
+        let mut owners: std::collections::HashMap<String, bool> = Default::default();
+        for (t, local_to) in params {
+            let keep = primary(&local_to);
+            owners.insert(t.name.clone(), keep);
+            if keep {
+                tensors.push(t);
+            }
         }
-        let by_name: std::collections::HashMap<&str, &Param> =
-            params.iter().map(|p| (p.name.as_str(), p)).collect();
-        for t in state {
+        for t in self.opt.state()? {
             // `optimizer.KIND.NAME`, or `optimizer.step`.
             let owner = t
                 .name
                 .strip_prefix("optimizer.")
                 .and_then(|rest| rest.split_once('.'))
-                .and_then(|(_, name)| by_name.get(name));
-            let keep = match owner {
-                Some(p) => primary(p),
-                None => self.mesh.rank() == 0, // optimizer.step
-            };
-            if keep {
+                .and_then(|(_, name)| owners.get(name).copied());
+            if owner.unwrap_or(self.mesh.rank() == 0) {
                 tensors.push(t);
             }
         }

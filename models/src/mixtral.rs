@@ -12,14 +12,16 @@ use crate::llama::{
     stage_norm_and_head, KvCache, LlamaConfig,
 };
 use candle_core::backprop::GradStore;
-use candle_core::{bail, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor, Var, D};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Param};
-use candle_parallel::mesh::MeshDim;
+use candle_parallel::data_parallel::BatchGroups;
+use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
     hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, moe_layer,
     Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
 use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
+use candle_parallel::zero::ShardedModule;
 use candle_parallel::{ops, Comm, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -310,45 +312,14 @@ impl Mixtral {
         let Some(head) = &self.lm_head else {
             bail!("stage_losses: this stage has no head (it is not the last pipeline stage)")
         };
-        check_next_token_ids(ids)?;
-        let (b, s) = ids.dims2()?;
-        let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
-        let cols = head.weight().dim(0)?;
-        let n = b * s * cols;
-        let header = out.narrow(0, 0, 2)?.to_vec1::<f32>()?;
-        if out.dims1()? != 2 + n + e + k * e || header != [b as f32, s as f32] {
-            bail!(
-                "stage_losses: the last stage's output ({} values for {} x {} tokens) does not belong to ids of shape {:?}",
-                out.dims1()?,
-                header[0],
-                header[1],
-                ids.dims()
-            )
-        }
-        let logits = out
-            .narrow(0, 2, n)?
-            .reshape((b, s, cols))?
-            .to_dtype(self.rope.0.dtype())?;
-        let p = out.narrow(0, 2 + n, e)?;
-        let f = out.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?;
-        let ce_loss = next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)?;
-        let tokens = b * s * self.cfg.num_hidden_layers;
-        let aux_loss = hf_load_balancing_loss_of_sums(&p, &f.detach(), tokens)?;
-        let loss = (&ce_loss + (&aux_loss * self.cfg.router_aux_loss_coef)?)?;
-        let full = ops::gather_from_group(&logits, D::Minus1, &self.tp)?.narrow(
-            D::Minus1,
-            0,
-            self.cfg.vocab_size,
-        )?;
-        Ok((
-            MixtralLosses {
-                ce_loss,
-                aux_loss,
-                loss,
-                stats: Vec::new(),
-            },
-            full,
-        ))
+        losses_of_packed(
+            &self.cfg,
+            &self.tp,
+            head.weight().dim(0)?,
+            self.rope.0.dtype(),
+            out,
+            ids,
+        )
     }
 
     pub fn config(&self) -> &MixtralConfig {
@@ -480,7 +451,7 @@ impl Mixtral {
 /// One training step's forward and backward over this rank's examples
 /// ([`Mixtral::batch_grads`]).
 pub struct BatchGrads {
-    /// The gradients of this rank's mean loss, in the order of the parameters given.
+    /// The gradients of this rank's mean loss, in the order of the variables given.
     pub grads: Vec<Option<Tensor>>,
     /// Mean next-token cross-entropy over this rank's examples (on every stage).
     pub ce_loss: f64,
@@ -493,14 +464,14 @@ pub struct BatchGrads {
 }
 
 impl Mixtral {
-    /// The gradients (for `params`, in their order) of the mean loss over `ids` (`[b, s]`,
+    /// The gradients (for `vars`, in their order) of the mean loss over `ids` (`[b, s]`,
     /// this rank's examples): `micro_batches` forward and backward passes, through the
     /// pipeline stages of `pp` with a 1F1B schedule when it has several ranks (this model
     /// being this rank's stage), summed into one gradient without synchronising. Every rank
     /// of `pp` gets the losses.
     pub fn batch_grads(
         &self,
-        params: &[Param],
+        vars: &[Var],
         ids: &Tensor,
         micro_batches: usize,
         pp: &Comm,
@@ -508,44 +479,10 @@ impl Mixtral {
         let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
         let m = micro_batches as f64;
         if pp.size() == 1 {
-            let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
-            let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
-            for mb in &mbs {
-                let l = self.losses(mb, true)?;
-                let store = l.loss.backward()?;
-                let g: Vec<Option<Tensor>> = params
-                    .iter()
-                    .map(|p| store.get(p.var.as_tensor()).cloned())
-                    .collect();
-                acc.add(&g)?;
-                ce += l
-                    .ce_loss
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?
-                    / m;
-                aux += l
-                    .aux_loss
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?
-                    / m;
-                loss += l
-                    .loss
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?
-                    / m;
-                stats = l.stats;
-            }
-            return Ok(BatchGrads {
-                grads: acc.take()?,
-                ce_loss: ce,
-                aux_loss: aux,
-                loss,
-                stats,
-            });
+            return accumulate(vars, &mbs, |mb| self.losses(mb, true));
         }
         let (b, s) = mbs[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
-        let vars: Vec<candle_core::Var> = params.iter().map(|p| p.var.clone()).collect();
         let out = candle_parallel::pipeline::run_step(
             pp,
             &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
@@ -553,7 +490,7 @@ impl Mixtral {
                 model: self,
                 train: true,
             }],
-            &vars,
+            vars,
             &mbs,
             (
                 &candle_core::Shape::from(self.stage_activation_len(b, s)),
@@ -582,6 +519,177 @@ impl Mixtral {
             loss: mean[2],
             stats: Vec::new(),
         })
+    }
+}
+
+/// The losses from a last stage's packed output for `ids` (see [`Mixtral::stage_losses`]):
+/// `cols` logit columns on this rank, cast back to `dtype`.
+fn losses_of_packed(
+    cfg: &MixtralConfig,
+    tp: &Comm,
+    cols: usize,
+    dtype: candle_core::DType,
+    out: &Tensor,
+    ids: &Tensor,
+) -> Result<(MixtralLosses, Tensor)> {
+    check_next_token_ids(ids)?;
+    let (b, s) = ids.dims2()?;
+    let (e, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
+    let n = b * s * cols;
+    let header = out.narrow(0, 0, 2)?.to_vec1::<f32>()?;
+    if out.dims1()? != 2 + n + e + k * e || header != [b as f32, s as f32] {
+        bail!(
+            "stage_losses: the last stage's output ({} values for {} x {} tokens) does not belong to ids of shape {:?}",
+            out.dims1()?,
+            header[0],
+            header[1],
+            ids.dims()
+        )
+    }
+    let logits = out
+        .narrow(0, 2, n)?
+        .reshape((b, s, cols))?
+        .to_dtype(dtype)?;
+    let p = out.narrow(0, 2 + n, e)?;
+    let f = out.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?;
+    let ce_loss = next_token_loss(&logits, ids, cfg.vocab_size, tp)?;
+    let tokens = b * s * cfg.num_hidden_layers;
+    let aux_loss = hf_load_balancing_loss_of_sums(&p, &f.detach(), tokens)?;
+    let loss = (&ce_loss + (&aux_loss * cfg.router_aux_loss_coef)?)?;
+    let full =
+        ops::gather_from_group(&logits, D::Minus1, tp)?.narrow(D::Minus1, 0, cfg.vocab_size)?;
+    Ok((
+        MixtralLosses {
+            ce_loss,
+            aux_loss,
+            loss,
+            stats: Vec::new(),
+        },
+        full,
+    ))
+}
+
+/// The mean of `losses(mb)` over micro-batches, backward after each, gradients (for `vars`)
+/// summed without synchronising.
+fn accumulate(
+    vars: &[Var],
+    mbs: &[Tensor],
+    losses: impl Fn(&Tensor) -> Result<MixtralLosses>,
+) -> Result<BatchGrads> {
+    let m = mbs.len() as f64;
+    let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
+    let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
+    let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
+    for mb in mbs {
+        let l = losses(mb)?;
+        let store = l.loss.backward()?;
+        let g: Vec<Option<Tensor>> = vars
+            .iter()
+            .map(|x| store.get(x.as_tensor()).cloned())
+            .collect();
+        acc.add(&g)?;
+        ce += v(&l.ce_loss)? / m;
+        aux += v(&l.aux_loss)? / m;
+        loss += v(&l.loss)? / m;
+        stats = l.stats;
+    }
+    Ok(BatchGrads {
+        grads: acc.take()?,
+        ce_loss: ce,
+        aux_loss: aux,
+        loss,
+        stats,
+    })
+}
+
+/// Mixtral with its parameters sharded over the replicas (ZeRO stage 3): every decoder layer
+/// is a [`ShardedModule`] (the first also holding the embedding, the last the final norm and
+/// the head), gathered just before use and freed after, in forward and again in backward.
+/// Computes what [`Mixtral`] computes.
+pub struct ShardedMixtral {
+    cfg: MixtralConfig,
+    units: Vec<ShardedModule>,
+    tp: Comm,
+    dtype: candle_core::DType,
+}
+
+/// A one-layer stage that owns its model (what a sharded module rebuilds).
+struct OwnedStage(Mixtral);
+
+impl Module for OwnedStage {
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.0.forward_stage(input, true)
+    }
+}
+
+impl ShardedMixtral {
+    /// Builds every layer once from `vb` (trainable; each rank reads its tp/ep slices) and
+    /// keeps this rank's partition of it. Collective over the world.
+    pub fn new(
+        cfg: &MixtralConfig,
+        vb: ParallelVarBuilder,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        dispatch: Dispatch,
+    ) -> Result<Self> {
+        cfg.check()?;
+        if cfg.tie_word_embeddings {
+            bail!("ZeRO stage 3: a head tied to the embedding would be two copies in the first and last layers' sharded modules; train this model at stage 0, 1 or 2")
+        }
+        let mut units = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let (c, ep, tp) = (cfg.clone(), mesh.ep().clone(), mesh.tp().clone());
+            units.push(ShardedModule::new(
+                &format!("layer {i}"),
+                &vb,
+                batch,
+                mesh,
+                move |vb| {
+                    Ok(OwnedStage(Mixtral::new_stage(
+                        &c,
+                        vb,
+                        &ep,
+                        &tp,
+                        dispatch,
+                        i..i + 1,
+                    )?))
+                },
+            )?);
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            units,
+            tp: mesh.tp().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The sharded modules, first layer first.
+    pub fn units(&self) -> Vec<&ShardedModule> {
+        self.units.iter().collect()
+    }
+
+    /// The losses for `ids` (`[b, s]`) and the gathered logits `[b, s, vocab]`.
+    pub fn losses(&self, ids: &Tensor) -> Result<(MixtralLosses, Tensor)> {
+        let mut x = ids.clone();
+        for u in &self.units {
+            x = u.forward(&x)?;
+        }
+        let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
+        losses_of_packed(&self.cfg, &self.tp, cols, self.dtype, &x, ids)
+    }
+
+    /// As [`Mixtral::batch_grads`] without pipeline stages: the gradients (for `vars`, e.g.
+    /// the trainer's, which include the units' shards) of the mean loss over `ids` in
+    /// `micro_batches` passes.
+    pub fn batch_grads(
+        &self,
+        vars: &[Var],
+        ids: &Tensor,
+        micro_batches: usize,
+    ) -> Result<BatchGrads> {
+        let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
+        accumulate(vars, &mbs, |mb| Ok(self.losses(mb)?.0))
     }
 }
 

@@ -47,6 +47,9 @@ enum Source {
     /// A candle-nn `VarBuilder` (a `VarMap`, a user's own backend): full tensors, sliced
     /// ([`ParallelVarBuilder::from_candle_nn`]).
     CandleNn(candle_nn::VarBuilder<'static>),
+    /// This rank's slices, by full name, as they are (ZeRO 3 rebuilds a module from gathered
+    /// parameters this way).
+    Local(std::collections::HashMap<String, Tensor>),
 }
 
 struct Inner {
@@ -87,7 +90,7 @@ impl ParallelVarBuilder {
     pub fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
         match &self.inner.source {
             Source::Stored(s) => s.checkpoint_meta(),
-            Source::Init { .. } | Source::CandleNn(_) => None,
+            Source::Init { .. } | Source::CandleNn(_) | Source::Local(_) => None,
         }
     }
 
@@ -167,6 +170,7 @@ impl ParallelVarBuilder {
             Source::Init { .. } => true,
             Source::Stored(s) => s.contains(&self.full_name(name)),
             Source::CandleNn(vb) => vb.contains_tensor(&self.full_name(name)),
+            Source::Local(m) => m.contains_key(&self.full_name(name)),
         }
     }
 
@@ -235,6 +239,20 @@ impl ParallelVarBuilder {
                 Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
                     .to_dtype(self.inner.dtype)?
             }
+            Source::Local(m) => {
+                let Some(t) = m.get(&name) else {
+                    bail!("tensor {name} is not among the given local tensors")
+                };
+                let want = shard.local_dims(full.dims())?;
+                if t.dims() != want.as_slice() {
+                    bail!(
+                        "tensor {name}: the local tensor has shape {:?}, but its shard {shard:?} of {:?} is {want:?}",
+                        t.dims(),
+                        full.dims()
+                    )
+                }
+                t.to_dtype(self.inner.dtype)?
+            }
             Source::CandleNn(vb) => {
                 let whole = vb.get_with_hints(full.clone(), &name, init)?;
                 if whole.dims() != full.dims() {
@@ -283,7 +301,37 @@ impl ParallelVarBuilder {
             Source::Init { .. } => None,
             Source::Stored(s) => s.dims(&name),
             Source::CandleNn(vb) => vb.get_unchecked(&name).ok().map(|t| t.dims().to_vec()),
+            Source::Local(_) => None,
         }
+    }
+
+    /// The same source and prefix as `self`, over another source: what a module built under
+    /// `self` is rebuilt from (ZeRO 3).
+    pub(crate) fn with_prefix_of(mut self, other: &Self) -> Self {
+        self.prefix = other.prefix.clone();
+        self.local_to = other.local_to.clone();
+        self
+    }
+
+    /// Whether the builder records its tensors as trainable parameters.
+    pub(crate) fn is_trainable(&self) -> bool {
+        self.inner.trainable.load(Ordering::SeqCst)
+    }
+
+    /// Removes and returns (sorted by name) the recorded parameters whose names are not in
+    /// `before`: those a module just built created, for an owner that keeps them otherwise
+    /// (ZeRO 3's sharded modules).
+    pub(crate) fn take_new_params(
+        &self,
+        before: &std::collections::BTreeSet<String>,
+    ) -> Vec<Param> {
+        let mut params = self.inner.params.lock().unwrap_or_else(|e| e.into_inner());
+        let new: Vec<String> = params
+            .keys()
+            .filter(|k| !before.contains(*k))
+            .cloned()
+            .collect();
+        new.iter().filter_map(|k| params.remove(k)).collect()
     }
 
     /// The recorded parameter `name` (a full name), if any.
@@ -329,6 +377,16 @@ impl ParallelVarBuilder {
     pub fn from_candle_nn(vb: candle_nn::VarBuilder<'static>) -> Self {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         Self::new(Source::CandleNn(vb), dtype, &device)
+    }
+
+    /// Parameters given as this rank's slices already (by full name): `get` checks each
+    /// against the shape its placement implies and returns it as is.
+    pub fn from_local_tensors(
+        tensors: std::collections::HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self::new(Source::Local(tensors), dtype, device)
     }
 
     /// [`ParallelVarBuilder::from_candle_nn`] over a `VarMap`.

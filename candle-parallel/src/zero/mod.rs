@@ -1,0 +1,739 @@
+//! ZeRO stages 0 to 3: AdamW whose state (and, at stage 3, parameters) is sharded over the
+//! data-parallel replicas, with gradient synchronisation, global-norm clipping and mixed
+//! precision in the same step.
+//!
+//! The parameters of each synchronisation group (those summed over the same batch dimensions,
+//! see [`crate::data_parallel::BatchGroups`]) are packed into flat f32 buckets, padded to a
+//! multiple of the group size N; rank r owns the r-th of N equal partitions of every bucket.
+//!
+//! | stage | gradients | optimizer state (AdamW moments; f32 master weights for 16-bit params) | parameters |
+//! |---|---|---|---|
+//! | 0 | all-reduced in place into full buckets kept between steps | full, on every replica | whole |
+//! | 1 | full buckets kept, reduce-scattered to this rank's partition | this rank's partition | whole |
+//! | 2 | reduce-scattered; only this rank's partition is kept | this rank's partition | whole |
+//! | 3 | reduce-scattered in the backward pass, module by module | this rank's partition | this rank's partition ([`ShardedModule`]) |
+//!
+//! At stages 1 and 2 each rank updates its partition and the parameters are all-gathered (in
+//! their own dtype) after the step. At stage 3 the parameters stay partitioned: a
+//! [`ShardedModule`] gathers its parameters just before its forward and again in the backward
+//! pass, and frees them after each. Candle's backward returns every gradient at once, so at
+//! stages 0–2 the full gradients exist while the step reduces them; what differs is what the
+//! optimizer keeps ([`ZeroOptimizer::memory`]).
+//!
+//! Parameters in bf16/f16 (mixed precision) get f32 master copies of their partition, which
+//! the update reads and writes; the gradients are reduced in f32.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_parallel::checkpoint::ParallelVarBuilder;
+//! use candle_parallel::mesh::MeshDim;
+//! use candle_parallel::optim::AdamWConfig;
+//! use candle_parallel::tensor_parallel::column_parallel_linear;
+//! use candle_parallel::zero::{ZeroConfig, ZeroOptimizer};
+//! use candle_parallel::{Launcher, MeshShape};
+//!
+//! let out = Launcher::new(4).mesh(MeshShape::new().dp(2).tp(2)).run(|ctx| {
+//!     let mesh = ctx.mesh()?;
+//!     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+//!     let fc = column_parallel_linear(4, 4, vb.pp("fc"), mesh.tp())?.with_gather_output(true);
+//!     let params = vb.params();
+//!     let cfg = ZeroConfig { stage: 2, adamw: AdamWConfig { lr: 1e-2, ..Default::default() }, ..Default::default() };
+//!     let mut opt = ZeroOptimizer::new(params.clone(), &mesh, &[MeshDim::Dp], cfg)?;
+//!     let x = Tensor::full(1f32 + mesh.dp().rank() as f32, (2, 4), &Device::Cpu)?;
+//!     let grads = fc.forward(&x)?.sqr()?.mean_all()?.backward()?;
+//!     let norm = opt.step(&opt.grads_of(&grads), Some(1.0))?;
+//!     Ok((norm, opt.memory().optimizer_bytes))
+//! })?;
+//! // The same norm everywhere; each rank keeps half of the moments (2 × 4 × 4 / 2 / 2 × 4 B,
+//! // plus the bias's).
+//! assert!(out.iter().all(|(n, _)| *n == out[0].0));
+//! assert_eq!(out[0].1, (16 + 4) / 2 / 2 * 2 * 4);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod sharded;
+
+pub use sharded::ShardedModule;
+
+use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
+use crate::comm::{Comm, ReduceOp};
+use crate::data_parallel::{agree_layout, plan_buckets, BatchGroups, DEFAULT_BUCKET_BYTES};
+use crate::mesh::{DeviceMesh, MeshDim};
+use crate::optim::{clip_factor, AdamWConfig};
+use candle_core::backprop::GradStore;
+use candle_core::{bail, DType, Result, Tensor, Var};
+
+/// ZeRO settings.
+#[derive(Clone, Copy, Debug)]
+pub struct ZeroConfig {
+    /// 0 (plain data parallelism), 1 (optimizer state sharded), 2 (gradients too) or 3
+    /// (parameters too: [`ZeroOptimizer::new_sharded`]).
+    pub stage: u8,
+    /// Bucket size in bytes of f32 (DDP's 25 MiB by default).
+    pub bucket_bytes: usize,
+    pub adamw: AdamWConfig,
+}
+
+impl Default for ZeroConfig {
+    fn default() -> Self {
+        Self {
+            stage: 0,
+            bucket_bytes: DEFAULT_BUCKET_BYTES,
+            adamw: AdamWConfig::default(),
+        }
+    }
+}
+
+/// Bytes one rank holds, by kind (see [`ZeroOptimizer::memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// The parameters: this rank's tp/ep slices, whole over dp (stages 0–2) or this rank's
+    /// partition of them (stage 3).
+    pub param_bytes: usize,
+    /// Gradient storage the optimizer keeps: full f32 buckets (stages 0 and 1) or this rank's
+    /// partition of them (stages 2 and 3).
+    pub grad_bytes: usize,
+    /// AdamW's two moments and, for 16-bit parameters, the f32 master weights: whole (stage 0)
+    /// or this rank's partition (stages 1 to 3).
+    pub optimizer_bytes: usize,
+}
+
+impl MemoryReport {
+    pub fn total(&self) -> usize {
+        self.param_bytes + self.grad_bytes + self.optimizer_bytes
+    }
+}
+
+/// A parameter as the optimizer sees it (whole or inside a sharded module).
+#[derive(Clone, Debug)]
+pub(crate) struct Info {
+    pub name: String,
+    /// This rank's slice (over tp/ep).
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+    pub full_dims: Vec<usize>,
+    pub placement: Placement,
+    pub local_to: Vec<MeshDim>,
+    /// How many ranks of the mesh hold each element ([`Param::holders`]).
+    pub holders: f64,
+}
+
+impl Info {
+    pub(crate) fn of(p: &Param, mesh: &DeviceMesh) -> Self {
+        Self {
+            name: p.name.clone(),
+            dims: p.var.dims().to_vec(),
+            dtype: p.var.dtype(),
+            full_dims: p.full_dims.clone(),
+            placement: p.placement,
+            local_to: p.local_to.clone(),
+            holders: p.holders(mesh),
+        }
+    }
+}
+
+/// Where one parameter lies in a flat bucket.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seg {
+    /// Index into the optimizer's (or module's) infos.
+    pub info: usize,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Where a bucket's parameters live.
+enum Home {
+    /// Whole parameters (stages 0–2): gradients are packed into this full buffer (kept at
+    /// stages 0 and 1).
+    Whole { grad: Option<Tensor> },
+    /// A sharded module's partition (stage 3): elements `offset..offset + len` of shard
+    /// variable `var`; its gradient arrives reduced.
+    Shard { var: usize, offset: usize },
+}
+
+/// One bucket and this rank's part of it.
+struct Bucket {
+    segs: Vec<Seg>,
+    padded: usize,
+    /// This rank's partition: elements `start..start + len` of the padded bucket.
+    start: usize,
+    len: usize,
+    comm: Option<Comm>,
+    home: Home,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// f32 master weights of the partition (16-bit parameters only).
+    master: Option<Tensor>,
+}
+
+/// AdamW with ZeRO over the batch dimensions of a mesh. See the [module docs](self).
+pub struct ZeroOptimizer {
+    infos: Vec<Info>,
+    /// What the step's gradients are for, in order: the whole parameters, then the sharded
+    /// modules' shards.
+    vars: Vec<Var>,
+    /// `vars` index of each info's whole parameter (`None` inside a sharded module).
+    whole: Vec<Option<usize>>,
+    modules: Vec<ShardedModule>,
+    buckets: Vec<Bucket>,
+    cfg: ZeroConfig,
+    world: Comm,
+    replicas: usize,
+    step: u64,
+    /// The partition gradients of the last step (kept only at stages 2 and 3).
+    held_partition_bytes: usize,
+}
+
+impl ZeroOptimizer {
+    /// An optimizer (stages 0–2) for `params` on `mesh`, whose `batch_dims` split every global
+    /// batch (dp; with all-to-all expert dispatch also ep). Collective over the world: the
+    /// replicas must hold the same parameters (an error on every rank names the first
+    /// difference).
+    pub fn new(
+        params: Vec<Param>,
+        mesh: &DeviceMesh,
+        batch_dims: &[MeshDim],
+        cfg: ZeroConfig,
+    ) -> Result<Self> {
+        if cfg.stage > 2 {
+            bail!(
+                "ZeRO stage {}: use 0 (data parallel), 1 (optimizer state sharded) or 2 (gradients too) here; stage 3 shards the parameters too, which the model must be built for: wrap its layers in zero::ShardedModule and use ZeroOptimizer::new_sharded",
+                cfg.stage
+            )
+        }
+        Self::build(params, &[], &BatchGroups::new(mesh, batch_dims)?, mesh, cfg)
+    }
+
+    /// An optimizer at stage 3: the `modules`' parameters are sharded (built with the same
+    /// `batch` groups); `params`, the model's other parameters, are handled as at stage 2.
+    /// Collective over the world.
+    pub fn new_sharded(
+        modules: &[&ShardedModule],
+        params: Vec<Param>,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        cfg: ZeroConfig,
+    ) -> Result<Self> {
+        if cfg.stage != 3 {
+            bail!(
+                "ZeroOptimizer::new_sharded is stage 3 (sharded parameters); got stage {}",
+                cfg.stage
+            )
+        }
+        Self::build(params, modules, batch, mesh, cfg)
+    }
+
+    fn build(
+        params: Vec<Param>,
+        modules: &[&ShardedModule],
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        cfg: ZeroConfig,
+    ) -> Result<Self> {
+        let device = mesh.world().device().clone();
+        let zeros = |len: usize| Tensor::zeros(len, DType::F32, &device);
+        let mut infos: Vec<Info> = params.iter().map(|p| Info::of(p, mesh)).collect();
+        let mut vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
+        let mut whole: Vec<Option<usize>> = (0..params.len()).map(Some).collect();
+        let mut buckets = Vec::new();
+        for (i, (_, comm)) in batch.subsets().iter().enumerate() {
+            let members: Vec<usize> = (0..params.len())
+                .filter(|&j| batch.subset_of(&params[j]) == i)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            if let Some(c) = comm {
+                agree_layout(&params, &members, c)?;
+            }
+            let (n, rank) = comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
+            for layout in plan_buckets(&params, &members, cfg.bucket_bytes, n) {
+                let segs: Vec<Seg> = layout
+                    .segments
+                    .iter()
+                    .map(|s| Seg {
+                        info: s.param,
+                        offset: s.offset,
+                        len: s.len,
+                    })
+                    .collect();
+                let (start, len) = match cfg.stage {
+                    0 => (0, layout.padded),
+                    _ => (rank * layout.padded / n, layout.padded / n),
+                };
+                let master = match segs.iter().any(|s| infos[s.info].dtype != DType::F32) {
+                    true => Some(flat_of_vars(&vars, &whole, &segs, start, len)?),
+                    false => None,
+                };
+                let grad = match cfg.stage {
+                    0 | 1 => Some(zeros(layout.padded)?),
+                    _ => None,
+                };
+                buckets.push(Bucket {
+                    segs,
+                    padded: layout.padded,
+                    start,
+                    len,
+                    comm: comm.clone(),
+                    home: Home::Whole { grad },
+                    exp_avg: zeros(len)?,
+                    exp_avg_sq: zeros(len)?,
+                    master,
+                });
+            }
+        }
+        for m in modules {
+            let var = vars.len();
+            vars.push(m.shard().clone());
+            let first = infos.len();
+            infos.extend(m.infos().iter().cloned());
+            whole.extend(m.infos().iter().map(|_| None));
+            for g in m.groups() {
+                let segs = g
+                    .segs
+                    .iter()
+                    .map(|s| Seg {
+                        info: first + s.info,
+                        ..*s
+                    })
+                    .collect();
+                let master = match m.dtype() {
+                    DType::F32 => None,
+                    _ => Some(
+                        m.shard()
+                            .as_tensor()
+                            .narrow(0, g.var_offset, g.part)?
+                            .to_dtype(DType::F32)?
+                            .copy()?,
+                    ),
+                };
+                buckets.push(Bucket {
+                    segs,
+                    padded: g.padded,
+                    start: g.rank * g.part,
+                    len: g.part,
+                    comm: g.comm.clone(),
+                    home: Home::Shard {
+                        var,
+                        offset: g.var_offset,
+                    },
+                    exp_avg: zeros(g.part)?,
+                    exp_avg_sq: zeros(g.part)?,
+                    master,
+                });
+            }
+        }
+        Ok(Self {
+            infos,
+            vars,
+            whole,
+            modules: modules.iter().map(|m| (*m).clone()).collect(),
+            buckets,
+            cfg,
+            world: mesh.world().clone(),
+            replicas: batch.replicas(),
+            step: 0,
+            held_partition_bytes: 0,
+        })
+    }
+
+    /// The variables the step's gradients are for, in order: the whole parameters, then the
+    /// sharded modules' shards.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// The gradients of [`ZeroOptimizer::vars`] in a backward pass's store, in their order.
+    pub fn grads_of(&self, store: &GradStore) -> Vec<Option<Tensor>> {
+        self.vars
+            .iter()
+            .map(|v| store.get(v.as_tensor()).cloned())
+            .collect()
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.cfg.adamw.lr
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.adamw.lr = lr;
+    }
+
+    /// The ZeRO stage.
+    pub fn stage(&self) -> u8 {
+        self.cfg.stage
+    }
+
+    /// How many replicas a global batch is split over.
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    /// Bytes this rank holds for the parameters, the gradients the optimizer keeps, and the
+    /// optimizer state, counted from the tensors themselves.
+    pub fn memory(&self) -> MemoryReport {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut r = MemoryReport {
+            param_bytes: self.vars.iter().map(|v| bytes(v.as_tensor())).sum(),
+            ..Default::default()
+        };
+        for b in &self.buckets {
+            if let Home::Whole { grad: Some(g) } = &b.home {
+                r.grad_bytes += bytes(g);
+            }
+            r.optimizer_bytes += bytes(&b.exp_avg) + bytes(&b.exp_avg_sq);
+            r.optimizer_bytes += b.master.as_ref().map_or(0, bytes);
+        }
+        if self.cfg.stage >= 2 {
+            r.grad_bytes += self.held_partition_bytes;
+        }
+        r
+    }
+
+    /// One step from every rank's gradients of the mean loss over its own examples (in the
+    /// order of [`ZeroOptimizer::vars`]; `None` counts as zeros, as DDP's unused parameters):
+    /// reduces them over the replicas (the gradient of the mean loss over the global batch),
+    /// clips their global norm to `max_norm` (torch's `clip_grad_norm_`), and takes one AdamW
+    /// step (torch's semantics). Returns the norm before clipping, the same on every rank.
+    pub fn step(&mut self, grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<f64> {
+        if grads.len() != self.vars.len() {
+            bail!(
+                "ZeroOptimizer::step: {} gradients for {} variables",
+                grads.len(),
+                self.vars.len()
+            )
+        }
+        for (v, g) in self.vars.iter().zip(grads) {
+            if let Some(g) = g {
+                if g.dims() != v.dims() {
+                    let name = self.name_of_var(v);
+                    bail!(
+                        "ZeroOptimizer::step: the gradient of {name} has shape {:?}, the parameter (this rank's part) {:?}",
+                        g.dims(),
+                        v.dims()
+                    )
+                }
+            }
+        }
+        // 1. This rank's partition of every bucket's summed gradient, and the squared norm of
+        //    the distinct elements it holds.
+        let stage = self.cfg.stage;
+        let device = self.world.device().clone();
+        let mut parts: Vec<Tensor> = Vec::with_capacity(self.buckets.len());
+        let mut sq = 0f64;
+        for b in &self.buckets {
+            let n = b.comm.as_ref().map_or(1, Comm::size);
+            let part = match &b.home {
+                Home::Whole { grad } => {
+                    let full = match grad {
+                        Some(buf) => buf.clone(),
+                        None => Tensor::zeros(b.padded, DType::F32, &device)?,
+                    };
+                    for s in &b.segs {
+                        let g = self.whole[s.info].and_then(|v| grads[v].as_ref());
+                        let flat = match g {
+                            Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
+                            None => Tensor::zeros(s.len, DType::F32, &device)?,
+                        };
+                        full.slice_set(&flat, 0, s.offset)?;
+                    }
+                    match (&b.comm, stage) {
+                        (None, _) => full,
+                        (Some(c), 0) => {
+                            c.all_reduce_in_place(&full, ReduceOp::Sum)?;
+                            full
+                        }
+                        (Some(c), _) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
+                    }
+                }
+                Home::Shard { var, offset } => match &grads[*var] {
+                    Some(g) => g.narrow(0, *offset, b.len)?.to_dtype(DType::F32)?,
+                    None => Tensor::zeros(b.len, DType::F32, &device)?,
+                },
+            };
+            // Each element of a partition is held by one rank of the group.
+            let share = if stage >= 1 { n as f64 } else { 1.0 };
+            for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
+                let x = part.narrow(0, lo - b.start, hi - lo)?;
+                let v = x
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                sq += v * share / self.infos[s.info].holders;
+            }
+            parts.push(part);
+        }
+        // The gradients are sums over the replicas: the mean over the global batch is 1/R.
+        let scale = 1.0 / self.replicas as f64;
+        let sq = self
+            .world
+            .all_reduce(&Tensor::new(&[sq], &device)?, ReduceOp::Sum)?
+            .to_vec1::<f64>()?[0];
+        let norm = sq.sqrt() * scale;
+        let factor = max_norm.map_or(1.0, |m| clip_factor(norm, m));
+        self.held_partition_bytes = match stage {
+            2 | 3 => parts.iter().map(|t| t.elem_count() * 4).sum(),
+            _ => 0,
+        };
+
+        // 2. AdamW on the partitions, then the parameters.
+        self.step += 1;
+        let c = self.cfg.adamw;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        for (b, gp) in self.buckets.iter_mut().zip(parts) {
+            let grad = (gp * (scale * factor))?;
+            let w = match (&b.master, &b.home) {
+                (Some(m), _) => m.clone(),
+                (None, Home::Whole { .. }) => {
+                    flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
+                }
+                (None, Home::Shard { var, offset }) => self.vars[*var]
+                    .as_tensor()
+                    .narrow(0, *offset, b.len)?
+                    .to_dtype(DType::F32)?,
+            };
+            let m = ((&b.exp_avg * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
+            let v = ((&b.exp_avg_sq * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+            b.exp_avg = m;
+            b.exp_avg_sq = v;
+            if b.master.is_some() {
+                b.master = Some(w.clone());
+            }
+            match &b.home {
+                Home::Whole { .. } => write_whole(
+                    &self.vars,
+                    &self.whole,
+                    &self.infos,
+                    &b.segs,
+                    b.start,
+                    &w,
+                    b.comm.as_ref(),
+                    stage,
+                )?,
+                Home::Shard { var, offset } => {
+                    let shard = self.vars[*var].as_tensor();
+                    shard.slice_set(&w.to_dtype(shard.dtype())?, 0, *offset)?;
+                }
+            }
+        }
+        Ok(norm)
+    }
+
+    fn name_of_var(&self, v: &Var) -> String {
+        let i = self
+            .vars
+            .iter()
+            .position(|x| x.as_tensor().id() == v.as_tensor().id());
+        match i.and_then(|i| self.whole.iter().position(|w| *w == Some(i))) {
+            Some(info) => self.infos[info].name.clone(),
+            None => "a sharded module's shard".to_string(),
+        }
+    }
+
+    /// The parameters as named sharded tensors (this rank's tp/ep slices, whole over the
+    /// replicas: a sharded module's are gathered), each with the mesh dimensions it is local
+    /// to. Collective over the replicas at stage 3.
+    pub fn named_params(&self) -> Result<Vec<(ShardedTensor, Vec<MeshDim>)>> {
+        let mut out = Vec::with_capacity(self.infos.len());
+        for (i, info) in self.infos.iter().enumerate() {
+            if let Some(v) = self.whole[i] {
+                out.push((
+                    ShardedTensor {
+                        name: info.name.clone(),
+                        local: self.vars[v].as_tensor().detach(),
+                        full_dims: info.full_dims.clone(),
+                        placement: info.placement,
+                    },
+                    info.local_to.clone(),
+                ));
+            }
+        }
+        for m in &self.modules {
+            for (info, t) in m.infos().iter().zip(m.gathered()?) {
+                out.push((
+                    ShardedTensor {
+                        name: info.name.clone(),
+                        local: t,
+                        full_dims: info.full_dims.clone(),
+                        placement: info.placement,
+                    },
+                    info.local_to.clone(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The optimizer state as named sharded tensors under the names [`crate::optim::AdamW`]
+    /// uses (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`, `optimizer.step`, and
+    /// `optimizer.master.NAME` for 16-bit parameters), each with its parameter's shard: the
+    /// partitions are gathered over the replicas first, so a checkpoint loads under any dp,
+    /// any stage (and any tp/ep). Collective over the replicas.
+    pub fn state(&self) -> Result<Vec<ShardedTensor>> {
+        let mut out = Vec::new();
+        for b in &self.buckets {
+            let mut kinds = vec![("exp_avg", &b.exp_avg), ("exp_avg_sq", &b.exp_avg_sq)];
+            if let Some(m) = &b.master {
+                kinds.push(("master", m));
+            }
+            for (kind, part) in kinds {
+                let full = match (&b.comm, self.cfg.stage) {
+                    (Some(c), 1..) => c.all_gather(part, 0)?,
+                    _ => part.clone(),
+                };
+                for s in &b.segs {
+                    let info = &self.infos[s.info];
+                    out.push(ShardedTensor {
+                        name: format!("optimizer.{kind}.{}", info.name),
+                        local: full
+                            .narrow(0, s.offset, s.len)?
+                            .reshape(info.dims.as_slice())?,
+                        full_dims: info.full_dims.clone(),
+                        placement: info.placement,
+                    });
+                }
+            }
+        }
+        out.push(ShardedTensor {
+            name: "optimizer.step".into(),
+            local: Tensor::new(&[self.step as f64], self.world.device())?,
+            full_dims: vec![1],
+            placement: Placement::Replicated,
+        });
+        Ok(out)
+    }
+
+    /// Restores the state saved by [`ZeroOptimizer::state`] or [`crate::optim::AdamW::state`]
+    /// (any layout, any dp, any stage): each rank reads its parameters' shards of the moments
+    /// and keeps its partition. Master weights missing from the checkpoint are taken from the
+    /// parameters.
+    pub fn load_state(&mut self, vb: &ParallelVarBuilder) -> Result<()> {
+        if !vb.contains("optimizer.step") {
+            bail!("the checkpoint holds no optimizer state (optimizer.step is missing)")
+        }
+        let init = candle_nn::Init::Const(0.0);
+        let device = self.world.device().clone();
+        for b in &mut self.buckets {
+            let read = |kind: &str| -> Result<Tensor> {
+                let flat = Tensor::zeros(b.padded, DType::F32, &device)?;
+                for s in &b.segs {
+                    let info = &self.infos[s.info];
+                    let name = format!("optimizer.{kind}.{}", info.name);
+                    let t =
+                        vb.get_untracked(info.full_dims.as_slice(), &name, info.placement, init)?;
+                    flat.slice_set(&t.to_dtype(DType::F32)?.flatten_all()?, 0, s.offset)?;
+                }
+                flat.narrow(0, b.start, b.len)?.copy()
+            };
+            b.exp_avg = read("exp_avg")?;
+            b.exp_avg_sq = read("exp_avg_sq")?;
+            if b.master.is_some() {
+                let has = b
+                    .segs
+                    .iter()
+                    .all(|s| vb.contains(&format!("optimizer.master.{}", self.infos[s.info].name)));
+                b.master = Some(if has {
+                    read("master")?
+                } else {
+                    match &b.home {
+                        Home::Whole { .. } => {
+                            flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
+                        }
+                        Home::Shard { var, offset } => self.vars[*var]
+                            .as_tensor()
+                            .narrow(0, *offset, b.len)?
+                            .to_dtype(DType::F32)?
+                            .copy()?,
+                    }
+                });
+            }
+        }
+        let step = vb.get_untracked(1, "optimizer.step", Placement::Replicated, init)?;
+        self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// The parts of `segs` inside elements `start..start + len`: (segment, first, end) in bucket
+/// coordinates.
+pub(crate) fn overlaps(
+    segs: &[Seg],
+    start: usize,
+    len: usize,
+) -> impl Iterator<Item = (&Seg, usize, usize)> + '_ {
+    let end = start + len;
+    segs.iter().filter_map(move |s| {
+        let (lo, hi) = (s.offset.max(start), (s.offset + s.len).min(end));
+        (lo < hi).then_some((s, lo, hi))
+    })
+}
+
+/// Elements `start..start + len` of a bucket of whole parameters, flat, as f32 (zeros past
+/// the last parameter).
+fn flat_of_vars(
+    vars: &[Var],
+    whole: &[Option<usize>],
+    segs: &[Seg],
+    start: usize,
+    len: usize,
+) -> Result<Tensor> {
+    let var = |s: &Seg| &vars[whole[s.info].expect("a whole parameter")];
+    let out = Tensor::zeros(len, DType::F32, var(&segs[0]).device())?;
+    for (s, lo, hi) in overlaps(segs, start, len) {
+        let piece = var(s)
+            .as_tensor()
+            .flatten_all()?
+            .narrow(0, lo - s.offset, hi - lo)?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        out.slice_set(&piece, 0, lo - start)?;
+    }
+    Ok(out)
+}
+
+/// Sets whole parameters from the updated partition `w` (elements `start..` of the bucket): at
+/// stages 1 and 2 every rank's partition is all-gathered first, in the parameters' dtype when
+/// they share one (half the bytes for bf16).
+#[allow(clippy::too_many_arguments)]
+fn write_whole(
+    vars: &[Var],
+    whole: &[Option<usize>],
+    infos: &[Info],
+    segs: &[Seg],
+    start: usize,
+    w: &Tensor,
+    comm: Option<&Comm>,
+    stage: u8,
+) -> Result<()> {
+    let dtype = infos[segs[0].info].dtype;
+    let uniform = segs.iter().all(|s| infos[s.info].dtype == dtype);
+    let (full, offset) = match (comm, stage) {
+        (Some(c), 1..) => {
+            let part = if uniform {
+                w.to_dtype(dtype)?
+            } else {
+                w.clone()
+            };
+            (c.all_gather(&part, 0)?, 0)
+        }
+        _ => (w.clone(), start),
+    };
+    for s in segs {
+        let info = &infos[s.info];
+        let x = full
+            .narrow(0, s.offset - offset, s.len)?
+            .reshape(info.dims.as_slice())?
+            .to_dtype(info.dtype)?;
+        vars[whole[s.info].expect("a whole parameter")].set(&x)?;
+    }
+    Ok(())
+}

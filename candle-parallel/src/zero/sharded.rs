@@ -1,0 +1,308 @@
+//! [`ShardedModule`]: a module whose parameters are partitioned over the replicas (ZeRO stage
+//! 3, PyTorch's FSDP), gathered just before its forward and again in its backward.
+
+use super::{Info, Seg};
+use crate::checkpoint::ParallelVarBuilder;
+use crate::comm::{Comm, ReduceOp};
+use crate::data_parallel::{agree_layout, BatchGroups};
+use crate::mesh::DeviceMesh;
+use crate::ops::attach_backward;
+use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+type Build = dyn Fn(ParallelVarBuilder) -> Result<Box<dyn Module>> + Send + Sync;
+
+/// The parameters of one synchronisation group of a module: packed flat, padded to a multiple
+/// of the group size; this rank holds partition `rank`.
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub comm: Option<Comm>,
+    pub segs: Vec<Seg>,
+    pub padded: usize,
+    pub part: usize,
+    pub rank: usize,
+    /// Where this group's partition starts in the module's shard variable.
+    pub var_offset: usize,
+}
+
+struct Inner {
+    name: String,
+    /// The builder the module was first built from (for its prefix).
+    prefix: ParallelVarBuilder,
+    build: Box<Build>,
+    infos: Vec<Info>,
+    groups: Vec<Group>,
+    /// This rank's partitions of every group, one after the other.
+    shard: Var,
+    dtype: DType,
+    device: Device,
+}
+
+/// A module whose parameters each replica holds only a partition of (ZeRO stage 3,
+/// FSDP-style): its parameters are all-gathered just before its forward, used, and freed;
+/// in the backward pass they are gathered again, the forward is recomputed from the saved
+/// input (activation checkpointing at the module's boundary), and the parameters' gradients
+/// are reduce-scattered to the partitions as they are produced. Only the module's input and
+/// output stay in the graph between forward and backward.
+///
+/// Parameters are partitioned over the batch dimensions they are replicated along (see
+/// [`BatchGroups`]), so an expert is partitioned over dp and a shared weight over dp × ep.
+/// The gradient of [`ShardedModule::shard`] is the partitions' gradient summed over the
+/// replicas; [`super::ZeroOptimizer::new_sharded`] turns it into the mean and steps.
+///
+/// The module is rebuilt from its gathered parameters by the `build` closure, which must
+/// compute the same function every time (no randomness).
+///
+/// ```
+/// use candle_core::{DType, Device, Module, Tensor};
+/// use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
+/// use candle_parallel::data_parallel::BatchGroups;
+/// use candle_parallel::mesh::MeshDim;
+/// use candle_parallel::zero::ShardedModule;
+/// use candle_parallel::{Launcher, MeshShape};
+///
+/// let out = Launcher::new(2).mesh(MeshShape::new().dp(2)).run(|ctx| {
+///     let mesh = ctx.mesh()?;
+///     let batch = BatchGroups::new(&mesh, &[MeshDim::Dp])?;
+///     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+///     let fc = ShardedModule::new("fc", &vb.pp("fc"), &batch, &mesh, |vb| {
+///         let init = candle_nn::Init::Const(0.5);
+///         let w = vb.get((4, 6), "weight", Placement::Replicated, init)?;
+///         let b = vb.get(4, "bias", Placement::Replicated, init)?;
+///         Ok(candle_nn::Linear::new(w, Some(b)))
+///     })?;
+///     let x = Tensor::ones((3, 6), DType::F32, &Device::Cpu)?;
+///     let y = fc.forward(&x)?;
+///     let grads = y.sum_all()?.backward()?;
+///     // Each rank holds and gets the gradient of half of the 28 parameters.
+///     Ok((fc.shard().elem_count(), grads.get(fc.shard().as_tensor()).unwrap().dims().to_vec()))
+/// })?;
+/// assert_eq!(out[0], (14, vec![14]));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct ShardedModule {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ShardedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedModule")
+            .field("name", &self.inner.name)
+            .field("params", &self.inner.infos.len())
+            .field("shard", &self.inner.shard.dims())
+            .finish()
+    }
+}
+
+impl ShardedModule {
+    /// Builds the module once with `build(vb)` (each rank reading its tp/ep slices from `vb`,
+    /// which must be trainable), then keeps only this rank's partition of its parameters and
+    /// frees the rest. Collective over the world (the replicas must build the same
+    /// parameters).
+    pub fn new<M: Module + 'static>(
+        name: &str,
+        vb: &ParallelVarBuilder,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        build: impl Fn(ParallelVarBuilder) -> Result<M> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        if !vb.is_trainable() {
+            bail!("ShardedModule {name}: the builder must be trainable (ParallelVarBuilder::trainable) so that the module's parameters are known")
+        }
+        let before: BTreeSet<String> = vb.params().into_iter().map(|p| p.name).collect();
+        drop(build(vb.clone())?);
+        let params = vb.take_new_params(&before);
+        if params.is_empty() {
+            bail!("ShardedModule {name}: building the module created no parameters")
+        }
+        let dtype = params[0].var.dtype();
+        if let Some(p) = params.iter().find(|p| p.var.dtype() != dtype) {
+            bail!(
+                "ShardedModule {name}: parameter {} is {:?}, the others {dtype:?}: a sharded module holds one dtype",
+                p.name,
+                p.var.dtype()
+            )
+        }
+        let device = params[0].var.device().clone();
+        let infos: Vec<Info> = params.iter().map(|p| Info::of(p, mesh)).collect();
+        let mut groups = Vec::new();
+        let mut pieces = Vec::new();
+        let mut var_offset = 0;
+        for (i, (_, comm)) in batch.subsets().iter().enumerate() {
+            let members: Vec<usize> = (0..params.len())
+                .filter(|&j| batch.subset_of(&params[j]) == i)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            if let Some(c) = comm {
+                agree_layout(&params, &members, c)?;
+            }
+            let (n, rank) = comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
+            let mut segs = Vec::with_capacity(members.len());
+            let mut flat = Vec::with_capacity(members.len() + 1);
+            let mut offset = 0;
+            for &j in &members {
+                let len = params[j].var.elem_count();
+                segs.push(Seg {
+                    info: j,
+                    offset,
+                    len,
+                });
+                flat.push(params[j].var.as_tensor().flatten_all()?);
+                offset += len;
+            }
+            let padded = offset.div_ceil(n) * n;
+            flat.push(Tensor::zeros(padded - offset, dtype, &device)?);
+            let part = padded / n;
+            pieces.push(
+                Tensor::cat(&flat, 0)?
+                    .narrow(0, rank * part, part)?
+                    .copy()?,
+            );
+            groups.push(Group {
+                comm: comm.clone(),
+                segs,
+                padded,
+                part,
+                rank,
+                var_offset,
+            });
+            var_offset += part;
+        }
+        let shard = Var::from_tensor(&Tensor::cat(&pieces, 0)?)?;
+        let build: Box<Build> = Box::new(move |vb| Ok(Box::new(build(vb)?) as Box<dyn Module>));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                prefix: ParallelVarBuilder::from_local_tensors(HashMap::new(), dtype, &device)
+                    .with_prefix_of(vb),
+                build,
+                infos,
+                groups,
+                shard,
+                dtype,
+                device,
+            }),
+        })
+    }
+
+    /// This rank's partitions of the module's parameters (flat): the variable the optimizer
+    /// updates.
+    pub fn shard(&self) -> &Var {
+        &self.inner.shard
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub(crate) fn infos(&self) -> &[Info] {
+        &self.inner.infos
+    }
+
+    pub(crate) fn groups(&self) -> &[Group] {
+        &self.inner.groups
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.inner.dtype
+    }
+
+    /// Every parameter's tp/ep slice, gathered over the replicas (in the order of the infos).
+    /// Collective over the replicas.
+    pub(crate) fn gathered(&self) -> Result<Vec<Tensor>> {
+        self.inner.gathered(&self.inner.shard.as_tensor().detach())
+    }
+}
+
+impl Inner {
+    fn gathered(&self, shard: &Tensor) -> Result<Vec<Tensor>> {
+        let mut out: Vec<Option<Tensor>> = vec![None; self.infos.len()];
+        for g in &self.groups {
+            let part = shard.narrow(0, g.var_offset, g.part)?;
+            let full = match &g.comm {
+                Some(c) => c.all_gather(&part.contiguous()?, 0)?,
+                None => part,
+            };
+            for s in &g.segs {
+                let t = full.narrow(0, s.offset, s.len)?;
+                out[s.info] = Some(t.reshape(self.infos[s.info].dims.as_slice())?);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|t| t.expect("every parameter in a group"))
+            .collect())
+    }
+
+    /// A builder over the gathered parameters.
+    fn builder(&self, shard: &Tensor) -> Result<ParallelVarBuilder> {
+        let map: HashMap<String, Tensor> = self
+            .infos
+            .iter()
+            .map(|i| i.name.clone())
+            .zip(self.gathered(shard)?)
+            .collect();
+        Ok(
+            ParallelVarBuilder::from_local_tensors(map, self.dtype, &self.device)
+                .with_prefix_of(&self.prefix),
+        )
+    }
+
+    /// The backward: parameters gathered again, the forward recomputed on the saved input,
+    /// the parameters' gradients reduce-scattered to this rank's partitions.
+    fn backward(&self, x: &Tensor, shard: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let vb = self.builder(&shard.detach())?.trainable();
+        let module = (self.build)(vb.clone())?;
+        let x = x.detach();
+        let xv = match x.dtype() {
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Some(Var::from_tensor(&x)?),
+            _ => None, // token ids
+        };
+        let y = module.forward(xv.as_ref().map_or(&x, |v| v.as_tensor()))?;
+        let store = (y * g)?.sum_all()?.backward()?;
+        let grads: HashMap<String, Tensor> = vb
+            .params()
+            .into_iter()
+            .filter_map(|p| store.get(p.var.as_tensor()).map(|g| (p.name, g.clone())))
+            .collect();
+        let mut parts = Vec::with_capacity(self.groups.len());
+        for grp in &self.groups {
+            let flat = Tensor::zeros(grp.padded, DType::F32, &self.device)?;
+            for s in &grp.segs {
+                if let Some(g) = grads.get(&self.infos[s.info].name) {
+                    flat.slice_set(
+                        &g.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
+                        0,
+                        s.offset,
+                    )?;
+                }
+            }
+            parts.push(match &grp.comm {
+                Some(c) => c.reduce_scatter(&flat, 0, ReduceOp::Sum)?,
+                None => flat,
+            });
+        }
+        let dx = xv.and_then(|v| store.get(v.as_tensor()).cloned());
+        let dshard = Tensor::cat(&parts, 0)?.to_dtype(self.dtype)?;
+        Ok(vec![dx, Some(dshard)])
+    }
+}
+
+impl Module for ShardedModule {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let inner = &self.inner;
+        let shard = inner.shard.as_tensor();
+        let y = {
+            let module = (inner.build)(inner.builder(&shard.detach())?)?;
+            module.forward(&x.detach())?
+        }; // the gathered parameters are freed here
+        let me = self.inner.clone();
+        attach_backward("zero3_module", &y, &[x, shard], move |ins, _, g| {
+            me.backward(ins[0], ins[1], g)
+        })
+    }
+}
