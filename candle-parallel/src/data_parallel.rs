@@ -262,7 +262,11 @@ impl GradBuckets {
             let dtypes: Vec<DType> = bucket
                 .segments
                 .iter()
-                .map(|s| grads[s.param].as_ref().map_or(DType::F32, |g| g.dtype()))
+                .map(|s| {
+                    grads[s.param]
+                        .as_ref()
+                        .map_or(self.params[s.param].var.dtype(), |g| g.dtype())
+                })
                 .collect();
             pack_into(buf, bucket, &self.params, grads)?;
             self.dp.all_reduce_in_place(buf, op)?;

@@ -5,6 +5,9 @@
 //! stderr and, for ranks that have a log file (see `Launcher::log_dir`), also writes each
 //! rank's events to its own file, e.g. `logs/rank-1_ep-0_tp-1.log`.
 //!
+//! On the console, ranks other than 0 show only warnings and errors ([`enter_rank`]), so a
+//! job's report appears once; their files get everything.
+//!
 //! The filter comes from `RUST_LOG` in `tracing_subscriber::filter::Targets` syntax
 //! (`info`, `candle_parallel=debug,warn`); the default is `info`.
 
@@ -14,7 +17,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tracing_subscriber::field::MakeExt;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
 use tracing_subscriber::fmt::{format, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -22,6 +25,50 @@ use tracing_subscriber::Layer;
 
 thread_local! {
     static RANK_LOG: RefCell<Option<Arc<Mutex<File>>>> = const { RefCell::new(None) };
+    /// The rank the current thread runs, for the console filter.
+    static CONSOLE_RANK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// While alive, the current thread runs rank `rank` ([`enter_rank`]).
+#[must_use = "the thread stops counting as the rank when the guard is dropped"]
+pub struct RankConsoleGuard(Option<usize>);
+
+impl Drop for RankConsoleGuard {
+    fn drop(&mut self) {
+        CONSOLE_RANK.with(|r| r.set(self.0));
+    }
+}
+
+/// Marks the current thread as rank `rank` (the launcher does this for every rank): on the
+/// console, its events below WARN show only for rank 0, so a report appears once, not once
+/// per rank; every rank's warnings and errors always show, tagged with the rank; the rank's
+/// log file (`Launcher::log_dir`) gets all its events.
+pub fn enter_rank(rank: usize) -> RankConsoleGuard {
+    RankConsoleGuard(CONSOLE_RANK.with(|r| r.replace(Some(rank))))
+}
+
+/// The console's per-rank filter (see [`enter_rank`]); decided per event, never cached.
+struct ConsoleRanks;
+
+impl<S> tracing_subscriber::layer::Filter<S> for ConsoleRanks {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        // Spans pass (they carry the rank's fields); events of ranks other than 0 only from
+        // WARN up.
+        meta.is_span()
+            || *meta.level() <= tracing::Level::WARN
+            || CONSOLE_RANK.with(|r| r.get().is_none_or(|r| r == 0))
+    }
+
+    fn callsite_enabled(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
 }
 
 /// Installs the global subscriber: stderr plus per-rank files. Returns `false` (and changes
@@ -35,7 +82,7 @@ pub fn init() -> bool {
         .with_writer(io::stderr)
         .with_ansi(io::stderr().is_terminal())
         .with_target(false)
-        .with_filter(filter.clone());
+        .with_filter(filter.clone().and(ConsoleRanks));
     // Span fields are formatted once per field-formatter *type* and cached on the span, so the
     // file layer needs a type of its own, or it would reuse the stderr layer's coloured text.
     let plain_fields =

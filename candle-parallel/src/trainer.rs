@@ -47,7 +47,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
 /// The learning rate over the steps: linear warm-up from 0 to `peak` over `warmup_steps`,
-/// then cosine decay to `min` at `total_steps` (Megatron's and HF's `cosine` schedule).
+/// then cosine decay to `min` at `total_steps` (HF's `get_cosine_schedule_with_warmup`, with
+/// a floor: step `i` here is HF's step `i − 1`, so the first step of a warm-up runs at 0).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LrSchedule {
     pub peak: f64,
@@ -83,12 +84,15 @@ impl LrSchedule {
     /// ```
     /// use candle_parallel::trainer::LrSchedule;
     /// let s = LrSchedule::warmup_cosine(1.0, 0.1, 10, 110);
-    /// assert_eq!(s.at(5), 0.5);
-    /// assert_eq!(s.at(10), 1.0);
-    /// assert!((s.at(60) - 0.55).abs() < 1e-12);
-    /// assert!((s.at(110) - 0.1).abs() < 1e-12);
+    /// assert_eq!(s.at(1), 0.0);
+    /// assert_eq!(s.at(6), 0.5);
+    /// assert_eq!(s.at(11), 1.0);
+    /// assert!((s.at(61) - 0.55).abs() < 1e-12);
+    /// assert!((s.at(111) - 0.1).abs() < 1e-12);
+    /// assert_eq!(LrSchedule::constant(0.3).at(1), 0.3);
     /// ```
     pub fn at(&self, step: usize) -> f64 {
+        let step = step.saturating_sub(1);
         if step < self.warmup_steps {
             return self.peak * step as f64 / self.warmup_steps as f64;
         }
@@ -168,7 +172,7 @@ impl Trainer {
         cfg: TrainerConfig,
     ) -> Result<Self> {
         let batch = BatchGroups::new(mesh, batch_dims)?;
-        let opt = ZeroOptimizer::new(params, mesh, batch_dims, Self::zero_config(&cfg))?;
+        let opt = ZeroOptimizer::with_groups(params, &batch, mesh, Self::zero_config(&cfg))?;
         Self::with_optimizer(opt, &batch, mesh, cfg)
     }
 

@@ -707,10 +707,12 @@ impl LocalBackend {
             dims: dims.to_vec(),
         };
         let (me, n) = (self.rank, self.n());
+        // One pointer for both roles: a second borrow would invalidate the first.
+        let p = buf.as_mut_ptr();
         self.round(
             desc,
-            InPtr(buf.as_ptr().cast()),
-            OutPtr(buf.as_mut_ptr().cast()),
+            InPtr(p.cast_const().cast()),
+            OutPtr(p.cast()),
             // SAFETY: as in `collective_typed`; an all-reduce reads and writes only the
             // chunk this rank owns, of every buffer.
             |d| unsafe { move_data::<T>(&collective, d, me, n) },

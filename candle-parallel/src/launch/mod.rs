@@ -448,6 +448,7 @@ impl Launcher {
             tp = tracing::field::Empty
         );
         let _entered = span.enter();
+        let _console = crate::logging::enter_rank(rank);
         let mesh = match &self.mesh {
             Some(shape) => {
                 let mesh = DeviceMesh::new(&comm, *shape)?;

@@ -21,7 +21,8 @@
 //! optimizer keeps ([`ZeroOptimizer::memory`]).
 //!
 //! Parameters in bf16/f16 (mixed precision) get f32 master copies of their partition, which
-//! the update reads and writes; the gradients are reduced in f32.
+//! the update reads and writes; the gradients are reduced in f32. At stage 3 the f32 partition
+//! is both: the module gathers it in its compute dtype.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -62,6 +63,9 @@ use crate::mesh::{DeviceMesh, MeshDim};
 use crate::optim::{clip_factor, AdamWConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
+
+/// Elements per slice of the AdamW update (4 MiB of f32).
+const ADAMW_CHUNK: usize = 1 << 20;
 
 /// ZeRO settings.
 #[derive(Clone, Copy, Debug)]
@@ -201,7 +205,23 @@ impl ZeroOptimizer {
                 cfg.stage
             )
         }
-        Self::build(params, &[], &BatchGroups::new(mesh, batch_dims)?, mesh, cfg)
+        Self::with_groups(params, &BatchGroups::new(mesh, batch_dims)?, mesh, cfg)
+    }
+
+    /// [`ZeroOptimizer::new`] with batch groups made already (their communicators reused).
+    pub fn with_groups(
+        params: Vec<Param>,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        cfg: ZeroConfig,
+    ) -> Result<Self> {
+        if cfg.stage > 2 {
+            bail!(
+                "ZeRO stage {}: stage 3 shards the parameters too, which the model must be built for: wrap its layers in zero::ShardedModule and use ZeroOptimizer::new_sharded",
+                cfg.stage
+            )
+        }
+        Self::build(params, &[], batch, mesh, cfg)
     }
 
     /// An optimizer at stage 3: the `modules`' parameters are sharded (built with the same
@@ -297,16 +317,8 @@ impl ZeroOptimizer {
                         ..*s
                     })
                     .collect();
-                let master = match m.dtype() {
-                    DType::F32 => None,
-                    _ => Some(
-                        m.shard()
-                            .as_tensor()
-                            .narrow(0, g.var_offset, g.part)?
-                            .to_dtype(DType::F32)?
-                            .copy()?,
-                    ),
-                };
+                // The shard is f32 whatever the module computes in: it is the master copy.
+                let master = None;
                 buckets.push(Bucket {
                     segs,
                     padded: g.padded,
@@ -425,7 +437,9 @@ impl ZeroOptimizer {
         let stage = self.cfg.stage;
         let device = self.world.device().clone();
         let mut parts: Vec<Tensor> = Vec::with_capacity(self.buckets.len());
-        let mut sq = 0f64;
+        // Summed on the device, read once: every bucket's reduction is enqueued as soon as it
+        // is packed, with no host wait in between (NCCL runs them back to back).
+        let mut sq = Tensor::zeros((), DType::F64, &device)?;
         for b in &self.buckets {
             let n = b.comm.as_ref().map_or(1, Comm::size);
             let part = match &b.home {
@@ -460,12 +474,8 @@ impl ZeroOptimizer {
             let share = if stage >= 1 { n as f64 } else { 1.0 };
             for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
                 let x = part.narrow(0, lo - b.start, hi - lo)?;
-                let v = x
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                sq += v * share / self.infos[s.info].holders;
+                let v = x.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+                sq = (sq + (v * (share / self.infos[s.info].holders))?)?;
             }
             parts.push(part);
         }
@@ -473,7 +483,7 @@ impl ZeroOptimizer {
         let scale = 1.0 / self.replicas as f64;
         let sq = self
             .world
-            .all_reduce(&Tensor::new(&[sq], &device)?, ReduceOp::Sum)?
+            .all_reduce(&sq.reshape(1)?, ReduceOp::Sum)?
             .to_vec1::<f64>()?[0];
         let norm = sq.sqrt() * scale;
         let factor = max_norm.map_or(1.0, |m| clip_factor(norm, m));
@@ -488,28 +498,50 @@ impl ZeroOptimizer {
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
         for (b, gp) in self.buckets.iter_mut().zip(parts) {
-            let grad = (gp * (scale * factor))?;
-            let w = match (&b.master, &b.home) {
+            // The weights the update reads: the master copy, or the parameters themselves.
+            let w_in = match (&b.master, &b.home) {
                 (Some(m), _) => m.clone(),
                 (None, Home::Whole { .. }) => {
                     flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
                 }
-                (None, Home::Shard { var, offset }) => self.vars[*var]
-                    .as_tensor()
-                    .narrow(0, *offset, b.len)?
-                    .to_dtype(DType::F32)?,
+                (None, Home::Shard { var, offset }) => {
+                    self.vars[*var].as_tensor().narrow(0, *offset, b.len)?
+                }
             };
-            let m = ((&b.exp_avg * c.beta1)? + (&grad * (1.0 - c.beta1))?)?;
-            let v = ((&b.exp_avg_sq * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
-            b.exp_avg = m;
-            b.exp_avg_sq = v;
-            if b.master.is_some() {
-                b.master = Some(w.clone());
+            // Whole parameters are written from the new partition (gathered first at stages
+            // 1 and 2); a shard is updated where it is.
+            let w_out = match &b.home {
+                Home::Whole { .. } => Some(Tensor::zeros(b.len, DType::F32, &device)?),
+                Home::Shard { .. } => None,
+            };
+            // In slices of at most ADAMW_CHUNK elements, written in place: the temporaries stay
+            // small enough for the allocator to reuse (a fresh buffer of a whole bucket would
+            // page-fault in on every operation).
+            for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
+                let n = ADAMW_CHUNK.min(b.len - c0);
+                let g = (gp.narrow(0, c0, n)? * (scale * factor))?;
+                let m = ((b.exp_avg.narrow(0, c0, n)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                let v =
+                    ((b.exp_avg_sq.narrow(0, c0, n)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+                let w = w_in.narrow(0, c0, n)?.to_dtype(DType::F32)?;
+                let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+                b.exp_avg.slice_set(&m, 0, c0)?;
+                b.exp_avg_sq.slice_set(&v, 0, c0)?;
+                if let Some(master) = &b.master {
+                    master.slice_set(&w, 0, c0)?;
+                }
+                match (&b.home, &w_out) {
+                    (Home::Shard { var, offset }, _) => {
+                        let shard = self.vars[*var].as_tensor();
+                        shard.slice_set(&w.to_dtype(shard.dtype())?, 0, offset + c0)?;
+                    }
+                    (Home::Whole { .. }, Some(out)) => out.slice_set(&w, 0, c0)?,
+                    (Home::Whole { .. }, None) => unreachable!("allocated above"),
+                }
             }
-            match &b.home {
-                Home::Whole { .. } => write_whole(
+            if let Some(w) = w_out {
+                write_whole(
                     &self.vars,
                     &self.whole,
                     &self.infos,
@@ -518,11 +550,7 @@ impl ZeroOptimizer {
                     &w,
                     b.comm.as_ref(),
                     stage,
-                )?,
-                Home::Shard { var, offset } => {
-                    let shard = self.vars[*var].as_tensor();
-                    shard.slice_set(&w.to_dtype(shard.dtype())?, 0, *offset)?;
-                }
+                )?;
             }
         }
         Ok(norm)
@@ -588,7 +616,7 @@ impl ZeroOptimizer {
             for (kind, part) in kinds {
                 let full = match (&b.comm, self.cfg.stage) {
                     (Some(c), 1..) => c.all_gather(part, 0)?,
-                    _ => part.clone(),
+                    _ => part.copy()?, // the moments change in place at the next step
                 };
                 for s in &b.segs {
                     let info = &self.infos[s.info];

@@ -34,7 +34,10 @@ struct Inner {
     infos: Vec<Info>,
     groups: Vec<Group>,
     /// This rank's partitions of every group, one after the other.
+    /// This rank's partitions of every group, one after the other, in f32 whatever the module
+    /// computes in: for 16-bit modules it is the master copy (mixed precision).
     shard: Var,
+    /// The dtype the module computes in (its parameters are gathered in it).
     dtype: DType,
     device: Device,
 }
@@ -160,6 +163,7 @@ impl ShardedModule {
             pieces.push(
                 Tensor::cat(&flat, 0)?
                     .narrow(0, rank * part, part)?
+                    .to_dtype(DType::F32)?
                     .copy()?,
             );
             groups.push(Group {
@@ -189,8 +193,8 @@ impl ShardedModule {
         })
     }
 
-    /// This rank's partitions of the module's parameters (flat): the variable the optimizer
-    /// updates.
+    /// This rank's partitions of the module's parameters (flat, f32): the variable the
+    /// optimizer updates.
     pub fn shard(&self) -> &Var {
         &self.inner.shard
     }
@@ -207,10 +211,6 @@ impl ShardedModule {
         &self.inner.groups
     }
 
-    pub(crate) fn dtype(&self) -> DType {
-        self.inner.dtype
-    }
-
     /// Every parameter's tp/ep slice, gathered over the replicas (in the order of the infos).
     /// Collective over the replicas.
     pub(crate) fn gathered(&self) -> Result<Vec<Tensor>> {
@@ -222,7 +222,10 @@ impl Inner {
     fn gathered(&self, shard: &Tensor) -> Result<Vec<Tensor>> {
         let mut out: Vec<Option<Tensor>> = vec![None; self.infos.len()];
         for g in &self.groups {
-            let part = shard.narrow(0, g.var_offset, g.part)?;
+            // Gathered in the compute dtype (half the bytes for bf16).
+            let part = shard
+                .narrow(0, g.var_offset, g.part)?
+                .to_dtype(self.dtype)?;
             let full = match &g.comm {
                 Some(c) => c.all_gather(&part.contiguous()?, 0)?,
                 None => part,
@@ -287,7 +290,8 @@ impl Inner {
             });
         }
         let dx = xv.and_then(|v| store.get(v.as_tensor()).cloned());
-        let dshard = Tensor::cat(&parts, 0)?.to_dtype(self.dtype)?;
+        // f32, as the shard: the gradients are reduced and kept in f32.
+        let dshard = Tensor::cat(&parts, 0)?;
         Ok(vec![dx, Some(dshard)])
     }
 }
