@@ -173,6 +173,9 @@ struct GroupState {
 
 struct Slot {
     posts: Vec<Option<CollPost>>,
+    /// Ranks done reading the inputs (a rank writes its output only after all are: NCCL
+    /// allows an output to be the input itself, an in-place all-reduce).
+    read: usize,
     finished: usize,
     left: usize,
 }
@@ -421,6 +424,7 @@ fn run_collective(me: Arc<EmuComm>, kind: CollKind, send: Addr, recv: Addr) {
         .entry(seq)
         .or_insert_with(|| Slot {
             posts: vec![None; n],
+            read: 0,
             finished: 0,
             left: 0,
         })
@@ -445,28 +449,31 @@ fn run_collective(me: Arc<EmuComm>, kind: CollKind, send: Addr, recv: Addr) {
     drop(st);
     // SAFETY: every peer's input stays live until all have finished (below), and the output
     // is this rank's own buffer of the size the engine allocated.
-    unsafe {
+    let out: Vec<u8> = unsafe {
         match kind {
-            CollKind::AllReduce { count, dtype, op } => {
-                let out = reduce(&inputs, count, dtype, op);
-                bytes_mut(recv, out.len()).copy_from_slice(&out);
-            }
-            CollKind::AllGather { bytes: b } => {
-                for (r, &a) in inputs.iter().enumerate() {
-                    bytes_mut(recv + (r * b) as Addr, b).copy_from_slice(bytes(a, b));
-                }
-            }
+            CollKind::AllReduce { count, dtype, op } => reduce(&inputs, count, dtype, op),
+            CollKind::AllGather { bytes: b } => inputs
+                .iter()
+                .flat_map(|&a| bytes(a, b).iter().copied())
+                .collect(),
             CollKind::ReduceScatter { count, dtype, op } => {
                 let off = (rank * count * dtype.size_in_bytes()) as Addr;
                 let chunks: Vec<Addr> = inputs.iter().map(|a| a + off).collect();
-                let out = reduce(&chunks, count, dtype, op);
-                bytes_mut(recv, out.len()).copy_from_slice(&out);
+                reduce(&chunks, count, dtype, op)
             }
-            CollKind::Broadcast { bytes: b, root } => {
-                bytes_mut(recv, b).copy_from_slice(bytes(inputs[root], b));
-            }
+            CollKind::Broadcast { bytes: b, root } => bytes(inputs[root], b).to_vec(),
         }
+    };
+    // Every rank has read every input before any writes its output (which may be its input).
+    let mut st = lock(&g.state);
+    st.colls.get_mut(&seq).unwrap().read += 1;
+    g.cv.notify_all();
+    while st.colls[&seq].read < n {
+        st = g.cv.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+    drop(st);
+    // SAFETY: as above.
+    unsafe { bytes_mut(recv, out.len()).copy_from_slice(&out) };
     // Peers read this rank's input: leave only once every rank is done (bounded work).
     let mut st = lock(&g.state);
     st.colls.get_mut(&seq).unwrap().finished += 1;

@@ -627,13 +627,16 @@ impl<A: NcclApi> EngineBackend<A> {
         Ok(())
     }
 
-    /// The part of a collective that does not depend on the storage type.
-    fn collective(
+    /// What every collective checks before it issues anything: a contiguous input on this
+    /// communicator's device, a dtype NCCL moves, the arguments NCCL would overrun with, and
+    /// (checked mode) the same call on every rank. Returns the input's element range and the
+    /// stream to enqueue on.
+    fn prelude(
         &self,
         op: &Collective,
         input: &A::Storage,
         layout: &Layout,
-    ) -> Result<(A::Storage, Shape)> {
+    ) -> Result<(usize, usize, A::Stream)> {
         let name = op.name();
         let Some((start, end)) = layout.contiguous_offsets() else {
             return Err(self.invalid(
@@ -703,6 +706,21 @@ impl<A: NcclApi> EngineBackend<A> {
                 self.check_splits(send_splits, recv_splits)?;
             }
         }
+        Ok((start, end, stream))
+    }
+
+    /// The part of a collective that does not depend on the storage type.
+    fn collective(
+        &self,
+        op: &Collective,
+        input: &A::Storage,
+        layout: &Layout,
+    ) -> Result<(A::Storage, Shape)> {
+        let name = op.name();
+        let (start, end, stream) = self.prelude(op, input, layout)?;
+        let dims = layout.dims();
+        let n = self.size;
+        let dtype = input.dtype();
         let Some(out_dims) = op.output_dims(dims, n) else {
             return Err(self.invalid(
                 name,
@@ -822,6 +840,60 @@ impl<A: NcclApi> EngineBackend<A> {
             }
         }
         Ok((out, out_shape))
+    }
+
+    /// An all-reduce whose send and receive buffers are `storage` itself (NCCL reduces in
+    /// place when they are the same address): no output is allocated.
+    fn all_reduce_in_place(
+        &self,
+        rop: ReduceOp,
+        storage: &mut A::Storage,
+        layout: &Layout,
+    ) -> Result<()> {
+        let op = Collective::AllReduce { op: rop };
+        let name = op.name();
+        let (start, end, stream) = self.prelude(&op, storage, layout)?;
+        let dtype = storage.dtype();
+        if !A::reduces(dtype) {
+            return Err(CommError::Unsupported {
+                backend: "nccl",
+                what: format!("{op} on {dtype:?} tensors (NCCL reduces u8, u32, i32, i64, f16, bf16, f32, f64)"),
+            }
+            .into());
+        }
+        let len = end - start;
+        if len == 0 {
+            return Ok(());
+        }
+        let off = (start * dtype.size_in_bytes()) as Addr;
+        // SAFETY: the address points into a live buffer of `len` elements, ordered on
+        // `stream`; NCCL allows the send and receive buffers to be the same.
+        A::write(storage, &stream, |p| {
+            self.issue(name, &stream, |c| unsafe {
+                A::all_reduce(c, p + off, p + off, len, dtype, rop, &stream)
+            })
+        })
+    }
+
+    /// [`Self::all_reduce_in_place`] on storage of another type than `A`'s: an error, unless
+    /// the types are the same.
+    fn all_reduce_in_place_any<S: Any>(
+        &self,
+        rop: ReduceOp,
+        storage: &mut S,
+        layout: &Layout,
+    ) -> Result<()> {
+        let Some(s) = (storage as &mut dyn Any).downcast_mut::<A::Storage>() else {
+            return Err(CommError::Unsupported {
+                backend: "nccl",
+                what: format!(
+                    "all_reduce on tensors of another device than this communicator's {:?}; create them on Comm::device",
+                    self.device.location()
+                ),
+            }
+            .into());
+        };
+        self.all_reduce_in_place(rop, s, layout)
     }
 
     fn check_dtype(&self, op: &str, dtype: DType) -> Result<()> {
@@ -1306,6 +1378,24 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
         layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         self.collective_any(op, input, layout)
+    }
+
+    fn all_reduce_in_place_cpu(
+        &self,
+        op: ReduceOp,
+        storage: &mut CpuStorage,
+        layout: &Layout,
+    ) -> Result<()> {
+        self.all_reduce_in_place_any(op, storage, layout)
+    }
+
+    fn all_reduce_in_place_cuda(
+        &self,
+        op: ReduceOp,
+        storage: &mut CudaStorage,
+        layout: &Layout,
+    ) -> Result<()> {
+        self.all_reduce_in_place_any(op, storage, layout)
     }
 
     fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
