@@ -136,7 +136,16 @@ fn inspect(dir: &Path) -> Result<()> {
         for (name, t) in &meta.tensors {
             let size = t.size_in_bytes()?;
             total += size;
+            let regions = t.pieces.iter().filter(|p| p.region.is_some()).count();
             let split = match t.pieces.iter().find_map(|p| p.split.map(|s| s.0)) {
+                None if regions > 0 => {
+                    let ranks: std::collections::BTreeSet<usize> =
+                        t.pieces.iter().map(|p| p.rank).collect();
+                    format!(
+                        "{regions} boxes from {} ranks (ZeRO partitions)",
+                        ranks.len()
+                    )
+                }
                 None => format!("replicated on {} ranks", t.pieces.len()),
                 Some(dim) => {
                     let ranges: Vec<String> = t

@@ -6,7 +6,7 @@ use candle_nn::Init;
 use candle_parallel::checkpoint::{
     check_checkpoint, export_hf, read_metadata, save_checkpoint, verify_checkpoint,
     ParallelVarBuilder, Placement, SaveOptions, SaveStage, ShardedTensor, COMPLETE_FILE,
-    METADATA_FILE,
+    FORMAT_VERSION, METADATA_FILE,
 };
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::{launch, Launcher, MeshShape};
@@ -290,15 +290,23 @@ fn bad_input_is_a_clear_error() -> Result<()> {
     let dist = tmp("bad-dist");
     reshard(&hf, true, MeshShape::new().tp(2), &dist, &cfg, DType::F32)?;
     let meta_text = std::fs::read_to_string(dist.join(METADATA_FILE))?;
+    let written = format!("\"format_version\": {FORMAT_VERSION}");
+    assert!(meta_text.contains(&written), "{meta_text}");
     std::fs::write(
         dist.join(METADATA_FILE),
-        meta_text.replace("\"format_version\": 1", "\"format_version\": 99"),
+        meta_text.replace(&written, "\"format_version\": 99"),
     )?;
     let e = load_err(|| ParallelVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
     assert!(
         e.contains("format version 99 is not one this library reads"),
         "{e}"
     );
+    // Version 1 (no region pieces, which this checkpoint has none of) still loads.
+    std::fs::write(
+        dist.join(METADATA_FILE),
+        meta_text.replace(&written, "\"format_version\": 1"),
+    )?;
+    ParallelVarBuilder::from_checkpoint(&dist, DType::F32, cpu)?;
     std::fs::write(dist.join(METADATA_FILE), meta_text)?;
     std::fs::remove_file(dist.join(COMPLETE_FILE))?;
     let e = load_err(|| ParallelVarBuilder::from_checkpoint(&dist, DType::F32, cpu).map(|_| ()));
@@ -587,6 +595,7 @@ fn extra_files_are_written_before_the_completion_marker() -> Result<()> {
                 local: seeded(&[2, 2], 1, DType::F32)?,
                 full_dims: vec![2, 2],
                 placement: Placement::Replicated,
+                region: None,
             };
             let opts = SaveOptions {
                 files: files.clone(),

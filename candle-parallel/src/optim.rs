@@ -155,6 +155,7 @@ impl AdamW {
                     local: t.as_tensor().detach(),
                     full_dims: p.full_dims.clone(),
                     placement: p.placement,
+                    region: None,
                 });
             }
         }
@@ -168,6 +169,7 @@ impl AdamW {
             )?,
             full_dims: vec![1],
             placement: Placement::Replicated,
+            region: None,
         });
         Ok(out)
     }

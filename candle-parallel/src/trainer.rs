@@ -35,7 +35,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions, ShardedTensor};
+use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions};
 use crate::comm::ReduceOp;
 use crate::data_parallel::BatchGroups;
 use crate::mesh::{DeviceMesh, MeshDim};
@@ -290,35 +290,12 @@ impl Trainer {
     }
 
     /// Saves the parameters and the optimizer state into the checkpoint directory `dir`,
-    /// atomically (see [`save_checkpoint`]); each tensor is written by one of the ranks that
-    /// hold it. Collective over the world.
+    /// atomically (see [`save_checkpoint`]): every rank writes its own pieces, ZeRO partitions
+    /// as they are (nothing is gathered), replicated values from one of their holders.
+    /// Collective over the world.
     pub fn save(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
-        let primary = |local_to: &[MeshDim]| {
-            MeshDim::ALL
-                .into_iter()
-                .all(|d| d == MeshDim::Pp || local_to.contains(&d) || self.mesh.coord(d) == 0)
-        };
-        let params = self.opt.named_params()?;
-        let mut tensors: Vec<ShardedTensor> = Vec::new();
-        let mut owners: std::collections::HashMap<String, bool> = Default::default();
-        for (t, local_to) in params {
-            let keep = primary(&local_to);
-            owners.insert(t.name.clone(), keep);
-            if keep {
-                tensors.push(t);
-            }
-        }
-        for t in self.opt.state()? {
-            // `optimizer.KIND.NAME`, or `optimizer.step`.
-            let owner = t
-                .name
-                .strip_prefix("optimizer.")
-                .and_then(|rest| rest.split_once('.'))
-                .and_then(|(_, name)| owners.get(name).copied());
-            if owner.unwrap_or(self.mesh.rank() == 0) {
-                tensors.push(t);
-            }
-        }
+        let mut tensors = self.opt.param_pieces()?;
+        tensors.extend(self.opt.state()?);
         let opts = SaveOptions {
             step: self.steps_done() as u64,
             mesh: if opts.mesh.is_empty() {

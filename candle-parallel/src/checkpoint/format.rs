@@ -23,7 +23,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The metadata format this version writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this library reads (version 1 has no region pieces).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The metadata file of a checkpoint directory.
 pub const METADATA_FILE: &str = "checkpoint.json";
 /// The marker written last by a completed save.
@@ -36,6 +38,14 @@ pub struct Piece {
     pub file: String,
     /// `None`: the whole tensor; otherwise `len` rows from `start` along `dim`.
     pub split: Option<(usize, usize, usize)>,
+    /// An n-dimensional box of the tensor, `(start, len)` per dim (version 2), instead of
+    /// `split`: a ZeRO partition of a flattened parameter is a few such boxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Vec<(usize, usize)>>,
+    /// The piece's name in the rank file when it is not the tensor's (a rank holding several
+    /// pieces of one tensor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// CRC-32C of each block of the piece's bytes ([`CheckpointMeta::crc_block_bytes`] each);
     /// absent in checkpoints written before checksums, which load unchecked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,10 +54,18 @@ pub struct Piece {
 
 impl Piece {
     pub(crate) fn region(&self, dims: &[usize]) -> Region {
+        if let Some(r) = &self.region {
+            return Region(r.clone());
+        }
         match self.split {
             None => Region::whole(dims),
             Some((dim, start, len)) => Region::whole(dims).restrict(dim, start, len),
         }
+    }
+
+    /// The piece's name in its rank file.
+    pub fn key<'a>(&'a self, tensor: &'a str) -> &'a str {
+        self.key.as_deref().unwrap_or(tensor)
     }
 }
 
@@ -160,9 +178,9 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
         candle_core::Error::msg(format!("{}: not valid JSON: {e}", meta_path.display()))
     })?;
     match version.get("format_version").and_then(|v| v.as_u64()) {
-        Some(v) if v == FORMAT_VERSION as u64 => {}
+        Some(v) if (OLDEST_FORMAT_VERSION as u64..=FORMAT_VERSION as u64).contains(&v) => {}
         Some(v) => bail!(
-            "{}: checkpoint format version {v} is not one this library reads (it reads {FORMAT_VERSION}); \
+            "{}: checkpoint format version {v} is not one this library reads (it reads {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); \
              use the candle-parallel version that wrote it",
             meta_path.display()
         ),
@@ -176,6 +194,18 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
             candle_core::Error::msg(format!("{}: tensor {name}: {e}", meta_path.display()))
         })?;
         for p in &t.pieces {
+            if let Some(r) = &p.region {
+                let fits = r.len() == t.dims.len()
+                    && r.iter().zip(&t.dims).all(|(&(s, l), &d)| s + l <= d);
+                if !fits || p.split.is_some() {
+                    bail!(
+                        "{}: tensor {name} of shape {:?}: the piece in {} claims the region {r:?}, which the tensor does not have: the metadata is corrupt",
+                        meta_path.display(),
+                        t.dims,
+                        p.file
+                    )
+                }
+            }
             if let Some((dim, start, len)) = p.split {
                 if dim >= t.dims.len() || start + len > t.dims[dim] {
                     bail!(

@@ -21,6 +21,10 @@ pub struct ShardedTensor {
     pub local: Tensor,
     pub full_dims: Vec<usize>,
     pub placement: Placement,
+    /// When set, `local` is exactly this box of the full tensor, `(start, len)` per dim, and
+    /// `placement` is not used: how a ZeRO partition of a flattened parameter is saved (a rank
+    /// may give several pieces of one tensor).
+    pub region: Option<Vec<(usize, usize)>>,
 }
 
 impl From<&Param> for ShardedTensor {
@@ -30,6 +34,7 @@ impl From<&Param> for ShardedTensor {
             local: p.var.as_tensor().detach(),
             full_dims: p.full_dims.clone(),
             placement: p.placement,
+            region: None,
         }
     }
 }
@@ -96,7 +101,32 @@ pub fn save_checkpoint(
     let file = format!("rank-{rank:05}.safetensors");
     let mut local = Vec::with_capacity(tensors.len());
     let mut pieces = Vec::with_capacity(tensors.len());
-    for t in tensors {
+    for (i, t) in tensors.iter().enumerate() {
+        if let Some(r) = &t.region {
+            let lens: Vec<usize> = r.iter().map(|&(_, l)| l).collect();
+            let fits = r.len() == t.full_dims.len()
+                && r.iter().zip(&t.full_dims).all(|(&(s, l), &d)| s + l <= d);
+            if !fits || t.local.dims() != lens.as_slice() {
+                bail!(
+                    "save: rank {rank} holds a piece of {} with shape {:?} for the region {r:?} of {:?}",
+                    t.name,
+                    t.local.dims(),
+                    t.full_dims
+                )
+            }
+            // Its own name in the rank file: a rank may hold several pieces of one tensor.
+            let key = format!("{}@{i}", t.name);
+            pieces.push(PieceEntry {
+                name: t.name.clone(),
+                dims: t.full_dims.clone(),
+                dtype: format!("{:?}", t.local.dtype()),
+                split: None,
+                region: Some(r.clone()),
+                key: Some(key.clone()),
+            });
+            local.push((key, t.local.contiguous()?));
+            continue;
+        }
         let split = match t.placement.slice(&t.full_dims, &t.name)? {
             None => None,
             Some(sl) => {
@@ -118,12 +148,14 @@ pub fn save_checkpoint(
             Some((dim, _, len)) => t.local.narrow(dim, 0, len)?.contiguous()?,
             None => t.local.contiguous()?,
         };
-        pieces.push((
-            t.name.clone(),
-            t.full_dims.clone(),
-            format!("{:?}", stored.dtype()),
+        pieces.push(PieceEntry {
+            name: t.name.clone(),
+            dims: t.full_dims.clone(),
+            dtype: format!("{:?}", stored.dtype()),
             split,
-        ));
+            region: None,
+            key: None,
+        });
         local.push((t.name.clone(), stored));
     }
     let bytes =
@@ -143,15 +175,12 @@ pub fn save_checkpoint(
 
     // Everyone's pieces with their checksums and file size, for the metadata; this also waits
     // until every file is in place.
-    let crcs = piece_crcs(
-        &bytes,
-        &pieces.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(),
-    )?;
-    let entries: Vec<Entry> = pieces
-        .into_iter()
-        .zip(crcs)
-        .map(|((name, dims, dtype, split), crc)| (name, dims, dtype, split, crc))
+    let keys: Vec<&str> = pieces
+        .iter()
+        .map(|p| p.key.as_deref().unwrap_or(&p.name))
         .collect();
+    let crcs = piece_crcs(&bytes, &keys)?;
+    let entries: Vec<(PieceEntry, Vec<u32>)> = pieces.into_iter().zip(crcs).collect();
     let mine =
         serde_json::to_vec(&(bytes.len() as u64, entries)).map_err(candle_core::Error::wrap)?;
     let all = comm.all_gather_bytes(&mine)?;
@@ -159,7 +188,7 @@ pub fn save_checkpoint(
         let mut tensors: BTreeMap<String, TensorMeta> = BTreeMap::new();
         let mut files = BTreeMap::new();
         for (r, bytes) in all.iter().enumerate() {
-            let (file_bytes, entries): (u64, Vec<Entry>) =
+            let (file_bytes, entries): (u64, Vec<(PieceEntry, Vec<u32>)>) =
                 serde_json::from_slice(bytes).map_err(candle_core::Error::wrap)?;
             files.insert(
                 format!("rank-{r:05}.safetensors"),
@@ -168,7 +197,15 @@ pub fn save_checkpoint(
                     bytes: file_bytes,
                 },
             );
-            for (name, dims, dtype, split, crc) in entries {
+            for (e, crc) in entries {
+                let PieceEntry {
+                    name,
+                    dims,
+                    dtype,
+                    split,
+                    region,
+                    key,
+                } = e;
                 let meta = tensors.entry(name.clone()).or_insert_with(|| TensorMeta {
                     dims: dims.clone(),
                     dtype: dtype.clone(),
@@ -185,6 +222,8 @@ pub fn save_checkpoint(
                     rank: r,
                     file: format!("rank-{r:05}.safetensors"),
                     split,
+                    region,
+                    key,
                     crc32c: Some(crc),
                 });
             }
@@ -219,14 +258,17 @@ pub fn save_checkpoint(
     Ok(())
 }
 
-/// What each rank tells rank 0 about a piece: name, full dims, dtype, split, block checksums.
-type Entry = (
-    String,
-    Vec<usize>,
-    String,
-    Option<(usize, usize, usize)>,
-    Vec<u32>,
-);
+/// What each rank tells rank 0 about a piece (with its block checksums).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PieceEntry {
+    name: String,
+    dims: Vec<usize>,
+    dtype: String,
+    split: Option<(usize, usize, usize)>,
+    region: Option<Vec<(usize, usize)>>,
+    /// Its name in the rank file, when not `name`.
+    key: Option<String>,
+}
 
 /// The block checksums of each named tensor's data in `file`, the bytes of a safetensors file
 /// (its header gives where each tensor's data lies).

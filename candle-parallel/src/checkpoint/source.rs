@@ -198,7 +198,7 @@ impl TensorSource for DistSource {
         }
         let mut out = Vec::with_capacity(t.pieces.len());
         for p in &t.pieces {
-            let view = self.files[&p.file].get(name).map_err(|_| {
+            let view = self.files[&p.file].get(p.key(name)).map_err(|_| {
                 candle_core::Error::msg(format!(
                     "tensor {name} is missing from {} although {METADATA_FILE} lists it",
                     self.dir.join(&p.file).display()

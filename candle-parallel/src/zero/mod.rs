@@ -162,6 +162,8 @@ struct Bucket {
     /// This rank's partition: elements `start..start + len` of the padded bucket.
     start: usize,
     len: usize,
+    /// The batch dimensions its gradients are summed over (and, partitioned, split over).
+    dims: Vec<MeshDim>,
     comm: Option<Comm>,
     home: Home,
     exp_avg: Tensor,
@@ -182,6 +184,7 @@ pub struct ZeroOptimizer {
     buckets: Vec<Bucket>,
     cfg: ZeroConfig,
     world: Comm,
+    mesh: DeviceMesh,
     replicas: usize,
     step: u64,
     /// The partition gradients of the last step (kept only at stages 2 and 3).
@@ -256,7 +259,7 @@ impl ZeroOptimizer {
         let mut vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let mut whole: Vec<Option<usize>> = (0..params.len()).map(Some).collect();
         let mut buckets = Vec::new();
-        for (i, (_, comm)) in batch.subsets().iter().enumerate() {
+        for (i, (dims, comm)) in batch.subsets().iter().enumerate() {
             let members: Vec<usize> = (0..params.len())
                 .filter(|&j| batch.subset_of(&params[j]) == i)
                 .collect();
@@ -294,6 +297,7 @@ impl ZeroOptimizer {
                     padded: layout.padded,
                     start,
                     len,
+                    dims: dims.clone(),
                     comm: comm.clone(),
                     home: Home::Whole { grad },
                     exp_avg: zeros(len)?,
@@ -324,6 +328,7 @@ impl ZeroOptimizer {
                     padded: g.padded,
                     start: g.rank * g.part,
                     len: g.part,
+                    dims: g.dims.clone(),
                     comm: g.comm.clone(),
                     home: Home::Shard {
                         var,
@@ -343,6 +348,7 @@ impl ZeroOptimizer {
             buckets,
             cfg,
             world: mesh.world().clone(),
+            mesh: mesh.clone(),
             replicas: batch.replicas(),
             step: 0,
             held_partition_bytes: 0,
@@ -580,6 +586,7 @@ impl ZeroOptimizer {
                         local: self.vars[v].as_tensor().detach(),
                         full_dims: info.full_dims.clone(),
                         placement: info.placement,
+                        region: None,
                     },
                     info.local_to.clone(),
                 ));
@@ -593,6 +600,7 @@ impl ZeroOptimizer {
                         local: t,
                         full_dims: info.full_dims.clone(),
                         placement: info.placement,
+                        region: None,
                     },
                     info.local_to.clone(),
                 ));
@@ -601,11 +609,110 @@ impl ZeroOptimizer {
         Ok(out)
     }
 
-    /// The optimizer state as named sharded tensors under the names [`crate::optim::AdamW`]
-    /// uses (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`, `optimizer.step`, and
-    /// `optimizer.master.NAME` for 16-bit parameters), each with its parameter's shard: the
-    /// partitions are gathered over the replicas first, so a checkpoint loads under any dp,
-    /// any stage (and any tp/ep). Collective over the replicas.
+    /// Whether this rank writes the pieces of `info` that a bucket over `dims` holds: one rank
+    /// of those holding the same values (coordinate 0 along every dimension the values are
+    /// replicated over; a partitioned bucket's ranks along `dims` hold different values).
+    fn writes(&self, info: &Info, dims: &[MeshDim], partitioned: bool) -> bool {
+        MeshDim::ALL.into_iter().all(|d| {
+            d == MeshDim::Pp
+                || info.local_to.contains(&d)
+                || (partitioned && dims.contains(&d))
+                || self.mesh.coord(d) == 0
+        })
+    }
+
+    /// Whether a bucket's values differ along its batch dimensions (ZeRO partitions).
+    fn partitioned(&self, b: &Bucket) -> bool {
+        self.cfg.stage >= 1 || matches!(b.home, Home::Shard { .. })
+    }
+
+    /// This rank's pieces of `part` (a bucket's partition, flat) named `prefix + NAME`: every
+    /// parameter's share of it as boxes of the full tensor (padding rows left out).
+    fn partition_pieces(
+        &self,
+        b: &Bucket,
+        part: &Tensor,
+        prefix: &str,
+    ) -> Result<Vec<ShardedTensor>> {
+        let mut out = Vec::new();
+        for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
+            let info = &self.infos[s.info];
+            if !self.writes(info, &b.dims, true) {
+                continue;
+            }
+            let slice = info.placement.slice(&info.full_dims, &info.name)?;
+            let mut boxes = Vec::new();
+            flat_boxes(
+                &info.dims,
+                lo - s.offset,
+                hi - s.offset,
+                &mut Vec::new(),
+                0,
+                &mut boxes,
+            );
+            for (region, flat) in boxes {
+                let lens: Vec<usize> = region.iter().map(|&(_, l)| l).collect();
+                let n: usize = lens.iter().product();
+                let mut data = part
+                    .narrow(0, s.offset + flat - b.start, n)?
+                    .reshape(lens.as_slice())?;
+                let mut region = region;
+                if let Some(sl) = &slice {
+                    // Local rows along the split dim are full rows `sl.start..`; rows past
+                    // `sl.len` are padding and not saved.
+                    let (bs, bl) = region[sl.dim];
+                    let end = (bs + bl).min(sl.len);
+                    if end <= bs {
+                        continue;
+                    }
+                    data = data.narrow(sl.dim, 0, end - bs)?;
+                    region[sl.dim] = (sl.start + bs, end - bs);
+                }
+                out.push(ShardedTensor {
+                    name: format!("{prefix}{}", info.name),
+                    local: data.contiguous()?,
+                    full_dims: info.full_dims.clone(),
+                    placement: info.placement,
+                    region: Some(region),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The parameters for a checkpoint, as the pieces this rank writes: whole parameters from
+    /// one of the ranks holding each, a sharded module's from every rank's partition (nothing
+    /// gathered). With [`ZeroOptimizer::state`], what [`crate::trainer::Trainer::save`] saves.
+    pub fn param_pieces(&self) -> Result<Vec<ShardedTensor>> {
+        let mut out = Vec::new();
+        for (i, info) in self.infos.iter().enumerate() {
+            if let Some(v) = self.whole[i] {
+                if self.writes(info, &[], false) {
+                    out.push(ShardedTensor {
+                        name: info.name.clone(),
+                        local: self.vars[v].as_tensor().detach(),
+                        full_dims: info.full_dims.clone(),
+                        placement: info.placement,
+                        region: None,
+                    });
+                }
+            }
+        }
+        for b in &self.buckets {
+            if let Home::Shard { var, offset } = &b.home {
+                let part = self.vars[*var].as_tensor().narrow(0, *offset, b.len)?;
+                out.extend(self.partition_pieces(b, &part, "")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The optimizer state as the pieces this rank writes, under the names
+    /// [`crate::optim::AdamW`] uses (`optimizer.exp_avg.NAME`, `optimizer.exp_avg_sq.NAME`,
+    /// `optimizer.step`, and `optimizer.master.NAME` for 16-bit parameters): at stage 0 each
+    /// parameter's moments whole, from one of the replicas; from stage 1 every rank's
+    /// partition as boxes of the full tensors (nothing gathered, each element written once).
+    /// Loads under any dp, stage, tp and ep ([`ZeroOptimizer::load_state`]).
     pub fn state(&self) -> Result<Vec<ShardedTensor>> {
         let mut out = Vec::new();
         for b in &self.buckets {
@@ -614,29 +721,38 @@ impl ZeroOptimizer {
                 kinds.push(("master", m));
             }
             for (kind, part) in kinds {
-                let full = match (&b.comm, self.cfg.stage) {
-                    (Some(c), 1..) => c.all_gather(part, 0)?,
-                    _ => part.copy()?, // the moments change in place at the next step
-                };
+                // Copies: the moments change in place at the next step.
+                let prefix = format!("optimizer.{kind}.");
+                if self.partitioned(b) {
+                    out.extend(self.partition_pieces(b, &part.copy()?, &prefix)?);
+                    continue;
+                }
                 for s in &b.segs {
                     let info = &self.infos[s.info];
-                    out.push(ShardedTensor {
-                        name: format!("optimizer.{kind}.{}", info.name),
-                        local: full
-                            .narrow(0, s.offset, s.len)?
-                            .reshape(info.dims.as_slice())?,
-                        full_dims: info.full_dims.clone(),
-                        placement: info.placement,
-                    });
+                    if self.writes(info, &b.dims, false) {
+                        out.push(ShardedTensor {
+                            name: format!("{prefix}{}", info.name),
+                            local: part
+                                .narrow(0, s.offset, s.len)?
+                                .reshape(info.dims.as_slice())?
+                                .copy()?,
+                            full_dims: info.full_dims.clone(),
+                            placement: info.placement,
+                            region: None,
+                        });
+                    }
                 }
             }
         }
-        out.push(ShardedTensor {
-            name: "optimizer.step".into(),
-            local: Tensor::new(&[self.step as f64], self.world.device())?,
-            full_dims: vec![1],
-            placement: Placement::Replicated,
-        });
+        if self.mesh.rank() == 0 {
+            out.push(ShardedTensor {
+                name: "optimizer.step".into(),
+                local: Tensor::new(&[self.step as f64], self.world.device())?,
+                full_dims: vec![1],
+                placement: Placement::Replicated,
+                region: None,
+            });
+        }
         Ok(out)
     }
 
@@ -705,6 +821,53 @@ pub(crate) fn overlaps(
     })
 }
 
+/// The flat range `a..b` of a row-major tensor of shape `dims` as boxes, each a contiguous
+/// flat run: `(start, len)` per dim and the flat index of its first element. At most two per
+/// dim plus one.
+fn flat_boxes(
+    dims: &[usize],
+    a: usize,
+    b: usize,
+    prefix: &mut Vec<(usize, usize)>,
+    base: usize,
+    out: &mut Vec<(Vec<(usize, usize)>, usize)>,
+) {
+    if a >= b {
+        return;
+    }
+    let Some((&_, rest)) = dims.split_first() else {
+        out.push((prefix.clone(), base));
+        return;
+    };
+    let inner: usize = rest.iter().product();
+    let (r0, o0, r1, o1) = (a / inner, a % inner, b / inner, b % inner);
+    // Part of one row: the boxes of `from..to` inside it, under this row's index.
+    let row =
+        |r: usize, from: usize, to: usize, prefix: &mut Vec<(usize, usize)>, out: &mut Vec<_>| {
+            prefix.push((r, 1));
+            flat_boxes(rest, from, to, prefix, base + r * inner, out);
+            prefix.pop();
+        };
+    if r0 == r1 {
+        row(r0, o0, o1, prefix, out);
+        return;
+    }
+    let mut first = r0;
+    if o0 > 0 {
+        row(r0, o0, inner, prefix, out);
+        first += 1;
+    }
+    if r1 > first {
+        let mut region = prefix.clone();
+        region.push((first, r1 - first));
+        region.extend(rest.iter().map(|&d| (0, d)));
+        out.push((region, base + first * inner));
+    }
+    if o1 > 0 {
+        row(r1, 0, o1, prefix, out);
+    }
+}
+
 /// Elements `start..start + len` of a bucket of whole parameters, flat, as f32 (zeros past
 /// the last parameter).
 fn flat_of_vars(
@@ -764,4 +927,43 @@ fn write_whole(
         vars[whole[s.info].expect("a whole parameter")].set(&x)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flat_boxes;
+
+    /// Every flat range of several shapes becomes boxes that are contiguous runs, in order,
+    /// covering exactly the range.
+    #[test]
+    fn flat_ranges_become_contiguous_boxes() {
+        for dims in [vec![7], vec![3, 5], vec![2, 3, 4], vec![4, 1, 3, 2]] {
+            let total: usize = dims.iter().product();
+            for a in 0..=total {
+                for b in a..=total {
+                    let mut boxes = Vec::new();
+                    flat_boxes(&dims, a, b, &mut Vec::new(), 0, &mut boxes);
+                    assert!(boxes.len() <= 2 * dims.len() + 1, "{dims:?} {a}..{b}");
+                    let mut next = a;
+                    for (region, flat) in boxes {
+                        assert_eq!(flat, next, "{dims:?} {a}..{b}: {region:?}");
+                        // The box's elements in row-major order are flat..flat + volume.
+                        let lens: Vec<usize> = region.iter().map(|r| r.1).collect();
+                        let volume: usize = lens.iter().product();
+                        for k in 0..volume {
+                            let (mut rem, mut idx) = (k, 0);
+                            for (d, &(s, l)) in region.iter().enumerate().rev() {
+                                let stride: usize = dims[d + 1..].iter().product();
+                                idx += (s + rem % l) * stride;
+                                rem /= l;
+                            }
+                            assert_eq!(idx, flat + k, "{dims:?} {a}..{b}: {region:?}");
+                        }
+                        next = flat + volume;
+                    }
+                    assert_eq!(next, b, "{dims:?} {a}..{b}");
+                }
+            }
+        }
+    }
 }

@@ -17,6 +17,8 @@ type Build = dyn Fn(ParallelVarBuilder) -> Result<Box<dyn Module>> + Send + Sync
 /// of the group size; this rank holds partition `rank`.
 #[derive(Debug)]
 pub(crate) struct Group {
+    /// The batch dimensions the group is partitioned (and its gradients summed) over.
+    pub dims: Vec<crate::mesh::MeshDim>,
     pub comm: Option<Comm>,
     pub segs: Vec<Seg>,
     pub padded: usize,
@@ -133,7 +135,7 @@ impl ShardedModule {
         let mut groups = Vec::new();
         let mut pieces = Vec::new();
         let mut var_offset = 0;
-        for (i, (_, comm)) in batch.subsets().iter().enumerate() {
+        for (i, (dims, comm)) in batch.subsets().iter().enumerate() {
             let members: Vec<usize> = (0..params.len())
                 .filter(|&j| batch.subset_of(&params[j]) == i)
                 .collect();
@@ -167,6 +169,7 @@ impl ShardedModule {
                     .copy()?,
             );
             groups.push(Group {
+                dims: dims.clone(),
                 comm: comm.clone(),
                 segs,
                 padded,
