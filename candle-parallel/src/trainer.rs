@@ -122,6 +122,9 @@ pub struct TrainerConfig {
     pub bucket_bytes: usize,
     /// Show a progress bar on rank 0.
     pub progress: bool,
+    /// Log a step line at INFO every this many steps (every step at DEBUG); 0: about 20 lines
+    /// a job.
+    pub log_every: usize,
 }
 
 impl Default for TrainerConfig {
@@ -134,6 +137,7 @@ impl Default for TrainerConfig {
             zero_stage: 0,
             bucket_bytes: crate::data_parallel::DEFAULT_BUCKET_BYTES,
             progress: false,
+            log_every: 0,
         }
     }
 }
@@ -262,7 +266,15 @@ impl Trainer {
         self.opt.set_learning_rate(lr);
         let grad_norm = self.opt.step(grads, self.cfg.clip)?;
         let loss = self.replica_mean(loss)?;
-        tracing::info!(step, loss, grad_norm, lr, "step");
+        let every = match self.cfg.log_every {
+            0 => (self.cfg.steps / 20).max(1),
+            n => n,
+        };
+        if step % every == 0 || step == self.cfg.steps {
+            tracing::info!(step, loss, grad_norm, lr, "step");
+        } else {
+            tracing::debug!(step, loss, grad_norm, lr, "step");
+        }
         self.bar.set_position(step as u64);
         self.bar.set_message(format!(
             "loss {loss:.4}  grad norm {grad_norm:.3}  lr {lr:.2e}"
