@@ -270,7 +270,7 @@ impl Trainer {
             0 => (self.cfg.steps / 20).max(1),
             n => n,
         };
-        if step % every == 0 || step == self.cfg.steps {
+        if step.is_multiple_of(every) || step == self.cfg.steps {
             tracing::info!(step, loss, grad_norm, lr, "step");
         } else {
             tracing::debug!(step, loss, grad_norm, lr, "step");
