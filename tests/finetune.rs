@@ -121,3 +121,77 @@ fn a_resumed_job_continues_the_uninterrupted_run() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An export opens where people take it next: its `config.json` has what transformers'
+/// `AutoModelForCausalLM` needs (`model_type`, `architectures`, the fields and types
+/// `MixtralConfig` requires) and keeps every field the model's config had, even those this
+/// library does not use; `generation_config.json` carries the special tokens. (Loading it
+/// with transformers 5.24's `AutoModelForCausalLM.from_pretrained` and generating works; this
+/// machine's CI has no Python, so the test checks the keys and types.)
+#[test]
+fn an_export_has_a_complete_hugging_face_config() {
+    let dir = tmp("export");
+    let model = dir.join("model");
+    finetune(&model, &dir.join("first"), &["--steps", "1"]);
+    // A config as HF hub models have them: fields this library ignores, and (older files)
+    // no model_type or architectures.
+    let path = model.join("config.json");
+    let mut cfg: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg.remove("model_type");
+    cfg.remove("architectures");
+    cfg.insert("initializer_range".into(), serde_json::json!(0.02));
+    cfg.insert("output_router_logits".into(), serde_json::json!(false));
+    cfg.insert("custom".into(), serde_json::json!({"nested": [1, 2]}));
+    std::fs::write(&path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let out = dir.join("ckpt");
+    finetune(&model, &out, &["--steps", "2"]);
+    let hf = dir.join("hf");
+    let o = Command::new(example_path("checkpoint"))
+        .args(["export", "--from"])
+        .arg(out.join("step-000002"))
+        .arg("--to")
+        .arg(&hf)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(exported["model_type"], "mixtral");
+    assert_eq!(
+        exported["architectures"],
+        serde_json::json!(["MixtralForCausalLM"])
+    );
+    for key in [
+        "hidden_size",
+        "intermediate_size",
+        "vocab_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "max_position_embeddings",
+    ] {
+        assert!(exported[key].is_u64(), "{key}: {}", exported[key]);
+    }
+    for key in ["rms_norm_eps", "rope_theta", "router_aux_loss_coef"] {
+        assert!(exported[key].is_f64(), "{key}: {}", exported[key]);
+    }
+    assert_eq!(exported["hidden_act"], "silu");
+    assert!(exported["tie_word_embeddings"].is_boolean());
+    for (key, value) in [
+        ("initializer_range", serde_json::json!(0.02)),
+        ("output_router_logits", serde_json::json!(false)),
+        ("custom", serde_json::json!({"nested": [1, 2]})),
+    ] {
+        assert_eq!(exported[key], value, "{key} is kept");
+    }
+    let generation: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("generation_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(generation["bos_token_id"], exported["bos_token_id"]);
+    assert_eq!(generation["eos_token_id"], exported["eos_token_id"]);
+    assert!(hf.join("tokenizer.json").is_file() && hf.join("model.safetensors").is_file());
+    std::fs::remove_dir_all(dir).unwrap();
+}

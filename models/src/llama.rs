@@ -23,6 +23,11 @@ use std::path::Path;
 /// The fields of a Hugging Face Llama `config.json` this model uses.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LlamaConfig {
+    /// What transformers' Auto classes need (added when a config lacks them).
+    #[serde(default = "llama_model_type")]
+    pub model_type: String,
+    #[serde(default = "llama_architectures")]
+    pub architectures: Vec<String>,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
@@ -45,6 +50,16 @@ pub struct LlamaConfig {
     /// Not supported yet: a config that sets it is rejected rather than run with wrong numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// The config's other fields, kept as read (written back unchanged).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn llama_model_type() -> String {
+    "llama".into()
+}
+fn llama_architectures() -> Vec<String> {
+    vec!["LlamaForCausalLM".into()]
 }
 
 fn default_eps() -> f64 {
@@ -70,6 +85,9 @@ impl LlamaConfig {
     /// A small random-model configuration for examples and tests.
     pub fn tiny() -> Self {
         Self {
+            model_type: llama_model_type(),
+            architectures: llama_architectures(),
+            extra: serde_json::Map::new(),
             hidden_size: 64,
             intermediate_size: 192,
             vocab_size: 257,

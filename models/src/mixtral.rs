@@ -26,9 +26,15 @@ use candle_parallel::{ops, Comm, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// The fields of a Hugging Face Mixtral `config.json` this model uses.
+/// A Hugging Face Mixtral `config.json`: the fields this model uses, `model_type` and
+/// `architectures` (what transformers' Auto classes need; added when a config lacks them), and
+/// every other field as it was read (written back unchanged).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MixtralConfig {
+    #[serde(default = "mixtral_model_type")]
+    pub model_type: String,
+    #[serde(default = "mixtral_architectures")]
+    pub architectures: Vec<String>,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,
@@ -56,6 +62,16 @@ pub struct MixtralConfig {
     pub bos_token_id: Option<u32>,
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// The config's other fields, kept as read.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn mixtral_model_type() -> String {
+    "mixtral".into()
+}
+fn mixtral_architectures() -> Vec<String> {
+    vec!["MixtralForCausalLM".into()]
 }
 
 fn default_eps() -> f64 {
@@ -85,6 +101,9 @@ impl MixtralConfig {
     /// A small random-model configuration: 4 experts, top-2.
     pub fn tiny() -> Self {
         Self {
+            model_type: mixtral_model_type(),
+            architectures: mixtral_architectures(),
+            extra: serde_json::Map::new(),
             hidden_size: 64,
             intermediate_size: 128,
             vocab_size: 257,
@@ -118,6 +137,9 @@ impl MixtralConfig {
     /// The attention part, as a Llama config.
     pub fn as_llama(&self) -> LlamaConfig {
         LlamaConfig {
+            model_type: "llama".into(),
+            architectures: vec!["LlamaForCausalLM".into()],
+            extra: serde_json::Map::new(),
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             vocab_size: self.vocab_size,

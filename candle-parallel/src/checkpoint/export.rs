@@ -106,6 +106,23 @@ pub fn export_hf(
             &serde_json::to_vec_pretty(&meta.config).map_err(candle_core::Error::wrap)?,
         )?;
         written.push(path);
+        // What transformers' `generate` reads by default, as `save_pretrained` writes it: the
+        // special tokens of the config.
+        let mut generation = serde_json::Map::new();
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if let Some(v) = meta.config.get(key).filter(|v| !v.is_null()) {
+                generation.insert(key.into(), v.clone());
+            }
+        }
+        if !generation.is_empty() {
+            let path = out.join("generation_config.json");
+            let json = serde_json::Value::Object(generation);
+            write_atomic(
+                &path,
+                &serde_json::to_vec_pretty(&json).map_err(candle_core::Error::wrap)?,
+            )?;
+            written.push(path);
+        }
     }
     Ok(written)
 }
