@@ -39,19 +39,25 @@ struct Args {
     /// ZeRO stages.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2,3")]
     stages: Vec<u8>,
+    /// Hidden size of the benchmark model.
     #[arg(long, default_value_t = 768)]
     hidden: usize,
+    /// Each expert's intermediate size.
     #[arg(long, default_value_t = 2048)]
     ffn: usize,
+    /// Experts per MoE layer (top-2 routing).
     #[arg(long, default_value_t = 8)]
     experts: usize,
+    /// Decoder layers.
     #[arg(long, default_value_t = 2)]
     layers: usize,
+    /// Vocabulary size.
     #[arg(long, default_value_t = 8192)]
     vocab: usize,
     /// Sequences per global batch (split over the replicas).
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Tokens per sequence.
     #[arg(long, default_value_t = 32)]
     seq: usize,
     /// All-reduce sizes in MiB.

@@ -40,6 +40,7 @@ struct Args {
     /// A Python with torch and transformers: also time their `MixtralSparseMoeBlock`.
     #[arg(long)]
     torch: Option<PathBuf>,
+    /// Where the random benchmark checkpoint is written (created once, reused).
     #[arg(long, default_value = "target/bench-moe")]
     dir: PathBuf,
 }

@@ -22,16 +22,22 @@ use std::time::Instant;
 #[derive(Parser, Debug)]
 #[command(about = "Compare pipeline schedules: step time, bubble, live activations")]
 struct Args {
+    /// Pipeline sizes (ranks) to measure.
     #[arg(long, value_delimiter = ',', default_value = "2,4")]
     pp: Vec<usize>,
+    /// Micro-batch counts to measure at each size.
     #[arg(long, value_delimiter = ',', default_value = "4,8,16")]
     micro_batches: Vec<usize>,
+    /// Timed steps per configuration; the median is reported.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Tanh layers of the model, split over the stages.
     #[arg(long, default_value_t = 8)]
     layers: usize,
+    /// Width of every layer.
     #[arg(long, default_value_t = 256)]
     hidden: usize,
+    /// Rows per step (split into the micro-batches).
     #[arg(long, default_value_t = 512)]
     batch: usize,
 }

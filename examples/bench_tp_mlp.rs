@@ -19,8 +19,10 @@ use std::time::Instant;
 
 #[derive(Parser, Debug)]
 struct Args {
+    /// Hidden size of the MLP.
     #[arg(long, default_value_t = 2048)]
     hidden: usize,
+    /// Intermediate size of the MLP.
     #[arg(long, default_value_t = 8192)]
     ffn: usize,
     /// batch × sequence.

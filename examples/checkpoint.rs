@@ -44,19 +44,29 @@ struct Args {
 enum Command {
     /// Write a small random Llama-style model in Hugging Face layout, to try the other commands.
     Random {
+        /// Directory for the new Hugging Face model.
         #[arg(long)]
         to: PathBuf,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Print every tensor: dtype, shape, how it is split and its size.
-    Inspect { dir: PathBuf },
+    Inspect {
+        /// A distributed checkpoint or a Hugging Face model directory.
+        dir: PathBuf,
+    },
     /// Read a distributed checkpoint whole and check every byte against its CRC-32C.
-    Verify { dir: PathBuf },
+    Verify {
+        /// The distributed checkpoint to read.
+        dir: PathBuf,
+    },
     /// Save the checkpoint again under another layout.
     Reshard {
+        /// The distributed checkpoint to read.
         #[arg(long)]
         from: PathBuf,
+        /// Directory for the resharded checkpoint (must not exist).
         #[arg(long)]
         to: PathBuf,
         /// The new layout, e.g. `tp=4` or `dp=2,tp=2` (the model is split over tp).
@@ -68,8 +78,10 @@ enum Command {
     },
     /// Write the model tensors as a Hugging Face checkpoint.
     Export {
+        /// The distributed checkpoint to read.
         #[arg(long)]
         from: PathBuf,
+        /// Directory for the Hugging Face model.
         #[arg(long)]
         to: PathBuf,
         /// Split into files of at most this size (e.g. `2GB`, `500MB`, or bytes).

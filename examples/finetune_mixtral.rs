@@ -58,6 +58,7 @@ struct Args {
     /// batch); tp ranks split every matrix; pp ranks hold consecutive layers.
     #[arg(long, default_value = "ep=2,tp=2")]
     mesh: String,
+    /// Optimizer steps.
     #[arg(long, default_value_t = 300)]
     steps: usize,
     /// Peak learning rate.
@@ -96,6 +97,7 @@ struct Args {
     /// optimizer state, gradients reduced in f32).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
     /// Where the distributed checkpoints go (`step-N` directories inside).
@@ -111,6 +113,7 @@ struct Args {
     /// Write one log file per rank into this directory.
     #[arg(long)]
     log_dir: Option<PathBuf>,
+    /// Seed of the data order (and of the random model, when one is created).
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

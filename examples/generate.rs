@@ -29,6 +29,7 @@ struct Args {
     /// Tensor-parallel size (ranks run as threads).
     #[arg(long, default_value_t = 2)]
     tp: usize,
+    /// The text to continue.
     #[arg(long, default_value = "Once upon a time")]
     prompt: String,
     /// Tokens to generate at most.

@@ -25,10 +25,13 @@ struct Args {
     /// Processes on this node.
     #[arg(long, default_value_t = 1)]
     nproc: usize,
+    /// Machines (nodes) in the job.
     #[arg(long, default_value_t = 1)]
     nnodes: usize,
+    /// This node's index, 0 to --nnodes − 1.
     #[arg(long, default_value_t = 0)]
     node_rank: usize,
+    /// Address of the node whose rank 0 hands out the NCCL id (reachable from every node).
     #[arg(long, default_value = "127.0.0.1")]
     master_addr: String,
     /// 0 picks a free port (single node only).

@@ -51,21 +51,28 @@ struct Args {
 enum Command {
     /// Logits, losses and (optionally) full-shape gradients for one token sequence.
     Eval {
+        /// A Hugging Face Mixtral directory; without it, a small random model.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// Token ids of the sequence, comma separated (at least two).
         #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
         tokens: Vec<u32>,
+        /// Tensor-parallel ranks.
         #[arg(long, default_value_t = 2)]
         tp: usize,
+        /// Expert-parallel ranks (they share the tokens here: all-reduce dispatch).
         #[arg(long, default_value_t = 2)]
         ep: usize,
         /// Pipeline stages (the world is pp × ep × tp ranks).
         #[arg(long, default_value_t = 1)]
         pp: usize,
+        /// Output safetensors file.
         #[arg(long, default_value = "out.safetensors")]
         out: PathBuf,
+        /// Also write every parameter's gradient of the loss at full shape.
         #[arg(long)]
         grads: bool,
+        /// Seed of the random model (without --model).
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -85,6 +92,7 @@ enum Command {
         /// Optimizer steps, each over the whole batch.
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// AdamW learning rate (constant).
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
         /// AdamW's decoupled weight decay.
@@ -126,6 +134,7 @@ enum Command {
         /// DIR/step-NNNNNN every --checkpoint-every steps and after the last.
         #[arg(long)]
         checkpoint_dir: Option<PathBuf>,
+        /// Steps between checkpoints in --checkpoint-dir (0: only after the last).
         #[arg(long, default_value_t = 0)]
         checkpoint_every: usize,
         /// Resume from a checkpoint directory (saved under any layout, any ZeRO stage): its

@@ -41,20 +41,25 @@ struct Args {
     /// every micro-batch's backward, with weight stashing).
     #[arg(long, default_value = "1f1b")]
     schedule: String,
+    /// Micro-batches per step.
     #[arg(long, default_value_t = 8)]
     micro_batches: usize,
     /// Model chunks per rank (the interleaved schedule).
     #[arg(long, default_value_t = 2)]
     chunks: usize,
+    /// Tanh layers of the model, split over the stages.
     #[arg(long, default_value_t = 16)]
     layers: usize,
+    /// Width of every layer.
     #[arg(long, default_value_t = 128)]
     hidden: usize,
     /// Rows per step, cut into the micro-batches.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Training steps.
     #[arg(long, default_value_t = 60)]
     steps: usize,
+    /// Learning rate (AdamW).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
     /// Where timeline.json and timeline.svg go.
