@@ -108,8 +108,17 @@ struct Args {
     checkpoint_every: usize,
     /// Resume from a checkpoint this program saved (any layout, any ZeRO stage): its
     /// parameters, optimizer state and step, continuing the same data order and schedule.
+    /// Without it, a job whose --out holds a complete checkpoint before --steps resumes from
+    /// the latest one (an interrupted job picks up where it stopped).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Start afresh even when --out holds an unfinished job's checkpoint.
+    #[arg(long)]
+    no_resume: bool,
+    /// Keep only the latest this many checkpoints in --out (older ones are deleted after a
+    /// newer one is complete).
+    #[arg(long, default_value_t = 3)]
+    keep_last: usize,
     /// Write one log file per rank into this directory.
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -309,6 +318,84 @@ impl Data {
     }
 }
 
+/// The complete checkpoints (`step-N`, `step-N.k`) in `dir`, oldest first: (step, directory).
+fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rest = name.strip_prefix("step-")?;
+            let (step, copy) = match rest.split_once('.') {
+                Some((s, k)) => (s.parse().ok()?, k.parse().ok()?),
+                None => (rest.parse().ok()?, 0),
+            };
+            e.path()
+                .join(candle_parallel::checkpoint::COMPLETE_FILE)
+                .is_file()
+                .then(|| (step, copy, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(s, _, p)| (s, p)).collect()
+}
+
+/// The training loss over the steps (a line) and the evaluation metric (points, on its own
+/// scale at the right), as an SVG picture.
+fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> String {
+    let (w, h, pad) = (640.0, 360.0, 50.0);
+    let steps = |s: usize| s as f64;
+    let (x0, x1) = (
+        steps(evals[0].0.min(history[0].step)),
+        steps(history[history.len() - 1].step).max(1.0),
+    );
+    let range = |v: &mut dyn Iterator<Item = f64>| {
+        let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        if hi > lo {
+            (lo, hi)
+        } else {
+            (lo - 0.5, hi + 0.5)
+        }
+    };
+    let (l0, l1) = range(&mut history.iter().map(|r| r.loss));
+    let (e0, e1) = range(&mut evals.iter().map(|e| e.1));
+    let px = |s: f64| pad + (s - x0) / (x1 - x0).max(1.0) * (w - 2.0 * pad);
+    let py = |v: f64, lo: f64, hi: f64| h - pad - (v - lo) / (hi - lo) * (h - 2.0 * pad);
+    let line: Vec<String> = history
+        .iter()
+        .map(|r| format!("{:.1},{:.1}", px(steps(r.step)), py(r.loss, l0, l1)))
+        .collect();
+    let dots: String = evals
+        .iter()
+        .map(|&(s, v)| {
+            format!(
+                r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#d95f02"><title>step {s}: {metric} {v:.4}</title></circle>"##,
+                px(steps(s)),
+                py(v, e0, e1)
+            )
+        })
+        .collect();
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/><line x1="{r}" y1="{pad}" x2="{r}" y2="{b}" stroke="#d95f02"/>
+<polyline fill="none" stroke="#1b9e77" stroke-width="1.5" points="{pts}"/>
+{dots}
+<text x="{pad}" y="{t}">training loss (left, {l0:.3}–{l1:.3})</text>
+<text x="{r}" y="{t}" text-anchor="end" fill="#d95f02">{metric} (right, {e0:.3}–{e1:.3})</text>
+<text x="{mid}" y="{xl}" text-anchor="middle">step {x0}–{x1}</text>
+</svg>
+"##,
+        b = h - pad,
+        r = w - pad,
+        t = pad - 15.0,
+        mid = w / 2.0,
+        xl = h - pad + 30.0,
+        pts = line.join(" ")
+    )
+}
+
 /// The model as a rank holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
 enum Model {
     Whole(Mixtral),
@@ -383,7 +470,38 @@ fn main() -> Result<()> {
         candle_core::bail!("--mesh with pp: a head tied to the embedding would be two copies on the first and last stages, whose gradients are not summed yet; train it without pp");
     }
     let tokenizer_json = std::fs::read(args.model.join("tokenizer.json"))?;
+    if args.keep_last == 0 {
+        candle_core::bail!("--keep-last must be at least 1 (the checkpoint just written)");
+    }
+    let resume = match (&args.resume, args.no_resume) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, true) => None,
+        // An unfinished job in --out: go on from its latest checkpoint.
+        (None, false) => checkpoints(&args.out)
+            .into_iter()
+            .next_back()
+            .filter(|(step, _)| (*step as usize) < args.steps)
+            .map(|(_, dir)| dir),
+    };
+    if let (Some(dir), None, true) = (&resume, &args.resume, is_lead()?) {
+        eprintln!(
+            "resuming from {} (the latest checkpoint in --out; --no-resume starts afresh)",
+            dir.display()
+        );
+    }
+    // The loss history so far, carried on in the next checkpoint.
+    let earlier: Vec<serde_json::Value> = resume
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("history.json")).ok())
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
     let data = prepare_data(&args, &tok, &cfg)?;
+    let tokens_per_step = args.batch_size
+        * match &data {
+            Data::Addition { problems } => problems[0].len(),
+            Data::Text { .. } => args.seq_len + 1,
+        };
     let world = mesh.world_size();
     let mut launcher = Launcher::new(world).mesh(mesh);
     if let Some(dir) = &args.log_dir {
@@ -392,7 +510,7 @@ fn main() -> Result<()> {
     let report = launcher.run(|ctx| {
         let mesh = ctx.mesh()?;
         let (ep_comm, tp, pp_comm) = (mesh.ep(), mesh.tp(), mesh.pp());
-        let vb = match &args.resume {
+        let vb = match &resume {
             Some(dir) => ParallelVarBuilder::from_checkpoint(dir, dtype, ctx.device())?,
             None => ParallelVarBuilder::from_hf_dir(&args.model, dtype, ctx.device())?,
         }
@@ -404,6 +522,7 @@ fn main() -> Result<()> {
             clip: Some(args.max_grad_norm),
             zero_stage: args.zero,
             progress: true,
+            tokens_per_step,
             ..Default::default()
         };
         let batch_dims = [MeshDim::Dp, MeshDim::Ep];
@@ -421,7 +540,7 @@ fn main() -> Result<()> {
             (Model::Whole(m), t)
         };
         let vars = trainer.vars().to_vec();
-        if args.resume.is_some() {
+        if resume.is_some() {
             trainer.resume(&vb)?;
         }
         tracing::info!(read_bytes = vb.bytes_read(), memory = ?trainer.memory(), "model loaded");
@@ -496,10 +615,14 @@ fn main() -> Result<()> {
             let base = args.out.join(format!("step-{:06}", trainer.steps_done()));
             let pick = if ctx.rank() == 0 { unused_dir(&base).to_string_lossy().into_owned() } else { String::new() };
             let dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
-            let log: Vec<serde_json::Value> = history
+            let mut log: Vec<serde_json::Value> = earlier
                 .iter()
-                .map(|r| serde_json::json!({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr}))
+                .filter(|e| e["step"].as_u64().is_some_and(|s| (s as usize) <= history[0].step.saturating_sub(1)))
+                .cloned()
                 .collect();
+            log.extend(history.iter().map(|r| {
+                serde_json::json!({"step": r.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr, "tokens_per_sec": r.tokens_per_sec})
+            }));
             let opts = SaveOptions {
                 config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
                 // The tokenizer travels with the checkpoint, so that an export is a complete
@@ -511,6 +634,17 @@ fn main() -> Result<()> {
                 ..Default::default()
             };
             trainer.save(&dir, &opts)?;
+            if ctx.rank() == 0 {
+                // The newest --keep-last complete checkpoints stay; the others go.
+                let all = checkpoints(&args.out);
+                for (_, old) in all.iter().take(all.len().saturating_sub(args.keep_last)) {
+                    if *old != dir {
+                        if let Err(e) = std::fs::remove_dir_all(old) {
+                            tracing::warn!(dir = %old.display(), error = %e, "cannot delete an old checkpoint");
+                        }
+                    }
+                }
+            }
             Ok(dir)
         };
         // Every rank draws the same global batches (the same for any layout) and takes its
@@ -521,7 +655,7 @@ fn main() -> Result<()> {
         }
         let replica = mesh.dp().rank() * ep + ep_comm.rank();
         let mut history: Vec<StepReport> = Vec::with_capacity(args.steps);
-        let mut last_eval = first_eval;
+        let mut evals = vec![(trainer.steps_done(), first_eval)];
         let mut out_dir = None;
         for step in trainer.steps_done() + 1..=args.steps {
             let global = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
@@ -533,13 +667,14 @@ fn main() -> Result<()> {
             let r = trainer.step(&g.grads, g.ce_loss)?;
             history.push(r);
             if step % args.eval_every == 0 || step == args.steps {
-                last_eval = eval()?.0;
+                let value = eval()?.0;
+                evals.push((step, value));
                 let loads: Vec<String> = g
                     .stats
                     .iter()
                     .map(|s| format!("{:?} (max/mean {:.2})", s.tokens_per_expert, s.max_over_mean()))
                     .collect();
-                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, metric, value = last_eval, expert_load = %loads.join(" | "), "evaluation");
+                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, metric, value, expert_load = %loads.join(" | "), "evaluation");
             }
             if step == args.steps || (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) {
                 out_dir = Some(save(&trainer, &history)?);
@@ -550,19 +685,35 @@ fn main() -> Result<()> {
             Some(d) => d,
             None => candle_core::bail!("the checkpoint is at step {} already: nothing to run (raise --steps)", trainer.steps_done()),
         };
-        let losses: Vec<f32> = history.iter().map(|r| r.loss as f32).collect();
-        Ok((losses, first_eval, last_eval, metric, out_dir, trainer.memory()))
+        Ok((history, evals, metric, out_dir, trainer.memory()))
     })?;
     if !is_lead()? {
         return Ok(()); // rank 0's process reports
     }
-    let (history, first, last, metric, out_dir, memory) = &report[0];
+    let (history, evals, metric, out_dir, memory) = &report[0];
+    let losses: Vec<f32> = history.iter().map(|r| r.loss as f32).collect();
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
-    let k = (history.len() / 10).max(1);
+    let k = (losses.len() / 10).max(1);
+    let (first, last) = (evals[0].1, evals[evals.len() - 1].1);
+    // Accuracy: higher is better; a loss: lower.
+    let better = |a: f64, b: f64| if *metric == "accuracy" { a > b } else { a < b };
+    let best = evals
+        .iter()
+        .fold(evals[0], |acc, &e| if better(e.1, acc.1) { e } else { acc });
+    let secs = started.elapsed().as_secs_f64();
     println!(
-        "\nloss {:.3} -> {:.3} (mean of the first and last {k} steps); {metric} {first:.3} -> {last:.3}",
-        avg(&history[..k]),
-        avg(&history[history.len() - k..])
+        "\nloss {:.3} -> {:.3} (mean of the first and last {k} steps); {metric} {first:.3} -> {last:.3} (best {:.3} at step {})",
+        avg(&losses[..k]),
+        avg(&losses[losses.len() - k..]),
+        best.1,
+        best.0
+    );
+    println!(
+        "steps {}..={} in {secs:.1} s, {} tokens seen ({:.0} tokens/s)",
+        history[0].step,
+        history[history.len() - 1].step,
+        history.len() * tokens_per_step,
+        (history.len() * tokens_per_step) as f64 / secs
     );
     println!(
         "memory on rank 0 (ZeRO {}): parameters {} KiB, gradients {} KiB, optimizer state {} KiB",
@@ -571,10 +722,17 @@ fn main() -> Result<()> {
         memory.grad_bytes / 1024,
         memory.optimizer_bytes / 1024
     );
-    println!("checkpoint: {}", out_dir.display());
+    let svg = args.out.join("loss.svg");
+    std::fs::write(&svg, loss_svg(history, evals, metric))?;
+    println!(
+        "checkpoint: {}   loss curve: {}",
+        out_dir.display(),
+        svg.display()
+    );
     println!(
         "export it: cargo run --release --example checkpoint -- export --from {} --to target/finetune-mixtral/hf",
         out_dir.display()
     );
+    println!("then talk to it: cargo run --release --example generate -- --model target/finetune-mixtral/hf --prompt \"3 + 4 =\"");
     Ok(())
 }

@@ -88,35 +88,78 @@ fn bf16_mixed_precision_tracks_the_f32_loss_curve() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Stopped after step 6 (a periodic checkpoint) and resumed with `--resume`, at the same
-/// layout and ZeRO stage, and at another (dp = 2 × ep = 2 with ZeRO 2 instead of ep = 2 ×
-/// tp = 2 with ZeRO 0): the same data order, schedule and optimizer state, so the same
-/// layout's losses are the uninterrupted run's bit for bit, the other's to float-order noise.
+/// Copies the files of checkpoint directory `from` into `to` (what an interrupted job leaves).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A job stopped after a periodic checkpoint continues the uninterrupted run: the same data
+/// order, schedule and optimizer state (f32 master weights too, with bf16 at ZeRO 3), so its
+/// losses are the uninterrupted run's bit for bit under the same layout, and to float-order
+/// noise under another (dp = 2 × ep = 2 with ZeRO 2 instead of ep = 2 × tp = 2 with ZeRO 0).
+/// It resumes with `--resume DIR`, or by itself when `--out` holds the unfinished job; the
+/// step it stops at changes from run to run (4 or 8). `--keep-last` prunes older checkpoints.
 #[test]
 fn a_resumed_job_continues_the_uninterrupted_run() {
     let dir = tmp("resume");
     let model = dir.join("model");
+    let stop = if std::process::id() % 2 == 0 { 4 } else { 8 };
+    let step_dir = |d: &Path, s: usize| d.join(format!("step-{s:06}"));
     let common = ["--steps", "12", "--warmup-steps", "3", "--min-lr", "1e-4"];
-    let full = dir.join("full");
-    let mut args = common.to_vec();
-    args.extend(["--checkpoint-every", "6"]);
-    finetune(&model, &full, &args);
-    let whole = losses(&full.join("step-000012"));
-    assert_eq!(whole.len(), 12);
-    let from = full.join("step-000006").to_string_lossy().to_string();
-    for (mesh, zero, exact) in [("ep=2,tp=2", "0", true), ("dp=2,ep=2", "2", false)] {
-        let out = dir.join(format!("resumed-{mesh}"));
+    for (name, layout) in [
+        ("f32", &["--mesh", "ep=2,tp=2", "--zero", "0"][..]),
+        (
+            "bf16-zero3",
+            &["--mesh", "dp=2,ep=2", "--zero", "3", "--dtype", "bf16"][..],
+        ),
+    ] {
+        let full = dir.join(format!("full-{name}"));
         let mut args = common.to_vec();
-        args.extend(["--resume", &from, "--mesh", mesh, "--zero", zero]);
+        args.extend(layout);
+        args.extend(["--checkpoint-every", "4", "--keep-last", "3"]);
+        finetune(&model, &full, &args);
+        let whole = losses(&step_dir(&full, 12));
+        assert_eq!(whole.len(), 12);
+        // An interrupted job: --out holds only the checkpoint it stopped after.
+        let out = dir.join(format!("interrupted-{name}"));
+        copy_dir(&step_dir(&full, stop), &step_dir(&out, stop));
         finetune(&model, &out, &args);
-        let resumed = losses(&out.join("step-000012"));
+        let resumed = losses(&step_dir(&out, 12));
         assert_eq!(
-            resumed.iter().map(|r| r.0).collect::<Vec<_>>(),
-            (7..=12).collect::<Vec<_>>()
+            resumed, whole,
+            "{name}: resumed by itself after step {stop}"
         );
-        for ((s, a), (_, b)) in resumed.iter().zip(&whole[6..]) {
-            let ok = if exact { a == b } else { (a - b).abs() <= 1e-4 };
-            assert!(ok, "{mesh}: step {s}: resumed {a} vs uninterrupted {b}");
+        assert!(out.join("loss.svg").is_file());
+        if name == "f32" {
+            // Explicitly, under the same layout and under another.
+            let from = step_dir(&full, stop).to_string_lossy().to_string();
+            for (mesh, zero, exact) in [("ep=2,tp=2", "0", true), ("dp=2,ep=2", "2", false)] {
+                let out = dir.join(format!("resumed-{mesh}"));
+                let mut args = common.to_vec();
+                args.extend(["--resume", &from, "--mesh", mesh, "--zero", zero]);
+                finetune(&model, &out, &args);
+                let resumed = losses(&step_dir(&out, 12));
+                assert_eq!(
+                    resumed.len(),
+                    12,
+                    "the history goes on from the checkpoint's"
+                );
+                for ((s, a), (_, b)) in resumed.iter().zip(&whole).skip(stop) {
+                    let ok = if exact { a == b } else { (a - b).abs() <= 1e-4 };
+                    assert!(ok, "{mesh}: step {s}: resumed {a} vs uninterrupted {b}");
+                }
+            }
+            // --keep-last 3 left steps 4, 8 and 12 of the full run.
+            let kept: Vec<_> = std::fs::read_dir(&full)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("step-"))
+                .collect();
+            assert_eq!(kept.len(), 3, "{kept:?}");
         }
     }
     std::fs::remove_dir_all(dir).unwrap();

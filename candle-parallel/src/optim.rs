@@ -184,11 +184,18 @@ impl AdamW {
         for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
             for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let name = format!("optimizer.{kind}.{}", p.name);
-                let loaded = vb.get_untracked(p.full_dims.as_slice(), &name, p.placement, init)?;
+                let loaded = vb.get_untracked_in(
+                    p.full_dims.as_slice(),
+                    &name,
+                    p.placement,
+                    init,
+                    DType::F32,
+                )?;
                 t.set(&loaded.to_dtype(DType::F32)?)?;
             }
         }
-        let step = vb.get_untracked(1, "optimizer.step", Placement::Replicated, init)?;
+        let step =
+            vb.get_untracked_in(1, "optimizer.step", Placement::Replicated, init, DType::F64)?;
         self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }

@@ -125,6 +125,8 @@ pub struct TrainerConfig {
     /// Log a step line at INFO every this many steps (every step at DEBUG); 0: about 20 lines
     /// a job.
     pub log_every: usize,
+    /// Tokens a step trains on over all replicas, for the tokens/s reported (0: not shown).
+    pub tokens_per_step: usize,
 }
 
 impl Default for TrainerConfig {
@@ -138,6 +140,7 @@ impl Default for TrainerConfig {
             bucket_bytes: crate::data_parallel::DEFAULT_BUCKET_BYTES,
             progress: false,
             log_every: 0,
+            tokens_per_step: 0,
         }
     }
 }
@@ -153,6 +156,9 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// The learning rate the step used.
     pub lr: f64,
+    /// Tokens trained on per second since the previous step ended (0 without
+    /// [`TrainerConfig::tokens_per_step`]).
+    pub tokens_per_sec: f64,
 }
 
 /// The training loop's bookkeeping; see the [module docs](self).
@@ -163,6 +169,8 @@ pub struct Trainer {
     /// The ranks a global batch is split over (`None`: this rank alone).
     replicas: Option<crate::comm::Comm>,
     bar: ProgressBar,
+    /// When the previous step ended (or the trainer was made).
+    last: std::time::Instant,
 }
 
 impl Trainer {
@@ -228,6 +236,7 @@ impl Trainer {
             mesh: mesh.clone(),
             replicas,
             bar,
+            last: std::time::Instant::now(),
         })
     }
 
@@ -266,24 +275,33 @@ impl Trainer {
         self.opt.set_learning_rate(lr);
         let grad_norm = self.opt.step(grads, self.cfg.clip)?;
         let loss = self.replica_mean(loss)?;
+        let now = std::time::Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64().max(1e-9);
+        self.last = now;
+        let tokens_per_sec = self.cfg.tokens_per_step as f64 / secs;
         let every = match self.cfg.log_every {
             0 => (self.cfg.steps / 20).max(1),
             n => n,
         };
         if step.is_multiple_of(every) || step == self.cfg.steps {
-            tracing::info!(step, loss, grad_norm, lr, "step");
+            tracing::info!(step, loss, grad_norm, lr, tokens_per_sec, "step");
         } else {
-            tracing::debug!(step, loss, grad_norm, lr, "step");
+            tracing::debug!(step, loss, grad_norm, lr, tokens_per_sec, "step");
         }
         self.bar.set_position(step as u64);
+        let speed = match self.cfg.tokens_per_step {
+            0 => String::new(),
+            _ => format!("  {tokens_per_sec:.0} tok/s"),
+        };
         self.bar.set_message(format!(
-            "loss {loss:.4}  grad norm {grad_norm:.3}  lr {lr:.2e}"
+            "loss {loss:.4}  grad norm {grad_norm:.3}  lr {lr:.2e}{speed}"
         ));
         Ok(StepReport {
             step,
             loss,
             grad_norm,
             lr,
+            tokens_per_sec,
         })
     }
 

@@ -199,7 +199,20 @@ impl ParallelVarBuilder {
         shard: Placement,
         init: Init,
     ) -> Result<Tensor> {
-        self.fetch(full.into(), name, shard, init, false)
+        self.fetch(full.into(), name, shard, init, false, self.inner.dtype)
+    }
+
+    /// [`ParallelVarBuilder::get_untracked`] in `dtype` rather than the builder's (optimizer
+    /// state in f32 under a bf16 model, a step count in f64).
+    pub fn get_untracked_in<S: Into<Shape>>(
+        &self,
+        full: S,
+        name: &str,
+        shard: Placement,
+        init: Init,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.fetch(full.into(), name, shard, init, false, dtype)
     }
 
     /// This rank's part of the tensor `name`, whose full shape is `full`: read from the
@@ -212,7 +225,7 @@ impl ParallelVarBuilder {
         init: Init,
     ) -> Result<Tensor> {
         let record = self.inner.trainable.load(Ordering::SeqCst);
-        self.fetch(full.into(), name, shard, init, record)
+        self.fetch(full.into(), name, shard, init, record, self.inner.dtype)
     }
 
     fn fetch(
@@ -222,12 +235,13 @@ impl ParallelVarBuilder {
         shard: Placement,
         init: Init,
         record: bool,
+        dtype: DType,
     ) -> Result<Tensor> {
         let name = self.full_name(name);
         let slice = shard.slice(full.dims(), &name)?;
         let t = match &self.inner.source {
             Source::Init { seed } => init_slice(*seed, &name, full.dims(), slice.as_ref(), init)?
-                .to_dtype(self.inner.dtype)?
+                .to_dtype(dtype)?
                 .to_device(&self.inner.device)?,
             Source::Stored(s) => {
                 let (dtype, pieces) = s.pieces(&name, full.dims())?;
@@ -237,7 +251,7 @@ impl ParallelVarBuilder {
                     .bytes_read
                     .fetch_add(read as u64, Ordering::SeqCst);
                 Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
-                    .to_dtype(self.inner.dtype)?
+                    .to_dtype(dtype)?
             }
             Source::Local(m) => {
                 let Some(t) = m.get(&name) else {
@@ -251,7 +265,7 @@ impl ParallelVarBuilder {
                         full.dims()
                     )
                 }
-                t.to_dtype(self.inner.dtype)?
+                t.to_dtype(dtype)?
             }
             Source::CandleNn(vb) => {
                 let whole = vb.get_with_hints(full.clone(), &name, init)?;
@@ -263,7 +277,7 @@ impl ParallelVarBuilder {
                     )
                 }
                 slice_of_full(&whole, slice.as_ref())?
-                    .to_dtype(self.inner.dtype)?
+                    .to_dtype(dtype)?
                     .to_device(&self.inner.device)?
             }
         };

@@ -196,7 +196,9 @@ pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
         for p in &t.pieces {
             if let Some(r) = &p.region {
                 let fits = r.len() == t.dims.len()
-                    && r.iter().zip(&t.dims).all(|(&(s, l), &d)| s + l <= d);
+                    && r.iter()
+                        .zip(&t.dims)
+                        .all(|(&(s, l), &d)| s.checked_add(l).is_some_and(|e| e <= d));
                 if !fits || p.split.is_some() {
                     bail!(
                         "{}: tensor {name} of shape {:?}: the piece in {} claims the region {r:?}, which the tensor does not have: the metadata is corrupt",

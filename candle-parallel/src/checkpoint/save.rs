@@ -105,7 +105,9 @@ pub fn save_checkpoint(
         if let Some(r) = &t.region {
             let lens: Vec<usize> = r.iter().map(|&(_, l)| l).collect();
             let fits = r.len() == t.full_dims.len()
-                && r.iter().zip(&t.full_dims).all(|(&(s, l), &d)| s + l <= d);
+                && r.iter()
+                    .zip(&t.full_dims)
+                    .all(|(&(s, l), &d)| s.checked_add(l).is_some_and(|e| e <= d));
             if !fits || t.local.dims() != lens.as_slice() {
                 bail!(
                     "save: rank {rank} holds a piece of {} with shape {:?} for the region {r:?} of {:?}",

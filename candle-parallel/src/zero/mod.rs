@@ -613,12 +613,28 @@ impl ZeroOptimizer {
     /// of those holding the same values (coordinate 0 along every dimension the values are
     /// replicated over; a partitioned bucket's ranks along `dims` hold different values).
     fn writes(&self, info: &Info, dims: &[MeshDim], partitioned: bool) -> bool {
+        // Key/value heads replicated over tp (a `Range` slice) are held by runs of consecutive
+        // tp ranks: the first of each run writes.
+        if let Placement::Range { dim, len, .. } = info.placement {
+            let copies = self.mesh.size(MeshDim::Tp) * len / info.full_dims[dim].max(1);
+            if copies > 1 && !self.mesh.coord(MeshDim::Tp).is_multiple_of(copies) {
+                return false;
+            }
+        }
         MeshDim::ALL.into_iter().all(|d| {
             d == MeshDim::Pp
                 || info.local_to.contains(&d)
                 || (partitioned && dims.contains(&d))
                 || self.mesh.coord(d) == 0
         })
+    }
+
+    /// Whether a bucket holds 16-bit parameters: its f32 values (master or stage-3 shard) are
+    /// then saved as `optimizer.master.NAME` too.
+    fn sixteen_bit(&self, b: &Bucket) -> bool {
+        b.segs
+            .iter()
+            .any(|s| self.infos[s.info].dtype != DType::F32)
     }
 
     /// Whether a bucket's values differ along its batch dimensions (ZeRO partitions).
@@ -700,7 +716,13 @@ impl ZeroOptimizer {
         }
         for b in &self.buckets {
             if let Home::Shard { var, offset } = &b.home {
-                let part = self.vars[*var].as_tensor().narrow(0, *offset, b.len)?;
+                // In the parameters' own dtype, as whole parameters are saved (the f32 values
+                // go with the optimizer state as master weights).
+                let dtype = self.infos[b.segs[0].info].dtype;
+                let part = self.vars[*var]
+                    .as_tensor()
+                    .narrow(0, *offset, b.len)?
+                    .to_dtype(dtype)?;
                 out.extend(self.partition_pieces(b, &part, "")?);
             }
         }
@@ -716,9 +738,15 @@ impl ZeroOptimizer {
     pub fn state(&self) -> Result<Vec<ShardedTensor>> {
         let mut out = Vec::new();
         for b in &self.buckets {
+            let shard;
             let mut kinds = vec![("exp_avg", &b.exp_avg), ("exp_avg_sq", &b.exp_avg_sq)];
             if let Some(m) = &b.master {
                 kinds.push(("master", m));
+            }
+            if let (Home::Shard { var, offset }, true) = (&b.home, self.sixteen_bit(b)) {
+                // A 16-bit module's f32 shard is its master copy.
+                shard = self.vars[*var].as_tensor().narrow(0, *offset, b.len)?;
+                kinds.push(("master", &shard));
             }
             for (kind, part) in kinds {
                 // Copies: the moments change in place at the next step.
@@ -772,19 +800,38 @@ impl ZeroOptimizer {
                 for s in &b.segs {
                     let info = &self.infos[s.info];
                     let name = format!("optimizer.{kind}.{}", info.name);
-                    let t =
-                        vb.get_untracked(info.full_dims.as_slice(), &name, info.placement, init)?;
+                    let t = vb.get_untracked_in(
+                        info.full_dims.as_slice(),
+                        &name,
+                        info.placement,
+                        init,
+                        DType::F32,
+                    )?;
                     flat.slice_set(&t.to_dtype(DType::F32)?.flatten_all()?, 0, s.offset)?;
                 }
                 flat.narrow(0, b.start, b.len)?.copy()
             };
             b.exp_avg = read("exp_avg")?;
             b.exp_avg_sq = read("exp_avg_sq")?;
-            if b.master.is_some() {
-                let has = b
+            let has_master = b
+                .segs
+                .iter()
+                .all(|s| vb.contains(&format!("optimizer.master.{}", self.infos[s.info].name)));
+            if let (Home::Shard { var, offset }, true) = (&b.home, has_master) {
+                // A 16-bit module's f32 values: the saved master copy, not the rounded
+                // parameters the module was built from.
+                let any16 = b
                     .segs
                     .iter()
-                    .all(|s| vb.contains(&format!("optimizer.master.{}", self.infos[s.info].name)));
+                    .any(|s| self.infos[s.info].dtype != DType::F32);
+                if any16 {
+                    self.vars[*var]
+                        .as_tensor()
+                        .slice_set(&read("master")?, 0, *offset)?;
+                }
+            }
+            if b.master.is_some() {
+                let has = has_master;
                 b.master = Some(if has {
                     read("master")?
                 } else {
@@ -801,7 +848,8 @@ impl ZeroOptimizer {
                 });
             }
         }
-        let step = vb.get_untracked(1, "optimizer.step", Placement::Replicated, init)?;
+        let step =
+            vb.get_untracked_in(1, "optimizer.step", Placement::Replicated, init, DType::F64)?;
         self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
         Ok(())
     }
