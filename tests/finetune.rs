@@ -107,7 +107,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn a_resumed_job_continues_the_uninterrupted_run() {
     let dir = tmp("resume");
     let model = dir.join("model");
-    let stop = if std::process::id() % 2 == 0 { 4 } else { 8 };
+    let stop = if std::process::id().is_multiple_of(2) { 4 } else { 8 };
     let step_dir = |d: &Path, s: usize| d.join(format!("step-{s:06}"));
     let common = ["--steps", "12", "--warmup-steps", "3", "--min-lr", "1e-4"];
     for (name, layout) in [

@@ -244,13 +244,13 @@ impl ParallelVarBuilder {
                 .to_dtype(dtype)?
                 .to_device(&self.inner.device)?,
             Source::Stored(s) => {
-                let (dtype, pieces) = s.pieces(&name, full.dims())?;
+                let (stored, pieces) = s.pieces(&name, full.dims())?;
                 let (bytes, dims, read) =
-                    assemble(&name, full.dims(), slice.as_ref(), dtype, &pieces)?;
+                    assemble(&name, full.dims(), slice.as_ref(), stored, &pieces)?;
                 self.inner
                     .bytes_read
                     .fetch_add(read as u64, Ordering::SeqCst);
-                Tensor::from_raw_buffer(&bytes, dtype, &dims, &self.inner.device)?
+                Tensor::from_raw_buffer(&bytes, stored, &dims, &self.inner.device)?
                     .to_dtype(dtype)?
             }
             Source::Local(m) => {
