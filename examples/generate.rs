@@ -1,34 +1,54 @@
-//! Text generation with the tensor-parallel Llama-style model, streaming tokens as they come.
+//! Text generation with the Llama-style (tensor-parallel) or Mixtral-style (expert × tensor
+//! parallel) model, streaming tokens as they come, with a KV cache.
 //!
 //! ```text
 //! cargo run --release --example generate -- --prompt "Hello"        # random model, byte tokenizer
 //! cargo run --release --example generate -- --model DIR --tp 2 --prompt "The capital of France is"
-//! cargo run --release --example generate -- --model DIR --temperature 0.8 --seed 3 --prompt "..."
+//! cargo run --release --example generate -- --model DIR --temperature 0.8 --top-p 0.9 --seed 3 --prompt "..."
+//! cargo run --release --example generate -- --checkpoint runs/step-000300 --ep 2 --tp 2 --prompt "3 + 4 ="
 //! ```
 //!
-//! `DIR` holds `config.json`, the safetensors weights and `tokenizer.json`. Without `--model`,
-//! a small random model and a byte-level tokenizer (built with the `tokenizers` crate) are
-//! created on the fly: the text is noise, but every step of the pipeline runs. Decoding is
-//! greedy (`--temperature 0`, the default) or sampled; every rank samples with the same seed
-//! from the same gathered logits, so the ranks stay in step, and rank 0 prints.
+//! `DIR` holds `config.json`, the safetensors weights and `tokenizer.json`; `--checkpoint`
+//! reads a distributed checkpoint directory instead (its config and the tokenizer that
+//! travelled with it), saved under any layout. A config with `model_type: mixtral` (or
+//! experts) gets the Mixtral-style model. Without either, a small random Llama-style model and
+//! a byte-level tokenizer (built with the `tokenizers` crate) are created on the fly: the text
+//! is noise, but every step of the pipeline runs. Decoding is greedy (`--temperature 0`, the
+//! default) or sampled, with nucleus (`--top-p`) filtering; every rank samples with the same
+//! seed from the same gathered logits, so the ranks stay in step, and rank 0 prints.
 use candle_core::{DType, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
-use candle_parallel::Launcher;
-use candle_parallel_models::llama::{Llama, LlamaConfig};
+use candle_parallel::moe::Dispatch;
+use candle_parallel::{Launcher, MeshShape};
+use candle_parallel_models::llama::{KvCache, Llama, LlamaConfig};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
 use tokenizers::Tokenizer;
 
 #[derive(Parser, Debug)]
-#[command(about = "Generate text with the tensor-parallel Llama-style model")]
+#[command(about = "Generate text with the Llama-style or Mixtral-style model")]
 struct Args {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "checkpoint")]
     model: Option<PathBuf>,
+    /// A distributed checkpoint directory (as finetune_mixtral saves), any layout.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// Tensor-parallel size (ranks run as threads).
     #[arg(long, default_value_t = 2)]
     tp: usize,
+    /// Expert-parallel size for a Mixtral-style model (the world is ep × tp ranks).
+    #[arg(long, default_value_t = 1)]
+    ep: usize,
+    /// Nucleus sampling: sample from the most likely tokens whose probabilities add up to
+    /// this (1: all); with --temperature > 0.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Also write the prompt and generated token ids to this JSON file.
+    #[arg(long)]
+    ids_out: Option<PathBuf>,
     /// The text to continue.
     #[arg(long, default_value = "Once upon a time")]
     prompt: String,
@@ -44,8 +64,8 @@ struct Args {
 }
 
 /// The end-of-sequence ids of a config (`eos_token_id` may be one id or a list).
-fn eos_ids(cfg: &LlamaConfig) -> Vec<u32> {
-    match &cfg.eos_token_id {
+fn eos_ids(json: &serde_json::Value) -> Vec<u32> {
+    match json.get("eos_token_id") {
         Some(serde_json::Value::Number(n)) => {
             n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
         }
@@ -70,38 +90,128 @@ impl Rng {
     }
 }
 
-fn choose(logits: &Tensor, temperature: f64, rng: &mut Rng) -> Result<u32> {
+fn choose(logits: &Tensor, temperature: f64, top_p: f64, rng: &mut Rng) -> Result<u32> {
     let logits = logits.to_dtype(DType::F32)?;
     if temperature <= 0.0 {
         return logits.argmax(0)?.to_scalar::<u32>();
     }
     let probs = candle_nn::ops::softmax_last_dim(&(logits / temperature)?)?.to_vec1::<f32>()?;
-    let mut u = rng.next_f64() as f32;
-    for (i, p) in probs.iter().enumerate() {
-        u -= p;
+    // The smallest set of most likely tokens whose probabilities reach top_p (ties broken by
+    // id, so every rank keeps the same set).
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    let mut kept = 0;
+    let mut mass = 0f32;
+    for &i in &order {
+        kept += 1;
+        mass += probs[i];
+        if mass as f64 >= top_p {
+            break;
+        }
+    }
+    let mut u = rng.next_f64() as f32 * mass;
+    for &i in &order[..kept] {
+        u -= probs[i];
         if u <= 0.0 {
             return Ok(i as u32);
         }
     }
-    Ok(probs.len() as u32 - 1)
+    Ok(order[kept - 1] as u32)
+}
+
+/// The model, whichever architecture the config names.
+enum Model {
+    Llama(Llama),
+    Mixtral(Mixtral),
+}
+
+impl Model {
+    fn new_cache(&self) -> KvCache {
+        match self {
+            Model::Llama(m) => m.new_cache(),
+            Model::Mixtral(m) => m.new_cache(),
+        }
+    }
+
+    fn forward(&self, ids: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        match self {
+            Model::Llama(m) => m.forward(ids, pos, Some(cache)),
+            Model::Mixtral(m) => m.forward(ids, pos, Some(cache)),
+        }
+    }
+}
+
+/// A config's architecture, as the model loads it.
+enum Config {
+    Llama(LlamaConfig),
+    Mixtral(MixtralConfig),
 }
 
 fn main() -> Result<()> {
     candle_parallel::logging::init();
     let a = Args::parse();
     let err = |e: tokenizers::Error| candle_core::Error::msg(format!("tokenizer: {e}"));
-    let (cfg, tokenizer, eos) = match &a.model {
-        Some(dir) => {
-            let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-            let tok = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(err)?;
-            let eos = eos_ids(&cfg);
-            (cfg, tok, eos)
+    // The config (JSON), the tokenizer, and where the weights are.
+    let (json, tokenizer) = match (&a.model, &a.checkpoint) {
+        (Some(dir), _) | (None, Some(dir)) => {
+            let json: serde_json::Value = match &a.checkpoint {
+                Some(_) => candle_parallel::checkpoint::read_metadata(dir)?.config,
+                None => serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
+                    .map_err(|e| {
+                        candle_core::Error::msg(format!(
+                            "{}: {e}",
+                            dir.join("config.json").display()
+                        ))
+                    })?,
+            };
+            let tok = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+                candle_core::Error::msg(format!(
+                    "{}: cannot load tokenizer.json: {e}",
+                    dir.display()
+                ))
+            })?;
+            (json, tok)
         }
-        None => {
+        (None, None) => {
             let tok = candle_parallel_models::tokenizer::byte_tokenizer()?;
-            (LlamaConfig::tiny(), tok, vec![256])
+            let mut json =
+                serde_json::to_value(LlamaConfig::tiny()).map_err(candle_core::Error::wrap)?;
+            json["eos_token_id"] = serde_json::json!(256);
+            (json, tok)
         }
     };
+    let eos = eos_ids(&json);
+    let parse = |what: &str, e: serde_json::Error| {
+        candle_core::Error::msg(format!("the {what} config: {e}"))
+    };
+    let mixtral = json.get("model_type").and_then(|t| t.as_str()) == Some("mixtral")
+        || json.get("num_local_experts").is_some();
+    let cfg = if mixtral {
+        let c: MixtralConfig =
+            serde_json::from_value(json.clone()).map_err(|e| parse("Mixtral", e))?;
+        c.check()?;
+        Config::Mixtral(c)
+    } else {
+        let c: LlamaConfig = serde_json::from_value(json.clone()).map_err(|e| parse("Llama", e))?;
+        c.check()?;
+        Config::Llama(c)
+    };
+    let max_positions = match &cfg {
+        Config::Llama(c) => c.max_position_embeddings,
+        Config::Mixtral(c) => c.max_position_embeddings,
+    };
+    if a.ep == 0 || a.tp == 0 {
+        candle_core::bail!("--ep and --tp must be at least 1");
+    }
+    if a.ep > 1 && !mixtral {
+        candle_core::bail!(
+            "--ep {}: the Llama-style model has no experts; use --ep 1",
+            a.ep
+        );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        candle_core::bail!("--top-p {} must be in (0, 1]", a.top_p);
+    }
     let prompt: Vec<u32> = tokenizer
         .encode(a.prompt.as_str(), true)
         .map_err(err)?
@@ -110,22 +220,36 @@ fn main() -> Result<()> {
     if prompt.is_empty() {
         candle_core::bail!("the prompt encodes to no tokens");
     }
-    if prompt.len() + a.max_tokens > cfg.max_position_embeddings {
+    if prompt.len() + a.max_tokens > max_positions {
         candle_core::bail!(
-            "prompt ({} tokens) + --max-tokens {} exceed the model's {} positions",
+            "prompt ({} tokens) + --max-tokens {} exceed the model's {max_positions} positions",
             prompt.len(),
-            a.max_tokens,
-            cfg.max_position_embeddings
+            a.max_tokens
         );
     }
     print!("{}", a.prompt);
     std::io::stdout().flush()?;
-    let out = Launcher::new(a.tp).run(|ctx| {
-        let vb = match &a.model {
-            Some(dir) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
-            None => ParallelVarBuilder::from_init(a.seed, DType::F32, ctx.device()),
+    let mesh = MeshShape::new().ep(a.ep).tp(a.tp);
+    let out = Launcher::new(a.ep * a.tp).mesh(mesh).run(|ctx| {
+        let mesh = ctx.mesh()?;
+        let vb = match (&a.model, &a.checkpoint) {
+            (Some(dir), _) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            (None, Some(dir)) => {
+                ParallelVarBuilder::from_checkpoint(dir, DType::F32, ctx.device())?
+            }
+            (None, None) => ParallelVarBuilder::from_init(a.seed, DType::F32, ctx.device()),
         };
-        let model = Llama::new(&cfg, vb, ctx.comm())?;
+        let model = match &cfg {
+            Config::Llama(c) => Model::Llama(Llama::new(c, vb, mesh.tp())?),
+            // One sequence: the ep ranks share its tokens.
+            Config::Mixtral(c) => Model::Mixtral(Mixtral::new(
+                c,
+                vb,
+                mesh.ep(),
+                mesh.tp(),
+                Dispatch::AllReduce,
+            )?),
+        };
         let mut cache = model.new_cache();
         let mut rng = Rng(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut ids = prompt.clone();
@@ -133,8 +257,13 @@ fn main() -> Result<()> {
         let mut printed = tokenizer.decode(&ids, true).map_err(err)?.len();
         for _ in 0..a.max_tokens {
             let pos = cache.len();
-            let logits = model.forward(&input, pos, Some(&mut cache))?.squeeze(0)?;
-            let next = choose(&logits.get(logits.dim(0)? - 1)?, a.temperature, &mut rng)?;
+            let logits = model.forward(&input, pos, &mut cache)?.squeeze(0)?;
+            let next = choose(
+                &logits.get(logits.dim(0)? - 1)?,
+                a.temperature,
+                a.top_p,
+                &mut rng,
+            )?;
             if eos.contains(&next) {
                 break;
             }
@@ -150,10 +279,20 @@ fn main() -> Result<()> {
             }
             input = Tensor::new(&[next], ctx.device())?.unsqueeze(0)?;
         }
-        Ok(ids.len() - prompt.len())
+        Ok(ids)
     })?;
     if candle_parallel::launch::process::is_lead()? {
-        println!("\n[{} tokens generated at tp={}]", out[0], a.tp);
+        let ids = &out[0];
+        println!(
+            "\n[{} tokens generated at ep={} tp={}]",
+            ids.len() - prompt.len(),
+            a.ep,
+            a.tp
+        );
+        if let Some(path) = &a.ids_out {
+            let json = serde_json::json!({ "prompt": prompt, "generated": ids[prompt.len()..] });
+            std::fs::write(path, json.to_string())?;
+        }
     }
     Ok(())
 }

@@ -107,7 +107,11 @@ fn copy_dir(from: &Path, to: &Path) {
 fn a_resumed_job_continues_the_uninterrupted_run() {
     let dir = tmp("resume");
     let model = dir.join("model");
-    let stop = if std::process::id().is_multiple_of(2) { 4 } else { 8 };
+    let stop = if std::process::id().is_multiple_of(2) {
+        4
+    } else {
+        8
+    };
     let step_dir = |d: &Path, s: usize| d.join(format!("step-{s:06}"));
     let common = ["--steps", "12", "--warmup-steps", "3", "--min-lr", "1e-4"];
     for (name, layout) in [
@@ -168,7 +172,8 @@ fn a_resumed_job_continues_the_uninterrupted_run() {
 /// An export opens where people take it next: its `config.json` has what transformers'
 /// `AutoModelForCausalLM` needs (`model_type`, `architectures`, the fields and types
 /// `MixtralConfig` requires) and keeps every field the model's config had, even those this
-/// library does not use; `generation_config.json` carries the special tokens. (Loading it
+/// library does not use; `generation_config.json` carries the special tokens; `generate`
+/// gives the same tokens from the checkpoint and from the export. (Loading it
 /// with transformers 5.24's `AutoModelForCausalLM.from_pretrained` and generating works; this
 /// machine's CI has no Python, so the test checks the keys and types.)
 #[test]
@@ -236,5 +241,33 @@ fn an_export_has_a_complete_hugging_face_config() {
     assert_eq!(generation["bos_token_id"], exported["bos_token_id"]);
     assert_eq!(generation["eos_token_id"], exported["eos_token_id"]);
     assert!(hf.join("tokenizer.json").is_file() && hf.join("model.safetensors").is_file());
+    // Talk to the result: greedy generation from the distributed checkpoint (ep = 2 × tp =
+    // 2) and from the export (one rank) give the same tokens.
+    let generate = |source: &str, dir: &Path, ep: &str, tp: &str| {
+        let ids = dir.with_extension(format!("ids-{ep}-{tp}.json"));
+        let o = Command::new(example_path("generate"))
+            .args([source])
+            .arg(dir)
+            .args([
+                "--ep",
+                ep,
+                "--tp",
+                tp,
+                "--max-tokens",
+                "4",
+                "--prompt",
+                "3 + 4 =",
+            ])
+            .arg("--ids-out")
+            .arg(&ids)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(ids).unwrap()
+    };
+    assert_eq!(
+        generate("--checkpoint", &out.join("step-000002"), "2", "2"),
+        generate("--model", &hf, "1", "1")
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

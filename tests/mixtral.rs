@@ -319,3 +319,78 @@ fn pipeline_stages_with_ep_and_tp_inside_equal_one_rank_for_every_schedule() -> 
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// `generate` with a Mixtral-style checkpoint (KV cache, ep = 2 × tp = 2, greedy) produces
+/// candle-transformers' Mixtral greedy continuation token for token.
+#[test]
+fn generation_equals_candle_transformers_greedy_output() -> Result<()> {
+    use candle_transformers::models::mixtral as ct;
+    let cfg = MixtralConfig::tiny();
+    let dir = checkpoint("generate", &cfg)?;
+    candle_parallel_models::tokenizer::byte_tokenizer()?
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(candle_core::Error::msg)?;
+    let ids_out = dir.join("ids.json");
+    let o = std::process::Command::new(common::example_path("generate"))
+        .args([
+            "--ep",
+            "2",
+            "--tp",
+            "2",
+            "--max-tokens",
+            "16",
+            "--prompt",
+            "Hello there",
+        ])
+        .arg("--model")
+        .arg(&dir)
+        .arg("--ids-out")
+        .arg(&ids_out)
+        .output()
+        .expect("generate runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ids_out)?).map_err(candle_core::Error::wrap)?;
+    let ids = |k: &str| -> Vec<u32> {
+        got[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (prompt, generated) = (ids("prompt"), ids("generated"));
+    assert!(!generated.is_empty());
+
+    // candle-transformers: the prompt, then one token at a time through its cache, greedy,
+    // stopping at the end-of-sequence id as generate does.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)
+            .map_err(candle_core::Error::wrap)?;
+    json["use_flash_attn"] = serde_json::json!(false);
+    let ct_cfg: ct::Config = serde_json::from_value(json).map_err(candle_core::Error::wrap)?;
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    let mut model = ct::Model::new(&ct_cfg, vb)?;
+    let mut want = Vec::new();
+    let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut pos = 0;
+    for _ in 0..16 {
+        let logits = model.forward(&input, pos)?.squeeze(0)?.squeeze(0)?;
+        pos += input.dim(1)?;
+        let next = logits.argmax(0)?.to_scalar::<u32>()?;
+        if Some(next) == cfg.eos_token_id {
+            break;
+        }
+        want.push(next);
+        input = Tensor::new(&[[next]], &Device::Cpu)?;
+    }
+    assert_eq!(generated, want);
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
