@@ -125,8 +125,8 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             ctx.comm().barrier()?;
             let t = Instant::now();
             let g = match (&whole, &sharded) {
-                (Some(m), _) => m.batch_grads(&vars, &ids, 1, mesh.pp())?,
-                (_, Some(m)) => m.batch_grads(&vars, &ids, 1)?,
+                (Some(m), _) => m.batch_grads(&vars, &ids, None, 1, mesh.pp())?,
+                (_, Some(m)) => m.batch_grads(&vars, &ids, None, 1)?,
                 _ => unreachable!("one of the two"),
             };
             opt.step(&g.grads, Some(1.0))?;

@@ -35,6 +35,7 @@ use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{Launcher, MeshDim, MeshShape};
+use candle_parallel_models::llama::IGNORE_INDEX;
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage, ShardedMixtral};
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
@@ -49,10 +50,16 @@ struct Args {
     /// created with random weights if it does not exist.
     #[arg(long, default_value = "target/finetune-mixtral/model")]
     model: PathBuf,
-    /// Training text: one example per line, or JSONL with a "text" field. Default: the built-in
-    /// addition task.
+    /// Training data: text (one example per line), JSONL with a "text" field, or instruction
+    /// JSONL with "prompt" and "completion" fields (the loss counts the completion only; each
+    /// example is one row padded to --seq-len; the last tenth is held out for the evaluation
+    /// loss). Default: the built-in addition task.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Skip (and count) instruction rows that are malformed, have an empty completion or do not
+    /// fit --seq-len, instead of stopping at the first with its line number.
+    #[arg(long)]
+    skip_bad_rows: bool,
     /// Layout, e.g. `ep=2,tp=2`, `dp=2,ep=2`, `pp=2,ep=2`; the world size is the product of
     /// the sizes. dp and ep ranks see different examples (each its share of every global
     /// batch); tp ranks split every matrix; pp ranks hold consecutive layers.
@@ -127,8 +134,20 @@ struct Args {
     seed: u64,
 }
 
+/// One instruction example: prompt and completion tokens, and where the completion starts.
+struct Example {
+    ids: Vec<u32>,
+    prompt: usize,
+}
+
 /// The training data, as token ids.
 enum Data {
+    /// Prompt/completion pairs; the last tenth held out.
+    Instruct {
+        train: Vec<Example>,
+        eval: Vec<Example>,
+        pad: u32,
+    },
     /// Digit addition modulo 10: every problem `a + b = c`.
     Addition { problems: Vec<[u32; 5]> },
     /// A token stream; the last tenth is held out for evaluation.
@@ -253,6 +272,28 @@ fn prepare_data(args: &Args, tok: &Tokenizer, cfg: &MixtralConfig) -> Result<Dat
             }
             Data::Addition { problems }
         }
+        Some(path) if is_instruct(path)? => {
+            let (mut train, skipped) = load_examples(path, tok, args.seq_len, args.skip_bad_rows)?;
+            if skipped > 0 {
+                eprintln!(
+                    "--data {}: skipped {skipped} bad rows (--skip-bad-rows)",
+                    path.display()
+                );
+            }
+            if train.len() < 2 {
+                candle_core::bail!(
+                    "--data {} has {} usable examples: at least 2 are needed (one held out)",
+                    path.display(),
+                    train.len()
+                );
+            }
+            let eval = train.split_off(train.len() - (train.len() / 10).max(1));
+            Data::Instruct {
+                train,
+                eval,
+                pad: cfg.eos_token_id.unwrap_or(0),
+            }
+        }
         Some(path) => {
             let mut stream = Vec::new();
             for t in load_text(path)? {
@@ -275,6 +316,12 @@ fn prepare_data(args: &Args, tok: &Tokenizer, cfg: &MixtralConfig) -> Result<Dat
         }
     };
     let max = match &data {
+        Data::Instruct { train, eval, .. } => train
+            .iter()
+            .chain(eval)
+            .flat_map(|e| e.ids.iter())
+            .copied()
+            .max(),
         Data::Addition { problems } => problems.iter().flatten().copied().max(),
         Data::Text { train, .. } => train.iter().copied().max(),
     };
@@ -301,9 +348,22 @@ impl Rng {
 }
 
 impl Data {
-    /// A batch `[n, s]` drawn with `rng`.
-    fn batch(&self, rng: &mut Rng, n: usize, seq_len: usize, device: &Device) -> Result<Tensor> {
+    /// A batch `[n, s]` drawn with `rng`, and for instruction data the labels (HF's
+    /// convention: the prompt and the padding marked [`IGNORE_INDEX`]).
+    fn batch(
+        &self,
+        rng: &mut Rng,
+        n: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if let Data::Instruct { train, pad, .. } = self {
+            let picked: Vec<&Example> = (0..n).map(|_| &train[rng.next(train.len())]).collect();
+            let (ids, labels) = padded_rows(&picked, seq_len, *pad, device)?;
+            return Ok((ids, Some(labels)));
+        }
         let rows: Vec<Vec<u32>> = match self {
+            Data::Instruct { .. } => unreachable!("above"),
             Data::Addition { problems } => (0..n)
                 .map(|_| problems[rng.next(problems.len())].to_vec())
                 .collect(),
@@ -314,8 +374,105 @@ impl Data {
                 })
                 .collect(),
         };
-        Tensor::new(rows, device)
+        Ok((Tensor::new(rows, device)?, None))
     }
+}
+
+/// Examples as rows of `seq_len` tokens (padded with `pad` at the end, which causal attention
+/// keeps away from the real tokens), and their labels: the completion's tokens, the prompt
+/// and the padding [`IGNORE_INDEX`].
+fn padded_rows(
+    examples: &[&Example],
+    seq_len: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut ids = Vec::with_capacity(examples.len() * seq_len);
+    let mut labels = Vec::with_capacity(examples.len() * seq_len);
+    for e in examples {
+        for i in 0..seq_len {
+            let t = e.ids.get(i).copied();
+            ids.push(t.unwrap_or(pad));
+            labels.push(match t {
+                Some(t) if i >= e.prompt => t as i64,
+                _ => IGNORE_INDEX,
+            });
+        }
+    }
+    Ok((
+        Tensor::from_vec(ids, (examples.len(), seq_len), device)?,
+        Tensor::from_vec(labels, (examples.len(), seq_len), device)?,
+    ))
+}
+
+/// Whether `path` is instruction JSONL (its first non-empty line has a "prompt" field).
+fn is_instruct(path: &Path) -> Result<bool> {
+    if path.extension().is_none_or(|e| e != "jsonl") {
+        return Ok(false);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
+    })?;
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    Ok(serde_json::from_str::<serde_json::Value>(first).is_ok_and(|v| v.get("prompt").is_some()))
+}
+
+/// The prompt/completion examples of an instruction JSONL file, and how many bad rows were
+/// skipped (with `skip_bad`; otherwise the first bad row is an error naming its line).
+fn load_examples(
+    path: &Path,
+    tok: &Tokenizer,
+    seq_len: usize,
+    skip_bad: bool,
+) -> Result<(Vec<Example>, usize)> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
+    })?;
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = format!("{}:{}", path.display(), i + 1);
+        let row = || -> std::result::Result<Example, String> {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+            let field = |k: &str| {
+                v.get(k).and_then(|f| f.as_str()).ok_or(format!(
+                    "no string field \"{k}\" (rows need \"prompt\" and \"completion\")"
+                ))
+            };
+            let (prompt, completion) = (field("prompt")?, field("completion")?);
+            if completion.is_empty() {
+                return Err("the completion is empty (nothing to learn)".into());
+            }
+            let p = encode(tok, prompt).map_err(|e| e.to_string())?;
+            let c = encode(tok, completion).map_err(|e| e.to_string())?;
+            if p.len() + c.len() > seq_len {
+                return Err(format!(
+                    "{} + {} tokens do not fit --seq-len {seq_len}",
+                    p.len(),
+                    c.len()
+                ));
+            }
+            if p.is_empty() {
+                return Err("the prompt encodes to no tokens (the first completion token needs one before it)".into());
+            }
+            let prompt = p.len();
+            Ok(Example {
+                ids: [p, c].concat(),
+                prompt,
+            })
+        };
+        match row() {
+            Ok(e) => out.push(e),
+            Err(_) if skip_bad => skipped += 1,
+            Err(e) => candle_core::bail!("{at}: {e} (--skip-bad-rows skips such rows)"),
+        }
+    }
+    Ok((out, skipped))
 }
 
 /// The complete checkpoints (`step-N`, `step-N.k`) in `dir`, oldest first: (step, directory).
@@ -501,6 +658,7 @@ fn main() -> Result<()> {
         * match &data {
             Data::Addition { problems } => problems[0].len(),
             Data::Text { .. } => args.seq_len + 1,
+            Data::Instruct { .. } => args.seq_len,
         };
     let world = mesh.world_size();
     let mut launcher = Launcher::new(world).mesh(mesh);
@@ -549,7 +707,7 @@ fn main() -> Result<()> {
         let root = (pp - 1) * ep * tp.size();
         // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank, through the
         // pipeline stages (a forward and a discarded backward).
-        let through_stages = |ids: &Tensor| -> Result<(Tensor, f32)> {
+        let through_stages = |ids: &Tensor, labels: Option<&Tensor>| -> Result<(Tensor, f32)> {
             let Model::Whole(model) = &model else {
                 candle_core::bail!("pipeline stages hold whole parameters (ZeRO 3 is refused with pp)")
             };
@@ -563,7 +721,7 @@ fn main() -> Result<()> {
                 std::slice::from_ref(ids),
                 (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
                 &|_, y| {
-                    let (l, logits) = model.stage_losses(y, ids)?;
+                    let (l, logits) = model.stage_losses_labeled(y, ids, labels)?;
                     *kept.lock().unwrap() = Some((logits.to_dtype(DType::F32)?, l.ce_loss.to_dtype(DType::F32)?.unsqueeze(0)?));
                     l.loss * 0.0
                 },
@@ -584,22 +742,35 @@ fn main() -> Result<()> {
                 Data::Addition { problems } => {
                     let prompts = Tensor::new(problems.iter().map(|p| p[..4].to_vec()).collect::<Vec<_>>(), ctx.device())?;
                     let logits = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&prompts)?.1,
+                        (Model::Sharded(m), _) => m.losses(&prompts, None)?.1,
                         (Model::Whole(m), 1) => m.forward(&prompts, 0, None)?,
-                        _ => through_stages(&prompts)?.0,
+                        _ => through_stages(&prompts, None)?.0,
                     };
                     let guess = logits.narrow(1, 3, 1)?.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
                     let right = guess.iter().zip(problems).filter(|(g, p)| **g == p[4]).count();
                     Ok((right as f64 / problems.len() as f64, "accuracy"))
+                }
+                Data::Instruct { eval, pad, .. } => {
+                    // The held-out completions' loss (prompts and padding do not count).
+                    let picked: Vec<&Example> = eval.iter().take(32).collect();
+                    let (rows, labels) = padded_rows(&picked, args.seq_len, *pad, ctx.device())?;
+                    let ce = match (&model, pp) {
+                        (Model::Sharded(m), _) => m.losses(&rows, Some(&labels))?.0.ce_loss,
+                        (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), false)?.ce_loss,
+                        _ => Tensor::new(through_stages(&rows, Some(&labels))?.1, ctx.device())?,
+                    }
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?;
+                    Ok((ce as f64, "eval loss"))
                 }
                 Data::Text { eval, .. } => {
                     let n = (eval.len() - 1) / args.seq_len;
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
                     let rows = Tensor::new(rows, ctx.device())?;
                     let ce = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&rows)?.0.ce_loss,
+                        (Model::Sharded(m), _) => m.losses(&rows, None)?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses(&rows, false)?.ce_loss,
-                        _ => Tensor::new(through_stages(&rows)?.1, ctx.device())?,
+                        _ => Tensor::new(through_stages(&rows, None)?.1, ctx.device())?,
                     }
                     .to_dtype(DType::F32)?
                     .to_scalar::<f32>()?;
@@ -658,11 +829,12 @@ fn main() -> Result<()> {
         let mut evals = vec![(trainer.steps_done(), first_eval)];
         let mut out_dir = None;
         for step in trainer.steps_done() + 1..=args.steps {
-            let global = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
+            let (global, labels) = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
             let mine = global.narrow(0, replica * per_replica, per_replica)?;
+            let labels = labels.map(|l| l.narrow(0, replica * per_replica, per_replica)).transpose()?;
             let g = match &model {
-                Model::Whole(m) => m.batch_grads(&vars, &mine, micro_batches, pp_comm)?,
-                Model::Sharded(m) => m.batch_grads(&vars, &mine, micro_batches)?,
+                Model::Whole(m) => m.batch_grads(&vars, &mine, labels.as_ref(), micro_batches, pp_comm)?,
+                Model::Sharded(m) => m.batch_grads(&vars, &mine, labels.as_ref(), micro_batches)?,
             };
             let r = trainer.step(&g.grads, g.ce_loss)?;
             history.push(r);

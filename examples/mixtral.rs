@@ -452,8 +452,8 @@ fn run_train(command: Command) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for i in trainer.steps_done()..steps {
             let g = match &model {
-                Model::Whole(m) => m.batch_grads(&vars, &ids, micro_batches, mesh.pp())?,
-                Model::Sharded(m) => m.batch_grads(&vars, &ids, micro_batches)?,
+                Model::Whole(m) => m.batch_grads(&vars, &ids, None, micro_batches, mesh.pp())?,
+                Model::Sharded(m) => m.batch_grads(&vars, &ids, None, micro_batches)?,
             };
             let r = trainer.step(&g.grads, g.loss)?;
             tensors.push((

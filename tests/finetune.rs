@@ -271,3 +271,66 @@ fn an_export_has_a_complete_hugging_face_config() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Instruction data (`{"prompt", "completion"}` JSONL): it trains (the held-out loss is
+/// reported); a bad row stops the job with its line number, or with `--skip-bad-rows` is
+/// skipped and counted.
+#[test]
+fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
+    let dir = tmp("sft");
+    let model = dir.join("model");
+    let good = |a: usize| {
+        format!(
+            r#"{{"prompt": "{a} + 1 =", "completion": " {}"}}"#,
+            (a + 1) % 10
+        )
+    };
+    let mut lines: Vec<String> = (0..10).map(good).collect();
+    let data = dir.join("sft.jsonl");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let d = data.to_string_lossy().to_string();
+    let args = [
+        "--data",
+        &d,
+        "--seq-len",
+        "12",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+    ];
+    finetune(&model, &dir.join("ok"), &args);
+    lines.insert(2, r#"{"prompt": "no completion"}"#.into());
+    lines.insert(4, r#"{"prompt": "x", "completion": ""}"#.into());
+    lines.insert(
+        6,
+        r#"{"prompt": "a prompt far too long for twelve tokens", "completion": " 1"}"#.into(),
+    );
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let run = |extra: &[&str]| {
+        let mut all = vec![
+            "--model".to_string(),
+            model.to_string_lossy().into(),
+            "--out".into(),
+        ];
+        all.push(dir.join("bad").to_string_lossy().into());
+        all.extend(args.iter().chain(extra).map(|s| s.to_string()));
+        Command::new(example_path("finetune_mixtral"))
+            .args(&all)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sft.jsonl:3: no string field \"completion\""),
+        "{err}"
+    );
+    let o = run(&["--skip-bad-rows"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("skipped 3 bad rows"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -247,11 +247,17 @@ pub(crate) fn check_next_token_ids(ids: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The label of a position that does not count in the loss (Hugging Face's convention).
+pub const IGNORE_INDEX: i64 = -100;
+
 /// Mean next-token cross-entropy of `ids` (`[b, s]`) from this rank's logit columns
-/// (`[b, s, padded_vocab / tp]`), without gathering the full logits.
+/// (`[b, s, padded_vocab / tp]`), without gathering the full logits. With `labels` (`[b, s]`,
+/// i64, shifted inside as HF's `labels`), positions labelled [`IGNORE_INDEX`] (a prompt,
+/// padding) do not count: the mean is over the others.
 pub(crate) fn next_token_loss(
     logits_shard: &Tensor,
     ids: &Tensor,
+    labels: Option<&Tensor>,
     vocab: usize,
     tp: &Comm,
 ) -> Result<Tensor> {
@@ -260,8 +266,26 @@ pub(crate) fn next_token_loss(
     let logits = logits_shard
         .narrow(1, 0, s - 1)?
         .reshape((b * (s - 1), cols))?;
-    let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
-    vocab_parallel_cross_entropy(&logits, &targets, vocab, tp, None)
+    match labels {
+        None => {
+            let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
+            vocab_parallel_cross_entropy(&logits, &targets, vocab, tp, None)
+        }
+        Some(l) => {
+            if l.dims() != ids.dims() {
+                bail!(
+                    "labels of shape {:?} for ids of shape {:?}: they must match (HF's labels are shifted inside)",
+                    l.dims(),
+                    ids.dims()
+                )
+            }
+            let targets = l
+                .to_dtype(candle_core::DType::I64)?
+                .narrow(1, 1, s - 1)?
+                .flatten_all()?;
+            vocab_parallel_cross_entropy(&logits, &targets, vocab, tp, Some(IGNORE_INDEX))
+        }
+    }
 }
 
 /// Cached keys and values of every layer, for incremental decoding.
@@ -505,7 +529,7 @@ impl Llama {
     /// output) for `ids`, over the tp group.
     pub fn loss_of_logits(&self, logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         check_next_token_ids(ids)?;
-        next_token_loss(logits, ids, self.cfg.vocab_size, &self.tp)
+        next_token_loss(logits, ids, None, self.cfg.vocab_size, &self.tp)
     }
 
     /// Full logits `[b, s, vocab]` from this rank's columns (gathered over the tp group).
@@ -558,7 +582,7 @@ impl Llama {
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
         check_next_token_ids(ids)?;
         let logits = self.forward_shard(ids, 0, None)?;
-        next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)
+        next_token_loss(&logits, ids, None, self.cfg.vocab_size, &self.tp)
     }
 }
 

@@ -331,6 +331,16 @@ impl Mixtral {
     /// rank's logit columns, HF's load-balancing loss over every layer, their weighted sum, and
     /// the gathered logits `[b, s, vocab]`.
     pub fn stage_losses(&self, out: &Tensor, ids: &Tensor) -> Result<(MixtralLosses, Tensor)> {
+        self.stage_losses_labeled(out, ids, None)
+    }
+
+    /// [`Mixtral::stage_losses`] with `labels` (see [`Mixtral::losses_labeled`]).
+    pub fn stage_losses_labeled(
+        &self,
+        out: &Tensor,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<(MixtralLosses, Tensor)> {
         let Some(head) = &self.lm_head else {
             bail!("stage_losses: this stage has no head (it is not the last pipeline stage)")
         };
@@ -341,6 +351,7 @@ impl Mixtral {
             self.rope.0.dtype(),
             out,
             ids,
+            labels,
         )
     }
 
@@ -432,9 +443,21 @@ impl Mixtral {
     /// Next-token cross-entropy, the HF load-balancing loss and their weighted sum, for `ids`
     /// (`[b, s]`, s ≥ 2), computed on the vocabulary shards.
     pub fn losses(&self, ids: &Tensor, train: bool) -> Result<MixtralLosses> {
+        self.losses_labeled(ids, None, train)
+    }
+
+    /// [`Mixtral::losses`] with the cross-entropy over the positions `labels` (`[b, s]`,
+    /// i64, HF's convention) does not mark [`crate::llama::IGNORE_INDEX`] only: the loss of
+    /// instruction tuning, where the prompt does not count.
+    pub fn losses_labeled(
+        &self,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        train: bool,
+    ) -> Result<MixtralLosses> {
         check_next_token_ids(ids)?;
         let (logits, router_logits, stats) = self.forward_shard(ids, 0, None, train)?;
-        let ce_loss = next_token_loss(&logits, ids, self.cfg.vocab_size, &self.tp)?;
+        let ce_loss = next_token_loss(&logits, ids, labels, self.cfg.vocab_size, &self.tp)?;
         let aux_loss = hf_load_balancing_loss(
             &router_logits,
             self.cfg.num_local_experts,
@@ -495,13 +518,18 @@ impl Mixtral {
         &self,
         vars: &[Var],
         ids: &Tensor,
+        labels: Option<&Tensor>,
         micro_batches: usize,
         pp: &Comm,
     ) -> Result<BatchGrads> {
         let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
+        let lbs = labels
+            .map(|l| candle_parallel::pipeline::split_batch(l, micro_batches))
+            .transpose()?;
+        let label = |i: usize| lbs.as_ref().map(|l| &l[i]);
         let m = micro_batches as f64;
         if pp.size() == 1 {
-            return accumulate(vars, &mbs, |mb| self.losses(mb, true));
+            return accumulate(vars, &mbs, |i, mb| self.losses_labeled(mb, label(i), true));
         }
         let (b, s) = mbs[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
@@ -519,7 +547,7 @@ impl Mixtral {
                 candle_core::DType::F32,
             ),
             &|i, y| {
-                let (l, _) = self.stage_losses(y, &mbs[i])?;
+                let (l, _) = self.stage_losses_labeled(y, &mbs[i], label(i))?;
                 let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
                 values.lock().unwrap_or_else(|e| e.into_inner())[i] =
                     [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
@@ -553,6 +581,7 @@ fn losses_of_packed(
     dtype: candle_core::DType,
     out: &Tensor,
     ids: &Tensor,
+    labels: Option<&Tensor>,
 ) -> Result<(MixtralLosses, Tensor)> {
     check_next_token_ids(ids)?;
     let (b, s) = ids.dims2()?;
@@ -574,7 +603,7 @@ fn losses_of_packed(
         .to_dtype(dtype)?;
     let p = out.narrow(0, 2 + n, e)?;
     let f = out.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?;
-    let ce_loss = next_token_loss(&logits, ids, cfg.vocab_size, tp)?;
+    let ce_loss = next_token_loss(&logits, ids, labels, cfg.vocab_size, tp)?;
     let tokens = b * s * cfg.num_hidden_layers;
     let aux_loss = hf_load_balancing_loss_of_sums(&p, &f.detach(), tokens)?;
     let loss = (&ce_loss + (&aux_loss * cfg.router_aux_loss_coef)?)?;
@@ -596,14 +625,14 @@ fn losses_of_packed(
 fn accumulate(
     vars: &[Var],
     mbs: &[Tensor],
-    losses: impl Fn(&Tensor) -> Result<MixtralLosses>,
+    losses: impl Fn(usize, &Tensor) -> Result<MixtralLosses>,
 ) -> Result<BatchGrads> {
     let m = mbs.len() as f64;
     let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
     let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
     let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
-    for mb in mbs {
-        let l = losses(mb)?;
+    for (i, mb) in mbs.iter().enumerate() {
+        let l = losses(i, mb)?;
         let store = l.loss.backward()?;
         let g: Vec<Option<Tensor>> = vars
             .iter()
@@ -691,14 +720,15 @@ impl ShardedMixtral {
         self.units.iter().collect()
     }
 
-    /// The losses for `ids` (`[b, s]`) and the gathered logits `[b, s, vocab]`.
-    pub fn losses(&self, ids: &Tensor) -> Result<(MixtralLosses, Tensor)> {
+    /// The losses for `ids` (`[b, s]`; `labels` as [`Mixtral::losses_labeled`]) and the
+    /// gathered logits `[b, s, vocab]`.
+    pub fn losses(&self, ids: &Tensor, labels: Option<&Tensor>) -> Result<(MixtralLosses, Tensor)> {
         let mut x = ids.clone();
         for u in &self.units {
             x = u.forward(&x)?;
         }
         let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
-        losses_of_packed(&self.cfg, &self.tp, cols, self.dtype, &x, ids)
+        losses_of_packed(&self.cfg, &self.tp, cols, self.dtype, &x, ids, labels)
     }
 
     /// As [`Mixtral::batch_grads`] without pipeline stages: the gradients (for `vars`, e.g.
@@ -708,10 +738,16 @@ impl ShardedMixtral {
         &self,
         vars: &[Var],
         ids: &Tensor,
+        labels: Option<&Tensor>,
         micro_batches: usize,
     ) -> Result<BatchGrads> {
         let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
-        accumulate(vars, &mbs, |mb| Ok(self.losses(mb)?.0))
+        let lbs = labels
+            .map(|l| candle_parallel::pipeline::split_batch(l, micro_batches))
+            .transpose()?;
+        accumulate(vars, &mbs, |i, mb| {
+            Ok(self.losses(mb, lbs.as_ref().map(|l| &l[i]))?.0)
+        })
     }
 }
 
