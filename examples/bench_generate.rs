@@ -190,7 +190,10 @@ fn main() -> Result<()> {
     println!("|---|---:|---:|---:|");
     for (name, (ours, theirs)) in [
         ("Llama-style, 6 layers, hidden 1024", llama(&ld, &a)?),
-        ("Mixtral-style, 4 layers, 8 experts top-2, hidden 512", mixtral(&md, &a)?),
+        (
+            "Mixtral-style, 4 layers, 8 experts top-2, hidden 512",
+            mixtral(&md, &a)?,
+        ),
     ] {
         let (o, t) = (median(ours), median(theirs));
         println!("| {name} | {o:.1} | {t:.1} | {:.2} |", o / t);

@@ -27,9 +27,11 @@
 //! distributed checkpoint that `cargo run --release --example checkpoint -- export` turns into
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_parallel::checkpoint::{gather_model, hf_safetensors_files};
 use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
 use candle_parallel::data_parallel::BatchGroups;
 use candle_parallel::launch::process::is_lead;
+use candle_parallel::lora::{merge, save_peft, LoraConfig};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
@@ -40,6 +42,7 @@ use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage, Shar
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
 use clap::Parser;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
 
@@ -122,6 +125,21 @@ struct Args {
     /// Start afresh even when --out holds an unfinished job's checkpoint.
     #[arg(long)]
     no_resume: bool,
+    /// LoRA: train rank-r adapters on --lora-targets instead of every weight (0: off). The
+    /// base weights are frozen; at the end the adapters are written in PEFT's format to
+    /// --out/adapters and merged into the base weights in --out/merged (a Hugging Face model).
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
+    /// LoRA's alpha: the adapters' output is scaled by alpha / rank.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// The modules LoRA adapts (PEFT's target_modules, comma separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,w1,w2,w3"
+    )]
+    lora_targets: Vec<String>,
     /// Keep only the latest this many checkpoints in --out (older ones are deleted after a
     /// newer one is complete).
     #[arg(long, default_value_t = 3)]
@@ -555,8 +573,8 @@ fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> Str
 
 /// The model as a rank holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
 enum Model {
-    Whole(Mixtral),
-    Sharded(ShardedMixtral),
+    Whole(Box<Mixtral>),
+    Sharded(Box<ShardedMixtral>),
 }
 
 /// `base`, or `base.1`, `base.2`, ...: the first that does not exist (checkpoints are never
@@ -620,6 +638,17 @@ fn main() -> Result<()> {
     })?;
     let (cfg, tok) = prepare_model(&args)?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
+    let lora = (args.lora_rank > 0).then(|| LoraConfig {
+        rank: args.lora_rank,
+        alpha: args.lora_alpha,
+        target_modules: args.lora_targets.clone(),
+    });
+    if lora.is_some() && args.zero == 3 {
+        candle_core::bail!("--lora-rank with --zero 3: the adapters are small, shard their optimizer state with --zero 1 or 2");
+    }
+    if lora.is_some() && args.resume.is_some() {
+        candle_core::bail!("--resume with --lora-rank: resuming a LoRA run (base model plus saved adapters) is not supported yet; start it again");
+    }
     if args.zero == 3 && pp > 1 {
         candle_core::bail!("--zero 3 with pp in --mesh: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
     }
@@ -627,10 +656,11 @@ fn main() -> Result<()> {
         candle_core::bail!("--mesh with pp: a head tied to the embedding would be two copies on the first and last stages, whose gradients are not summed yet; train it without pp");
     }
     let tokenizer_json = std::fs::read(args.model.join("tokenizer.json"))?;
+    let cfg_json = serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?;
     if args.keep_last == 0 {
         candle_core::bail!("--keep-last must be at least 1 (the checkpoint just written)");
     }
-    let resume = match (&args.resume, args.no_resume) {
+    let resume = match (&args.resume, args.no_resume || lora.is_some()) {
         (Some(dir), _) => Some(dir.clone()),
         (None, true) => None,
         // An unfinished job in --out: go on from its latest checkpoint.
@@ -673,6 +703,10 @@ fn main() -> Result<()> {
             None => ParallelVarBuilder::from_hf_dir(&args.model, dtype, ctx.device())?,
         }
         .trainable();
+        let vb = match &lora {
+            Some(cfg) => vb.with_lora(cfg.clone())?,
+            None => vb,
+        };
         let tcfg = TrainerConfig {
             steps: args.steps,
             lr: LrSchedule::warmup_cosine(args.lr, args.min_lr.unwrap_or(args.lr), args.warmup_steps, args.steps),
@@ -689,13 +723,13 @@ fn main() -> Result<()> {
             let groups = BatchGroups::new(mesh, &batch_dims)?;
             let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
-            (Model::Sharded(m), t)
+            (Model::Sharded(Box::new(m)), t)
         } else {
             // With pipeline stages each rank builds (and reads) only its stage's layers.
             let layers = stages[pp_comm.rank()].clone();
             let m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
-            (Model::Whole(m), t)
+            (Model::Whole(Box::new(m)), t)
         };
         let vars = trainer.vars().to_vec();
         if resume.is_some() {
@@ -857,12 +891,17 @@ fn main() -> Result<()> {
             Some(d) => d,
             None => candle_core::bail!("the checkpoint is at step {} already: nothing to run (raise --steps)", trainer.steps_done()),
         };
-        Ok((history, evals, metric, out_dir, trainer.memory()))
+        // LoRA: the adapters at full shape, on every rank (collective).
+        let adapters = match lora {
+            Some(_) => gather_model(&trainer.optimizer().named_params()?, mesh)?,
+            None => Vec::new(),
+        };
+        Ok((history, evals, metric, out_dir, trainer.memory(), adapters))
     })?;
     if !is_lead()? {
         return Ok(()); // rank 0's process reports
     }
-    let (history, evals, metric, out_dir, memory) = &report[0];
+    let (history, evals, metric, out_dir, memory, adapters) = &report[0];
     let losses: Vec<f32> = history.iter().map(|r| r.loss as f32).collect();
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
     let k = (losses.len() / 10).max(1);
@@ -901,10 +940,37 @@ fn main() -> Result<()> {
         out_dir.display(),
         svg.display()
     );
-    println!(
-        "export it: cargo run --release --example checkpoint -- export --from {} --to target/finetune-mixtral/hf",
-        out_dir.display()
-    );
-    println!("then talk to it: cargo run --release --example generate -- --model target/finetune-mixtral/hf --prompt \"3 + 4 =\"");
+    if lora.is_none() {
+        println!(
+            "export it: cargo run --release --example checkpoint -- export --from {} --to target/finetune-mixtral/hf",
+            out_dir.display()
+        );
+    }
+    match &lora {
+        Some(cfg) => {
+            let adapters: HashMap<String, Tensor> = adapters.iter().cloned().collect();
+            let dir = args.out.join("adapters");
+            save_peft(&dir, cfg, &adapters, &args.model.to_string_lossy())?;
+            // The base weights with the adapters folded in: a complete Hugging Face model.
+            let merged = args.out.join("merged");
+            std::fs::create_dir_all(&merged)?;
+            let mut weights: HashMap<String, Tensor> = HashMap::new();
+            for f in hf_safetensors_files(&args.model)? {
+                weights.extend(candle_core::safetensors::load(&f, &Device::Cpu)?);
+            }
+            let n = merge(&mut weights, &adapters, cfg)?;
+            candle_core::safetensors::save(&weights, merged.join("model.safetensors"))?;
+            std::fs::write(merged.join("config.json"), serde_json::to_vec_pretty(&cfg_json).map_err(candle_core::Error::wrap)?)?;
+            std::fs::write(merged.join("tokenizer.json"), &tokenizer_json)?;
+            println!(
+                "LoRA adapters ({} tensors, PEFT format): {}\nmerged into {n} base weights: {}",
+                adapters.len(),
+                dir.display(),
+                merged.display()
+            );
+            println!("talk to it: cargo run --release --example generate -- --model {} --prompt \"3 + 4 =\"", merged.display());
+        }
+        None => println!("then talk to it: cargo run --release --example generate -- --model target/finetune-mixtral/hf --prompt \"3 + 4 =\""),
+    }
     Ok(())
 }

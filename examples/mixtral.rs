@@ -26,7 +26,7 @@
 //! random Mixtral-style model is created on the fly.
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{
-    full_gradients_of, gather_full, ParallelVarBuilder, SaveOptions,
+    full_gradients_of, gather_model, merge_on_all, ParallelVarBuilder, SaveOptions,
 };
 use candle_parallel::data_parallel::BatchGroups;
 use candle_parallel::moe::Dispatch;
@@ -159,38 +159,6 @@ fn main() -> Result<()> {
         } => eval(model, tokens, tp, ep, pp, out, grads, seed),
         train @ Command::Train { .. } => run_train(train),
     }
-}
-
-/// Every rank's named full-shape tensors, merged on every rank: `keep` says which of its own
-/// a rank sends (one copy of each); tensors of the same name are summed.
-fn merge_on_all(
-    world: &candle_parallel::Comm,
-    mine: Vec<(String, Tensor)>,
-) -> Result<Vec<(String, Tensor)>> {
-    let bytes = if mine.is_empty() {
-        Vec::new()
-    } else {
-        safetensors::serialize(mine.iter().map(|(n, t)| (n.as_str(), t)), None)
-            .map_err(|e| candle_core::Error::msg(format!("serialising tensors: {e}")))?
-    };
-    let mut out: Vec<(String, Tensor)> = Vec::new();
-    for b in world.all_gather_bytes(&bytes)? {
-        if b.is_empty() {
-            continue;
-        }
-        let mut got: Vec<(String, Tensor)> =
-            candle_core::safetensors::load_buffer(&b, &Device::Cpu)?
-                .into_iter()
-                .collect();
-        got.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, g) in got {
-            match out.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, acc)) => *acc = (&*acc + g)?,
-                None => out.push((name, g)),
-            }
-        }
-    }
-    Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -411,7 +379,7 @@ fn run_train(command: Command) -> Result<()> {
             let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
             // Every parameter lives in a layer's sharded module.
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
-            (Model::Sharded(m), t)
+            (Model::Sharded(Box::new(m)), t)
         } else {
             let layers = stages[mesh.pp().rank()].clone();
             let m = Mixtral::new_stage(
@@ -423,7 +391,7 @@ fn run_train(command: Command) -> Result<()> {
                 layers,
             )?;
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
-            (Model::Whole(m), t)
+            (Model::Whole(Box::new(m)), t)
         };
         let vars = trainer.vars().to_vec();
         if resume.is_some() {
@@ -470,17 +438,10 @@ fn run_train(command: Command) -> Result<()> {
         }
         // One copy of every parameter at full shape: tp slices gathered; each expert from its
         // ep rank, every other weight from ep rank 0; the replicas are equal, dp rank 0 sends.
-        let mut mine = Vec::new();
-        for (p, local_to) in trainer.optimizer().named_params()? {
-            let full = gather_full(&p.local, p.placement, &p.full_dims, mesh.tp())?;
-            let sends = mesh.tp().rank() == 0
-                && mesh.dp().rank() == 0
-                && (local_to.contains(&MeshDim::Ep) || mesh.ep().rank() == 0);
-            if sends {
-                mine.push((p.name, full.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
-            }
+        let named = trainer.optimizer().named_params()?;
+        for (name, t) in gather_model(&named, mesh)? {
+            tensors.push((name, t.to_dtype(DType::F32)?));
         }
-        tensors.extend(merge_on_all(ctx.comm(), mine)?);
         Ok(tensors)
     })?;
     if !candle_parallel::launch::process::is_lead()? {
@@ -517,8 +478,8 @@ fn run_train(command: Command) -> Result<()> {
 
 /// The model as `train` holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
 enum Model {
-    Whole(Mixtral),
-    Sharded(ShardedMixtral),
+    Whole(Box<Mixtral>),
+    Sharded(Box<ShardedMixtral>),
 }
 
 /// The rows of a batch file, checked: equal lengths of at least 2, ids in the vocabulary.

@@ -334,3 +334,98 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
     assert!(err.contains("skipped 3 bad rows"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A LoRA run (rank 4 on every projection and expert, ep = 2 × tp = 2) trains the adapters
+/// only: its checkpoint holds adapters and their optimizer state, nothing else; the PEFT
+/// adapter files have PEFT's names, config and shapes; the merged model equals the base plus
+/// (α/r)·B·A on every adapted weight and the base itself everywhere else.
+#[test]
+fn lora_trains_adapters_only_and_merges_into_the_base() {
+    use candle_core::{Device, Tensor};
+    let dir = tmp("lora");
+    let model = dir.join("model");
+    let out = dir.join("out");
+    finetune(
+        &model,
+        &out,
+        &[
+            "--steps",
+            "5",
+            "--lora-rank",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lr",
+            "1e-2",
+        ],
+    );
+    let meta = candle_parallel::checkpoint::read_metadata(&out.join("step-000005")).unwrap();
+    for name in meta.tensors.keys() {
+        assert!(
+            name.starts_with("optimizer.") || candle_parallel::lora::is_adapter(name),
+            "{name} in a LoRA checkpoint"
+        );
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapters/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    let adapters = candle_core::safetensors::load(
+        out.join("adapters/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let base =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let merged =
+        candle_core::safetensors::load(out.join("merged/model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(merged.len(), base.len());
+    let diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let mut adapted = 0;
+    let mut trained = 0;
+    for (name, w) in &base {
+        let module = format!("base_model.model.{}", name.trim_end_matches(".weight"));
+        match (
+            adapters.get(&format!("{module}.lora_A.weight")),
+            adapters.get(&format!("{module}.lora_B.weight")),
+        ) {
+            (Some(a), Some(b)) => {
+                assert_eq!(a.dims(), &[4, w.dim(1).unwrap()], "{name}");
+                assert_eq!(b.dims(), &[w.dim(0).unwrap(), 4], "{name}");
+                let want = (w + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
+                assert!(diff(&merged[name], &want) <= 1e-6, "{name}");
+                trained += (b
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0) as usize;
+                adapted += 1;
+            }
+            _ => assert_eq!(diff(&merged[name], w), 0.0, "{name} must be the base"),
+        }
+    }
+    // q, k, v, o and each expert's w1, w2, w3 in both layers.
+    assert_eq!(adapted, 2 * (4 + 3 * 4));
+    assert!(
+        trained > adapted / 2,
+        "{trained} of {adapted} adapters trained"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -444,3 +444,108 @@ fn the_loss_ignores_the_prompt_tokens() -> Result<()> {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// LoRA on every projection and expert (q, k, v, o, w1, w2, w3) with non-zero adapters: at
+/// ep = 2 × tp = 2 (both dispatches) the loss and every adapter's gradient equal ep = tp = 1;
+/// only adapters are parameters (the base is frozen).
+#[test]
+fn lora_gradients_at_ep2_tp2_equal_ep1_tp1() -> Result<()> {
+    use candle_parallel::lora::LoraConfig;
+    use candle_parallel_models::testing::seeded;
+    let cfg = MixtralConfig::tiny();
+    let dir = checkpoint("lora", &cfg)?;
+    // Adapters in the checkpoint, so that B is not zero (fresh adapters start at zero).
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    let rank = 4;
+    let mut seed = 100;
+    let names: Vec<(String, usize, usize)> = tensors
+        .iter()
+        .filter(|(n, _)| {
+            [
+                "q_proj", "k_proj", "v_proj", "o_proj", ".w1.", ".w2.", ".w3.",
+            ]
+            .iter()
+            .any(|t| n.contains(t))
+        })
+        .map(|(n, t)| {
+            (
+                n.trim_end_matches(".weight").to_string(),
+                t.dim(1).unwrap(),
+                t.dim(0).unwrap(),
+            )
+        })
+        .collect();
+    for (module, in_dim, out_dim) in names {
+        seed += 2;
+        tensors.insert(
+            format!("{module}.lora_A.weight"),
+            (seeded(&[rank, in_dim], seed, DType::F32)? * 0.3)?,
+        );
+        tensors.insert(
+            format!("{module}.lora_B.weight"),
+            (seeded(&[out_dim, rank], seed + 1, DType::F32)? * 0.3)?,
+        );
+    }
+    candle_core::safetensors::save(&tensors, &path)?;
+    let lora = LoraConfig {
+        rank,
+        alpha: 8.0,
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let run = |ep: usize, tp: usize, dispatch: Dispatch| {
+        Launcher::new(ep * tp)
+            .mesh(MeshShape::new().ep(ep).tp(tp))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?
+                    .trainable()
+                    .with_lora(lora.clone())?;
+                let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), dispatch)?;
+                let params = vb.params();
+                assert!(params
+                    .iter()
+                    .all(|p| candle_parallel::lora::is_adapter(&p.name)));
+                let l = model.losses(&ids()?, true)?;
+                let scale = if dispatch == Dispatch::AllToAll {
+                    ep as f64
+                } else {
+                    1.0
+                };
+                let mut grads = (&l.loss / scale)?.backward()?;
+                if dispatch == Dispatch::AllToAll {
+                    Mixtral::sum_shared_grads(&params, &mut grads, mesh.ep())?;
+                }
+                let full = full_gradients(&params, &grads, mesh.tp())?;
+                Ok((l.loss.to_scalar::<f32>()?, full))
+            })
+    };
+    let base = run(1, 1, Dispatch::AllToAll)?.remove(0);
+    let base_grads: std::collections::BTreeMap<_, _> = base.1.into_iter().collect();
+    // 4 attention projections per layer and 3 weights per expert, two tensors each.
+    assert_eq!(
+        base_grads.len(),
+        2 * cfg.num_hidden_layers * (4 + 3 * cfg.num_local_experts)
+    );
+    for dispatch in [Dispatch::AllReduce, Dispatch::AllToAll] {
+        for (r, (loss, grads)) in run(2, 2, dispatch)?.into_iter().enumerate() {
+            assert!(
+                (loss - base.0).abs() <= 1e-5 * base.0,
+                "{dispatch:?} rank {r}: loss {loss} vs {}",
+                base.0
+            );
+            for (name, g) in grads {
+                let want = &base_grads[&name];
+                let e = max_rel_err(&g, want)?;
+                assert!(
+                    e <= 1e-4,
+                    "{dispatch:?} rank {r}: gradient of {name} differs by {e:e}"
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

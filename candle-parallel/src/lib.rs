@@ -35,6 +35,7 @@ pub mod comm;
 pub mod data_parallel;
 pub mod launch;
 pub mod logging;
+pub mod lora;
 pub mod mesh;
 pub mod moe;
 pub mod ops;

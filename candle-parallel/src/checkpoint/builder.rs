@@ -52,6 +52,9 @@ enum Source {
     Local(std::collections::HashMap<String, Tensor>),
 }
 
+/// The initialisation seed of LoRA adapters a checkpoint does not hold.
+const LORA_SEED: u64 = 0x4C6F_5241;
+
 struct Inner {
     source: Source,
     dtype: DType,
@@ -59,6 +62,8 @@ struct Inner {
     trainable: AtomicBool,
     params: Mutex<BTreeMap<String, Param>>,
     bytes_read: AtomicU64,
+    /// LoRA: the layers it names get adapters, and only adapters are trainable.
+    lora: std::sync::OnceLock<crate::lora::LoraConfig>,
 }
 
 /// Builds a rank's parameter slices from a checkpoint or a deterministic initialisation.
@@ -80,6 +85,7 @@ impl ParallelVarBuilder {
                 trainable: AtomicBool::new(false),
                 params: Mutex::new(BTreeMap::new()),
                 bytes_read: AtomicU64::new(0),
+                lora: std::sync::OnceLock::new(),
             }),
             prefix: Vec::new(),
             local_to: Vec::new(),
@@ -158,6 +164,28 @@ impl ParallelVarBuilder {
     }
 
     /// The full name of `name` under this builder's prefix.
+    /// This builder's prefix, the name of the module it builds (`model.layers.0.mlp`).
+    pub fn path(&self) -> String {
+        self.prefix.join(".")
+    }
+
+    /// From now on, the linear layers this builder (or a clone) creates whose module names
+    /// match `cfg` get LoRA adapters, and only the adapters are recorded as trainable
+    /// parameters (the base weights are frozen: no gradients, no optimizer state). Call it
+    /// before building the model; an error if LoRA was set already.
+    pub fn with_lora(self, cfg: crate::lora::LoraConfig) -> Result<Self> {
+        cfg.check()?;
+        if self.inner.lora.set(cfg).is_err() {
+            bail!("with_lora: this builder has a LoRA configuration already")
+        }
+        Ok(self)
+    }
+
+    /// The LoRA configuration, if any ([`ParallelVarBuilder::with_lora`]).
+    pub fn lora(&self) -> Option<&crate::lora::LoraConfig> {
+        self.inner.lora.get()
+    }
+
     pub fn full_name(&self, name: &str) -> String {
         let mut parts = self.prefix.clone();
         parts.push(name.to_string());
@@ -224,7 +252,11 @@ impl ParallelVarBuilder {
         shard: Placement,
         init: Init,
     ) -> Result<Tensor> {
-        let record = self.inner.trainable.load(Ordering::SeqCst);
+        let mut record = self.inner.trainable.load(Ordering::SeqCst);
+        if self.inner.lora.get().is_some() {
+            // With LoRA the base weights are frozen: only adapters are parameters.
+            record &= crate::lora::is_adapter(&self.full_name(name));
+        }
         self.fetch(full.into(), name, shard, init, record, self.inner.dtype)
     }
 
@@ -243,6 +275,13 @@ impl ParallelVarBuilder {
             Source::Init { seed } => init_slice(*seed, &name, full.dims(), slice.as_ref(), init)?
                 .to_dtype(dtype)?
                 .to_device(&self.inner.device)?,
+            // A LoRA adapter the checkpoint does not have yet (a fresh fine-tuning run):
+            // initialised deterministically from its name, so every layout gets the same.
+            Source::Stored(s) if !s.contains(&name) && crate::lora::is_adapter(&name) => {
+                init_slice(LORA_SEED, &name, full.dims(), slice.as_ref(), init)?
+                    .to_dtype(dtype)?
+                    .to_device(&self.inner.device)?
+            }
             Source::Stored(s) => {
                 let (stored, pieces) = s.pieces(&name, full.dims())?;
                 let (bytes, dims, read) =

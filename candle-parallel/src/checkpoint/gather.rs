@@ -97,3 +97,52 @@ pub fn full_gradients_of(
         })
         .collect()
 }
+
+/// Every rank's named full-shape tensors, merged on every rank (collective over `world`):
+/// each rank sends `mine`, and tensors of the same name from several ranks are summed (a
+/// tied weight's gradient from the first and the last pipeline stage). Sorted by name.
+pub fn merge_on_all(world: &Comm, mine: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    let bytes = if mine.is_empty() {
+        Vec::new()
+    } else {
+        safetensors::serialize(mine.iter().map(|(n, t)| (n.as_str(), t)), None)
+            .map_err(|e| candle_core::Error::msg(format!("serialising tensors: {e}")))?
+    };
+    let mut out: std::collections::BTreeMap<String, Tensor> = Default::default();
+    for b in world.all_gather_bytes(&bytes)? {
+        if b.is_empty() {
+            continue;
+        }
+        for (name, t) in candle_core::safetensors::load_buffer(&b, &candle_core::Device::Cpu)? {
+            let t = match out.remove(&name) {
+                Some(acc) => (acc + t)?,
+                None => t,
+            };
+            out.insert(name, t);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// One full-shape copy of every tensor of a model on a mesh, on every rank (collective over
+/// the world): tp slices gathered; each tensor sent by one holder (tp rank 0, dp rank 0, and
+/// ep rank 0 unless it is local to ep, as experts are); pipeline stages each send their own.
+/// `tensors` are this rank's parts with the mesh dimensions each is local to
+/// ([`crate::zero::ZeroOptimizer::named_params`] gives them).
+pub fn gather_model(
+    tensors: &[(super::ShardedTensor, Vec<crate::mesh::MeshDim>)],
+    mesh: &crate::mesh::DeviceMesh,
+) -> Result<Vec<(String, Tensor)>> {
+    use crate::mesh::MeshDim;
+    let mut mine = Vec::new();
+    for (t, local_to) in tensors {
+        let full = gather_full(&t.local, t.placement, &t.full_dims, mesh.tp())?;
+        let sends = mesh.tp().rank() == 0
+            && mesh.dp().rank() == 0
+            && (local_to.contains(&MeshDim::Ep) || mesh.ep().rank() == 0);
+        if sends {
+            mine.push((t.name.clone(), full.to_device(&candle_core::Device::Cpu)?));
+        }
+    }
+    merge_on_all(mesh.world(), mine)
+}

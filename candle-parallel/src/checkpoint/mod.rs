@@ -39,7 +39,7 @@ pub use format::{
     read_metadata, write_atomic, CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE,
     FORMAT_VERSION, METADATA_FILE,
 };
-pub use gather::{full_gradients, full_gradients_of, gather_full};
+pub use gather::{full_gradients, full_gradients_of, gather_full, gather_model, merge_on_all};
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
 pub use source::{check_checkpoint, hf_safetensors_files, verify_checkpoint};

@@ -34,14 +34,43 @@ impl Expert {
 
     /// Reads expert `vb` (HF names `w1`, `w2`, `w3`): this rank's tp slices.
     pub fn load(hidden: usize, ffn: usize, vb: &ParallelVarBuilder, tp: &Comm) -> Result<Self> {
+        use crate::lora::{adapter, Kind};
         let init = crate::tensor_parallel::linear_weight_init();
         let (col, row) = (Placement::split_over(0, tp), Placement::split_over(1, tp));
-        Ok(Self::new(
+        let mut e = Self::new(
             vb.pp("w1").get((ffn, hidden), "weight", col, init)?,
             vb.pp("w2").get((hidden, ffn), "weight", row, init)?,
             vb.pp("w3").get((ffn, hidden), "weight", col, init)?,
             tp,
-        ))
+        );
+        e.w1 = e.w1.with_lora(adapter(
+            &vb.pp("w1"),
+            hidden,
+            ffn,
+            Kind::Column,
+            col,
+            None,
+            tp,
+        )?);
+        e.w2 = e.w2.with_lora(adapter(
+            &vb.pp("w2"),
+            ffn,
+            hidden,
+            Kind::Row,
+            row,
+            None,
+            tp,
+        )?);
+        e.w3 = e.w3.with_lora(adapter(
+            &vb.pp("w3"),
+            hidden,
+            ffn,
+            Kind::Column,
+            col,
+            None,
+            tp,
+        )?);
+        Ok(e)
     }
 }
 

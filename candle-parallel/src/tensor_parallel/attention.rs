@@ -138,7 +138,18 @@ impl TpHeads {
         } else {
             None
         };
-        Ok(ColumnParallelLinear::new(w, b, tp).with_weight_group(self.kv_group.clone()))
+        let lora = crate::lora::adapter(
+            &vb,
+            hidden,
+            out,
+            crate::lora::Kind::Column,
+            self.kv_shard(),
+            self.kv_group.clone(),
+            tp,
+        )?;
+        Ok(ColumnParallelLinear::new(w, b, tp)
+            .with_weight_group(self.kv_group.clone())
+            .with_lora(lora))
     }
 
     /// Repeats each local KV head so that every local query head has one:

@@ -2,6 +2,7 @@
 
 use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
+use crate::lora::{adapter, Kind, LoraAdapter};
 use crate::ops;
 use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{Init, Linear};
@@ -75,6 +76,7 @@ pub struct ColumnParallelLinear {
     sequence_dim: Option<usize>,
     weight_group: Option<Comm>,
     external_comm: bool,
+    lora: Option<LoraAdapter>,
 }
 
 impl ColumnParallelLinear {
@@ -87,7 +89,19 @@ impl ColumnParallelLinear {
             sequence_dim: None,
             weight_group: None,
             external_comm: false,
+            lora: None,
         }
+    }
+
+    /// A LoRA adapter added to the output ([`crate::lora`]).
+    pub fn with_lora(mut self, lora: Option<LoraAdapter>) -> Self {
+        self.lora = lora;
+        self
+    }
+
+    /// The LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
     }
 
     /// All-gather the output so every rank gets all `out` features (default: keep the slice,
@@ -151,6 +165,10 @@ impl Module for ColumnParallelLinear {
             }
             None => affine(&x, self.linear.weight(), self.linear.bias())?,
         };
+        let y = match &self.lora {
+            Some(l) => (y + l.column(&x)?)?,
+            None => y,
+        };
         if self.gather_output && !self.external_comm {
             ops::gather_from_group(&y, D::Minus1, &self.tp)
         } else {
@@ -174,7 +192,8 @@ fn column(
     } else {
         None
     };
-    Ok(ColumnParallelLinear::new(w, b, tp))
+    let lora = adapter(&vb, in_dim, out_dim, Kind::Column, shard, None, tp)?;
+    Ok(ColumnParallelLinear::new(w, b, tp).with_lora(lora))
 }
 
 /// A column-parallel twin of `candle_nn::linear(in_dim, out_dim, vb)`: this rank holds
@@ -211,6 +230,7 @@ pub struct RowParallelLinear {
     input_is_parallel: bool,
     sequence_dim: Option<usize>,
     external_comm: bool,
+    lora: Option<LoraAdapter>,
 }
 
 impl RowParallelLinear {
@@ -223,6 +243,27 @@ impl RowParallelLinear {
             input_is_parallel: true,
             sequence_dim: None,
             external_comm: false,
+            lora: None,
+        }
+    }
+
+    /// A LoRA adapter added to the output ([`crate::lora`]).
+    pub fn with_lora(mut self, lora: Option<LoraAdapter>) -> Self {
+        self.lora = lora;
+        self
+    }
+
+    /// The LoRA adapter, if any.
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// The rank's partial product, its adapter's columns added (reduced over tp after).
+    fn partial(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::linear(x, self.linear.weight())?;
+        match &self.lora {
+            Some(l) => y + l.row(x, self.linear.weight().dim(0)?)?,
+            None => Ok(y),
         }
     }
 
@@ -271,14 +312,14 @@ impl Module for RowParallelLinear {
                     self.tp.label()
                 )
             }
-            return ops::linear(x, self.linear.weight());
+            return self.partial(x);
         }
         let x = if self.input_is_parallel {
             x.clone()
         } else {
             ops::scatter_to_group(x, D::Minus1, &self.tp)?
         };
-        let partial = ops::linear(&x, self.linear.weight())?;
+        let partial = self.partial(&x)?;
         let (y, bias) = match self.sequence_dim {
             // The bias now meets only this rank's part of the sequence: sum its gradient
             // over the group.
@@ -321,7 +362,8 @@ fn row(
     } else {
         None
     };
-    Ok(RowParallelLinear::new(w, b, tp))
+    let lora = adapter(&vb, in_dim, out_dim, Kind::Row, shard, None, tp)?;
+    Ok(RowParallelLinear::new(w, b, tp).with_lora(lora))
 }
 
 /// A row-parallel twin of `candle_nn::linear(in_dim, out_dim, vb)`: this rank holds `in_dim / tp`

@@ -1,0 +1,270 @@
+//! LoRA (low-rank adapters) on the tensor-parallel layers: `y = x Wᵀ + (α/r)·(x Aᵀ) Bᵀ` with the
+//! base weight `W` frozen and only `A` (`[r, in]`) and `B` (`[out, r]`) trained, sharded so that
+//! no rank holds more than its share and the gradients equal the single-device ones.
+//!
+//! - **Column-parallel** (`W` split along its output): `A` replicated, `B` split like `W`'s
+//!   output. Each rank's `B` slice sees only its output features, so `A`'s gradient is summed
+//!   over the tp group (`copy_to_group` on `A`: one all-reduce of `[r, in]` in backward).
+//! - **Row-parallel** (`W` split along its input): `A` split like `W`'s input; the rank's
+//!   partial `x Aᵀ` is all-reduced once (`[tokens, r]`); `B` is split along its output and
+//!   each rank adds its columns to its partial output, which the layer's own reduction (or the
+//!   MoE layer's, for experts) then sums. `B`'s gradient is its output columns' only, with
+//!   no further reduction.
+//! - Key/value projections whose heads are replicated over tp: `B` is sliced and its gradient
+//!   summed like the weight.
+//!
+//! Modules are chosen as PEFT's `target_modules`: a name matches when it equals a target or
+//! ends with `.target` (`q_proj`, `w1`, `experts.0.w2`). Adapters are named as PEFT names them
+//! (`...q_proj.lora_A.weight`); [`save_peft`] writes `adapter_config.json` and
+//! `adapter_model.safetensors` as Python's `peft` reads them, and [`merge`] folds adapters into
+//! base weights for an export.
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_parallel::checkpoint::ParallelVarBuilder;
+//! use candle_parallel::lora::LoraConfig;
+//! use candle_parallel::{launch, tensor_parallel::column_parallel_linear_no_bias};
+//!
+//! let names = launch(2, |ctx| {
+//!     let cfg = LoraConfig { rank: 4, alpha: 8.0, target_modules: vec!["q_proj".into()] };
+//!     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable().with_lora(cfg)?;
+//!     let q = column_parallel_linear_no_bias(8, 8, vb.pp("attn.q_proj"), ctx.comm())?;
+//!     let y = q.forward(&Tensor::ones((2, 8), DType::F32, &Device::Cpu)?)?;
+//!     assert_eq!(y.dims(), &[2, 4]);
+//!     Ok(vb.params().into_iter().map(|p| p.name).collect::<Vec<_>>())
+//! })?;
+//! // The base weight is frozen: only the adapters are parameters.
+//! assert_eq!(names[0], ["attn.q_proj.lora_A.weight", "attn.q_proj.lora_B.weight"]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::checkpoint::{ParallelVarBuilder, Placement};
+use crate::comm::Comm;
+use crate::ops;
+use candle_core::{bail, Result, Tensor, D};
+use candle_nn::Init;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// PEFT's `LoraConfig`: rank, scaling numerator and the modules to adapt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    /// The adapter's output is scaled by `alpha / rank`.
+    pub alpha: f64,
+    /// Module names (or their last parts), e.g. `q_proj`, `v_proj`, `w1`, `w2`, `w3`.
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.rank == 0 {
+            bail!("LoRA rank must be at least 1")
+        }
+        if self.target_modules.is_empty() {
+            bail!("LoRA needs at least one target module (e.g. q_proj, v_proj)")
+        }
+        Ok(())
+    }
+
+    /// Whether module `name` gets an adapter (PEFT's suffix match).
+    pub fn matches(&self, name: &str) -> bool {
+        self.target_modules
+            .iter()
+            .any(|t| name == t || name.ends_with(&format!(".{t}")))
+    }
+
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// Whether a parameter name is a LoRA adapter's.
+pub fn is_adapter(name: &str) -> bool {
+    name.contains(".lora_A.") || name.contains(".lora_B.")
+}
+
+/// Which parallel layer an adapter sits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Column,
+    Row,
+}
+
+/// One layer's adapter: this rank's slices of `A` and `B`.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    tp: Comm,
+    /// Column-parallel only: the first output row this rank's `B` slice holds, of `out`.
+    out: usize,
+    /// Key/value heads replicated over these ranks: `B`'s gradient is summed over them.
+    b_group: Option<Comm>,
+}
+
+/// The adapter of the layer `vb` builds, if its LoRA configuration names it: `A` and `B`
+/// read from the checkpoint when it has them, else initialised as PEFT does (`A` uniform in
+/// ±1/√in, `B` zeros, so the adapted layer starts equal to the base). `b_shard` is how `B`'s
+/// rows are held (the weight's output placement for a column-parallel layer).
+pub(crate) fn adapter(
+    vb: &ParallelVarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    kind: Kind,
+    b_shard: Placement,
+    b_group: Option<Comm>,
+    tp: &Comm,
+) -> Result<Option<LoraAdapter>> {
+    let Some(cfg) = vb.lora() else {
+        return Ok(None);
+    };
+    if !cfg.matches(&vb.path()) {
+        return Ok(None);
+    }
+    let r = cfg.rank;
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let a_shard = match kind {
+        Kind::Column => Placement::Replicated,
+        Kind::Row => Placement::split_over(1, tp),
+    };
+    let b_shard = match kind {
+        Kind::Column => b_shard,
+        Kind::Row => Placement::split_over(0, tp),
+    };
+    if kind == Kind::Row && !out_dim.is_multiple_of(tp.size()) {
+        bail!(
+            "LoRA on {}: its output {out_dim} is not divisible by the tensor-parallel size {}",
+            vb.path(),
+            tp.size()
+        )
+    }
+    let a = vb.pp("lora_A").get(
+        (r, in_dim),
+        "weight",
+        a_shard,
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let b = vb
+        .pp("lora_B")
+        .get((out_dim, r), "weight", b_shard, Init::Const(0.0))?;
+    let start = match kind {
+        Kind::Row => tp.rank() * out_dim / tp.size(),
+        Kind::Column => 0,
+    };
+    Ok(Some(LoraAdapter {
+        a,
+        b,
+        scale: cfg.scale(),
+        tp: tp.clone(),
+        out: start,
+        b_group,
+    }))
+}
+
+impl LoraAdapter {
+    /// This rank's `A` slice.
+    pub fn a(&self) -> &Tensor {
+        &self.a
+    }
+
+    /// This rank's `B` slice.
+    pub fn b(&self) -> &Tensor {
+        &self.b
+    }
+
+    /// The adapter's contribution to a column-parallel layer's output slice, from the layer's
+    /// (replicated) input.
+    pub(crate) fn column(&self, x: &Tensor) -> Result<Tensor> {
+        // Each rank's B slice sees its own outputs only: A's gradient is summed over tp.
+        let a = ops::copy_to_group(&self.a, &self.tp)?;
+        let b = match &self.b_group {
+            Some(g) => ops::copy_to_group(&self.b, g)?,
+            None => self.b.clone(),
+        };
+        ops::linear(&ops::linear(x, &a)?, &b)? * self.scale
+    }
+
+    /// The adapter's contribution to a row-parallel layer's partial output (before the
+    /// reduction over tp), from the rank's input slice: this rank's output columns, zeros
+    /// elsewhere.
+    pub(crate) fn row(&self, x: &Tensor, out_dim: usize) -> Result<Tensor> {
+        let u = ops::reduce_from_group(&ops::linear(x, &self.a)?, &self.tp)?;
+        // Each rank uses u with its own B columns: u's gradient is summed over tp.
+        let u = ops::copy_to_group(&u, &self.tp)?;
+        let y = (ops::linear(&u, &self.b)? * self.scale)?;
+        let n = self.b.dim(0)?;
+        y.pad_with_zeros(D::Minus1, self.out, out_dim - self.out - n)
+    }
+}
+
+/// PEFT's tensor name for one of our adapter parameters.
+pub fn peft_name(name: &str) -> String {
+    format!("base_model.model.{name}")
+}
+
+/// Writes `adapters` (full-shape tensors under our parameter names, e.g. gathered from every
+/// rank) as Python's `peft` saves a LoRA adapter: `adapter_model.safetensors` (PEFT's names)
+/// and `adapter_config.json`, into `dir`, atomically.
+pub fn save_peft(
+    dir: &Path,
+    cfg: &LoraConfig,
+    adapters: &HashMap<String, Tensor>,
+    base_model: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let named: HashMap<String, Tensor> = adapters
+        .iter()
+        .map(|(n, t)| (peft_name(n), t.clone()))
+        .collect();
+    let bytes = safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), t)), None)
+        .map_err(|e| candle_core::Error::msg(format!("serialising the adapters: {e}")))?;
+    crate::checkpoint::write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": cfg.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+    });
+    crate::checkpoint::write_atomic(
+        &dir.join("adapter_config.json"),
+        &serde_json::to_vec_pretty(&config).map_err(candle_core::Error::wrap)?,
+    )
+}
+
+/// Folds adapters into base weights: `W + (α/r)·B A` for every module with both adapter
+/// tensors in `adapters` (full shapes, our names); returns how many weights changed.
+pub fn merge(
+    weights: &mut HashMap<String, Tensor>,
+    adapters: &HashMap<String, Tensor>,
+    cfg: &LoraConfig,
+) -> Result<usize> {
+    let mut merged = 0;
+    for (name, a) in adapters.iter().filter(|(n, _)| n.contains(".lora_A.")) {
+        let module = name.trim_end_matches(".lora_A.weight");
+        let Some(b) = adapters.get(&format!("{module}.lora_B.weight")) else {
+            bail!("LoRA merge: {module} has lora_A but no lora_B")
+        };
+        let key = format!("{module}.weight");
+        let Some(w) = weights.get(&key) else {
+            bail!("LoRA merge: no base weight {key} for the adapter")
+        };
+        let delta = (b.matmul(a)? * cfg.scale())?.to_dtype(w.dtype())?;
+        let new = (w + delta)?;
+        weights.insert(key, new);
+        merged += 1;
+    }
+    Ok(merged)
+}
