@@ -6,6 +6,7 @@
 //! cargo run --release --example generate -- --model DIR --tp 2 --prompt "The capital of France is"
 //! cargo run --release --example generate -- --model DIR --temperature 0.8 --top-p 0.9 --seed 3 --prompt "..."
 //! cargo run --release --example generate -- --checkpoint runs/step-000300 --ep 2 --tp 2 --prompt "3 + 4 ="
+//! cargo run --release --example generate -- --model BASE --adapters runs/adapters --prompt "3 + 4 ="
 //! ```
 //!
 //! `DIR` holds `config.json`, the safetensors weights and `tokenizer.json`; `--checkpoint`
@@ -36,6 +37,10 @@ struct Args {
     /// A distributed checkpoint directory (as finetune_mixtral saves), any layout.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// LoRA adapters in PEFT's format (adapter_config.json, adapter_model.safetensors) to
+    /// apply to --model (as finetune_mixtral --lora-rank writes them), under any layout.
+    #[arg(long, requires = "model")]
+    adapters: Option<PathBuf>,
     /// Tensor-parallel size (ranks run as threads).
     #[arg(long, default_value_t = 2)]
     tp: usize,
@@ -233,7 +238,15 @@ fn main() -> Result<()> {
     let out = Launcher::new(a.ep * a.tp).mesh(mesh).run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = match (&a.model, &a.checkpoint) {
-            (Some(dir), _) => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            (Some(dir), _) => match &a.adapters {
+                Some(ad) => ParallelVarBuilder::from_hf_dir_with_adapters(
+                    dir,
+                    ad,
+                    DType::F32,
+                    ctx.device(),
+                )?,
+                None => ParallelVarBuilder::from_hf_dir(dir, DType::F32, ctx.device())?,
+            },
             (None, Some(dir)) => {
                 ParallelVarBuilder::from_checkpoint(dir, DType::F32, ctx.device())?
             }

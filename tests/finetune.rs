@@ -338,7 +338,8 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
 /// A LoRA run (rank 4 on every projection and expert, ep = 2 × tp = 2) trains the adapters
 /// only: its checkpoint holds adapters and their optimizer state, nothing else; the PEFT
 /// adapter files have PEFT's names, config and shapes; the merged model equals the base plus
-/// (α/r)·B·A on every adapted weight and the base itself everywhere else.
+/// (α/r)·B·A on every adapted weight and the base itself everywhere else; the adapters
+/// load back onto the base under another layout.
 #[test]
 fn lora_trains_adapters_only_and_merges_into_the_base() {
     use candle_core::{Device, Tensor};
@@ -426,6 +427,29 @@ fn lora_trains_adapters_only_and_merges_into_the_base() {
     assert!(
         trained > adapted / 2,
         "{trained} of {adapted} adapters trained"
+    );
+    // The adapters load back onto the base under another layout (ep = 2 × tp = 2; trained at
+    // ep = 2 × tp = 2 and merged on one device): greedy generation equals the merged model's.
+    let generate = |args: &[&str]| {
+        let ids = dir.join(format!("ids-{}.json", args.len()));
+        let o = Command::new(example_path("generate"))
+            .args(args)
+            .args(["--max-tokens", "4", "--prompt", "3 + 4 ="])
+            .arg("--ids-out")
+            .arg(&ids)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(ids).unwrap()
+    };
+    let (m, ad, mg) = (
+        model.to_string_lossy().to_string(),
+        out.join("adapters").to_string_lossy().to_string(),
+        out.join("merged").to_string_lossy().to_string(),
+    );
+    assert_eq!(
+        generate(&["--model", &m, "--adapters", &ad, "--ep", "2", "--tp", "2"]),
+        generate(&["--model", &mg, "--tp", "1"])
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

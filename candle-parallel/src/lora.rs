@@ -74,6 +74,41 @@ impl LoraConfig {
             .any(|t| name == t || name.ends_with(&format!(".{t}")))
     }
 
+    /// The configuration in a PEFT adapter directory's `adapter_config.json`.
+    pub fn from_peft_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| candle_core::Error::msg(format!("{}: not JSON: {e}", path.display())))?;
+        if v["peft_type"] != "LORA" {
+            bail!(
+                "{}: peft_type {} is not LORA",
+                path.display(),
+                v["peft_type"]
+            )
+        }
+        let targets = match &v["target_modules"] {
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|t| t.as_str().map(String::from))
+                .collect(),
+            serde_json::Value::String(s) => vec![s.clone()],
+            other => bail!(
+                "{}: target_modules {other} is not a list of names",
+                path.display()
+            ),
+        };
+        let cfg = Self {
+            rank: v["r"].as_u64().unwrap_or(0) as usize,
+            alpha: v["lora_alpha"].as_f64().unwrap_or(8.0),
+            target_modules: targets,
+        };
+        cfg.check()
+            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
     /// `alpha / rank`.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64

@@ -116,6 +116,22 @@ impl ParallelVarBuilder {
         Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
     }
 
+    /// A Hugging Face model directory with the LoRA adapters a PEFT directory holds
+    /// (`adapter_model.safetensors`, as [`crate::lora::save_peft`] writes it), and its
+    /// `adapter_config.json` as this builder's LoRA configuration: the adapted model, under
+    /// any layout. Make it trainable to go on training the adapters.
+    pub fn from_hf_dir_with_adapters(
+        dir: &Path,
+        adapters: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = crate::lora::LoraConfig::from_peft_dir(adapters)?;
+        let mut files = hf_safetensors_files(dir)?;
+        files.push(adapters.join("adapter_model.safetensors"));
+        Self::from_safetensors(&files, dtype, device)?.with_lora(cfg)
+    }
+
     /// Parameters of a Hugging Face model directory: `model.safetensors`, or the files named by
     /// `model.safetensors.index.json`.
     pub fn from_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {

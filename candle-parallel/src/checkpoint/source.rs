@@ -46,18 +46,37 @@ impl SafeTensorsSource {
     }
 }
 
+impl SafeTensorsSource {
+    /// The stored name of `name`: itself, or PEFT's (`base_model.model.NAME`) for a LoRA
+    /// adapter read from an `adapter_model.safetensors`.
+    fn key(&self, name: &str) -> String {
+        let peft = crate::lora::peft_name(name);
+        if self.files.get(name).is_err()
+            && crate::lora::is_adapter(name)
+            && self.files.get(&peft).is_ok()
+        {
+            peft
+        } else {
+            name.to_string()
+        }
+    }
+}
+
 impl TensorSource for SafeTensorsSource {
     fn contains(&self, name: &str) -> bool {
-        self.files.get(name).is_ok()
+        self.files.get(&self.key(name)).is_ok()
     }
 
     fn dims(&self, name: &str) -> Option<Vec<usize>> {
-        self.files.get(name).ok().map(|v| v.shape().to_vec())
+        self.files
+            .get(&self.key(name))
+            .ok()
+            .map(|v| v.shape().to_vec())
     }
 
     fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
         let paths = &self.paths;
-        let view = self.files.get(name).map_err(|_| {
+        let view = self.files.get(&self.key(name)).map_err(|_| {
             candle_core::Error::msg(format!(
                 "tensor {name} is missing from checkpoint {paths:?}"
             ))
