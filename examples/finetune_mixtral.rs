@@ -646,9 +646,6 @@ fn main() -> Result<()> {
     if lora.is_some() && args.zero == 3 {
         candle_core::bail!("--lora-rank with --zero 3: the adapters are small, shard their optimizer state with --zero 1 or 2");
     }
-    if lora.is_some() && args.resume.is_some() {
-        candle_core::bail!("--resume with --lora-rank: resuming a LoRA run (base model plus saved adapters) is not supported yet; start it again");
-    }
     if args.zero == 3 && pp > 1 {
         candle_core::bail!("--zero 3 with pp in --mesh: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
     }
@@ -660,7 +657,7 @@ fn main() -> Result<()> {
     if args.keep_last == 0 {
         candle_core::bail!("--keep-last must be at least 1 (the checkpoint just written)");
     }
-    let resume = match (&args.resume, args.no_resume || lora.is_some()) {
+    let resume = match (&args.resume, args.no_resume) {
         (Some(dir), _) => Some(dir.clone()),
         (None, true) => None,
         // An unfinished job in --out: go on from its latest checkpoint.
@@ -698,9 +695,11 @@ fn main() -> Result<()> {
     let report = launcher.run(|ctx| {
         let mesh = ctx.mesh()?;
         let (ep_comm, tp, pp_comm) = (mesh.ep(), mesh.tp(), mesh.pp());
-        let vb = match &resume {
-            Some(dir) => ParallelVarBuilder::from_checkpoint(dir, dtype, ctx.device())?,
-            None => ParallelVarBuilder::from_hf_dir(&args.model, dtype, ctx.device())?,
+        let vb = match (&resume, &lora) {
+            // A LoRA checkpoint holds the adapters; the base comes from --model.
+            (Some(dir), Some(_)) => ParallelVarBuilder::from_checkpoint_over_hf_dir(dir, &args.model, dtype, ctx.device())?,
+            (Some(dir), None) => ParallelVarBuilder::from_checkpoint(dir, dtype, ctx.device())?,
+            (None, _) => ParallelVarBuilder::from_hf_dir(&args.model, dtype, ctx.device())?,
         }
         .trainable();
         let vb = match &lora {

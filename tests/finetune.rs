@@ -336,7 +336,8 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
 }
 
 /// A LoRA run (rank 4 on every projection and expert, ep = 2 × tp = 2) trains the adapters
-/// only: its checkpoint holds adapters and their optimizer state, nothing else; the PEFT
+/// only: its checkpoint holds adapters and their optimizer state, nothing else, and a stopped
+/// run resumes from it bit for bit; the PEFT
 /// adapter files have PEFT's names, config and shapes; the merged model equals the base plus
 /// (α/r)·B·A on every adapted weight and the base itself everywhere else; the adapters
 /// load back onto the base under another layout.
@@ -346,19 +347,27 @@ fn lora_trains_adapters_only_and_merges_into_the_base() {
     let dir = tmp("lora");
     let model = dir.join("model");
     let out = dir.join("out");
-    finetune(
-        &model,
-        &out,
-        &[
-            "--steps",
-            "5",
-            "--lora-rank",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--lr",
-            "1e-2",
-        ],
+    let args = [
+        "--steps",
+        "5",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "2",
+    ];
+    finetune(&model, &out, &args);
+    // Stopped after step 2 and run again: it resumes (adapters and their optimizer state from
+    // the checkpoint, the base from --model) and computes the same losses bit for bit.
+    let again = dir.join("again");
+    copy_dir(&out.join("step-000002"), &again.join("step-000002"));
+    finetune(&model, &again, &args);
+    assert_eq!(
+        losses(&again.join("step-000005")),
+        losses(&out.join("step-000005"))
     );
     let meta = candle_parallel::checkpoint::read_metadata(&out.join("step-000005")).unwrap();
     for name in meta.tensors.keys() {

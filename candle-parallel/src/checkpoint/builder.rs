@@ -30,7 +30,9 @@ use super::format::CheckpointMeta;
 use super::init::init_slice;
 use super::placement::{slice_of_full, Param, Placement};
 use super::region::assemble;
-use super::source::{hf_safetensors_files, DistSource, SafeTensorsSource, TensorSource};
+use super::source::{
+    hf_safetensors_files, DistSource, LayeredSource, SafeTensorsSource, TensorSource,
+};
 use crate::mesh::MeshDim;
 use candle_core::{bail, DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::Init;
@@ -467,6 +469,20 @@ impl ParallelVarBuilder {
     /// only the byte ranges of the saved pieces that overlap its own shard.
     pub fn from_checkpoint(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let source = DistSource::open(dir)?;
+        Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
+    }
+
+    /// A distributed checkpoint that holds only some tensors (a LoRA run's adapters and
+    /// optimizer state) over the Hugging Face model directory `base` that holds the rest.
+    pub fn from_checkpoint_over_hf_dir(
+        dir: &Path,
+        base: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let top = DistSource::open(dir)?;
+        let below = SafeTensorsSource::open(hf_safetensors_files(base)?)?;
+        let source = LayeredSource(vec![Box::new(top), Box::new(below)]);
         Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
     }
 }

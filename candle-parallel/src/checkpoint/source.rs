@@ -24,6 +24,38 @@ pub(crate) trait TensorSource: Send + Sync {
     }
 }
 
+/// Several sources, the first holding a tensor giving it (a LoRA run's checkpoint of adapters
+/// over its base model).
+pub(crate) struct LayeredSource(pub Vec<Box<dyn TensorSource>>);
+
+impl LayeredSource {
+    fn first(&self, name: &str) -> Option<&dyn TensorSource> {
+        self.0.iter().find(|s| s.contains(name)).map(|s| s.as_ref())
+    }
+}
+
+impl TensorSource for LayeredSource {
+    fn contains(&self, name: &str) -> bool {
+        self.first(name).is_some()
+    }
+
+    fn pieces(&self, name: &str, full: &[usize]) -> Result<(DType, Vec<StoredPiece<'_>>)> {
+        match self.first(name) {
+            Some(s) => s.pieces(name, full),
+            // The first source's error names where it looked.
+            None => self.0[0].pieces(name, full),
+        }
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.first(name).and_then(|s| s.dims(name))
+    }
+
+    fn checkpoint_meta(&self) -> Option<&CheckpointMeta> {
+        self.0.iter().find_map(|s| s.checkpoint_meta())
+    }
+}
+
 /// Safetensors files (a Hugging Face checkpoint): each tensor is one piece, the whole tensor.
 pub(crate) struct SafeTensorsSource {
     files: MmapedSafetensors,
