@@ -874,12 +874,20 @@ fn main() -> Result<()> {
             if step % args.eval_every == 0 || step == args.steps {
                 let value = eval()?.0;
                 evals.push((step, value));
-                let loads: Vec<String> = g
-                    .stats
-                    .iter()
-                    .map(|s| format!("{:?} (max/mean {:.2})", s.tokens_per_expert, s.max_over_mean()))
-                    .collect();
-                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, metric, value, expert_load = %loads.join(" | "), "evaluation");
+                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, lr = r.lr, tokens_per_sec = r.tokens_per_sec, metric, value, "evaluation");
+                if !g.stats.is_empty() {
+                    // This rank's routing, a line per layer: tokens per expert, max/mean load.
+                    let table: Vec<String> = g
+                        .stats
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let counts: Vec<String> = s.tokens_per_expert.iter().map(|c| format!("{c:>5}")).collect();
+                            format!("  layer {i:>2} |{} | {:.2}", counts.join(""), s.max_over_mean())
+                        })
+                        .collect();
+                    tracing::info!("expert load at step {step} (tokens per expert | max/mean):\n{}", table.join("\n"));
+                }
             }
             if step == args.steps || (args.checkpoint_every > 0 && step % args.checkpoint_every == 0) {
                 out_dir = Some(save(&trainer, &history)?);
