@@ -358,6 +358,45 @@ impl BatchGroups {
     pub(crate) fn subsets(&self) -> &[(Vec<MeshDim>, Option<Comm>)] {
         &self.subsets
     }
+
+    /// `params` grouped by the subset their gradients are summed over (subsets with none
+    /// left out), each group's layout agreed across its ranks (collective: an error on every
+    /// rank names the first difference).
+    pub(crate) fn groups_of(&self, params: &[Param]) -> Result<Vec<SyncGroup>> {
+        let mut out = Vec::new();
+        for (i, (dims, comm)) in self.subsets.iter().enumerate() {
+            let members: Vec<usize> = (0..params.len())
+                .filter(|&j| self.subset_of(&params[j]) == i)
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            if let Some(c) = comm {
+                agree_layout(params, &members, c)?;
+            }
+            let (size, rank) = comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
+            out.push(SyncGroup {
+                dims: dims.clone(),
+                comm: comm.clone(),
+                size,
+                rank,
+                members,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Parameters whose gradients are summed over the same batch dimensions.
+pub(crate) struct SyncGroup {
+    pub dims: Vec<MeshDim>,
+    /// The communicator over `dims` (`None`: this rank alone).
+    pub comm: Option<Comm>,
+    /// This rank's place in it.
+    pub size: usize,
+    pub rank: usize,
+    /// Indices into the parameters.
+    pub members: Vec<usize>,
 }
 
 /// Gradient synchronisation for a model on a mesh (DDP over dp, and over ep for the weights

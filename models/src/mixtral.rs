@@ -522,10 +522,7 @@ impl Mixtral {
         micro_batches: usize,
         pp: &Comm,
     ) -> Result<BatchGrads> {
-        let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
-        let lbs = labels
-            .map(|l| candle_parallel::pipeline::split_batch(l, micro_batches))
-            .transpose()?;
+        let (mbs, lbs) = micro_batches_of(ids, labels, micro_batches)?;
         let label = |i: usize| lbs.as_ref().map(|l| &l[i]);
         let m = micro_batches as f64;
         if pp.size() == 1 {
@@ -618,6 +615,17 @@ fn losses_of_packed(
         },
         full,
     ))
+}
+
+/// `ids` (and `labels`) in `micro_batches` equal parts.
+#[allow(clippy::type_complexity)]
+fn micro_batches_of(
+    ids: &Tensor,
+    labels: Option<&Tensor>,
+    micro_batches: usize,
+) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+    let split = |t: &Tensor| candle_parallel::pipeline::split_batch(t, micro_batches);
+    Ok((split(ids)?, labels.map(split).transpose()?))
 }
 
 /// The mean of `losses(mb)` over micro-batches, backward after each, gradients (for `vars`)
@@ -741,10 +749,7 @@ impl ShardedMixtral {
         labels: Option<&Tensor>,
         micro_batches: usize,
     ) -> Result<BatchGrads> {
-        let mbs = candle_parallel::pipeline::split_batch(ids, micro_batches)?;
-        let lbs = labels
-            .map(|l| candle_parallel::pipeline::split_batch(l, micro_batches))
-            .transpose()?;
+        let (mbs, lbs) = micro_batches_of(ids, labels, micro_batches)?;
         accumulate(vars, &mbs, |i, mb| {
             Ok(self.losses(mb, lbs.as_ref().map(|l| &l[i]))?.0)
         })

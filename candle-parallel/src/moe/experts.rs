@@ -43,33 +43,16 @@ impl Expert {
             vb.pp("w3").get((ffn, hidden), "weight", col, init)?,
             tp,
         );
-        e.w1 = e.w1.with_lora(adapter(
-            &vb.pp("w1"),
-            hidden,
-            ffn,
-            Kind::Column,
-            col,
-            None,
-            tp,
-        )?);
-        e.w2 = e.w2.with_lora(adapter(
-            &vb.pp("w2"),
-            ffn,
-            hidden,
-            Kind::Row,
-            row,
-            None,
-            tp,
-        )?);
-        e.w3 = e.w3.with_lora(adapter(
-            &vb.pp("w3"),
-            hidden,
-            ffn,
-            Kind::Column,
-            col,
-            None,
-            tp,
-        )?);
+        let lora = |name: &str, kind, shard| {
+            let (i, o) = match kind {
+                Kind::Column => (hidden, ffn),
+                Kind::Row => (ffn, hidden),
+            };
+            adapter(&vb.pp(name), i, o, kind, shard, None, tp)
+        };
+        e.w1 = e.w1.with_lora(lora("w1", Kind::Column, col)?);
+        e.w2 = e.w2.with_lora(lora("w2", Kind::Row, row)?);
+        e.w3 = e.w3.with_lora(lora("w3", Kind::Column, col)?);
         Ok(e)
     }
 }

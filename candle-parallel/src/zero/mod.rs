@@ -58,7 +58,7 @@ pub use sharded::ShardedModule;
 
 use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
 use crate::comm::{Comm, ReduceOp};
-use crate::data_parallel::{agree_layout, plan_buckets, BatchGroups, DEFAULT_BUCKET_BYTES};
+use crate::data_parallel::{plan_buckets, BatchGroups, DEFAULT_BUCKET_BYTES};
 use crate::mesh::{DeviceMesh, MeshDim};
 use crate::optim::{clip_factor, AdamWConfig};
 use candle_core::backprop::GradStore;
@@ -259,18 +259,9 @@ impl ZeroOptimizer {
         let mut vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let mut whole: Vec<Option<usize>> = (0..params.len()).map(Some).collect();
         let mut buckets = Vec::new();
-        for (i, (dims, comm)) in batch.subsets().iter().enumerate() {
-            let members: Vec<usize> = (0..params.len())
-                .filter(|&j| batch.subset_of(&params[j]) == i)
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            if let Some(c) = comm {
-                agree_layout(&params, &members, c)?;
-            }
-            let (n, rank) = comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
-            for layout in plan_buckets(&params, &members, cfg.bucket_bytes, n) {
+        for g in batch.groups_of(&params)? {
+            let (dims, comm, n, rank) = (&g.dims, &g.comm, g.size, g.rank);
+            for layout in plan_buckets(&params, &g.members, cfg.bucket_bytes, n) {
                 let segs: Vec<Seg> = layout
                     .segments
                     .iter()

@@ -4,7 +4,7 @@
 use super::{Info, Seg};
 use crate::checkpoint::ParallelVarBuilder;
 use crate::comm::{Comm, ReduceOp};
-use crate::data_parallel::{agree_layout, BatchGroups};
+use crate::data_parallel::BatchGroups;
 use crate::mesh::DeviceMesh;
 use crate::ops::attach_backward;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
@@ -135,21 +135,12 @@ impl ShardedModule {
         let mut groups = Vec::new();
         let mut pieces = Vec::new();
         let mut var_offset = 0;
-        for (i, (dims, comm)) in batch.subsets().iter().enumerate() {
-            let members: Vec<usize> = (0..params.len())
-                .filter(|&j| batch.subset_of(&params[j]) == i)
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            if let Some(c) = comm {
-                agree_layout(&params, &members, c)?;
-            }
-            let (n, rank) = comm.as_ref().map_or((1, 0), |c| (c.size(), c.rank()));
+        for g in batch.groups_of(&params)? {
+            let (dims, comm, members, n, rank) = (&g.dims, &g.comm, &g.members, g.size, g.rank);
             let mut segs = Vec::with_capacity(members.len());
             let mut flat = Vec::with_capacity(members.len() + 1);
             let mut offset = 0;
-            for &j in &members {
+            for &j in members {
                 let len = params[j].var.elem_count();
                 segs.push(Seg {
                     info: j,
