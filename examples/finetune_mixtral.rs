@@ -56,7 +56,9 @@ struct Args {
     /// Training data: text (one example per line), JSONL with a "text" field, or instruction
     /// JSONL with "prompt" and "completion" fields (the loss counts the completion only; each
     /// example is one row padded to --seq-len; the last tenth is held out for the evaluation
-    /// loss). Default: the built-in addition task.
+    /// loss; each micro-batch's and replica's loss is the mean over its own completion tokens,
+    /// and they weigh equally; padding takes part in the routing statistics and the
+    /// load-balancing loss). Default: the built-in addition task.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Skip (and count) instruction rows that are malformed, have an empty completion or do not
@@ -291,7 +293,13 @@ fn prepare_data(args: &Args, tok: &Tokenizer, cfg: &MixtralConfig) -> Result<Dat
             Data::Addition { problems }
         }
         Some(path) if is_instruct(path)? => {
-            let (mut train, skipped) = load_examples(path, tok, args.seq_len, args.skip_bad_rows)?;
+            let (mut train, skipped) = load_examples(
+                path,
+                tok,
+                args.seq_len,
+                args.skip_bad_rows,
+                cfg.eos_token_id,
+            )?;
             if skipped > 0 {
                 eprintln!(
                     "--data {}: skipped {skipped} bad rows (--skip-bad-rows)",
@@ -442,6 +450,7 @@ fn load_examples(
     tok: &Tokenizer,
     seq_len: usize,
     skip_bad: bool,
+    eos: Option<u32>,
 ) -> Result<(Vec<Example>, usize)> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
@@ -463,11 +472,13 @@ fn load_examples(
                 ))
             };
             let (prompt, completion) = (field("prompt")?, field("completion")?);
-            if completion.is_empty() {
+            let p = encode(tok, prompt).map_err(|e| e.to_string())?;
+            let mut c = encode(tok, completion).map_err(|e| e.to_string())?;
+            if c.is_empty() {
                 return Err("the completion is empty (nothing to learn)".into());
             }
-            let p = encode(tok, prompt).map_err(|e| e.to_string())?;
-            let c = encode(tok, completion).map_err(|e| e.to_string())?;
+            // The end of the answer is learnt too, so that generation knows when to stop.
+            c.extend(eos);
             if p.len() + c.len() > seq_len {
                 return Err(format!(
                     "{} + {} tokens do not fit --seq-len {seq_len}",
@@ -661,11 +672,20 @@ fn main() -> Result<()> {
         (Some(dir), _) => Some(dir.clone()),
         (None, true) => None,
         // An unfinished job in --out: go on from its latest checkpoint.
-        (None, false) => checkpoints(&args.out)
-            .into_iter()
-            .next_back()
-            .filter(|(step, _)| (*step as usize) < args.steps)
-            .map(|(_, dir)| dir),
+        (None, false) => match checkpoints(&args.out).into_iter().next_back() {
+            Some((step, dir)) if (step as usize) >= args.steps => {
+                // A finished job: nothing to do, and nothing overwritten or pruned.
+                if is_lead()? {
+                    println!(
+                        "{} holds the finished job (step {step}, {}): nothing to do; raise --steps to continue it, or use --no-resume or another --out to start again",
+                        args.out.display(),
+                        dir.display()
+                    );
+                }
+                return Ok(());
+            }
+            latest => latest.map(|(_, dir)| dir),
+        },
     };
     if let (Some(dir), None, true) = (&resume, &args.resume, is_lead()?) {
         eprintln!(
@@ -727,6 +747,9 @@ fn main() -> Result<()> {
             // With pipeline stages each rank builds (and reads) only its stage's layers.
             let layers = stages[pp_comm.rank()].clone();
             let m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
+            if lora.is_some() && vb.params().is_empty() {
+                candle_core::bail!("--lora-targets {}: no module of the model matches (Mixtral's are q_proj, k_proj, v_proj, o_proj, w1, w2, w3)", args.lora_targets.join(","));
+            }
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
             (Model::Whole(Box::new(m)), t)
         };

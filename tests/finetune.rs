@@ -128,6 +128,9 @@ fn a_resumed_job_continues_the_uninterrupted_run() {
         finetune(&model, &full, &args);
         let whole = losses(&step_dir(&full, 12));
         assert_eq!(whole.len(), 12);
+        // Run again, the job is finished: nothing is trained, written or deleted.
+        finetune(&model, &full, &args);
+        assert!(!full.join("step-000012.1").exists() && step_dir(&full, 12).is_dir());
         // An interrupted job: --out holds only the checkpoint it stopped after.
         let out = dir.join(format!("interrupted-{name}"));
         copy_dir(&step_dir(&full, stop), &step_dir(&out, stop));
@@ -326,6 +329,18 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.contains("sft.jsonl:3: no string field \"completion\""),
+        "{err}"
+    );
+    let o = run(&[
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "lm_head",
+        "--skip-bad-rows",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--lora-targets lm_head: no module of the model matches"),
         "{err}"
     );
     let o = run(&["--skip-bad-rows"]);

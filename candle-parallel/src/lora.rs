@@ -88,14 +88,34 @@ impl LoraConfig {
                 v["peft_type"]
             )
         }
+        // What this implementation does not do, refused rather than computed differently.
+        let on = |k: &str| v.get(k).is_some_and(|x| x.as_bool() == Some(true));
+        let nonempty = |k: &str| {
+            v.get(k)
+                .is_some_and(|x| !x.is_null() && x.as_object().is_none_or(|o| !o.is_empty()))
+        };
+        for (what, unsupported) in [
+            ("use_rslora", on("use_rslora")),
+            ("use_dora", on("use_dora")),
+            ("fan_in_fan_out", on("fan_in_fan_out")),
+            ("rank_pattern", nonempty("rank_pattern")),
+            ("alpha_pattern", nonempty("alpha_pattern")),
+            ("modules_to_save", nonempty("modules_to_save")),
+        ] {
+            if unsupported {
+                bail!(
+                    "{}: {what} is not supported (plain LoRA adapters only)",
+                    path.display()
+                )
+            }
+        }
         let targets = match &v["target_modules"] {
             serde_json::Value::Array(a) => a
                 .iter()
                 .filter_map(|t| t.as_str().map(String::from))
                 .collect(),
-            serde_json::Value::String(s) => vec![s.clone()],
             other => bail!(
-                "{}: target_modules {other} is not a list of names",
+                "{}: target_modules {other} is not a list of module names (a regex or \"all-linear\" is not supported)",
                 path.display()
             ),
         };
@@ -302,4 +322,51 @@ pub fn merge(
         merged += 1;
     }
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoraConfig;
+
+    /// PEFT configurations this implementation would compute differently are refused.
+    #[test]
+    fn unsupported_peft_configs_are_refused() {
+        let dir = std::env::temp_dir().join(format!("cp-lora-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |v: serde_json::Value| {
+            std::fs::write(dir.join("adapter_config.json"), v.to_string()).unwrap();
+            LoraConfig::from_peft_dir(&dir)
+        };
+        let base = serde_json::json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]});
+        let cfg = write(base.clone()).unwrap();
+        assert_eq!((cfg.rank, cfg.alpha, cfg.target_modules.len()), (4, 8.0, 1));
+        for (k, v, msg) in [
+            (
+                "use_rslora",
+                serde_json::json!(true),
+                "use_rslora is not supported",
+            ),
+            (
+                "use_dora",
+                serde_json::json!(true),
+                "use_dora is not supported",
+            ),
+            (
+                "target_modules",
+                serde_json::json!("all-linear"),
+                "is not a list of module names",
+            ),
+            (
+                "modules_to_save",
+                serde_json::json!(["lm_head"]),
+                "modules_to_save is not supported",
+            ),
+        ] {
+            let mut c = base.clone();
+            c[k] = v;
+            let e = write(c).unwrap_err().to_string();
+            assert!(e.contains(msg), "{e}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -193,6 +193,15 @@ impl ParallelVarBuilder {
     /// before building the model; an error if LoRA was set already.
     pub fn with_lora(self, cfg: crate::lora::LoraConfig) -> Result<Self> {
         cfg.check()?;
+        let built = self
+            .inner
+            .params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        if built > 0 {
+            bail!("with_lora: {built} parameters were built before it and would be trained whole; call with_lora before building the model")
+        }
         if self.inner.lora.set(cfg).is_err() {
             bail!("with_lora: this builder has a LoRA configuration already")
         }
@@ -295,7 +304,14 @@ impl ParallelVarBuilder {
                 .to_device(&self.inner.device)?,
             // A LoRA adapter the checkpoint does not have yet (a fresh fine-tuning run):
             // initialised deterministically from its name, so every layout gets the same.
-            Source::Stored(s) if !s.contains(&name) && crate::lora::is_adapter(&name) => {
+            // Only for adapters being trained (inference needs the saved ones; an optimizer
+            // moment must come from the checkpoint).
+            Source::Stored(s)
+                if record
+                    && !s.contains(&name)
+                    && crate::lora::is_adapter(&name)
+                    && !name.starts_with("optimizer.") =>
+            {
                 init_slice(LORA_SEED, &name, full.dims(), slice.as_ref(), init)?
                     .to_dtype(dtype)?
                     .to_device(&self.inner.device)?
