@@ -38,7 +38,9 @@ use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{Launcher, MeshDim, MeshShape};
 use candle_parallel_models::llama::IGNORE_INDEX;
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage, ShardedMixtral};
+use candle_parallel_models::mixtral::{
+    counted_targets, Mixtral, MixtralConfig, MixtralStage, ShardedMixtral, Targets,
+};
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
 use clap::Parser;
@@ -56,9 +58,9 @@ struct Args {
     /// Training data: text (one example per line), JSONL with a "text" field, or instruction
     /// JSONL with "prompt" and "completion" fields (the loss counts the completion only; each
     /// example is one row padded to --seq-len; the last tenth is held out for the evaluation
-    /// loss; each micro-batch's and replica's loss is the mean over its own completion tokens,
-    /// and they weigh equally; padding takes part in the routing statistics and the
-    /// load-balancing loss). Default: the built-in addition task.
+    /// loss, the mean over every completion token of the global batch whatever the layout and
+    /// micro-batches; padding takes part in the routing statistics and the load-balancing
+    /// loss). Default: the built-in addition task.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Skip (and count) instruction rows that are malformed, have an empty completion or do not
@@ -887,10 +889,13 @@ fn main() -> Result<()> {
         for step in trainer.steps_done() + 1..=args.steps {
             let (global, labels) = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
             let mine = global.narrow(0, replica * per_replica, per_replica)?;
-            let labels = labels.map(|l| l.narrow(0, replica * per_replica, per_replica)).transpose()?;
+            // Instruction data: the loss is the mean over the global batch's completion tokens.
+            let global_tokens = labels.as_ref().map(counted_targets).transpose()?;
+            let mine_labels = labels.map(|l| l.narrow(0, replica * per_replica, per_replica)).transpose()?;
+            let targets = mine_labels.as_ref().zip(global_tokens).map(|(labels, global_tokens)| Targets { labels, global_tokens, replicas });
             let g = match &model {
-                Model::Whole(m) => m.batch_grads(&vars, &mine, labels.as_ref(), micro_batches, pp_comm)?,
-                Model::Sharded(m) => m.batch_grads(&vars, &mine, labels.as_ref(), micro_batches)?,
+                Model::Whole(m) => m.batch_grads(&vars, &mine, targets.as_ref(), micro_batches, pp_comm)?,
+                Model::Sharded(m) => m.batch_grads(&vars, &mine, targets.as_ref(), micro_batches)?,
             };
             let r = trainer.step(&g.grads, g.ce_loss)?;
             history.push(r);

@@ -549,3 +549,65 @@ fn lora_gradients_at_ep2_tp2_equal_ep1_tp1() -> Result<()> {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// Instruction tuning's loss is the mean over the completion tokens of the whole batch (HF's
+/// `num_items_in_batch`): split into micro-batches with different numbers of completion tokens
+/// (6, 1, 4 and 2 here), the step's loss and every gradient are the unsplit batch's.
+#[test]
+fn micro_batches_with_uneven_completions_give_the_whole_batch_gradient() -> Result<()> {
+    use candle_parallel_models::llama::IGNORE_INDEX;
+    use candle_parallel_models::mixtral::{counted_targets, Targets};
+    let mut cfg = MixtralConfig::tiny();
+    cfg.router_aux_loss_coef = 0.0; // the aux loss of a split batch differs by definition
+    let dir = checkpoint("targets", &cfg)?;
+    let (rows, len) = (4, 8);
+    let ids: Vec<u32> = (0..rows * len).map(|i| (i * 37 % 250) as u32 + 3).collect();
+    let prompts = [1, 6, 3, 5];
+    let labels: Vec<i64> = (0..rows * len)
+        .map(|i| {
+            if i % len > prompts[i / len] {
+                ids[i] as i64
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect();
+    let run = |micro_batches: usize| {
+        Launcher::new(1).run(|ctx| {
+            let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+            let model = Mixtral::new(
+                &cfg,
+                vb.clone(),
+                ctx.comm(),
+                ctx.comm(),
+                Dispatch::AllReduce,
+            )?;
+            let ids = Tensor::from_vec(ids.clone(), (rows, len), &Device::Cpu)?;
+            let labels = Tensor::from_vec(labels.clone(), (rows, len), &Device::Cpu)?;
+            let targets = Targets {
+                labels: &labels,
+                global_tokens: counted_targets(&labels)?,
+                replicas: 1,
+            };
+            let vars: Vec<_> = vb.params().iter().map(|p| p.var.clone()).collect();
+            let g = model.batch_grads(&vars, &ids, Some(&targets), micro_batches, ctx.comm())?;
+            Ok((g.ce_loss, g.grads))
+        })
+    };
+    let (ce1, g1) = run(1)?.remove(0);
+    for m in [2, 4] {
+        let (ce, g) = run(m)?.remove(0);
+        assert!(
+            (ce - ce1).abs() <= 1e-5 * ce1,
+            "{m} micro-batches: loss {ce} vs {ce1}"
+        );
+        for (a, b) in g.iter().zip(&g1) {
+            if let (Some(a), Some(b)) = (a, b) {
+                let e = max_rel_err(a, b)?;
+                assert!(e <= 1e-4, "{m} micro-batches: a gradient differs by {e:e}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

@@ -493,6 +493,31 @@ impl Mixtral {
     }
 }
 
+/// Labels of instruction tuning ([`Mixtral::losses_labeled`]'s convention) and how the
+/// cross-entropy is normalised: by every counted token of the global batch (Hugging Face's
+/// `num_items_in_batch`), so that micro-batches and replicas with more completion tokens weigh
+/// more and every split of the batch gives the same gradient.
+pub struct Targets<'a> {
+    /// `[b, s]`, i64, this rank's rows.
+    pub labels: &'a Tensor,
+    /// Counted targets (labels past the first position that are not ignored) of the whole
+    /// global batch, over all replicas.
+    pub global_tokens: usize,
+    /// Replicas the global batch is split over (dp × ep with all-to-all dispatch).
+    pub replicas: usize,
+}
+
+/// The counted targets of `labels` (`[b, s]`): positions past the first not ignored.
+pub fn counted_targets(labels: &Tensor) -> Result<usize> {
+    let s = labels.dim(1)?;
+    Ok(labels
+        .narrow(1, 1, s - 1)?
+        .ge(0i64)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize)
+}
+
 /// One training step's forward and backward over this rank's examples
 /// ([`Mixtral::batch_grads`]).
 pub struct BatchGrads {
@@ -518,15 +543,17 @@ impl Mixtral {
         &self,
         vars: &[Var],
         ids: &Tensor,
-        labels: Option<&Tensor>,
+        targets: Option<&Targets>,
         micro_batches: usize,
         pp: &Comm,
     ) -> Result<BatchGrads> {
-        let (mbs, lbs) = micro_batches_of(ids, labels, micro_batches)?;
+        let (mbs, lbs, weights) = micro_batches_of(ids, targets, micro_batches)?;
         let label = |i: usize| lbs.as_ref().map(|l| &l[i]);
         let m = micro_batches as f64;
         if pp.size() == 1 {
-            return accumulate(vars, &mbs, |i, mb| self.losses_labeled(mb, label(i), true));
+            return accumulate(vars, &mbs, &weights, |i, mb| {
+                self.losses_labeled(mb, label(i), true)
+            });
         }
         let (b, s) = mbs[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
@@ -545,6 +572,7 @@ impl Mixtral {
             ),
             &|i, y| {
                 let (l, _) = self.stage_losses_labeled(y, &mbs[i], label(i))?;
+                let l = weighted(l, weights[i])?;
                 let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
                 values.lock().unwrap_or_else(|e| e.into_inner())[i] =
                     [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
@@ -617,15 +645,48 @@ fn losses_of_packed(
     ))
 }
 
-/// `ids` (and `labels`) in `micro_batches` equal parts.
+/// `ids` (and the labels) in `micro_batches` equal parts, and each part's weight of its mean
+/// cross-entropy: its counted tokens' share of the global batch's, times the micro-batches
+/// and replicas the gradients are averaged over (1 without targets).
 #[allow(clippy::type_complexity)]
 fn micro_batches_of(
     ids: &Tensor,
-    labels: Option<&Tensor>,
+    targets: Option<&Targets>,
     micro_batches: usize,
-) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>, Vec<f64>)> {
     let split = |t: &Tensor| candle_parallel::pipeline::split_batch(t, micro_batches);
-    Ok((split(ids)?, labels.map(split).transpose()?))
+    let mbs = split(ids)?;
+    let Some(t) = targets else {
+        return Ok((mbs, None, vec![1.0; micro_batches]));
+    };
+    if t.global_tokens == 0 {
+        bail!("the global batch has no counted target (every label is ignored)")
+    }
+    let lbs = split(t.labels)?;
+    let weights = lbs
+        .iter()
+        .map(|l| {
+            Ok(
+                counted_targets(l)? as f64 * (micro_batches * t.replicas) as f64
+                    / t.global_tokens as f64,
+            )
+        })
+        .collect::<Result<_>>()?;
+    Ok((mbs, Some(lbs), weights))
+}
+
+/// The losses with the cross-entropy weighted by `w` (the aux loss as it was).
+fn weighted(l: MixtralLosses, w: f64) -> Result<MixtralLosses> {
+    if w == 1.0 {
+        return Ok(l);
+    }
+    let ce = (&l.ce_loss * w)?;
+    let loss = ((&l.loss - &l.ce_loss)? + &ce)?;
+    Ok(MixtralLosses {
+        ce_loss: ce,
+        loss,
+        ..l
+    })
 }
 
 /// The mean of `losses(mb)` over micro-batches, backward after each, gradients (for `vars`)
@@ -633,6 +694,7 @@ fn micro_batches_of(
 fn accumulate(
     vars: &[Var],
     mbs: &[Tensor],
+    weights: &[f64],
     losses: impl Fn(usize, &Tensor) -> Result<MixtralLosses>,
 ) -> Result<BatchGrads> {
     let m = mbs.len() as f64;
@@ -640,7 +702,7 @@ fn accumulate(
     let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
     let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
     for (i, mb) in mbs.iter().enumerate() {
-        let l = losses(i, mb)?;
+        let l = weighted(losses(i, mb)?, weights[i])?;
         let store = l.loss.backward()?;
         let g: Vec<Option<Tensor>> = vars
             .iter()
@@ -746,11 +808,11 @@ impl ShardedMixtral {
         &self,
         vars: &[Var],
         ids: &Tensor,
-        labels: Option<&Tensor>,
+        targets: Option<&Targets>,
         micro_batches: usize,
     ) -> Result<BatchGrads> {
-        let (mbs, lbs) = micro_batches_of(ids, labels, micro_batches)?;
-        accumulate(vars, &mbs, |i, mb| {
+        let (mbs, lbs, weights) = micro_batches_of(ids, targets, micro_batches)?;
+        accumulate(vars, &mbs, &weights, |i, mb| {
             Ok(self.losses(mb, lbs.as_ref().map(|l| &l[i]))?.0)
         })
     }
