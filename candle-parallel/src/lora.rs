@@ -154,7 +154,7 @@ pub struct LoraAdapter {
     b: Tensor,
     scale: f64,
     tp: Comm,
-    /// Column-parallel only: the first output row this rank's `B` slice holds, of `out`.
+    /// Row-parallel only: the first output column this rank's `B` slice adds to.
     out: usize,
     /// Key/value heads replicated over these ranks: `B`'s gradient is summed over them.
     b_group: Option<Comm>,
