@@ -433,7 +433,8 @@ fn padded_rows(
     ))
 }
 
-/// Whether `path` is instruction JSONL (its first non-empty line has a "prompt" field).
+/// Whether `path` is instruction JSONL: one of its first rows that parse has a "prompt" field
+/// (a bad first row does not turn the file into plain text).
 fn is_instruct(path: &Path) -> Result<bool> {
     if path.extension().is_none_or(|e| e != "jsonl") {
         return Ok(false);
@@ -441,8 +442,12 @@ fn is_instruct(path: &Path) -> Result<bool> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
     })?;
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    Ok(serde_json::from_str::<serde_json::Value>(first).is_ok_and(|v| v.get("prompt").is_some()))
+    Ok(text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(16)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| v.get("prompt").is_some()))
 }
 
 /// The prompt/completion examples of an instruction JSONL file, and how many bad rows were
@@ -842,6 +847,11 @@ fn main() -> Result<()> {
             // Rank 0 names the checkpoint directory for all (ranks may be processes that
             // started at different times).
             let base = args.out.join(format!("step-{:06}", trainer.steps_done()));
+            if ctx.rank() == 0 && base.is_dir() && !base.join(candle_parallel::checkpoint::COMPLETE_FILE).exists() {
+                // What an interrupted save of this step left: never a checkpoint, safe to drop.
+                tracing::warn!(dir = %base.display(), "removing an interrupted save");
+                std::fs::remove_dir_all(&base)?;
+            }
             let pick = if ctx.rank() == 0 { unused_dir(&base).to_string_lossy().into_owned() } else { String::new() };
             let dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
             let mut log: Vec<serde_json::Value> = earlier

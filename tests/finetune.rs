@@ -310,6 +310,8 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
         6,
         r#"{"prompt": "a prompt far too long for twelve tokens", "completion": " 1"}"#.into(),
     );
+    // A bad first row too: the file is still read as instruction data.
+    lines.insert(0, "not json".into());
     std::fs::write(&data, lines.join("\n")).unwrap();
     let run = |extra: &[&str]| {
         let mut all = vec![
@@ -327,10 +329,7 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
     let o = run(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("sft.jsonl:3: no string field \"completion\""),
-        "{err}"
-    );
+    assert!(err.contains("sft.jsonl:1: not JSON"), "{err}");
     let o = run(&[
         "--lora-rank",
         "2",
@@ -346,7 +345,7 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
     let o = run(&["--skip-bad-rows"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("skipped 3 bad rows"), "{err}");
+    assert!(err.contains("skipped 4 bad rows"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
