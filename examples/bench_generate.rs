@@ -113,21 +113,41 @@ fn llama(dir: &Path, a: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
         Llama::new(&cfg, vb, ctx.comm())
     })?;
     let ours = &ours[0];
+    race(
+        "Llama",
+        a,
+        || {
+            let mut cache = ours.new_cache();
+            decode(a.new_tokens, |input, pos| {
+                let l = ours.forward(input, pos, Some(&mut cache))?.squeeze(0)?;
+                l.get(l.dim(0)? - 1)
+            })
+        },
+        || {
+            let mut cache = ct::Cache::new(true, DType::F32, &ct_cfg, &Device::Cpu)?;
+            decode(a.new_tokens, |input, pos| {
+                theirs.forward(input, pos, &mut cache)?.squeeze(0)
+            })
+        },
+    )
+}
+
+/// `--reps` alternating runs of our decoding and candle-transformers': tokens/s of each, and
+/// the same tokens from both.
+fn race(
+    name: &str,
+    a: &Args,
+    mut ours: impl FnMut() -> Result<(Vec<u32>, f64)>,
+    mut theirs: impl FnMut() -> Result<(Vec<u32>, f64)>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut a_s, mut b_s) = (Vec::new(), Vec::new());
     for _ in 0..a.reps {
-        let mut cache = ours.new_cache();
-        let (x, t) = decode(a.new_tokens, |input, pos| {
-            let l = ours.forward(input, pos, Some(&mut cache))?.squeeze(0)?;
-            l.get(l.dim(0)? - 1)
-        })?;
+        let (x, t) = ours()?;
         a_s.push((a.new_tokens - 1) as f64 / t);
-        let mut cache = ct::Cache::new(true, DType::F32, &ct_cfg, &Device::Cpu)?;
-        let (y, t) = decode(a.new_tokens, |input, pos| {
-            theirs.forward(input, pos, &mut cache)?.squeeze(0)
-        })?;
+        let (y, t) = theirs()?;
         b_s.push((a.new_tokens - 1) as f64 / t);
         if x != y {
-            candle_core::bail!("Llama: our tokens {x:?} differ from candle-transformers' {y:?}");
+            candle_core::bail!("{name}: our tokens {x:?} differ from candle-transformers' {y:?}");
         }
     }
     Ok((a_s, b_s))
@@ -147,25 +167,24 @@ fn mixtral(dir: &Path, a: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
         Mixtral::new(&cfg, vb, ctx.comm(), ctx.comm(), Dispatch::AllReduce)
     })?;
     let ours = &ours[0];
-    let (mut a_s, mut b_s) = (Vec::new(), Vec::new());
-    for _ in 0..a.reps {
-        let mut cache = ours.new_cache();
-        let (x, t) = decode(a.new_tokens, |input, pos| {
-            let l = ours.forward(input, pos, Some(&mut cache))?.squeeze(0)?;
-            l.get(l.dim(0)? - 1)
-        })?;
-        a_s.push((a.new_tokens - 1) as f64 / t);
-        // Its KV cache lives in the model: a fresh model per repetition.
-        let mut theirs = ct::Model::new(&ct_cfg, mmap(dir)?)?;
-        let (y, t) = decode(a.new_tokens, |input, pos| {
-            theirs.forward(input, pos)?.squeeze(0)?.squeeze(0)
-        })?;
-        b_s.push((a.new_tokens - 1) as f64 / t);
-        if x != y {
-            candle_core::bail!("Mixtral: our tokens {x:?} differ from candle-transformers' {y:?}");
-        }
-    }
-    Ok((a_s, b_s))
+    race(
+        "Mixtral",
+        a,
+        || {
+            let mut cache = ours.new_cache();
+            decode(a.new_tokens, |input, pos| {
+                let l = ours.forward(input, pos, Some(&mut cache))?.squeeze(0)?;
+                l.get(l.dim(0)? - 1)
+            })
+        },
+        || {
+            // Its KV cache lives in the model: a fresh model per repetition.
+            let mut theirs = ct::Model::new(&ct_cfg, mmap(dir)?)?;
+            decode(a.new_tokens, |input, pos| {
+                theirs.forward(input, pos)?.squeeze(0)?.squeeze(0)
+            })
+        },
+    )
 }
 
 fn main() -> Result<()> {

@@ -48,24 +48,15 @@ pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 /// This rank's rows of `global` (dim 0 split into `dp.size()` equal consecutive parts, in rank
 /// order): an error naming the sizes when they do not divide.
 pub fn shard_batch(global: &Tensor, dp: &Comm) -> Result<Tensor> {
-    shard_rows(global, dp.rank(), dp.size(), dp.label())
-}
-
-/// Rows `index * rows / parts ..` of `global`, for `parts` equal parts.
-pub(crate) fn shard_rows(
-    global: &Tensor,
-    index: usize,
-    parts: usize,
-    what: &str,
-) -> Result<Tensor> {
-    let rows = global.dim(0)?;
+    let (rows, parts) = (global.dim(0)?, dp.size());
     if !rows.is_multiple_of(parts) {
         bail!(
-            "a global batch of {rows} rows does not split over the {parts} data-parallel ranks of {what}: use a batch size divisible by {parts}"
+            "a global batch of {rows} rows does not split over the {parts} data-parallel ranks of {}: use a batch size divisible by {parts}",
+            dp.label()
         )
     }
     let per = rows / parts;
-    global.narrow(0, index * per, per)
+    global.narrow(0, dp.rank() * per, per)
 }
 
 /// Where one parameter lies in a flat bucket.
@@ -161,7 +152,7 @@ pub(crate) fn plan_buckets(
 
 /// Writes the gradients of `bucket`'s parameters (as f32; `None` as zeros) into `buf`
 /// (`[bucket.padded]`, f32), checking their shapes.
-pub(crate) fn pack_into(
+fn pack_into(
     buf: &Tensor,
     bucket: &FlatBucket,
     params: &[Param],
@@ -207,6 +198,12 @@ impl GradBuckets {
     pub fn new(params: &[Param], dp: &Comm, bucket_bytes: usize) -> Result<Self> {
         let members: Vec<usize> = (0..params.len()).collect();
         agree_layout(params, &members, dp)?;
+        Self::agreed(params, dp, bucket_bytes)
+    }
+
+    /// [`GradBuckets::new`] for parameters whose layout the ranks agreed on already.
+    fn agreed(params: &[Param], dp: &Comm, bucket_bytes: usize) -> Result<Self> {
+        let members: Vec<usize> = (0..params.len()).collect();
         let buckets = plan_buckets(params, &members, bucket_bytes, 1);
         let buffers = if dp.size() == 1 {
             Vec::new()
@@ -436,7 +433,8 @@ pub(crate) struct SyncGroup {
 /// ```
 #[derive(Debug)]
 pub struct DataParallel {
-    groups: Vec<(Vec<usize>, Vec<MeshDim>, GradBuckets)>,
+    /// Each synchronisation group's members (indices into the parameters) and buckets.
+    groups: Vec<(Vec<usize>, GradBuckets)>,
     replicas: usize,
     params: usize,
 }
@@ -452,16 +450,12 @@ impl DataParallel {
     ) -> Result<Self> {
         let batch = BatchGroups::new(mesh, batch_dims)?;
         let mut groups = Vec::new();
-        for (i, (dims, comm)) in batch.subsets().iter().enumerate() {
-            let Some(comm) = comm else {
+        for g in batch.groups_of(params)? {
+            let Some(comm) = &g.comm else {
                 continue;
             };
-            let members: Vec<usize> = (0..params.len())
-                .filter(|&j| batch.subset_of(&params[j]) == i)
-                .collect();
-            let subset: Vec<Param> = members.iter().map(|&j| params[j].clone()).collect();
-            let buckets = GradBuckets::new(&subset, comm, bucket_bytes)?;
-            groups.push((members, dims.clone(), buckets));
+            let subset: Vec<Param> = g.members.iter().map(|&j| params[j].clone()).collect();
+            groups.push((g.members, GradBuckets::agreed(&subset, comm, bucket_bytes)?));
         }
         Ok(Self {
             groups,
@@ -477,7 +471,7 @@ impl DataParallel {
 
     /// Bytes of the bucket buffers this holds.
     pub fn buffer_bytes(&self) -> usize {
-        self.groups.iter().map(|g| g.2.buffer_bytes()).sum()
+        self.groups.iter().map(|g| g.1.buffer_bytes()).sum()
     }
 
     /// Turns every rank's gradients (of the mean loss over its own examples, in the order of
@@ -493,7 +487,7 @@ impl DataParallel {
         }
         let scale = 1.0 / self.replicas as f64;
         let mut done = vec![false; self.params];
-        for (members, _, buckets) in &self.groups {
+        for (members, buckets) in &self.groups {
             let mut mine: Vec<Option<Tensor>> = members.iter().map(|&i| grads[i].take()).collect();
             buckets.reduce(&mut mine, ReduceOp::Sum, scale)?;
             for (&i, g) in members.iter().zip(mine) {
