@@ -355,3 +355,113 @@ fn ranks_whose_experts_get_no_tokens_still_train() -> Result<()> {
     }
     Ok(())
 }
+
+/// The inference layer (nothing trainable: SwiGLU in place, each expert's rows added into the
+/// output as they come) gives the training layer's output: the same bits where both sum in
+/// the same order (tp = 1), to float noise at tp = 2 (summed over tp after combining instead
+/// of before). Enough tokens that the combine's blocks of output rows split, and a capacity
+/// limit that leaves some tokens without any expert (their rows stay zero).
+#[test]
+fn the_inference_layer_equals_the_training_layer() -> Result<()> {
+    const T_BIG: usize = 150;
+    for capacity_factor in [None, Some(0.5)] {
+        let cfg = RouterConfig {
+            capacity_factor,
+            ..RouterConfig::mixtral(E, K)
+        };
+        for dispatch in [Dispatch::AllToAll, Dispatch::AllReduce] {
+            for (ep, tp) in [(1, 1), (2, 1), (1, 2), (2, 2)] {
+                let outs = Launcher::new(ep * tp)
+                    .mesh(MeshShape::new().ep(ep).tp(tp))
+                    .run(|ctx| {
+                        let mesh = ctx.mesh()?;
+                        let x = seeded(&[T_BIG, H], 40 + mesh.ep().rank() as u64, DType::F32)?;
+                        let build = |vb: ParallelVarBuilder| {
+                            moe_layer(H, F, cfg, dispatch, vb.pp("moe"), mesh.ep(), mesh.tp())
+                        };
+                        let frozen =
+                            build(ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu))?;
+                        let trained = build(
+                            ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable(),
+                        )?;
+                        let inference = frozen.forward(&x, false)?.output;
+                        assert!(!inference.track_op());
+                        let training = trained.forward(&x, false)?.output;
+                        assert!(training.track_op());
+                        Ok((inference, training.detach()))
+                    })?;
+                for (r, (inference, training)) in outs.iter().enumerate() {
+                    let what = format!(
+                        "{dispatch:?} ep={ep} tp={tp} capacity {capacity_factor:?} rank {r}"
+                    );
+                    if tp == 1 {
+                        let (a, b) = (
+                            inference.flatten_all()?.to_vec1::<f32>()?,
+                            training.flatten_all()?.to_vec1::<f32>()?,
+                        );
+                        assert!(
+                            a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}"
+                        );
+                    } else {
+                        close(inference, training, &what);
+                    }
+                    if capacity_factor.is_some() {
+                        let zero_rows = inference.abs()?.sum(1)?.to_vec1::<f32>()?;
+                        assert!(
+                            zero_rows.contains(&0.0),
+                            "{what}: some token lost all its copies"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `combine_into`: rows that land on one token add in their order (the bits of
+/// `combine_outputs` over the same rows), and bad input is refused with what is wrong.
+#[test]
+fn combine_into_adds_rows_in_order_and_refuses_bad_input() -> Result<()> {
+    use candle_parallel::moe::{combine_into, combine_outputs, zeros_for_combine};
+    let (t, h, n) = (130, 5, 300);
+    let y = seeded(&[n, h], 61, DType::F32)?;
+    let w = seeded(&[n], 62, DType::F32)?;
+    // Tokens in no order, many repeated, some never hit.
+    let token: Vec<u32> = (0..n).map(|j| ((j * 37) % (t - 3)) as u32).collect();
+    let assignment: Vec<u32> = (0..n as u32).collect();
+    let want = combine_outputs(&y, &w, &assignment, &token, t)?;
+    let out = zeros_for_combine(t, h, DType::F32)?;
+    let wv: Vec<f64> = w.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+    // In two calls, as the layer adds one expert's rows at a time.
+    combine_into(&out, &y.narrow(0, 0, 100)?, &wv[..100], &token[..100])?;
+    combine_into(&out, &y.narrow(0, 100, n - 100)?, &wv[100..], &token[100..])?;
+    let (got, want) = (
+        out.flatten_all()?.to_vec1::<f32>()?,
+        want.flatten_all()?.to_vec1::<f32>()?,
+    );
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    let err = |r: Result<()>| r.unwrap_err().to_string();
+    let bad = err(combine_into(&out, &y, &wv, &vec![t as u32; n]));
+    assert!(
+        bad.contains("token 130 is outside the output's 130 rows"),
+        "{bad}"
+    );
+    let bad = err(combine_into(&out, &y, &wv[..2], &token));
+    assert!(bad.contains("2 weights"), "{bad}");
+    let yv = Var::from_tensor(&y)?;
+    let bad = err(combine_into(&out, yv.as_tensor(), &wv, &token));
+    assert!(
+        bad.contains("tracks gradients") && bad.contains("combine_outputs"),
+        "{bad}"
+    );
+    let strided = zeros_for_combine(h, t, DType::F32)?.t()?;
+    let bad = err(combine_into(&strided, &y, &wv, &token));
+    assert!(bad.contains("contiguous"), "{bad}");
+    Ok(())
+}

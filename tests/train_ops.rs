@@ -191,3 +191,45 @@ fn attach_backward_takes_a_tracked_value_as_a_constant() -> Result<()> {
     assert!(err.to_string().contains("one or two inputs"), "{err}");
     Ok(())
 }
+
+/// `swiglu_in_place` writes `swiglu`'s bits into `a` (f32 and f64, split over the cores with a
+/// tail shorter than a vector), and refuses what it cannot do in place.
+#[test]
+fn swiglu_in_place_equals_swiglu_and_refuses_tracked_tensors() -> Result<()> {
+    for dtype in [DType::F32, DType::F64] {
+        let a = seeded(&[257, 301], 21, dtype)?;
+        let b = seeded(&[257, 301], 22, dtype)?;
+        let want = ops::swiglu(&a, &b)?;
+        ops::swiglu_in_place(&a, &b)?;
+        let (got, want) = (
+            a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            want.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        );
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits()),
+            "{dtype:?}"
+        );
+    }
+    let a = seeded(&[4, 8], 23, DType::F32)?;
+    let err = |r: Result<()>| r.unwrap_err().to_string();
+    let v = Var::from_tensor(&a)?;
+    let e = err(ops::swiglu_in_place(v.as_tensor(), &a));
+    assert!(
+        e.contains("a tracks gradients") && e.contains("ops::swiglu"),
+        "{e}"
+    );
+    let e = err(ops::swiglu_in_place(&a, &a.t()?));
+    assert!(e.contains("one shape and dtype"), "{e}");
+    let e = err(ops::swiglu_in_place(&a.t()?.contiguous()?.t()?, &a));
+    assert!(e.contains("contiguous"), "{e}");
+    let e = err(ops::swiglu_in_place(
+        &a.to_dtype(DType::BF16)?,
+        &a.to_dtype(DType::BF16)?,
+    ));
+    assert!(e.contains("f32 or f64"), "{e}");
+    // A tensor sharing a's storage cannot be its other input.
+    assert!(ops::swiglu_in_place(&a, &a.clone()).is_err());
+    Ok(())
+}

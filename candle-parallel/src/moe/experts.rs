@@ -2,11 +2,12 @@
 //! layers (w1/w3 column-parallel, w2 row-parallel), and the contiguous range of them a rank
 //! holds under expert parallelism.
 
+use super::combine::{combine_into, combine_outputs, zeros_for_combine};
 use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
 use crate::ops;
 use crate::tensor_parallel::{ColumnParallelLinear, RowParallelLinear};
-use candle_core::{bail, Module, Result, Tensor};
+use candle_core::{bail, DType, Module, Result, Tensor};
 use std::ops::Range;
 
 /// One SwiGLU expert on this rank: its tp slices. Its layers leave the tp communication to
@@ -55,14 +56,46 @@ impl Expert {
         e.w3 = e.w3.with_lora(lora("w3", Kind::Column, col)?);
         Ok(e)
     }
+
+    /// Whether any of its weights (or adapters) is trainable.
+    pub fn tracks_gradients(&self) -> bool {
+        let lora = |l: Option<&crate::lora::LoraAdapter>| {
+            l.is_some_and(|l| l.a().track_op() || l.b().track_op())
+        };
+        self.w1.weight().track_op()
+            || self.w2.weight().track_op()
+            || self.w3.weight().track_op()
+            || lora(self.w1.lora())
+            || lora(self.w2.lora())
+            || lora(self.w3.lora())
+    }
 }
 
 /// This rank's partial output (before the tp reduction).
 impl Module for Expert {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = ops::swiglu(&self.w1.forward(x)?, &self.w3.forward(x)?)?;
+        let (a, b) = (self.w1.forward(x)?, self.w3.forward(x)?);
+        // Inference: SwiGLU over w1's fresh output, which nothing else holds.
+        let h = if in_place_ok(&a, &b) {
+            ops::swiglu_in_place(&a, &b)?;
+            a
+        } else {
+            ops::swiglu(&a, &b)?
+        };
         self.w2.forward(&h)
     }
+}
+
+/// Whether the in-place inference passes apply: nothing tracks gradients, and the CPU kernels
+/// take the tensors.
+fn in_place_ok(a: &Tensor, b: &Tensor) -> bool {
+    !a.track_op()
+        && !b.track_op()
+        && a.device().is_cpu()
+        && a.is_contiguous()
+        && a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
 }
 
 /// The experts a rank holds: `experts[i]` is global expert `first + i`.
@@ -85,6 +118,11 @@ impl LocalExperts {
     /// Global indices of the experts this rank holds.
     pub fn range(&self) -> Range<usize> {
         self.first..self.first + self.experts.len()
+    }
+
+    /// The experts this rank holds, in global order from [`LocalExperts::range`]'s start.
+    pub fn experts(&self) -> &[Expert] {
+        &self.experts
     }
 
     /// How many experts this rank holds.
@@ -134,5 +172,74 @@ impl LocalExperts {
             return ops::depend_on(&empty, &[&src]);
         }
         ops::reduce_from_group(&Tensor::cat(&outs, 0)?, &self.tp)
+    }
+
+    /// [`forward_rows`](Self::forward_rows) with `rows` as the tokens, then
+    /// [`combine_outputs`]: copy `j` runs its expert on `src[rows[j]]`, and the result times
+    /// `weights.flatten_all()[assignment[j]]` is added into row `rows[j]` of the `[t, hidden]`
+    /// output, which is summed over tp.
+    ///
+    /// For inference (nothing tracks gradients; CPU, f32 or f64) each expert's rows are added
+    /// into the output as soon as they are computed ([`combine_into`]) and its SwiGLU runs in
+    /// its w1 output's buffer: no buffer of every expert's outputs, and no pass over one.
+    /// Summed over tp after combining (rather than before), so at tp > 1 the last bits may
+    /// differ from the training path's.
+    pub fn forward_combined(
+        &self,
+        src: &Tensor,
+        rows: &[u32],
+        counts: &[usize],
+        weights: &Tensor,
+        assignment: &[u32],
+        t: usize,
+    ) -> Result<Tensor> {
+        let inference = !src.track_op()
+            && !weights.track_op()
+            && !self.experts.iter().any(Expert::tracks_gradients)
+            && src.device().is_cpu()
+            && matches!(src.dtype(), DType::F32 | DType::F64);
+        if !inference {
+            let y = self.forward_rows(src, rows, counts)?;
+            return combine_outputs(&y, weights, assignment, rows, t);
+        }
+        if assignment.len() != rows.len() {
+            bail!(
+                "moe experts {:?}: {} routing assignments for {} rows",
+                self.range(),
+                assignment.len(),
+                rows.len()
+            )
+        }
+        let w: Vec<f64> = weights
+            .flatten_all()?
+            .to_dtype(src.dtype())?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+        if let Some(&bad) = assignment.iter().find(|&&k| k as usize >= w.len()) {
+            bail!(
+                "moe experts {:?}: routing assignment {bad} is outside the {} routing weights",
+                self.range(),
+                w.len()
+            )
+        }
+        if counts.len() != self.experts.len() || counts.iter().sum::<usize>() != rows.len() {
+            // The same check and message as forward_rows.
+            return self.forward_rows(src, rows, counts);
+        }
+        let out = zeros_for_combine(t, src.dim(1)?, src.dtype())?;
+        let mut at = 0;
+        for (expert, &n) in self.experts.iter().zip(counts) {
+            if n > 0 {
+                let r = &rows[at..at + n];
+                let y = expert.forward(&src.index_select(&Tensor::new(r, src.device())?, 0)?)?;
+                let wj: Vec<f64> = assignment[at..at + n]
+                    .iter()
+                    .map(|&k| w[k as usize])
+                    .collect();
+                combine_into(&out, &y, &wj, r)?;
+            }
+            at += n;
+        }
+        ops::reduce_from_group(&out, &self.tp)
     }
 }

@@ -23,6 +23,7 @@
 //! and token order), `experts`, `dispatcher/` (one file per strategy), `losses`, and `layer`
 //! (the composition). A new dispatcher is a new type implementing [`TokenDispatcher`], passed
 //! to [`MoeLayer::with_dispatcher`].
+mod combine;
 mod dispatcher;
 mod experts;
 mod layer;
@@ -30,8 +31,9 @@ mod losses;
 mod plan;
 mod router;
 
+pub use combine::{combine_into, combine_outputs, zeros_for_combine};
 pub use dispatcher::{
-    combine_outputs, AllReduceDispatcher, AllToAllDispatcher, Dispatch, Dispatched, TokenDispatcher,
+    AllReduceDispatcher, AllToAllDispatcher, Dispatch, Dispatched, TokenDispatcher,
 };
 pub use experts::{Expert, LocalExperts};
 pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};

@@ -5,6 +5,7 @@
 //!   [`depend_on`] keeps tensors on the gradient path;
 //! - [`linear`]: `x · wᵀ` whose weight gradient arrives in the weight's layout;
 //! - [`swiglu`]: SwiGLU fused on the CPU (forward and backward one pass each);
+//!   [`swiglu_in_place`] for inference, without a new buffer;
 //! - [`collectives`]: collectives that take part in autograd (F/G conjugates, gather/scatter,
 //!   reduce-scatter, all-to-all);
 //! - [`train`]: trainable versions of candle-nn's fast kernels that lack a backward (softmax,
@@ -23,7 +24,7 @@ pub use collectives::{
     reduce_scatter_to_group, scatter_to_group,
 };
 pub use linear::{defer_weight_grads, linear, DeferredWeightGrads};
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_in_place};
 pub use train::{dropout, rms_norm, rope, softmax_last_dim};
 
 use candle_core::backend::{BackendDevice, BackendStorage};

@@ -2,8 +2,11 @@
 //! composite takes five passes forward and backward), split over the cores. The MoE experts
 //! and the Llama / Mixtral MLPs spend most of their non-matmul time here.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// SwiGLU, `silu(a) · b` (the gate of Llama and Mixtral MLPs), with a backward. Fused on the
 /// CPU for f32 and f64 tensors of the same shape; candle's composite elsewhere.
@@ -28,6 +31,49 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return a.silu()? * b;
     }
     a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)
+}
+
+/// SwiGLU for inference, written over `a`: `a ← silu(a) · b`, in one pass without a new
+/// buffer (a MoE layer's expert activations are megabytes each: a fresh buffer per expert
+/// costs page faults as well as the pass). CPU, f32 or f64, same shapes, `a` contiguous.
+///
+/// Every tensor sharing `a`'s storage sees the change, and there is no backward: it refuses
+/// tensors that track gradients (use [`swiglu`] there).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_parallel::ops;
+///
+/// let a = Tensor::new(&[0f32, 1.0, -2.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[3f32, 2.0, 1.0], &Device::Cpu)?;
+/// let want = ops::swiglu(&a, &b)?.to_vec1::<f32>()?;
+/// ops::swiglu_in_place(&a, &b)?;
+/// assert_eq!(a.to_vec1::<f32>()?, want);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn swiglu_in_place(a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.track_op() || b.track_op() {
+        candle_core::bail!(
+            "swiglu_in_place: {} tracks gradients and an in-place pass has no backward: use \
+             ops::swiglu",
+            if a.track_op() { "a" } else { "b" }
+        )
+    }
+    if !a.device().is_cpu() || a.dims() != b.dims() || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "swiglu_in_place: a ({:?} {:?} on {:?}) and b ({:?} {:?}) must be CPU tensors of one \
+             shape and dtype",
+            a.dims(),
+            a.dtype(),
+            a.device().location(),
+            b.dims(),
+            b.dtype()
+        )
+    }
+    if !a.is_contiguous() {
+        candle_core::bail!("swiglu_in_place: a ({:?}) must be contiguous", a.dims())
+    }
+    a.inplace_op2(&b.contiguous()?, &SwiGluInPlace)
 }
 
 /// Elements per parallel task: large enough that scheduling costs nothing next to the pass.
@@ -109,6 +155,78 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// Defines `$name`, which runs the `#[inline(always)]` loop `$body` compiled for AVX-512 or
+/// AVX2 + FMA where the CPU has them. The default build targets baseline x86-64 (SSE2), where
+/// the passes' exp and division run four lanes wide; AVX-512 runs sixteen. Each lane does
+/// the same IEEE operations in every version, so the results are the same bits.
+macro_rules! widest_vectors {
+    ($name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+        fn $name<T: Real>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512<T: Real>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2<T: Real>($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: this CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: this CPU has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn forward_loop<T: Real>(y: &mut [MaybeUninit<T>], a: &[T], b: &[T]) {
+    for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+        y.write(T::fwd(a, b));
+    }
+}
+
+#[inline(always)]
+fn in_place_loop<T: Real>(a: &mut [T], b: &[T]) {
+    for (a, &b) in a.iter_mut().zip(b) {
+        *a = T::fwd(*a, b);
+    }
+}
+
+#[inline(always)]
+fn backward_loop<T: Real>(
+    da: &mut [MaybeUninit<T>],
+    db: &mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
+    g: &[T],
+) {
+    for ((da, db), ((&a, &b), &g)) in da.iter_mut().zip(db).zip(a.iter().zip(b).zip(g)) {
+        let (x, y) = T::bwd(a, b, g);
+        da.write(x);
+        db.write(y);
+    }
+}
+
+widest_vectors!(forward_chunk(y: &mut [MaybeUninit<T>], a: &[T], b: &[T]) => forward_loop);
+widest_vectors!(in_place_chunk(a: &mut [T], b: &[T]) => in_place_loop);
+widest_vectors!(backward_chunk(
+    da: &mut [MaybeUninit<T>],
+    db: &mut [MaybeUninit<T>],
+    a: &[T],
+    b: &[T],
+    g: &[T]
+) => backward_loop);
+
 /// `silu(a) · b`; `a` and `b` have the same length.
 fn forward<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
     let n = a.len().min(b.len());
@@ -117,15 +235,19 @@ fn forward<T: Real>(a: &[T], b: &[T]) -> Vec<T> {
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(c)
         .zip(a[..n].par_chunks(c).zip(b[..n].par_chunks(c)))
-        .for_each(|(y, (a, b))| {
-            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                y.write(T::fwd(a, b));
-            }
-        });
+        .for_each(|(y, (a, b))| forward_chunk(y, a, b));
     // SAFETY: the chunks of the n-element spare capacity, of `a[..n]` and of `b[..n]` have the
     // same lengths, so the loops above wrote every element of 0..n.
     unsafe { out.set_len(n) };
     out
+}
+
+/// `a ← silu(a) · b`; `a` and `b` have the same length.
+fn forward_in_place<T: Real>(a: &mut [T], b: &[T]) {
+    let c = chunk_len(a.len());
+    a.par_chunks_mut(c)
+        .zip(b.par_chunks(c))
+        .for_each(|(a, b)| in_place_chunk(a, b));
 }
 
 /// `[d a; d b]`, the two gradients one after the other; `a`, `b` and `g` have the same length.
@@ -142,13 +264,7 @@ fn backward<T: Real>(a: &[T], b: &[T], g: &[T]) -> Vec<T> {
                 .zip(b[..n].par_chunks(c))
                 .zip(g[..n].par_chunks(c)),
         )
-        .for_each(|((da, db), ((a, b), g))| {
-            for ((da, db), ((&a, &b), &g)) in da.iter_mut().zip(db).zip(a.iter().zip(b).zip(g)) {
-                let (x, y) = T::bwd(a, b, g);
-                da.write(x);
-                db.write(y);
-            }
-        });
+        .for_each(|((da, db), ((a, b), g))| backward_chunk(da, db, a, b, g));
     // SAFETY: both halves and the three inputs are cut into chunks of the same lengths, so the
     // loops above wrote every element of 0..2n.
     unsafe { out.set_len(2 * n) };
@@ -206,6 +322,32 @@ impl CustomOp2 for SwiGlu {
             .detach()
             .apply_op3_no_bwd(&b.detach(), &g.contiguous()?, &SwiGluBwd)?;
         Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// [`swiglu_in_place`]'s pass.
+struct SwiGluInPlace;
+
+impl InplaceOp2 for SwiGluInPlace {
+    fn name(&self) -> &'static str {
+        "swiglu-in-place"
+    }
+
+    fn cpu_fwd(&self, a: &mut CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<()> {
+        same_len("in place", la, lb)?;
+        let Some((start, end)) = la.contiguous_offsets() else {
+            candle_core::bail!("swiglu_in_place: a must be contiguous")
+        };
+        match (a, b) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                forward_in_place(&mut a[start..end], contiguous(b, lb)?)
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                forward_in_place(&mut a[start..end], contiguous(b, lb)?)
+            }
+            _ => candle_core::bail!("swiglu_in_place: the fused pass runs on f32 or f64 pairs"),
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,7 @@
 //! The ep group shares its tokens: each rank runs its experts on the copies routed to them and
 //! the partial outputs are summed over the group. At ep = 1 this is the local computation.
 
-use super::{combine_outputs, Dispatched, TokenDispatcher};
+use super::{Dispatched, TokenDispatcher};
 use crate::comm::Comm;
 use crate::moe::experts::LocalExperts;
 use crate::moe::plan::Plan;
@@ -45,15 +45,7 @@ impl TokenDispatcher for AllReduceDispatcher {
         // ep rank (its experts only): sum them over the ep group.
         let xe = ops::copy_to_group(x, &self.ep)?;
         let w = ops::copy_to_group(&r.weights, &self.ep)?;
-        let y = if n > 0 {
-            experts.forward_rows(&xe, token, &p.counts[local])?
-        } else {
-            ops::depend_on(
-                &Tensor::zeros((0, x.dim(1)?), x.dtype(), x.device())?,
-                &[&xe],
-            )?
-        };
-        let partial = combine_outputs(&y, &w, assignment, token, t)?;
+        let partial = experts.forward_combined(&xe, token, &p.counts[local], &w, assignment, t)?;
         Ok(Dispatched {
             output: ops::reduce_from_group(&partial, &self.ep)?,
             tokens_per_expert: p.counts.clone(),

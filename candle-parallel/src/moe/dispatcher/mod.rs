@@ -16,11 +16,11 @@ mod all_to_all;
 pub use all_reduce::AllReduceDispatcher;
 pub use all_to_all::AllToAllDispatcher;
 
+pub use super::combine::combine_outputs;
 use super::experts::LocalExperts;
 use super::plan::Plan;
 use super::router::Routing;
 use crate::comm::Comm;
-use crate::ops;
 use candle_core::{Result, Tensor};
 
 /// What a dispatcher returns.
@@ -93,30 +93,4 @@ impl Dispatch {
             _ => Box::new(AllReduceDispatcher::new(ep)),
         }
     }
-}
-
-/// Weights `y` (rows in `assignment` order) by the routing weights and adds them into a
-/// `[t, h]` output at their tokens.
-pub fn combine_outputs(
-    y: &Tensor,
-    weights: &Tensor,
-    assignment: &[u32],
-    token: &[u32],
-    t: usize,
-) -> Result<Tensor> {
-    let (_, h) = y.dims2()?;
-    let out = Tensor::zeros((t, h), y.dtype(), y.device())?;
-    if assignment.is_empty() {
-        return ops::depend_on(&out, &[y, weights]);
-    }
-    let dev = y.device();
-    let w = weights
-        .flatten_all()?
-        .index_select(&Tensor::new(assignment, dev)?, 0)?
-        .to_dtype(y.dtype())?;
-    out.index_add(
-        &Tensor::new(token, dev)?,
-        &y.broadcast_mul(&w.unsqueeze(1)?)?,
-        0,
-    )
 }
