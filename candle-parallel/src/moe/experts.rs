@@ -140,13 +140,8 @@ impl LocalExperts {
         &self.tp
     }
 
-    /// Runs local expert `i` on the rows `rows[at_i..at_i + counts[i]]` of `src` (the
-    /// segments of `rows` in order, one per local expert), each gathered straight from `src`:
-    /// in backward each expert's input gradient is scattered into `src`'s once, instead of a
-    /// full-size padded copy per expert as slicing one gathered tensor would cost. One
-    /// `copy_to_group` before and one reduction over tp after, for all experts together. The
-    /// output rows follow `rows`.
-    pub fn forward_rows(&self, src: &Tensor, rows: &[u32], counts: &[usize]) -> Result<Tensor> {
+    /// One count per local expert, adding up to the rows.
+    fn check_counts(&self, rows: &[u32], counts: &[usize]) -> Result<()> {
         if counts.len() != self.experts.len() || counts.iter().sum::<usize>() != rows.len() {
             bail!(
                 "moe experts {:?}: {} row counts (sum {}) for {} local experts and {} rows",
@@ -157,6 +152,17 @@ impl LocalExperts {
                 rows.len()
             )
         }
+        Ok(())
+    }
+
+    /// Runs local expert `i` on the rows `rows[at_i..at_i + counts[i]]` of `src` (the
+    /// segments of `rows` in order, one per local expert), each gathered straight from `src`:
+    /// in backward each expert's input gradient is scattered into `src`'s once, instead of a
+    /// full-size padded copy per expert as slicing one gathered tensor would cost. One
+    /// `copy_to_group` before and one reduction over tp after, for all experts together. The
+    /// output rows follow `rows`.
+    pub fn forward_rows(&self, src: &Tensor, rows: &[u32], counts: &[usize]) -> Result<Tensor> {
+        self.check_counts(rows, counts)?;
         let src = ops::copy_to_group(src, &self.tp)?;
         let mut outs = Vec::with_capacity(counts.len());
         let mut at = 0;
@@ -198,10 +204,6 @@ impl LocalExperts {
             && !self.experts.iter().any(Expert::tracks_gradients)
             && src.device().is_cpu()
             && matches!(src.dtype(), DType::F32 | DType::F64);
-        if !inference {
-            let y = self.forward_rows(src, rows, counts)?;
-            return combine_outputs(&y, weights, assignment, rows, t);
-        }
         if assignment.len() != rows.len() {
             bail!(
                 "moe experts {:?}: {} routing assignments for {} rows",
@@ -210,6 +212,11 @@ impl LocalExperts {
                 rows.len()
             )
         }
+        if !inference {
+            let y = self.forward_rows(src, rows, counts)?;
+            return combine_outputs(&y, weights, assignment, rows, t);
+        }
+        self.check_counts(rows, counts)?;
         let w: Vec<f64> = weights
             .flatten_all()?
             .to_dtype(src.dtype())?
@@ -221,10 +228,6 @@ impl LocalExperts {
                 self.range(),
                 w.len()
             )
-        }
-        if counts.len() != self.experts.len() || counts.iter().sum::<usize>() != rows.len() {
-            // The same check and message as forward_rows.
-            return self.forward_rows(src, rows, counts);
         }
         let out = zeros_for_combine(t, src.dim(1)?, src.dtype())?;
         let mut at = 0;

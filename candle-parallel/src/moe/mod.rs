@@ -17,11 +17,13 @@
 //!     on the tokens routed to them and the partial outputs are summed over the ep group;
 //!     at ep = 1, the local computation.
 //!
-//!   Everything is differentiable end to end.
+//!   Everything is differentiable end to end. For inference (nothing tracks gradients) the
+//!   experts run SwiGLU in place and add their rows straight into the output
+//!   ([`combine_into`]), with the training path's bits at tp = 1.
 //!
 //! One file per part, as Megatron-Core splits it: `router` (gate and top-k), `plan` (capacity
-//! and token order), `experts`, `dispatcher/` (one file per strategy), `losses`, and `layer`
-//! (the composition). A new dispatcher is a new type implementing [`TokenDispatcher`], passed
+//! and token order), `experts`, `dispatcher/` (one file per strategy), `combine` (the
+//! experts' rows back into the tokens'), `losses`, and `layer` (the composition). A new dispatcher is a new type implementing [`TokenDispatcher`], passed
 //! to [`MoeLayer::with_dispatcher`].
 mod combine;
 mod dispatcher;
