@@ -192,24 +192,35 @@ fn attach_backward_takes_a_tracked_value_as_a_constant() -> Result<()> {
     Ok(())
 }
 
-/// `swiglu_in_place` writes `swiglu`'s bits into `a` (f32 and f64, split over the cores with a
-/// tail shorter than a vector), and refuses what it cannot do in place.
+/// The bits of every element, as f64.
+fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .iter()
+        .map(|x| x.to_bits())
+        .collect())
+}
+
+/// `swiglu_in_place` writes `swiglu`'s bits into `a` and leaves `b` alone (f32 and f64, split
+/// over the cores with a tail shorter than a vector; `a` a view with a start offset; inputs
+/// where the sigmoid saturates), and refuses what it cannot do in place, saying why.
 #[test]
 fn swiglu_in_place_equals_swiglu_and_refuses_tracked_tensors() -> Result<()> {
     for dtype in [DType::F32, DType::F64] {
-        let a = seeded(&[257, 301], 21, dtype)?;
+        // Rows 1.. of a contiguous tensor: contiguous, starting at an offset.
+        let whole = (seeded(&[258, 301], 21, dtype)? * 150.0)?;
+        let a = whole.narrow(0, 1, 257)?;
         let b = seeded(&[257, 301], 22, dtype)?;
+        let (first_row, b_before) = (bits(&whole.narrow(0, 0, 1)?)?, bits(&b)?);
         let want = ops::swiglu(&a, &b)?;
         ops::swiglu_in_place(&a, &b)?;
-        let (got, want) = (
-            a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-            want.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-        );
-        assert!(
-            got.iter()
-                .zip(&want)
-                .all(|(g, w)| g.to_bits() == w.to_bits()),
-            "{dtype:?}"
+        assert_eq!(bits(&a)?, bits(&want)?, "{dtype:?}");
+        assert_eq!(bits(&b)?, b_before, "{dtype:?}: b unchanged");
+        assert_eq!(
+            bits(&whole.narrow(0, 0, 1)?)?,
+            first_row,
+            "{dtype:?}: outside a"
         );
     }
     let a = seeded(&[4, 8], 23, DType::F32)?;
@@ -220,16 +231,19 @@ fn swiglu_in_place_equals_swiglu_and_refuses_tracked_tensors() -> Result<()> {
         e.contains("a tracks gradients") && e.contains("ops::swiglu"),
         "{e}"
     );
+    let e = err(ops::swiglu_in_place(&a, v.as_tensor()));
+    assert!(e.contains("b tracks gradients"), "{e}");
     let e = err(ops::swiglu_in_place(&a, &a.t()?));
     assert!(e.contains("one shape and dtype"), "{e}");
     let e = err(ops::swiglu_in_place(&a.t()?.contiguous()?.t()?, &a));
-    assert!(e.contains("contiguous"), "{e}");
+    assert!(e.contains("must be contiguous"), "{e}");
     let e = err(ops::swiglu_in_place(
         &a.to_dtype(DType::BF16)?,
         &a.to_dtype(DType::BF16)?,
     ));
     assert!(e.contains("f32 or f64"), "{e}");
-    // A tensor sharing a's storage cannot be its other input.
-    assert!(ops::swiglu_in_place(&a, &a.clone()).is_err());
+    // A tensor sharing a's storage cannot be its other input (candle refuses the alias).
+    let e = err(ops::swiglu_in_place(&a, &a.clone()));
+    assert!(e.contains("shares storage"), "{e}");
     Ok(())
 }

@@ -57,17 +57,18 @@ impl Expert {
         Ok(e)
     }
 
-    /// Whether any of its weights (or adapters) is trainable.
+    /// Whether any of its weights, biases or adapters is trainable.
     pub fn tracks_gradients(&self) -> bool {
+        let tracks = |t: Option<&Tensor>| t.is_some_and(Tensor::track_op);
         let lora = |l: Option<&crate::lora::LoraAdapter>| {
             l.is_some_and(|l| l.a().track_op() || l.b().track_op())
         };
-        self.w1.weight().track_op()
+        [&self.w1, &self.w3]
+            .iter()
+            .any(|c| c.weight().track_op() || tracks(c.bias()) || lora(c.lora()))
             || self.w2.weight().track_op()
-            || self.w3.weight().track_op()
-            || lora(self.w1.lora())
+            || tracks(self.w2.bias())
             || lora(self.w2.lora())
-            || lora(self.w3.lora())
     }
 }
 
