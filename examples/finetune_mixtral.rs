@@ -59,8 +59,9 @@ struct Args {
     /// JSONL with "prompt" and "completion" fields (the loss counts the completion only; each
     /// example is one row padded to --seq-len; the last tenth is held out for the evaluation
     /// loss, the mean over every completion token of the global batch whatever the layout and
-    /// micro-batches; padding takes part in the routing statistics and the load-balancing
-    /// loss). Default: the built-in addition task.
+    /// micro-batches; padding goes through the experts and counts in the routing statistics,
+    /// but not in the load-balancing loss, as HF's attention mask leaves it out). Default: the
+    /// built-in addition task.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Skip (and count) instruction rows that are malformed, have an empty completion or do not
@@ -377,18 +378,19 @@ impl Rng {
 
 impl Data {
     /// A batch `[n, s]` drawn with `rng`, and for instruction data the labels (HF's
-    /// convention: the prompt and the padding marked [`IGNORE_INDEX`]).
+    /// convention: the prompt and the padding marked [`IGNORE_INDEX`]) and the attention mask
+    /// (0 on the padding).
     fn batch(
         &self,
         rng: &mut Rng,
         n: usize,
         seq_len: usize,
         device: &Device,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         if let Data::Instruct { train, pad, .. } = self {
             let picked: Vec<&Example> = (0..n).map(|_| &train[rng.next(train.len())]).collect();
-            let (ids, labels) = padded_rows(&picked, seq_len, *pad, device)?;
-            return Ok((ids, Some(labels)));
+            let (ids, labels, mask) = padded_rows(&picked, seq_len, *pad, device)?;
+            return Ok((ids, Some((labels, mask))));
         }
         let rows: Vec<Vec<u32>> = match self {
             Data::Instruct { .. } => unreachable!("above"),
@@ -407,16 +409,18 @@ impl Data {
 }
 
 /// Examples as rows of `seq_len` tokens (padded with `pad` at the end, which causal attention
-/// keeps away from the real tokens), and their labels: the completion's tokens, the prompt
-/// and the padding [`IGNORE_INDEX`].
+/// keeps away from the real tokens), their labels (the completion's tokens; the prompt and the
+/// padding [`IGNORE_INDEX`]) and their attention mask (1 for a token, 0 for padding: HF leaves
+/// padding out of the load-balancing loss).
 fn padded_rows(
     examples: &[&Example],
     seq_len: usize,
     pad: u32,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let mut ids = Vec::with_capacity(examples.len() * seq_len);
     let mut labels = Vec::with_capacity(examples.len() * seq_len);
+    let mut mask = Vec::with_capacity(examples.len() * seq_len);
     for e in examples {
         for i in 0..seq_len {
             let t = e.ids.get(i).copied();
@@ -425,11 +429,14 @@ fn padded_rows(
                 Some(t) if i >= e.prompt => t as i64,
                 _ => IGNORE_INDEX,
             });
+            mask.push(u8::from(t.is_some()));
         }
     }
+    let shape = (examples.len(), seq_len);
     Ok((
-        Tensor::from_vec(ids, (examples.len(), seq_len), device)?,
-        Tensor::from_vec(labels, (examples.len(), seq_len), device)?,
+        Tensor::from_vec(ids, shape, device)?,
+        Tensor::from_vec(labels, shape, device)?,
+        Tensor::from_vec(mask, shape, device)?,
     ))
 }
 
@@ -784,7 +791,7 @@ fn main() -> Result<()> {
                 std::slice::from_ref(ids),
                 (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
                 &|_, y| {
-                    let (l, logits) = model.stage_losses_labeled(y, ids, labels)?;
+                    let (l, logits) = model.stage_losses_labeled(y, ids, labels, None)?;
                     *kept.lock().unwrap() = Some((logits.to_dtype(DType::F32)?, l.ce_loss.to_dtype(DType::F32)?.unsqueeze(0)?));
                     l.loss * 0.0
                 },
@@ -805,7 +812,7 @@ fn main() -> Result<()> {
                 Data::Addition { problems } => {
                     let prompts = Tensor::new(problems.iter().map(|p| p[..4].to_vec()).collect::<Vec<_>>(), ctx.device())?;
                     let logits = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&prompts, None)?.1,
+                        (Model::Sharded(m), _) => m.losses(&prompts, None, None)?.1,
                         (Model::Whole(m), 1) => m.forward(&prompts, 0, None)?,
                         _ => through_stages(&prompts, None)?.0,
                     };
@@ -816,10 +823,10 @@ fn main() -> Result<()> {
                 Data::Instruct { eval, pad, .. } => {
                     // The held-out completions' loss (prompts and padding do not count).
                     let picked: Vec<&Example> = eval.iter().take(32).collect();
-                    let (rows, labels) = padded_rows(&picked, args.seq_len, *pad, ctx.device())?;
+                    let (rows, labels, mask) = padded_rows(&picked, args.seq_len, *pad, ctx.device())?;
                     let ce = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&rows, Some(&labels))?.0.ce_loss,
-                        (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), false)?.ce_loss,
+                        (Model::Sharded(m), _) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
+                        (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), Some(&mask), false)?.ce_loss,
                         _ => Tensor::new(through_stages(&rows, Some(&labels))?.1, ctx.device())?,
                     }
                     .to_dtype(DType::F32)?
@@ -831,7 +838,7 @@ fn main() -> Result<()> {
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
                     let rows = Tensor::new(rows, ctx.device())?;
                     let ce = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&rows, None)?.0.ce_loss,
+                        (Model::Sharded(m), _) => m.losses(&rows, None, None)?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses(&rows, false)?.ce_loss,
                         _ => Tensor::new(through_stages(&rows, None)?.1, ctx.device())?,
                     }
@@ -898,11 +905,13 @@ fn main() -> Result<()> {
         let mut out_dir = None;
         for step in trainer.steps_done() + 1..=args.steps {
             let (global, labels) = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
-            let mine = global.narrow(0, replica * per_replica, per_replica)?;
-            // Instruction data: the loss is the mean over the global batch's completion tokens.
-            let global_tokens = labels.as_ref().map(counted_targets).transpose()?;
-            let mine_labels = labels.map(|l| l.narrow(0, replica * per_replica, per_replica)).transpose()?;
-            let targets = mine_labels.as_ref().zip(global_tokens).map(|(labels, global_tokens)| Targets { labels, global_tokens, replicas });
+            let rows = |t: &Tensor| t.narrow(0, replica * per_replica, per_replica);
+            let mine = rows(&global)?;
+            // Instruction data: the loss is the mean over the global batch's completion tokens,
+            // and padding stays out of the load-balancing loss.
+            let global_tokens = labels.as_ref().map(|(l, _)| counted_targets(l)).transpose()?;
+            let mine_labels = labels.map(|(l, m)| Ok::<_, candle_core::Error>((rows(&l)?, rows(&m)?))).transpose()?;
+            let targets = mine_labels.as_ref().zip(global_tokens).map(|((labels, mask), global_tokens)| Targets { labels, global_tokens, replicas, attention_mask: Some(mask) });
             let g = match &model {
                 Model::Whole(m) => m.batch_grads(&vars, &mine, targets.as_ref(), micro_batches, pp_comm)?,
                 Model::Sharded(m) => m.batch_grads(&vars, &mine, targets.as_ref(), micro_batches)?,

@@ -9,7 +9,8 @@
 //! ```
 //!
 //! `train` runs AdamW steps over one global batch (`{"batch": [[ids], ...]}`, labels = the
-//! inputs shifted) on dp × pp × ep × tp ranks: every dp and ep rank takes its own rows (the
+//! inputs shifted; optionally HF's `"labels"` with -100 for positions that do not count and
+//! `"attention_mask"` with 0 on padding at the end of rows) on dp × pp × ep × tp ranks: every dp and ep rank takes its own rows (the
 //! experts' ranks dispatch tokens all-to-all), the replicas' gradients are reduced (ZeRO stage
 //! 0, 1 or 2), the global norm is clipped, and `--out` gets every parameter at full shape
 //! under its HF name, with `loss.<i>` and `grad_norm.<i>` before step i.
@@ -35,7 +36,9 @@ use candle_parallel::pipeline::{run_step, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
 use candle_parallel::MeshDim;
 use candle_parallel::{Launcher, MeshShape};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MixtralStage, ShardedMixtral};
+use candle_parallel_models::mixtral::{
+    counted_targets, Mixtral, MixtralConfig, MixtralStage, ShardedMixtral, Targets,
+};
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -87,6 +90,9 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// JSON file `{"batch": [[token ids], ...]}`: every row the same length (≥ 2).
+        /// Optionally `"labels"` (HF's: -100 where the loss does not count; default the ids)
+        /// and `"attention_mask"` (1 for a token, 0 for padding at the end of a row; padding
+        /// stays out of the load-balancing loss), both of the batch's shape.
         #[arg(long)]
         batch: PathBuf,
         /// Optimizer steps, each over the whole batch.
@@ -338,7 +344,11 @@ fn run_train(command: Command) -> Result<()> {
     if zero == 3 && pp > 1 {
         candle_core::bail!("--zero 3 with --pp {pp}: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
     }
-    let rows = read_batch(&batch, cfg.vocab_size)?;
+    let Batch {
+        rows,
+        labels,
+        attention_mask,
+    } = read_batch(&batch, cfg.vocab_size)?;
     let replicas = dp * ep;
     if rows.len() % (replicas * micro_batches) != 0 {
         candle_core::bail!(
@@ -417,11 +427,36 @@ fn run_train(command: Command) -> Result<()> {
             rows[replica * per..(replica + 1) * per].to_vec(),
             ctx.device(),
         )?;
+        // With labels or a mask, the cross-entropy is the mean over the global batch's counted
+        // labels (HF's), and padding stays out of the load-balancing loss.
+        let mine = |t: &Tensor| t.narrow(0, replica * per, per);
+        let global_labels = match (&labels, &attention_mask) {
+            (None, None) => None,
+            (Some(l), _) => Some(Tensor::new(l.clone(), ctx.device())?),
+            (None, Some(_)) => Some(Tensor::new(rows.clone(), ctx.device())?.to_dtype(DType::I64)?),
+        };
+        let my_labels = global_labels.as_ref().map(mine).transpose()?;
+        let my_mask = attention_mask
+            .as_ref()
+            .map(|m| mine(&Tensor::new(m.clone(), ctx.device())?))
+            .transpose()?;
+        let global_tokens = global_labels.as_ref().map(counted_targets).transpose()?;
+        let targets = my_labels
+            .as_ref()
+            .zip(global_tokens)
+            .map(|(labels, global_tokens)| Targets {
+                labels,
+                global_tokens,
+                replicas,
+                attention_mask: my_mask.as_ref(),
+            });
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for i in trainer.steps_done()..steps {
             let g = match &model {
-                Model::Whole(m) => m.batch_grads(&vars, &ids, None, micro_batches, mesh.pp())?,
-                Model::Sharded(m) => m.batch_grads(&vars, &ids, None, micro_batches)?,
+                Model::Whole(m) => {
+                    m.batch_grads(&vars, &ids, targets.as_ref(), micro_batches, mesh.pp())?
+                }
+                Model::Sharded(m) => m.batch_grads(&vars, &ids, targets.as_ref(), micro_batches)?,
             };
             let r = trainer.step(&g.grads, g.loss)?;
             tensors.push((
@@ -482,11 +517,22 @@ enum Model {
     Sharded(Box<ShardedMixtral>),
 }
 
-/// The rows of a batch file, checked: equal lengths of at least 2, ids in the vocabulary.
-fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Vec<Vec<u32>>> {
+/// A batch file's contents, checked.
+struct Batch {
+    rows: Vec<Vec<u32>>,
+    labels: Option<Vec<Vec<i64>>>,
+    attention_mask: Option<Vec<Vec<u8>>>,
+}
+
+/// The rows of a batch file, checked: equal lengths of at least 2, ids in the vocabulary;
+/// labels and attention mask (if given) of the batch's shape, labels in the vocabulary or
+/// -100, the mask 1s then 0s in every row (padding at the end) with a token in every row.
+fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
     #[derive(serde::Deserialize)]
     struct BatchFile {
         batch: Vec<Vec<u32>>,
+        labels: Option<Vec<Vec<i64>>>,
+        attention_mask: Option<Vec<Vec<u8>>>,
     }
     let text = std::fs::read_to_string(path).map_err(|e| {
         candle_core::Error::msg(format!(
@@ -496,7 +542,8 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Vec<Vec<u32>>> {
     })?;
     let file: BatchFile = serde_json::from_str(&text).map_err(|e| {
         candle_core::Error::msg(format!(
-            "{}: expected {{\"batch\": [[token ids], ...]}} with non-negative integer ids: {e}",
+            "{}: expected {{\"batch\": [[token ids], ...]}} with non-negative integer ids (and \
+             optionally \"labels\" and \"attention_mask\" of the same shape): {e}",
             path.display()
         ))
     })?;
@@ -527,5 +574,50 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Vec<Vec<u32>>> {
             );
         }
     }
-    Ok(rows)
+    let same_shape = |what: &str, lens: Vec<usize>| -> Result<()> {
+        if lens.len() != rows.len() || lens.iter().any(|&l| l != first.len()) {
+            candle_core::bail!(
+                "{}: \"{what}\" must have the batch's shape, {} rows of {} (got row lengths {lens:?})",
+                path.display(),
+                rows.len(),
+                first.len()
+            );
+        }
+        Ok(())
+    };
+    if let Some(labels) = &file.labels {
+        same_shape("labels", labels.iter().map(Vec::len).collect())?;
+        for (i, r) in labels.iter().enumerate() {
+            if let Some((j, l)) = r
+                .iter()
+                .enumerate()
+                .find(|(_, &l)| l != -100 && (l < 0 || l as usize >= vocab))
+            {
+                candle_core::bail!(
+                    "{}: labels row {i}, position {j}: {l} is neither a token id (vocabulary size \
+                     {vocab}) nor -100 (ignored)",
+                    path.display()
+                );
+            }
+        }
+    }
+    if let Some(mask) = &file.attention_mask {
+        same_shape("attention_mask", mask.iter().map(Vec::len).collect())?;
+        for (i, r) in mask.iter().enumerate() {
+            let tokens = r.iter().take_while(|&&m| m == 1).count();
+            if tokens == 0 || r[tokens..].iter().any(|&m| m != 0) {
+                candle_core::bail!(
+                    "{}: attention_mask row {i} is {r:?}: each row must be 1s (at least one) then \
+                     0s, padding at the end (causal attention keeps end padding away from the \
+                     tokens; left padding is not supported)",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(Batch {
+        rows,
+        labels: file.labels,
+        attention_mask: file.attention_mask,
+    })
 }

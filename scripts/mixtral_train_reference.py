@@ -1,8 +1,10 @@
 """Reference for `cargo run --example mixtral -- train`: the same steps with Hugging Face
 transformers' `MixtralForCausalLM` and PyTorch's AdamW, on one device, in float32.
 
-Each step: loss = mean next-token cross-entropy over the whole batch (`labels=input_ids`) +
-aux-coef x HF's load-balancing loss (`output_router_logits=True`), backward,
+Each step: loss = mean next-token cross-entropy over the whole batch (`labels=input_ids`, or
+the batch file's "labels" with -100 where the loss does not count) + aux-coef x HF's
+load-balancing loss (`output_router_logits=True`; over the tokens the batch file's
+"attention_mask" keeps, if it has one), backward,
 `clip_grad_norm_(params, clip)` (the norm before clipping is recorded), one
 `torch.optim.AdamW` step (betas 0.9/0.999, eps 1e-8, decoupled weight decay).
 
@@ -14,7 +16,8 @@ Writes a safetensors file with every parameter after the last step under its HF 
 
 CI never runs it (the virtual env lives outside the checkout; see bench_moe_torch.py). It
 wrote `tests/fixtures/mixtral_train_reference.safetensors`, which `tests/mixtral_train.rs`
-compares our runs with.
+compares our runs with, and with a batch file with labels and an attention mask,
+`tests/fixtures/mixtral_train_padded_reference.safetensors`.
 """
 
 import argparse
@@ -51,7 +54,11 @@ def main():
     model.train()
     # No dropout in Mixtral's config by default; routing jitter is off.
     with open(a.batch) as f:
-        ids = torch.tensor(json.load(f)["batch"], dtype=torch.long)
+        batch = json.load(f)
+    ids = torch.tensor(batch["batch"], dtype=torch.long)
+    labels = torch.tensor(batch["labels"], dtype=torch.long) if "labels" in batch else ids
+    mask = batch.get("attention_mask")
+    mask = torch.tensor(mask, dtype=torch.long) if mask is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay
@@ -59,7 +66,7 @@ def main():
     out = {}
     for i in range(a.steps):
         opt.zero_grad()
-        res = model(input_ids=ids, labels=ids)
+        res = model(input_ids=ids, attention_mask=mask, labels=labels)
         res.loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, a.clip)
         out[f"loss.{i}"] = res.loss.detach().clone().reshape(())

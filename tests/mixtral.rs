@@ -416,7 +416,7 @@ fn the_loss_ignores_the_prompt_tokens() -> Result<()> {
                 let model = Mixtral::new(&cfg, vb, mesh.ep(), mesh.tp(), Dispatch::AllReduce)?;
                 let ids = Tensor::new(&tokens, &Device::Cpu)?.unsqueeze(0)?;
                 let l = Tensor::new(&labels, &Device::Cpu)?.unsqueeze(0)?;
-                let masked = model.losses_labeled(&ids, Some(&l), false)?.ce_loss;
+                let masked = model.losses_labeled(&ids, Some(&l), None, false)?.ce_loss;
                 let full = model.losses(&ids, false)?.ce_loss;
                 let logits = model.forward(&ids, 0, None)?.squeeze(0)?;
                 Ok((masked.to_scalar::<f32>()?, full.to_scalar::<f32>()?, logits))
@@ -588,6 +588,7 @@ fn micro_batches_with_uneven_completions_give_the_whole_batch_gradient() -> Resu
                 labels: &labels,
                 global_tokens: counted_targets(&labels)?,
                 replicas: 1,
+                attention_mask: None,
             };
             let vars: Vec<_> = vb.params().iter().map(|p| p.var.clone()).collect();
             let g = model.batch_grads(&vars, &ids, Some(&targets), micro_batches, ctx.comm())?;

@@ -51,6 +51,26 @@ fn batch_json() -> String {
     serde_json::json!({ "batch": rows }).to_string()
 }
 
+/// The batch of [`batch_json`] as instruction data: row r keeps 9 − r mod 4 tokens and is
+/// padded with 0 (`attention_mask` 0 there), and the labels leave out each row's first two
+/// tokens (a "prompt") and the padding (-100).
+fn padded_batch_json() -> String {
+    let v: serde_json::Value = serde_json::from_str(&batch_json()).unwrap();
+    let mut rows: Vec<Vec<i64>> = serde_json::from_value(v["batch"].clone()).unwrap();
+    let (mut mask, mut labels) = (Vec::new(), Vec::new());
+    for (i, r) in rows.iter_mut().enumerate() {
+        let n = 9 - i % 4;
+        r[n..].fill(0);
+        mask.push((0..9).map(|j| u8::from(j < n)).collect::<Vec<_>>());
+        labels.push(
+            (0..9)
+                .map(|j| if (2..n).contains(&j) { r[j] } else { -100 })
+                .collect::<Vec<_>>(),
+        );
+    }
+    serde_json::json!({ "batch": rows, "labels": labels, "attention_mask": mask }).to_string()
+}
+
 /// A model directory and a batch file.
 fn setup(name: &str) -> (PathBuf, PathBuf) {
     let dir = tmp(name);
@@ -164,6 +184,46 @@ fn one_device_matches_transformers_and_torch_adamw() -> Result<()> {
     let want = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu)?;
     let got = train(&model, &batch, &dir.join("out.safetensors"), &[]);
     assert_same_run("dp=1 vs transformers", &got, &want, &initial(&model), 1e-5)?;
+    std::fs::remove_dir_all(dir).unwrap();
+    Ok(())
+}
+
+/// Instruction data with padding, against transformers (`labels` with -100, `attention_mask`
+/// with 0 on the padding: HF leaves padding out of the load-balancing loss; the fixture fails
+/// if it counts, as it did before). Layouts that keep the batch whole (pipeline stages, tp,
+/// ZeRO 3) compute the same with the aux loss; those that split it (dp, micro-batches: the
+/// loss is the mean over the global batch's counted labels) without it.
+#[test]
+fn padded_instruction_batch_matches_transformers_and_every_layout() -> Result<()> {
+    let (model, _) = setup("padded");
+    let dir = model.parent().unwrap().to_path_buf();
+    let batch = dir.join("padded.json");
+    std::fs::write(&batch, padded_batch_json()).unwrap();
+    let before = initial(&model);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mixtral_train_padded_reference.safetensors");
+    let want = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu)?;
+    let one = train(&model, &batch, &dir.join("one.safetensors"), &[]);
+    assert_same_run("padded, dp=1 vs transformers", &one, &want, &before, 1e-5)?;
+    for args in [
+        &["--pp", "2"][..],
+        &["--tp", "2", "--pp", "2"],
+        &["--zero", "3"],
+    ] {
+        let got = train(&model, &batch, &dir.join("layout.safetensors"), args);
+        assert_same_run(&format!("padded, {args:?}"), &got, &one, &before, 1e-5)?;
+    }
+    let aux0 = ["--aux-coef", "0"];
+    let base = train(&model, &batch, &dir.join("base.safetensors"), &aux0);
+    for args in [
+        &["--dp", "2"][..],
+        &["--dp", "2", "--micro-batches", "2", "--pp", "2"],
+        &["--ep", "2", "--tp", "2", "--zero", "3"],
+    ] {
+        let args = [args, &aux0[..]].concat();
+        let got = train(&model, &batch, &dir.join("layout.safetensors"), &args);
+        assert_same_run(&format!("padded, {args:?}"), &got, &base, &before, 1e-5)?;
+    }
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
 }
@@ -411,6 +471,36 @@ fn bad_training_input_is_a_clear_error() {
         e.contains("row 1, position 1: token id 64 is out of the vocabulary (size 64)"),
         "{e}"
     );
+    let left = dir.join("left.json");
+    std::fs::write(
+        &left,
+        r#"{"batch": [[1, 2, 3], [4, 5, 6]], "attention_mask": [[1, 1, 1], [0, 1, 1]]}"#,
+    )
+    .unwrap();
+    let e = run(&left, &[]);
+    assert!(
+        e.contains("attention_mask row 1 is [0, 1, 1]") && e.contains("padding at the end"),
+        "{e}"
+    );
+    let short = dir.join("short.json");
+    std::fs::write(
+        &short,
+        r#"{"batch": [[1, 2, 3], [4, 5, 6]], "labels": [[1, 2, 3], [4, 5]]}"#,
+    )
+    .unwrap();
+    let e = run(&short, &[]);
+    assert!(
+        e.contains("\"labels\" must have the batch's shape, 2 rows of 3"),
+        "{e}"
+    );
+    let label = dir.join("label.json");
+    std::fs::write(
+        &label,
+        r#"{"batch": [[1, 2, 3], [4, 5, 6]], "labels": [[1, 2, 3], [4, -1, 6]]}"#,
+    )
+    .unwrap();
+    let e = run(&label, &[]);
+    assert!(e.contains("labels row 1, position 1: -1 is neither"), "{e}");
     let bad = dir.join("bad.json");
     std::fs::write(&bad, r#"{"rows": [[1, 2]]}"#).unwrap();
     let e = run(&bad, &[]);

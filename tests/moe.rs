@@ -472,3 +472,82 @@ fn combine_into_adds_rows_in_order_and_refuses_bad_input() -> Result<()> {
     assert!(bad.contains("contiguous: false"), "{bad}");
     Ok(())
 }
+
+/// HF's load-balancing loss with an attention mask is the loss over the kept tokens alone
+/// (value and gradient into the router logits; padding gets none), per-token sums passed
+/// between two groups of layers (pipeline stages) give the same loss, and bad masks are
+/// clear errors.
+#[test]
+fn masked_load_balancing_loss_counts_only_the_kept_tokens() -> Result<()> {
+    use candle_parallel::moe::{
+        hf_load_balancing_loss, hf_load_balancing_loss_masked,
+        hf_load_balancing_loss_of_token_sums, hf_load_balancing_token_sums,
+    };
+    let (n, e, k, layers) = (12, 6, 2, 3);
+    let vars: Vec<Var> = (0..layers)
+        .map(|l| Var::from_tensor(&seeded(&[n, e], 70 + l as u64, DType::F32)?))
+        .collect::<Result<_>>()?;
+    let logits: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let keep: Vec<u32> = (0..n as u32).filter(|i| i % 4 != 3).collect();
+    let mask: Vec<u8> = (0..n).map(|i| u8::from(i % 4 != 3)).collect();
+    let mask = Tensor::from_vec(mask, (3, 4), &Device::Cpu)?;
+    let masked = hf_load_balancing_loss_masked(&logits, Some(&mask), e, k)?;
+    let idx = Tensor::new(keep.as_slice(), &Device::Cpu)?;
+    let kept: Vec<Tensor> = logits
+        .iter()
+        .map(|l| l.index_select(&idx, 0))
+        .collect::<Result<_>>()?;
+    let want = hf_load_balancing_loss(&kept, e, k)?;
+    close(&masked, &want, "masked loss");
+    let unmasked = hf_load_balancing_loss(&logits, e, k)?;
+    assert!(
+        max_rel_err(&masked, &unmasked)? > 1e-3,
+        "the mask must change the loss"
+    );
+    let (gm, gw) = (masked.backward()?, want.backward()?);
+    for v in &vars {
+        let g = gm.get(v.as_tensor()).unwrap();
+        // The unmasked loss of the kept rows sends nothing to the others either.
+        close(g, gw.get(v.as_tensor()).unwrap(), "grad");
+        let pad = Tensor::new(&[3u32, 7, 11], &Device::Cpu)?;
+        assert_eq!(
+            g.index_select(&pad, 0)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+            0.0
+        );
+    }
+    // Two stages: layers 0 and 1..3, their per-token sums added.
+    let (p0, f0) = hf_load_balancing_token_sums(&logits[..1], e, k)?;
+    let (p1, f1) = hf_load_balancing_token_sums(&logits[1..], e, k)?;
+    let staged =
+        hf_load_balancing_loss_of_token_sums(&(p0 + p1)?, &(f0 + f1)?, Some(&mask), layers)?;
+    close(&staged, &masked, "two stages");
+
+    let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+    let e1 = err(hf_load_balancing_loss_masked(
+        &logits,
+        Some(&Tensor::ones(5, DType::U8, &Device::Cpu)?),
+        e,
+        k,
+    ));
+    assert!(
+        e1.contains("attention mask of shape [5] for 12 tokens"),
+        "{e1}"
+    );
+    let e2 = err(hf_load_balancing_loss_masked(
+        &logits,
+        Some(&Tensor::zeros(n, DType::U8, &Device::Cpu)?),
+        e,
+        k,
+    ));
+    assert!(e2.contains("keeps no token"), "{e2}");
+    let e3 = err(hf_load_balancing_loss(
+        &[logits[0].clone(), logits[1].narrow(0, 0, 5)?],
+        e,
+        k,
+    ));
+    assert!(e3.contains("layer 1 have shape [5, 6]"), "{e3}");
+    Ok(())
+}

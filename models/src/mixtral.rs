@@ -17,8 +17,8 @@ use candle_parallel::checkpoint::{ParallelVarBuilder, Param};
 use candle_parallel::data_parallel::BatchGroups;
 use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
-    hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, moe_layer,
-    Dispatch, MoeLayer, MoeStats, RouterConfig,
+    hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
+    hf_load_balancing_token_sums, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
 use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
 use candle_parallel::zero::ShardedModule;
@@ -264,11 +264,12 @@ impl Mixtral {
     }
 
     /// The length of the packed tensor that stages pass for `b` sequences of `s` tokens:
-    /// `[b, s]`, the hidden states, the summed router probabilities (`E`) and the choice counts
-    /// (`k · E`).
+    /// `[b, s]`, the hidden states, and each token's router probabilities (`E`) and choice
+    /// counts (`k · E`) summed over the layers so far (per token, so that the last stage can
+    /// leave padding out of the load-balancing loss).
     pub fn stage_activation_len(&self, b: usize, s: usize) -> usize {
         let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
-        2 + b * s * self.cfg.hidden_size + e + k * e
+        2 + b * s * (self.cfg.hidden_size + e + k * e)
     }
 
     /// One stage's computation (positions from 0): token ids `[b, s]` (first stage) or the
@@ -283,8 +284,9 @@ impl Mixtral {
         let (mut x, b, s, p_in, f_in) = match &self.embed {
             Some(embed) if self.is_first_stage() => {
                 let (b, s) = input.dims2()?;
-                let zeros = Tensor::zeros(e, candle_core::DType::F32, input.device())?;
-                let counts = Tensor::zeros((k, e), candle_core::DType::F32, input.device())?;
+                let zeros = Tensor::zeros((b * s, e), candle_core::DType::F32, input.device())?;
+                let counts =
+                    Tensor::zeros((b * s, k * e), candle_core::DType::F32, input.device())?;
                 (embed.forward(input)?, b, s, zeros, counts)
             }
             _ => {
@@ -306,15 +308,17 @@ impl Mixtral {
                         .to_dtype(self.rope.0.dtype())?,
                     b,
                     s,
-                    input.narrow(0, 2 + n, e)?,
-                    input.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?,
+                    input.narrow(0, 2 + n, b * s * e)?.reshape((b * s, e))?,
+                    input
+                        .narrow(0, 2 + n + b * s * e, b * s * k * e)?
+                        .reshape((b * s, k * e))?,
                 )
             }
         };
         let (router_logits, _) = self.blocks_forward_with_stats(&mut x, 0, None, train)?;
         let x_out = x;
-        let (p, f, _) = hf_load_balancing_sums(&router_logits, e, k)?;
-        let (p, f) = ((p_in + p)?, (f_in + f)?.flatten_all()?);
+        let (p, f) = hf_load_balancing_token_sums(&router_logits, e, k)?;
+        let (p, f) = ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?);
         let body = match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
                 head.forward(&ops::rms_norm(&x_out, norm, self.cfg.rms_norm_eps)?)?
@@ -331,15 +335,17 @@ impl Mixtral {
     /// rank's logit columns, HF's load-balancing loss over every layer, their weighted sum, and
     /// the gathered logits `[b, s, vocab]`.
     pub fn stage_losses(&self, out: &Tensor, ids: &Tensor) -> Result<(MixtralLosses, Tensor)> {
-        self.stage_losses_labeled(out, ids, None)
+        self.stage_losses_labeled(out, ids, None, None)
     }
 
-    /// [`Mixtral::stage_losses`] with `labels` (see [`Mixtral::losses_labeled`]).
+    /// [`Mixtral::stage_losses`] with `labels` and `attention_mask` (see
+    /// [`Mixtral::losses_labeled`]).
     pub fn stage_losses_labeled(
         &self,
         out: &Tensor,
         ids: &Tensor,
         labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
     ) -> Result<(MixtralLosses, Tensor)> {
         let Some(head) = &self.lm_head else {
             bail!("stage_losses: this stage has no head (it is not the last pipeline stage)")
@@ -352,6 +358,7 @@ impl Mixtral {
             out,
             ids,
             labels,
+            attention_mask,
         )
     }
 
@@ -443,23 +450,29 @@ impl Mixtral {
     /// Next-token cross-entropy, the HF load-balancing loss and their weighted sum, for `ids`
     /// (`[b, s]`, s ≥ 2), computed on the vocabulary shards.
     pub fn losses(&self, ids: &Tensor, train: bool) -> Result<MixtralLosses> {
-        self.losses_labeled(ids, None, train)
+        self.losses_labeled(ids, None, None, train)
     }
 
-    /// [`Mixtral::losses`] with the cross-entropy over the positions `labels` (`[b, s]`,
-    /// i64, HF's convention) does not mark [`crate::llama::IGNORE_INDEX`] only: the loss of
-    /// instruction tuning, where the prompt does not count.
+    /// [`Mixtral::losses`] with HF's `labels` and `attention_mask`: the cross-entropy over
+    /// the positions `labels` (`[b, s]`, i64) does not mark [`crate::llama::IGNORE_INDEX`] (the
+    /// loss of instruction tuning, where the prompt does not count), and the load-balancing
+    /// loss over the tokens `attention_mask` (`[b, s]`, 1 for a token, 0 for padding) keeps,
+    /// as HF leaves padding out of it. Padding goes at the end of a row: causal attention
+    /// then keeps it out of every real token's output.
     pub fn losses_labeled(
         &self,
         ids: &Tensor,
         labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<MixtralLosses> {
         check_next_token_ids(ids)?;
+        check_attention_mask(attention_mask, ids)?;
         let (logits, router_logits, stats) = self.forward_shard(ids, 0, None, train)?;
         let ce_loss = next_token_loss(&logits, ids, labels, self.cfg.vocab_size, &self.tp)?;
-        let aux_loss = hf_load_balancing_loss(
+        let aux_loss = hf_load_balancing_loss_masked(
             &router_logits,
+            attention_mask,
             self.cfg.num_local_experts,
             self.cfg.num_experts_per_tok,
         )?;
@@ -505,6 +518,10 @@ pub struct Targets<'a> {
     pub global_tokens: usize,
     /// Replicas the global batch is split over (dp × ep with all-to-all dispatch).
     pub replicas: usize,
+    /// HF's `attention_mask` of this rank's rows (`[b, s]`: 1 for a token, 0 for padding at
+    /// the end of a row), which leaves padding out of the load-balancing loss; `None`: no
+    /// padding.
+    pub attention_mask: Option<&'a Tensor>,
 }
 
 /// The counted targets of `labels` (`[b, s]`): positions past the first not ignored.
@@ -547,15 +564,14 @@ impl Mixtral {
         micro_batches: usize,
         pp: &Comm,
     ) -> Result<BatchGrads> {
-        let (mbs, lbs, weights) = micro_batches_of(ids, targets, micro_batches)?;
-        let label = |i: usize| lbs.as_ref().map(|l| &l[i]);
+        let mb = MicroBatches::new(ids, targets, micro_batches)?;
         let m = micro_batches as f64;
         if pp.size() == 1 {
-            return accumulate(vars, &mbs, &weights, |i, mb| {
-                self.losses_labeled(mb, label(i), true)
+            return accumulate(vars, &mb, |i, ids| {
+                self.losses_labeled(ids, mb.label(i), mb.mask(i), true)
             });
         }
-        let (b, s) = mbs[0].dims2()?;
+        let (b, s) = mb.ids[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
         let out = candle_parallel::pipeline::run_step(
             pp,
@@ -565,14 +581,14 @@ impl Mixtral {
                 train: true,
             }],
             vars,
-            &mbs,
+            &mb.ids,
             (
                 &candle_core::Shape::from(self.stage_activation_len(b, s)),
                 candle_core::DType::F32,
             ),
             &|i, y| {
-                let (l, _) = self.stage_losses_labeled(y, &mbs[i], label(i))?;
-                let l = weighted(l, weights[i])?;
+                let (l, _) = self.stage_losses_labeled(y, &mb.ids[i], mb.label(i), mb.mask(i))?;
+                let l = weighted(l, mb.weights[i])?;
                 let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
                 values.lock().unwrap_or_else(|e| e.into_inner())[i] =
                     [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
@@ -599,6 +615,7 @@ impl Mixtral {
 
 /// The losses from a last stage's packed output for `ids` (see [`Mixtral::stage_losses`]):
 /// `cols` logit columns on this rank, cast back to `dtype`.
+#[allow(clippy::too_many_arguments)]
 fn losses_of_packed(
     cfg: &MixtralConfig,
     tp: &Comm,
@@ -607,13 +624,15 @@ fn losses_of_packed(
     out: &Tensor,
     ids: &Tensor,
     labels: Option<&Tensor>,
+    attention_mask: Option<&Tensor>,
 ) -> Result<(MixtralLosses, Tensor)> {
     check_next_token_ids(ids)?;
+    check_attention_mask(attention_mask, ids)?;
     let (b, s) = ids.dims2()?;
     let (e, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
     let n = b * s * cols;
     let header = out.narrow(0, 0, 2)?.to_vec1::<f32>()?;
-    if out.dims1()? != 2 + n + e + k * e || header != [b as f32, s as f32] {
+    if out.dims1()? != 2 + n + b * s * (e + k * e) || header != [b as f32, s as f32] {
         bail!(
             "stage_losses: the last stage's output ({} values for {} x {} tokens) does not belong to ids of shape {:?}",
             out.dims1()?,
@@ -626,11 +645,13 @@ fn losses_of_packed(
         .narrow(0, 2, n)?
         .reshape((b, s, cols))?
         .to_dtype(dtype)?;
-    let p = out.narrow(0, 2 + n, e)?;
-    let f = out.narrow(0, 2 + n + e, k * e)?.reshape((k, e))?;
+    let p = out.narrow(0, 2 + n, b * s * e)?.reshape((b * s, e))?;
+    let f = out
+        .narrow(0, 2 + n + b * s * e, b * s * k * e)?
+        .reshape((b * s, k * e))?;
     let ce_loss = next_token_loss(&logits, ids, labels, cfg.vocab_size, tp)?;
-    let tokens = b * s * cfg.num_hidden_layers;
-    let aux_loss = hf_load_balancing_loss_of_sums(&p, &f.detach(), tokens)?;
+    let aux_loss =
+        hf_load_balancing_loss_of_token_sums(&p, &f, attention_mask, cfg.num_hidden_layers)?;
     let loss = (&ce_loss + (&aux_loss * cfg.router_aux_loss_coef)?)?;
     let full =
         ops::gather_from_group(&logits, D::Minus1, tp)?.narrow(D::Minus1, 0, cfg.vocab_size)?;
@@ -645,34 +666,72 @@ fn losses_of_packed(
     ))
 }
 
-/// `ids` (and the labels) in `micro_batches` equal parts, and each part's weight of its mean
-/// cross-entropy: its counted tokens' share of the global batch's, times the micro-batches
-/// and replicas the gradients are averaged over (1 without targets).
-#[allow(clippy::type_complexity)]
-fn micro_batches_of(
-    ids: &Tensor,
-    targets: Option<&Targets>,
-    micro_batches: usize,
-) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>, Vec<f64>)> {
-    let split = |t: &Tensor| candle_parallel::pipeline::split_batch(t, micro_batches);
-    let mbs = split(ids)?;
-    let Some(t) = targets else {
-        return Ok((mbs, None, vec![1.0; micro_batches]));
-    };
-    if t.global_tokens == 0 {
-        bail!("the global batch has no counted target (every label is ignored)")
+/// An attention mask must have the shape of the ids it goes with.
+fn check_attention_mask(mask: Option<&Tensor>, ids: &Tensor) -> Result<()> {
+    match mask {
+        Some(m) if m.dims() != ids.dims() => bail!(
+            "attention_mask of shape {:?} for ids of shape {:?}: give one 1 (token) or 0 (padding) \
+             per id",
+            m.dims(),
+            ids.dims()
+        ),
+        _ => Ok(()),
     }
-    let lbs = split(t.labels)?;
-    let weights = lbs
-        .iter()
-        .map(|l| {
-            Ok(
-                counted_targets(l)? as f64 * (micro_batches * t.replicas) as f64
-                    / t.global_tokens as f64,
-            )
+}
+
+/// A batch in micro-batches: ids, labels and attention masks in equal parts, and each part's
+/// weight of its mean cross-entropy.
+struct MicroBatches {
+    ids: Vec<Tensor>,
+    labels: Option<Vec<Tensor>>,
+    masks: Option<Vec<Tensor>>,
+    weights: Vec<f64>,
+}
+
+impl MicroBatches {
+    /// `ids` (and the targets) in `micro_batches` equal parts; a part's weight is its counted
+    /// tokens' share of the global batch's, times the micro-batches and replicas the gradients
+    /// are averaged over (1 without targets).
+    fn new(ids: &Tensor, targets: Option<&Targets>, micro_batches: usize) -> Result<Self> {
+        let split = |t: &Tensor| candle_parallel::pipeline::split_batch(t, micro_batches);
+        let mbs = split(ids)?;
+        let Some(t) = targets else {
+            return Ok(Self {
+                ids: mbs,
+                labels: None,
+                masks: None,
+                weights: vec![1.0; micro_batches],
+            });
+        };
+        if t.global_tokens == 0 {
+            bail!("the global batch has no counted target (every label is ignored)")
+        }
+        check_attention_mask(t.attention_mask, ids)?;
+        let lbs = split(t.labels)?;
+        let weights = lbs
+            .iter()
+            .map(|l| {
+                Ok(
+                    counted_targets(l)? as f64 * (micro_batches * t.replicas) as f64
+                        / t.global_tokens as f64,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            ids: mbs,
+            labels: Some(lbs),
+            masks: t.attention_mask.map(split).transpose()?,
+            weights,
         })
-        .collect::<Result<_>>()?;
-    Ok((mbs, Some(lbs), weights))
+    }
+
+    fn label(&self, i: usize) -> Option<&Tensor> {
+        self.labels.as_ref().map(|l| &l[i])
+    }
+
+    fn mask(&self, i: usize) -> Option<&Tensor> {
+        self.masks.as_ref().map(|m| &m[i])
+    }
 }
 
 /// The losses with the cross-entropy weighted by `w` (the aux loss as it was).
@@ -693,16 +752,15 @@ fn weighted(l: MixtralLosses, w: f64) -> Result<MixtralLosses> {
 /// summed without synchronising.
 fn accumulate(
     vars: &[Var],
-    mbs: &[Tensor],
-    weights: &[f64],
+    mb: &MicroBatches,
     losses: impl Fn(usize, &Tensor) -> Result<MixtralLosses>,
 ) -> Result<BatchGrads> {
-    let m = mbs.len() as f64;
+    let m = mb.ids.len() as f64;
     let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
     let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
     let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
-    for (i, mb) in mbs.iter().enumerate() {
-        let l = weighted(losses(i, mb)?, weights[i])?;
+    for (i, ids) in mb.ids.iter().enumerate() {
+        let l = weighted(losses(i, ids)?, mb.weights[i])?;
         let store = l.loss.backward()?;
         let g: Vec<Option<Tensor>> = vars
             .iter()
@@ -790,15 +848,30 @@ impl ShardedMixtral {
         self.units.iter().collect()
     }
 
-    /// The losses for `ids` (`[b, s]`; `labels` as [`Mixtral::losses_labeled`]) and the
-    /// gathered logits `[b, s, vocab]`.
-    pub fn losses(&self, ids: &Tensor, labels: Option<&Tensor>) -> Result<(MixtralLosses, Tensor)> {
+    /// The losses for `ids` (`[b, s]`; `labels` and `attention_mask` as
+    /// [`Mixtral::losses_labeled`]) and the gathered logits `[b, s, vocab]`.
+    pub fn losses(
+        &self,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(MixtralLosses, Tensor)> {
+        check_attention_mask(attention_mask, ids)?;
         let mut x = ids.clone();
         for u in &self.units {
             x = u.forward(&x)?;
         }
         let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
-        losses_of_packed(&self.cfg, &self.tp, cols, self.dtype, &x, ids, labels)
+        losses_of_packed(
+            &self.cfg,
+            &self.tp,
+            cols,
+            self.dtype,
+            &x,
+            ids,
+            labels,
+            attention_mask,
+        )
     }
 
     /// As [`Mixtral::batch_grads`] without pipeline stages: the gradients (for `vars`, e.g.
@@ -811,9 +884,9 @@ impl ShardedMixtral {
         targets: Option<&Targets>,
         micro_batches: usize,
     ) -> Result<BatchGrads> {
-        let (mbs, lbs, weights) = micro_batches_of(ids, targets, micro_batches)?;
-        accumulate(vars, &mbs, &weights, |i, mb| {
-            Ok(self.losses(mb, lbs.as_ref().map(|l| &l[i]))?.0)
+        let mb = MicroBatches::new(ids, targets, micro_batches)?;
+        accumulate(vars, &mb, |i, ids| {
+            Ok(self.losses(ids, mb.label(i), mb.mask(i))?.0)
         })
     }
 }

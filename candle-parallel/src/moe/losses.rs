@@ -5,51 +5,119 @@ use crate::ops;
 use candle_core::{bail, DType, Result, Tensor, D};
 
 /// Hugging Face Mixtral's `load_balancing_loss_func`: over the router logits of all layers
-/// (concatenated), `E · Σ_{k,e} f[k,e] · P[e]` with `f` the fraction of tokens whose k-th choice
-/// is `e` and `P` the mean softmax probability. Unscaled (multiply by `router_aux_loss_coef`).
+/// (each `[N, E]` for the same `N` tokens), `E · Σ_e f[e] · P[e]` with `f` the fraction of
+/// top-k choices that are `e` and `P` the mean softmax probability. Unscaled (multiply by
+/// `router_aux_loss_coef`). [`hf_load_balancing_loss_masked`] leaves padding out, as HF does
+/// with an attention mask.
 pub fn hf_load_balancing_loss(
     logits: &[Tensor],
     num_experts: usize,
     top_k: usize,
 ) -> Result<Tensor> {
-    let (p, f, n) = hf_load_balancing_sums(logits, num_experts, top_k)?;
-    hf_load_balancing_loss_of_sums(&p, &f, n)
+    hf_load_balancing_loss_masked(logits, None, num_experts, top_k)
 }
 
-/// The sums behind [`hf_load_balancing_loss`] for some of the layers (say, one pipeline
-/// stage's): `(p, f, n)` with `p` (`[E]`, differentiable) the summed softmax probabilities,
-/// `f` (`[k, E]`, constant) the counts of tokens whose k-th choice is `e`, and `n` the tokens
-/// counted. Sums over disjoint sets of layers add up; [`hf_load_balancing_loss_of_sums`]
-/// turns the totals into the loss.
-pub fn hf_load_balancing_sums(
+/// [`hf_load_balancing_loss`] over the tokens `mask` keeps (`[N]` or any shape of `N`
+/// elements: 1 for a token, 0 for padding; HF's `attention_mask`), as HF computes it when
+/// given an attention mask: the fractions and mean probabilities are over the kept tokens of
+/// every layer.
+pub fn hf_load_balancing_loss_masked(
+    logits: &[Tensor],
+    mask: Option<&Tensor>,
+    num_experts: usize,
+    top_k: usize,
+) -> Result<Tensor> {
+    let (p, f) = hf_load_balancing_token_sums(logits, num_experts, top_k)?;
+    hf_load_balancing_loss_of_token_sums(&p, &f, mask, logits.len())
+}
+
+/// The per-token sums behind [`hf_load_balancing_loss`] over some of the layers (say, one
+/// pipeline stage's): `(p, f)` with `p` (`[N, E]`, differentiable) each token's softmax
+/// probabilities summed over the layers and `f` (`[N, k·E]`, constant) how many layers made
+/// `e` the token's k-th choice. Sums over disjoint sets of layers add up (stages pass them
+/// on); [`hf_load_balancing_loss_of_token_sums`] turns the totals into the loss, leaving out
+/// padding only then, where the mask is known.
+pub fn hf_load_balancing_token_sums(
     logits: &[Tensor],
     num_experts: usize,
     top_k: usize,
-) -> Result<(Tensor, Tensor, usize)> {
-    if logits.is_empty() {
-        bail!("hf_load_balancing_sums: no router logits")
+) -> Result<(Tensor, Tensor)> {
+    let Some(first) = logits.first() else {
+        bail!("hf_load_balancing_token_sums: no router logits")
+    };
+    let n = first.dim(0)?;
+    let ids =
+        Tensor::arange(0u32, num_experts as u32, first.device())?.reshape((1, 1, num_experts))?;
+    let (mut p, mut f) = (None::<Tensor>, None::<Tensor>);
+    for (i, l) in logits.iter().enumerate() {
+        if l.dims() != [n, num_experts] {
+            bail!(
+                "hf_load_balancing_token_sums: router logits of layer {i} have shape {:?}, expected \
+                 [{n}, {num_experts}] like the first layer's",
+                l.dims()
+            )
+        }
+        let probs = ops::softmax_last_dim(&l.to_dtype(DType::F32)?)?;
+        let chosen = probs
+            .detach()
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, top_k)?; // [N, k]
+        let counts = chosen
+            .unsqueeze(2)?
+            .broadcast_eq(&ids)?
+            .to_dtype(DType::F32)?
+            .reshape((n, top_k * num_experts))?;
+        p = Some(match p {
+            Some(p) => (p + probs)?,
+            None => probs,
+        });
+        f = Some(match f {
+            Some(f) => (f + counts)?,
+            None => counts,
+        });
     }
-    let all = Tensor::cat(logits, 0)?.to_dtype(DType::F32)?;
-    let probs = ops::softmax_last_dim(&all)?;
-    let chosen = probs
-        .detach()
-        .arg_sort_last_dim(false)?
-        .narrow(1, 0, top_k)?; // [N, k]
-    let ids = Tensor::arange(0u32, num_experts as u32, all.device())?;
-    let counts = chosen
-        .unsqueeze(2)?
-        .broadcast_eq(&ids.reshape((1, 1, num_experts))?)?
-        .to_dtype(DType::F32)?
-        .sum(0)?; // [k, E]
-    Ok((probs.sum(0)?, counts, all.dim(0)?))
+    Ok((p.expect("a layer"), f.expect("a layer")))
 }
 
-/// [`hf_load_balancing_loss`] from the summed probabilities `p` (`[E]`), counts `f`
-/// (`[k, E]`) and token count `n` of every layer (see [`hf_load_balancing_sums`]).
-pub fn hf_load_balancing_loss_of_sums(p: &Tensor, f: &Tensor, n: usize) -> Result<Tensor> {
-    let num_experts = p.dim(0)?;
-    let n = n as f64;
-    (f / n)?.broadcast_mul(&(p / n)?.unsqueeze(0)?)?.sum_all()? * num_experts as f64
+/// [`hf_load_balancing_loss`] from the per-token sums `p` (`[N, E]`) and `f` (`[N, k·E]`) over
+/// `layers` layers (see [`hf_load_balancing_token_sums`]), over the tokens `mask` keeps (see
+/// [`hf_load_balancing_loss_masked`]; `None`: all).
+pub fn hf_load_balancing_loss_of_token_sums(
+    p: &Tensor,
+    f: &Tensor,
+    mask: Option<&Tensor>,
+    layers: usize,
+) -> Result<Tensor> {
+    let (n, num_experts) = p.dims2()?;
+    let k = f.dim(1)? / num_experts.max(1);
+    if f.dims() != [n, k * num_experts] || k == 0 {
+        bail!(
+            "hf_load_balancing_loss: choice counts of shape {:?} do not go with probabilities of \
+             shape {:?} (expected [{n}, k · {num_experts}])",
+            f.dims(),
+            p.dims()
+        )
+    }
+    let (p, f, kept) = match mask {
+        None => (p.sum(0)?, f.sum(0)?, n as f64),
+        Some(m) => {
+            if m.elem_count() != n {
+                bail!(
+                    "hf_load_balancing_loss: an attention mask of shape {:?} for {n} tokens",
+                    m.dims()
+                )
+            }
+            let m = m.flatten_all()?.to_dtype(DType::F32)?.reshape((1, n))?;
+            let kept = m.sum_all()?.to_scalar::<f32>()? as f64;
+            if kept == 0.0 {
+                bail!("hf_load_balancing_loss: the attention mask keeps no token")
+            }
+            (m.matmul(p)?.squeeze(0)?, m.matmul(f)?.squeeze(0)?, kept)
+        }
+    };
+    let total = kept * layers as f64;
+    let f = (f.reshape((k, num_experts))?.detach() / total)?;
+    f.broadcast_mul(&(p / total)?.unsqueeze(0)?)?.sum_all()? * num_experts as f64
 }
 
 /// Router z-loss: mean over tokens of `logsumexp(logits)²`.

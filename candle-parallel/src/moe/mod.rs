@@ -5,7 +5,7 @@
 //!   on the logits then softmax (Megatron), sigmoid scores, no renormalisation, a capacity
 //!   factor with token dropping (by lowest probability or by position), input jitter.
 //! - Auxiliary losses: [`hf_load_balancing_loss`] (Hugging Face Mixtral's, one loss over all
-//!   layers), [`MoeAux::switch_aux_loss`] (Switch / Megatron, per layer), router z-loss.
+//!   layers; [`hf_load_balancing_loss_masked`] leaves padding out, as HF's attention mask does), [`MoeAux::switch_aux_loss`] (Switch / Megatron, per layer), router z-loss.
 //! - [`MoeLayer`]: SwiGLU experts (`w2(silu(w1 x) · w3 x)`), each rank holding its experts
 //!   (w1/w3 column-parallel and w2 row-parallel over tp), with a [`TokenDispatcher`]
 //!   ([`Dispatch`] names the built-in ones):
@@ -40,8 +40,8 @@ pub use dispatcher::{
 pub use experts::{Expert, LocalExperts};
 pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
 pub use losses::{
-    hf_load_balancing_loss, hf_load_balancing_loss_of_sums, hf_load_balancing_sums, router_z_loss,
-    switch_aux_loss,
+    hf_load_balancing_loss, hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
+    hf_load_balancing_token_sums, router_z_loss, switch_aux_loss,
 };
 pub use plan::{plan_tokens, Plan};
 pub use router::{DropPolicy, Router, RouterConfig, Routing, Scoring};
