@@ -777,7 +777,7 @@ fn main() -> Result<()> {
         let root = (pp - 1) * ep * tp.size();
         // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank, through the
         // pipeline stages (a forward and a discarded backward).
-        let through_stages = |ids: &Tensor, labels: Option<&Tensor>| -> Result<(Tensor, f32)> {
+        let through_stages = |ids: &Tensor, labels: Option<&Tensor>, mask: Option<&Tensor>| -> Result<(Tensor, f32)> {
             let Model::Whole(model) = &model else {
                 candle_core::bail!("pipeline stages hold whole parameters (ZeRO 3 is refused with pp)")
             };
@@ -791,7 +791,7 @@ fn main() -> Result<()> {
                 std::slice::from_ref(ids),
                 (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
                 &|_, y| {
-                    let (l, logits) = model.stage_losses_labeled(y, ids, labels, None)?;
+                    let (l, logits) = model.stage_losses_labeled(y, ids, labels, mask)?;
                     *kept.lock().unwrap() = Some((logits.to_dtype(DType::F32)?, l.ce_loss.to_dtype(DType::F32)?.unsqueeze(0)?));
                     l.loss * 0.0
                 },
@@ -814,7 +814,7 @@ fn main() -> Result<()> {
                     let logits = match (&model, pp) {
                         (Model::Sharded(m), _) => m.losses(&prompts, None, None)?.1,
                         (Model::Whole(m), 1) => m.forward(&prompts, 0, None)?,
-                        _ => through_stages(&prompts, None)?.0,
+                        _ => through_stages(&prompts, None, None)?.0,
                     };
                     let guess = logits.narrow(1, 3, 1)?.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
                     let right = guess.iter().zip(problems).filter(|(g, p)| **g == p[4]).count();
@@ -827,7 +827,7 @@ fn main() -> Result<()> {
                     let ce = match (&model, pp) {
                         (Model::Sharded(m), _) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), Some(&mask), false)?.ce_loss,
-                        _ => Tensor::new(through_stages(&rows, Some(&labels))?.1, ctx.device())?,
+                        _ => Tensor::new(through_stages(&rows, Some(&labels), Some(&mask))?.1, ctx.device())?,
                     }
                     .to_dtype(DType::F32)?
                     .to_scalar::<f32>()?;
@@ -840,7 +840,7 @@ fn main() -> Result<()> {
                     let ce = match (&model, pp) {
                         (Model::Sharded(m), _) => m.losses(&rows, None, None)?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses(&rows, false)?.ce_loss,
-                        _ => Tensor::new(through_stages(&rows, None)?.1, ctx.device())?,
+                        _ => Tensor::new(through_stages(&rows, None, None)?.1, ctx.device())?,
                     }
                     .to_dtype(DType::F32)?
                     .to_scalar::<f32>()?;

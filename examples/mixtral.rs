@@ -90,9 +90,10 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
         /// JSON file `{"batch": [[token ids], ...]}`: every row the same length (≥ 2).
-        /// Optionally `"labels"` (HF's: -100 where the loss does not count; default the ids)
-        /// and `"attention_mask"` (1 for a token, 0 for padding at the end of a row; padding
-        /// stays out of the load-balancing loss), both of the batch's shape.
+        /// Optionally `"labels"` (HF's: -100 where the loss does not count, and past the first
+        /// padded position; default the ids, -100 on padding) and `"attention_mask"` (1 for a
+        /// token, 0 for padding at the end of a row; padding stays out of the load-balancing
+        /// loss), both of the batch's shape.
         #[arg(long)]
         batch: PathBuf,
         /// Optimizer steps, each over the whole batch.
@@ -430,11 +431,10 @@ fn run_train(command: Command) -> Result<()> {
         // With labels or a mask, the cross-entropy is the mean over the global batch's counted
         // labels (HF's), and padding stays out of the load-balancing loss.
         let mine = |t: &Tensor| t.narrow(0, replica * per, per);
-        let global_labels = match (&labels, &attention_mask) {
-            (None, None) => None,
-            (Some(l), _) => Some(Tensor::new(l.clone(), ctx.device())?),
-            (None, Some(_)) => Some(Tensor::new(rows.clone(), ctx.device())?.to_dtype(DType::I64)?),
-        };
+        let global_labels = labels
+            .as_ref()
+            .map(|l| Tensor::new(l.clone(), ctx.device()))
+            .transpose()?;
         let my_labels = global_labels.as_ref().map(mine).transpose()?;
         let my_mask = attention_mask
             .as_ref()
@@ -601,8 +601,23 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
             }
         }
     }
+    let mut labels = file.labels;
     if let Some(mask) = &file.attention_mask {
         same_shape("attention_mask", mask.iter().map(Vec::len).collect())?;
+        if labels.is_none() {
+            // The ids, with padding ignored (as HF's collators label it).
+            labels = Some(
+                rows.iter()
+                    .zip(mask)
+                    .map(|(r, m)| {
+                        r.iter()
+                            .zip(m)
+                            .map(|(&t, &m)| if m == 1 { t as i64 } else { -100 })
+                            .collect()
+                    })
+                    .collect(),
+            );
+        }
         for (i, r) in mask.iter().enumerate() {
             let tokens = r.iter().take_while(|&&m| m == 1).count();
             if tokens == 0 || r[tokens..].iter().any(|&m| m != 0) {
@@ -617,7 +632,7 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
     }
     Ok(Batch {
         rows,
-        labels: file.labels,
+        labels,
         attention_mask: file.attention_mask,
     })
 }

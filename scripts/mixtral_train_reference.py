@@ -56,9 +56,15 @@ def main():
     with open(a.batch) as f:
         batch = json.load(f)
     ids = torch.tensor(batch["batch"], dtype=torch.long)
-    labels = torch.tensor(batch["labels"], dtype=torch.long) if "labels" in batch else ids
     mask = batch.get("attention_mask")
     mask = torch.tensor(mask, dtype=torch.long) if mask is not None else None
+    if "labels" in batch:
+        labels = torch.tensor(batch["labels"], dtype=torch.long)
+    elif mask is not None:
+        # As HF's collators label padding (and `mixtral train` defaults to).
+        labels = ids.masked_fill(mask == 0, -100)
+    else:
+        labels = ids
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay

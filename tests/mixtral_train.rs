@@ -213,6 +213,16 @@ fn padded_instruction_batch_matches_transformers_and_every_layout() -> Result<()
         let got = train(&model, &batch, &dir.join("layout.safetensors"), args);
         assert_same_run(&format!("padded, {args:?}"), &got, &one, &before, 1e-5)?;
     }
+    // Two replicas and two micro-batches split the batch alike (rows 0-3 and 4-7), each
+    // with its rows' mask, so their aux losses agree.
+    let dp2 = train(&model, &batch, &dir.join("dp2.safetensors"), &["--dp", "2"]);
+    let mb2 = train(
+        &model,
+        &batch,
+        &dir.join("mb2.safetensors"),
+        &["--micro-batches", "2", "--pp", "2", "--zero", "1"],
+    );
+    assert_same_run("padded, dp=2 vs micro-batches=2", &mb2, &dp2, &before, 1e-5)?;
     let aux0 = ["--aux-coef", "0"];
     let base = train(&model, &batch, &dir.join("base.safetensors"), &aux0);
     for args in [
@@ -501,6 +511,26 @@ fn bad_training_input_is_a_clear_error() {
     .unwrap();
     let e = run(&label, &[]);
     assert!(e.contains("labels row 1, position 1: -1 is neither"), "{e}");
+    let counted = dir.join("counted.json");
+    std::fs::write(
+        &counted,
+        r#"{"batch": [[1, 2, 0, 0], [4, 5, 6, 7]], "attention_mask": [[1, 1, 0, 0], [1, 1, 1, 1]],
+            "labels": [[1, 2, 0, 0], [4, 5, 6, 7]]}"#,
+    )
+    .unwrap();
+    let e = run(&counted, &[]);
+    assert!(
+        e.contains("labels row 0, position 3: 0 would be predicted from padding"),
+        "{e}"
+    );
+    // Without labels, the ids with the padding ignored.
+    let unlabelled = dir.join("unlabelled.json");
+    std::fs::write(
+        &unlabelled,
+        r#"{"batch": [[1, 2, 0, 0], [4, 5, 6, 7]], "attention_mask": [[1, 1, 0, 0], [1, 1, 1, 1]]}"#,
+    )
+    .unwrap();
+    train(&model, &unlabelled, &dir.join("o.safetensors"), &[]);
     let bad = dir.join("bad.json");
     std::fs::write(&bad, r#"{"rows": [[1, 2]]}"#).unwrap();
     let e = run(&bad, &[]);

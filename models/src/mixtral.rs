@@ -9,7 +9,7 @@
 use crate::block::DecoderBlock;
 use crate::llama::{
     check_next_token_ids, next_token_loss, rope_tables, stage_embedding, stage_ends,
-    stage_norm_and_head, KvCache, LlamaConfig,
+    stage_norm_and_head, KvCache, LlamaConfig, IGNORE_INDEX,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, Var, D};
@@ -467,7 +467,7 @@ impl Mixtral {
         train: bool,
     ) -> Result<MixtralLosses> {
         check_next_token_ids(ids)?;
-        check_attention_mask(attention_mask, ids)?;
+        check_attention_mask(attention_mask, ids, labels)?;
         let (logits, router_logits, stats) = self.forward_shard(ids, 0, None, train)?;
         let ce_loss = next_token_loss(&logits, ids, labels, self.cfg.vocab_size, &self.tp)?;
         let aux_loss = hf_load_balancing_loss_masked(
@@ -627,7 +627,7 @@ fn losses_of_packed(
     attention_mask: Option<&Tensor>,
 ) -> Result<(MixtralLosses, Tensor)> {
     check_next_token_ids(ids)?;
-    check_attention_mask(attention_mask, ids)?;
+    check_attention_mask(attention_mask, ids, labels)?;
     let (b, s) = ids.dims2()?;
     let (e, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
     let n = b * s * cols;
@@ -666,17 +666,50 @@ fn losses_of_packed(
     ))
 }
 
-/// An attention mask must have the shape of the ids it goes with.
-fn check_attention_mask(mask: Option<&Tensor>, ids: &Tensor) -> Result<()> {
-    match mask {
-        Some(m) if m.dims() != ids.dims() => bail!(
+/// An attention mask must have the shape of the ids it goes with and pad only at the end of
+/// a row (1s, at least one, then 0s): causal attention keeps end padding away from the real
+/// tokens, so only then are their outputs HF's (this model does not mask attention keys). A
+/// label predicted from padding (past the first padded position) must be ignored (-100, as
+/// HF's collators set it): HF predicts it from other hidden states.
+fn check_attention_mask(
+    mask: Option<&Tensor>,
+    ids: &Tensor,
+    labels: Option<&Tensor>,
+) -> Result<()> {
+    let Some(m) = mask else {
+        return Ok(());
+    };
+    if m.dims() != ids.dims() {
+        bail!(
             "attention_mask of shape {:?} for ids of shape {:?}: give one 1 (token) or 0 (padding) \
              per id",
             m.dims(),
             ids.dims()
-        ),
-        _ => Ok(()),
+        )
     }
+    let rows = m.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    let labels = labels.map(|l| l.to_vec2::<i64>()).transpose()?;
+    for (i, r) in rows.iter().enumerate() {
+        let n = r.iter().take_while(|&&v| v == 1.0).count();
+        if n == 0 || r[n..].iter().any(|&v| v != 0.0) {
+            bail!(
+                "attention_mask row {i} is {r:?}: each row must be 1s (at least one) then 0s, \
+                 padding at the end (left padding and holes are not supported)"
+            )
+        }
+        if let Some((j, l)) = labels.as_ref().and_then(|l| {
+            l[i].iter()
+                .enumerate()
+                .skip(n + 1)
+                .find(|(_, &l)| l != IGNORE_INDEX)
+        }) {
+            bail!(
+                "labels row {i}, position {j}: {l} would be predicted from padding (the attention \
+                 mask keeps {n} tokens): set it to {IGNORE_INDEX}, as HF's collators do"
+            )
+        }
+    }
+    Ok(())
 }
 
 /// A batch in micro-batches: ids, labels and attention masks in equal parts, and each part's
@@ -706,7 +739,7 @@ impl MicroBatches {
         if t.global_tokens == 0 {
             bail!("the global batch has no counted target (every label is ignored)")
         }
-        check_attention_mask(t.attention_mask, ids)?;
+        check_attention_mask(t.attention_mask, ids, Some(t.labels))?;
         let lbs = split(t.labels)?;
         let weights = lbs
             .iter()
@@ -856,7 +889,7 @@ impl ShardedMixtral {
         labels: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<(MixtralLosses, Tensor)> {
-        check_attention_mask(attention_mask, ids)?;
+        check_attention_mask(attention_mask, ids, labels)?;
         let mut x = ids.clone();
         for u in &self.units {
             x = u.forward(&x)?;

@@ -89,6 +89,9 @@ pub fn hf_load_balancing_loss_of_token_sums(
     layers: usize,
 ) -> Result<Tensor> {
     let (n, num_experts) = p.dims2()?;
+    if layers == 0 {
+        bail!("hf_load_balancing_loss: sums over 0 layers")
+    }
     let k = f.dim(1)? / num_experts.max(1);
     if f.dims() != [n, k * num_experts] || k == 0 {
         bail!(
