@@ -52,6 +52,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod fused;
 mod sharded;
 
 pub use sharded::ShardedModule;
@@ -437,6 +438,8 @@ impl ZeroOptimizer {
         // Summed on the device, read once: every bucket's reduction is enqueued as soon as it
         // is packed, with no host wait in between (NCCL runs them back to back).
         let mut sq = Tensor::zeros((), DType::F64, &device)?;
+        // On the CPU, summed on the host in one pass (no squared copy of each parameter).
+        let mut sq_host = 0f64;
         for b in &self.buckets {
             let n = b.comm.as_ref().map_or(1, Comm::size);
             let part = match &b.home {
@@ -471,8 +474,14 @@ impl ZeroOptimizer {
             let share = if stage >= 1 { n as f64 } else { 1.0 };
             for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
                 let x = part.narrow(0, lo - b.start, hi - lo)?;
-                let v = x.sqr()?.sum_all()?.to_dtype(DType::F64)?;
-                sq = (sq + (v * (share / self.infos[s.info].holders))?)?;
+                let weight = share / self.infos[s.info].holders;
+                match fused::sum_of_squares(&x)? {
+                    Some(v) => sq_host += v * weight,
+                    None => {
+                        let v = x.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+                        sq = (sq + (v * weight)?)?;
+                    }
+                }
             }
             parts.push(part);
         }
@@ -480,7 +489,7 @@ impl ZeroOptimizer {
         let scale = 1.0 / self.replicas as f64;
         let sq = self
             .world
-            .all_reduce(&sq.reshape(1)?, ReduceOp::Sum)?
+            .all_reduce(&(sq + sq_host)?.reshape(1)?, ReduceOp::Sum)?
             .to_vec1::<f64>()?[0];
         let norm = sq.sqrt() * scale;
         let factor = max_norm.map_or(1.0, |m| clip_factor(norm, m));
@@ -494,7 +503,92 @@ impl ZeroOptimizer {
         let c = self.cfg.adamw;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        let fused_step = fused::AdamWStep {
+            cfg: c,
+            bias1: bc1,
+            bias2: bc2,
+            grad_scale: scale * factor,
+        };
         for (b, gp) in self.buckets.iter_mut().zip(parts) {
+            // Whole f32 parameters that need no gathering (stage 0, or a group of one) are
+            // updated in place, parameter by parameter: no copy out and back.
+            let mut in_place = Vec::new();
+            if let (None, Home::Whole { .. }, true) =
+                (&b.master, &b.home, stage == 0 || b.comm.is_none())
+            {
+                for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
+                    let var = self.vars[self.whole[s.info].expect("a whole parameter")].as_tensor();
+                    if !fused::applies(&[var, &gp, &b.exp_avg, &b.exp_avg_sq]) {
+                        in_place.clear();
+                        break;
+                    }
+                    let view = var.flatten_all()?.narrow(0, lo - s.offset, hi - lo)?;
+                    in_place.push((view, lo - b.start));
+                }
+            }
+            if !in_place.is_empty() {
+                for (w, at) in &in_place {
+                    let len = w.elem_count();
+                    for c0 in (0..len).step_by(ADAMW_CHUNK) {
+                        let n = ADAMW_CHUNK.min(len - c0);
+                        let slice = |t: &Tensor| t.narrow(0, at + c0, n);
+                        fused::adamw_in_place(
+                            &slice(&b.exp_avg)?,
+                            &slice(&b.exp_avg_sq)?,
+                            &w.narrow(0, c0, n)?,
+                            &slice(&gp)?,
+                            &fused_step,
+                        )?;
+                    }
+                }
+                continue;
+            }
+            // On the CPU in f32: the weights updated in place where they are (the master
+            // copy, the shard, or a copy of the whole parameters that is then written back).
+            let target = match (&b.master, &b.home) {
+                (Some(m), _) => Some(m.clone()),
+                (None, Home::Whole { .. }) => Some(flat_of_vars(
+                    &self.vars,
+                    &self.whole,
+                    &b.segs,
+                    b.start,
+                    b.len,
+                )?),
+                (None, Home::Shard { var, offset }) => {
+                    Some(self.vars[*var].as_tensor().narrow(0, *offset, b.len)?)
+                }
+            }
+            .filter(|w| fused::applies(&[w, &gp, &b.exp_avg, &b.exp_avg_sq]));
+            if let Some(w) = target {
+                for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
+                    let n = ADAMW_CHUNK.min(b.len - c0);
+                    let slice = |t: &Tensor| t.narrow(0, c0, n);
+                    fused::adamw_in_place(
+                        &slice(&b.exp_avg)?,
+                        &slice(&b.exp_avg_sq)?,
+                        &slice(&w)?,
+                        &slice(&gp)?,
+                        &fused_step,
+                    )?;
+                    if let (Some(_), Home::Shard { var, offset }) = (&b.master, &b.home) {
+                        let shard = self.vars[*var].as_tensor();
+                        shard.slice_set(&slice(&w)?.to_dtype(shard.dtype())?, 0, offset + c0)?;
+                    }
+                }
+                if let Home::Whole { .. } = b.home {
+                    write_whole(
+                        &self.vars,
+                        &self.whole,
+                        &self.infos,
+                        &b.segs,
+                        b.start,
+                        &w,
+                        b.comm.as_ref(),
+                        stage,
+                    )?;
+                }
+                continue;
+            }
             // The weights the update reads: the master copy, or the parameters themselves.
             let w_in = match (&b.master, &b.home) {
                 (Some(m), _) => m.clone(),
