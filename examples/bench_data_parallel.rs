@@ -5,7 +5,10 @@
 //!    (forward, backward, gradient reduction, clipping, AdamW; median over `--reps`) and the
 //!    bytes each rank holds for parameters, gradients and optimizer state (counted from the
 //!    tensors), next to the ZeRO paper's formula for the same Ψ.
-//! 2. **The bucket all-reduce**, in place as the gradient buckets use it, at 16 to 256 MiB on
+//! 2. **The optimizer step alone** at dp 1, stages 0 to 2: the CPU's fused passes (the
+//!    default) against candle's composite ops (`ZeroConfig::fused = false`, what GPUs run),
+//!    alternating on the same gradients.
+//! 3. **The bucket all-reduce**, in place as the gradient buckets use it, at 16 to 256 MiB on
 //!    2 ranks: bus bandwidth (nccl-tests' `2(n−1)/n × size / time`) against a memcpy measured
 //!    in the same run, the out-of-place all-reduce, and, with `--torch PYTHON`, PyTorch's gloo
 //!    (`scripts/bench_allreduce_torch.py`, 2 processes).
@@ -63,7 +66,7 @@ struct Args {
     /// All-reduce sizes in MiB.
     #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
     sizes_mib: Vec<usize>,
-    /// Skip the training-step table.
+    /// Skip the training-step and optimizer-step tables.
     #[arg(long)]
     no_steps: bool,
     /// A Python with torch: also time gloo's all-reduce.
@@ -141,6 +144,52 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             .map(|(t, _)| t.local.elem_count())
             .sum();
         Ok((median(times), opt.memory(), psi))
+    })?;
+    Ok(out[0])
+}
+
+/// Median seconds of the optimizer step alone at dp 1 and `stage`: fused passes, composite
+/// ops (two optimizers over two copies of the model, stepping alternately on the same
+/// gradients).
+fn optimizer_secs(a: &Args, stage: u8) -> Result<(f64, f64)> {
+    let cfg = config(a);
+    let out = Launcher::new(1).mesh(MeshShape::new()).run(|ctx| {
+        let mesh = ctx.mesh()?;
+        let build = |fused: bool| -> Result<(Mixtral, ZeroOptimizer)> {
+            let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
+            let m = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+            let zero = ZeroConfig {
+                stage,
+                fused,
+                ..Default::default()
+            };
+            Ok((
+                m,
+                ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], zero)?,
+            ))
+        };
+        let (model, mut fused) = build(true)?;
+        let (_, mut composite) = build(false)?;
+        let ids: Vec<Vec<u32>> = (0..a.batch)
+            .map(|i| {
+                (0..a.seq)
+                    .map(|j| ((i * 131 + j * 31) % cfg.vocab_size) as u32)
+                    .collect()
+            })
+            .collect();
+        let vars = fused.vars().to_vec();
+        let g = model.batch_grads(&vars, &Tensor::new(ids, &Device::Cpu)?, None, 1, mesh.pp())?;
+        let (mut tf, mut tc) = (Vec::new(), Vec::new());
+        for rep in 0..=a.reps {
+            for (opt, times) in [(&mut fused, &mut tf), (&mut composite, &mut tc)] {
+                let t = Instant::now();
+                opt.step(&g.grads, Some(1.0))?;
+                if rep > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+        }
+        Ok((median(tf), median(tc)))
     })?;
     Ok(out[0])
 }
@@ -274,6 +323,33 @@ fn main() -> Result<()> {
                 mib(m.optimizer_bytes),
                 mib(m.total()),
                 formula / (1 << 20) as f64
+            );
+        }
+
+        let stages: Vec<u8> = a.stages.iter().copied().filter(|&s| s <= 2).collect();
+        let bar = ProgressBar::new(stages.len() as u64).with_style(style.clone());
+        let mut rows = Vec::new();
+        for &stage in &stages {
+            bar.set_message(format!("optimizer step, zero={stage}"));
+            rows.push((stage, optimizer_secs(&a, stage)?));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        println!(
+            "\nThe optimizer step alone (gradient norm, clipping, AdamW), dp 1, {} M parameters, median of {} steps each, alternating:",
+            psi as f64 / 1e6,
+            a.reps
+        );
+        println!(
+            "\n| ZeRO | fused passes (ms) | candle's composite ops (ms) | fused / composite |"
+        );
+        println!("|---:|---:|---:|---:|");
+        for (stage, (f, c)) in rows {
+            println!(
+                "| {stage} | {:.1} | {:.1} | {:.2}x |",
+                f * 1e3,
+                c * 1e3,
+                f / c
             );
         }
     }

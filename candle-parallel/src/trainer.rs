@@ -211,6 +211,7 @@ impl Trainer {
                 lr: cfg.lr.at(1),
                 ..cfg.adamw
             },
+            ..ZeroConfig::default()
         }
     }
 

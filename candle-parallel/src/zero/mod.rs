@@ -77,6 +77,11 @@ pub struct ZeroConfig {
     /// Bucket size in bytes of f32 (DDP's 25 MiB by default).
     pub bucket_bytes: usize,
     pub adamw: AdamWConfig,
+    /// On the CPU, the step's element-wise work as fused passes in place (AdamW, the gradient
+    /// norm; stage 0 updates f32 parameters where they live). `false` runs candle's composite
+    /// ops, as on GPUs: the same numbers to float rounding, several times slower on the CPU
+    /// (kept for comparison: `bench_data_parallel` times both).
+    pub fused: bool,
 }
 
 impl Default for ZeroConfig {
@@ -85,6 +90,7 @@ impl Default for ZeroConfig {
             stage: 0,
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             adamw: AdamWConfig::default(),
+            fused: true,
         }
     }
 }
@@ -475,7 +481,12 @@ impl ZeroOptimizer {
             for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
                 let x = part.narrow(0, lo - b.start, hi - lo)?;
                 let weight = share / self.infos[s.info].holders;
-                match fused::sum_of_squares(&x)? {
+                let on_host = if self.cfg.fused {
+                    fused::sum_of_squares(&x)?
+                } else {
+                    None
+                };
+                match on_host {
                     Some(v) => sq_host += v * weight,
                     None => {
                         let v = x.sqr()?.sum_all()?.to_dtype(DType::F64)?;
@@ -513,9 +524,12 @@ impl ZeroOptimizer {
             // Whole f32 parameters that need no gathering (stage 0, or a group of one) are
             // updated in place, parameter by parameter: no copy out and back.
             let mut in_place = Vec::new();
-            if let (None, Home::Whole { .. }, true) =
-                (&b.master, &b.home, stage == 0 || b.comm.is_none())
-            {
+            if let (None, Home::Whole { .. }, true, true) = (
+                &b.master,
+                &b.home,
+                stage == 0 || b.comm.is_none(),
+                self.cfg.fused,
+            ) {
                 for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
                     let var = self.vars[self.whole[s.info].expect("a whole parameter")].as_tensor();
                     if !fused::applies(&[var, &gp, &b.exp_avg, &b.exp_avg_sq]) {
@@ -546,6 +560,8 @@ impl ZeroOptimizer {
             // On the CPU in f32: the weights updated in place where they are (the master
             // copy, the shard, or a copy of the whole parameters that is then written back).
             let target = match (&b.master, &b.home) {
+                // (Checked first so that no copy is made for nothing, e.g. on a GPU.)
+                _ if !self.cfg.fused || !fused::applies(&[&gp, &b.exp_avg, &b.exp_avg_sq]) => None,
                 (Some(m), _) => Some(m.clone()),
                 (None, Home::Whole { .. }) => Some(flat_of_vars(
                     &self.vars,
