@@ -248,7 +248,7 @@ fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
                 let got = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
                     let mesh = ctx.mesh()?;
                     let batch = BatchGroups::new(mesh, &[MeshDim::Dp])?;
-                    let mut run = |fused: bool| -> Result<(Vec<f64>, Vec<Tensor>)> {
+                    let run = |fused: bool| -> Result<(Vec<f64>, Vec<Tensor>)> {
                         let vb = ParallelVarBuilder::from_init(5, dtype, &Device::Cpu).trainable();
                         let tp = mesh.tp().clone();
                         let build =
