@@ -5,8 +5,9 @@
 //!    (forward, backward, gradient reduction, clipping, AdamW; median over `--reps`) and the
 //!    bytes each rank holds for parameters, gradients and optimizer state (counted from the
 //!    tensors), next to the ZeRO paper's formula for the same Ψ.
-//! 2. **The optimizer step alone** at dp 1, stages 0 to 2: the CPU's fused passes (the
-//!    default) against candle's composite ops (`ZeroConfig::fused = false`, what GPUs run),
+//! 2. **The optimizer step alone** at dp 1 (stage 0) and dp 2 (stages 0 to 2: the partition
+//!    updated in a copy and all-gathered from stage 1): the CPU's fused passes (the default)
+//!    against candle's composite ops (`ZeroConfig::fused = false`, what GPUs run),
 //!    alternating on the same gradients.
 //! 3. **The bucket all-reduce**, in place as the gradient buckets use it, at 16 to 256 MiB on
 //!    2 ranks: bus bandwidth (nccl-tests' `2(n−1)/n × size / time`) against a memcpy measured
@@ -148,12 +149,12 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
     Ok(out[0])
 }
 
-/// Median seconds of the optimizer step alone at dp 1 and `stage`: fused passes, composite
+/// Median seconds of the optimizer step alone at `dp` and `stage`: fused passes, composite
 /// ops (two optimizers over two copies of the model, stepping alternately on the same
 /// gradients).
-fn optimizer_secs(a: &Args, stage: u8) -> Result<(f64, f64)> {
+fn optimizer_secs(a: &Args, dp: usize, stage: u8) -> Result<(f64, f64)> {
     let cfg = config(a);
-    let out = Launcher::new(1).mesh(MeshShape::new()).run(|ctx| {
+    let out = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
         let mesh = ctx.mesh()?;
         let build = |fused: bool| -> Result<(Mixtral, ZeroOptimizer)> {
             let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
@@ -170,10 +171,12 @@ fn optimizer_secs(a: &Args, stage: u8) -> Result<(f64, f64)> {
         };
         let (model, mut fused) = build(true)?;
         let (_, mut composite) = build(false)?;
-        let ids: Vec<Vec<u32>> = (0..a.batch)
+        let per = a.batch / dp;
+        let ids: Vec<Vec<u32>> = (0..per)
             .map(|i| {
+                let row = mesh.dp().rank() * per + i;
                 (0..a.seq)
-                    .map(|j| ((i * 131 + j * 31) % cfg.vocab_size) as u32)
+                    .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
                     .collect()
             })
             .collect();
@@ -182,6 +185,7 @@ fn optimizer_secs(a: &Args, stage: u8) -> Result<(f64, f64)> {
         let (mut tf, mut tc) = (Vec::new(), Vec::new());
         for rep in 0..=a.reps {
             for (opt, times) in [(&mut fused, &mut tf), (&mut composite, &mut tc)] {
+                ctx.comm().barrier()?;
                 let t = Instant::now();
                 opt.step(&g.grads, Some(1.0))?;
                 if rep > 0 {
@@ -326,27 +330,30 @@ fn main() -> Result<()> {
             );
         }
 
-        let stages: Vec<u8> = a.stages.iter().copied().filter(|&s| s <= 2).collect();
-        let bar = ProgressBar::new(stages.len() as u64).with_style(style.clone());
+        let runs: Vec<(usize, u8)> = [(1, 0), (2, 0), (2, 1), (2, 2)]
+            .into_iter()
+            .filter(|(d, s)| a.batch % d == 0 && a.stages.contains(s))
+            .collect();
+        let bar = ProgressBar::new(runs.len() as u64).with_style(style.clone());
         let mut rows = Vec::new();
-        for &stage in &stages {
-            bar.set_message(format!("optimizer step, zero={stage}"));
-            rows.push((stage, optimizer_secs(&a, stage)?));
+        for &(dp, stage) in &runs {
+            bar.set_message(format!("optimizer step, dp={dp} zero={stage}"));
+            rows.push((dp, stage, optimizer_secs(&a, dp, stage)?));
             bar.inc(1);
         }
         bar.finish_and_clear();
         println!(
-            "\nThe optimizer step alone (gradient norm, clipping, AdamW), dp 1, {} M parameters, median of {} steps each, alternating:",
+            "\nThe optimizer step alone (gradient norm, clipping, AdamW, gathering), {} M parameters, median of {} steps each, alternating:",
             psi as f64 / 1e6,
             a.reps
         );
         println!(
-            "\n| ZeRO | fused passes (ms) | candle's composite ops (ms) | fused / composite |"
+            "\n| dp | ZeRO | fused passes (ms) | candle's composite ops (ms) | fused / composite |"
         );
-        println!("|---:|---:|---:|---:|");
-        for (stage, (f, c)) in rows {
+        println!("|---:|---:|---:|---:|---:|");
+        for (dp, stage, (f, c)) in rows {
             println!(
-                "| {stage} | {:.1} | {:.1} | {:.2}x |",
+                "| {dp} | {stage} | {:.1} | {:.1} | {:.2}x |",
                 f * 1e3,
                 c * 1e3,
                 f / c

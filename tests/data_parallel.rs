@@ -239,7 +239,9 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
 /// The CPU's fused optimizer step (AdamW in place, f32 parameters updated where they live at
 /// stage 0, the norm in one pass) computes what candle's composite ops compute (the path GPUs
 /// take), at every stage, in f32 and bf16 (master weights), at dp 1 and 2: the same norms and
-/// parameters after three steps, to float rounding.
+/// parameters after three steps, to float rounding. Odd sizes in one bucket (so parameters
+/// start at odd offsets and dp 2 pads the bucket), one weight longer than the step's 1 Mi
+/// element slices.
 #[test]
 fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
@@ -251,26 +253,29 @@ fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
                     let run = |fused: bool| -> Result<(Vec<f64>, Vec<Tensor>)> {
                         let vb = ParallelVarBuilder::from_init(5, dtype, &Device::Cpu).trainable();
                         let tp = mesh.tp().clone();
-                        let build =
-                            move |vb: ParallelVarBuilder| column_parallel_linear(40, 40, vb, &tp);
+                        let dims = [(41, 1000), (1000, 1100), (1100, 39)];
+                        let build = move |i: usize, vb: ParallelVarBuilder| {
+                            column_parallel_linear(dims[i].0, dims[i].1, vb, &tp)
+                        };
                         let mut units = Vec::new();
                         let mut plain = Vec::new();
                         for i in 0..3 {
                             if stage == 3 {
+                                let build = build.clone();
                                 units.push(ShardedModule::new(
                                     &format!("fc{i}"),
                                     &vb.pp(i),
                                     &batch,
                                     mesh,
-                                    build.clone(),
+                                    move |vb| build(i, vb),
                                 )?);
                             } else {
-                                plain.push(build(vb.pp(i))?);
+                                plain.push(build(i, vb.pp(i))?);
                             }
                         }
                         let cfg = ZeroConfig {
                             stage,
-                            bucket_bytes: 4096,
+                            bucket_bytes: 1 << 26,
                             fused,
                             adamw: candle_parallel::optim::AdamWConfig {
                                 lr: 1e-2,
@@ -286,7 +291,7 @@ fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
                         let mut norms = Vec::new();
                         for step in 0..3 {
                             let scale = 1.0 + (mesh.dp().rank() + step) as f64;
-                            let mut x = (Tensor::ones((2, 40), dtype, &Device::Cpu)? * scale)?;
+                            let mut x = (Tensor::ones((2, 41), dtype, &Device::Cpu)? * scale)?;
                             for i in 0..3 {
                                 x = if stage == 3 {
                                     units[i].forward(&x)?
@@ -312,8 +317,14 @@ fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
                     // bf16: a last-bit difference of a master weight can round a parameter the
                     // other way, and the next steps see it.
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+                    // The composite norm sums a million squares in f32 (candle's sum), the fused
+                    // one in f64: some 1e-5 apart.
+                    let norm_tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
                     for (a, b) in nf.iter().zip(nc) {
-                        assert!((a - b).abs() <= tol * b.abs(), "{what}: norm {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= norm_tol * b.abs(),
+                            "{what}: norm {a} vs {b}"
+                        );
                     }
                     assert_eq!(pf.len(), pc.len(), "{what}");
                     for (a, b) in pf.iter().zip(pc) {

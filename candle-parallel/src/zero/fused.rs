@@ -1,7 +1,8 @@
 //! The optimizer step's element-wise work as single passes on the CPU: AdamW's moment and
 //! weight updates written in place (candle's composite takes a dozen passes, each into a
 //! fresh buffer) and the gradient's sum of squares without a squared copy. The step runs
-//! them on 4 MiB slices, so that the three passes over a slice find it in cache.
+//! them on slices of 1 Mi elements, so that the later passes over a slice find the moments
+//! and gradient it touches (about 20 MiB) in the last-level cache.
 
 use crate::optim::AdamWConfig;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout};
@@ -42,9 +43,11 @@ pub(super) fn adamw_in_place(
     if [m, v, w].iter().any(|t| t.elem_count() != n) || !applies(&[m, v, w, g]) {
         bail!(
             "zero: the fused AdamW pass takes contiguous f32 CPU slices of one length (moments \
-             {:?} {:?}, weights {:?} {:?}, gradient {:?} {:?})",
+             {:?} {:?} and {:?} {:?}, weights {:?} {:?}, gradient {:?} {:?})",
             m.dims(),
             m.dtype(),
+            v.dims(),
+            v.dtype(),
             w.dims(),
             w.dtype(),
             g.dims(),
@@ -98,11 +101,12 @@ impl InplaceOp2 for Moment {
         let (m, g) = (slice_mut(m, lm, "moment")?, slice(g, lg, "gradient")?);
         let scale = self.step.grad_scale as f32;
         let (beta, second) = if self.second {
-            (self.step.cfg.beta2 as f32, true)
+            (self.step.cfg.beta2, true)
         } else {
-            (self.step.cfg.beta1 as f32, false)
+            (self.step.cfg.beta1, false)
         };
-        let rest = 1.0 - beta;
+        // The constants rounded from f64, as candle's scalar ops (and PyTorch) round them.
+        let (rest, beta) = ((1.0 - beta) as f32, beta as f32);
         m.par_chunks_mut(TASK)
             .zip(g.par_chunks(TASK))
             .for_each(|(m, g)| {
@@ -138,12 +142,13 @@ impl InplaceOp3 for Weights {
         let c = self.0.cfg;
         let decay = (1.0 - c.lr * c.weight_decay) as f32;
         let (lr, eps) = (c.lr as f32, c.eps as f32);
-        let (b1, b2) = (self.0.bias1 as f32, self.0.bias2 as f32);
+        // Bias corrections as reciprocals, as candle's `t / x` computes `t · (1/x)`.
+        let (inv1, inv2) = ((1.0 / self.0.bias1) as f32, (1.0 / self.0.bias2) as f32);
         w.par_chunks_mut(TASK)
             .zip(m.par_chunks(TASK).zip(v.par_chunks(TASK)))
             .for_each(|(w, (m, v))| {
                 for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                    *w = *w * decay - lr * ((m / b1) / ((v / b2).sqrt() + eps));
+                    *w = *w * decay - lr * ((m * inv1) / ((v * inv2).sqrt() + eps));
                 }
             });
         Ok(())

@@ -78,9 +78,10 @@ pub struct ZeroConfig {
     pub bucket_bytes: usize,
     pub adamw: AdamWConfig,
     /// On the CPU, the step's element-wise work as fused passes in place (AdamW, the gradient
-    /// norm; stage 0 updates f32 parameters where they live). `false` runs candle's composite
-    /// ops, as on GPUs: the same numbers to float rounding, several times slower on the CPU
-    /// (kept for comparison: `bench_data_parallel` times both).
+    /// norm; whole f32 parameters that need no gathering, as at stage 0, are updated where
+    /// they live). `false` runs candle's composite ops, as on GPUs: the same numbers to float
+    /// rounding, several times slower on the CPU (kept for comparison: `bench_data_parallel`
+    /// times both).
     pub fused: bool,
 }
 
@@ -262,6 +263,17 @@ impl ZeroOptimizer {
     ) -> Result<Self> {
         let device = mesh.world().device().clone();
         let zeros = |len: usize| Tensor::zeros(len, DType::F32, &device);
+        // One variable under two names would be updated twice (in place, twice as far).
+        let mut seen = std::collections::HashMap::new();
+        for p in &params {
+            if let Some(first) = seen.insert(p.var.as_tensor().id(), &p.name) {
+                bail!(
+                    "ZeroOptimizer: {first} and {} are the same variable; give each parameter once \
+                     (tie weights by using one name)",
+                    p.name
+                )
+            }
+        }
         let mut infos: Vec<Info> = params.iter().map(|p| Info::of(p, mesh)).collect();
         let mut vars: Vec<Var> = params.iter().map(|p| p.var.clone()).collect();
         let mut whole: Vec<Option<usize>> = (0..params.len()).map(Some).collect();
@@ -527,7 +539,7 @@ impl ZeroOptimizer {
             if let (None, Home::Whole { .. }, true, true) = (
                 &b.master,
                 &b.home,
-                stage == 0 || b.comm.is_none(),
+                stage == 0 || b.comm.as_ref().map_or(1, Comm::size) == 1,
                 self.cfg.fused,
             ) {
                 for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
