@@ -93,6 +93,20 @@ fn config(a: &Args) -> MixtralConfig {
     }
 }
 
+/// Replica `rank`'s rows of the global batch (`[batch / dp, seq]` token ids).
+fn replica_ids(a: &Args, cfg: &MixtralConfig, dp: usize, rank: usize) -> Result<Tensor> {
+    let per = a.batch / dp;
+    let ids: Vec<Vec<u32>> = (0..per)
+        .map(|i| {
+            let row = rank * per + i;
+            (0..a.seq)
+                .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
+                .collect()
+        })
+        .collect();
+    Tensor::new(ids, &Device::Cpu)
+}
+
 /// (median step seconds, memory of rank 0, Ψ = parameters per replica).
 fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
     let cfg = config(a);
@@ -114,16 +128,7 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             (Some(m), None, opt)
         };
         let vars = opt.vars().to_vec();
-        let per = a.batch / dp;
-        let ids: Vec<Vec<u32>> = (0..per)
-            .map(|i| {
-                let row = mesh.dp().rank() * per + i;
-                (0..a.seq)
-                    .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
-                    .collect()
-            })
-            .collect();
-        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let ids = replica_ids(a, &cfg, dp, mesh.dp().rank())?;
         let mut times = Vec::new();
         for rep in 0..=a.reps {
             ctx.comm().barrier()?;
@@ -171,17 +176,9 @@ fn optimizer_secs(a: &Args, dp: usize, stage: u8) -> Result<(f64, f64)> {
         };
         let (model, mut fused) = build(true)?;
         let (_, mut composite) = build(false)?;
-        let per = a.batch / dp;
-        let ids: Vec<Vec<u32>> = (0..per)
-            .map(|i| {
-                let row = mesh.dp().rank() * per + i;
-                (0..a.seq)
-                    .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
-                    .collect()
-            })
-            .collect();
+        let ids = replica_ids(a, &cfg, dp, mesh.dp().rank())?;
         let vars = fused.vars().to_vec();
-        let g = model.batch_grads(&vars, &Tensor::new(ids, &Device::Cpu)?, None, 1, mesh.pp())?;
+        let g = model.batch_grads(&vars, &ids, None, 1, mesh.pp())?;
         let (mut tf, mut tc) = (Vec::new(), Vec::new());
         for rep in 0..=a.reps {
             for (opt, times) in [(&mut fused, &mut tf), (&mut composite, &mut tc)] {

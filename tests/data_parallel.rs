@@ -149,6 +149,22 @@ fn in_place_all_reduce_writes_the_result_into_the_buffer() -> Result<()> {
     Ok(())
 }
 
+/// The optimizer over `vb`'s parameters: over the sharded modules `units` at stage 3.
+fn zero_optimizer(
+    units: &[ShardedModule],
+    vb: &ParallelVarBuilder,
+    batch: &BatchGroups,
+    mesh: &candle_parallel::DeviceMesh,
+    cfg: ZeroConfig,
+) -> Result<ZeroOptimizer> {
+    if cfg.stage == 3 {
+        let units: Vec<&ShardedModule> = units.iter().collect();
+        ZeroOptimizer::new_sharded(&units, vb.params(), batch, mesh, cfg)
+    } else {
+        ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], cfg)
+    }
+}
+
 /// Bytes held per rank for ZeRO stages 0 to 3 at dp = 1, 2, 4, f32 and bf16 parameters,
 /// against the ZeRO paper's formulas: parameters Ψ·b (b bytes each); gradients 4Ψ (reduced in
 /// f32), divided by N_d from stage 2; optimizer state KΨ (K = 8 for f32 moments, 12 with f32
@@ -189,12 +205,7 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
                         bucket_bytes: 4096,
                         ..Default::default()
                     };
-                    let mut opt = if stage == 3 {
-                        let units: Vec<&ShardedModule> = units.iter().collect();
-                        ZeroOptimizer::new_sharded(&units, vb.params(), &batch, mesh, cfg)?
-                    } else {
-                        ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], cfg)?
-                    };
+                    let mut opt = zero_optimizer(&units, &vb, &batch, mesh, cfg)?;
                     let grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
                     opt.step(&opt.grads_of(&grads), Some(1.0))?;
                     // Ψ: the model's parameters, counted from the layer shapes.
@@ -282,12 +293,7 @@ fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
                                 ..Default::default()
                             },
                         };
-                        let mut opt = if stage == 3 {
-                            let units: Vec<&ShardedModule> = units.iter().collect();
-                            ZeroOptimizer::new_sharded(&units, vb.params(), &batch, mesh, cfg)?
-                        } else {
-                            ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], cfg)?
-                        };
+                        let mut opt = zero_optimizer(&units, &vb, &batch, mesh, cfg)?;
                         let mut norms = Vec::new();
                         for step in 0..3 {
                             let scale = 1.0 + (mesh.dp().rank() + step) as f64;

@@ -532,7 +532,7 @@ impl ZeroOptimizer {
             bias2: bc2,
             grad_scale: scale * factor,
         };
-        for (b, gp) in self.buckets.iter_mut().zip(parts) {
+        for (b, gp) in self.buckets.iter().zip(parts) {
             // Whole f32 parameters that need no gathering (stage 0, or a group of one) are
             // updated in place, parameter by parameter: no copy out and back.
             let mut in_place = Vec::new();
@@ -587,7 +587,9 @@ impl ZeroOptimizer {
                 }
             }
             .filter(|w| fused::applies(&[w, &gp, &b.exp_avg, &b.exp_avg_sq]));
-            if let Some(w) = target {
+            // The updated whole parameters' partition, to be written back (gathered first at
+            // stages 1 and 2); a shard is updated where it is.
+            let whole_out = if let Some(w) = target {
                 for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
                     let n = ADAMW_CHUNK.min(b.len - c0);
                     let slice = |t: &Tensor| t.narrow(0, c0, n);
@@ -603,63 +605,11 @@ impl ZeroOptimizer {
                         shard.slice_set(&slice(&w)?.to_dtype(shard.dtype())?, 0, offset + c0)?;
                     }
                 }
-                if let Home::Whole { .. } = b.home {
-                    write_whole(
-                        &self.vars,
-                        &self.whole,
-                        &self.infos,
-                        &b.segs,
-                        b.start,
-                        &w,
-                        b.comm.as_ref(),
-                        stage,
-                    )?;
-                }
-                continue;
-            }
-            // The weights the update reads: the master copy, or the parameters themselves.
-            let w_in = match (&b.master, &b.home) {
-                (Some(m), _) => m.clone(),
-                (None, Home::Whole { .. }) => {
-                    flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
-                }
-                (None, Home::Shard { var, offset }) => {
-                    self.vars[*var].as_tensor().narrow(0, *offset, b.len)?
-                }
+                matches!(b.home, Home::Whole { .. }).then_some(w)
+            } else {
+                self.composite_update(b, &gp, scale * factor, &device)?
             };
-            // Whole parameters are written from the new partition (gathered first at stages
-            // 1 and 2); a shard is updated where it is.
-            let w_out = match &b.home {
-                Home::Whole { .. } => Some(Tensor::zeros(b.len, DType::F32, &device)?),
-                Home::Shard { .. } => None,
-            };
-            // In slices of at most ADAMW_CHUNK elements, written in place: the temporaries stay
-            // small enough for the allocator to reuse (a fresh buffer of a whole bucket would
-            // page-fault in on every operation).
-            for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
-                let n = ADAMW_CHUNK.min(b.len - c0);
-                let g = (gp.narrow(0, c0, n)? * (scale * factor))?;
-                let m = ((b.exp_avg.narrow(0, c0, n)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-                let v =
-                    ((b.exp_avg_sq.narrow(0, c0, n)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-                let w = w_in.narrow(0, c0, n)?.to_dtype(DType::F32)?;
-                let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
-                b.exp_avg.slice_set(&m, 0, c0)?;
-                b.exp_avg_sq.slice_set(&v, 0, c0)?;
-                if let Some(master) = &b.master {
-                    master.slice_set(&w, 0, c0)?;
-                }
-                match (&b.home, &w_out) {
-                    (Home::Shard { var, offset }, _) => {
-                        let shard = self.vars[*var].as_tensor();
-                        shard.slice_set(&w.to_dtype(shard.dtype())?, 0, offset + c0)?;
-                    }
-                    (Home::Whole { .. }, Some(out)) => out.slice_set(&w, 0, c0)?,
-                    (Home::Whole { .. }, None) => unreachable!("allocated above"),
-                }
-            }
-            if let Some(w) = w_out {
+            if let Some(w) = whole_out {
                 write_whole(
                     &self.vars,
                     &self.whole,
@@ -673,6 +623,62 @@ impl ZeroOptimizer {
             }
         }
         Ok(norm)
+    }
+
+    /// AdamW on bucket `b`'s partition with candle's composite ops (any device); returns the
+    /// whole parameters' new partition (`None` for a shard, updated where it is).
+    fn composite_update(
+        &self,
+        b: &Bucket,
+        gp: &Tensor,
+        grad_scale: f64,
+        device: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
+        let c = self.cfg.adamw;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        // The weights the update reads: the master copy, or the parameters themselves.
+        let w_in = match (&b.master, &b.home) {
+            (Some(m), _) => m.clone(),
+            (None, Home::Whole { .. }) => {
+                flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
+            }
+            (None, Home::Shard { var, offset }) => {
+                self.vars[*var].as_tensor().narrow(0, *offset, b.len)?
+            }
+        };
+        // Whole parameters are written from the new partition (gathered first at stages
+        // 1 and 2); a shard is updated where it is.
+        let w_out = match &b.home {
+            Home::Whole { .. } => Some(Tensor::zeros(b.len, DType::F32, device)?),
+            Home::Shard { .. } => None,
+        };
+        // In slices of at most ADAMW_CHUNK elements, written in place: the temporaries stay
+        // small enough for the allocator to reuse (a fresh buffer of a whole bucket would
+        // page-fault in on every operation).
+        for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
+            let n = ADAMW_CHUNK.min(b.len - c0);
+            let g = (gp.narrow(0, c0, n)? * grad_scale)?;
+            let m = ((b.exp_avg.narrow(0, c0, n)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((b.exp_avg_sq.narrow(0, c0, n)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let w = w_in.narrow(0, c0, n)?.to_dtype(DType::F32)?;
+            let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+            b.exp_avg.slice_set(&m, 0, c0)?;
+            b.exp_avg_sq.slice_set(&v, 0, c0)?;
+            if let Some(master) = &b.master {
+                master.slice_set(&w, 0, c0)?;
+            }
+            match (&b.home, &w_out) {
+                (Home::Shard { var, offset }, _) => {
+                    let shard = self.vars[*var].as_tensor();
+                    shard.slice_set(&w.to_dtype(shard.dtype())?, 0, offset + c0)?;
+                }
+                (Home::Whole { .. }, Some(out)) => out.slice_set(&w, 0, c0)?,
+                (Home::Whole { .. }, None) => unreachable!("allocated above"),
+            }
+        }
+        Ok(w_out)
     }
 
     fn name_of_var(&self, v: &Var) -> String {
