@@ -533,81 +533,11 @@ impl ZeroOptimizer {
             grad_scale: scale * factor,
         };
         for (b, gp) in self.buckets.iter().zip(parts) {
-            // Whole f32 parameters that need no gathering (stage 0, or a group of one) are
-            // updated in place, parameter by parameter: no copy out and back.
-            let mut in_place = Vec::new();
-            if let (None, Home::Whole { .. }, true, true) = (
-                &b.master,
-                &b.home,
-                stage == 0 || b.comm.as_ref().map_or(1, Comm::size) == 1,
-                self.cfg.fused,
-            ) {
-                for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
-                    let var = self.vars[self.whole[s.info].expect("a whole parameter")].as_tensor();
-                    if !fused::applies(&[var, &gp, &b.exp_avg, &b.exp_avg_sq]) {
-                        in_place.clear();
-                        break;
-                    }
-                    let view = var.flatten_all()?.narrow(0, lo - s.offset, hi - lo)?;
-                    in_place.push((view, lo - b.start));
-                }
-            }
-            if !in_place.is_empty() {
-                for (w, at) in &in_place {
-                    let len = w.elem_count();
-                    for c0 in (0..len).step_by(ADAMW_CHUNK) {
-                        let n = ADAMW_CHUNK.min(len - c0);
-                        let slice = |t: &Tensor| t.narrow(0, at + c0, n);
-                        fused::adamw_in_place(
-                            &slice(&b.exp_avg)?,
-                            &slice(&b.exp_avg_sq)?,
-                            &w.narrow(0, c0, n)?,
-                            &slice(&gp)?,
-                            &fused_step,
-                        )?;
-                    }
-                }
-                continue;
-            }
-            // On the CPU in f32: the weights updated in place where they are (the master
-            // copy, the shard, or a copy of the whole parameters that is then written back).
-            let target = match (&b.master, &b.home) {
-                // (Checked first so that no copy is made for nothing, e.g. on a GPU.)
-                _ if !self.cfg.fused || !fused::applies(&[&gp, &b.exp_avg, &b.exp_avg_sq]) => None,
-                (Some(m), _) => Some(m.clone()),
-                (None, Home::Whole { .. }) => Some(flat_of_vars(
-                    &self.vars,
-                    &self.whole,
-                    &b.segs,
-                    b.start,
-                    b.len,
-                )?),
-                (None, Home::Shard { var, offset }) => {
-                    Some(self.vars[*var].as_tensor().narrow(0, *offset, b.len)?)
-                }
-            }
-            .filter(|w| fused::applies(&[w, &gp, &b.exp_avg, &b.exp_avg_sq]));
             // The updated whole parameters' partition, to be written back (gathered first at
             // stages 1 and 2); a shard is updated where it is.
-            let whole_out = if let Some(w) = target {
-                for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
-                    let n = ADAMW_CHUNK.min(b.len - c0);
-                    let slice = |t: &Tensor| t.narrow(0, c0, n);
-                    fused::adamw_in_place(
-                        &slice(&b.exp_avg)?,
-                        &slice(&b.exp_avg_sq)?,
-                        &slice(&w)?,
-                        &slice(&gp)?,
-                        &fused_step,
-                    )?;
-                    if let (Some(_), Home::Shard { var, offset }) = (&b.master, &b.home) {
-                        let shard = self.vars[*var].as_tensor();
-                        shard.slice_set(&slice(&w)?.to_dtype(shard.dtype())?, 0, offset + c0)?;
-                    }
-                }
-                matches!(b.home, Home::Whole { .. }).then_some(w)
-            } else {
-                self.composite_update(b, &gp, scale * factor, &device)?
+            let whole_out = match self.fused_update(b, &gp, &fused_step)? {
+                Some(out) => out,
+                None => self.composite_update(b, &gp, scale * factor, &device)?,
             };
             if let Some(w) = whole_out {
                 write_whole(
@@ -623,6 +553,84 @@ impl ZeroOptimizer {
             }
         }
         Ok(norm)
+    }
+
+    /// AdamW on bucket `b`'s partition with the CPU's fused passes, in place where the
+    /// weights are: the parameters themselves (whole f32 parameters needing no gathering), the
+    /// master copy, the shard, or a copy of the whole parameters' partition. `None` where they
+    /// do not apply (off the CPU, `fused: false`); else the whole parameters' new partition to
+    /// write back, if there is one.
+    fn fused_update(
+        &self,
+        b: &Bucket,
+        gp: &Tensor,
+        step: &fused::AdamWStep,
+    ) -> Result<Option<Option<Tensor>>> {
+        if !self.cfg.fused || !fused::applies(&[gp, &b.exp_avg, &b.exp_avg_sq]) {
+            return Ok(None);
+        }
+        // Whole f32 parameters that need no gathering (stage 0, or a group of one) are
+        // updated in place, parameter by parameter: no copy out and back.
+        let gathered = self.cfg.stage > 0 && b.comm.as_ref().map_or(1, Comm::size) > 1;
+        if let (None, Home::Whole { .. }, false) = (&b.master, &b.home, gathered) {
+            let mut views = Vec::new();
+            for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
+                let var = self.vars[self.whole[s.info].expect("a whole parameter")].as_tensor();
+                if !fused::applies(&[var]) {
+                    views.clear();
+                    break;
+                }
+                let view = var.flatten_all()?.narrow(0, lo - s.offset, hi - lo)?;
+                views.push((view, lo - b.start));
+            }
+            if !views.is_empty() {
+                for (w, at) in &views {
+                    let len = w.elem_count();
+                    for c0 in (0..len).step_by(ADAMW_CHUNK) {
+                        let n = ADAMW_CHUNK.min(len - c0);
+                        let slice = |t: &Tensor| t.narrow(0, at + c0, n);
+                        fused::adamw_in_place(
+                            &slice(&b.exp_avg)?,
+                            &slice(&b.exp_avg_sq)?,
+                            &w.narrow(0, c0, n)?,
+                            &slice(gp)?,
+                            step,
+                        )?;
+                    }
+                }
+                return Ok(Some(None));
+            }
+        }
+        // Otherwise the master copy, the shard, or a copy of the whole parameters' partition
+        // (then written back).
+        let w = match (&b.master, &b.home) {
+            (Some(m), _) => m.clone(),
+            (None, Home::Whole { .. }) => {
+                flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
+            }
+            (None, Home::Shard { var, offset }) => {
+                self.vars[*var].as_tensor().narrow(0, *offset, b.len)?
+            }
+        };
+        if !fused::applies(&[&w]) {
+            return Ok(None);
+        }
+        for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
+            let n = ADAMW_CHUNK.min(b.len - c0);
+            let slice = |t: &Tensor| t.narrow(0, c0, n);
+            fused::adamw_in_place(
+                &slice(&b.exp_avg)?,
+                &slice(&b.exp_avg_sq)?,
+                &slice(&w)?,
+                &slice(gp)?,
+                step,
+            )?;
+            if let (Some(_), Home::Shard { var, offset }) = (&b.master, &b.home) {
+                let shard = self.vars[*var].as_tensor();
+                shard.slice_set(&slice(&w)?.to_dtype(shard.dtype())?, 0, offset + c0)?;
+            }
+        }
+        Ok(Some(matches!(b.home, Home::Whole { .. }).then_some(w)))
     }
 
     /// AdamW on bucket `b`'s partition with candle's composite ops (any device); returns the
