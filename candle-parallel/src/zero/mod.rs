@@ -52,7 +52,6 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-mod fused;
 mod sharded;
 
 pub use sharded::ShardedModule;
@@ -61,12 +60,12 @@ use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
 use crate::comm::{Comm, ReduceOp};
 use crate::data_parallel::{plan_buckets, BatchGroups, DEFAULT_BUCKET_BYTES};
 use crate::mesh::{DeviceMesh, MeshDim};
-use crate::optim::{clip_factor, AdamWConfig};
+use crate::optim::{clip_factor, fused, AdamWConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
 
 /// Elements per slice of the AdamW update (4 MiB of f32).
-const ADAMW_CHUNK: usize = 1 << 20;
+const ADAMW_CHUNK: usize = fused::SLICE;
 
 /// ZeRO settings.
 #[derive(Clone, Copy, Debug)]
@@ -585,18 +584,14 @@ impl ZeroOptimizer {
             }
             if !views.is_empty() {
                 for (w, at) in &views {
-                    let len = w.elem_count();
-                    for c0 in (0..len).step_by(ADAMW_CHUNK) {
-                        let n = ADAMW_CHUNK.min(len - c0);
-                        let slice = |t: &Tensor| t.narrow(0, at + c0, n);
-                        fused::adamw_in_place(
-                            &slice(&b.exp_avg)?,
-                            &slice(&b.exp_avg_sq)?,
-                            &w.narrow(0, c0, n)?,
-                            &slice(gp)?,
-                            step,
-                        )?;
-                    }
+                    let part = |t: &Tensor| t.narrow(0, *at, w.elem_count());
+                    fused::adamw_in_slices(
+                        &part(&b.exp_avg)?,
+                        &part(&b.exp_avg_sq)?,
+                        w,
+                        &part(gp)?,
+                        step,
+                    )?;
                 }
                 return Ok(Some(None));
             }

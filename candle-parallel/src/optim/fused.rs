@@ -1,10 +1,9 @@
 //! The optimizer step's element-wise work as single passes on the CPU: AdamW's moment and
 //! weight updates written in place (candle's composite takes a dozen passes, each into a
-//! fresh buffer) and the gradient's sum of squares without a squared copy. The step runs
-//! them on slices of 1 Mi elements, so that the later passes over a slice find the moments
-//! and gradient it touches (about 20 MiB) in the last-level cache.
+//! fresh buffer) and the gradient's sum of squares without a squared copy, for [`super::AdamW`]
+//! and [`crate::zero::ZeroOptimizer`].
 
-use crate::optim::AdamWConfig;
+use super::AdamWConfig;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout};
 use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -13,14 +12,14 @@ use rayon::prelude::*;
 const TASK: usize = 1 << 15;
 
 /// Whether the fused passes take these tensors: f32 on the CPU, contiguous.
-pub(super) fn applies(ts: &[&Tensor]) -> bool {
+pub(crate) fn applies(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
 /// One AdamW step's constants.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct AdamWStep {
+pub(crate) struct AdamWStep {
     pub cfg: AdamWConfig,
     /// `1 − β₁ᵗ`, `1 − β₂ᵗ`.
     pub bias1: f64,
@@ -29,10 +28,31 @@ pub(super) struct AdamWStep {
     pub grad_scale: f64,
 }
 
+/// Elements per slice of a step: the later passes over a slice find the moments and gradient
+/// it touches (about 20 MiB) in the last-level cache.
+pub(crate) const SLICE: usize = 1 << 20;
+
+/// [`adamw_in_place`] over 1-D tensors of one length, a [`SLICE`] at a time.
+pub(crate) fn adamw_in_slices(
+    m: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    s: &AdamWStep,
+) -> Result<()> {
+    let n = g.elem_count();
+    for c0 in (0..n).step_by(SLICE) {
+        let k = SLICE.min(n - c0);
+        let slice = |t: &Tensor| t.narrow(0, c0, k);
+        adamw_in_place(&slice(m)?, &slice(v)?, &slice(w)?, &slice(g)?, s)?;
+    }
+    Ok(())
+}
+
 /// AdamW on one slice, in place: `m` and `v` (the moments) from the gradient `g`, then `w`
 /// (the f32 weights: a master copy, or the parameters themselves) from them. All f32 on the
 /// CPU, contiguous, of one length ([`applies`]).
-pub(super) fn adamw_in_place(
+pub(crate) fn adamw_in_place(
     m: &Tensor,
     v: &Tensor,
     w: &Tensor,
@@ -157,7 +177,7 @@ impl InplaceOp3 for Weights {
 
 /// `Σ x²` of an f32 CPU tensor, accumulated in f64 over fixed blocks added in order (the same
 /// bits whatever the thread count); `None` where the pass does not apply.
-pub(super) fn sum_of_squares(x: &Tensor) -> Result<Option<f64>> {
+pub(crate) fn sum_of_squares(x: &Tensor) -> Result<Option<f64>> {
     if !applies(&[x]) {
         return Ok(None);
     }

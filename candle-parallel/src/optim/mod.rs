@@ -20,6 +20,8 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub(crate) mod fused;
+
 use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
 use crate::comm::{Comm, ReduceOp};
 use candle_core::backprop::GradStore;
@@ -124,8 +126,27 @@ impl AdamW {
             let Some(g) = g else {
                 continue;
             };
+            // On the CPU in f32: the fused passes, in place.
+            let g32 = g.to_dtype(DType::F32)?.contiguous()?;
+            if fused::applies(&[p.var.as_tensor(), m.as_tensor(), v.as_tensor(), &g32]) {
+                let step = fused::AdamWStep {
+                    cfg: c,
+                    bias1: bc1,
+                    bias2: bc2,
+                    grad_scale: 1.0,
+                };
+                let flat = |t: &Tensor| t.flatten_all();
+                fused::adamw_in_slices(
+                    &flat(m.as_tensor())?,
+                    &flat(v.as_tensor())?,
+                    &flat(p.var.as_tensor())?,
+                    &flat(&g32)?,
+                    &step,
+                )?;
+                continue;
+            }
             let dtype = p.var.dtype();
-            let g = g.to_dtype(DType::F32)?;
+            let g = g32;
             let w = p.var.as_tensor().to_dtype(DType::F32)?;
             let m_new = ((m.as_tensor() * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v_new = ((v.as_tensor() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
