@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::Launcher;
-use candle_parallel_models::llama::{Llama, LlamaConfig};
+use candle_parallel_models::llama::{KvCache, Llama, LlamaConfig};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use candle_parallel_models::testing::{write_random_llama, write_random_mixtral};
 use clap::Parser;
@@ -89,6 +89,18 @@ fn decode(
     Ok((out, t.elapsed().as_secs_f64()))
 }
 
+/// [`decode`] with our models: a fresh KV cache, the logits' last position.
+fn decode_ours(
+    n: usize,
+    mut cache: KvCache,
+    forward: impl Fn(&Tensor, usize, &mut KvCache) -> Result<Tensor>,
+) -> Result<(Vec<u32>, f64)> {
+    decode(n, |input, pos| {
+        let l = forward(input, pos, &mut cache)?.squeeze(0)?;
+        l.get(l.dim(0)? - 1)
+    })
+}
+
 fn mmap(dir: &Path) -> Result<candle_nn::VarBuilder<'static>> {
     // SAFETY: the benchmark's own files, not modified while mapped.
     unsafe {
@@ -117,10 +129,8 @@ fn llama(dir: &Path, a: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
         "Llama",
         a,
         || {
-            let mut cache = ours.new_cache();
-            decode(a.new_tokens, |input, pos| {
-                let l = ours.forward(input, pos, Some(&mut cache))?.squeeze(0)?;
-                l.get(l.dim(0)? - 1)
+            decode_ours(a.new_tokens, ours.new_cache(), |input, pos, cache| {
+                ours.forward(input, pos, Some(cache))
             })
         },
         || {
@@ -171,10 +181,8 @@ fn mixtral(dir: &Path, a: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
         "Mixtral",
         a,
         || {
-            let mut cache = ours.new_cache();
-            decode(a.new_tokens, |input, pos| {
-                let l = ours.forward(input, pos, Some(&mut cache))?.squeeze(0)?;
-                l.get(l.dim(0)? - 1)
+            decode_ours(a.new_tokens, ours.new_cache(), |input, pos, cache| {
+                ours.forward(input, pos, Some(cache))
             })
         },
         || {

@@ -89,6 +89,19 @@ fn bf16_mixed_precision_tracks_the_f32_loss_curve() {
 }
 
 /// Copies the files of checkpoint directory `from` into `to` (what an interrupted job leaves).
+/// The token ids `generate ARGS` writes for 4 new tokens after "3 + 4 =" (kept in `ids`).
+fn generated_ids(args: &[&str], ids: &Path) -> String {
+    let o = Command::new(example_path("generate"))
+        .args(args)
+        .args(["--max-tokens", "4", "--prompt", "3 + 4 ="])
+        .arg("--ids-out")
+        .arg(ids)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_to_string(ids).unwrap()
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -248,25 +261,8 @@ fn an_export_has_a_complete_hugging_face_config() {
     // 2) and from the export (one rank) give the same tokens.
     let generate = |source: &str, dir: &Path, ep: &str, tp: &str| {
         let ids = dir.with_extension(format!("ids-{ep}-{tp}.json"));
-        let o = Command::new(example_path("generate"))
-            .args([source])
-            .arg(dir)
-            .args([
-                "--ep",
-                ep,
-                "--tp",
-                tp,
-                "--max-tokens",
-                "4",
-                "--prompt",
-                "3 + 4 =",
-            ])
-            .arg("--ids-out")
-            .arg(&ids)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read_to_string(ids).unwrap()
+        let d = dir.to_string_lossy();
+        generated_ids(&[source, &d, "--ep", ep, "--tp", tp], &ids)
     };
     assert_eq!(
         generate("--checkpoint", &out.join("step-000002"), "2", "2"),
@@ -453,18 +449,8 @@ fn lora_trains_adapters_only_and_merges_into_the_base() {
     );
     // The adapters load back onto the base under another layout (ep = 2 × tp = 2; trained at
     // ep = 2 × tp = 2 and merged on one device): greedy generation equals the merged model's.
-    let generate = |args: &[&str]| {
-        let ids = dir.join(format!("ids-{}.json", args.len()));
-        let o = Command::new(example_path("generate"))
-            .args(args)
-            .args(["--max-tokens", "4", "--prompt", "3 + 4 ="])
-            .arg("--ids-out")
-            .arg(&ids)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read_to_string(ids).unwrap()
-    };
+    let generate =
+        |args: &[&str]| generated_ids(args, &dir.join(format!("ids-{}.json", args.len())));
     let (m, ad, mg) = (
         model.to_string_lossy().to_string(),
         out.join("adapters").to_string_lossy().to_string(),

@@ -180,46 +180,63 @@ impl AdamW {
                 });
             }
         }
-        out.push(ShardedTensor {
-            name: "optimizer.step".into(),
-            local: Tensor::new(
-                &[self.step as f64],
-                self.params
-                    .first()
-                    .map_or(&candle_core::Device::Cpu, |p| p.var.device()),
-            )?,
-            full_dims: vec![1],
-            placement: Placement::Replicated,
-            region: None,
-        });
+        let device = self
+            .params
+            .first()
+            .map_or(&candle_core::Device::Cpu, |p| p.var.device());
+        out.push(step_entry(self.step, device)?);
         Ok(out)
     }
 
     /// Restores the state saved by [`AdamW::state`] from a checkpoint (any layout: each moment
     /// is read with its parameter's shard).
     pub fn load_state(&mut self, vb: &ParallelVarBuilder) -> Result<()> {
-        if !vb.contains("optimizer.step") {
-            bail!("the checkpoint holds no optimizer state (optimizer.step is missing)")
-        }
-        let init = candle_nn::Init::Const(0.0);
+        let step = saved_step(vb)?;
         for ((p, m), v) in self.params.iter().zip(&self.exp_avg).zip(&self.exp_avg_sq) {
             for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                let name = format!("optimizer.{kind}.{}", p.name);
-                let loaded = vb.get_untracked_in(
-                    p.full_dims.as_slice(),
-                    &name,
-                    p.placement,
-                    init,
-                    DType::F32,
-                )?;
-                t.set(&loaded.to_dtype(DType::F32)?)?;
+                t.set(&saved_state(vb, kind, &p.name, &p.full_dims, p.placement)?)?;
             }
         }
-        let step =
-            vb.get_untracked_in(1, "optimizer.step", Placement::Replicated, init, DType::F64)?;
-        self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        self.step = step;
         Ok(())
     }
+}
+
+/// The step count of the optimizer state in a checkpoint (an error if it holds none). Read as
+/// f64 whatever the model's dtype, as it was written.
+pub(crate) fn saved_step(vb: &ParallelVarBuilder) -> Result<u64> {
+    if !vb.contains("optimizer.step") {
+        bail!("the checkpoint holds no optimizer state (optimizer.step is missing)")
+    }
+    let init = candle_nn::Init::Const(0.0);
+    let step = vb.get_untracked_in(1, "optimizer.step", Placement::Replicated, init, DType::F64)?;
+    Ok(step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64)
+}
+
+/// This rank's shard (`placement` of `full_dims`) of the saved `optimizer.{kind}.{name}`, in
+/// f32 whatever the model's dtype (zeros where the checkpoint lacks it).
+pub(crate) fn saved_state(
+    vb: &ParallelVarBuilder,
+    kind: &str,
+    name: &str,
+    full_dims: &[usize],
+    placement: Placement,
+) -> Result<Tensor> {
+    let init = candle_nn::Init::Const(0.0);
+    let name = format!("optimizer.{kind}.{name}");
+    vb.get_untracked_in(full_dims, &name, placement, init, DType::F32)?
+        .to_dtype(DType::F32)
+}
+
+/// The `optimizer.step` entry of a checkpoint's optimizer state.
+pub(crate) fn step_entry(step: u64, device: &candle_core::Device) -> Result<ShardedTensor> {
+    Ok(ShardedTensor {
+        name: "optimizer.step".into(),
+        local: Tensor::new(&[step as f64], device)?,
+        full_dims: vec![1],
+        placement: Placement::Replicated,
+        region: None,
+    })
 }
 
 /// candle-nn's optimizer interface, so that our AdamW drops in where `candle_nn::AdamW` was.

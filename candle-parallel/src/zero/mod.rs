@@ -60,7 +60,7 @@ use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
 use crate::comm::{Comm, ReduceOp};
 use crate::data_parallel::{plan_buckets, BatchGroups, DEFAULT_BUCKET_BYTES};
 use crate::mesh::{DeviceMesh, MeshDim};
-use crate::optim::{clip_factor, fused, AdamWConfig};
+use crate::optim::{clip_factor, fused, saved_state, saved_step, step_entry, AdamWConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
 
@@ -596,36 +596,28 @@ impl ZeroOptimizer {
                 return Ok(Some(None));
             }
         }
-        // Otherwise the master copy, the shard, or a copy of the whole parameters' partition
-        // (then written back).
-        let w = match (&b.master, &b.home) {
-            (Some(m), _) => m.clone(),
-            (None, Home::Whole { .. }) => {
-                flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
-            }
-            (None, Home::Shard { var, offset }) => {
-                self.vars[*var].as_tensor().narrow(0, *offset, b.len)?
-            }
-        };
+        // Otherwise the master copy, the shard (f32: it is its own master), or a copy of the
+        // whole parameters' partition (then written back).
+        let w = self.partition_weights(b)?;
         if !fused::applies(&[&w]) {
             return Ok(None);
         }
-        for c0 in (0..b.len).step_by(ADAMW_CHUNK) {
-            let n = ADAMW_CHUNK.min(b.len - c0);
-            let slice = |t: &Tensor| t.narrow(0, c0, n);
-            fused::adamw_in_place(
-                &slice(&b.exp_avg)?,
-                &slice(&b.exp_avg_sq)?,
-                &slice(&w)?,
-                &slice(gp)?,
-                step,
-            )?;
-            if let (Some(_), Home::Shard { var, offset }) = (&b.master, &b.home) {
-                let shard = self.vars[*var].as_tensor();
-                shard.slice_set(&slice(&w)?.to_dtype(shard.dtype())?, 0, offset + c0)?;
+        fused::adamw_in_slices(&b.exp_avg, &b.exp_avg_sq, &w, gp, step)?;
+        Ok(Some(matches!(b.home, Home::Whole { .. }).then_some(w)))
+    }
+
+    /// The weights bucket `b`'s update reads: the master copy, this rank's partition of the
+    /// shard variable, or a fresh f32 copy of the whole parameters' partition.
+    fn partition_weights(&self, b: &Bucket) -> Result<Tensor> {
+        match (&b.master, &b.home) {
+            (Some(m), _) => Ok(m.clone()),
+            (None, Home::Whole { .. }) => {
+                flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)
+            }
+            (None, Home::Shard { var, offset }) => {
+                self.vars[*var].as_tensor().narrow(0, *offset, b.len)
             }
         }
-        Ok(Some(matches!(b.home, Home::Whole { .. }).then_some(w)))
     }
 
     /// AdamW on bucket `b`'s partition with candle's composite ops (any device); returns the
@@ -640,16 +632,7 @@ impl ZeroOptimizer {
         let c = self.cfg.adamw;
         let t = self.step as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        // The weights the update reads: the master copy, or the parameters themselves.
-        let w_in = match (&b.master, &b.home) {
-            (Some(m), _) => m.clone(),
-            (None, Home::Whole { .. }) => {
-                flat_of_vars(&self.vars, &self.whole, &b.segs, b.start, b.len)?
-            }
-            (None, Home::Shard { var, offset }) => {
-                self.vars[*var].as_tensor().narrow(0, *offset, b.len)?
-            }
-        };
+        let w_in = self.partition_weights(b)?;
         // Whole parameters are written from the new partition (gathered first at stages
         // 1 and 2); a shard is updated where it is.
         let w_out = match &b.home {
@@ -895,13 +878,7 @@ impl ZeroOptimizer {
             }
         }
         if self.mesh.rank() == 0 {
-            out.push(ShardedTensor {
-                name: "optimizer.step".into(),
-                local: Tensor::new(&[self.step as f64], self.world.device())?,
-                full_dims: vec![1],
-                placement: Placement::Replicated,
-                region: None,
-            });
+            out.push(step_entry(self.step, self.world.device())?);
         }
         Ok(out)
     }
@@ -911,25 +888,15 @@ impl ZeroOptimizer {
     /// and keeps its partition. Master weights missing from the checkpoint are taken from the
     /// parameters.
     pub fn load_state(&mut self, vb: &ParallelVarBuilder) -> Result<()> {
-        if !vb.contains("optimizer.step") {
-            bail!("the checkpoint holds no optimizer state (optimizer.step is missing)")
-        }
-        let init = candle_nn::Init::Const(0.0);
+        let step = saved_step(vb)?;
         let device = self.world.device().clone();
         for b in &mut self.buckets {
             let read = |kind: &str| -> Result<Tensor> {
                 let flat = Tensor::zeros(b.padded, DType::F32, &device)?;
                 for s in &b.segs {
                     let info = &self.infos[s.info];
-                    let name = format!("optimizer.{kind}.{}", info.name);
-                    let t = vb.get_untracked_in(
-                        info.full_dims.as_slice(),
-                        &name,
-                        info.placement,
-                        init,
-                        DType::F32,
-                    )?;
-                    flat.slice_set(&t.to_dtype(DType::F32)?.flatten_all()?, 0, s.offset)?;
+                    let t = saved_state(vb, kind, &info.name, &info.full_dims, info.placement)?;
+                    flat.slice_set(&t.flatten_all()?, 0, s.offset)?;
                 }
                 flat.narrow(0, b.start, b.len)?.copy()
             };
@@ -953,8 +920,7 @@ impl ZeroOptimizer {
                 }
             }
             if b.master.is_some() {
-                let has = has_master;
-                b.master = Some(if has {
+                b.master = Some(if has_master {
                     read("master")?
                 } else {
                     match &b.home {
@@ -970,9 +936,7 @@ impl ZeroOptimizer {
                 });
             }
         }
-        let step =
-            vb.get_untracked_in(1, "optimizer.step", Placement::Replicated, init, DType::F64)?;
-        self.step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+        self.step = step;
         Ok(())
     }
 }
