@@ -7,10 +7,12 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::checkpoint::Param;
 use candle_parallel::comm::ReduceOp;
-use candle_parallel::data_parallel::{shard_batch, BatchGroups, GradAccumulator, GradBuckets};
+use candle_parallel::data_parallel::{
+    shard_batch, BatchGroups, GradAccumulator, GradBuckets, GradSink,
+};
 use candle_parallel::mesh::{MeshDim, MeshShape};
 use candle_parallel::tensor_parallel::column_parallel_linear;
-use candle_parallel::zero::{ShardedModule, ZeroConfig, ZeroOptimizer};
+use candle_parallel::zero::{MemoryReport, ShardedModule, ZeroConfig, ZeroOptimizer};
 use candle_parallel_models::testing::{max_rel_err, seeded, TanhMlp};
 use common::{launch, Launcher};
 
@@ -169,7 +171,8 @@ fn zero_optimizer(
 /// against the ZeRO paper's formulas: parameters Ψ·b (b bytes each); gradients 4Ψ (reduced in
 /// f32), divided by N_d from stage 2; optimizer state KΨ (K = 8 for f32 moments, 12 with f32
 /// master weights), divided by N_d from stage 1; at stage 3 everything divided by N_d, the f32
-/// partition serving as parameters and master copy. Within 10% (bucket padding).
+/// partition serving as parameters and master copy. Within 10% (bucket padding). Gradients
+/// as held while a step's gradients are handed over; after the step stages 2 and 3 hold none.
 #[test]
 fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
@@ -207,12 +210,28 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
                     };
                     let mut opt = zero_optimizer(&units, &vb, &batch, mesh, cfg)?;
                     let grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
-                    opt.step(&opt.grads_of(&grads), Some(1.0))?;
+                    // Handed over as a backward would (GradSink): the gradients the optimizer
+                    // holds until the step, then what it keeps after it.
+                    opt.add_store(&grads)?;
+                    opt.end_micro_batch()?;
+                    let during = opt.memory();
+                    opt.step_accumulated(Some(1.0))?;
+                    let after = opt.memory();
                     // Ψ: the model's parameters, counted from the layer shapes.
                     let psi = 4 * (48 * 48 + 48);
-                    Ok((psi, opt.memory()))
+                    Ok((psi, during, after))
                 })?;
-                let (psi, m) = got[0];
+                let (psi, m, after) = got[0];
+                // After the step only stages 0 and 1 keep gradient buffers.
+                let kept = if stage >= 2 { 0 } else { m.grad_bytes };
+                assert_eq!(
+                    after,
+                    MemoryReport {
+                        grad_bytes: kept,
+                        ..m
+                    },
+                    "{dtype:?} dp={dp} stage {stage}: held after the step"
+                );
                 let n = dp as f64;
                 let psi = psi as f64;
                 let b = dtype.size_in_bytes() as f64;
@@ -240,7 +259,7 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
                     );
                 }
                 // Every rank holds the same amount.
-                assert!(got.iter().all(|(_, r)| *r == m), "{got:?}");
+                assert!(got.iter().all(|(_, r, _)| *r == m), "{got:?}");
             }
         }
     }

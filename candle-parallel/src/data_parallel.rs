@@ -13,6 +13,10 @@
 //!   expert only over dp.
 //! - [`GradAccumulator`]: gradients summed over several backward passes (micro-batches)
 //!   before the one synchronisation.
+//! - [`GradSink`]: where a backward pass run one unit at a time (a decoder layer, the
+//!   embedding, the head) hands each unit's gradients as soon as they exist, so that only one
+//!   unit's full gradients live at once; [`crate::zero::ZeroOptimizer`] packs and reduces
+//!   them into its buckets, [`GradCollector`] keeps them whole.
 //!
 //! [`crate::zero`] builds ZeRO's sharded optimizer on the same buckets.
 //!
@@ -40,7 +44,8 @@
 use crate::checkpoint::Param;
 use crate::comm::{Comm, ReduceOp};
 use crate::mesh::{DeviceMesh, MeshDim};
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{bail, DType, Result, Tensor, Var};
 
 /// DDP's default bucket size: 25 MiB.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
@@ -557,5 +562,140 @@ impl GradAccumulator {
             .into_iter()
             .map(|g| g.map(|g| g / n).transpose())
             .collect()
+    }
+}
+
+/// Where a backward pass hands its gradients, unit by unit (a unit: a decoder layer, the
+/// embedding, the head; what FSDP and DeepSpeed hook as a module). A model whose backward
+/// runs one unit at a time (boundaries detached, each unit's backward seeded with the
+/// gradient of its output) gives each unit's gradients here as soon as they exist and drops
+/// them, then says the unit is done: a sink may reduce (and free) a bucket whose parameters
+/// are all done. Candle has no backward hooks; this is the hook.
+///
+/// Within a step: for each micro-batch, any number of [`GradSink::add_grad`] /
+/// [`GradSink::add_store`] and [`GradSink::unit_done`] calls, then one
+/// [`GradSink::end_micro_batch`]. The step's gradient is the mean over the micro-batches.
+/// Every rank must make the same `unit_done` and `end_micro_batch` calls in the same order
+/// (they may start collectives); which gradients arrive may differ.
+pub trait GradSink {
+    /// The variables whose gradients the sink takes, in order.
+    fn sink_vars(&self) -> Vec<Var>;
+
+    /// Adds `grad`, one backward pass's gradient of variable `index` (of
+    /// [`GradSink::sink_vars`]). A variable may get several in one micro-batch (a tied
+    /// weight): they are summed.
+    fn add_grad(&mut self, index: usize, grad: &Tensor) -> Result<()>;
+
+    /// The parameters whose names start with one of `prefixes` get no more gradient in this
+    /// micro-batch (their unit's backward is over).
+    fn unit_done(&mut self, prefixes: &[&str]) -> Result<()>;
+
+    /// Ends the current micro-batch: whatever was not yet done is done now.
+    fn end_micro_batch(&mut self) -> Result<()>;
+
+    /// Adds every gradient `store` holds for the sink's variables.
+    fn add_store(&mut self, store: &GradStore) -> Result<()> {
+        for (i, v) in self.sink_vars().iter().enumerate() {
+            if let Some(g) = store.get(v.as_tensor()) {
+                self.add_grad(i, g)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`GradSink`] that keeps each variable's gradient whole, summed over the micro-batches
+/// (as [`GradAccumulator`]); [`GradCollector::take`] gives their mean. What a caller that
+/// wants the full gradients (a test, a custom optimizer) gives a unit-wise backward.
+#[derive(Debug)]
+pub struct GradCollector {
+    vars: Vec<Var>,
+    sums: Vec<Option<Tensor>>,
+    micro_batches: usize,
+}
+
+impl GradCollector {
+    pub fn new(vars: &[Var]) -> Self {
+        Self {
+            vars: vars.to_vec(),
+            sums: vec![None; vars.len()],
+            micro_batches: 0,
+        }
+    }
+
+    /// The mean over the micro-batches of each variable's gradient (`None` where none came);
+    /// resets.
+    pub fn take(&mut self) -> Result<Vec<Option<Tensor>>> {
+        if self.micro_batches == 0 {
+            bail!("GradCollector::take: no micro-batch was ended (end_micro_batch)")
+        }
+        let n = self.micro_batches as f64;
+        self.micro_batches = 0;
+        let sums = std::mem::replace(&mut self.sums, vec![None; self.vars.len()]);
+        sums.into_iter()
+            .map(|g| g.map(|g| g / n).transpose())
+            .collect()
+    }
+}
+
+impl GradSink for GradCollector {
+    fn sink_vars(&self) -> Vec<Var> {
+        self.vars.clone()
+    }
+
+    fn add_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
+        let Some(acc) = self.sums.get_mut(index) else {
+            bail!(
+                "GradCollector: a gradient for variable {index} of {}",
+                self.vars.len()
+            )
+        };
+        *acc = Some(match acc.take() {
+            Some(a) => (a + grad)?,
+            None => grad.clone(),
+        });
+        Ok(())
+    }
+
+    fn unit_done(&mut self, _prefixes: &[&str]) -> Result<()> {
+        Ok(())
+    }
+
+    fn end_micro_batch(&mut self) -> Result<()> {
+        self.micro_batches += 1;
+        Ok(())
+    }
+}
+
+/// What a unit-wise backward keeps of the forward (activation checkpointing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Recompute {
+    /// Every unit's activations are kept from its forward to its backward.
+    #[default]
+    None,
+    /// Only each unit's input is kept; the unit's forward runs again just before its backward
+    /// (Megatron's and PyTorch's full activation checkpointing: one more forward per step,
+    /// the activations of one unit at a time). The same gradients, bit for bit.
+    Full,
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "full" => Ok(Self::Full),
+            _ => bail!("recompute {s:?}: use none (keep activations) or full (recompute each layer in the backward)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Full => "full",
+        })
     }
 }

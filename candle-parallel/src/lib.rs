@@ -13,7 +13,8 @@
 //! - [`moe`]: router, auxiliary losses, expert-parallel MoE layer (all-to-all / all-reduce);
 //! - [`checkpoint`]: per-rank sharded loading, distributed atomic saves, resharding, HF export;
 //! - [`optim`]: AdamW over sharded parameters, global gradient-norm clipping;
-//! - [`logging`]: rank-tagged `tracing` output, one file per rank on request.
+//! - [`logging`]: rank-tagged `tracing` output, one file per rank on request;
+//! - [`memory`]: a counting allocator that attributes bytes to ranks, peaks per phase, RSS.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -36,6 +37,7 @@ pub mod data_parallel;
 pub mod launch;
 pub mod logging;
 pub mod lora;
+pub mod memory;
 pub mod mesh;
 pub mod moe;
 pub mod ops;

@@ -37,7 +37,7 @@
 
 use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions};
 use crate::comm::ReduceOp;
-use crate::data_parallel::BatchGroups;
+use crate::data_parallel::{BatchGroups, GradSink};
 use crate::mesh::{DeviceMesh, MeshDim};
 use crate::optim::AdamWConfig;
 use crate::zero::{MemoryReport, ShardedModule, ZeroConfig, ZeroOptimizer};
@@ -271,10 +271,28 @@ impl Trainer {
     /// replicas' gradients are reduced here): the schedule's learning rate, clipping, AdamW.
     /// Collective over the world.
     pub fn step(&mut self, grads: &[Option<Tensor>], loss: f64) -> Result<StepReport> {
-        let step = self.steps_done() + 1;
-        let lr = self.cfg.lr.at(step);
-        self.opt.set_learning_rate(lr);
+        let lr = self.next_learning_rate();
         let grad_norm = self.opt.step(grads, self.cfg.clip)?;
+        self.report(loss, grad_norm, lr)
+    }
+
+    /// [`Trainer::step`] from the gradients handed to the trainer as a
+    /// [`crate::data_parallel::GradSink`] since the last step (a unit-wise backward: each
+    /// unit's gradients packed and reduced as soon as they exist).
+    pub fn step_accumulated(&mut self, loss: f64) -> Result<StepReport> {
+        let lr = self.next_learning_rate();
+        let grad_norm = self.opt.step_accumulated(self.cfg.clip)?;
+        self.report(loss, grad_norm, lr)
+    }
+
+    fn next_learning_rate(&mut self) -> f64 {
+        let lr = self.cfg.lr.at(self.steps_done() + 1);
+        self.opt.set_learning_rate(lr);
+        lr
+    }
+
+    fn report(&mut self, loss: f64, grad_norm: f64, lr: f64) -> Result<StepReport> {
+        let step = self.steps_done();
         let loss = self.replica_mean(loss)?;
         let now = std::time::Instant::now();
         let secs = now.duration_since(self.last).as_secs_f64().max(1e-9);
@@ -353,5 +371,23 @@ impl Trainer {
         }
         self.bar.set_position(self.steps_done() as u64);
         Ok(())
+    }
+}
+
+impl GradSink for Trainer {
+    fn sink_vars(&self) -> Vec<candle_core::Var> {
+        self.opt.sink_vars()
+    }
+
+    fn add_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
+        self.opt.add_grad(index, grad)
+    }
+
+    fn unit_done(&mut self, prefixes: &[&str]) -> Result<()> {
+        self.opt.unit_done(prefixes)
+    }
+
+    fn end_micro_batch(&mut self) -> Result<()> {
+        self.opt.end_micro_batch()
     }
 }

@@ -14,7 +14,7 @@ use crate::llama::{
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, Var, D};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Param};
-use candle_parallel::data_parallel::BatchGroups;
+use candle_parallel::data_parallel::{BatchGroups, GradSink, Recompute};
 use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
     hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
@@ -380,6 +380,21 @@ impl Mixtral {
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<(Tensor, Vec<Tensor>, Vec<MoeStats>)> {
+        let (embed, norm, head) = self.whole_model(ids, pos, "forward_shard")?;
+        let mut x = embed.forward(ids)?;
+        let (logits, stats) = self.blocks_forward_with_stats(&mut x, pos, cache, train)?;
+        let out = head.forward(&ops::rms_norm(&x, norm, self.cfg.rms_norm_eps)?)?;
+        Ok((out, logits, stats))
+    }
+
+    /// The embedding, final norm and head of a whole model (not a pipeline stage), after
+    /// checking that `ids` at positions `pos..` fit the model.
+    fn whole_model(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        what: &str,
+    ) -> Result<(&VocabParallelEmbedding, &Tensor, &ColumnParallelLinear)> {
         let (_, s) = ids.dims2()?;
         let end = pos + s;
         if end > self.cfg.max_position_embeddings {
@@ -395,15 +410,12 @@ impl Mixtral {
         }
         let (Some(embed), Some(norm), Some(head)) = (&self.embed, &self.norm, &self.lm_head) else {
             bail!(
-                "forward_shard needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
+                "{what} needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
                 self.first_layer,
                 self.first_layer + self.blocks.len()
             )
         };
-        let mut x = embed.forward(ids)?;
-        let (logits, stats) = self.blocks_forward_with_stats(&mut x, pos, cache, train)?;
-        let out = head.forward(&ops::rms_norm(&x, norm, self.cfg.rms_norm_eps)?)?;
-        Ok((out, logits, stats))
+        Ok((embed, norm, head))
     }
 
     /// This stage's decoder layers on `x` (updated in place) at positions `pos..`: every
@@ -415,26 +427,40 @@ impl Mixtral {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<(Vec<Tensor>, Vec<MoeStats>)> {
-        let eps = self.cfg.rms_norm_eps;
         let (mut logits, mut stats) = (Vec::new(), Vec::new());
-        for (i, b) in self.blocks.iter().enumerate() {
+        for i in 0..self.blocks.len() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (y, aux) = b.forward(x, pos, &self.rope, layer_cache, eps, |moe, n| {
-                let o = moe.forward(n, train)?;
-                Ok((o.output, o.aux))
-            })?;
-            tracing::debug!(
-                layer = self.first_layer + i,
-                tokens_per_expert = ?aux.stats.tokens_per_expert,
-                max_over_mean = aux.stats.max_over_mean(),
-                dropped = aux.stats.dropped,
-                "moe"
-            );
+            let (y, l, st) = self.block_forward(i, x, pos, layer_cache, train)?;
             *x = y;
-            logits.push(aux.routing.logits);
-            stats.push(aux.stats);
+            logits.push(l);
+            stats.push(st);
         }
         Ok((logits, stats))
+    }
+
+    /// This stage's decoder layer `i` on `x`: its output, router logits and routing
+    /// statistics.
+    fn block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, MoeStats)> {
+        let eps = self.cfg.rms_norm_eps;
+        let (y, aux) = self.blocks[i].forward(x, pos, &self.rope, cache, eps, |moe, n| {
+            let o = moe.forward(n, train)?;
+            Ok((o.output, o.aux))
+        })?;
+        tracing::debug!(
+            layer = self.first_layer + i,
+            tokens_per_expert = ?aux.stats.tokens_per_expert,
+            max_over_mean = aux.stats.max_over_mean(),
+            dropped = aux.stats.dropped,
+            "moe"
+        );
+        Ok((y, aux.routing.logits, aux.stats))
     }
 
     /// Full logits `[b, s, vocab]` on every rank.
@@ -550,6 +576,20 @@ pub struct BatchGrads {
     pub stats: Vec<MoeStats>,
 }
 
+/// One training step's losses, its gradients handed to a [`GradSink`] (see
+/// [`Mixtral::train_grads`]).
+#[derive(Clone, Debug, Default)]
+pub struct BatchLosses {
+    /// Mean next-token cross-entropy over this rank's examples (on every stage).
+    pub ce_loss: f64,
+    /// HF's load-balancing loss (unscaled), averaged over the micro-batches.
+    pub aux_loss: f64,
+    /// `ce_loss + router_aux_loss_coef · aux_loss`.
+    pub loss: f64,
+    /// Per-layer routing statistics of the last micro-batch (without pipeline stages).
+    pub stats: Vec<MoeStats>,
+}
+
 impl Mixtral {
     /// The gradients (for `vars`, in their order) of the mean loss over `ids` (`[b, s]`,
     /// this rank's examples): `micro_batches` forward and backward passes, through the
@@ -610,6 +650,177 @@ impl Mixtral {
             loss: mean[2],
             stats: Vec::new(),
         })
+    }
+}
+
+impl Mixtral {
+    /// One training step's gradients, handed to `sink` (e.g. the trainer) unit by unit
+    /// instead of returned whole: the forward runs the embedding, each decoder layer and the
+    /// head as units with detached boundaries, the backward runs them in reverse, one at a
+    /// time, each seeded with the gradient of its outputs (`(out · grad).sum()`, as pipeline
+    /// stages are), and each unit's gradients go to the sink as soon as its backward ends (the
+    /// sink packs and reduces them and they are freed), so at most one unit's full gradients
+    /// exist at once. `recompute` keeps each layer's activations (`None`) or only its input,
+    /// recomputing the layer just before its backward (`Full`). Returns the losses, as
+    /// [`Mixtral::batch_grads`] does; the gradients are its gradients bit for bit.
+    ///
+    /// With pipeline stages (`pp` of several ranks) the stage's backward is the 1F1B
+    /// schedule's, whole; its gradients go to the sink after it, and `recompute` must be
+    /// `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_grads(
+        &self,
+        sink: &mut dyn GradSink,
+        ids: &Tensor,
+        targets: Option<&Targets>,
+        micro_batches: usize,
+        pp: &Comm,
+        recompute: Recompute,
+    ) -> Result<BatchLosses> {
+        if pp.size() > 1 {
+            if recompute != Recompute::None {
+                bail!(
+                    "recompute {recompute} with {} pipeline stages: activation recomputation runs on the unit-wise backward, which pipeline stages do not use yet; use --recompute none with pp > 1",
+                    pp.size()
+                )
+            }
+            let vars = sink.sink_vars();
+            let g = self.batch_grads(&vars, ids, targets, micro_batches, pp)?;
+            for (i, g) in g.grads.iter().enumerate() {
+                if let Some(g) = g {
+                    sink.add_grad(i, g)?;
+                }
+            }
+            sink.end_micro_batch()?;
+            return Ok(BatchLosses {
+                ce_loss: g.ce_loss,
+                aux_loss: g.aux_loss,
+                loss: g.loss,
+                stats: g.stats,
+            });
+        }
+        let mb = MicroBatches::new(ids, targets, micro_batches)?;
+        let m = micro_batches as f64;
+        let mut out = BatchLosses::default();
+        for (i, ids) in mb.ids.iter().enumerate() {
+            let (l, stats) = self.micro_batch_into(
+                sink,
+                ids,
+                mb.label(i),
+                mb.mask(i),
+                mb.weights[i],
+                recompute,
+            )?;
+            out.ce_loss += l[0] / m;
+            out.aux_loss += l[1] / m;
+            out.loss += l[2] / m;
+            out.stats = stats;
+        }
+        Ok(out)
+    }
+
+    /// One micro-batch's forward and unit-wise backward into `sink` (see
+    /// [`Mixtral::train_grads`]): its weighted losses `[ce, aux, loss]` and routing stats.
+    fn micro_batch_into(
+        &self,
+        sink: &mut dyn GradSink,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        mask: Option<&Tensor>,
+        weight: f64,
+        recompute: Recompute,
+    ) -> Result<([f64; 3], Vec<MoeStats>)> {
+        check_next_token_ids(ids)?;
+        check_attention_mask(mask, ids, labels)?;
+        let (embed, norm, head) = self.whole_model(ids, 0, "train_grads")?;
+        let n = self.blocks.len();
+        // The units' inputs as variables (their gradients are the previous units' seeds);
+        // each layer's output and router logits, kept with their graphs unless recomputed.
+        let x0 = embed.forward(ids)?;
+        let mut inputs: Vec<Var> = vec![Var::from_tensor(&x0.detach())?];
+        let mut outputs: Vec<Option<(Tensor, Tensor)>> = Vec::with_capacity(n);
+        let mut logits: Vec<Var> = Vec::with_capacity(n);
+        let mut stats = Vec::with_capacity(n);
+        for i in 0..n {
+            let (y, l, st) = self.block_forward(i, inputs[i].as_tensor(), 0, None, true)?;
+            inputs.push(Var::from_tensor(&y.detach())?);
+            logits.push(Var::from_tensor(&l.detach())?);
+            stats.push(st);
+            // Recomputed: the graph (every activation of the layer) is dropped here.
+            outputs.push((recompute == Recompute::None).then_some((y, l)));
+        }
+        // The head: the losses from the last layer's output and every layer's router logits.
+        let x = inputs[n].as_tensor();
+        let shard = head.forward(&ops::rms_norm(x, norm, self.cfg.rms_norm_eps)?)?;
+        let ce_loss = next_token_loss(&shard, ids, labels, self.cfg.vocab_size, &self.tp)?;
+        let router: Vec<Tensor> = logits.iter().map(|l| l.as_tensor().clone()).collect();
+        let aux_loss = hf_load_balancing_loss_masked(
+            &router,
+            mask,
+            self.cfg.num_local_experts,
+            self.cfg.num_experts_per_tok,
+        )?;
+        let loss = (&ce_loss + (&aux_loss * self.cfg.router_aux_loss_coef)?)?;
+        let l = weighted(
+            MixtralLosses {
+                ce_loss,
+                aux_loss,
+                loss,
+                stats: Vec::new(),
+            },
+            weight,
+        )?;
+        let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
+        let values = [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
+        let store = l.loss.backward()?;
+        drop((l, shard, router));
+        sink.add_store(&store)?;
+        sink.unit_done(&["model.norm.", "lm_head."])?;
+        // Detached: a gradient can carry a graph of its own (a custom op's backward computed
+        // from variables), which the next unit's backward must not walk into.
+        let grad_of = |store: &GradStore, v: &Tensor| store.get(v).map(Tensor::detach);
+        let mut seed = grad_of(&store, x);
+        let mut seeds_l: Vec<Option<Tensor>> = logits
+            .iter()
+            .map(|l| grad_of(&store, l.as_tensor()))
+            .collect();
+        drop(store);
+        for i in (0..n).rev() {
+            let (y, l) = match outputs[i].take() {
+                Some(kept) => kept,
+                None => {
+                    let (y, l, _) = self.block_forward(i, inputs[i].as_tensor(), 0, None, true)?;
+                    (y, l)
+                }
+            };
+            let prefix = format!("model.layers.{}.", self.first_layer + i);
+            let mut total: Option<Tensor> = None;
+            for (out, g) in [(&y, seed.take()), (&l, seeds_l[i].take())] {
+                if let Some(g) = g {
+                    // In f32: the hidden states may be 16-bit, the router logits are f32.
+                    let s = (out * g)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
+                    total = Some(match total {
+                        Some(t) => (t + s)?,
+                        None => s,
+                    });
+                }
+            }
+            drop((y, l));
+            if let Some(total) = total {
+                let store = total.backward()?;
+                sink.add_store(&store)?;
+                seed = grad_of(&store, inputs[i].as_tensor());
+            }
+            sink.unit_done(&[&prefix])?;
+            inputs.truncate(i + 1);
+        }
+        if let Some(g) = seed {
+            let store = (x0 * g)?.sum_all()?.backward()?;
+            sink.add_store(&store)?;
+        }
+        sink.unit_done(&["model.embed_tokens."])?;
+        sink.end_micro_batch()?;
+        Ok((values, stats))
     }
 }
 
@@ -921,6 +1132,33 @@ impl ShardedMixtral {
         accumulate(vars, &mb, |i, ids| {
             Ok(self.losses(ids, mb.label(i), mb.mask(i))?.0)
         })
+    }
+
+    /// As [`Mixtral::train_grads`] without pipeline stages: each micro-batch's gradients (the
+    /// units' partitions, reduce-scattered in the backward as each sharded module's backward
+    /// ends) handed to `sink`. Each layer's forward already runs again in its backward (its
+    /// gathered parameters are freed after the forward), as `Recompute::Full` does.
+    pub fn train_grads(
+        &self,
+        sink: &mut dyn GradSink,
+        ids: &Tensor,
+        targets: Option<&Targets>,
+        micro_batches: usize,
+    ) -> Result<BatchLosses> {
+        let mb = MicroBatches::new(ids, targets, micro_batches)?;
+        let m = micro_batches as f64;
+        let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
+        let mut out = BatchLosses::default();
+        for (i, ids) in mb.ids.iter().enumerate() {
+            let (l, _) = self.losses(ids, mb.label(i), mb.mask(i))?;
+            let l = weighted(l, mb.weights[i])?;
+            sink.add_store(&l.loss.backward()?)?;
+            sink.end_micro_batch()?;
+            out.ce_loss += v(&l.ce_loss)? / m;
+            out.aux_loss += v(&l.aux_loss)? / m;
+            out.loss += v(&l.loss)? / m;
+        }
+        Ok(out)
     }
 }
 

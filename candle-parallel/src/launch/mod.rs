@@ -406,6 +406,8 @@ impl Launcher {
                     let spawned = std::thread::Builder::new()
                         .name(format!("rank-{rank}"))
                         .spawn_scoped(scope, move || {
+                            // Everything this thread allocates counts as the rank's.
+                            crate::memory::set_thread_rank(Some(rank));
                             let out = catch_unwind(AssertUnwindSafe(|| {
                                 let (comm, device) = setup(rank)?;
                                 self.run_rank(rank, comm, device, f)
@@ -449,6 +451,7 @@ impl Launcher {
         );
         let _entered = span.enter();
         let _console = crate::logging::enter_rank(rank);
+        crate::memory::set_thread_rank(Some(rank));
         let mesh = match &self.mesh {
             Some(shape) => {
                 let mesh = DeviceMesh::new(&comm, *shape)?;

@@ -58,7 +58,7 @@ pub use sharded::ShardedModule;
 
 use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
 use crate::comm::{Comm, ReduceOp};
-use crate::data_parallel::{plan_buckets, BatchGroups, DEFAULT_BUCKET_BYTES};
+use crate::data_parallel::{plan_buckets, BatchGroups, GradSink, DEFAULT_BUCKET_BYTES};
 use crate::mesh::{DeviceMesh, MeshDim};
 use crate::optim::{clip_factor, fused, saved_state, saved_step, step_entry, AdamWConfig};
 use candle_core::backprop::GradStore;
@@ -194,8 +194,28 @@ pub struct ZeroOptimizer {
     mesh: DeviceMesh,
     replicas: usize,
     step: u64,
-    /// The partition gradients of the last step (kept only at stages 2 and 3).
-    held_partition_bytes: usize,
+    /// The gradients of the step being accumulated, per bucket.
+    acc: Vec<BucketGrad>,
+    /// Per variable (of `vars`), the buckets and segment positions its gradient goes to.
+    routes: Vec<Vec<(usize, usize)>>,
+    /// Micro-batches ended since the last step.
+    micro_batches: usize,
+}
+
+/// A bucket's gradient while a step's backward passes run (see [`GradSink`]).
+#[derive(Default)]
+struct BucketGrad {
+    /// Stage 2: the full bucket of the current micro-batch, from its first gradient until it
+    /// is reduce-scattered (stages 0 and 1 pack into the bucket's kept buffer instead).
+    full: Option<Tensor>,
+    /// Per segment: holds a gradient (this step's at stages 0–1, this micro-batch's at 2).
+    written: Vec<bool>,
+    /// Per segment: its unit is done in this micro-batch.
+    done: Vec<bool>,
+    /// Stage 2: reduce-scattered in this micro-batch already.
+    reduced: bool,
+    /// Stages 2 and 3: this rank's partition, summed over the micro-batches.
+    part: Option<Tensor>,
 }
 
 impl ZeroOptimizer {
@@ -360,8 +380,37 @@ impl ZeroOptimizer {
             mesh: mesh.clone(),
             replicas: batch.replicas(),
             step: 0,
-            held_partition_bytes: 0,
-        })
+            acc: Vec::new(),
+            routes: Vec::new(),
+            micro_batches: 0,
+        }
+        .with_routes())
+    }
+
+    /// The accumulation state: where each variable's gradient goes.
+    fn with_routes(mut self) -> Self {
+        self.routes = vec![Vec::new(); self.vars.len()];
+        for (bi, b) in self.buckets.iter().enumerate() {
+            match b.home {
+                Home::Whole { .. } => {
+                    for (si, seg) in b.segs.iter().enumerate() {
+                        let v = self.whole[seg.info].expect("a whole parameter");
+                        self.routes[v].push((bi, si));
+                    }
+                }
+                Home::Shard { var, .. } => self.routes[var].push((bi, 0)),
+            }
+        }
+        self.acc = self
+            .buckets
+            .iter()
+            .map(|b| BucketGrad {
+                written: vec![false; b.segs.len()],
+                done: vec![false; b.segs.len()],
+                ..Default::default()
+            })
+            .collect();
+        self
     }
 
     /// The variables the step's gradients are for, in order: the whole parameters, then the
@@ -401,23 +450,23 @@ impl ZeroOptimizer {
         self.replicas
     }
 
-    /// Bytes this rank holds for the parameters, the gradients the optimizer keeps, and the
-    /// optimizer state, counted from the tensors themselves.
+    /// Bytes this rank holds for the parameters, the gradients the optimizer holds now (the
+    /// kept full buckets at stages 0 and 1; during a step's backward passes, the partitions
+    /// and buckets being reduced at stages 2 and 3, none after the step), and the optimizer
+    /// state, counted from the tensors themselves.
     pub fn memory(&self) -> MemoryReport {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let mut r = MemoryReport {
             param_bytes: self.vars.iter().map(|v| bytes(v.as_tensor())).sum(),
             ..Default::default()
         };
-        for b in &self.buckets {
+        for (b, a) in self.buckets.iter().zip(&self.acc) {
             if let Home::Whole { grad: Some(g) } = &b.home {
                 r.grad_bytes += bytes(g);
             }
+            r.grad_bytes += a.full.as_ref().map_or(0, bytes) + a.part.as_ref().map_or(0, bytes);
             r.optimizer_bytes += bytes(&b.exp_avg) + bytes(&b.exp_avg_sq);
             r.optimizer_bytes += b.master.as_ref().map_or(0, bytes);
-        }
-        if self.cfg.stage >= 2 {
-            r.grad_bytes += self.held_partition_bytes;
         }
         r
     }
@@ -427,6 +476,9 @@ impl ZeroOptimizer {
     /// reduces them over the replicas (the gradient of the mean loss over the global batch),
     /// clips their global norm to `max_norm` (torch's `clip_grad_norm_`), and takes one AdamW
     /// step (torch's semantics). Returns the norm before clipping, the same on every rank.
+    ///
+    /// The same as handing the gradients to the optimizer as a [`GradSink`] (one micro-batch)
+    /// and calling [`ZeroOptimizer::step_accumulated`].
     pub fn step(&mut self, grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<f64> {
         if grads.len() != self.vars.len() {
             bail!(
@@ -435,18 +487,114 @@ impl ZeroOptimizer {
                 self.vars.len()
             )
         }
-        for (v, g) in self.vars.iter().zip(grads) {
+        if self.micro_batches > 0 {
+            bail!(
+                "ZeroOptimizer::step: {} micro-batches of gradients were handed over already; \
+                 finish with step_accumulated",
+                self.micro_batches
+            )
+        }
+        for (i, g) in grads.iter().enumerate() {
             if let Some(g) = g {
-                if g.dims() != v.dims() {
-                    let name = self.name_of_var(v);
-                    bail!(
-                        "ZeroOptimizer::step: the gradient of {name} has shape {:?}, the parameter (this rank's part) {:?}",
-                        g.dims(),
-                        v.dims()
-                    )
+                self.add_grad(i, g)?;
+            }
+        }
+        self.end_micro_batch()?;
+        self.step_accumulated(max_norm)
+    }
+
+    /// Packs one gradient of variable `v` into its buckets' accumulators.
+    fn pack(&mut self, v: usize, g: &Tensor) -> Result<()> {
+        let var = &self.vars[v];
+        if g.dims() != var.dims() {
+            let name = self.name_of_var(var);
+            bail!(
+                "ZeroOptimizer: the gradient of {name} has shape {:?}, the parameter (this rank's part) {:?}",
+                g.dims(),
+                var.dims()
+            )
+        }
+        let device = self.world.device().clone();
+        let flat = g.flatten_all()?.to_dtype(DType::F32)?;
+        for &(bi, si) in &self.routes[v] {
+            let (b, a) = (&self.buckets[bi], &mut self.acc[bi]);
+            let add_into = |dst: &Tensor, src: &Tensor, at: usize, first: bool| -> Result<()> {
+                let src = src.contiguous()?;
+                if first {
+                    dst.slice_set(&src, 0, at)
+                } else {
+                    let sum = (dst.narrow(0, at, src.elem_count())? + src)?;
+                    dst.slice_set(&sum, 0, at)
+                }
+            };
+            match &b.home {
+                Home::Shard { offset, .. } => {
+                    let piece = flat.narrow(0, *offset, b.len)?;
+                    a.part = Some(match a.part.take() {
+                        Some(p) => (p + piece)?,
+                        None => piece.contiguous()?,
+                    });
+                }
+                Home::Whole { grad } => {
+                    let s = b.segs[si];
+                    if a.done[si] {
+                        bail!(
+                            "ZeroOptimizer: a gradient of {} after its unit was declared done in this micro-batch",
+                            self.infos[s.info].name
+                        )
+                    }
+                    let buf = match grad {
+                        Some(buf) => buf.clone(),
+                        None => match &a.full {
+                            Some(f) => f.clone(),
+                            None => {
+                                let f = Tensor::zeros(b.padded, DType::F32, &device)?;
+                                a.full = Some(f.clone());
+                                f
+                            }
+                        },
+                    };
+                    add_into(&buf, &flat, s.offset, !a.written[si])?;
+                    a.written[si] = true;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Stage 2: reduce-scatters bucket `bi`'s gradient of this micro-batch into the partition
+    /// (zeros where nothing came) and frees the full bucket.
+    fn reduce_bucket(&mut self, bi: usize) -> Result<()> {
+        let (b, a) = (&self.buckets[bi], &mut self.acc[bi]);
+        if a.reduced || !matches!(b.home, Home::Whole { grad: None }) {
+            return Ok(());
+        }
+        let full = match a.full.take() {
+            Some(f) => f,
+            None => Tensor::zeros(b.padded, DType::F32, self.world.device())?,
+        };
+        let part = match &b.comm {
+            Some(c) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
+            None => full,
+        };
+        a.part = Some(match a.part.take() {
+            Some(p) => (p + part)?,
+            None => part,
+        });
+        a.reduced = true;
+        a.written.iter_mut().for_each(|w| *w = false);
+        Ok(())
+    }
+
+    /// One step from the gradients handed over as a [`GradSink`] since the last step (their
+    /// mean over the micro-batches): reduction over the replicas where it is not done yet,
+    /// clipping to `max_norm` and AdamW, as [`ZeroOptimizer::step`]. Returns the norm before
+    /// clipping.
+    pub fn step_accumulated(&mut self, max_norm: Option<f64>) -> Result<f64> {
+        if self.micro_batches == 0 {
+            bail!("ZeroOptimizer::step_accumulated: no gradients were handed over (end_micro_batch was never called since the last step)")
+        }
+        let m = std::mem::take(&mut self.micro_batches);
         // 1. This rank's partition of every bucket's summed gradient, and the squared norm of
         //    the distinct elements it holds.
         let stage = self.cfg.stage;
@@ -457,22 +605,22 @@ impl ZeroOptimizer {
         let mut sq = Tensor::zeros((), DType::F64, &device)?;
         // On the CPU, summed on the host in one pass (no squared copy of each parameter).
         let mut sq_host = 0f64;
-        for b in &self.buckets {
+        let mean = |t: Tensor| if m > 1 { t / m as f64 } else { Ok(t) };
+        for (b, a) in self.buckets.iter().zip(&mut self.acc) {
             let n = b.comm.as_ref().map_or(1, Comm::size);
             let part = match &b.home {
-                Home::Whole { grad } => {
-                    let full = match grad {
-                        Some(buf) => buf.clone(),
-                        None => Tensor::zeros(b.padded, DType::F32, &device)?,
-                    };
-                    for s in &b.segs {
-                        let g = self.whole[s.info].and_then(|v| grads[v].as_ref());
-                        let flat = match g {
-                            Some(g) => g.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
-                            None => Tensor::zeros(s.len, DType::F32, &device)?,
-                        };
-                        full.slice_set(&flat, 0, s.offset)?;
+                Home::Whole { grad: Some(buf) } => {
+                    // Parameters that got no gradient this step count as zeros.
+                    for (s, w) in b.segs.iter().zip(&a.written) {
+                        if !w {
+                            buf.slice_set(
+                                &Tensor::zeros(s.len, DType::F32, &device)?,
+                                0,
+                                s.offset,
+                            )?;
+                        }
                     }
+                    let full = mean(buf.clone())?;
                     match (&b.comm, stage) {
                         (None, _) => full,
                         (Some(c), 0) => {
@@ -482,11 +630,12 @@ impl ZeroOptimizer {
                         (Some(c), _) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
                     }
                 }
-                Home::Shard { var, offset } => match &grads[*var] {
-                    Some(g) => g.narrow(0, *offset, b.len)?.to_dtype(DType::F32)?,
+                Home::Whole { grad: None } | Home::Shard { .. } => match a.part.take() {
+                    Some(p) => mean(p)?,
                     None => Tensor::zeros(b.len, DType::F32, &device)?,
                 },
             };
+            a.written.iter_mut().for_each(|w| *w = false);
             // Each element of a partition is held by one rank of the group.
             let share = if stage >= 1 { n as f64 } else { 1.0 };
             for (s, lo, hi) in overlaps(&b.segs, b.start, b.len) {
@@ -515,10 +664,6 @@ impl ZeroOptimizer {
             .to_vec1::<f64>()?[0];
         let norm = sq.sqrt() * scale;
         let factor = max_norm.map_or(1.0, |m| clip_factor(norm, m));
-        self.held_partition_bytes = match stage {
-            2 | 3 => parts.iter().map(|t| t.elem_count() * 4).sum(),
-            _ => 0,
-        };
 
         // 2. AdamW on the partitions, then the parameters.
         self.step += 1;
@@ -937,6 +1082,59 @@ impl ZeroOptimizer {
             }
         }
         self.step = step;
+        Ok(())
+    }
+}
+
+/// The optimizer takes a unit-wise backward's gradients as they come: at stages 0 and 1 they
+/// are packed into the kept full buckets (summed over the micro-batches, reduced at the step);
+/// at stage 2 a bucket is reduce-scattered as soon as every parameter in it is done (its
+/// unit's backward over) and only this rank's partition is kept, summed over the
+/// micro-batches (DeepSpeed's order: the sum over micro-batches of the sums over replicas, the
+/// same to float rounding as the other way round); at stage 3 the sharded modules' gradients
+/// arrive reduced and are summed into the partitions. Then
+/// [`ZeroOptimizer::step_accumulated`].
+impl GradSink for ZeroOptimizer {
+    fn sink_vars(&self) -> Vec<Var> {
+        self.vars.clone()
+    }
+
+    fn add_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
+        if index >= self.vars.len() {
+            bail!(
+                "ZeroOptimizer: a gradient for variable {index}, of {}",
+                self.vars.len()
+            )
+        }
+        self.pack(index, grad)
+    }
+
+    fn unit_done(&mut self, prefixes: &[&str]) -> Result<()> {
+        for bi in 0..self.buckets.len() {
+            let b = &self.buckets[bi];
+            if !matches!(b.home, Home::Whole { .. }) {
+                continue;
+            }
+            let a = &mut self.acc[bi];
+            for (s, d) in b.segs.iter().zip(a.done.iter_mut()) {
+                let name = &self.infos[s.info].name;
+                *d |= prefixes.iter().any(|p| name.starts_with(p));
+            }
+            if a.done.iter().all(|d| *d) {
+                self.reduce_bucket(bi)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_micro_batch(&mut self) -> Result<()> {
+        for bi in 0..self.buckets.len() {
+            self.reduce_bucket(bi)?;
+            let a = &mut self.acc[bi];
+            a.done.iter_mut().for_each(|d| *d = false);
+            a.reduced = false;
+        }
+        self.micro_batches += 1;
         Ok(())
     }
 }

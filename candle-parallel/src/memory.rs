@@ -1,0 +1,326 @@
+//! Memory measured, not counted: a counting global allocator that attributes every allocation
+//! to the rank whose thread made it, per-rank peaks by phase, and the process's resident set.
+//!
+//! Ranks run as threads of one process, so the process's RSS mixes them. [`CountingAlloc`]
+//! tags each allocation with the rank of the thread that made it (the [`crate::Launcher`]
+//! tags its rank threads) in a small header, so that a buffer freed by another rank (the local
+//! backend shares buffers between ranks) is still taken off its owner's count. Allocations of
+//! untagged threads (the main thread, Rayon's and gemm's workers) are counted apart
+//! ([`untagged`]).
+//!
+//! A program opts in by installing the allocator; without it every query here says so with an
+//! error rather than reporting zeros.
+//!
+//! ```
+//! use candle_parallel::memory::{self, CountingAlloc};
+//!
+//! #[global_allocator]
+//! static ALLOC: CountingAlloc = CountingAlloc;
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let out = candle_parallel::launch(2, |ctx| {
+//!     let mut phases = memory::PhaseMeter::new(ctx.rank())?;
+//!     phases.enter("alloc");
+//!     let t = candle_core::Tensor::zeros(1 << 20, candle_core::DType::F32, ctx.device())?;
+//!     drop(t);
+//!     phases.enter("done");
+//!     Ok(phases.finish())
+//! })?;
+//! // Each rank's 4 MiB tensor is in its own peak for the phase.
+//! assert!(out[0][0].peak_bytes >= 4 << 20);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! (On the GPU the tensors live in device memory: these counts are the host's side only.)
+
+use candle_core::{bail, Result};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Ranks counted one by one; higher ranks share the last slot with the untagged threads'.
+pub const MAX_TRACKED_RANKS: usize = 256;
+const UNTAGGED: u32 = MAX_TRACKED_RANKS as u32;
+
+#[repr(align(128))] // one cache line pair per slot: ranks do not contend
+struct Slot {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+#[allow(clippy::declare_interior_mutable_const)] // a template to fill the array with
+const EMPTY: Slot = Slot {
+    current: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+};
+static SLOTS: [Slot; MAX_TRACKED_RANKS + 1] = [EMPTY; MAX_TRACKED_RANKS + 1];
+static PROCESS: Slot = EMPTY;
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    // `const`: reading it never allocates (this runs inside the allocator).
+    static TAG: Cell<u32> = const { Cell::new(UNTAGGED) };
+}
+
+/// Header bytes before each allocation: at least 16 and the allocation's alignment, so the
+/// caller's pointer keeps its alignment. The owner's tag sits in the 4 bytes before it.
+fn header(align: usize) -> usize {
+    align.max(16)
+}
+
+fn add(slot: &Slot, n: usize) {
+    let now = slot.current.fetch_add(n, Ordering::Relaxed) + n;
+    slot.peak.fetch_max(now, Ordering::Relaxed);
+}
+
+fn sub(slot: &Slot, n: usize) {
+    slot.current.fetch_sub(n, Ordering::Relaxed);
+}
+
+/// A global allocator over the system's that counts the bytes each rank holds (see the
+/// [module docs](self)). Install it with `#[global_allocator]` in a binary.
+pub struct CountingAlloc;
+
+impl CountingAlloc {
+    fn tagged(base: *mut u8, hdr: usize, size: usize) -> *mut u8 {
+        if base.is_null() {
+            return base;
+        }
+        let tag = TAG.with(Cell::get);
+        // SAFETY: base points to hdr + size bytes; hdr >= 16 leaves room for the tag.
+        unsafe {
+            let data = base.add(hdr);
+            (data.sub(4) as *mut u32).write_unaligned(tag);
+            add(&SLOTS[tag as usize], size);
+            add(&PROCESS, size);
+            data
+        }
+    }
+
+    /// The tag of an allocation made by this allocator.
+    ///
+    /// # Safety
+    /// `data` must have been returned by this allocator.
+    unsafe fn tag_of(data: *mut u8) -> usize {
+        ((data.sub(4) as *const u32).read_unaligned() as usize).min(MAX_TRACKED_RANKS)
+    }
+}
+
+// SAFETY: every pointer handed out is `hdr` bytes into a block of the system allocator of
+// layout (size + hdr, align), and every free or reallocation goes back to that block.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        INSTALLED.store(true, Ordering::Relaxed);
+        let hdr = header(layout.align());
+        let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        Self::tagged(System.alloc(full), hdr, layout.size())
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        INSTALLED.store(true, Ordering::Relaxed);
+        let hdr = header(layout.align());
+        let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        Self::tagged(System.alloc_zeroed(full), hdr, layout.size())
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let hdr = header(layout.align());
+        sub(&SLOTS[Self::tag_of(ptr)], layout.size());
+        sub(&PROCESS, layout.size());
+        let full = Layout::from_size_align_unchecked(layout.size() + hdr, layout.align());
+        System.dealloc(ptr.sub(hdr), full);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let hdr = header(layout.align());
+        let Some(new_full) = new_size.checked_add(hdr) else {
+            return std::ptr::null_mut();
+        };
+        if Layout::from_size_align(new_full, layout.align()).is_err() {
+            return std::ptr::null_mut();
+        }
+        let tag = Self::tag_of(ptr);
+        let full = Layout::from_size_align_unchecked(layout.size() + hdr, layout.align());
+        // The header moves with the block: the owner stays the same.
+        let base = System.realloc(ptr.sub(hdr), full, new_full);
+        if base.is_null() {
+            return base;
+        }
+        let (old, slot) = (layout.size(), &SLOTS[tag]);
+        if new_size >= old {
+            add(slot, new_size - old);
+            add(&PROCESS, new_size - old);
+        } else {
+            sub(slot, old - new_size);
+            sub(&PROCESS, old - new_size);
+        }
+        base.add(hdr)
+    }
+}
+
+/// Whether [`CountingAlloc`] is this program's global allocator.
+pub fn is_counting() -> bool {
+    // Any program allocates before it asks; the first allocation sets the flag.
+    drop(std::hint::black_box(Box::new(0u8)));
+    INSTALLED.load(Ordering::Relaxed)
+}
+
+fn require() -> Result<()> {
+    if !is_counting() {
+        bail!(
+            "memory: the counting allocator is not installed; add \
+             `#[global_allocator] static ALLOC: candle_parallel::memory::CountingAlloc = \
+             candle_parallel::memory::CountingAlloc;` to the program"
+        )
+    }
+    Ok(())
+}
+
+/// Attributes the calling thread's allocations to `rank` (`None`: untagged). The
+/// [`crate::Launcher`] does this for its rank threads.
+pub fn set_thread_rank(rank: Option<usize>) {
+    let tag = rank.map_or(UNTAGGED, |r| r.min(MAX_TRACKED_RANKS) as u32);
+    TAG.with(|t| t.set(tag));
+}
+
+/// The rank the calling thread's allocations are attributed to.
+pub fn thread_rank() -> Option<usize> {
+    match TAG.with(Cell::get) {
+        UNTAGGED => None,
+        r => Some(r as usize),
+    }
+}
+
+/// Bytes held now and the most held since the last [`reset_peak`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub current: usize,
+    pub peak: usize,
+}
+
+fn held(slot: &Slot) -> Held {
+    Held {
+        current: slot.current.load(Ordering::Relaxed),
+        peak: slot.peak.load(Ordering::Relaxed),
+    }
+}
+
+fn slot_of(rank: usize) -> Result<&'static Slot> {
+    require()?;
+    if rank >= MAX_TRACKED_RANKS {
+        bail!("memory: rank {rank} is not counted on its own (ranks 0..{MAX_TRACKED_RANKS} are)")
+    }
+    Ok(&SLOTS[rank])
+}
+
+/// What `rank`'s threads hold (allocations they made and nobody freed yet).
+pub fn rank(rank: usize) -> Result<Held> {
+    Ok(held(slot_of(rank)?))
+}
+
+/// What the untagged threads hold (the main thread, thread pools' workers).
+pub fn untagged() -> Result<Held> {
+    require()?;
+    Ok(held(&SLOTS[MAX_TRACKED_RANKS]))
+}
+
+/// What the whole process holds through the allocator.
+pub fn process() -> Result<Held> {
+    require()?;
+    Ok(held(&PROCESS))
+}
+
+/// Starts `rank`'s peak afresh from what it holds now.
+pub fn reset_peak(rank: usize) -> Result<()> {
+    let s = slot_of(rank)?;
+    s.peak
+        .store(s.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    Ok(())
+}
+
+/// Starts the process's peak afresh from what it holds now.
+pub fn reset_process_peak() -> Result<()> {
+    require()?;
+    PROCESS
+        .peak
+        .store(PROCESS.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    Ok(())
+}
+
+/// The resident set of the process as the kernel reports it: `(now, peak)` in bytes (Linux
+/// `/proc/self/status`: `VmRSS`, `VmHWM`); `None` elsewhere.
+pub fn rss() -> Option<(usize, usize)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// One phase of a rank's work, as [`PhaseMeter`] measured it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhaseMemory {
+    pub name: String,
+    /// What the rank held when the phase began.
+    pub start_bytes: usize,
+    /// The most it held during the phase.
+    pub peak_bytes: usize,
+    /// What it held when the phase ended (what persists into the next).
+    pub end_bytes: usize,
+}
+
+/// A rank's peak and persistent bytes per phase (load, forward, backward, step, save):
+/// `enter(name)` closes the phase before and starts `name`.
+#[derive(Debug)]
+pub struct PhaseMeter {
+    rank: usize,
+    open: Option<(String, usize)>,
+    done: Vec<PhaseMemory>,
+}
+
+impl PhaseMeter {
+    /// A meter for `rank` (its thread must be tagged with it, as the launcher's are).
+    pub fn new(rank: usize) -> Result<Self> {
+        slot_of(rank)?;
+        Ok(Self {
+            rank,
+            open: None,
+            done: Vec::new(),
+        })
+    }
+
+    fn close(&mut self) {
+        let h = held(&SLOTS[self.rank]);
+        if let Some((name, start)) = self.open.take() {
+            self.done.push(PhaseMemory {
+                name,
+                start_bytes: start,
+                peak_bytes: h.peak,
+                end_bytes: h.current,
+            });
+        }
+        SLOTS[self.rank].peak.store(h.current, Ordering::Relaxed);
+    }
+
+    /// Ends the current phase (if any) and begins `name`.
+    pub fn enter(&mut self, name: &str) {
+        self.close();
+        let now = SLOTS[self.rank].current.load(Ordering::Relaxed);
+        self.open = Some((name.to_string(), now));
+    }
+
+    /// Ends the current phase; every phase measured, in order.
+    pub fn finish(mut self) -> Vec<PhaseMemory> {
+        self.close();
+        self.done
+    }
+}
