@@ -29,7 +29,7 @@
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{gather_model, hf_safetensors_files};
 use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
-use candle_parallel::data_parallel::BatchGroups;
+use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::lora::{merge, save_peft, LoraConfig};
 use candle_parallel::moe::Dispatch;
@@ -108,6 +108,11 @@ struct Args {
     /// just before use and freed after; not with pp).
     #[arg(long, default_value_t = 0)]
     zero: u8,
+    /// Activation recomputation: none (keep every layer's activations for the backward) or
+    /// full (keep each layer's input only; run the layer again just before its backward).
+    /// ZeRO 3 recomputes every layer anyway.
+    #[arg(long, default_value_t = Recompute::None)]
+    recompute: Recompute,
     /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
     /// optimizer state, gradients reduced in f32).
     #[arg(long, default_value = "f32")]
@@ -767,7 +772,6 @@ fn main() -> Result<()> {
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
             (Model::Whole(Box::new(m)), t)
         };
-        let vars = trainer.vars().to_vec();
         if resume.is_some() {
             trainer.resume(&vb)?;
         }
@@ -912,11 +916,12 @@ fn main() -> Result<()> {
             let global_tokens = labels.as_ref().map(|(l, _)| counted_targets(l)).transpose()?;
             let mine_labels = labels.map(|(l, m)| Ok::<_, candle_core::Error>((rows(&l)?, rows(&m)?))).transpose()?;
             let targets = mine_labels.as_ref().zip(global_tokens).map(|((labels, mask), global_tokens)| Targets { labels, global_tokens, replicas, attention_mask: Some(mask) });
+            // Each layer's gradients go to the trainer as soon as its backward ends.
             let g = match &model {
-                Model::Whole(m) => m.batch_grads(&vars, &mine, targets.as_ref(), micro_batches, pp_comm)?,
-                Model::Sharded(m) => m.batch_grads(&vars, &mine, targets.as_ref(), micro_batches)?,
+                Model::Whole(m) => m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches, pp_comm, args.recompute)?,
+                Model::Sharded(m) => m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches)?,
             };
-            let r = trainer.step(&g.grads, g.ce_loss)?;
+            let r = trainer.step_accumulated(g.ce_loss)?;
             history.push(r);
             if step % args.eval_every == 0 || step == args.steps {
                 let value = eval()?.0;

@@ -29,7 +29,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{
     full_gradients_of, gather_model, merge_on_all, ParallelVarBuilder, SaveOptions,
 };
-use candle_parallel::data_parallel::BatchGroups;
+use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_layers, Schedule};
@@ -131,6 +131,10 @@ enum Command {
         /// Micro-batches per step on each replica (gradient accumulation; pipelined with pp).
         #[arg(long, default_value_t = 1)]
         micro_batches: usize,
+        /// Activation recomputation: none, or full (each layer's input kept, the layer run
+        /// again just before its backward; not with --pp). ZeRO 3 recomputes anyway.
+        #[arg(long, default_value_t = Recompute::None)]
+        recompute: Recompute,
         /// Output safetensors file.
         #[arg(long, default_value = "params.safetensors")]
         out: PathBuf,
@@ -301,6 +305,7 @@ fn run_train(command: Command) -> Result<()> {
         pp,
         zero,
         micro_batches,
+        recompute,
         out,
         seed,
         checkpoint_dir,
@@ -404,7 +409,6 @@ fn run_train(command: Command) -> Result<()> {
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
             (Model::Whole(Box::new(m)), t)
         };
-        let vars = trainer.vars().to_vec();
         if resume.is_some() {
             trainer.resume(&vb)?;
         }
@@ -452,13 +456,21 @@ fn run_train(command: Command) -> Result<()> {
             });
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for i in trainer.steps_done()..steps {
+            // Each layer's gradients go to the trainer as soon as its backward ends.
             let g = match &model {
-                Model::Whole(m) => {
-                    m.batch_grads(&vars, &ids, targets.as_ref(), micro_batches, mesh.pp())?
+                Model::Whole(m) => m.train_grads(
+                    &mut trainer,
+                    &ids,
+                    targets.as_ref(),
+                    micro_batches,
+                    mesh.pp(),
+                    recompute,
+                )?,
+                Model::Sharded(m) => {
+                    m.train_grads(&mut trainer, &ids, targets.as_ref(), micro_batches)?
                 }
-                Model::Sharded(m) => m.batch_grads(&vars, &ids, targets.as_ref(), micro_batches)?,
             };
-            let r = trainer.step(&g.grads, g.loss)?;
+            let r = trainer.step_accumulated(g.loss)?;
             tensors.push((
                 format!("loss.{i}"),
                 Tensor::new(r.loss as f32, &Device::Cpu)?,
