@@ -214,8 +214,28 @@ struct BucketGrad {
     done: Vec<bool>,
     /// Stage 2: reduce-scattered in this micro-batch already.
     reduced: bool,
-    /// Stages 2 and 3: this rank's partition, summed over the micro-batches.
+    /// Stages 2 and 3: this rank's partition of the gradient, summed over the micro-batches
+    /// in place; allocated once and kept between steps (DeepSpeed's partitioned gradients).
     part: Option<Tensor>,
+    /// Whether `part` holds this step's gradient yet.
+    part_written: bool,
+}
+
+impl BucketGrad {
+    /// Adds `g` into the partition at `at` (the first gradient of a step is written).
+    fn add_to_part(&mut self, g: &Tensor, at: usize) -> Result<()> {
+        let part = self
+            .part
+            .as_ref()
+            .expect("a partition buffer at stages 2 and 3");
+        let g = g.contiguous()?;
+        if self.part_written {
+            let sum = (part.narrow(0, at, g.elem_count())? + g)?;
+            part.slice_set(&sum, 0, at)
+        } else {
+            part.slice_set(&g, 0, at)
+        }
+    }
 }
 
 impl ZeroOptimizer {
@@ -369,7 +389,7 @@ impl ZeroOptimizer {
                 });
             }
         }
-        Ok(Self {
+        Self {
             infos,
             vars,
             whole,
@@ -384,11 +404,11 @@ impl ZeroOptimizer {
             routes: Vec::new(),
             micro_batches: 0,
         }
-        .with_routes())
+        .with_routes()
     }
 
     /// The accumulation state: where each variable's gradient goes.
-    fn with_routes(mut self) -> Self {
+    fn with_routes(mut self) -> Result<Self> {
         self.routes = vec![Vec::new(); self.vars.len()];
         for (bi, b) in self.buckets.iter().enumerate() {
             match b.home {
@@ -401,16 +421,24 @@ impl ZeroOptimizer {
                 Home::Shard { var, .. } => self.routes[var].push((bi, 0)),
             }
         }
+        let device = self.world.device().clone();
         self.acc = self
             .buckets
             .iter()
-            .map(|b| BucketGrad {
-                written: vec![false; b.segs.len()],
-                done: vec![false; b.segs.len()],
-                ..Default::default()
+            .map(|b| {
+                let partitioned = !matches!(b.home, Home::Whole { grad: Some(_) });
+                Ok(BucketGrad {
+                    written: vec![false; b.segs.len()],
+                    done: vec![false; b.segs.len()],
+                    part: match partitioned {
+                        true => Some(Tensor::zeros(b.len, DType::F32, &device)?),
+                        false => None,
+                    },
+                    ..Default::default()
+                })
             })
-            .collect();
-        self
+            .collect::<Result<_>>()?;
+        Ok(self)
     }
 
     /// The variables the step's gradients are for, in order: the whole parameters, then the
@@ -450,10 +478,10 @@ impl ZeroOptimizer {
         self.replicas
     }
 
-    /// Bytes this rank holds for the parameters, the gradients the optimizer holds now (the
-    /// kept full buckets at stages 0 and 1; during a step's backward passes, the partitions
-    /// and buckets being reduced at stages 2 and 3, none after the step), and the optimizer
-    /// state, counted from the tensors themselves.
+    /// Bytes this rank holds for the parameters, the gradients the optimizer holds (the kept
+    /// full buckets at stages 0 and 1, the kept partitions at stages 2 and 3, and any full
+    /// bucket being reduced at stage 2 while a backward runs), and the optimizer state,
+    /// counted from the tensors themselves.
     pub fn memory(&self) -> MemoryReport {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let mut r = MemoryReport {
@@ -529,11 +557,8 @@ impl ZeroOptimizer {
             };
             match &b.home {
                 Home::Shard { offset, .. } => {
-                    let piece = flat.narrow(0, *offset, b.len)?;
-                    a.part = Some(match a.part.take() {
-                        Some(p) => (p + piece)?,
-                        None => piece.contiguous()?,
-                    });
+                    a.add_to_part(&flat.narrow(0, *offset, b.len)?, 0)?;
+                    a.part_written = true;
                 }
                 Home::Whole { grad } => {
                     let s = b.segs[si];
@@ -577,10 +602,8 @@ impl ZeroOptimizer {
             Some(c) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
             None => full,
         };
-        a.part = Some(match a.part.take() {
-            Some(p) => (p + part)?,
-            None => part,
-        });
+        a.add_to_part(&part, 0)?;
+        a.part_written = true;
         a.reduced = true;
         a.written.iter_mut().for_each(|w| *w = false);
         Ok(())
@@ -630,10 +653,16 @@ impl ZeroOptimizer {
                         (Some(c), _) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
                     }
                 }
-                Home::Whole { grad: None } | Home::Shard { .. } => match a.part.take() {
-                    Some(p) => mean(p)?,
-                    None => Tensor::zeros(b.len, DType::F32, &device)?,
-                },
+                Home::Whole { grad: None } | Home::Shard { .. } => {
+                    let p = a
+                        .part
+                        .clone()
+                        .expect("a partition buffer at stages 2 and 3");
+                    match std::mem::take(&mut a.part_written) {
+                        true => mean(p)?,
+                        false => Tensor::zeros(b.len, DType::F32, &device)?,
+                    }
+                }
             };
             a.written.iter_mut().for_each(|w| *w = false);
             // Each element of a partition is held by one rank of the group.
