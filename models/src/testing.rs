@@ -9,7 +9,15 @@
 //! assert_eq!(max_rel_err(&a, &seeded(&[2, 3], 7, DType::F32)?)?, 0.0);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
+use crate::mixtral::{Mixtral, MixtralConfig, ShardedMixtral};
 use candle_core::{DType, Device, Result, Tensor};
+use candle_parallel::checkpoint::ParallelVarBuilder;
+use candle_parallel::data_parallel::{BatchGroups, Recompute};
+use candle_parallel::memory;
+use candle_parallel::mesh::MeshDim;
+use candle_parallel::moe::Dispatch;
+use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
+use candle_parallel::{Launcher, MeshShape};
 
 /// A deterministic tensor of `dims` with values in [-1, 1), different for each `seed`
 /// (a 64-bit LCG: the same on every platform and run, no RNG crate needed).
@@ -161,4 +169,158 @@ impl candle_parallel::pipeline::StashableStage for TanhMlp {
         }
         Ok(x)
     }
+}
+
+/// How a measured training step runs its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackwardPath {
+    /// Candle's backward over the whole graph, every gradient returned at once
+    /// ([`crate::mixtral::Mixtral::batch_grads`]), then [`ZeroOptimizer::step`].
+    Whole,
+    /// Unit by unit into the optimizer ([`crate::mixtral::Mixtral::train_grads`]), then
+    /// [`ZeroOptimizer::step_accumulated`].
+    Units(Recompute),
+}
+
+impl std::fmt::Display for BackwardPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Whole => f.write_str("whole graph"),
+            Self::Units(r) => write!(f, "unit-wise, recompute {r}"),
+        }
+    }
+}
+
+/// What one rank held, measured by [`candle_parallel::memory::CountingAlloc`] (which the
+/// program must install), over the last of a few training steps.
+#[derive(Clone, Debug)]
+pub struct TrainingMemory {
+    /// Parameters of one replica (Ψ, the tp/ep slices of this rank, whole over dp).
+    pub psi: usize,
+    /// The most held while building the model and optimizer.
+    pub load_peak: usize,
+    /// The most held during the step (forward, backward, reduction, AdamW).
+    pub step_peak: usize,
+    /// Held between steps.
+    pub persistent: usize,
+    /// What the optimizer says it holds after the step.
+    pub reported: MemoryReport,
+}
+
+/// A training run to measure ([`measure_training_memory`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryProbe {
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// ZeRO stage.
+    pub stage: u8,
+    pub path: BackwardPath,
+    /// Sequences per replica.
+    pub rows: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Steps run (the last one measured).
+    pub steps: usize,
+    /// The optimizer's bucket size.
+    pub bucket_bytes: usize,
+}
+
+/// Trains a Mixtral-style model of `cfg` (f32, deterministic initialisation, all-to-all
+/// dispatch) as `probe` says and measures each rank's bytes ([`TrainingMemory`]). Stage 3
+/// runs [`ShardedMixtral`], which recomputes each layer in its backward whatever `path` says.
+pub fn measure_training_memory(
+    cfg: &MixtralConfig,
+    probe: MemoryProbe,
+) -> Result<Vec<TrainingMemory>> {
+    let MemoryProbe {
+        dp,
+        stage,
+        path,
+        rows,
+        seq,
+        steps,
+        bucket_bytes,
+    } = probe;
+    if !memory::is_counting() {
+        candle_core::bail!("measure_training_memory: install candle_parallel::memory::CountingAlloc as the global allocator")
+    }
+    Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
+        let mesh = ctx.mesh()?;
+        let rank = mesh.rank();
+        // The matmul library (gemm) keeps a 2 MiB buffer per thread from the first matmul
+        // that thread runs itself (small ones; large ones run on its pool): allocated before
+        // the baseline, it stays out of the model's figures.
+        let w = Tensor::ones((4, 16, 16), DType::F32, ctx.device())?;
+        drop(w.matmul(&w)?);
+        memory::reset_peak(rank)?;
+        let base = memory::rank(rank)?.current;
+        let vb = ParallelVarBuilder::from_init(1, DType::F32, ctx.device()).trainable();
+        let zero = ZeroConfig {
+            stage,
+            bucket_bytes,
+            ..Default::default()
+        };
+        let dims = [MeshDim::Dp];
+        let batch = BatchGroups::new(mesh, &dims)?;
+        let (whole, sharded, mut opt) = if stage == 3 {
+            let m = ShardedMixtral::new(cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
+            let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
+            (None, Some(m), opt)
+        } else {
+            let m = Mixtral::new(cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+            let opt = ZeroOptimizer::new(vb.params(), mesh, &dims, zero)?;
+            (Some(m), None, opt)
+        };
+        drop(vb);
+        let load_peak = memory::rank(rank)?.peak - base;
+        let ids: Vec<Vec<u32>> = (0..rows)
+            .map(|i| {
+                let row = mesh.dp().rank() * rows + i;
+                (0..seq)
+                    .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
+                    .collect()
+            })
+            .collect();
+        let ids = Tensor::new(ids, ctx.device())?;
+        let vars = opt.vars().to_vec();
+        let mut step_peak = 0;
+        for _ in 0..steps {
+            ctx.comm().barrier()?;
+            memory::reset_peak(rank)?;
+            match (&whole, &sharded, path) {
+                (Some(m), _, BackwardPath::Units(r)) => {
+                    m.train_grads(&mut opt, &ids, None, 1, mesh.pp(), r)?;
+                    opt.step_accumulated(Some(1.0))?;
+                }
+                (Some(m), _, BackwardPath::Whole) => {
+                    let g = m.batch_grads(&vars, &ids, None, 1, mesh.pp())?;
+                    opt.step(&g.grads, Some(1.0))?;
+                }
+                (_, Some(m), BackwardPath::Units(_)) => {
+                    m.train_grads(&mut opt, &ids, None, 1)?;
+                    opt.step_accumulated(Some(1.0))?;
+                }
+                (_, Some(m), BackwardPath::Whole) => {
+                    let g = m.batch_grads(&vars, &ids, None, 1)?;
+                    opt.step(&g.grads, Some(1.0))?;
+                }
+                _ => unreachable!("one model"),
+            }
+            step_peak = memory::rank(rank)?.peak - base;
+        }
+        drop(ids);
+        let persistent = memory::rank(rank)?.current - base;
+        let psi = opt
+            .named_params()?
+            .iter()
+            .map(|(t, _)| t.local.elem_count())
+            .sum();
+        Ok(TrainingMemory {
+            psi,
+            load_peak,
+            step_peak,
+            persistent,
+            reported: opt.memory(),
+        })
+    })
 }

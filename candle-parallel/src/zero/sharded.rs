@@ -252,25 +252,30 @@ impl Inner {
     /// The backward: parameters gathered again, the forward recomputed on the saved input,
     /// the parameters' gradients reduce-scattered to this rank's partitions.
     fn backward(&self, x: &Tensor, shard: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let vb = self.builder(&shard.detach())?.trainable();
-        let module = (self.build)(vb.clone())?;
+        // The module over variables copied from the gathered parameters; the builder (and
+        // with it the gathered buffers) is dropped once the module holds its copies.
+        let (module, params) = {
+            let vb = self.builder(&shard.detach())?.trainable();
+            let module = (self.build)(vb.clone())?;
+            (module, vb.params())
+        };
         let x = x.detach();
         let xv = match x.dtype() {
             DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Some(Var::from_tensor(&x)?),
             _ => None, // token ids
         };
         let y = module.forward(xv.as_ref().map_or(&x, |v| v.as_tensor()))?;
-        let store = (y * g)?.sum_all()?.backward()?;
-        let grads: HashMap<String, Tensor> = vb
-            .params()
-            .into_iter()
-            .filter_map(|p| store.get(p.var.as_tensor()).map(|g| (p.name, g.clone())))
-            .collect();
+        let mut store = (y * g)?.sum_all()?.backward()?;
+        drop(module);
+        let mut grads: HashMap<String, Var> = params.into_iter().map(|p| (p.name, p.var)).collect();
+        let dx = xv.and_then(|v| store.remove(v.as_tensor()));
         let mut parts = Vec::with_capacity(self.groups.len());
         for grp in &self.groups {
             let flat = Tensor::zeros(grp.padded, DType::F32, &self.device)?;
             for s in &grp.segs {
-                if let Some(g) = grads.get(&self.infos[s.info].name) {
+                // Each gradient leaves the store (and is freed) as it is packed.
+                let var = grads.remove(&self.infos[s.info].name);
+                if let Some(g) = var.and_then(|v| store.remove(v.as_tensor())) {
                     flat.slice_set(
                         &g.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
                         0,
@@ -283,7 +288,6 @@ impl Inner {
                 None => flat,
             });
         }
-        let dx = xv.and_then(|v| store.get(v.as_tensor()).cloned());
         // f32, as the shard: the gradients are reduced and kept in f32.
         let dshard = Tensor::cat(&parts, 0)?;
         Ok(vec![dx, Some(dshard)])
