@@ -9,7 +9,13 @@
 //!    updated in a copy and all-gathered from stage 1): the CPU's fused passes (the default)
 //!    against candle's composite ops (`ZeroConfig::fused = false`, what GPUs run),
 //!    alternating on the same gradients.
-//! 3. **The bucket all-reduce**, in place as the gradient buckets use it, at 16 to 256 MiB on
+//! 3. **Memory per rank, measured**: at dp `--memory-dp` (4) and ZeRO 0 to 3, what each rank
+//!    holds between steps and at its peak during a step, counted by the allocator (each
+//!    allocation attributed to its rank's thread), for the whole-graph backward (every
+//!    gradient at once), the unit-wise one (a layer's gradients at a time), and the unit-wise
+//!    one with full recomputation; next to ZeRO's formula for the model states, and the
+//!    process's peak resident set as the kernel counts it. Bars in an SVG (`--svg`).
+//! 4. **The bucket all-reduce**, in place as the gradient buckets use it, at 16 to 256 MiB on
 //!    2 ranks: bus bandwidth (nccl-tests' `2(n−1)/n × size / time`) against a memcpy measured
 //!    in the same run, the out-of-place all-reduce, and, with `--torch PYTHON`, PyTorch's gloo
 //!    (`scripts/bench_allreduce_torch.py`, 2 processes).
@@ -21,15 +27,21 @@
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
-use candle_parallel::data_parallel::BatchGroups;
+use candle_parallel::data_parallel::{BatchGroups, Recompute};
+use candle_parallel::memory::{self, CountingAlloc};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
 use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, ShardedMixtral};
+use candle_parallel_models::testing::{measure_training_memory, BackwardPath, MemoryProbe};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
+
+// Memory is counted per rank by the allocator itself.
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Step time and memory of ZeRO 0-3 at dp 1/2/4; bucket all-reduce bandwidth")]
@@ -70,6 +82,15 @@ struct Args {
     /// Skip the training-step and optimizer-step tables.
     #[arg(long)]
     no_steps: bool,
+    /// Data-parallel size of the memory table.
+    #[arg(long, default_value_t = 4)]
+    memory_dp: usize,
+    /// Skip the memory table.
+    #[arg(long)]
+    no_memory: bool,
+    /// Where the memory bars are drawn.
+    #[arg(long, default_value = "target/bench_data_parallel_memory.svg")]
+    svg: PathBuf,
     /// A Python with torch: also time gloo's all-reduce.
     #[arg(long)]
     torch: Option<PathBuf>,
@@ -127,18 +148,22 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             let opt = ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], zero)?;
             (Some(m), None, opt)
         };
-        let vars = opt.vars().to_vec();
         let ids = replica_ids(a, &cfg, dp, mesh.dp().rank())?;
         let mut times = Vec::new();
         for rep in 0..=a.reps {
             ctx.comm().barrier()?;
             let t = Instant::now();
-            let g = match (&whole, &sharded) {
-                (Some(m), _) => m.batch_grads(&vars, &ids, None, 1, mesh.pp())?,
-                (_, Some(m)) => m.batch_grads(&vars, &ids, None, 1)?,
+            // As the trainer runs it: each layer's gradients into the buckets as they come.
+            match (&whole, &sharded) {
+                (Some(m), _) => {
+                    m.train_grads(&mut opt, &ids, None, 1, mesh.pp(), Recompute::None)?;
+                }
+                (_, Some(m)) => {
+                    m.train_grads(&mut opt, &ids, None, 1)?;
+                }
                 _ => unreachable!("one of the two"),
             };
-            opt.step(&g.grads, Some(1.0))?;
+            opt.step_accumulated(Some(1.0))?;
             ctx.comm().barrier()?;
             if rep > 0 {
                 times.push(t.elapsed().as_secs_f64()); // the first step warms up
@@ -358,6 +383,10 @@ fn main() -> Result<()> {
         }
     }
 
+    if !a.no_memory {
+        memory_table(&a, style.clone())?;
+    }
+
     let sizes: Vec<usize> = a.sizes_mib.iter().map(|m| m << 20).collect();
     let gloo = match &a.torch {
         Some(py) => Some(gloo_secs(py, &sizes, a.reps)?),
@@ -406,4 +435,154 @@ fn main() -> Result<()> {
         println!();
     }
     Ok(())
+}
+
+/// One memory measurement: rank 0's (step peak, persistent) bytes, Ψ, and the process's
+/// peak resident set during it.
+struct MemoryRow {
+    stage: u8,
+    path: BackwardPath,
+    peak: usize,
+    persistent: usize,
+    psi: usize,
+    rss_peak: Option<usize>,
+}
+
+/// ZeRO's model states per rank in f32 with AdamW: 4Ψ parameters, 4Ψ gradients, 8Ψ moments.
+fn zero_formula(stage: u8, psi: usize, n: usize) -> f64 {
+    let (p, n) = (psi as f64, n as f64);
+    match stage {
+        0 => 16.0 * p,
+        1 => 8.0 * p + 8.0 * p / n,
+        2 => 4.0 * p + 12.0 * p / n,
+        _ => 16.0 * p / n,
+    }
+}
+
+fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
+    let cfg = config(a);
+    let dp = a.memory_dp;
+    if dp == 0 || a.batch % dp != 0 {
+        candle_core::bail!("--memory-dp {dp} must divide --batch {}", a.batch);
+    }
+    let paths = [
+        BackwardPath::Whole,
+        BackwardPath::Units(Recompute::None),
+        BackwardPath::Units(Recompute::Full),
+    ];
+    let runs: Vec<(u8, BackwardPath)> = a
+        .stages
+        .iter()
+        .flat_map(|&s| {
+            // Stage 3's sharded layers recompute in their backward whatever the path.
+            let paths = if s == 3 { &paths[1..2] } else { &paths[..] };
+            paths.iter().map(move |&p| (s, p))
+        })
+        .collect();
+    let bar = ProgressBar::new(runs.len() as u64).with_style(style);
+    let mut rows = Vec::new();
+    for &(stage, path) in &runs {
+        bar.set_message(format!("memory, zero={stage}, {path}"));
+        let rss_reset = memory::reset_rss_peak();
+        let probe = MemoryProbe {
+            dp,
+            stage,
+            path,
+            rows: a.batch / dp,
+            seq: a.seq,
+            steps: 2,
+            bucket_bytes: candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES,
+        };
+        let m = measure_training_memory(&cfg, probe)?.remove(0);
+        rows.push(MemoryRow {
+            stage,
+            path,
+            peak: m.step_peak,
+            persistent: m.persistent,
+            psi: m.psi,
+            rss_peak: memory::rss().filter(|_| rss_reset).map(|(_, peak)| peak),
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let psi = first.psi;
+    let base_peak = rows
+        .iter()
+        .find(|r| r.stage == first.stage && r.path == BackwardPath::Units(Recompute::None))
+        .map_or(first.peak, |r| r.peak);
+    let base_formula = zero_formula(first.stage, psi, dp);
+    println!(
+        "\nMemory per rank (rank 0), dp={dp}, {} M parameters, f32, {} x {} tokens per replica, DDP's 25 MiB buckets; counted by the allocator over the second of two steps (allocations are deterministic: one run each); RSS: the whole process ({dp} ranks), the kernel's peak",
+        psi as f64 / 1e6,
+        a.batch / dp,
+        a.seq
+    );
+    println!(
+        "\n| ZeRO | backward | persistent MiB | formula MiB | persistent / formula | step peak MiB | peak / stage {0} unit-wise | formula / stage {0} | process peak RSS MiB |",
+        first.stage
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let f = zero_formula(r.stage, psi, dp);
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.3} | {:.3} | {} |",
+            r.stage,
+            r.path,
+            mib(r.persistent),
+            f / (1 << 20) as f64,
+            r.persistent as f64 / f,
+            mib(r.peak),
+            r.peak as f64 / base_peak as f64,
+            f / base_formula,
+            r.rss_peak.map_or("?".into(), |b| format!("{:.0}", mib(b)))
+        );
+    }
+    std::fs::write(&a.svg, memory_svg(&rows, psi, dp))
+        .map_err(|e| candle_core::Error::msg(format!("cannot write {}: {e}", a.svg.display())))?;
+    println!("\nBars: {}", a.svg.display());
+    Ok(())
+}
+
+/// Bars per stage and backward: ZeRO's formula, what persists, the step's peak (MiB).
+fn memory_svg(rows: &[MemoryRow], psi: usize, dp: usize) -> String {
+    let max = rows
+        .iter()
+        .map(|r| r.peak.max(zero_formula(r.stage, psi, dp) as usize))
+        .max()
+        .unwrap_or(1) as f64;
+    let (w, row_h, left) = (720.0, 54.0, 230.0);
+    let h = 40.0 + row_h * rows.len() as f64 + 40.0;
+    let scale = (w - left - 90.0) / max;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<text x="10" y="20" font-size="14">Memory per rank, dp={dp}, {:.0} M parameters (MiB)</text>
+"#,
+        psi as f64 / 1e6
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 40.0 + row_h * i as f64;
+        let label = format!("ZeRO {} · {}", r.stage, r.path);
+        svg += &format!(r#"<text x="10" y="{}">{label}</text>"#, y + 24.0);
+        let bars = [
+            (zero_formula(r.stage, psi, dp), "#9e9e9e", "formula"),
+            (r.persistent as f64, "#4f81bd", "persistent"),
+            (r.peak as f64, "#c0504d", "peak"),
+        ];
+        for (j, (v, color, what)) in bars.iter().enumerate() {
+            let by = y + 4.0 + 15.0 * j as f64;
+            svg += &format!(
+                r#"<rect x="{left}" y="{by}" width="{:.1}" height="12" fill="{color}"><title>{what}</title></rect><text x="{:.1}" y="{}">{:.0} {what}</text>"#,
+                v * scale,
+                left + v * scale + 4.0,
+                by + 10.0,
+                v / (1 << 20) as f64
+            );
+            svg.push('\n');
+        }
+    }
+    svg += "</svg>\n";
+    svg
 }

@@ -209,10 +209,10 @@ fn zero_memory_per_rank_shrinks_as_the_formulas_say() -> Result<()> {
                         ..Default::default()
                     };
                     let mut opt = zero_optimizer(&units, &vb, &batch, mesh, cfg)?;
-                    let grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
+                    let mut grads = x.to_dtype(DType::F32)?.sum_all()?.backward()?;
                     // Handed over as a backward would (GradSink): the gradients the optimizer
                     // holds until the step, then what it keeps after it.
-                    opt.add_store(&grads)?;
+                    opt.add_store(&mut grads)?;
                     opt.end_micro_batch()?;
                     let during = opt.memory();
                     opt.step_accumulated(Some(1.0))?;

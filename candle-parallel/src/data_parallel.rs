@@ -593,11 +593,12 @@ pub trait GradSink {
     /// Ends the current micro-batch: whatever was not yet done is done now.
     fn end_micro_batch(&mut self) -> Result<()>;
 
-    /// Adds every gradient `store` holds for the sink's variables.
-    fn add_store(&mut self, store: &GradStore) -> Result<()> {
+    /// Takes every gradient `store` holds for the sink's variables out of it, one at a time
+    /// (each is freed once added, unless the caller holds it too).
+    fn add_store(&mut self, store: &mut GradStore) -> Result<()> {
         for (i, v) in self.sink_vars().iter().enumerate() {
-            if let Some(g) = store.get(v.as_tensor()) {
-                self.add_grad(i, g)?;
+            if let Some(g) = store.remove(v.as_tensor()) {
+                self.add_grad(i, &g)?;
             }
         }
         Ok(())

@@ -266,6 +266,12 @@ pub fn rss() -> Option<(usize, usize)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// Starts the kernel's peak resident set (`VmHWM`) afresh from the current one (Linux:
+/// writes 5 to `/proc/self/clear_refs`); `false` where that is not possible.
+pub fn reset_rss_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// One phase of a rank's work, as [`PhaseMeter`] measured it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhaseMemory {

@@ -772,9 +772,9 @@ impl Mixtral {
         )?;
         let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
         let values = [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
-        let store = l.loss.backward()?;
+        let mut store = l.loss.backward()?;
         drop((l, shard, router));
-        sink.add_store(&store)?;
+        sink.add_store(&mut store)?;
         sink.unit_done(&["model.norm.", "lm_head."])?;
         // Detached: a gradient can carry a graph of its own (a custom op's backward computed
         // from variables), which the next unit's backward must not walk into.
@@ -807,16 +807,16 @@ impl Mixtral {
             }
             drop((y, l));
             if let Some(total) = total {
-                let store = total.backward()?;
-                sink.add_store(&store)?;
+                let mut store = total.backward()?;
                 seed = grad_of(&store, inputs[i].as_tensor());
+                sink.add_store(&mut store)?;
             }
             sink.unit_done(&[&prefix])?;
             inputs.truncate(i + 1);
         }
         if let Some(g) = seed {
-            let store = (x0 * g)?.sum_all()?.backward()?;
-            sink.add_store(&store)?;
+            let mut store = (x0 * g)?.sum_all()?.backward()?;
+            sink.add_store(&mut store)?;
         }
         sink.unit_done(&["model.embed_tokens."])?;
         sink.end_micro_batch()?;
@@ -1152,7 +1152,7 @@ impl ShardedMixtral {
         for (i, ids) in mb.ids.iter().enumerate() {
             let (l, _) = self.losses(ids, mb.label(i), mb.mask(i))?;
             let l = weighted(l, mb.weights[i])?;
-            sink.add_store(&l.loss.backward()?)?;
+            sink.add_store(&mut l.loss.backward()?)?;
             sink.end_micro_batch()?;
             out.ce_loss += v(&l.ce_loss)? / m;
             out.aux_loss += v(&l.aux_loss)? / m;

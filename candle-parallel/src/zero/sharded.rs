@@ -267,15 +267,25 @@ impl Inner {
         let y = module.forward(xv.as_ref().map_or(&x, |v| v.as_tensor()))?;
         let mut store = (y * g)?.sum_all()?.backward()?;
         drop(module);
-        let mut grads: HashMap<String, Var> = params.into_iter().map(|p| (p.name, p.var)).collect();
         let dx = xv.and_then(|v| store.remove(v.as_tensor()));
+        // The gradients out of the store, in the order of the infos; then the variables and
+        // the store go (the module's copies of the parameters are freed before packing).
+        let mut vars: HashMap<String, Var> = params.into_iter().map(|p| (p.name, p.var)).collect();
+        let mut grads: Vec<Option<Tensor>> = self
+            .infos
+            .iter()
+            .map(|i| {
+                vars.remove(&i.name)
+                    .and_then(|v| store.remove(v.as_tensor()))
+            })
+            .collect();
+        drop((vars, store));
         let mut parts = Vec::with_capacity(self.groups.len());
         for grp in &self.groups {
             let flat = Tensor::zeros(grp.padded, DType::F32, &self.device)?;
             for s in &grp.segs {
-                // Each gradient leaves the store (and is freed) as it is packed.
-                let var = grads.remove(&self.infos[s.info].name);
-                if let Some(g) = var.and_then(|v| store.remove(v.as_tensor())) {
+                // Each gradient is freed as it is packed.
+                if let Some(g) = grads[s.info].take() {
                     flat.slice_set(
                         &g.flatten_all()?.to_dtype(DType::F32)?.contiguous()?,
                         0,
