@@ -1134,10 +1134,11 @@ impl ShardedMixtral {
         })
     }
 
-    /// As [`Mixtral::train_grads`] without pipeline stages: each micro-batch's gradients (the
-    /// units' partitions, reduce-scattered in the backward as each sharded module's backward
-    /// ends) handed to `sink`. Each layer's forward already runs again in its backward (its
-    /// gathered parameters are freed after the forward), as `Recompute::Full` does.
+    /// As [`Mixtral::train_grads`] without pipeline stages: the layers' backward passes run
+    /// one at a time (boundaries detached), each handing its partition's gradient
+    /// (reduce-scattered in the sharded module's backward) to `sink` as soon as it exists.
+    /// Each layer's forward already runs again in its backward (its gathered parameters are
+    /// freed after the forward), as `Recompute::Full` does.
     pub fn train_grads(
         &self,
         sink: &mut dyn GradSink,
@@ -1150,9 +1151,36 @@ impl ShardedMixtral {
         let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
         let mut out = BatchLosses::default();
         for (i, ids) in mb.ids.iter().enumerate() {
-            let (l, _) = self.losses(ids, mb.label(i), mb.mask(i))?;
+            let (labels, mask) = (mb.label(i), mb.mask(i));
+            check_attention_mask(mask, ids, labels)?;
+            // Each unit's output, and the next unit's input as a variable (f32, packed).
+            let mut outs: Vec<Tensor> = Vec::with_capacity(self.units.len());
+            let mut inputs: Vec<Var> = Vec::with_capacity(self.units.len());
+            for (j, u) in self.units.iter().enumerate() {
+                let y = match j {
+                    0 => u.forward(ids)?,
+                    _ => u.forward(inputs[j - 1].as_tensor())?,
+                };
+                inputs.push(Var::from_tensor(&y.detach())?);
+                outs.push(y);
+            }
+            let last = inputs.last().expect("one layer at least").as_tensor();
+            let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
+            let (l, _) = losses_of_packed(
+                &self.cfg, &self.tp, cols, self.dtype, last, ids, labels, mask,
+            )?;
             let l = weighted(l, mb.weights[i])?;
-            sink.add_store(&mut l.loss.backward()?)?;
+            let mut seed = l.loss.backward()?.remove(last).map(|g| g.detach());
+            for (j, y) in outs.into_iter().enumerate().rev() {
+                if let Some(g) = seed.take() {
+                    let mut store = (y * g)?.sum_all()?.backward()?;
+                    if j > 0 {
+                        seed = store.remove(inputs[j - 1].as_tensor()).map(|g| g.detach());
+                    }
+                    sink.add_store(&mut store)?;
+                }
+                inputs.truncate(j);
+            }
             sink.end_micro_batch()?;
             out.ce_loss += v(&l.ce_loss)? / m;
             out.aux_loss += v(&l.aux_loss)? / m;

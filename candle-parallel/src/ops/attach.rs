@@ -104,9 +104,16 @@ impl CustomOp3 for Attached {
         res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let inputs = [a, b];
+        // Detached inputs: what the backward computes is a value, not a graph (a graph would
+        // keep every intermediate of the backward, and the inputs' variables, alive for as
+        // long as the gradient lives).
+        let (a, b) = (a.detach(), b.detach());
+        let inputs = [&a, &b];
         let inputs = &inputs[..self.inputs];
-        let mut got = (self.vjp)(inputs, res, g)?;
+        let mut got: Vec<Option<Tensor>> = (self.vjp)(inputs, res, g)?
+            .into_iter()
+            .map(|t| t.map(|t| t.detach()))
+            .collect();
         if got.len() != inputs.len() {
             bail!(
                 "attach_backward({}): the backward returned {} gradients for {} inputs",

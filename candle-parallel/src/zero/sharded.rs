@@ -265,8 +265,8 @@ impl Inner {
             _ => None, // token ids
         };
         let y = module.forward(xv.as_ref().map_or(&x, |v| v.as_tensor()))?;
-        let mut store = (y * g)?.sum_all()?.backward()?;
-        drop(module);
+        let mut store = (&y * g)?.sum_all()?.backward()?;
+        drop((module, y)); // the output's graph holds the parameters' copies
         let dx = xv.and_then(|v| store.remove(v.as_tensor()));
         // The gradients out of the store, in the order of the infos; then the variables and
         // the store go (the module's copies of the parameters are freed before packing).
