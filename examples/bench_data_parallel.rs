@@ -462,7 +462,7 @@ fn zero_formula(stage: u8, psi: usize, n: usize) -> f64 {
 fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
     let cfg = config(a);
     let dp = a.memory_dp;
-    if dp == 0 || a.batch % dp != 0 {
+    if dp == 0 || !a.batch.is_multiple_of(dp) {
         candle_core::bail!("--memory-dp {dp} must divide --batch {}", a.batch);
     }
     let paths = [
