@@ -27,11 +27,11 @@
 //! distributed checkpoint that `cargo run --release --example checkpoint -- export` turns into
 //! a Hugging Face model.
 use candle_core::{DType, Device, Result, Shape, Tensor};
-use candle_parallel::checkpoint::{gather_model, hf_safetensors_files};
+use candle_parallel::checkpoint::{gather_model, hf_safetensors_files, SafetensorsWriter};
 use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::launch::process::is_lead;
-use candle_parallel::lora::{merge, save_peft, LoraConfig};
+use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraConfig};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
@@ -1013,12 +1013,24 @@ fn main() -> Result<()> {
             // The base weights with the adapters folded in: a complete Hugging Face model.
             let merged = args.out.join("merged");
             std::fs::create_dir_all(&merged)?;
-            let mut weights: HashMap<String, Tensor> = HashMap::new();
-            for f in hf_safetensors_files(&args.model)? {
-                weights.extend(candle_core::safetensors::load(&f, &Device::Cpu)?);
+            // Written weight by weight from the memory-mapped base: one tensor in memory.
+            let base = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&hf_safetensors_files(&args.model)?)? };
+            let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
+            names.sort();
+            let entries = names.iter().map(|n| {
+                let v = base.get(n)?;
+                Ok((n.clone(), v.dtype().try_into()?, v.shape().to_vec()))
+            }).collect::<Result<Vec<_>>>()?;
+            let modules = adapted_modules(&adapters)?;
+            if let Some(m) = modules.iter().find(|m| !names.contains(&format!("{m}.weight"))) {
+                candle_core::bail!("LoRA merge: no base weight {m}.weight for the adapter");
             }
-            let n = merge(&mut weights, &adapters, cfg)?;
-            candle_core::safetensors::save(&weights, merged.join("model.safetensors"))?;
+            let mut writer = SafetensorsWriter::create(&merged.join("model.safetensors"), entries)?;
+            for n in &names {
+                writer.write(n, &merge_weight(n, &base.load(n, &Device::Cpu)?, &adapters, cfg)?)?;
+            }
+            writer.finish()?;
+            let n = modules.len();
             std::fs::write(merged.join("config.json"), serde_json::to_vec_pretty(&cfg_json).map_err(candle_core::Error::wrap)?)?;
             std::fs::write(merged.join("tokenizer.json"), &tokenizer_json)?;
             println!(

@@ -27,7 +27,7 @@
 //! random Mixtral-style model is created on the fly.
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{
-    full_gradients_of, gather_model, merge_on_all, ParallelVarBuilder, SaveOptions,
+    full_gradients_of, merge_on_all, write_model, ParallelVarBuilder, SaveOptions,
 };
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::moe::Dispatch;
@@ -483,20 +483,18 @@ fn run_train(command: Command) -> Result<()> {
                 save(&trainer)?;
             }
         }
-        // One copy of every parameter at full shape: tp slices gathered; each expert from its
-        // ep rank, every other weight from ep rank 0; the replicas are equal, dp rank 0 sends.
+        // One copy of every parameter at full shape, written by rank 0 tensor by tensor: tp
+        // slices gathered; each expert from its ep rank, every other weight from ep rank 0;
+        // the replicas are equal, dp rank 0 sends.
         let named = trainer.optimizer().named_params()?;
-        for (name, t) in gather_model(&named, mesh)? {
-            tensors.push((name, t.to_dtype(DType::F32)?));
-        }
-        Ok(tensors)
+        let params = write_model(&named, mesh, &out, &tensors, Some(DType::F32))?;
+        Ok((tensors, params))
     })?;
     if !candle_parallel::launch::process::is_lead()? {
         return Ok(());
     }
-    let tensors: HashMap<String, Tensor> =
-        results.into_iter().next().unwrap().into_iter().collect();
-    candle_core::safetensors::save(&tensors, &out)?;
+    let (tensors, params) = results.into_iter().next().unwrap();
+    let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
     let ran: Vec<usize> = (0..steps)
         .filter(|i| tensors.contains_key(&format!("loss.{i}")))
         .collect();
@@ -510,14 +508,13 @@ fn run_train(command: Command) -> Result<()> {
     let at = |name: String| tensors[&name].to_scalar::<f32>();
     let (first, last) = (ran[0], ran[ran.len() - 1]);
     println!(
-        "dp={dp} pp={pp} ep={ep} tp={tp} zero={zero} micro-batches={micro_batches}: steps {}..={}, loss {:.6} -> {:.6}, grad norm {:.6} -> {:.6}; {} parameters -> {}",
+        "dp={dp} pp={pp} ep={ep} tp={tp} zero={zero} micro-batches={micro_batches}: steps {}..={}, loss {:.6} -> {:.6}, grad norm {:.6} -> {:.6}; {params} parameters -> {}",
         first + 1,
         last + 1,
         at(format!("loss.{first}"))?,
         at(format!("loss.{last}"))?,
         at(format!("grad_norm.{first}"))?,
         at(format!("grad_norm.{last}"))?,
-        tensors.len() - 2 * ran.len(),
         out.display()
     );
     Ok(())

@@ -684,3 +684,72 @@ fn checksums_catch_flipped_bytes_and_swapped_files() -> Result<()> {
     std::fs::remove_dir_all(dist)?;
     Ok(())
 }
+
+/// A model written tensor by tensor on rank 0 (`write_model`) holds what `gather_model` gives
+/// every rank, at ep × tp and with pipeline stages; the writer refuses tensors out of order
+/// and leaves no file behind when it is not finished.
+#[test]
+fn write_model_streams_what_gather_model_gathers() -> Result<()> {
+    use candle_parallel::checkpoint::{gather_model, write_model, SafetensorsWriter};
+    use candle_parallel::moe::Dispatch;
+    use candle_parallel::zero::{ZeroConfig, ZeroOptimizer};
+    use candle_parallel::MeshDim;
+    use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+    let dir = std::env::temp_dir().join(format!("cp-write-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = MixtralConfig::tiny();
+    for shape in [MeshShape::new().ep(2).tp(2), MeshShape::new().pp(2).tp(2)] {
+        let path = dir.join("model.safetensors");
+        let out = Launcher::new(4).mesh(shape).run(|ctx| {
+            let mesh = ctx.mesh()?;
+            let vb = ParallelVarBuilder::from_init(3, DType::F32, &Device::Cpu).trainable();
+            let layers = if mesh.pp().size() == 2 {
+                [0..1, 1..2][mesh.pp().rank()].clone()
+            } else {
+                0..2
+            };
+            let _m = Mixtral::new_stage(
+                &cfg,
+                vb.clone(),
+                mesh.ep(),
+                mesh.tp(),
+                Dispatch::AllToAll,
+                layers,
+            )?;
+            let opt = ZeroOptimizer::new(vb.params(), mesh, &[MeshDim::Dp], ZeroConfig::default())?;
+            let named = opt.named_params()?;
+            let extra = [("step".to_string(), Tensor::new(7u32, &Device::Cpu)?)];
+            let n = write_model(&named, mesh, &path, &extra, None)?;
+            Ok((n, gather_model(&named, mesh)?))
+        })?;
+        let (n, gathered) = &out[0];
+        let written = candle_core::safetensors::load(&path, &Device::Cpu)?;
+        assert_eq!(written.len(), n + 1);
+        assert_eq!(written["step"].to_scalar::<u32>()?, 7);
+        assert_eq!(gathered.len(), *n);
+        for (name, t) in gathered {
+            let w = &written[name];
+            assert_eq!(w.dims(), t.dims(), "{name}");
+            let diff = (w - t)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{name}");
+        }
+    }
+    // Out of order, and unfinished.
+    let path = dir.join("partial.safetensors");
+    let t = Tensor::new(&[1f32], &Device::Cpu)?;
+    let mut w = SafetensorsWriter::create(
+        &path,
+        vec![
+            ("a".into(), DType::F32, vec![1]),
+            ("b".into(), DType::F32, vec![1]),
+        ],
+    )?;
+    let err = w.write("b", &t).unwrap_err().to_string();
+    assert!(err.contains("expected a"), "{err}");
+    w.write("a", &t)?;
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("1 of 2 tensors written"), "{err}");
+    assert!(!path.exists() && !dir.join("partial.safetensors.tmp").exists());
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

@@ -307,21 +307,52 @@ pub fn merge(
     cfg: &LoraConfig,
 ) -> Result<usize> {
     let mut merged = 0;
-    for (name, a) in adapters.iter().filter(|(n, _)| n.contains(".lora_A.")) {
-        let module = name.trim_end_matches(".lora_A.weight");
-        let Some(b) = adapters.get(&format!("{module}.lora_B.weight")) else {
-            bail!("LoRA merge: {module} has lora_A but no lora_B")
-        };
+    for module in adapted_modules(adapters)? {
         let key = format!("{module}.weight");
         let Some(w) = weights.get(&key) else {
             bail!("LoRA merge: no base weight {key} for the adapter")
         };
-        let delta = (b.matmul(a)? * cfg.scale())?.to_dtype(w.dtype())?;
-        let new = (w + delta)?;
+        let new = merge_weight(&key, w, adapters, cfg)?;
         weights.insert(key, new);
         merged += 1;
     }
     Ok(merged)
+}
+
+/// The modules `adapters` adapts (each with its `lora_A` and `lora_B`), in name order.
+pub fn adapted_modules(adapters: &HashMap<String, Tensor>) -> Result<Vec<String>> {
+    let mut modules = Vec::new();
+    for name in adapters.keys().filter(|n| n.ends_with(".lora_A.weight")) {
+        let module = name.trim_end_matches(".lora_A.weight");
+        if !adapters.contains_key(&format!("{module}.lora_B.weight")) {
+            bail!("LoRA merge: {module} has lora_A but no lora_B")
+        }
+        modules.push(module.to_string());
+    }
+    modules.sort();
+    Ok(modules)
+}
+
+/// Base weight `name` with its adapter folded in (`W + (α/r)·B A`, in `W`'s dtype), or `W`
+/// itself where no adapter targets it: one weight at a time, for writing a merged model
+/// tensor by tensor.
+pub fn merge_weight(
+    name: &str,
+    w: &Tensor,
+    adapters: &HashMap<String, Tensor>,
+    cfg: &LoraConfig,
+) -> Result<Tensor> {
+    let Some(module) = name.strip_suffix(".weight") else {
+        return Ok(w.clone());
+    };
+    let (Some(a), Some(b)) = (
+        adapters.get(&format!("{module}.lora_A.weight")),
+        adapters.get(&format!("{module}.lora_B.weight")),
+    ) else {
+        return Ok(w.clone());
+    };
+    let delta = (b.matmul(a)? * cfg.scale())?.to_dtype(w.dtype())?;
+    w + delta
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use super::format::{io_err, read_metadata, write_atomic};
 use super::region::assemble;
 use super::source::{DistSource, TensorSource};
+use super::stream::SafetensorsWriter;
 use candle_core::{bail, Device, Result, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -57,22 +58,27 @@ pub fn export_hf(
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     for (i, group) in groups.iter().enumerate() {
-        let mut tensors: Vec<(&str, Tensor)> = Vec::with_capacity(group.len());
+        // Written tensor by tensor: one tensor's bytes in memory at a time.
+        let entries = group
+            .iter()
+            .map(|n| {
+                let t = &meta.tensors[n.as_str()];
+                Ok((n.to_string(), t.dtype()?, t.dims.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let path = out.join(file_name(i));
+        let mut writer = SafetensorsWriter::create(&path, entries)?;
         for n in group {
             let dims = &meta.tensors[n.as_str()].dims;
             let (dtype, pieces) = source.pieces(n, dims)?;
             let (bytes, dims, _) = assemble(n, dims, None, dtype, &pieces)?;
             let t = Tensor::from_raw_buffer(&bytes, dtype, &dims, &Device::Cpu)?;
-            tensors.push((n.as_str(), t));
+            drop(bytes);
+            writer.write(n, &t)?;
             weight_map.insert(n.to_string(), serde_json::Value::String(file_name(i)));
             total += size(n)?;
         }
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), None).map_err(|e| {
-                candle_core::Error::msg(format!("cannot serialise {}: {e}", file_name(i)))
-            })?;
-        let path = out.join(file_name(i));
-        write_atomic(&path, &bytes)?;
+        writer.finish()?;
         written.push(path);
     }
     if count > 1 {

@@ -4,7 +4,9 @@
 //!   a distributed checkpoint saved under any layout, or a deterministic initialisation, reading
 //!   only the bytes of the rank's shard;
 //! - [`save_checkpoint`] / [`export_hf`]: distributed, atomic saves and export back to HF format;
-//! - [`gather_full`] / [`full_gradients`]: full tensors reassembled from every rank's parts.
+//! - [`gather_full`] / [`full_gradients`]: full tensors reassembled from every rank's parts;
+//! - [`write_model`] / [`SafetensorsWriter`]: a model written as one safetensors file, tensor by
+//!   tensor (the writer holds one tensor's bytes at a time).
 //!
 //! One file per concern, dependencies running one way:
 //!
@@ -21,6 +23,7 @@
 //! | `save` | [`save_checkpoint`] | `format`, `placement`, `checksum` |
 //! | `export` | [`export_hf`] | `format`, `source`, `region` |
 //! | `gather` | [`gather_full`], [`full_gradients`], [`full_gradients_of`] | `placement` |
+//! | `stream` | [`SafetensorsWriter`] (a file written tensor by tensor), [`write_model`] | `format`, `gather` |
 mod builder;
 mod checksum;
 mod export;
@@ -32,6 +35,7 @@ mod placement;
 mod region;
 mod save;
 mod source;
+mod stream;
 
 pub use builder::ParallelVarBuilder;
 pub use export::export_hf;
@@ -43,3 +47,4 @@ pub use gather::{full_gradients, full_gradients_of, gather_full, gather_model, m
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
 pub use source::{check_checkpoint, hf_safetensors_files, verify_checkpoint};
+pub use stream::{write_model, SafetensorsWriter, TensorEntry};
