@@ -86,9 +86,13 @@ enum Command {
     /// with --aux-coef 0 every layout computes the same numbers.
     Train {
         /// A Hugging Face Mixtral directory (config.json, model.safetensors); without it, the
-        /// small random model `eval` uses.
+        /// small random model `eval` uses, or one of `--config`'s shape.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// A Mixtral `config.json` to train a randomly initialised model of (deterministic
+        /// from `--seed`; nothing is read but the config), instead of `--model`.
+        #[arg(long, conflicts_with = "model")]
+        config: Option<PathBuf>,
         /// JSON file `{"batch": [[token ids], ...]}`: every row the same length (≥ 2).
         /// Optionally `"labels"` (HF's: -100 where the loss does not count, and past the first
         /// padded position; default the ids, -100 on padding) and `"attention_mask"` (1 for a
@@ -311,6 +315,7 @@ fn run_train(command: Command) -> Result<()> {
         checkpoint_dir,
         checkpoint_every,
         resume,
+        config,
     } = command
     else {
         unreachable!("called for train")
@@ -326,7 +331,10 @@ fn run_train(command: Command) -> Result<()> {
             })?
         }
         (None, Some(dir)) => MixtralConfig::from_file(&dir.join("config.json"))?,
-        (None, None) => MixtralConfig::tiny(),
+        (None, None) => match &config {
+            Some(file) => MixtralConfig::from_file(file)?,
+            None => MixtralConfig::tiny(),
+        },
     };
     if let Some(c) = aux_coef {
         cfg.router_aux_loss_coef = c;
