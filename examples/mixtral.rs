@@ -27,7 +27,7 @@
 //! random Mixtral-style model is created on the fly.
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_parallel::checkpoint::{
-    full_gradients_of, merge_on_all, write_model, ParallelVarBuilder, SaveOptions,
+    full_gradients_of, merge_on_all, ParallelVarBuilder, SaveOptions,
 };
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::moe::Dispatch;
@@ -493,9 +493,10 @@ fn run_train(command: Command) -> Result<()> {
         }
         // One copy of every parameter at full shape, written by rank 0 tensor by tensor: tp
         // slices gathered; each expert from its ep rank, every other weight from ep rank 0;
-        // the replicas are equal, dp rank 0 sends.
-        let named = trainer.optimizer().named_params()?;
-        let params = write_model(&named, mesh, &out, &tensors, Some(DType::F32))?;
+        // the replicas are equal, dp rank 0 sends; at ZeRO 3 one layer gathered at a time.
+        let params = trainer
+            .optimizer()
+            .write_model(&out, &tensors, Some(DType::F32))?;
         Ok((tensors, params))
     })?;
     if !candle_parallel::launch::process::is_lead()? {

@@ -723,17 +723,30 @@ fn write_model_streams_what_gather_model_gathers() -> Result<()> {
             Ok((n, gather_model(&named, mesh)?))
         })?;
         let (n, gathered) = &out[0];
-        let written = candle_core::safetensors::load(&path, &Device::Cpu)?;
-        assert_eq!(written.len(), n + 1);
-        assert_eq!(written["step"].to_scalar::<u32>()?, 7);
-        assert_eq!(gathered.len(), *n);
-        for (name, t) in gathered {
-            let w = &written[name];
-            assert_eq!(w.dims(), t.dims(), "{name}");
-            let diff = (w - t)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert_eq!(diff, 0.0, "{name}");
-        }
+        assert_written(&path, *n, gathered)?;
     }
+    // ZeRO 3 at dp 2 x ep 2: the optimizer writes one sharded layer at a time.
+    let path = dir.join("zero3.safetensors");
+    let out = Launcher::new(4)
+        .mesh(MeshShape::new().dp(2).ep(2))
+        .run(|ctx| {
+            use candle_parallel::data_parallel::BatchGroups;
+            use candle_parallel_models::mixtral::ShardedMixtral;
+            let mesh = ctx.mesh()?;
+            let vb = ParallelVarBuilder::from_init(3, DType::F32, &Device::Cpu).trainable();
+            let batch = BatchGroups::new(mesh, &[MeshDim::Dp, MeshDim::Ep])?;
+            let m = ShardedMixtral::new(&cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
+            let zero = ZeroConfig {
+                stage: 3,
+                ..Default::default()
+            };
+            let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
+            let extra = [("step".to_string(), Tensor::new(7u32, &Device::Cpu)?)];
+            let n = opt.write_model(&path, &extra, None)?;
+            Ok((n, gather_model(&opt.named_params()?, mesh)?))
+        })?;
+    let (n, gathered) = &out[0];
+    assert_written(&path, *n, gathered)?;
     // Out of order, and unfinished.
     let path = dir.join("partial.safetensors");
     let t = Tensor::new(&[1f32], &Device::Cpu)?;
@@ -751,5 +764,20 @@ fn write_model_streams_what_gather_model_gathers() -> Result<()> {
     assert!(err.contains("1 of 2 tensors written"), "{err}");
     assert!(!path.exists() && !dir.join("partial.safetensors.tmp").exists());
     std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
+
+/// The file at `path` holds `n` model tensors equal to `gathered`, and rank 0's `step`.
+fn assert_written(path: &Path, n: usize, gathered: &[(String, Tensor)]) -> Result<()> {
+    let written = candle_core::safetensors::load(path, &Device::Cpu)?;
+    assert_eq!(written.len(), n + 1);
+    assert_eq!(written["step"].to_scalar::<u32>()?, 7);
+    assert_eq!(gathered.len(), n);
+    for (name, t) in gathered {
+        let w = &written[name];
+        assert_eq!(w.dims(), t.dims(), "{name}");
+        let diff = (w - t)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name}");
+    }
     Ok(())
 }

@@ -47,4 +47,4 @@ pub use gather::{full_gradients, full_gradients_of, gather_full, gather_model, m
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
 pub use source::{check_checkpoint, hf_safetensors_files, verify_checkpoint};
-pub use stream::{write_model, SafetensorsWriter, TensorEntry};
+pub use stream::{write_model, write_model_parts, ModelPart, SafetensorsWriter, TensorEntry};

@@ -161,6 +161,35 @@ impl Drop for SafetensorsWriter {
     }
 }
 
+/// Part of a model to write ([`write_model_parts`]): what it holds is described cheaply, and
+/// its tensors are materialised only when its turn comes (a ZeRO 3 module gathers its
+/// parameters then, and frees them after).
+pub trait ModelPart {
+    /// This rank's tensors: name, dtype, full shape, and the mesh dimensions each is local to.
+    fn describe(&self) -> Vec<(String, DType, Vec<usize>, Vec<MeshDim>)>;
+    /// This rank's parts of them (collective where the part must gather).
+    fn materialise(&self) -> Result<Vec<(ShardedTensor, Vec<MeshDim>)>>;
+}
+
+impl ModelPart for Vec<(ShardedTensor, Vec<MeshDim>)> {
+    fn describe(&self) -> Vec<(String, DType, Vec<usize>, Vec<MeshDim>)> {
+        self.iter()
+            .map(|(t, l)| {
+                (
+                    t.name.clone(),
+                    t.local.dtype(),
+                    t.full_dims.clone(),
+                    l.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn materialise(&self) -> Result<Vec<(ShardedTensor, Vec<MeshDim>)>> {
+        Ok(self.clone())
+    }
+}
+
 /// Writes one full-shape copy of every tensor of a model on a mesh into the safetensors file
 /// `path` on world rank 0 (collective over the world), one tensor at a time: each tensor's tp
 /// slices are gathered by its holders (tp rank 0 of dp rank 0, and of ep rank 0 unless the
@@ -176,40 +205,51 @@ pub fn write_model(
     extra: &[(String, Tensor)],
     dtype: Option<DType>,
 ) -> Result<usize> {
+    // Tensor handles: cloning them copies no data.
+    write_model_parts(&[&tensors.to_vec()], mesh, path, extra, dtype)
+}
+
+/// [`write_model`] over `parts`, written in their order (within a part, by name), each part
+/// materialised only for its turn: at most one part's tensors exist at once (e.g. one ZeRO 3
+/// layer gathered). Every rank must give the same number of parts.
+pub fn write_model_parts(
+    parts: &[&dyn ModelPart],
+    mesh: &DeviceMesh,
+    path: &Path,
+    extra: &[(String, Tensor)],
+    dtype: Option<DType>,
+) -> Result<usize> {
     let world = mesh.world();
     let coords = [mesh.dp().rank(), mesh.pp().rank(), mesh.ep().rank()];
-    // What this rank would send: name, dtype, full shape, and its (dp, pp, ep) coordinates,
-    // which its tp peers share.
-    let mine: Vec<(String, String, Vec<usize>, [usize; 3])> = tensors
-        .iter()
-        .filter(|(_, local_to)| {
-            mesh.tp().rank() == 0
+    // What this rank would send: part, name, dtype, full shape, and its (dp, pp, ep)
+    // coordinates, which its tp peers share.
+    type Entry = (usize, String, String, Vec<usize>, [usize; 3]);
+    let mut mine: Vec<Entry> = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        for (name, d, dims, local_to) in part.describe() {
+            let sends = mesh.tp().rank() == 0
                 && mesh.dp().rank() == 0
-                && (local_to.contains(&MeshDim::Ep) || mesh.ep().rank() == 0)
-        })
-        .map(|(t, _)| {
-            let d = dtype.unwrap_or(t.local.dtype());
-            (
-                t.name.clone(),
-                d.as_str().to_string(),
-                t.full_dims.clone(),
-                coords,
-            )
-        })
-        .collect();
-    let bytes = serde_json::to_vec(&mine).map_err(candle_core::Error::wrap)?;
-    // Every tensor by name, the first sender of each.
-    let mut plan: BTreeMap<String, (usize, DType, Vec<usize>, [usize; 3])> = BTreeMap::new();
-    for (rank, b) in world.all_gather_bytes(&bytes)?.into_iter().enumerate() {
-        let list: Vec<(String, String, Vec<usize>, [usize; 3])> =
-            serde_json::from_slice(&b).map_err(candle_core::Error::wrap)?;
-        for (name, d, dims, c) in list {
-            let d: DType = d.parse().map_err(candle_core::Error::msg)?;
-            plan.entry(name).or_insert((rank, d, dims, c));
+                && (local_to.contains(&MeshDim::Ep) || mesh.ep().rank() == 0);
+            if sends {
+                let d = dtype.unwrap_or(d);
+                mine.push((i, name, d.as_str().to_string(), dims, coords));
+            }
         }
     }
-    let by_name: BTreeMap<&str, &ShardedTensor> =
-        tensors.iter().map(|(t, _)| (t.name.as_str(), t)).collect();
+    let bytes = serde_json::to_vec(&mine).map_err(candle_core::Error::wrap)?;
+    // Every tensor by part and name, the first sender of each.
+    let mut plan: BTreeMap<(usize, String), (usize, DType, Vec<usize>, [usize; 3])> =
+        BTreeMap::new();
+    let mut seen = std::collections::HashSet::new();
+    for (rank, b) in world.all_gather_bytes(&bytes)?.into_iter().enumerate() {
+        let list: Vec<Entry> = serde_json::from_slice(&b).map_err(candle_core::Error::wrap)?;
+        for (part, name, d, dims, c) in list {
+            let d: DType = d.parse().map_err(candle_core::Error::msg)?;
+            if seen.insert(name.clone()) {
+                plan.insert((part, name), (rank, d, dims, c));
+            }
+        }
+    }
     let mut writer = match world.rank() {
         0 => {
             let mut entries: Vec<TensorEntry> = extra
@@ -218,7 +258,7 @@ pub fn write_model(
                 .collect();
             entries.extend(
                 plan.iter()
-                    .map(|(n, (_, d, dims, _))| (n.clone(), *d, dims.clone())),
+                    .map(|((_, n), (_, d, dims, _))| (n.clone(), *d, dims.clone())),
             );
             let mut w = SafetensorsWriter::create(path, entries)?;
             for (n, t) in extra {
@@ -228,22 +268,30 @@ pub fn write_model(
         }
         _ => None,
     };
-    for (name, (sender, d, dims, c)) in &plan {
-        // The sender's tp group gathers the tensor; the sender passes it to rank 0.
-        let full = match by_name.get(name.as_str()) {
-            Some(t) if *c == coords => Some(
-                super::gather_full(&t.local, t.placement, &t.full_dims, mesh.tp())?.to_dtype(*d)?,
-            ),
-            _ => None,
-        };
-        match (world.rank(), full) {
-            (0, Some(t)) if *sender == 0 => writer.as_mut().expect("rank 0").write(name, &t)?,
-            (0, _) => {
-                let t = world.recv(*sender, dims.as_slice(), *d)?;
-                writer.as_mut().expect("rank 0").write(name, &t)?;
+    for (i, part) in parts.iter().enumerate() {
+        let tensors = part.materialise()?;
+        let by_name: BTreeMap<&str, &ShardedTensor> =
+            tensors.iter().map(|(t, _)| (t.name.as_str(), t)).collect();
+        for ((_, name), (sender, d, dims, c)) in
+            plan.range((i, String::new())..(i + 1, String::new()))
+        {
+            // The sender's tp group gathers the tensor; the sender passes it to rank 0.
+            let full = match by_name.get(name.as_str()) {
+                Some(t) if *c == coords => Some(
+                    super::gather_full(&t.local, t.placement, &t.full_dims, mesh.tp())?
+                        .to_dtype(*d)?,
+                ),
+                _ => None,
+            };
+            match (world.rank(), full) {
+                (0, Some(t)) if *sender == 0 => writer.as_mut().expect("rank 0").write(name, &t)?,
+                (0, _) => {
+                    let t = world.recv(*sender, dims.as_slice(), *d)?;
+                    writer.as_mut().expect("rank 0").write(name, &t)?;
+                }
+                (r, Some(t)) if r == *sender => world.send(&t, 0)?,
+                _ => {}
             }
-            (r, Some(t)) if r == *sender => world.send(&t, 0)?,
-            _ => {}
         }
     }
     if let Some(w) = writer {

@@ -888,6 +888,42 @@ impl ZeroOptimizer {
         Ok(out)
     }
 
+    /// Writes the model's parameters at full shape into the safetensors file `path` on world
+    /// rank 0, one tensor at a time ([`crate::checkpoint::write_model_parts`]): the whole
+    /// parameters, then each sharded module's, gathered only for its turn (one layer at a
+    /// time at stage 3). `extra` (rank 0's) goes first. Collective over the world; returns
+    /// how many parameters were written.
+    pub fn write_model(
+        &self,
+        path: &std::path::Path,
+        extra: &[(String, Tensor)],
+        dtype: Option<DType>,
+    ) -> Result<usize> {
+        let whole: Vec<(ShardedTensor, Vec<MeshDim>)> = self
+            .infos
+            .iter()
+            .enumerate()
+            .filter_map(|(i, info)| {
+                let v = self.whole[i]?;
+                let t = ShardedTensor {
+                    name: info.name.clone(),
+                    local: self.vars[v].as_tensor().detach(),
+                    full_dims: info.full_dims.clone(),
+                    placement: info.placement,
+                    region: None,
+                };
+                Some((t, info.local_to.clone()))
+            })
+            .collect();
+        let mut parts: Vec<&dyn crate::checkpoint::ModelPart> = vec![&whole];
+        parts.extend(
+            self.modules
+                .iter()
+                .map(|m| m as &dyn crate::checkpoint::ModelPart),
+        );
+        crate::checkpoint::write_model_parts(&parts, &self.mesh, path, extra, dtype)
+    }
+
     /// Whether this rank writes the pieces of `info` that a bucket over `dims` holds: one rank
     /// of those holding the same values (coordinate 0 along every dimension the values are
     /// replicated over; a partitioned bucket's ranks along `dims` hold different values).

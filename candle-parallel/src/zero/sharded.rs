@@ -318,3 +318,43 @@ impl Module for ShardedModule {
         })
     }
 }
+
+/// A sharded module as a part of a model to write: its parameters gathered over the replicas
+/// only when its turn comes.
+impl crate::checkpoint::ModelPart for ShardedModule {
+    fn describe(&self) -> Vec<(String, DType, Vec<usize>, Vec<crate::mesh::MeshDim>)> {
+        self.inner
+            .infos
+            .iter()
+            .map(|i| {
+                (
+                    i.name.clone(),
+                    i.dtype,
+                    i.full_dims.clone(),
+                    i.local_to.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn materialise(
+        &self,
+    ) -> Result<Vec<(crate::checkpoint::ShardedTensor, Vec<crate::mesh::MeshDim>)>> {
+        Ok(self
+            .inner
+            .infos
+            .iter()
+            .zip(self.gathered()?)
+            .map(|(info, t)| {
+                let st = crate::checkpoint::ShardedTensor {
+                    name: info.name.clone(),
+                    local: t,
+                    full_dims: info.full_dims.clone(),
+                    placement: info.placement,
+                    region: None,
+                };
+                (st, info.local_to.clone())
+            })
+            .collect())
+    }
+}
