@@ -238,8 +238,9 @@ pub fn write_model_parts(
     }
     let bytes = serde_json::to_vec(&mine).map_err(candle_core::Error::wrap)?;
     // Every tensor by part and name, the first sender of each.
-    let mut plan: BTreeMap<(usize, String), (usize, DType, Vec<usize>, [usize; 3])> =
-        BTreeMap::new();
+    // (part, name) -> (sender, dtype, full shape, the sender's coordinates)
+    type Planned = (usize, DType, Vec<usize>, [usize; 3]);
+    let mut plan: BTreeMap<(usize, String), Planned> = BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     for (rank, b) in world.all_gather_bytes(&bytes)?.into_iter().enumerate() {
         let list: Vec<Entry> = serde_json::from_slice(&b).map_err(candle_core::Error::wrap)?;
