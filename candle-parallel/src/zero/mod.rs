@@ -602,8 +602,13 @@ impl ZeroOptimizer {
             Some(c) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
             None => full,
         };
-        a.add_to_part(&part, 0)?;
-        a.part_written = true;
+        if a.part_written {
+            a.add_to_part(&part, 0)?;
+        } else {
+            // A fresh tensor of the partition's size: it becomes the partition (no copy).
+            a.part = Some(part);
+            a.part_written = true;
+        }
         a.reduced = true;
         a.written.iter_mut().for_each(|w| *w = false);
         Ok(())
