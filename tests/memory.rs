@@ -2,9 +2,11 @@
 //! rank thread that made it): ZeRO's savings show in what each rank holds, the unit-wise
 //! backward holds less than the whole-graph one, and recomputation less again. One test in
 //! this binary: the ranks' counters are per rank number, shared by anything running at once.
-use candle_core::Result;
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_parallel::data_parallel::Recompute;
 use candle_parallel::memory::{self, CountingAlloc};
+use candle_parallel::pipeline::{run_pipedream, run_pipedream_recorded, StashableStage};
+use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::mixtral::MixtralConfig;
 use candle_parallel_models::testing::{
     measure_training_memory, BackwardPath, MemoryProbe, TrainingMemory,
@@ -128,6 +130,78 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         "recompute full peak {} vs none {}",
         full.step_peak,
         none.step_peak
+    );
+    pipedream_holds_what_is_in_flight()
+}
+
+/// A stage of `tanh(x · W)` layers with large weights and small activations.
+struct TanhStage(Vec<Var>);
+
+impl StashableStage for TanhStage {
+    fn params(&self) -> Vec<Var> {
+        self.0.clone()
+    }
+
+    fn forward_with(&self, x: &Tensor, params: &[Tensor]) -> Result<Tensor> {
+        params
+            .iter()
+            .try_fold(x.clone(), |y, w| y.matmul(w)?.tanh())
+    }
+}
+
+/// PipeDream with weight stashing at pp = 2: the most any rank holds during a run is the same
+/// for 4 and 16 micro-batches (the versions in flight), while recording every micro-batch's
+/// versions grows with their number.
+fn pipedream_holds_what_is_in_flight() -> Result<()> {
+    const H: usize = 256;
+    let peak = |m: usize, record: bool| -> Result<usize> {
+        let out = Launcher::new(2).mesh(MeshShape::new().pp(2)).run(|ctx| {
+            let rank = ctx.rank();
+            let ws = (0..4)
+                .map(|i| {
+                    Var::from_tensor(
+                        &(Tensor::eye(H, DType::F32, &Device::Cpu)? * (0.5 + 0.1 * i as f64))?,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let stage = TanhStage(ws.clone());
+            let xs: Vec<Tensor> = (0..m)
+                .map(|i| Tensor::full(0.01 * i as f32, (2, H), &Device::Cpu))
+                .collect::<Result<_>>()?;
+            let mut sgd = |_mb: usize, grads: &[Tensor]| -> Result<()> {
+                for (v, g) in ws.iter().zip(grads) {
+                    v.set(&(v.as_tensor() - (g * 0.1)?)?)?;
+                }
+                Ok(())
+            };
+            let loss = |_: usize, y: &Tensor| y.sqr()?.mean_all();
+            let act = (&Shape::from((2, H)), DType::F32);
+            ctx.comm().barrier()?;
+            memory::reset_peak(rank)?;
+            let base = memory::rank(rank)?.current;
+            let run = if record {
+                run_pipedream_recorded
+            } else {
+                run_pipedream
+            };
+            let out = run(ctx.comm(), &stage, &xs, act, &loss, true, &mut sgd)?;
+            let held = memory::rank(rank)?.peak - base;
+            drop(out);
+            Ok(held)
+        })?;
+        Ok(out.into_iter().max().unwrap_or(0))
+    };
+    let (few, many) = (peak(4, false)?, peak(16, false)?);
+    let stage_bytes = 4 * H * H * 4;
+    eprintln!("PipeDream peak over the run: m=4 {few} B, m=16 {many} B (a stage's weights: {stage_bytes} B)");
+    assert!(
+        (many as f64) < few as f64 + 0.5 * stage_bytes as f64,
+        "held {many} bytes at 16 micro-batches, {few} at 4"
+    );
+    let recorded = peak(16, true)?;
+    assert!(
+        recorded > many + 8 * stage_bytes,
+        "recording 16 micro-batches' versions should hold more: {recorded} vs {many}"
     );
     Ok(())
 }

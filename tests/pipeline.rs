@@ -5,8 +5,8 @@ mod common;
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::pipeline::{
-    run_pipedream, run_step, split_balanced, split_batch, split_layers, Action, PipeDreamOutput,
-    PipelineSequential, Schedule, StageSplit, StashableStage,
+    run_pipedream_recorded, run_step, split_balanced, split_batch, split_layers, Action,
+    PipeDreamOutput, PipelineSequential, Schedule, StageSplit, StashableStage,
 };
 use candle_parallel::tensor_parallel as tp_layers;
 use candle_parallel::{Comm, MeshShape};
@@ -421,7 +421,7 @@ fn pipedream_with_stashing_gives_each_micro_batch_the_gradient_of_its_version() 
                 }
                 Ok(())
             };
-            run_pipedream(
+            run_pipedream_recorded(
                 ctx.comm(),
                 &stage,
                 &xs,

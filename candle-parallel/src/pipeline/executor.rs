@@ -126,7 +126,9 @@ pub trait StashableStage {
     fn forward_with(&self, x: &Tensor, params: &[Tensor]) -> Result<Tensor>;
 }
 
-/// What one rank's part of a PipeDream run produced, per micro-batch.
+/// What one rank's part of a PipeDream run produced, per micro-batch. The per-micro-batch
+/// gradients and weight versions are recorded only by [`run_pipedream_recorded`] (they hold
+/// a copy of the stage's weights per micro-batch); [`run_pipedream`] leaves them empty.
 pub struct PipeDreamOutput {
     /// The last stage's loss of every micro-batch, on every rank.
     pub losses: Vec<f32>,
@@ -150,6 +152,10 @@ pub struct PipeDreamOutput {
 /// micro-batch's backward uses the version its forward used (weight stashing: the gradient is
 /// that of the function it computed); without it, the backward sees the weights as updated
 /// meanwhile, which is the inconsistency PipeDream's paper describes.
+///
+/// What a rank holds grows with the micro-batches in flight (at most the pipeline's depth),
+/// not with their number: a stashed weight version lives from its micro-batch's forward to
+/// its backward, and nothing is kept per micro-batch after that.
 pub fn run_pipedream(
     comm: &Comm,
     stage: &dyn StashableStage,
@@ -159,6 +165,53 @@ pub fn run_pipedream(
     stash: bool,
     update: &mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
 ) -> Result<PipeDreamOutput> {
+    pipedream(
+        comm,
+        stage,
+        micro_batches,
+        activation,
+        loss,
+        stash,
+        update,
+        false,
+    )
+}
+
+/// [`run_pipedream`] that also records, per micro-batch, the gradients and the weights its
+/// forward and backward used ([`PipeDreamOutput`]): diagnostics that cost a copy of the
+/// stage's weights per micro-batch.
+pub fn run_pipedream_recorded(
+    comm: &Comm,
+    stage: &dyn StashableStage,
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+    loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+    stash: bool,
+    update: &mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
+) -> Result<PipeDreamOutput> {
+    pipedream(
+        comm,
+        stage,
+        micro_batches,
+        activation,
+        loss,
+        stash,
+        update,
+        true,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pipedream(
+    comm: &Comm,
+    stage: &dyn StashableStage,
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+    loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+    stash: bool,
+    update: &mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
+    record: bool,
+) -> Result<PipeDreamOutput> {
     let schedule = Schedule::one_f_one_b(comm.size(), micro_batches.len())?;
     agree(comm, &schedule, 1, micro_batches, activation)?;
     let m = micro_batches.len();
@@ -166,6 +219,7 @@ pub fn run_pipedream(
         stage,
         live: stage.params(),
         stash,
+        record,
         stashed: HashMap::new(),
         update,
         grads: vec![Vec::new(); m],
@@ -194,6 +248,8 @@ struct PipeDream<'a> {
     stage: &'a dyn StashableStage,
     live: Vec<Var>,
     stash: bool,
+    /// Whether the per-micro-batch gradients and weight versions are kept.
+    record: bool,
     /// Per micro-batch in flight, the weight versions its forward used (as variables).
     stashed: HashMap<usize, Vec<Var>>,
     update: &'a mut dyn FnMut(usize, &[Tensor]) -> Result<()>,
@@ -220,13 +276,17 @@ impl Compute for PipeDream<'_> {
                 .collect::<Result<_>>()?;
             let ws: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = self.stage.forward_with(x, &ws)?;
-            self.forward_weights[mb] = ws; // never changed: no second copy
+            if self.record {
+                self.forward_weights[mb] = ws; // never changed: no second copy
+            }
             self.stashed.insert(mb, vars);
             Ok(y)
         } else {
             // The live variables themselves: their updates change what the backward reads.
             let ws: Vec<Tensor> = self.live.iter().map(|v| v.as_tensor().clone()).collect();
-            self.forward_weights[mb] = snapshot(&self.live)?;
+            if self.record {
+                self.forward_weights[mb] = snapshot(&self.live)?;
+            }
             self.stage.forward_with(x, &ws)
         }
     }
@@ -243,13 +303,18 @@ impl Compute for PipeDream<'_> {
                 None => v.as_tensor().zeros_like(),
             })
             .collect::<Result<_>>()?;
-        self.backward_weights[mb] = if self.stash {
-            used.iter().map(|v| v.as_tensor().clone()).collect()
-        } else {
-            snapshot(&used)?
-        };
+        if self.record {
+            self.backward_weights[mb] = if self.stash {
+                used.iter().map(|v| v.as_tensor().clone()).collect()
+            } else {
+                snapshot(&used)?
+            };
+        }
+        // The stashed version is dropped with `used` after the update.
         (self.update)(mb, &grads)?;
-        self.grads[mb] = grads;
+        if self.record {
+            self.grads[mb] = grads;
+        }
         Ok(())
     }
 

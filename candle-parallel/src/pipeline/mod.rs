@@ -52,7 +52,8 @@ mod schedule;
 mod sequential;
 
 pub use executor::{
-    run_pipedream, run_step, split_batch, Executed, PipeDreamOutput, StashableStage, StepOutput,
+    run_pipedream, run_pipedream_recorded, run_step, split_batch, Executed, PipeDreamOutput,
+    StashableStage, StepOutput,
 };
 pub use schedule::{split_balanced, split_layers, Action, Schedule, Simulation, Timed};
 pub use sequential::{PipelineSequential, SequentialChunk, StageSplit};
