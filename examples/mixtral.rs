@@ -139,6 +139,10 @@ enum Command {
         /// again just before its backward; not with --pp). ZeRO 3 recomputes anyway.
         #[arg(long, default_value_t = Recompute::None)]
         recompute: Recompute,
+        /// ZeRO 3: keep each layer's gathered parameters and activations from its forward to
+        /// its backward (FSDP2's reshard_after_forward=False: one gather, no recomputation).
+        #[arg(long)]
+        no_reshard_after_forward: bool,
         /// Output safetensors file.
         #[arg(long, default_value = "params.safetensors")]
         out: PathBuf,
@@ -310,6 +314,7 @@ fn run_train(command: Command) -> Result<()> {
         zero,
         micro_batches,
         recompute,
+        no_reshard_after_forward,
         out,
         seed,
         checkpoint_dir,
@@ -401,6 +406,7 @@ fn run_train(command: Command) -> Result<()> {
         let (model, mut trainer) = if zero == 3 {
             let groups = BatchGroups::new(mesh, &batch_dims)?;
             let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
+            m.set_reshard_after_forward(!no_reshard_after_forward);
             // Every parameter lives in a layer's sharded module.
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)

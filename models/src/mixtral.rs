@@ -1087,6 +1087,16 @@ impl ShardedMixtral {
         })
     }
 
+    /// FSDP2's `reshard_after_forward` for every layer (see
+    /// [`ShardedModule::set_reshard_after_forward`]): `false` keeps each layer's gathered
+    /// parameters and activations from its forward to its backward (no second gather, no
+    /// recomputation).
+    pub fn set_reshard_after_forward(&self, reshard: bool) {
+        for u in &self.units {
+            u.set_reshard_after_forward(reshard);
+        }
+    }
+
     /// The sharded modules, first layer first.
     pub fn units(&self) -> Vec<&ShardedModule> {
         self.units.iter().collect()

@@ -10,15 +10,23 @@
 //! |---|---|---|---|
 //! | 0 | all-reduced in place into full buckets kept between steps | full, on every replica | whole |
 //! | 1 | full buckets kept, reduce-scattered to this rank's partition | this rank's partition | whole |
-//! | 2 | reduce-scattered; only this rank's partition is kept | this rank's partition | whole |
+//! | 2 | reduce-scattered (per bucket, as the backward completes it); only this rank's partition is kept | this rank's partition | whole |
 //! | 3 | reduce-scattered in the backward pass, module by module | this rank's partition | this rank's partition ([`ShardedModule`]) |
 //!
 //! At stages 1 and 2 each rank updates its partition and the parameters are all-gathered (in
 //! their own dtype) after the step. At stage 3 the parameters stay partitioned: a
 //! [`ShardedModule`] gathers its parameters just before its forward and again in the backward
-//! pass, and frees them after each. Candle's backward returns every gradient at once, so at
-//! stages 0–2 the full gradients exist while the step reduces them; what differs is what the
-//! optimizer keeps ([`ZeroOptimizer::memory`]).
+//! pass, and frees them after each (or keeps them until the backward:
+//! [`ShardedModule::set_reshard_after_forward`]).
+//!
+//! The optimizer is also a [`GradSink`]: a model whose backward runs one unit (layer) at a
+//! time hands it each unit's gradients as they exist, and they are packed into the buckets
+//! (and at stage 2 reduce-scattered as soon as a bucket's units are done) while the next unit
+//! runs backward, so the full gradients of the whole model never exist at once; then
+//! [`ZeroOptimizer::step_accumulated`]. [`ZeroOptimizer::step`] takes whole gradients (one
+//! micro-batch through the same path). What each rank holds between steps is the table's
+//! ([`ZeroOptimizer::memory`], measured by `bench_data_parallel` with
+//! [`crate::memory::CountingAlloc`]).
 //!
 //! Parameters in bf16/f16 (mixed precision) get f32 master copies of their partition, which
 //! the update reads and writes; the gradients are reduced in f32. At stage 3 the f32 partition

@@ -9,7 +9,8 @@ use crate::mesh::DeviceMesh;
 use crate::ops::attach_backward;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 type Build = dyn Fn(ParallelVarBuilder) -> Result<Box<dyn Module>> + Send + Sync;
 
@@ -42,7 +43,14 @@ struct Inner {
     /// The dtype the module computes in (its parameters are gathered in it).
     dtype: DType,
     device: Device,
+    /// FSDP2's `reshard_after_forward`: free the gathered parameters after the forward
+    /// (gather again and recompute in the backward), or keep them and the forward's graph.
+    reshard_after_forward: AtomicBool,
 }
+
+/// What a forward that did not reshard keeps for its backward: the output with its graph,
+/// the input as a variable, and the gathered parameters as variables.
+type Kept = (Tensor, Option<Var>, Vec<crate::checkpoint::Param>);
 
 /// A module whose parameters each replica holds only a partition of (ZeRO stage 3,
 /// FSDP-style): its parameters are all-gathered just before its forward, used, and freed;
@@ -183,8 +191,21 @@ impl ShardedModule {
                 shard,
                 dtype,
                 device,
+                reshard_after_forward: AtomicBool::new(true),
             }),
         })
+    }
+
+    /// FSDP2's `reshard_after_forward`. `true` (the default): the gathered parameters are
+    /// freed after the forward and gathered again in the backward, which recomputes the
+    /// module's forward from its saved input (Candle's graph would otherwise hold the gathered
+    /// parameters). `false`: the forward keeps its graph, gathered parameters included, until
+    /// the backward: one gather per step instead of two and no recomputation, for the memory
+    /// of the module's parameters and activations in between. The same gradients either way.
+    pub fn set_reshard_after_forward(&self, reshard: bool) {
+        self.inner
+            .reshard_after_forward
+            .store(reshard, Ordering::Relaxed);
     }
 
     /// This rank's partitions of the module's parameters (flat, f32): the variable the
@@ -251,9 +272,10 @@ impl Inner {
 
     /// The backward: parameters gathered again, the forward recomputed on the saved input,
     /// the parameters' gradients reduce-scattered to this rank's partitions.
-    fn backward(&self, x: &Tensor, shard: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        // The module over variables copied from the gathered parameters; the builder (and
-        // with it the gathered buffers) is dropped once the module holds its copies.
+    /// The forward over variables copied from the gathered parameters (the builder, and with
+    /// it the gathered buffers, is dropped once the module holds its copies): the output with
+    /// its graph, the input as a variable (float inputs), the parameters.
+    fn forward_tracked(&self, x: &Tensor, shard: &Tensor) -> Result<Kept> {
         let (module, params) = {
             let vb = self.builder(&shard.detach())?.trainable();
             let module = (self.build)(vb.clone())?;
@@ -265,8 +287,25 @@ impl Inner {
             _ => None, // token ids
         };
         let y = module.forward(xv.as_ref().map_or(&x, |v| v.as_tensor()))?;
+        Ok((y, xv, params))
+    }
+
+    /// The backward from what the forward kept, or (resharded) with the parameters gathered
+    /// again and the forward recomputed on the saved input; the parameters' gradients
+    /// reduce-scattered to this rank's partitions.
+    fn backward(
+        &self,
+        kept: Option<Kept>,
+        x: &Tensor,
+        shard: &Tensor,
+        g: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (y, xv, params) = match kept {
+            Some(k) => k,
+            None => self.forward_tracked(x, shard)?,
+        };
         let mut store = (&y * g)?.sum_all()?.backward()?;
-        drop((module, y)); // the output's graph holds the parameters' copies
+        drop(y); // the output's graph holds the parameters' copies
         let dx = xv.and_then(|v| store.remove(v.as_tensor()));
         // The gradients out of the store, in the order of the infos; then the variables and
         // the store go (the module's copies of the parameters are freed before packing).
@@ -308,13 +347,22 @@ impl Module for ShardedModule {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let inner = &self.inner;
         let shard = inner.shard.as_tensor();
-        let y = {
-            let module = (inner.build)(inner.builder(&shard.detach())?)?;
-            module.forward(&x.detach())?
-        }; // the gathered parameters are freed here
+        let (y, kept) = if inner.reshard_after_forward.load(Ordering::Relaxed) {
+            let y = {
+                let module = (inner.build)(inner.builder(&shard.detach())?)?;
+                module.forward(&x.detach())?
+            }; // the gathered parameters are freed here
+            (y, None)
+        } else {
+            let k = inner.forward_tracked(x, shard)?;
+            (k.0.detach(), Some(k))
+        };
         let me = self.inner.clone();
+        // Taken by the first backward; a second one recomputes.
+        let kept = Mutex::new(kept);
         attach_backward("zero3_module", &y, &[x, shard], move |ins, _, g| {
-            me.backward(ins[0], ins[1], g)
+            let k = kept.lock().unwrap_or_else(|e| e.into_inner()).take();
+            me.backward(k, ins[0], ins[1], g)
         })
     }
 }
