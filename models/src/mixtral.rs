@@ -1147,8 +1147,9 @@ impl ShardedMixtral {
     /// As [`Mixtral::train_grads`] without pipeline stages: the layers' backward passes run
     /// one at a time (boundaries detached), each handing its partition's gradient
     /// (reduce-scattered in the sharded module's backward) to `sink` as soon as it exists.
-    /// Each layer's forward already runs again in its backward (its gathered parameters are
-    /// freed after the forward), as `Recompute::Full` does.
+    /// Each layer's forward runs again in its backward (its gathered parameters are freed
+    /// after the forward), as `Recompute::Full` does, unless
+    /// [`ShardedMixtral::set_reshard_after_forward`] keeps them.
     pub fn train_grads(
         &self,
         sink: &mut dyn GradSink,
