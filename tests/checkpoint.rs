@@ -763,6 +763,12 @@ fn write_model_streams_what_gather_model_gathers() -> Result<()> {
     let err = w.finish().unwrap_err().to_string();
     assert!(err.contains("1 of 2 tensors written"), "{err}");
     assert!(!path.exists() && !dir.join("partial.safetensors.tmp").exists());
+    let reserved = vec![("__metadata__".to_string(), DType::F32, vec![1])];
+    let err = SafetensorsWriter::create(&path, reserved)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("reserved"), "{err}");
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }

@@ -69,6 +69,28 @@ fn header(align: usize) -> usize {
     align.max(16)
 }
 
+/// Read first: a store on every allocation would make every thread write one cache line.
+fn mark_installed() {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The calling thread's tag (untagged where its thread-local is unavailable, as during the
+/// thread's teardown).
+fn current_tag() -> u32 {
+    TAG.try_with(Cell::get).unwrap_or(UNTAGGED)
+}
+
+/// Starts `slot`'s peak afresh from what it holds now (an allocation racing with the reset
+/// still counts).
+fn restart_peak(slot: &Slot) {
+    slot.peak
+        .store(slot.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    slot.peak
+        .fetch_max(slot.current.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
 fn add(slot: &Slot, n: usize) {
     let now = slot.current.fetch_add(n, Ordering::Relaxed) + n;
     slot.peak.fetch_max(now, Ordering::Relaxed);
@@ -87,7 +109,7 @@ impl CountingAlloc {
         if base.is_null() {
             return base;
         }
-        let tag = TAG.with(Cell::get);
+        let tag = current_tag();
         // SAFETY: base points to hdr + size bytes; hdr >= 16 leaves room for the tag.
         unsafe {
             let data = base.add(hdr);
@@ -111,7 +133,7 @@ impl CountingAlloc {
 // layout (size + hdr, align), and every free or reallocation goes back to that block.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
+        mark_installed();
         let hdr = header(layout.align());
         let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
             return std::ptr::null_mut();
@@ -120,7 +142,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
+        mark_installed();
         let hdr = header(layout.align());
         let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
             return std::ptr::null_mut();
@@ -185,12 +207,12 @@ fn require() -> Result<()> {
 /// [`crate::Launcher`] does this for its rank threads.
 pub fn set_thread_rank(rank: Option<usize>) {
     let tag = rank.map_or(UNTAGGED, |r| r.min(MAX_TRACKED_RANKS) as u32);
-    TAG.with(|t| t.set(tag));
+    let _ = TAG.try_with(|t| t.set(tag));
 }
 
 /// The rank the calling thread's allocations are attributed to.
 pub fn thread_rank() -> Option<usize> {
-    match TAG.with(Cell::get) {
+    match current_tag() {
         UNTAGGED => None,
         r => Some(r as usize),
     }
@@ -237,18 +259,14 @@ pub fn process() -> Result<Held> {
 
 /// Starts `rank`'s peak afresh from what it holds now.
 pub fn reset_peak(rank: usize) -> Result<()> {
-    let s = slot_of(rank)?;
-    s.peak
-        .store(s.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    restart_peak(slot_of(rank)?);
     Ok(())
 }
 
 /// Starts the process's peak afresh from what it holds now.
 pub fn reset_process_peak() -> Result<()> {
     require()?;
-    PROCESS
-        .peak
-        .store(PROCESS.current.load(Ordering::Relaxed), Ordering::Relaxed);
+    restart_peak(&PROCESS);
     Ok(())
 }
 
@@ -305,6 +323,9 @@ impl PhaseMeter {
     }
 
     fn close(&mut self) {
+        // Room first: growing the list allocates, which must not fall between reading the
+        // counts and restarting the peak.
+        self.done.reserve(1);
         let h = held(&SLOTS[self.rank]);
         if let Some((name, start)) = self.open.take() {
             self.done.push(PhaseMemory {
@@ -314,7 +335,7 @@ impl PhaseMeter {
                 end_bytes: h.current,
             });
         }
-        SLOTS[self.rank].peak.store(h.current, Ordering::Relaxed);
+        restart_peak(&SLOTS[self.rank]);
     }
 
     /// Ends the current phase (if any) and begins `name`.

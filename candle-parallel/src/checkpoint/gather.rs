@@ -102,6 +102,15 @@ pub fn full_gradients_of(
 /// each rank sends `mine`, and tensors of the same name from several ranks are summed (a
 /// tied weight's gradient from the first and the last pipeline stage). Sorted by name.
 pub fn merge_on_all(world: &Comm, mine: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    merge_with(world, mine, |acc, t| acc + t)
+}
+
+/// [`merge_on_all`] with `combine` for tensors of the same name from several ranks.
+fn merge_with(
+    world: &Comm,
+    mine: Vec<(String, Tensor)>,
+    combine: impl Fn(Tensor, Tensor) -> Result<Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
     let bytes = if mine.is_empty() {
         Vec::new()
     } else {
@@ -115,7 +124,7 @@ pub fn merge_on_all(world: &Comm, mine: Vec<(String, Tensor)>) -> Result<Vec<(St
         }
         for (name, t) in candle_core::safetensors::load_buffer(&b, &candle_core::Device::Cpu)? {
             let t = match out.remove(&name) {
-                Some(acc) => (acc + t)?,
+                Some(acc) => combine(acc, t)?,
                 None => t,
             };
             out.insert(name, t);
@@ -126,8 +135,8 @@ pub fn merge_on_all(world: &Comm, mine: Vec<(String, Tensor)>) -> Result<Vec<(St
 
 /// One full-shape copy of every tensor of a model on a mesh, on every rank (collective over
 /// the world): tp slices gathered; each tensor sent by one holder (tp rank 0, dp rank 0, and
-/// ep rank 0 unless it is local to ep, as experts are); pipeline stages each send their own.
-/// `tensors` are this rank's parts with the mesh dimensions each is local to
+/// ep rank 0 unless it is local to ep, as experts are); pipeline stages each send their own,
+/// and a tensor two stages hold (a tied weight) is kept once. `tensors` are this rank's parts with the mesh dimensions each is local to
 /// ([`crate::zero::ZeroOptimizer::named_params`] gives them).
 pub fn gather_model(
     tensors: &[(super::ShardedTensor, Vec<crate::mesh::MeshDim>)],
@@ -144,5 +153,6 @@ pub fn gather_model(
             mine.push((t.name.clone(), full.to_device(&candle_core::Device::Cpu)?));
         }
     }
-    merge_on_all(mesh.world(), mine)
+    // A parameter held twice is one tensor: the first copy (the gradients' merge sums).
+    merge_with(mesh.world(), mine, |first, _| Ok(first))
 }

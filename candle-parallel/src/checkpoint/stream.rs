@@ -59,6 +59,8 @@ pub struct SafetensorsWriter {
     file: Option<BufWriter<File>>,
     entries: Vec<TensorEntry>,
     next: usize,
+    /// Renamed into place: nothing to clean up.
+    done: bool,
 }
 
 impl SafetensorsWriter {
@@ -67,7 +69,21 @@ impl SafetensorsWriter {
         let mut header = serde_json::Map::new();
         let mut offset = 0usize;
         for (name, dtype, dims) in &entries {
-            let len = dims.iter().product::<usize>() * dtype.size_in_bytes();
+            if name == "__metadata__" {
+                bail!(
+                    "safetensors writer {}: __metadata__ is reserved by the format, not a tensor name",
+                    path.display()
+                )
+            }
+            let len = dims
+                .iter()
+                .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+                .ok_or_else(|| {
+                    candle_core::Error::msg(format!(
+                        "safetensors writer {}: tensor {name} of shape {dims:?} is too large",
+                        path.display()
+                    ))
+                })?;
             let entry = serde_json::json!({
                 "dtype": dtype_name(*dtype)?,
                 "shape": dims,
@@ -86,20 +102,20 @@ impl SafetensorsWriter {
         json.resize(json.len().next_multiple_of(8), b' ');
         let tmp = tmp_path(path);
         let f = File::create(&tmp).map_err(|e| io_err("cannot create", &tmp, e))?;
-        let mut file = BufWriter::with_capacity(8 << 20, f);
-        let mut w = |b: &[u8]| {
-            file.write_all(b)
-                .map_err(|e| io_err("cannot write", &tmp, e))
-        };
-        w(&(json.len() as u64).to_le_bytes())?;
-        w(&json)?;
-        Ok(Self {
+        // From here on, dropping the writer unfinished removes the temporary file.
+        let mut writer = Self {
             path: path.to_path_buf(),
             tmp,
-            file: Some(file),
+            file: Some(BufWriter::with_capacity(8 << 20, f)),
             entries,
             next: 0,
-        })
+            done: false,
+        };
+        let file = writer.file.as_mut().expect("just opened");
+        file.write_all(&(json.len() as u64).to_le_bytes())
+            .and_then(|_| file.write_all(&json))
+            .map_err(|e| io_err("cannot write", &writer.tmp, e))?;
+        Ok(writer)
     }
 
     /// Writes tensor `name`, the next one in the order of the entries, with the entry's dtype
@@ -149,13 +165,16 @@ impl SafetensorsWriter {
         drop(f);
         std::fs::rename(&self.tmp, &self.path)
             .map_err(|e| io_err("cannot rename into", &self.path, e))?;
+        self.done = true;
         sync_dir(&self.path)
     }
 }
 
 impl Drop for SafetensorsWriter {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        // Unfinished (or failed before the rename): the partial file goes.
+        if !self.done {
+            drop(self.file.take());
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -195,9 +214,10 @@ impl ModelPart for Vec<(ShardedTensor, Vec<MeshDim>)> {
 /// slices are gathered by its holders (tp rank 0 of dp rank 0, and of ep rank 0 unless the
 /// tensor is local to ep, as experts are; pipeline stages each their own), sent to rank 0,
 /// written, and freed, so no rank holds more than one full tensor. `extra` (rank 0's, e.g.
-/// losses) goes first; `dtype` converts the model's tensors. A tensor several stages hold (a
-/// tied weight) is written once. Same content as [`super::gather_model`], without its copy of
-/// the whole model on every rank. Returns how many model tensors were written.
+/// losses) goes first; `dtype` converts the model's floating-point tensors. A tensor several
+/// stages hold (a tied weight) is written once. Same content as [`super::gather_model`],
+/// without its copy of the whole model on every rank. Returns how many model tensors were
+/// written.
 pub fn write_model(
     tensors: &[(ShardedTensor, Vec<MeshDim>)],
     mesh: &DeviceMesh,
@@ -224,6 +244,10 @@ pub fn write_model_parts(
     // What this rank would send: part, name, dtype, full shape, and its (dp, pp, ep)
     // coordinates, which its tp peers share.
     type Entry = (usize, String, String, Vec<usize>, [usize; 3]);
+    let convert = |d: DType| match dtype {
+        Some(to) if d.is_float() => to,
+        _ => d,
+    };
     let mut mine: Vec<Entry> = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         for (name, d, dims, local_to) in part.describe() {
@@ -231,24 +255,38 @@ pub fn write_model_parts(
                 && mesh.dp().rank() == 0
                 && (local_to.contains(&MeshDim::Ep) || mesh.ep().rank() == 0);
             if sends {
-                let d = dtype.unwrap_or(d);
-                mine.push((i, name, d.as_str().to_string(), dims, coords));
+                mine.push((i, name, convert(d).as_str().to_string(), dims, coords));
             }
         }
     }
-    let bytes = serde_json::to_vec(&mine).map_err(candle_core::Error::wrap)?;
+    // Every rank must walk the same parts (each may start collectives).
+    let bytes = serde_json::to_vec(&(parts.len(), &mine)).map_err(candle_core::Error::wrap)?;
     // Every tensor by part and name, the first sender of each.
     // (part, name) -> (sender, dtype, full shape, the sender's coordinates)
     type Planned = (usize, DType, Vec<usize>, [usize; 3]);
     let mut plan: BTreeMap<(usize, String), Planned> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut first: std::collections::HashMap<String, (DType, Vec<usize>)> = Default::default();
     for (rank, b) in world.all_gather_bytes(&bytes)?.into_iter().enumerate() {
-        let list: Vec<Entry> = serde_json::from_slice(&b).map_err(candle_core::Error::wrap)?;
+        let (count, list): (usize, Vec<Entry>) =
+            serde_json::from_slice(&b).map_err(candle_core::Error::wrap)?;
+        if count != parts.len() {
+            bail!(
+                "write_model: rank {rank} gives {count} parts, rank {} gives {}: every rank must give the model's parts alike",
+                world.rank(),
+                parts.len()
+            )
+        }
         for (part, name, d, dims, c) in list {
             let d: DType = d.parse().map_err(candle_core::Error::msg)?;
-            if seen.insert(name.clone()) {
-                plan.insert((part, name), (rank, d, dims, c));
+            if let Some((d0, dims0)) = first.get(&name) {
+                // A tied weight held by two stages: the same tensor, written once.
+                if (*d0, dims0) != (d, &dims) {
+                    bail!("write_model: {name} is {d:?} {dims:?} on rank {rank}, {d0:?} {dims0:?} on an earlier rank")
+                }
+                continue;
             }
+            first.insert(name.clone(), (d, dims.clone()));
+            plan.insert((part, name), (rank, d, dims, c));
         }
     }
     let mut writer = match world.rank() {
@@ -281,6 +319,12 @@ pub fn write_model_parts(
                 Some(t) if *c == coords => Some(
                     super::gather_full(&t.local, t.placement, &t.full_dims, mesh.tp())?
                         .to_dtype(*d)?,
+                ),
+                // The sender's tp peers hold what it holds: anything else would leave its
+                // gather waiting.
+                None if *c == coords => bail!(
+                    "write_model: rank {} lacks {name} (part {i}), which rank {sender} of its tp group writes",
+                    world.rank()
                 ),
                 _ => None,
             };
