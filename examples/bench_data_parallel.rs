@@ -444,6 +444,9 @@ struct MemoryRow {
     path: BackwardPath,
     peak: usize,
     persistent: usize,
+    load: usize,
+    save: usize,
+    largest: usize,
     psi: usize,
     rss_peak: Option<usize>,
 }
@@ -499,6 +502,9 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             path,
             peak: m.step_peak,
             persistent: m.persistent,
+            load: m.load_peak,
+            save: m.save_peak,
+            largest: m.largest_tensor,
             psi: m.psi,
             rss_peak: memory::rss().filter(|_| rss_reset).map(|(_, peak)| peak),
         });
@@ -521,14 +527,14 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         a.seq
     );
     println!(
-        "\n| ZeRO | backward | persistent MiB | formula MiB | persistent / formula | step peak MiB | peak / stage {0} unit-wise | formula / stage {0} | process peak RSS MiB |",
+        "\n| ZeRO | backward | persistent MiB | formula MiB | persistent / formula | step peak MiB | peak / stage {0} unit-wise | formula / stage {0} | load peak MiB | writing the model: peak − persistent MiB | process peak RSS MiB |",
         first.stage
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let f = zero_formula(r.stage, psi, dp);
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.3} | {:.3} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
             r.stage,
             r.path,
             mib(r.persistent),
@@ -537,11 +543,17 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             mib(r.peak),
             r.peak as f64 / base_peak as f64,
             f / base_formula,
+            mib(r.load),
+            mib(r.save.saturating_sub(r.persistent)),
             r.rss_peak.map_or("?".into(), |b| format!("{:.0}", mib(b)))
         );
     }
     std::fs::write(&a.svg, memory_svg(&rows, psi, dp))
         .map_err(|e| candle_core::Error::msg(format!("cannot write {}: {e}", a.svg.display())))?;
+    println!(
+        "\nThe largest parameter: {:.1} MiB (writing holds about one of them, the file's 1 MiB buffer, and at ZeRO 3 one layer gathered)",
+        mib(rows.iter().map(|r| r.largest).max().unwrap_or(0))
+    );
     println!("\nBars: {}", a.svg.display());
     Ok(())
 }

@@ -37,14 +37,16 @@ fn mib(b: usize) -> f64 {
 fn measure(cfg: &MixtralConfig, probe: MemoryProbe) -> Result<TrainingMemory> {
     let m = measure_training_memory(cfg, probe)?.remove(0);
     eprintln!(
-        "dp={} stage {} {}: load {:.2} MiB, step peak {:.2} MiB, persistent {:.2} MiB (Ψ = {})",
+        "dp={} stage {} {}: load {:.2} MiB, step peak {:.2} MiB, persistent {:.2} MiB, writing {:.2} MiB (Ψ = {}, largest tensor {:.2} MiB)",
         probe.dp,
         probe.stage,
         probe.path,
         mib(m.load_peak),
         mib(m.step_peak),
         mib(m.persistent),
-        m.psi
+        mib(m.save_peak),
+        m.psi,
+        mib(m.largest_tensor)
     );
     Ok(m)
 }
@@ -79,6 +81,20 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             off < 0.05,
             "stage {stage}: {} bytes held between steps, the formula says {formula}",
             m.persistent
+        );
+        // Writing the model adds at most about one full tensor to what is held (rank 0
+        // receives it and writes it; its holder gathered it) and the file's 1 MiB buffer; at
+        // stage 3 also one layer gathered for its turn: never the model.
+        let layer = match stage {
+            3 => 2 * 4 * m.psi / cfg.num_hidden_layers,
+            _ => 0,
+        };
+        assert!(
+            m.save_peak <= m.persistent + 3 * m.largest_tensor + (2 << 20) + layer,
+            "stage {stage}: {} bytes at most while writing, {} held, largest tensor {}",
+            m.save_peak,
+            m.persistent,
+            m.largest_tensor
         );
         // What the optimizer reports is what the process holds for it.
         let reported = m.reported.total() as f64;

@@ -203,6 +203,11 @@ pub struct TrainingMemory {
     pub step_peak: usize,
     /// Held between steps.
     pub persistent: usize,
+    /// The most held while the model was written to a file at full shape
+    /// ([`ZeroOptimizer::write_model`]: rank 0 writes, one tensor at a time).
+    pub save_peak: usize,
+    /// The largest parameter at full shape, in bytes.
+    pub largest_tensor: usize,
     /// What the optimizer says it holds after the step.
     pub reported: MemoryReport,
 }
@@ -310,16 +315,33 @@ pub fn measure_training_memory(
         }
         drop(ids);
         let persistent = memory::rank(rank)?.current - base;
-        let psi = opt
-            .named_params()?
+        let file = std::env::temp_dir().join(format!(
+            "cp-measure-{}-{stage}.safetensors",
+            std::process::id()
+        ));
+        ctx.comm().barrier()?;
+        memory::reset_peak(rank)?;
+        opt.write_model(&file, &[], None)?;
+        let save_peak = memory::rank(rank)?.peak - base;
+        if rank == 0 {
+            std::fs::remove_file(&file)
+                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
+        }
+        let named = opt.named_params()?;
+        let psi = named.iter().map(|(t, _)| t.local.elem_count()).sum();
+        let largest_tensor = named
             .iter()
-            .map(|(t, _)| t.local.elem_count())
-            .sum();
+            .map(|(t, _)| t.full_dims.iter().product::<usize>() * 4)
+            .max()
+            .unwrap_or(0);
+        drop(named);
         Ok(TrainingMemory {
             psi,
             load_peak,
             step_peak,
             persistent,
+            save_peak,
+            largest_tensor,
             reported: opt.memory(),
         })
     })

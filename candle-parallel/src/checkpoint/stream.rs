@@ -106,7 +106,7 @@ impl SafetensorsWriter {
         let mut writer = Self {
             path: path.to_path_buf(),
             tmp,
-            file: Some(BufWriter::with_capacity(8 << 20, f)),
+            file: Some(BufWriter::with_capacity(1 << 20, f)),
             entries,
             next: 0,
             done: false,
