@@ -318,9 +318,41 @@ fn the_sink_refuses_late_gradients_and_empty_steps() -> Result<()> {
         opt.end_micro_batch()?;
         let held = opt.memory().grad_bytes;
         opt.step_accumulated(None)?;
-        Ok((empty, late, held, opt.memory().grad_bytes))
+        // A refused step leaves nothing behind: with it in between, two steps give what two
+        // steps of a fresh optimizer give (stage 2 holds packed gradients across calls).
+        let bad = Tensor::new(&[1f32, 1.0], &Device::Cpu)?;
+        let g2 = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu)?;
+        let run = |refuse: bool| -> Result<(Vec<f32>, String)> {
+            let w = Var::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+            let params = vec![candle_parallel::checkpoint::Param::replicated(
+                "layer.w",
+                w.clone(),
+            )];
+            let mut opt = ZeroOptimizer::new(params, mesh, &[MeshDim::Dp], cfg)?;
+            opt.step(&[Some(g.clone())], None)?;
+            let mut msg = String::new();
+            if refuse {
+                // Packs g2 into the bucket, then fails on the wrong shape.
+                opt.add_grad(0, &g2)?;
+                msg = opt.add_grad(0, &bad).unwrap_err().to_string();
+                opt.discard_grads();
+            }
+            opt.step(&[Some(g2.clone())], None)?;
+            Ok((w.as_tensor().to_vec1::<f32>()?, msg))
+        };
+        let (clean, _) = run(false)?;
+        let (after_refusal, shape) = run(true)?;
+        Ok((
+            empty,
+            late,
+            held,
+            opt.memory().grad_bytes,
+            (clean, after_refusal, shape),
+        ))
     })?;
-    let (empty, late, held, after) = &out[0];
+    let (empty, late, held, after, (clean, after_refusal, shape)) = &out[0];
+    assert!(shape.contains("shape"), "{shape}");
+    assert_eq!(clean, after_refusal);
     assert!(empty.contains("no gradients were handed over"), "{empty}");
     assert!(late.contains("layer.w") && late.contains("done"), "{late}");
     // The partition (4 padded elements / 2 ranks, f32) is held, and kept for the next step.

@@ -532,11 +532,28 @@ impl ZeroOptimizer {
         }
         for (i, g) in grads.iter().enumerate() {
             if let Some(g) = g {
-                self.add_grad(i, g)?;
+                if let Err(e) = self.add_grad(i, g) {
+                    // Nothing of a refused step stays behind for the next one.
+                    self.discard_grads();
+                    return Err(e);
+                }
             }
         }
         self.end_micro_batch()?;
         self.step_accumulated(max_norm)
+    }
+
+    /// Forgets the gradients handed over since the last step (e.g. after an error in a
+    /// backward pass): the next step starts from none. Local (no collective).
+    pub fn discard_grads(&mut self) {
+        for a in &mut self.acc {
+            a.full = None;
+            a.written.iter_mut().for_each(|w| *w = false);
+            a.done.iter_mut().for_each(|d| *d = false);
+            a.reduced = false;
+            a.part_written = false;
+        }
+        self.micro_batches = 0;
     }
 
     /// Packs one gradient of variable `v` into its buckets' accumulators.
