@@ -400,6 +400,8 @@ fn run_train(command: Command) -> Result<()> {
             },
             clip: Some(clip),
             zero_stage: zero,
+            // The whole global batch every step (for the tokens/s of the step lines).
+            tokens_per_step: rows.iter().map(Vec::len).sum(),
             ..Default::default()
         };
         let batch_dims = [MeshDim::Dp, MeshDim::Ep];
