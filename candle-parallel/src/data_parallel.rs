@@ -533,15 +533,25 @@ impl GradAccumulator {
                 self.sums.len()
             )
         }
-        for (acc, g) in self.sums.iter_mut().zip(grads) {
+        for (i, g) in grads.iter().enumerate() {
             if let Some(g) = g {
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
+                self.sum_into(i, g)?;
             }
         }
         self.passes += 1;
+        Ok(())
+    }
+
+    /// Adds `g` to the sum of parameter `index` in the current pass.
+    fn sum_into(&mut self, index: usize, g: &Tensor) -> Result<()> {
+        let n = self.sums.len();
+        let Some(acc) = self.sums.get_mut(index) else {
+            bail!("GradAccumulator: a gradient for parameter {index} of {n}")
+        };
+        *acc = Some(match acc.take() {
+            Some(a) => (a + g)?,
+            None => g.clone(),
+        });
         Ok(())
     }
 
@@ -558,7 +568,8 @@ impl GradAccumulator {
         }
         let n = self.passes as f64;
         self.passes = 0;
-        std::mem::take(&mut self.sums)
+        let len = self.sums.len();
+        std::mem::replace(&mut self.sums, vec![None; len])
             .into_iter()
             .map(|g| g.map(|g| g / n).transpose())
             .collect()
@@ -611,31 +622,25 @@ pub trait GradSink {
 #[derive(Debug)]
 pub struct GradCollector {
     vars: Vec<Var>,
-    sums: Vec<Option<Tensor>>,
-    micro_batches: usize,
+    /// The sums, a pass per micro-batch.
+    acc: GradAccumulator,
 }
 
 impl GradCollector {
     pub fn new(vars: &[Var]) -> Self {
         Self {
             vars: vars.to_vec(),
-            sums: vec![None; vars.len()],
-            micro_batches: 0,
+            acc: GradAccumulator {
+                sums: vec![None; vars.len()],
+                passes: 0,
+            },
         }
     }
 
     /// The mean over the micro-batches of each variable's gradient (`None` where none came);
     /// resets.
     pub fn take(&mut self) -> Result<Vec<Option<Tensor>>> {
-        if self.micro_batches == 0 {
-            bail!("GradCollector::take: no micro-batch was ended (end_micro_batch)")
-        }
-        let n = self.micro_batches as f64;
-        self.micro_batches = 0;
-        let sums = std::mem::replace(&mut self.sums, vec![None; self.vars.len()]);
-        sums.into_iter()
-            .map(|g| g.map(|g| g / n).transpose())
-            .collect()
+        self.acc.take()
     }
 }
 
@@ -645,17 +650,7 @@ impl GradSink for GradCollector {
     }
 
     fn add_grad(&mut self, index: usize, grad: &Tensor) -> Result<()> {
-        let Some(acc) = self.sums.get_mut(index) else {
-            bail!(
-                "GradCollector: a gradient for variable {index} of {}",
-                self.vars.len()
-            )
-        };
-        *acc = Some(match acc.take() {
-            Some(a) => (a + grad)?,
-            None => grad.clone(),
-        });
-        Ok(())
+        self.acc.sum_into(index, grad)
     }
 
     fn unit_done(&mut self, _prefixes: &[&str]) -> Result<()> {
@@ -663,7 +658,7 @@ impl GradSink for GradCollector {
     }
 
     fn end_micro_batch(&mut self) -> Result<()> {
-        self.micro_batches += 1;
+        self.acc.passes += 1;
         Ok(())
     }
 }

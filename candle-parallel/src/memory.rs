@@ -120,6 +120,16 @@ impl CountingAlloc {
         }
     }
 
+    /// A block of `layout` with room for the header before it, from `raw`, tagged.
+    fn with_header(layout: Layout, raw: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+        mark_installed();
+        let hdr = header(layout.align());
+        let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        Self::tagged(raw(full), hdr, layout.size())
+    }
+
     /// The tag of an allocation made by this allocator.
     ///
     /// # Safety
@@ -133,21 +143,11 @@ impl CountingAlloc {
 // layout (size + hdr, align), and every free or reallocation goes back to that block.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        mark_installed();
-        let hdr = header(layout.align());
-        let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
-            return std::ptr::null_mut();
-        };
-        Self::tagged(System.alloc(full), hdr, layout.size())
+        Self::with_header(layout, |full| System.alloc(full))
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        mark_installed();
-        let hdr = header(layout.align());
-        let Ok(full) = Layout::from_size_align(layout.size() + hdr, layout.align()) else {
-            return std::ptr::null_mut();
-        };
-        Self::tagged(System.alloc_zeroed(full), hdr, layout.size())
+        Self::with_header(layout, |full| System.alloc_zeroed(full))
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

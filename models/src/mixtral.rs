@@ -171,6 +171,14 @@ pub struct MixtralLosses {
     pub stats: Vec<MoeStats>,
 }
 
+impl MixtralLosses {
+    /// `[ce_loss, aux_loss, loss]` on the host.
+    fn values(&self) -> Result<[f64; 3]> {
+        let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
+        Ok([v(&self.ce_loss)?, v(&self.aux_loss)?, v(&self.loss)?])
+    }
+}
+
 /// The expert- and tensor-parallel Mixtral model; see the [module docs](self).
 pub struct Mixtral {
     cfg: MixtralConfig,
@@ -590,6 +598,15 @@ pub struct BatchLosses {
     pub stats: Vec<MoeStats>,
 }
 
+impl BatchLosses {
+    /// Adds one of `m` micro-batches' `[ce, aux, loss]` to the means.
+    fn add_mean(&mut self, [ce, aux, loss]: [f64; 3], m: f64) {
+        self.ce_loss += ce / m;
+        self.aux_loss += aux / m;
+        self.loss += loss / m;
+    }
+}
+
 impl Mixtral {
     /// The gradients (for `vars`, in their order) of the mean loss over `ids` (`[b, s]`,
     /// this rank's examples): `micro_batches` forward and backward passes, through the
@@ -629,9 +646,7 @@ impl Mixtral {
             &|i, y| {
                 let (l, _) = self.stage_losses_labeled(y, &mb.ids[i], mb.label(i), mb.mask(i))?;
                 let l = weighted(l, mb.weights[i])?;
-                let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
-                values.lock().unwrap_or_else(|e| e.into_inner())[i] =
-                    [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
+                values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
                 Ok(l.loss)
             },
         )?;
@@ -711,9 +726,7 @@ impl Mixtral {
                 mb.weights[i],
                 recompute,
             )?;
-            out.ce_loss += l[0] / m;
-            out.aux_loss += l[1] / m;
-            out.loss += l[2] / m;
+            out.add_mean(l, m);
             out.stats = stats;
         }
         Ok(out)
@@ -770,8 +783,7 @@ impl Mixtral {
             },
             weight,
         )?;
-        let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
-        let values = [v(&l.ce_loss)?, v(&l.aux_loss)?, v(&l.loss)?];
+        let values = l.values()?;
         let mut store = l.loss.backward()?;
         drop((l, shard, router));
         sink.add_store(&mut store)?;
@@ -1001,8 +1013,7 @@ fn accumulate(
 ) -> Result<BatchGrads> {
     let m = mb.ids.len() as f64;
     let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
-    let (mut ce, mut aux, mut loss, mut stats) = (0.0, 0.0, 0.0, Vec::new());
-    let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
+    let mut out = BatchLosses::default();
     for (i, ids) in mb.ids.iter().enumerate() {
         let l = weighted(losses(i, ids)?, mb.weights[i])?;
         let store = l.loss.backward()?;
@@ -1011,17 +1022,15 @@ fn accumulate(
             .map(|x| store.get(x.as_tensor()).cloned())
             .collect();
         acc.add(&g)?;
-        ce += v(&l.ce_loss)? / m;
-        aux += v(&l.aux_loss)? / m;
-        loss += v(&l.loss)? / m;
-        stats = l.stats;
+        out.add_mean(l.values()?, m);
+        out.stats = l.stats;
     }
     Ok(BatchGrads {
         grads: acc.take()?,
-        ce_loss: ce,
-        aux_loss: aux,
-        loss,
-        stats,
+        ce_loss: out.ce_loss,
+        aux_loss: out.aux_loss,
+        loss: out.loss,
+        stats: out.stats,
     })
 }
 
@@ -1159,7 +1168,6 @@ impl ShardedMixtral {
     ) -> Result<BatchLosses> {
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
         let m = micro_batches as f64;
-        let v = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>();
         let mut out = BatchLosses::default();
         for (i, ids) in mb.ids.iter().enumerate() {
             let (labels, mask) = (mb.label(i), mb.mask(i));
@@ -1193,9 +1201,7 @@ impl ShardedMixtral {
                 inputs.truncate(j);
             }
             sink.end_micro_batch()?;
-            out.ce_loss += v(&l.ce_loss)? / m;
-            out.aux_loss += v(&l.aux_loss)? / m;
-            out.loss += v(&l.loss)? / m;
+            out.add_mean(l.values()?, m);
         }
         Ok(out)
     }

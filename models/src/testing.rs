@@ -246,6 +246,9 @@ pub fn measure_training_memory(
         steps,
         bucket_bytes,
     } = probe;
+    if steps == 0 {
+        candle_core::bail!("measure_training_memory: measure at least one step")
+    }
     if !memory::is_counting() {
         candle_core::bail!("measure_training_memory: install candle_parallel::memory::CountingAlloc as the global allocator")
     }
@@ -257,8 +260,8 @@ pub fn measure_training_memory(
         // the baseline, it stays out of the model's figures.
         let w = Tensor::ones((4, 16, 16), DType::F32, ctx.device())?;
         drop(w.matmul(&w)?);
-        memory::reset_peak(rank)?;
-        let base = memory::rank(rank)?.current;
+        let mut phases = memory::PhaseMeter::new(rank)?;
+        phases.enter("load");
         let vb = ParallelVarBuilder::from_init(1, DType::F32, ctx.device()).trainable();
         let zero = ZeroConfig {
             stage,
@@ -277,7 +280,6 @@ pub fn measure_training_memory(
             (Some(m), None, opt)
         };
         drop(vb);
-        let load_peak = memory::rank(rank)?.peak - base;
         let ids: Vec<Vec<u32>> = (0..rows)
             .map(|i| {
                 let row = mesh.dp().rank() * rows + i;
@@ -288,10 +290,9 @@ pub fn measure_training_memory(
             .collect();
         let ids = Tensor::new(ids, ctx.device())?;
         let vars = opt.vars().to_vec();
-        let mut step_peak = 0;
         for _ in 0..steps {
             ctx.comm().barrier()?;
-            memory::reset_peak(rank)?;
+            phases.enter("step");
             match (&whole, &sharded, path) {
                 (Some(m), _, BackwardPath::Units(r)) => {
                     m.train_grads(&mut opt, &ids, None, 1, mesh.pp(), r)?;
@@ -311,18 +312,19 @@ pub fn measure_training_memory(
                 }
                 _ => unreachable!("one model"),
             }
-            step_peak = memory::rank(rank)?.peak - base;
         }
-        drop(ids);
-        let persistent = memory::rank(rank)?.current - base;
+        drop((ids, vars));
         let file = std::env::temp_dir().join(format!(
             "cp-measure-{}-{stage}.safetensors",
             std::process::id()
         ));
         ctx.comm().barrier()?;
-        memory::reset_peak(rank)?;
+        phases.enter("write");
         opt.write_model(&file, &[], None)?;
-        let save_peak = memory::rank(rank)?.peak - base;
+        let phases = phases.finish();
+        // Relative to what the rank held before loading; the last step is the one measured.
+        let base = phases[0].start_bytes;
+        let (step, write) = (&phases[phases.len() - 2], &phases[phases.len() - 1]);
         if rank == 0 {
             std::fs::remove_file(&file)
                 .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
@@ -337,10 +339,10 @@ pub fn measure_training_memory(
         drop(named);
         Ok(TrainingMemory {
             psi,
-            load_peak,
-            step_peak,
-            persistent,
-            save_peak,
+            load_peak: phases[0].peak_bytes - base,
+            step_peak: step.peak_bytes - base,
+            persistent: write.start_bytes - base,
+            save_peak: write.peak_bytes - base,
             largest_tensor,
             reported: opt.memory(),
         })

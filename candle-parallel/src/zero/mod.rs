@@ -230,19 +230,26 @@ struct BucketGrad {
 }
 
 impl BucketGrad {
-    /// Adds `g` into the partition at `at` (the first gradient of a step is written).
-    fn add_to_part(&mut self, g: &Tensor, at: usize) -> Result<()> {
+    /// Adds `g` into the partition (the first gradient of a step is written).
+    fn add_to_part(&mut self, g: &Tensor) -> Result<()> {
         let part = self
             .part
             .as_ref()
             .expect("a partition buffer at stages 2 and 3");
-        let g = g.contiguous()?;
-        if self.part_written {
-            let sum = (part.narrow(0, at, g.elem_count())? + g)?;
-            part.slice_set(&sum, 0, at)
-        } else {
-            part.slice_set(&g, 0, at)
-        }
+        write_or_add(part, g, 0, !self.part_written)?;
+        self.part_written = true;
+        Ok(())
+    }
+}
+
+/// Writes `src` into `dst` at element `at` (`first`), or adds it to what is there.
+fn write_or_add(dst: &Tensor, src: &Tensor, at: usize, first: bool) -> Result<()> {
+    let src = src.contiguous()?;
+    if first {
+        dst.slice_set(&src, 0, at)
+    } else {
+        let sum = (dst.narrow(0, at, src.elem_count())? + src)?;
+        dst.slice_set(&sum, 0, at)
     }
 }
 
@@ -571,20 +578,8 @@ impl ZeroOptimizer {
         let flat = g.flatten_all()?.to_dtype(DType::F32)?;
         for &(bi, si) in &self.routes[v] {
             let (b, a) = (&self.buckets[bi], &mut self.acc[bi]);
-            let add_into = |dst: &Tensor, src: &Tensor, at: usize, first: bool| -> Result<()> {
-                let src = src.contiguous()?;
-                if first {
-                    dst.slice_set(&src, 0, at)
-                } else {
-                    let sum = (dst.narrow(0, at, src.elem_count())? + src)?;
-                    dst.slice_set(&sum, 0, at)
-                }
-            };
             match &b.home {
-                Home::Shard { offset, .. } => {
-                    a.add_to_part(&flat.narrow(0, *offset, b.len)?, 0)?;
-                    a.part_written = true;
-                }
+                Home::Shard { offset, .. } => a.add_to_part(&flat.narrow(0, *offset, b.len)?)?,
                 Home::Whole { grad } => {
                     let s = b.segs[si];
                     if a.done[si] {
@@ -604,7 +599,7 @@ impl ZeroOptimizer {
                             }
                         },
                     };
-                    add_into(&buf, &flat, s.offset, !a.written[si])?;
+                    write_or_add(&buf, &flat, s.offset, !a.written[si])?;
                     a.written[si] = true;
                 }
             }
@@ -628,7 +623,7 @@ impl ZeroOptimizer {
             None => full,
         };
         if a.part_written {
-            a.add_to_part(&part, 0)?;
+            a.add_to_part(&part)?;
         } else {
             // A fresh tensor of the partition's size: it becomes the partition (no copy).
             a.part = Some(part);
