@@ -12,6 +12,7 @@ use candle_parallel::lora::LoraConfig;
 use candle_parallel::mesh::MeshDim;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
+use candle_parallel::pipeline::split_layers;
 use candle_parallel::zero::{ZeroConfig, ZeroOptimizer};
 use candle_parallel::MeshShape;
 use candle_parallel_models::mixtral::{
@@ -70,6 +71,7 @@ fn bits(t: &Option<Tensor>) -> Option<Vec<u32>> {
 #[derive(Clone, Copy, Debug)]
 struct Case {
     dp: usize,
+    pp: usize,
     ep: usize,
     tp: usize,
     micro_batches: usize,
@@ -85,8 +87,8 @@ fn both_ways(
     recompute: Recompute,
 ) -> Result<Vec<(Vec<Option<Vec<u32>>>, Vec<Option<Vec<u32>>>, [f64; 2])>> {
     let cfg = config();
-    Launcher::new(c.dp * c.ep * c.tp)
-        .mesh(MeshShape::new().dp(c.dp).ep(c.ep).tp(c.tp))
+    Launcher::new(c.dp * c.pp * c.ep * c.tp)
+        .mesh(MeshShape::new().dp(c.dp).pp(c.pp).ep(c.ep).tp(c.tp))
         .run(|ctx| {
             let mesh = ctx.mesh()?;
             let mut vb = ParallelVarBuilder::from_init(5, c.dtype, &Device::Cpu).trainable();
@@ -97,7 +99,15 @@ fn both_ways(
                     target_modules: ["q_proj", "v_proj", "w1", "w2"].map(String::from).to_vec(),
                 })?;
             }
-            let model = Mixtral::new(&cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+            let layers = split_layers(cfg.num_hidden_layers, c.pp)?[mesh.pp().rank()].clone();
+            let model = Mixtral::new_stage(
+                &cfg,
+                vb.clone(),
+                mesh.ep(),
+                mesh.tp(),
+                Dispatch::AllToAll,
+                layers,
+            )?;
             let vars: Vec<Var> = vb.params().into_iter().map(|p| p.var).collect();
             let seed = (mesh.dp().rank() * c.ep + mesh.ep().rank()) as u64;
             let ids = ids(2 * c.micro_batches, seed)?;
@@ -128,6 +138,7 @@ fn both_ways(
 fn unit_wise_backward_gives_the_whole_backwards_gradients_bit_for_bit() -> Result<()> {
     let base = Case {
         dp: 1,
+        pp: 1,
         ep: 1,
         tp: 1,
         micro_batches: 1,
@@ -159,6 +170,27 @@ fn unit_wise_backward_gives_the_whole_backwards_gradients_bit_for_bit() -> Resul
             ep: 2,
             lora: true,
             labels: true,
+            ..base
+        },
+        // Pipeline stages: each stage's backward unit-wise inside the 1F1B schedule.
+        Case {
+            pp: 2,
+            micro_batches: 4,
+            labels: true,
+            ..base
+        },
+        Case {
+            pp: 3,
+            ep: 2,
+            micro_batches: 2,
+            ..base
+        },
+        Case {
+            pp: 2,
+            tp: 2,
+            dtype: DType::BF16,
+            micro_batches: 2,
+            lora: true,
             ..base
         },
     ];

@@ -20,6 +20,7 @@ use candle_parallel::moe::{
     hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
     hf_load_balancing_token_sums, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
+use candle_parallel::pipeline::{StageTape, UnitStage};
 use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
 use candle_parallel::zero::ShardedModule;
 use candle_parallel::{ops, Comm, ReduceOp};
@@ -292,6 +293,7 @@ impl Mixtral {
         let (mut x, b, s, p_in, f_in) = match &self.embed {
             Some(embed) if self.is_first_stage() => {
                 let (b, s) = input.dims2()?;
+                self.check_positions(s)?;
                 let zeros = Tensor::zeros((b * s, e), candle_core::DType::F32, input.device())?;
                 let counts =
                     Tensor::zeros((b * s, k * e), candle_core::DType::F32, input.device())?;
@@ -308,6 +310,7 @@ impl Mixtral {
                         self.stage_activation_len(b, s)
                     )
                 }
+                self.check_positions(s)?;
                 let n = b * s * h;
                 (
                     input
@@ -397,6 +400,24 @@ impl Mixtral {
 
     /// The embedding, final norm and head of a whole model (not a pipeline stage), after
     /// checking that `ids` at positions `pos..` fit the model.
+    /// Positions `0..end` must be within the rope tables and outside the sliding window
+    /// (which this model does not implement).
+    fn check_positions(&self, end: usize) -> Result<()> {
+        if end > self.cfg.max_position_embeddings {
+            bail!(
+                "Mixtral: positions up to {end} exceed max_position_embeddings {}: use sequences of at most {} tokens (or a config with a larger max_position_embeddings)",
+                self.cfg.max_position_embeddings,
+                self.cfg.max_position_embeddings
+            )
+        }
+        if let Some(w) = self.cfg.sliding_window {
+            if end > w {
+                bail!("Mixtral: positions up to {end} exceed the sliding window {w}, which this model does not implement: use sequences of at most {w} tokens")
+            }
+        }
+        Ok(())
+    }
+
     fn whole_model(
         &self,
         ids: &Tensor,
@@ -404,18 +425,7 @@ impl Mixtral {
         what: &str,
     ) -> Result<(&VocabParallelEmbedding, &Tensor, &ColumnParallelLinear)> {
         let (_, s) = ids.dims2()?;
-        let end = pos + s;
-        if end > self.cfg.max_position_embeddings {
-            bail!(
-                "positions up to {end} exceed max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            )
-        }
-        if let Some(w) = self.cfg.sliding_window {
-            if end > w {
-                bail!("positions up to {end} exceed the sliding window {w}, which this model does not implement")
-            }
-        }
+        self.check_positions(pos + s)?;
         let (Some(embed), Some(norm), Some(head)) = (&self.embed, &self.norm, &self.lm_head) else {
             bail!(
                 "{what} needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
@@ -598,6 +608,24 @@ pub struct BatchLosses {
     pub stats: Vec<MoeStats>,
 }
 
+/// The means over micro-batches of their `[ce, aux, loss]`, which the last stage knows, on
+/// every rank of its pipeline.
+fn pipeline_losses(values: &[[f64; 3]], pp: &Comm) -> Result<BatchLosses> {
+    let m = values.len() as f64;
+    let mean: Vec<f64> = (0..3)
+        .map(|j| values.iter().map(|v| v[j]).sum::<f64>() / m)
+        .collect();
+    let mean = pp
+        .broadcast(&Tensor::new(mean.as_slice(), pp.device())?, pp.size() - 1)?
+        .to_vec1::<f64>()?;
+    Ok(BatchLosses {
+        ce_loss: mean[0],
+        aux_loss: mean[1],
+        loss: mean[2],
+        stats: Vec::new(),
+    })
+}
+
 impl BatchLosses {
     /// Adds one of `m` micro-batches' `[ce, aux, loss]` to the means.
     fn add_mean(&mut self, [ce, aux, loss]: [f64; 3], m: f64) {
@@ -622,7 +650,6 @@ impl Mixtral {
         pp: &Comm,
     ) -> Result<BatchGrads> {
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
-        let m = micro_batches as f64;
         if pp.size() == 1 {
             return accumulate(vars, &mb, |i, ids| {
                 self.losses_labeled(ids, mb.label(i), mb.mask(i), true)
@@ -650,19 +677,13 @@ impl Mixtral {
                 Ok(l.loss)
             },
         )?;
-        // The last stage knows the losses; its pipeline learns them.
         let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
-        let mean: Vec<f64> = (0..3)
-            .map(|j| values.iter().map(|v| v[j]).sum::<f64>() / m)
-            .collect();
-        let mean = pp
-            .broadcast(&Tensor::new(mean.as_slice(), pp.device())?, pp.size() - 1)?
-            .to_vec1::<f64>()?;
+        let mean = pipeline_losses(&values, pp)?;
         Ok(BatchGrads {
             grads: out.grads,
-            ce_loss: mean[0],
-            aux_loss: mean[1],
-            loss: mean[2],
+            ce_loss: mean.ce_loss,
+            aux_loss: mean.aux_loss,
+            loss: mean.loss,
             stats: Vec::new(),
         })
     }
@@ -679,9 +700,9 @@ impl Mixtral {
     /// recomputing the layer just before its backward (`Full`). Returns the losses, as
     /// [`Mixtral::batch_grads`] does; the gradients are its gradients bit for bit.
     ///
-    /// With pipeline stages (`pp` of several ranks) the stage's backward is the 1F1B
-    /// schedule's, whole; its gradients go to the sink after it, and `recompute` must be
-    /// `None`.
+    /// With pipeline stages (`pp` of several ranks) the micro-batches run on a 1F1B schedule
+    /// of [`MixtralUnitStage`]s: each stage's backward is unit-wise too, and recomputes as
+    /// asked. The sink then gets one micro-batch at a time.
     #[allow(clippy::too_many_arguments)]
     pub fn train_grads(
         &self,
@@ -693,26 +714,7 @@ impl Mixtral {
         recompute: Recompute,
     ) -> Result<BatchLosses> {
         if pp.size() > 1 {
-            if recompute != Recompute::None {
-                bail!(
-                    "recompute {recompute} with {} pipeline stages: activation recomputation runs on the unit-wise backward, which pipeline stages do not use yet; use --recompute none with pp > 1",
-                    pp.size()
-                )
-            }
-            let vars = sink.sink_vars();
-            let g = self.batch_grads(&vars, ids, targets, micro_batches, pp)?;
-            for (i, g) in g.grads.iter().enumerate() {
-                if let Some(g) = g {
-                    sink.add_grad(i, g)?;
-                }
-            }
-            sink.end_micro_batch()?;
-            return Ok(BatchLosses {
-                ce_loss: g.ce_loss,
-                aux_loss: g.aux_loss,
-                loss: g.loss,
-                stats: g.stats,
-            });
+            return self.pipeline_grads_into(sink, ids, targets, micro_batches, pp, recompute);
         }
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
         let m = micro_batches as f64;
@@ -732,6 +734,44 @@ impl Mixtral {
         Ok(out)
     }
 
+    /// [`Mixtral::train_grads`] through the pipeline stages of `pp` (this model being this
+    /// rank's stage): a 1F1B schedule of [`MixtralUnitStage`]s.
+    fn pipeline_grads_into(
+        &self,
+        sink: &mut dyn GradSink,
+        ids: &Tensor,
+        targets: Option<&Targets>,
+        micro_batches: usize,
+        pp: &Comm,
+        recompute: Recompute,
+    ) -> Result<BatchLosses> {
+        let mb = MicroBatches::new(ids, targets, micro_batches)?;
+        let (b, s) = mb.ids[0].dims2()?;
+        let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
+        candle_parallel::pipeline::run_step_into(
+            pp,
+            &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
+            &MixtralUnitStage {
+                model: self,
+                recompute,
+            },
+            sink,
+            &mb.ids,
+            (
+                &candle_core::Shape::from(self.stage_activation_len(b, s)),
+                candle_core::DType::F32,
+            ),
+            &|i, y| {
+                let (l, _) = self.stage_losses_labeled(y, &mb.ids[i], mb.label(i), mb.mask(i))?;
+                let l = weighted(l, mb.weights[i])?;
+                values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
+                Ok(l.loss)
+            },
+        )?;
+        let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
+        Ok(pipeline_losses(&values, pp)?)
+    }
+
     /// One micro-batch's forward and unit-wise backward into `sink` (see
     /// [`Mixtral::train_grads`]): its weighted losses `[ce, aux, loss]` and routing stats.
     fn micro_batch_into(
@@ -746,27 +786,13 @@ impl Mixtral {
         check_next_token_ids(ids)?;
         check_attention_mask(mask, ids, labels)?;
         let (embed, norm, head) = self.whole_model(ids, 0, "train_grads")?;
-        let n = self.blocks.len();
-        // The units' inputs as variables (their gradients are the previous units' seeds);
-        // each layer's output and router logits, kept with their graphs unless recomputed.
         let x0 = embed.forward(ids)?;
-        let mut inputs: Vec<Var> = vec![Var::from_tensor(&x0.detach())?];
-        let mut outputs: Vec<Option<(Tensor, Tensor)>> = Vec::with_capacity(n);
-        let mut logits: Vec<Var> = Vec::with_capacity(n);
-        let mut stats = Vec::with_capacity(n);
-        for i in 0..n {
-            let (y, l, st) = self.block_forward(i, inputs[i].as_tensor(), 0, None, true)?;
-            inputs.push(Var::from_tensor(&y.detach())?);
-            logits.push(Var::from_tensor(&l.detach())?);
-            stats.push(st);
-            // Recomputed: the graph (every activation of the layer) is dropped here.
-            outputs.push((recompute == Recompute::None).then_some((y, l)));
-        }
+        let layers = self.layers_forward_units(&x0, recompute)?;
         // The head: the losses from the last layer's output and every layer's router logits.
-        let x = inputs[n].as_tensor();
+        let x = layers.output();
         let shard = head.forward(&ops::rms_norm(x, norm, self.cfg.rms_norm_eps)?)?;
         let ce_loss = next_token_loss(&shard, ids, labels, self.cfg.vocab_size, &self.tp)?;
-        let router: Vec<Tensor> = logits.iter().map(|l| l.as_tensor().clone()).collect();
+        let router = layers.router_logits();
         let aux_loss = hf_load_balancing_loss_masked(
             &router,
             mask,
@@ -788,20 +814,56 @@ impl Mixtral {
         drop((l, shard, router));
         sink.add_store(&mut store)?;
         sink.unit_done(&["model.norm.", "lm_head."])?;
-        // Detached: a gradient can carry a graph of its own (a custom op's backward computed
-        // from variables), which the next unit's backward must not walk into.
-        let grad_of = |store: &GradStore, v: &Tensor| store.get(v).map(Tensor::detach);
-        let mut seed = grad_of(&store, x);
-        let mut seeds_l: Vec<Option<Tensor>> = logits
-            .iter()
-            .map(|l| grad_of(&store, l.as_tensor()))
-            .collect();
+        let seeds = layers.seeds(&store);
         drop(store);
-        for i in (0..n).rev() {
-            let (y, l) = match outputs[i].take() {
+        let stats = layers.stats.clone();
+        if let Some(g) = self.layers_backward_units(layers, seeds, sink)? {
+            let mut store = (x0 * g)?.sum_all()?.backward()?;
+            sink.add_store(&mut store)?;
+        }
+        sink.unit_done(&["model.embed_tokens."])?;
+        sink.end_micro_batch()?;
+        Ok((values, stats))
+    }
+
+    /// The decoder layers' forward as units: each layer's input a variable, `x` (the first
+    /// layer's input) detached.
+    fn layers_forward_units(&self, x: &Tensor, recompute: Recompute) -> Result<LayerTapes> {
+        let n = self.blocks.len();
+        let mut t = LayerTapes {
+            inputs: vec![Var::from_tensor(&x.detach())?],
+            outputs: Vec::with_capacity(n),
+            logits: Vec::with_capacity(n),
+            stats: Vec::with_capacity(n),
+        };
+        for i in 0..n {
+            let (y, l, st) = self.block_forward(i, t.inputs[i].as_tensor(), 0, None, true)?;
+            t.inputs.push(Var::from_tensor(&y.detach())?);
+            t.logits.push(Var::from_tensor(&l.detach())?);
+            t.stats.push(st);
+            // Recomputed: the graph (every activation of the layer) is dropped here.
+            t.outputs
+                .push((recompute == Recompute::None).then_some((y, l)));
+        }
+        Ok(t)
+    }
+
+    /// The decoder layers' backward, last to first, each seeded with the gradients of its
+    /// output and router logits (`seeds`: of the last layer's output, and of each layer's
+    /// logits), each layer's gradients handed to `sink` as its backward ends. Returns the
+    /// gradient of the first layer's input.
+    fn layers_backward_units(
+        &self,
+        mut t: LayerTapes,
+        (mut seed, mut seeds_l): (Option<Tensor>, Vec<Option<Tensor>>),
+        sink: &mut dyn GradSink,
+    ) -> Result<Option<Tensor>> {
+        for i in (0..self.blocks.len()).rev() {
+            let (y, l) = match t.outputs[i].take() {
                 Some(kept) => kept,
                 None => {
-                    let (y, l, _) = self.block_forward(i, inputs[i].as_tensor(), 0, None, true)?;
+                    let (y, l, _) =
+                        self.block_forward(i, t.inputs[i].as_tensor(), 0, None, true)?;
                     (y, l)
                 }
             };
@@ -820,19 +882,211 @@ impl Mixtral {
             drop((y, l));
             if let Some(total) = total {
                 let mut store = total.backward()?;
-                seed = grad_of(&store, inputs[i].as_tensor());
+                seed = grad_of(&store, t.inputs[i].as_tensor());
                 sink.add_store(&mut store)?;
             }
             sink.unit_done(&[&prefix])?;
-            inputs.truncate(i + 1);
+            t.inputs.truncate(i + 1);
         }
-        if let Some(g) = seed {
+        Ok(seed)
+    }
+}
+
+/// Detached: a gradient can carry a graph of its own (a custom op's backward computed from
+/// variables), which the next unit's backward must not walk into.
+fn grad_of(store: &GradStore, v: &Tensor) -> Option<Tensor> {
+    store.get(v).map(Tensor::detach)
+}
+
+/// What the decoder layers' unit-wise forward keeps for their backward.
+struct LayerTapes {
+    /// Each layer's input as a variable (its gradient is the previous unit's seed), then the
+    /// last layer's output.
+    inputs: Vec<Var>,
+    /// Each layer's output and router logits with their graphs (`None`: recomputed).
+    outputs: Vec<Option<(Tensor, Tensor)>>,
+    /// Each layer's router logits as a variable.
+    logits: Vec<Var>,
+    stats: Vec<MoeStats>,
+}
+
+impl LayerTapes {
+    /// The last layer's output (the first layer's input without layers).
+    fn output(&self) -> &Tensor {
+        self.inputs[self.inputs.len() - 1].as_tensor()
+    }
+
+    fn router_logits(&self) -> Vec<Tensor> {
+        self.logits.iter().map(|l| l.as_tensor().clone()).collect()
+    }
+
+    /// The seeds of the layers' backward from what follows them: the gradients of the last
+    /// output and of each layer's router logits.
+    fn seeds(&self, store: &GradStore) -> (Option<Tensor>, Vec<Option<Tensor>>) {
+        (
+            grad_of(store, self.output()),
+            self.logits
+                .iter()
+                .map(|l| grad_of(store, l.as_tensor()))
+                .collect(),
+        )
+    }
+}
+
+/// A Mixtral pipeline stage that runs its backward unit by unit
+/// ([`candle_parallel::pipeline::run_step_into`]): the embedding or the unpacking of the
+/// previous stage's tensor, each decoder layer, and the head with the packing, as units with
+/// detached boundaries (as [`Mixtral::train_grads`] without stages); the same values as
+/// [`Mixtral::forward_stage`] in training, and the same gradients.
+pub struct MixtralUnitStage<'a> {
+    pub model: &'a Mixtral,
+    pub recompute: Recompute,
+}
+
+impl UnitStage for MixtralUnitStage<'_> {
+    fn forward_units<'s>(&'s self, input: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)> {
+        let m = self.model;
+        let (e, k, h) = (
+            m.cfg.num_local_experts,
+            m.cfg.num_experts_per_tok,
+            m.cfg.hidden_size,
+        );
+        // The first unit: the embedding, or the previous stage's tensor unpacked; what its
+        // backward needs is the input variable (or ids) and its output.
+        let (input, x0, b, s, p_in, f_in) = match &m.embed {
+            Some(embed) if m.is_first_stage() => {
+                let (b, s) = input.dims2()?;
+                m.check_positions(s)?;
+                let zeros = Tensor::zeros((b * s, e), candle_core::DType::F32, input.device())?;
+                let counts =
+                    Tensor::zeros((b * s, k * e), candle_core::DType::F32, input.device())?;
+                let x0 = embed.forward(input)?;
+                (StageInput::Ids(input.clone()), x0, b, s, zeros, counts)
+            }
+            _ => {
+                let input = Var::from_tensor(input)?;
+                let head = input.narrow(0, 0, 2)?.to_vec1::<f32>()?;
+                let (b, s) = (head[0] as usize, head[1] as usize);
+                if input.dims1()? != m.stage_activation_len(b, s) {
+                    bail!(
+                        "Mixtral stage at layer {}: got {} values, expected {} for {b} x {s} tokens",
+                        m.first_layer,
+                        input.dims1()?,
+                        m.stage_activation_len(b, s)
+                    )
+                }
+                m.check_positions(s)?;
+                let n = b * s * h;
+                let x = input
+                    .narrow(0, 2, n)?
+                    .reshape((b, s, h))?
+                    .to_dtype(m.rope.0.dtype())?;
+                let p = input.narrow(0, 2 + n, b * s * e)?.reshape((b * s, e))?;
+                let f = input
+                    .narrow(0, 2 + n + b * s * e, b * s * k * e)?
+                    .reshape((b * s, k * e))?;
+                (StageInput::Packed(input), x, b, s, p, f)
+            }
+        };
+        let layers = m.layers_forward_units(&x0, self.recompute)?;
+        // The last unit: the load-balancing sums, the head on the last stage, the packing.
+        let (p, f) = hf_load_balancing_token_sums(&layers.router_logits(), e, k)?;
+        let (p, f) = ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?);
+        let x = layers.output();
+        let body = match (&m.norm, &m.lm_head) {
+            (Some(norm), Some(head)) => {
+                head.forward(&ops::rms_norm(x, norm, m.cfg.rms_norm_eps)?)?
+            }
+            _ => x.clone(),
+        };
+        let shape = Tensor::new(&[b as f32, s as f32], body.device())?;
+        let body = body.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        let out = Tensor::cat(&[shape, body, p, f], 0)?;
+        let tape = MixtralStageTape {
+            model: m,
+            input,
+            // Recomputed: the first unit runs again before its backward (the embedding's
+            // gather; the unpacking is a view).
+            x0: (self.recompute == Recompute::None).then_some(x0),
+            layers,
+            out: out.clone(),
+        };
+        Ok((out.detach(), Box::new(tape)))
+    }
+}
+
+/// What a stage's first unit took in.
+enum StageInput {
+    /// The first stage's token ids.
+    Ids(Tensor),
+    /// The previous stage's packed tensor, as a variable (its gradient goes back).
+    Packed(Var),
+}
+
+/// What a [`MixtralUnitStage`]'s forward kept for one micro-batch.
+struct MixtralStageTape<'a> {
+    model: &'a Mixtral,
+    input: StageInput,
+    /// The first unit's output with its graph (`None`: recomputed).
+    x0: Option<Tensor>,
+    layers: LayerTapes,
+    /// The packed output with the last unit's graph.
+    out: Tensor,
+}
+
+impl StageTape for MixtralStageTape<'_> {
+    fn backward(self: Box<Self>, grad: &Tensor, sink: &mut dyn GradSink) -> Result<Option<Tensor>> {
+        let MixtralStageTape {
+            model: m,
+            input,
+            x0,
+            layers,
+            out,
+        } = *self;
+        let mut store = (out * grad)?.sum_all()?.backward()?;
+        sink.add_store(&mut store)?;
+        if m.is_last_stage() {
+            sink.unit_done(&["model.norm.", "lm_head."])?;
+        }
+        let seeds = layers.seeds(&store);
+        // The gradient of the input's probability sums, which pass through the last unit.
+        let mut input_grad = match &input {
+            StageInput::Packed(v) => grad_of(&store, v.as_tensor()),
+            StageInput::Ids(_) => None,
+        };
+        drop(store);
+        let (b, s, h) = layers.inputs[0].as_tensor().dims3()?;
+        if let Some(g) = m.layers_backward_units(layers, seeds, sink)? {
+            let x0 = match (x0, &input) {
+                (Some(x0), _) => x0,
+                (None, StageInput::Packed(v)) => v
+                    .narrow(0, 2, b * s * h)?
+                    .reshape((b, s, h))?
+                    .to_dtype(m.rope.0.dtype())?,
+                (None, StageInput::Ids(ids)) => match &m.embed {
+                    Some(embed) => embed.forward(ids)?,
+                    None => bail!(
+                        "Mixtral stage at layer {}: token ids in, but no embedding",
+                        m.first_layer
+                    ),
+                },
+            };
             let mut store = (x0 * g)?.sum_all()?.backward()?;
             sink.add_store(&mut store)?;
+            if let StageInput::Packed(v) = &input {
+                if let Some(gx) = grad_of(&store, v.as_tensor()) {
+                    // Disjoint parts of the input (hidden states, probability sums): exact.
+                    input_grad = Some(match input_grad {
+                        Some(gp) => (gp + gx)?,
+                        None => gx,
+                    });
+                }
+            }
         }
-        sink.unit_done(&["model.embed_tokens."])?;
-        sink.end_micro_batch()?;
-        Ok((values, stats))
+        if m.is_first_stage() {
+            sink.unit_done(&["model.embed_tokens."])?;
+        }
+        Ok(input_grad)
     }
 }
 

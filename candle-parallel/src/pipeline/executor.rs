@@ -8,6 +8,7 @@
 
 use super::schedule::{Action, Schedule};
 use crate::comm::{Comm, ReduceOp};
+use crate::data_parallel::GradSink;
 use crate::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Module, Result, Shape, Tensor, Var};
@@ -115,6 +116,157 @@ pub fn run_step(
         deferred_weight_grads: run.deferred_weight_grads,
         executed: run.executed,
     })
+}
+
+/// A pipeline stage that runs its own backward, unit by unit, into a [`GradSink`]: what
+/// [`run_step_into`] runs. Its forward keeps what its backward needs (its units' activations,
+/// or only their inputs when it recomputes them) in the [`StageTape`] it returns.
+pub trait UnitStage {
+    /// The forward of one micro-batch: `x` is the stage's input (the first stage's micro-batch,
+    /// or the previous stage's output), untracked. Returns the output, detached (sent on, or
+    /// given to the loss), and the tape its backward runs from.
+    fn forward_units<'s>(&'s self, x: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)>;
+}
+
+/// What a [`UnitStage`]'s forward kept for one micro-batch's backward.
+pub trait StageTape {
+    /// The backward, given the gradient of the stage's output: each unit's parameter gradients
+    /// go to `sink` as soon as they exist (with [`GradSink::unit_done`] after each unit).
+    /// Returns the gradient of the stage's input (`None` for the first stage's token ids).
+    fn backward(self: Box<Self>, grad: &Tensor, sink: &mut dyn GradSink) -> Result<Option<Tensor>>;
+}
+
+/// What one rank's part of a [`run_step_into`] produced (its gradients went to the sink).
+pub struct SinkStepOutput {
+    /// The last stage's loss of every micro-batch, on every rank.
+    pub losses: Vec<f32>,
+    /// The most micro-batches this rank held activations for at once (measured).
+    pub peak_live: usize,
+    /// What this rank ran, with wall-clock times in seconds from the start of the step.
+    pub executed: Vec<Executed>,
+}
+
+/// [`run_step`] for a stage that runs its own unit-wise backward ([`UnitStage`]): the same
+/// schedule and messages, each micro-batch's backward handing its gradients to `sink` unit by
+/// unit ([`GradSink::end_micro_batch`] after each), so that the stage's full gradients never
+/// exist at once. `loss` is the micro-batch's own (not divided by the number of micro-batches:
+/// the sink averages). One chunk per rank, and no split backward (zero-bubble's `W` steps):
+/// those schedules are refused.
+///
+/// ```
+/// use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+/// use candle_parallel::data_parallel::{GradCollector, GradSink};
+/// use candle_parallel::launch;
+/// use candle_parallel::pipeline::{run_step_into, split_batch, Schedule, StageTape, UnitStage};
+///
+/// // y = x * w per stage, its backward by hand.
+/// struct Scale(Var);
+/// struct Tape<'a>(&'a Scale, Tensor);
+/// impl UnitStage for Scale {
+///     fn forward_units<'s>(&'s self, x: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)> {
+///         Ok((x.broadcast_mul(self.0.as_tensor())?, Box::new(Tape(self, x.clone()))))
+///     }
+/// }
+/// impl StageTape for Tape<'_> {
+///     fn backward(self: Box<Self>, g: &Tensor, sink: &mut dyn GradSink) -> Result<Option<Tensor>> {
+///         sink.add_grad(0, &(g * &self.1)?.sum_keepdim(0)?.reshape(1)?)?;
+///         sink.unit_done(&[""])?;
+///         Ok(Some(g.broadcast_mul(self.0 .0.as_tensor())?))
+///     }
+/// }
+/// let grads = launch(2, |ctx| {
+///     let w = Var::new(&[2f32 + ctx.rank() as f32], &Device::Cpu)?; // 2, then 3
+///     let mut sink = GradCollector::new(&[w.clone()]);
+///     let batch = Tensor::new(&[[1f32], [2.0], [3.0], [4.0]], &Device::Cpu)?;
+///     run_step_into(
+///         ctx.comm(),
+///         &Schedule::one_f_one_b(2, 4)?,
+///         &Scale(w),
+///         &mut sink,
+///         &split_batch(&batch, 4)?,
+///         (&Shape::from((1, 1)), DType::F32),
+///         &|_, y| y.sum_all(),
+///     )?;
+///     Ok(sink.take()?[0].as_ref().unwrap().to_vec1::<f32>()?[0])
+/// })?;
+/// // d(6x)/dw: 3x on the first stage, 2x on the second, x's mean being 2.5.
+/// assert_eq!(grads, vec![7.5, 5.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn run_step_into(
+    comm: &Comm,
+    schedule: &Schedule,
+    stage: &dyn UnitStage,
+    sink: &mut dyn GradSink,
+    micro_batches: &[Tensor],
+    activation: (&Shape, DType),
+    loss: &dyn Fn(usize, &Tensor) -> Result<Tensor>,
+) -> Result<SinkStepOutput> {
+    agree(comm, schedule, 1, micro_batches, activation)?;
+    if schedule.chunks() != 1 {
+        bail!(
+            "pipeline step on rank {}: the schedule {} runs {} model chunks per rank; a unit-wise step runs one: use GPipe or 1F1B",
+            comm.rank(),
+            schedule.name(),
+            schedule.chunks()
+        )
+    }
+    let mut compute = UnitWise {
+        stage,
+        sink,
+        tapes: HashMap::new(),
+    };
+    let run = execute(
+        comm,
+        schedule,
+        &mut compute,
+        micro_batches,
+        activation,
+        loss,
+    )?;
+    Ok(SinkStepOutput {
+        losses: run.losses,
+        peak_live: run.peak_live,
+        executed: run.executed,
+    })
+}
+
+/// A flushed step whose stage runs its own backward into a sink.
+struct UnitWise<'a> {
+    stage: &'a dyn UnitStage,
+    sink: &'a mut dyn GradSink,
+    /// Per micro-batch in flight, what its forward kept.
+    tapes: HashMap<usize, Box<dyn StageTape + 'a>>,
+}
+
+impl Compute for UnitWise<'_> {
+    fn forward(&mut self, mb: usize, _chunk: usize, x: &Tensor) -> Result<Tensor> {
+        let (y, tape) = self.stage.forward_units(x)?;
+        self.tapes.insert(mb, tape);
+        Ok(y.detach())
+    }
+
+    fn backward_done(&mut self, _: usize, _: usize, _: &GradStore) -> Result<()> {
+        bail!("a unit-wise stage runs its own backward")
+    }
+
+    fn weight_grads(&mut self, _: Vec<(Tensor, Tensor)>) -> Result<()> {
+        bail!("a unit-wise stage runs whole backwards: no weight-gradient steps")
+    }
+
+    fn owns_backward(&self) -> bool {
+        true
+    }
+
+    fn backward(&mut self, mb: usize, _chunk: usize, grad: &Tensor) -> Result<Option<Tensor>> {
+        let tape = self
+            .tapes
+            .remove(&mb)
+            .expect("a backward runs after its forward");
+        let input_grad = tape.backward(grad, self.sink)?;
+        self.sink.end_micro_batch()?;
+        Ok(input_grad)
+    }
 }
 
 /// A stage whose forward takes its parameters as arguments, so that a micro-batch can run on
@@ -332,6 +484,17 @@ trait Compute {
     fn backward_done(&mut self, mb: usize, chunk: usize, store: &GradStore) -> Result<()>;
     /// A `W` step computed these (weight, gradient) pairs.
     fn weight_grads(&mut self, grads: Vec<(Tensor, Tensor)>) -> Result<()>;
+    /// Whether the stage runs its own backward ([`Compute::backward`]) from its output's
+    /// gradient, keeping what it needs itself, instead of the executor back-propagating
+    /// through the output's graph (and [`Compute::backward_done`] taking the gradients).
+    fn owns_backward(&self) -> bool {
+        false
+    }
+    /// The backward of `mb` through `chunk` given the gradient of its output: the gradient of
+    /// its input (`None` for the first stage, or for no gradient).
+    fn backward(&mut self, _mb: usize, _chunk: usize, _grad: &Tensor) -> Result<Option<Tensor>> {
+        bail!("this pipeline computation back-propagates through the output's graph")
+    }
 }
 
 /// A flushed step: gradients summed over micro-batches.
@@ -458,6 +621,19 @@ fn execute(
     let (act_shape, act_dtype) = activation;
     let mut next_message = 0;
     let mut next_action = 0;
+    let own_backward = compute.owns_backward();
+    if own_backward {
+        if let Some(t) = mine
+            .iter()
+            .find(|t| !matches!(t.action, Action::Forward { .. } | Action::Backward { .. }))
+        {
+            bail!(
+                "pipeline step on rank {me}: the schedule {} splits backwards ({:?}), which a stage running its own unit-wise backward cannot: use a schedule without weight-gradient steps (GPipe, 1F1B, interleaved)",
+                schedule.name(),
+                t.action
+            )
+        }
+    }
     for tick in 0..=sim.makespan() {
         // 1. The messages due at this tick, as one group.
         let due_end = messages[next_message..]
@@ -507,10 +683,15 @@ fn execute(
                         let a = arrived
                             .remove(&(Kind::Activation, mb, stage))
                             .expect("the activation arrived before its forward");
-                        let v = Var::from_tensor(&a)?;
-                        let x = v.as_tensor().clone();
-                        inputs.insert((mb, stage), v);
-                        x
+                        if own_backward {
+                            // The stage keeps its own input for its own backward.
+                            a
+                        } else {
+                            let v = Var::from_tensor(&a)?;
+                            let x = v.as_tensor().clone();
+                            inputs.insert((mb, stage), v);
+                            x
+                        }
                     };
                     let y = compute.forward(mb, chunk, &x)?;
                     if stage + 1 < stages {
@@ -525,6 +706,35 @@ fn execute(
                         produced.insert((Kind::Activation, mb, stage + 1), y.detach());
                     }
                     outputs.insert((mb, stage), y);
+                }
+                Action::Backward { .. } if own_backward => {
+                    let y = outputs
+                        .remove(&(mb, stage))
+                        .expect("a backward runs after its forward");
+                    // The gradient of the stage's (detached) output: from the loss on the last
+                    // stage, else from the next stage.
+                    let g = if stage + 1 == stages {
+                        let v = Var::from_tensor(&y)?;
+                        let l = loss(mb, v.as_tensor())?.to_dtype(DType::F32)?;
+                        losses[mb] = l.to_scalar::<f32>()?;
+                        match l.backward()?.remove(v.as_tensor()) {
+                            Some(g) => g,
+                            None => y.zeros_like()?,
+                        }
+                    } else {
+                        arrived
+                            .remove(&(Kind::Gradient, mb, stage))
+                            .expect("the gradient arrived before its backward")
+                    };
+                    drop(y);
+                    let input_grad = compute.backward(mb, chunk, &g)?;
+                    if stage > 0 {
+                        let g = match input_grad {
+                            Some(g) => g,
+                            None => Tensor::zeros(act_shape, act_dtype, comm.device())?,
+                        };
+                        produced.insert((Kind::Gradient, mb, stage - 1), g);
+                    }
                 }
                 Action::Backward { .. } | Action::BackwardInput { .. } => {
                     let y = outputs

@@ -8,6 +8,10 @@
 //! - [`run_step`]: runs a schedule on this rank's model chunks, passing activations forward
 //!   and gradients back with grouped point-to-point calls, accumulating the gradients over
 //!   micro-batches so that they equal the full batch's.
+//! - [`run_step_into`]: the same for a stage that runs its own backward unit by unit
+//!   ([`UnitStage`]), handing each unit's gradients to a
+//!   [`GradSink`](crate::data_parallel::GradSink) as soon as they exist (and recomputing its
+//!   activations if it chooses).
 //! - [`run_pipedream`]: PipeDream's asynchronous 1F1B, weights updated after every backward,
 //!   with or without weight stashing ([`StashableStage`]).
 //! - [`PipelineSequential`]: an ordered list of layers cut into stages (uniformly, balanced by
@@ -52,8 +56,8 @@ mod schedule;
 mod sequential;
 
 pub use executor::{
-    run_pipedream, run_pipedream_recorded, run_step, split_batch, Executed, PipeDreamOutput,
-    StashableStage, StepOutput,
+    run_pipedream, run_pipedream_recorded, run_step, run_step_into, split_batch, Executed,
+    PipeDreamOutput, SinkStepOutput, StageTape, StashableStage, StepOutput, UnitStage,
 };
 pub use schedule::{split_balanced, split_layers, Action, Schedule, Simulation, Timed};
 pub use sequential::{PipelineSequential, SequentialChunk, StageSplit};
