@@ -36,7 +36,7 @@ use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
-use candle_parallel::{Launcher, MeshDim, MeshShape};
+use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
 use candle_parallel_models::llama::IGNORE_INDEX;
 use candle_parallel_models::mixtral::{
     counted_targets, Mixtral, MixtralConfig, MixtralStage, ShardedMixtral, Targets,
@@ -108,9 +108,10 @@ struct Args {
     /// just before use and freed after; not with pp).
     #[arg(long, default_value_t = 0)]
     zero: u8,
-    /// Activation recomputation: none (keep every layer's activations for the backward) or
-    /// full (keep each layer's input only; run the layer again just before its backward).
-    /// ZeRO 3 recomputes every layer anyway.
+    /// Activation recomputation: none (keep every layer's activations for the backward),
+    /// selective (keep them but for the attention scores and the experts' SwiGLU
+    /// activations, recomputed in the backward) or full (keep each layer's input only; run
+    /// the layer again just before its backward). ZeRO 3 recomputes every layer anyway.
     #[arg(long, default_value_t = Recompute::None)]
     recompute: Recompute,
     /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
@@ -919,7 +920,7 @@ fn main() -> Result<()> {
             // Each layer's gradients go to the trainer as soon as its backward ends.
             let g = match &model {
                 Model::Whole(m) => m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches, pp_comm, args.recompute)?,
-                Model::Sharded(m) => m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches)?,
+                Model::Sharded(m) => ops::with_selective_recompute(args.recompute == Recompute::Selective, || m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches))?,
             };
             let r = trainer.step_accumulated(g.ce_loss)?;
             history.push(r);

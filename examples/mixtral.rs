@@ -35,7 +35,7 @@ use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_layers, Schedule};
 use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
 use candle_parallel::MeshDim;
-use candle_parallel::{Launcher, MeshShape};
+use candle_parallel::{ops, Launcher, MeshShape};
 use candle_parallel_models::mixtral::{
     counted_targets, Mixtral, MixtralConfig, MixtralStage, ShardedMixtral, Targets,
 };
@@ -135,8 +135,10 @@ enum Command {
         /// Micro-batches per step on each replica (gradient accumulation; pipelined with pp).
         #[arg(long, default_value_t = 1)]
         micro_batches: usize,
-        /// Activation recomputation: none, or full (each layer's input kept, the layer run
-        /// again just before its backward; not with --pp). ZeRO 3 recomputes anyway.
+        /// Activation recomputation: none, selective (the attention scores and the experts'
+        /// SwiGLU activations recomputed in the backward instead of kept) or full (each
+        /// layer's input kept, the layer run again just before its backward). ZeRO 3
+        /// recomputes its layers anyway unless --no-reshard-after-forward.
         #[arg(long, default_value_t = Recompute::None)]
         recompute: Recompute,
         /// ZeRO 3: keep each layer's gathered parameters and activations from its forward to
@@ -482,8 +484,12 @@ fn run_train(command: Command) -> Result<()> {
                     mesh.pp(),
                     recompute,
                 )?,
+                // ZeRO 3's layers recompute in their backward (unless kept); selective
+                // recomputation still spares their attention scores and expert activations.
                 Model::Sharded(m) => {
-                    m.train_grads(&mut trainer, &ids, targets.as_ref(), micro_batches)?
+                    ops::with_selective_recompute(recompute == Recompute::Selective, || {
+                        m.train_grads(&mut trainer, &ids, targets.as_ref(), micro_batches)
+                    })?
                 }
             };
             let r = trainer.step_accumulated(g.loss)?;

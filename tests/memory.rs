@@ -1,6 +1,7 @@
 //! Memory measured in the process (the counting allocator, each allocation attributed to the
 //! rank thread that made it): ZeRO's savings show in what each rank holds, the unit-wise
-//! backward holds less than the whole-graph one, and recomputation less again. One test in
+//! backward holds less than the whole-graph one, and recomputation (selective, then full) less
+//! again. One test in
 //! this binary: the ranks' counters are per rank number, shared by anything running at once.
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_parallel::data_parallel::Recompute;
@@ -146,6 +147,26 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         "recompute full peak {} vs none {}",
         full.step_peak,
         none.step_peak
+    );
+    // Selective recomputation keeps every layer's activations but the attention's scores and
+    // probabilities (four `[b, heads, s, s]` tensors per layer) and the experts' activations:
+    // it saves at least three quarters of those.
+    let selective = measure(
+        &cfg,
+        MemoryProbe {
+            path: BackwardPath::Units(Recompute::Selective),
+            ..act
+        },
+    )?;
+    let scores = 4 * act.rows * cfg.num_attention_heads * act.seq * act.seq * 4;
+    assert!(
+        selective.step_peak + scores * cfg.num_hidden_layers * 3 / 4 <= none.step_peak
+            && full.step_peak < selective.step_peak,
+        "recompute selective peak {} vs none {} and full {} (scores {} bytes per layer)",
+        selective.step_peak,
+        none.step_peak,
+        full.step_peak,
+        scores
     );
     pipedream_holds_what_is_in_flight()
 }

@@ -195,7 +195,7 @@ fn unit_wise_backward_gives_the_whole_backwards_gradients_bit_for_bit() -> Resul
         },
     ];
     for c in cases {
-        for recompute in [Recompute::None, Recompute::Full] {
+        for recompute in [Recompute::None, Recompute::Full, Recompute::Selective] {
             for (rank, (whole, unit, loss)) in both_ways(c, recompute)?.into_iter().enumerate() {
                 assert_eq!(loss[0], loss[1], "{c:?} {recompute}: rank {rank} losses");
                 assert!(

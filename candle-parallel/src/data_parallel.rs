@@ -673,6 +673,12 @@ pub enum Recompute {
     /// (Megatron's and PyTorch's full activation checkpointing: one more forward per step,
     /// the activations of one unit at a time). The same gradients, bit for bit.
     Full,
+    /// Every unit's activations are kept except the parts that are cheap to compute and heavy
+    /// to keep, which their backward recomputes (Megatron's selective recomputation): the
+    /// attention's scores and probabilities (`[b, heads, s, s]`) and the experts' SwiGLU
+    /// activations (see [`crate::ops::with_selective_recompute`]). The same gradients, bit
+    /// for bit.
+    Selective,
 }
 
 impl std::str::FromStr for Recompute {
@@ -682,7 +688,8 @@ impl std::str::FromStr for Recompute {
         match s {
             "none" => Ok(Self::None),
             "full" => Ok(Self::Full),
-            _ => bail!("recompute {s:?}: use none (keep activations) or full (recompute each layer in the backward)"),
+            "selective" => Ok(Self::Selective),
+            _ => bail!("recompute {s:?}: use none (keep activations), selective (recompute the attention scores and the experts' activations in the backward) or full (recompute each layer in the backward)"),
         }
     }
 }
@@ -692,6 +699,7 @@ impl std::fmt::Display for Recompute {
         f.write_str(match self {
             Self::None => "none",
             Self::Full => "full",
+            Self::Selective => "selective",
         })
     }
 }

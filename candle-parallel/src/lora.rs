@@ -233,6 +233,15 @@ impl LoraAdapter {
         &self.b
     }
 
+    /// This adapter with `a` and `b` in place of its `A` and `B` (same shapes).
+    pub(crate) fn with_weights(&self, a: &Tensor, b: &Tensor) -> Self {
+        Self {
+            a: a.clone(),
+            b: b.clone(),
+            ..self.clone()
+        }
+    }
+
     /// The adapter's contribution to a column-parallel layer's output slice, from the layer's
     /// (replicated) input.
     pub(crate) fn column(&self, x: &Tensor) -> Result<Tensor> {

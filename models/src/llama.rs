@@ -368,28 +368,48 @@ impl Attention {
             }
             *cache = Some((k.detach(), v.detach()));
         }
-        let (k, v) = (self.heads.repeat_kv(&k)?, self.heads.repeat_kv(&v)?);
-        let total = k.dim(2)?;
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let scores = if s > 1 {
-            // Query i (absolute position pos + i) sees keys 0..=pos + i.
-            let mask: Vec<f32> = (0..s)
-                .flat_map(|i| {
-                    (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (s, total), x.device())?.to_dtype(scores.dtype())?;
-            scores.broadcast_add(&mask)?
+        let out = if ops::selective_recompute() && (q.track_op() || k.track_op() || v.track_op()) {
+            // The scores and probabilities (`[b, heads, s, s]` each) and the repeated keys and
+            // values are recomputed in the backward instead of kept.
+            let heads = self.heads.clone();
+            ops::checkpoint("core_attention", &[&q, &k, &v], move |t| {
+                core_attention(&t[0], &t[1], &t[2], &heads, pos)
+            })?
         } else {
-            scores
+            core_attention(&q, &k, &v, &self.heads, pos)?
         };
-        let probs = ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, s, hl * hd))?;
+        let out = out.transpose(1, 2)?.reshape((b, s, hl * hd))?;
         self.o.forward(&out)
     }
+}
+
+/// Causal attention of `q` (`[b, heads, s, hd]`, positions `pos..pos + s`) over `k` and `v`
+/// (`[b, kv_heads, total, hd]`, positions `0..total`): `[b, heads, s, hd]`.
+fn core_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: &TpHeads,
+    pos: usize,
+) -> Result<Tensor> {
+    let s = q.dim(2)?;
+    let hd = heads.head_dim();
+    let (k, v) = (heads.repeat_kv(k)?, heads.repeat_kv(v)?);
+    let total = k.dim(2)?;
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+    let scores = if s > 1 {
+        // Query i (absolute position pos + i) sees keys 0..=pos + i.
+        let mask: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (s, total), q.device())?.to_dtype(scores.dtype())?;
+        scores.broadcast_add(&mask)?
+    } else {
+        scores
+    };
+    ops::softmax_last_dim(&scores)?.matmul(&v)
 }
 
 struct Mlp {

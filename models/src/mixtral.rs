@@ -836,14 +836,17 @@ impl Mixtral {
             logits: Vec::with_capacity(n),
             stats: Vec::with_capacity(n),
         };
+        let selective = recompute == Recompute::Selective;
         for i in 0..n {
-            let (y, l, st) = self.block_forward(i, t.inputs[i].as_tensor(), 0, None, true)?;
+            let (y, l, st) = ops::with_selective_recompute(selective, || {
+                self.block_forward(i, t.inputs[i].as_tensor(), 0, None, true)
+            })?;
             t.inputs.push(Var::from_tensor(&y.detach())?);
             t.logits.push(Var::from_tensor(&l.detach())?);
             t.stats.push(st);
             // Recomputed: the graph (every activation of the layer) is dropped here.
             t.outputs
-                .push((recompute == Recompute::None).then_some((y, l)));
+                .push((recompute != Recompute::Full).then_some((y, l)));
         }
         Ok(t)
     }
@@ -1007,7 +1010,7 @@ impl UnitStage for MixtralUnitStage<'_> {
             input,
             // Recomputed: the first unit runs again before its backward (the embedding's
             // gather; the unpacking is a view).
-            x0: (self.recompute == Recompute::None).then_some(x0),
+            x0: (self.recompute != Recompute::Full).then_some(x0),
             layers,
             out: out.clone(),
         };

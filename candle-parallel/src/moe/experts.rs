@@ -80,10 +80,30 @@ impl Module for Expert {
         let h = if in_place_ok(&a, &b) {
             ops::swiglu_in_place(&a, &b)?;
             a
+        } else if ops::selective_recompute() && (a.track_op() || b.track_op()) {
+            return self.down_recomputed(&a, &b);
         } else {
             ops::swiglu(&a, &b)?
         };
         self.w2.forward(&h)
+    }
+}
+
+impl Expert {
+    /// `w2(swiglu(a, b))` without keeping the SwiGLU activation (`[rows, ffn / tp]`, a third
+    /// of the expert's intermediates): the backward recomputes it from `a` and `b`, which
+    /// SwiGLU's own backward keeps anyway (selective recomputation; Megatron's `moe_act`).
+    fn down_recomputed(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let w2 = self.w2.clone();
+        let mut inputs = vec![a, b, self.w2.weight()];
+        if let Some(l) = self.w2.lora() {
+            inputs.extend([l.a(), l.b()]);
+        }
+        ops::checkpoint("expert_swiglu_down", &inputs, move |t| {
+            let h = ops::swiglu(&t[0], &t[1])?;
+            let lora = (t.len() == 5).then(|| (&t[3], &t[4]));
+            w2.partial_with(&h, &t[2], lora)
+        })
     }
 }
 

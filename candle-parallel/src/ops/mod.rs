@@ -3,6 +3,9 @@
 //!
 //! - [`attach_backward`]: a fast kernel's result joined to the graph with a backward you supply;
 //!   [`depend_on`] keeps tensors on the gradient path;
+//! - [`checkpoint`]: a function whose intermediates are recomputed in the backward instead of
+//!   kept, and [`with_selective_recompute`], under which layers checkpoint their cheap,
+//!   memory-heavy parts;
 //! - [`linear`]: `x · wᵀ` whose weight gradient arrives in the weight's layout;
 //! - [`swiglu`]: SwiGLU fused on the CPU (forward and backward one pass each);
 //!   [`swiglu_in_place`] for inference, without a new buffer;
@@ -12,12 +15,14 @@
 //!   RMSNorm, rotary embedding) and a dropout whose mask is chosen by a key (so that
 //!   tensor-parallel replicas agree).
 mod attach;
+mod checkpoint;
 pub mod collectives;
 mod linear;
 mod swiglu;
 pub mod train;
 
 pub use attach::{attach_backward, depend_on};
+pub use checkpoint::{checkpoint, selective_recompute, with_selective_recompute};
 
 pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,

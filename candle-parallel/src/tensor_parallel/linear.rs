@@ -260,10 +260,22 @@ impl RowParallelLinear {
 
     /// The rank's partial product, its adapter's columns added (reduced over tp after).
     fn partial(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(x, self.linear.weight())?;
-        match &self.lora {
-            Some(l) => y + l.row(x, self.linear.weight().dim(0)?)?,
-            None => Ok(y),
+        let lora = self.lora.as_ref().map(|l| (l.a(), l.b()));
+        self.partial_with(x, self.linear.weight(), lora)
+    }
+
+    /// [`Self::partial`] computed with `weight` and the adapter's `(A, B)` given (the same
+    /// values, e.g. as a checkpoint's inputs).
+    pub(crate) fn partial_with(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        lora: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let y = ops::linear(x, weight)?;
+        match (&self.lora, lora) {
+            (Some(l), Some((a, b))) => y + l.with_weights(a, b).row(x, weight.dim(0)?)?,
+            _ => Ok(y),
         }
     }
 
