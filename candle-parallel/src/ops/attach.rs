@@ -3,8 +3,11 @@
 //! it, and so is the MoE layer's link that keeps empty branches on the gradient path.
 
 use super::copy_view;
+use candle_core::backend::BackendStorage;
 use candle_core::Tensor;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage,
+};
 
 /// The backward of [`attach_backward`]: given the inputs, the forward value and the output
 /// gradient, one gradient (or `None`) per input.
@@ -43,31 +46,110 @@ pub fn attach_backward(
     if !inputs.iter().any(|t| t.track_op()) {
         return Ok(value.clone());
     }
-    // The value is a constant of the graph: only the inputs receive gradients.
-    let value = &value.detach();
+    // The value is a constant of the graph: only the inputs receive gradients. The op takes
+    // it in its forward instead of as an argument, which the graph would keep alive beside
+    // the output until the backward.
     let op = Attached {
         name,
         inputs: inputs.len(),
+        value: std::sync::Mutex::new(Some(value.detach())),
         vjp: Box::new(vjp),
     };
-    // One op for one or two inputs: a single input comes with the value in its second place
-    // (untracked there: its gradient is dropped).
     match *inputs {
-        [a] => a.apply_op3(value, value, op),
-        [a, b] => a.apply_op3(b, value, op),
+        [a] => a.apply_op1(op),
+        [a, b] => a.apply_op2(b, op),
         _ => bail!("attach_backward({name}): takes one or two inputs"),
     }
 }
 
-/// The custom op behind [`attach_backward`]: its last argument is the value.
+/// The custom op behind [`attach_backward`], on one input (`CustomOp1`) or two (`CustomOp2`).
 struct Attached {
     name: &'static str,
-    /// How many of the op's first two arguments are real inputs (1 or 2).
+    /// How many inputs (1 or 2).
     inputs: usize,
+    /// The value, taken by the forward.
+    value: std::sync::Mutex<Option<Tensor>>,
     vjp: Box<Vjp>,
 }
 
-impl CustomOp3 for Attached {
+impl Attached {
+    /// A copy of the value, on the device of storage `S`.
+    fn value_copy<S: BackendStorage>(
+        &self,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)>
+    where
+        S::Device: candle_core::backend::BackendDevice<Storage = S>,
+    {
+        let Some(value) = self.value.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            bail!("attach_backward({}): the forward ran twice", self.name)
+        };
+        let (s, l) = value.storage_and_layout();
+        match pick(&s) {
+            Some(s) => copy_view(s, l),
+            None => bail!(
+                "attach_backward({}): the value is on {:?}, not on the inputs' device",
+                self.name,
+                value.device()
+            ),
+        }
+    }
+
+    /// The inputs' gradients from the vjp (detached inputs: what the backward computes is a
+    /// value, not a graph, which would keep every intermediate of the backward, and the
+    /// inputs' variables, alive for as long as the gradient lives).
+    fn grads(&self, inputs: &[&Tensor], res: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+        let refs: Vec<&Tensor> = detached.iter().collect();
+        let got: Vec<Option<Tensor>> = (self.vjp)(&refs, res, g)?
+            .into_iter()
+            .map(|t| t.map(|t| t.detach()))
+            .collect();
+        if got.len() != self.inputs {
+            bail!(
+                "attach_backward({}): the backward returned {} gradients for {} inputs",
+                self.name,
+                got.len(),
+                self.inputs
+            )
+        }
+        Ok(got)
+    }
+}
+
+fn cpu(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn cuda(s: &Storage) -> Option<&CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
+
+impl CustomOp1 for Attached {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value_copy(cpu)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.value_copy(cuda)
+    }
+
+    fn bwd(&self, a: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.grads(&[a], res, g)?.pop().flatten())
+    }
+}
+
+impl CustomOp2 for Attached {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -78,10 +160,8 @@ impl CustomOp3 for Attached {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        copy_view(y, l)
+        self.value_copy(cpu)
     }
 
     fn cuda_fwd(
@@ -90,41 +170,20 @@ impl CustomOp3 for Attached {
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        copy_view(y, l)
+        self.value_copy(cuda)
     }
 
     fn bwd(
         &self,
         a: &Tensor,
         b: &Tensor,
-        _: &Tensor,
         res: &Tensor,
         g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached inputs: what the backward computes is a value, not a graph (a graph would
-        // keep every intermediate of the backward, and the inputs' variables, alive for as
-        // long as the gradient lives).
-        let (a, b) = (a.detach(), b.detach());
-        let inputs = [&a, &b];
-        let inputs = &inputs[..self.inputs];
-        let mut got: Vec<Option<Tensor>> = (self.vjp)(inputs, res, g)?
-            .into_iter()
-            .map(|t| t.map(|t| t.detach()))
-            .collect();
-        if got.len() != inputs.len() {
-            bail!(
-                "attach_backward({}): the backward returned {} gradients for {} inputs",
-                self.name,
-                got.len(),
-                inputs.len()
-            )
-        }
-        got.resize(2, None);
-        let db = got.pop().flatten();
-        Ok((got.pop().flatten(), db, None))
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut got = self.grads(&[a, b], res, g)?;
+        let gb = got.pop().flatten();
+        Ok((got.pop().flatten(), gb))
     }
 }
 

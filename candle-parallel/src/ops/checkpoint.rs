@@ -146,7 +146,7 @@ fn attach_many(
         &token,
         Output {
             name,
-            value,
+            value: Mutex::new(Some(value)),
             inputs: inputs.len(),
             rest: rest.iter().map(|t| t.detach()).collect(),
             vjp: Box::new(vjp),
@@ -161,12 +161,23 @@ type Stash = Arc<Mutex<Vec<Option<Tensor>>>>;
 /// The op that outputs the value: its arguments are inputs 0 and 1 and the chain's token.
 struct Output {
     name: &'static str,
-    value: Tensor,
+    /// Taken by the forward (the op lives in the graph until the backward: it must not keep
+    /// the value alive besides its copy).
+    value: Mutex<Option<Tensor>>,
     inputs: usize,
     /// The inputs past the first two, detached (their storage is the inputs' own).
     rest: Vec<Tensor>,
     vjp: Box<ManyVjp>,
     stash: Stash,
+}
+
+impl Output {
+    fn take_value(&self) -> Result<Tensor> {
+        match self.value.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(v) => Ok(v),
+            None => bail!("checkpoint({}): the forward ran twice", self.name),
+        }
+    }
 }
 
 impl CustomOp3 for Output {
@@ -183,7 +194,8 @@ impl CustomOp3 for Output {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (s, l) = self.value.storage_and_layout();
+        let value = self.take_value()?;
+        let (s, l) = value.storage_and_layout();
         match &*s {
             Storage::Cpu(s) => copy_view(s, l),
             _ => bail!("checkpoint({}): the value is not on the CPU", self.name),
@@ -199,7 +211,8 @@ impl CustomOp3 for Output {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (s, l) = self.value.storage_and_layout();
+        let value = self.take_value()?;
+        let (s, l) = value.storage_and_layout();
         match &*s {
             Storage::Cuda(s) => copy_view(s, l),
             _ => bail!("checkpoint({}): the value is not on the GPU", self.name),
