@@ -93,7 +93,7 @@ pub fn checkpoint(
         // function again with its graph, and the output's gradient through it.
         let vars: Vec<Var> = ins
             .iter()
-            .map(|t| Var::from_tensor(t))
+            .map(Var::from_tensor)
             .collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&xs)?;
