@@ -8,6 +8,7 @@ use candle_parallel::data_parallel::Recompute;
 use candle_parallel::memory::{self, CountingAlloc};
 use candle_parallel::pipeline::{run_pipedream, run_pipedream_recorded, StashableStage};
 use candle_parallel::{Launcher, MeshShape};
+use candle_parallel_models::activations::{mixtral_activations, ActivationLayout};
 use candle_parallel_models::mixtral::MixtralConfig;
 use candle_parallel_models::testing::{
     measure_training_memory, BackwardPath, MemoryProbe, TrainingMemory,
@@ -158,6 +159,33 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             ..act
         },
     )?;
+    // The model's own count of its activations predicts what the allocator measures.
+    for (m, recompute) in [
+        (&none, Recompute::None),
+        (&selective, Recompute::Selective),
+        (&full, Recompute::Full),
+    ] {
+        let layout = ActivationLayout {
+            rows: act.rows,
+            seq: act.seq,
+            tp: 1,
+            ep: 1,
+            dtype_bytes: 4,
+            recompute,
+            in_flight: 1,
+        };
+        let predicted = mixtral_activations(&cfg, cfg.num_hidden_layers, &layout)?.peak as f64;
+        let measured = (m.step_peak - m.persistent) as f64;
+        eprintln!(
+            "recompute {recompute}: activations predicted {:.2} MiB, measured {:.2} MiB",
+            predicted / (1 << 20) as f64,
+            measured / (1 << 20) as f64
+        );
+        assert!(
+            (predicted - measured).abs() < 0.1 * measured,
+            "recompute {recompute}: predicted {predicted} activation bytes, measured {measured}"
+        );
+    }
     let scores = 4 * act.rows * cfg.num_attention_heads * act.seq * act.seq * 4;
     assert!(
         selective.step_peak + scores * cfg.num_hidden_layers * 3 / 4 <= none.step_peak

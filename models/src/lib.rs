@@ -1,10 +1,13 @@
 //! Parallel-aware models for candle-parallel, reading Hugging Face checkpoints by their names.
 //!
+//! - [`activations`]: the models' own count of their training activations, by recomputation
+//!   mode and schedule;
 //! - [`llama`]: a Llama-style dense transformer with tensor parallelism;
 //! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism;
 //! - [`testing`]: deterministic inputs, error checks and random HF checkpoints for tests,
 //!   examples and benchmarks;
 //! - [`tokenizer`]: byte- and word-level tokenizers that need no download.
+pub mod activations;
 mod block;
 pub mod llama;
 pub mod mixtral;

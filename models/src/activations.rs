@@ -1,0 +1,148 @@
+//! The model's own count of its training activations: what a Mixtral-style decoder layer and
+//! the head keep from their forward to their backward, and the step's activation peak by
+//! recomputation mode, counted tensor by tensor from the operations the forward records (the
+//! same operations the code runs), not measured. `bench_data_parallel` prints it next to what
+//! the counting allocator measures; the planner builds on it.
+
+use crate::mixtral::MixtralConfig;
+use candle_core::{bail, Result};
+use candle_parallel::data_parallel::Recompute;
+
+/// How a step runs on one rank, for [`mixtral_activations`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActivationLayout {
+    /// Sequences per micro-batch on this rank.
+    pub rows: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Tensor-parallel ranks (heads, the experts' width and the vocabulary are split).
+    pub tp: usize,
+    /// Expert-parallel ranks (the experts are split; with all-to-all dispatch each rank
+    /// computes about as many routed rows as its own tokens send).
+    pub ep: usize,
+    /// Bytes per activation element (4 for f32, 2 for bf16; router and loss stay f32).
+    pub dtype_bytes: usize,
+    pub recompute: Recompute,
+    /// Micro-batches whose activations this rank holds at once: 1 without pipeline stages;
+    /// with them, as the schedule says (1F1B on stage `r` of `p`: `min(m, p − r)`; GPipe: `m`).
+    pub in_flight: usize,
+}
+
+/// Activation bytes of one rank ([`mixtral_activations`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivationEstimate {
+    /// One decoder layer's graph, kept from its forward to its backward unless recomputed.
+    pub layer_graph: usize,
+    /// Kept per layer whatever the recomputation: its input as a variable and its router
+    /// logits.
+    pub layer_boundary: usize,
+    /// What one layer's backward adds while it runs: its parameters' full gradients (until
+    /// the sink takes them) and the activation gradients in flight.
+    pub layer_backward: usize,
+    /// The head's graph (final norm, logits, cross-entropy) and the embedding's output.
+    pub head_graph: usize,
+    /// What the head's backward adds while it runs.
+    pub head_backward: usize,
+    /// The step's activation peak on this rank: during the head's backward or during the
+    /// first layer's backward, whichever is higher.
+    pub peak: usize,
+}
+
+/// The activations of training `layers` decoder layers of `cfg` (the whole model's head and
+/// embedding included) on one rank laid out as `l`, with the unit-wise backward
+/// ([`crate::mixtral::Mixtral::train_grads`]).
+///
+/// Counted from the forward's operations: attention keeps its normed input, the q/k/v
+/// projections and their head-major copies, the rotated q and k, the repeated keys and values
+/// (grouped-query heads), four `[b, heads, s, s]` score tensors (scores, scaled, masked,
+/// probabilities) and the `[s, s]` mask, the attention output and its token-major copy, the output projection and
+/// the residual sum; the MoE layer its normed input, the router's logits and probabilities,
+/// per routed copy the gathered input, w1, w3, SwiGLU and w2 outputs, the expert outputs
+/// concatenated and weighted, the combined output and the residual sum. Selective
+/// recomputation drops the scores and mask, the repeated keys and values and the SwiGLU
+/// outputs. (Measured by the counting allocator, a layer keeps 3–5% more: index and
+/// bookkeeping tensors this count leaves out.) The
+/// head keeps the normed states, the logits and three logits-sized tensors of the
+/// cross-entropy; its backward adds seven (one gradient per operation and their sums).
+///
+/// ```
+/// use candle_parallel::data_parallel::Recompute;
+/// use candle_parallel_models::activations::{mixtral_activations, ActivationLayout};
+/// use candle_parallel_models::mixtral::MixtralConfig;
+///
+/// let cfg = MixtralConfig::tiny();
+/// let layout = |recompute| ActivationLayout {
+///     rows: 2, seq: 64, tp: 1, ep: 1, dtype_bytes: 4, recompute, in_flight: 1,
+/// };
+/// let none = mixtral_activations(&cfg, 2, &layout(Recompute::None))?;
+/// let full = mixtral_activations(&cfg, 2, &layout(Recompute::Full))?;
+/// let selective = mixtral_activations(&cfg, 2, &layout(Recompute::Selective))?;
+/// assert!(full.peak <= selective.peak && selective.peak < none.peak);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn mixtral_activations(
+    cfg: &MixtralConfig,
+    layers: usize,
+    l: &ActivationLayout,
+) -> Result<ActivationEstimate> {
+    if l.tp == 0 || l.ep == 0 || l.rows == 0 || l.seq == 0 || l.in_flight == 0 || l.dtype_bytes == 0 {
+        bail!("mixtral_activations: {l:?}: rows, seq, tp, ep, dtype_bytes and in_flight must be at least 1")
+    }
+    let lc = cfg.as_llama();
+    let (b, s, t) = (l.rows, l.seq, l.rows * l.seq);
+    let h = cfg.hidden_size;
+    let d = lc.head_dim();
+    let heads = cfg.num_attention_heads.div_ceil(l.tp);
+    let kv = cfg.num_key_value_heads.div_ceil(l.tp).max(1);
+    let ffn = cfg.intermediate_size.div_ceil(l.tp);
+    let vocab = cfg.vocab_size.div_ceil(l.tp);
+    let (e, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
+    let selective = l.recompute == Recompute::Selective;
+    // Elements, then bytes: hidden-state tensors in the model's dtype, router in f32.
+    let repeat = if kv < heads { 2 * t * heads * d } else { 0 };
+    let scores = 4 * b * heads * s * s;
+    let attention = t * h // normed input
+        + 2 * t * heads * d // q and its head-major copy
+        + 2 * 2 * t * kv * d // k, v and their copies
+        + t * (heads + kv) * d // rotated q and k
+        + if selective { 0 } else { repeat + scores + s * s } // and the causal mask
+        + 2 * t * heads * d // attention output and its token-major copy
+        + 2 * t * h; // output projection, residual sum
+    let routed = k * t;
+    let experts = routed * (h + 2 * ffn + h) + if selective { 0 } else { routed * ffn };
+    let moe = t * h // normed input
+        + experts
+        + 2 * routed * h // outputs concatenated, weighted
+        + 2 * t * h; // combined, residual sum
+    let router = 3 * t * e; // logits, probabilities, top-k weights (f32)
+    let layer_graph = (attention + moe) * l.dtype_bytes + router * 4;
+    let layer_boundary = t * h * l.dtype_bytes + t * e * 4;
+    let layer_params = h * (heads * d + 2 * kv * d) + heads * d * h + 2 * h + h * e
+        + e.div_ceil(l.ep) * 3 * h * ffn;
+    // The largest activation gradients in flight: two of the largest kept tensor.
+    let largest = (b * heads * s * s).max(routed * ffn).max(t * h) * l.dtype_bytes;
+    let layer_backward = layer_params * 4 + 2 * largest;
+    let logits = t * vocab * 4;
+    let head_graph = 2 * t * h * l.dtype_bytes + 4 * logits;
+    let head_backward = 7 * logits + vocab * h * 4;
+    let kept_per_layer = layer_boundary
+        + match l.recompute {
+            Recompute::Full => 0,
+            _ => layer_graph,
+        };
+    let kept = l.in_flight * layers * kept_per_layer;
+    let recomputed = match l.recompute {
+        Recompute::Full => layer_graph,
+        _ => 0,
+    };
+    let head_phase = kept + head_graph + head_backward;
+    let layer_phase = kept + recomputed + layer_backward;
+    Ok(ActivationEstimate {
+        layer_graph,
+        layer_boundary,
+        layer_backward,
+        head_graph,
+        head_backward,
+        peak: head_phase.max(layer_phase),
+    })
+}
