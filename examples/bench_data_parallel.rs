@@ -489,6 +489,8 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         let rss_reset = memory::reset_rss_peak();
         let probe = MemoryProbe {
             dp,
+            pp: 1,
+            micro_batches: 1,
             stage,
             path,
             rows: a.batch / dp,

@@ -60,6 +60,8 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
     let cfg = config(128, 4, 16);
     let probe = MemoryProbe {
         dp: 4,
+        pp: 1,
+        micro_batches: 1,
         stage: 0,
         path: BackwardPath::Units(Recompute::None),
         rows: 2,
@@ -173,6 +175,8 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             dtype_bytes: 4,
             recompute,
             in_flight: 1,
+            head: true,
+            stage_boundaries: false,
         };
         let predicted = mixtral_activations(&cfg, cfg.num_hidden_layers, &layout)?.peak as f64;
         let measured = (m.step_peak - m.persistent) as f64;
@@ -196,7 +200,66 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         full.step_peak,
         scores
     );
+    pipeline_stages_hold_what_their_schedule_keeps(&cfg, act)?;
     pipedream_holds_what_is_in_flight()
+}
+
+/// Two pipeline stages of two layers, 1F1B over 4 micro-batches: the first stage holds two
+/// micro-batches' activations at once, the last one (with the head); full recomputation keeps
+/// each layer's input only, inside the stages too; the model's own count predicts each stage.
+fn pipeline_stages_hold_what_their_schedule_keeps(
+    cfg: &MixtralConfig,
+    act: MemoryProbe,
+) -> Result<()> {
+    let (pp, micro_batches) = (2, 4);
+    let probe = MemoryProbe {
+        pp,
+        micro_batches,
+        rows: 4,
+        ..act
+    };
+    let mut peaks = Vec::new();
+    for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
+        let ranks = measure_training_memory(
+            cfg,
+            MemoryProbe {
+                path: BackwardPath::Units(recompute),
+                ..probe
+            },
+        )?;
+        for (stage, m) in ranks.iter().enumerate() {
+            let layout = ActivationLayout {
+                rows: probe.rows / micro_batches,
+                seq: probe.seq,
+                tp: 1,
+                ep: 1,
+                dtype_bytes: 4,
+                recompute,
+                in_flight: 1,
+                head: true,
+                stage_boundaries: false,
+            }
+            .one_f_one_b(stage, pp, micro_batches);
+            let layers = cfg.num_hidden_layers / pp;
+            let predicted = mixtral_activations(cfg, layers, &layout)?.peak as f64;
+            let measured = (m.step_peak - m.persistent) as f64;
+            eprintln!(
+                "pp stage {stage}, recompute {recompute}: activations predicted {:.2} MiB, measured {:.2} MiB",
+                predicted / (1 << 20) as f64,
+                measured / (1 << 20) as f64
+            );
+            assert!(
+                (predicted - measured).abs() < 0.15 * measured,
+                "pp stage {stage}, recompute {recompute}: predicted {predicted} activation bytes, measured {measured}"
+            );
+        }
+        peaks.push(ranks[0].step_peak);
+    }
+    assert!(
+        peaks[2] < peaks[1] && peaks[1] < peaks[0],
+        "first stage's peaks by recompute none, selective, full: {peaks:?}"
+    );
+    Ok(())
 }
 
 /// A stage of `tanh(x · W)` layers with large weights and small activations.

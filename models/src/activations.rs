@@ -26,6 +26,24 @@ pub struct ActivationLayout {
     /// Micro-batches whose activations this rank holds at once: 1 without pipeline stages;
     /// with them, as the schedule says (1F1B on stage `r` of `p`: `min(m, p − r)`; GPipe: `m`).
     pub in_flight: usize,
+    /// Whether this rank runs the head (the last pipeline stage, or no pipeline).
+    pub head: bool,
+    /// Whether activations pass between pipeline stages: each micro-batch in flight keeps its
+    /// packed input and output (hidden states and load-balancing sums).
+    pub stage_boundaries: bool,
+}
+
+impl ActivationLayout {
+    /// One rank of a pipeline of `stages` on stage `stage`, a 1F1B schedule of
+    /// `micro_batches` (the layout's other fields as given).
+    pub fn one_f_one_b(self, stage: usize, stages: usize, micro_batches: usize) -> Self {
+        Self {
+            in_flight: micro_batches.min(stages - stage).max(1),
+            head: stage + 1 == stages,
+            stage_boundaries: stages > 1,
+            ..self
+        }
+    }
 }
 
 /// Activation bytes of one rank ([`mixtral_activations`]).
@@ -37,9 +55,11 @@ pub struct ActivationEstimate {
     /// logits.
     pub layer_boundary: usize,
     /// What one layer's backward adds while it runs: its parameters' full gradients (until
-    /// the sink takes them) and the activation gradients in flight.
+    /// the sink takes them), the activation gradients in flight and what selective
+    /// recomputation rebuilds.
     pub layer_backward: usize,
-    /// The head's graph (final norm, logits, cross-entropy) and the embedding's output.
+    /// The head's graph (final norm, logits, cross-entropy) and the embedding's output (0
+    /// where the rank runs no head).
     pub head_graph: usize,
     /// What the head's backward adds while it runs.
     pub head_backward: usize,
@@ -73,6 +93,7 @@ pub struct ActivationEstimate {
 /// let cfg = MixtralConfig::tiny();
 /// let layout = |recompute| ActivationLayout {
 ///     rows: 2, seq: 64, tp: 1, ep: 1, dtype_bytes: 4, recompute, in_flight: 1,
+///     head: true, stage_boundaries: false,
 /// };
 /// let none = mixtral_activations(&cfg, 2, &layout(Recompute::None))?;
 /// let full = mixtral_activations(&cfg, 2, &layout(Recompute::Full))?;
@@ -119,9 +140,18 @@ pub fn mixtral_activations(
     let layer_boundary = t * h * l.dtype_bytes + t * e * 4;
     let layer_params = h * (heads * d + 2 * kv * d) + heads * d * h + 2 * h + h * e
         + e.div_ceil(l.ep) * 3 * h * ffn;
-    // The largest activation gradients in flight: two of the largest kept tensor.
-    let largest = (b * heads * s * s).max(routed * ffn).max(t * h) * l.dtype_bytes;
-    let layer_backward = layer_params * 4 + 2 * largest;
+    // The activation gradients in flight: the attention's backward holds about six
+    // score-sized tensors at once (the probabilities' gradient, the softmax backward's three
+    // temporaries, the masked and scaled scores' gradients), the experts' about four
+    // activation-sized ones.
+    let in_flight_grads = (6 * b * heads * s * s).max(4 * routed * ffn).max(4 * t * h);
+    // Selective recomputation rebuilds what it dropped, one checkpoint at a time.
+    let rebuilt = if selective {
+        (repeat + scores + s * s).max(routed * ffn)
+    } else {
+        0
+    };
+    let layer_backward = layer_params * 4 + (in_flight_grads + rebuilt) * l.dtype_bytes;
     let logits = t * vocab * 4;
     let head_graph = 2 * t * h * l.dtype_bytes + 4 * logits;
     let head_backward = 7 * logits + vocab * h * 4;
@@ -130,12 +160,28 @@ pub fn mixtral_activations(
             Recompute::Full => 0,
             _ => layer_graph,
         };
-    let kept = l.in_flight * layers * kept_per_layer;
+    // Between stages: the packed input as a variable and the packed output's graph (the
+    // hidden states, each token's router probability and choice sums, f32).
+    let packed = t * (h + e + k * e) * 4;
+    let io = if l.stage_boundaries { 2 * packed } else { 0 };
+    // The last stage's packed output carries the logits: the output, and the variable the
+    // loss is computed from, hold them twice more.
+    let logits_out = if l.stage_boundaries && l.head {
+        2 * t * vocab * 4
+    } else {
+        0
+    };
+    let kept = l.in_flight * (layers * kept_per_layer + io);
     let recomputed = match l.recompute {
         Recompute::Full => layer_graph,
         _ => 0,
     };
-    let head_phase = kept + head_graph + head_backward;
+    let (head_graph, head_backward) = if l.head {
+        (head_graph, head_backward)
+    } else {
+        (0, 0)
+    };
+    let head_phase = kept + logits_out + head_graph + head_backward;
     let layer_phase = kept + recomputed + layer_backward;
     Ok(ActivationEstimate {
         layer_graph,

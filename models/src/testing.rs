@@ -217,6 +217,11 @@ pub struct TrainingMemory {
 pub struct MemoryProbe {
     /// Data-parallel replicas.
     pub dp: usize,
+    /// Pipeline stages (1F1B over `micro_batches`; not with ZeRO 3). With several, the model
+    /// is not written (`save_peak` is then what is held).
+    pub pp: usize,
+    /// Micro-batches per step (dividing `rows`).
+    pub micro_batches: usize,
     /// ZeRO stage.
     pub stage: u8,
     pub path: BackwardPath,
@@ -239,6 +244,8 @@ pub fn measure_training_memory(
 ) -> Result<Vec<TrainingMemory>> {
     let MemoryProbe {
         dp,
+        pp,
+        micro_batches,
         stage,
         path,
         rows,
@@ -252,7 +259,16 @@ pub fn measure_training_memory(
     if !memory::is_counting() {
         candle_core::bail!("measure_training_memory: install candle_parallel::memory::CountingAlloc as the global allocator")
     }
-    Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
+    if pp > 1 && stage == 3 {
+        candle_core::bail!("measure_training_memory: ZeRO 3 does not run with pipeline stages")
+    }
+    if micro_batches == 0 || !rows.is_multiple_of(micro_batches) {
+        candle_core::bail!(
+            "measure_training_memory: {micro_batches} micro-batches do not divide {rows} rows"
+        )
+    }
+    let stages = candle_parallel::pipeline::split_layers(cfg.num_hidden_layers, pp)?;
+    Launcher::new(dp * pp).mesh(MeshShape::new().dp(dp).pp(pp)).run(|ctx| {
         let mesh = ctx.mesh()?;
         let rank = mesh.rank();
         // The matmul library (gemm) keeps a 2 MiB buffer per thread from the first matmul
@@ -275,7 +291,15 @@ pub fn measure_training_memory(
             let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
             (None, Some(m), opt)
         } else {
-            let m = Mixtral::new(cfg, vb.clone(), mesh.ep(), mesh.tp(), Dispatch::AllToAll)?;
+            let layers = stages[mesh.pp().rank()].clone();
+            let m = Mixtral::new_stage(
+                cfg,
+                vb.clone(),
+                mesh.ep(),
+                mesh.tp(),
+                Dispatch::AllToAll,
+                layers,
+            )?;
             let opt = ZeroOptimizer::new(vb.params(), mesh, &dims, zero)?;
             (Some(m), None, opt)
         };
@@ -295,19 +319,19 @@ pub fn measure_training_memory(
             phases.enter("step");
             match (&whole, &sharded, path) {
                 (Some(m), _, BackwardPath::Units(r)) => {
-                    m.train_grads(&mut opt, &ids, None, 1, mesh.pp(), r)?;
+                    m.train_grads(&mut opt, &ids, None, micro_batches, mesh.pp(), r)?;
                     opt.step_accumulated(Some(1.0))?;
                 }
                 (Some(m), _, BackwardPath::Whole) => {
-                    let g = m.batch_grads(&vars, &ids, None, 1, mesh.pp())?;
+                    let g = m.batch_grads(&vars, &ids, None, micro_batches, mesh.pp())?;
                     opt.step(&g.grads, Some(1.0))?;
                 }
                 (_, Some(m), BackwardPath::Units(_)) => {
-                    m.train_grads(&mut opt, &ids, None, 1)?;
+                    m.train_grads(&mut opt, &ids, None, micro_batches)?;
                     opt.step_accumulated(Some(1.0))?;
                 }
                 (_, Some(m), BackwardPath::Whole) => {
-                    let g = m.batch_grads(&vars, &ids, None, 1)?;
+                    let g = m.batch_grads(&vars, &ids, None, micro_batches)?;
                     opt.step(&g.grads, Some(1.0))?;
                 }
                 _ => unreachable!("one model"),
@@ -320,12 +344,14 @@ pub fn measure_training_memory(
         ));
         ctx.comm().barrier()?;
         phases.enter("write");
-        opt.write_model(&file, &[], None)?;
+        if pp == 1 {
+            opt.write_model(&file, &[], None)?;
+        }
         let phases = phases.finish();
         // Relative to what the rank held before loading; the last step is the one measured.
         let base = phases[0].start_bytes;
         let (step, write) = (&phases[phases.len() - 2], &phases[phases.len() - 1]);
-        if rank == 0 {
+        if rank == 0 && pp == 1 {
             std::fs::remove_file(&file)
                 .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
         }
