@@ -32,6 +32,7 @@ use candle_parallel::memory::{self, CountingAlloc};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
 use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
+use candle_parallel_models::activations::{mixtral_activations, ActivationLayout};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, ShardedMixtral};
 use candle_parallel_models::testing::{measure_training_memory, BackwardPath, MemoryProbe};
 use clap::Parser;
@@ -449,6 +450,8 @@ struct MemoryRow {
     largest: usize,
     psi: usize,
     rss_peak: Option<usize>,
+    /// On a GPU: the memory in use on it after the steps.
+    device_used: Option<usize>,
 }
 
 /// ZeRO's model states per rank in f32 with AdamW: 4Ψ parameters, 4Ψ gradients, 8Ψ moments.
@@ -471,6 +474,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
     let paths = [
         BackwardPath::Whole,
         BackwardPath::Units(Recompute::None),
+        BackwardPath::Units(Recompute::Selective),
         BackwardPath::Units(Recompute::Full),
     ];
     let runs: Vec<(u8, BackwardPath)> = a
@@ -509,6 +513,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             largest: m.largest_tensor,
             psi: m.psi,
             rss_peak: memory::rss().filter(|_| rss_reset).map(|(_, peak)| peak),
+            device_used: m.device_used,
         });
         bar.inc(1);
     }
@@ -529,20 +534,25 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         a.seq
     );
     println!(
-        "\n| ZeRO | backward | persistent MiB | formula MiB | persistent / formula | step peak MiB | peak / stage {0} unit-wise | formula / stage {0} | load peak MiB | writing the model: peak − persistent MiB | process peak RSS MiB |",
+        "\n| ZeRO | backward | persistent MiB | formula MiB | persistent / formula | step peak MiB | predicted peak MiB | peak / predicted | peak / stage {0} unit-wise | formula / stage {0} | load peak MiB | writing the model: peak − persistent MiB | process peak RSS MiB |",
         first.stage
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut predicted = Vec::with_capacity(rows.len());
     for r in &rows {
         let f = zero_formula(r.stage, psi, dp);
+        let p = predicted_peak(&cfg, a, r, f)?;
+        predicted.push(p);
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
             r.stage,
             r.path,
             mib(r.persistent),
             f / (1 << 20) as f64,
             r.persistent as f64 / f,
             mib(r.peak),
+            p / (1 << 20) as f64,
+            r.peak as f64 / p,
             r.peak as f64 / base_peak as f64,
             f / base_formula,
             mib(r.load),
@@ -550,7 +560,18 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             r.rss_peak.map_or("?".into(), |b| format!("{:.0}", mib(b)))
         );
     }
-    std::fs::write(&a.svg, memory_svg(&rows, psi, dp))
+    println!(
+        "\nPredicted peak: ZeRO's formula for what persists, plus the model's own count of its activations for the recompute mode (`candle_parallel_models::activations`), plus every full gradient at once on the whole-graph backward (4Ψ; not the optimizer's packing of them), from stage 2 a bucket and the backend's copy of it, and at ZeRO 3 one gathered layer (whose layers recompute in their backward)."
+    );
+    for r in rows.iter().filter(|r| r.device_used.is_some()) {
+        println!(
+            "ZeRO {} · {}: {:.1} MiB in use on the GPU after the steps (CUDA's count, all contexts)",
+            r.stage,
+            r.path,
+            mib(r.device_used.unwrap_or(0))
+        );
+    }
+    std::fs::write(&a.svg, memory_svg(&rows, &predicted, psi, dp))
         .map_err(|e| candle_core::Error::msg(format!("cannot write {}: {e}", a.svg.display())))?;
     println!(
         "\nThe largest parameter: {:.1} MiB (writing holds about one of them, the file's 1 MiB buffer, and at ZeRO 3 one layer gathered)",
@@ -560,14 +581,48 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
     Ok(())
 }
 
-/// Bars per stage and backward: ZeRO's formula, what persists, the step's peak (MiB).
-fn memory_svg(rows: &[MemoryRow], psi: usize, dp: usize) -> String {
+/// The step's peak the formula and the model's own activation count predict for row `r`
+/// (`formula`: what persists by ZeRO's formula), in bytes.
+fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow, formula: f64) -> Result<f64> {
+    let recompute = match (r.stage, r.path) {
+        (3, _) => Recompute::Full,
+        (_, BackwardPath::Units(recompute)) => recompute,
+        (_, BackwardPath::Whole) => Recompute::None,
+    };
+    let layout = ActivationLayout {
+        rows: a.batch / a.memory_dp,
+        seq: a.seq,
+        tp: 1,
+        ep: 1,
+        dtype_bytes: 4,
+        recompute,
+        in_flight: 1,
+        head: true,
+        stage_boundaries: false,
+    };
+    let est = mixtral_activations(cfg, cfg.num_hidden_layers, &layout)?;
+    // Communication buffers: from stage 2 a bucket is packed and reduce-scattered as the
+    // backward goes (the bucket, and the backend's copy of it in the collective).
+    let buckets = 2 * candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES;
+    let extra = match (r.stage, r.path) {
+        (3, _) => est.layer_param_bytes + buckets,
+        (_, BackwardPath::Whole) => 4 * r.psi,
+        (2, _) => buckets,
+        _ => 0,
+    };
+    Ok(formula + (est.peak + extra) as f64)
+}
+
+/// Bars per stage and backward: ZeRO's formula, what persists, the step's peak and its
+/// prediction (MiB).
+fn memory_svg(rows: &[MemoryRow], predicted: &[f64], psi: usize, dp: usize) -> String {
     let max = rows
         .iter()
-        .map(|r| r.peak.max(zero_formula(r.stage, psi, dp) as usize))
+        .zip(predicted)
+        .map(|(r, p)| r.peak.max(zero_formula(r.stage, psi, dp) as usize).max(*p as usize))
         .max()
         .unwrap_or(1) as f64;
-    let (w, row_h, left) = (720.0, 54.0, 230.0);
+    let (w, row_h, left) = (720.0, 69.0, 230.0);
     let h = 40.0 + row_h * rows.len() as f64 + 40.0;
     let scale = (w - left - 90.0) / max;
     let mut svg = format!(
@@ -584,6 +639,7 @@ fn memory_svg(rows: &[MemoryRow], psi: usize, dp: usize) -> String {
             (zero_formula(r.stage, psi, dp), "#9e9e9e", "formula"),
             (r.persistent as f64, "#4f81bd", "persistent"),
             (r.peak as f64, "#c0504d", "peak"),
+            (predicted[i], "#f79646", "predicted peak"),
         ];
         for (j, (v, color, what)) in bars.iter().enumerate() {
             let by = y + 4.0 + 15.0 * j as f64;

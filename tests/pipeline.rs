@@ -4,9 +4,11 @@ mod common;
 
 use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
+use candle_parallel::data_parallel::{GradCollector, GradSink};
 use candle_parallel::pipeline::{
-    run_pipedream_recorded, run_step, split_balanced, split_batch, split_layers, Action,
-    PipeDreamOutput, PipelineSequential, Schedule, StageSplit, StashableStage,
+    run_pipedream_recorded, run_step, run_step_into, split_balanced, split_batch, split_layers,
+    Action, PipeDreamOutput, PipelineSequential, Schedule, StageTape, StageSplit,
+    StashableStage, UnitStage,
 };
 use candle_parallel::tensor_parallel as tp_layers;
 use candle_parallel::{Comm, MeshShape};
@@ -582,6 +584,153 @@ fn ranks_that_disagree_on_the_step_fail_together() -> Result<()> {
                 && !e.contains("Forward"),
             "{e}"
         );
+    }
+    Ok(())
+}
+
+/// A `TanhMlp` stage that runs its own backward one layer at a time into a sink, keeping each
+/// layer's graph or only its input (`recompute`).
+struct UnitMlp {
+    mlp: TanhMlp,
+    recompute: bool,
+}
+
+/// Per layer: its input as a variable, and its output with its graph unless recomputed.
+struct UnitMlpTape<'a> {
+    stage: &'a UnitMlp,
+    inputs: Vec<Var>,
+    outputs: Vec<Option<Tensor>>,
+}
+
+impl UnitMlp {
+    fn layer(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = &self.mlp.layers[i];
+        candle_parallel::ops::linear(x, w.as_tensor())?
+            .broadcast_add(b.as_tensor())?
+            .tanh()
+    }
+}
+
+impl UnitStage for UnitMlp {
+    fn forward_units<'s>(&'s self, x: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)> {
+        let mut tape = UnitMlpTape {
+            stage: self,
+            inputs: vec![Var::from_tensor(x)?],
+            outputs: Vec::new(),
+        };
+        for i in 0..self.mlp.layers.len() {
+            let y = self.layer(i, tape.inputs[i].as_tensor())?;
+            tape.inputs.push(Var::from_tensor(&y.detach())?);
+            tape.outputs.push((!self.recompute).then_some(y));
+        }
+        let out = tape.inputs.last().unwrap().as_tensor().clone();
+        Ok((out, Box::new(tape)))
+    }
+}
+
+impl StageTape for UnitMlpTape<'_> {
+    fn backward(
+        mut self: Box<Self>,
+        grad: &Tensor,
+        sink: &mut dyn GradSink,
+    ) -> Result<Option<Tensor>> {
+        let mut g = grad.clone();
+        for i in (0..self.outputs.len()).rev() {
+            let y = match self.outputs[i].take() {
+                Some(y) => y,
+                None => self.stage.layer(i, self.inputs[i].as_tensor())?,
+            };
+            let mut store = (y * &g)?.sum_all()?.backward()?;
+            g = store.get(self.inputs[i].as_tensor()).unwrap().detach();
+            sink.add_store(&mut store)?;
+            sink.unit_done(&[&format!("layer{i}.")])?;
+        }
+        Ok(Some(g))
+    }
+}
+
+/// A stage running its own unit-wise backward (`run_step_into`) gives the full batch's
+/// gradients on GPipe and 1F1B, with and without recomputation, and holds what the schedule
+/// keeps in flight; schedules it cannot run are refused on every rank.
+#[test]
+fn unit_wise_stages_give_the_full_batch_gradients() -> Result<()> {
+    let (loss, want) = reference()?;
+    for schedule in [
+        Schedule::one_f_one_b(3, 4)?,
+        Schedule::gpipe(2, 6)?,
+        Schedule::one_f_one_b(4, 8)?,
+    ] {
+        for recompute in [false, true] {
+            let p = schedule.ranks();
+            let m = schedule.micro_batches();
+            let split = split_layers(LAYERS, p)?;
+            let ranks = launch(p, |ctx| {
+                let range = split[ctx.rank()].clone();
+                let stage = UnitMlp {
+                    mlp: layers(range.clone())?,
+                    recompute,
+                };
+                let vars: Vec<Var> = stage
+                    .mlp
+                    .layers
+                    .iter()
+                    .flat_map(|(w, b)| [w.clone(), b.clone()])
+                    .collect();
+                let mut sink = GradCollector::new(&vars);
+                let (x, target) = batch()?;
+                let targets = split_batch(&target, m)?;
+                let out = run_step_into(
+                    ctx.comm(),
+                    &schedule,
+                    &stage,
+                    &mut sink,
+                    &split_batch(&x, m)?,
+                    (&Shape::from((BATCH / m, HIDDEN)), DType::F32),
+                    &|mb, y| mse(y, &targets[mb]),
+                )?;
+                let grads: Vec<Tensor> = sink.take()?.into_iter().map(Option::unwrap).collect();
+                Ok((out.losses, range, grads, out.peak_live))
+            })?;
+            let what = format!("{} p={p} m={m} recompute {recompute}", schedule.name());
+            for (r, (losses, range, grads, peak)) in ranks.iter().enumerate() {
+                let l = losses.iter().sum::<f32>() / m as f32;
+                assert!(((l - loss) / loss).abs() < 1e-5, "{what}: loss {l} vs {loss}");
+                for (k, i) in range.clone().enumerate() {
+                    for j in 0..2 {
+                        let e = max_rel_err(&grads[2 * k + j], &want[2 * i + j])?;
+                        assert!(e <= 1e-5, "{what}: layer {i} grad {j} differs by {e:e}");
+                    }
+                }
+                let in_flight = if schedule.name() == "gpipe" { m } else { m.min(p - r) };
+                assert_eq!(*peak, in_flight, "{what}: rank {r}'s micro-batches in flight");
+            }
+        }
+    }
+    for (schedule, want) in [
+        (Schedule::interleaved(2, 2, 4)?, "model chunks per rank"),
+        (Schedule::zero_bubble(2, 4)?, "splits backwards"),
+    ] {
+        let errs = launch(2, |ctx| {
+            let stage = UnitMlp {
+                mlp: layers(0..2)?,
+                recompute: false,
+            };
+            let mut sink = GradCollector::new(&[]);
+            let x = split_batch(&batch()?.0, 4)?;
+            let out = run_step_into(
+                ctx.comm(),
+                &schedule,
+                &stage,
+                &mut sink,
+                &x,
+                (&Shape::from((BATCH / 4, HIDDEN)), DType::F32),
+                &|_, y| y.sum_all(),
+            );
+            Ok(out.err().map(|e| e.to_string()).unwrap_or_default())
+        })?;
+        for e in errs {
+            assert!(e.contains(want), "{}: {e}", schedule.name());
+        }
     }
     Ok(())
 }

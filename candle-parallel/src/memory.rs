@@ -284,6 +284,33 @@ pub fn rss() -> Option<(usize, usize)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The memory in use on `device`'s GPU (its total less what is free: every context and
+/// process on that GPU, the CUDA allocator's pools included), as CUDA reports it; `None` for
+/// the CPU, and for a GPU without the `nccl` feature (no CUDA in the build). The GPU's
+/// counterpart of [`rss`]: the counting allocator sees only host memory.
+///
+/// ```
+/// use candle_core::Device;
+///
+/// assert_eq!(candle_parallel::memory::device_used(&Device::Cpu)?, None);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn device_used(device: &candle_core::Device) -> Result<Option<usize>> {
+    match device {
+        #[cfg(feature = "nccl")]
+        candle_core::Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().map_err(|e| {
+                candle_core::Error::msg(format!(
+                    "cannot read the memory in use on CUDA device {:?}: {e:?}",
+                    device.location()
+                ))
+            })?;
+            Ok(Some(total.saturating_sub(free)))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Starts the kernel's peak resident set (`VmHWM`) afresh from the current one (Linux:
 /// writes 5 to `/proc/self/clear_refs`); `false` where that is not possible.
 pub fn reset_rss_peak() -> bool {

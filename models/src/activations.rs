@@ -66,6 +66,8 @@ pub struct ActivationEstimate {
     /// The step's activation peak on this rank: during the head's backward or during the
     /// first layer's backward, whichever is higher.
     pub peak: usize,
+    /// One decoder layer's parameters on this rank, in f32 (what ZeRO 3 gathers per unit).
+    pub layer_param_bytes: usize,
 }
 
 /// The activations of training `layers` decoder layers of `cfg` (the whole model's head and
@@ -190,5 +192,6 @@ pub fn mixtral_activations(
         head_graph,
         head_backward,
         peak: head_phase.max(layer_phase),
+        layer_param_bytes: layer_params * 4,
     })
 }

@@ -210,6 +210,9 @@ pub struct TrainingMemory {
     pub largest_tensor: usize,
     /// What the optimizer says it holds after the step.
     pub reported: MemoryReport,
+    /// On a GPU, the memory in use on it after the steps
+    /// ([`candle_parallel::memory::device_used`]); `None` on the CPU.
+    pub device_used: Option<usize>,
 }
 
 /// A training run to measure ([`measure_training_memory`]).
@@ -338,6 +341,7 @@ pub fn measure_training_memory(
             }
         }
         drop((ids, vars));
+        let device_used = memory::device_used(ctx.device())?;
         let file = std::env::temp_dir().join(format!(
             "cp-measure-{}-{stage}.safetensors",
             std::process::id()
@@ -371,6 +375,7 @@ pub fn measure_training_memory(
             save_peak: write.peak_bytes - base,
             largest_tensor,
             reported: opt.memory(),
+            device_used,
         })
     })
 }

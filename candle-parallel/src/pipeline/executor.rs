@@ -623,12 +623,15 @@ fn execute(
     let mut next_action = 0;
     let own_backward = compute.owns_backward();
     if own_backward {
-        if let Some(t) = mine
+        // Over every rank's actions: every rank refuses alike.
+        if let Some(t) = sim
+            .timeline()
             .iter()
+            .flatten()
             .find(|t| !matches!(t.action, Action::Forward { .. } | Action::Backward { .. }))
         {
             bail!(
-                "pipeline step on rank {me}: the schedule {} splits backwards ({:?}), which a stage running its own unit-wise backward cannot: use a schedule without weight-gradient steps (GPipe, 1F1B, interleaved)",
+                "pipeline step on rank {me}: the schedule {} splits backwards ({:?}), which a stage running its own unit-wise backward cannot: use a schedule without weight-gradient steps (GPipe, 1F1B)",
                 schedule.name(),
                 t.action
             )
