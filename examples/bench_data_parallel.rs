@@ -619,7 +619,11 @@ fn memory_svg(rows: &[MemoryRow], predicted: &[f64], psi: usize, dp: usize) -> S
     let max = rows
         .iter()
         .zip(predicted)
-        .map(|(r, p)| r.peak.max(zero_formula(r.stage, psi, dp) as usize).max(*p as usize))
+        .map(|(r, p)| {
+            r.peak
+                .max(zero_formula(r.stage, psi, dp) as usize)
+                .max(*p as usize)
+        })
         .max()
         .unwrap_or(1) as f64;
     let (w, row_h, left) = (720.0, 69.0, 230.0);

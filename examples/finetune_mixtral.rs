@@ -105,7 +105,7 @@ struct Args {
     micro_batches: Option<usize>,
     /// ZeRO stage: 0 (every replica holds the whole optimizer state), 1 (optimizer state
     /// sharded over the replicas), 2 (gradients too), 3 (parameters too: each layer gathered
-    /// just before use and freed after; not with pp).
+    /// just before use and freed after; inside pipeline stages too).
     #[arg(long, default_value_t = 0)]
     zero: u8,
     /// Activation recomputation: none (keep every layer's activations for the backward),
@@ -677,9 +677,6 @@ fn main() -> Result<()> {
     if lora.is_some() && args.zero == 3 {
         candle_core::bail!("--lora-rank with --zero 3: the adapters are small, shard their optimizer state with --zero 1 or 2");
     }
-    if args.zero == 3 && pp > 1 {
-        candle_core::bail!("--zero 3 with pp in --mesh: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
-    }
     if pp > 1 && cfg.tie_word_embeddings {
         candle_core::bail!("--mesh with pp: a head tied to the embedding would be two copies on the first and last stages, whose gradients are not summed yet; train it without pp");
     }
@@ -760,7 +757,9 @@ fn main() -> Result<()> {
         let (model, mut trainer) = if args.zero == 3 {
             // Every layer a sharded module: gathered just before use, freed after.
             let groups = BatchGroups::new(mesh, &batch_dims)?;
-            let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
+            // With pipeline stages, of this rank's stage only.
+            let layers = stages[pp_comm.rank()].clone();
+            let m = ShardedMixtral::new_stage(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll, layers)?;
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)
         } else {
@@ -783,20 +782,28 @@ fn main() -> Result<()> {
         // Logits `[b, s, vocab]` and cross-entropy for `ids`, on every rank, through the
         // pipeline stages (a forward and a discarded backward).
         let through_stages = |ids: &Tensor, labels: Option<&Tensor>, mask: Option<&Tensor>| -> Result<(Tensor, f32)> {
-            let Model::Whole(model) = &model else {
-                candle_core::bail!("pipeline stages hold whole parameters (ZeRO 3 is refused with pp)")
-            };
             let (b, s) = ids.dims2()?;
             let kept = std::sync::Mutex::new(None);
+            let whole;
+            let (stage, len): (&dyn candle_core::Module, usize) = match &model {
+                Model::Whole(m) => {
+                    whole = MixtralStage { model: m, train: false };
+                    (&whole, m.stage_activation_len(b, s))
+                }
+                Model::Sharded(m) => (m.as_ref(), m.stage_activation_len(b, s)),
+            };
             run_step(
                 pp_comm,
                 &Schedule::gpipe(pp, 1)?,
-                &[&MixtralStage { model, train: false }],
+                &[stage],
                 &[],
                 std::slice::from_ref(ids),
-                (&Shape::from(model.stage_activation_len(b, s)), DType::F32),
+                (&Shape::from(len), DType::F32),
                 &|_, y| {
-                    let (l, logits) = model.stage_losses_labeled(y, ids, labels, mask)?;
+                    let (l, logits) = match &model {
+                        Model::Whole(m) => m.stage_losses_labeled(y, ids, labels, mask)?,
+                        Model::Sharded(m) => m.stage_losses_labeled(y, ids, labels, mask)?,
+                    };
                     *kept.lock().unwrap() = Some((logits.to_dtype(DType::F32)?, l.ce_loss.to_dtype(DType::F32)?.unsqueeze(0)?));
                     l.loss * 0.0
                 },
@@ -817,7 +824,7 @@ fn main() -> Result<()> {
                 Data::Addition { problems } => {
                     let prompts = Tensor::new(problems.iter().map(|p| p[..4].to_vec()).collect::<Vec<_>>(), ctx.device())?;
                     let logits = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&prompts, None, None)?.1,
+                        (Model::Sharded(m), 1) => m.losses(&prompts, None, None)?.1,
                         (Model::Whole(m), 1) => m.forward(&prompts, 0, None)?,
                         _ => through_stages(&prompts, None, None)?.0,
                     };
@@ -830,7 +837,7 @@ fn main() -> Result<()> {
                     let picked: Vec<&Example> = eval.iter().take(32).collect();
                     let (rows, labels, mask) = padded_rows(&picked, args.seq_len, *pad, ctx.device())?;
                     let ce = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
+                        (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), Some(&mask), false)?.ce_loss,
                         _ => Tensor::new(through_stages(&rows, Some(&labels), Some(&mask))?.1, ctx.device())?,
                     }
@@ -843,7 +850,7 @@ fn main() -> Result<()> {
                     let rows: Vec<Vec<u32>> = (0..n.min(8)).map(|i| eval[i * args.seq_len..=(i + 1) * args.seq_len].to_vec()).collect();
                     let rows = Tensor::new(rows, ctx.device())?;
                     let ce = match (&model, pp) {
-                        (Model::Sharded(m), _) => m.losses(&rows, None, None)?.0.ce_loss,
+                        (Model::Sharded(m), 1) => m.losses(&rows, None, None)?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses(&rows, false)?.ce_loss,
                         _ => Tensor::new(through_stages(&rows, None, None)?.1, ctx.device())?,
                     }

@@ -129,7 +129,7 @@ enum Command {
         pp: usize,
         /// ZeRO stage: 0 (replicated optimizer), 1 (optimizer state sharded over the
         /// replicas), 2 (gradients too), 3 (parameters too: each layer gathered just before
-        /// use; not with --pp).
+        /// use; inside pipeline stages too).
         #[arg(long, default_value_t = 0)]
         zero: u8,
         /// Micro-batches per step on each replica (gradient accumulation; pipelined with pp).
@@ -362,9 +362,6 @@ fn run_train(command: Command) -> Result<()> {
     if zero > 3 {
         candle_core::bail!("--zero {zero}: the ZeRO stages are 0, 1, 2 and 3");
     }
-    if zero == 3 && pp > 1 {
-        candle_core::bail!("--zero 3 with --pp {pp}: sharded parameters inside pipeline stages are not supported; use --zero 2 with pipeline stages");
-    }
     let Batch {
         rows,
         labels,
@@ -409,7 +406,17 @@ fn run_train(command: Command) -> Result<()> {
         let batch_dims = [MeshDim::Dp, MeshDim::Ep];
         let (model, mut trainer) = if zero == 3 {
             let groups = BatchGroups::new(mesh, &batch_dims)?;
-            let m = ShardedMixtral::new(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll)?;
+            // With pipeline stages each rank builds (and keeps a partition of) its stage's
+            // layers only.
+            let layers = stages[mesh.pp().rank()].clone();
+            let m = ShardedMixtral::new_stage(
+                &cfg,
+                vb.clone(),
+                &groups,
+                mesh,
+                Dispatch::AllToAll,
+                layers,
+            )?;
             m.set_reshard_after_forward(!no_reshard_after_forward);
             // Every parameter lives in a layer's sharded module.
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;

@@ -157,7 +157,12 @@ fn a_resumed_job_continues_the_uninterrupted_run() {
         if name == "f32" {
             // Explicitly, under the same layout and under another.
             let from = step_dir(&full, stop).to_string_lossy().to_string();
-            for (mesh, zero, exact) in [("ep=2,tp=2", "0", true), ("dp=2,ep=2", "2", false)] {
+            for (mesh, zero, exact) in [
+                ("ep=2,tp=2", "0", true),
+                ("dp=2,ep=2", "2", false),
+                // ZeRO 3 inside pipeline stages.
+                ("pp=2,dp=2", "3", false),
+            ] {
                 let out = dir.join(format!("resumed-{mesh}"));
                 let mut args = common.to_vec();
                 args.extend(["--resume", &from, "--mesh", mesh, "--zero", zero]);

@@ -7,8 +7,8 @@ use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::data_parallel::{GradCollector, GradSink};
 use candle_parallel::pipeline::{
     run_pipedream_recorded, run_step, run_step_into, split_balanced, split_batch, split_layers,
-    Action, PipeDreamOutput, PipelineSequential, Schedule, StageTape, StageSplit,
-    StashableStage, UnitStage,
+    Action, PipeDreamOutput, PipelineSequential, Schedule, StageSplit, StageTape, StashableStage,
+    UnitStage,
 };
 use candle_parallel::tensor_parallel as tp_layers;
 use candle_parallel::{Comm, MeshShape};
@@ -694,15 +694,25 @@ fn unit_wise_stages_give_the_full_batch_gradients() -> Result<()> {
             let what = format!("{} p={p} m={m} recompute {recompute}", schedule.name());
             for (r, (losses, range, grads, peak)) in ranks.iter().enumerate() {
                 let l = losses.iter().sum::<f32>() / m as f32;
-                assert!(((l - loss) / loss).abs() < 1e-5, "{what}: loss {l} vs {loss}");
+                assert!(
+                    ((l - loss) / loss).abs() < 1e-5,
+                    "{what}: loss {l} vs {loss}"
+                );
                 for (k, i) in range.clone().enumerate() {
                     for j in 0..2 {
                         let e = max_rel_err(&grads[2 * k + j], &want[2 * i + j])?;
                         assert!(e <= 1e-5, "{what}: layer {i} grad {j} differs by {e:e}");
                     }
                 }
-                let in_flight = if schedule.name() == "gpipe" { m } else { m.min(p - r) };
-                assert_eq!(*peak, in_flight, "{what}: rank {r}'s micro-batches in flight");
+                let in_flight = if schedule.name() == "gpipe" {
+                    m
+                } else {
+                    m.min(p - r)
+                };
+                assert_eq!(
+                    *peak, in_flight,
+                    "{what}: rank {r}'s micro-batches in flight"
+                );
             }
         }
     }

@@ -427,3 +427,77 @@ fn zero3_without_resharding_gives_the_same_gradients() -> Result<()> {
     }
     Ok(())
 }
+
+/// ZeRO 3 inside pipeline stages (`ShardedMixtral::new_stage`: FSDP2 with pipelining): two
+/// steps, then the model written at full shape, equal the same run without stages (3 layers
+/// over 2 stages: 2 and 1, so the stages hold different numbers of sharded layers).
+#[test]
+fn zero3_inside_pipeline_stages_trains_as_without_them() -> Result<()> {
+    let cfg = config();
+    let run = |dp: usize, pp: usize, ep: usize, micro_batches: usize, name: &str| {
+        let file = std::env::temp_dir().join(format!(
+            "cp-zero3-pp-{}-{name}.safetensors",
+            std::process::id()
+        ));
+        let norms = Launcher::new(dp * pp * ep)
+            .mesh(MeshShape::new().dp(dp).pp(pp).ep(ep))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+                let batch = BatchGroups::new(mesh, &[MeshDim::Dp, MeshDim::Ep])?;
+                let layers = split_layers(cfg.num_hidden_layers, pp)?[mesh.pp().rank()].clone();
+                let model = ShardedMixtral::new_stage(
+                    &cfg,
+                    vb.clone(),
+                    &batch,
+                    mesh,
+                    Dispatch::AllToAll,
+                    layers,
+                )?;
+                let zcfg = ZeroConfig {
+                    stage: 3,
+                    bucket_bytes: 8192,
+                    ..Default::default()
+                };
+                let mut opt =
+                    ZeroOptimizer::new_sharded(&model.units(), vb.params(), &batch, mesh, zcfg)?;
+                let seed = (mesh.dp().rank() * ep + mesh.ep().rank()) as u64;
+                let ids = ids(2 * micro_batches, seed)?;
+                let mut norms = Vec::new();
+                for _ in 0..2 {
+                    let l = model.train_grads(&mut opt, &ids, None, micro_batches)?;
+                    norms.push((l.loss, opt.step_accumulated(Some(1.0))?));
+                }
+                opt.write_model(&file, &[], None)?;
+                Ok(norms)
+            })?;
+        let written = candle_core::safetensors::load(&file, &Device::Cpu)?;
+        std::fs::remove_file(&file).unwrap();
+        Ok::<_, candle_core::Error>((norms, written))
+    };
+    for (dp, ep, m) in [(2, 1, 2), (1, 2, 2)] {
+        let (want_norms, want) = run(dp, 1, ep, m, "flat")?;
+        let (norms, got) = run(dp, 2, ep, m, "staged")?;
+        let what = format!("dp={dp} ep={ep} micro-batches={m}");
+        // Every rank of every stage sees its replica's loss and the step's gradient norm
+        // (ranks: dp, pp, ep with ep fastest).
+        for (r, steps) in norms.iter().enumerate() {
+            let replica = r / (2 * ep) * ep + r % ep;
+            for (s, ((l, n), (wl, wn))) in steps.iter().zip(&want_norms[replica]).enumerate() {
+                assert!(
+                    (l - wl).abs() <= 1e-5 * wl.abs() && (n - wn).abs() <= 1e-5 * wn.abs(),
+                    "{what}: rank {r}, step {s}: loss {l} / norm {n} against {wl} / {wn} without stages"
+                );
+            }
+        }
+        assert_eq!(got.len(), want.len(), "{what}: tensors written");
+        for (name, w) in &want {
+            let g = got
+                .get(name)
+                .unwrap_or_else(|| panic!("{what}: {name} not written"));
+            let e = candle_parallel_models::testing::max_rel_err(g, w)?;
+            assert!(e < 1e-5, "{what}: {name} differs by {e:e}");
+        }
+    }
+    Ok(())
+}

@@ -108,7 +108,8 @@ pub fn mixtral_activations(
     layers: usize,
     l: &ActivationLayout,
 ) -> Result<ActivationEstimate> {
-    if l.tp == 0 || l.ep == 0 || l.rows == 0 || l.seq == 0 || l.in_flight == 0 || l.dtype_bytes == 0 {
+    if l.tp == 0 || l.ep == 0 || l.rows == 0 || l.seq == 0 || l.in_flight == 0 || l.dtype_bytes == 0
+    {
         bail!("mixtral_activations: {l:?}: rows, seq, tp, ep, dtype_bytes and in_flight must be at least 1")
     }
     let lc = cfg.as_llama();
@@ -140,7 +141,10 @@ pub fn mixtral_activations(
     let router = 3 * t * e; // logits, probabilities, top-k weights (f32)
     let layer_graph = (attention + moe) * l.dtype_bytes + router * 4;
     let layer_boundary = t * h * l.dtype_bytes + t * e * 4;
-    let layer_params = h * (heads * d + 2 * kv * d) + heads * d * h + 2 * h + h * e
+    let layer_params = h * (heads * d + 2 * kv * d)
+        + heads * d * h
+        + 2 * h
+        + h * e
         + e.div_ceil(l.ep) * 3 * h * ffn;
     // The activation gradients in flight: the attention's backward holds about six
     // score-sized tensors at once (the probabilities' gradient, the softmax backward's three

@@ -277,8 +277,7 @@ impl Mixtral {
     /// counts (`k · E`) summed over the layers so far (per token, so that the last stage can
     /// leave padding out of the load-balancing loss).
     pub fn stage_activation_len(&self, b: usize, s: usize) -> usize {
-        let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
-        2 + b * s * (self.cfg.hidden_size + e + k * e)
+        stage_activation_len(&self.cfg, b, s)
     }
 
     /// One stage's computation (positions from 0): token ids `[b, s]` (first stage) or the
@@ -608,6 +607,58 @@ pub struct BatchLosses {
     pub stats: Vec<MoeStats>,
 }
 
+/// The losses of a last stage's packed output: (output, ids, labels, attention mask).
+type PackedLosses<'a> =
+    dyn Fn(&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>) -> Result<MixtralLosses> + 'a;
+
+/// One training step of a pipeline stage that runs its own unit-wise backward: `micro_batches`
+/// of `ids` on a 1F1B schedule over `pp` (`run_step_into`), each micro-batch's gradients to
+/// `sink`, the losses of the last stage's packed output by `losses` (`out`, ids, labels,
+/// attention mask), on every rank of the pipeline.
+#[allow(clippy::too_many_arguments)]
+fn pipeline_train(
+    stage: &dyn UnitStage,
+    sink: &mut dyn GradSink,
+    ids: &Tensor,
+    targets: Option<&Targets>,
+    micro_batches: usize,
+    pp: &Comm,
+    cfg: &MixtralConfig,
+    losses: &PackedLosses,
+) -> Result<BatchLosses> {
+    let mb = MicroBatches::new(ids, targets, micro_batches)?;
+    let (b, s) = mb.ids[0].dims2()?;
+    let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
+    candle_parallel::pipeline::run_step_into(
+        pp,
+        &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
+        stage,
+        sink,
+        &mb.ids,
+        (
+            &candle_core::Shape::from(stage_activation_len(cfg, b, s)),
+            candle_core::DType::F32,
+        ),
+        &|i, y| {
+            let l = weighted(
+                losses(y, &mb.ids[i], mb.label(i), mb.mask(i))?,
+                mb.weights[i],
+            )?;
+            values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
+            Ok(l.loss)
+        },
+    )?;
+    let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
+    pipeline_losses(&values, pp)
+}
+
+/// The length of the packed tensor that stages pass for `b` sequences of `s` tokens (see
+/// [`Mixtral::stage_activation_len`]).
+fn stage_activation_len(cfg: &MixtralConfig, b: usize, s: usize) -> usize {
+    let (e, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
+    2 + b * s * (cfg.hidden_size + e + k * e)
+}
+
 /// The means over micro-batches of their `[ce, aux, loss]`, which the last stage knows, on
 /// every rank of its pipeline.
 fn pipeline_losses(values: &[[f64; 3]], pp: &Comm) -> Result<BatchLosses> {
@@ -714,7 +765,27 @@ impl Mixtral {
         recompute: Recompute,
     ) -> Result<BatchLosses> {
         if pp.size() > 1 {
-            return self.pipeline_grads_into(sink, ids, targets, micro_batches, pp, recompute);
+            let stage = MixtralUnitStage {
+                model: self,
+                recompute,
+            };
+            let cols = self.lm_head.as_ref().map_or(Ok(0), |h| h.weight().dim(0))?;
+            let dtype = self.rope.0.dtype();
+            return pipeline_train(
+                &stage,
+                sink,
+                ids,
+                targets,
+                micro_batches,
+                pp,
+                &self.cfg,
+                &|out, ids, labels, mask| {
+                    Ok(
+                        losses_of_packed(&self.cfg, &self.tp, cols, dtype, out, ids, labels, mask)?
+                            .0,
+                    )
+                },
+            );
         }
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
         let m = micro_batches as f64;
@@ -732,44 +803,6 @@ impl Mixtral {
             out.stats = stats;
         }
         Ok(out)
-    }
-
-    /// [`Mixtral::train_grads`] through the pipeline stages of `pp` (this model being this
-    /// rank's stage): a 1F1B schedule of [`MixtralUnitStage`]s.
-    fn pipeline_grads_into(
-        &self,
-        sink: &mut dyn GradSink,
-        ids: &Tensor,
-        targets: Option<&Targets>,
-        micro_batches: usize,
-        pp: &Comm,
-        recompute: Recompute,
-    ) -> Result<BatchLosses> {
-        let mb = MicroBatches::new(ids, targets, micro_batches)?;
-        let (b, s) = mb.ids[0].dims2()?;
-        let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
-        candle_parallel::pipeline::run_step_into(
-            pp,
-            &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
-            &MixtralUnitStage {
-                model: self,
-                recompute,
-            },
-            sink,
-            &mb.ids,
-            (
-                &candle_core::Shape::from(self.stage_activation_len(b, s)),
-                candle_core::DType::F32,
-            ),
-            &|i, y| {
-                let (l, _) = self.stage_losses_labeled(y, &mb.ids[i], mb.label(i), mb.mask(i))?;
-                let l = weighted(l, mb.weights[i])?;
-                values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
-                Ok(l.loss)
-            },
-        )?;
-        let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
-        pipeline_losses(&values, pp)
     }
 
     /// One micro-batch's forward and unit-wise backward into `sink` (see
@@ -1297,8 +1330,11 @@ fn accumulate(
 /// Computes what [`Mixtral`] computes.
 pub struct ShardedMixtral {
     cfg: MixtralConfig,
+    /// Layers `first_layer..first_layer + units.len()`, one sharded module each.
     units: Vec<ShardedModule>,
+    first_layer: usize,
     tp: Comm,
+    pp: Comm,
     dtype: candle_core::DType,
 }
 
@@ -1321,12 +1357,29 @@ impl ShardedMixtral {
         mesh: &DeviceMesh,
         dispatch: Dispatch,
     ) -> Result<Self> {
+        Self::new_stage(cfg, vb, batch, mesh, dispatch, 0..cfg.num_hidden_layers)
+    }
+
+    /// One pipeline stage at ZeRO 3: decoder layers `layers` (the embedding with the first,
+    /// the norm and head with the last), each a sharded module over the batch groups; the
+    /// stage runs in [`ShardedMixtral::train_grads`]'s 1F1B schedule over `mesh.pp()` (FSDP2
+    /// with pipelining: each layer gathered for its forward and again for its backward, inside
+    /// every micro-batch). Collective over the world.
+    pub fn new_stage(
+        cfg: &MixtralConfig,
+        vb: ParallelVarBuilder,
+        batch: &BatchGroups,
+        mesh: &DeviceMesh,
+        dispatch: Dispatch,
+        layers: std::ops::Range<usize>,
+    ) -> Result<Self> {
         cfg.check()?;
+        stage_ends("ShardedMixtral", &layers, cfg.num_hidden_layers)?;
         if cfg.tie_word_embeddings {
             bail!("ZeRO stage 3: a head tied to the embedding would be two copies in the first and last layers' sharded modules; train this model at stage 0, 1 or 2")
         }
-        let mut units = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let mut units = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
             let (c, ep, tp) = (cfg.clone(), mesh.ep().clone(), mesh.tp().clone());
             units.push(ShardedModule::new(
                 &format!("layer {i}"),
@@ -1348,7 +1401,9 @@ impl ShardedMixtral {
         Ok(Self {
             cfg: cfg.clone(),
             units,
+            first_layer: layers.start,
             tp: mesh.tp().clone(),
+            pp: mesh.pp().clone(),
             dtype: vb.dtype(),
         })
     }
@@ -1377,10 +1432,8 @@ impl ShardedMixtral {
         attention_mask: Option<&Tensor>,
     ) -> Result<(MixtralLosses, Tensor)> {
         check_attention_mask(attention_mask, ids, labels)?;
-        let mut x = ids.clone();
-        for u in &self.units {
-            x = u.forward(&x)?;
-        }
+        self.check_whole("losses")?;
+        let x = self.forward_stage(ids)?;
         let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
         losses_of_packed(
             &self.cfg,
@@ -1404,18 +1457,88 @@ impl ShardedMixtral {
         targets: Option<&Targets>,
         micro_batches: usize,
     ) -> Result<BatchGrads> {
+        self.check_whole("batch_grads")?;
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
         accumulate(vars, &mb, |i, ids| {
             Ok(self.losses(ids, mb.label(i), mb.mask(i))?.0)
         })
     }
 
-    /// As [`Mixtral::train_grads`] without pipeline stages: the layers' backward passes run
-    /// one at a time (boundaries detached), each handing its partition's gradient
-    /// (reduce-scattered in the sharded module's backward) to `sink` as soon as it exists.
-    /// Each layer's forward runs again in its backward (its gathered parameters are freed
-    /// after the forward), as `Recompute::Full` does, unless
-    /// [`ShardedMixtral::set_reshard_after_forward`] keeps them.
+    /// The length of the packed tensor stages pass for `b` sequences of `s` tokens (as
+    /// [`Mixtral::stage_activation_len`]).
+    pub fn stage_activation_len(&self, b: usize, s: usize) -> usize {
+        stage_activation_len(&self.cfg, b, s)
+    }
+
+    /// This stage's layers on `input` (token ids on the first stage, else the previous
+    /// stage's packed tensor): the packed tensor out, as [`Mixtral::forward_stage`].
+    pub fn forward_stage(&self, input: &Tensor) -> Result<Tensor> {
+        let mut x = input.clone();
+        for u in &self.units {
+            x = u.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// The losses from the last stage's packed output (as [`Mixtral::stage_losses_labeled`])
+    /// and the gathered logits `[b, s, vocab]`.
+    pub fn stage_losses_labeled(
+        &self,
+        out: &Tensor,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(MixtralLosses, Tensor)> {
+        if self.first_layer + self.units.len() != self.cfg.num_hidden_layers {
+            bail!("stage_losses: this stage has no head (it is not the last pipeline stage)")
+        }
+        let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
+        losses_of_packed(
+            &self.cfg,
+            &self.tp,
+            cols,
+            self.dtype,
+            out,
+            ids,
+            labels,
+            attention_mask,
+        )
+    }
+
+    /// Refuses a pipeline stage where `what` needs the whole model.
+    fn check_whole(&self, what: &str) -> Result<()> {
+        if self.first_layer != 0 || self.units.len() != self.cfg.num_hidden_layers {
+            bail!(
+                "ShardedMixtral::{what} needs the whole model, but this is the pipeline stage of layers {}..{}: use train_grads, which runs the stages",
+                self.first_layer,
+                self.first_layer + self.units.len()
+            )
+        }
+        Ok(())
+    }
+
+    /// The losses of the last layer's packed output `out` for `ids`.
+    fn losses_of(
+        &self,
+        out: &Tensor,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<MixtralLosses> {
+        let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
+        Ok(losses_of_packed(
+            &self.cfg, &self.tp, cols, self.dtype, out, ids, labels, mask,
+        )?
+        .0)
+    }
+
+    /// As [`Mixtral::train_grads`]: the layers' backward passes run one at a time (boundaries
+    /// detached), each handing its partition's gradient (reduce-scattered in the sharded
+    /// module's backward) to `sink` as soon as it exists. Each layer's forward runs again in
+    /// its backward (its gathered parameters are freed after the forward), as
+    /// `Recompute::Full` does, unless [`ShardedMixtral::set_reshard_after_forward`] keeps
+    /// them. With pipeline stages (built by [`ShardedMixtral::new_stage`] on a mesh whose pp
+    /// has several ranks), the micro-batches run on a 1F1B schedule.
     pub fn train_grads(
         &self,
         sink: &mut dyn GradSink,
@@ -1423,44 +1546,125 @@ impl ShardedMixtral {
         targets: Option<&Targets>,
         micro_batches: usize,
     ) -> Result<BatchLosses> {
+        if self.pp.size() > 1 {
+            return pipeline_train(
+                self,
+                sink,
+                ids,
+                targets,
+                micro_batches,
+                &self.pp,
+                &self.cfg,
+                &|out, ids, labels, mask| self.losses_of(out, ids, labels, mask),
+            );
+        }
+        self.check_whole("train_grads")?;
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
         let m = micro_batches as f64;
         let mut out = BatchLosses::default();
         for (i, ids) in mb.ids.iter().enumerate() {
             let (labels, mask) = (mb.label(i), mb.mask(i));
             check_attention_mask(mask, ids, labels)?;
-            // Each unit's output, and the next unit's input as a variable (f32, packed).
-            let mut outs: Vec<Tensor> = Vec::with_capacity(self.units.len());
-            let mut inputs: Vec<Var> = Vec::with_capacity(self.units.len());
-            for (j, u) in self.units.iter().enumerate() {
-                let y = match j {
-                    0 => u.forward(ids)?,
-                    _ => u.forward(inputs[j - 1].as_tensor())?,
-                };
-                inputs.push(Var::from_tensor(&y.detach())?);
-                outs.push(y);
-            }
-            let last = inputs.last().expect("one layer at least").as_tensor();
-            let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
-            let (l, _) = losses_of_packed(
-                &self.cfg, &self.tp, cols, self.dtype, last, ids, labels, mask,
+            let (y, tape) = self.forward_units(ids)?;
+            let last = Var::from_tensor(&y)?;
+            drop(y);
+            let l = weighted(
+                self.losses_of(last.as_tensor(), ids, labels, mask)?,
+                mb.weights[i],
             )?;
-            let l = weighted(l, mb.weights[i])?;
-            let mut seed = l.loss.backward()?.remove(last).map(|g| g.detach());
-            for (j, y) in outs.into_iter().enumerate().rev() {
-                if let Some(g) = seed.take() {
-                    let mut store = (y * g)?.sum_all()?.backward()?;
-                    if j > 0 {
-                        seed = store.remove(inputs[j - 1].as_tensor()).map(|g| g.detach());
-                    }
-                    sink.add_store(&mut store)?;
-                }
-                inputs.truncate(j);
+            let seed = l
+                .loss
+                .backward()?
+                .remove(last.as_tensor())
+                .map(|g| g.detach());
+            drop(last);
+            if let Some(g) = seed {
+                tape.backward(&g, sink)?;
             }
             sink.end_micro_batch()?;
             out.add_mean(l.values()?, m);
         }
         Ok(out)
+    }
+}
+
+/// [`ShardedMixtral::forward_stage`], for `candle_parallel::pipeline::run_step`.
+impl Module for ShardedMixtral {
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.forward_stage(input)
+    }
+}
+
+/// A ZeRO 3 stage (or the whole model) runs its layers as units: each layer's input a
+/// variable, its output kept with its (sharded module's) graph.
+impl UnitStage for ShardedMixtral {
+    fn forward_units<'s>(&'s self, x: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)> {
+        // The stage's own input: token ids on the first stage, else the previous stage's
+        // packed tensor as a variable (its gradient goes back).
+        let input = match self.first_layer {
+            0 => None,
+            _ => Some(Var::from_tensor(x)?),
+        };
+        let mut cur = input
+            .as_ref()
+            .map_or_else(|| x.clone(), |v| v.as_tensor().clone());
+        let mut inputs: Vec<Var> = Vec::with_capacity(self.units.len());
+        let mut outs: Vec<Tensor> = Vec::with_capacity(self.units.len());
+        for (j, u) in self.units.iter().enumerate() {
+            if j > 0 {
+                let v = Var::from_tensor(&cur.detach())?;
+                cur = v.as_tensor().clone();
+                inputs.push(v);
+            }
+            cur = u.forward(&cur)?;
+            outs.push(cur.clone());
+        }
+        Ok((
+            cur.detach(),
+            Box::new(ShardedTape {
+                input,
+                inputs,
+                outs,
+            }),
+        ))
+    }
+}
+
+/// What a [`ShardedMixtral`] stage's forward kept for one micro-batch.
+struct ShardedTape {
+    /// The stage's input as a variable (`None`: token ids).
+    input: Option<Var>,
+    /// Unit `j`'s input for `j ≥ 1` (at `j − 1`).
+    inputs: Vec<Var>,
+    /// Each unit's output with its graph.
+    outs: Vec<Tensor>,
+}
+
+impl StageTape for ShardedTape {
+    fn backward(self: Box<Self>, grad: &Tensor, sink: &mut dyn GradSink) -> Result<Option<Tensor>> {
+        let ShardedTape {
+            input,
+            mut inputs,
+            mut outs,
+        } = *self;
+        let mut seed = Some(grad.clone());
+        while let Some(y) = outs.pop() {
+            let j = outs.len();
+            let Some(g) = seed.take() else {
+                continue;
+            };
+            let mut store = (y * g)?.sum_all()?.backward()?;
+            let input_var = match j {
+                0 => input.as_ref(),
+                _ => inputs.get(j - 1),
+            };
+            seed = input_var
+                .and_then(|v| store.remove(v.as_tensor()))
+                .map(|g| g.detach());
+            sink.add_store(&mut store)?;
+            inputs.truncate(j.saturating_sub(1));
+        }
+        Ok(seed)
     }
 }
 

@@ -220,8 +220,8 @@ pub struct TrainingMemory {
 pub struct MemoryProbe {
     /// Data-parallel replicas.
     pub dp: usize,
-    /// Pipeline stages (1F1B over `micro_batches`; not with ZeRO 3). With several, the model
-    /// is not written (`save_peak` is then what is held).
+    /// Pipeline stages (1F1B over `micro_batches`). With several, the model is not written
+    /// (`save_peak` is then what is held).
     pub pp: usize,
     /// Micro-batches per step (dividing `rows`).
     pub micro_batches: usize,
@@ -262,120 +262,127 @@ pub fn measure_training_memory(
     if !memory::is_counting() {
         candle_core::bail!("measure_training_memory: install candle_parallel::memory::CountingAlloc as the global allocator")
     }
-    if pp > 1 && stage == 3 {
-        candle_core::bail!("measure_training_memory: ZeRO 3 does not run with pipeline stages")
-    }
     if micro_batches == 0 || !rows.is_multiple_of(micro_batches) {
         candle_core::bail!(
             "measure_training_memory: {micro_batches} micro-batches do not divide {rows} rows"
         )
     }
     let stages = candle_parallel::pipeline::split_layers(cfg.num_hidden_layers, pp)?;
-    Launcher::new(dp * pp).mesh(MeshShape::new().dp(dp).pp(pp)).run(|ctx| {
-        let mesh = ctx.mesh()?;
-        let rank = mesh.rank();
-        // The matmul library (gemm) keeps a 2 MiB buffer per thread from the first matmul
-        // that thread runs itself (small ones; large ones run on its pool): allocated before
-        // the baseline, it stays out of the model's figures.
-        let w = Tensor::ones((4, 16, 16), DType::F32, ctx.device())?;
-        drop(w.matmul(&w)?);
-        let mut phases = memory::PhaseMeter::new(rank)?;
-        phases.enter("load");
-        let vb = ParallelVarBuilder::from_init(1, DType::F32, ctx.device()).trainable();
-        let zero = ZeroConfig {
-            stage,
-            bucket_bytes,
-            ..Default::default()
-        };
-        let dims = [MeshDim::Dp];
-        let batch = BatchGroups::new(mesh, &dims)?;
-        let (whole, sharded, mut opt) = if stage == 3 {
-            let m = ShardedMixtral::new(cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
-            let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
-            (None, Some(m), opt)
-        } else {
-            let layers = stages[mesh.pp().rank()].clone();
-            let m = Mixtral::new_stage(
-                cfg,
-                vb.clone(),
-                mesh.ep(),
-                mesh.tp(),
-                Dispatch::AllToAll,
-                layers,
-            )?;
-            let opt = ZeroOptimizer::new(vb.params(), mesh, &dims, zero)?;
-            (Some(m), None, opt)
-        };
-        drop(vb);
-        let ids: Vec<Vec<u32>> = (0..rows)
-            .map(|i| {
-                let row = mesh.dp().rank() * rows + i;
-                (0..seq)
-                    .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
-                    .collect()
-            })
-            .collect();
-        let ids = Tensor::new(ids, ctx.device())?;
-        let vars = opt.vars().to_vec();
-        for _ in 0..steps {
-            ctx.comm().barrier()?;
-            phases.enter("step");
-            match (&whole, &sharded, path) {
-                (Some(m), _, BackwardPath::Units(r)) => {
-                    m.train_grads(&mut opt, &ids, None, micro_batches, mesh.pp(), r)?;
-                    opt.step_accumulated(Some(1.0))?;
+    Launcher::new(dp * pp)
+        .mesh(MeshShape::new().dp(dp).pp(pp))
+        .run(|ctx| {
+            let mesh = ctx.mesh()?;
+            let rank = mesh.rank();
+            // The matmul library (gemm) keeps a 2 MiB buffer per thread from the first matmul
+            // that thread runs itself (small ones; large ones run on its pool): allocated before
+            // the baseline, it stays out of the model's figures.
+            let w = Tensor::ones((4, 16, 16), DType::F32, ctx.device())?;
+            drop(w.matmul(&w)?);
+            let mut phases = memory::PhaseMeter::new(rank)?;
+            phases.enter("load");
+            let vb = ParallelVarBuilder::from_init(1, DType::F32, ctx.device()).trainable();
+            let zero = ZeroConfig {
+                stage,
+                bucket_bytes,
+                ..Default::default()
+            };
+            let dims = [MeshDim::Dp];
+            let batch = BatchGroups::new(mesh, &dims)?;
+            let (whole, sharded, mut opt) = if stage == 3 {
+                let layers = stages[mesh.pp().rank()].clone();
+                let m = ShardedMixtral::new_stage(
+                    cfg,
+                    vb.clone(),
+                    &batch,
+                    mesh,
+                    Dispatch::AllToAll,
+                    layers,
+                )?;
+                let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
+                (None, Some(m), opt)
+            } else {
+                let layers = stages[mesh.pp().rank()].clone();
+                let m = Mixtral::new_stage(
+                    cfg,
+                    vb.clone(),
+                    mesh.ep(),
+                    mesh.tp(),
+                    Dispatch::AllToAll,
+                    layers,
+                )?;
+                let opt = ZeroOptimizer::new(vb.params(), mesh, &dims, zero)?;
+                (Some(m), None, opt)
+            };
+            drop(vb);
+            let ids: Vec<Vec<u32>> = (0..rows)
+                .map(|i| {
+                    let row = mesh.dp().rank() * rows + i;
+                    (0..seq)
+                        .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
+                        .collect()
+                })
+                .collect();
+            let ids = Tensor::new(ids, ctx.device())?;
+            let vars = opt.vars().to_vec();
+            for _ in 0..steps {
+                ctx.comm().barrier()?;
+                phases.enter("step");
+                match (&whole, &sharded, path) {
+                    (Some(m), _, BackwardPath::Units(r)) => {
+                        m.train_grads(&mut opt, &ids, None, micro_batches, mesh.pp(), r)?;
+                        opt.step_accumulated(Some(1.0))?;
+                    }
+                    (Some(m), _, BackwardPath::Whole) => {
+                        let g = m.batch_grads(&vars, &ids, None, micro_batches, mesh.pp())?;
+                        opt.step(&g.grads, Some(1.0))?;
+                    }
+                    (_, Some(m), BackwardPath::Units(_)) => {
+                        m.train_grads(&mut opt, &ids, None, micro_batches)?;
+                        opt.step_accumulated(Some(1.0))?;
+                    }
+                    (_, Some(m), BackwardPath::Whole) => {
+                        let g = m.batch_grads(&vars, &ids, None, micro_batches)?;
+                        opt.step(&g.grads, Some(1.0))?;
+                    }
+                    _ => unreachable!("one model"),
                 }
-                (Some(m), _, BackwardPath::Whole) => {
-                    let g = m.batch_grads(&vars, &ids, None, micro_batches, mesh.pp())?;
-                    opt.step(&g.grads, Some(1.0))?;
-                }
-                (_, Some(m), BackwardPath::Units(_)) => {
-                    m.train_grads(&mut opt, &ids, None, micro_batches)?;
-                    opt.step_accumulated(Some(1.0))?;
-                }
-                (_, Some(m), BackwardPath::Whole) => {
-                    let g = m.batch_grads(&vars, &ids, None, micro_batches)?;
-                    opt.step(&g.grads, Some(1.0))?;
-                }
-                _ => unreachable!("one model"),
             }
-        }
-        drop((ids, vars));
-        let device_used = memory::device_used(ctx.device())?;
-        let file = std::env::temp_dir().join(format!(
-            "cp-measure-{}-{stage}.safetensors",
-            std::process::id()
-        ));
-        ctx.comm().barrier()?;
-        phases.enter("write");
-        if pp == 1 {
-            opt.write_model(&file, &[], None)?;
-        }
-        let phases = phases.finish();
-        // Relative to what the rank held before loading; the last step is the one measured.
-        let base = phases[0].start_bytes;
-        let (step, write) = (&phases[phases.len() - 2], &phases[phases.len() - 1]);
-        if rank == 0 && pp == 1 {
-            std::fs::remove_file(&file)
-                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
-        }
-        let named = opt.named_params()?;
-        let psi = named.iter().map(|(t, _)| t.local.elem_count()).sum();
-        let largest_tensor = named
-            .iter()
-            .map(|(t, _)| t.full_dims.iter().product::<usize>() * 4)
-            .max()
-            .unwrap_or(0);
-        drop(named);
-        Ok(TrainingMemory {
-            psi,
-            load_peak: phases[0].peak_bytes - base,
-            step_peak: step.peak_bytes - base,
-            persistent: write.start_bytes - base,
-            save_peak: write.peak_bytes - base,
-            largest_tensor,
-            reported: opt.memory(),
-            device_used,
+            drop((ids, vars));
+            let device_used = memory::device_used(ctx.device())?;
+            let file = std::env::temp_dir().join(format!(
+                "cp-measure-{}-{stage}.safetensors",
+                std::process::id()
+            ));
+            ctx.comm().barrier()?;
+            phases.enter("write");
+            if pp == 1 {
+                opt.write_model(&file, &[], None)?;
+            }
+            let phases = phases.finish();
+            // Relative to what the rank held before loading; the last step is the one measured.
+            let base = phases[0].start_bytes;
+            let (step, write) = (&phases[phases.len() - 2], &phases[phases.len() - 1]);
+            if rank == 0 && pp == 1 {
+                std::fs::remove_file(&file)
+                    .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
+            }
+            let named = opt.named_params()?;
+            let psi = named.iter().map(|(t, _)| t.local.elem_count()).sum();
+            let largest_tensor = named
+                .iter()
+                .map(|(t, _)| t.full_dims.iter().product::<usize>() * 4)
+                .max()
+                .unwrap_or(0);
+            drop(named);
+            Ok(TrainingMemory {
+                psi,
+                load_peak: phases[0].peak_bytes - base,
+                step_peak: step.peak_bytes - base,
+                persistent: write.start_bytes - base,
+                save_peak: write.peak_bytes - base,
+                largest_tensor,
+                reported: opt.memory(),
+                device_used,
+            })
         })
-    })
 }

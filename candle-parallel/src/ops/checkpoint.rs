@@ -91,10 +91,7 @@ pub fn checkpoint(
     attach_many(name, value, inputs, move |ins, g| {
         // Variables of the inputs (copies: a detached tensor is no leaf of a graph), the
         // function again with its graph, and the output's gradient through it.
-        let vars: Vec<Var> = ins
-            .iter()
-            .map(Var::from_tensor)
-            .collect::<Result<_>>()?;
+        let vars: Vec<Var> = ins.iter().map(Var::from_tensor).collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&xs)?;
         let mut store = (y * g)?.sum_all()?.backward()?;

@@ -946,6 +946,21 @@ impl ZeroOptimizer {
                 .iter()
                 .map(|m| m as &dyn crate::checkpoint::ModelPart),
         );
+        // Every rank walks the same number of parts: pipeline stages may hold different
+        // numbers of sharded modules (layers), so the shorter lists end with empty parts.
+        let counts = self
+            .mesh
+            .world()
+            .all_gather_bytes(&(self.modules.len() as u64).to_le_bytes())?;
+        let most = counts
+            .iter()
+            .filter_map(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?) as usize))
+            .max()
+            .unwrap_or(0);
+        let empty: Vec<(ShardedTensor, Vec<MeshDim>)> = Vec::new();
+        while parts.len() < 1 + most {
+            parts.push(&empty);
+        }
         crate::checkpoint::write_model_parts(&parts, &self.mesh, path, extra, dtype)
     }
 
