@@ -450,6 +450,8 @@ struct MemoryRow {
     largest: usize,
     psi: usize,
     rss_peak: Option<usize>,
+    /// The step's phases and their peaks.
+    phases: Vec<(String, usize)>,
     /// On a GPU: the memory in use on it after the steps.
     device_used: Option<usize>,
 }
@@ -514,6 +516,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             psi: m.psi,
             rss_peak: memory::rss().filter(|_| rss_reset).map(|(_, peak)| peak),
             device_used: m.device_used,
+            phases: m.step_phases.clone(),
         });
         bar.inc(1);
     }
@@ -563,6 +566,27 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
     println!(
         "\nPredicted peak: ZeRO's formula for what persists, plus the model's own count of its activations for the recompute mode (`candle_parallel_models::activations`), plus every full gradient at once on the whole-graph backward (4Ψ; not the optimizer's packing of them), from stage 2 a bucket and the backend's copy of it, and at ZeRO 3 one gathered layer (whose layers recompute in their backward)."
     );
+    println!(
+        "\nThe step's peak by phase (MiB; the backward from its first gradient on, the whole graph's forward and backward being one):\n\n| ZeRO | backward | forward | backward | optimizer step |\n|---:|---|---:|---:|---:|"
+    );
+    for r in &rows {
+        let of = |name: &str| {
+            r.phases
+                .iter()
+                .find(|p| p.0 == name)
+                .map_or("–".to_string(), |p| format!("{:.1}", mib(p.1)))
+        };
+        let (fwd, bwd) = match r.path {
+            BackwardPath::Whole => (of("forward+backward"), "(with the forward)".to_string()),
+            BackwardPath::Units(_) => (of("forward"), of("backward")),
+        };
+        println!(
+            "| {} | {} | {fwd} | {bwd} | {} |",
+            r.stage,
+            r.path,
+            of("optimizer")
+        );
+    }
     for r in rows.iter().filter(|r| r.device_used.is_some()) {
         println!(
             "ZeRO {} · {}: {:.1} MiB in use on the GPU after the steps (CUDA's count, all contexts)",

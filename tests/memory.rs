@@ -38,6 +38,15 @@ fn mib(b: usize) -> f64 {
 /// Rank 0's figures (every rank holds the same amounts here: no experts are split).
 fn measure(cfg: &MixtralConfig, probe: MemoryProbe) -> Result<TrainingMemory> {
     let m = measure_training_memory(cfg, probe)?.remove(0);
+    // The step's phases, each peak within the step's.
+    let names: Vec<&str> = m.step_phases.iter().map(|p| p.0.as_str()).collect();
+    let want: &[&str] = match probe.path {
+        BackwardPath::Whole => &["forward+backward", "optimizer"],
+        BackwardPath::Units(_) => &["forward", "backward", "optimizer"],
+    };
+    assert_eq!(names, want, "{:?}", probe.path);
+    assert_eq!(m.step_phases.iter().map(|p| p.1).max(), Some(m.step_peak));
+    eprintln!("phases: {:?}", m.step_phases);
     eprintln!(
         "dp={} stage {} {}: load {:.2} MiB, step peak {:.2} MiB, persistent {:.2} MiB, writing {:.2} MiB (Ψ = {}, largest tensor {:.2} MiB)",
         probe.dp,
@@ -178,17 +187,23 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             head: true,
             stage_boundaries: false,
         };
-        let predicted = mixtral_activations(&cfg, cfg.num_hidden_layers, &layout)?.peak as f64;
-        let measured = (m.step_peak - m.persistent) as f64;
-        eprintln!(
-            "recompute {recompute}: activations predicted {:.2} MiB, measured {:.2} MiB",
-            predicted / (1 << 20) as f64,
-            measured / (1 << 20) as f64
-        );
-        assert!(
-            (predicted - measured).abs() < 0.1 * measured,
-            "recompute {recompute}: predicted {predicted} activation bytes, measured {measured}"
-        );
+        let est = mixtral_activations(&cfg, cfg.num_hidden_layers, &layout)?;
+        let forward = m.step_phases[0].1 - m.persistent;
+        for (what, predicted, measured) in [
+            ("forward", est.forward, forward),
+            ("step", est.peak, m.step_peak - m.persistent),
+        ] {
+            let (predicted, measured) = (predicted as f64, measured as f64);
+            eprintln!(
+                "recompute {recompute}: {what} activations predicted {:.2} MiB, measured {:.2} MiB",
+                predicted / (1 << 20) as f64,
+                measured / (1 << 20) as f64
+            );
+            assert!(
+                (predicted - measured).abs() < 0.1 * measured,
+                "recompute {recompute}: predicted {predicted} {what} activation bytes, measured {measured}"
+            );
+        }
     }
     let scores = 4 * act.rows * cfg.num_attention_heads * act.seq * act.seq * 4;
     assert!(

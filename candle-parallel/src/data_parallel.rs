@@ -604,6 +604,13 @@ pub trait GradSink {
     /// Ends the current micro-batch: whatever was not yet done is done now.
     fn end_micro_batch(&mut self) -> Result<()>;
 
+    /// The current micro-batch's forward is over and its backward begins (called before its
+    /// first `backward()`): for sinks that measure or schedule by phase. Does nothing by
+    /// default.
+    fn begin_backward(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Takes every gradient `store` holds for the sink's variables out of it, one at a time
     /// (each is freed once added, unless the caller holds it too).
     fn add_store(&mut self, store: &mut GradStore) -> Result<()> {

@@ -378,3 +378,89 @@ impl PhaseMeter {
         self.done
     }
 }
+
+/// A [`GradSink`](crate::data_parallel::GradSink) in front of another that tells a
+/// [`PhaseMeter`] when the backward begins: its
+/// [`begin_backward`](crate::data_parallel::GradSink::begin_backward) (or the first gradient,
+/// unit or micro-batch end to arrive) closes the phase open then (the forward) and opens
+/// `"backward"`, which runs until the caller enters the next phase. With several micro-batches the later ones' forwards fall
+/// in it: their forward and backward are not separate in time.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_parallel::data_parallel::{GradCollector, GradSink};
+/// use candle_parallel::memory::{self, CountingAlloc, PhaseMeter, PhasedSink};
+///
+/// // (In a program whose global allocator is CountingAlloc, on a rank's thread.)
+/// # if memory::is_counting() {
+/// let x = Var::new(&[1f32, 2.0], &Device::Cpu)?;
+/// let mut collector = GradCollector::new(&[x.clone()]);
+/// let mut meter = PhaseMeter::new(0)?;
+/// meter.enter("forward");
+/// let y = x.as_tensor().sqr()?.sum_all()?;
+/// let mut sink = PhasedSink::new(&mut collector, &mut meter);
+/// sink.begin_backward()?;
+/// sink.add_store(&mut y.backward()?)?;
+/// sink.end_micro_batch()?;
+/// meter.enter("optimizer");
+/// let names: Vec<_> = meter.finish().into_iter().map(|p| p.name).collect();
+/// assert_eq!(names, ["forward", "backward", "optimizer"]);
+/// # }
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct PhasedSink<'a> {
+    inner: &'a mut dyn crate::data_parallel::GradSink,
+    meter: &'a mut PhaseMeter,
+    in_backward: bool,
+}
+
+impl<'a> PhasedSink<'a> {
+    pub fn new(
+        inner: &'a mut dyn crate::data_parallel::GradSink,
+        meter: &'a mut PhaseMeter,
+    ) -> Self {
+        Self {
+            inner,
+            meter,
+            in_backward: false,
+        }
+    }
+
+    fn backward_begins(&mut self) {
+        if !self.in_backward {
+            self.in_backward = true;
+            self.meter.enter("backward");
+        }
+    }
+}
+
+impl crate::data_parallel::GradSink for PhasedSink<'_> {
+    fn sink_vars(&self) -> Vec<candle_core::Var> {
+        self.inner.sink_vars()
+    }
+
+    fn add_grad(&mut self, index: usize, grad: &candle_core::Tensor) -> Result<()> {
+        self.backward_begins();
+        self.inner.add_grad(index, grad)
+    }
+
+    fn unit_done(&mut self, prefixes: &[&str]) -> Result<()> {
+        self.backward_begins();
+        self.inner.unit_done(prefixes)
+    }
+
+    fn end_micro_batch(&mut self) -> Result<()> {
+        self.backward_begins();
+        self.inner.end_micro_batch()
+    }
+
+    fn add_store(&mut self, store: &mut candle_core::backprop::GradStore) -> Result<()> {
+        self.backward_begins();
+        self.inner.add_store(store)
+    }
+
+    fn begin_backward(&mut self) -> Result<()> {
+        self.backward_begins();
+        self.inner.begin_backward()
+    }
+}

@@ -63,6 +63,9 @@ pub struct ActivationEstimate {
     pub head_graph: usize,
     /// What the head's backward adds while it runs.
     pub head_backward: usize,
+    /// The most held during the forward: what every layer keeps, with the head's graph (or,
+    /// recomputing everything, one layer's graph while it runs).
+    pub forward: usize,
     /// The step's activation peak on this rank: during the head's backward or during the
     /// first layer's backward, whichever is higher.
     pub peak: usize,
@@ -187,6 +190,7 @@ pub fn mixtral_activations(
     } else {
         (0, 0)
     };
+    let forward = (kept + logits_out + head_graph).max(kept + recomputed);
     let head_phase = kept + logits_out + head_graph + head_backward;
     let layer_phase = kept + recomputed + layer_backward;
     Ok(ActivationEstimate {
@@ -195,6 +199,7 @@ pub fn mixtral_activations(
         layer_backward,
         head_graph,
         head_backward,
+        forward,
         peak: head_phase.max(layer_phase),
         layer_param_bytes: layer_params * 4,
     })

@@ -843,6 +843,7 @@ impl Mixtral {
             weight,
         )?;
         let values = l.values()?;
+        sink.begin_backward()?;
         let mut store = l.loss.backward()?;
         drop((l, shard, router));
         sink.add_store(&mut store)?;
@@ -1572,6 +1573,7 @@ impl ShardedMixtral {
                 self.losses_of(last.as_tensor(), ids, labels, mask)?,
                 mb.weights[i],
             )?;
+            sink.begin_backward()?;
             let seed = l
                 .loss
                 .backward()?

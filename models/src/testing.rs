@@ -201,6 +201,9 @@ pub struct TrainingMemory {
     pub load_peak: usize,
     /// The most held during the step (forward, backward, reduction, AdamW).
     pub step_peak: usize,
+    /// The step's phases and the most held in each: `forward`, `backward` (from the first
+    /// gradient on), `optimizer`; on the whole-graph path `forward+backward`, `optimizer`.
+    pub step_phases: Vec<(String, usize)>,
     /// Held between steps.
     pub persistent: usize,
     /// The most held while the model was written to a file at full shape
@@ -324,24 +327,35 @@ pub fn measure_training_memory(
                 .collect();
             let ids = Tensor::new(ids, ctx.device())?;
             let vars = opt.vars().to_vec();
+            // Each step's phases: the forward, the backward from its first gradient on (a
+            // whole-graph backward is one phase with its forward), the optimizer's step.
             for _ in 0..steps {
                 ctx.comm().barrier()?;
-                phases.enter("step");
                 match (&whole, &sharded, path) {
                     (Some(m), _, BackwardPath::Units(r)) => {
-                        m.train_grads(&mut opt, &ids, None, micro_batches, mesh.pp(), r)?;
+                        phases.enter("forward");
+                        let mut sink = memory::PhasedSink::new(&mut opt, &mut phases);
+                        m.train_grads(&mut sink, &ids, None, micro_batches, mesh.pp(), r)?;
+                        phases.enter("optimizer");
                         opt.step_accumulated(Some(1.0))?;
                     }
                     (Some(m), _, BackwardPath::Whole) => {
+                        phases.enter("forward+backward");
                         let g = m.batch_grads(&vars, &ids, None, micro_batches, mesh.pp())?;
+                        phases.enter("optimizer");
                         opt.step(&g.grads, Some(1.0))?;
                     }
                     (_, Some(m), BackwardPath::Units(_)) => {
-                        m.train_grads(&mut opt, &ids, None, micro_batches)?;
+                        phases.enter("forward");
+                        let mut sink = memory::PhasedSink::new(&mut opt, &mut phases);
+                        m.train_grads(&mut sink, &ids, None, micro_batches)?;
+                        phases.enter("optimizer");
                         opt.step_accumulated(Some(1.0))?;
                     }
                     (_, Some(m), BackwardPath::Whole) => {
+                        phases.enter("forward+backward");
                         let g = m.batch_grads(&vars, &ids, None, micro_batches)?;
+                        phases.enter("optimizer");
                         opt.step(&g.grads, Some(1.0))?;
                     }
                     _ => unreachable!("one model"),
@@ -359,9 +373,17 @@ pub fn measure_training_memory(
                 opt.write_model(&file, &[], None)?;
             }
             let phases = phases.finish();
-            // Relative to what the rank held before loading; the last step is the one measured.
+            // Relative to what the rank held before loading; the last step is the one measured:
+            // its phases are those after the one that last starts a step.
             let base = phases[0].start_bytes;
-            let (step, write) = (&phases[phases.len() - 2], &phases[phases.len() - 1]);
+            let write = &phases[phases.len() - 1];
+            let starts = |p: &memory::PhaseMemory| p.name.starts_with("forward");
+            let first = phases.iter().rposition(starts).unwrap_or(1);
+            let step_phases: Vec<(String, usize)> = phases[first..phases.len() - 1]
+                .iter()
+                .map(|p| (p.name.clone(), p.peak_bytes - base))
+                .collect();
+            let step_peak = step_phases.iter().map(|p| p.1).max().unwrap_or(0);
             if rank == 0 && pp == 1 {
                 std::fs::remove_file(&file)
                     .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
@@ -377,7 +399,8 @@ pub fn measure_training_memory(
             Ok(TrainingMemory {
                 psi,
                 load_peak: phases[0].peak_bytes - base,
-                step_peak: step.peak_bytes - base,
+                step_peak,
+                step_phases,
                 persistent: write.start_bytes - base,
                 save_peak: write.peak_bytes - base,
                 largest_tensor,

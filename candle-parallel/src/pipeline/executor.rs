@@ -263,6 +263,7 @@ impl Compute for UnitWise<'_> {
             .tapes
             .remove(&mb)
             .expect("a backward runs after its forward");
+        self.sink.begin_backward()?;
         let input_grad = tape.backward(grad, self.sink)?;
         self.sink.end_micro_batch()?;
         Ok(input_grad)
