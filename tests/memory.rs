@@ -109,6 +109,14 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             m.persistent,
             m.largest_tensor
         );
+        // Loading holds what persists, plus at most one parameter being read: at stage 3 each
+        // rank reads only its partition, one parameter at a time.
+        assert!(
+            m.load_peak <= m.persistent + 2 * m.largest_tensor + (1 << 20),
+            "stage {stage}: {} bytes at most while loading, {} held after",
+            m.load_peak,
+            m.persistent
+        );
         // What the optimizer reports is what the process holds for it.
         let reported = m.reported.total() as f64;
         assert!(

@@ -86,10 +86,53 @@ pub(crate) struct FlatBucket {
 
 /// Collective over `comm`: an error on every rank unless all hold the same parameters
 /// (`members` of `params`) with the same local shapes, in the same order.
-pub(crate) fn agree_layout(params: &[Param], members: &[usize], comm: &Comm) -> Result<()> {
+/// What the synchronisation of a parameter needs to know of it: a [`Param`], or a
+/// description of one not yet read (ZeRO 3 learns a module's parameters before reading its
+/// partition of them).
+pub(crate) trait ParamLayout {
+    fn layout_name(&self) -> &str;
+    /// This rank's slice's shape.
+    fn layout_dims(&self) -> &[usize];
+    /// Whether ranks along `dim` hold different data of the parameter.
+    fn layout_local_to(&self, dim: MeshDim) -> bool;
+}
+
+impl ParamLayout for Param {
+    fn layout_name(&self) -> &str {
+        &self.name
+    }
+
+    fn layout_dims(&self) -> &[usize] {
+        self.var.dims()
+    }
+
+    fn layout_local_to(&self, dim: MeshDim) -> bool {
+        self.is_local_to(dim)
+    }
+}
+
+impl ParamLayout for crate::checkpoint::ParamMeta {
+    fn layout_name(&self) -> &str {
+        &self.name
+    }
+
+    fn layout_dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    fn layout_local_to(&self, dim: MeshDim) -> bool {
+        dim == MeshDim::Pp || self.local_to.contains(&dim)
+    }
+}
+
+pub(crate) fn agree_layout<P: ParamLayout>(
+    params: &[P],
+    members: &[usize],
+    comm: &Comm,
+) -> Result<()> {
     let layout: Vec<String> = members
         .iter()
-        .map(|&i| format!("{} {:?}", params[i].name, params[i].var.dims()))
+        .map(|&i| format!("{} {:?}", params[i].layout_name(), params[i].layout_dims()))
         .collect();
     let mine = layout.join("\n");
     let all = comm.all_gather_bytes(mine.as_bytes())?;
@@ -347,11 +390,11 @@ impl BatchGroups {
     }
 
     /// The subset (index) a parameter's gradients are summed over.
-    pub(crate) fn subset_of(&self, p: &Param) -> usize {
+    pub(crate) fn subset_of<P: ParamLayout>(&self, p: &P) -> usize {
         self.dims
             .iter()
             .enumerate()
-            .filter(|(_, &d)| !p.is_local_to(d))
+            .filter(|(_, &d)| !p.layout_local_to(d))
             .map(|(i, _)| 1 << i)
             .sum()
     }
@@ -364,7 +407,7 @@ impl BatchGroups {
     /// `params` grouped by the subset their gradients are summed over (subsets with none
     /// left out), each group's layout agreed across its ranks (collective: an error on every
     /// rank names the first difference).
-    pub(crate) fn groups_of(&self, params: &[Param]) -> Result<Vec<SyncGroup>> {
+    pub(crate) fn groups_of<P: ParamLayout>(&self, params: &[P]) -> Result<Vec<SyncGroup>> {
         let mut out = Vec::new();
         for (i, (dims, comm)) in self.subsets.iter().enumerate() {
             let members: Vec<usize> = (0..params.len())

@@ -63,6 +63,9 @@ struct Inner {
     device: Device,
     trainable: AtomicBool,
     params: Mutex<BTreeMap<String, Param>>,
+    /// What a [`ParallelVarBuilder::shapes_only`] build recorded: the parameters it would
+    /// have created.
+    metas: Mutex<BTreeMap<String, ParamMeta>>,
     bytes_read: AtomicU64,
     /// LoRA: the layers it names get adapters, and only adapters are trainable.
     lora: std::sync::OnceLock<crate::lora::LoraConfig>,
@@ -75,6 +78,24 @@ pub struct ParallelVarBuilder {
     inner: Arc<Inner>,
     prefix: Vec<String>,
     local_to: Vec<MeshDim>,
+    /// Nothing read or allocated: each tensor is a broadcast zero of its local shape, and a
+    /// parameter is recorded as a [`ParamMeta`] (ZeRO 3 learns a module's parameters this
+    /// way before reading only its partition of them).
+    shapes_only: bool,
+}
+
+/// A parameter a [`ParallelVarBuilder::shapes_only`] build would have created: everything but
+/// its values, and how to get them ([`ParallelVarBuilder::read_flat`]).
+#[derive(Clone, Debug)]
+pub(crate) struct ParamMeta {
+    pub name: String,
+    /// This rank's slice.
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+    pub full_dims: Vec<usize>,
+    pub placement: Placement,
+    pub local_to: Vec<MeshDim>,
+    pub init: Init,
 }
 
 impl ParallelVarBuilder {
@@ -86,11 +107,13 @@ impl ParallelVarBuilder {
                 device: device.clone(),
                 trainable: AtomicBool::new(false),
                 params: Mutex::new(BTreeMap::new()),
+                metas: Mutex::new(BTreeMap::new()),
                 bytes_read: AtomicU64::new(0),
                 lora: std::sync::OnceLock::new(),
             }),
             prefix: Vec::new(),
             local_to: Vec::new(),
+            shapes_only: false,
         }
     }
 
@@ -155,6 +178,7 @@ impl ParallelVarBuilder {
             inner: self.inner.clone(),
             prefix: p,
             local_to: self.local_to.clone(),
+            shapes_only: self.shapes_only,
         }
     }
 
@@ -298,6 +322,33 @@ impl ParallelVarBuilder {
     ) -> Result<Tensor> {
         let name = self.full_name(name);
         let slice = shard.slice(full.dims(), &name)?;
+        if self.shapes_only {
+            let dims = shard.local_dims(full.dims())?;
+            if record {
+                let mut metas = self.inner.metas.lock().unwrap_or_else(|e| e.into_inner());
+                if metas.contains_key(&name) {
+                    bail!("parameter {name} was created twice: each parameter name must be unique")
+                }
+                let mut local_to = self.local_to.clone();
+                if shard != Placement::Replicated && !local_to.contains(&MeshDim::Tp) {
+                    local_to.push(MeshDim::Tp);
+                }
+                local_to.sort();
+                metas.insert(
+                    name.clone(),
+                    ParamMeta {
+                        name,
+                        dims: dims.clone(),
+                        dtype,
+                        full_dims: full.dims().to_vec(),
+                        placement: shard,
+                        local_to,
+                        init,
+                    },
+                );
+            }
+            return Tensor::zeros((), dtype, &self.inner.device)?.broadcast_as(dims);
+        }
         let t = match &self.inner.source {
             Source::Init { seed } => init_slice(*seed, &name, full.dims(), slice.as_ref(), init)?
                 .to_dtype(dtype)?
@@ -405,22 +456,6 @@ impl ParallelVarBuilder {
         self.inner.trainable.load(Ordering::SeqCst)
     }
 
-    /// Removes and returns (sorted by name) the recorded parameters whose names are not in
-    /// `before`: those a module just built created, for an owner that keeps them otherwise
-    /// (ZeRO 3's sharded modules).
-    pub(crate) fn take_new_params(
-        &self,
-        before: &std::collections::BTreeSet<String>,
-    ) -> Vec<Param> {
-        let mut params = self.inner.params.lock().unwrap_or_else(|e| e.into_inner());
-        let new: Vec<String> = params
-            .keys()
-            .filter(|k| !before.contains(*k))
-            .cloned()
-            .collect();
-        new.iter().filter_map(|k| params.remove(k)).collect()
-    }
-
     /// The recorded parameter `name` (a full name), if any.
     pub(crate) fn recorded(&self, name: &str) -> Option<Param> {
         let params = self.inner.params.lock().unwrap_or_else(|e| e.into_inner());
@@ -433,7 +468,50 @@ impl ParallelVarBuilder {
             inner: self.inner.clone(),
             prefix: Vec::new(),
             local_to: Vec::new(),
+            shapes_only: false,
         }
+    }
+
+    /// This builder, reading nothing: each tensor is a broadcast zero of its local shape
+    /// (no memory), each parameter recorded as a [`ParamMeta`] for
+    /// [`ParallelVarBuilder::take_new_metas`].
+    pub(crate) fn shapes_only(&self) -> Self {
+        Self {
+            shapes_only: true,
+            ..self.clone()
+        }
+    }
+
+    /// The parameters recorded by shapes-only builds since the last call, in name order.
+    pub(crate) fn take_new_metas(&self) -> Vec<ParamMeta> {
+        let mut metas = self.inner.metas.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *metas).into_values().collect()
+    }
+
+    /// Elements `start..start + len` of parameter `meta`'s slice (this rank's tp/ep part),
+    /// flattened row-major, in the builder's dtype: read from the source as
+    /// [`ParallelVarBuilder::get`] would (checksums included), one parameter at a time, and
+    /// only the range kept.
+    pub(crate) fn read_flat(&self, meta: &ParamMeta, start: usize, len: usize) -> Result<Tensor> {
+        let whole = self.root().fetch(
+            Shape::from(meta.full_dims.clone()),
+            &meta.name,
+            meta.placement,
+            meta.init,
+            false,
+            meta.dtype,
+        )?;
+        if whole.dims() != meta.dims.as_slice() || start + len > whole.elem_count() {
+            bail!(
+                "tensor {}: its slice is {:?}, expected {:?} (elements {start}..{} wanted)",
+                meta.name,
+                whole.dims(),
+                meta.dims,
+                start + len
+            )
+        }
+        // A copy: the rest of the parameter is freed.
+        whole.flatten_all()?.narrow(0, start, len)?.copy()
     }
 
     /// Parameters read from a candle-nn `VarBuilder` (over a `VarMap`, safetensors, or any

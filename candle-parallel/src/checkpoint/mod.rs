@@ -38,12 +38,14 @@ mod source;
 mod stream;
 
 pub use builder::ParallelVarBuilder;
+pub(crate) use builder::ParamMeta;
 pub use export::export_hf;
 pub use format::{
     read_metadata, write_atomic, CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE,
     FORMAT_VERSION, METADATA_FILE,
 };
 pub use gather::{full_gradients, full_gradients_of, gather_full, gather_model, merge_on_all};
+pub(crate) use placement::holders;
 pub use placement::{Param, Placement};
 pub use save::{save_checkpoint, SaveOptions, SaveStage, ShardedTensor};
 pub use source::{check_checkpoint, hf_safetensors_files, verify_checkpoint};

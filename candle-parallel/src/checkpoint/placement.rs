@@ -162,19 +162,30 @@ impl Param {
     /// shares with its neighbours (replicated key/value heads). Counting every element once
     /// over the mesh (a global gradient norm) divides by this.
     pub fn holders(&self, mesh: &DeviceMesh) -> f64 {
-        let mut n = 1.0;
-        for dim in MeshDim::ALL {
-            if !self.is_local_to(dim) {
-                n *= mesh.size(dim) as f64;
-            }
-        }
-        if let Placement::Range { dim, len, .. } = self.placement {
-            // `Range` slices are cut over tp: tp × len rows cover the full `full_dims[dim]`.
-            let over = mesh.size(MeshDim::Tp) as f64 * len as f64 / self.full_dims[dim] as f64;
-            n *= over.max(1.0);
-        }
-        n
+        holders(&self.local_to, self.placement, &self.full_dims, mesh)
     }
+}
+
+/// [`Param::holders`] of a parameter local to `local_to`, placed as `placement` in a tensor
+/// of `full_dims`.
+pub(crate) fn holders(
+    local_to: &[MeshDim],
+    placement: Placement,
+    full_dims: &[usize],
+    mesh: &DeviceMesh,
+) -> f64 {
+    let mut n = 1.0;
+    for dim in MeshDim::ALL {
+        if dim != MeshDim::Pp && !local_to.contains(&dim) {
+            n *= mesh.size(dim) as f64;
+        }
+    }
+    if let Placement::Range { dim, len, .. } = placement {
+        // `Range` slices are cut over tp: tp × len rows cover the full `full_dims[dim]`.
+        let over = mesh.size(MeshDim::Tp) as f64 * len as f64 / full_dims[dim] as f64;
+        n *= over.max(1.0);
+    }
+    n
 }
 
 /// This rank's `slice` of the full tensor `t` (all of it for `None`), zero padded to the

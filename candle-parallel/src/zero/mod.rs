@@ -138,6 +138,19 @@ pub(crate) struct Info {
 }
 
 impl Info {
+    /// A parameter a module would create, not yet read (ZeRO 3's partitioned load).
+    pub(crate) fn of_meta(p: &crate::checkpoint::ParamMeta, mesh: &DeviceMesh) -> Self {
+        Self {
+            name: p.name.clone(),
+            dims: p.dims.clone(),
+            dtype: p.dtype,
+            full_dims: p.full_dims.clone(),
+            placement: p.placement,
+            local_to: p.local_to.clone(),
+            holders: crate::checkpoint::holders(&p.local_to, p.placement, &p.full_dims, mesh),
+        }
+    }
+
     pub(crate) fn of(p: &Param, mesh: &DeviceMesh) -> Self {
         Self {
             name: p.name.clone(),

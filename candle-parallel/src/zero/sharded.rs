@@ -8,7 +8,7 @@ use crate::data_parallel::BatchGroups;
 use crate::mesh::DeviceMesh;
 use crate::ops::attach_backward;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -110,10 +110,12 @@ impl std::fmt::Debug for ShardedModule {
 }
 
 impl ShardedModule {
-    /// Builds the module once with `build(vb)` (each rank reading its tp/ep slices from `vb`,
-    /// which must be trainable), then keeps only this rank's partition of its parameters and
-    /// frees the rest. Collective over the world (the replicas must build the same
-    /// parameters).
+    /// Learns the module's parameters by building it once with `build` over a shapes-only
+    /// view of `vb` (nothing read, nothing allocated: `vb` must be trainable so that the
+    /// parameters are known), then reads from `vb` only what this rank's partition holds:
+    /// one parameter at a time, those that overlap the partition, each cut to the
+    /// overlap. No rank materialises the module (nor the model) on the way. Collective over
+    /// the world (the replicas must build the same parameters).
     pub fn new<M: Module + 'static>(
         name: &str,
         vb: &ParallelVarBuilder,
@@ -124,49 +126,55 @@ impl ShardedModule {
         if !vb.is_trainable() {
             bail!("ShardedModule {name}: the builder must be trainable (ParallelVarBuilder::trainable) so that the module's parameters are known")
         }
-        let before: BTreeSet<String> = vb.params().into_iter().map(|p| p.name).collect();
-        drop(build(vb.clone())?);
-        let params = vb.take_new_params(&before);
+        drop(vb.take_new_metas());
+        drop(build(vb.shapes_only())?);
+        let params = vb.take_new_metas();
         if params.is_empty() {
             bail!("ShardedModule {name}: building the module created no parameters")
         }
-        let dtype = params[0].var.dtype();
-        if let Some(p) = params.iter().find(|p| p.var.dtype() != dtype) {
+        let dtype = params[0].dtype;
+        if let Some(p) = params.iter().find(|p| p.dtype != dtype) {
             bail!(
                 "ShardedModule {name}: parameter {} is {:?}, the others {dtype:?}: a sharded module holds one dtype",
                 p.name,
-                p.var.dtype()
+                p.dtype
             )
         }
-        let device = params[0].var.device().clone();
-        let infos: Vec<Info> = params.iter().map(|p| Info::of(p, mesh)).collect();
+        let device = vb.device().clone();
+        let infos: Vec<Info> = params.iter().map(|p| Info::of_meta(p, mesh)).collect();
         let mut groups = Vec::new();
         let mut pieces = Vec::new();
         let mut var_offset = 0;
         for g in batch.groups_of(&params)? {
             let (dims, comm, members, n, rank) = (&g.dims, &g.comm, &g.members, g.size, g.rank);
             let mut segs = Vec::with_capacity(members.len());
-            let mut flat = Vec::with_capacity(members.len() + 1);
             let mut offset = 0;
             for &j in members {
-                let len = params[j].var.elem_count();
+                let len = params[j].dims.iter().product();
                 segs.push(Seg {
                     info: j,
                     offset,
                     len,
                 });
-                flat.push(params[j].var.as_tensor().flatten_all()?);
                 offset += len;
             }
             let padded = offset.div_ceil(n) * n;
-            flat.push(Tensor::zeros(padded - offset, dtype, &device)?);
             let part = padded / n;
-            pieces.push(
-                Tensor::cat(&flat, 0)?
-                    .narrow(0, rank * part, part)?
-                    .to_dtype(DType::F32)?
-                    .copy()?,
-            );
+            // This rank's partition: each parameter's overlap with it, read on its own, then
+            // the padding's zeros.
+            let (lo, hi) = (rank * part, (rank + 1) * part);
+            let mut flat = Vec::new();
+            for (s, a, b) in super::overlaps(&segs, lo, part) {
+                flat.push(
+                    vb.read_flat(&params[s.info], a - s.offset, b - a)?
+                        .to_dtype(DType::F32)?,
+                );
+            }
+            let filled = offset.clamp(lo, hi) - lo;
+            if filled < part {
+                flat.push(Tensor::zeros(part - filled, DType::F32, &device)?);
+            }
+            pieces.push(Tensor::cat(&flat, 0)?);
             groups.push(Group {
                 dims: dims.clone(),
                 comm: comm.clone(),
