@@ -2,12 +2,9 @@
 //! with a backward you supply. The trainable softmax, RMSNorm and rotary embedding are built on
 //! it, and so is the MoE layer's link that keeps empty branches on the gradient path.
 
-use super::copy_view;
-use candle_core::backend::BackendStorage;
+use super::OnceValue;
 use candle_core::Tensor;
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage,
-};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 
 /// The backward of [`attach_backward`]: given the inputs, the forward value and the output
 /// gradient, one gradient (or `None`) per input.
@@ -52,7 +49,7 @@ pub fn attach_backward(
     let op = Attached {
         name,
         inputs: inputs.len(),
-        value: std::sync::Mutex::new(Some(value.detach())),
+        value: OnceValue::new(name, value.detach()),
         vjp: Box::new(vjp),
     };
     match *inputs {
@@ -68,33 +65,11 @@ struct Attached {
     /// How many inputs (1 or 2).
     inputs: usize,
     /// The value, taken by the forward.
-    value: std::sync::Mutex<Option<Tensor>>,
+    value: OnceValue,
     vjp: Box<Vjp>,
 }
 
 impl Attached {
-    /// A copy of the value, on the device of storage `S`.
-    fn value_copy<S: BackendStorage>(
-        &self,
-        pick: impl Fn(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)>
-    where
-        S::Device: candle_core::backend::BackendDevice<Storage = S>,
-    {
-        let Some(value) = self.value.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-            bail!("attach_backward({}): the forward ran twice", self.name)
-        };
-        let (s, l) = value.storage_and_layout();
-        match pick(&s) {
-            Some(s) => copy_view(s, l),
-            None => bail!(
-                "attach_backward({}): the value is on {:?}, not on the inputs' device",
-                self.name,
-                value.device()
-            ),
-        }
-    }
-
     /// The inputs' gradients from the vjp (detached inputs: what the backward computes is a
     /// value, not a graph, which would keep every intermediate of the backward, and the
     /// inputs' variables, alive for as long as the gradient lives).
@@ -117,31 +92,17 @@ impl Attached {
     }
 }
 
-fn cpu(s: &Storage) -> Option<&CpuStorage> {
-    match s {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn cuda(s: &Storage) -> Option<&CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
 impl CustomOp1 for Attached {
     fn name(&self) -> &'static str {
         self.name
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.value_copy(cpu)
+        self.value.copy_cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.value_copy(cuda)
+        self.value.copy_cuda()
     }
 
     fn bwd(&self, a: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -161,7 +122,7 @@ impl CustomOp2 for Attached {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.value_copy(cpu)
+        self.value.copy_cpu()
     }
 
     fn cuda_fwd(
@@ -171,7 +132,7 @@ impl CustomOp2 for Attached {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        self.value_copy(cuda)
+        self.value.copy_cuda()
     }
 
     fn bwd(

@@ -3,9 +3,9 @@
 //! ([`with_selective_recompute`]) under which layers checkpoint their cheap, memory-heavy parts
 //! (Megatron's selective recomputation).
 
-use super::copy_view;
+use super::{copy_view, OnceValue};
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
+    bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
 };
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
@@ -143,7 +143,7 @@ fn attach_many(
         &token,
         Output {
             name,
-            value: Mutex::new(Some(value)),
+            value: OnceValue::new(name, value),
             inputs: inputs.len(),
             rest: rest.iter().map(|t| t.detach()).collect(),
             vjp: Box::new(vjp),
@@ -158,23 +158,12 @@ type Stash = Arc<Mutex<Vec<Option<Tensor>>>>;
 /// The op that outputs the value: its arguments are inputs 0 and 1 and the chain's token.
 struct Output {
     name: &'static str,
-    /// Taken by the forward (the op lives in the graph until the backward: it must not keep
-    /// the value alive besides its copy).
-    value: Mutex<Option<Tensor>>,
+    value: OnceValue,
     inputs: usize,
     /// The inputs past the first two, detached (their storage is the inputs' own).
     rest: Vec<Tensor>,
     vjp: Box<ManyVjp>,
     stash: Stash,
-}
-
-impl Output {
-    fn take_value(&self) -> Result<Tensor> {
-        match self.value.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(v) => Ok(v),
-            None => bail!("checkpoint({}): the forward ran twice", self.name),
-        }
-    }
 }
 
 impl CustomOp3 for Output {
@@ -191,12 +180,7 @@ impl CustomOp3 for Output {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let value = self.take_value()?;
-        let (s, l) = value.storage_and_layout();
-        match &*s {
-            Storage::Cpu(s) => copy_view(s, l),
-            _ => bail!("checkpoint({}): the value is not on the CPU", self.name),
-        }
+        self.value.copy_cpu()
     }
 
     fn cuda_fwd(
@@ -208,12 +192,7 @@ impl CustomOp3 for Output {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let value = self.take_value()?;
-        let (s, l) = value.storage_and_layout();
-        match &*s {
-            Storage::Cuda(s) => copy_view(s, l),
-            _ => bail!("checkpoint({}): the value is not on the GPU", self.name),
-        }
+        self.value.copy_cuda()
     }
 
     fn bwd(

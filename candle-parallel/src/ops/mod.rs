@@ -46,3 +46,47 @@ where
     s.copy_strided_src(&mut dst, 0, l)?;
     Ok((dst, shape))
 }
+
+/// The value a custom op outputs, handed to its struct rather than as an argument (the graph
+/// keeps an op's arguments until the backward; the value would live twice): the forward takes
+/// it once, copies it out, and drops it.
+pub(crate) struct OnceValue {
+    name: &'static str,
+    value: std::sync::Mutex<Option<candle_core::Tensor>>,
+}
+
+impl OnceValue {
+    pub(crate) fn new(name: &'static str, value: candle_core::Tensor) -> Self {
+        Self {
+            name,
+            value: std::sync::Mutex::new(Some(value)),
+        }
+    }
+
+    fn take(&self) -> Result<candle_core::Tensor> {
+        match self.value.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(v) => Ok(v),
+            None => candle_core::bail!("{}: the forward ran twice", self.name),
+        }
+    }
+
+    /// A copy of the value on the CPU (the op's forward there).
+    pub(crate) fn copy_cpu(&self) -> Result<(candle_core::CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (s, l) = value.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(s) => copy_view(s, l),
+            _ => candle_core::bail!("{}: the value is not on the CPU", self.name),
+        }
+    }
+
+    /// A copy of the value on the GPU (the op's forward there).
+    pub(crate) fn copy_cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (s, l) = value.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cuda(s) => copy_view(s, l),
+            _ => candle_core::bail!("{}: the value is not on the GPU", self.name),
+        }
+    }
+}
