@@ -84,8 +84,8 @@ pub struct ActivationEstimate {
 /// the residual sum; the MoE layer its normed input, the router's logits and probabilities,
 /// per routed copy the gathered input, w1, w3, SwiGLU and w2 outputs, the expert outputs
 /// concatenated and weighted, the combined output and the residual sum. Selective
-/// recomputation drops the scores and mask, the repeated keys and values and the SwiGLU
-/// outputs. (Measured by the counting allocator, a layer keeps 3–5% more: index and
+/// recomputation drops the scores and mask, the repeated keys and values, the SwiGLU outputs
+/// and the weighted expert outputs. (Measured by the counting allocator, a layer keeps 3–5% more: index and
 /// bookkeeping tensors this count leaves out.) The
 /// head keeps the normed states, the logits and three logits-sized tensors of the
 /// cross-entropy; its backward adds seven (one gradient per operation and their sums).
@@ -139,7 +139,8 @@ pub fn mixtral_activations(
     let experts = routed * (h + 2 * ffn + h) + if selective { 0 } else { routed * ffn };
     let moe = t * h // normed input
         + experts
-        + 2 * routed * h // outputs concatenated, weighted
+        + routed * h // outputs concatenated
+        + if selective { 0 } else { routed * h } // weighted
         + 2 * t * h; // combined, residual sum
     let router = 3 * t * e; // logits, probabilities, top-k weights (f32)
     let layer_graph = (attention + moe) * l.dtype_bytes + router * 4;
@@ -156,7 +157,7 @@ pub fn mixtral_activations(
     let in_flight_grads = (6 * b * heads * s * s).max(4 * routed * ffn).max(4 * t * h);
     // Selective recomputation rebuilds what it dropped, one checkpoint at a time.
     let rebuilt = if selective {
-        (repeat + scores + s * s).max(routed * ffn)
+        (repeat + scores + s * s).max(routed * ffn).max(routed * h)
     } else {
         0
     };

@@ -16,6 +16,27 @@ pub fn combine_outputs(
     token: &[u32],
     t: usize,
 ) -> Result<Tensor> {
+    if ops::selective_recompute() && !assignment.is_empty() && (y.track_op() || weights.track_op())
+    {
+        // The weighted rows (`[k·t, h]`) and the zeros they are added into are not kept: the
+        // backward redoes the multiply and the scatter (selective recomputation of the
+        // unpermutation).
+        let (assignment, token) = (assignment.to_vec(), token.to_vec());
+        return ops::checkpoint("moe_combine", &[y, weights], move |x| {
+            combine(&x[0], &x[1], &assignment, &token, t)
+        });
+    }
+    combine(y, weights, assignment, token, t)
+}
+
+/// [`combine_outputs`], every intermediate kept.
+fn combine(
+    y: &Tensor,
+    weights: &Tensor,
+    assignment: &[u32],
+    token: &[u32],
+    t: usize,
+) -> Result<Tensor> {
     let (_, h) = y.dims2()?;
     let out = Tensor::zeros((t, h), y.dtype(), y.device())?;
     if assignment.is_empty() {

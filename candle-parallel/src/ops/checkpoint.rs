@@ -18,7 +18,8 @@ thread_local! {
 /// Runs `f` with selective recomputation switched `on` on this thread (a rank's thread): the
 /// layers that support it ([`selective_recompute`]) then checkpoint the parts that are cheap to
 /// compute and heavy to keep — the attention's scores and probabilities, the experts' SwiGLU
-/// activations — so that their backward recomputes them. Restores the previous setting after,
+/// activations, the MoE layer's weighted expert outputs — so that their backward recomputes
+/// them. Restores the previous setting after,
 /// even if `f` panics. The gradients are the same, bit for bit.
 ///
 /// ```
