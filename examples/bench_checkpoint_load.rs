@@ -133,16 +133,17 @@ fn distributed_twins(hf: &Path, tp: usize, dist: &Path, nocrc: &Path) -> Result<
         })?;
     }
     let _ = std::fs::remove_dir_all(nocrc);
-    std::fs::create_dir_all(nocrc)?;
-    for e in std::fs::read_dir(dist)?.flatten() {
+    candle_parallel::checkpoint::create_dir(nocrc)?;
+    for e in candle_parallel::checkpoint::read_dir(dist)?.flatten() {
         let name = e.file_name();
         if name.to_string_lossy().starts_with("rank-") {
             std::fs::hard_link(e.path(), nocrc.join(&name))?;
         }
     }
-    let mut meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dist.join(METADATA_FILE))?)
-            .map_err(candle_core::Error::wrap)?;
+    let mut meta: serde_json::Value = serde_json::from_slice(
+        &candle_parallel::checkpoint::read_file(&dist.join(METADATA_FILE))?,
+    )
+    .map_err(candle_core::Error::wrap)?;
     if let Some(m) = meta.as_object_mut() {
         m.remove("crc_block_bytes");
     }
@@ -161,7 +162,7 @@ fn distributed_twins(hf: &Path, tp: usize, dist: &Path, nocrc: &Path) -> Result<
         nocrc.join(METADATA_FILE),
         serde_json::to_vec(&meta).map_err(candle_core::Error::wrap)?,
     )?;
-    std::fs::write(nocrc.join(COMPLETE_FILE), "step 0\n")?;
+    candle_parallel::checkpoint::write_file(&nocrc.join(COMPLETE_FILE), "step 0\n")?;
     Ok(())
 }
 

@@ -116,7 +116,7 @@ fn mmap(dir: &Path) -> Result<candle_nn::VarBuilder<'static>> {
 fn llama(dir: &Path, a: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
     use candle_transformers::models::llama as ct;
     let cfg = llama_config();
-    let text = std::fs::read_to_string(dir.join("config.json"))?;
+    let text = candle_parallel::checkpoint::read_text(&dir.join("config.json"))?;
     let ct_cfg: ct::LlamaConfig = serde_json::from_str(&text).map_err(candle_core::Error::wrap)?;
     let ct_cfg = ct_cfg.into_config(false);
     let theirs = ct::Llama::load(mmap(dir)?, &ct_cfg)?;
@@ -167,9 +167,10 @@ fn race(
 fn mixtral(dir: &Path, a: &Args) -> Result<(Vec<f64>, Vec<f64>)> {
     use candle_transformers::models::mixtral as ct;
     let cfg = mixtral_config();
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
-            .map_err(candle_core::Error::wrap)?;
+    let mut json: serde_json::Value = serde_json::from_str(
+        &candle_parallel::checkpoint::read_text(&dir.join("config.json"))?,
+    )
+    .map_err(candle_core::Error::wrap)?;
     json["use_flash_attn"] = serde_json::json!(false);
     let ct_cfg: ct::Config = serde_json::from_value(json).map_err(candle_core::Error::wrap)?;
     let ours = Launcher::new(1).run(|ctx| {

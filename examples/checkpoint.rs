@@ -122,7 +122,7 @@ fn inspect(dir: &Path) -> Result<()> {
     // temporary rank files).
     let distributed = dir.join(METADATA_FILE).exists()
         || dir.join(COMPLETE_FILE).exists()
-        || std::fs::read_dir(dir)?
+        || candle_parallel::checkpoint::read_dir(dir)?
             .flatten()
             .any(|e| e.file_name().to_string_lossy().starts_with("rank-"));
     if distributed {
@@ -229,7 +229,10 @@ fn reshard(from: &Path, to: &Path, mesh: &str, dtype: &str) -> Result<()> {
     for name in TOKENIZER_FILES {
         let path = from.join(name);
         if path.is_file() {
-            files.push((name.to_string(), std::fs::read(&path)?));
+            files.push((
+                name.to_string(),
+                candle_parallel::checkpoint::read_file(&path)?,
+            ));
         }
     }
     let reads = Launcher::new(mesh.world_size()).mesh(mesh).run(|ctx| {

@@ -680,7 +680,8 @@ fn main() -> Result<()> {
     if pp > 1 && cfg.tie_word_embeddings {
         candle_core::bail!("--mesh with pp: a head tied to the embedding would be two copies on the first and last stages, whose gradients are not summed yet; train it without pp");
     }
-    let tokenizer_json = std::fs::read(args.model.join("tokenizer.json"))?;
+    let tokenizer_json =
+        candle_parallel::checkpoint::read_file(&args.model.join("tokenizer.json"))?;
     let cfg_json = serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?;
     if args.keep_last == 0 {
         candle_core::bail!("--keep-last must be at least 1 (the checkpoint just written)");
@@ -869,7 +870,7 @@ fn main() -> Result<()> {
             if ctx.rank() == 0 && base.is_dir() && !base.join(candle_parallel::checkpoint::COMPLETE_FILE).exists() {
                 // What an interrupted save of this step left: never a checkpoint, safe to drop.
                 tracing::warn!(dir = %base.display(), "removing an interrupted save");
-                std::fs::remove_dir_all(&base)?;
+                std::fs::remove_dir_all(&base).map_err(|e| candle_core::Error::msg(format!("cannot remove {}: {e}", base.display())))?;
             }
             let pick = if ctx.rank() == 0 { unused_dir(&base).to_string_lossy().into_owned() } else { String::new() };
             let dir = PathBuf::from(String::from_utf8_lossy(&ctx.comm().all_gather_bytes(pick.as_bytes())?[0]).into_owned());
@@ -1001,7 +1002,7 @@ fn main() -> Result<()> {
         memory.optimizer_bytes / 1024
     );
     let svg = args.out.join("loss.svg");
-    std::fs::write(&svg, loss_svg(history, evals, metric))?;
+    candle_parallel::checkpoint::write_file(&svg, loss_svg(history, evals, metric))?;
     println!(
         "checkpoint: {}   loss curve: {}",
         out_dir.display(),
@@ -1020,7 +1021,7 @@ fn main() -> Result<()> {
             save_peft(&dir, cfg, &adapters, &args.model.to_string_lossy())?;
             // The base weights with the adapters folded in: a complete Hugging Face model.
             let merged = args.out.join("merged");
-            std::fs::create_dir_all(&merged)?;
+            candle_parallel::checkpoint::create_dir(&merged)?;
             // Written weight by weight from the memory-mapped base: one tensor in memory.
             let base = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&hf_safetensors_files(&args.model)?)? };
             let mut names: Vec<String> = base.tensors().into_iter().map(|(n, _)| n).collect();
@@ -1040,7 +1041,7 @@ fn main() -> Result<()> {
             writer.finish()?;
             let n = modules.len();
             std::fs::write(merged.join("config.json"), serde_json::to_vec_pretty(&cfg_json).map_err(candle_core::Error::wrap)?)?;
-            std::fs::write(merged.join("tokenizer.json"), &tokenizer_json)?;
+            candle_parallel::checkpoint::write_file(&merged.join("tokenizer.json"), &tokenizer_json)?;
             println!(
                 "LoRA adapters ({} tensors, PEFT format): {}\nmerged into {n} base weights: {}",
                 adapters.len(),

@@ -161,13 +161,12 @@ fn main() -> Result<()> {
         (Some(dir), _) | (None, Some(dir)) => {
             let json: serde_json::Value = match &a.checkpoint {
                 Some(_) => candle_parallel::checkpoint::read_metadata(dir)?.config,
-                None => serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
-                    .map_err(|e| {
-                        candle_core::Error::msg(format!(
-                            "{}: {e}",
-                            dir.join("config.json").display()
-                        ))
-                    })?,
+                None => serde_json::from_str(&candle_parallel::checkpoint::read_text(
+                    &dir.join("config.json"),
+                )?)
+                .map_err(|e| {
+                    candle_core::Error::msg(format!("{}: {e}", dir.join("config.json").display()))
+                })?,
             };
             let tok = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
                 candle_core::Error::msg(format!(
@@ -304,7 +303,7 @@ fn main() -> Result<()> {
         );
         if let Some(path) = &a.ids_out {
             let json = serde_json::json!({ "prompt": prompt, "generated": ids[prompt.len()..] });
-            std::fs::write(path, json.to_string())?;
+            candle_parallel::checkpoint::write_file(path, json.to_string())?;
         }
     }
     Ok(())

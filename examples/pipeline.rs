@@ -188,11 +188,11 @@ fn main() -> Result<()> {
                 .collect::<Result<Vec<_>>>()
         })?;
     let timelines = &timelines[0];
-    std::fs::create_dir_all(&args.out)?;
+    candle_parallel::checkpoint::create_dir(&args.out)?;
     let json = args.out.join("timeline.json");
     let svg = args.out.join("timeline.svg");
-    std::fs::write(&json, chrome_trace(timelines))?;
-    std::fs::write(&svg, picture(timelines, &schedule))?;
+    candle_parallel::checkpoint::write_file(&json, chrome_trace(timelines))?;
+    candle_parallel::checkpoint::write_file(&svg, picture(timelines, &schedule))?;
     let (span, busy) = span_and_busy(timelines);
     println!(
         "\nexecuted last step: {:.1} ms, bubble {:.1}% (simulated {:.1}%)\ntimeline: {} (chrome://tracing, ui.perfetto.dev) and {}",

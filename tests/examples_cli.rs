@@ -331,3 +331,24 @@ fn finetune_runs_with_pipeline_stages() {
     );
     fails_saying(&bad, "--micro-batches");
 }
+
+/// A missing path is named, and a mesh size of 0 refused where the flag is parsed (it used to
+/// panic dividing by it).
+#[test]
+fn missing_paths_are_named_and_a_zero_mesh_size_is_refused() {
+    let missing = tmp("missing-model");
+    let m = missing.display().to_string();
+    fails_saying(
+        &run("generate", &["--model", &m]),
+        &format!("{m}/config.json"),
+    );
+    fails_saying(&run("checkpoint", &["inspect", &m]), &m);
+    fails_saying(&run("checkpoint", &["verify", &m]), &m);
+    fails_saying(&run("mixtral", &["eval", "--model", &m]), &m);
+    let out = tmp("zero-mesh").display().to_string();
+    fails_saying(
+        &run("finetune_mixtral", &["--mesh", "ep=0,tp=2", "--out", &out]),
+        "dimension ep has size 0",
+    );
+    assert!(!missing.exists());
+}

@@ -120,6 +120,9 @@ fn mesh_shapes_parse_from_flags() -> Result<()> {
         .unwrap_err()
         .to_string()
         .contains("NAME=SIZE"));
+    // A size 0 is refused where the flag is parsed, before anything divides by it.
+    let e = "ep=0,tp=2".parse::<MeshShape>().unwrap_err().to_string();
+    assert!(e.contains("dimension ep has size 0"), "{e}");
     Ok(())
 }
 

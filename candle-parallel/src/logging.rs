@@ -121,9 +121,11 @@ impl Drop for RankLogGuard {
 
 /// Sends the current thread's events to `dir/NAME.log` (created or truncated) from now on.
 pub fn log_to_file(dir: &Path, name: &str) -> io::Result<RankLogGuard> {
-    std::fs::create_dir_all(dir)?;
+    // The io errors name their path (callers show them as they are).
+    let named = |e: io::Error, p: &Path| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+    std::fs::create_dir_all(dir).map_err(|e| named(e, dir))?;
     let path = dir.join(format!("{name}.log"));
-    let file = File::create(&path)?;
+    let file = File::create(&path).map_err(|e| named(e, &path))?;
     RANK_LOG.with(|f| *f.borrow_mut() = Some(Arc::new(Mutex::new(file))));
     Ok(RankLogGuard { path })
 }

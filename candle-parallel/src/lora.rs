@@ -281,7 +281,7 @@ pub fn save_peft(
     adapters: &HashMap<String, Tensor>,
     base_model: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
+    crate::checkpoint::create_dir(dir)?;
     let named: HashMap<String, Tensor> = adapters
         .iter()
         .map(|(n, t)| (peft_name(n), t.clone()))

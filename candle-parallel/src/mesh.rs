@@ -211,6 +211,9 @@ impl FromStr for MeshShape {
             let size: usize = size.trim().parse().map_err(|_| {
                 candle_core::Error::msg(format!("mesh '{s}': '{size}' is not a size"))
             })?;
+            if size == 0 {
+                bail!("mesh '{s}': dimension {dim} has size 0; every size must be at least 1 (leave a dimension out for size 1)")
+            }
             shape = shape.with(dim, size);
         }
         Ok(shape)

@@ -60,7 +60,7 @@ pub fn write_random_hf<C: serde::Serialize>(
         + Sync,
 ) -> Result<()> {
     use candle_parallel::checkpoint::ParallelVarBuilder;
-    std::fs::create_dir_all(dir)?;
+    candle_parallel::checkpoint::create_dir(dir)?;
     // Explicitly local: this helper also runs inside multi-process (NCCL) jobs.
     let params = candle_parallel::Launcher::new(1)
         .backend(candle_parallel::launch::BackendKind::Local)
@@ -75,7 +75,7 @@ pub fn write_random_hf<C: serde::Serialize>(
         .collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     let json = serde_json::to_string_pretty(cfg).map_err(candle_core::Error::wrap)?;
-    std::fs::write(dir.join("config.json"), json)?;
+    candle_parallel::checkpoint::write_file(&dir.join("config.json"), json)?;
     Ok(())
 }
 

@@ -160,6 +160,47 @@ pub(crate) fn sync_dir(path: &Path) -> Result<()> {
 
 /// Reads and checks a checkpoint's metadata: the directory must hold a completed checkpoint of
 /// a format version this library knows, with every rank file present.
+/// The bytes of the file at `path`; an error names the path.
+///
+/// ```
+/// let e = candle_parallel::checkpoint::read_file("/no/such/dir/config.json".as_ref()).unwrap_err();
+/// assert!(e.to_string().contains("/no/such/dir/config.json"));
+/// ```
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The text of the file at `path`; an error names the path.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Writes `contents` to the file at `path` (not atomically: see [`write_atomic`]); an error
+/// names the path.
+pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    std::fs::write(path, contents)
+        .map_err(|e| candle_core::Error::msg(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Creates the directory `dir` and its parents; an error names the directory.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        candle_core::Error::msg(format!(
+            "cannot create the directory {}: {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// The entries of the directory `dir`; an error names the directory.
+pub fn read_dir(dir: &Path) -> Result<std::fs::ReadDir> {
+    std::fs::read_dir(dir).map_err(|e| {
+        candle_core::Error::msg(format!("cannot read the directory {}: {e}", dir.display()))
+    })
+}
+
 pub fn read_metadata(dir: &Path) -> Result<CheckpointMeta> {
     let meta_path = dir.join(METADATA_FILE);
     if !dir.is_dir() {

@@ -41,8 +41,8 @@ pub use builder::ParallelVarBuilder;
 pub(crate) use builder::ParamMeta;
 pub use export::export_hf;
 pub use format::{
-    read_metadata, write_atomic, CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE,
-    FORMAT_VERSION, METADATA_FILE,
+    create_dir, read_dir, read_file, read_metadata, read_text, write_atomic, write_file,
+    CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE, FORMAT_VERSION, METADATA_FILE,
 };
 pub use gather::{full_gradients, full_gradients_of, gather_full, gather_model, merge_on_all};
 pub(crate) use placement::holders;

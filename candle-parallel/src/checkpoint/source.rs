@@ -296,7 +296,7 @@ pub fn hf_safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)?;
+        let text = super::read_text(&index)?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             candle_core::Error::msg(format!("{}: not valid JSON: {e}", index.display()))
         })?;
