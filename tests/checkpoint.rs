@@ -680,6 +680,15 @@ fn checksums_catch_flipped_bytes_and_swapped_files() -> Result<()> {
     load_all(&dist, &cfg)?;
     let (_, unchecked) = verify_checkpoint(&dist)?;
     assert!(unchecked > 0);
+    // Pieces that leave a gap (one of q's two tp pieces dropped from the metadata): verify
+    // refuses what every load refuses, so that a checkpoint that verifies, loads.
+    edit_metadata(&dist, |j| {
+        j["tensors"][q]["pieces"].as_array_mut().unwrap().pop();
+    })?;
+    let e = load_all(&dist, &cfg).unwrap_err().to_string();
+    assert!(e.contains("gap"), "{e}");
+    let e = verify_checkpoint(&dist).unwrap_err().to_string();
+    assert!(e.contains(q) && e.contains("gap"), "{e}");
     std::fs::remove_dir_all(hf)?;
     std::fs::remove_dir_all(dist)?;
     Ok(())

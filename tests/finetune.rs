@@ -465,5 +465,23 @@ fn lora_trains_adapters_only_and_merges_into_the_base() {
         generate(&["--model", &m, "--adapters", &ad, "--ep", "2", "--tp", "2"]),
         generate(&["--model", &mg, "--tp", "1"])
     );
+    // Adapters for modules that target_modules does not list are ignored with a warning that
+    // names them.
+    let config = out.join("adapters/adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    cfg["target_modules"] = serde_json::json!(["q_proj", "k_proj", "v_proj", "o_proj"]);
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let o = Command::new(example_path("generate"))
+        .args(["--model", &m, "--adapters", &ad, "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success()
+            && err.contains("target_modules does not list")
+            && err.contains("model.layers.0.block_sparse_moe.experts.0.w1"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

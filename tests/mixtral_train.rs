@@ -431,6 +431,34 @@ fn a_checkpointed_job_resumes_under_another_dp_and_zero_stage() -> Result<()> {
             .to_scalar::<f32>()?;
         assert!(d <= 1e-5, "resumed from ZeRO 3: {name} differs by {d:e}");
     }
+    // A checkpoint whose metadata names another step than its optimizer state is refused.
+    let edited = ckpt.join("step-000002");
+    let meta_file = edited.join(candle_parallel::checkpoint::METADATA_FILE);
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_file).unwrap()).unwrap();
+    meta["step"] = serde_json::json!(3);
+    std::fs::write(&meta_file, meta.to_string()).unwrap();
+    let o = Command::new(example_path("mixtral"))
+        .args([
+            "train",
+            "--model",
+            &model.to_string_lossy(),
+            "--batch",
+            &batch.to_string_lossy(),
+            "--steps",
+            "3",
+            "--resume",
+            &from,
+            "--out",
+            &dir.join("edited.safetensors").to_string_lossy(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("says step 3 but its optimizer state is at step 2"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
 }

@@ -267,6 +267,63 @@ impl LoraAdapter {
     }
 }
 
+/// The modules whose adapters the PEFT directory `dir` holds (in `adapter_model.safetensors`)
+/// but its `target_modules` (in `cfg`) does not list: adapters nothing loads (PEFT would not
+/// inject them either). Reads the file's header only.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_parallel::lora::{save_peft, unlisted_adapter_modules, LoraConfig};
+/// use std::collections::HashMap;
+///
+/// let dir = std::env::temp_dir().join(format!("cp-unlisted-{}", std::process::id()));
+/// let t = Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let adapters: HashMap<String, Tensor> = ["q_proj", "v_proj"]
+///     .iter()
+///     .flat_map(|m| ["lora_A", "lora_B"].map(|ab| (format!("model.layers.0.self_attn.{m}.{ab}.weight"), t.clone())))
+///     .collect();
+/// let all = LoraConfig { rank: 2, alpha: 4.0, target_modules: vec!["q_proj".into(), "v_proj".into()] };
+/// save_peft(&dir, &all, &adapters, "base")?;
+/// let only_q = LoraConfig { target_modules: vec!["q_proj".into()], ..all };
+/// assert_eq!(unlisted_adapter_modules(&dir, &only_q)?, ["model.layers.0.self_attn.v_proj"]);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn unlisted_adapter_modules(dir: &Path, cfg: &LoraConfig) -> Result<Vec<String>> {
+    let path = dir.join("adapter_model.safetensors");
+    let named =
+        |e: std::io::Error| candle_core::Error::msg(format!("cannot read {}: {e}", path.display()));
+    let mut f = std::fs::File::open(&path).map_err(named)?;
+    let mut len = [0u8; 8];
+    std::io::Read::read_exact(&mut f, &mut len).map_err(named)?;
+    let len = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(named)?.len();
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        bail!(
+            "{}: a safetensors header of {len} bytes in a file of {size}: the file is corrupt",
+            path.display()
+        )
+    }
+    let mut header = vec![0u8; len as usize];
+    std::io::Read::read_exact(&mut f, &mut header).map_err(named)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| {
+            candle_core::Error::msg(format!("{}: its header is not JSON: {e}", path.display()))
+        })?;
+    let mut out: Vec<String> = header
+        .keys()
+        .filter(|k| is_adapter(k))
+        .filter_map(|k| {
+            let module = k.strip_prefix("base_model.model.").unwrap_or(k);
+            let module = &module[..module.find(".lora_")?];
+            (!cfg.matches(module)).then(|| module.to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// PEFT's tensor name for one of our adapter parameters.
 pub fn peft_name(name: &str) -> String {
     format!("base_model.model.{name}")

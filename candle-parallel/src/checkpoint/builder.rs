@@ -152,6 +152,15 @@ impl ParallelVarBuilder {
         device: &Device,
     ) -> Result<Self> {
         let cfg = crate::lora::LoraConfig::from_peft_dir(adapters)?;
+        let unlisted = crate::lora::unlisted_adapter_modules(adapters, &cfg)?;
+        if !unlisted.is_empty() {
+            tracing::warn!(
+                dir = %adapters.display(),
+                modules = ?unlisted,
+                target_modules = ?cfg.target_modules,
+                "adapters for modules that target_modules does not list are ignored (PEFT would not load them either): add their names to target_modules in adapter_config.json to use them"
+            );
+        }
         let mut files = hf_safetensors_files(dir)?;
         files.push(adapters.join("adapter_model.safetensors"));
         Self::from_safetensors(&files, dtype, device)?.with_lora(cfg)

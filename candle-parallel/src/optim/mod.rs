@@ -210,7 +210,19 @@ pub(crate) fn saved_step(vb: &ParallelVarBuilder) -> Result<u64> {
     }
     let init = candle_nn::Init::Const(0.0);
     let step = vb.get_untracked_in(1, "optimizer.step", Placement::Replicated, init, DType::F64)?;
-    Ok(step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64)
+    let step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as u64;
+    // The metadata's step names the checkpoint (and the step the run goes on from): it must
+    // be the optimizer's.
+    if let Some(meta) = vb.checkpoint_meta() {
+        if meta.step != step {
+            bail!(
+                "the checkpoint's metadata ({}) says step {} but its optimizer state is at step {step}: the checkpoint was edited or is corrupt; use another checkpoint",
+                crate::checkpoint::METADATA_FILE,
+                meta.step
+            )
+        }
+    }
+    Ok(step)
 }
 
 /// This rank's shard (`placement` of `full_dims`) of the saved `optimizer.{kind}.{name}`, in
