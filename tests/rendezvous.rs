@@ -1,6 +1,7 @@
 //! The rendezvous against clients that are not ranks (on loopback): junk, silence, a wrong
-//! world size, a wrong secret, and a fake rank 0 that announces an oversized answer. None of
-//! them may fail or hold up the job.
+//! world size, a wrong secret, a secret on one side only, a fake rank 0 that does not know the
+//! secret, and a fake rank 0 that announces an oversized answer. None of them may fail or hold
+//! up the job, and no rank takes an id from a rank 0 that cannot prove it knows the secret.
 use candle_parallel::launch::process::{rendezvous_with_secret, ProcessEnv, MAX_BLOB};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -38,15 +39,19 @@ fn connect(port: u16) -> TcpStream {
     }
 }
 
-/// A client that greets rank 0 as rank `rank` of `world` and answers the challenge with `tag`.
-fn claim(port: u16, rank: u64, world: u64, tag: u64) -> TcpStream {
+/// A client that greets rank 0 as rank `rank` of `world` (claiming a secret when `secret`)
+/// and answers the challenge with `tag` (32 bytes of it).
+fn claim(port: u16, rank: u64, world: u64, secret: bool, tag: u8) -> TcpStream {
     let mut s = connect(port);
-    s.write_all(b"cp-rdzv2").unwrap();
+    s.write_all(b"cp-rdzv3").unwrap();
     s.write_all(&rank.to_le_bytes()).unwrap();
     s.write_all(&world.to_le_bytes()).unwrap();
-    let mut c = [0u8; 16];
-    s.read_exact(&mut c).unwrap();
-    s.write_all(&tag.to_le_bytes()).unwrap();
+    s.write_all(&[u8::from(secret)]).unwrap();
+    s.write_all(&[7u8; 32]).unwrap();
+    // Rank 0's secret flag, challenge and proof.
+    let mut answer = [0u8; 1 + 32 + 32];
+    s.read_exact(&mut answer).unwrap();
+    s.write_all(&[tag; 32]).unwrap();
     s
 }
 
@@ -91,7 +96,7 @@ fn strangers_are_dropped_without_failing_or_holding_up_the_job() {
         junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let silent = connect(port);
         // Our greeting but the wrong world size.
-        let wrong = claim(port, 1, 7, 0);
+        let wrong = claim(port, 1, 7, false, 0);
         vec![junk, silent, wrong]
     });
     assert_eq!(r0.unwrap(), b"the-id");
@@ -104,7 +109,7 @@ fn strangers_are_dropped_without_failing_or_holding_up_the_job() {
 fn only_processes_that_know_the_secret_get_the_id() {
     // A stranger without the secret claims rank 1 first: dropped; the real rank 1 gets in.
     let (r0, r1, _) = world_of_two(Some("s3cret"), Some("s3cret"), |port| {
-        let mut thief = claim(port, 1, 2, 0x1234);
+        let mut thief = claim(port, 1, 2, true, 0x12);
         let mut rest = Vec::new();
         // Rank 0 closes the connection: nothing comes back.
         thief
@@ -126,6 +131,57 @@ fn only_processes_that_know_the_secret_get_the_id() {
     assert!(r1.is_err());
 }
 
+/// A secret on one side only is refused on both, naming the variable (a rank with a secret
+/// used to take the id from a rank 0 without one).
+#[test]
+fn a_secret_on_one_side_only_is_refused() {
+    for (rank0, rank1) in [(Some("s3cret"), None), (None, Some("s3cret"))] {
+        let (r0, r1, _) = world_of_two(rank0, rank1, |_| Vec::new());
+        let e1 = r1.unwrap_err().to_string();
+        assert!(
+            e1.contains("CANDLE_PARALLEL_RENDEZVOUS_SECRET") && e1.contains("rank 0 has"),
+            "{e1}"
+        );
+        let e0 = r0.unwrap_err().to_string();
+        assert!(
+            e0.contains("did not show up") && e0.contains("CANDLE_PARALLEL_RENDEZVOUS_SECRET"),
+            "{e0}"
+        );
+    }
+}
+
+/// A process that took the port first but does not know the secret cannot hand a rank an
+/// id: the rank checks rank 0's proof before it takes anything.
+#[test]
+fn a_rank_takes_no_id_from_a_rank_0_without_the_secret() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 8 + 8 + 8 + 1 + 32];
+        s.read_exact(&mut hello).unwrap();
+        // Claims a secret, sends a challenge and a made-up proof, then a bogus id.
+        s.write_all(&[1u8]).unwrap();
+        s.write_all(&[3u8; 32]).unwrap();
+        s.write_all(&[9u8; 32]).unwrap();
+        let _ = s.write_all(&4u64.to_le_bytes());
+        let _ = s.write_all(b"evil");
+    });
+    let e = rendezvous_with_secret(
+        &env(1, 2, port),
+        None,
+        Duration::from_secs(4),
+        Some("s3cret"),
+    )
+    .unwrap_err()
+    .to_string();
+    fake.join().unwrap();
+    assert!(
+        e.contains("does not know the job's secret") && e.contains("not this job's rank 0"),
+        "{e}"
+    );
+}
+
 #[test]
 fn an_oversized_answer_is_refused_not_allocated() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -133,10 +189,10 @@ fn an_oversized_answer_is_refused_not_allocated() {
     // A fake rank 0 that answers with an absurd length.
     let fake = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut hello = [0u8; 24];
+        let mut hello = [0u8; 8 + 8 + 8 + 1 + 32];
         s.read_exact(&mut hello).unwrap();
-        s.write_all(&[0u8; 16]).unwrap();
-        let mut answer = [0u8; 8];
+        s.write_all(&[0u8; 1 + 32 + 32]).unwrap();
+        let mut answer = [0u8; 32];
         s.read_exact(&mut answer).unwrap();
         s.write_all(&u64::MAX.to_le_bytes()).unwrap();
     });

@@ -7,20 +7,25 @@
 //! wrong secret — is dropped with a warning; it never fails the job (if a real rank was among
 //! them, the timeout names the missing rank and lists the dropped connections). A rank reads
 //! at most 64 KiB back. With `CANDLE_PARALLEL_RENDEZVOUS_SECRET` set (the same value for every
-//! process of the job), rank 0 answers only processes that prove they know it: rank 0 sends
-//! a fresh random challenge and the rank answers with a SipHash-2-4 tag of it keyed by the
-//! secret, so the secret never crosses the network. Without a secret, anyone who reaches the
-//! port first under a free rank number gets the id: keep the port on a trusted network.
+//! process of the job), each side proves to the other that it knows it: each sends a fresh
+//! 32-byte challenge from the operating system's random source, and the other answers with an
+//! HMAC-SHA-256 tag, keyed by the secret, of that challenge, the side it speaks for, the rank
+//! and the world size (compared in constant time); the secret never crosses the network. So
+//! rank 0 answers only ranks of the job, and a rank takes an id only from a rank 0 of the job
+//! (not from a process that took the port first). A secret on one side only is refused on both,
+//! naming the variable. Without a secret, anyone who reaches the port first under a free rank
+//! number gets the id: keep the port on a trusted network.
 
 use super::process::ProcessEnv;
 use candle_core::{bail, Result};
-use std::hash::{BuildHasher, Hasher};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const MAGIC: &[u8; 8] = b"cp-rdzv2";
+const MAGIC: &[u8; 8] = b"cp-rdzv3";
 /// The environment variable that holds the job's shared secret.
 pub const SECRET_VAR: &str = "CANDLE_PARALLEL_RENDEZVOUS_SECRET";
 /// The most a rank accepts from rank 0 (an NCCL id is 128 bytes).
@@ -28,74 +33,81 @@ pub const MAX_BLOB: usize = 64 * 1024;
 /// How long a connection has to say who it is.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
-/// SipHash-2-4 of `msg` under the key `(k0, k1)`.
-fn siphash24(k0: u64, k1: u64, msg: &[u8]) -> u64 {
-    let mut v = [
-        k0 ^ 0x736f_6d65_7073_6575,
-        k1 ^ 0x646f_7261_6e64_6f6d,
-        k0 ^ 0x6c79_6765_6e65_7261,
-        k1 ^ 0x7465_6462_7974_6573,
-    ];
-    let round = |v: &mut [u64; 4]| {
-        v[0] = v[0].wrapping_add(v[1]);
-        v[1] = v[1].rotate_left(13) ^ v[0];
-        v[0] = v[0].rotate_left(32);
-        v[2] = v[2].wrapping_add(v[3]);
-        v[3] = v[3].rotate_left(16) ^ v[2];
-        v[0] = v[0].wrapping_add(v[3]);
-        v[3] = v[3].rotate_left(21) ^ v[0];
-        v[2] = v[2].wrapping_add(v[1]);
-        v[1] = v[1].rotate_left(17) ^ v[2];
-        v[2] = v[2].rotate_left(32);
-    };
-    let mut words = msg.chunks_exact(8);
-    for w in &mut words {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        let m = u64::from_le_bytes(b);
-        v[3] ^= m;
-        round(&mut v);
-        round(&mut v);
-        v[0] ^= m;
-    }
-    let mut last = (msg.len() as u64) << 56;
-    for (i, &b) in words.remainder().iter().enumerate() {
-        last |= (b as u64) << (8 * i);
-    }
-    v[3] ^= last;
-    round(&mut v);
-    round(&mut v);
-    v[0] ^= last;
-    v[2] ^= 0xff;
-    for _ in 0..4 {
-        round(&mut v);
-    }
-    v[0] ^ v[1] ^ v[2] ^ v[3]
+/// Bytes of a challenge and of a tag.
+const CHALLENGE: usize = 32;
+
+/// Who a tag speaks for: rank 0 answering a rank's challenge, or a rank answering rank 0's.
+#[derive(Clone, Copy)]
+enum Side {
+    Server,
+    Rank,
 }
 
-/// The answer to `challenge` for a rank that claims (`rank`, `world`), under `secret`.
-fn tag(secret: &str, challenge: &[u8; 16], rank: u64, world: u64) -> u64 {
-    let key = |domain: u64| siphash24(domain, 0x6370_2d72_647a_7631, secret.as_bytes());
-    let mut msg = challenge.to_vec();
-    msg.extend_from_slice(&rank.to_le_bytes());
-    msg.extend_from_slice(&world.to_le_bytes());
-    siphash24(key(1), key(2), &msg)
+/// The keyed MAC of a challenge for the side that answers it, the rank it concerns and the
+/// world size.
+fn mac(
+    secret: &str,
+    side: Side,
+    challenge: &[u8; CHALLENGE],
+    rank: u64,
+    world: u64,
+) -> Hmac<Sha256> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes a key of any length");
+    m.update(b"candle-parallel rendezvous v3");
+    m.update(match side {
+        Side::Server => b"rank 0",
+        Side::Rank => b"rank n",
+    });
+    m.update(challenge);
+    m.update(&rank.to_le_bytes());
+    m.update(&world.to_le_bytes());
+    m
 }
 
-/// 16 unpredictable bytes (std's hasher keys come from the OS's random source).
-fn challenge() -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (i, half) in out.chunks_mut(8).enumerate() {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_usize(i);
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        half.copy_from_slice(&h.finish().to_le_bytes());
+/// The answer to `challenge` under `secret` (HMAC-SHA-256).
+fn tag(secret: &str, side: Side, challenge: &[u8; CHALLENGE], rank: u64, world: u64) -> [u8; 32] {
+    mac(secret, side, challenge, rank, world)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Whether `answer` is the tag of `challenge` under `secret`, compared in constant time.
+fn verify(
+    secret: &str,
+    side: Side,
+    challenge: &[u8; CHALLENGE],
+    rank: u64,
+    world: u64,
+    answer: &[u8; 32],
+) -> bool {
+    mac(secret, side, challenge, rank, world)
+        .verify_slice(answer)
+        .is_ok()
+}
+
+/// `CHALLENGE` unpredictable bytes from the operating system's random source.
+fn challenge() -> std::io::Result<[u8; CHALLENGE]> {
+    let mut out = [0u8; CHALLENGE];
+    getrandom::fill(&mut out).map_err(|e| {
+        std::io::Error::other(format!("the operating system's random source failed: {e}"))
+    })?;
+    Ok(out)
+}
+
+/// What a side says of its secret: whether it has one.
+fn has_secret_byte(secret: Option<&str>) -> u8 {
+    u8::from(secret.is_some())
+}
+
+/// Why two sides cannot talk when only one of them has a secret.
+fn secret_mismatch(rank0_has: bool) -> String {
+    if rank0_has {
+        format!("rank 0 has a secret ({SECRET_VAR}) and this rank has none: set {SECRET_VAR} to the job's secret in every process")
+    } else {
+        format!("this rank has a secret ({SECRET_VAR}) and rank 0 has none: set {SECRET_VAR} to the same value in every process, or in none")
     }
-    out
 }
 
 fn secret() -> Option<String> {
@@ -111,8 +123,9 @@ fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
 /// A connection that said who it is: (rank, world size, stream).
 type Hello = (usize, usize, TcpStream);
 
-/// Rank 0's side of one connection: magic, rank and world size, then the challenge and its
-/// answer, all within `HANDSHAKE`.
+/// Rank 0's side of one connection, within `HANDSHAKE`: the rank's magic, rank, world size,
+/// whether it has a secret and its challenge; then rank 0's answer (whether it has a secret,
+/// its own challenge, its tag of the rank's challenge); then the rank's tag of rank 0's.
 fn handshake(mut s: TcpStream, secret: Option<&str>) -> std::result::Result<Hello, String> {
     let fail = |what: &str, e: std::io::Error| format!("{what}: {e}");
     s.set_nonblocking(false).map_err(|e| fail("socket", e))?;
@@ -124,16 +137,37 @@ fn handshake(mut s: TcpStream, secret: Option<&str>) -> std::result::Result<Hell
     s.read_exact(&mut magic)
         .map_err(|e| fail("no greeting", e))?;
     if &magic != MAGIC {
-        return Err("not a candle-parallel rank (wrong greeting)".into());
+        return Err("not a candle-parallel rank of this version (wrong greeting)".into());
     }
     let rank = read_u64(&mut s).map_err(|e| fail("no rank", e))?;
     let world = read_u64(&mut s).map_err(|e| fail("no world size", e))?;
-    let c = challenge();
-    s.write_all(&c)
-        .map_err(|e| fail("cannot send the challenge", e))?;
-    let answer = read_u64(&mut s).map_err(|e| fail("no answer to the challenge", e))?;
+    let mut has = [0u8; 1];
+    s.read_exact(&mut has)
+        .map_err(|e| fail("no secret flag", e))?;
+    let mut theirs = [0u8; CHALLENGE];
+    s.read_exact(&mut theirs)
+        .map_err(|e| fail("no challenge", e))?;
+    let ours = challenge().map_err(|e| fail("challenge", e))?;
+    let proof = secret.map_or([0u8; 32], |k| tag(k, Side::Server, &theirs, rank, world));
+    s.write_all(&[has_secret_byte(secret)])
+        .and_then(|_| s.write_all(&ours))
+        .and_then(|_| s.write_all(&proof))
+        .map_err(|e| fail("cannot answer", e))?;
+    if (has[0] == 1) != secret.is_some() {
+        return Err(format!(
+            "rank {rank}: {}",
+            if secret.is_some() {
+                format!("has no secret but rank 0 has one ({SECRET_VAR})")
+            } else {
+                format!("has a secret but rank 0 has none ({SECRET_VAR})")
+            }
+        ));
+    }
+    let mut answer = [0u8; 32];
+    s.read_exact(&mut answer)
+        .map_err(|e| fail("no answer to the challenge", e))?;
     if let Some(secret) = secret {
-        if answer != tag(secret, &c, rank, world) {
+        if !verify(secret, Side::Rank, &ours, rank, world, &answer) {
             return Err(format!(
                 "claims rank {rank} but does not know the job's secret ({SECRET_VAR})"
             ));
@@ -295,9 +329,12 @@ fn join(env: &ProcessEnv, timeout: Duration, secret: Option<&str>) -> Result<Vec
         std::thread::sleep(Duration::from_millis(50));
     };
     let (rank, world) = (env.rank as u64, env.world_size as u64);
+    let ours = challenge().map_err(|e| io("challenge", e))?;
     s.write_all(MAGIC)
         .and_then(|_| s.write_all(&rank.to_le_bytes()))
         .and_then(|_| s.write_all(&world.to_le_bytes()))
+        .and_then(|_| s.write_all(&[has_secret_byte(secret)]))
+        .and_then(|_| s.write_all(&ours))
         .map_err(|e| io("send", e))?;
     s.set_read_timeout(Some(
         deadline
@@ -312,11 +349,30 @@ fn join(env: &ProcessEnv, timeout: Duration, secret: Option<&str>) -> Result<Vec
             env.address()
         ))
     };
-    let mut c = [0u8; 16];
-    s.read_exact(&mut c).map_err(no_answer)?;
-    let answer = secret.map_or(0, |secret| tag(secret, &c, rank, world));
-    s.write_all(&answer.to_le_bytes())
-        .map_err(|e| io("send", e))?;
+    let mut has = [0u8; 1];
+    s.read_exact(&mut has).map_err(no_answer)?;
+    let mut theirs = [0u8; CHALLENGE];
+    s.read_exact(&mut theirs).map_err(no_answer)?;
+    let mut proof = [0u8; 32];
+    s.read_exact(&mut proof).map_err(no_answer)?;
+    if (has[0] == 1) != secret.is_some() {
+        bail!(
+            "rendezvous at {}: {}",
+            env.address(),
+            secret_mismatch(has[0] == 1)
+        )
+    }
+    if let Some(secret) = secret {
+        // Rank 0 proves it knows the secret before this rank takes anything from it.
+        if !verify(secret, Side::Server, &ours, rank, world, &proof) {
+            bail!(
+                "rendezvous: the process at {} does not know the job's secret ({SECRET_VAR}): it is not this job's rank 0 (another job on the port, or a process that took it first)",
+                env.address()
+            )
+        }
+    }
+    let answer = secret.map_or([0u8; 32], |k| tag(k, Side::Rank, &theirs, rank, world));
+    s.write_all(&answer).map_err(|e| io("send", e))?;
     let len = read_u64(&mut s).map_err(no_answer)?;
     if len > MAX_BLOB as u64 {
         bail!(
@@ -335,16 +391,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn siphash_matches_the_reference_vector() {
-        // SipHash-2-4, key 00..0f, message 00..0e (the paper's example).
-        let k0 = u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]);
-        let k1 = u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]);
-        let msg: Vec<u8> = (0..15).collect();
-        assert_eq!(siphash24(k0, k1, &msg), 0xa129_ca61_49be_45e5);
+    fn hmac_sha256_matches_rfc_4231() {
+        // RFC 4231, test case 2: key "Jefe", data "what do ya want for nothing?".
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(b"Jefe").unwrap();
+        m.update(b"what do ya want for nothing?");
+        let got: [u8; 32] = m.finalize().into_bytes().into();
+        let want = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+        let hex: String = got.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, want);
     }
 
     #[test]
-    fn challenges_differ() {
-        assert_ne!(challenge(), challenge());
+    fn tags_bind_the_side_rank_world_and_secret() {
+        let c = challenge().unwrap();
+        let t = tag("s", Side::Rank, &c, 1, 4);
+        assert!(verify("s", Side::Rank, &c, 1, 4, &t));
+        assert!(!verify("s", Side::Server, &c, 1, 4, &t));
+        assert!(!verify("s", Side::Rank, &c, 2, 4, &t));
+        assert!(!verify("s", Side::Rank, &c, 1, 3, &t));
+        assert!(!verify("t", Side::Rank, &c, 1, 4, &t));
+        assert_ne!(challenge().unwrap(), c);
     }
 }
