@@ -547,12 +547,13 @@ fn corrupt_metadata_and_pieces_are_errors_not_wrong_values() -> Result<()> {
     load_all(&dist, &cfg)?;
     let q = "model.layers.0.self_attn.q_proj.weight";
     let rows = cfg.hidden_size / 2;
-    // Two pieces that overlap (rank 1's moved one row up) and so leave the last row uncovered.
+    // Rank 1's piece moved one row up in the metadata (overlapping rank 0's, the last row
+    // uncovered): the rank file records where the piece belongs.
     let original = edit_metadata(&dist, |j| {
         j["tensors"][q]["pieces"][1]["split"] = serde_json::json!([0, rows - 1, rows]);
     })?;
     let e = load_all(&dist, &cfg).unwrap_err().to_string();
-    assert!(e.contains(q) && e.contains("overlap"), "{e}");
+    assert!(e.contains(q) && e.contains("was edited or is corrupt"), "{e}");
     // A dtype in the metadata that the rank files do not hold.
     std::fs::write(dist.join(METADATA_FILE), &original)?;
     edit_metadata(&dist, |j| j["tensors"][q]["dtype"] = "F16".into())?;
@@ -680,6 +681,31 @@ fn checksums_catch_flipped_bytes_and_swapped_files() -> Result<()> {
     load_all(&dist, &cfg)?;
     let (_, unchecked) = verify_checkpoint(&dist)?;
     assert!(unchecked > 0);
+    // The metadata cannot move a piece: q's two tp pieces swapped in checkpoint.json (same
+    // shapes, intact checksums) are refused by every reader, naming the file; so is a step
+    // the rank files do not record.
+    let original = edit_metadata(&dist, |j| {
+        let pieces = j["tensors"][q]["pieces"].as_array_mut().unwrap();
+        let (a, b) = (pieces[0]["split"].clone(), pieces[1]["split"].clone());
+        pieces[0]["split"] = b;
+        pieces[1]["split"] = a;
+    })?;
+    for e in [
+        load_all(&dist, &cfg).unwrap_err().to_string(),
+        check_checkpoint(&dist).unwrap_err().to_string(),
+        verify_checkpoint(&dist).unwrap_err().to_string(),
+    ] {
+        assert!(
+            e.contains("rank-0000") && e.contains(q) && e.contains("was edited or is corrupt"),
+            "{e}"
+        );
+    }
+    std::fs::write(dist.join(METADATA_FILE), &original)?;
+    edit_metadata(&dist, |j| j["step"] = serde_json::json!(8))?;
+    let e = check_checkpoint(&dist).unwrap_err().to_string();
+    assert!(e.contains("says step 8") && e.contains("of step 7"), "{e}");
+    std::fs::write(dist.join(METADATA_FILE), &original)?;
+    load_all(&dist, &cfg)?;
     // Pieces that leave a gap (one of q's two tp pieces dropped from the metadata): verify
     // refuses what every load refuses, so that a checkpoint that verifies, loads.
     edit_metadata(&dist, |j| {

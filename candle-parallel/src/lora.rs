@@ -290,26 +290,7 @@ impl LoraAdapter {
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn unlisted_adapter_modules(dir: &Path, cfg: &LoraConfig) -> Result<Vec<String>> {
-    let path = dir.join("adapter_model.safetensors");
-    let named =
-        |e: std::io::Error| candle_core::Error::msg(format!("cannot read {}: {e}", path.display()));
-    let mut f = std::fs::File::open(&path).map_err(named)?;
-    let mut len = [0u8; 8];
-    std::io::Read::read_exact(&mut f, &mut len).map_err(named)?;
-    let len = u64::from_le_bytes(len);
-    let size = f.metadata().map_err(named)?.len();
-    if len > size.saturating_sub(8) || len > 100 << 20 {
-        bail!(
-            "{}: a safetensors header of {len} bytes in a file of {size}: the file is corrupt",
-            path.display()
-        )
-    }
-    let mut header = vec![0u8; len as usize];
-    std::io::Read::read_exact(&mut f, &mut header).map_err(named)?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| {
-            candle_core::Error::msg(format!("{}: its header is not JSON: {e}", path.display()))
-        })?;
+    let header = crate::checkpoint::safetensors_header(&dir.join("adapter_model.safetensors"))?;
     let mut out: Vec<String> = header
         .keys()
         .filter(|k| is_adapter(k))

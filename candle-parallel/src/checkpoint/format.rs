@@ -54,19 +54,85 @@ pub struct Piece {
 
 impl Piece {
     pub(crate) fn region(&self, dims: &[usize]) -> Region {
-        if let Some(r) = &self.region {
-            return Region(r.clone());
-        }
-        match self.split {
-            None => Region::whole(dims),
-            Some((dim, start, len)) => Region::whole(dims).restrict(dim, start, len),
-        }
+        region_of(dims, self.split, self.region.as_ref())
     }
 
     /// The piece's name in its rank file.
     pub fn key<'a>(&'a self, tensor: &'a str) -> &'a str {
         self.key.as_deref().unwrap_or(tensor)
     }
+}
+
+/// The region of a tensor of `dims` that a piece with `split` or `region` holds.
+pub(crate) fn region_of(
+    dims: &[usize],
+    split: Option<(usize, usize, usize)>,
+    region: Option<&Vec<(usize, usize)>>,
+) -> Region {
+    if let Some(r) = region {
+        return Region(r.clone());
+    }
+    match split {
+        None => Region::whole(dims),
+        Some((dim, start, len)) => Region::whole(dims).restrict(dim, start, len),
+    }
+}
+
+/// The key, in a rank file's safetensors header metadata, of where its piece `key` belongs.
+pub(crate) fn place_key(key: &str) -> String {
+    format!("candle-parallel.place.{key}")
+}
+
+/// Where a piece belongs, as its rank file's header records it: the tensor's name, full shape
+/// and the piece's region. The metadata must say the same: a rewrite of `checkpoint.json`
+/// alone cannot move a piece.
+pub(crate) fn place_of(name: &str, dims: &[usize], region: &Region) -> String {
+    format!("{name} {dims:?} {:?}", region.0)
+}
+
+/// The key of the step a rank file records.
+pub(crate) const STEP_KEY: &str = "candle-parallel.step";
+
+/// The header metadata (`__metadata__`) of the safetensors file at `path`, read from its header
+/// alone (empty where it has none).
+pub(crate) fn safetensors_header_metadata(
+    path: &Path,
+) -> Result<std::collections::HashMap<String, String>> {
+    let header = safetensors_header(path)?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The JSON header of the safetensors file at `path`, read alone (not the data).
+pub(crate) fn safetensors_header(
+    path: &Path,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use std::io::Read;
+    let named =
+        |e: std::io::Error| candle_core::Error::msg(format!("cannot read {}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(named)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(named)?;
+    let len = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(named)?.len();
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        bail!(
+            "{}: a safetensors header of {len} bytes in a file of {size}: the file is corrupt",
+            path.display()
+        )
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(named)?;
+    serde_json::from_slice(&header).map_err(|e| {
+        candle_core::Error::msg(format!("{}: its header is not JSON: {e}", path.display()))
+    })
 }
 
 /// A tensor of the checkpoint: its full shape, its dtype and where its pieces are.

@@ -40,6 +40,7 @@ mod stream;
 pub use builder::ParallelVarBuilder;
 pub(crate) use builder::ParamMeta;
 pub use export::export_hf;
+pub(crate) use format::safetensors_header;
 pub use format::{
     create_dir, read_dir, read_file, read_metadata, read_text, write_atomic, write_file,
     CheckpointMeta, Piece, RankFile, TensorMeta, COMPLETE_FILE, FORMAT_VERSION, METADATA_FILE,

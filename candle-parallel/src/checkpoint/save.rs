@@ -160,8 +160,21 @@ pub fn save_checkpoint(
         });
         local.push((t.name.clone(), stored));
     }
-    let bytes =
-        safetensors::serialize(local.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
+    // Each piece's place (tensor, shape, region) and the step, in the rank file's own header:
+    // the metadata must agree with them at load.
+    let mut header: std::collections::HashMap<String, String> = pieces
+        .iter()
+        .map(|p| {
+            let region = super::format::region_of(&p.dims, p.split, p.region.as_ref());
+            (
+                super::format::place_key(p.key.as_deref().unwrap_or(&p.name)),
+                super::format::place_of(&p.name, &p.dims, &region),
+            )
+        })
+        .collect();
+    header.insert(super::format::STEP_KEY.to_string(), opts.step.to_string());
+    let bytes = safetensors::serialize(local.iter().map(|(n, t)| (n.as_str(), t)), Some(header))
+        .map_err(|e| {
             candle_core::Error::msg(format!("cannot serialise rank {rank}'s tensors: {e}"))
         })?;
     let path = dir.join(&file);

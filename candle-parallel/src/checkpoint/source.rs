@@ -134,6 +134,9 @@ pub(crate) struct DistSource {
     pub meta: CheckpointMeta,
     pub dir: PathBuf,
     files: BTreeMap<String, MmapedSafetensors>,
+    /// Each rank file's header metadata: where its pieces belong (checked against the
+    /// metadata's pieces), and its step.
+    headers: BTreeMap<String, std::collections::HashMap<String, String>>,
 }
 
 impl DistSource {
@@ -161,10 +164,27 @@ impl DistSource {
                 }
             }
         }
+        let mut headers = BTreeMap::new();
+        for file in files.keys() {
+            let path = dir.join(file);
+            let h = super::format::safetensors_header_metadata(&path)?;
+            if let Some(step) = h.get(super::format::STEP_KEY) {
+                if step != &meta.step.to_string() {
+                    bail!(
+                        "{}: says step {} but {} is of step {step}: {METADATA_FILE} was edited or the file belongs to another checkpoint",
+                        dir.join(METADATA_FILE).display(),
+                        meta.step,
+                        path.display()
+                    )
+                }
+            }
+            headers.insert(file.clone(), h);
+        }
         Ok(Self {
             meta,
             dir: dir.to_path_buf(),
             files,
+            headers,
         })
     }
 }
@@ -285,6 +305,19 @@ impl TensorSource for DistSource {
                 )
             }
             let region = p.region(&t.dims);
+            // The rank file records where this piece belongs (checkpoints written before that
+            // do not): the metadata must say the same.
+            if let Some(stored) = self.headers[&p.file].get(&super::format::place_key(p.key(name)))
+            {
+                let said = super::format::place_of(name, &t.dims, &region);
+                if stored != &said {
+                    bail!(
+                        "{}: {METADATA_FILE} places a piece stored as {} at {said}, but the rank file records it as {stored}: {METADATA_FILE} was edited or is corrupt",
+                        self.dir.join(&p.file).display(),
+                        p.key(name)
+                    )
+                }
+            }
             if view.shape() != region.lens() {
                 bail!(
                     "tensor {name} in {} has shape {:?} but {METADATA_FILE} says {:?}",
