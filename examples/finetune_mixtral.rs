@@ -31,7 +31,7 @@ use candle_parallel::checkpoint::{gather_model, hf_safetensors_files, Safetensor
 use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::launch::process::is_lead;
-use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraConfig};
+use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraBuilder, LoraConfig};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};

@@ -238,7 +238,7 @@ fn main() -> Result<()> {
         let mesh = ctx.mesh()?;
         let vb = match (&a.model, &a.checkpoint) {
             (Some(dir), _) => match &a.adapters {
-                Some(ad) => ParallelVarBuilder::from_hf_dir_with_adapters(
+                Some(ad) => candle_parallel::lora::from_hf_dir_with_adapters(
                     dir,
                     ad,
                     DType::F32,

@@ -553,7 +553,10 @@ fn corrupt_metadata_and_pieces_are_errors_not_wrong_values() -> Result<()> {
         j["tensors"][q]["pieces"][1]["split"] = serde_json::json!([0, rows - 1, rows]);
     })?;
     let e = load_all(&dist, &cfg).unwrap_err().to_string();
-    assert!(e.contains(q) && e.contains("was edited or is corrupt"), "{e}");
+    assert!(
+        e.contains(q) && e.contains("was edited or is corrupt"),
+        "{e}"
+    );
     // A dtype in the metadata that the rank files do not hold.
     std::fs::write(dist.join(METADATA_FILE), &original)?;
     edit_metadata(&dist, |j| j["tensors"][q]["dtype"] = "F16".into())?;

@@ -450,7 +450,7 @@ fn the_loss_ignores_the_prompt_tokens() -> Result<()> {
 /// only adapters are parameters (the base is frozen).
 #[test]
 fn lora_gradients_at_ep2_tp2_equal_ep1_tp1() -> Result<()> {
-    use candle_parallel::lora::LoraConfig;
+    use candle_parallel::lora::{LoraBuilder, LoraConfig};
     use candle_parallel_models::testing::seeded;
     let cfg = MixtralConfig::tiny();
     let dir = checkpoint("lora", &cfg)?;

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::data_parallel::{BatchGroups, GradCollector, GradSink, Recompute};
-use candle_parallel::lora::LoraConfig;
+use candle_parallel::lora::{LoraBuilder, LoraConfig};
 use candle_parallel::mesh::MeshDim;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;

@@ -22,7 +22,7 @@
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
 //! use candle_parallel::checkpoint::ParallelVarBuilder;
-//! use candle_parallel::lora::LoraConfig;
+//! use candle_parallel::lora::{LoraBuilder, LoraConfig};
 //! use candle_parallel::{launch, tensor_parallel::column_parallel_linear_no_bias};
 //!
 //! let names = launch(2, |ctx| {
@@ -54,6 +54,75 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Module names (or their last parts), e.g. `q_proj`, `v_proj`, `w1`, `w2`, `w3`.
     pub target_modules: Vec<String>,
+}
+
+/// The initialisation seed of LoRA adapters a checkpoint does not hold.
+const LORA_SEED: u64 = 0x4C6F_5241;
+
+/// LoRA's rule on a builder: only adapters are trained; an adapter a checkpoint lacks (a fresh
+/// fine-tuning run over a base model) is initialised from its name.
+impl crate::checkpoint::ParamPolicy for LoraConfig {
+    fn trains(&self, name: &str) -> bool {
+        is_adapter(name)
+    }
+
+    fn seed_if_missing(&self, name: &str) -> Option<u64> {
+        is_adapter(name).then_some(LORA_SEED)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// LoRA on a [`ParallelVarBuilder`]: the builder knows no layers; this sets and reads its
+/// LoRA configuration (as the builder's [`ParamPolicy`](crate::checkpoint::ParamPolicy)).
+pub trait LoraBuilder: Sized {
+    /// From now on, the linear layers this builder (or a clone) creates whose module names
+    /// match `cfg` get LoRA adapters, and only the adapters are recorded as trainable
+    /// parameters (the base weights are frozen: no gradients, no optimizer state). Call it
+    /// before building the model; an error if the builder has a policy already.
+    fn with_lora(self, cfg: LoraConfig) -> Result<Self>;
+    /// The LoRA configuration, if any.
+    fn lora(&self) -> Option<&LoraConfig>;
+}
+
+impl LoraBuilder for ParallelVarBuilder {
+    fn with_lora(self, cfg: LoraConfig) -> Result<Self> {
+        cfg.check()?;
+        self.with_policy(Box::new(cfg))
+    }
+
+    fn lora(&self) -> Option<&LoraConfig> {
+        self.policy()?.as_any().downcast_ref::<LoraConfig>()
+    }
+}
+
+/// A Hugging Face model directory with the LoRA adapters a PEFT directory holds
+/// (`adapter_model.safetensors`, as [`save_peft`] writes it, read under PEFT's names), and its
+/// `adapter_config.json` as the builder's LoRA configuration: the adapted model, under any
+/// layout. Make it trainable to go on training the adapters. Adapters for modules that
+/// `target_modules` does not list are ignored with a warning naming them.
+pub fn from_hf_dir_with_adapters(
+    dir: &Path,
+    adapters: &Path,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<ParallelVarBuilder> {
+    let cfg = LoraConfig::from_peft_dir(adapters)?;
+    let unlisted = unlisted_adapter_modules(adapters, &cfg)?;
+    if !unlisted.is_empty() {
+        tracing::warn!(
+            dir = %adapters.display(),
+            modules = ?unlisted,
+            target_modules = ?cfg.target_modules,
+            "adapters for modules that target_modules does not list are ignored (PEFT would not load them either): add their names to target_modules in adapter_config.json to use them"
+        );
+    }
+    let mut files = crate::checkpoint::hf_safetensors_files(dir)?;
+    files.push(adapters.join("adapter_model.safetensors"));
+    let peft = |name: &str| is_adapter(name).then(|| peft_name(name));
+    ParallelVarBuilder::from_safetensors_aliased(&files, dtype, device, peft)?.with_lora(cfg)
 }
 
 impl LoraConfig {
@@ -173,7 +242,7 @@ pub(crate) fn adapter(
     b_group: Option<Comm>,
     tp: &Comm,
 ) -> Result<Option<LoraAdapter>> {
-    let Some(cfg) = vb.lora() else {
+    let Some(cfg) = LoraBuilder::lora(vb) else {
         return Ok(None);
     };
     if !cfg.matches(&vb.path()) {

@@ -54,8 +54,18 @@ enum Source {
     Local(std::collections::HashMap<String, Tensor>),
 }
 
-/// The initialisation seed of LoRA adapters a checkpoint does not hold.
-const LORA_SEED: u64 = 0x4C6F_5241;
+/// A rule that a layer above storage (LoRA's) sets on a builder: which tensors are the
+/// parameters to train (the others frozen), and which of those a checkpoint may lack
+/// (initialised from a seed instead). Storage knows no layers; the layer says.
+pub trait ParamPolicy: Send + Sync + 'static {
+    /// Whether tensor `name` (a full name) is a parameter to train.
+    fn trains(&self, name: &str) -> bool;
+    /// The seed that initialises tensor `name` when it is trained and the checkpoint lacks
+    /// it (`None`: the checkpoint must hold it).
+    fn seed_if_missing(&self, name: &str) -> Option<u64>;
+    /// The policy itself, for the layer that set it to read its configuration back.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
 
 struct Inner {
     source: Source,
@@ -67,8 +77,8 @@ struct Inner {
     /// have created.
     metas: Mutex<BTreeMap<String, ParamMeta>>,
     bytes_read: AtomicU64,
-    /// LoRA: the layers it names get adapters, and only adapters are trainable.
-    lora: std::sync::OnceLock<crate::lora::LoraConfig>,
+    /// A layer's rule on what is trained (LoRA's: only the adapters).
+    policy: std::sync::OnceLock<Box<dyn ParamPolicy>>,
 }
 
 /// Builds a rank's parameter slices from a checkpoint or a deterministic initialisation.
@@ -109,7 +119,7 @@ impl ParallelVarBuilder {
                 params: Mutex::new(BTreeMap::new()),
                 metas: Mutex::new(BTreeMap::new()),
                 bytes_read: AtomicU64::new(0),
-                lora: std::sync::OnceLock::new(),
+                policy: std::sync::OnceLock::new(),
             }),
             prefix: Vec::new(),
             local_to: Vec::new(),
@@ -141,29 +151,18 @@ impl ParallelVarBuilder {
         Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
     }
 
-    /// A Hugging Face model directory with the LoRA adapters a PEFT directory holds
-    /// (`adapter_model.safetensors`, as [`crate::lora::save_peft`] writes it), and its
-    /// `adapter_config.json` as this builder's LoRA configuration: the adapted model, under
-    /// any layout. Make it trainable to go on training the adapters.
-    pub fn from_hf_dir_with_adapters(
-        dir: &Path,
-        adapters: &Path,
+    /// Parameters read from safetensors files (as [`ParallelVarBuilder::from_safetensors`]),
+    /// where a tensor absent under its own name may be stored under `alias(name)` (PEFT's
+    /// `base_model.model.` names of LoRA adapters).
+    pub fn from_safetensors_aliased<P: AsRef<Path>>(
+        paths: &[P],
         dtype: DType,
         device: &Device,
+        alias: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
     ) -> Result<Self> {
-        let cfg = crate::lora::LoraConfig::from_peft_dir(adapters)?;
-        let unlisted = crate::lora::unlisted_adapter_modules(adapters, &cfg)?;
-        if !unlisted.is_empty() {
-            tracing::warn!(
-                dir = %adapters.display(),
-                modules = ?unlisted,
-                target_modules = ?cfg.target_modules,
-                "adapters for modules that target_modules does not list are ignored (PEFT would not load them either): add their names to target_modules in adapter_config.json to use them"
-            );
-        }
-        let mut files = hf_safetensors_files(dir)?;
-        files.push(adapters.join("adapter_model.safetensors"));
-        Self::from_safetensors(&files, dtype, device)?.with_lora(cfg)
+        let paths = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
+        let source = SafeTensorsSource::open(paths)?.with_alias(Box::new(alias));
+        Ok(Self::new(Source::Stored(Box::new(source)), dtype, device))
     }
 
     /// Parameters of a Hugging Face model directory: `model.safetensors`, or the files named by
@@ -220,12 +219,11 @@ impl ParallelVarBuilder {
         self.prefix.join(".")
     }
 
-    /// From now on, the linear layers this builder (or a clone) creates whose module names
-    /// match `cfg` get LoRA adapters, and only the adapters are recorded as trainable
-    /// parameters (the base weights are frozen: no gradients, no optimizer state). Call it
-    /// before building the model; an error if LoRA was set already.
-    pub fn with_lora(self, cfg: crate::lora::LoraConfig) -> Result<Self> {
-        cfg.check()?;
+    /// From now on, `policy` decides which tensors this builder (or a clone) records as
+    /// trainable parameters and which a checkpoint may lack (LoRA sets one:
+    /// `lora::LoraBuilder::with_lora`). Set it before building the model; an error if one was
+    /// set already or parameters were built before.
+    pub fn with_policy(self, policy: Box<dyn ParamPolicy>) -> Result<Self> {
         let built = self
             .inner
             .params
@@ -233,17 +231,17 @@ impl ParallelVarBuilder {
             .unwrap_or_else(|e| e.into_inner())
             .len();
         if built > 0 {
-            bail!("with_lora: {built} parameters were built before it and would be trained whole; call with_lora before building the model")
+            bail!("with_policy: {built} parameters were built before it and would be trained whole; set the policy (e.g. with_lora) before building the model")
         }
-        if self.inner.lora.set(cfg).is_err() {
-            bail!("with_lora: this builder has a LoRA configuration already")
+        if self.inner.policy.set(policy).is_err() {
+            bail!("with_policy: this builder has a policy already (e.g. a LoRA configuration)")
         }
         Ok(self)
     }
 
-    /// The LoRA configuration, if any ([`ParallelVarBuilder::with_lora`]).
-    pub fn lora(&self) -> Option<&crate::lora::LoraConfig> {
-        self.inner.lora.get()
+    /// The policy, if any ([`ParallelVarBuilder::with_policy`]).
+    pub fn policy(&self) -> Option<&dyn ParamPolicy> {
+        self.inner.policy.get().map(|p| p.as_ref())
     }
 
     pub fn full_name(&self, name: &str) -> String {
@@ -313,9 +311,9 @@ impl ParallelVarBuilder {
         init: Init,
     ) -> Result<Tensor> {
         let mut record = self.inner.trainable.load(Ordering::SeqCst);
-        if self.inner.lora.get().is_some() {
-            // With LoRA the base weights are frozen: only adapters are parameters.
-            record &= crate::lora::is_adapter(&self.full_name(name));
+        if let Some(p) = self.policy() {
+            // E.g. LoRA: the base weights are frozen, only adapters are parameters.
+            record &= p.trains(&self.full_name(name));
         }
         self.fetch(full.into(), name, shard, init, record, self.inner.dtype)
     }
@@ -358,24 +356,31 @@ impl ParallelVarBuilder {
             }
             return Tensor::zeros((), dtype, &self.inner.device)?.broadcast_as(dims);
         }
+        let missing_seed = match &self.inner.source {
+            Source::Stored(s)
+                if record && !s.contains(&name) && !name.starts_with("optimizer.") =>
+            {
+                self.policy().and_then(|p| p.seed_if_missing(&name))
+            }
+            _ => None,
+        };
         let t = match &self.inner.source {
             Source::Init { seed } => init_slice(*seed, &name, full.dims(), slice.as_ref(), init)?
                 .to_dtype(dtype)?
                 .to_device(&self.inner.device)?,
-            // A LoRA adapter the checkpoint does not have yet (a fresh fine-tuning run):
-            // initialised deterministically from its name, so every layout gets the same.
-            // Only for adapters being trained (inference needs the saved ones; an optimizer
-            // moment must come from the checkpoint).
-            Source::Stored(s)
-                if record
-                    && !s.contains(&name)
-                    && crate::lora::is_adapter(&name)
-                    && !name.starts_with("optimizer.") =>
-            {
-                init_slice(LORA_SEED, &name, full.dims(), slice.as_ref(), init)?
-                    .to_dtype(dtype)?
-                    .to_device(&self.inner.device)?
-            }
+            // A parameter the checkpoint does not have yet that the policy initialises (LoRA
+            // adapters of a fresh fine-tuning run, from their names, so that every layout gets
+            // the same). Only for parameters being trained (inference needs the saved ones;
+            // an optimizer moment must come from the checkpoint).
+            Source::Stored(_) if missing_seed.is_some() => init_slice(
+                missing_seed.unwrap_or_default(),
+                &name,
+                full.dims(),
+                slice.as_ref(),
+                init,
+            )?
+            .to_dtype(dtype)?
+            .to_device(&self.inner.device)?,
             Source::Stored(s) => {
                 let (stored, pieces) = s.pieces(&name, full.dims())?;
                 let (bytes, dims, read) =

@@ -37,8 +37,8 @@ mod save;
 mod source;
 mod stream;
 
-pub use builder::ParallelVarBuilder;
 pub(crate) use builder::ParamMeta;
+pub use builder::{ParallelVarBuilder, ParamPolicy};
 pub use export::export_hf;
 pub(crate) use format::safetensors_header;
 pub use format::{

@@ -56,10 +56,15 @@ impl TensorSource for LayeredSource {
     }
 }
 
+/// Another name a tensor may be stored under, or `None`.
+pub(crate) type Alias = dyn Fn(&str) -> Option<String> + Send + Sync;
+
 /// Safetensors files (a Hugging Face checkpoint): each tensor is one piece, the whole tensor.
 pub(crate) struct SafeTensorsSource {
     files: MmapedSafetensors,
     paths: Vec<PathBuf>,
+    /// Another name a tensor may be stored under (given by the layer that opens the files).
+    alias: Option<Box<Alias>>,
 }
 
 impl SafeTensorsSource {
@@ -74,23 +79,31 @@ impl SafeTensorsSource {
         let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| {
             candle_core::Error::msg(format!("cannot read checkpoint {paths:?}: {e}"))
         })?;
-        Ok(Self { files, paths })
+        Ok(Self {
+            files,
+            paths,
+            alias: None,
+        })
+    }
+
+    /// Tensors absent under their own names may be stored under `alias(name)`.
+    pub fn with_alias(mut self, alias: Box<Alias>) -> Self {
+        self.alias = Some(alias);
+        self
     }
 }
 
 impl SafeTensorsSource {
-    /// The stored name of `name`: itself, or PEFT's (`base_model.model.NAME`) for a LoRA
-    /// adapter read from an `adapter_model.safetensors`.
+    /// The stored name of `name`: itself, or its alias where the files hold that instead.
     fn key(&self, name: &str) -> String {
-        let peft = crate::lora::peft_name(name);
-        if self.files.get(name).is_err()
-            && crate::lora::is_adapter(name)
-            && self.files.get(&peft).is_ok()
-        {
-            peft
-        } else {
-            name.to_string()
+        if self.files.get(name).is_err() {
+            if let Some(other) = self.alias.as_ref().and_then(|a| a(name)) {
+                if self.files.get(&other).is_ok() {
+                    return other;
+                }
+            }
         }
+        name.to_string()
     }
 }
 
