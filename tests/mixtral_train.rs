@@ -497,6 +497,27 @@ fn bad_training_input_is_a_clear_error() {
         e.contains("8 rows does not split over dp × ep = 3 replicas"),
         "{e}"
     );
+    // Rows longer than max_position_embeddings (64 here) are refused naming the limit on every
+    // path: one device, pipeline stages, ZeRO 3 (the last two gave Candle's raw narrow error).
+    let long = dir.join("long.json");
+    let row: Vec<u32> = (0..70).map(|i| i % 60).collect();
+    std::fs::write(
+        &long,
+        serde_json::json!({ "batch": [row.clone(), row] }).to_string(),
+    )
+    .unwrap();
+    for extra in [
+        &[][..],
+        &["--pp", "2"],
+        &["--zero", "3"],
+        &["--zero", "3", "--pp", "2"],
+    ] {
+        let e = run(&long, extra);
+        assert!(
+            e.contains("exceed max_position_embeddings 64"),
+            "{extra:?}: {e}"
+        );
+    }
     let e = run(&batch, &["--dp", "2", "--ep", "2", "--micro-batches", "4"]);
     assert!(e.contains("multiple of 16"), "{e}");
     let e = run(&batch, &["--zero", "4"]);
