@@ -707,6 +707,16 @@ fn checksums_catch_flipped_bytes_and_swapped_files() -> Result<()> {
     edit_metadata(&dist, |j| j["step"] = serde_json::json!(8))?;
     let e = check_checkpoint(&dist).unwrap_err().to_string();
     assert!(e.contains("says step 8") && e.contains("of step 7"), "{e}");
+    // Nor the model config (a rope base changed: the same shapes, other numbers).
+    std::fs::write(dist.join(METADATA_FILE), &original)?;
+    edit_metadata(&dist, |j| {
+        j["config"]["rope_theta"] = serde_json::json!(500000.0)
+    })?;
+    let e = check_checkpoint(&dist).unwrap_err().to_string();
+    assert!(
+        e.contains("model config is not what") && e.contains("rank-0000"),
+        "{e}"
+    );
     std::fs::write(dist.join(METADATA_FILE), &original)?;
     load_all(&dist, &cfg)?;
     // Pieces that leave a gap (one of q's two tp pieces dropped from the metadata): verify

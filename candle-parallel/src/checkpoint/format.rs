@@ -93,6 +93,17 @@ pub(crate) fn place_of(name: &str, dims: &[usize], region: &Region) -> String {
 /// The key of the step a rank file records.
 pub(crate) const STEP_KEY: &str = "candle-parallel.step";
 
+/// The key of the checksum of the checkpoint's description (world size, mesh, config) that
+/// a rank file records.
+pub(crate) const DESCRIPTION_KEY: &str = "candle-parallel.description-crc32c";
+
+/// The CRC-32C of a checkpoint's world size, mesh and model config (serialised canonically:
+/// the config's keys sorted), as rank files record it.
+pub(crate) fn description_crc(world_size: usize, mesh: &str, config: &serde_json::Value) -> String {
+    let text = serde_json::json!([world_size, mesh, config]).to_string();
+    format!("{:08x}", super::checksum::crc32c(text.as_bytes()))
+}
+
 /// The header metadata (`__metadata__`) of the safetensors file at `path`, read from its header
 /// alone (empty where it has none).
 pub(crate) fn safetensors_header_metadata(

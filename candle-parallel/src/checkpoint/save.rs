@@ -173,6 +173,10 @@ pub fn save_checkpoint(
         })
         .collect();
     header.insert(super::format::STEP_KEY.to_string(), opts.step.to_string());
+    header.insert(
+        super::format::DESCRIPTION_KEY.to_string(),
+        super::format::description_crc(comm.size(), &opts.mesh, &opts.config),
+    );
     let bytes = safetensors::serialize(local.iter().map(|(n, t)| (n.as_str(), t)), Some(header))
         .map_err(|e| {
             candle_core::Error::msg(format!("cannot serialise rank {rank}'s tensors: {e}"))

@@ -191,6 +191,17 @@ impl DistSource {
                     )
                 }
             }
+            if let Some(crc) = h.get(super::format::DESCRIPTION_KEY) {
+                let said =
+                    super::format::description_crc(meta.world_size, &meta.mesh, &meta.config);
+                if crc != &said {
+                    bail!(
+                        "{}: its world size, mesh or model config is not what {} was saved with (checksum {said}, the file records {crc}): {METADATA_FILE} was edited or the file belongs to another checkpoint",
+                        dir.join(METADATA_FILE).display(),
+                        path.display()
+                    )
+                }
+            }
             headers.insert(file.clone(), h);
         }
         Ok(Self {
