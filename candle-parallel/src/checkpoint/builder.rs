@@ -507,14 +507,34 @@ impl ParallelVarBuilder {
     /// [`ParallelVarBuilder::get`] would (checksums included), one parameter at a time, and
     /// only the range kept.
     pub(crate) fn read_flat(&self, meta: &ParamMeta, start: usize, len: usize) -> Result<Tensor> {
-        let whole = self.root().fetch(
-            Shape::from(meta.full_dims.clone()),
-            &meta.name,
-            meta.placement,
-            meta.init,
-            false,
-            meta.dtype,
-        )?;
+        // A trained parameter the checkpoint lacks is initialised as `get` would (the policy's
+        // seed); anything else is read.
+        let seed = match &self.inner.source {
+            Source::Stored(s)
+                if !s.contains(&meta.name) && !meta.name.starts_with("optimizer.") =>
+            {
+                self.policy()
+                    .filter(|p| p.trains(&meta.name))
+                    .and_then(|p| p.seed_if_missing(&meta.name))
+            }
+            _ => None,
+        };
+        let whole = match seed {
+            Some(seed) => {
+                let slice = meta.placement.slice(&meta.full_dims, &meta.name)?;
+                init_slice(seed, &meta.name, &meta.full_dims, slice.as_ref(), meta.init)?
+                    .to_dtype(meta.dtype)?
+                    .to_device(&self.inner.device)?
+            }
+            None => self.root().fetch(
+                Shape::from(meta.full_dims.clone()),
+                &meta.name,
+                meta.placement,
+                meta.init,
+                false,
+                meta.dtype,
+            )?,
+        };
         if whole.dims() != meta.dims.as_slice() || start + len > whole.elem_count() {
             bail!(
                 "tensor {}: its slice is {:?}, expected {:?} (elements {start}..{} wanted)",

@@ -12,7 +12,9 @@
 //! HMAC-SHA-256 tag, keyed by the secret, of that challenge, the side it speaks for, the rank
 //! and the world size (compared in constant time); the secret never crosses the network. So
 //! rank 0 answers only ranks of the job, and a rank takes an id only from a rank 0 of the job
-//! (not from a process that took the port first). A secret on one side only is refused on both,
+//! (not from a process that took the port first), and the id itself comes with a tag over it and
+//! both challenges (a process relaying the handshake cannot substitute its own). A secret on one
+//! side only is refused on both,
 //! naming the variable. Without a secret, anyone who reaches the port first under a free rank
 //! number gets the id: keep the port on a trusted network.
 
@@ -120,8 +122,9 @@ fn read_u64(s: &mut TcpStream) -> std::io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// A connection that said who it is: (rank, world size, stream).
-type Hello = (usize, usize, TcpStream);
+/// A connection that said who it is: (rank, world size, stream, the challenges: its and
+/// rank 0's).
+type Hello = (usize, usize, TcpStream, [[u8; CHALLENGE]; 2]);
 
 /// Rank 0's side of one connection, within `HANDSHAKE`: the rank's magic, rank, world size,
 /// whether it has a secret and its challenge; then rank 0's answer (whether it has a secret,
@@ -173,7 +176,7 @@ fn handshake(mut s: TcpStream, secret: Option<&str>) -> std::result::Result<Hell
             ));
         }
     }
-    Ok((rank as usize, world as usize, s))
+    Ok((rank as usize, world as usize, s, [theirs, ours]))
 }
 
 /// Every rank gets rank 0's `blob` once all `world_size` ranks have checked in (a barrier).
@@ -233,7 +236,8 @@ fn serve(
         .set_nonblocking(true)
         .map_err(|e| Served::Io("listener", e))?;
     let (tx, rx) = mpsc::channel::<(SocketAddr, std::result::Result<Hello, String>)>();
-    let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
+    let mut peers: Vec<Option<(TcpStream, [[u8; CHALLENGE]; 2])>> =
+        (0..env.world_size).map(|_| None).collect();
     let mut dropped: Vec<String> = Vec::new();
     let mut drop_one = |from: SocketAddr, why: String| {
         tracing::warn!(%from, "rendezvous: dropped a connection: {why}");
@@ -255,21 +259,21 @@ fn serve(
         while let Ok((from, hello)) = rx.try_recv() {
             match hello {
                 Err(why) => drop_one(from, why),
-                Ok((r, w, _)) if w != env.world_size => drop_one(
+                Ok((r, w, ..)) if w != env.world_size => drop_one(
                     from,
                     format!(
                         "rank {r} has WORLD_SIZE={w} but rank 0 has {}",
                         env.world_size
                     ),
                 ),
-                Ok((r, w, _)) if r == 0 || r >= w => {
+                Ok((r, w, ..)) if r == 0 || r >= w => {
                     drop_one(from, format!("rank {r} is not a rank 1..{w} can hold"))
                 }
-                Ok((r, _, _)) if peers[r].is_some() => drop_one(
+                Ok((r, ..)) if peers[r].is_some() => drop_one(
                     from,
                     format!("a second process claims rank {r}: check RANK of every process"),
                 ),
-                Ok((r, _, s)) => peers[r] = Some(s),
+                Ok((r, _, s, challenges)) => peers[r] = Some((s, challenges)),
             }
         }
         if Instant::now() >= deadline {
@@ -291,9 +295,19 @@ fn serve(
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    for s in peers.iter_mut().flatten() {
+    let world = env.world_size as u64;
+    for (r, peer) in peers.iter_mut().enumerate() {
+        let Some((s, [theirs, ours])) = peer else {
+            continue;
+        };
+        // With a secret, the blob comes with its tag under both challenges: a process relaying
+        // the handshake cannot substitute its own.
+        let seal = secret.map_or([0u8; 32], |k| {
+            blob_tag(k, theirs, ours, r as u64, world, blob)
+        });
         s.write_all(&(blob.len() as u64).to_le_bytes())
             .and_then(|_| s.write_all(blob))
+            .and_then(|_| s.write_all(&seal))
             .map_err(|e| Served::Io("send", e))?;
     }
     Ok(())
@@ -383,7 +397,51 @@ fn join(env: &ProcessEnv, timeout: Duration, secret: Option<&str>) -> Result<Vec
     }
     let mut blob = vec![0u8; len as usize];
     s.read_exact(&mut blob).map_err(|e| io("receive", e))?;
+    let mut seal = [0u8; 32];
+    s.read_exact(&mut seal).map_err(|e| io("receive", e))?;
+    if let Some(secret) = secret {
+        let want = blob_mac(secret, &ours, &theirs, rank, world, &blob);
+        if want.verify_slice(&seal).is_err() {
+            bail!(
+                "rendezvous: the id from {} does not carry the job's tag ({SECRET_VAR}): it was altered on the way or comes from a process that is not this job's rank 0",
+                env.address()
+            )
+        }
+    }
     Ok(blob)
+}
+
+/// The keyed MAC of the blob rank 0 hands rank `rank`, bound to both challenges of that
+/// connection (the rank's, then rank 0's).
+fn blob_mac(
+    secret: &str,
+    rank_challenge: &[u8; CHALLENGE],
+    server_challenge: &[u8; CHALLENGE],
+    rank: u64,
+    world: u64,
+    blob: &[u8],
+) -> Hmac<Sha256> {
+    let mut m = mac(secret, Side::Server, rank_challenge, rank, world);
+    m.update(b"blob");
+    m.update(server_challenge);
+    m.update(&(blob.len() as u64).to_le_bytes());
+    m.update(blob);
+    m
+}
+
+/// [`blob_mac`]'s tag.
+fn blob_tag(
+    secret: &str,
+    rank_challenge: &[u8; CHALLENGE],
+    server_challenge: &[u8; CHALLENGE],
+    rank: u64,
+    world: u64,
+    blob: &[u8],
+) -> [u8; 32] {
+    blob_mac(secret, rank_challenge, server_challenge, rank, world, blob)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 #[cfg(test)]
@@ -411,5 +469,17 @@ mod tests {
         assert!(!verify("s", Side::Rank, &c, 1, 3, &t));
         assert!(!verify("t", Side::Rank, &c, 1, 4, &t));
         assert_ne!(challenge().unwrap(), c);
+        // The blob's seal binds the blob and both challenges.
+        let d = challenge().unwrap();
+        let seal = blob_tag("s", &c, &d, 1, 4, b"id");
+        assert!(blob_mac("s", &c, &d, 1, 4, b"id")
+            .verify_slice(&seal)
+            .is_ok());
+        assert!(blob_mac("s", &c, &d, 1, 4, b"ix")
+            .verify_slice(&seal)
+            .is_err());
+        assert!(blob_mac("s", &d, &c, 1, 4, b"id")
+            .verify_slice(&seal)
+            .is_err());
     }
 }

@@ -43,6 +43,16 @@ pub fn attach_backward(
     if !inputs.iter().any(|t| t.track_op()) {
         return Ok(value.clone());
     }
+    if let Some(t) = inputs
+        .iter()
+        .find(|t| !t.device().same_device(value.device()))
+    {
+        bail!(
+            "attach_backward({name}): the value is on {:?} but an input is on {:?}: compute it on the inputs' device",
+            value.device().location(),
+            t.device().location()
+        )
+    }
     // The value is a constant of the graph: only the inputs receive gradients. The op takes
     // it in its forward instead of as an argument, which the graph would keep alive beside
     // the output until the backward.

@@ -737,6 +737,14 @@ fn execute(
                             Some(g) => g,
                             None => Tensor::zeros(act_shape, act_dtype, comm.device())?,
                         };
+                        if g.dims() != act_shape.dims() || g.dtype() != act_dtype {
+                            bail!(
+                                "pipeline step: stage {stage} (rank {me}) returned a {:?}{:?} gradient of its input for micro-batch {mb}, but the activation between stages was declared {act_dtype:?}{:?}",
+                                g.dtype(),
+                                g.dims(),
+                                act_shape.dims()
+                            )
+                        }
                         produced.insert((Kind::Gradient, mb, stage - 1), g);
                     }
                 }

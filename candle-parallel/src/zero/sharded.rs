@@ -174,7 +174,11 @@ impl ShardedModule {
             if filled < part {
                 flat.push(Tensor::zeros(part - filled, DType::F32, &device)?);
             }
-            pieces.push(Tensor::cat(&flat, 0)?);
+            pieces.push(match flat.is_empty() {
+                // A group of empty parameters: an empty partition.
+                true => Tensor::zeros(0, DType::F32, &device)?,
+                false => Tensor::cat(&flat, 0)?,
+            });
             groups.push(Group {
                 dims: dims.clone(),
                 comm: comm.clone(),
