@@ -38,6 +38,87 @@ pub fn default_timeout() -> Duration {
         .unwrap_or(Duration::from_secs(600))
 }
 
+/// A network link the local backend emulates, so that communication costs time on one
+/// machine as it would between devices: each collective and message takes at least
+/// `latency + bytes / bandwidth` for the bytes a rank sends in it (ring algorithms: an
+/// all-reduce `2(n−1)/n` of its size, an all-gather or reduce-scatter `(n−1)/n` of the full
+/// size), the remainder spent waiting (a sleep, not a spin: it costs no core). Set it with
+/// `CANDLE_PARALLEL_LINK=gbps=25,latency_us=5` or [`crate::Launcher::link`].
+///
+/// ```
+/// use candle_parallel::comm::local::LinkModel;
+///
+/// let link: LinkModel = "gbps=25,latency_us=5".parse()?;
+/// // 1 MB of a 2-rank all-reduce crosses the link once: 5 µs + 320 µs.
+/// let t = link.time(1_000_000);
+/// assert!((t.as_secs_f64() - 325e-6).abs() < 1e-9);
+/// assert!("gbps=0".parse::<LinkModel>().is_err());
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkModel {
+    /// Bandwidth in gigabits per second.
+    pub gbps: f64,
+    /// Time per collective or message, in seconds, whatever its size.
+    pub latency: Duration,
+}
+
+impl LinkModel {
+    /// The environment variable that dials a link for every local job.
+    pub const VAR: &'static str = "CANDLE_PARALLEL_LINK";
+
+    /// How long sending `bytes` takes over the link.
+    pub fn time(&self, bytes: usize) -> Duration {
+        self.latency + Duration::from_secs_f64(bytes as f64 * 8.0 / (self.gbps * 1e9))
+    }
+
+    /// The link `CANDLE_PARALLEL_LINK` dials, if set (an error names a malformed value).
+    pub fn from_env() -> Result<Option<Self>> {
+        match std::env::var(Self::VAR) {
+            Ok(v) if !v.trim().is_empty() => v
+                .parse()
+                .map(Some)
+                .map_err(|e| candle_core::Error::msg(format!("{}={v}: {e}", Self::VAR))),
+            _ => Ok(None),
+        }
+    }
+}
+
+impl std::str::FromStr for LinkModel {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (mut gbps, mut latency_us) = (None, 0.0);
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let value = |v: &str| -> Result<f64> {
+                v.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| {
+                        candle_core::Error::msg(format!(
+                            "link '{s}': '{v}' is not a non-negative number"
+                        ))
+                    })
+            };
+            match part.split_once('=') {
+                Some(("gbps", v)) => gbps = Some(value(v)?),
+                Some(("latency_us", v)) => latency_us = value(v)?,
+                _ => candle_core::bail!(
+                    "link '{s}': expected gbps=G[,latency_us=U] (e.g. gbps=25,latency_us=5), got '{part}'"
+                ),
+            }
+        }
+        match gbps {
+            Some(g) if g > 0.0 => Ok(Self {
+                gbps: g,
+                latency: Duration::from_secs_f64(latency_us * 1e-6),
+            }),
+            _ => candle_core::bail!("link '{s}': needs a bandwidth gbps above 0 (e.g. gbps=25)"),
+        }
+    }
+}
+
 /// The first failure of a job: which global rank failed, and why.
 #[derive(Clone, Debug)]
 pub struct Failure {
@@ -54,6 +135,8 @@ pub struct LocalFabric {
 struct FabricInner {
     world_size: usize,
     timeout: Duration,
+    /// The link every collective and message is paced to, if dialled.
+    link: Option<LinkModel>,
     failure: Mutex<Option<Failure>>,
     groups: Mutex<Vec<Weak<Group>>>,
 }
@@ -61,10 +144,16 @@ struct FabricInner {
 impl LocalFabric {
     /// A job of `world_size` ranks whose waits give up after `timeout`.
     pub fn new(world_size: usize, timeout: Duration) -> Self {
+        Self::with_link(world_size, timeout, None)
+    }
+
+    /// [`LocalFabric::new`] whose communication is paced to `link` ([`LinkModel`]).
+    pub fn with_link(world_size: usize, timeout: Duration, link: Option<LinkModel>) -> Self {
         Self {
             inner: Arc::new(FabricInner {
                 world_size,
                 timeout,
+                link,
                 failure: Mutex::new(None),
                 groups: Mutex::new(Vec::new()),
             }),
@@ -660,6 +749,22 @@ impl LocalBackend {
         out
     }
 
+    /// With a dialled link, waits until `start` plus the link's time for `bytes` (what this
+    /// rank sends in the operation just done). A group of one rank sends nothing.
+    fn pace(&self, start: std::time::Instant, bytes: usize) {
+        let Some(link) = self.group.fabric.inner.link else {
+            return;
+        };
+        if self.n() < 2 {
+            return;
+        }
+        let due = link.time(bytes);
+        let spent = start.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+    }
+
     fn collective_typed<T: Elem>(
         &self,
         op: &Collective,
@@ -916,6 +1021,33 @@ unsafe fn move_data<T: Elem>(op: &Collective, d: &Decision, me: usize, n: usize)
     }
 }
 
+/// The bytes rank `me` sends in collective `op` on an input of `input_bytes` in a group of
+/// `n`, by the ring algorithms NCCL uses for large messages.
+fn wire_bytes(op: &Collective, input_bytes: usize, n: usize, me: usize) -> usize {
+    if n < 2 {
+        return 0;
+    }
+    let b = input_bytes as f64;
+    let n_f = n as f64;
+    (match op {
+        Collective::AllReduce { .. } => 2.0 * (n_f - 1.0) / n_f * b,
+        // Each rank's input reaches the n − 1 others.
+        Collective::AllGather { .. } => (n_f - 1.0) * b,
+        Collective::ReduceScatter { .. } => (n_f - 1.0) / n_f * b,
+        Collective::AllToAll { send_splits, .. } => {
+            let rows: usize = send_splits.iter().sum();
+            if rows == 0 {
+                0.0
+            } else {
+                // Rows to itself stay.
+                b * (rows.saturating_sub(send_splits.get(me).copied().unwrap_or(0)) as f64)
+                    / rows as f64
+            }
+        }
+        Collective::Broadcast { .. } => b,
+    }) as usize
+}
+
 impl Backend for LocalBackend {
     fn name(&self) -> &'static str {
         "local"
@@ -958,9 +1090,17 @@ impl Backend for LocalBackend {
             ));
         };
         let dims = layout.dims();
+        let begun = std::time::Instant::now();
+        let bytes = wire_bytes(
+            op,
+            (end - start) * input.dtype().size_in_bytes(),
+            self.n(),
+            self.rank,
+        );
         macro_rules! run {
             ($variant:ident, $v:expr) => {{
                 let (o, s) = self.collective_typed(op, &$v[start..end], dims, input.dtype())?;
+                self.pace(begun, bytes);
                 Ok((CpuStorage::$variant(o), s))
             }};
         }
@@ -1000,10 +1140,22 @@ impl Backend for LocalBackend {
         };
         let dims = layout.dims();
         let dtype = storage.dtype();
+        let begun = std::time::Instant::now();
+        let all_reduce = Collective::AllReduce { op };
+        let bytes = wire_bytes(
+            &all_reduce,
+            (end - start) * dtype.size_in_bytes(),
+            self.n(),
+            self.rank,
+        );
         macro_rules! run {
-            ($v:expr) => {
-                self.all_reduce_in_place_typed(op, &mut $v[start..end], dims, dtype)
-            };
+            ($v:expr) => {{
+                let r = self.all_reduce_in_place_typed(op, &mut $v[start..end], dims, dtype);
+                if r.is_ok() {
+                    self.pace(begun, bytes);
+                }
+                r
+            }};
         }
         match storage {
             CpuStorage::U8(v) => run!(v),
@@ -1031,9 +1183,11 @@ impl Backend for LocalBackend {
                 "a rank cannot send to itself: send waits for the matching recv, which this rank can only post afterwards. Use Comm::send_recv".to_string(),
             ));
         }
+        let begun = std::time::Instant::now();
         if let Some(ticket) = self.post(x, dst)? {
             self.wait_taken("send", dst, ticket)?;
         }
+        self.pace(begun, x.elem_count() * x.dtype().size_in_bytes());
         Ok(())
     }
 
@@ -1045,7 +1199,10 @@ impl Backend for LocalBackend {
                 "a rank cannot receive from itself with recv: use Comm::send_recv".to_string(),
             ));
         }
-        self.take(src, shape, dtype)
+        let begun = std::time::Instant::now();
+        let t = self.take(src, shape, dtype)?;
+        self.pace(begun, shape.elem_count() * dtype.size_in_bytes());
+        Ok(t)
     }
 
     fn exchange(
@@ -1059,6 +1216,16 @@ impl Backend for LocalBackend {
         for (src, _, _) in recvs {
             self.check_peer("exchange", *src, "source")?;
         }
+        // What crosses the link: the larger of what this rank sends and what it receives.
+        let begun = std::time::Instant::now();
+        let sent: usize = sends
+            .iter()
+            .map(|(x, _)| x.elem_count() * x.dtype().size_in_bytes())
+            .sum();
+        let received: usize = recvs
+            .iter()
+            .map(|(_, s, d)| s.elem_count() * d.size_in_bytes())
+            .sum();
         // Post every send, then receive, then wait for the peers to take ours: the group
         // progresses together.
         let tickets: Vec<(usize, Option<u64>)> = sends
@@ -1073,6 +1240,9 @@ impl Backend for LocalBackend {
             if let Some(ticket) = ticket {
                 self.wait_taken("exchange", dst, ticket)?;
             }
+        }
+        if !sends.is_empty() || !recvs.is_empty() {
+            self.pace(begun, sent.max(received));
         }
         Ok(got)
     }

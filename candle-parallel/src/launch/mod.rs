@@ -98,6 +98,8 @@ pub struct Launcher {
     mesh: Option<MeshShape>,
     log_dir: Option<PathBuf>,
     backend: Option<BackendKind>,
+    /// The link the local backend emulates (`None`: `CANDLE_PARALLEL_LINK`, or none).
+    link: Option<crate::comm::local::LinkModel>,
 }
 
 /// The communication backend of a job's ranks ([`Launcher::backend`]).
@@ -143,7 +145,16 @@ impl Launcher {
             mesh: None,
             log_dir: None,
             backend: None,
+            link: None,
         }
+    }
+
+    /// The local backend paces every collective and message to `link`, as if the ranks were
+    /// devices that far apart ([`crate::comm::local::LinkModel`]; default: the
+    /// `CANDLE_PARALLEL_LINK` environment variable, or no pacing).
+    pub fn link(mut self, link: crate::comm::local::LinkModel) -> Self {
+        self.link = Some(link);
+        self
     }
 
     /// How long a rank waits for its peers in a collective before the job fails.
@@ -210,7 +221,11 @@ impl Launcher {
         };
         match backend {
             BackendKind::Local => {
-                let fabric = LocalFabric::new(self.world_size, self.timeout);
+                let link = match self.link {
+                    Some(l) => Some(l),
+                    None => crate::comm::local::LinkModel::from_env()?,
+                };
+                let fabric = LocalFabric::with_link(self.world_size, self.timeout, link);
                 let comms = fabric.world_comms();
                 let comms: Vec<_> = comms.into_iter().map(Some).map(Mutex::new).collect();
                 let results = self.run_threads(
