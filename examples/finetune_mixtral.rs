@@ -115,9 +115,13 @@ struct Args {
     #[arg(long, default_value_t = Recompute::None)]
     recompute: Recompute,
     /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
-    /// optimizer state, gradients reduced in f32).
+    /// optimizer state, gradients reduced in --reduce-dtype).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// The dtype gradients cross the replicas in: f32, or bf16 (half the bytes; packing,
+    /// accumulation and the step stay f32).
+    #[arg(long, default_value = "f32")]
+    reduce_dtype: String,
     /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -641,6 +645,11 @@ fn main() -> Result<()> {
         "bf16" => DType::BF16,
         other => candle_core::bail!("--dtype {other}: use f32 or bf16"),
     };
+    let reduce_dtype = match args.reduce_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => candle_core::bail!("--reduce-dtype {other}: use f32 or bf16"),
+    };
     let (dp, pp, ep) = (
         mesh.size(MeshDim::Dp),
         mesh.size(MeshDim::Pp),
@@ -750,6 +759,7 @@ fn main() -> Result<()> {
             adamw: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
             clip: Some(args.max_grad_norm),
             zero_stage: args.zero,
+            reduce_dtype,
             progress: true,
             tokens_per_step,
             ..Default::default()

@@ -145,6 +145,10 @@ enum Command {
         /// its backward (FSDP2's reshard_after_forward=False: one gather, no recomputation).
         #[arg(long)]
         no_reshard_after_forward: bool,
+        /// The dtype gradients cross the replicas in: f32, or bf16 (half the bytes; packing,
+        /// accumulation and the step stay f32).
+        #[arg(long, default_value = "f32")]
+        reduce_dtype: String,
         /// Output safetensors file.
         #[arg(long, default_value = "params.safetensors")]
         out: PathBuf,
@@ -317,6 +321,7 @@ fn run_train(command: Command) -> Result<()> {
         micro_batches,
         recompute,
         no_reshard_after_forward,
+        reduce_dtype,
         out,
         seed,
         checkpoint_dir,
@@ -362,6 +367,11 @@ fn run_train(command: Command) -> Result<()> {
     if zero > 3 {
         candle_core::bail!("--zero {zero}: the ZeRO stages are 0, 1, 2 and 3");
     }
+    let reduce_dtype = match reduce_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => candle_core::bail!("--reduce-dtype {other}: use f32 or bf16"),
+    };
     let Batch {
         rows,
         labels,
@@ -399,6 +409,7 @@ fn run_train(command: Command) -> Result<()> {
             },
             clip: Some(clip),
             zero_stage: zero,
+            reduce_dtype,
             // The whole global batch every step (for the tokens/s of the step lines).
             tokens_per_step: rows.iter().map(Vec::len).sum(),
             ..Default::default()

@@ -306,6 +306,7 @@ fn fused_optimizer_step_equals_the_composite_ops() -> Result<()> {
                                 lr: 1e-2,
                                 ..Default::default()
                             },
+                            ..Default::default()
                         };
                         let mut opt = zero_optimizer(&units, &vb, &batch, mesh, cfg)?;
                         let mut norms = Vec::new();

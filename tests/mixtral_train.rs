@@ -650,3 +650,42 @@ fn recomputation_trains_the_same_bits() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `--reduce-dtype bf16` (FSDP2's `reduce_dtype`): the gradients cross the replicas in bf16 at
+/// every ZeRO stage, so the run differs from the f32 one by bf16 rounding only.
+#[test]
+fn gradients_reduced_in_bf16_differ_by_rounding_only() {
+    let (model, batch) = setup("reduce-bf16");
+    let dir = model.parent().unwrap().to_path_buf();
+    for zero in ["0", "1", "2", "3"] {
+        let layout = ["--dp", "2", "--zero", zero, "--aux-coef", "0"];
+        let f32_run = train(&model, &batch, &dir.join("f32.safetensors"), &layout);
+        let mut args = layout.to_vec();
+        args.extend(["--reduce-dtype", "bf16"]);
+        let bf16_run = train(&model, &batch, &dir.join("bf16.safetensors"), &args);
+        let mut differs = false;
+        for (name, t) in &f32_run {
+            let (a, b) = (
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                bf16_run[name]
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            differs |= a != b;
+            let scale = a.iter().map(|x| x.abs()).fold(1e-3, f32::max);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst <= 1e-2 * scale,
+                "zero {zero}: {name} differs by {worst} (scale {scale})"
+            );
+        }
+        assert!(differs, "zero {zero}: bf16 reduction changed nothing");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

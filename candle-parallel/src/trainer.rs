@@ -120,6 +120,8 @@ pub struct TrainerConfig {
     pub zero_stage: u8,
     /// Gradient bucket size in bytes.
     pub bucket_bytes: usize,
+    /// The dtype gradients cross the replicas in ([`ZeroConfig::reduce_dtype`]).
+    pub reduce_dtype: candle_core::DType,
     /// Show a progress bar on rank 0.
     pub progress: bool,
     /// Log a step line at INFO every this many steps (every step at DEBUG); 0: about 20 lines
@@ -138,6 +140,7 @@ impl Default for TrainerConfig {
             clip: Some(1.0),
             zero_stage: 0,
             bucket_bytes: crate::data_parallel::DEFAULT_BUCKET_BYTES,
+            reduce_dtype: candle_core::DType::F32,
             progress: false,
             log_every: 0,
             tokens_per_step: 0,
@@ -207,6 +210,7 @@ impl Trainer {
         ZeroConfig {
             stage: cfg.zero_stage,
             bucket_bytes: cfg.bucket_bytes,
+            reduce_dtype: cfg.reduce_dtype,
             adamw: AdamWConfig {
                 lr: cfg.lr.at(1),
                 ..cfg.adamw

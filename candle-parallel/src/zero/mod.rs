@@ -90,6 +90,10 @@ pub struct ZeroConfig {
     /// rounding, several times slower on the CPU (kept for comparison: `bench_data_parallel`
     /// times both).
     pub fused: bool,
+    /// The dtype gradients cross the replicas in (FSDP2's `reduce_dtype`): f32 (the default),
+    /// or bf16 / f16 for half the bytes. Packing, accumulation over micro-batches, the norm and
+    /// the step stay f32 either way.
+    pub reduce_dtype: DType,
 }
 
 impl Default for ZeroConfig {
@@ -99,8 +103,29 @@ impl Default for ZeroConfig {
             bucket_bytes: DEFAULT_BUCKET_BYTES,
             adamw: AdamWConfig::default(),
             fused: true,
+            reduce_dtype: DType::F32,
         }
     }
+}
+
+/// `x` (f32) reduce-scattered along dim 0 over `c`, crossing in `dtype`; f32 again.
+pub(crate) fn reduce_scatter_in(c: &Comm, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == DType::F32 {
+        return c.reduce_scatter(x, 0, ReduceOp::Sum);
+    }
+    c.reduce_scatter(&x.to_dtype(dtype)?, 0, ReduceOp::Sum)?
+        .to_dtype(DType::F32)
+}
+
+/// `x` (f32) all-reduced over `c`, crossing in `dtype`: in place for f32, else a new f32
+/// tensor.
+fn all_reduce_in(c: &Comm, x: Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == DType::F32 {
+        c.all_reduce_in_place(&x, ReduceOp::Sum)?;
+        return Ok(x);
+    }
+    c.all_reduce(&x.to_dtype(dtype)?, ReduceOp::Sum)?
+        .to_dtype(DType::F32)
 }
 
 /// Bytes one rank holds, by kind (see [`ZeroOptimizer::memory`]).
@@ -318,6 +343,9 @@ impl ZeroOptimizer {
                 cfg.stage
             )
         }
+        for m in modules {
+            m.set_reduce_dtype(cfg.reduce_dtype);
+        }
         Self::build(params, modules, batch, mesh, cfg)
     }
 
@@ -328,6 +356,12 @@ impl ZeroOptimizer {
         mesh: &DeviceMesh,
         cfg: ZeroConfig,
     ) -> Result<Self> {
+        if !matches!(cfg.reduce_dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!(
+                "ZeroOptimizer: reduce_dtype {:?}: gradients cross the replicas in f32, bf16 or f16",
+                cfg.reduce_dtype
+            )
+        }
         let device = mesh.world().device().clone();
         let zeros = |len: usize| Tensor::zeros(len, DType::F32, &device);
         // One variable under two names would be updated twice (in place, twice as far).
@@ -632,7 +666,7 @@ impl ZeroOptimizer {
             None => Tensor::zeros(b.padded, DType::F32, self.world.device())?,
         };
         let part = match &b.comm {
-            Some(c) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
+            Some(c) => reduce_scatter_in(c, &full, self.cfg.reduce_dtype)?,
             None => full,
         };
         if a.part_written {
@@ -684,11 +718,8 @@ impl ZeroOptimizer {
                     let full = mean(buf.clone())?;
                     match (&b.comm, stage) {
                         (None, _) => full,
-                        (Some(c), 0) => {
-                            c.all_reduce_in_place(&full, ReduceOp::Sum)?;
-                            full
-                        }
-                        (Some(c), _) => c.reduce_scatter(&full, 0, ReduceOp::Sum)?,
+                        (Some(c), 0) => all_reduce_in(c, full, self.cfg.reduce_dtype)?,
+                        (Some(c), _) => reduce_scatter_in(c, &full, self.cfg.reduce_dtype)?,
                     }
                 }
                 Home::Whole { grad: None } | Home::Shard { .. } => {

@@ -3,7 +3,7 @@
 
 use super::{Info, Seg};
 use crate::checkpoint::ParallelVarBuilder;
-use crate::comm::{Comm, ReduceOp};
+use crate::comm::Comm;
 use crate::data_parallel::BatchGroups;
 use crate::mesh::DeviceMesh;
 use crate::ops::attach_backward;
@@ -46,6 +46,8 @@ struct Inner {
     /// FSDP2's `reshard_after_forward`: free the gathered parameters after the forward
     /// (gather again and recompute in the backward), or keep them and the forward's graph.
     reshard_after_forward: AtomicBool,
+    /// The dtype gradients are reduce-scattered in (the optimizer's `reduce_dtype`).
+    reduce_dtype: Mutex<DType>,
 }
 
 /// What a forward that did not reshard keeps for its backward: the output with its graph,
@@ -204,6 +206,7 @@ impl ShardedModule {
                 dtype,
                 device,
                 reshard_after_forward: AtomicBool::new(true),
+                reduce_dtype: Mutex::new(DType::F32),
             }),
         })
     }
@@ -218,6 +221,16 @@ impl ShardedModule {
         self.inner
             .reshard_after_forward
             .store(reshard, Ordering::Relaxed);
+    }
+
+    /// The dtype the gradients cross the replicas in (set by the optimizer from its
+    /// `ZeroConfig::reduce_dtype`); they are packed and kept in f32.
+    pub fn set_reduce_dtype(&self, dtype: DType) {
+        *self
+            .inner
+            .reduce_dtype
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = dtype;
     }
 
     /// This rank's partitions of the module's parameters (flat, f32): the variable the
@@ -344,8 +357,9 @@ impl Inner {
                     )?;
                 }
             }
+            let dtype = *self.reduce_dtype.lock().unwrap_or_else(|e| e.into_inner());
             parts.push(match &grp.comm {
-                Some(c) => c.reduce_scatter(&flat, 0, ReduceOp::Sum)?,
+                Some(c) => super::reduce_scatter_in(c, &flat, dtype)?,
                 None => flat,
             });
         }
