@@ -109,8 +109,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     zero: u8,
     /// Activation recomputation: none (keep every layer's activations for the backward),
-    /// selective (keep them but for the attention scores and the experts' SwiGLU
-    /// activations, recomputed in the backward) or full (keep each layer's input only; run
+    /// selective (keep them but for the attention scores, the experts' SwiGLU activations
+    /// and the MoE combine, recomputed in the backward) or full (keep each layer's input only; run
     /// the layer again just before its backward). ZeRO 3 recomputes every layer anyway.
     #[arg(long, default_value_t = Recompute::None)]
     recompute: Recompute,

@@ -135,8 +135,8 @@ enum Command {
         /// Micro-batches per step on each replica (gradient accumulation; pipelined with pp).
         #[arg(long, default_value_t = 1)]
         micro_batches: usize,
-        /// Activation recomputation: none, selective (the attention scores and the experts'
-        /// SwiGLU activations recomputed in the backward instead of kept) or full (each
+        /// Activation recomputation: none, selective (the attention scores, the experts'
+        /// SwiGLU activations and the MoE combine recomputed in the backward) or full (each
         /// layer's input kept, the layer run again just before its backward). ZeRO 3
         /// recomputes its layers anyway unless --no-reshard-after-forward.
         #[arg(long, default_value_t = Recompute::None)]

@@ -725,9 +725,9 @@ pub enum Recompute {
     Full,
     /// Every unit's activations are kept except the parts that are cheap to compute and heavy
     /// to keep, which their backward recomputes (Megatron's selective recomputation): the
-    /// attention's scores and probabilities (`[b, heads, s, s]`) and the experts' SwiGLU
-    /// activations (see [`crate::ops::with_selective_recompute`]). The same gradients, bit
-    /// for bit.
+    /// attention's scores and probabilities (`[b, heads, s, s]`), the experts' SwiGLU
+    /// activations and the MoE combine's weighted rows (see
+    /// [`crate::ops::with_selective_recompute`]). The same gradients, bit for bit.
     Selective,
 }
 
@@ -739,7 +739,7 @@ impl std::str::FromStr for Recompute {
             "none" => Ok(Self::None),
             "full" => Ok(Self::Full),
             "selective" => Ok(Self::Selective),
-            _ => bail!("recompute {s:?}: use none (keep activations), selective (recompute the attention scores and the experts' activations in the backward) or full (recompute each layer in the backward)"),
+            _ => bail!("recompute {s:?}: use none (keep activations), selective (recompute the attention scores, the experts' activations and the MoE combine in the backward) or full (recompute each layer in the backward)"),
         }
     }
 }
