@@ -284,19 +284,37 @@ impl Mixtral {
     /// previous stage's packed tensor in; the packed tensor out, or on the last stage this
     /// rank's logit columns packed with the load-balancing sums (for [`Mixtral::stage_losses`]).
     pub fn forward_stage(&self, input: &Tensor, train: bool) -> Result<Tensor> {
+        let StageIn {
+            mut x,
+            b,
+            s,
+            p_in,
+            f_in,
+        } = self.stage_in(input)?;
+        let (router_logits, _) = self.blocks_forward_with_stats(&mut x, 0, None, train)?;
+        self.stage_out(&x, &router_logits, p_in, f_in, b, s)
+    }
+
+    /// A stage's first unit: token ids `[b, s]` embedded (first stage), or the previous
+    /// stage's packed tensor unpacked (the hidden states and the load-balancing sums so far:
+    /// views of it, so their gradients reach it).
+    fn stage_in(&self, input: &Tensor) -> Result<StageIn> {
         let (e, k, h) = (
             self.cfg.num_local_experts,
             self.cfg.num_experts_per_tok,
             self.cfg.hidden_size,
         );
-        let (mut x, b, s, p_in, f_in) = match &self.embed {
+        match &self.embed {
             Some(embed) if self.is_first_stage() => {
                 let (b, s) = input.dims2()?;
                 self.check_positions(s)?;
-                let zeros = Tensor::zeros((b * s, e), candle_core::DType::F32, input.device())?;
-                let counts =
-                    Tensor::zeros((b * s, k * e), candle_core::DType::F32, input.device())?;
-                (embed.forward(input)?, b, s, zeros, counts)
+                Ok(StageIn {
+                    x: embed.forward(input)?,
+                    b,
+                    s,
+                    p_in: Tensor::zeros((b * s, e), candle_core::DType::F32, input.device())?,
+                    f_in: Tensor::zeros((b * s, k * e), candle_core::DType::F32, input.device())?,
+                })
             }
             _ => {
                 let head = input.narrow(0, 0, 2)?.to_vec1::<f32>()?;
@@ -311,31 +329,43 @@ impl Mixtral {
                 }
                 self.check_positions(s)?;
                 let n = b * s * h;
-                (
-                    input
+                Ok(StageIn {
+                    x: input
                         .narrow(0, 2, n)?
                         .reshape((b, s, h))?
                         .to_dtype(self.rope.0.dtype())?,
                     b,
                     s,
-                    input.narrow(0, 2 + n, b * s * e)?.reshape((b * s, e))?,
-                    input
+                    p_in: input.narrow(0, 2 + n, b * s * e)?.reshape((b * s, e))?,
+                    f_in: input
                         .narrow(0, 2 + n + b * s * e, b * s * k * e)?
                         .reshape((b * s, k * e))?,
-                )
+                })
             }
-        };
-        let (router_logits, _) = self.blocks_forward_with_stats(&mut x, 0, None, train)?;
-        let x_out = x;
-        let (p, f) = hf_load_balancing_token_sums(&router_logits, e, k)?;
+        }
+    }
+
+    /// A stage's last unit: the load-balancing sums with this stage's layers' (from their
+    /// `router_logits`), the head on the last stage's output `x`, all packed into one f32
+    /// tensor whatever the model's dtype (its parts get their own dtype back).
+    fn stage_out(
+        &self,
+        x: &Tensor,
+        router_logits: &[Tensor],
+        p_in: Tensor,
+        f_in: Tensor,
+        b: usize,
+        s: usize,
+    ) -> Result<Tensor> {
+        let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
+        let (p, f) = hf_load_balancing_token_sums(router_logits, e, k)?;
         let (p, f) = ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?);
         let body = match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
-                head.forward(&ops::rms_norm(&x_out, norm, self.cfg.rms_norm_eps)?)?
+                head.forward(&ops::rms_norm(x, norm, self.cfg.rms_norm_eps)?)?
             }
-            _ => x_out,
+            _ => x.clone(),
         };
-        // One f32 tensor whatever the model's dtype: its halves get their own dtype back.
         let shape = Tensor::new(&[b as f32, s as f32], body.device())?;
         let body = body.flatten_all()?.to_dtype(candle_core::DType::F32)?;
         Tensor::cat(&[shape, body, p, f], 0)
@@ -983,62 +1013,21 @@ pub struct MixtralUnitStage<'a> {
 impl UnitStage for MixtralUnitStage<'_> {
     fn forward_units<'s>(&'s self, input: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)> {
         let m = self.model;
-        let (e, k, h) = (
-            m.cfg.num_local_experts,
-            m.cfg.num_experts_per_tok,
-            m.cfg.hidden_size,
-        );
-        // The first unit: the embedding, or the previous stage's tensor unpacked; what its
-        // backward needs is the input variable (or ids) and its output.
-        let (input, x0, b, s, p_in, f_in) = match &m.embed {
-            Some(embed) if m.is_first_stage() => {
-                let (b, s) = input.dims2()?;
-                m.check_positions(s)?;
-                let zeros = Tensor::zeros((b * s, e), candle_core::DType::F32, input.device())?;
-                let counts =
-                    Tensor::zeros((b * s, k * e), candle_core::DType::F32, input.device())?;
-                let x0 = embed.forward(input)?;
-                (StageInput::Ids(input.clone()), x0, b, s, zeros, counts)
-            }
-            _ => {
-                let input = Var::from_tensor(input)?;
-                let head = input.narrow(0, 0, 2)?.to_vec1::<f32>()?;
-                let (b, s) = (head[0] as usize, head[1] as usize);
-                if input.dims1()? != m.stage_activation_len(b, s) {
-                    bail!(
-                        "Mixtral stage at layer {}: got {} values, expected {} for {b} x {s} tokens",
-                        m.first_layer,
-                        input.dims1()?,
-                        m.stage_activation_len(b, s)
-                    )
-                }
-                m.check_positions(s)?;
-                let n = b * s * h;
-                let x = input
-                    .narrow(0, 2, n)?
-                    .reshape((b, s, h))?
-                    .to_dtype(m.rope.0.dtype())?;
-                let p = input.narrow(0, 2 + n, b * s * e)?.reshape((b * s, e))?;
-                let f = input
-                    .narrow(0, 2 + n + b * s * e, b * s * k * e)?
-                    .reshape((b * s, k * e))?;
-                (StageInput::Packed(input), x, b, s, p, f)
-            }
+        // The previous stage's tensor as a variable: its gradient goes back (the first
+        // stage's token ids have none).
+        let input = match m.is_first_stage() && m.embed.is_some() {
+            true => StageInput::Ids(input.clone()),
+            false => StageInput::Packed(Var::from_tensor(input)?),
         };
+        let StageIn {
+            x: x0,
+            b,
+            s,
+            p_in,
+            f_in,
+        } = m.stage_in(input.tensor())?;
         let layers = m.layers_forward_units(&x0, self.recompute)?;
-        // The last unit: the load-balancing sums, the head on the last stage, the packing.
-        let (p, f) = hf_load_balancing_token_sums(&layers.router_logits(), e, k)?;
-        let (p, f) = ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?);
-        let x = layers.output();
-        let body = match (&m.norm, &m.lm_head) {
-            (Some(norm), Some(head)) => {
-                head.forward(&ops::rms_norm(x, norm, m.cfg.rms_norm_eps)?)?
-            }
-            _ => x.clone(),
-        };
-        let shape = Tensor::new(&[b as f32, s as f32], body.device())?;
-        let body = body.flatten_all()?.to_dtype(candle_core::DType::F32)?;
-        let out = Tensor::cat(&[shape, body, p, f], 0)?;
+        let out = m.stage_out(layers.output(), &layers.router_logits(), p_in, f_in, b, s)?;
         let tape = MixtralStageTape {
             model: m,
             input,
@@ -1052,12 +1041,31 @@ impl UnitStage for MixtralUnitStage<'_> {
     }
 }
 
+/// What a stage's first unit gives: its hidden states `[b, s, hidden]` and the load-balancing
+/// sums so far (probabilities `[b·s, E]`, choice counts `[b·s, k·E]`).
+struct StageIn {
+    x: Tensor,
+    b: usize,
+    s: usize,
+    p_in: Tensor,
+    f_in: Tensor,
+}
+
 /// What a stage's first unit took in.
 enum StageInput {
     /// The first stage's token ids.
     Ids(Tensor),
     /// The previous stage's packed tensor, as a variable (its gradient goes back).
     Packed(Var),
+}
+
+impl StageInput {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Self::Ids(t) => t,
+            Self::Packed(v) => v.as_tensor(),
+        }
+    }
 }
 
 /// What a [`MixtralUnitStage`]'s forward kept for one micro-batch.
@@ -1092,21 +1100,10 @@ impl StageTape for MixtralStageTape<'_> {
             StageInput::Ids(_) => None,
         };
         drop(store);
-        let (b, s, h) = layers.inputs[0].as_tensor().dims3()?;
         if let Some(g) = m.layers_backward_units(layers, seeds, sink)? {
-            let x0 = match (x0, &input) {
-                (Some(x0), _) => x0,
-                (None, StageInput::Packed(v)) => v
-                    .narrow(0, 2, b * s * h)?
-                    .reshape((b, s, h))?
-                    .to_dtype(m.rope.0.dtype())?,
-                (None, StageInput::Ids(ids)) => match &m.embed {
-                    Some(embed) => embed.forward(ids)?,
-                    None => bail!(
-                        "Mixtral stage at layer {}: token ids in, but no embedding",
-                        m.first_layer
-                    ),
-                },
+            let x0 = match x0 {
+                Some(x0) => x0,
+                None => m.stage_in(input.tensor())?.x,
             };
             let mut store = (x0 * g)?.sum_all()?.backward()?;
             sink.add_store(&mut store)?;

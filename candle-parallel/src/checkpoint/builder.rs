@@ -336,11 +336,7 @@ impl ParallelVarBuilder {
                 if metas.contains_key(&name) {
                     bail!("parameter {name} was created twice: each parameter name must be unique")
                 }
-                let mut local_to = self.local_to.clone();
-                if shard != Placement::Replicated && !local_to.contains(&MeshDim::Tp) {
-                    local_to.push(MeshDim::Tp);
-                }
-                local_to.sort();
+                let local_to = self.local_to_of(shard);
                 metas.insert(
                     name.clone(),
                     ParamMeta {
@@ -427,11 +423,7 @@ impl ParallelVarBuilder {
         if params.contains_key(&name) {
             bail!("parameter {name} was created twice: each parameter name must be unique")
         }
-        let mut local_to = self.local_to.clone();
-        if shard != Placement::Replicated && !local_to.contains(&MeshDim::Tp) {
-            local_to.push(MeshDim::Tp);
-        }
-        local_to.sort();
+        let local_to = self.local_to_of(shard);
         params.insert(
             name.clone(),
             Param {
@@ -443,6 +435,17 @@ impl ParallelVarBuilder {
             },
         );
         Ok(var.as_tensor().clone())
+    }
+
+    /// The mesh dimensions a parameter placed as `shard` under this builder is local to: the
+    /// builder's, and tp for a slice.
+    fn local_to_of(&self, shard: Placement) -> Vec<MeshDim> {
+        let mut local_to = self.local_to.clone();
+        if shard != Placement::Replicated && !local_to.contains(&MeshDim::Tp) {
+            local_to.push(MeshDim::Tp);
+        }
+        local_to.sort();
+        local_to
     }
 
     /// The full shape of the stored tensor `name` (under this builder's prefix), where the

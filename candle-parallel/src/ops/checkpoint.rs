@@ -120,10 +120,9 @@ fn attach_many(
 ) -> Result<Tensor> {
     let device = value.device().clone();
     let stash: Stash = Arc::new(Mutex::new(Vec::new()));
-    let token = Tensor::zeros(1, DType::F32, &device)?;
+    let mut token = Tensor::zeros(1, DType::F32, &device)?;
     // An untracked stand-in for a missing second input of a link.
     let none = Tensor::zeros(1, DType::F32, &device)?;
-    let mut token = token;
     let rest = &inputs[2.min(inputs.len())..];
     for (j, pair) in rest.chunks(2).enumerate() {
         let b = pair.get(1).copied().unwrap_or(&none);
