@@ -122,6 +122,10 @@ struct Args {
     /// accumulation and the step stay f32).
     #[arg(long, default_value = "f32")]
     reduce_dtype: String,
+    /// Reduce the gradients only after the backward, not bucket by bucket while it runs
+    /// (for comparison: the numbers are the same).
+    #[arg(long)]
+    no_overlap: bool,
     /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -760,6 +764,7 @@ fn main() -> Result<()> {
             clip: Some(args.max_grad_norm),
             zero_stage: args.zero,
             reduce_dtype,
+            overlap_comm: !args.no_overlap,
             progress: true,
             tokens_per_step,
             ..Default::default()

@@ -149,6 +149,10 @@ enum Command {
         /// accumulation and the step stay f32).
         #[arg(long, default_value = "f32")]
         reduce_dtype: String,
+        /// Reduce the gradients only after the backward, not bucket by bucket while it runs
+        /// (for comparison: the numbers are the same).
+        #[arg(long)]
+        no_overlap: bool,
         /// Output safetensors file.
         #[arg(long, default_value = "params.safetensors")]
         out: PathBuf,
@@ -322,6 +326,7 @@ fn run_train(command: Command) -> Result<()> {
         recompute,
         no_reshard_after_forward,
         reduce_dtype,
+        no_overlap,
         out,
         seed,
         checkpoint_dir,
@@ -410,6 +415,7 @@ fn run_train(command: Command) -> Result<()> {
             clip: Some(clip),
             zero_stage: zero,
             reduce_dtype,
+            overlap_comm: !no_overlap,
             // The whole global batch every step (for the tokens/s of the step lines).
             tokens_per_step: rows.iter().map(Vec::len).sum(),
             ..Default::default()

@@ -222,6 +222,7 @@ fn two_steps(
     stage: u8,
     micro_batches: usize,
     unit_wise: bool,
+    overlap: bool,
 ) -> Result<Vec<Vec<f32>>> {
     let cfg = config();
     Launcher::new(dp * ep)
@@ -239,6 +240,7 @@ fn two_steps(
                     weight_decay: 0.01,
                     ..Default::default()
                 },
+                overlap_comm: overlap,
                 ..Default::default()
             };
             let seed = (mesh.dp().rank() * ep + mesh.ep().rank()) as u64;
@@ -296,8 +298,8 @@ fn two_steps(
 fn optimizer_as_sink_steps_as_from_whole_gradients_at_every_stage() -> Result<()> {
     for stage in 0..=3u8 {
         for (dp, ep, m) in [(2, 1, 1), (2, 2, 1), (2, 1, 2)] {
-            let whole = two_steps(dp, ep, stage, m, false)?;
-            let unit = two_steps(dp, ep, stage, m, true)?;
+            let whole = two_steps(dp, ep, stage, m, false, false)?;
+            let unit = two_steps(dp, ep, stage, m, true, true)?;
             for (r, (w, u)) in whole.iter().zip(&unit).enumerate() {
                 assert_eq!(w.len(), u.len());
                 // Stage 2 reduce-scatters each micro-batch and sums the partitions
@@ -321,6 +323,26 @@ fn optimizer_as_sink_steps_as_from_whole_gradients_at_every_stage() -> Result<()
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Reducing each bucket on the communication lane while the backward goes on
+/// (`ZeroConfig::overlap_comm`) takes the same steps, bit for bit, as reducing after it, at
+/// every stage, with experts over ep and with micro-batches.
+#[test]
+fn overlapped_reduction_takes_the_same_steps_bit_for_bit() -> Result<()> {
+    for stage in 0..=3u8 {
+        for (dp, ep, m) in [(2, 1, 1), (2, 2, 1), (2, 1, 3)] {
+            let after = two_steps(dp, ep, stage, m, true, false)?;
+            let overlapped = two_steps(dp, ep, stage, m, true, true)?;
+            assert!(
+                after == overlapped,
+                "stage {stage} dp={dp} ep={ep} m={m}: norms {:?} vs {:?}",
+                after.iter().map(|r| &r[..2]).collect::<Vec<_>>(),
+                overlapped.iter().map(|r| &r[..2]).collect::<Vec<_>>()
+            );
         }
     }
     Ok(())

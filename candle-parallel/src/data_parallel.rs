@@ -648,9 +648,12 @@ pub trait GradSink {
     fn end_micro_batch(&mut self) -> Result<()>;
 
     /// The current micro-batch's forward is over and its backward begins (called before its
-    /// first `backward()`): for sinks that measure or schedule by phase. Does nothing by
-    /// default.
-    fn begin_backward(&mut self) -> Result<()> {
+    /// first `backward()`); `last`: it is the step's last micro-batch, whose gradients a sink
+    /// may start reducing over the replicas unit by unit while the backward goes on (DDP
+    /// reduces in the last micro-batch only). For sinks that measure or schedule by phase;
+    /// does nothing by default.
+    fn begin_backward(&mut self, last: bool) -> Result<()> {
+        let _ = last;
         Ok(())
     }
 

@@ -47,6 +47,12 @@ pub fn enter_rank(rank: usize) -> RankConsoleGuard {
     RankConsoleGuard(CONSOLE_RANK.with(|r| r.replace(Some(rank))))
 }
 
+/// The rank the current thread runs on the console ([`enter_rank`]), if any: a helper thread
+/// of a rank (its communication lane) enters the same.
+pub(crate) fn console_rank() -> Option<usize> {
+    CONSOLE_RANK.with(|r| r.get())
+}
+
 /// The console's per-rank filter (see [`enter_rank`]); decided per event, never cached.
 struct ConsoleRanks;
 

@@ -399,7 +399,7 @@ impl PhaseMeter {
 /// meter.enter("forward");
 /// let y = x.as_tensor().sqr()?.sum_all()?;
 /// let mut sink = PhasedSink::new(&mut collector, &mut meter);
-/// sink.begin_backward()?;
+/// sink.begin_backward(true)?;
 /// sink.add_store(&mut y.backward()?)?;
 /// sink.end_micro_batch()?;
 /// meter.enter("optimizer");
@@ -459,8 +459,8 @@ impl crate::data_parallel::GradSink for PhasedSink<'_> {
         self.inner.add_store(store)
     }
 
-    fn begin_backward(&mut self) -> Result<()> {
+    fn begin_backward(&mut self, last: bool) -> Result<()> {
         self.backward_begins();
-        self.inner.begin_backward()
+        self.inner.begin_backward(last)
     }
 }

@@ -122,6 +122,8 @@ pub struct TrainerConfig {
     pub bucket_bytes: usize,
     /// The dtype gradients cross the replicas in ([`ZeroConfig::reduce_dtype`]).
     pub reduce_dtype: candle_core::DType,
+    /// Reduce gradients while the backward runs ([`ZeroConfig::overlap_comm`]).
+    pub overlap_comm: bool,
     /// Show a progress bar on rank 0.
     pub progress: bool,
     /// Log a step line at INFO every this many steps (every step at DEBUG); 0: about 20 lines
@@ -141,6 +143,7 @@ impl Default for TrainerConfig {
             zero_stage: 0,
             bucket_bytes: crate::data_parallel::DEFAULT_BUCKET_BYTES,
             reduce_dtype: candle_core::DType::F32,
+            overlap_comm: true,
             progress: false,
             log_every: 0,
             tokens_per_step: 0,
@@ -211,6 +214,7 @@ impl Trainer {
             stage: cfg.zero_stage,
             bucket_bytes: cfg.bucket_bytes,
             reduce_dtype: cfg.reduce_dtype,
+            overlap_comm: cfg.overlap_comm,
             adamw: AdamWConfig {
                 lr: cfg.lr.at(1),
                 ..cfg.adamw
@@ -393,5 +397,9 @@ impl GradSink for Trainer {
 
     fn end_micro_batch(&mut self) -> Result<()> {
         self.opt.end_micro_batch()
+    }
+
+    fn begin_backward(&mut self, last: bool) -> Result<()> {
+        self.opt.begin_backward(last)
     }
 }

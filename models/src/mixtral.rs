@@ -828,6 +828,7 @@ impl Mixtral {
                 mb.mask(i),
                 mb.weights[i],
                 recompute,
+                i + 1 == mb.ids.len(),
             )?;
             out.add_mean(l, m);
             out.stats = stats;
@@ -837,6 +838,7 @@ impl Mixtral {
 
     /// One micro-batch's forward and unit-wise backward into `sink` (see
     /// [`Mixtral::train_grads`]): its weighted losses `[ce, aux, loss]` and routing stats.
+    #[allow(clippy::too_many_arguments)]
     fn micro_batch_into(
         &self,
         sink: &mut dyn GradSink,
@@ -845,6 +847,7 @@ impl Mixtral {
         mask: Option<&Tensor>,
         weight: f64,
         recompute: Recompute,
+        last: bool,
     ) -> Result<([f64; 3], Vec<MoeStats>)> {
         check_next_token_ids(ids)?;
         check_attention_mask(mask, ids, labels)?;
@@ -873,7 +876,7 @@ impl Mixtral {
             weight,
         )?;
         let values = l.values()?;
-        sink.begin_backward()?;
+        sink.begin_backward(last)?;
         let mut store = l.loss.backward()?;
         drop((l, shard, router));
         sink.add_store(&mut store)?;
@@ -1570,7 +1573,7 @@ impl ShardedMixtral {
                 self.losses_of(last.as_tensor(), ids, labels, mask)?,
                 mb.weights[i],
             )?;
-            sink.begin_backward()?;
+            sink.begin_backward(i + 1 == mb.ids.len())?;
             let seed = l
                 .loss
                 .backward()?

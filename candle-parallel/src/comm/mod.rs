@@ -22,6 +22,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 mod error;
+mod lane;
 pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -29,6 +30,7 @@ pub mod nccl;
 pub mod nccl_engine;
 
 pub use error::CommError;
+pub use lane::Work;
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::shape::Dim;
@@ -36,7 +38,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor,
 };
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Locks `m`, ignoring poisoning: a panic while holding one of the crate's locks leaves
 /// consistent state (no code under them panics by design); keep going rather than cascading
@@ -258,6 +260,9 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Comm {
     backend: Arc<dyn Backend>,
+    /// This rank's communication lane on the group, shared by the handle's clones; started
+    /// by the first asynchronous call (`None` inside: operations run where they are called).
+    lane: Arc<OnceLock<Option<lane::Lane>>>,
 }
 
 impl fmt::Debug for Comm {
@@ -276,7 +281,123 @@ impl fmt::Debug for Comm {
 impl Comm {
     /// Wraps a backend handle.
     pub fn from_backend(backend: Arc<dyn Backend>) -> Self {
-        Self { backend }
+        Self {
+            backend,
+            lane: Arc::default(),
+        }
+    }
+
+    /// A handle on the same group that runs everything where it is called, bypassing the
+    /// lane: what the lane's own jobs use.
+    fn direct(&self) -> Self {
+        Self::from_backend(self.backend.clone())
+    }
+
+    /// The lane, started on first use; `None` off the CPU (NCCL enqueues and returns) or if
+    /// its thread cannot start.
+    fn lane(&self) -> Option<&lane::Lane> {
+        if !self.device().is_cpu() {
+            return None;
+        }
+        self.lane
+            .get_or_init(|| {
+                let name = format!("lane {} r{}", self.label(), self.ranks()[self.rank()]);
+                lane::Lane::start(name)
+                    .map_err(|e| tracing::warn!("{e}; its operations run synchronously"))
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// Waits until the operations queued on this group's lane are over: a blocking call never
+    /// overtakes them (every rank of the group sees the same order).
+    pub(crate) fn drain(&self) {
+        if let Some(Some(lane)) = self.lane.get() {
+            lane.drain()
+        }
+    }
+
+    /// Waits for every operation started on this group's lane ([`Comm::start`], the `*_async`
+    /// methods) to finish; their results stay with their [`Work`] handles.
+    pub fn synchronize(&self) {
+        self.drain()
+    }
+
+    /// Starts `f` on this rank's communication lane for the group and returns at once: on the
+    /// CPU a thread of the rank's runs the group's operations one after the other in the order
+    /// they were started, while the caller computes; on CUDA `f` runs here (NCCL calls return
+    /// once enqueued). `f` gets a handle that runs its calls directly. Every rank of the group
+    /// must start the same operations in the same order, as with blocking calls; a blocking
+    /// call on the group first waits for the operations started before it. `what` names the
+    /// operation in errors.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use candle_parallel::{comm::ReduceOp, launch};
+    ///
+    /// let got = launch(2, |ctx| {
+    ///     let x = Tensor::new(&[ctx.rank() as f32 + 1.0], &Device::Cpu)?;
+    ///     // Reduce and scale on the lane; the rank goes on meanwhile.
+    ///     let work = ctx.comm().start("scaled sum", move |c| {
+    ///         c.all_reduce(&x, ReduceOp::Sum)? * 10.0
+    ///     });
+    ///     work.wait()?.to_vec1::<f32>()
+    /// })?;
+    /// assert_eq!(got, vec![vec![30.0], vec![30.0]]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn start<T, F>(&self, what: &str, f: F) -> Work<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Comm) -> Result<T> + Send + 'static,
+    {
+        let direct = self.direct();
+        match self.lane() {
+            Some(lane) => lane.submit(what, move || f(&direct)),
+            None => Work::done(f(&direct)),
+        }
+    }
+
+    /// [`Comm::all_reduce`] on the lane ([`Comm::start`]).
+    pub fn all_reduce_async(&self, x: &Tensor, op: ReduceOp) -> Work<Tensor> {
+        let x = x.clone();
+        self.start("all_reduce", move |c| c.all_reduce(&x, op))
+    }
+
+    /// [`Comm::all_reduce_in_place`] on the lane ([`Comm::start`]): `x` holds the result once
+    /// the work is waited for; do not read or write it before.
+    pub fn all_reduce_in_place_async(&self, x: &Tensor, op: ReduceOp) -> Work<()> {
+        let x = x.clone();
+        self.start("all_reduce_in_place", move |c| {
+            c.all_reduce_in_place(&x, op)
+        })
+    }
+
+    /// [`Comm::reduce_scatter`] along `dim` on the lane ([`Comm::start`]).
+    pub fn reduce_scatter_async(&self, x: &Tensor, dim: usize, op: ReduceOp) -> Work<Tensor> {
+        let x = x.clone();
+        self.start("reduce_scatter", move |c| c.reduce_scatter(&x, dim, op))
+    }
+
+    /// [`Comm::all_gather`] along `dim` on the lane ([`Comm::start`]).
+    pub fn all_gather_async(&self, x: &Tensor, dim: usize) -> Work<Tensor> {
+        let x = x.clone();
+        self.start("all_gather", move |c| c.all_gather(&x, dim))
+    }
+
+    /// [`Comm::exchange`] on the lane ([`Comm::start`]): sends posted and receives awaited
+    /// while the caller computes (Megatron's overlapped point-to-point).
+    pub fn exchange_async(
+        &self,
+        sends: Vec<(Tensor, usize)>,
+        recvs: Vec<(usize, Shape, DType)>,
+    ) -> Work<Vec<Tensor>> {
+        self.start("exchange", move |c| {
+            let sends: Vec<(&Tensor, usize)> = sends.iter().map(|(t, d)| (t, *d)).collect();
+            let recvs: Vec<(usize, &Shape, DType)> =
+                recvs.iter().map(|(s, sh, dt)| (*s, sh, *dt)).collect();
+            c.exchange(&sends, &recvs)
+        })
     }
 
     /// The backend behind this handle.
@@ -339,6 +460,7 @@ impl Comm {
             )
         }
         tracing::trace!(group = self.label(), op = %op, shape = ?x.dims(), dtype = ?x.dtype(), "all_reduce in place");
+        self.drain();
         x.inplace_op1(&InPlaceAllReduce {
             backend: self.backend(),
             op,
@@ -433,6 +555,7 @@ impl Comm {
     /// send to itself with `send`. A zero-element message moves nothing and waits for no one.
     pub fn send(&self, x: &Tensor, dst: usize) -> Result<()> {
         tracing::trace!(group = self.label(), dst, shape = ?x.dims(), "send");
+        self.drain();
         self.backend.send(x, dst)
     }
 
@@ -464,6 +587,7 @@ impl Comm {
     ) -> Result<Tensor> {
         let shape = shape.into();
         tracing::trace!(group = self.label(), dst, src, shape = ?shape.dims(), "send_recv");
+        self.drain();
         Ok(self
             .backend
             .exchange(&[(x, dst)], &[(src, &shape, dtype)])?
@@ -506,6 +630,7 @@ impl Comm {
             recvs = recvs.len(),
             "exchange"
         );
+        self.drain();
         self.backend.exchange(sends, recvs)
     }
 
@@ -515,11 +640,13 @@ impl Comm {
     pub fn recv<S: Into<Shape>>(&self, src: usize, shape: S, dtype: DType) -> Result<Tensor> {
         let shape = shape.into();
         tracing::trace!(group = self.label(), src, shape = ?shape.dims(), "recv");
+        self.drain();
         self.backend.recv(src, &shape, dtype)
     }
 
     /// Returns once every rank of the group has reached it.
     pub fn barrier(&self) -> Result<()> {
+        self.drain();
         self.backend.barrier()
     }
 
@@ -536,6 +663,7 @@ impl Comm {
         key: usize,
         label: &str,
     ) -> Result<Option<Comm>> {
+        self.drain();
         Ok(self
             .backend
             .split(color, key, label)?
@@ -552,6 +680,7 @@ impl Comm {
     /// Runs `op` on `x` without recording it for backprop.
     fn collective(&self, x: &Tensor, op: Collective) -> Result<Tensor> {
         tracing::trace!(group = self.label(), op = %op, shape = ?x.dims(), dtype = ?x.dtype(), "collective");
+        self.drain();
         x.contiguous()?.apply_op1_no_bwd(&CollectiveOp {
             backend: self.backend(),
             op: &op,

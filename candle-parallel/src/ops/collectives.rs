@@ -66,6 +66,8 @@ impl GroupOp {
                 recv_splits: recv.clone(),
             },
         };
+        // Behind whatever the group's lane still runs (one order on every rank).
+        self.comm.drain();
         S::run(self.comm.backend(), &coll, s, l)
     }
 }

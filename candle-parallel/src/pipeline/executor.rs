@@ -215,6 +215,7 @@ pub fn run_step_into(
         stage,
         sink,
         tapes: HashMap::new(),
+        backwards_left: micro_batches.len(),
     };
     let run = execute(
         comm,
@@ -237,6 +238,8 @@ struct UnitWise<'a> {
     sink: &'a mut dyn GradSink,
     /// Per micro-batch in flight, what its forward kept.
     tapes: HashMap<usize, Box<dyn StageTape + 'a>>,
+    /// Micro-batch backwards still to run in this step (the last one is announced to the sink).
+    backwards_left: usize,
 }
 
 impl Compute for UnitWise<'_> {
@@ -263,7 +266,8 @@ impl Compute for UnitWise<'_> {
             .tapes
             .remove(&mb)
             .expect("a backward runs after its forward");
-        self.sink.begin_backward()?;
+        self.backwards_left = self.backwards_left.saturating_sub(1);
+        self.sink.begin_backward(self.backwards_left == 0)?;
         let input_grad = tape.backward(grad, self.sink)?;
         self.sink.end_micro_batch()?;
         Ok(input_grad)

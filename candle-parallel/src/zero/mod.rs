@@ -65,7 +65,7 @@ mod sharded;
 pub use sharded::ShardedModule;
 
 use crate::checkpoint::{ParallelVarBuilder, Param, Placement, ShardedTensor};
-use crate::comm::{Comm, ReduceOp};
+use crate::comm::{Comm, ReduceOp, Work};
 use crate::data_parallel::{plan_buckets, BatchGroups, GradSink, DEFAULT_BUCKET_BYTES};
 use crate::mesh::{DeviceMesh, MeshDim};
 use crate::optim::{clip_factor, fused, saved_state, saved_step, step_entry, AdamWConfig};
@@ -94,6 +94,13 @@ pub struct ZeroConfig {
     /// or bf16 / f16 for half the bytes. Packing, accumulation over micro-batches, the norm and
     /// the step stay f32 either way.
     pub reduce_dtype: DType,
+    /// Reduce each gradient bucket over the replicas on the group's communication lane as soon
+    /// as its unit's backward is over, while the next unit's backward runs (DeepSpeed's
+    /// `overlap_comm`, Megatron's `overlap_grad_reduce`): at stage 2 in every micro-batch, at
+    /// stages 0 and 1 in the step's last (gradients handed over as a [`GradSink`] whose
+    /// caller announces it). The same numbers as without: the same operations, earlier.
+    /// Default `true`.
+    pub overlap_comm: bool,
 }
 
 impl Default for ZeroConfig {
@@ -104,6 +111,7 @@ impl Default for ZeroConfig {
             adamw: AdamWConfig::default(),
             fused: true,
             reduce_dtype: DType::F32,
+            overlap_comm: true,
         }
     }
 }
@@ -246,6 +254,8 @@ pub struct ZeroOptimizer {
     routes: Vec<Vec<(usize, usize)>>,
     /// Micro-batches ended since the last step.
     micro_batches: usize,
+    /// The current micro-batch is the step's last ([`GradSink::begin_backward`]).
+    last_backward: bool,
 }
 
 /// A bucket's gradient while a step's backward passes run (see [`GradSink`]).
@@ -265,6 +275,9 @@ struct BucketGrad {
     part: Option<Tensor>,
     /// Whether `part` holds this step's gradient yet.
     part_written: bool,
+    /// A reduction started on the lane and not yet taken: at stage 2 this micro-batch's
+    /// partition (to add into `part`), at stages 0 and 1 the step's reduced gradient.
+    pending: Option<Work<Tensor>>,
 }
 
 impl BucketGrad {
@@ -277,6 +290,21 @@ impl BucketGrad {
         write_or_add(part, g, 0, !self.part_written)?;
         self.part_written = true;
         Ok(())
+    }
+}
+
+/// A kept bucket's gradient (stages 0 and 1) as the step reduces it: the mean over `m`
+/// micro-batches, with zeros for the parameters that got no gradient this step.
+fn kept_bucket_mean(buf: &Tensor, segs: &[Seg], written: &[bool], m: usize) -> Result<Tensor> {
+    for (s, w) in segs.iter().zip(written) {
+        if !w {
+            let zeros = Tensor::zeros(s.len, DType::F32, buf.device())?;
+            buf.slice_set(&zeros, 0, s.offset)?;
+        }
+    }
+    match m {
+        0 | 1 => Ok(buf.clone()),
+        m => buf / m as f64,
     }
 }
 
@@ -465,6 +493,7 @@ impl ZeroOptimizer {
             acc: Vec::new(),
             routes: Vec::new(),
             micro_batches: 0,
+            last_backward: false,
         }
         .with_routes()
     }
@@ -601,6 +630,10 @@ impl ZeroOptimizer {
     /// backward pass): the next step starts from none. Local (no collective).
     pub fn discard_grads(&mut self) {
         for a in &mut self.acc {
+            if let Some(w) = a.pending.take() {
+                // The peers run it too; its result (or error) no longer matters.
+                let _ = w.wait();
+            }
             a.full = None;
             a.written.iter_mut().for_each(|w| *w = false);
             a.done.iter_mut().for_each(|d| *d = false);
@@ -608,6 +641,7 @@ impl ZeroOptimizer {
             a.part_written = false;
         }
         self.micro_batches = 0;
+        self.last_backward = false;
     }
 
     /// Packs one gradient of variable `v` into its buckets' accumulators.
@@ -629,6 +663,12 @@ impl ZeroOptimizer {
                 Home::Shard { offset, .. } => a.add_to_part(&flat.narrow(0, *offset, b.len)?)?,
                 Home::Whole { grad } => {
                     let s = b.segs[si];
+                    if a.pending.is_some() && grad.is_some() {
+                        bail!(
+                            "ZeroOptimizer: a gradient of {} after the step's last micro-batch reduced its bucket (begin_backward(last = true) was announced too early)",
+                            self.infos[s.info].name
+                        )
+                    }
                     if a.done[si] {
                         bail!(
                             "ZeroOptimizer: a gradient of {} after its unit was declared done in this micro-batch",
@@ -654,21 +694,47 @@ impl ZeroOptimizer {
         Ok(())
     }
 
-    /// Stage 2: reduce-scatters bucket `bi`'s gradient of this micro-batch into the partition
-    /// (zeros where nothing came) and frees the full bucket.
+    /// Stage 2: starts reduce-scattering bucket `bi`'s gradient of this micro-batch (zeros
+    /// where nothing came), on the lane with `overlap_comm`, and frees the full bucket; the
+    /// partition is added in by [`Self::settle`].
     fn reduce_bucket(&mut self, bi: usize) -> Result<()> {
-        let (b, a) = (&self.buckets[bi], &mut self.acc[bi]);
-        if a.reduced || !matches!(b.home, Home::Whole { grad: None }) {
+        if self.acc[bi].reduced || !matches!(self.buckets[bi].home, Home::Whole { grad: None }) {
             return Ok(());
         }
+        // The previous micro-batch's partition first: sums in micro-batch order.
+        self.settle(bi)?;
+        let (b, a) = (&self.buckets[bi], &mut self.acc[bi]);
         let full = match a.full.take() {
             Some(f) => f,
             None => Tensor::zeros(b.padded, DType::F32, self.world.device())?,
         };
-        let part = match &b.comm {
-            Some(c) => reduce_scatter_in(c, &full, self.cfg.reduce_dtype)?,
-            None => full,
+        a.pending = Some(match &b.comm {
+            Some(c) => {
+                let dtype = self.cfg.reduce_dtype;
+                let reduce = move |c: &Comm| reduce_scatter_in(c, &full, dtype);
+                match self.cfg.overlap_comm {
+                    true => c.start("gradient reduce-scatter", reduce),
+                    false => Work::done(reduce(c)),
+                }
+            }
+            None => Work::done(Ok(full)),
+        });
+        a.reduced = true;
+        a.written.iter_mut().for_each(|w| *w = false);
+        Ok(())
+    }
+
+    /// Stage 2: waits for bucket `bi`'s started reduce-scatter, if any, and adds its result into
+    /// the partition.
+    fn settle(&mut self, bi: usize) -> Result<()> {
+        if !matches!(self.buckets[bi].home, Home::Whole { grad: None }) {
+            return Ok(());
+        }
+        let a = &mut self.acc[bi];
+        let Some(work) = a.pending.take() else {
+            return Ok(());
         };
+        let part = work.wait()?;
         if a.part_written {
             a.add_to_part(&part)?;
         } else {
@@ -676,8 +742,26 @@ impl ZeroOptimizer {
             a.part = Some(part);
             a.part_written = true;
         }
-        a.reduced = true;
-        a.written.iter_mut().for_each(|w| *w = false);
+        Ok(())
+    }
+
+    /// Stages 0 and 1, in the step's last micro-batch: starts reducing bucket `bi` (its
+    /// parameters all done) on the lane: the mean over the `m` micro-batches, all-reduced
+    /// (stage 0) or reduce-scattered (stage 1), what the step would do with it.
+    fn start_final_reduce(&mut self, bi: usize, m: usize) -> Result<()> {
+        let (b, a) = (&self.buckets[bi], &mut self.acc[bi]);
+        let (Home::Whole { grad: Some(buf) }, Some(c)) = (&b.home, &b.comm) else {
+            return Ok(());
+        };
+        if a.pending.is_some() {
+            return Ok(());
+        }
+        let full = kept_bucket_mean(buf, &b.segs, &a.written, m)?;
+        let (dtype, stage) = (self.cfg.reduce_dtype, self.cfg.stage);
+        a.pending = Some(c.start("gradient reduction", move |c| match stage {
+            0 => all_reduce_in(c, full, dtype),
+            _ => reduce_scatter_in(c, &full, dtype),
+        }));
         Ok(())
     }
 
@@ -701,21 +785,18 @@ impl ZeroOptimizer {
         // On the CPU, summed on the host in one pass (no squared copy of each parameter).
         let mut sq_host = 0f64;
         let mean = |t: Tensor| if m > 1 { t / m as f64 } else { Ok(t) };
+        for bi in 0..self.buckets.len() {
+            self.settle(bi)?;
+        }
         for (b, a) in self.buckets.iter().zip(&mut self.acc) {
             let n = b.comm.as_ref().map_or(1, Comm::size);
             let part = match &b.home {
+                // Reduced on the lane during the last micro-batch's backward.
+                Home::Whole { grad: Some(_) } if a.pending.is_some() => {
+                    a.pending.take().expect("checked").wait()?
+                }
                 Home::Whole { grad: Some(buf) } => {
-                    // Parameters that got no gradient this step count as zeros.
-                    for (s, w) in b.segs.iter().zip(&a.written) {
-                        if !w {
-                            buf.slice_set(
-                                &Tensor::zeros(s.len, DType::F32, &device)?,
-                                0,
-                                s.offset,
-                            )?;
-                        }
-                    }
-                    let full = mean(buf.clone())?;
+                    let full = kept_bucket_mean(buf, &b.segs, &a.written, m)?;
                     match (&b.comm, stage) {
                         (None, _) => full,
                         (Some(c), 0) => all_reduce_in(c, full, self.cfg.reduce_dtype)?,
@@ -1271,6 +1352,9 @@ impl GradSink for ZeroOptimizer {
             }
             if a.done.iter().all(|d| *d) {
                 self.reduce_bucket(bi)?;
+                if self.last_backward && self.cfg.overlap_comm && self.cfg.stage <= 1 {
+                    self.start_final_reduce(bi, self.micro_batches + 1)?;
+                }
             }
         }
         Ok(())
@@ -1284,6 +1368,12 @@ impl GradSink for ZeroOptimizer {
             a.reduced = false;
         }
         self.micro_batches += 1;
+        self.last_backward = false;
+        Ok(())
+    }
+
+    fn begin_backward(&mut self, last: bool) -> Result<()> {
+        self.last_backward = last;
         Ok(())
     }
 }

@@ -1,0 +1,156 @@
+//! A communication lane: one rank's collectives on one group, run in order on a thread of their
+//! own while the rank computes (PyTorch's `async_op=True`, Megatron's overlapped reductions).
+//!
+//! On the CPU the lane is a worker thread per (group, rank), started by the first asynchronous
+//! call: it runs the queued operations one after the other, in the order the rank queued them,
+//! so every rank of the group meets the others in the same order, exactly as with blocking
+//! calls. A blocking call on a group whose lane has work queued first waits for that work (one
+//! stream per group, as PyTorch's process groups), so blocking and asynchronous calls never
+//! overtake each other. On CUDA the operations run where they are called: NCCL already returns
+//! to the host once they are enqueued.
+use crate::comm::lock;
+use candle_core::Result;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// An operation started on a communication lane ([`crate::Comm::start`] and the `*_async`
+/// methods): [`Work::wait`] returns its result once it is done.
+///
+/// Dropping a `Work` does not cancel the operation (the peers expect it); it still runs, and
+/// an error nobody waits for is logged as a warning.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_parallel::{comm::ReduceOp, launch};
+///
+/// let sums = launch(2, |ctx| {
+///     let x = Tensor::new(&[ctx.rank() as f32, 1.0], &Device::Cpu)?;
+///     let work = ctx.comm().all_reduce_async(&x, ReduceOp::Sum);
+///     // ... compute here while the reduction runs ...
+///     work.wait()?.to_vec1::<f32>()
+/// })?;
+/// assert_eq!(sums, vec![vec![1.0, 2.0], vec![1.0, 2.0]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[must_use = "an operation's result (and its error) is known only through wait()"]
+pub struct Work<T> {
+    state: WorkState<T>,
+}
+
+enum WorkState<T> {
+    Done(Result<T>),
+    Pending {
+        rx: mpsc::Receiver<Result<T>>,
+        what: String,
+    },
+}
+
+impl<T> Work<T> {
+    /// A finished operation (run where it was called).
+    pub(crate) fn done(result: Result<T>) -> Self {
+        Self {
+            state: WorkState::Done(result),
+        }
+    }
+
+    /// Waits for the operation and returns its result.
+    pub fn wait(self) -> Result<T> {
+        match self.state {
+            WorkState::Done(r) => r,
+            WorkState::Pending { rx, what } => rx.recv().unwrap_or_else(|_| {
+                Err(candle_core::Error::Msg(format!(
+                    "{what}: the communication lane stopped before the operation finished"
+                )))
+            }),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The queue and thread of one rank's lane on one group.
+pub(crate) struct Lane {
+    tx: Mutex<mpsc::Sender<Job>>,
+    /// Operations queued and not yet finished, and its change signal.
+    pending: Arc<(Mutex<usize>, Condvar)>,
+    name: String,
+}
+
+impl Lane {
+    /// Starts the lane's thread, named `name` (the group and rank); it keeps the caller's rank
+    /// tags (logging span, console rank, memory accounting).
+    pub(crate) fn start(name: String) -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let span = tracing::Span::current();
+        let console = crate::logging::console_rank();
+        let memory = crate::memory::thread_rank();
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let _span = span.enter();
+                let _console = console.map(crate::logging::enter_rank);
+                crate::memory::set_thread_rank(memory);
+                // Ends when the last handle to the group (and so the sender) is dropped.
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("cannot start the communication lane {name}: {e}"))
+            })?;
+        Ok(Self {
+            tx: Mutex::new(tx),
+            pending,
+            name,
+        })
+    }
+
+    /// Queues `f`; its result comes back through the returned [`Work`].
+    pub(crate) fn submit<T, F>(&self, what: &str, f: F) -> Work<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        let (rtx, rrx) = mpsc::channel();
+        let pending = self.pending.clone();
+        *lock(&pending.0) += 1;
+        let label = format!("{what} on {}", self.name);
+        let job_label = label.clone();
+        let job: Job = Box::new(move || {
+            let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+                Err(candle_core::Error::Msg(format!(
+                    "{job_label} panicked (a bug in candle-parallel)"
+                )))
+            });
+            if let Err(mpsc::SendError(Err(e))) = rtx.send(result) {
+                tracing::warn!("{job_label} failed and nobody waited for it: {e}");
+            }
+            let (count, cv) = &*pending;
+            *lock(count) -= 1;
+            cv.notify_all();
+        });
+        if lock(&self.tx).send(job).is_err() {
+            *lock(&self.pending.0) -= 1;
+            return Work::done(Err(candle_core::Error::Msg(format!(
+                "{label}: the communication lane's thread is gone"
+            ))));
+        }
+        Work {
+            state: WorkState::Pending {
+                rx: rrx,
+                what: label,
+            },
+        }
+    }
+
+    /// Waits until every queued operation has finished.
+    pub(crate) fn drain(&self) {
+        let (count, cv) = &*self.pending;
+        let mut n = lock(count);
+        while *n > 0 {
+            n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
