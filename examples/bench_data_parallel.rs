@@ -27,6 +27,7 @@
 //! ```
 use candle_core::{DType, Device, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
+use candle_parallel::comm::local::LinkModel;
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::memory::{self, CountingAlloc};
 use candle_parallel::moe::Dispatch;
@@ -92,6 +93,16 @@ struct Args {
     /// Where the memory bars are drawn.
     #[arg(long, default_value = "target/bench_data_parallel_memory.svg")]
     svg: PathBuf,
+    /// Skip the overlap table (step time with gradient reduction overlapped and not, over
+    /// dialled links).
+    #[arg(long)]
+    no_overlap: bool,
+    /// Link speeds of the overlap table, Gbit/s per rank.
+    #[arg(long, value_delimiter = ',', default_value = "25,100")]
+    link_gbps: Vec<f64>,
+    /// Data-parallel size of the overlap table.
+    #[arg(long, default_value_t = 2)]
+    overlap_dp: usize,
     /// A Python with torch: also time gloo's all-reduce.
     #[arg(long)]
     torch: Option<PathBuf>,
@@ -131,8 +142,25 @@ fn replica_ids(a: &Args, cfg: &MixtralConfig, dp: usize, rank: usize) -> Result<
 
 /// (median step seconds, memory of rank 0, Ψ = parameters per replica).
 fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
+    let (secs, m, psi) = timed_steps(a, dp, stage, None, &[true])?;
+    Ok((secs[0], m, psi))
+}
+
+/// Median step seconds per entry of `overlap` (the modes alternate step by step), over
+/// `link` (`None`: no dialled link), memory of rank 0 and Ψ.
+fn timed_steps(
+    a: &Args,
+    dp: usize,
+    stage: u8,
+    link: Option<LinkModel>,
+    overlap: &[bool],
+) -> Result<(Vec<f64>, MemoryReport, usize)> {
     let cfg = config(a);
-    let out = Launcher::new(dp).mesh(MeshShape::new().dp(dp)).run(|ctx| {
+    let mut launcher = Launcher::new(dp).mesh(MeshShape::new().dp(dp));
+    if let Some(link) = link {
+        launcher = launcher.link(link);
+    }
+    let out = launcher.run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
         let zero = ZeroConfig {
@@ -150,8 +178,13 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             (Some(m), None, opt)
         };
         let ids = replica_ids(a, &cfg, dp, mesh.dp().rank())?;
-        let mut times = Vec::new();
-        for rep in 0..=a.reps {
+        let mut times = vec![Vec::new(); overlap.len()];
+        for rep in 0..=a.reps * overlap.len() {
+            let mode = rep % overlap.len();
+            opt.set_overlap_comm(overlap[mode]);
+            if let Some(m) = &sharded {
+                m.set_prefetch(overlap[mode]); // ZeRO 3: FSDP2's prefetch
+            }
             ctx.comm().barrier()?;
             let t = Instant::now();
             // As the trainer runs it: each layer's gradients into the buckets as they come.
@@ -167,7 +200,7 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             opt.step_accumulated(Some(1.0))?;
             ctx.comm().barrier()?;
             if rep > 0 {
-                times.push(t.elapsed().as_secs_f64()); // the first step warms up
+                times[mode].push(t.elapsed().as_secs_f64()); // the first step warms up
             }
         }
         let psi: usize = opt
@@ -175,9 +208,58 @@ fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
             .iter()
             .map(|(t, _)| t.local.elem_count())
             .sum();
-        Ok((median(times), opt.memory(), psi))
+        let secs = times.into_iter().map(median).collect::<Vec<_>>();
+        Ok((secs, opt.memory(), psi))
     })?;
-    Ok(out[0])
+    Ok(out.into_iter().next().expect("rank 0"))
+}
+
+/// The overlap table: per link speed and ZeRO stage, the step with the gradient reduction
+/// after the backward and overlapped with it, against the step without a dialled link
+/// (compute); communication = off − compute, exposed = on − compute.
+fn overlap_table(a: &Args, style: ProgressStyle) -> Result<()> {
+    let dp = a.overlap_dp;
+    if dp < 2 || a.batch % dp != 0 {
+        candle_core::bail!(
+            "--overlap-dp must be at least 2 and divide --batch ({})",
+            a.batch
+        )
+    }
+    let runs = a.stages.len() * (1 + a.link_gbps.len());
+    let bar = ProgressBar::new(runs as u64).with_style(style);
+    let mut rows = Vec::new();
+    for &stage in &a.stages {
+        bar.set_message(format!("overlap, zero={stage}, no link"));
+        let compute = timed_steps(a, dp, stage, None, &[true])?.0[0];
+        bar.inc(1);
+        for &gbps in &a.link_gbps {
+            bar.set_message(format!("overlap, zero={stage}, {gbps} Gbit/s"));
+            let link: LinkModel = format!("gbps={gbps},latency_us=5").parse()?;
+            let t = timed_steps(a, dp, stage, Some(link), &[false, true])?.0;
+            rows.push((gbps, stage, compute, t[0], t[1]));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!(
+        "\nGradient reduction overlapped with the backward, dp {dp}, dialled link (latency 5 us), medians of {} steps, the two modes alternating; compute = the step without a dialled link, communication = off − compute, exposed = on − compute:",
+        a.reps
+    );
+    println!(
+        "\n| link Gbit/s | ZeRO | compute (s) | step, off (s) | step, on (s) | on / off | communication (s) | exposed (s) | exposed share | on / max(compute, comm) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (gbps, stage, compute, off, on) in rows {
+        let comm = (off - compute).max(0.0);
+        let exposed = (on - compute).max(0.0);
+        println!(
+            "| {gbps} | {stage} | {compute:.3} | {off:.3} | {on:.3} | {:.2}x | {comm:.3} | {exposed:.3} | {:.0}% | {:.2} |",
+            on / off,
+            if comm > 0.0 { 100.0 * exposed / comm } else { 0.0 },
+            on / compute.max(comm)
+        );
+    }
+    Ok(())
 }
 
 /// Median seconds of the optimizer step alone at `dp` and `stage`: fused passes, composite
@@ -382,6 +464,10 @@ fn main() -> Result<()> {
                 f / c
             );
         }
+    }
+
+    if !a.no_overlap {
+        overlap_table(&a, style.clone())?;
     }
 
     if !a.no_memory {

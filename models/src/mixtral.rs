@@ -1399,14 +1399,34 @@ impl ShardedMixtral {
                 },
             )?);
         }
-        Ok(Self {
+        let model = Self {
             cfg: cfg.clone(),
             units,
             first_layer: layers.start,
             tp: mesh.tp().clone(),
             pp: mesh.pp().clone(),
             dtype: vb.dtype(),
-        })
+        };
+        model.set_prefetch(true);
+        Ok(model)
+    }
+
+    /// FSDP2's prefetch (on by default): each layer's forward starts gathering the next
+    /// layer's parameters, and each layer's backward the previous layer's, on the replicas'
+    /// communication lane while it computes; `false` gathers each layer when it is reached
+    /// (the same numbers, the gathers exposed).
+    pub fn set_prefetch(&self, prefetch: bool) {
+        for (i, u) in self.units.iter().enumerate() {
+            let (next, prev) = match prefetch {
+                true => (
+                    self.units.get(i + 1),
+                    i.checked_sub(1).map(|p| &self.units[p]),
+                ),
+                false => (None, None),
+            };
+            u.set_modules_to_forward_prefetch(&next.into_iter().collect::<Vec<_>>());
+            u.set_modules_to_backward_prefetch(&prev.into_iter().collect::<Vec<_>>());
+        }
     }
 
     /// FSDP2's `reshard_after_forward` for every layer (see

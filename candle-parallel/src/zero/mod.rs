@@ -559,6 +559,12 @@ impl ZeroOptimizer {
         self.cfg.adamw.lr = lr;
     }
 
+    /// Turns [`ZeroConfig::overlap_comm`] on or off from the next micro-batch on (between
+    /// steps: the numbers are the same either way). Every rank must do the same.
+    pub fn set_overlap_comm(&mut self, overlap: bool) {
+        self.cfg.overlap_comm = overlap;
+    }
+
     /// The ZeRO stage.
     pub fn stage(&self) -> u8 {
         self.cfg.stage
@@ -629,6 +635,9 @@ impl ZeroOptimizer {
     /// Forgets the gradients handed over since the last step (e.g. after an error in a
     /// backward pass): the next step starts from none. Local (no collective).
     pub fn discard_grads(&mut self) {
+        for module in &self.modules {
+            module.discard_prefetched();
+        }
         for a in &mut self.acc {
             if let Some(w) = a.pending.take() {
                 // The peers run it too; its result (or error) no longer matters.
@@ -774,6 +783,10 @@ impl ZeroOptimizer {
             bail!("ZeroOptimizer::step_accumulated: no gradients were handed over (end_micro_batch was never called since the last step)")
         }
         let m = std::mem::take(&mut self.micro_batches);
+        // A gather started ahead and not used would hold parameters about to change.
+        for module in &self.modules {
+            module.discard_prefetched();
+        }
         // 1. This rank's partition of every bucket's summed gradient, and the squared norm of
         //    the distinct elements it holds.
         let stage = self.cfg.stage;

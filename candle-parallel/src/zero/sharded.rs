@@ -3,14 +3,14 @@
 
 use super::{Info, Seg};
 use crate::checkpoint::ParallelVarBuilder;
-use crate::comm::Comm;
+use crate::comm::{lock, Comm, Work};
 use crate::data_parallel::BatchGroups;
 use crate::mesh::DeviceMesh;
 use crate::ops::attach_backward;
 use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 type Build = dyn Fn(ParallelVarBuilder) -> Result<Box<dyn Module>> + Send + Sync;
 
@@ -48,6 +48,12 @@ struct Inner {
     reshard_after_forward: AtomicBool,
     /// The dtype gradients are reduce-scattered in (the optimizer's `reduce_dtype`).
     reduce_dtype: Mutex<DType>,
+    /// Gathers started ahead of use (FSDP2's prefetch), one per group, on the groups' lanes.
+    prefetched: Mutex<Option<Vec<Work<Tensor>>>>,
+    /// The modules whose gathers start as this one's forward starts, and as its (resharded)
+    /// backward starts.
+    forward_prefetch: Mutex<Vec<Weak<Inner>>>,
+    backward_prefetch: Mutex<Vec<Weak<Inner>>>,
 }
 
 /// What a forward that did not reshard keeps for its backward: the output with its graph,
@@ -207,6 +213,9 @@ impl ShardedModule {
                 device,
                 reshard_after_forward: AtomicBool::new(true),
                 reduce_dtype: Mutex::new(DType::F32),
+                prefetched: Mutex::new(None),
+                forward_prefetch: Mutex::new(Vec::new()),
+                backward_prefetch: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -221,6 +230,35 @@ impl ShardedModule {
         self.inner
             .reshard_after_forward
             .store(reshard, Ordering::Relaxed);
+    }
+
+    /// FSDP2's explicit forward prefetch: as this module's forward starts (its own parameters
+    /// gathered), the gathers of `modules` start on their groups' communication lanes, so
+    /// that they arrive while this module computes; at most this module's and theirs are
+    /// gathered at once. Usually the next module in forward order; `&[]` turns it off. Every
+    /// rank must set the same.
+    pub fn set_modules_to_forward_prefetch(&self, modules: &[&ShardedModule]) {
+        *lock(&self.inner.forward_prefetch) =
+            modules.iter().map(|m| Arc::downgrade(&m.inner)).collect();
+    }
+
+    /// FSDP2's explicit backward prefetch: as this module's backward gathers its parameters
+    /// again (resharded after the forward), the gathers of `modules` start too. Usually the
+    /// previous module in forward order (the next one the backward reaches).
+    pub fn set_modules_to_backward_prefetch(&self, modules: &[&ShardedModule]) {
+        *lock(&self.inner.backward_prefetch) =
+            modules.iter().map(|m| Arc::downgrade(&m.inner)).collect();
+    }
+
+    /// Waits for and drops a gather started ahead and not used (the parameters are about to
+    /// change: the optimizer calls this before its step).
+    pub fn discard_prefetched(&self) {
+        if let Some(works) = lock(&self.inner.prefetched).take() {
+            for w in works {
+                // The peers run it too; its value is stale either way.
+                let _ = w.wait();
+            }
+        }
     }
 
     /// The dtype the gradients cross the replicas in (set by the optimizer from its
@@ -259,16 +297,55 @@ impl ShardedModule {
 }
 
 impl Inner {
+    /// This rank's partition of group `g`, in the compute dtype (half the bytes for bf16).
+    fn part_of(&self, shard: &Tensor, g: &Group) -> Result<Tensor> {
+        shard
+            .narrow(0, g.var_offset, g.part)?
+            .to_dtype(self.dtype)?
+            .contiguous()
+    }
+
+    /// Starts gathering the parameters on the groups' lanes, unless already started.
+    fn start_gather(&self) -> Result<()> {
+        let mut slot = lock(&self.prefetched);
+        if slot.is_some() {
+            return Ok(());
+        }
+        let shard = self.shard.as_tensor().detach();
+        let mut works = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let part = self.part_of(&shard, g)?;
+            works.push(match &g.comm {
+                Some(c) => c.all_gather_async(&part, 0),
+                None => Work::done(Ok(part)),
+            });
+        }
+        *slot = Some(works);
+        Ok(())
+    }
+
+    /// Starts the gathers of the modules in `list` (theirs to use next).
+    fn prefetch(list: &Mutex<Vec<Weak<Inner>>>) -> Result<()> {
+        let next: Vec<Arc<Inner>> = lock(list).iter().filter_map(Weak::upgrade).collect();
+        for m in next {
+            m.start_gather()?;
+        }
+        Ok(())
+    }
+
     fn gathered(&self, shard: &Tensor) -> Result<Vec<Tensor>> {
         let mut out: Vec<Option<Tensor>> = vec![None; self.infos.len()];
+        let mut ahead = lock(&self.prefetched).take().map(Vec::into_iter);
         for g in &self.groups {
-            // Gathered in the compute dtype (half the bytes for bf16).
-            let part = shard
-                .narrow(0, g.var_offset, g.part)?
-                .to_dtype(self.dtype)?;
-            let full = match &g.comm {
-                Some(c) => c.all_gather(&part.contiguous()?, 0)?,
-                None => part,
+            let full = match ahead.as_mut().and_then(Iterator::next) {
+                Some(work) => work.wait()?,
+                None => {
+                    let part = self.part_of(shard, g)?;
+                    match &g.comm {
+                        Some(c) => c.all_gather(&part, 0)?,
+                        None => part,
+                    }
+                }
             };
             for s in &g.segs {
                 let t = full.narrow(0, s.offset, s.len)?;
@@ -327,7 +404,11 @@ impl Inner {
     ) -> Result<Vec<Option<Tensor>>> {
         let (y, xv, params) = match kept {
             Some(k) => k,
-            None => self.forward_tracked(x, shard)?,
+            None => {
+                let k = self.forward_tracked(x, shard)?;
+                Self::prefetch(&self.backward_prefetch)?;
+                k
+            }
         };
         let mut store = (&y * g)?.sum_all()?.backward()?;
         drop(y); // the output's graph holds the parameters' copies
@@ -376,11 +457,13 @@ impl Module for ShardedModule {
         let (y, kept) = if inner.reshard_after_forward.load(Ordering::Relaxed) {
             let y = {
                 let module = (inner.build)(inner.builder(&shard.detach())?)?;
+                Inner::prefetch(&inner.forward_prefetch)?;
                 module.forward(&x.detach())?
             }; // the gathered parameters are freed here
             (y, None)
         } else {
             let k = inner.forward_tracked(x, shard)?;
+            Inner::prefetch(&inner.forward_prefetch)?;
             (k.0.detach(), Some(k))
         };
         let me = self.inner.clone();
