@@ -219,7 +219,7 @@ fn timed_steps(
 /// (compute); communication = off − compute, exposed = on − compute.
 fn overlap_table(a: &Args, style: ProgressStyle) -> Result<()> {
     let dp = a.overlap_dp;
-    if dp < 2 || a.batch % dp != 0 {
+    if dp < 2 || !a.batch.is_multiple_of(dp) {
         candle_core::bail!(
             "--overlap-dp must be at least 2 and divide --batch ({})",
             a.batch
