@@ -1,18 +1,21 @@
 //! Runs a [`Schedule`] for one training step on this rank's model chunks.
 //!
-//! Every rank follows the schedule's simulated clock: at each tick it first exchanges the
-//! messages due then (activations to the next stage, gradients to the previous one) in one
-//! group ([`Comm::exchange`]), then starts its action due then. Ranks meet only in those
-//! groups, tick by tick in the same order, so no two ranks can wait on each other in a cycle:
-//! neighbours that send to each other at once (1F1B's steady state) never deadlock.
+//! Every rank follows the schedule's simulated clock: at each tick it first posts the messages
+//! due then (activations to the next stage, gradients to the previous one) as one group
+//! ([`Comm::exchange_async`]) on the pipeline group's communication lane, then starts its
+//! action due then; it waits for a message only when an action consumes it, so sends and
+//! receives travel while the rank computes (Megatron's overlapped point-to-point). Ranks meet
+//! only in those groups, tick by tick in the same order, so no two ranks can wait on each other
+//! in a cycle: neighbours that send to each other at once (1F1B's steady state) never
+//! deadlock.
 
 use super::schedule::{Action, Schedule};
-use crate::comm::{Comm, ReduceOp};
+use crate::comm::{Comm, ReduceOp, Work};
 use crate::data_parallel::GradSink;
 use crate::ops;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Module, Result, Shape, Tensor, Var};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
@@ -48,6 +51,58 @@ pub struct Executed {
 enum Kind {
     Activation,
     Gradient,
+}
+
+/// A message's identity: (kind, micro-batch, the stage it is for).
+type Key = (Kind, usize, usize);
+
+/// The messages that reached this rank, and the exchanges still running on the pipeline
+/// group's communication lane (Megatron's overlapped point-to-point): a tick's sends and
+/// receives are posted and the rank computes on; a message is waited for only when an action
+/// consumes it.
+struct Inbox {
+    arrived: HashMap<Key, Tensor>,
+    /// Exchanges in the order they were posted (the lane runs them in that order), with the
+    /// keys of what each receives.
+    in_flight: VecDeque<(Work<Vec<Tensor>>, Vec<Key>)>,
+}
+
+impl Inbox {
+    fn new() -> Self {
+        Self {
+            arrived: HashMap::new(),
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Waits for the oldest exchange still running.
+    fn settle_one(&mut self) -> Result<bool> {
+        let Some((work, keys)) = self.in_flight.pop_front() else {
+            return Ok(false);
+        };
+        for (key, t) in keys.into_iter().zip(work.wait()?) {
+            self.arrived.insert(key, t);
+        }
+        Ok(true)
+    }
+
+    /// The message `key`, waiting for the exchanges posted before it as needed.
+    fn take(&mut self, key: Key, what: &str) -> Result<Tensor> {
+        loop {
+            if let Some(t) = self.arrived.remove(&key) {
+                return Ok(t);
+            }
+            if !self.settle_one()? {
+                bail!("pipeline step: {what} {key:?} never arrived (a bug in the schedule's messages)")
+            }
+        }
+    }
+
+    /// Waits for every exchange still running (its errors surface here).
+    fn settle_all(&mut self) -> Result<()> {
+        while self.settle_one()? {}
+        Ok(())
+    }
 }
 
 /// A message between stages: at tick `time`, from rank `from` to rank `to`, the activation
@@ -614,7 +669,7 @@ fn execute(
     // Produced here, to hand on: (kind, mb, stage it is for) -> tensor.
     let mut produced: HashMap<(Kind, usize, usize), Tensor> = HashMap::new();
     // Arrived here: (kind, mb, stage it is for) -> tensor.
-    let mut arrived: HashMap<(Kind, usize, usize), Tensor> = HashMap::new();
+    let mut inbox = Inbox::new();
     // Per (mb, stage) held here: the input variable (not on stage 0) and the output.
     let mut inputs: HashMap<(usize, usize), Var> = HashMap::new();
     let mut outputs: HashMap<(usize, usize), Tensor> = HashMap::new();
@@ -659,7 +714,7 @@ fn execute(
                     .remove(&key)
                     .expect("a message is sent after its action ran");
                 if msg.to == me {
-                    arrived.insert(key, t);
+                    inbox.arrived.insert(key, t);
                 } else {
                     sends.push((t, msg.to));
                 }
@@ -668,15 +723,14 @@ fn execute(
             }
         }
         if !sends.is_empty() || !recvs.is_empty() {
-            let send_refs: Vec<(&Tensor, usize)> = sends.iter().map(|(t, to)| (t, *to)).collect();
-            let recv_specs: Vec<(usize, &Shape, DType)> = recvs
+            let recv_specs: Vec<(usize, Shape, DType)> = recvs
                 .iter()
-                .map(|(from, _)| (*from, act_shape, act_dtype))
+                .map(|(from, _)| (*from, act_shape.clone(), act_dtype))
                 .collect();
-            let got = comm.exchange(&send_refs, &recv_specs)?;
-            for ((_, key), t) in recvs.into_iter().zip(got) {
-                arrived.insert(key, t);
-            }
+            let work = comm.exchange_async(sends, recv_specs);
+            inbox
+                .in_flight
+                .push_back((work, recvs.into_iter().map(|(_, key)| key).collect()));
         }
         // 2. This rank's action due at this tick.
         while let Some(t) = mine.get(next_action).filter(|t| t.start == tick) {
@@ -688,9 +742,7 @@ fn execute(
                     let x = if stage == 0 {
                         micro_batches[mb].clone()
                     } else {
-                        let a = arrived
-                            .remove(&(Kind::Activation, mb, stage))
-                            .expect("the activation arrived before its forward");
+                        let a = inbox.take((Kind::Activation, mb, stage), "the activation")?;
                         if own_backward {
                             // The stage keeps its own input for its own backward.
                             a
@@ -730,9 +782,7 @@ fn execute(
                             None => y.zeros_like()?,
                         }
                     } else {
-                        arrived
-                            .remove(&(Kind::Gradient, mb, stage))
-                            .expect("the gradient arrived before its backward")
+                        inbox.take((Kind::Gradient, mb, stage), "the gradient")?
                     };
                     drop(y);
                     let input_grad = compute.backward(mb, chunk, &g)?;
@@ -763,9 +813,7 @@ fn execute(
                             losses[mb] = l.to_scalar::<f32>()?;
                             l.backward()
                         } else {
-                            let g = arrived
-                                .remove(&(Kind::Gradient, mb, stage))
-                                .expect("the gradient arrived before its backward");
+                            let g = inbox.take((Kind::Gradient, mb, stage), "the gradient")?;
                             (&y * g)?.sum_all()?.backward()
                         }
                     };
@@ -806,6 +854,7 @@ fn execute(
             });
         }
     }
+    inbox.settle_all()?;
     // The losses live on the last stage's rank: everyone gets them.
     let device = comm.device().clone();
     let total = comm.all_reduce(&Tensor::new(losses, &device)?, ReduceOp::Sum)?;
