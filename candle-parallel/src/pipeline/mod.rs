@@ -59,5 +59,7 @@ pub use executor::{
     run_pipedream, run_pipedream_recorded, run_step, run_step_into, split_batch, Executed,
     PipeDreamOutput, SinkStepOutput, StageTape, StashableStage, StepOutput, UnitStage,
 };
-pub use schedule::{split_balanced, split_layers, Action, Schedule, Simulation, Timed};
+pub use schedule::{
+    split_balanced, split_layers, Action, ActionCosts, Schedule, Simulation, Timed,
+};
 pub use sequential::{PipelineSequential, SequentialChunk, StageSplit};
