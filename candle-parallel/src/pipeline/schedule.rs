@@ -214,44 +214,68 @@ impl Schedule {
 
     /// Interleaved 1F1B (Megatron): `chunks` model chunks per rank, so the pipeline has
     /// `ranks * chunks` stages and a bubble `chunks` times smaller. Micro-batches go through in
-    /// groups of `ranks`, so their number must be a multiple of `ranks`.
+    /// rounds, each round through every chunk in turn: rounds of `ranks` micro-batches when
+    /// `ranks` divides their number (Megatron's order), else `max(1, m / ranks)` rounds of
+    /// sizes as equal as can be, each at least `ranks` (PyTorch's way), so any number of
+    /// micro-batches works.
+    ///
+    /// ```
+    /// use candle_parallel::pipeline::Schedule;
+    ///
+    /// // 4 ranks, 2 chunks each, 6 micro-batches: one round of 6.
+    /// let s = Schedule::interleaved(4, 2, 6)?.simulate()?;
+    /// let one = Schedule::one_f_one_b(4, 6)?.simulate()?;
+    /// assert!(s.bubble_fraction() < one.bubble_fraction());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn interleaved(ranks: usize, chunks: usize, micro_batches: usize) -> Result<Self> {
         check_sizes("interleaved", ranks, chunks, micro_batches)?;
-        if !micro_batches.is_multiple_of(ranks) {
-            bail!(
-                "the interleaved schedule runs micro-batches in groups of the {ranks} pipeline ranks: {micro_batches} micro-batches is not a multiple of {ranks}; use {} or {}",
-                micro_batches / ranks * ranks,
-                micro_batches.div_ceil(ranks) * ranks
-            )
+        let (p, m) = (ranks, micro_batches);
+        let rounds = (m / p).max(1);
+        // Round j: micro-batches base[j]..base[j] + size[j].
+        let sizes: Vec<usize> = (0..rounds)
+            .map(|j| m / rounds + usize::from(j < m % rounds))
+            .collect();
+        // The k-th forward (backward) of a rank: each round through every chunk in turn
+        // (backwards through the chunks in reverse).
+        let mut forwards = Vec::with_capacity(m * chunks);
+        let mut backwards = Vec::with_capacity(m * chunks);
+        let mut base = 0;
+        for &g in &sizes {
+            for c in 0..chunks {
+                for i in 0..g {
+                    forwards.push(Action::Forward {
+                        mb: base + i,
+                        chunk: c,
+                    });
+                    backwards.push(Action::Backward {
+                        mb: base + i,
+                        chunk: chunks - 1 - c,
+                    });
+                }
+            }
+            base += g;
         }
-        let total = micro_batches * chunks;
-        // The k-th forward (backward) of a rank: micro-batches in groups of `ranks`, each
-        // group through every chunk in turn (backwards through the chunks in reverse).
-        let forward = |k: usize| Action::Forward {
-            mb: k / (ranks * chunks) * ranks + k % ranks,
-            chunk: (k / ranks) % chunks,
-        };
-        let backward = |k: usize| Action::Backward {
-            mb: k / (ranks * chunks) * ranks + k % ranks,
-            chunk: chunks - 1 - (k / ranks) % chunks,
-        };
-        let actions = (0..ranks)
+        let total = m * chunks;
+        let first = sizes[0];
+        let actions = (0..p)
             .map(|r| {
-                // As Megatron: with as many micro-batches as ranks, every forward warms up.
+                // As Megatron: with a single round of every micro-batch, every forward warms
+                // up; else enough to reach the first backward.
                 let warmup = if chunks == 1 {
-                    ranks - r - 1
-                } else if micro_batches == ranks {
+                    p - r - 1
+                } else if rounds == 1 && first == p {
                     total
                 } else {
-                    (ranks - r - 1) * 2 + (chunks - 1) * ranks
+                    (p - r - 1) * 2 + (chunks - 1) * first
                 }
                 .min(total);
-                let mut a: Vec<Action> = (0..warmup).map(forward).collect();
+                let mut a: Vec<Action> = forwards[..warmup].to_vec();
                 for i in 0..total - warmup {
-                    a.push(forward(warmup + i));
-                    a.push(backward(i));
+                    a.push(forwards[warmup + i]);
+                    a.push(backwards[i]);
                 }
-                a.extend((total - warmup..total).map(backward));
+                a.extend_from_slice(&backwards[total - warmup..]);
                 a
             })
             .collect();
