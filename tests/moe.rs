@@ -551,3 +551,40 @@ fn masked_load_balancing_loss_counts_only_the_kept_tokens() -> Result<()> {
     assert!(e3.contains("layer 1 have shape [5, 6]"), "{e3}");
     Ok(())
 }
+
+/// The gate's weight gradient waits for the weight-gradient step like every other matmul's
+/// (zero-bubble schedules), and equals the gradient computed at once.
+#[test]
+fn the_gates_weight_gradient_can_wait_for_the_weight_step() -> Result<()> {
+    use candle_core::Module;
+    use candle_parallel::moe::Router;
+    let w = Var::from_tensor(&seeded(&[4, 6], 1, DType::F32)?)?;
+    let x = Var::from_tensor(&seeded(&[5, 6], 2, DType::F32)?)?;
+    let router = Router::new(w.as_tensor().clone(), RouterConfig::mixtral(4, 2))?;
+    let now = router
+        .forward(x.as_tensor())?
+        .sqr()?
+        .sum_all()?
+        .backward()?;
+    let (store, deferred) = candle_parallel::ops::defer_weight_grads(|| {
+        router.forward(x.as_tensor())?.sqr()?.sum_all()?.backward()
+    })?;
+    assert!(
+        store.get(w.as_tensor()).is_none(),
+        "the gate's gradient was not deferred"
+    );
+    let later = deferred.compute()?;
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].0.id(), w.as_tensor().id());
+    close(
+        &later[0].1,
+        now.get(w.as_tensor()).unwrap(),
+        "deferred gate gradient",
+    );
+    close(
+        store.get(x.as_tensor()).unwrap(),
+        now.get(x.as_tensor()).unwrap(),
+        "input gradient",
+    );
+    Ok(())
+}

@@ -161,6 +161,8 @@ impl Router {
 /// input's dtype). [`Router::route`] makes the top-k decision.
 impl Module for Router {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&self.weight.t()?)
+        // `ops::linear`: its weight gradient lands in the weight's layout and, in zero-bubble
+        // schedules, waits for the weight-gradient step as every other matmul's does.
+        crate::ops::linear(x, &self.weight)
     }
 }
