@@ -34,7 +34,7 @@ use candle_parallel::launch::process::is_lead;
 use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraBuilder, LoraConfig};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
-use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
+use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule, ScheduleKind};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
 use candle_parallel_models::llama::IGNORE_INDEX;
@@ -114,6 +114,11 @@ struct Args {
     /// the layer again just before its backward). ZeRO 3 recomputes every layer anyway.
     #[arg(long, default_value_t = Recompute::None)]
     recompute: Recompute,
+    /// Pipeline schedule with pp above 1 in --mesh: gpipe, 1f1b, or zero-bubble (split
+    /// backwards, planned for the costs measured in the first step; ZeRO 0-2). Interleaved
+    /// needs several model chunks per rank, which this command does not build.
+    #[arg(long, default_value_t = ScheduleKind::OneFOneB)]
+    schedule: ScheduleKind,
     /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
     /// optimizer state, gradients reduced in --reduce-dtype).
     #[arg(long, default_value = "f32")]
@@ -775,13 +780,15 @@ fn main() -> Result<()> {
             let groups = BatchGroups::new(mesh, &batch_dims)?;
             // With pipeline stages, of this rank's stage only.
             let layers = stages[pp_comm.rank()].clone();
-            let m = ShardedMixtral::new_stage(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll, layers)?;
+            let mut m = ShardedMixtral::new_stage(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll, layers)?;
+            m.set_schedule(args.schedule)?;
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)
         } else {
             // With pipeline stages each rank builds (and reads) only its stage's layers.
             let layers = stages[pp_comm.rank()].clone();
-            let m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
+            let mut m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
+            m.set_schedule(args.schedule)?;
             if lora.is_some() && vb.params().is_empty() {
                 candle_core::bail!("--lora-targets {}: no module of the model matches (Mixtral's are q_proj, k_proj, v_proj, o_proj, w1, w2, w3)", args.lora_targets.join(","));
             }

@@ -32,7 +32,7 @@ use candle_parallel::checkpoint::{
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::optim::AdamWConfig;
-use candle_parallel::pipeline::{run_step, split_layers, Schedule};
+use candle_parallel::pipeline::{run_step, split_layers, Schedule, ScheduleKind};
 use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
 use candle_parallel::MeshDim;
 use candle_parallel::{ops, Launcher, MeshShape};
@@ -141,6 +141,11 @@ enum Command {
         /// recomputes its layers anyway unless --no-reshard-after-forward.
         #[arg(long, default_value_t = Recompute::None)]
         recompute: Recompute,
+        /// Pipeline schedule with --pp above 1: gpipe, 1f1b, or zero-bubble (split backwards,
+        /// planned for the costs measured in the first step; ZeRO 0-2). Interleaved needs
+        /// several model chunks per rank, which this command does not build.
+        #[arg(long, default_value_t = ScheduleKind::OneFOneB)]
+        schedule: ScheduleKind,
         /// ZeRO 3: keep each layer's gathered parameters and activations from its forward to
         /// its backward (FSDP2's reshard_after_forward=False: one gather, no recomputation).
         #[arg(long)]
@@ -324,6 +329,7 @@ fn run_train(command: Command) -> Result<()> {
         zero,
         micro_batches,
         recompute,
+        schedule,
         no_reshard_after_forward,
         reduce_dtype,
         no_overlap,
@@ -426,7 +432,7 @@ fn run_train(command: Command) -> Result<()> {
             // With pipeline stages each rank builds (and keeps a partition of) its stage's
             // layers only.
             let layers = stages[mesh.pp().rank()].clone();
-            let m = ShardedMixtral::new_stage(
+            let mut m = ShardedMixtral::new_stage(
                 &cfg,
                 vb.clone(),
                 &groups,
@@ -435,12 +441,13 @@ fn run_train(command: Command) -> Result<()> {
                 layers,
             )?;
             m.set_reshard_after_forward(!no_reshard_after_forward);
+            m.set_schedule(schedule)?;
             // Every parameter lives in a layer's sharded module.
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)
         } else {
             let layers = stages[mesh.pp().rank()].clone();
-            let m = Mixtral::new_stage(
+            let mut m = Mixtral::new_stage(
                 &cfg,
                 vb.clone(),
                 mesh.ep(),
@@ -448,6 +455,7 @@ fn run_train(command: Command) -> Result<()> {
                 Dispatch::AllToAll,
                 layers,
             )?;
+            m.set_schedule(schedule)?;
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
             (Model::Whole(Box::new(m)), t)
         };

@@ -313,3 +313,42 @@ fn differentiable_ops_work_in_bf16() -> Result<()> {
     }
     Ok(())
 }
+
+/// A recomputed region (`ops::checkpoint`) inside a split backward (zero-bubble's
+/// `defer_weight_grads`): the weight gradients of its matmuls wait for the weight step too,
+/// attributed to the real weights (not the recomputation's stand-ins), and equal the gradients
+/// of the plain graph.
+#[test]
+fn checkpointed_matmuls_defer_their_weight_gradients_to_the_real_weights() -> candle_core::Result<()>
+{
+    use candle_core::{Device, Tensor, Var};
+    use candle_parallel::ops;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu)?)?;
+    let f = |t: &[Tensor]| ops::linear(&t[0].tanh()?, &t[1])?.sqr();
+    let plain = f(&[x.as_tensor().clone(), w.as_tensor().clone()])?
+        .sum_all()?
+        .backward()?;
+    let (store, deferred) = ops::defer_weight_grads(|| {
+        ops::checkpoint("tanh_linear", &[x.as_tensor(), w.as_tensor()], f)?
+            .sum_all()?
+            .backward()
+    })?;
+    assert!(store.get(w.as_tensor()).is_none(), "not deferred");
+    let later = deferred.compute()?;
+    assert_eq!(later.len(), 1);
+    assert_eq!(
+        later[0].0.id(),
+        w.as_tensor().id(),
+        "attributed to a stand-in"
+    );
+    let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<bool> {
+        Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+    };
+    assert!(same(&later[0].1, plain.get(w.as_tensor()).unwrap())?);
+    assert!(same(
+        store.get(x.as_tensor()).unwrap(),
+        plain.get(x.as_tensor()).unwrap()
+    )?);
+    Ok(())
+}

@@ -20,7 +20,7 @@ use candle_parallel::moe::{
     hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
     hf_load_balancing_token_sums, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
 };
-use candle_parallel::pipeline::{StageTape, UnitStage};
+use candle_parallel::pipeline::{ModelSchedule, Schedule, ScheduleKind, StageTape, UnitStage};
 use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
 use candle_parallel::zero::ShardedModule;
 use candle_parallel::{ops, Comm, ReduceOp};
@@ -193,6 +193,8 @@ pub struct Mixtral {
     lm_head: Option<ColumnParallelLinear>,
     rope: (Tensor, Tensor),
     tp: Comm,
+    /// The pipeline schedule of its training steps (1F1B unless set).
+    schedule: ModelSchedule,
 }
 
 impl Mixtral {
@@ -259,7 +261,22 @@ impl Mixtral {
             norm,
             lm_head,
             tp: tp.clone(),
+            schedule: ModelSchedule::default(),
         })
+    }
+
+    /// The pipeline schedule its training steps ([`Mixtral::batch_grads`],
+    /// [`Mixtral::train_grads`]) run with pipeline stages: GPipe, 1F1B (the default) or
+    /// zero-bubble, planned for the F, I and W costs measured in its first step. Interleaving
+    /// needs several chunks per rank, which this model (one stage) is not: an error says so.
+    pub fn set_schedule(&mut self, kind: ScheduleKind) -> Result<()> {
+        self.schedule = ModelSchedule::new(kind, 1)?;
+        Ok(())
+    }
+
+    /// The schedule setting (and zero-bubble's measured costs).
+    pub fn schedule(&self) -> &ModelSchedule {
+        &self.schedule
     }
 
     /// Whether this stage starts at the first layer (takes token ids).
@@ -642,11 +659,12 @@ type PackedLosses<'a> =
     dyn Fn(&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>) -> Result<MixtralLosses> + 'a;
 
 /// One training step of a pipeline stage that runs its own unit-wise backward: `micro_batches`
-/// of `ids` on a 1F1B schedule over `pp` (`run_step_into`), each micro-batch's gradients to
+/// of `ids` on `schedule` (GPipe or 1F1B) over `pp` (`run_step_into`), each micro-batch's gradients to
 /// `sink`, the losses of the last stage's packed output by `losses` (`out`, ids, labels,
 /// attention mask), on every rank of the pipeline.
 #[allow(clippy::too_many_arguments)]
 fn pipeline_train(
+    schedule: &Schedule,
     stage: &dyn UnitStage,
     sink: &mut dyn GradSink,
     ids: &Tensor,
@@ -661,7 +679,7 @@ fn pipeline_train(
     let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
     candle_parallel::pipeline::run_step_into(
         pp,
-        &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
+        schedule,
         stage,
         sink,
         &mb.ids,
@@ -719,8 +737,8 @@ impl BatchLosses {
 impl Mixtral {
     /// The gradients (for `vars`, in their order) of the mean loss over `ids` (`[b, s]`,
     /// this rank's examples): `micro_batches` forward and backward passes, through the
-    /// pipeline stages of `pp` with a 1F1B schedule when it has several ranks (this model
-    /// being this rank's stage), summed into one gradient without synchronising. Every rank
+    /// pipeline stages of `pp` with its schedule ([`Mixtral::set_schedule`], 1F1B unless set)
+    /// when it has several ranks (this model being this rank's stage), summed into one gradient without synchronising. Every rank
     /// of `pp` gets the losses.
     pub fn batch_grads(
         &self,
@@ -740,7 +758,7 @@ impl Mixtral {
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
         let out = candle_parallel::pipeline::run_step(
             pp,
-            &candle_parallel::pipeline::Schedule::one_f_one_b(pp.size(), micro_batches)?,
+            &self.schedule.schedule(pp.size(), micro_batches)?,
             &[&MixtralStage {
                 model: self,
                 train: true,
@@ -758,6 +776,7 @@ impl Mixtral {
                 Ok(l.loss)
             },
         )?;
+        self.schedule.observe(pp, &out.executed)?;
         let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
         let mean = pipeline_losses(&values, pp)?;
         Ok(BatchGrads {
@@ -781,9 +800,12 @@ impl Mixtral {
     /// recomputing the layer just before its backward (`Full`). Returns the losses, as
     /// [`Mixtral::batch_grads`] does; the gradients are its gradients bit for bit.
     ///
-    /// With pipeline stages (`pp` of several ranks) the micro-batches run on a 1F1B schedule
-    /// of [`MixtralUnitStage`]s: each stage's backward is unit-wise too, and recomputes as
-    /// asked. The sink then gets one micro-batch at a time.
+    /// With pipeline stages (`pp` of several ranks) the micro-batches run on its schedule
+    /// ([`Mixtral::set_schedule`]: GPipe or 1F1B, the default) of [`MixtralUnitStage`]s: each
+    /// stage's backward is unit-wise too, and recomputes as asked; the sink then gets one
+    /// micro-batch at a time. Zero-bubble splits each backward, which a unit-wise backward
+    /// cannot: the stage's backward then runs whole ([`Mixtral::batch_grads`]) and the sink
+    /// gets the step's gradients at its end.
     #[allow(clippy::too_many_arguments)]
     pub fn train_grads(
         &self,
@@ -794,6 +816,9 @@ impl Mixtral {
         pp: &Comm,
         recompute: Recompute,
     ) -> Result<BatchLosses> {
+        if pp.size() > 1 && self.schedule.kind().splits_backwards() {
+            return self.split_backward_train(sink, ids, targets, micro_batches, pp, recompute);
+        }
         if pp.size() > 1 {
             let stage = MixtralUnitStage {
                 model: self,
@@ -802,6 +827,7 @@ impl Mixtral {
             let cols = self.lm_head.as_ref().map_or(Ok(0), |h| h.weight().dim(0))?;
             let dtype = self.rope.0.dtype();
             return pipeline_train(
+                &self.schedule.schedule(pp.size(), micro_batches)?,
                 &stage,
                 sink,
                 ids,
@@ -834,6 +860,40 @@ impl Mixtral {
             out.stats = stats;
         }
         Ok(out)
+    }
+
+    /// [`Mixtral::train_grads`] on a schedule that splits backwards (zero-bubble): the stage's
+    /// whole backward ([`Mixtral::batch_grads`]: a unit-wise backward cannot be split), its
+    /// gradients handed to `sink` as one micro-batch's at the end.
+    fn split_backward_train(
+        &self,
+        sink: &mut dyn GradSink,
+        ids: &Tensor,
+        targets: Option<&Targets>,
+        micro_batches: usize,
+        pp: &Comm,
+        recompute: Recompute,
+    ) -> Result<BatchLosses> {
+        if recompute == Recompute::Full {
+            bail!("--recompute full reruns each layer in a unit-wise backward, which the {} schedule cannot split into input- and weight-gradient steps: use --recompute selective or none with it, or the gpipe or 1f1b schedule", self.schedule.kind())
+        }
+        let vars = sink.sink_vars();
+        let g = ops::with_selective_recompute(recompute == Recompute::Selective, || {
+            self.batch_grads(&vars, ids, targets, micro_batches, pp)
+        })?;
+        sink.begin_backward(true)?;
+        for (i, g) in g.grads.iter().enumerate() {
+            if let Some(g) = g {
+                sink.add_grad(i, g)?;
+            }
+        }
+        sink.end_micro_batch()?;
+        Ok(BatchLosses {
+            ce_loss: g.ce_loss,
+            aux_loss: g.aux_loss,
+            loss: g.loss,
+            stats: g.stats,
+        })
     }
 
     /// One micro-batch's forward and unit-wise backward into `sink` (see
@@ -1337,6 +1397,8 @@ pub struct ShardedMixtral {
     tp: Comm,
     pp: Comm,
     dtype: candle_core::DType,
+    /// The pipeline schedule (GPipe or 1F1B) of its training steps with pipeline stages.
+    schedule: ModelSchedule,
 }
 
 /// A one-layer stage that owns its model (what a sharded module rebuilds).
@@ -1363,7 +1425,7 @@ impl ShardedMixtral {
 
     /// One pipeline stage at ZeRO 3: decoder layers `layers` (the embedding with the first,
     /// the norm and head with the last), each a sharded module over the batch groups; the
-    /// stage runs in [`ShardedMixtral::train_grads`]'s 1F1B schedule over `mesh.pp()` (FSDP2
+    /// stage runs in [`ShardedMixtral::train_grads`]'s schedule over `mesh.pp()` (FSDP2
     /// with pipelining: each layer gathered for its forward and again for its backward, inside
     /// every micro-batch). Collective over the world.
     pub fn new_stage(
@@ -1406,9 +1468,21 @@ impl ShardedMixtral {
             tp: mesh.tp().clone(),
             pp: mesh.pp().clone(),
             dtype: vb.dtype(),
+            schedule: ModelSchedule::default(),
         };
         model.set_prefetch(true);
         Ok(model)
+    }
+
+    /// The pipeline schedule of its training steps with pipeline stages: GPipe or 1F1B (the
+    /// default). A ZeRO 3 stage gathers, recomputes and reduce-scatters each layer in one
+    /// backward, which zero-bubble's split backwards cannot take apart: an error says so.
+    pub fn set_schedule(&mut self, kind: ScheduleKind) -> Result<()> {
+        if kind.splits_backwards() {
+            bail!("ZeRO 3 with pipeline stages runs each layer's backward whole (gather, recompute, reduce-scatter), which the {kind} schedule would split: use gpipe or 1f1b, or ZeRO 0-2 with {kind}")
+        }
+        self.schedule = ModelSchedule::new(kind, 1)?;
+        Ok(())
     }
 
     /// FSDP2's prefetch (on by default): each layer's forward starts gathering the next
@@ -1559,7 +1633,8 @@ impl ShardedMixtral {
     /// its backward (its gathered parameters are freed after the forward), as
     /// `Recompute::Full` does, unless [`ShardedMixtral::set_reshard_after_forward`] keeps
     /// them. With pipeline stages (built by [`ShardedMixtral::new_stage`] on a mesh whose pp
-    /// has several ranks), the micro-batches run on a 1F1B schedule.
+    /// has several ranks), the micro-batches run on its schedule
+    /// ([`ShardedMixtral::set_schedule`], 1F1B unless set).
     pub fn train_grads(
         &self,
         sink: &mut dyn GradSink,
@@ -1569,6 +1644,7 @@ impl ShardedMixtral {
     ) -> Result<BatchLosses> {
         if self.pp.size() > 1 {
             return pipeline_train(
+                &self.schedule.schedule(self.pp.size(), micro_batches)?,
                 self,
                 sink,
                 ids,

@@ -89,17 +89,30 @@ pub fn checkpoint(
         )
     }
     let f = Arc::new(f);
+    // Under a zero-bubble split backward, the recomputation's deferred weight gradients
+    // belong to these (not to the stand-in variables below).
+    let originals: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
     attach_many(name, value, inputs, move |ins, g| {
         // Variables of the inputs (copies: a detached tensor is no leaf of a graph), the
         // function again with its graph, and the output's gradient through it.
         let vars: Vec<Var> = ins.iter().map(Var::from_tensor).collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let since = super::linear::deferred_len();
         let y = f(&xs)?;
         let mut store = (y * g)?.sum_all()?.backward()?;
-        Ok(vars
+        let mut grads: Vec<Option<Tensor>> = vars
             .iter()
             .map(|v| store.remove(v.as_tensor()).map(|g| g.detach()))
-            .collect())
+            .collect();
+        if let Some(since) = since {
+            for (i, dw) in super::linear::redirect_deferred(since, &xs, &originals)? {
+                grads[i] = Some(match grads[i].take() {
+                    Some(g) => (g + dw)?,
+                    None => dw,
+                });
+            }
+        }
+        Ok(grads)
     })
 }
 

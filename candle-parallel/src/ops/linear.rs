@@ -82,6 +82,45 @@ pub fn defer_weight_grads<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Deferr
     Ok((out?, DeferredWeightGrads(deferred.unwrap_or_default())))
 }
 
+/// How many weight gradients this thread has deferred so far (`None`: it is not deferring).
+pub(crate) fn deferred_len() -> Option<usize> {
+    DEFERRED.with(|d| d.borrow().as_ref().map(Vec::len))
+}
+
+/// Of the weight gradients deferred from entry `since` on, those of weight `from[i]` (a
+/// stand-in variable of a recomputation) belong to `to[i]`: re-attributed to it where it is a
+/// variable, else computed now and returned as `(i, gradient)` for the caller to pass on.
+pub(crate) fn redirect_deferred(
+    since: usize,
+    from: &[Tensor],
+    to: &[Tensor],
+) -> Result<Vec<(usize, Tensor)>> {
+    let mut now = Vec::new();
+    DEFERRED.with(|d| -> Result<()> {
+        let mut d = d.borrow_mut();
+        let Some(list) = d.as_mut() else {
+            return Ok(());
+        };
+        let mut kept = Vec::with_capacity(list.len());
+        for (k, entry) in std::mem::take(list).into_iter().enumerate() {
+            let source = (k >= since)
+                .then(|| from.iter().position(|f| f.id() == entry.weight.id()))
+                .flatten();
+            match source {
+                Some(i) if to[i].is_variable() => kept.push(Deferred {
+                    weight: to[i].clone(),
+                    ..entry
+                }),
+                Some(i) => now.push((i, entry.g.t()?.matmul(&entry.x)?)),
+                None => kept.push(entry),
+            }
+        }
+        *list = kept;
+        Ok(())
+    })?;
+    Ok(now)
+}
+
 /// `x · wᵀ` for `x` of shape `[..., in]` and `w` of shape `[out, in]`: `[..., out]`, with a
 /// backward (`dx = g · w`, `dw = gᵀ · x`).
 ///

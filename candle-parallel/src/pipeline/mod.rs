@@ -14,6 +14,8 @@
 //!   activations if it chooses).
 //! - [`run_pipedream`]: PipeDream's asynchronous 1F1B, weights updated after every backward,
 //!   with or without weight stashing ([`StashableStage`]).
+//! - [`ModelSchedule`]: a model's `--schedule` ([`ScheduleKind`]), zero-bubble planned for
+//!   the costs measured in its first step.
 //! - [`PipelineSequential`]: an ordered list of layers cut into stages (uniformly, balanced by
 //!   weight, or at given boundaries), each rank building only its own.
 //! - [`split_layers`] / [`split_balanced`]: which layers each stage holds.
@@ -51,10 +53,12 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+mod choice;
 mod executor;
 mod schedule;
 mod sequential;
 
+pub use choice::{ModelSchedule, ScheduleKind};
 pub use executor::{
     run_pipedream, run_pipedream_recorded, run_step, run_step_into, split_batch, Executed,
     PipeDreamOutput, SinkStepOutput, StageTape, StashableStage, StepOutput, UnitStage,

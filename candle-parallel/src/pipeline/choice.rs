@@ -1,0 +1,161 @@
+//! Which schedule a model's training step runs (`--schedule` on the examples): the kind, and
+//! for zero-bubble the action costs measured in the first step it ran.
+use super::{Action, ActionCosts, Executed, Schedule};
+use crate::comm::{lock, Comm, ReduceOp};
+use candle_core::{bail, Result, Tensor};
+use std::fmt;
+use std::sync::Mutex;
+
+/// A pipeline schedule by kind, as `--schedule` names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ScheduleKind {
+    /// Every forward, then every backward ([`Schedule::gpipe`]).
+    GPipe,
+    /// One forward, one backward ([`Schedule::one_f_one_b`]): the default.
+    #[default]
+    OneFOneB,
+    /// Several model chunks per rank ([`Schedule::interleaved`]).
+    Interleaved,
+    /// Split backwards, planned for the costs measured in the first step
+    /// ([`Schedule::zero_bubble_with_costs`]).
+    ZeroBubble,
+}
+
+impl ScheduleKind {
+    /// Whether the schedule splits backwards into input- and weight-gradient halves (a stage
+    /// that runs its own unit-wise backward cannot).
+    pub fn splits_backwards(self) -> bool {
+        self == Self::ZeroBubble
+    }
+}
+
+impl fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::GPipe => "gpipe",
+            Self::OneFOneB => "1f1b",
+            Self::Interleaved => "interleaved",
+            Self::ZeroBubble => "zero-bubble",
+        })
+    }
+}
+
+impl std::str::FromStr for ScheduleKind {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "gpipe" => Self::GPipe,
+            "1f1b" => Self::OneFOneB,
+            "interleaved" => Self::Interleaved,
+            "zero-bubble" | "zb" => Self::ZeroBubble,
+            other => {
+                bail!("unknown schedule {other:?}: use gpipe, 1f1b, interleaved or zero-bubble")
+            }
+        })
+    }
+}
+
+/// A model's schedule setting for its training steps: the kind, and for zero-bubble the F, I
+/// and W costs measured in the first step it ran (agreed over the pipeline group), which the
+/// later steps are planned for, as the zero-bubble authors profile them.
+///
+/// ```
+/// use candle_parallel::pipeline::{ModelSchedule, ScheduleKind};
+///
+/// let s = ModelSchedule::new("zero-bubble".parse()?, 1)?;
+/// // Unit costs until a step was measured.
+/// assert_eq!(s.schedule(4, 8)?.name(), "zero-bubble");
+/// assert!(s.measured_costs().is_none());
+/// let e = ModelSchedule::new(ScheduleKind::Interleaved, 1).unwrap_err().to_string();
+/// assert!(e.contains("chunks"), "{e}");
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct ModelSchedule {
+    kind: ScheduleKind,
+    measured: Mutex<Option<ActionCosts>>,
+}
+
+impl Clone for ModelSchedule {
+    fn clone(&self) -> Self {
+        Self {
+            kind: self.kind,
+            measured: Mutex::new(*lock(&self.measured)),
+        }
+    }
+}
+
+impl ModelSchedule {
+    /// `kind` for a model that holds `chunks` model chunks per rank: interleaving needs
+    /// several.
+    pub fn new(kind: ScheduleKind, chunks: usize) -> Result<Self> {
+        if kind == ScheduleKind::Interleaved && chunks < 2 {
+            bail!("the interleaved schedule runs several model chunks per pipeline rank, and this model holds {chunks} (one contiguous stage per rank): use gpipe, 1f1b or zero-bubble, or build several stages per rank (Mixtral::new_stage for each chunk) and run them with pipeline::run_step")
+        }
+        Ok(Self {
+            kind,
+            measured: Mutex::new(None),
+        })
+    }
+
+    pub fn kind(&self) -> ScheduleKind {
+        self.kind
+    }
+
+    /// The zero-bubble costs measured so far (`None` before the first zero-bubble step).
+    pub fn measured_costs(&self) -> Option<ActionCosts> {
+        *lock(&self.measured)
+    }
+
+    /// This step's schedule for `ranks` pipeline ranks and `micro_batches`.
+    pub fn schedule(&self, ranks: usize, micro_batches: usize) -> Result<Schedule> {
+        match self.kind {
+            ScheduleKind::GPipe => Schedule::gpipe(ranks, micro_batches),
+            ScheduleKind::OneFOneB => Schedule::one_f_one_b(ranks, micro_batches),
+            ScheduleKind::Interleaved => bail!(
+                "the interleaved schedule needs several model chunks per rank: run the chunks with pipeline::run_step"
+            ),
+            ScheduleKind::ZeroBubble => Schedule::zero_bubble_with_costs(
+                ranks,
+                micro_batches,
+                self.measured_costs().unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// After a step: at zero-bubble, the first time, the mean durations of this rank's F, I
+    /// and W actions, the slowest rank's of each over `pp` (collective over `pp`; every rank
+    /// then plans the same schedule), become the costs later steps are planned for.
+    pub fn observe(&self, pp: &Comm, executed: &[Executed]) -> Result<()> {
+        if self.kind != ScheduleKind::ZeroBubble || self.measured_costs().is_some() {
+            return Ok(());
+        }
+        let mut sums = [0f64; 3];
+        let mut counts = [0usize; 3];
+        for e in executed {
+            let k = match e.action {
+                Action::Forward { .. } => 0,
+                Action::BackwardInput { .. } => 1,
+                Action::BackwardWeight { .. } => 2,
+                Action::Backward { .. } => continue,
+            };
+            sums[k] += e.end - e.start;
+            counts[k] += 1;
+        }
+        let means: Vec<f64> = (0..3).map(|k| sums[k] / counts[k].max(1) as f64).collect();
+        let agreed = pp
+            .all_reduce(&Tensor::new(means.as_slice(), pp.device())?, ReduceOp::Max)?
+            .to_vec1::<f64>()?;
+        // A stage too fast to time keeps unit costs.
+        let costs = ActionCosts::from_seconds(agreed[0], agreed[1], agreed[2]).unwrap_or_default();
+        tracing::info!(
+            forward = costs.forward,
+            input_grad = costs.backward_input,
+            weight_grad = costs.backward_weight,
+            "zero-bubble: planned for the costs measured in the first step (ticks)"
+        );
+        *lock(&self.measured) = Some(costs);
+        Ok(())
+    }
+}
