@@ -12,6 +12,7 @@
 //! the most micro-batches whose activations a rank held at once (and their stage-boundary
 //! bytes). The model is a `--layers`-deep tanh MLP, `--hidden` wide, on a `--batch`-row batch.
 use candle_core::{DType, Module, Result, Shape, Var};
+use candle_parallel::comm::local::LinkModel;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::testing::{seeded, TanhMlp};
@@ -40,6 +41,13 @@ struct Args {
     /// Rows per step (split into the micro-batches).
     #[arg(long, default_value_t = 512)]
     batch: usize,
+    /// Link speeds of the overlap table (Gbit/s per rank; messages posted on the pipeline
+    /// group's lane against sent where they are due).
+    #[arg(long, value_delimiter = ',', default_value = "25,100")]
+    link_gbps: Vec<f64>,
+    /// Skip the overlap table.
+    #[arg(long)]
+    no_overlap: bool,
 }
 
 struct Row {
@@ -173,6 +181,99 @@ fn main() -> Result<()> {
             theory,
             r.peak_live,
             r.peak_bytes / 1024
+        );
+    }
+    if !args.no_overlap {
+        overlap_table(&args)?;
+    }
+    Ok(())
+}
+
+/// Median step seconds of `schedule` with the pipeline messages overlapped (posted on the lane,
+/// waited for where consumed) and not (each tick's exchange done where it is due), alternating
+/// step by step, over `link`.
+fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> Result<(f64, f64)> {
+    let (p, m) = (schedule.ranks(), schedule.micro_batches());
+    let stages = split_layers(args.layers, schedule.stages())?;
+    let mb_rows = args.batch / m;
+    let x = seeded(&[args.batch, args.hidden], 1, DType::F32)?;
+    let target = seeded(&[args.batch, args.hidden], 2, DType::F32)?;
+    let (xs, targets) = (split_batch(&x, m)?, split_batch(&target, m)?);
+    let mut launcher = Launcher::new(p).mesh(MeshShape::new().pp(p));
+    if let Some(link) = link {
+        launcher = launcher.link(link);
+    }
+    let per_rank = launcher.run(|ctx| {
+        let pp = ctx.mesh()?.pp().clone();
+        let r = pp.rank();
+        let chunks: Vec<TanhMlp> = (0..schedule.chunks())
+            .map(|c| TanhMlp::new(stages[schedule.stage_of(r, c)].clone(), args.hidden, 7))
+            .collect::<Result<_>>()?;
+        let vars: Vec<Var> = chunks.iter().flat_map(TanhMlp::vars).collect();
+        let refs: Vec<&dyn Module> = chunks.iter().map(|c| c as &dyn Module).collect();
+        let mut times = [Vec::new(), Vec::new()];
+        for rep in 0..=2 * args.reps {
+            let on = rep % 2 == 0;
+            pp.barrier()?;
+            if r == 0 {
+                candle_parallel::comm::set_overlap(on);
+            }
+            pp.barrier()?;
+            let t = Instant::now();
+            run_step(
+                &pp,
+                schedule,
+                &refs,
+                &vars,
+                &xs,
+                (&Shape::from((mb_rows, args.hidden)), DType::F32),
+                &|mb, y| (y - &targets[mb])?.sqr()?.mean_all(),
+            )?;
+            pp.barrier()?;
+            if rep > 0 {
+                times[usize::from(!on)].push(t.elapsed().as_secs_f64());
+            }
+        }
+        candle_parallel::comm::set_overlap(true);
+        Ok(times)
+    })?;
+    let t = &per_rank[0];
+    Ok((median(t[0].clone()), median(t[1].clone())))
+}
+
+/// Step time with the pipeline's messages overlapped and not, at the largest `--pp` and
+/// `--micro-batches`, for 1F1B and zero-bubble, with no dialled link and at each `--link-gbps`.
+fn overlap_table(args: &Args) -> Result<()> {
+    let p = args.pp.iter().copied().max().unwrap_or(2);
+    let m = args.micro_batches.iter().copied().max().unwrap_or(8);
+    let mut links: Vec<Option<f64>> = vec![None];
+    links.extend(args.link_gbps.iter().map(|&g| Some(g)));
+    let mut rows = Vec::new();
+    for name in ["1f1b", "zero-bubble"] {
+        let schedule = Schedule::by_name(name, p, 1, m)?;
+        for &gbps in &links {
+            let link = match gbps {
+                Some(g) => Some(format!("gbps={g},latency_us=5").parse::<LinkModel>()?),
+                None => None,
+            };
+            let (on, off) = overlap_steps(args, &schedule, link)?;
+            rows.push((name, gbps, on, off));
+        }
+    }
+    println!(
+        "\nPipeline messages overlapped (posted on the lane, waited for where consumed) and not, p = {p}, m = {m}, messages of {} KiB; medians of {} steps, the two alternating:\n",
+        args.batch / m * args.hidden * 4 / 1024,
+        args.reps
+    );
+    println!("| schedule | link | step, not overlapped (ms) | step, overlapped (ms) | overlapped / not |");
+    println!("|---|---|---:|---:|---:|");
+    for (name, gbps, on, off) in rows {
+        let link = gbps.map_or("none (memory)".to_string(), |g| format!("{g} Gbit/s"));
+        println!(
+            "| {name} | {link} | {:.1} | {:.1} | {:.2}x |",
+            off * 1e3,
+            on * 1e3,
+            on / off
         );
     }
     Ok(())

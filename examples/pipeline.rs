@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Module, Result, Shape, Tensor, Var};
 use candle_parallel::checkpoint::Param;
 use candle_parallel::optim::{AdamW, AdamWConfig};
 use candle_parallel::pipeline::{
-    run_pipedream, run_step, split_batch, split_layers, Executed, Schedule,
+    run_pipedream, run_step, split_batch, split_layers, Communication, Executed, Schedule,
 };
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::testing::{seeded, TanhMlp};
@@ -152,6 +152,7 @@ fn main() -> Result<()> {
                         loss,
                         peak_live: out.peak_live,
                         executed: out.executed,
+                        communication: out.communication,
                     }
                 } else {
                     let out = run_step(&pp, &schedule, &refs, &vars, &xs, activation, &mse)?;
@@ -160,13 +161,14 @@ fn main() -> Result<()> {
                         loss: out.loss,
                         peak_live: out.peak_live,
                         executed: out.executed,
+                        communication: out.communication,
                     }
                 };
                 first_loss.get_or_insert(out.loss);
                 tracing::debug!(step, loss = out.loss, peak_live = out.peak_live, "step");
                 bar.set_message(format!("loss {:.5}", out.loss));
                 bar.inc(1);
-                last = out.executed;
+                last = encode(&out.executed, &out.communication);
                 if step + 1 == args.steps && lead {
                     bar.finish();
                     tracing::info!(
@@ -178,7 +180,7 @@ fn main() -> Result<()> {
                 }
             }
             // Every rank's last step, to rank 0.
-            let mine = serde_json::to_vec(&encode(&last)).map_err(candle_core::Error::wrap)?;
+            let mine = serde_json::to_vec(&last).map_err(candle_core::Error::wrap)?;
             let all = pp.all_gather_bytes(&mine)?;
             all.iter()
                 .map(|b| {
@@ -194,11 +196,21 @@ fn main() -> Result<()> {
     candle_parallel::checkpoint::write_file(&json, chrome_trace(timelines))?;
     candle_parallel::checkpoint::write_file(&svg, picture(timelines, &schedule))?;
     let (span, busy) = span_and_busy(timelines);
+    let total = |what: &str| -> f64 {
+        timelines
+            .iter()
+            .flatten()
+            .filter(|t| t.0 == what)
+            .map(|t| t.3 - t.2)
+            .sum()
+    };
     println!(
-        "\nexecuted last step: {:.1} ms, bubble {:.1}% (simulated {:.1}%)\ntimeline: {} (chrome://tracing, ui.perfetto.dev) and {}",
+        "\nexecuted last step: {:.1} ms, bubble {:.1}% (simulated {:.1}%); messages {:.1} ms on the ranks' lanes, {:.1} ms of it waited for\ntimeline: {} (chrome://tracing, ui.perfetto.dev) and {}",
         span * 1e3,
         100.0 * (1.0 - busy / (span * timelines.len() as f64)),
         100.0 * sim.bubble_fraction(),
+        total("lane") * 1e3,
+        total("waited") * 1e3,
         json.display(),
         svg.display()
     );
@@ -210,29 +222,49 @@ struct StepSummary {
     loss: f32,
     peak_live: usize,
     executed: Vec<Executed>,
+    communication: Communication,
 }
 
-/// (action, stage, start s, end s) per executed action.
-fn encode(executed: &[Executed]) -> Vec<(String, usize, f64, f64)> {
-    executed
+/// (action, stage, start s, end s) per executed action, then the communication lane's
+/// exchanges (`lane`) and the waits for a message (`waited`).
+fn encode(executed: &[Executed], comm: &Communication) -> Vec<(String, usize, f64, f64)> {
+    let actions = executed
         .iter()
-        .map(|e| (e.action.to_string(), e.stage, e.start, e.end))
-        .collect()
+        .map(|e| (e.action.to_string(), e.stage, e.start, e.end));
+    let lane = comm
+        .lane
+        .iter()
+        .map(|&(a, b)| ("lane".to_string(), 0, a, b));
+    let waited = comm
+        .waited
+        .iter()
+        .map(|&(a, b)| ("waited".to_string(), 0, a, b));
+    actions.chain(lane).chain(waited).collect()
+}
+
+/// Whether a timeline entry is a model action (not communication).
+fn is_action(name: &str) -> bool {
+    !matches!(name, "lane" | "waited")
 }
 
 fn span_and_busy(timelines: &[Vec<(String, usize, f64, f64)>]) -> (f64, f64) {
-    let span = timelines.iter().flatten().map(|t| t.3).fold(0.0, f64::max);
-    let busy = timelines.iter().flatten().map(|t| t.3 - t.2).sum();
+    let actions = || timelines.iter().flatten().filter(|t| is_action(&t.0));
+    let span = actions().map(|t| t.3).fold(0.0, f64::max);
+    let busy = actions().map(|t| t.3 - t.2).sum();
     (span, busy)
 }
 
-/// The kind of an action by its printed name, and its colour.
+/// The kind of an entry by its printed name, and its colour.
 fn kind(name: &str) -> (&'static str, &'static str) {
-    match name.as_bytes().first() {
-        Some(b'F') => ("forward", "#4e79a7"),
-        Some(b'B') => ("backward", "#59a14f"),
-        Some(b'I') => ("input gradient", "#f28e2b"),
-        _ => ("weight gradient", "#b07aa1"),
+    match name {
+        "lane" => ("communication", "#76b7b2"),
+        "waited" => ("waiting for a message", "#e15759"),
+        _ => match name.as_bytes().first() {
+            Some(b'F') => ("forward", "#4e79a7"),
+            Some(b'B') => ("backward", "#59a14f"),
+            Some(b'I') => ("input gradient", "#f28e2b"),
+            _ => ("weight gradient", "#b07aa1"),
+        },
     }
 }
 
@@ -244,9 +276,15 @@ fn chrome_trace(timelines: &[Vec<(String, usize, f64, f64)>]) -> String {
             "name": "thread_name", "ph": "M", "pid": 0, "tid": rank,
             "args": { "name": format!("rank {rank}") }
         }));
+        events.push(serde_json::json!({
+            "name": "thread_name", "ph": "M", "pid": 0, "tid": 1000 + rank,
+            "args": { "name": format!("rank {rank} communication") }
+        }));
         for (name, stage, start, end) in timeline {
+            // Communication on a thread of its own under the rank's.
+            let tid = if is_action(name) { rank } else { 1000 + rank };
             events.push(serde_json::json!({
-                "name": name, "cat": kind(name).0, "ph": "X", "pid": 0, "tid": rank,
+                "name": name, "cat": kind(name).0, "ph": "X", "pid": 0, "tid": tid,
                 "ts": start * 1e6, "dur": (end - start) * 1e6,
                 "args": { "stage": stage }
             }));
@@ -255,10 +293,12 @@ fn chrome_trace(timelines: &[Vec<(String, usize, f64, f64)>]) -> String {
     serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" }).to_string()
 }
 
-/// Ranks × time: a bar per action, grey where a rank is idle.
+/// Ranks × time: a bar per action, grey where a rank is idle; under each rank, its
+/// communication lane (messages moving) and, in red, where the rank waited for one.
 fn picture(timelines: &[Vec<(String, usize, f64, f64)>], schedule: &Schedule) -> String {
     let (span, _) = span_and_busy(timelines);
-    let (width, row, left, top) = (1000.0, 28.0, 70.0, 40.0);
+    let (width, row, left, top) = (1000.0, 40.0, 70.0, 40.0);
+    let bar = 24.0; // the actions' bar; the communication strip goes under it
     let height = top + row * timelines.len() as f64 + 50.0;
     let x = |t: f64| left + (width - left - 20.0) * t / span.max(1e-9);
     let mut s = String::new();
@@ -279,25 +319,29 @@ fn picture(timelines: &[Vec<(String, usize, f64, f64)>], schedule: &Schedule) ->
         let _ = writeln!(
             s,
             r##"<text x="8" y="{}">rank {rank}</text><rect x="{left}" y="{y}" width="{}" height="{}" fill="#dddddd"/>"##,
-            y + row * 0.6,
+            y + bar * 0.6,
             x(span) - left,
-            row - 4.0
+            bar
         );
         for (name, _, start, end) in timeline {
+            let (y, height) = match name.as_str() {
+                "lane" => (y + bar + 2.0, 8.0),
+                "waited" => (y + bar + 4.0, 4.0),
+                _ => (y, bar),
+            };
             let _ = writeln!(
                 s,
-                r#"<rect x="{:.2}" y="{y}" width="{:.2}" height="{}" fill="{}"><title>{name}</title></rect>"#,
+                r#"<rect x="{:.2}" y="{y}" width="{:.2}" height="{height}" fill="{}"><title>{name}</title></rect>"#,
                 x(*start),
                 (x(*end) - x(*start)).max(0.5),
-                row - 4.0,
                 kind(name).1
             );
-            if x(*end) - x(*start) > 22.0 {
+            if is_action(name) && x(*end) - x(*start) > 22.0 {
                 let _ = writeln!(
                     s,
                     r#"<text x="{:.2}" y="{}" fill="white">{name}</text>"#,
                     x(*start) + 2.0,
-                    y + row * 0.6
+                    y + bar * 0.6
                 );
             }
         }
@@ -309,11 +353,13 @@ fn picture(timelines: &[Vec<(String, usize, f64, f64)>], schedule: &Schedule) ->
         ("input gradient", "#f28e2b"),
         ("weight gradient", "#b07aa1"),
         ("idle", "#dddddd"),
+        ("messages moving", "#76b7b2"),
+        ("waiting for one", "#e15759"),
     ]
     .iter()
     .enumerate()
     {
-        let lx = left + 150.0 * i as f64;
+        let lx = left + 130.0 * i as f64;
         let _ = writeln!(
             s,
             r#"<rect x="{lx}" y="{legend_y}" width="14" height="14" fill="{colour}"/><text x="{}" y="{}">{label}</text>"#,

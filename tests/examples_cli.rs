@@ -140,11 +140,22 @@ fn the_pipeline_example_trains_and_draws_every_schedule() {
         let svg = std::fs::read_to_string(dir.join("timeline.svg")).unwrap();
         // Two ranks, each with a forward and a backward (or its two halves) per micro-batch.
         let slices = json.matches("\"ph\":\"X\"").count();
+        let moving = json.matches("\"cat\":\"communication\"").count();
+        let waiting = json.matches("\"cat\":\"waiting for a message\"").count();
         let per_mb = if schedule == "zero-bubble" { 3 } else { 2 };
         let chunks = if schedule == "interleaved" { 2 } else { 1 };
-        assert_eq!(slices, 2 * 4 * per_mb * chunks, "{schedule}: {json}");
+        assert_eq!(
+            slices - moving - waiting,
+            2 * 4 * per_mb * chunks,
+            "{schedule}: {json}"
+        );
+        // Activations and gradients crossed between the two ranks, on their lanes.
+        assert!(moving >= 2, "{schedule}: no communication in the timeline");
+        assert!(svg.contains("messages moving"), "{svg}");
         assert!(svg.starts_with("<svg") && svg.contains("rank 1"), "{svg}");
     }
+    // Interleaving with micro-batches the ranks do not divide: uneven rounds.
+    let uneven = tmp("pipeline-uneven");
     let out = run(
         "pipeline",
         &[
@@ -154,9 +165,22 @@ fn the_pipeline_example_trains_and_draws_every_schedule() {
             "4",
             "--micro-batches",
             "6",
+            "--batch",
+            "48",
+            "--steps",
+            "2",
+            "--out",
+            &uneven.to_string_lossy(),
         ],
     );
-    fails_saying(&out, "not a multiple of 4");
+    let _ = std::fs::remove_dir_all(&uneven);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("pipeline", &["--schedule", "fastest"]);
+    fails_saying(&out, "use gpipe, 1f1b");
 }
 
 /// `llama eval --pp P` writes what `--pp 1` writes (logits, loss, every gradient at full shape

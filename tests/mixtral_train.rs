@@ -80,6 +80,17 @@ fn setup(name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn train(model: &Path, batch: &Path, out: &Path, extra: &[&str]) -> HashMap<String, Tensor> {
+    train_env(model, batch, out, extra, &[])
+}
+
+/// [`train`] with environment variables set.
+fn train_env(
+    model: &Path,
+    batch: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> HashMap<String, Tensor> {
     let mut args: Vec<String> = [
         "train",
         "--model",
@@ -103,6 +114,7 @@ fn train(model: &Path, batch: &Path, out: &Path, extra: &[&str]) -> HashMap<Stri
     args.extend(extra.iter().map(|s| s.to_string()));
     let o = Command::new(example_path("mixtral"))
         .args(&args)
+        .envs(env.iter().copied())
         .output()
         .expect("mixtral runs");
     assert!(
@@ -691,8 +703,9 @@ fn gradients_reduced_in_bf16_differ_by_rounding_only() {
 }
 
 /// Gradients reduced bucket by bucket while the backward runs (the default) and after it
-/// (`--no-overlap`) give the same model, bit for bit, at every ZeRO stage, with micro-batches,
-/// experts over ep and pipeline stages.
+/// (`--no-overlap`), and every communication lane off (`CANDLE_PARALLEL_OVERLAP=0`), give the
+/// same model, bit for bit, at every ZeRO stage, with micro-batches, experts over ep and
+/// pipeline stages.
 #[test]
 fn overlapped_gradient_reduction_writes_the_same_model() {
     let (model, batch) = setup("overlap");
@@ -727,11 +740,21 @@ fn overlapped_gradient_reduction_writes_the_same_model() {
             &dir.join(format!("off{i}.safetensors")),
             &args,
         );
+        // Every lane off too (pipeline messages and ZeRO 3's prefetch run where started).
+        let lanes_off = train_env(
+            &model,
+            &batch,
+            &dir.join(format!("lanes-off{i}.safetensors")),
+            layout,
+            &[("CANDLE_PARALLEL_OVERLAP", "0")],
+        );
         assert_eq!(on.len(), off.len());
         for (name, t) in &on {
             let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = off[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(a == b, "{name} differs with --no-overlap at {layout:?}");
+            for (what, other) in [("--no-overlap", &off), ("the lanes off", &lanes_off)] {
+                let b = other[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(a == b, "{name} differs with {what} at {layout:?}");
+            }
         }
     }
     std::fs::remove_dir_all(dir).unwrap();

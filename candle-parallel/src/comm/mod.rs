@@ -47,6 +47,32 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Whether communication lanes run (see [`set_overlap`]); `None` until first read.
+static OVERLAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+const UNSET: u8 = 2;
+
+/// Turns the communication lanes on (the default) or off for the whole process: off, every
+/// asynchronous operation ([`Comm::start`], the `*_async` methods, and what overlaps through
+/// them: gradient buckets, ZeRO 3's prefetch, pipeline messages) runs where it is started and
+/// returns finished. The numbers are the same either way; what changes is what overlaps.
+/// `CANDLE_PARALLEL_OVERLAP=0` sets it off at start. For measuring overlap (and for ruling it
+/// out when debugging).
+pub fn set_overlap(on: bool) {
+    OVERLAP.store(u8::from(on), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the communication lanes run ([`set_overlap`]).
+pub fn overlap() -> bool {
+    match OVERLAP.load(std::sync::atomic::Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("CANDLE_PARALLEL_OVERLAP").map_or(true, |v| v.trim() != "0");
+            set_overlap(on);
+            on
+        }
+        v => v == 1,
+    }
+}
+
 /// A group's name in messages, `tp[0,1]`: its label and the global ranks of its members.
 pub(crate) fn group_label(label: &str, ranks: &[usize]) -> String {
     let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
@@ -329,7 +355,7 @@ impl Comm {
     /// once enqueued). `f` gets a handle that runs its calls directly. Every rank of the group
     /// must start the same operations in the same order, as with blocking calls; a blocking
     /// call on the group first waits for the operations started before it. `what` names the
-    /// operation in errors.
+    /// operation in errors. With [`set_overlap`]`(false)` it runs here too.
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
@@ -352,6 +378,11 @@ impl Comm {
         F: FnOnce(&Comm) -> Result<T> + Send + 'static,
     {
         let direct = self.direct();
+        if !overlap() {
+            // Behind whatever a lane started before the switch.
+            self.drain();
+            return Work::done(f(&direct));
+        }
         match self.lane() {
             Some(lane) => lane.submit(what, move || f(&direct)),
             None => Work::done(f(&direct)),

@@ -36,6 +36,31 @@ pub struct StepOutput {
     pub deferred_weight_grads: usize,
     /// What this rank ran, with wall-clock times in seconds from the start of the step.
     pub executed: Vec<Executed>,
+    /// Its messages' time on the communication lane, and the part it waited for.
+    pub communication: Communication,
+}
+
+/// What a rank's pipeline messages cost in one step, in seconds from the start of the step:
+/// when its communication lane moved them, and when the rank itself stood waiting for one (the
+/// exposed part; with overlap off, every exchange is).
+#[derive(Clone, Debug, Default)]
+pub struct Communication {
+    /// Each tick's exchange on the lane: (start, end).
+    pub lane: Vec<(f64, f64)>,
+    /// Where the rank waited for a message instead of computing: (start, end).
+    pub waited: Vec<(f64, f64)>,
+}
+
+impl Communication {
+    /// Seconds the lane was busy.
+    pub fn lane_seconds(&self) -> f64 {
+        self.lane.iter().map(|(a, b)| b - a).sum()
+    }
+
+    /// Seconds the rank waited for messages: the communication not hidden.
+    pub fn exposed_seconds(&self) -> f64 {
+        self.waited.iter().map(|(a, b)| b - a).sum()
+    }
 }
 
 /// One executed action.
@@ -63,16 +88,48 @@ type Key = (Kind, usize, usize);
 struct Inbox {
     arrived: HashMap<Key, Tensor>,
     /// Exchanges in the order they were posted (the lane runs them in that order), with the
-    /// keys of what each receives.
-    in_flight: VecDeque<(Work<Vec<Tensor>>, Vec<Key>)>,
+    /// keys of what each receives; each returns when (in seconds from `started`) it ran.
+    in_flight: VecDeque<(Work<Exchanged>, Vec<Key>)>,
+    started: Instant,
+    times: Communication,
+    /// When the last wait for a message ended (taken by the action that waited).
+    waited_until: Option<f64>,
 }
 
+/// What an exchange received, and when (seconds from the step's start) the lane ran it.
+type Exchanged = (Vec<Tensor>, f64, f64);
+
+/// A receive to post: from whom, what, and the message it is.
+type Receive = (usize, Shape, DType, Key);
+
 impl Inbox {
-    fn new() -> Self {
+    fn new(started: Instant) -> Self {
         Self {
             arrived: HashMap::new(),
             in_flight: VecDeque::new(),
+            started,
+            times: Communication::default(),
+            waited_until: None,
         }
+    }
+
+    /// Posts one tick's sends and receives as a group on `comm`'s lane.
+    fn post(&mut self, comm: &Comm, sends: Vec<(Tensor, usize)>, recvs: Vec<Receive>) {
+        let started = self.started;
+        let keys = recvs.iter().map(|r| r.3).collect();
+        let specs: Vec<(usize, Shape, DType)> = recvs
+            .into_iter()
+            .map(|(from, shape, dtype, _)| (from, shape, dtype))
+            .collect();
+        let work = comm.start("pipeline exchange", move |c| {
+            let start = started.elapsed().as_secs_f64();
+            let sends: Vec<(&Tensor, usize)> = sends.iter().map(|(t, d)| (t, *d)).collect();
+            let recvs: Vec<(usize, &Shape, DType)> =
+                specs.iter().map(|(f, s, dt)| (*f, s, *dt)).collect();
+            let got = c.exchange(&sends, &recvs)?;
+            Ok((got, start, started.elapsed().as_secs_f64()))
+        });
+        self.in_flight.push_back((work, keys));
     }
 
     /// Waits for the oldest exchange still running.
@@ -80,7 +137,13 @@ impl Inbox {
         let Some((work, keys)) = self.in_flight.pop_front() else {
             return Ok(false);
         };
-        for (key, t) in keys.into_iter().zip(work.wait()?) {
+        let (got, start, end) = work.wait()?;
+        self.times.lane.push((start, end));
+        if !crate::comm::overlap() {
+            // Run where it was posted: all of it exposed.
+            self.times.waited.push((start, end));
+        }
+        for (key, t) in keys.into_iter().zip(got) {
             self.arrived.insert(key, t);
         }
         Ok(true)
@@ -88,14 +151,23 @@ impl Inbox {
 
     /// The message `key`, waiting for the exchanges posted before it as needed.
     fn take(&mut self, key: Key, what: &str) -> Result<Tensor> {
-        loop {
+        let waiting = self.started.elapsed().as_secs_f64();
+        let mut waited = false;
+        let t = loop {
             if let Some(t) = self.arrived.remove(&key) {
-                return Ok(t);
+                break t;
             }
+            waited = true;
             if !self.settle_one()? {
                 bail!("pipeline step: {what} {key:?} never arrived (a bug in the schedule's messages)")
             }
+        };
+        if waited && crate::comm::overlap() {
+            let now = self.started.elapsed().as_secs_f64();
+            self.times.waited.push((waiting, now));
+            self.waited_until = Some(now);
         }
+        Ok(t)
     }
 
     /// Waits for every exchange still running (its errors surface here).
@@ -170,6 +242,7 @@ pub fn run_step(
         peak_live: run.peak_live,
         deferred_weight_grads: run.deferred_weight_grads,
         executed: run.executed,
+        communication: run.communication,
     })
 }
 
@@ -199,6 +272,8 @@ pub struct SinkStepOutput {
     pub peak_live: usize,
     /// What this rank ran, with wall-clock times in seconds from the start of the step.
     pub executed: Vec<Executed>,
+    /// Its messages' time on the communication lane, and the part it waited for.
+    pub communication: Communication,
 }
 
 /// [`run_step`] for a stage that runs its own unit-wise backward ([`UnitStage`]): the same
@@ -284,6 +359,7 @@ pub fn run_step_into(
         losses: run.losses,
         peak_live: run.peak_live,
         executed: run.executed,
+        communication: run.communication,
     })
 }
 
@@ -356,6 +432,8 @@ pub struct PipeDreamOutput {
     /// The most micro-batches this rank held activations (and stashed weights) for at once.
     pub peak_live: usize,
     pub executed: Vec<Executed>,
+    /// Its messages' time on the communication lane, and the part it waited for.
+    pub communication: Communication,
 }
 
 /// PipeDream's asynchronous 1F1B (Narayanan et al. 2019) over `micro_batches`: no flush, the
@@ -453,6 +531,7 @@ fn pipedream(
         backward_weights: compute.backward_weights,
         peak_live: run.peak_live,
         executed: run.executed,
+        communication: run.communication,
     })
 }
 
@@ -599,6 +678,7 @@ struct Run {
     peak_live: usize,
     deferred_weight_grads: usize,
     executed: Vec<Executed>,
+    communication: Communication,
 }
 
 /// Runs `schedule` on this rank with `compute` doing the model's part.
@@ -665,11 +745,11 @@ fn execute(
     messages.sort();
     let mine: Vec<_> = sim.timeline()[me].clone();
 
-    let started = Instant::now();
     // Produced here, to hand on: (kind, mb, stage it is for) -> tensor.
     let mut produced: HashMap<(Kind, usize, usize), Tensor> = HashMap::new();
     // Arrived here: (kind, mb, stage it is for) -> tensor.
-    let mut inbox = Inbox::new();
+    let started = Instant::now();
+    let mut inbox = Inbox::new(started);
     // Per (mb, stage) held here: the input variable (not on stage 0) and the output.
     let mut inputs: HashMap<(usize, usize), Var> = HashMap::new();
     let mut outputs: HashMap<(usize, usize), Tensor> = HashMap::new();
@@ -723,14 +803,11 @@ fn execute(
             }
         }
         if !sends.is_empty() || !recvs.is_empty() {
-            let recv_specs: Vec<(usize, Shape, DType)> = recvs
-                .iter()
-                .map(|(from, _)| (*from, act_shape.clone(), act_dtype))
+            let recvs = recvs
+                .into_iter()
+                .map(|(from, key)| (from, act_shape.clone(), act_dtype, key))
                 .collect();
-            let work = comm.exchange_async(sends, recv_specs);
-            inbox
-                .in_flight
-                .push_back((work, recvs.into_iter().map(|(_, key)| key).collect()));
+            inbox.post(comm, sends, recvs);
         }
         // 2. This rank's action due at this tick.
         while let Some(t) = mine.get(next_action).filter(|t| t.start == tick) {
@@ -846,6 +923,8 @@ fn execute(
                 }
             }
             peak_live = peak_live.max(outputs.len() + waiting_weights.len());
+            // The action computes from when its message arrived.
+            let start = inbox.waited_until.take().map_or(start, |w| w.max(start));
             executed.push(Executed {
                 action: t.action,
                 stage,
@@ -863,6 +942,7 @@ fn execute(
         peak_live,
         deferred_weight_grads: deferred_count,
         executed,
+        communication: std::mem::take(&mut inbox.times),
     })
 }
 
