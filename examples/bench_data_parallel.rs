@@ -142,24 +142,20 @@ fn replica_ids(a: &Args, cfg: &MixtralConfig, dp: usize, rank: usize) -> Result<
 
 /// (median step seconds, memory of rank 0, Ψ = parameters per replica).
 fn steps(a: &Args, dp: usize, stage: u8) -> Result<(f64, MemoryReport, usize)> {
-    let (secs, m, psi) = timed_steps(a, dp, stage, None, &[true])?;
+    let (secs, m, psi) = timed_steps(a, dp, stage, &[(None, true)])?;
     Ok((secs[0], m, psi))
 }
 
-/// Median step seconds per entry of `overlap` (the modes alternate step by step), over
-/// `link` (`None`: no dialled link), memory of rank 0 and Ψ.
+/// Median step seconds per mode — (the link dialled, `None` for none; overlap on) — the modes
+/// alternating step by step in one job, memory of rank 0 and Ψ.
 fn timed_steps(
     a: &Args,
     dp: usize,
     stage: u8,
-    link: Option<LinkModel>,
-    overlap: &[bool],
+    modes: &[(Option<LinkModel>, bool)],
 ) -> Result<(Vec<f64>, MemoryReport, usize)> {
     let cfg = config(a);
-    let mut launcher = Launcher::new(dp).mesh(MeshShape::new().dp(dp));
-    if let Some(link) = link {
-        launcher = launcher.link(link);
-    }
+    let launcher = Launcher::new(dp).mesh(MeshShape::new().dp(dp));
     let out = launcher.run(|ctx| {
         let mesh = ctx.mesh()?;
         let vb = ParallelVarBuilder::from_init(1, DType::F32, &Device::Cpu).trainable();
@@ -178,12 +174,17 @@ fn timed_steps(
             (Some(m), None, opt)
         };
         let ids = replica_ids(a, &cfg, dp, mesh.dp().rank())?;
-        let mut times = vec![Vec::new(); overlap.len()];
-        for rep in 0..=a.reps * overlap.len() {
-            let mode = rep % overlap.len();
-            opt.set_overlap_comm(overlap[mode]);
+        let mut times = vec![Vec::new(); modes.len()];
+        for rep in 0..=a.reps * modes.len() {
+            let mode = rep % modes.len();
+            let (link, overlap) = modes[mode];
+            opt.set_overlap_comm(overlap);
             if let Some(m) = &sharded {
-                m.set_prefetch(overlap[mode]); // ZeRO 3: FSDP2's prefetch
+                m.set_prefetch(overlap); // ZeRO 3: FSDP2's prefetch
+            }
+            ctx.comm().barrier()?;
+            if ctx.rank() == 0 {
+                candle_parallel::comm::local::dial_link(link);
             }
             ctx.comm().barrier()?;
             let t = Instant::now();
@@ -208,6 +209,8 @@ fn timed_steps(
             .iter()
             .map(|(t, _)| t.local.elem_count())
             .sum();
+        ctx.comm().barrier()?;
+        candle_parallel::comm::local::undial_link();
         let secs = times.into_iter().map(median).collect::<Vec<_>>();
         Ok((secs, opt.memory(), psi))
     })?;
@@ -225,24 +228,29 @@ fn overlap_table(a: &Args, style: ProgressStyle) -> Result<()> {
             a.batch
         )
     }
-    let runs = a.stages.len() * (1 + a.link_gbps.len());
-    let bar = ProgressBar::new(runs as u64).with_style(style);
+    let bar = ProgressBar::new(a.stages.len() as u64).with_style(style);
+    let links: Vec<LinkModel> = a
+        .link_gbps
+        .iter()
+        .map(|g| format!("gbps={g},latency_us=5").parse())
+        .collect::<Result<_>>()?;
     let mut rows = Vec::new();
     for &stage in &a.stages {
-        bar.set_message(format!("overlap, zero={stage}, no link"));
-        let compute = timed_steps(a, dp, stage, None, &[true])?.0[0];
-        bar.inc(1);
-        for &gbps in &a.link_gbps {
-            bar.set_message(format!("overlap, zero={stage}, {gbps} Gbit/s"));
-            let link: LinkModel = format!("gbps={gbps},latency_us=5").parse()?;
-            let t = timed_steps(a, dp, stage, Some(link), &[false, true])?.0;
-            rows.push((gbps, stage, compute, t[0], t[1]));
-            bar.inc(1);
+        bar.set_message(format!("overlap, zero={stage}"));
+        // No link, then each link with overlap off and on: alternating in one job.
+        let mut modes = vec![(None, true)];
+        for &l in &links {
+            modes.extend([(Some(l), false), (Some(l), true)]);
         }
+        let t = timed_steps(a, dp, stage, &modes)?.0;
+        for (i, &gbps) in a.link_gbps.iter().enumerate() {
+            rows.push((gbps, stage, t[0], t[1 + 2 * i], t[2 + 2 * i]));
+        }
+        bar.inc(1);
     }
     bar.finish_and_clear();
     println!(
-        "\nGradient reduction overlapped with the backward, dp {dp}, dialled link (latency 5 us), medians of {} steps, the two modes alternating; compute = the step without a dialled link, communication = off − compute, exposed = on − compute:",
+        "\nGradient reduction overlapped with the backward (ZeRO 3: and the next layer's gather prefetched), dp {dp}, dialled link (latency 5 us); medians of {} steps per mode, every mode of a stage alternating step by step in one job; compute = the step without a dialled link, communication = off − compute, exposed = on − compute:",
         a.reps
     );
     println!(

@@ -216,7 +216,7 @@ fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> R
             let on = rep % 2 == 0;
             pp.barrier()?;
             if r == 0 {
-                candle_parallel::comm::set_overlap(on);
+                candle_parallel::comm::set_overlap_p2p(on);
             }
             pp.barrier()?;
             let t = Instant::now();
@@ -234,7 +234,7 @@ fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> R
                 times[usize::from(!on)].push(t.elapsed().as_secs_f64());
             }
         }
-        candle_parallel::comm::set_overlap(true);
+        candle_parallel::comm::set_overlap_p2p(false);
         Ok(times)
     })?;
     let t = &per_rank[0];

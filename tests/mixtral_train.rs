@@ -748,10 +748,22 @@ fn overlapped_gradient_reduction_writes_the_same_model() {
             layout,
             &[("CANDLE_PARALLEL_OVERLAP", "0")],
         );
+        // Pipeline messages on the lanes too (Megatron's overlap_p2p_comm).
+        let p2p = train_env(
+            &model,
+            &batch,
+            &dir.join(format!("p2p{i}.safetensors")),
+            layout,
+            &[("CANDLE_PARALLEL_OVERLAP_P2P", "1")],
+        );
         assert_eq!(on.len(), off.len());
         for (name, t) in &on {
             let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for (what, other) in [("--no-overlap", &off), ("the lanes off", &lanes_off)] {
+            for (what, other) in [
+                ("--no-overlap", &off),
+                ("the lanes off", &lanes_off),
+                ("pipeline messages on the lanes", &p2p),
+            ] {
                 let b = other[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 assert!(a == b, "{name} differs with {what} at {layout:?}");
             }

@@ -829,3 +829,42 @@ fn interleaving_takes_any_number_of_micro_batches() -> Result<()> {
     );
     Ok(())
 }
+
+/// Pipeline messages posted on the communication lane and waited for where consumed
+/// (`comm::set_overlap_p2p`, Megatron's `overlap_p2p_comm`): every schedule still gives the
+/// full batch's gradients, and the step reports when its messages moved. (The switch is
+/// process-wide; the other tests here give the same numbers with it on.)
+#[test]
+fn messages_on_the_lane_give_the_same_gradients_in_every_schedule() -> Result<()> {
+    candle_parallel::comm::set_overlap_p2p(true);
+    for p in 2..=4 {
+        let m = 2 * p;
+        check_against_reference(&Schedule::gpipe(p, m)?)?;
+        check_against_reference(&Schedule::one_f_one_b(p, m)?)?;
+        check_against_reference(&Schedule::interleaved(p, 2, m)?)?;
+        check_against_reference(&Schedule::zero_bubble(p, m)?)?;
+    }
+    let comm = launch(2, |ctx| {
+        let s = Schedule::one_f_one_b(2, 4)?;
+        let stage = layers(ctx.rank() * 6..ctx.rank() * 6 + 6)?;
+        let (x, target) = batch()?;
+        let targets = split_batch(&target, 4)?;
+        let out = run_step(
+            ctx.comm(),
+            &s,
+            &[&stage],
+            &stage.vars(),
+            &split_batch(&x, 4)?,
+            (&Shape::from((BATCH / 4, HIDDEN)), DType::F32),
+            &|mb, y| mse(y, &targets[mb]),
+        )?;
+        Ok(out.communication)
+    })?;
+    for (r, c) in comm.iter().enumerate() {
+        // Four activations one way and four gradients back, each exchange on the lane.
+        assert!(c.lane.len() >= 4, "rank {r}: {c:?}");
+        assert!(c.lane_seconds() >= 0.0 && c.exposed_seconds() <= c.lane_seconds() + 1.0);
+    }
+    candle_parallel::comm::set_overlap_p2p(false);
+    Ok(())
+}

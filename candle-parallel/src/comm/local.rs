@@ -127,6 +127,22 @@ pub struct Failure {
 }
 
 /// Shared state of one job on the local backend: its groups, its timeout, its first failure.
+/// A link dialled for every local job of the process from now on ([`dial_link`]).
+static DIALLED: Mutex<Option<Option<LinkModel>>> = Mutex::new(None);
+
+/// Dials every local job of the process, running or to come, to `link` from its next
+/// collective or message on (`None`: no pacing); [`undial_link`] gives each job its own link
+/// back. For measurements that compare link speeds step by step inside one job, side by side
+/// (`bench_data_parallel`'s overlap table): every rank must be between steps when it changes.
+pub fn dial_link(link: Option<LinkModel>) {
+    *crate::comm::lock(&DIALLED) = Some(link);
+}
+
+/// Ends [`dial_link`]: each job paces to its own link again.
+pub fn undial_link() {
+    *crate::comm::lock(&DIALLED) = None;
+}
+
 #[derive(Clone)]
 pub struct LocalFabric {
     inner: Arc<FabricInner>,
@@ -752,7 +768,8 @@ impl LocalBackend {
     /// With a dialled link, waits until `start` plus the link's time for `bytes` (what this
     /// rank sends in the operation just done). A group of one rank sends nothing.
     fn pace(&self, start: std::time::Instant, bytes: usize) {
-        let Some(link) = self.group.fabric.inner.link else {
+        let dialled = *crate::comm::lock(&DIALLED);
+        let Some(link) = dialled.unwrap_or(self.group.fabric.inner.link) else {
             return;
         };
         if self.n() < 2 {

@@ -73,6 +73,33 @@ pub fn overlap() -> bool {
     }
 }
 
+/// Whether pipeline messages go on the lanes (see [`set_overlap_p2p`]); `UNSET` until read.
+static OVERLAP_P2P: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+
+/// Posts pipeline stages' messages on the communication lanes, waited for only where an
+/// action consumes them (Megatron's `overlap_p2p_comm`), or not (the default, as Megatron's):
+/// each tick's exchange then runs where it is due. Off by default because on the CPU backend
+/// with more ranks than cores the lane threads' hand-offs cost more than the small activation
+/// messages they would hide (`bench_pipeline` measures both); with [`set_overlap`]`(false)`
+/// it is off whatever this says. `CANDLE_PARALLEL_OVERLAP_P2P=1` sets it on at start. The
+/// numbers are the same either way.
+pub fn set_overlap_p2p(on: bool) {
+    OVERLAP_P2P.store(u8::from(on), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether pipeline messages go on the lanes ([`set_overlap_p2p`], and [`overlap`]).
+pub fn overlap_p2p() -> bool {
+    let on = match OVERLAP_P2P.load(std::sync::atomic::Ordering::Relaxed) {
+        UNSET => {
+            let on = std::env::var("CANDLE_PARALLEL_OVERLAP_P2P").is_ok_and(|v| v.trim() == "1");
+            set_overlap_p2p(on);
+            on
+        }
+        v => v == 1,
+    };
+    on && overlap()
+}
+
 /// A group's name in messages, `tp[0,1]`: its label and the global ranks of its members.
 pub(crate) fn group_label(label: &str, ranks: &[usize]) -> String {
     let ranks: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();

@@ -1,13 +1,13 @@
 //! Runs a [`Schedule`] for one training step on this rank's model chunks.
 //!
-//! Every rank follows the schedule's simulated clock: at each tick it first posts the messages
-//! due then (activations to the next stage, gradients to the previous one) as one group
-//! ([`Comm::exchange_async`]) on the pipeline group's communication lane, then starts its
-//! action due then; it waits for a message only when an action consumes it, so sends and
-//! receives travel while the rank computes (Megatron's overlapped point-to-point). Ranks meet
-//! only in those groups, tick by tick in the same order, so no two ranks can wait on each other
-//! in a cycle: neighbours that send to each other at once (1F1B's steady state) never
-//! deadlock.
+//! Every rank follows the schedule's simulated clock: at each tick it first exchanges the
+//! messages due then (activations to the next stage, gradients to the previous one) as one
+//! group ([`Comm::exchange`]), then starts its action due then. With
+//! [`crate::comm::set_overlap_p2p`] (Megatron's `overlap_p2p_comm`) the group is posted on the
+//! pipeline group's communication lane instead and waited for only when an action consumes a
+//! message, so sends and receives travel while the rank computes. Ranks meet only in those
+//! groups, tick by tick in the same order, so no two ranks can wait on each other in a cycle:
+//! neighbours that send to each other at once (1F1B's steady state) never deadlock.
 
 use super::schedule::{Action, Schedule};
 use crate::comm::{Comm, ReduceOp, Work};
@@ -88,8 +88,9 @@ type Key = (Kind, usize, usize);
 struct Inbox {
     arrived: HashMap<Key, Tensor>,
     /// Exchanges in the order they were posted (the lane runs them in that order), with the
-    /// keys of what each receives; each returns when (in seconds from `started`) it ran.
-    in_flight: VecDeque<(Work<Exchanged>, Vec<Key>)>,
+    /// keys of what each receives and whether it went on the lane; each returns when (in
+    /// seconds from `started`) it ran.
+    in_flight: VecDeque<(Work<Exchanged>, Vec<Key>, bool)>,
     started: Instant,
     times: Communication,
     /// When the last wait for a message ended (taken by the action that waited).
@@ -113,7 +114,8 @@ impl Inbox {
         }
     }
 
-    /// Posts one tick's sends and receives as a group on `comm`'s lane.
+    /// Posts one tick's sends and receives as a group: on `comm`'s lane with
+    /// [`crate::comm::set_overlap_p2p`], else run here.
     fn post(&mut self, comm: &Comm, sends: Vec<(Tensor, usize)>, recvs: Vec<Receive>) {
         let started = self.started;
         let keys = recvs.iter().map(|r| r.3).collect();
@@ -121,25 +123,30 @@ impl Inbox {
             .into_iter()
             .map(|(from, shape, dtype, _)| (from, shape, dtype))
             .collect();
-        let work = comm.start("pipeline exchange", move |c| {
+        let exchange = move |c: &Comm| {
             let start = started.elapsed().as_secs_f64();
             let sends: Vec<(&Tensor, usize)> = sends.iter().map(|(t, d)| (t, *d)).collect();
             let recvs: Vec<(usize, &Shape, DType)> =
                 specs.iter().map(|(f, s, dt)| (*f, s, *dt)).collect();
             let got = c.exchange(&sends, &recvs)?;
             Ok((got, start, started.elapsed().as_secs_f64()))
-        });
-        self.in_flight.push_back((work, keys));
+        };
+        let lane = crate::comm::overlap_p2p();
+        let work = match lane {
+            true => comm.start("pipeline exchange", exchange),
+            false => Work::done(exchange(comm)),
+        };
+        self.in_flight.push_back((work, keys, lane));
     }
 
     /// Waits for the oldest exchange still running.
     fn settle_one(&mut self) -> Result<bool> {
-        let Some((work, keys)) = self.in_flight.pop_front() else {
+        let Some((work, keys, lane)) = self.in_flight.pop_front() else {
             return Ok(false);
         };
         let (got, start, end) = work.wait()?;
         self.times.lane.push((start, end));
-        if !crate::comm::overlap() {
+        if !lane {
             // Run where it was posted: all of it exposed.
             self.times.waited.push((start, end));
         }
@@ -162,7 +169,7 @@ impl Inbox {
                 bail!("pipeline step: {what} {key:?} never arrived (a bug in the schedule's messages)")
             }
         };
-        if waited && crate::comm::overlap() {
+        if waited && crate::comm::overlap_p2p() {
             let now = self.started.elapsed().as_secs_f64();
             self.times.waited.push((waiting, now));
             self.waited_until = Some(now);
