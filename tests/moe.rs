@@ -588,3 +588,120 @@ fn the_gates_weight_gradient_can_wait_for_the_weight_step() -> Result<()> {
     );
     Ok(())
 }
+
+/// DeepSeek-V3's auxiliary-loss-free balancing: on a router skewed towards two experts, the
+/// selection bias updated after each step (`bias += γ · sign(mean load − load)`, loads summed
+/// over the two replicas) brings the busiest expert below 1.2× the mean, where no balancing
+/// stays skewed; the replicas' biases agree bit for bit; the weights stay the scores.
+#[test]
+fn the_expert_bias_balances_a_skewed_router_and_agrees_across_replicas() -> Result<()> {
+    use candle_parallel::moe::Router;
+    let (e, k, h, t) = (8, 2, 16, 1024);
+    // Experts 0 and 1 lean towards the inputs' mean direction.
+    let mut w = seeded(&[e, h], 5, DType::F32)?.affine(0.3, 0.0)?;
+    let lean = Tensor::ones((2, h), DType::F32, &Device::Cpu)?.affine(0.4, 0.0)?;
+    w = w.slice_assign(&[0..2, 0..h], &(w.narrow(0, 0, 2)? + lean)?)?;
+    let tokens = |step: usize, rank: usize| -> Result<Tensor> {
+        seeded(&[t, h], 1000 + 7 * step as u64 + rank as u64, DType::F32)?.affine(1.0, 0.5)
+    };
+    let run = |gamma: f64| {
+        launch(2, |ctx| {
+            let mut cfg = RouterConfig::deepseek_v3(e, k, 1, 1, 1.0);
+            cfg.bias_update_rate = gamma;
+            cfg.expert_bias = gamma > 0.0;
+            let router = Router::new(w.clone(), cfg)?;
+            let mut loads = Vec::new();
+            for step in 0..400 {
+                let r = router.route(&tokens(step, ctx.rank())?, true)?;
+                // The weights are the sigmoid scores of the chosen experts, renormalised.
+                let picked = r.scores.gather(&r.experts, 1)?;
+                let want = picked.broadcast_div(&picked.sum_keepdim(1)?)?;
+                assert!(max_rel_err(&r.weights, &want)? < 1e-6);
+                let load = match router.update_bias(Some(ctx.comm()))? {
+                    Some(l) => l.max_over_mean(),
+                    None => {
+                        let mut c = vec![0f64; e];
+                        for x in r.experts.flatten_all()?.to_vec1::<u32>()? {
+                            c[x as usize] += 1.0;
+                        }
+                        let sums = ctx
+                            .comm()
+                            .all_reduce(&Tensor::new(c.as_slice(), &Device::Cpu)?, ReduceOp::Sum)?;
+                        candle_parallel::moe::ExpertLoad {
+                            tokens: sums.to_vec1::<f64>()?,
+                        }
+                        .max_over_mean()
+                    }
+                };
+                loads.push(load);
+            }
+            let bias = router.bias().map(|b| b.to_vec1::<f32>()).transpose()?;
+            Ok((loads, bias))
+        })
+    };
+    let balanced = run(0.002)?;
+    let skewed = run(0.0)?;
+    assert_eq!(balanced[0].1, balanced[1].1, "the replicas' biases differ");
+    let first_below = balanced[0].0.iter().position(|&l| l < 1.2);
+    let tail_max = balanced[0].0[300..].iter().copied().fold(0.0, f64::max);
+    assert!(
+        first_below.is_some_and(|s| s < 300) && tail_max < 1.2,
+        "balanced loads: first {:.2}, from step 300 at most {tail_max:.2}",
+        balanced[0].0[0]
+    );
+    let skew = skewed[0].0.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        skew > 1.5,
+        "without balancing the router should stay skewed, got {skew:.2}"
+    );
+    Ok(())
+}
+
+/// Group-limited routing (DeepSeek-V3): every token's experts come from its `topk_group` best
+/// groups (a group's score: its two best members' sum), and the routed scaling factor scales
+/// the renormalised weights; bad settings are named.
+#[test]
+fn group_limited_routing_and_scaling_follow_deepseek_v3() -> Result<()> {
+    use candle_parallel::moe::Router;
+    let (e, h, t) = (8, 6, 40);
+    let cfg = RouterConfig::deepseek_v3(e, 2, 4, 1, 2.5);
+    let router = Router::new(seeded(&[e, h], 9, DType::F32)?, cfg)?;
+    let x = seeded(&[t, h], 10, DType::F32)?;
+    let r = router.route(&x, false)?;
+    let experts = r.experts.to_vec2::<u32>()?;
+    let scores = r.scores.to_vec2::<f32>()?;
+    for (row, s) in experts.iter().zip(&scores) {
+        // Groups of 2: both picks in one group, the one whose pair sums highest.
+        assert_eq!(row[0] / 2, row[1] / 2, "{row:?}");
+        let best = (0..4)
+            .max_by(|&a, &b| (s[2 * a] + s[2 * a + 1]).total_cmp(&(s[2 * b] + s[2 * b + 1])))
+            .unwrap();
+        assert_eq!(row[0] as usize / 2, best, "{row:?} {s:?}");
+    }
+    let sums = r.weights.sum(1)?.to_vec1::<f32>()?;
+    assert!(sums.iter().all(|s| (s - 2.5).abs() < 1e-5), "{sums:?}");
+    for (bad, want) in [
+        (
+            RouterConfig::deepseek_v3(8, 2, 3, 1, 1.0),
+            "n_group 3 must divide",
+        ),
+        (
+            RouterConfig::deepseek_v3(8, 4, 4, 1, 1.0),
+            "at least top_k 4",
+        ),
+        (
+            RouterConfig {
+                bias_update_rate: 0.1,
+                ..RouterConfig::mixtral(8, 2)
+            },
+            "expert_bias: false",
+        ),
+    ] {
+        let e = Router::new(seeded(&[8, h], 9, DType::F32)?, bad)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(want), "{e}");
+    }
+    Ok(())
+}

@@ -44,4 +44,4 @@ pub use losses::{
     hf_load_balancing_token_sums, router_z_loss, switch_aux_loss,
 };
 pub use plan::{plan_tokens, Plan};
-pub use router::{DropPolicy, Router, RouterConfig, Routing, Scoring};
+pub use router::{DropPolicy, ExpertLoad, Router, RouterConfig, Routing, Scoring};
