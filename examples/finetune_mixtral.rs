@@ -621,6 +621,25 @@ enum Model {
     Sharded(Box<ShardedMixtral>),
 }
 
+impl Model {
+    /// After each step: DeepSeek-style routers move their selection bias against the load
+    /// over the batch group (nothing for Mixtral's router; ZeRO 3 refuses such routers).
+    fn update_router_biases(&self, batch: &candle_parallel::Comm) -> Result<()> {
+        if let Model::Whole(m) = self {
+            m.update_router_biases(batch)?;
+        }
+        Ok(())
+    }
+
+    /// What checkpoints save beside the parameters: the routers' selection biases.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::Whole(m) => m.router_buffers(),
+            Model::Sharded(_) => Vec::new(),
+        }
+    }
+}
+
 /// `base`, or `base.1`, `base.2`, ...: the first that does not exist (checkpoints are never
 /// overwritten).
 fn unused_dir(base: &Path) -> PathBuf {
@@ -885,6 +904,8 @@ fn main() -> Result<()> {
         };
         let (first_eval, metric) = eval()?;
         tracing::info!(step = trainer.steps_done(), metric, value = first_eval, "evaluation");
+        // The ranks that route other tokens: a router's balancing sums their loads.
+        let batch_comm = mesh.comm_over(&batch_dims)?;
         let save = |trainer: &Trainer, history: &[StepReport]| -> Result<PathBuf> {
             // Rank 0 names the checkpoint directory for all (ranks may be processes that
             // started at different times).
@@ -914,7 +935,7 @@ fn main() -> Result<()> {
                 ],
                 ..Default::default()
             };
-            trainer.save(&dir, &opts)?;
+            trainer.save_with(&dir, &opts, &model.buffers())?;
             if ctx.rank() == 0 {
                 // The newest --keep-last complete checkpoints stay; the others go.
                 let all = checkpoints(&args.out);
@@ -953,6 +974,7 @@ fn main() -> Result<()> {
                 Model::Sharded(m) => ops::with_selective_recompute(args.recompute == Recompute::Selective, || m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches))?,
             };
             let r = trainer.step_accumulated(g.ce_loss)?;
+            model.update_router_biases(&batch_comm)?;
             history.push(r);
             if step % args.eval_every == 0 || step == args.steps {
                 let value = eval()?.0;

@@ -462,7 +462,8 @@ fn run_train(command: Command) -> Result<()> {
         if resume.is_some() {
             trainer.resume(&vb)?;
         }
-        let save = |trainer: &Trainer| -> Result<()> {
+        let batch_comm = mesh.comm_over(&batch_dims)?;
+        let save = |trainer: &Trainer, model: &Model| -> Result<()> {
             let Some(dir) = &checkpoint_dir else {
                 return Ok(());
             };
@@ -470,9 +471,10 @@ fn run_train(command: Command) -> Result<()> {
                 config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
                 ..Default::default()
             };
-            trainer.save(
+            trainer.save_with(
                 &dir.join(format!("step-{:06}", trainer.steps_done())),
                 &opts,
+                &model.buffers(),
             )
         };
         // This replica's rows: dp-major, then ep.
@@ -525,6 +527,7 @@ fn run_train(command: Command) -> Result<()> {
                 }
             };
             let r = trainer.step_accumulated(g.loss)?;
+            model.update_router_biases(&batch_comm)?;
             tensors.push((
                 format!("loss.{i}"),
                 Tensor::new(r.loss as f32, &Device::Cpu)?,
@@ -534,15 +537,18 @@ fn run_train(command: Command) -> Result<()> {
                 Tensor::new(r.grad_norm as f32, &Device::Cpu)?,
             ));
             if (checkpoint_every > 0 && r.step % checkpoint_every == 0) || r.step == steps {
-                save(&trainer)?;
+                save(&trainer, &model)?;
             }
         }
         // One copy of every parameter at full shape, written by rank 0 tensor by tensor: tp
         // slices gathered; each expert from its ep rank, every other weight from ep rank 0;
         // the replicas are equal, dp rank 0 sends; at ZeRO 3 one layer gathered at a time.
-        let params = trainer
-            .optimizer()
-            .write_model(&out, &tensors, Some(DType::F32))?;
+        let params = trainer.optimizer().write_model_with(
+            &out,
+            &tensors,
+            &model.buffers(),
+            Some(DType::F32),
+        )?;
         Ok((tensors, params))
     })?;
     if !candle_parallel::launch::process::is_lead()? {
@@ -579,6 +585,25 @@ fn run_train(command: Command) -> Result<()> {
 enum Model {
     Whole(Box<Mixtral>),
     Sharded(Box<ShardedMixtral>),
+}
+
+impl Model {
+    /// After each step: DeepSeek-style routers move their selection bias against the load
+    /// over the batch group (nothing for Mixtral's router; ZeRO 3 refuses such routers).
+    fn update_router_biases(&self, batch: &candle_parallel::Comm) -> Result<()> {
+        if let Model::Whole(m) = self {
+            m.update_router_biases(batch)?;
+        }
+        Ok(())
+    }
+
+    /// What checkpoints save beside the parameters: the routers' selection biases.
+    fn buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::Whole(m) => m.router_buffers(),
+            Model::Sharded(_) => Vec::new(),
+        }
+    }
 }
 
 /// A batch file's contents, checked.

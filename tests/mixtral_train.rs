@@ -858,3 +858,119 @@ fn every_schedule_on_the_model_path_matches_one_device() -> Result<()> {
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
 }
+
+/// DeepSeek-style routing from the config (`scoring_func: sigmoid`, `topk_method: noaux_tc`,
+/// groups, a routed scaling factor): the selection biases move after every step, the same at
+/// dp = 2 × ep = 2 (loads summed over the batch group) as on one device; they are written with
+/// the parameters under HF's name, saved in checkpoints and read back, so a resumed job
+/// continues bit for bit; ZeRO 3, which rebuilds its routers, refuses them.
+#[test]
+fn deepseek_routing_balances_saves_and_resumes_its_bias() -> Result<()> {
+    let dir = tmp("deepseek");
+    let mut cfg = config();
+    cfg.num_local_experts = 4;
+    cfg.num_experts_per_tok = 2;
+    for (k, v) in [
+        ("scoring_func", serde_json::json!("sigmoid")),
+        ("topk_method", serde_json::json!("noaux_tc")),
+        ("n_group", serde_json::json!(2)),
+        ("topk_group", serde_json::json!(2)),
+        ("routed_scaling_factor", serde_json::json!(1.5)),
+        ("router_bias_update_rate", serde_json::json!(0.01)),
+    ] {
+        cfg.extra.insert(k.into(), v);
+    }
+    let model = dir.join("model");
+    write_random_mixtral(&model, &cfg, 21).unwrap();
+    let batch = dir.join("batch.json");
+    std::fs::write(&batch, batch_json()).unwrap();
+    let bias = |t: &HashMap<String, Tensor>, layer: usize| -> Vec<f32> {
+        t[&format!("model.layers.{layer}.block_sparse_moe.gate.e_score_correction_bias")]
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let aux0 = ["--aux-coef", "0"];
+    let one = train(&model, &batch, &dir.join("one.safetensors"), &aux0);
+    for layer in 0..2 {
+        let b = bias(&one, layer);
+        // Three updates of ±0.01 (or 0 for an expert exactly at the mean).
+        assert!(
+            b.iter().any(|&x| x != 0.0) && b.iter().all(|x| x.abs() <= 0.0301),
+            "{b:?}"
+        );
+    }
+    let split = train(
+        &model,
+        &batch,
+        &dir.join("split.safetensors"),
+        &[&aux0[..], &["--dp", "2", "--ep", "2", "--zero", "1"]].concat(),
+    );
+    for layer in 0..2 {
+        assert_eq!(bias(&one, layer), bias(&split, layer), "layer {layer}");
+    }
+    // A checkpoint at step 2 carries the biases; resumed, step 3 is the straight run's.
+    let ckpt = dir.join("ckpt");
+    let c = ckpt.to_string_lossy().to_string();
+    let straight = train(
+        &model,
+        &batch,
+        &dir.join("straight.safetensors"),
+        &[
+            &aux0[..],
+            &[
+                "--dp",
+                "2",
+                "--checkpoint-dir",
+                &c,
+                "--checkpoint-every",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    let from = ckpt.join("step-000002").to_string_lossy().to_string();
+    let resumed = train(
+        &model,
+        &batch,
+        &dir.join("resumed.safetensors"),
+        &[&aux0[..], &["--dp", "2", "--resume", &from]].concat(),
+    );
+    for (name, t) in &straight {
+        if name.starts_with("loss.0")
+            || name.starts_with("loss.1")
+            || name.starts_with("grad_norm.0")
+            || name.starts_with("grad_norm.1")
+        {
+            continue;
+        }
+        let a = t.flatten_all()?.to_vec1::<f32>()?;
+        let b = resumed[name].flatten_all()?.to_vec1::<f32>()?;
+        assert!(a == b, "{name} differs after resuming");
+    }
+    // ZeRO 3 refuses the bias, naming why.
+    let o = Command::new(example_path("mixtral"))
+        .args([
+            "train",
+            "--model",
+            &model.to_string_lossy(),
+            "--batch",
+            &batch.to_string_lossy(),
+            "--steps",
+            "1",
+            "--dp",
+            "2",
+            "--zero",
+            "3",
+            "--out",
+            &dir.join("z3.safetensors").to_string_lossy(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("ZeRO 0, 1 or 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    Ok(())
+}

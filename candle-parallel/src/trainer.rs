@@ -35,7 +35,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions};
+use crate::checkpoint::{save_checkpoint, ParallelVarBuilder, Param, SaveOptions, ShardedTensor};
 use crate::comm::ReduceOp;
 use crate::data_parallel::{BatchGroups, GradSink};
 use crate::mesh::{DeviceMesh, MeshDim};
@@ -351,8 +351,33 @@ impl Trainer {
     /// as they are (nothing is gathered), replicated values from one of their holders.
     /// Collective over the world.
     pub fn save(&self, dir: &Path, opts: &SaveOptions) -> Result<()> {
+        self.save_with(dir, opts, &[])
+    }
+
+    /// [`Trainer::save`] with the model's buffers: tensors that are not trained by gradients
+    /// but belong to the model (a router's selection bias), each replicated on the ranks of
+    /// this rank's pipeline stage (written once, by its first dp, ep and tp rank) and read
+    /// back, like the parameters, when the model is built from the checkpoint.
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        opts: &SaveOptions,
+        buffers: &[(String, Tensor)],
+    ) -> Result<()> {
         let mut tensors = self.opt.param_pieces()?;
         tensors.extend(self.opt.state()?);
+        let holder = [MeshDim::Dp, MeshDim::Ep, MeshDim::Tp]
+            .iter()
+            .all(|&d| self.mesh.coord(d) == 0);
+        if holder {
+            tensors.extend(buffers.iter().map(|(name, t)| ShardedTensor {
+                name: name.clone(),
+                local: t.clone(),
+                full_dims: t.dims().to_vec(),
+                placement: crate::checkpoint::Placement::Replicated,
+                region: None,
+            }));
+        }
         let opts = SaveOptions {
             step: self.steps_done() as u64,
             mesh: if opts.mesh.is_empty() {

@@ -18,7 +18,8 @@ use candle_parallel::data_parallel::{BatchGroups, GradSink, Recompute};
 use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
     hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
-    hf_load_balancing_token_sums, moe_layer, Dispatch, MoeLayer, MoeStats, RouterConfig,
+    hf_load_balancing_token_sums, moe_layer, Dispatch, ExpertLoad, MoeLayer, MoeStats,
+    RouterConfig, Scoring,
 };
 use candle_parallel::pipeline::{ModelSchedule, Schedule, ScheduleKind, StageTape, UnitStage};
 use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
@@ -132,7 +133,66 @@ impl MixtralConfig {
                 self.hidden_act
             )
         }
+        self.router_config()?;
         self.as_llama().check()
+    }
+
+    /// The MoE layers' router: Mixtral's, or DeepSeek-style where the config says so with
+    /// DeepSeek-V3's keys (kept in [`MixtralConfig::extra`]): `scoring_func` (`softmax` or
+    /// `sigmoid`), `topk_method` (`noaux_tc`: a selection bias balanced without an auxiliary
+    /// loss, `e_score_correction_bias` per gate, updated after each step by
+    /// `router_bias_update_rate`, 0.001 unless given), `n_group` / `topk_group`
+    /// (group-limited routing), `routed_scaling_factor` and `norm_topk_prob`.
+    pub fn router_config(&self) -> Result<RouterConfig> {
+        let x = &self.extra;
+        let text = |k: &str| x.get(k).and_then(|v| v.as_str());
+        let number = |k: &str| -> Result<Option<f64>> {
+            match x.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => match v.as_f64() {
+                    Some(n) => Ok(Some(n)),
+                    None => bail!("config: {k} is {v}, not a number"),
+                },
+            }
+        };
+        let count = |k: &str| -> Result<Option<usize>> {
+            match number(k)? {
+                Some(n) if n >= 1.0 && n.fract() == 0.0 => Ok(Some(n as usize)),
+                Some(n) => bail!("config: {k} is {n}, not a count of at least 1"),
+                None => Ok(None),
+            }
+        };
+        let mut r = RouterConfig::mixtral(self.num_local_experts, self.num_experts_per_tok);
+        match text("scoring_func") {
+            None | Some("softmax") => {}
+            Some("sigmoid") => r.scoring = Scoring::Sigmoid,
+            Some(other) => {
+                bail!("config: scoring_func {other:?} is not supported: use softmax or sigmoid")
+            }
+        }
+        match text("topk_method") {
+            None | Some("greedy") | Some("group_limited_greedy") => {}
+            Some("noaux_tc") => {
+                r.expert_bias = true;
+                r.bias_update_rate = number("router_bias_update_rate")?.unwrap_or(1e-3);
+            }
+            Some(other) => bail!("config: topk_method {other:?} is not supported: use greedy, group_limited_greedy or noaux_tc"),
+        }
+        if let Some(g) = count("n_group")? {
+            r.n_group = g;
+            r.topk_group = count("topk_group")?.unwrap_or(g);
+        }
+        if let Some(f) = number("routed_scaling_factor")? {
+            r.routed_scaling_factor = f;
+        }
+        if let Some(v) = x.get("norm_topk_prob") {
+            r.renormalize = v.as_bool().ok_or_else(|| {
+                candle_core::Error::msg(format!("config: norm_topk_prob is {v}, not true or false"))
+            })?;
+        }
+        r.check()
+            .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
+        Ok(r)
     }
 
     /// The attention part, as a Llama config.
@@ -236,7 +296,7 @@ impl Mixtral {
         )?;
         let m = vb.pp("model");
         let embed = stage_embedding(&lcfg, first, last, &vb, tp)?;
-        let router = RouterConfig::mixtral(cfg.num_local_experts, cfg.num_experts_per_tok);
+        let router = cfg.router_config()?;
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let l = m.pp("layers").pp(i);
@@ -277,6 +337,40 @@ impl Mixtral {
     /// The schedule setting (and zero-bubble's measured costs).
     pub fn schedule(&self) -> &ModelSchedule {
         &self.schedule
+    }
+
+    /// After each optimizer step, with DeepSeek-style routing (`topk_method: noaux_tc`): every
+    /// MoE layer's selection bias moves against its experts' load over `batch` (the ranks that
+    /// route other tokens: dp, and ep with all-to-all dispatch), the same on each of them.
+    /// The loads balanced, one per layer of this stage (empty without a bias to update).
+    /// Collective over `batch`.
+    pub fn update_router_biases(&self, batch: &Comm) -> Result<Vec<ExpertLoad>> {
+        let mut loads = Vec::new();
+        for b in &self.blocks {
+            if let Some(l) = b.ffn.router().update_bias(Some(batch))? {
+                loads.push(l);
+            }
+        }
+        Ok(loads)
+    }
+
+    /// The routers' selection biases under their Hugging Face names
+    /// (`model.layers.N.block_sparse_moe.gate.e_score_correction_bias`), replicated on every
+    /// rank of this stage: what checkpoints save beside the parameters (and what the model
+    /// reads back when built from one).
+    pub fn router_buffers(&self) -> Vec<(String, Tensor)> {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let bias = b.ffn.router().bias()?;
+                let layer = self.first_layer + i;
+                Some((
+                    format!("model.layers.{layer}.block_sparse_moe.gate.e_score_correction_bias"),
+                    bias,
+                ))
+            })
+            .collect()
     }
 
     /// Whether this stage starts at the first layer (takes token ids).
@@ -1438,6 +1532,9 @@ impl ShardedMixtral {
     ) -> Result<Self> {
         cfg.check()?;
         stage_ends("ShardedMixtral", &layers, cfg.num_hidden_layers)?;
+        if cfg.router_config()?.expert_bias {
+            bail!("ZeRO 3 rebuilds each layer, its router included, from the gathered parameters at every use, so a router's selection bias (topk_method noaux_tc) would not persist: train this model at ZeRO 0, 1 or 2")
+        }
         if cfg.tie_word_embeddings {
             bail!("ZeRO stage 3: a head tied to the embedding would be two copies in the first and last layers' sharded modules; train this model at stage 0, 1 or 2")
         }

@@ -8,7 +8,7 @@ use super::router::{Router, RouterConfig, Routing};
 use crate::checkpoint::{ParallelVarBuilder, Placement};
 use crate::comm::Comm;
 use crate::mesh::MeshDim;
-use candle_core::{bail, ModuleT, Result, Tensor};
+use candle_core::{bail, DType, ModuleT, Result, Tensor};
 use std::sync::Mutex;
 
 /// Per-layer routing statistics of one forward.
@@ -197,8 +197,21 @@ pub fn moe_layer(
     let experts = (first..first + el)
         .map(|j| Expert::load(hidden, ffn, &experts_vb.pp(j), tp))
         .collect::<Result<Vec<_>>>()?;
+    let router = Router::new(gate, router_cfg)?;
+    // DeepSeek-V3's selection bias, where the checkpoint has one (else zeros).
+    let gate_vb = vb.pp("gate");
+    if router_cfg.expert_bias && gate_vb.contains("e_score_correction_bias") {
+        let bias = gate_vb.get_untracked_in(
+            e,
+            "e_score_correction_bias",
+            Placement::Replicated,
+            candle_nn::Init::Const(0.0),
+            DType::F32,
+        )?;
+        router.set_bias(&bias)?;
+    }
     MoeLayer::new(
-        Router::new(gate, router_cfg)?,
+        router,
         LocalExperts::new(experts, first, tp),
         dispatch.dispatcher(ep),
         ep,

@@ -1062,6 +1062,29 @@ impl ZeroOptimizer {
         extra: &[(String, Tensor)],
         dtype: Option<DType>,
     ) -> Result<usize> {
+        self.write_model_with(path, extra, &[], dtype)
+    }
+
+    /// [`ZeroOptimizer::write_model`] with the model's buffers (tensors not trained by
+    /// gradients, such as a router's selection bias) beside the parameters, each replicated
+    /// on the ranks of this rank's pipeline stage, under its name. Collective over the world.
+    pub fn write_model_with(
+        &self,
+        path: &std::path::Path,
+        extra: &[(String, Tensor)],
+        buffers: &[(String, Tensor)],
+        dtype: Option<DType>,
+    ) -> Result<usize> {
+        let buffers = buffers.iter().map(|(name, t)| {
+            let t = ShardedTensor {
+                name: name.clone(),
+                local: t.clone(),
+                full_dims: t.dims().to_vec(),
+                placement: crate::checkpoint::Placement::Replicated,
+                region: None,
+            };
+            (t, Vec::new())
+        });
         let whole: Vec<(ShardedTensor, Vec<MeshDim>)> = self
             .infos
             .iter()
@@ -1077,6 +1100,7 @@ impl ZeroOptimizer {
                 };
                 Some((t, info.local_to.clone()))
             })
+            .chain(buffers)
             .collect();
         let mut parts: Vec<&dyn crate::checkpoint::ModelPart> = vec![&whole];
         parts.extend(
