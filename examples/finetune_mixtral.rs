@@ -64,8 +64,10 @@ struct Args {
     /// built-in addition task.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Skip (and count) instruction rows that are malformed, have an empty completion or do not
-    /// fit --seq-len, instead of stopping at the first with its line number.
+    /// Skip (and count) rows that are malformed (not UTF-8, not JSON, lacking a field), longer
+    /// than --seq-len could hold (refused from their byte length, before tokenizing), have an
+    /// empty completion or do not fit --seq-len, instead of stopping at the first with its
+    /// line number.
     #[arg(long)]
     skip_bad_rows: bool,
     /// Layout, e.g. `ep=2,tp=2`, `dp=2,ep=2`, `pp=2,ep=2`; the world size is the product of
@@ -206,35 +208,80 @@ fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .to_vec())
 }
 
-fn load_text(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+/// The non-blank lines of a data file with their (1-based) numbers, each as text or, where
+/// it is not, why: invalid UTF-8 (at which byte) or longer than `max_bytes` (refused from its
+/// length, before any parsing or tokenizing). The file is read as bytes, so one bad line does
+/// not make the others unreadable.
+fn data_lines(
+    path: &Path,
+    max_bytes: usize,
+) -> Result<Vec<(usize, std::result::Result<String, String>)>> {
+    let bytes = std::fs::read(path).map_err(|e| {
         candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
     })?;
+    Ok(bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, l)| l.iter().any(|b| !b.is_ascii_whitespace()))
+        .map(|(i, line)| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let text = if line.len() > max_bytes {
+                Err(format!(
+                    "a row of {} bytes, longer than the {max_bytes} bytes that --seq-len could hold (raise --seq-len or split the row)",
+                    line.len()
+                ))
+            } else {
+                std::str::from_utf8(line).map(str::to_string).map_err(|e| {
+                    format!("not UTF-8 (an invalid byte at byte {} of the line)", e.valid_up_to() + 1)
+                })
+            };
+            (i + 1, text)
+        })
+        .collect())
+}
+
+/// The longest row (bytes) that `seq_len` tokens could come from: no token of a tokenizer
+/// spans more than this many bytes, with room for the JSON around the text.
+fn max_row_bytes(seq_len: usize) -> usize {
+    seq_len * 64 + 4096
+}
+
+fn load_text(path: &Path, seq_len: usize, skip_bad: bool) -> Result<(Vec<String>, usize)> {
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
     let mut out = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        if jsonl {
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                candle_core::Error::msg(format!("{}:{}: not JSON: {e}", path.display(), i + 1))
-            })?;
-            match v.get("text").and_then(|t| t.as_str()) {
-                Some(t) => out.push(t.to_string()),
-                None => {
-                    candle_core::bail!("{}:{}: no string field \"text\"", path.display(), i + 1)
-                }
+    let mut skipped = 0;
+    // Plain text is one stream cut into rows: a line of any length is fine there.
+    let limit = if jsonl {
+        max_row_bytes(seq_len)
+    } else {
+        usize::MAX
+    };
+    for (n, line) in data_lines(path, limit)? {
+        let row = || -> std::result::Result<String, String> {
+            let line = line.clone()?;
+            if !jsonl {
+                return Ok(line);
             }
-        } else {
-            out.push(line.to_string());
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| format!("not JSON: {e}"))?;
+            match v.get("text").and_then(|t| t.as_str()) {
+                Some(t) => Ok(t.to_string()),
+                None => Err("no string field \"text\"".into()),
+            }
+        };
+        match row() {
+            Ok(t) => out.push(t),
+            Err(_) if skip_bad => skipped += 1,
+            Err(e) => candle_core::bail!(
+                "{}:{n}: {e} (--skip-bad-rows skips such rows)",
+                path.display()
+            ),
         }
     }
     if out.is_empty() {
         candle_core::bail!("--data {} holds no examples", path.display());
     }
-    Ok(out)
+    Ok((out, skipped))
 }
 
 /// Loads the model directory's config and tokenizer, creating a random model first if needed.
@@ -344,7 +391,14 @@ fn prepare_data(args: &Args, tok: &Tokenizer, cfg: &MixtralConfig) -> Result<Dat
         }
         Some(path) => {
             let mut stream = Vec::new();
-            for t in load_text(path)? {
+            let (texts, skipped) = load_text(path, args.seq_len, args.skip_bad_rows)?;
+            if skipped > 0 {
+                eprintln!(
+                    "--data {}: skipped {skipped} bad rows (--skip-bad-rows)",
+                    path.display()
+                );
+            }
+            for t in texts {
                 stream.extend(encode(tok, &t)?);
             }
             let cut = stream.len() * 9 / 10;
@@ -465,14 +519,10 @@ fn is_instruct(path: &Path) -> Result<bool> {
     if path.extension().is_none_or(|e| e != "jsonl") {
         return Ok(false);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
-    })?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+    Ok(data_lines(path, usize::MAX)?
+        .into_iter()
         .take(16)
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|(_, l)| serde_json::from_str::<serde_json::Value>(&l.ok()?).ok())
         .any(|v| v.get("prompt").is_some()))
 }
 
@@ -485,20 +535,14 @@ fn load_examples(
     skip_bad: bool,
     eos: Option<u32>,
 ) -> Result<(Vec<Example>, usize)> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
-    })?;
     let mut out = Vec::new();
     let mut skipped = 0;
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let at = format!("{}:{}", path.display(), i + 1);
+    for (n, line) in data_lines(path, max_row_bytes(seq_len))? {
+        let at = format!("{}:{n}", path.display());
         let row = || -> std::result::Result<Example, String> {
+            let line = line.clone()?;
             let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+                serde_json::from_str(&line).map_err(|e| format!("not JSON: {e}"))?;
             let field = |k: &str| {
                 v.get(k).and_then(|f| f.as_str()).ok_or(format!(
                     "no string field \"{k}\" (rows need \"prompt\" and \"completion\")"

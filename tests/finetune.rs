@@ -347,6 +347,49 @@ fn instruction_data_trains_and_bad_rows_are_named_or_skipped() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("skipped 4 bad rows"), "{err}");
+    // A line of invalid UTF-8 and a 10 MB row: named by line (the file is read as bytes, so
+    // the other lines still read), the long row refused from its length before it is parsed
+    // or tokenized; both skipped with --skip-bad-rows.
+    let mut bytes: Vec<u8> = Vec::new();
+    for (i, l) in (0..10).map(good).enumerate() {
+        if i == 2 {
+            bytes.extend_from_slice(b"{\"prompt\": \"caf\xe9\", \"completion\": \" 1\"}\n");
+        }
+        if i == 4 {
+            let long = format!(
+                r#"{{"prompt": "{}", "completion": " 1"}}"#,
+                "7 ".repeat(5_000_000)
+            );
+            bytes.extend_from_slice(long.as_bytes());
+            bytes.push(b'\n');
+        }
+        bytes.extend_from_slice(l.as_bytes());
+        bytes.push(b'\n');
+    }
+    std::fs::write(&data, &bytes).unwrap();
+    // The run above finished a job in this --out: start afresh.
+    std::fs::remove_dir_all(dir.join("bad")).unwrap();
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("sft.jsonl:3: not UTF-8"), "{err}");
+    let o = run(&["--skip-bad-rows"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    std::fs::remove_dir_all(dir.join("bad")).unwrap();
+    assert!(
+        o.status.success() && err.contains("skipped 2 bad rows"),
+        "{err}"
+    );
+    bytes.drain(..bytes.iter().position(|&b| b == b'\n').unwrap() + 1);
+    let valid_first = String::from_utf8_lossy(&bytes).into_owned();
+    // Lines 1-3 are good now (the invalid one is gone); the long row is line 4.
+    let without_invalid: Vec<&str> = valid_first.lines().filter(|l| !l.contains("caf")).collect();
+    std::fs::write(&data, without_invalid.join("\n")).unwrap();
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("a row of 10000") && err.contains("longer than the 4864 bytes"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -47,6 +47,17 @@ pub fn enter_rank(rank: usize) -> RankConsoleGuard {
     RankConsoleGuard(CONSOLE_RANK.with(|r| r.replace(Some(rank))))
 }
 
+/// The current thread's rank log file, if any: a helper thread of a rank (its communication
+/// lane) writes to the same ([`set_rank_log`]).
+pub(crate) fn rank_log() -> Option<Arc<Mutex<File>>> {
+    RANK_LOG.with(|f| f.borrow().clone())
+}
+
+/// Sends the current thread's events to `file` too (a rank's helper thread).
+pub(crate) fn set_rank_log(file: Option<Arc<Mutex<File>>>) {
+    RANK_LOG.with(|f| *f.borrow_mut() = file);
+}
+
 /// The rank the current thread runs on the console ([`enter_rank`]), if any: a helper thread
 /// of a rank (its communication lane) enters the same.
 pub(crate) fn console_rank() -> Option<usize> {

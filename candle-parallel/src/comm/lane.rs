@@ -72,6 +72,9 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The queue and thread of one rank's lane on one group.
 pub(crate) struct Lane {
     tx: Mutex<mpsc::Sender<Job>>,
+    /// The lane's own thread: a job that reaches its own lane (a blocking call or a start
+    /// through a captured handle) runs there at once instead of waiting for itself.
+    thread: std::thread::ThreadId,
     /// Operations queued and not yet finished, and its change signal.
     pending: Arc<(Mutex<usize>, Condvar)>,
     name: String,
@@ -83,15 +86,15 @@ impl Lane {
     pub(crate) fn start(name: String) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
-        let span = tracing::Span::current();
         let console = crate::logging::console_rank();
         let memory = crate::memory::thread_rank();
-        std::thread::Builder::new()
+        let log = crate::logging::rank_log();
+        let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                let _span = span.enter();
                 let _console = console.map(crate::logging::enter_rank);
                 crate::memory::set_thread_rank(memory);
+                crate::logging::set_rank_log(log);
                 // Ends when the last handle to the group (and so the sender) is dropped.
                 for job in rx {
                     job();
@@ -102,6 +105,7 @@ impl Lane {
             })?;
         Ok(Self {
             tx: Mutex::new(tx),
+            thread: handle.thread().id(),
             pending,
             name,
         })
@@ -113,12 +117,18 @@ impl Lane {
         T: Send + 'static,
         F: FnOnce() -> Result<T> + Send + 'static,
     {
+        if self.on_lane() {
+            return Work::done(f());
+        }
         let (rtx, rrx) = mpsc::channel();
         let pending = self.pending.clone();
+        // Events of the job belong to the span it was started in (the rank's, a step's).
+        let span = tracing::Span::current();
         *lock(&pending.0) += 1;
         let label = format!("{what} on {}", self.name);
         let job_label = label.clone();
         let job: Job = Box::new(move || {
+            let _span = span.enter();
             let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
                 Err(candle_core::Error::Msg(format!(
                     "{job_label} panicked (a bug in candle-parallel)"
@@ -145,8 +155,17 @@ impl Lane {
         }
     }
 
-    /// Waits until every queued operation has finished.
+    /// Whether the calling thread is the lane's own.
+    fn on_lane(&self) -> bool {
+        std::thread::current().id() == self.thread
+    }
+
+    /// Waits until every queued operation has finished (at once on the lane's own thread, whose
+    /// current job is one of them).
     pub(crate) fn drain(&self) {
+        if self.on_lane() {
+            return;
+        }
         let (count, cv) = &*self.pending;
         let mut n = lock(count);
         while *n > 0 {

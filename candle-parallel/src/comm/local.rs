@@ -126,7 +126,6 @@ pub struct Failure {
     pub message: String,
 }
 
-/// Shared state of one job on the local backend: its groups, its timeout, its first failure.
 /// A link dialled for every local job of the process from now on ([`dial_link`]).
 static DIALLED: Mutex<Option<Option<LinkModel>>> = Mutex::new(None);
 
@@ -143,6 +142,7 @@ pub fn undial_link() {
     *crate::comm::lock(&DIALLED) = None;
 }
 
+/// Shared state of one job on the local backend: its groups, its timeout, its first failure.
 #[derive(Clone)]
 pub struct LocalFabric {
     inner: Arc<FabricInner>,

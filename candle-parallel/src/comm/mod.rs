@@ -343,7 +343,11 @@ impl Comm {
     /// A handle on the same group that runs everything where it is called, bypassing the
     /// lane: what the lane's own jobs use.
     fn direct(&self) -> Self {
-        Self::from_backend(self.backend.clone())
+        // No lane of its own: its asynchronous calls run where they are made (on the lane).
+        Self {
+            backend: self.backend.clone(),
+            lane: Arc::new(OnceLock::from(None)),
+        }
     }
 
     /// The lane, started on first use; `None` off the CPU (NCCL enqueues and returns) or if

@@ -66,8 +66,6 @@ impl GroupOp {
                 recv_splits: recv.clone(),
             },
         };
-        // Behind whatever the group's lane still runs (one order on every rank).
-        self.comm.drain();
         S::run(self.comm.backend(), &coll, s, l)
     }
 }
@@ -117,6 +115,9 @@ fn apply(x: &Tensor, comm: &Comm, kind: Kind) -> Result<Tensor> {
         // Every op is the identity on a group of one.
         return Ok(x.clone());
     }
+    // Behind whatever the group's lane still runs (one order on every rank), and before the
+    // op holds its input's storage (a queued in-place reduction may need it).
+    comm.drain();
     x.contiguous()?.apply_op1(GroupOp {
         comm: comm.clone(),
         kind,

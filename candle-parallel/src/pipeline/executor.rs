@@ -116,7 +116,12 @@ impl Inbox {
 
     /// Posts one tick's sends and receives as a group: on `comm`'s lane with
     /// [`crate::comm::set_overlap_p2p`], else run here.
-    fn post(&mut self, comm: &Comm, sends: Vec<(Tensor, usize)>, recvs: Vec<Receive>) {
+    fn post(
+        &mut self,
+        comm: &Comm,
+        sends: Vec<(Tensor, usize)>,
+        recvs: Vec<Receive>,
+    ) -> Result<()> {
         let started = self.started;
         let keys = recvs.iter().map(|r| r.3).collect();
         let specs: Vec<(usize, Shape, DType)> = recvs
@@ -134,9 +139,11 @@ impl Inbox {
         let lane = crate::comm::overlap_p2p();
         let work = match lane {
             true => comm.start("pipeline exchange", exchange),
-            false => Work::done(exchange(comm)),
+            // Run here: its error stops the rank at this tick.
+            false => Work::done(Ok(exchange(comm)?)),
         };
         self.in_flight.push_back((work, keys, lane));
+        Ok(())
     }
 
     /// Waits for the oldest exchange still running.
@@ -164,12 +171,13 @@ impl Inbox {
             if let Some(t) = self.arrived.remove(&key) {
                 break t;
             }
-            waited = true;
+            // Waiting counts where the exchange ran on the lane (inline ones count whole).
+            waited |= self.in_flight.front().is_some_and(|f| f.2);
             if !self.settle_one()? {
                 bail!("pipeline step: {what} {key:?} never arrived (a bug in the schedule's messages)")
             }
         };
-        if waited && crate::comm::overlap_p2p() {
+        if waited {
             let now = self.started.elapsed().as_secs_f64();
             self.times.waited.push((waiting, now));
             self.waited_until = Some(now);
@@ -814,7 +822,7 @@ fn execute(
                 .into_iter()
                 .map(|(from, key)| (from, act_shape.clone(), act_dtype, key))
                 .collect();
-            inbox.post(comm, sends, recvs);
+            inbox.post(comm, sends, recvs)?;
         }
         // 2. This rank's action due at this tick.
         while let Some(t) = mine.get(next_action).filter(|t| t.start == tick) {

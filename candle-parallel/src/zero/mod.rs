@@ -278,6 +278,8 @@ struct BucketGrad {
     /// A reduction started on the lane and not yet taken: at stage 2 this micro-batch's
     /// partition (to add into `part`), at stages 0 and 1 the step's reduced gradient.
     pending: Option<Work<Tensor>>,
+    /// Stages 0 and 1: the micro-batch count the started reduction divided by.
+    pending_m: usize,
 }
 
 impl BucketGrad {
@@ -674,7 +676,7 @@ impl ZeroOptimizer {
                     let s = b.segs[si];
                     if a.pending.is_some() && grad.is_some() {
                         bail!(
-                            "ZeroOptimizer: a gradient of {} after the step's last micro-batch reduced its bucket (begin_backward(last = true) was announced too early)",
+                            "ZeroOptimizer: a gradient of {} after the step's last micro-batch reduced its bucket (begin_backward(last = true) was announced too early: hand one step's micro-batches over in one call, or set ZeroConfig::overlap_comm to false)",
                             self.infos[s.info].name
                         )
                     }
@@ -767,6 +769,7 @@ impl ZeroOptimizer {
         }
         let full = kept_bucket_mean(buf, &b.segs, &a.written, m)?;
         let (dtype, stage) = (self.cfg.reduce_dtype, self.cfg.stage);
+        a.pending_m = m;
         a.pending = Some(c.start("gradient reduction", move |c| match stage {
             0 => all_reduce_in(c, full, dtype),
             _ => reduce_scatter_in(c, &full, dtype),
@@ -779,6 +782,16 @@ impl ZeroOptimizer {
     /// clipping to `max_norm` and AdamW, as [`ZeroOptimizer::step`]. Returns the norm before
     /// clipping.
     pub fn step_accumulated(&mut self, max_norm: Option<f64>) -> Result<f64> {
+        let out = self.step_accumulated_inner(max_norm);
+        if out.is_err() {
+            // Nothing of a failed step may leak into the next (reductions still running,
+            // partitions half summed).
+            self.discard_grads();
+        }
+        out
+    }
+
+    fn step_accumulated_inner(&mut self, max_norm: Option<f64>) -> Result<f64> {
         if self.micro_batches == 0 {
             bail!("ZeroOptimizer::step_accumulated: no gradients were handed over (end_micro_batch was never called since the last step)")
         }
@@ -806,7 +819,14 @@ impl ZeroOptimizer {
             let part = match &b.home {
                 // Reduced on the lane during the last micro-batch's backward.
                 Home::Whole { grad: Some(_) } if a.pending.is_some() => {
-                    a.pending.take().expect("checked").wait()?
+                    let part = a.pending.take().expect("checked").wait()?;
+                    if a.pending_m != m {
+                        bail!(
+                            "ZeroOptimizer: the step's last micro-batch was announced (begin_backward(last = true)) after {} micro-batches, but the step has {m}: hand one step's micro-batches over in one call (Mixtral::train_grads announces its last), or set ZeroConfig::overlap_comm to false",
+                            a.pending_m
+                        )
+                    }
+                    part
                 }
                 Home::Whole { grad: Some(buf) } => {
                     let full = kept_bucket_mean(buf, &b.segs, &a.written, m)?;
@@ -1300,6 +1320,10 @@ impl ZeroOptimizer {
     /// and keeps its partition. Master weights missing from the checkpoint are taken from the
     /// parameters.
     pub fn load_state(&mut self, vb: &ParallelVarBuilder) -> Result<()> {
+        // A gather started ahead would serve the parameters from before the load.
+        for module in &self.modules {
+            module.discard_prefetched();
+        }
         let step = saved_step(vb)?;
         let device = self.world.device().clone();
         for b in &mut self.buckets {
