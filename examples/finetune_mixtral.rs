@@ -133,6 +133,10 @@ struct Args {
     /// (for comparison: the numbers are the same).
     #[arg(long)]
     no_overlap: bool,
+    /// The load-balancing loss over the whole global batch (global: any layout computes
+    /// Hugging Face's loss of the whole batch) or over each rank's tokens (local).
+    #[arg(long, value_enum, default_value_t = AuxScope::Global)]
+    aux_scope: AuxScope,
     /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -659,6 +663,17 @@ fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> Str
     )
 }
 
+/// Over which tokens the load-balancing loss counts each expert's load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AuxScope {
+    /// The whole global batch: counts summed over every rank holding other tokens (dp, and ep
+    /// with all-to-all dispatch) before the loss, so every layout computes Hugging Face's loss
+    /// of the whole batch (Megatron-Core's global_aux_loss).
+    Global,
+    /// Each rank's own tokens (Megatron's default).
+    Local,
+}
+
 /// The model as a rank holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
 enum Model {
     Whole(Box<Mixtral>),
@@ -673,6 +688,16 @@ impl Model {
             m.update_router_biases(batch)?;
         }
         Ok(())
+    }
+
+    /// The training steps' load-balancing loss over the whole batch (`--aux-scope global`:
+    /// summed over `batch`, the ranks holding other tokens) or over each rank's tokens.
+    fn set_aux_scope(&mut self, scope: AuxScope, batch: &candle_parallel::Comm) {
+        let batch = (scope == AuxScope::Global).then(|| batch.clone());
+        match self {
+            Model::Whole(m) => m.set_aux_scope(batch),
+            Model::Sharded(m) => m.set_aux_scope(batch),
+        }
     }
 
     /// What checkpoints save beside the parameters: the routers' selection biases.
@@ -858,6 +883,11 @@ fn main() -> Result<()> {
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
             (Model::Whole(Box::new(m)), t)
         };
+        // The ranks that route other tokens: a router's balancing and the global
+        // load-balancing loss sum their loads.
+        let batch_comm = mesh.comm_over(&batch_dims)?;
+        let mut model = model;
+        model.set_aux_scope(args.aux_scope, &batch_comm);
         if resume.is_some() {
             trainer.resume(&vb)?;
         }
@@ -948,8 +978,6 @@ fn main() -> Result<()> {
         };
         let (first_eval, metric) = eval()?;
         tracing::info!(step = trainer.steps_done(), metric, value = first_eval, "evaluation");
-        // The ranks that route other tokens: a router's balancing sums their loads.
-        let batch_comm = mesh.comm_over(&batch_dims)?;
         let save = |trainer: &Trainer, history: &[StepReport]| -> Result<PathBuf> {
             // Rank 0 names the checkpoint directory for all (ranks may be processes that
             // started at different times).

@@ -158,6 +158,10 @@ enum Command {
         /// (for comparison: the numbers are the same).
         #[arg(long)]
         no_overlap: bool,
+        /// The load-balancing loss over the whole global batch (global: any layout computes
+        /// Hugging Face's loss of the whole batch) or over each rank's tokens (local).
+        #[arg(long, value_enum, default_value_t = AuxScope::Global)]
+        aux_scope: AuxScope,
         /// Output safetensors file.
         #[arg(long, default_value = "params.safetensors")]
         out: PathBuf,
@@ -333,6 +337,7 @@ fn run_train(command: Command) -> Result<()> {
         no_reshard_after_forward,
         reduce_dtype,
         no_overlap,
+        aux_scope,
         out,
         seed,
         checkpoint_dir,
@@ -463,6 +468,8 @@ fn run_train(command: Command) -> Result<()> {
             trainer.resume(&vb)?;
         }
         let batch_comm = mesh.comm_over(&batch_dims)?;
+        let mut model = model;
+        model.set_aux_scope(aux_scope, &batch_comm);
         let save = |trainer: &Trainer, model: &Model| -> Result<()> {
             let Some(dir) = &checkpoint_dir else {
                 return Ok(());
@@ -581,6 +588,17 @@ fn run_train(command: Command) -> Result<()> {
     Ok(())
 }
 
+/// Over which tokens the load-balancing loss counts each expert's load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AuxScope {
+    /// The whole global batch: counts summed over every rank holding other tokens (dp, and ep
+    /// with all-to-all dispatch) before the loss, so every layout computes Hugging Face's loss
+    /// of the whole batch (Megatron-Core's global_aux_loss).
+    Global,
+    /// Each rank's own tokens (Megatron's default).
+    Local,
+}
+
 /// The model as `train` holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
 enum Model {
     Whole(Box<Mixtral>),
@@ -595,6 +613,16 @@ impl Model {
             m.update_router_biases(batch)?;
         }
         Ok(())
+    }
+
+    /// The training steps' load-balancing loss over the whole batch (`--aux-scope global`:
+    /// summed over `batch`, the ranks holding other tokens) or over each rank's tokens.
+    fn set_aux_scope(&mut self, scope: AuxScope, batch: &candle_parallel::Comm) {
+        let batch = (scope == AuxScope::Global).then(|| batch.clone());
+        match self {
+            Model::Whole(m) => m.set_aux_scope(batch),
+            Model::Sharded(m) => m.set_aux_scope(batch),
+        }
     }
 
     /// What checkpoints save beside the parameters: the routers' selection biases.

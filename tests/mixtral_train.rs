@@ -226,9 +226,29 @@ fn padded_instruction_batch_matches_transformers_and_every_layout() -> Result<()
         let got = train(&model, &batch, &dir.join("layout.safetensors"), args);
         assert_same_run(&format!("padded, {args:?}"), &got, &one, &before, 1e-5)?;
     }
-    // Two replicas and two micro-batches split the batch alike (rows 0-3 and 4-7), each
-    // with its rows' mask, so their aux losses agree.
-    let dp2 = train(&model, &batch, &dir.join("dp2.safetensors"), &["--dp", "2"]);
+    // The whole batch's aux loss (--aux-scope global, the default) at dp = 2 × ep = 2, padding
+    // left out: the fixture's run.
+    let split = train(
+        &model,
+        &batch,
+        &dir.join("split.safetensors"),
+        &["--dp", "2", "--ep", "2"],
+    );
+    assert_same_run(
+        "padded, dp=2 × ep=2, global aux",
+        &split,
+        &one,
+        &before,
+        1e-5,
+    )?;
+    // Two replicas each with its own aux loss (--aux-scope local) and two micro-batches split
+    // the batch alike (rows 0-3 and 4-7), each with its rows' mask, so their aux losses agree.
+    let dp2 = train(
+        &model,
+        &batch,
+        &dir.join("dp2.safetensors"),
+        &["--dp", "2", "--aux-scope", "local"],
+    );
     let mb2 = train(
         &model,
         &batch,
@@ -970,6 +990,55 @@ fn deepseek_routing_balances_saves_and_resumes_its_bias() -> Result<()> {
     assert!(
         !o.status.success() && err.contains("ZeRO 0, 1 or 2"),
         "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    Ok(())
+}
+
+/// `--aux-scope global` (the default): the load-balancing loss counts each expert's load over
+/// the whole global batch, so layouts that split the batch (ep × tp, dp × ep, dp 4 at ZeRO 3)
+/// train what one device trains with the aux loss on, and so what transformers trains; with
+/// `--aux-scope local` (each rank's tokens) a split batch trains otherwise.
+#[test]
+fn the_global_load_balancing_loss_matches_one_device_at_every_layout() -> Result<()> {
+    let (model, batch) = setup("aux-global");
+    let dir = model.parent().unwrap().to_path_buf();
+    let before = initial(&model);
+    let one = train(&model, &batch, &dir.join("one.safetensors"), &[]);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mixtral_train_reference.safetensors");
+    let hf = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu)?;
+    for layout in [
+        &["--ep", "2", "--tp", "2"][..],
+        &["--dp", "2", "--ep", "2"],
+        &["--dp", "4", "--zero", "3"],
+    ] {
+        let got = train(&model, &batch, &dir.join("layout.safetensors"), layout);
+        assert_same_run(
+            &format!("global aux, {layout:?}"),
+            &got,
+            &one,
+            &before,
+            1e-5,
+        )?;
+        assert_same_run(
+            &format!("global aux, {layout:?} vs HF"),
+            &got,
+            &hf,
+            &before,
+            1e-5,
+        )?;
+    }
+    let local = train(
+        &model,
+        &batch,
+        &dir.join("local.safetensors"),
+        &["--dp", "4", "--aux-scope", "local"],
+    );
+    let (a, b) = (scalar(&local, "loss.0"), scalar(&one, "loss.0"));
+    assert!(
+        (a - b).abs() > 1e-6 * b.abs(),
+        "the local aux loss of a split batch should differ from the whole batch's: {a} vs {b}"
     );
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())

@@ -17,7 +17,7 @@ use candle_parallel::checkpoint::{ParallelVarBuilder, Param};
 use candle_parallel::data_parallel::{BatchGroups, GradSink, Recompute};
 use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
-    hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
+    hf_load_balancing_loss_of_token_sums_over, hf_load_balancing_loss_over,
     hf_load_balancing_token_sums, moe_layer, Dispatch, ExpertLoad, MoeLayer, MoeStats,
     RouterConfig, Scoring,
 };
@@ -255,6 +255,8 @@ pub struct Mixtral {
     tp: Comm,
     /// The pipeline schedule of its training steps (1F1B unless set).
     schedule: ModelSchedule,
+    /// The ranks the training steps' load-balancing loss sums over (`None`: this rank's).
+    aux_batch: Option<Comm>,
 }
 
 impl Mixtral {
@@ -322,6 +324,7 @@ impl Mixtral {
             lm_head,
             tp: tp.clone(),
             schedule: ModelSchedule::default(),
+            aux_batch: None,
         })
     }
 
@@ -337,6 +340,15 @@ impl Mixtral {
     /// The schedule setting (and zero-bubble's measured costs).
     pub fn schedule(&self) -> &ModelSchedule {
         &self.schedule
+    }
+
+    /// The training steps' load-balancing loss over the whole batch that `batch` splits
+    /// (`--aux-scope global`: every rank holding other tokens, dp and ep with all-to-all
+    /// dispatch; each expert's counts summed over them before the loss, so any layout computes
+    /// Hugging Face's loss of the whole batch), or over each rank's tokens (`None`, local:
+    /// Megatron's default). Evaluation stays local.
+    pub fn set_aux_scope(&mut self, batch: Option<Comm>) {
+        self.aux_batch = batch;
     }
 
     /// After each optimizer step, with DeepSeek-style routing (`topk_method: noaux_tc`): every
@@ -498,6 +510,19 @@ impl Mixtral {
         labels: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<(MixtralLosses, Tensor)> {
+        self.stage_losses_over(out, ids, labels, attention_mask, None)
+    }
+
+    /// [`Mixtral::stage_losses_labeled`] with the load-balancing loss over `aux_batch` (the
+    /// training steps' aux scope).
+    fn stage_losses_over(
+        &self,
+        out: &Tensor,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        aux_batch: Option<&Comm>,
+    ) -> Result<(MixtralLosses, Tensor)> {
         let Some(head) = &self.lm_head else {
             bail!("stage_losses: this stage has no head (it is not the last pipeline stage)")
         };
@@ -510,6 +535,7 @@ impl Mixtral {
             ids,
             labels,
             attention_mask,
+            aux_batch,
         )
     }
 
@@ -654,11 +680,12 @@ impl Mixtral {
         check_attention_mask(attention_mask, ids, labels)?;
         let (logits, router_logits, stats) = self.forward_shard(ids, 0, None, train)?;
         let ce_loss = next_token_loss(&logits, ids, labels, self.cfg.vocab_size, &self.tp)?;
-        let aux_loss = hf_load_balancing_loss_masked(
+        let aux_loss = hf_load_balancing_loss_over(
             &router_logits,
             attention_mask,
             self.cfg.num_local_experts,
             self.cfg.num_experts_per_tok,
+            self.aux_batch.as_ref().filter(|_| train),
         )?;
         let loss = (&ce_loss + (&aux_loss * self.cfg.router_aux_loss_coef)?)?;
         Ok(MixtralLosses {
@@ -864,7 +891,13 @@ impl Mixtral {
                 candle_core::DType::F32,
             ),
             &|i, y| {
-                let (l, _) = self.stage_losses_labeled(y, &mb.ids[i], mb.label(i), mb.mask(i))?;
+                let (l, _) = self.stage_losses_over(
+                    y,
+                    &mb.ids[i],
+                    mb.label(i),
+                    mb.mask(i),
+                    self.aux_batch.as_ref(),
+                )?;
                 let l = weighted(l, mb.weights[i])?;
                 values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
                 Ok(l.loss)
@@ -930,10 +963,18 @@ impl Mixtral {
                 pp,
                 &self.cfg,
                 &|out, ids, labels, mask| {
-                    Ok(
-                        losses_of_packed(&self.cfg, &self.tp, cols, dtype, out, ids, labels, mask)?
-                            .0,
-                    )
+                    Ok(losses_of_packed(
+                        &self.cfg,
+                        &self.tp,
+                        cols,
+                        dtype,
+                        out,
+                        ids,
+                        labels,
+                        mask,
+                        self.aux_batch.as_ref(),
+                    )?
+                    .0)
                 },
             );
         }
@@ -1013,11 +1054,12 @@ impl Mixtral {
         let shard = head.forward(&ops::rms_norm(x, norm, self.cfg.rms_norm_eps)?)?;
         let ce_loss = next_token_loss(&shard, ids, labels, self.cfg.vocab_size, &self.tp)?;
         let router = layers.router_logits();
-        let aux_loss = hf_load_balancing_loss_masked(
+        let aux_loss = hf_load_balancing_loss_over(
             &router,
             mask,
             self.cfg.num_local_experts,
             self.cfg.num_experts_per_tok,
+            self.aux_batch.as_ref(),
         )?;
         let loss = (&ce_loss + (&aux_loss * self.cfg.router_aux_loss_coef)?)?;
         let l = weighted(
@@ -1293,6 +1335,7 @@ fn losses_of_packed(
     ids: &Tensor,
     labels: Option<&Tensor>,
     attention_mask: Option<&Tensor>,
+    aux_batch: Option<&Comm>,
 ) -> Result<(MixtralLosses, Tensor)> {
     check_next_token_ids(ids)?;
     check_attention_mask(attention_mask, ids, labels)?;
@@ -1318,8 +1361,13 @@ fn losses_of_packed(
         .narrow(0, 2 + n + b * s * e, b * s * k * e)?
         .reshape((b * s, k * e))?;
     let ce_loss = next_token_loss(&logits, ids, labels, cfg.vocab_size, tp)?;
-    let aux_loss =
-        hf_load_balancing_loss_of_token_sums(&p, &f, attention_mask, cfg.num_hidden_layers)?;
+    let aux_loss = hf_load_balancing_loss_of_token_sums_over(
+        &p,
+        &f,
+        attention_mask,
+        cfg.num_hidden_layers,
+        aux_batch,
+    )?;
     let loss = (&ce_loss + (&aux_loss * cfg.router_aux_loss_coef)?)?;
     let full =
         ops::gather_from_group(&logits, D::Minus1, tp)?.narrow(D::Minus1, 0, cfg.vocab_size)?;
@@ -1493,6 +1541,8 @@ pub struct ShardedMixtral {
     dtype: candle_core::DType,
     /// The pipeline schedule (GPipe or 1F1B) of its training steps with pipeline stages.
     schedule: ModelSchedule,
+    /// The ranks the training steps' load-balancing loss sums over (`None`: this rank's).
+    aux_batch: Option<Comm>,
 }
 
 /// A one-layer stage that owns its model (what a sharded module rebuilds).
@@ -1566,9 +1616,15 @@ impl ShardedMixtral {
             pp: mesh.pp().clone(),
             dtype: vb.dtype(),
             schedule: ModelSchedule::default(),
+            aux_batch: None,
         };
         model.set_prefetch(true);
         Ok(model)
+    }
+
+    /// [`Mixtral::set_aux_scope`] for its training steps.
+    pub fn set_aux_scope(&mut self, batch: Option<Comm>) {
+        self.aux_batch = batch;
     }
 
     /// The pipeline schedule of its training steps with pipeline stages: GPipe or 1F1B (the
@@ -1636,6 +1692,7 @@ impl ShardedMixtral {
             ids,
             labels,
             attention_mask,
+            None,
         )
     }
 
@@ -1694,6 +1751,7 @@ impl ShardedMixtral {
             ids,
             labels,
             attention_mask,
+            None,
         )
     }
 
@@ -1719,7 +1777,15 @@ impl ShardedMixtral {
     ) -> Result<MixtralLosses> {
         let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
         Ok(losses_of_packed(
-            &self.cfg, &self.tp, cols, self.dtype, out, ids, labels, mask,
+            &self.cfg,
+            &self.tp,
+            cols,
+            self.dtype,
+            out,
+            ids,
+            labels,
+            mask,
+            self.aux_batch.as_ref(),
         )?
         .0)
     }

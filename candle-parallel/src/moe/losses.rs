@@ -1,6 +1,7 @@
 //! Auxiliary losses of MoE routing: load balancing (Hugging Face Mixtral's over all layers,
 //! Switch / Megatron's per layer) and the router z-loss.
 
+use crate::comm::{Comm, ReduceOp};
 use crate::ops;
 use candle_core::{bail, DType, Result, Tensor, D};
 
@@ -27,8 +28,21 @@ pub fn hf_load_balancing_loss_masked(
     num_experts: usize,
     top_k: usize,
 ) -> Result<Tensor> {
+    hf_load_balancing_loss_over(logits, mask, num_experts, top_k, None)
+}
+
+/// [`hf_load_balancing_loss_masked`] over the whole batch that `batch` splits (its ranks hold
+/// different tokens: dp, and ep with all-to-all dispatch; `None`: this rank's tokens only).
+/// See [`hf_load_balancing_loss_of_token_sums_over`].
+pub fn hf_load_balancing_loss_over(
+    logits: &[Tensor],
+    mask: Option<&Tensor>,
+    num_experts: usize,
+    top_k: usize,
+    batch: Option<&Comm>,
+) -> Result<Tensor> {
     let (p, f) = hf_load_balancing_token_sums(logits, num_experts, top_k)?;
-    hf_load_balancing_loss_of_token_sums(&p, &f, mask, logits.len())
+    hf_load_balancing_loss_of_token_sums_over(&p, &f, mask, logits.len(), batch)
 }
 
 /// The per-token sums behind [`hf_load_balancing_loss`] over some of the layers (say, one
@@ -88,6 +102,24 @@ pub fn hf_load_balancing_loss_of_token_sums(
     mask: Option<&Tensor>,
     layers: usize,
 ) -> Result<Tensor> {
+    hf_load_balancing_loss_of_token_sums_over(p, f, mask, layers, None)
+}
+
+/// [`hf_load_balancing_loss_of_token_sums`] over the whole batch that `batch` splits (the
+/// global-batch balance of Qiu et al. 2025, Megatron-Core's `global_aux_loss`): each expert's
+/// choice counts, the probability sums and the token count are summed over `batch` before the
+/// loss, so any layout computes Hugging Face's loss of the whole batch. What a rank returns is
+/// its share of that loss (its own tokens' probabilities, differentiable, against the global
+/// counts) times `batch`'s size, the convention of the gradients averaged over the replicas:
+/// the ranks' values average to the global loss and their gradients to its gradient.
+/// Collective over `batch`. `None`: this rank's tokens only (the local loss).
+pub fn hf_load_balancing_loss_of_token_sums_over(
+    p: &Tensor,
+    f: &Tensor,
+    mask: Option<&Tensor>,
+    layers: usize,
+    batch: Option<&Comm>,
+) -> Result<Tensor> {
     let (n, num_experts) = p.dims2()?;
     if layers == 0 {
         bail!("hf_load_balancing_loss: sums over 0 layers")
@@ -118,9 +150,27 @@ pub fn hf_load_balancing_loss_of_token_sums(
             (m.matmul(p)?.squeeze(0)?, m.matmul(f)?.squeeze(0)?, kept)
         }
     };
+    let (f, kept, replicas) = match batch.filter(|c| c.size() > 1) {
+        None => (f.detach(), kept, 1.0),
+        Some(c) => {
+            // The counts and the kept tokens of every rank; the probabilities stay local (their
+            // gradient is this rank's part).
+            let stats = Tensor::cat(
+                &[
+                    f.detach().to_dtype(DType::F64)?,
+                    Tensor::new(&[kept], f.device())?,
+                ],
+                0,
+            )?;
+            let all = c.all_reduce(&stats, ReduceOp::Sum)?;
+            let f = all.narrow(0, 0, k * num_experts)?.to_dtype(DType::F32)?;
+            let kept = all.narrow(0, k * num_experts, 1)?.to_vec1::<f64>()?[0];
+            (f, kept, c.size() as f64)
+        }
+    };
     let total = kept * layers as f64;
-    let f = (f.reshape((k, num_experts))?.detach() / total)?;
-    f.broadcast_mul(&(p / total)?.unsqueeze(0)?)?.sum_all()? * num_experts as f64
+    let f = (f.reshape((k, num_experts))? / total)?;
+    f.broadcast_mul(&(p / total)?.unsqueeze(0)?)?.sum_all()? * (num_experts as f64 * replicas)
 }
 
 /// Router z-loss: mean over tokens of `logsumexp(logits)²`.

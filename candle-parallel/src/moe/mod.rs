@@ -41,6 +41,7 @@ pub use experts::{Expert, LocalExperts};
 pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
 pub use losses::{
     hf_load_balancing_loss, hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
+    hf_load_balancing_loss_of_token_sums_over, hf_load_balancing_loss_over,
     hf_load_balancing_token_sums, router_z_loss, switch_aux_loss,
 };
 pub use plan::{plan_tokens, Plan};
