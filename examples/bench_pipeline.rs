@@ -61,6 +61,18 @@ struct Row {
     peak_bytes: usize,
 }
 
+/// Rank `r`'s model chunks under `schedule`, the layers of `stages`.
+fn rank_chunks(
+    schedule: &Schedule,
+    stages: &[std::ops::Range<usize>],
+    r: usize,
+    hidden: usize,
+) -> Result<Vec<TanhMlp>> {
+    (0..schedule.chunks())
+        .map(|c| TanhMlp::new(stages[schedule.stage_of(r, c)].clone(), hidden, 7))
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -91,11 +103,7 @@ fn main() -> Result<()> {
                 let per_rank = Launcher::new(p).mesh(MeshShape::new().pp(p)).run(|ctx| {
                     let pp = ctx.mesh()?.pp().clone();
                     let r = pp.rank();
-                    let chunks: Vec<TanhMlp> = (0..schedule.chunks())
-                        .map(|c| {
-                            TanhMlp::new(stages[schedule.stage_of(r, c)].clone(), args.hidden, 7)
-                        })
-                        .collect::<Result<_>>()?;
+                    let chunks = rank_chunks(&schedule, &stages, r, args.hidden)?;
                     let vars: Vec<Var> = chunks.iter().flat_map(TanhMlp::vars).collect();
                     let refs: Vec<&dyn Module> = chunks.iter().map(|c| c as &dyn Module).collect();
                     let mut times = Vec::new();
@@ -206,9 +214,7 @@ fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> R
     let per_rank = launcher.run(|ctx| {
         let pp = ctx.mesh()?.pp().clone();
         let r = pp.rank();
-        let chunks: Vec<TanhMlp> = (0..schedule.chunks())
-            .map(|c| TanhMlp::new(stages[schedule.stage_of(r, c)].clone(), args.hidden, 7))
-            .collect::<Result<_>>()?;
+        let chunks = rank_chunks(schedule, &stages, r, args.hidden)?;
         let vars: Vec<Var> = chunks.iter().flat_map(TanhMlp::vars).collect();
         let refs: Vec<&dyn Module> = chunks.iter().map(|c| c as &dyn Module).collect();
         let mut times = [Vec::new(), Vec::new()];

@@ -32,14 +32,15 @@ use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraBuilder, LoraConfig};
-use candle_parallel::moe::Dispatch;
+use candle_parallel::moe::{AuxScope, Dispatch};
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule, ScheduleKind};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
 use candle_parallel_models::llama::IGNORE_INDEX;
 use candle_parallel_models::mixtral::{
-    counted_targets, Mixtral, MixtralConfig, MixtralStage, ShardedMixtral, Targets,
+    counted_targets, Mixtral, MixtralConfig, MixtralModel as Model, MixtralStage, ShardedMixtral,
+    Targets,
 };
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
@@ -135,7 +136,7 @@ struct Args {
     no_overlap: bool,
     /// The load-balancing loss over the whole global batch (global: any layout computes
     /// Hugging Face's loss of the whole batch) or over each rank's tokens (local).
-    #[arg(long, value_enum, default_value_t = AuxScope::Global)]
+    #[arg(long, default_value_t = AuxScope::Global)]
     aux_scope: AuxScope,
     /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
@@ -661,52 +662,6 @@ fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> Str
         xl = h - pad + 30.0,
         pts = line.join(" ")
     )
-}
-
-/// Over which tokens the load-balancing loss counts each expert's load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum AuxScope {
-    /// The whole global batch: counts summed over every rank holding other tokens (dp, and ep
-    /// with all-to-all dispatch) before the loss, so every layout computes Hugging Face's loss
-    /// of the whole batch (Megatron-Core's global_aux_loss).
-    Global,
-    /// Each rank's own tokens (Megatron's default).
-    Local,
-}
-
-/// The model as a rank holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
-enum Model {
-    Whole(Box<Mixtral>),
-    Sharded(Box<ShardedMixtral>),
-}
-
-impl Model {
-    /// After each step: DeepSeek-style routers move their selection bias against the load
-    /// over the batch group (nothing for Mixtral's router; ZeRO 3 refuses such routers).
-    fn update_router_biases(&self, batch: &candle_parallel::Comm) -> Result<()> {
-        if let Model::Whole(m) = self {
-            m.update_router_biases(batch)?;
-        }
-        Ok(())
-    }
-
-    /// The training steps' load-balancing loss over the whole batch (`--aux-scope global`:
-    /// summed over `batch`, the ranks holding other tokens) or over each rank's tokens.
-    fn set_aux_scope(&mut self, scope: AuxScope, batch: &candle_parallel::Comm) {
-        let batch = (scope == AuxScope::Global).then(|| batch.clone());
-        match self {
-            Model::Whole(m) => m.set_aux_scope(batch),
-            Model::Sharded(m) => m.set_aux_scope(batch),
-        }
-    }
-
-    /// What checkpoints save beside the parameters: the routers' selection biases.
-    fn buffers(&self) -> Vec<(String, Tensor)> {
-        match self {
-            Model::Whole(m) => m.router_buffers(),
-            Model::Sharded(_) => Vec::new(),
-        }
-    }
 }
 
 /// `base`, or `base.1`, `base.2`, ...: the first that does not exist (checkpoints are never

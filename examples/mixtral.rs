@@ -30,14 +30,15 @@ use candle_parallel::checkpoint::{
     full_gradients_of, merge_on_all, ParallelVarBuilder, SaveOptions,
 };
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
-use candle_parallel::moe::Dispatch;
+use candle_parallel::moe::{AuxScope, Dispatch};
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_layers, Schedule, ScheduleKind};
 use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
 use candle_parallel::MeshDim;
 use candle_parallel::{ops, Launcher, MeshShape};
 use candle_parallel_models::mixtral::{
-    counted_targets, Mixtral, MixtralConfig, MixtralStage, ShardedMixtral, Targets,
+    counted_targets, Mixtral, MixtralConfig, MixtralModel as Model, MixtralStage, ShardedMixtral,
+    Targets,
 };
 use clap::{Parser, Subcommand};
 use std::collections::HashMap;
@@ -160,7 +161,7 @@ enum Command {
         no_overlap: bool,
         /// The load-balancing loss over the whole global batch (global: any layout computes
         /// Hugging Face's loss of the whole batch) or over each rank's tokens (local).
-        #[arg(long, value_enum, default_value_t = AuxScope::Global)]
+        #[arg(long, default_value_t = AuxScope::Global)]
         aux_scope: AuxScope,
         /// Output safetensors file.
         #[arg(long, default_value = "params.safetensors")]
@@ -586,52 +587,6 @@ fn run_train(command: Command) -> Result<()> {
         out.display()
     );
     Ok(())
-}
-
-/// Over which tokens the load-balancing loss counts each expert's load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum AuxScope {
-    /// The whole global batch: counts summed over every rank holding other tokens (dp, and ep
-    /// with all-to-all dispatch) before the loss, so every layout computes Hugging Face's loss
-    /// of the whole batch (Megatron-Core's global_aux_loss).
-    Global,
-    /// Each rank's own tokens (Megatron's default).
-    Local,
-}
-
-/// The model as `train` holds it: whole parameters (ZeRO 0-2) or sharded (ZeRO 3).
-enum Model {
-    Whole(Box<Mixtral>),
-    Sharded(Box<ShardedMixtral>),
-}
-
-impl Model {
-    /// After each step: DeepSeek-style routers move their selection bias against the load
-    /// over the batch group (nothing for Mixtral's router; ZeRO 3 refuses such routers).
-    fn update_router_biases(&self, batch: &candle_parallel::Comm) -> Result<()> {
-        if let Model::Whole(m) = self {
-            m.update_router_biases(batch)?;
-        }
-        Ok(())
-    }
-
-    /// The training steps' load-balancing loss over the whole batch (`--aux-scope global`:
-    /// summed over `batch`, the ranks holding other tokens) or over each rank's tokens.
-    fn set_aux_scope(&mut self, scope: AuxScope, batch: &candle_parallel::Comm) {
-        let batch = (scope == AuxScope::Global).then(|| batch.clone());
-        match self {
-            Model::Whole(m) => m.set_aux_scope(batch),
-            Model::Sharded(m) => m.set_aux_scope(batch),
-        }
-    }
-
-    /// What checkpoints save beside the parameters: the routers' selection biases.
-    fn buffers(&self) -> Vec<(String, Tensor)> {
-        match self {
-            Model::Whole(m) => m.router_buffers(),
-            Model::Sharded(_) => Vec::new(),
-        }
-    }
 }
 
 /// A batch file's contents, checked.

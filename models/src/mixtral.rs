@@ -18,7 +18,7 @@ use candle_parallel::data_parallel::{BatchGroups, GradSink, Recompute};
 use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
     hf_load_balancing_loss_of_token_sums_over, hf_load_balancing_loss_over,
-    hf_load_balancing_token_sums, moe_layer, Dispatch, ExpertLoad, MoeLayer, MoeStats,
+    hf_load_balancing_token_sums, moe_layer, AuxScope, Dispatch, ExpertLoad, MoeLayer, MoeStats,
     RouterConfig, Scoring,
 };
 use candle_parallel::pipeline::{ModelSchedule, Schedule, ScheduleKind, StageTape, UnitStage};
@@ -1926,6 +1926,41 @@ impl StageTape for ShardedTape {
             inputs.truncate(j.saturating_sub(1));
         }
         Ok(seed)
+    }
+}
+
+/// A Mixtral as a training job holds it: whole parameters (ZeRO 0–2) or partitioned (ZeRO 3).
+pub enum MixtralModel {
+    Whole(Box<Mixtral>),
+    Sharded(Box<ShardedMixtral>),
+}
+
+impl MixtralModel {
+    /// After each step: DeepSeek-style routers move their selection bias against the load
+    /// over `batch` ([`Mixtral::update_router_biases`]; ZeRO 3 refuses such routers).
+    pub fn update_router_biases(&self, batch: &Comm) -> Result<()> {
+        if let Self::Whole(m) = self {
+            m.update_router_biases(batch)?;
+        }
+        Ok(())
+    }
+
+    /// The training steps' load-balancing loss over the whole batch `batch` splits
+    /// ([`AuxScope::Global`]) or over each rank's tokens.
+    pub fn set_aux_scope(&mut self, scope: AuxScope, batch: &Comm) {
+        let batch = (scope == AuxScope::Global).then(|| batch.clone());
+        match self {
+            Self::Whole(m) => m.set_aux_scope(batch),
+            Self::Sharded(m) => m.set_aux_scope(batch),
+        }
+    }
+
+    /// What checkpoints save beside the parameters: the routers' selection biases.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Self::Whole(m) => m.router_buffers(),
+            Self::Sharded(_) => Vec::new(),
+        }
     }
 }
 

@@ -5,6 +5,40 @@ use crate::comm::{Comm, ReduceOp};
 use crate::ops;
 use candle_core::{bail, DType, Result, Tensor, D};
 
+/// Over which tokens a training step's load-balancing loss counts each expert's load
+/// (`--aux-scope`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AuxScope {
+    /// The whole global batch: counts summed over every rank holding other tokens (dp, and ep
+    /// with all-to-all dispatch) before the loss, so every layout computes Hugging Face's loss
+    /// of the whole batch (Megatron-Core's `global_aux_loss`; [`hf_load_balancing_loss_over`]).
+    #[default]
+    Global,
+    /// Each rank's own tokens (Megatron's default).
+    Local,
+}
+
+impl std::fmt::Display for AuxScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Global => "global",
+            Self::Local => "local",
+        })
+    }
+}
+
+impl std::str::FromStr for AuxScope {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "global" => Ok(Self::Global),
+            "local" => Ok(Self::Local),
+            other => bail!("unknown aux scope {other:?}: use global or local"),
+        }
+    }
+}
+
 /// Hugging Face Mixtral's `load_balancing_loss_func`: over the router logits of all layers
 /// (each `[N, E]` for the same `N` tokens), `E · Σ_e f[e] · P[e]` with `f` the fraction of
 /// top-k choices that are `e` and `P` the mean softmax probability. Unscaled (multiply by

@@ -42,7 +42,7 @@ pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
 pub use losses::{
     hf_load_balancing_loss, hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
     hf_load_balancing_loss_of_token_sums_over, hf_load_balancing_loss_over,
-    hf_load_balancing_token_sums, router_z_loss, switch_aux_loss,
+    hf_load_balancing_token_sums, router_z_loss, switch_aux_loss, AuxScope,
 };
 pub use plan::{plan_tokens, Plan};
 pub use router::{DropPolicy, ExpertLoad, Router, RouterConfig, Routing, Scoring};
