@@ -888,7 +888,10 @@ impl ZeroOptimizer {
             bias2: bc2,
             grad_scale: scale * factor,
         };
-        for (b, gp) in self.buckets.iter().zip(parts) {
+        // A bucket's gathered parameters are written while the next bucket's AdamW runs: its
+        // all-gather goes on the replicas' lane (with `overlap_comm`), the same values.
+        let mut gathering: Option<(usize, Work<Tensor>, usize)> = None;
+        for (bi, (b, gp)) in self.buckets.iter().zip(parts).enumerate() {
             // The updated whole parameters' partition, to be written back (gathered first at
             // stages 1 and 2); a shard is updated where it is.
             let whole_out = match self.fused_update(b, &gp, &fused_step)? {
@@ -896,19 +899,52 @@ impl ZeroOptimizer {
                 None => self.composite_update(b, &gp, scale * factor, &device)?,
             };
             if let Some(w) = whole_out {
-                write_whole(
-                    &self.vars,
-                    &self.whole,
-                    &self.infos,
-                    &b.segs,
-                    b.start,
-                    &w,
-                    b.comm.as_ref(),
-                    stage,
-                )?;
+                let started = self.gather_whole(b, w);
+                if let Some((prev, work, offset)) = gathering.replace((bi, started.0, started.1)) {
+                    self.write_gathered(prev, &work.wait()?, offset)?;
+                }
             }
         }
+        if let Some((prev, work, offset)) = gathering {
+            self.write_gathered(prev, &work.wait()?, offset)?;
+        }
         Ok(norm)
+    }
+
+    /// Starts gathering bucket `b`'s updated whole parameters from the partitions `w` (at
+    /// stages 1 and 2, over the replicas; at stage 0 `w` is the bucket itself): the work and
+    /// where the gathered tensor starts in the bucket.
+    fn gather_whole(&self, b: &Bucket, w: Tensor) -> (Work<Tensor>, usize) {
+        let dtype = self.infos[b.segs[0].info].dtype;
+        let uniform = b.segs.iter().all(|s| self.infos[s.info].dtype == dtype);
+        match (&b.comm, self.cfg.stage) {
+            (Some(c), 1..) => {
+                let gather = move |c: &Comm| {
+                    let part = if uniform { w.to_dtype(dtype)? } else { w };
+                    c.all_gather(&part, 0)
+                };
+                let work = match self.cfg.overlap_comm {
+                    true => c.start("parameter all-gather", gather),
+                    false => Work::done(gather(c)),
+                };
+                (work, 0)
+            }
+            _ => (Work::done(Ok(w)), b.start),
+        }
+    }
+
+    /// Writes bucket `bi`'s gathered whole parameters (`full`, from element `offset` of the
+    /// bucket) into their variables.
+    fn write_gathered(&self, bi: usize, full: &Tensor, offset: usize) -> Result<()> {
+        for s in &self.buckets[bi].segs {
+            let info = &self.infos[s.info];
+            let x = full
+                .narrow(0, s.offset - offset, s.len)?
+                .reshape(info.dims.as_slice())?
+                .to_dtype(info.dtype)?;
+            self.vars[self.whole[s.info].expect("a whole parameter")].set(&x)?;
+        }
+        Ok(())
     }
 
     /// AdamW on bucket `b`'s partition with the CPU's fused passes, in place where the
@@ -1521,44 +1557,6 @@ fn flat_of_vars(
         out.slice_set(&piece, 0, lo - start)?;
     }
     Ok(out)
-}
-
-/// Sets whole parameters from the updated partition `w` (elements `start..` of the bucket): at
-/// stages 1 and 2 every rank's partition is all-gathered first, in the parameters' dtype when
-/// they share one (half the bytes for bf16).
-#[allow(clippy::too_many_arguments)]
-fn write_whole(
-    vars: &[Var],
-    whole: &[Option<usize>],
-    infos: &[Info],
-    segs: &[Seg],
-    start: usize,
-    w: &Tensor,
-    comm: Option<&Comm>,
-    stage: u8,
-) -> Result<()> {
-    let dtype = infos[segs[0].info].dtype;
-    let uniform = segs.iter().all(|s| infos[s.info].dtype == dtype);
-    let (full, offset) = match (comm, stage) {
-        (Some(c), 1..) => {
-            let part = if uniform {
-                w.to_dtype(dtype)?
-            } else {
-                w.clone()
-            };
-            (c.all_gather(&part, 0)?, 0)
-        }
-        _ => (w.clone(), start),
-    };
-    for s in segs {
-        let info = &infos[s.info];
-        let x = full
-            .narrow(0, s.offset - offset, s.len)?
-            .reshape(info.dims.as_slice())?
-            .to_dtype(info.dtype)?;
-        vars[whole[s.info].expect("a whole parameter")].set(&x)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
