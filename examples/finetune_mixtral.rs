@@ -729,6 +729,7 @@ fn main() -> Result<()> {
         ))
     })?;
     let (cfg, tok) = prepare_model(&args)?;
+    cfg.check_aux_loss()?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
     let lora = (args.lora_rank > 0).then(|| LoraConfig {
         rank: args.lora_rank,
@@ -1001,7 +1002,10 @@ fn main() -> Result<()> {
                 Model::Sharded(m) => ops::with_selective_recompute(args.recompute == Recompute::Selective, || m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches))?,
             };
             let r = trainer.step_accumulated(g.ce_loss)?;
-            model.update_router_biases(&batch_comm)?;
+            // The base (router biases included) stays frozen under LoRA.
+            if lora.is_none() {
+                model.update_router_biases(&batch_comm)?;
+            }
             history.push(r);
             if step % args.eval_every == 0 || step == args.steps {
                 let value = eval()?.0;

@@ -368,6 +368,7 @@ fn run_train(command: Command) -> Result<()> {
     if let Some(c) = aux_coef {
         cfg.router_aux_loss_coef = c;
     }
+    cfg.check_aux_loss()?;
     // Everything that can be wrong with the input, before any rank starts.
     for (flag, v) in [
         ("--steps", steps),

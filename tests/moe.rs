@@ -680,6 +680,49 @@ fn group_limited_routing_and_scaling_follow_deepseek_v3() -> Result<()> {
     }
     let sums = r.weights.sum(1)?.to_vec1::<f32>()?;
     assert!(sums.iter().all(|s| (s - 2.5).abs() < 1e-5), "{sums:?}");
+    // DeepSeek-V2's group_limited_greedy: a group scores its best member.
+    let cfg = RouterConfig {
+        group_score_members: 1,
+        ..RouterConfig::deepseek_v3(e, 2, 4, 1, 1.0)
+    };
+    let r = Router::new(seeded(&[e, h], 9, DType::F32)?, cfg)?.route(&x, false)?;
+    let (experts, scores) = (r.experts.to_vec2::<u32>()?, r.scores.to_vec2::<f32>()?);
+    for (row, s) in experts.iter().zip(&scores) {
+        let best = (0..4)
+            .max_by(|&a, &b| {
+                s[2 * a]
+                    .max(s[2 * a + 1])
+                    .total_cmp(&s[2 * b].max(s[2 * b + 1]))
+            })
+            .unwrap();
+        assert_eq!(row[0] as usize / 2, best, "{row:?} {s:?}");
+    }
+    // From a config: groups only with the group-limited methods, as transformers.
+    use candle_parallel_models::mixtral::MixtralConfig;
+    let with = |method: &str| -> Result<RouterConfig> {
+        let mut c = MixtralConfig::tiny();
+        c.num_local_experts = 8;
+        for (k, v) in [
+            ("topk_method", serde_json::json!(method)),
+            ("n_group", serde_json::json!(4)),
+            ("topk_group", serde_json::json!(2)),
+        ] {
+            c.extra.insert(k.into(), v);
+        }
+        c.router_config()
+    };
+    assert_eq!(with("greedy")?.n_group, 1);
+    let v2 = with("group_limited_greedy")?;
+    assert_eq!(
+        (v2.n_group, v2.topk_group, v2.group_score_members),
+        (4, 2, 1)
+    );
+    let v3 = with("noaux_tc")?;
+    assert!(v3.expert_bias && v3.group_score_members == 2 && v3.n_group == 4);
+    assert!(with("random")
+        .unwrap_err()
+        .to_string()
+        .contains("topk_method \"random\""));
     for (bad, want) in [
         (
             RouterConfig::deepseek_v3(8, 2, 3, 1, 1.0),

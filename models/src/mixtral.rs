@@ -170,15 +170,22 @@ impl MixtralConfig {
                 bail!("config: scoring_func {other:?} is not supported: use softmax or sigmoid")
             }
         }
-        match text("topk_method") {
-            None | Some("greedy") | Some("group_limited_greedy") => {}
+        // Groups count for the group-limited methods only, as in transformers.
+        let grouped = match text("topk_method") {
+            None | Some("greedy") => false,
+            Some("group_limited_greedy") => {
+                // DeepSeek-V2: a group scores its best expert.
+                r.group_score_members = 1;
+                true
+            }
             Some("noaux_tc") => {
                 r.expert_bias = true;
                 r.bias_update_rate = number("router_bias_update_rate")?.unwrap_or(1e-3);
+                true
             }
             Some(other) => bail!("config: topk_method {other:?} is not supported: use greedy, group_limited_greedy or noaux_tc"),
-        }
-        if let Some(g) = count("n_group")? {
+        };
+        if let Some(g) = count("n_group")?.filter(|_| grouped) {
             r.n_group = g;
             r.topk_group = count("topk_group")?.unwrap_or(g);
         }
@@ -193,6 +200,22 @@ impl MixtralConfig {
         r.check()
             .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
         Ok(r)
+    }
+
+    /// For training: refuses Hugging Face Mixtral's load-balancing loss beside another router
+    /// (that loss counts a softmax top-k choice over all experts, which a sigmoid, grouped or
+    /// biased router does not make). Inference needs no such check.
+    pub fn check_aux_loss(&self) -> Result<()> {
+        let r = self.router_config()?;
+        let mixtral_routing =
+            r.scoring == Scoring::SoftmaxThenTopK && r.n_group == 1 && !r.expert_bias;
+        if !mixtral_routing && self.router_aux_loss_coef != 0.0 {
+            bail!(
+                "config: router_aux_loss_coef {} adds Mixtral's load-balancing loss, which does not fit this config's routing (scoring_func / topk_method / n_group; DeepSeek-style routing balances by its selection bias): set router_aux_loss_coef to 0 (mixtral train: --aux-coef 0)",
+                self.router_aux_loss_coef
+            )
+        }
+        Ok(())
     }
 
     /// The attention part, as a Llama config.
@@ -257,6 +280,8 @@ pub struct Mixtral {
     schedule: ModelSchedule,
     /// The ranks the training steps' load-balancing loss sums over (`None`: this rank's).
     aux_batch: Option<Comm>,
+    /// The expert-parallel group (its ranks meet in every MoE layer).
+    ep: Comm,
 }
 
 impl Mixtral {
@@ -325,6 +350,7 @@ impl Mixtral {
             tp: tp.clone(),
             schedule: ModelSchedule::default(),
             aux_batch: None,
+            ep: ep.clone(),
         })
     }
 
@@ -903,7 +929,9 @@ impl Mixtral {
                 Ok(l.loss)
             },
         )?;
-        self.schedule.observe(pp, &out.executed)?;
+        // Every rank that meets this one inside a stage (tp, ep) plans the same order.
+        self.schedule
+            .observe(&[pp, &self.tp, &self.ep], &out.executed)?;
         let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
         let mean = pipeline_losses(&values, pp)?;
         Ok(BatchGrads {
@@ -1585,6 +1613,7 @@ impl ShardedMixtral {
         if cfg.router_config()?.expert_bias {
             bail!("ZeRO 3 rebuilds each layer, its router included, from the gathered parameters at every use, so a router's selection bias (topk_method noaux_tc) would not persist: train this model at ZeRO 0, 1 or 2")
         }
+
         if cfg.tie_word_embeddings {
             bail!("ZeRO stage 3: a head tied to the embedding would be two copies in the first and last layers' sharded modules; train this model at stage 0, 1 or 2")
         }
@@ -1679,6 +1708,17 @@ impl ShardedMixtral {
         labels: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<(MixtralLosses, Tensor)> {
+        self.losses_over(ids, labels, attention_mask, None)
+    }
+
+    /// [`ShardedMixtral::losses`] with the load-balancing loss over `aux_batch`.
+    fn losses_over(
+        &self,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        aux_batch: Option<&Comm>,
+    ) -> Result<(MixtralLosses, Tensor)> {
         check_attention_mask(attention_mask, ids, labels)?;
         self.check_whole("losses")?;
         let x = self.forward_stage(ids)?;
@@ -1692,7 +1732,7 @@ impl ShardedMixtral {
             ids,
             labels,
             attention_mask,
-            None,
+            aux_batch,
         )
     }
 
@@ -1709,7 +1749,9 @@ impl ShardedMixtral {
         self.check_whole("batch_grads")?;
         let mb = MicroBatches::new(ids, targets, micro_batches)?;
         accumulate(vars, &mb, |i, ids| {
-            Ok(self.losses(ids, mb.label(i), mb.mask(i))?.0)
+            Ok(self
+                .losses_over(ids, mb.label(i), mb.mask(i), self.aux_batch.as_ref())?
+                .0)
         })
     }
 

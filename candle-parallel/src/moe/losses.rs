@@ -178,7 +178,9 @@ pub fn hf_load_balancing_loss_of_token_sums_over(
             }
             let m = m.flatten_all()?.to_dtype(DType::F32)?.reshape((1, n))?;
             let kept = m.sum_all()?.to_scalar::<f32>()? as f64;
-            if kept == 0.0 {
+            // Over a batch group a rank without tokens still joins the sums (its peers wait
+            // for it); the whole batch must keep one.
+            if kept == 0.0 && batch.is_none_or(|c| c.size() < 2) {
                 bail!("hf_load_balancing_loss: the attention mask keeps no token")
             }
             (m.matmul(p)?.squeeze(0)?, m.matmul(f)?.squeeze(0)?, kept)
@@ -199,6 +201,11 @@ pub fn hf_load_balancing_loss_of_token_sums_over(
             let all = c.all_reduce(&stats, ReduceOp::Sum)?;
             let f = all.narrow(0, 0, k * num_experts)?.to_dtype(DType::F32)?;
             let kept = all.narrow(0, k * num_experts, 1)?.to_vec1::<f64>()?[0];
+            if kept == 0.0 {
+                bail!(
+                    "hf_load_balancing_loss: the attention masks of the whole batch keep no token"
+                )
+            }
             (f, kept, c.size() as f64)
         }
     };

@@ -51,6 +51,9 @@ pub struct RouterConfig {
     /// the `topk_group` groups whose two best (biased) scores sum highest (DeepSeek-V3). 1: off.
     pub n_group: usize,
     pub topk_group: usize,
+    /// A group's score: the sum of its this many best members (2: DeepSeek-V3's `noaux_tc`;
+    /// 1, the best member alone: DeepSeek-V2's `group_limited_greedy`).
+    pub group_score_members: usize,
     /// The chosen experts' weights are multiplied by this (after renormalising).
     pub routed_scaling_factor: f64,
 }
@@ -70,6 +73,7 @@ impl RouterConfig {
             bias_update_rate: 0.0,
             n_group: 1,
             topk_group: 1,
+            group_score_members: 2,
             routed_scaling_factor: 1.0,
         }
     }
@@ -269,12 +273,12 @@ impl Router {
         let (t, e) = choice.dims2()?;
         let (g, k) = (self.cfg.n_group, self.cfg.top_k);
         let choice = if g > 1 {
-            // A group's score: the sum of its two best members (one for groups of one).
+            // A group's score: the sum of its best members (fewer in smaller groups).
             let per = e / g;
             let grouped = choice.reshape((t, g, per))?;
             let best = grouped
                 .arg_sort_last_dim(false)?
-                .narrow(2, 0, per.min(2))?
+                .narrow(2, 0, per.min(self.cfg.group_score_members.max(1)))?
                 .contiguous()?;
             let group_scores = grouped.gather(&best, 2)?.sum(2)?;
             let groups = group_scores

@@ -75,6 +75,9 @@ impl std::str::FromStr for ScheduleKind {
 pub struct ModelSchedule {
     kind: ScheduleKind,
     measured: Mutex<Option<ActionCosts>>,
+    /// The last schedule built, by (ranks, micro-batches, costs): zero-bubble's list
+    /// scheduling runs once, not every step.
+    built: Mutex<Option<((usize, usize, ActionCosts), Schedule)>>,
 }
 
 impl Clone for ModelSchedule {
@@ -82,6 +85,7 @@ impl Clone for ModelSchedule {
         Self {
             kind: self.kind,
             measured: Mutex::new(*lock(&self.measured)),
+            built: Mutex::new(lock(&self.built).clone()),
         }
     }
 }
@@ -96,6 +100,7 @@ impl ModelSchedule {
         Ok(Self {
             kind,
             measured: Mutex::new(None),
+            built: Mutex::new(None),
         })
     }
 
@@ -110,6 +115,22 @@ impl ModelSchedule {
 
     /// This step's schedule for `ranks` pipeline ranks and `micro_batches`.
     pub fn schedule(&self, ranks: usize, micro_batches: usize) -> Result<Schedule> {
+        let key = (
+            ranks,
+            micro_batches,
+            self.measured_costs().unwrap_or_default(),
+        );
+        if let Some((k, s)) = lock(&self.built).as_ref() {
+            if *k == key {
+                return Ok(s.clone());
+            }
+        }
+        let s = self.build(ranks, micro_batches)?;
+        *lock(&self.built) = Some((key, s.clone()));
+        Ok(s)
+    }
+
+    fn build(&self, ranks: usize, micro_batches: usize) -> Result<Schedule> {
         match self.kind {
             ScheduleKind::GPipe => Schedule::gpipe(ranks, micro_batches),
             ScheduleKind::OneFOneB => Schedule::one_f_one_b(ranks, micro_batches),
@@ -125,9 +146,11 @@ impl ModelSchedule {
     }
 
     /// After a step: at zero-bubble, the first time, the mean durations of this rank's F, I
-    /// and W actions, the slowest rank's of each over `pp` (collective over `pp`; every rank
-    /// then plans the same schedule), become the costs later steps are planned for.
-    pub fn observe(&self, pp: &Comm, executed: &[Executed]) -> Result<()> {
+    /// and W actions, the slowest rank's of each over every group in `agree_over` in turn
+    /// (the pipeline group and every group whose ranks meet inside a stage — tp, ep — so that
+    /// all of them plan the same schedule; collective over each), become the costs later
+    /// steps are planned for.
+    pub fn observe(&self, agree_over: &[&Comm], executed: &[Executed]) -> Result<()> {
         if self.kind != ScheduleKind::ZeroBubble || self.measured_costs().is_some() {
             return Ok(());
         }
@@ -144,9 +167,13 @@ impl ModelSchedule {
             counts[k] += 1;
         }
         let means: Vec<f64> = (0..3).map(|k| sums[k] / counts[k].max(1) as f64).collect();
-        let agreed = pp
-            .all_reduce(&Tensor::new(means.as_slice(), pp.device())?, ReduceOp::Max)?
-            .to_vec1::<f64>()?;
+        let mut agreed = means;
+        // The max over each group in turn: the max over all of their ranks together.
+        for c in agree_over {
+            agreed = c
+                .all_reduce(&Tensor::new(agreed.as_slice(), c.device())?, ReduceOp::Max)?
+                .to_vec1::<f64>()?;
+        }
         // A stage too fast to time keeps unit costs.
         let costs = ActionCosts::from_seconds(agreed[0], agreed[1], agreed[2]).unwrap_or_default();
         tracing::info!(
