@@ -56,6 +56,9 @@ impl std::str::FromStr for ScheduleKind {
     }
 }
 
+/// What a built schedule is for: ranks, micro-batches, action costs.
+type BuiltFor = (usize, usize, ActionCosts);
+
 /// A model's schedule setting for its training steps: the kind, and for zero-bubble the F, I
 /// and W costs measured in the first step it ran (agreed over the pipeline group), which the
 /// later steps are planned for, as the zero-bubble authors profile them.
@@ -77,7 +80,7 @@ pub struct ModelSchedule {
     measured: Mutex<Option<ActionCosts>>,
     /// The last schedule built, by (ranks, micro-batches, costs): zero-bubble's list
     /// scheduling runs once, not every step.
-    built: Mutex<Option<((usize, usize, ActionCosts), Schedule)>>,
+    built: Mutex<Option<(BuiltFor, Schedule)>>,
 }
 
 impl Clone for ModelSchedule {
