@@ -127,7 +127,7 @@ fn choose(logits: &Tensor, temperature: f64, top_p: f64, rng: &mut Rng) -> Resul
 /// The model, whichever architecture the config names.
 enum Model {
     Llama(Llama),
-    Mixtral(Mixtral),
+    Mixtral(Box<Mixtral>),
 }
 
 impl Model {
@@ -254,13 +254,13 @@ fn main() -> Result<()> {
         let model = match &cfg {
             Config::Llama(c) => Model::Llama(Llama::new(c, vb, mesh.tp())?),
             // One sequence: the ep ranks share its tokens.
-            Config::Mixtral(c) => Model::Mixtral(Mixtral::new(
+            Config::Mixtral(c) => Model::Mixtral(Box::new(Mixtral::new(
                 c,
                 vb,
                 mesh.ep(),
                 mesh.tp(),
                 Dispatch::AllReduce,
-            )?),
+            )?)),
         };
         let mut cache = model.new_cache();
         let mut rng = Rng(a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
