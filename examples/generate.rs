@@ -126,7 +126,7 @@ fn choose(logits: &Tensor, temperature: f64, top_p: f64, rng: &mut Rng) -> Resul
 
 /// The model, whichever architecture the config names.
 enum Model {
-    Llama(Llama),
+    Llama(Box<Llama>),
     Mixtral(Box<Mixtral>),
 }
 
@@ -252,7 +252,7 @@ fn main() -> Result<()> {
             (None, None) => ParallelVarBuilder::from_init(a.seed, DType::F32, ctx.device()),
         };
         let model = match &cfg {
-            Config::Llama(c) => Model::Llama(Llama::new(c, vb, mesh.tp())?),
+            Config::Llama(c) => Model::Llama(Box::new(Llama::new(c, vb, mesh.tp())?)),
             // One sequence: the ep ranks share its tokens.
             Config::Mixtral(c) => Model::Mixtral(Box::new(Mixtral::new(
                 c,
