@@ -32,6 +32,7 @@ use candle_parallel::checkpoint::{ParallelVarBuilder, SaveOptions};
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::launch::process::is_lead;
 use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraBuilder, LoraConfig};
+use candle_parallel::metrics::MetricsWriter;
 use candle_parallel::moe::{AuxScope, Dispatch};
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule, ScheduleKind};
@@ -138,6 +139,11 @@ struct Args {
     /// Hugging Face's loss of the whole batch) or over each rank's tokens (local).
     #[arg(long, default_value_t = AuxScope::Global)]
     aux_scope: AuxScope,
+    /// Also write TensorBoard event files into this directory (loss, aux loss, learning rate,
+    /// grad norm, tokens/s, evaluation, and every layer's expert load as a histogram);
+    /// `metrics.jsonl` in --out gets the same as JSON lines either way.
+    #[arg(long)]
+    tensorboard: Option<PathBuf>,
     /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -977,6 +983,11 @@ fn main() -> Result<()> {
             }
             Ok(dir)
         };
+        // Rank 0's metrics for scripts (metrics.jsonl) and, asked, TensorBoard.
+        let mut metrics = match ctx.rank() {
+            0 => Some(MetricsWriter::create(&args.out.join("metrics.jsonl"), args.tensorboard.as_deref())?),
+            _ => None,
+        };
         // Every rank draws the same global batches (the same for any layout) and takes its
         // replica's rows; a resumed job skips the batches its steps already used.
         let mut rng = Rng(args.seed ^ 0xD1CE);
@@ -1007,9 +1018,22 @@ fn main() -> Result<()> {
                 model.update_router_biases(&batch_comm)?;
             }
             history.push(r);
+            if let Some(m) = metrics.as_mut() {
+                let s = step as u64;
+                m.scalars(s, &[("loss", r.loss), ("ce_loss", g.ce_loss), ("aux_loss", g.aux_loss), ("grad_norm", r.grad_norm), ("lr", r.lr), ("tokens_per_sec", r.tokens_per_sec)])?;
+                // This rank's routing: tokens per expert, a histogram per layer.
+                for (i, st) in g.stats.iter().enumerate() {
+                    let load: Vec<f64> = st.tokens_per_expert.iter().map(|&c| c as f64).collect();
+                    m.histogram(s, &format!("expert_load/layer_{i}"), &load)?;
+                }
+            }
             if step % args.eval_every == 0 || step == args.steps {
                 let value = eval()?.0;
                 evals.push((step, value));
+                if let Some(m) = metrics.as_mut() {
+                    m.scalars(step as u64, &[(&format!("eval_{metric}"), value)])?;
+                    m.flush()?;
+                }
                 tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, lr = r.lr, tokens_per_sec = r.tokens_per_sec, metric, value, "evaluation");
                 if !g.stats.is_empty() {
                     // This rank's routing, a line per layer: tokens per expert, max/mean load.

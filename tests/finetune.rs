@@ -528,3 +528,58 @@ fn lora_trains_adapters_only_and_merges_into_the_base() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Metrics to look at: `metrics.jsonl` in `--out` has a line of scalars per step (loss, aux
+/// loss, learning rate, grad norm, tokens/s), each layer's expert load and the evaluations;
+/// `--tensorboard DIR` writes the same into a TensorBoard event file.
+#[test]
+fn metrics_go_to_jsonl_and_tensorboard() {
+    let dir = tmp("metrics");
+    let out = dir.join("out");
+    let tb = dir.join("tb");
+    finetune(
+        &dir.join("model"),
+        &out,
+        &[
+            "--steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--tensorboard",
+            &tb.to_string_lossy(),
+        ],
+    );
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("loss").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6], "{text}");
+    for l in lines.iter().filter(|l| l.get("loss").is_some()) {
+        for k in ["aux_loss", "grad_norm", "lr", "tokens_per_sec", "ce_loss"] {
+            assert!(l[k].is_number(), "{k} in {l}");
+        }
+    }
+    let evals = lines
+        .iter()
+        .filter(|l| l.get("eval_accuracy").is_some())
+        .count();
+    assert_eq!(evals, 2, "{text}");
+    let loads: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| l.get("expert_load/layer_1"))
+        .collect();
+    assert_eq!(loads.len(), 6);
+    assert_eq!(loads[0].as_array().unwrap().len(), 4, "4 experts");
+    let events: Vec<_> = std::fs::read_dir(&tb).unwrap().flatten().collect();
+    assert_eq!(events.len(), 1);
+    let bytes = std::fs::read(events[0].path()).unwrap();
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"brain.Event:2") && has(b"grad_norm") && has(b"expert_load/layer_0"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -39,6 +39,7 @@ pub mod logging;
 pub mod lora;
 pub mod memory;
 pub mod mesh;
+pub mod metrics;
 pub mod moe;
 pub mod ops;
 pub mod optim;

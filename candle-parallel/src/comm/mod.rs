@@ -47,7 +47,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether communication lanes run (see [`set_overlap`]); `None` until first read.
+/// Whether communication lanes run (see [`set_overlap`]); `UNSET` until first read.
 static OVERLAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
 const UNSET: u8 = 2;
 
