@@ -144,6 +144,9 @@ struct Args {
     /// `metrics.jsonl` in --out gets the same as JSON lines either way.
     #[arg(long)]
     tensorboard: Option<PathBuf>,
+    /// Draw the training loss in loss.svg on a log scale.
+    #[arg(long)]
+    loss_log_scale: bool,
     /// Evaluate (and log the expert load) every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -615,10 +618,41 @@ fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
     found.into_iter().map(|(s, _, p)| (s, p)).collect()
 }
 
-/// The training loss over the steps (a line) and the evaluation metric (points, on its own
-/// scale at the right), as an SVG picture.
-fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> String {
-    let (w, h, pad) = (640.0, 360.0, 50.0);
+/// About `n` round tick values (1, 2 or 5 times a power of ten apart) covering `lo..=hi`.
+fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let raw = (hi - lo).max(f64::MIN_POSITIVE) / n.max(1) as f64;
+    let p = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * p);
+    let first = (lo / step).ceil() as i64;
+    let last = (hi / step).floor() as i64;
+    (first..=last).map(|i| i as f64 * step).collect()
+}
+
+/// A tick label: few digits, without trailing zeros.
+fn tick_label(v: f64) -> String {
+    let s = format!("{v:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
+/// The training loss over the steps (a line, on a log scale with `log_scale`) and the
+/// evaluation metric (points, on its own scale at the right), as an SVG picture with ticked
+/// axes and a light grid.
+fn loss_svg(
+    history: &[StepReport],
+    evals: &[(usize, f64)],
+    metric: &str,
+    log_scale: bool,
+) -> String {
+    let (w, h, pad) = (680.0, 380.0, 60.0);
     let steps = |s: usize| s as f64;
     let (x0, x1) = (
         steps(evals[0].0.min(history[0].step)),
@@ -632,13 +666,16 @@ fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> Str
             (lo - 0.5, hi + 0.5)
         }
     };
-    let (l0, l1) = range(&mut history.iter().map(|r| r.loss));
+    // A log scale needs positive losses; the picture says which scale it used.
+    let log_scale = log_scale && history.iter().all(|r| r.loss > 0.0);
+    let scale = |v: f64| if log_scale { v.log10() } else { v };
+    let (l0, l1) = range(&mut history.iter().map(|r| scale(r.loss)));
     let (e0, e1) = range(&mut evals.iter().map(|e| e.1));
     let px = |s: f64| pad + (s - x0) / (x1 - x0).max(1.0) * (w - 2.0 * pad);
     let py = |v: f64, lo: f64, hi: f64| h - pad - (v - lo) / (hi - lo) * (h - 2.0 * pad);
     let line: Vec<String> = history
         .iter()
-        .map(|r| format!("{:.1},{:.1}", px(steps(r.step)), py(r.loss, l0, l1)))
+        .map(|r| format!("{:.1},{:.1}", px(steps(r.step)), py(scale(r.loss), l0, l1)))
         .collect();
     let dots: String = evals
         .iter()
@@ -650,22 +687,68 @@ fn loss_svg(history: &[StepReport], evals: &[(usize, f64)], metric: &str) -> Str
             )
         })
         .collect();
+    let (b, r) = (h - pad, w - pad);
+    let mut axes = String::new();
+    for t in ticks(x0, x1, 8) {
+        let x = px(t);
+        axes += &format!(
+            r##"<line x1="{x:.1}" y1="{pad}" x2="{x:.1}" y2="{b}" stroke="#eeeeee"/><line x1="{x:.1}" y1="{b}" x2="{x:.1}" y2="{:.1}" stroke="black"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            b + 5.0,
+            b + 18.0,
+            tick_label(t)
+        );
+    }
+    // Loss ticks: on a log scale at 1, 2 and 5 times powers of ten (their logs), else round.
+    let loss_ticks: Vec<(f64, f64)> = if log_scale {
+        let (lo, hi) = (l0.floor() as i32, l1.ceil() as i32);
+        (lo..=hi)
+            .flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e)))
+            .map(|v| (v.log10(), v))
+            .filter(|(l, _)| (l0..=l1).contains(l))
+            .collect()
+    } else {
+        ticks(l0, l1, 6).into_iter().map(|v| (v, v)).collect()
+    };
+    for (pos, v) in loss_ticks {
+        let y = py(pos, l0, l1);
+        axes += &format!(
+            r##"<line x1="{pad}" y1="{y:.1}" x2="{r}" y2="{y:.1}" stroke="#eeeeee"/><line x1="{:.1}" y1="{y:.1}" x2="{pad}" y2="{y:.1}" stroke="black"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            pad - 5.0,
+            pad - 8.0,
+            y + 4.0,
+            tick_label(v)
+        );
+    }
+    for t in ticks(e0, e1, 6) {
+        let y = py(t, e0, e1);
+        axes += &format!(
+            r##"<line x1="{r}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#d95f02"/><text x="{:.1}" y="{:.1}" fill="#d95f02">{}</text>"##,
+            r + 5.0,
+            r + 8.0,
+            y + 4.0,
+            tick_label(t)
+        );
+    }
+    let loss_name = if log_scale {
+        "training loss (left, log scale)"
+    } else {
+        "training loss (left)"
+    };
     format!(
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
+{axes}
 <line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/><line x1="{r}" y1="{pad}" x2="{r}" y2="{b}" stroke="#d95f02"/>
 <polyline fill="none" stroke="#1b9e77" stroke-width="1.5" points="{pts}"/>
 {dots}
-<text x="{pad}" y="{t}">training loss (left, {l0:.3}–{l1:.3})</text>
-<text x="{r}" y="{t}" text-anchor="end" fill="#d95f02">{metric} (right, {e0:.3}–{e1:.3})</text>
-<text x="{mid}" y="{xl}" text-anchor="middle">step {x0}–{x1}</text>
+<text x="{pad}" y="{t}">{loss_name}</text>
+<text x="{r}" y="{t}" text-anchor="end" fill="#d95f02">{metric} (right)</text>
+<text x="{mid}" y="{xl}" text-anchor="middle">step</text>
 </svg>
 "##,
-        b = h - pad,
-        r = w - pad,
-        t = pad - 15.0,
+        t = pad - 20.0,
         mid = w / 2.0,
-        xl = h - pad + 30.0,
+        xl = h - pad + 38.0,
         pts = line.join(" ")
     )
 }
@@ -1101,7 +1184,10 @@ fn main() -> Result<()> {
         memory.optimizer_bytes / 1024
     );
     let svg = args.out.join("loss.svg");
-    candle_parallel::checkpoint::write_file(&svg, loss_svg(history, evals, metric))?;
+    candle_parallel::checkpoint::write_file(
+        &svg,
+        loss_svg(history, evals, metric, args.loss_log_scale),
+    )?;
     println!(
         "checkpoint: {}   loss curve: {}",
         out_dir.display(),

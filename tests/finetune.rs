@@ -581,5 +581,14 @@ fn metrics_go_to_jsonl_and_tensorboard() {
     let bytes = std::fs::read(events[0].path()).unwrap();
     let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     assert!(has(b"brain.Event:2") && has(b"grad_norm") && has(b"expert_load/layer_0"));
+    // loss.svg has ticked axes: steps 0 to 6 along the bottom.
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    for step in 0..=6 {
+        assert!(
+            svg.contains(&format!(">{step}</text>")),
+            "step tick {step}: {svg}"
+        );
+    }
+    assert!(svg.contains("training loss (left)"), "{svg}");
     std::fs::remove_dir_all(dir).unwrap();
 }
