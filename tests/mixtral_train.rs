@@ -125,6 +125,32 @@ fn train_env(
     candle_core::safetensors::load(out, &candle_core::Device::Cpu).unwrap()
 }
 
+/// `mixtral train` for one step with `extra`, which must fail: its stderr.
+fn refused(model: &Path, batch: &Path, dir: &Path, extra: &[&str]) -> String {
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        &model.to_string_lossy(),
+        "--batch",
+        &batch.to_string_lossy(),
+        "--steps",
+        "1",
+        "--out",
+        &dir.join("refused.safetensors").to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = Command::new(example_path("mixtral"))
+        .args(&args)
+        .output()
+        .expect("mixtral runs");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{extra:?} should fail: {err}");
+    err
+}
+
 fn scalar(t: &HashMap<String, Tensor>, name: &str) -> f64 {
     t[name]
         .to_dtype(candle_core::DType::F64)
@@ -853,27 +879,8 @@ fn every_schedule_on_the_model_path_matches_one_device() -> Result<()> {
         ),
         (&["--pp", "2", "--schedule", "fast"], "use gpipe, 1f1b"),
     ] {
-        let mut all: Vec<String> = [
-            "train",
-            "--model",
-            &model.to_string_lossy(),
-            "--batch",
-            &batch.to_string_lossy(),
-            "--steps",
-            "1",
-            "--out",
-            &dir.join("bad.safetensors").to_string_lossy(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        all.extend(args.iter().map(|s| s.to_string()));
-        let o = Command::new(example_path("mixtral"))
-            .args(&all)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+        let err = refused(&model, &batch, &dir, args);
+        assert!(err.contains(want), "{args:?}: {err}");
     }
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
@@ -972,32 +979,8 @@ fn deepseek_routing_balances_saves_and_resumes_its_bias() -> Result<()> {
         (&["--zero", "3", "--aux-coef", "0"][..], "ZeRO 0, 1 or 2"),
         (&["--zero", "1"][..], "set router_aux_loss_coef to 0"),
     ] {
-        let mut args: Vec<String> = [
-            "train",
-            "--model",
-            &model.to_string_lossy(),
-            "--batch",
-            &batch.to_string_lossy(),
-            "--steps",
-            "1",
-            "--dp",
-            "2",
-            "--out",
-            &dir.join("refused.safetensors").to_string_lossy(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let o = Command::new(example_path("mixtral"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains(want),
-            "{extra:?}: {err}"
-        );
+        let err = refused(&model, &batch, &dir, &[&["--dp", "2"], extra].concat());
+        assert!(err.contains(want), "{extra:?}: {err}");
     }
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
