@@ -876,6 +876,19 @@ fn main() -> Result<()> {
             Data::Text { .. } => args.seq_len + 1,
             Data::Instruct { .. } => args.seq_len,
         };
+    // Rows the model cannot take are refused here, before any rank starts.
+    let row = tokens_per_step / args.batch_size.max(1);
+    let limit = cfg
+        .max_position_embeddings
+        .min(cfg.sliding_window.unwrap_or(usize::MAX));
+    if row > limit {
+        candle_core::bail!(
+            "--seq-len {}: rows of {row} tokens exceed the model's {} of {limit}: use --seq-len {} or less",
+            args.seq_len,
+            if limit == cfg.max_position_embeddings { "max_position_embeddings" } else { "sliding_window" },
+            limit - (row - args.seq_len)
+        );
+    }
     let world = mesh.world_size();
     let mut launcher = Launcher::new(world).mesh(mesh);
     if let Some(dir) = &args.log_dir {

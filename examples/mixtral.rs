@@ -395,6 +395,17 @@ fn run_train(command: Command) -> Result<()> {
         labels,
         attention_mask,
     } = read_batch(&batch, cfg.vocab_size)?;
+    let limit = cfg
+        .max_position_embeddings
+        .min(cfg.sliding_window.unwrap_or(usize::MAX));
+    if rows[0].len() > limit {
+        candle_core::bail!(
+            "{}: rows of {} tokens exceed the model's {} of {limit}: use rows of at most {limit} tokens",
+            batch.display(),
+            rows[0].len(),
+            if limit == cfg.max_position_embeddings { "max_position_embeddings" } else { "sliding_window" }
+        );
+    }
     let replicas = dp * ep;
     if rows.len() % (replicas * micro_batches) != 0 {
         candle_core::bail!(

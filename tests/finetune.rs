@@ -592,3 +592,38 @@ fn metrics_go_to_jsonl_and_tensorboard() {
     assert!(svg.contains("training loss (left)"), "{svg}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A `--seq-len` the model cannot take is refused before any rank starts, naming the limit.
+#[test]
+fn a_seq_len_beyond_the_model_is_refused_before_the_ranks_start() {
+    let dir = tmp("seq-len");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("text.txt");
+    std::fs::write(
+        &data,
+        "the quick brown fox jumps over the lazy dog\n".repeat(400),
+    )
+    .unwrap();
+    let o = Command::new(example_path("finetune_mixtral"))
+        .args([
+            "--model",
+            &dir.join("model").to_string_lossy(),
+            "--out",
+            &dir.join("out").to_string_lossy(),
+            "--data",
+            &data.to_string_lossy(),
+            "--seq-len",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("rows of 301 tokens exceed the model's max_position_embeddings of 256")
+            && err.contains("use --seq-len 255")
+            && !err.contains("rank"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -526,3 +526,63 @@ fn zero3_inside_pipeline_stages_trains_as_without_them() -> Result<()> {
     }
     Ok(())
 }
+
+/// Sequences longer than `max_position_embeddings` are refused by the model itself, naming
+/// the limit, on every training path: pipeline stages (unit-wise, and zero-bubble's
+/// whole-stage backward) and ZeRO 3 (the examples refuse them earlier still); the rank that
+/// finds it fails the job, so no peer waits.
+#[test]
+fn the_model_refuses_sequences_beyond_its_positions_on_every_path() -> Result<()> {
+    let mut cfg = config();
+    cfg.max_position_embeddings = 8;
+    let ids = ids(2, 0)?; // 9 tokens a row
+    for kind in ["1f1b", "zero-bubble"] {
+        let e = Launcher::new(2)
+            .mesh(MeshShape::new().pp(2))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+                let stages = split_layers(cfg.num_hidden_layers, 2)?;
+                let mut model = Mixtral::new_stage(
+                    &cfg,
+                    vb.clone(),
+                    mesh.ep(),
+                    mesh.tp(),
+                    Dispatch::AllToAll,
+                    stages[mesh.pp().rank()].clone(),
+                )?;
+                model.set_schedule(kind.parse()?)?;
+                let mut sink = GradCollector::new(&model_vars(&vb));
+                model.train_grads(&mut sink, &ids, None, 2, mesh.pp(), Recompute::None)?;
+                Ok(())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("exceed max_position_embeddings 8"),
+            "{kind}: {e}"
+        );
+    }
+    let e = Launcher::new(2)
+        .mesh(MeshShape::new().dp(2))
+        .run(|ctx| {
+            let mesh = ctx.mesh()?;
+            let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+            let batch = BatchGroups::new(mesh, &[MeshDim::Dp])?;
+            let model = ShardedMixtral::new(&cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
+            let mut sink = GradCollector::new(&model_vars(&vb));
+            model.train_grads(&mut sink, &ids, None, 1)?;
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("exceed max_position_embeddings 8"),
+        "ZeRO 3: {e}"
+    );
+    Ok(())
+}
+
+fn model_vars(vb: &ParallelVarBuilder) -> Vec<Var> {
+    vb.params().into_iter().map(|p| p.var).collect()
+}
