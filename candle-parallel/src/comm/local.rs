@@ -128,6 +128,8 @@ pub struct Failure {
 
 /// A link dialled for every local job of the process from now on ([`dial_link`]).
 static DIALLED: Mutex<Option<Option<LinkModel>>> = Mutex::new(None);
+/// Whether [`DIALLED`] is set: every collective reads this, not the lock, unless it is.
+static DIAL_SET: AtomicBool = AtomicBool::new(false);
 
 /// Dials every local job of the process, running or to come, to `link` from its next
 /// collective or message on (`None`: no pacing); [`undial_link`] gives each job its own link
@@ -135,11 +137,13 @@ static DIALLED: Mutex<Option<Option<LinkModel>>> = Mutex::new(None);
 /// (`bench_data_parallel`'s overlap table): every rank must be between steps when it changes.
 pub fn dial_link(link: Option<LinkModel>) {
     *crate::comm::lock(&DIALLED) = Some(link);
+    DIAL_SET.store(true, Ordering::SeqCst);
 }
 
 /// Ends [`dial_link`]: each job paces to its own link again.
 pub fn undial_link() {
     *crate::comm::lock(&DIALLED) = None;
+    DIAL_SET.store(false, Ordering::SeqCst);
 }
 
 /// Shared state of one job on the local backend: its groups, its timeout, its first failure.
@@ -768,7 +772,10 @@ impl LocalBackend {
     /// With a dialled link, waits until `start` plus the link's time for `bytes` (what this
     /// rank sends in the operation just done). A group of one rank sends nothing.
     fn pace(&self, start: std::time::Instant, bytes: usize) {
-        let dialled = *crate::comm::lock(&DIALLED);
+        let dialled = match DIAL_SET.load(Ordering::SeqCst) {
+            true => *crate::comm::lock(&DIALLED),
+            false => None,
+        };
         let Some(link) = dialled.unwrap_or(self.group.fabric.inner.link) else {
             return;
         };

@@ -257,9 +257,14 @@ impl Router {
         .to_vec1::<f64>()?;
         let mean = tokens.iter().sum::<f64>() / tokens.len() as f64;
         let gamma = self.cfg.bias_update_rate;
+        // Up for an expert below the mean load, down above it, unchanged at it.
         let step: Vec<f32> = tokens
             .iter()
-            .map(|&t| (gamma * (mean - t).signum() * f64::from(u8::from(mean != t))) as f32)
+            .map(|&t| match t.partial_cmp(&mean) {
+                Some(std::cmp::Ordering::Less) => gamma as f32,
+                Some(std::cmp::Ordering::Greater) => -gamma as f32,
+                _ => 0.0,
+            })
             .collect();
         let mut bias = lock(&self.bias);
         let current = bias.clone().expect("a bias with expert_bias");

@@ -64,12 +64,10 @@ impl Action {
         }
     }
 
-    /// Simulated duration: a forward 1, each half of a backward 1 (a whole backward 2).
+    /// Simulated duration with unit costs ([`ActionCosts::default`]): a forward 1, each half
+    /// of a backward 1 (a whole backward 2).
     pub fn cost(&self) -> usize {
-        match self {
-            Self::Backward { .. } => 2,
-            _ => 1,
-        }
+        ActionCosts::default().of(self)
     }
 
     /// What the action computes.
