@@ -577,8 +577,8 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         .stages
         .iter()
         .flat_map(|&s| {
-            // Stage 3's sharded layers recompute in their backward whatever the path.
-            let paths = if s == 3 { &paths[1..2] } else { &paths[..] };
+            // Stage 3's backward is unit-wise (its whole-graph backward recomputes).
+            let paths = if s == 3 { &paths[1..] } else { &paths[..] };
             paths.iter().map(move |&p| (s, p))
         })
         .collect();
@@ -597,6 +597,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             seq: a.seq,
             steps: 2,
             bucket_bytes: candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES,
+            reshard_after_forward: true,
         };
         let m = measure_training_memory(&cfg, probe)?.remove(0);
         rows.push(MemoryRow {

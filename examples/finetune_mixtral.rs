@@ -115,7 +115,7 @@ struct Args {
     /// Activation recomputation: none (keep every layer's activations for the backward),
     /// selective (keep them but for the attention scores, the experts' SwiGLU activations
     /// and the MoE combine, recomputed in the backward) or full (keep each layer's input only; run
-    /// the layer again just before its backward). ZeRO 3 recomputes every layer anyway.
+    /// the layer again just before its backward), at every ZeRO stage.
     #[arg(long, default_value_t = Recompute::None)]
     recompute: Recompute,
     /// Pipeline schedule with pp above 1 in --mesh: gpipe, 1f1b, or zero-bubble (split
@@ -928,6 +928,7 @@ fn main() -> Result<()> {
             let layers = stages[pp_comm.rank()].clone();
             let mut m = ShardedMixtral::new_stage(&cfg, vb.clone(), &groups, mesh, Dispatch::AllToAll, layers)?;
             m.set_schedule(args.schedule)?;
+            m.set_recompute(args.recompute);
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)
         } else {

@@ -138,8 +138,8 @@ enum Command {
         micro_batches: usize,
         /// Activation recomputation: none, selective (the attention scores, the experts'
         /// SwiGLU activations and the MoE combine recomputed in the backward) or full (each
-        /// layer's input kept, the layer run again just before its backward). ZeRO 3
-        /// recomputes its layers anyway unless --no-reshard-after-forward.
+        /// layer's input kept, the layer run again just before its backward), at every ZeRO
+        /// stage.
         #[arg(long, default_value_t = Recompute::None)]
         recompute: Recompute,
         /// Pipeline schedule with --pp above 1: gpipe, 1f1b, or zero-bubble (split backwards,
@@ -147,8 +147,8 @@ enum Command {
         /// several model chunks per rank, which this command does not build.
         #[arg(long, default_value_t = ScheduleKind::OneFOneB)]
         schedule: ScheduleKind,
-        /// ZeRO 3: keep each layer's gathered parameters and activations from its forward to
-        /// its backward (FSDP2's reshard_after_forward=False: one gather, no recomputation).
+        /// ZeRO 3: keep each layer's gathered parameters from its forward to its backward
+        /// (FSDP2's reshard_after_forward=False: one gather per step instead of two).
         #[arg(long)]
         no_reshard_after_forward: bool,
         /// The dtype gradients cross the replicas in: f32, or bf16 (half the bytes; packing,
@@ -459,6 +459,7 @@ fn run_train(command: Command) -> Result<()> {
                 layers,
             )?;
             m.set_reshard_after_forward(!no_reshard_after_forward);
+            m.set_recompute(recompute);
             m.set_schedule(schedule)?;
             // Every parameter lives in a layer's sharded module.
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
@@ -538,8 +539,8 @@ fn run_train(command: Command) -> Result<()> {
                     mesh.pp(),
                     recompute,
                 )?,
-                // ZeRO 3's layers recompute in their backward (unless kept); selective
-                // recomputation still spares their attention scores and expert activations.
+                // Selective recomputation spares the layers' attention scores and expert
+                // activations (full recomputation is the layers' own setting).
                 Model::Sharded(m) => {
                     ops::with_selective_recompute(recompute == Recompute::Selective, || {
                         m.train_grads(&mut trainer, &ids, targets.as_ref(), micro_batches)

@@ -77,6 +77,7 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         seq: 16,
         steps: 2,
         bucket_bytes: 1 << 20,
+        reshard_after_forward: true,
     };
     let mut peaks = Vec::new();
     for stage in 0..=3u8 {
@@ -146,6 +147,25 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
     for s in 1..4 {
         assert!(peaks[s] < peaks[s - 1], "peaks by stage: {peaks:?}");
     }
+    // Stage 3 frees each layer's gathered parameters after its forward (the ops that consume
+    // them look them up again in the backward): kept instead, the four layers' gathered
+    // parameters are all held when the backward starts, where freed at most two are (the
+    // layer computing and the one prefetched).
+    let kept = measure(
+        &cfg,
+        MemoryProbe {
+            stage: 3,
+            reshard_after_forward: false,
+            ..probe
+        },
+    )?;
+    let unit = 4 * kept.psi / cfg.num_hidden_layers;
+    assert!(
+        kept.step_peak > peaks[3] + 3 * unit / 2,
+        "stage 3: peak {} with the gathered parameters kept, {} freed after the forward ({unit} bytes per layer)",
+        kept.step_peak,
+        peaks[3]
+    );
     // Activations dominate: full recomputation keeps one layer's at a time.
     let cfg = config(64, 4, 128);
     let act = MemoryProbe {
@@ -222,6 +242,28 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         none.step_peak,
         full.step_peak,
         scores
+    );
+    // Stage 3 keeps the layers' activations unless recomputation is asked for: its peaks
+    // follow the recompute mode as stage 0's do.
+    let sharded = |recompute| {
+        measure(
+            &cfg,
+            MemoryProbe {
+                stage: 3,
+                path: BackwardPath::Units(recompute),
+                ..act
+            },
+        )
+    };
+    let (none3, full3) = (sharded(Recompute::None)?, sharded(Recompute::Full)?);
+    assert!(
+        (full3.step_peak as f64) < 0.75 * none3.step_peak as f64
+            && none3.step_peak + (1 << 20) > none.step_peak - none.persistent + none3.persistent,
+        "stage 3: recompute full peak {} vs none {} (stage 0: {} of which {} held)",
+        full3.step_peak,
+        none3.step_peak,
+        none.step_peak,
+        none.persistent
     );
     pipeline_stages_hold_what_their_schedule_keeps(&cfg, act)?;
     pipedream_holds_what_is_in_flight()

@@ -11,6 +11,7 @@ use candle_parallel::data_parallel::{BatchGroups, GradCollector, GradSink, Recom
 use candle_parallel::lora::{LoraBuilder, LoraConfig};
 use candle_parallel::mesh::MeshDim;
 use candle_parallel::moe::Dispatch;
+use candle_parallel::ops;
 use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::split_layers;
 use candle_parallel::zero::{ZeroConfig, ZeroOptimizer};
@@ -417,38 +418,51 @@ fn the_sink_refuses_late_gradients_and_empty_steps() -> Result<()> {
     Ok(())
 }
 
-/// ZeRO 3 without resharding after the forward (FSDP2's `reshard_after_forward = false`: the
-/// gathered parameters and the graph kept until the backward, no recomputation) gives the
-/// gradients of the default (gathered again and recomputed), bit for bit, at dp 2 × ep 2 with
-/// two micro-batches.
+/// ZeRO 3's four ways to hold a layer between its forward and backward give the same
+/// gradients bit for bit, at dp 2 × ep 2 and dp 2 × tp 2 with two micro-batches: gathered
+/// parameters kept or freed after the forward (FSDP2's `reshard_after_forward`; freed ones
+/// are released by the ops that consume them and gathered again for the backward), each with
+/// the layer's activations kept or recomputed (`Recompute::Full`), and selective
+/// recomputation over released parameters (the experts' down projection weights are
+/// inputs of a recomputed function there).
 #[test]
-fn zero3_without_resharding_gives_the_same_gradients() -> Result<()> {
+fn zero3_resharding_and_recompute_give_the_same_gradients() -> Result<()> {
     let cfg = config();
-    let run = |reshard: bool| {
-        Launcher::new(4)
-            .mesh(MeshShape::new().dp(2).ep(2))
-            .run(|ctx| {
-                let mesh = ctx.mesh()?;
-                let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
-                let batch = BatchGroups::new(mesh, &[MeshDim::Dp, MeshDim::Ep])?;
-                let model =
-                    ShardedMixtral::new(&cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
-                model.set_reshard_after_forward(reshard);
-                let vars: Vec<Var> = model.units().iter().map(|u| u.shard().clone()).collect();
-                let seed = (mesh.dp().rank() * 2 + mesh.ep().rank()) as u64;
-                let mut sink = GradCollector::new(&vars);
-                let l = model.train_grads(&mut sink, &ids(4, seed)?, None, 2)?;
-                Ok((l.loss, sink.take()?.iter().map(bits).collect::<Vec<_>>()))
-            })
+    let run = |shape: MeshShape, reshard: bool, recompute: Recompute| {
+        Launcher::new(4).mesh(shape).run(|ctx| {
+            let mesh = ctx.mesh()?;
+            let vb = ParallelVarBuilder::from_init(9, DType::F32, &Device::Cpu).trainable();
+            let batch = BatchGroups::new(mesh, &[MeshDim::Dp, MeshDim::Ep])?;
+            let model = ShardedMixtral::new(&cfg, vb.clone(), &batch, mesh, Dispatch::AllToAll)?;
+            model.set_reshard_after_forward(reshard);
+            model.set_recompute(recompute);
+            let vars: Vec<Var> = model.units().iter().map(|u| u.shard().clone()).collect();
+            let seed = (mesh.dp().rank() * 2 + mesh.ep().rank()) as u64;
+            let mut sink = GradCollector::new(&vars);
+            let l = ops::with_selective_recompute(recompute == Recompute::Selective, || {
+                model.train_grads(&mut sink, &ids(4, seed)?, None, 2)
+            })?;
+            Ok((l.loss, sink.take()?.iter().map(bits).collect::<Vec<_>>()))
+        })
     };
-    let (kept, resharded) = (run(false)?, run(true)?);
-    for (r, (k, d)) in kept.iter().zip(&resharded).enumerate() {
-        assert_eq!(k.0, d.0, "rank {r}: losses");
-        assert!(k.1.iter().all(Option::is_some));
-        assert!(
-            k.1 == d.1,
-            "rank {r}: the gradients differ without resharding"
-        );
+    for shape in [MeshShape::new().dp(2).ep(2), MeshShape::new().dp(2).tp(2)] {
+        let kept = run(shape, false, Recompute::None)?;
+        for (reshard, recompute) in [
+            (true, Recompute::None),
+            (true, Recompute::Full),
+            (false, Recompute::Full),
+            (true, Recompute::Selective),
+        ] {
+            let other = run(shape, reshard, recompute)?;
+            for (r, (k, d)) in kept.iter().zip(&other).enumerate() {
+                assert_eq!(k.0, d.0, "{shape:?} rank {r}: losses");
+                assert!(k.1.iter().all(Option::is_some));
+                assert!(
+                    k.1 == d.1,
+                    "{shape:?} rank {r}: the gradients differ with reshard {reshard}, recompute {recompute}"
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -1657,11 +1657,11 @@ impl ShardedMixtral {
     }
 
     /// The pipeline schedule of its training steps with pipeline stages: GPipe or 1F1B (the
-    /// default). A ZeRO 3 stage gathers, recomputes and reduce-scatters each layer in one
+    /// default). A ZeRO 3 stage gathers, differentiates and reduce-scatters each layer in one
     /// backward, which zero-bubble's split backwards cannot take apart: an error says so.
     pub fn set_schedule(&mut self, kind: ScheduleKind) -> Result<()> {
         if kind.splits_backwards() {
-            bail!("ZeRO 3 with pipeline stages runs each layer's backward whole (gather, recompute, reduce-scatter), which the {kind} schedule would split: use gpipe or 1f1b, or ZeRO 0-2 with {kind}")
+            bail!("ZeRO 3 with pipeline stages runs each layer's backward whole (gather, backward, reduce-scatter), which the {kind} schedule would split: use gpipe or 1f1b, or ZeRO 0-2 with {kind}")
         }
         self.schedule = ModelSchedule::new(kind, 1)?;
         Ok(())
@@ -1687,11 +1687,21 @@ impl ShardedMixtral {
 
     /// FSDP2's `reshard_after_forward` for every layer (see
     /// [`ShardedModule::set_reshard_after_forward`]): `false` keeps each layer's gathered
-    /// parameters and activations from its forward to its backward (no second gather, no
-    /// recomputation).
+    /// parameters from its forward to its backward (no second gather).
     pub fn set_reshard_after_forward(&self, reshard: bool) {
         for u in &self.units {
             u.set_reshard_after_forward(reshard);
+        }
+    }
+
+    /// Activation checkpointing of every layer ([`ShardedModule::set_recompute`]):
+    /// `Recompute::Full` keeps each layer's input only and runs the layer again in its
+    /// backward; `None` and `Selective` keep the layer's activations (selective ones apart,
+    /// under [`ops::with_selective_recompute`]). Gathered parameters are freed after the
+    /// forward either way, unless [`ShardedMixtral::set_reshard_after_forward`] keeps them.
+    pub fn set_recompute(&self, recompute: Recompute) {
+        for u in &self.units {
+            u.set_recompute(recompute == Recompute::Full);
         }
     }
 
@@ -1834,10 +1844,10 @@ impl ShardedMixtral {
 
     /// As [`Mixtral::train_grads`]: the layers' backward passes run one at a time (boundaries
     /// detached), each handing its partition's gradient (reduce-scattered in the sharded
-    /// module's backward) to `sink` as soon as it exists. Each layer's forward runs again in
-    /// its backward (its gathered parameters are freed after the forward), as
-    /// `Recompute::Full` does, unless [`ShardedMixtral::set_reshard_after_forward`] keeps
-    /// them. With pipeline stages (built by [`ShardedMixtral::new_stage`] on a mesh whose pp
+    /// module's backward) to `sink` as soon as it exists. Each layer's gathered parameters
+    /// are freed after its forward and gathered again for its backward (unless
+    /// [`ShardedMixtral::set_reshard_after_forward`] keeps them); its forward runs again in
+    /// its backward under [`ShardedMixtral::set_recompute`]'s `Recompute::Full`. With pipeline stages (built by [`ShardedMixtral::new_stage`] on a mesh whose pp
     /// has several ranks), the micro-batches run on its schedule
     /// ([`ShardedMixtral::set_schedule`], 1F1B unless set).
     pub fn train_grads(
@@ -1880,12 +1890,15 @@ impl ShardedMixtral {
                 .backward()?
                 .remove(last.as_tensor())
                 .map(|g| g.detach());
-            drop(last);
+            // The losses' graph (the head's logits and softmax) goes before the layers'
+            // backward passes.
+            let values = l.values()?;
+            drop((l, last));
             if let Some(g) = seed {
                 tape.backward(&g, sink)?;
             }
             sink.end_micro_batch()?;
-            out.add_mean(l.values()?, m);
+            out.add_mean(values, m);
         }
         Ok(out)
     }

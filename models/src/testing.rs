@@ -16,6 +16,7 @@ use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::memory;
 use candle_parallel::mesh::MeshDim;
 use candle_parallel::moe::Dispatch;
+use candle_parallel::ops;
 use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
 use candle_parallel::{Launcher, MeshShape};
 
@@ -239,11 +240,14 @@ pub struct MemoryProbe {
     pub steps: usize,
     /// The optimizer's bucket size.
     pub bucket_bytes: usize,
+    /// Stage 3: free each layer's gathered parameters after its forward (FSDP2's
+    /// `reshard_after_forward`, the default) or keep them until its backward.
+    pub reshard_after_forward: bool,
 }
 
 /// Trains a Mixtral-style model of `cfg` (f32, deterministic initialisation, all-to-all
 /// dispatch) as `probe` says and measures each rank's bytes ([`TrainingMemory`]). Stage 3
-/// runs [`ShardedMixtral`], which recomputes each layer in its backward whatever `path` says.
+/// runs [`ShardedMixtral`] (its whole-graph backward recomputes each layer).
 pub fn measure_training_memory(
     cfg: &MixtralConfig,
     probe: MemoryProbe,
@@ -258,6 +262,7 @@ pub fn measure_training_memory(
         seq,
         steps,
         bucket_bytes,
+        reshard_after_forward,
     } = probe;
     if steps == 0 {
         candle_core::bail!("measure_training_memory: measure at least one step")
@@ -301,6 +306,12 @@ pub fn measure_training_memory(
                     Dispatch::AllToAll,
                     layers,
                 )?;
+                m.set_reshard_after_forward(reshard_after_forward);
+                if let BackwardPath::Units(r) = path {
+                    m.set_recompute(r);
+                } else {
+                    m.set_recompute(Recompute::Full);
+                }
                 let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
                 (None, Some(m), opt)
             } else {
@@ -345,10 +356,12 @@ pub fn measure_training_memory(
                         phases.enter("optimizer");
                         opt.step(&g.grads, Some(1.0))?;
                     }
-                    (_, Some(m), BackwardPath::Units(_)) => {
+                    (_, Some(m), BackwardPath::Units(r)) => {
                         phases.enter("forward");
                         let mut sink = memory::PhasedSink::new(&mut opt, &mut phases);
-                        m.train_grads(&mut sink, &ids, None, micro_batches)?;
+                        ops::with_selective_recompute(r == Recompute::Selective, || {
+                            m.train_grads(&mut sink, &ids, None, micro_batches)
+                        })?;
                         phases.enter("optimizer");
                         opt.step_accumulated(Some(1.0))?;
                     }

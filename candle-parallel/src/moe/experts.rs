@@ -94,7 +94,8 @@ impl Expert {
     /// of the expert's intermediates): the backward recomputes it from `a` and `b`, which
     /// SwiGLU's own backward keeps anyway (selective recomputation; Megatron's `moe_act`).
     fn down_recomputed(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let w2 = self.w2.clone();
+        // The closure keeps the layer's settings, not its weights (which are inputs).
+        let w2 = self.w2.settings_only()?;
         let mut inputs = vec![a, b, self.w2.weight()];
         if let Some(l) = self.w2.lora() {
             inputs.extend([l.a(), l.b()]);

@@ -89,13 +89,50 @@ pub fn checkpoint(
         )
     }
     let f = Arc::new(f);
+    // Parameters a ZeRO 3 module released after its forward are not the graph's inputs (it
+    // would hold them): the recomputation takes them from their scope and hands their
+    // gradients back to it; the scope's anchor keeps the op on the gradient path.
+    let released = super::released::lookup_all(inputs);
+    let mut linked: Vec<&Tensor> = inputs
+        .iter()
+        .zip(&released)
+        .filter(|(_, r)| r.is_none())
+        .map(|(t, _)| *t)
+        .collect();
+    let anchor = released.iter().flatten().next().map(|(r, _)| r.clone());
+    if let Some(r) = &anchor {
+        linked.push(super::released::anchor(r));
+    }
     // Under a zero-bubble split backward, the recomputation's deferred weight gradients
-    // belong to these (not to the stand-in variables below).
-    let originals: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
-    attach_many(name, value, inputs, move |ins, g| {
+    // belong to these (not to the stand-in variables below); a released one's is computed
+    // at once (a placeholder that is no variable).
+    let originals: Vec<Tensor> = inputs
+        .iter()
+        .zip(&released)
+        .map(|(t, r)| match r {
+            None => (*t).clone(),
+            Some(_) => t.detach(),
+        })
+        .collect();
+    let with_anchor = anchor.is_some();
+    attach_many(name, value, &linked, move |ins, g| {
+        // Every input again: the linked ones as given, the released ones from their scope.
+        let mut linked = ins.iter();
+        let all: Vec<Tensor> = released
+            .iter()
+            .map(|r| match r {
+                Some((r, i)) => r.weight(*i),
+                None => match linked.next() {
+                    Some(t) => Ok(t.clone()),
+                    None => bail!(
+                        "checkpoint({name}): fewer inputs in the backward than in the forward"
+                    ),
+                },
+            })
+            .collect::<Result<_>>()?;
         // Variables of the inputs (copies: a detached tensor is no leaf of a graph), the
         // function again with its graph, and the output's gradient through it.
-        let vars: Vec<Var> = ins.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+        let vars: Vec<Var> = all.iter().map(Var::from_tensor).collect::<Result<_>>()?;
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let since = super::linear::deferred_len();
         let y = f(&xs)?;
@@ -112,12 +149,21 @@ pub fn checkpoint(
                 });
             }
         }
-        Ok(grads)
+        let mut out = Vec::with_capacity(grads.len() + 1);
+        for (g, r) in grads.into_iter().zip(&released) {
+            match (r, g) {
+                (Some((r, i)), Some(g)) => r.add_grad(*i, g)?,
+                (Some(_), None) => {}
+                (None, g) => out.push(g),
+            }
+        }
+        if with_anchor {
+            out.push(None);
+        }
+        Ok(out)
     })
 }
 
-/// The backward of [`attach_many`]: given the (detached) inputs and the output gradient, one
-/// gradient (or `None`) per input.
 type ManyVjp = dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync;
 
 /// `value` joined to the graph with a backward into any number of `inputs`. Candle's custom

@@ -145,6 +145,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             w.dims()
         )
     }
+    if let Some((r, i)) = super::released::lookup(w) {
+        return super::released::linear(x, w, r, i);
+    }
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
 
@@ -153,7 +156,12 @@ struct Linear;
 
 /// `x · wᵀ` on any backend's storage: `x` contiguous `[m, k]` (any leading dims flattened),
 /// `w` `[n, k]` read transposed by the matmul itself.
-fn forward<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+pub(super) fn forward<S: BackendStorage>(
+    x: &S,
+    xl: &Layout,
+    w: &S,
+    wl: &Layout,
+) -> Result<(S, Shape)> {
     let (n, k) = wl.shape().dims2()?;
     if !xl.is_contiguous() {
         bail!("linear: the input must be contiguous")

@@ -111,9 +111,11 @@ impl Module for VocabParallelEmbedding {
         let local = owned.where_cond(&(&ids64 - start)?, &ids64.zeros_like()?)?;
         let mut out_dims = ids.dims().to_vec();
         out_dims.push(self.hidden);
-        let rows = self
-            .weight
-            .embedding(&local.flatten_all()?.to_dtype(DType::U32)?)?;
+        // (A ZeRO 3 module's forward may release the weight: see `ops::released`.)
+        let rows = crate::ops::released::embedding(
+            &self.weight,
+            &local.flatten_all()?.to_dtype(DType::U32)?,
+        )?;
         let mask = owned.flatten_all()?.to_dtype(rows.dtype())?.unsqueeze(1)?;
         let partial = rows.broadcast_mul(&mask)?.reshape(out_dims)?;
         match self.sequence_dim {

@@ -266,6 +266,18 @@ impl RowParallelLinear {
 
     /// [`Self::partial`] computed with `weight` and the adapter's `(A, B)` given (the same
     /// values, e.g. as a checkpoint's inputs).
+    /// The layer's settings with empty tensors for its weights, for [`Self::partial_with`]
+    /// in a recomputation that must not hold the weights (they may be released: see
+    /// `ops::released`).
+    pub(crate) fn settings_only(&self) -> Result<Self> {
+        let empty = Tensor::zeros(0, self.weight().dtype(), self.weight().device())?;
+        Ok(Self {
+            linear: Linear::new(empty.clone(), None),
+            lora: self.lora.as_ref().map(|l| l.with_weights(&empty, &empty)),
+            ..self.clone()
+        })
+    }
+
     pub(crate) fn partial_with(
         &self,
         x: &Tensor,

@@ -7,7 +7,8 @@ use crate::comm::{lock, Comm, Work};
 use crate::data_parallel::BatchGroups;
 use crate::mesh::DeviceMesh;
 use crate::ops::attach_backward;
-use candle_core::{bail, DType, Device, Module, Result, Tensor, Var};
+use crate::ops::released::Released;
+use candle_core::{bail, DType, Device, Module, Result, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -44,8 +45,11 @@ struct Inner {
     dtype: DType,
     device: Device,
     /// FSDP2's `reshard_after_forward`: free the gathered parameters after the forward
-    /// (gather again and recompute in the backward), or keep them and the forward's graph.
+    /// (gather again in the backward), or keep them until the backward.
     reshard_after_forward: AtomicBool,
+    /// Activation checkpointing at the module's boundary: keep only the input and run the
+    /// forward again in the backward.
+    recompute: AtomicBool,
     /// The dtype gradients are reduce-scattered in (the optimizer's `reduce_dtype`).
     reduce_dtype: Mutex<DType>,
     /// Gathers started ahead of use (FSDP2's prefetch), one per group, on the groups' lanes.
@@ -56,16 +60,29 @@ struct Inner {
     backward_prefetch: Mutex<Vec<Weak<Inner>>>,
 }
 
-/// What a forward that did not reshard keeps for its backward: the output with its graph,
-/// the input as a variable, and the gathered parameters as variables.
-type Kept = (Tensor, Option<Var>, Vec<crate::checkpoint::Param>);
+/// What a module's forward keeps for its backward.
+enum Saved {
+    /// The output with its graph, the input as a variable (float inputs), each parameter's
+    /// variable, and the scope the parameters were released through (resharded after the
+    /// forward: the graph does not hold them and the backward gathers them again).
+    Graph {
+        y: Tensor,
+        xv: Option<Var>,
+        ids: Vec<TensorId>,
+        released: Option<Arc<Released>>,
+    },
+    /// The input only (recomputation), and the gathered parameters where they were not
+    /// resharded.
+    Recompute(Option<Vec<Tensor>>),
+}
 
 /// A module whose parameters each replica holds only a partition of (ZeRO stage 3,
-/// FSDP-style): its parameters are all-gathered just before its forward, used, and freed;
-/// in the backward pass they are gathered again, the forward is recomputed from the saved
-/// input (activation checkpointing at the module's boundary), and the parameters' gradients
-/// are reduce-scattered to the partitions as they are produced. Only the module's input and
-/// output stay in the graph between forward and backward.
+/// FSDP-style): its parameters are all-gathered just before its forward, used, and freed
+/// (the forward's activations stay, its parameters do not: see
+/// [`ShardedModule::set_reshard_after_forward`]); in the backward pass they are gathered
+/// again and the parameters' gradients are reduce-scattered to the partitions as they are
+/// produced. With [`ShardedModule::set_recompute`] only the module's input stays between
+/// forward and backward, and the backward runs the forward again.
 ///
 /// Parameters are partitioned over the batch dimensions they are replicated along (see
 /// [`BatchGroups`]), so an expert is partitioned over dp and a shared weight over dp × ep.
@@ -212,6 +229,7 @@ impl ShardedModule {
                 dtype,
                 device,
                 reshard_after_forward: AtomicBool::new(true),
+                recompute: AtomicBool::new(false),
                 reduce_dtype: Mutex::new(DType::F32),
                 prefetched: Mutex::new(None),
                 forward_prefetch: Mutex::new(Vec::new()),
@@ -221,15 +239,23 @@ impl ShardedModule {
     }
 
     /// FSDP2's `reshard_after_forward`. `true` (the default): the gathered parameters are
-    /// freed after the forward and gathered again in the backward, which recomputes the
-    /// module's forward from its saved input (Candle's graph would otherwise hold the gathered
-    /// parameters). `false`: the forward keeps its graph, gathered parameters included, until
-    /// the backward: one gather per step instead of two and no recomputation, for the memory
-    /// of the module's parameters and activations in between. The same gradients either way.
+    /// freed after the forward and gathered again for the backward; the forward's graph keeps
+    /// its activations but not the parameters (the ops that consume them look them up again
+    /// in the backward). `false`: the gathered parameters stay from the forward to the
+    /// backward: one gather per step instead of two, for the memory of the module's
+    /// parameters in between. The same gradients either way.
     pub fn set_reshard_after_forward(&self, reshard: bool) {
         self.inner
             .reshard_after_forward
             .store(reshard, Ordering::Relaxed);
+    }
+
+    /// Activation checkpointing of the whole module (`false` by default): the forward keeps
+    /// only its input, and the backward runs the forward again before its own (on the
+    /// parameters gathered again, or kept where they were not resharded). The same gradients
+    /// either way.
+    pub fn set_recompute(&self, recompute: bool) {
+        self.inner.recompute.store(recompute, Ordering::Relaxed);
     }
 
     /// FSDP2's explicit forward prefetch: as this module's forward starts (its own parameters
@@ -358,73 +384,142 @@ impl Inner {
             .collect())
     }
 
-    /// A builder over the gathered parameters.
-    fn builder(&self, shard: &Tensor) -> Result<ParallelVarBuilder> {
+    /// A builder over the gathered parameters (in the order of the infos).
+    fn builder(&self, gathered: Vec<Tensor>) -> ParallelVarBuilder {
         let map: HashMap<String, Tensor> = self
             .infos
             .iter()
             .map(|i| i.name.clone())
-            .zip(self.gathered(shard)?)
+            .zip(gathered)
             .collect();
-        Ok(
-            ParallelVarBuilder::from_local_tensors(map, self.dtype, &self.device)
-                .with_prefix_of(&self.prefix),
-        )
+        ParallelVarBuilder::from_local_tensors(map, self.dtype, &self.device)
+            .with_prefix_of(&self.prefix)
     }
 
-    /// The backward: parameters gathered again, the forward recomputed on the saved input,
-    /// the parameters' gradients reduce-scattered to this rank's partitions.
     /// The forward over variables copied from the gathered parameters (the builder, and with
-    /// it the gathered buffers, is dropped once the module holds its copies): the output with
-    /// its graph, the input as a variable (float inputs), the parameters.
-    fn forward_tracked(&self, x: &Tensor, shard: &Tensor) -> Result<Kept> {
-        let (module, params) = {
-            let vb = self.builder(&shard.detach())?.trainable();
+    /// it the gathered buffers, is dropped once the module holds its copies), with its graph.
+    /// `release`: the copies are released (see `ops::released`) and freed with the module.
+    fn forward_graph(
+        &self,
+        x: &Tensor,
+        gathered: Vec<Tensor>,
+        release: bool,
+        prefetch: Option<&Mutex<Vec<Weak<Inner>>>>,
+    ) -> Result<Saved> {
+        let (module, vars) = {
+            let vb = self.builder(gathered).trainable();
             let module = (self.build)(vb.clone())?;
-            (module, vb.params())
+            let mut vars: HashMap<String, Var> =
+                vb.params().into_iter().map(|p| (p.name, p.var)).collect();
+            let vars = self
+                .infos
+                .iter()
+                .map(|i| match vars.remove(&i.name) {
+                    Some(v) => Ok(v),
+                    None => bail!(
+                        "ShardedModule {}: rebuilding the module did not create parameter {}: the build must create the same parameters every time",
+                        self.name,
+                        i.name
+                    ),
+                })
+                .collect::<Result<Vec<Var>>>()?;
+            (module, vars)
+        };
+        if let Some(list) = prefetch {
+            Self::prefetch(list)?;
+        }
+        let ids = vars.iter().map(|v| v.as_tensor().id()).collect();
+        let released = match release {
+            true => {
+                let refs: Vec<&Tensor> = vars.iter().map(Var::as_tensor).collect();
+                Some(Released::new(&self.name, &refs, &self.device)?)
+            }
+            false => None,
         };
         let x = x.detach();
         let xv = match x.dtype() {
             DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Some(Var::from_tensor(&x)?),
             _ => None, // token ids
         };
-        let y = module.forward(xv.as_ref().map_or(&x, |v| v.as_tensor()))?;
-        Ok((y, xv, params))
+        let input = xv.as_ref().map_or(&x, |v| v.as_tensor());
+        let y = match &released {
+            Some(r) => r.scope(|| module.forward(input))?,
+            None => module.forward(input)?,
+        };
+        // The module's copies of released parameters go here (the graph holds the others).
+        drop((module, vars));
+        Ok(Saved::Graph {
+            y,
+            xv,
+            ids,
+            released,
+        })
     }
 
-    /// The backward from what the forward kept, or (resharded) with the parameters gathered
-    /// again and the forward recomputed on the saved input; the parameters' gradients
-    /// reduce-scattered to this rank's partitions.
+    /// The backward from what the forward kept: the parameters gathered again where they
+    /// were released or are recomputed from (or the kept ones), the forward run again where
+    /// it was not kept, the output's gradient through its graph, and the parameters'
+    /// gradients reduce-scattered to this rank's partitions.
     fn backward(
         &self,
-        kept: Option<Kept>,
+        saved: Option<Saved>,
         x: &Tensor,
         shard: &Tensor,
         g: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
-        let (y, xv, params) = match kept {
-            Some(k) => k,
-            None => {
-                let k = self.forward_tracked(x, shard)?;
-                Self::prefetch(&self.backward_prefetch)?;
-                k
+        // A second backward (the first took what was kept) recomputes on parameters gathered
+        // again.
+        let saved = match saved.unwrap_or(Saved::Recompute(None)) {
+            Saved::Recompute(kept) => {
+                let regathered = kept.is_none();
+                let gathered = match kept {
+                    Some(k) => k,
+                    None => self.gathered(shard)?,
+                };
+                let prefetch = regathered.then_some(&self.backward_prefetch);
+                self.forward_graph(x, gathered, false, prefetch)?
             }
+            graph => graph,
         };
-        let mut store = (&y * g)?.sum_all()?.backward()?;
-        drop(y); // the output's graph holds the parameters' copies
+        let Saved::Graph {
+            y,
+            xv,
+            ids,
+            released,
+        } = saved
+        else {
+            bail!(
+                "ShardedModule {}: the forward was not recomputed",
+                self.name
+            )
+        };
+        if let Some(r) = &released {
+            r.set_weights(Some(self.gathered(shard)?));
+            Self::prefetch(&self.backward_prefetch)?;
+        }
+        let store = (&y * g)?.sum_all()?.backward();
+        if let Some(r) = &released {
+            // The gathered parameters go as soon as the graph is through (errors included).
+            r.set_weights(None);
+        }
+        let mut store = store?;
+        drop(y); // the output's graph holds the kept parameters' copies
         let dx = xv.and_then(|v| store.remove(v.as_tensor()));
-        // The gradients out of the store, in the order of the infos; then the variables and
-        // the store go (the module's copies of the parameters are freed before packing).
-        let mut vars: HashMap<String, Var> = params.into_iter().map(|p| (p.name, p.var)).collect();
-        let mut grads: Vec<Option<Tensor>> = self
-            .infos
+        // The gradients out of the store (and the released parameters' scope), in the order
+        // of the infos; then the store goes.
+        let mut grads: Vec<Option<Tensor>> = ids
             .iter()
-            .map(|i| {
-                vars.remove(&i.name)
-                    .and_then(|v| store.remove(v.as_tensor()))
+            .enumerate()
+            .map(|(i, id)| {
+                let graph = store.get_id(*id).cloned();
+                let scope = released.as_ref().and_then(|r| r.take_grad(i));
+                Ok(match (graph, scope) {
+                    (Some(a), Some(b)) => Some((a + b)?),
+                    (a, b) => a.or(b),
+                })
             })
-            .collect();
-        drop((vars, store));
+            .collect::<Result<_>>()?;
+        drop(store);
         let mut parts = Vec::with_capacity(self.groups.len());
         for grp in &self.groups {
             let flat = Tensor::zeros(grp.padded, DType::F32, &self.device)?;
@@ -454,24 +549,32 @@ impl Module for ShardedModule {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let inner = &self.inner;
         let shard = inner.shard.as_tensor();
-        let (y, kept) = if inner.reshard_after_forward.load(Ordering::Relaxed) {
-            let y = {
-                let module = (inner.build)(inner.builder(&shard.detach())?)?;
-                Inner::prefetch(&inner.forward_prefetch)?;
-                module.forward(&x.detach())?
-            }; // the gathered parameters are freed here
-            (y, None)
+        let reshard = inner.reshard_after_forward.load(Ordering::Relaxed);
+        let gathered = inner.gathered(&shard.detach())?;
+        let (y, saved) = if inner.recompute.load(Ordering::Relaxed) {
+            let kept = (!reshard).then(|| gathered.clone());
+            // The forward the backward will recompute, with its graph (dropped here): an
+            // untracked module would take inference paths, whose roundings differ (at tp > 1).
+            let y = match inner.forward_graph(x, gathered, false, Some(&inner.forward_prefetch))? {
+                Saved::Graph { y, .. } => y.detach(),
+                Saved::Recompute(_) => {
+                    bail!("ShardedModule {}: the forward kept no graph", inner.name)
+                }
+            }; // the gathered parameters are freed here (unless kept)
+            (y, Saved::Recompute(kept))
         } else {
-            let k = inner.forward_tracked(x, shard)?;
-            Inner::prefetch(&inner.forward_prefetch)?;
-            (k.0.detach(), Some(k))
+            let saved = inner.forward_graph(x, gathered, reshard, Some(&inner.forward_prefetch))?;
+            let Saved::Graph { y, .. } = &saved else {
+                bail!("ShardedModule {}: the forward kept no graph", inner.name)
+            };
+            (y.detach(), saved)
         };
         let me = self.inner.clone();
         // Taken by the first backward; a second one recomputes.
-        let kept = Mutex::new(kept);
+        let saved = Mutex::new(Some(saved));
         attach_backward("zero3_module", &y, &[x, shard], move |ins, _, g| {
-            let k = kept.lock().unwrap_or_else(|e| e.into_inner()).take();
-            me.backward(k, ins[0], ins[1], g)
+            let s = saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+            me.backward(s, ins[0], ins[1], g)
         })
     }
 }
