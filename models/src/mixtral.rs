@@ -1718,10 +1718,18 @@ impl ShardedMixtral {
         labels: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
     ) -> Result<(MixtralLosses, Tensor)> {
-        self.losses_over(ids, labels, attention_mask, None)
+        check_attention_mask(attention_mask, ids, labels)?;
+        self.check_whole("losses")?;
+        // Evaluation: no layer keeps anything for a backward.
+        let mut x = ids.clone();
+        for u in &self.units {
+            x = u.forward_untracked(&x)?;
+        }
+        self.losses_of_packed(&x, ids, labels, attention_mask, None)
     }
 
-    /// [`ShardedMixtral::losses`] with the load-balancing loss over `aux_batch`.
+    /// The training forward's losses (every layer kept for a backward), with the
+    /// load-balancing loss over `aux_batch`.
     fn losses_over(
         &self,
         ids: &Tensor,
@@ -1732,13 +1740,25 @@ impl ShardedMixtral {
         check_attention_mask(attention_mask, ids, labels)?;
         self.check_whole("losses")?;
         let x = self.forward_stage(ids)?;
+        self.losses_of_packed(&x, ids, labels, attention_mask, aux_batch)
+    }
+
+    /// The losses from the whole model's packed output `x`.
+    fn losses_of_packed(
+        &self,
+        x: &Tensor,
+        ids: &Tensor,
+        labels: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        aux_batch: Option<&Comm>,
+    ) -> Result<(MixtralLosses, Tensor)> {
         let cols = self.cfg.vocab_size.div_ceil(self.tp.size());
         losses_of_packed(
             &self.cfg,
             &self.tp,
             cols,
             self.dtype,
-            &x,
+            x,
             ids,
             labels,
             attention_mask,

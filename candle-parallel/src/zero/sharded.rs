@@ -258,6 +258,17 @@ impl ShardedModule {
         self.inner.recompute.store(recompute, Ordering::Relaxed);
     }
 
+    /// The forward for evaluation: the parameters gathered, used and freed, and nothing kept
+    /// for a backward (the output does not track gradients; the module runs its inference
+    /// paths).
+    pub fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
+        let inner = &self.inner;
+        let gathered = inner.gathered(&inner.shard.as_tensor().detach())?;
+        let module = (inner.build)(inner.builder(gathered))?;
+        Inner::prefetch(&inner.forward_prefetch)?;
+        module.forward(&x.detach())
+    }
+
     /// FSDP2's explicit forward prefetch: as this module's forward starts (its own parameters
     /// gathered), the gathers of `modules` start on their groups' communication lanes, so
     /// that they arrive while this module computes; at most this module's and theirs are
