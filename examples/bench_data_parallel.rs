@@ -537,6 +537,8 @@ fn main() -> Result<()> {
 struct MemoryRow {
     stage: u8,
     path: BackwardPath,
+    /// ZeRO 3: the gathered parameters freed after each layer's forward (or kept).
+    reshard: bool,
     peak: usize,
     persistent: usize,
     load: usize,
@@ -548,6 +550,16 @@ struct MemoryRow {
     phases: Vec<(String, usize)>,
     /// On a GPU: the memory in use on it after the steps.
     device_used: Option<usize>,
+}
+
+impl MemoryRow {
+    /// The backward, and at ZeRO 3 whether the gathered parameters were kept.
+    fn label(&self) -> String {
+        match self.reshard {
+            true => self.path.to_string(),
+            false => format!("{}, gathered parameters kept", self.path),
+        }
+    }
 }
 
 /// ZeRO's model states per rank in f32 with AdamW: 4Ψ parameters, 4Ψ gradients, 8Ψ moments.
@@ -573,18 +585,25 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         BackwardPath::Units(Recompute::Selective),
         BackwardPath::Units(Recompute::Full),
     ];
-    let runs: Vec<(u8, BackwardPath)> = a
+    let runs: Vec<(u8, BackwardPath, bool)> = a
         .stages
         .iter()
         .flat_map(|&s| {
-            // Stage 3's backward is unit-wise (its whole-graph backward recomputes).
-            let paths = if s == 3 { &paths[1..] } else { &paths[..] };
-            paths.iter().map(move |&p| (s, p))
+            // Stage 3's backward is unit-wise (its whole-graph backward recomputes); it also
+            // runs with the gathered parameters kept from each layer's forward to its backward.
+            let mut runs: Vec<(u8, BackwardPath, bool)> = match s {
+                3 => paths[1..].iter().map(|&p| (s, p, true)).collect(),
+                _ => paths.iter().map(|&p| (s, p, true)).collect(),
+            };
+            if s == 3 {
+                runs.push((s, paths[1], false));
+            }
+            runs
         })
         .collect();
     let bar = ProgressBar::new(runs.len() as u64).with_style(style);
     let mut rows = Vec::new();
-    for &(stage, path) in &runs {
+    for &(stage, path, reshard) in &runs {
         bar.set_message(format!("memory, zero={stage}, {path}"));
         let rss_reset = memory::reset_rss_peak();
         let probe = MemoryProbe {
@@ -597,12 +616,13 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             seq: a.seq,
             steps: 2,
             bucket_bytes: candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES,
-            reshard_after_forward: true,
+            reshard_after_forward: reshard,
         };
         let m = measure_training_memory(&cfg, probe)?.remove(0);
         rows.push(MemoryRow {
             stage,
             path,
+            reshard,
             peak: m.step_peak,
             persistent: m.persistent,
             load: m.load_peak,
@@ -644,7 +664,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         println!(
             "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
             r.stage,
-            r.path,
+            r.label(),
             mib(r.persistent),
             f / (1 << 20) as f64,
             r.persistent as f64 / f,
@@ -659,7 +679,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         );
     }
     println!(
-        "\nPredicted peak: ZeRO's formula for what persists, plus the model's own count of its activations for the recompute mode (`candle_parallel_models::activations`), plus every full gradient at once on the whole-graph backward (4Ψ; not the optimizer's packing of them), from stage 2 a bucket and the backend's copy of it, and at ZeRO 3 one gathered layer (whose layers recompute in their backward)."
+        "\nPredicted peak: ZeRO's formula for what persists, plus the model's own count of its activations for the recompute mode (`candle_parallel_models::activations`), plus every full gradient at once on the whole-graph backward (4Ψ; not the optimizer's packing of them), from stage 2 a bucket and the backend's copy of it, and at ZeRO 3 three layers' parameters (a layer's gathered parameters, the next one's prefetched and the layer's gradients; every layer's with the gathered parameters kept)."
     );
     println!(
         "\nThe step's peak by phase (MiB; the backward from its first gradient on, the whole graph's forward and backward being one):\n\n| ZeRO | backward | forward | backward | optimizer step |\n|---:|---|---:|---:|---:|"
@@ -678,7 +698,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         println!(
             "| {} | {} | {fwd} | {bwd} | {} |",
             r.stage,
-            r.path,
+            r.label(),
             of("optimizer")
         );
     }
@@ -686,7 +706,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         println!(
             "ZeRO {} · {}: {:.1} MiB in use on the GPU after the steps (CUDA's count, all contexts)",
             r.stage,
-            r.path,
+            r.label(),
             mib(r.device_used.unwrap_or(0))
         );
     }
@@ -704,7 +724,6 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
 /// (`formula`: what persists by ZeRO's formula), in bytes.
 fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow, formula: f64) -> Result<f64> {
     let recompute = match (r.stage, r.path) {
-        (3, _) => Recompute::Full,
         (_, BackwardPath::Units(recompute)) => recompute,
         (_, BackwardPath::Whole) => Recompute::None,
     };
@@ -724,7 +743,10 @@ fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow, formula: f64) ->
     // backward goes (the bucket, and the backend's copy of it in the collective).
     let buckets = 2 * candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES;
     let extra = match (r.stage, r.path) {
-        (3, _) => est.layer_param_bytes + buckets,
+        // Kept: every layer's gathered parameters by the end of the forward.
+        (3, _) if !r.reshard => cfg.num_hidden_layers * est.layer_param_bytes + buckets,
+        // A layer's gathered parameters, the next one's prefetched, and the layer's gradients.
+        (3, _) => 3 * est.layer_param_bytes + buckets,
         (_, BackwardPath::Whole) => 4 * r.psi,
         (2, _) => buckets,
         _ => 0,
@@ -756,7 +778,7 @@ fn memory_svg(rows: &[MemoryRow], predicted: &[f64], psi: usize, dp: usize) -> S
     );
     for (i, r) in rows.iter().enumerate() {
         let y = 40.0 + row_h * i as f64;
-        let label = format!("ZeRO {} · {}", r.stage, r.path);
+        let label = format!("ZeRO {} · {}", r.stage, r.label());
         svg += &format!(r#"<text x="10" y="{}">{label}</text>"#, y + 24.0);
         let bars = [
             (zero_formula(r.stage, psi, dp), "#9e9e9e", "formula"),

@@ -159,6 +159,23 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             ..probe
         },
     )?;
+    // Selective recomputation over released parameters holds no more than keeping every
+    // activation does (the experts' down projections it recomputes take their weights from
+    // the scope, not from the graph).
+    let selective3 = measure(
+        &cfg,
+        MemoryProbe {
+            stage: 3,
+            path: BackwardPath::Units(Recompute::Selective),
+            ..probe
+        },
+    )?;
+    assert!(
+        selective3.step_peak <= peaks[3],
+        "stage 3: selective recomputation's peak {} above keeping every activation's {}",
+        selective3.step_peak,
+        peaks[3]
+    );
     let unit = 4 * kept.psi / cfg.num_hidden_layers;
     assert!(
         kept.step_peak > peaks[3] + 3 * unit / 2,

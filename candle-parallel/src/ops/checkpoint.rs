@@ -105,13 +105,14 @@ pub fn checkpoint(
     }
     // Under a zero-bubble split backward, the recomputation's deferred weight gradients
     // belong to these (not to the stand-in variables below); a released one's is computed
-    // at once (a placeholder that is no variable).
+    // at once (an empty placeholder that is no variable: the weight itself must not be held).
+    let placeholder = Tensor::zeros(0, DType::F32, inputs[0].device())?;
     let originals: Vec<Tensor> = inputs
         .iter()
         .zip(&released)
         .map(|(t, r)| match r {
             None => (*t).clone(),
-            Some(_) => t.detach(),
+            Some(_) => placeholder.clone(),
         })
         .collect();
     let with_anchor = anchor.is_some();
