@@ -1711,7 +1711,9 @@ impl ShardedMixtral {
     }
 
     /// The losses for `ids` (`[b, s]`; `labels` and `attention_mask` as
-    /// [`Mixtral::losses_labeled`]) and the gathered logits `[b, s, vocab]`.
+    /// [`Mixtral::losses_labeled`]) and the gathered logits `[b, s, vocab]`, for evaluation:
+    /// nothing tracks gradients (each layer is gathered, run and freed); train with
+    /// [`ShardedMixtral::train_grads`] or [`ShardedMixtral::batch_grads`].
     pub fn losses(
         &self,
         ids: &Tensor,

@@ -82,6 +82,21 @@ pub fn defer_weight_grads<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Deferr
     Ok((out?, DeferredWeightGrads(deferred.unwrap_or_default())))
 }
 
+/// Runs `f` with no weight gradient deferred on this thread (a backward nested in another,
+/// whose weights do not outlive it), whatever the enclosing backward defers.
+pub(crate) fn without_deferral<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Option<Vec<Deferred>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                DEFERRED.with(|d| *d.borrow_mut() = outer);
+            }
+        }
+    }
+    let _restore = Restore(Some(DEFERRED.with(|d| d.borrow_mut().take())));
+    f()
+}
+
 /// How many weight gradients this thread has deferred so far (`None`: it is not deferring).
 pub(crate) fn deferred_len() -> Option<usize> {
     DEFERRED.with(|d| d.borrow().as_ref().map(Vec::len))

@@ -18,6 +18,7 @@ mod attach;
 mod checkpoint;
 pub mod collectives;
 mod linear;
+pub(crate) use linear::without_deferral;
 pub(crate) mod released;
 mod swiglu;
 pub mod train;

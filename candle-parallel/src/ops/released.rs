@@ -34,6 +34,8 @@ pub(crate) struct Released {
     /// The parameters during the backward (gathered again), `None` in between.
     weights: Mutex<Option<Vec<Tensor>>>,
     grads: Mutex<Vec<Option<Tensor>>>,
+    /// Whether each parameter was consumed through the scope in the forward.
+    used: Mutex<Vec<bool>>,
     anchor: Var,
 }
 
@@ -50,6 +52,7 @@ impl Released {
                 .collect(),
             weights: Mutex::new(None),
             grads: Mutex::new(vec![None; params.len()]),
+            used: Mutex::new(vec![false; params.len()]),
             anchor: Var::zeros(1, DType::F32, device)?,
         }))
     }
@@ -64,6 +67,12 @@ impl Released {
         }
         let _restore = Restore(SCOPE.with(|s| s.borrow_mut().replace(self.clone())));
         f()
+    }
+
+    /// Whether parameter `i` was consumed through the scope (else an op that does not
+    /// release parameters holds it in the graph, or the forward did not use it).
+    pub(crate) fn used(&self, i: usize) -> bool {
+        self.used.lock().unwrap_or_else(|e| e.into_inner())[i]
     }
 
     /// Hands the parameters (in the order given to [`Released::new`]) to the backward.
@@ -104,6 +113,7 @@ pub(crate) fn lookup(w: &Tensor) -> Option<(Arc<Released>, usize)> {
         let s = s.borrow();
         let r = s.as_ref()?;
         let i = *r.index.get(&w.id())?;
+        r.used.lock().unwrap_or_else(|e| e.into_inner())[i] = true;
         Some((r.clone(), i))
     })
 }
@@ -198,7 +208,7 @@ pub(crate) fn embedding(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let Some((r, i)) = lookup(w) else {
         return w.embedding(ids);
     };
-    let rows = w.embedding(ids)?;
+    let rows = w.detach().embedding(ids)?;
     let (ids, dims) = (ids.detach(), w.dims().to_vec());
     let released = r.clone();
     super::attach_backward(

@@ -50,6 +50,8 @@ struct Inner {
     /// Activation checkpointing at the module's boundary: keep only the input and run the
     /// forward again in the backward.
     recompute: AtomicBool,
+    /// Whether [`Inner::warn_held`] has spoken.
+    warned_held: AtomicBool,
     /// The dtype gradients are reduce-scattered in (the optimizer's `reduce_dtype`).
     reduce_dtype: Mutex<DType>,
     /// Gathers started ahead of use (FSDP2's prefetch), one per group, on the groups' lanes.
@@ -108,7 +110,10 @@ enum Saved {
 ///         let init = candle_nn::Init::Const(0.5);
 ///         let w = vb.get((4, 6), "weight", Placement::Replicated, init)?;
 ///         let b = vb.get(4, "bias", Placement::Replicated, init)?;
-///         Ok(candle_nn::Linear::new(w, Some(b)))
+///         // `ops::linear` lets the gathered weight be freed after the forward.
+///         Ok(candle_nn::func(move |x| {
+///             candle_parallel::ops::linear(x, &w)?.broadcast_add(&b)
+///         }))
 ///     })?;
 ///     let x = Tensor::ones((3, 6), DType::F32, &Device::Cpu)?;
 ///     let y = fc.forward(&x)?;
@@ -230,6 +235,7 @@ impl ShardedModule {
                 device,
                 reshard_after_forward: AtomicBool::new(true),
                 recompute: AtomicBool::new(false),
+                warned_held: AtomicBool::new(false),
                 reduce_dtype: Mutex::new(DType::F32),
                 prefetched: Mutex::new(None),
                 forward_prefetch: Mutex::new(Vec::new()),
@@ -459,12 +465,40 @@ impl Inner {
         };
         // The module's copies of released parameters go here (the graph holds the others).
         drop((module, vars));
+        if let Some(r) = &released {
+            self.warn_held(r);
+        }
         Ok(Saved::Graph {
             y,
             xv,
             ids,
             released,
         })
+    }
+
+    /// Says once which matrices the forward did not release: an op that does not look
+    /// parameters up in `ops::released` (`ops::linear`, the vocab-parallel embedding and
+    /// `ops::checkpoint` do) consumed them, so the graph holds their gathered copies until the
+    /// backward. (Vectors, such as norm weights, are held by design: they are small.)
+    fn warn_held(&self, r: &Released) {
+        if self.warned_held.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let held: Vec<String> = self
+            .infos
+            .iter()
+            .enumerate()
+            .filter(|(i, info)| info.dims.len() >= 2 && !r.used(*i))
+            .map(|(_, info)| format!("{} {:?}", info.name, info.dims))
+            .collect();
+        if !held.is_empty() {
+            tracing::warn!(
+                "ShardedModule {}: {} parameter matrices stay gathered from the forward to the backward ({}): the ops that consume them hold them in the graph; use candle_parallel::ops::linear (or the tensor-parallel layers) to let them be freed after the forward",
+                self.name,
+                held.len(),
+                held.join(", ")
+            );
+        }
     }
 
     /// The backward from what the forward kept: the parameters gathered again where they
@@ -508,7 +542,9 @@ impl Inner {
             r.set_weights(Some(self.gathered(shard)?));
             Self::prefetch(&self.backward_prefetch)?;
         }
-        let store = (&y * g)?.sum_all()?.backward();
+        // The module's weights (copies, or released) do not outlive this backward: none of
+        // their gradients can wait for a split schedule's weight step.
+        let store = crate::ops::without_deferral(|| (&y * g)?.sum_all()?.backward());
         if let Some(r) = &released {
             // The gathered parameters go as soon as the graph is through (errors included).
             r.set_weights(None);
