@@ -522,6 +522,40 @@ impl ParallelVarBuilder {
             }
             _ => None,
         };
+        // From a checkpoint, only the rows of the slice that hold the wanted elements.
+        if let (None, Source::Stored(s), Some(&d0)) = (seed, &self.inner.source, meta.dims.first())
+        {
+            let row = meta.dims[1..].iter().product::<usize>().max(1);
+            let (r0, r1) = (
+                start / row,
+                (start + len).div_ceil(row).clamp(start / row, d0),
+            );
+            let slice = meta.placement.slice(&meta.full_dims, &meta.name)?;
+            let (stored, pieces) = s.pieces(&meta.name, &meta.full_dims)?;
+            let (bytes, dims, read) = super::region::assemble_rows(
+                &meta.name,
+                &meta.full_dims,
+                slice.as_ref(),
+                r0..r1,
+                stored,
+                &pieces,
+            )?;
+            self.inner
+                .bytes_read
+                .fetch_add(read as u64, Ordering::SeqCst);
+            let rows = Tensor::from_raw_buffer(&bytes, stored, &dims, &self.inner.device)?
+                .to_dtype(meta.dtype)?;
+            let (a, b) = (r0 * row, r1 * row);
+            if start + len > b || dims[1..] != meta.dims[1..] {
+                bail!(
+                    "tensor {}: rows {r0}..{r1} of its slice {:?} read as {dims:?}, which does not hold elements {start}..{}",
+                    meta.name,
+                    meta.dims,
+                    start + len
+                )
+            }
+            return rows.flatten_all()?.narrow(0, start - a, len)?.copy();
+        }
         let whole = match seed {
             Some(seed) => {
                 let slice = meta.placement.slice(&meta.full_dims, &meta.name)?;

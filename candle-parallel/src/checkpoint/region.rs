@@ -16,7 +16,35 @@ pub(crate) fn assemble(
     dtype: DType,
     pieces: &[StoredPiece<'_>],
 ) -> Result<(Vec<u8>, Vec<usize>, usize)> {
-    let want = match slice {
+    let (want, out_dims) = wanted(full, slice, None);
+    assemble_region(name, &want, out_dims, dtype, pieces)
+}
+
+/// [`assemble`] of rows `rows` (along dim 0) of the slice only: a part of a parameter
+/// (ZeRO 3's partitions cut parameters anywhere) without reading the rest of it.
+pub(crate) fn assemble_rows(
+    name: &str,
+    full: &[usize],
+    slice: Option<&Slice>,
+    rows: std::ops::Range<usize>,
+    dtype: DType,
+    pieces: &[StoredPiece<'_>],
+) -> Result<(Vec<u8>, Vec<usize>, usize)> {
+    if full.is_empty() {
+        bail!("tensor {name}: a scalar has no rows to read")
+    }
+    let (want, out_dims) = wanted(full, slice, Some(rows));
+    assemble_region(name, &want, out_dims, dtype, pieces)
+}
+
+/// The region of the full tensor to read, and the dims of what it is copied into (padding
+/// rows of a padded slice included, zero): the slice, or rows `rows` of it.
+fn wanted(
+    full: &[usize],
+    slice: Option<&Slice>,
+    rows: Option<std::ops::Range<usize>>,
+) -> (Region, Vec<usize>) {
+    let mut want = match slice {
         None => Region::whole(full),
         Some(s) => Region::whole(full).restrict(s.dim, s.start, s.len),
     };
@@ -24,6 +52,29 @@ pub(crate) fn assemble(
     if let Some(s) = slice {
         out_dims[s.dim] = s.padded;
     }
+    if let Some(r) = rows {
+        // Row `i` of the slice is row `start + i` of the tensor; rows past the stored ones are
+        // a padded slice's zeros.
+        let (start, len) = want.0[0];
+        let (a, b) = (
+            (start + r.start).min(start + len),
+            (start + r.end).min(start + len),
+        );
+        want.0[0] = (a, b - a);
+        out_dims[0] = r.len();
+    }
+    (want, out_dims)
+}
+
+/// The bytes of region `want` from `pieces`, into a buffer of `out_dims` whose origin is
+/// `want`'s start.
+fn assemble_region(
+    name: &str,
+    want: &Region,
+    out_dims: Vec<usize>,
+    dtype: DType,
+    pieces: &[StoredPiece<'_>],
+) -> Result<(Vec<u8>, Vec<usize>, usize)> {
     let elem = dtype.size_in_bytes();
     let mut out = vec![0u8; out_dims.iter().product::<usize>() * elem];
     let mut filled = Bits::new(out.len() / elem.max(1));
@@ -60,7 +111,7 @@ pub(crate) fn assemble(
             region,
             &common,
             &mut out,
-            &want,
+            want,
             &out_dims,
             elem,
             &mut filled,
