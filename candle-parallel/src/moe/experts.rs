@@ -108,10 +108,11 @@ impl Expert {
     }
 }
 
-/// Whether the in-place inference passes apply: nothing tracks gradients, and the CPU kernels
-/// take the tensors.
+/// Whether the in-place inference passes apply: nothing tracks gradients (nor is the training
+/// path asked for), and the CPU kernels take the tensors.
 fn in_place_ok(a: &Tensor, b: &Tensor) -> bool {
-    !a.track_op()
+    !ops::training_paths()
+        && !a.track_op()
         && !b.track_op()
         && a.device().is_cpu()
         && a.is_contiguous()
@@ -221,7 +222,8 @@ impl LocalExperts {
         assignment: &[u32],
         t: usize,
     ) -> Result<Tensor> {
-        let inference = !src.track_op()
+        let inference = !ops::training_paths()
+            && !src.track_op()
             && !weights.track_op()
             && !self.experts.iter().any(Expert::tracks_gradients)
             && src.device().is_cpu()

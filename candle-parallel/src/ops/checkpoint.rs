@@ -13,6 +13,29 @@ use std::sync::{Arc, Mutex};
 thread_local! {
     /// Whether layers running on this thread checkpoint their selective parts.
     static SELECTIVE: Cell<bool> = const { Cell::new(false) };
+    /// Whether layers take their training paths although nothing tracks gradients.
+    static TRAINING_PATHS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with layers on their training paths even where nothing tracks gradients: a forward
+/// whose result a recomputation will reproduce in the backward (ZeRO 3's recomputed modules)
+/// must round as the training path does, and the inference paths (the MoE layer's combine
+/// before the tp reduction) round differently.
+pub fn with_training_paths<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TRAINING_PATHS.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(TRAINING_PATHS.with(|s| s.replace(on)));
+    f()
+}
+
+/// Whether layers must take their training paths although nothing tracks gradients (see
+/// [`with_training_paths`]).
+pub fn training_paths() -> bool {
+    TRAINING_PATHS.with(Cell::get)
 }
 
 /// Runs `f` with selective recomputation switched `on` on this thread (a rank's thread): the

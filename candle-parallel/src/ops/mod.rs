@@ -24,7 +24,9 @@ mod swiglu;
 pub mod train;
 
 pub use attach::{attach_backward, depend_on};
-pub use checkpoint::{checkpoint, selective_recompute, with_selective_recompute};
+pub use checkpoint::{
+    checkpoint, selective_recompute, training_paths, with_selective_recompute, with_training_paths,
+};
 
 pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,

@@ -600,13 +600,12 @@ impl Module for ShardedModule {
         let gathered = inner.gathered(&shard.detach())?;
         let (y, saved) = if inner.recompute.load(Ordering::Relaxed) {
             let kept = (!reshard).then(|| gathered.clone());
-            // The forward the backward will recompute, with its graph (dropped here): an
-            // untracked module would take inference paths, whose roundings differ (at tp > 1).
-            let y = match inner.forward_graph(x, gathered, false, Some(&inner.forward_prefetch))? {
-                Saved::Graph { y, .. } => y.detach(),
-                Saved::Recompute(_) => {
-                    bail!("ShardedModule {}: the forward kept no graph", inner.name)
-                }
+            let y = {
+                let module = (inner.build)(inner.builder(gathered))?;
+                Inner::prefetch(&inner.forward_prefetch)?;
+                // The forward the backward will recompute: on the training path, whose
+                // roundings the recomputation reproduces (the inference path's differ at tp > 1).
+                crate::ops::with_training_paths(true, || module.forward(&x.detach()))?
             }; // the gathered parameters are freed here (unless kept)
             (y, Saved::Recompute(kept))
         } else {
