@@ -34,8 +34,6 @@ pub(crate) struct Released {
     /// The parameters during the backward (gathered again), `None` in between.
     weights: Mutex<Option<Vec<Tensor>>>,
     grads: Mutex<Vec<Option<Tensor>>>,
-    /// Whether each parameter was consumed through the scope in the forward.
-    used: Mutex<Vec<bool>>,
     anchor: Var,
 }
 
@@ -52,7 +50,6 @@ impl Released {
                 .collect(),
             weights: Mutex::new(None),
             grads: Mutex::new(vec![None; params.len()]),
-            used: Mutex::new(vec![false; params.len()]),
             anchor: Var::zeros(1, DType::F32, device)?,
         }))
     }
@@ -67,12 +64,6 @@ impl Released {
         }
         let _restore = Restore(SCOPE.with(|s| s.borrow_mut().replace(self.clone())));
         f()
-    }
-
-    /// Whether parameter `i` was consumed through the scope (else an op that does not
-    /// release parameters holds it in the graph, or the forward did not use it).
-    pub(crate) fn used(&self, i: usize) -> bool {
-        self.used.lock().unwrap_or_else(|e| e.into_inner())[i]
     }
 
     /// Hands the parameters (in the order given to [`Released::new`]) to the backward.
@@ -113,7 +104,6 @@ pub(crate) fn lookup(w: &Tensor) -> Option<(Arc<Released>, usize)> {
         let s = s.borrow();
         let r = s.as_ref()?;
         let i = *r.index.get(&w.id())?;
-        r.used.lock().unwrap_or_else(|e| e.into_inner())[i] = true;
         Some((r.clone(), i))
     })
 }

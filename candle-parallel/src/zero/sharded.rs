@@ -465,9 +465,7 @@ impl Inner {
         };
         // The module's copies of released parameters go here (the graph holds the others).
         drop((module, vars));
-        if let Some(r) = &released {
-            self.warn_held(r);
-        }
+
         Ok(Saved::Graph {
             y,
             xv,
@@ -476,29 +474,25 @@ impl Inner {
         })
     }
 
-    /// Says once which matrices the forward did not release: an op that does not look
-    /// parameters up in `ops::released` (`ops::linear`, the vocab-parallel embedding and
-    /// `ops::checkpoint` do) consumed them, so the graph holds their gathered copies until the
-    /// backward. (Vectors, such as norm weights, are held by design: they are small.)
-    fn warn_held(&self, r: &Released) {
-        if self.warned_held.swap(true, Ordering::Relaxed) {
+    /// Says once which parameter matrices a released forward's graph held anyway (the
+    /// backward found them in the graph: an op that does not look parameters up in
+    /// `ops::released` consumed them, while `ops::linear`, the vocab-parallel embedding and
+    /// `ops::checkpoint` do). (Vectors, such as norm weights, are held by design: they are
+    /// small.)
+    fn warn_held(&self, held: &[usize]) {
+        if held.is_empty() || self.warned_held.swap(true, Ordering::Relaxed) {
             return;
         }
-        let held: Vec<String> = self
-            .infos
+        let names: Vec<String> = held
             .iter()
-            .enumerate()
-            .filter(|(i, info)| info.dims.len() >= 2 && !r.used(*i))
-            .map(|(_, info)| format!("{} {:?}", info.name, info.dims))
+            .map(|&i| format!("{} {:?}", self.infos[i].name, self.infos[i].dims))
             .collect();
-        if !held.is_empty() {
-            tracing::warn!(
-                "ShardedModule {}: {} parameter matrices stay gathered from the forward to the backward ({}): the ops that consume them hold them in the graph; use candle_parallel::ops::linear (or the tensor-parallel layers) to let them be freed after the forward",
-                self.name,
-                held.len(),
-                held.join(", ")
-            );
-        }
+        tracing::warn!(
+            "ShardedModule {}: {} parameter matrices stayed gathered from the forward to the backward ({}): the ops that consume them hold them in the graph; use candle_parallel::ops::linear (or the tensor-parallel layers) to let them be freed after the forward",
+            self.name,
+            names.len(),
+            names.join(", ")
+        );
     }
 
     /// The backward from what the forward kept: the parameters gathered again where they
@@ -566,6 +560,13 @@ impl Inner {
                 })
             })
             .collect::<Result<_>>()?;
+        if released.is_some() {
+            // A released matrix the graph reached was held by it since the forward.
+            let held: Vec<usize> = (0..ids.len())
+                .filter(|&i| self.infos[i].dims.len() >= 2 && store.get_id(ids[i]).is_some())
+                .collect();
+            self.warn_held(&held);
+        }
         drop(store);
         let mut parts = Vec::with_capacity(self.groups.len());
         for grp in &self.groups {
