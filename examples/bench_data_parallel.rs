@@ -539,6 +539,8 @@ struct MemoryRow {
     path: BackwardPath,
     /// ZeRO 3: the gathered parameters freed after each layer's forward (or kept).
     reshard: bool,
+    /// ZeRO 3: the next layer's parameters gathered while one computes.
+    prefetch: bool,
     peak: usize,
     persistent: usize,
     load: usize,
@@ -555,9 +557,10 @@ struct MemoryRow {
 impl MemoryRow {
     /// The backward, and at ZeRO 3 whether the gathered parameters were kept.
     fn label(&self) -> String {
-        match self.reshard {
-            true => self.path.to_string(),
-            false => format!("{}, gathered parameters kept", self.path),
+        match (self.reshard, self.prefetch) {
+            (true, true) => self.path.to_string(),
+            (true, false) => format!("{}, no prefetch", self.path),
+            (false, _) => format!("{}, gathered parameters kept", self.path),
         }
     }
 }
@@ -585,25 +588,26 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         BackwardPath::Units(Recompute::Selective),
         BackwardPath::Units(Recompute::Full),
     ];
-    let runs: Vec<(u8, BackwardPath, bool)> = a
+    let runs: Vec<(u8, BackwardPath, bool, bool)> = a
         .stages
         .iter()
         .flat_map(|&s| {
             // Stage 3's backward is unit-wise (its whole-graph backward recomputes); it also
             // runs with the gathered parameters kept from each layer's forward to its backward.
-            let mut runs: Vec<(u8, BackwardPath, bool)> = match s {
-                3 => paths[1..].iter().map(|&p| (s, p, true)).collect(),
-                _ => paths.iter().map(|&p| (s, p, true)).collect(),
+            let mut runs: Vec<(u8, BackwardPath, bool, bool)> = match s {
+                3 => paths[1..].iter().map(|&p| (s, p, true, true)).collect(),
+                _ => paths.iter().map(|&p| (s, p, true, true)).collect(),
             };
             if s == 3 {
-                runs.push((s, paths[1], false));
+                runs.push((s, paths[1], true, false));
+                runs.push((s, paths[1], false, true));
             }
             runs
         })
         .collect();
     let bar = ProgressBar::new(runs.len() as u64).with_style(style);
     let mut rows = Vec::new();
-    for &(stage, path, reshard) in &runs {
+    for &(stage, path, reshard, prefetch) in &runs {
         bar.set_message(format!("memory, zero={stage}, {path}"));
         let rss_reset = memory::reset_rss_peak();
         let probe = MemoryProbe {
@@ -617,12 +621,14 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             steps: 2,
             bucket_bytes: candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES,
             reshard_after_forward: reshard,
+            prefetch,
         };
         let m = measure_training_memory(&cfg, probe)?.remove(0);
         rows.push(MemoryRow {
             stage,
             path,
             reshard,
+            prefetch,
             peak: m.step_peak,
             persistent: m.persistent,
             load: m.load_peak,
@@ -746,7 +752,8 @@ fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow, formula: f64) ->
         // Kept: every layer's gathered parameters by the end of the forward.
         (3, _) if !r.reshard => cfg.num_hidden_layers * est.layer_param_bytes + buckets,
         // A layer's gathered parameters, the next one's prefetched, and the layer's gradients.
-        (3, _) => 3 * est.layer_param_bytes + buckets,
+        (3, _) if r.prefetch => 3 * est.layer_param_bytes + buckets,
+        (3, _) => 2 * est.layer_param_bytes + buckets,
         (_, BackwardPath::Whole) => 4 * r.psi,
         (2, _) => buckets,
         _ => 0,

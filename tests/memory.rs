@@ -78,6 +78,7 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         steps: 2,
         bucket_bytes: 1 << 20,
         reshard_after_forward: true,
+        prefetch: true,
     };
     let mut peaks = Vec::new();
     for stage in 0..=3u8 {

@@ -11,6 +11,7 @@ pub mod activations;
 mod block;
 pub mod llama;
 pub mod mixtral;
+pub mod plan;
 pub mod testing;
 pub mod tokenizer;
 

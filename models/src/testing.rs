@@ -243,6 +243,9 @@ pub struct MemoryProbe {
     /// Stage 3: free each layer's gathered parameters after its forward (FSDP2's
     /// `reshard_after_forward`, the default) or keep them until its backward.
     pub reshard_after_forward: bool,
+    /// Stage 3: each layer's forward (backward) starts gathering the next (previous) layer's
+    /// parameters (FSDP2's prefetch, [`ShardedMixtral::set_prefetch`]).
+    pub prefetch: bool,
 }
 
 /// Trains a Mixtral-style model of `cfg` (f32, deterministic initialisation, all-to-all
@@ -263,6 +266,7 @@ pub fn measure_training_memory(
         steps,
         bucket_bytes,
         reshard_after_forward,
+        prefetch,
     } = probe;
     if steps == 0 {
         candle_core::bail!("measure_training_memory: measure at least one step")
@@ -307,6 +311,7 @@ pub fn measure_training_memory(
                     layers,
                 )?;
                 m.set_reshard_after_forward(reshard_after_forward);
+                m.set_prefetch(prefetch);
                 if let BackwardPath::Units(r) = path {
                     m.set_recompute(r);
                 } else {

@@ -1,0 +1,912 @@
+//! The planner: which layout (dp × pp × ep × tp, ZeRO stage, recomputation, micro-batches,
+//! schedule) fits a model on a cluster, and how fast it runs, predicted from the model's
+//! `config.json` alone, before anything is allocated.
+//!
+//! Memory per rank is counted the way the library holds it: parameters, gradient buffers and
+//! AdamW's moments by ZeRO stage (ZeRO's formulas, which `bench_data_parallel` measures to
+//! 0.1%), the activations from the model's own count ([`crate::activations`], measured within
+//! a few percent by the counting allocator), and the buffers in flight (gradient buckets,
+//! ZeRO 3's gathered layers). Step time is compute at the device's achievable rate plus each
+//! group's communication over its link (inside a node or across nodes, from where the mesh
+//! puts the group: tp varies fastest, then ep, pp, dp), gradient reduction hidden behind the
+//! backward where it overlaps, and the pipeline's bubble.
+//!
+//! ```
+//! use candle_parallel_models::plan::{plan_layout, Cluster, DeviceSpec, Layout, ModelShape, Workload};
+//!
+//! let model = ModelShape::from_config_str(r#"{"model_type": "mixtral", "hidden_size": 4096,
+//!     "intermediate_size": 14336, "vocab_size": 32000, "num_hidden_layers": 32,
+//!     "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+//!     "num_experts_per_tok": 2}"#)?;
+//! let cluster = Cluster::new(DeviceSpec::h100(), 8, 8)?;
+//! let work = Workload { global_batch: 8, seq: 4096, dtype_bytes: 2, lora_rank: None };
+//! // A full bf16 fine-tune of Mixtral 8x7B with plain ZeRO 3 over 8 GPUs: 18 bytes per
+//! // parameter over 8 ranks is more than 80 GB.
+//! let plan = plan_layout(&model, &work, &cluster, &Layout::parse("dp=8,zero=3")?)?;
+//! assert!(!plan.fits);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use crate::activations::{mixtral_activations, ActivationLayout};
+use crate::mixtral::MixtralConfig;
+use candle_core::{bail, Result};
+use candle_parallel::data_parallel::{Recompute, DEFAULT_BUCKET_BYTES};
+use candle_parallel::pipeline::ScheduleKind;
+use serde::Serialize;
+
+/// A decoder-only model's shape, as the planner needs it (read from `config.json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelShape {
+    /// `model_type` as read.
+    pub family: String,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    /// Routed experts per MoE layer (0: a dense model).
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each routed expert's intermediate size.
+    pub expert_ffn: usize,
+    /// The dense MLP's intermediate size (dense models and dense layers among MoE ones).
+    pub dense_ffn: usize,
+    /// Shared experts' total intermediate size per MoE layer (0: none).
+    pub shared_ffn: usize,
+    /// How many layers are MoE layers (the others dense).
+    pub moe_layers: usize,
+    pub tie_embeddings: bool,
+}
+
+impl ModelShape {
+    /// From a `config.json`'s text: Mixtral, Qwen2-MoE and Qwen3-MoE (`num_experts`,
+    /// `moe_intermediate_size`, `shared_expert_intermediate_size`, `decoder_sparse_step`,
+    /// `mlp_only_layers`), DeepSeek-style (`n_routed_experts`, `n_shared_experts`,
+    /// `first_k_dense_replace`) and dense Llama-style models (Llama, Mistral, Qwen2, Qwen3).
+    pub fn from_config_str(text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| candle_core::Error::msg(format!("config.json: {e}")))?;
+        Self::from_config(&v)
+    }
+
+    /// From a parsed `config.json` (see [`ModelShape::from_config_str`]).
+    pub fn from_config(v: &serde_json::Value) -> Result<Self> {
+        let get = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map(|x| x as usize)
+        };
+        let need = |k: &str| match get(k) {
+            Some(x) => Ok(x),
+            None => bail!("config.json: `{k}` is missing (or not a number); the planner needs it"),
+        };
+        let family = v
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("llama")
+            .to_string();
+        let (hidden, layers, heads) = (
+            need("hidden_size")?,
+            need("num_hidden_layers")?,
+            need("num_attention_heads")?,
+        );
+        if heads == 0 || layers == 0 || hidden == 0 {
+            bail!("config.json: hidden_size, num_hidden_layers and num_attention_heads must be positive")
+        }
+        let kv_heads = get("num_key_value_heads").unwrap_or(heads);
+        let head_dim = get("head_dim").unwrap_or(hidden / heads);
+        let vocab = need("vocab_size")?;
+        let dense_ffn = get("intermediate_size").unwrap_or(0);
+        let experts = get("num_local_experts")
+            .or(get("num_experts"))
+            .or(get("n_routed_experts"))
+            .unwrap_or(0);
+        let top_k = get("num_experts_per_tok").unwrap_or(if experts > 0 { 2 } else { 0 });
+        let expert_ffn = get("moe_intermediate_size").unwrap_or(dense_ffn);
+        let shared_ffn = get("shared_expert_intermediate_size")
+            .or_else(|| get("n_shared_experts").map(|n| n * expert_ffn))
+            .unwrap_or(0);
+        let moe_layers = if experts == 0 {
+            0
+        } else {
+            let step = get("decoder_sparse_step").unwrap_or(1).max(1);
+            let dense_first = get("first_k_dense_replace").unwrap_or(0);
+            let only_mlp: Vec<usize> = v
+                .get("mlp_only_layers")
+                .and_then(serde_json::Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (0..layers)
+                .filter(|&i| i >= dense_first && (i + 1) % step == 0 && !only_mlp.contains(&i))
+                .count()
+        };
+        if experts > 0 && (top_k == 0 || top_k > experts || expert_ffn == 0) {
+            bail!("config.json: {experts} experts with num_experts_per_tok {top_k} and an expert size of {expert_ffn}: the planner needs 1 ≤ top-k ≤ experts and a positive expert size")
+        }
+        if moe_layers < layers && dense_ffn == 0 {
+            bail!("config.json: dense layers need `intermediate_size`")
+        }
+        Ok(Self {
+            family,
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            experts,
+            top_k,
+            expert_ffn,
+            dense_ffn,
+            shared_ffn,
+            moe_layers,
+            tie_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// The shape of a [`MixtralConfig`].
+    pub fn of_mixtral(cfg: &MixtralConfig) -> Self {
+        Self {
+            family: cfg.model_type.clone(),
+            hidden: cfg.hidden_size,
+            layers: cfg.num_hidden_layers,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.hidden_size / cfg.num_attention_heads,
+            vocab: cfg.vocab_size,
+            experts: cfg.num_local_experts,
+            top_k: cfg.num_experts_per_tok,
+            expert_ffn: cfg.intermediate_size,
+            dense_ffn: cfg.intermediate_size,
+            shared_ffn: 0,
+            moe_layers: cfg.num_hidden_layers,
+            tie_embeddings: cfg.tie_word_embeddings,
+        }
+    }
+
+    /// Attention's parameters per layer (q, k, v, o and the two norms).
+    fn attention_params(&self) -> usize {
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        self.hidden * q + 2 * self.hidden * kv + q * self.hidden + 2 * self.hidden
+    }
+
+    /// The routed experts' parameters per MoE layer.
+    fn expert_params(&self) -> usize {
+        self.experts * 3 * self.hidden * self.expert_ffn
+    }
+
+    /// An MoE layer's parameters besides attention and routed experts: the router and the
+    /// shared experts.
+    fn moe_dense_params(&self) -> usize {
+        self.hidden * self.experts + 3 * self.hidden * self.shared_ffn
+    }
+
+    fn dense_mlp_params(&self) -> usize {
+        3 * self.hidden * self.dense_ffn
+    }
+
+    /// Every parameter of the model.
+    pub fn params(&self) -> usize {
+        let dense_layers = self.layers - self.moe_layers;
+        let embed = self.vocab * self.hidden * if self.tie_embeddings { 1 } else { 2 };
+        self.layers * self.attention_params()
+            + self.moe_layers * (self.expert_params() + self.moe_dense_params())
+            + dense_layers * self.dense_mlp_params()
+            + embed
+            + self.hidden
+    }
+
+    /// The parameters one token passes through (matmuls only: the embedding lookup is not
+    /// one; the head is).
+    pub fn active_params(&self) -> usize {
+        let dense_layers = self.layers - self.moe_layers;
+        self.layers * self.attention_params()
+            + self.moe_layers
+                * (self.top_k * 3 * self.hidden * self.expert_ffn + self.moe_dense_params())
+            + dense_layers * self.dense_mlp_params()
+            + self.vocab * self.hidden
+    }
+
+    /// Training FLOPs per token (forward and backward: three forwards), attention's scores
+    /// included (`seq` tokens of context).
+    pub fn train_flops_per_token(&self, seq: usize) -> f64 {
+        let attn = 4.0 * (seq as f64) * (self.heads * self.head_dim) as f64 * self.layers as f64;
+        3.0 * (2.0 * self.active_params() as f64 + attn)
+    }
+
+    /// The Mixtral-style configuration whose activation count stands for this shape (dense
+    /// layers as one expert taken by every token).
+    fn as_mixtral(&self) -> MixtralConfig {
+        let (experts, top_k, ffn) = match self.experts {
+            0 => (1, 1, self.dense_ffn),
+            e => (
+                e,
+                self.top_k,
+                self.expert_ffn + self.shared_ffn / self.top_k.max(1),
+            ),
+        };
+        MixtralConfig {
+            hidden_size: self.hidden,
+            intermediate_size: ffn,
+            vocab_size: self.vocab,
+            num_hidden_layers: self.layers,
+            num_attention_heads: self.heads,
+            num_key_value_heads: self.kv_heads,
+            num_local_experts: experts,
+            num_experts_per_tok: top_k,
+            max_position_embeddings: usize::MAX / 2,
+            sliding_window: None,
+            tie_word_embeddings: self.tie_embeddings,
+            ..MixtralConfig::tiny()
+        }
+    }
+}
+
+/// A kind of device: its speed, memory and links (data, not code: add a row for another).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceSpec {
+    pub name: String,
+    /// Dense 16-bit matmul FLOP/s at peak.
+    pub peak_flops_16: f64,
+    /// Dense f32 matmul FLOP/s at peak.
+    pub peak_flops_32: f64,
+    /// The share of peak a training step's matmuls reach.
+    pub achievable: f64,
+    /// Memory per device, bytes.
+    pub memory_bytes: f64,
+    /// Bytes per second each device moves to a peer inside its node (one direction).
+    pub intra_node_bw: f64,
+    /// Bytes per second each device moves to a peer in another node.
+    pub inter_node_bw: f64,
+    /// Seconds per collective or message on either link.
+    pub latency_s: f64,
+}
+
+impl DeviceSpec {
+    /// NVIDIA H100 SXM 80 GB: 989 TFLOP/s bf16 dense, NVLink 4 (450 GB/s per direction),
+    /// 400 Gbit/s InfiniBand per GPU.
+    pub fn h100() -> Self {
+        Self {
+            name: "h100".into(),
+            peak_flops_16: 989e12,
+            peak_flops_32: 67e12,
+            achievable: 0.55,
+            memory_bytes: 80e9,
+            intra_node_bw: 450e9,
+            inter_node_bw: 50e9,
+            latency_s: 10e-6,
+        }
+    }
+
+    /// NVIDIA A100 SXM 80 GB: 312 TFLOP/s bf16 dense, NVLink 3 (300 GB/s per direction),
+    /// 200 Gbit/s InfiniBand per GPU.
+    pub fn a100() -> Self {
+        Self {
+            name: "a100".into(),
+            peak_flops_16: 312e12,
+            peak_flops_32: 19.5e12,
+            achievable: 0.55,
+            memory_bytes: 80e9,
+            intra_node_bw: 300e9,
+            inter_node_bw: 25e9,
+            latency_s: 10e-6,
+        }
+    }
+
+    /// A CPU rank of the local backend (ranks are threads sharing the cores), from measured
+    /// rates: `matmul_flops` (what one rank's matmuls reach with every rank busy),
+    /// `memory_bytes` per rank, and the link (`link_bw` bytes/s per rank, `latency_s`).
+    pub fn cpu(matmul_flops: f64, memory_bytes: f64, link_bw: f64, latency_s: f64) -> Self {
+        Self {
+            name: "cpu".into(),
+            peak_flops_16: matmul_flops,
+            peak_flops_32: matmul_flops,
+            achievable: 1.0,
+            memory_bytes,
+            intra_node_bw: link_bw,
+            inter_node_bw: link_bw,
+            latency_s,
+        }
+    }
+
+    /// `h100` or `a100` by name.
+    pub fn named(name: &str) -> Result<Self> {
+        match name {
+            "h100" => Ok(Self::h100()),
+            "a100" => Ok(Self::a100()),
+            other => bail!("unknown device {other:?}: use h100, a100 or cpu (calibrated here)"),
+        }
+    }
+}
+
+/// The devices: how many, of which kind, how many per node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Cluster {
+    pub device: DeviceSpec,
+    pub devices: usize,
+    pub per_node: usize,
+}
+
+impl Cluster {
+    pub fn new(device: DeviceSpec, devices: usize, per_node: usize) -> Result<Self> {
+        if devices == 0 || per_node == 0 {
+            bail!("the cluster needs at least one device and one per node")
+        }
+        Ok(Self {
+            device,
+            devices,
+            per_node: per_node.min(devices),
+        })
+    }
+}
+
+/// What one step trains.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Workload {
+    /// Sequences per optimizer step, over every replica.
+    pub global_batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Bytes per parameter and activation element (2: bf16 with f32 master weights; 4: f32).
+    pub dtype_bytes: usize,
+    /// LoRA adapters of this rank on every linear layer (only they train), or a full
+    /// fine-tune.
+    pub lora_rank: Option<usize>,
+}
+
+/// One way to lay the job out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    pub dp: usize,
+    pub pp: usize,
+    pub ep: usize,
+    pub tp: usize,
+    pub zero: u8,
+    #[serde(serialize_with = "display")]
+    pub recompute: Recompute,
+    pub micro_batches: usize,
+    #[serde(serialize_with = "display")]
+    pub schedule: ScheduleKind,
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(
+    t: &T,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_string())
+}
+
+impl Layout {
+    /// `dp=4,pp=2,ep=2,tp=1,zero=1,recompute=selective,micro-batches=4,schedule=1f1b`; any
+    /// key left out takes 1 (sizes and micro-batches), 0 (zero), none, or 1f1b.
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut l = Self {
+            dp: 1,
+            pp: 1,
+            ep: 1,
+            tp: 1,
+            zero: 0,
+            recompute: Recompute::None,
+            micro_batches: 1,
+            schedule: ScheduleKind::OneFOneB,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((k, v)) = part.split_once('=') else {
+                bail!("layout {s:?}: {part:?} is not key=value (e.g. dp=4,ep=2,zero=3)")
+            };
+            let n = || {
+                v.parse::<usize>().map_err(|_| {
+                    candle_core::Error::msg(format!("layout {s:?}: {k}={v} is not a number"))
+                })
+            };
+            match k {
+                "dp" => l.dp = n()?,
+                "pp" => l.pp = n()?,
+                "ep" => l.ep = n()?,
+                "tp" => l.tp = n()?,
+                "zero" => l.zero = n()?.min(255) as u8,
+                "micro-batches" | "micro_batches" | "mb" => l.micro_batches = n()?,
+                "recompute" => l.recompute = v.parse()?,
+                "schedule" => l.schedule = v.parse()?,
+                _ => bail!("layout {s:?}: unknown key {k:?} (dp, pp, ep, tp, zero, recompute, micro-batches, schedule)"),
+            }
+        }
+        if [l.dp, l.pp, l.ep, l.tp, l.micro_batches].contains(&0) || l.zero > 3 {
+            bail!("layout {s:?}: sizes and micro-batches must be at least 1, zero 0 to 3")
+        }
+        Ok(l)
+    }
+
+    pub fn world(&self) -> usize {
+        self.dp * self.pp * self.ep * self.tp
+    }
+
+    /// The `finetune_mixtral` flags that run this layout.
+    pub fn flags(&self) -> String {
+        let mut f = format!(
+            "--mesh dp={},pp={},ep={},tp={} --zero {} --recompute {} --micro-batches {}",
+            self.dp, self.pp, self.ep, self.tp, self.zero, self.recompute, self.micro_batches
+        );
+        if self.pp > 1 {
+            f += &format!(" --schedule {}", self.schedule);
+        }
+        f
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dp={},pp={},ep={},tp={},zero={},recompute={},mb={}",
+            self.dp, self.pp, self.ep, self.tp, self.zero, self.recompute, self.micro_batches
+        )?;
+        if self.pp > 1 {
+            write!(f, ",schedule={}", self.schedule)?;
+        }
+        Ok(())
+    }
+}
+
+/// Peak bytes per rank, by kind (the most loaded rank: the first pipeline stage, or the
+/// last where its head weighs more).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct MemoryPlan {
+    pub parameters: f64,
+    pub gradients: f64,
+    pub optimizer: f64,
+    pub activations: f64,
+    /// Gradient buckets in flight, ZeRO 3's gathered layers.
+    pub buffers: f64,
+    pub peak_bytes_per_rank: f64,
+}
+
+/// Seconds per optimizer step, by kind (communication: what is not hidden).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct TimePlan {
+    pub compute: f64,
+    pub tp_comm: f64,
+    pub ep_comm: f64,
+    pub dp_comm: f64,
+    pub pp_comm: f64,
+    pub bubble: f64,
+    pub step: f64,
+}
+
+/// A layout's predicted memory and speed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Plan {
+    pub layout: Layout,
+    pub memory: MemoryPlan,
+    pub time: TimePlan,
+    pub tokens_per_s: f64,
+    /// Model FLOPs utilisation: the model's training FLOPs (no recomputation) per second over
+    /// every device's peak.
+    pub mfu: f64,
+    pub fits: bool,
+    /// Why it does not fit (by how much), where it does not.
+    pub why_not: Option<String>,
+}
+
+/// Whether `l` can run `model` on `work` at all (sizes divide), and why not.
+pub fn check_layout(
+    model: &ModelShape,
+    work: &Workload,
+    cluster: &Cluster,
+    l: &Layout,
+) -> std::result::Result<(), String> {
+    if l.world() != cluster.devices {
+        return Err(format!(
+            "dp×pp×ep×tp = {} is not the {} devices",
+            l.world(),
+            cluster.devices
+        ));
+    }
+    if !model.heads.is_multiple_of(l.tp) {
+        return Err(format!(
+            "tp={} does not divide the {} attention heads",
+            l.tp, model.heads
+        ));
+    }
+    if l.tp > model.kv_heads && !l.tp.is_multiple_of(model.kv_heads)
+        || l.tp <= model.kv_heads && !model.kv_heads.is_multiple_of(l.tp)
+    {
+        return Err(format!(
+            "tp={} and the {} key/value heads: one must divide the other",
+            l.tp, model.kv_heads
+        ));
+    }
+    if model.experts > 0 && !model.experts.is_multiple_of(l.ep) {
+        return Err(format!(
+            "ep={} does not divide the {} experts",
+            l.ep, model.experts
+        ));
+    }
+    if model.experts == 0 && l.ep > 1 {
+        return Err(format!("ep={} on a dense model", l.ep));
+    }
+    let ffn = if model.experts > 0 {
+        model.expert_ffn
+    } else {
+        model.dense_ffn
+    };
+    if !ffn.is_multiple_of(l.tp) {
+        return Err(format!(
+            "tp={} does not divide the intermediate size {ffn}",
+            l.tp
+        ));
+    }
+    if l.pp > model.layers {
+        return Err(format!(
+            "pp={} is more stages than the {} layers",
+            l.pp, model.layers
+        ));
+    }
+    let replicas = l.dp * l.ep;
+    if !work.global_batch.is_multiple_of(replicas * l.micro_batches) {
+        return Err(format!(
+            "the global batch of {} sequences does not split into dp×ep={replicas} replicas of {} micro-batches",
+            work.global_batch,
+            l.micro_batches
+        ));
+    }
+    if l.pp == 1 && l.micro_batches > 1 && l.schedule != ScheduleKind::OneFOneB {
+        return Err("a schedule without pipeline stages".to_string());
+    }
+    if l.zero == 3 && (work.lora_rank.is_some() || l.schedule.splits_backwards()) {
+        return Err(
+            "ZeRO 3 with LoRA or a split-backward schedule is refused by the trainer".to_string(),
+        );
+    }
+    if l.schedule.splits_backwards() && l.recompute == Recompute::Full {
+        return Err(
+            "full recomputation with a split-backward schedule is refused by the trainer"
+                .to_string(),
+        );
+    }
+    if !matches!(
+        l.schedule,
+        ScheduleKind::GPipe | ScheduleKind::OneFOneB | ScheduleKind::ZeroBubble
+    ) {
+        return Err(format!(
+            "the {} schedule needs several model chunks per rank, which the trainer does not build",
+            l.schedule
+        ));
+    }
+    Ok(())
+}
+
+/// The link a group of `size` ranks whose neighbours are `stride` ranks apart runs over
+/// (inside a node where the whole group fits in one).
+fn link_bw(cluster: &Cluster, stride: usize, size: usize) -> f64 {
+    match stride * size <= cluster.per_node {
+        true => cluster.device.intra_node_bw,
+        false => cluster.device.inter_node_bw,
+    }
+}
+
+/// Seconds to all-reduce `bytes` over `n` ranks (ring: each moves 2(n−1)/n of it).
+fn all_reduce_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
+    match n {
+        1 => 0.0,
+        _ => 2.0 * (n - 1) as f64 / n as f64 * bytes / bw + lat * 2.0 * (n - 1) as f64,
+    }
+}
+
+/// Seconds for a reduce-scatter or all-gather of `bytes` (the full size) over `n` ranks.
+fn half_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
+    all_reduce_s(bytes, n, bw, lat) / 2.0
+}
+
+/// The plan of layout `l` (an error where it does not divide the model or the batch).
+pub fn plan_layout(
+    model: &ModelShape,
+    work: &Workload,
+    cluster: &Cluster,
+    l: &Layout,
+) -> Result<Plan> {
+    check_layout(model, work, cluster, l).map_err(candle_core::Error::msg)?;
+    let d = work.dtype_bytes as f64;
+    let dev = &cluster.device;
+    // Parameters on one rank of the first and the last stage.
+    let per_stage = model.layers.div_ceil(l.pp);
+    let moe_share = model.moe_layers as f64 / model.layers as f64;
+    let kv_split = l.tp.min(model.kv_heads) as f64;
+    let attn = {
+        let (q, kv) = (
+            (model.heads * model.head_dim) as f64,
+            (model.kv_heads * model.head_dim) as f64,
+        );
+        let h = model.hidden as f64;
+        (2.0 * h * q) / l.tp as f64 + 2.0 * h * kv / kv_split + 2.0 * h
+    };
+    let layer_dense = attn
+        + moe_share * model.moe_dense_params() as f64 / l.tp as f64
+        + (1.0 - moe_share) * model.dense_mlp_params() as f64 / l.tp as f64;
+    let layer_experts = moe_share * model.expert_params() as f64 / (l.ep * l.tp) as f64;
+    let embed = (model.vocab * model.hidden) as f64 / l.tp as f64;
+    // (dense, expert) parameters of a stage's rank: the first stage has the embedding, the
+    // last the head (a tied head is the embedding, on the first stage).
+    let stage_params = |first: bool, last: bool| {
+        let mut dense = per_stage as f64 * layer_dense;
+        if first || (last && !model.tie_embeddings) {
+            dense += embed;
+        }
+        if last && first && !model.tie_embeddings {
+            dense += embed;
+        }
+        (dense, per_stage as f64 * layer_experts)
+    };
+    // ZeRO partitions dense parameters over dp × ep and experts over dp.
+    let (n_dense, n_expert) = ((l.dp * l.ep) as f64, l.dp as f64);
+    let lora_params = |dense: f64, experts: f64| -> f64 {
+        match work.lora_rank {
+            None => 0.0,
+            Some(r) => {
+                // A and B of every linear layer: r × (in + out) each; about r/hidden·3 of the
+                // layer's weights for square-ish matrices.
+                let h = model.hidden as f64;
+                let r = r as f64;
+                (dense + experts) * r * 2.0 / h
+            }
+        }
+    };
+    let memory_of = |first: bool, last: bool, stage: usize| -> Result<MemoryPlan> {
+        let (dense, experts) = stage_params(first, last);
+        // Bytes per trained parameter: the parameter, its f32 master copy (16-bit), the f32
+        // gradient buffer and two f32 moments, partitioned by stage.
+        let master = if work.dtype_bytes < 4 { 4.0 } else { 0.0 };
+        let part = |n: f64, stage_min: u8| if l.zero >= stage_min { n } else { 1.0 };
+        let (trained_d, trained_e, frozen) = match work.lora_rank {
+            None => (dense, experts, 0.0),
+            Some(_) => {
+                let a = lora_params(dense, experts);
+                (a, 0.0, (dense + experts) * d)
+            }
+        };
+        let parameters =
+            frozen + trained_d * d / part(n_dense, 3) + trained_e * d / part(n_expert, 3);
+        let gradients = trained_d * 4.0 / part(n_dense, 2) + trained_e * 4.0 / part(n_expert, 2);
+        let optimizer = trained_d * (8.0 + master) / part(n_dense, 1)
+            + trained_e * (8.0 + master) / part(n_expert, 1);
+        let rows = work.global_batch / (l.dp * l.ep * l.micro_batches);
+        let in_flight = match (l.pp, l.schedule) {
+            (1, _) => 1,
+            (_, ScheduleKind::GPipe) => l.micro_batches,
+            _ => l.micro_batches.min(l.pp - stage),
+        };
+        let layout = ActivationLayout {
+            rows,
+            seq: work.seq,
+            tp: l.tp,
+            ep: l.ep,
+            dtype_bytes: work.dtype_bytes,
+            recompute: l.recompute,
+            in_flight,
+            head: last,
+            stage_boundaries: l.pp > 1,
+        };
+        let est = mixtral_activations(&model.as_mixtral(), per_stage, &layout)?;
+        let layer_bytes = (layer_dense + layer_experts) * 4.0;
+        let buffers = match l.zero {
+            // A layer's gathered parameters, the next one's prefetched, the layer's gradients.
+            3 => (layer_dense + layer_experts) * (2.0 * d + 4.0),
+            2 => 2.0 * DEFAULT_BUCKET_BYTES as f64,
+            _ => 0.0,
+        }
+        .min(layer_bytes * 4.0);
+        // ZeRO 3's last sharded module holds the last layer and the head: the head's graph
+        // and backward come on top of a layer's backward there (the unit-wise backward of
+        // ZeRO 0-2 runs the head as a unit of its own).
+        let activations = match (l.zero, last) {
+            (3, true) => (est.peak + est.head_graph + est.head_backward) as f64,
+            _ => est.peak as f64,
+        };
+        Ok(MemoryPlan {
+            parameters,
+            gradients,
+            optimizer,
+            activations,
+            buffers,
+            peak_bytes_per_rank: parameters + gradients + optimizer + activations + buffers,
+        })
+    };
+    let first = memory_of(true, l.pp == 1, 0)?;
+    let memory = match l.pp {
+        1 => first,
+        _ => {
+            let last = memory_of(false, true, l.pp - 1)?;
+            if last.peak_bytes_per_rank > first.peak_bytes_per_rank {
+                last
+            } else {
+                first
+            }
+        }
+    };
+    // Time: each rank runs its stage's layers over its replica's tokens.
+    let tokens = (work.global_batch * work.seq) as f64;
+    let rank_tokens = tokens / (l.dp * l.ep) as f64;
+    let flops_rate = dev.achievable
+        * if work.dtype_bytes < 4 {
+            dev.peak_flops_16
+        } else {
+            dev.peak_flops_32
+        };
+    let model_flops = model.train_flops_per_token(work.seq) * tokens;
+    let recompute_factor = match l.recompute {
+        Recompute::None => 1.0,
+        // The attention core again (a small share of the forward).
+        Recompute::Selective => 1.0 + 0.05,
+        Recompute::Full => 4.0 / 3.0,
+    };
+    let lora_factor = if work.lora_rank.is_some() {
+        2.0 / 3.0
+    } else {
+        1.0
+    };
+    let compute = model_flops / (l.dp * l.ep * l.tp * l.pp) as f64 * recompute_factor * lora_factor
+        / flops_rate;
+    let lat = dev.latency_s;
+    let (tp_stride, ep_stride, pp_stride, dp_stride) = (1, l.tp, l.tp * l.ep, l.tp * l.ep * l.pp);
+    let act_bytes = rank_tokens * model.hidden as f64 * d;
+    // Two all-reduces of the hidden states per layer forward, two backward.
+    let tp_comm = per_stage as f64
+        * 4.0
+        * all_reduce_s(
+            act_bytes / l.micro_batches as f64,
+            l.tp,
+            link_bw(cluster, tp_stride, l.tp),
+            lat,
+        )
+        * l.micro_batches as f64;
+    // Dispatch and combine of top-k copies per MoE layer, forward and backward.
+    let ep_comm = match l.ep {
+        1 => 0.0,
+        n => {
+            let bytes = act_bytes * model.top_k as f64 * (n - 1) as f64 / n as f64;
+            per_stage as f64
+                * moe_share
+                * 4.0
+                * (bytes / link_bw(cluster, ep_stride, n) + lat * l.micro_batches as f64)
+        }
+    };
+    // Gradient reduction (and ZeRO's parameter gathers) over the replicas, hidden behind the
+    // backward (two thirds of the compute) but for the last layer's.
+    let (sd, se) = stage_params(true, l.pp == 1);
+    let trained = match work.lora_rank {
+        None => sd + se,
+        Some(_) => lora_params(sd, se),
+    };
+    let grad_bytes = trained * 4.0;
+    let dp_bw =
+        link_bw(cluster, dp_stride, l.dp * l.ep).min(link_bw(cluster, ep_stride, l.dp * l.ep));
+    let n = l.dp * l.ep;
+    let dp_total = match l.zero {
+        0 | 1 => all_reduce_s(grad_bytes, n, dp_bw, lat),
+        2 => half_s(grad_bytes, n, dp_bw, lat) + half_s(trained * d, n, dp_bw, lat),
+        _ => half_s(grad_bytes, n, dp_bw, lat) + 2.0 * half_s(trained * d, n, dp_bw, lat),
+    };
+    let hidden_behind =
+        compute * 2.0 / 3.0 * (per_stage.saturating_sub(1)) as f64 / per_stage as f64;
+    let dp_comm = (dp_total - hidden_behind).max(dp_total / per_stage as f64);
+    // Each micro-batch's activations cross each stage boundary forward and back.
+    let pp_comm = match l.pp {
+        1 => 0.0,
+        _ => 2.0 * (act_bytes / link_bw(cluster, pp_stride, 2) + lat * l.micro_batches as f64),
+    };
+    let per_micro = (compute + tp_comm + ep_comm) / l.micro_batches as f64;
+    let bubble = match (l.pp, l.schedule) {
+        (1, _) => 0.0,
+        (p, ScheduleKind::ZeroBubble) => (p - 1) as f64 * per_micro / 3.0,
+        (p, _) => (p - 1) as f64 * per_micro,
+    };
+    let step = compute + tp_comm + ep_comm + dp_comm + pp_comm + bubble;
+    let peak_all = cluster.devices as f64
+        * if work.dtype_bytes < 4 {
+            dev.peak_flops_16
+        } else {
+            dev.peak_flops_32
+        };
+    let fits = memory.peak_bytes_per_rank <= dev.memory_bytes;
+    let why_not = (!fits).then(|| {
+        format!(
+            "needs {:.1} GB per rank, {:.1} GB more than the {:.0} GB a device has",
+            memory.peak_bytes_per_rank / 1e9,
+            (memory.peak_bytes_per_rank - dev.memory_bytes) / 1e9,
+            dev.memory_bytes / 1e9
+        )
+    });
+    Ok(Plan {
+        layout: *l,
+        memory,
+        time: TimePlan {
+            compute,
+            tp_comm,
+            ep_comm,
+            dp_comm,
+            pp_comm,
+            bubble,
+            step,
+        },
+        tokens_per_s: tokens / step,
+        mfu: model_flops * lora_factor / step / peak_all,
+        fits,
+        why_not,
+    })
+}
+
+/// Every layout of `cluster.devices` ranks that divides the model and the batch, with each
+/// ZeRO stage, recompute mode, micro-batch count (powers of two) and schedule: the plans
+/// (fitting ones first, fastest first) and the layouts rejected for not dividing, with why.
+pub fn enumerate(
+    model: &ModelShape,
+    work: &Workload,
+    cluster: &Cluster,
+) -> (Vec<Plan>, Vec<(Layout, String)>) {
+    let n = cluster.devices;
+    let divisors: Vec<usize> = (1..=n).filter(|&k| n.is_multiple_of(k)).collect();
+    let (mut plans, mut rejected) = (Vec::new(), Vec::new());
+    for &tp in &divisors {
+        for &ep in &divisors {
+            for &pp in &divisors {
+                if !n.is_multiple_of(tp * ep * pp) {
+                    continue;
+                }
+                let dp = n / (tp * ep * pp);
+                for zero in 0..=3u8 {
+                    for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
+                        let mbs: Vec<usize> = match pp {
+                            1 => vec![1],
+                            _ => (0..7).map(|i| 1 << i).collect(),
+                        };
+                        let schedules: &[ScheduleKind] = match pp {
+                            1 => &[ScheduleKind::OneFOneB],
+                            _ => &[ScheduleKind::OneFOneB, ScheduleKind::ZeroBubble],
+                        };
+                        for &micro_batches in &mbs {
+                            for &schedule in schedules {
+                                let l = Layout {
+                                    dp,
+                                    pp,
+                                    ep,
+                                    tp,
+                                    zero,
+                                    recompute,
+                                    micro_batches,
+                                    schedule,
+                                };
+                                match check_layout(model, work, cluster, &l) {
+                                    Err(why) => rejected.push((l, why)),
+                                    Ok(()) => match plan_layout(model, work, cluster, &l) {
+                                        Ok(p) => plans.push(p),
+                                        Err(e) => rejected.push((l, format!("{e:#}"))),
+                                    },
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    plans.sort_by(|a, b| {
+        b.fits
+            .cmp(&a.fits)
+            .then(b.tokens_per_s.total_cmp(&a.tokens_per_s))
+            .then(
+                a.memory
+                    .peak_bytes_per_rank
+                    .total_cmp(&b.memory.peak_bytes_per_rank),
+            )
+    });
+    (plans, rejected)
+}
