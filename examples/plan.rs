@@ -69,6 +69,8 @@ fn run(a: &Args) -> Result<()> {
     } else {
         a.model.clone()
     };
+    // The directory that holds the weights beside the config.
+    let model_dir = path.parent().map_or(PathBuf::from("."), |p| p.to_path_buf());
     let text = std::fs::read_to_string(&path)
         .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
     let model = ModelShape::from_config_str(&text)?;
@@ -156,7 +158,7 @@ fn run(a: &Args) -> Result<()> {
     match plans.iter().find(|p| p.fits) {
         Some(best) => println!(
             "\nRun the best:\n  cargo run --release --example finetune_mixtral -- --model {} {}{}",
-            a.model.display(),
+            model_dir.display(),
             best.layout.flags(),
             a.lora_rank
                 .map_or(String::new(), |r| format!(" --lora-rank {r}"))
@@ -273,7 +275,7 @@ fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
 
 /// Bars per layout: memory per rank stacked by kind, and step time stacked by kind.
 fn picture(plans: &[&Plan], device_memory: f64) -> String {
-    let (w, row_h, left) = (900.0, 54.0, 330.0);
+    let (w, row_h, left) = (1000.0, 54.0, 350.0);
     let h = 60.0 + row_h * plans.len() as f64 + 50.0;
     let half = (w - left - 40.0) / 2.0;
     let max_mem = plans
@@ -299,7 +301,23 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
     ];
     for (i, p) in plans.iter().enumerate() {
         let y = 40.0 + row_h * i as f64;
-        svg += &format!(r#"<text x="10" y="{}">{}</text>"#, y + 20.0, p.layout);
+        let l = &p.layout;
+        let label = format!(
+            "dp{} pp{} ep{} tp{} · ZeRO {} · {} · mb {}{}",
+            l.dp,
+            l.pp,
+            l.ep,
+            l.tp,
+            l.zero,
+            l.recompute,
+            l.micro_batches,
+            if l.pp > 1 {
+                format!(" · {}", l.schedule)
+            } else {
+                String::new()
+            }
+        );
+        svg += &format!(r#"<text x="10" y="{}">{label}</text>"#, y + 20.0);
         let m = &p.memory;
         let mut x = left;
         for (j, v) in [

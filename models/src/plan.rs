@@ -846,7 +846,8 @@ pub fn plan_layout(
 
 /// Every layout of `cluster.devices` ranks that divides the model and the batch, with each
 /// ZeRO stage, recompute mode, micro-batch count (powers of two) and schedule: the plans
-/// (fitting ones first, fastest first) and the layouts rejected for not dividing, with why.
+/// (those that fit, fastest first; then those that do not, closest to fitting first) and the
+/// layouts rejected for not dividing, with why.
 pub fn enumerate(
     model: &ModelShape,
     work: &Workload,
@@ -898,15 +899,16 @@ pub fn enumerate(
             }
         }
     }
+    // Those that fit, fastest first; then those that do not, closest to fitting first.
     plans.sort_by(|a, b| {
-        b.fits
-            .cmp(&a.fits)
-            .then(b.tokens_per_s.total_cmp(&a.tokens_per_s))
-            .then(
-                a.memory
-                    .peak_bytes_per_rank
-                    .total_cmp(&b.memory.peak_bytes_per_rank),
-            )
+        let memory = a
+            .memory
+            .peak_bytes_per_rank
+            .total_cmp(&b.memory.peak_bytes_per_rank);
+        b.fits.cmp(&a.fits).then(match a.fits {
+            true => b.tokens_per_s.total_cmp(&a.tokens_per_s).then(memory),
+            false => memory,
+        })
     });
     (plans, rejected)
 }
