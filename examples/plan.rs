@@ -70,7 +70,9 @@ fn run(a: &Args) -> Result<()> {
         a.model.clone()
     };
     // The directory that holds the weights beside the config.
-    let model_dir = path.parent().map_or(PathBuf::from("."), |p| p.to_path_buf());
+    let model_dir = path
+        .parent()
+        .map_or(PathBuf::from("."), |p| p.to_path_buf());
     let text = std::fs::read_to_string(&path)
         .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
     let model = ModelShape::from_config_str(&text)?;
