@@ -7,9 +7,9 @@
 //! cargo run --release --example plan -- --model config.json --devices 8 --lora-rank 16 \
 //!   --layout dp=8,zero=2
 //! ```
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{bail, Result};
 use candle_parallel_models::plan::{
-    enumerate, plan_layout, Cluster, DeviceSpec, Layout, ModelShape, Plan, Workload,
+    calibrate_cpu, enumerate, plan_layout, Cluster, DeviceSpec, Layout, ModelShape, Plan, Workload,
 };
 use clap::Parser;
 use std::path::PathBuf;
@@ -77,7 +77,17 @@ fn run(a: &Args) -> Result<()> {
         .map_err(|e| candle_core::Error::msg(format!("cannot read {}: {e}", path.display())))?;
     let model = ModelShape::from_config_str(&text)?;
     let mut device = match a.device.as_str() {
-        "cpu" => calibrate_cpu(a.devices)?,
+        "cpu" => {
+            let d = calibrate_cpu(a.devices)?;
+            eprintln!(
+                "calibrated: {:.1} GFLOP/s per rank with {} busy, {:.1} GB/s per rank between ranks, {:.1} GB per rank",
+                d.peak_flops_32 / 1e9,
+                a.devices,
+                d.intra_node_bw / 1e9,
+                d.memory_bytes / 1e9
+            );
+            d
+        }
         name => DeviceSpec::named(name)?,
     };
     if let Some(gb) = a.device_memory {
@@ -187,7 +197,7 @@ fn table(plans: &[Plan]) {
         let (m, t) = (&p.memory, &p.time);
         let gb = |b: f64| format!("{:.1}", b / 1e9);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1}% |",
             p.layout,
             if p.fits { "yes" } else { "no" },
             gb(m.peak_bytes_per_rank),
@@ -203,76 +213,11 @@ fn table(plans: &[Plan]) {
             t.dp_comm,
             t.pp_comm,
             t.bubble,
+            t.optimizer,
             p.tokens_per_s,
             100.0 * p.mfu
         );
     }
-}
-
-/// Measures this machine for `devices` CPU ranks (threads of one process): each rank's matmul
-/// rate with every rank busy, memory per rank, and a memcpy-speed link (the local backend's
-/// collectives copy between ranks), in a few seconds.
-fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
-    let (m, k, n) = (256, 1024, 1024);
-    let rates: Vec<f64> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..devices.max(1))
-            .map(|_| {
-                s.spawn(move || -> Result<f64> {
-                    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
-                    let b = Tensor::ones((k, n), DType::F32, &Device::Cpu)?;
-                    a.matmul(&b)?; // warm-up
-                    let t = std::time::Instant::now();
-                    let mut reps = 0;
-                    while t.elapsed().as_secs_f64() < 1.0 {
-                        a.matmul(&b)?;
-                        reps += 1;
-                    }
-                    Ok(2.0 * (m * k * n * reps) as f64 / t.elapsed().as_secs_f64())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(candle_core::Error::msg("calibration thread panicked")))
-            })
-            .collect::<Result<Vec<f64>>>()
-    })?;
-    let flops = rates.iter().sum::<f64>() / rates.len() as f64;
-    let bytes = 64 << 20;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let t = std::time::Instant::now();
-    for _ in 0..5 {
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&dst);
-    }
-    let memcpy = 5.0 * bytes as f64 / t.elapsed().as_secs_f64();
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse::<f64>().ok())
-                })
-        })
-        .map_or(16e9, |kb| kb * 1024.0);
-    eprintln!(
-        "calibrated: {:.1} GFLOP/s per rank with {devices} busy, memcpy {:.1} GB/s, {:.1} GB available",
-        flops / 1e9,
-        memcpy / 1e9,
-        total / 1e9
-    );
-    Ok(DeviceSpec::cpu(
-        flops,
-        total / devices.max(1) as f64,
-        memcpy / devices.max(1) as f64,
-        20e-6,
-    ))
 }
 
 /// Bars per layout: memory per rank stacked by kind, and step time stacked by kind.
@@ -297,7 +242,7 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
         "activations",
         "buffers",
     ];
-    let time_kinds = ["compute", "tp", "ep", "dp", "pp", "bubble"];
+    let time_kinds = ["compute", "tp", "ep", "dp", "pp", "bubble", "optimizer"];
     let colors = [
         "#4f81bd", "#c0504d", "#9bbb59", "#8064a2", "#f79646", "#4bacc6",
     ];
@@ -342,7 +287,13 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
         let t = &p.time;
         let mut x = left + half + 20.0;
         for (j, v) in [
-            t.compute, t.tp_comm, t.ep_comm, t.dp_comm, t.pp_comm, t.bubble,
+            t.compute,
+            t.tp_comm,
+            t.ep_comm,
+            t.dp_comm,
+            t.pp_comm,
+            t.bubble,
+            t.optimizer,
         ]
         .iter()
         .enumerate()
@@ -371,7 +322,7 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
         );
     }
     for (j, k) in time_kinds.iter().enumerate() {
-        let x = 460.0 + 65.0 * j as f64;
+        let x = 470.0 + 68.0 * j as f64;
         svg += &format!(
             r#"<rect x="{x}" y="{ly}" width="10" height="10" fill="{}"/><text x="{}" y="{}">{k}</text>"#,
             colors[j],

@@ -60,7 +60,11 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
         };
         let ranks = measure_training_memory(&cfg, probe)?;
         let measured = ranks.iter().map(|m| m.step_peak).max().unwrap_or(0) as f64;
-        let cluster = Cluster::new(DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6), dp * pp, dp * pp)?;
+        let cluster = Cluster::new(
+            DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10),
+            dp * pp,
+            dp * pp,
+        )?;
         let work = Workload {
             global_batch: rows * dp,
             seq,

@@ -29,7 +29,7 @@
 
 use crate::activations::{mixtral_activations, ActivationLayout};
 use crate::mixtral::MixtralConfig;
-use candle_core::{bail, Result};
+use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_parallel::data_parallel::{Recompute, DEFAULT_BUCKET_BYTES};
 use candle_parallel::pipeline::ScheduleKind;
 use serde::Serialize;
@@ -269,6 +269,11 @@ pub struct DeviceSpec {
     pub inter_node_bw: f64,
     /// Seconds per collective or message on either link.
     pub latency_s: f64,
+    /// Bytes per second a device's memory moves (the optimizer step is bound by it).
+    pub memory_bw: f64,
+    /// Whether the ranks share one machine's cores (CPU ranks as threads): a rank that waits
+    /// (the pipeline's bubble) leaves its cores to the others.
+    pub shared_cores: bool,
 }
 
 impl DeviceSpec {
@@ -284,6 +289,8 @@ impl DeviceSpec {
             intra_node_bw: 450e9,
             inter_node_bw: 50e9,
             latency_s: 10e-6,
+            memory_bw: 3.35e12,
+            shared_cores: false,
         }
     }
 
@@ -299,13 +306,22 @@ impl DeviceSpec {
             intra_node_bw: 300e9,
             inter_node_bw: 25e9,
             latency_s: 10e-6,
+            memory_bw: 2.0e12,
+            shared_cores: false,
         }
     }
 
     /// A CPU rank of the local backend (ranks are threads sharing the cores), from measured
     /// rates: `matmul_flops` (what one rank's matmuls reach with every rank busy),
-    /// `memory_bytes` per rank, and the link (`link_bw` bytes/s per rank, `latency_s`).
-    pub fn cpu(matmul_flops: f64, memory_bytes: f64, link_bw: f64, latency_s: f64) -> Self {
+    /// `memory_bytes` per rank, the link (`link_bw` bytes/s per rank, `latency_s`) and
+    /// `memory_bw`, the bytes per second each rank's memory traffic gets with every rank busy.
+    pub fn cpu(
+        matmul_flops: f64,
+        memory_bytes: f64,
+        link_bw: f64,
+        latency_s: f64,
+        memory_bw: f64,
+    ) -> Self {
         Self {
             name: "cpu".into(),
             peak_flops_16: matmul_flops,
@@ -315,6 +331,8 @@ impl DeviceSpec {
             intra_node_bw: link_bw,
             inter_node_bw: link_bw,
             latency_s,
+            memory_bw,
+            shared_cores: true,
         }
     }
 
@@ -479,6 +497,8 @@ pub struct TimePlan {
     pub dp_comm: f64,
     pub pp_comm: f64,
     pub bubble: f64,
+    /// The optimizer's step over the parameters this rank updates (memory-bound).
+    pub optimizer: f64,
     pub step: f64,
 }
 
@@ -790,14 +810,27 @@ pub fn plan_layout(
     let dp_bw =
         link_bw(cluster, dp_stride, l.dp * l.ep).min(link_bw(cluster, ep_stride, l.dp * l.ep));
     let n = l.dp * l.ep;
-    let dp_total = match l.zero {
-        0 | 1 => all_reduce_s(grad_bytes, n, dp_bw, lat),
-        2 => half_s(grad_bytes, n, dp_bw, lat) + half_s(trained * d, n, dp_bw, lat),
-        _ => half_s(grad_bytes, n, dp_bw, lat) + 2.0 * half_s(trained * d, n, dp_bw, lat),
+    // The gradients' reduction runs behind the backward (two thirds of the compute) as each
+    // layer's ends, but for the last layer's; ZeRO 1-2 all-gather the stepped parameters
+    // after the step (exposed); ZeRO 3 gathers each layer before its forward and backward,
+    // prefetched behind the previous layer's compute but for the first.
+    let reduce = match l.zero {
+        0 => all_reduce_s(grad_bytes, n, dp_bw, lat),
+        _ => half_s(grad_bytes, n, dp_bw, lat),
     };
-    let hidden_behind =
-        compute * 2.0 / 3.0 * (per_stage.saturating_sub(1)) as f64 / per_stage as f64;
-    let dp_comm = (dp_total - hidden_behind).max(dp_total / per_stage as f64);
+    let after_step = match l.zero {
+        1 | 2 => half_s(trained * d, n, dp_bw, lat),
+        _ => 0.0,
+    };
+    let gathers = match l.zero {
+        3 => 2.0 * half_s(trained * d, n, dp_bw, lat),
+        _ => 0.0,
+    };
+    let layers = per_stage as f64;
+    let hidden_behind = compute * 2.0 / 3.0 * (layers - 1.0) / layers;
+    let dp_comm = (reduce - hidden_behind).max(reduce / layers)
+        + after_step
+        + (gathers - compute * (layers - 1.0) / layers).max(gathers / layers);
     // Each micro-batch's activations cross each stage boundary forward and back.
     let pp_comm = match l.pp {
         1 => 0.0,
@@ -806,10 +839,23 @@ pub fn plan_layout(
     let per_micro = (compute + tp_comm + ep_comm) / l.micro_batches as f64;
     let bubble = match (l.pp, l.schedule) {
         (1, _) => 0.0,
+        // The waiting rank's cores run the others.
+        _ if dev.shared_cores => 0.0,
         (p, ScheduleKind::ZeroBubble) => (p - 1) as f64 * per_micro / 3.0,
         (p, _) => (p - 1) as f64 * per_micro,
     };
-    let step = compute + tp_comm + ep_comm + dp_comm + pp_comm + bubble;
+    // AdamW reads the parameter, its gradient and two moments and writes three of them back
+    // (and a 16-bit copy), over the partition this rank steps.
+    let step_bytes = if work.dtype_bytes < 4 { 34.0 } else { 28.0 };
+    let stepped = match work.lora_rank {
+        None => {
+            sd / if l.zero >= 1 { n_dense } else { 1.0 }
+                + se / if l.zero >= 1 { n_expert } else { 1.0 }
+        }
+        Some(_) => lora_params(sd, se) / if l.zero >= 1 { n_dense } else { 1.0 },
+    };
+    let optimizer = stepped * step_bytes / dev.memory_bw;
+    let step = compute + tp_comm + ep_comm + dp_comm + pp_comm + bubble + optimizer;
     let peak_all = cluster.devices as f64
         * if work.dtype_bytes < 4 {
             dev.peak_flops_16
@@ -835,6 +881,7 @@ pub fn plan_layout(
             dp_comm,
             pp_comm,
             bubble,
+            optimizer,
             step,
         },
         tokens_per_s: tokens / step,
@@ -911,4 +958,70 @@ pub fn enumerate(
         })
     });
     (plans, rejected)
+}
+
+/// Measures this machine for `devices` CPU ranks (threads of one process), in a few seconds:
+/// each rank's matmul rate with every rank busy, the memory available per rank, and a link at
+/// memcpy speed shared by the ranks (the local backend's collectives copy between them), or
+/// the link `CANDLE_PARALLEL_LINK` dials (`gbps=25,latency_us=5`).
+pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
+    let (m, k, n) = (256, 1024, 1024);
+    let rates: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..devices.max(1))
+            .map(|_| {
+                s.spawn(move || -> Result<f64> {
+                    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
+                    let b = Tensor::ones((k, n), DType::F32, &Device::Cpu)?;
+                    a.matmul(&b)?; // warm-up
+                    let t = std::time::Instant::now();
+                    let mut reps = 0;
+                    while t.elapsed().as_secs_f64() < 1.0 {
+                        a.matmul(&b)?;
+                        reps += 1;
+                    }
+                    Ok(2.0 * (m * k * n * reps) as f64 / t.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(candle_core::Error::msg("calibration thread panicked")))
+            })
+            .collect::<Result<Vec<f64>>>()
+    })?;
+    let flops = rates.iter().sum::<f64>() / rates.len() as f64;
+    let bytes = 64 << 20;
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+    }
+    let memcpy = 5.0 * bytes as f64 / t.elapsed().as_secs_f64();
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<f64>().ok())
+                })
+        })
+        .map_or(16e9, |kb| kb * 1024.0);
+    let (link_bw, latency) = match candle_parallel::comm::local::LinkModel::from_env()? {
+        Some(link) => (link.gbps * 1e9 / 8.0, link.latency.as_secs_f64()),
+        None => (memcpy / devices.max(1) as f64, 20e-6),
+    };
+    Ok(DeviceSpec::cpu(
+        flops,
+        total / devices.max(1) as f64,
+        link_bw,
+        latency,
+        memcpy / devices.max(1) as f64,
+    ))
 }
