@@ -166,3 +166,63 @@ fn mixtral_8x7b_plans_agree_with_what_is_known() -> Result<()> {
     assert!((0.35..0.6).contains(&megatron.mfu), "{megatron:?}");
     Ok(())
 }
+
+/// `config.json` alone gives the parameter counts published for each family: Mixtral 8×22B
+/// (141 B, 39 B active), Qwen3-30B-A3B (30.5 B, 3.3 B active; 128 experts, top-8, its own
+/// `head_dim`), Qwen2-57B-A14B (57 B, 14 B active; a shared expert), Llama 3 8B (8.0 B, dense).
+#[test]
+fn config_json_alone_gives_each_familys_size() -> Result<()> {
+    let cases = [
+        (
+            r#"{"model_type": "mixtral", "hidden_size": 6144, "intermediate_size": 16384,
+                "vocab_size": 32768, "num_hidden_layers": 56, "num_attention_heads": 48,
+                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2}"#,
+            141.0,
+            39.0,
+        ),
+        (
+            r#"{"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                "moe_intermediate_size": 768, "vocab_size": 151936, "num_hidden_layers": 48,
+                "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "tie_word_embeddings": false}"#,
+            30.5,
+            3.3,
+        ),
+        (
+            r#"{"model_type": "qwen2_moe", "hidden_size": 3584, "intermediate_size": 18944,
+                "moe_intermediate_size": 2560, "shared_expert_intermediate_size": 20480,
+                "vocab_size": 151936, "num_hidden_layers": 28, "num_attention_heads": 28,
+                "num_key_value_heads": 4, "num_experts": 64, "num_experts_per_tok": 8}"#,
+            57.4,
+            14.2,
+        ),
+        (
+            r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                "vocab_size": 128256, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8}"#,
+            8.03,
+            7.5,
+        ),
+    ];
+    for (json, total, active) in cases {
+        let m = ModelShape::from_config_str(json)?;
+        let (t, a) = (m.params() as f64 / 1e9, m.active_params() as f64 / 1e9);
+        assert!(
+            (t / total - 1.0).abs() < 0.03,
+            "{}: {t} B parameters, published {total}",
+            m.family
+        );
+        // (Published active counts include the embedding, which no matmul runs.)
+        assert!(
+            (a / active - 1.0).abs() < 0.1,
+            "{}: {a} B active, published {active}",
+            m.family
+        );
+    }
+    let err = ModelShape::from_config_str(r#"{"model_type": "mixtral", "hidden_size": 64}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("num_hidden_layers"), "{err}");
+    Ok(())
+}
