@@ -136,7 +136,9 @@ pub fn mixtral_activations(
         + 2 * t * heads * d // attention output and its token-major copy
         + 2 * t * h; // output projection, residual sum
     let routed = k * t;
-    let experts = routed * (h + 2 * ffn + h) + if selective { 0 } else { routed * ffn };
+    // The gathered input (recomputed under selective), w1 and w3 outputs, w2 output, and the
+    // SwiGLU activation (recomputed under selective).
+    let experts = routed * (2 * ffn + h) + if selective { 0 } else { routed * (h + ffn) };
     let moe = t * h // normed input
         + experts
         + routed * h // outputs concatenated

@@ -90,6 +90,27 @@ impl Module for Expert {
 }
 
 impl Expert {
+    /// Under selective recomputation, this expert on rows `idx` of `src` without keeping the
+    /// gathered rows (the dispatch side of the MoE permutation, recomputed in the backward:
+    /// `ops::linear::gathered_gate_up`), then the SwiGLU and down projection recomputed too;
+    /// `None` where it does not apply (no selective recomputation, adapters or biases on the
+    /// gate and up projections, released weights, nothing to differentiate).
+    fn forward_gathered(&self, src: &Tensor, idx: &Tensor) -> Result<Option<Tensor>> {
+        let (w1, w3) = (self.w1.weight(), self.w3.weight());
+        if !ops::selective_recompute()
+            || !(src.track_op() || w1.track_op() || w3.track_op())
+            || !self.w1.is_bare()
+            || !self.w3.is_bare()
+            || crate::ops::released::lookup(w1).is_some()
+            || crate::ops::released::lookup(w3).is_some()
+        {
+            return Ok(None);
+        }
+        let gu = crate::ops::gathered_gate_up(src, idx, w1, w3)?;
+        let (a, b) = (gu.get(0)?, gu.get(1)?);
+        self.down_recomputed(&a, &b).map(Some)
+    }
+
     /// `w2(swiglu(a, b))` without keeping the SwiGLU activation (`[rows, ffn / tp]`, a third
     /// of the expert's intermediates): the backward recomputes it from `a` and `b`, which
     /// SwiGLU's own backward keeps anyway (selective recomputation; Megatron's `moe_act`).
@@ -192,7 +213,10 @@ impl LocalExperts {
         for (expert, &n) in self.experts.iter().zip(counts) {
             if n > 0 {
                 let idx = Tensor::new(&rows[at..at + n], src.device())?;
-                outs.push(expert.forward(&src.index_select(&idx, 0)?)?);
+                outs.push(match expert.forward_gathered(&src, &idx)? {
+                    Some(y) => y,
+                    None => expert.forward(&src.index_select(&idx, 0)?)?,
+                });
             }
             at += n;
         }

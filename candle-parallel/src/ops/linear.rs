@@ -249,3 +249,158 @@ impl CustomOp2 for Linear {
         Ok((Some(dx), Some(dw)))
     }
 }
+
+/// An expert's gate and up projections of the rows `idx` of `src`, `[2, n, ffn]` (`w1`'s
+/// then `w3`'s), recomputing the gathered rows in the backward instead of keeping them
+/// (selective recomputation of the MoE dispatch's permutation): the graph holds `src` (which
+/// the layer holds anyway), not the `[n, hidden]` gathered copy. The same values and
+/// gradients bit for bit as `linear(src.index_select(idx), w1)` and `linear(.., w3)`
+/// consumed together (the input gradients summed as Candle's backward sums them: the up
+/// projection's first).
+pub(crate) fn gathered_gate_up(
+    src: &Tensor,
+    idx: &Tensor,
+    w1: &Tensor,
+    w3: &Tensor,
+) -> Result<Tensor> {
+    let x = src.detach().index_select(idx, 0)?;
+    let a = x
+        .contiguous()?
+        .apply_op2(&w1.detach().contiguous()?, Linear)?;
+    let b = x
+        .contiguous()?
+        .apply_op2(&w3.detach().contiguous()?, Linear)?;
+    drop(x);
+    let value = Tensor::stack(&[a, b], 0)?;
+    src.apply_op3(
+        &w1.contiguous()?,
+        &w3.contiguous()?,
+        GatheredGateUp {
+            value: super::OnceValue::new("gathered_gate_up", value),
+            idx: idx.detach(),
+        },
+    )
+}
+
+/// The custom op behind [`gathered_gate_up`].
+struct GatheredGateUp {
+    value: super::OnceValue,
+    idx: Tensor,
+}
+
+impl candle_core::CustomOp3 for GatheredGateUp {
+    fn name(&self) -> &'static str {
+        "gathered_gate_up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.copy_cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.value.copy_cuda()
+    }
+
+    fn bwd(
+        &self,
+        src: &Tensor,
+        w1: &Tensor,
+        w3: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let x = src.detach().index_select(&self.idx, 0)?;
+        let g = g.detach();
+        let (ga, gb) = (g.get(0)?, g.get(1)?);
+        // The gathered rows' gradient as Candle sums it over their two consumers: zeros, then
+        // the up projection's (processed first), then the gate's.
+        let dx = ((x.zeros_like()? + gb.matmul(&w3.detach())?)? + ga.matmul(&w1.detach())?)?;
+        let dsrc = src.zeros_like()?.index_add(&self.idx, &dx, 0)?;
+        // Weight gradients: deferred under a split backward, as `linear`'s (the up
+        // projection's first, as Candle's order would push them).
+        let mut dws = Vec::with_capacity(2);
+        for (w, gw) in [(w3, &gb), (w1, &ga)] {
+            let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+                Some(list) if w.is_variable() => {
+                    list.push(Deferred {
+                        weight: w.clone(),
+                        x: x.clone(),
+                        g: (*gw).clone(),
+                    });
+                    true
+                }
+                _ => false,
+            });
+            dws.push(match deferred {
+                true => None,
+                false => Some(gw.t()?.matmul(&x)?),
+            });
+        }
+        let dw1 = dws.pop().flatten();
+        let dw3 = dws.pop().flatten();
+        Ok((Some(dsrc), dw1, dw3))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// `gathered_gate_up` gives the values and every gradient of the two linears over the
+    /// gathered rows, bit for bit (its input gradient summed in the order Candle's backward
+    /// sums the gathered rows' two consumers').
+    #[test]
+    fn gathered_gate_up_equals_the_two_linears_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        let src = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 5), &dev)?)?;
+        let w1 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &dev)?)?;
+        let w3 = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &dev)?)?;
+        let idx = Tensor::new(&[4u32, 0, 6, 2], &dev)?;
+        let (ga, gb) = (
+            Tensor::randn(0f32, 1.0, (4, 6), &dev)?,
+            Tensor::randn(0f32, 1.0, (4, 6), &dev)?,
+        );
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits())
+                .collect())
+        };
+        let x = src.as_tensor().index_select(&idx, 0)?;
+        let (a, b) = (linear(&x, w1.as_tensor())?, linear(&x, w3.as_tensor())?);
+        let want = ((&a * &ga)?.sum_all()? + (&b * &gb)?.sum_all()?)?.backward()?;
+        let gu = gathered_gate_up(src.as_tensor(), &idx, w1.as_tensor(), w3.as_tensor())?;
+        assert_eq!(gu.dims(), [2, 4, 6]);
+        assert_eq!(bits(&gu.get(0)?)?, bits(&a)?);
+        assert_eq!(bits(&gu.get(1)?)?, bits(&b)?);
+        let got =
+            ((&gu.get(0)? * &ga)?.sum_all()? + (&gu.get(1)? * &gb)?.sum_all()?)?.backward()?;
+        for v in [&src, &w1, &w3] {
+            let (w, g) = (
+                want.get(v.as_tensor()).unwrap(),
+                got.get(v.as_tensor()).unwrap(),
+            );
+            assert_eq!(bits(w)?, bits(g)?);
+        }
+        assert_eq!(got.get(src.as_tensor()).unwrap().dtype(), DType::F32);
+        Ok(())
+    }
+}

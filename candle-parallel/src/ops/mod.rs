@@ -32,6 +32,7 @@ pub use collectives::{
     all_gather_to_group, all_to_all, copy_to_group, gather_from_group, reduce_from_group,
     reduce_scatter_to_group, scatter_to_group,
 };
+pub(crate) use linear::gathered_gate_up;
 pub use linear::{defer_weight_grads, linear, DeferredWeightGrads};
 pub use swiglu::{swiglu, swiglu_in_place};
 pub use train::{dropout, rms_norm, rope, softmax_last_dim};

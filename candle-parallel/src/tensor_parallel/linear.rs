@@ -118,6 +118,16 @@ impl ColumnParallelLinear {
         self
     }
 
+    /// Whether the layer is its weight and nothing else: no bias, adapter or weight group,
+    /// its communication done by the caller (an expert's gate and up projections), so that
+    /// `x · wᵀ` is all its forward computes.
+    pub(crate) fn is_bare(&self) -> bool {
+        self.external_comm
+            && self.weight_group.is_none()
+            && self.lora.is_none()
+            && self.linear.bias().is_none()
+    }
+
     /// Ranks of `group` hold the same weight slice (a key/value head replicated because tp
     /// exceeds the number of KV heads): their weight gradients are summed over it.
     pub fn with_weight_group(mut self, group: Option<Comm>) -> Self {
