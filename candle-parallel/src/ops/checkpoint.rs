@@ -22,13 +22,22 @@ thread_local! {
 /// must round as the training path does, and the inference paths (the MoE layer's combine
 /// before the tp reduction) round differently.
 pub fn with_training_paths<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
+    with_flag(&TRAINING_PATHS, on, f)
+}
+
+/// Runs `f` with this thread's `flag` set to `on`, and restores it after, even if `f` panics.
+fn with_flag<R>(
+    flag: &'static std::thread::LocalKey<Cell<bool>>,
+    on: bool,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
-            TRAINING_PATHS.with(|s| s.set(self.0));
+            self.0.with(|s| s.set(self.1));
         }
     }
-    let _restore = Restore(TRAINING_PATHS.with(|s| s.replace(on)));
+    let _restore = Restore(flag, flag.with(|s| s.replace(on)));
     f()
 }
 
@@ -53,14 +62,7 @@ pub fn training_paths() -> bool {
 /// assert!(inside && !ops::selective_recompute());
 /// ```
 pub fn with_selective_recompute<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SELECTIVE.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(SELECTIVE.with(|s| s.replace(on)));
-    f()
+    with_flag(&SELECTIVE, on, f)
 }
 
 /// Whether layers on this thread checkpoint their selective parts now (see
@@ -195,7 +197,7 @@ type ManyVjp = dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send 
 /// tokens: the op that outputs `value` takes the first two inputs and the chain's last token;
 /// each link takes two more inputs and the previous token. The output's op computes every
 /// gradient in its backward and leaves the links theirs.
-fn attach_many(
+pub(super) fn attach_many(
     name: &'static str,
     value: Tensor,
     inputs: &[&Tensor],

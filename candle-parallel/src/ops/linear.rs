@@ -272,90 +272,48 @@ pub(crate) fn gathered_gate_up(
         .apply_op2(&w3.detach().contiguous()?, Linear)?;
     drop(x);
     let value = Tensor::stack(&[a, b], 0)?;
-    src.apply_op3(
-        &w1.contiguous()?,
-        &w3.contiguous()?,
-        GatheredGateUp {
-            value: super::OnceValue::new("gathered_gate_up", value),
-            idx: idx.detach(),
+    let idx = idx.detach();
+    // The graph keeps `src` and the weights; the gathered rows are made again below.
+    let (w1, w3) = (w1.contiguous()?, w3.contiguous()?);
+    let originals = [w1.clone(), w3.clone()];
+    super::checkpoint::attach_many(
+        "gathered_gate_up",
+        value,
+        &[src, &w1, &w3],
+        move |ins, g| {
+            let (src, w1, w3) = (&ins[0], &ins[1], &ins[2]);
+            let x = src.index_select(&idx, 0)?;
+            let g = g.detach();
+            let (ga, gb) = (g.get(0)?, g.get(1)?);
+            // The gathered rows' gradient as Candle sums it over their two consumers: zeros, then
+            // the up projection's (processed first), then the gate's.
+            let dx = ((x.zeros_like()? + gb.matmul(w3)?)? + ga.matmul(w1)?)?;
+            let dsrc = src.zeros_like()?.index_add(&idx, &dx, 0)?;
+            // Weight gradients: deferred under a split backward, as `linear`'s (the up
+            // projection's first, in Candle's order), for the weights themselves.
+            let mut dws = Vec::with_capacity(2);
+            for (w, gw) in [(&originals[1], &gb), (&originals[0], &ga)] {
+                let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+                    Some(list) if w.is_variable() => {
+                        list.push(Deferred {
+                            weight: w.clone(),
+                            x: x.clone(),
+                            g: (*gw).clone(),
+                        });
+                        true
+                    }
+                    _ => false,
+                });
+                dws.push(match deferred {
+                    true => None,
+                    false => Some(gw.t()?.matmul(&x)?),
+                });
+            }
+            let dw1 = dws.pop().flatten();
+            let dw3 = dws.pop().flatten();
+            Ok(vec![Some(dsrc), dw1, dw3])
         },
     )
-}
-
-/// The custom op behind [`gathered_gate_up`].
-struct GatheredGateUp {
-    value: super::OnceValue,
-    idx: Tensor,
-}
-
-impl candle_core::CustomOp3 for GatheredGateUp {
-    fn name(&self) -> &'static str {
-        "gathered_gate_up"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.value.copy_cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.value.copy_cuda()
-    }
-
-    fn bwd(
-        &self,
-        src: &Tensor,
-        w1: &Tensor,
-        w3: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let x = src.detach().index_select(&self.idx, 0)?;
-        let g = g.detach();
-        let (ga, gb) = (g.get(0)?, g.get(1)?);
-        // The gathered rows' gradient as Candle sums it over their two consumers: zeros, then
-        // the up projection's (processed first), then the gate's.
-        let dx = ((x.zeros_like()? + gb.matmul(&w3.detach())?)? + ga.matmul(&w1.detach())?)?;
-        let dsrc = src.zeros_like()?.index_add(&self.idx, &dx, 0)?;
-        // Weight gradients: deferred under a split backward, as `linear`'s (the up
-        // projection's first, as Candle's order would push them).
-        let mut dws = Vec::with_capacity(2);
-        for (w, gw) in [(w3, &gb), (w1, &ga)] {
-            let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-                Some(list) if w.is_variable() => {
-                    list.push(Deferred {
-                        weight: w.clone(),
-                        x: x.clone(),
-                        g: (*gw).clone(),
-                    });
-                    true
-                }
-                _ => false,
-            });
-            dws.push(match deferred {
-                true => None,
-                false => Some(gw.t()?.matmul(&x)?),
-            });
-        }
-        let dw1 = dws.pop().flatten();
-        let dw3 = dws.pop().flatten();
-        Ok((Some(dsrc), dw1, dw3))
-    }
 }
 
 #[cfg(test)]
