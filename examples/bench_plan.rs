@@ -47,6 +47,9 @@ const LAYOUTS: &[&str] = &[
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if a.reps == 0 || a.steps < 2 {
+        bail!("--reps must be at least 1 and --steps at least 2 (the first step is not timed)")
+    }
     let dir = std::env::temp_dir().join(format!("cp-bench-plan-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = r#"{"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 768,
@@ -204,19 +207,33 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Spearman's rank correlation of two equally long series (no ties expected).
+/// Spearman's rank correlation of two equally long series (tied values share their mean rank).
 fn spearman(a: &[f64], b: &[f64]) -> f64 {
     let ranks = |v: &[f64]| {
         let mut idx: Vec<usize> = (0..v.len()).collect();
         idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
         let mut r = vec![0.0; v.len()];
-        for (rank, &i) in idx.iter().enumerate() {
-            r[i] = rank as f64;
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for &k in &idx[i..=j] {
+                r[k] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
         }
         r
     };
+    // Pearson's correlation of the ranks.
     let (ra, rb) = (ranks(a), ranks(b));
     let n = a.len() as f64;
-    let d2: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - y).powi(2)).sum();
-    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let (va, vb): (f64, f64) = (
+        ra.iter().map(|x| (x - ma).powi(2)).sum(),
+        rb.iter().map(|y| (y - mb).powi(2)).sum(),
+    );
+    cov / (va * vb).sqrt().max(f64::MIN_POSITIVE)
 }

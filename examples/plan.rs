@@ -169,9 +169,12 @@ fn run(a: &Args) -> Result<()> {
     }
     match plans.iter().find(|p| p.fits) {
         Some(best) => println!(
-            "\nRun the best:\n  cargo run --release --example finetune_mixtral -- --model {} {}{}",
+            "\nRun the best:\n  cargo run --release --example finetune_mixtral -- --model {} {} --batch-size {} --seq-len {} --dtype {}{}",
             model_dir.display(),
             best.layout.flags(),
+            work.global_batch,
+            work.seq,
+            a.dtype,
             a.lora_rank
                 .map_or(String::new(), |r| format!(" --lora-rank {r}"))
         ),
@@ -189,9 +192,9 @@ fn run(a: &Args) -> Result<()> {
 }
 
 fn table(plans: &[Plan]) {
-    println!("\n| layout | fits | GB/rank | params | grads | optim | activ. | buffers | step s | compute | tp | ep | dp (exposed) | pp | bubble | tokens/s | MFU |");
+    println!("\n| layout | fits | GB/rank | params | grads | optim | activ. | buffers | step s | compute | tp | ep | dp (exposed) | pp | bubble | optimizer | tokens/s | MFU |");
     println!(
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for p in plans {
         let (m, t) = (&p.memory, &p.time);
@@ -244,7 +247,7 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
     ];
     let time_kinds = ["compute", "tp", "ep", "dp", "pp", "bubble", "optimizer"];
     let colors = [
-        "#4f81bd", "#c0504d", "#9bbb59", "#8064a2", "#f79646", "#4bacc6",
+        "#4f81bd", "#c0504d", "#9bbb59", "#8064a2", "#f79646", "#4bacc6", "#7f7f7f",
     ];
     for (i, p) in plans.iter().enumerate() {
         let y = 40.0 + row_h * i as f64;

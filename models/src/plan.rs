@@ -565,6 +565,23 @@ pub fn check_layout(
             l.tp
         ));
     }
+    for (what, size) in [
+        ("dense MLP", model.dense_ffn),
+        ("shared expert", model.shared_ffn),
+    ] {
+        if size > 0 && !size.is_multiple_of(l.tp) {
+            return Err(format!(
+                "tp={} does not divide the {what}'s intermediate size {size}",
+                l.tp
+            ));
+        }
+    }
+    if model.tie_embeddings && (l.pp > 1 || l.zero == 3) {
+        return Err(
+            "a head tied to the embedding is refused by the trainer with pipeline stages or ZeRO 3"
+                .to_string(),
+        );
+    }
     if l.pp > model.layers {
         return Err(format!(
             "pp={} is more stages than the {} layers",
@@ -668,17 +685,15 @@ pub fn plan_layout(
     };
     // ZeRO partitions dense parameters over dp × ep and experts over dp.
     let (n_dense, n_expert) = ((l.dp * l.ep) as f64, l.dp as f64);
-    let lora_params = |dense: f64, experts: f64| -> f64 {
-        match work.lora_rank {
-            None => 0.0,
-            Some(r) => {
-                // A and B of every linear layer: r × (in + out) each; about r/hidden·3 of the
-                // layer's weights for square-ish matrices.
-                let h = model.hidden as f64;
-                let r = r as f64;
-                (dense + experts) * r * 2.0 / h
-            }
-        }
+    // LoRA's A and B on every linear layer of a stage's layers (r × (in + out) each): about
+    // 2r/h of attention's square-ish weights, r(1/h + 1/ffn) of the experts'.
+    let adapters = |r: usize| -> (f64, f64) {
+        let (r, h) = (r as f64, model.hidden as f64);
+        let ffn = model.expert_ffn.max(1) as f64;
+        (
+            per_stage as f64 * layer_dense * 2.0 * r / h,
+            per_stage as f64 * layer_experts * r * (1.0 / h + 1.0 / ffn),
+        )
     };
     let memory_of = |first: bool, last: bool, stage: usize| -> Result<MemoryPlan> {
         let (dense, experts) = stage_params(first, last);
@@ -688,9 +703,9 @@ pub fn plan_layout(
         let part = |n: f64, stage_min: u8| if l.zero >= stage_min { n } else { 1.0 };
         let (trained_d, trained_e, frozen) = match work.lora_rank {
             None => (dense, experts, 0.0),
-            Some(_) => {
-                let a = lora_params(dense, experts);
-                (a, 0.0, (dense + experts) * d)
+            Some(r) => {
+                let (ad, ae) = adapters(r);
+                (ad, ae, (dense + experts) * d)
             }
         };
         let parameters =
@@ -724,12 +739,23 @@ pub fn plan_layout(
             _ => 0.0,
         }
         .min(layer_bytes * 4.0);
-        // ZeRO 3's last sharded module holds the last layer and the head: the head's graph
-        // and backward come on top of a layer's backward there (the unit-wise backward of
-        // ZeRO 0-2 runs the head as a unit of its own).
+        // ZeRO 3's last sharded module holds the last layer and the head, and its loss is
+        // taken outside it on its packed output: the loss's graph and backward over the
+        // logits (the head phase) come first, then the module's own backward runs the head's
+        // and the layer's again on top of what the loss left (its seed, the packed output).
+        // The ZeRO 0-2 unit-wise backward runs the head as a unit of its own.
         let activations = match (l.zero, last) {
             (3, true) => (est.peak + est.head_graph + est.head_backward) as f64,
             _ => est.peak as f64,
+        } + match (work.lora_rank, l.recompute) {
+            // Adapters on the experts' gate and up projections keep each expert's gathered
+            // input rows, which selective recomputation otherwise drops.
+            (Some(_), Recompute::Selective) => {
+                (in_flight * per_stage * rows * work.seq * model.top_k * model.hidden) as f64
+                    * moe_share
+                    * d
+            }
+            _ => 0.0,
         };
         Ok(MemoryPlan {
             parameters,
@@ -776,7 +802,7 @@ pub fn plan_layout(
     let compute = model_flops / (l.dp * l.ep * l.tp * l.pp) as f64 * recompute_factor * lora_factor
         / flops_rate;
     let lat = dev.latency_s;
-    let (tp_stride, ep_stride, pp_stride, dp_stride) = (1, l.tp, l.tp * l.ep, l.tp * l.ep * l.pp);
+    let (tp_stride, ep_stride, pp_stride) = (1, l.tp, l.tp * l.ep);
     let act_bytes = rank_tokens * model.hidden as f64 * d;
     // Two all-reduces of the hidden states per layer forward, two backward.
     let tp_comm = per_stage as f64
@@ -802,28 +828,29 @@ pub fn plan_layout(
     // Gradient reduction (and ZeRO's parameter gathers) over the replicas, hidden behind the
     // backward (two thirds of the compute) but for the last layer's.
     let (sd, se) = stage_params(true, l.pp == 1);
-    let trained = match work.lora_rank {
-        None => sd + se,
-        Some(_) => lora_params(sd, se),
+    let (td, te) = match work.lora_rank {
+        None => (sd, se),
+        Some(r) => adapters(r),
     };
-    let grad_bytes = trained * 4.0;
-    let dp_bw =
-        link_bw(cluster, dp_stride, l.dp * l.ep).min(link_bw(cluster, ep_stride, l.dp * l.ep));
-    let n = l.dp * l.ep;
-    // The gradients' reduction runs behind the backward (two thirds of the compute) as each
-    // layer's ends, but for the last layer's; ZeRO 1-2 all-gather the stepped parameters
-    // after the step (exposed); ZeRO 3 gathers each layer before its forward and backward,
-    // prefetched behind the previous layer's compute but for the first.
+    // Dense parameters are reduced over the dp × ep replicas, experts over dp; a group runs
+    // inside a node where all its ranks fit in one (its span: tp·ep, or the world with dp).
+    let span = |with_dp: usize, without: usize| if l.dp > 1 { with_dp } else { without };
+    let dense_bw = link_bw(cluster, 1, span(l.world(), l.tp * l.ep));
+    let expert_bw = link_bw(cluster, 1, span(l.world(), 1));
+    let (nd, ne) = (l.dp * l.ep, l.dp);
+    let both = |f: &dyn Fn(f64, usize, f64, f64) -> f64, dense: f64, experts: f64| {
+        f(dense, nd, dense_bw, lat) + f(experts, ne, expert_bw, lat)
+    };
     let reduce = match l.zero {
-        0 => all_reduce_s(grad_bytes, n, dp_bw, lat),
-        _ => half_s(grad_bytes, n, dp_bw, lat),
+        0 => both(&all_reduce_s, td * 4.0, te * 4.0),
+        _ => both(&half_s, td * 4.0, te * 4.0),
     };
     let after_step = match l.zero {
-        1 | 2 => half_s(trained * d, n, dp_bw, lat),
+        1 | 2 => both(&half_s, td * d, te * d),
         _ => 0.0,
     };
     let gathers = match l.zero {
-        3 => 2.0 * half_s(trained * d, n, dp_bw, lat),
+        3 => 2.0 * both(&half_s, td * d, te * d),
         _ => 0.0,
     };
     let layers = per_stage as f64;
@@ -847,13 +874,8 @@ pub fn plan_layout(
     // AdamW reads the parameter, its gradient and two moments and writes three of them back
     // (and a 16-bit copy), over the partition this rank steps.
     let step_bytes = if work.dtype_bytes < 4 { 34.0 } else { 28.0 };
-    let stepped = match work.lora_rank {
-        None => {
-            sd / if l.zero >= 1 { n_dense } else { 1.0 }
-                + se / if l.zero >= 1 { n_expert } else { 1.0 }
-        }
-        Some(_) => lora_params(sd, se) / if l.zero >= 1 { n_dense } else { 1.0 },
-    };
+    let part = |n: usize| if l.zero >= 1 { n as f64 } else { 1.0 };
+    let stepped = td / part(nd) + te / part(ne);
     let optimizer = stepped * step_bytes / dev.memory_bw;
     let step = compute + tp_comm + ep_comm + dp_comm + pp_comm + bubble + optimizer;
     let peak_all = cluster.devices as f64
@@ -912,10 +934,8 @@ pub fn enumerate(
                 let dp = n / (tp * ep * pp);
                 for zero in 0..=3u8 {
                     for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
-                        let mbs: Vec<usize> = match pp {
-                            1 => vec![1],
-                            _ => (0..7).map(|i| 1 << i).collect(),
-                        };
+                        // Gradient accumulation without stages, or the pipeline's micro-batches.
+                        let mbs: Vec<usize> = (0..7).map(|i| 1 << i).collect();
                         let schedules: &[ScheduleKind] = match pp {
                             1 => &[ScheduleKind::OneFOneB],
                             _ => &[ScheduleKind::OneFOneB, ScheduleKind::ZeroBubble],

@@ -526,10 +526,17 @@ impl ParallelVarBuilder {
         if let (None, Source::Stored(s), Some(&d0)) = (seed, &self.inner.source, meta.dims.first())
         {
             let row = meta.dims[1..].iter().product::<usize>().max(1);
-            let (r0, r1) = (
-                start / row,
-                (start + len).div_ceil(row).clamp(start / row, d0),
-            );
+            let r0 = start / row;
+            if start + len > d0 * row {
+                bail!(
+                    "tensor {}: elements {start}..{} asked of its slice {:?}, which holds {}",
+                    meta.name,
+                    start + len,
+                    meta.dims,
+                    d0 * row
+                )
+            }
+            let r1 = (start + len).div_ceil(row).max(r0);
             let slice = meta.placement.slice(&meta.full_dims, &meta.name)?;
             let (stored, pieces) = s.pieces(&meta.name, &meta.full_dims)?;
             let (bytes, dims, read) = super::region::assemble_rows(
