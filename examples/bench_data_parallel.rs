@@ -613,6 +613,9 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         let probe = MemoryProbe {
             dp,
             pp: 1,
+            ep: 1,
+            tp: 1,
+            schedule: candle_parallel::pipeline::ScheduleKind::OneFOneB,
             micro_batches: 1,
             stage,
             path,

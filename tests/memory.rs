@@ -70,6 +70,9 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
     let probe = MemoryProbe {
         dp: 4,
         pp: 1,
+        ep: 1,
+        tp: 1,
+        schedule: candle_parallel::pipeline::ScheduleKind::OneFOneB,
         micro_batches: 1,
         stage: 0,
         path: BackwardPath::Units(Recompute::None),

@@ -15,8 +15,9 @@ use candle_parallel_models::testing::{measure_training_memory, BackwardPath, Mem
 static ALLOC: CountingAlloc = CountingAlloc;
 
 /// The predicted peak bytes per rank are within 10% of the measured ones (the most any rank
-/// of the layout held during a step, model states included) at 26 layouts: dp 2 and 4 at
-/// every ZeRO stage and recompute mode, and two pipeline stages of 1F1B with 4 micro-batches.
+/// of the layout held during a step, model states included) at 31 layouts: dp 2 and 4 at
+/// every ZeRO stage and recompute mode; two pipeline stages over 4 micro-batches with 1F1B
+/// and GPipe; ep 2 at every stage.
 #[test]
 fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
     let cfg = MixtralConfig {
@@ -32,22 +33,33 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
     };
     let model = ModelShape::of_mixtral(&cfg);
     let (rows, seq) = (4, 64);
+    use ScheduleKind::{GPipe, OneFOneB};
+    // (dp, pp, ep, tp, ZeRO stage, recompute, micro-batches, schedule)
     let mut cases = Vec::new();
     for dp in [2, 4] {
         for stage in 0..=3u8 {
             for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
-                cases.push((dp, 1, stage, recompute, 1));
+                cases.push((dp, 1, 1, 1, stage, recompute, 1, OneFOneB));
             }
         }
     }
     for recompute in [Recompute::None, Recompute::Full] {
-        cases.push((1, 2, 0, recompute, 4));
+        cases.push((1, 2, 1, 1, 0, recompute, 4, OneFOneB));
     }
+    for stage in 0..=3u8 {
+        cases.push((1, 1, 2, 1, stage, Recompute::None, 1, OneFOneB));
+    }
+    cases.push((1, 2, 1, 1, 0, Recompute::None, 4, GPipe));
+    // Not yet within 10% (the count under-predicts them by 10-23%, see the README): tp > 1
+    // and zero-bubble's split backwards.
     let mut worst: f64 = 0.0;
-    for &(dp, pp, stage, recompute, micro_batches) in &cases {
+    for &(dp, pp, ep, tp, stage, recompute, micro_batches, schedule) in &cases {
         let probe = MemoryProbe {
             dp,
             pp,
+            ep,
+            tp,
+            schedule,
             micro_batches,
             stage,
             path: BackwardPath::Units(recompute),
@@ -60,13 +72,10 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
         };
         let ranks = measure_training_memory(&cfg, probe)?;
         let measured = ranks.iter().map(|m| m.step_peak).max().unwrap_or(0) as f64;
-        let cluster = Cluster::new(
-            DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10),
-            dp * pp,
-            dp * pp,
-        )?;
+        let world = dp * pp * ep * tp;
+        let cluster = Cluster::new(DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10), world, world)?;
         let work = Workload {
-            global_batch: rows * dp,
+            global_batch: rows * dp * ep,
             seq,
             dtype_bytes: 4,
             lora_rank: None,
@@ -74,12 +83,12 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
         let layout = Layout {
             dp,
             pp,
-            ep: 1,
-            tp: 1,
+            ep,
+            tp,
             zero: stage,
             recompute,
             micro_batches,
-            schedule: ScheduleKind::OneFOneB,
+            schedule,
         };
         let predicted = plan_layout(&model, &work, &cluster, &layout)?
             .memory

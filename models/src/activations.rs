@@ -69,6 +69,12 @@ pub struct ActivationEstimate {
     /// The step's activation peak on this rank: during the head's backward or during the
     /// first layer's backward, whichever is higher.
     pub peak: usize,
+    /// The most held during the head's backward (every layer's keep, the head's graph and
+    /// backward).
+    pub head_phase: usize,
+    /// The most held during a layer's backward (every layer's keep, the layer's graph where
+    /// recomputed, its backward's own: its full parameter gradients among them).
+    pub layer_phase: usize,
     /// One decoder layer's parameters on this rank, in f32 (what ZeRO 3 gathers per unit).
     pub layer_param_bytes: usize,
 }
@@ -204,6 +210,8 @@ pub fn mixtral_activations(
         head_backward,
         forward,
         peak: head_phase.max(layer_phase),
+        head_phase,
+        layer_phase,
         layer_param_bytes: layer_params * 4,
     })
 }

@@ -731,21 +731,23 @@ pub fn plan_layout(
             stage_boundaries: l.pp > 1,
         };
         let est = mixtral_activations(&model.as_mixtral(), per_stage, &layout)?;
-        let layer_bytes = (layer_dense + layer_experts) * 4.0;
         let buffers = match l.zero {
             // A layer's gathered parameters, the next one's prefetched, the layer's gradients.
             3 => (layer_dense + layer_experts) * (2.0 * d + 4.0),
-            2 => 2.0 * DEFAULT_BUCKET_BYTES as f64,
             _ => 0.0,
-        }
-        .min(layer_bytes * 4.0);
+        };
         // ZeRO 3's last sharded module holds the last layer and the head, and its loss is
         // taken outside it on its packed output: the loss's graph and backward over the
         // logits (the head phase) come first, then the module's own backward runs the head's
         // and the layer's again on top of what the loss left (its seed, the packed output).
         // The ZeRO 0-2 unit-wise backward runs the head as a unit of its own.
+        // ZeRO 2 packs a layer's gradients into its synchronisation group's bucket (dense over
+        // dp × ep, experts over dp) and reduce-scatters it in place as
+        // the layer's backward ends: on top of the layer phase only.
+        let bucket = (DEFAULT_BUCKET_BYTES as f64).min(4.0 * trained_d.max(trained_e));
         let activations = match (l.zero, last) {
             (3, true) => (est.peak + est.head_graph + est.head_backward) as f64,
+            (2, _) => (est.head_phase as f64).max(est.layer_phase as f64 + bucket),
             _ => est.peak as f64,
         } + match (work.lora_rank, l.recompute) {
             // Adapters on the experts' gate and up projections keep each expert's gathered

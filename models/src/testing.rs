@@ -224,9 +224,14 @@ pub struct TrainingMemory {
 pub struct MemoryProbe {
     /// Data-parallel replicas.
     pub dp: usize,
-    /// Pipeline stages (1F1B over `micro_batches`). With several, the model is not written
-    /// (`save_peak` is then what is held).
+    /// Pipeline stages (`schedule` over `micro_batches`). With several, the model is not
+    /// written (`save_peak` is then what is held).
     pub pp: usize,
+    /// Expert-parallel ranks (a batch dimension besides dp) and tensor-parallel ranks.
+    pub ep: usize,
+    pub tp: usize,
+    /// The pipeline schedule with several stages.
+    pub schedule: candle_parallel::pipeline::ScheduleKind,
     /// Micro-batches per step (dividing `rows`).
     pub micro_batches: usize,
     /// ZeRO stage.
@@ -258,6 +263,9 @@ pub fn measure_training_memory(
     let MemoryProbe {
         dp,
         pp,
+        ep,
+        tp,
+        schedule,
         micro_batches,
         stage,
         path,
@@ -280,8 +288,8 @@ pub fn measure_training_memory(
         )
     }
     let stages = candle_parallel::pipeline::split_layers(cfg.num_hidden_layers, pp)?;
-    Launcher::new(dp * pp)
-        .mesh(MeshShape::new().dp(dp).pp(pp))
+    Launcher::new(dp * pp * ep * tp)
+        .mesh(MeshShape::new().dp(dp).pp(pp).ep(ep).tp(tp))
         .run(|ctx| {
             let mesh = ctx.mesh()?;
             let rank = mesh.rank();
@@ -298,11 +306,11 @@ pub fn measure_training_memory(
                 bucket_bytes,
                 ..Default::default()
             };
-            let dims = [MeshDim::Dp];
+            let dims = [MeshDim::Dp, MeshDim::Ep];
             let batch = BatchGroups::new(mesh, &dims)?;
             let (whole, sharded, mut opt) = if stage == 3 {
                 let layers = stages[mesh.pp().rank()].clone();
-                let m = ShardedMixtral::new_stage(
+                let mut m = ShardedMixtral::new_stage(
                     cfg,
                     vb.clone(),
                     &batch,
@@ -310,6 +318,9 @@ pub fn measure_training_memory(
                     Dispatch::AllToAll,
                     layers,
                 )?;
+                if pp > 1 {
+                    m.set_schedule(schedule)?;
+                }
                 m.set_reshard_after_forward(reshard_after_forward);
                 m.set_prefetch(prefetch);
                 if let BackwardPath::Units(r) = path {
@@ -321,7 +332,7 @@ pub fn measure_training_memory(
                 (None, Some(m), opt)
             } else {
                 let layers = stages[mesh.pp().rank()].clone();
-                let m = Mixtral::new_stage(
+                let mut m = Mixtral::new_stage(
                     cfg,
                     vb.clone(),
                     mesh.ep(),
@@ -329,13 +340,16 @@ pub fn measure_training_memory(
                     Dispatch::AllToAll,
                     layers,
                 )?;
+                if pp > 1 {
+                    m.set_schedule(schedule)?;
+                }
                 let opt = ZeroOptimizer::new(vb.params(), mesh, &dims, zero)?;
                 (Some(m), None, opt)
             };
             drop(vb);
             let ids: Vec<Vec<u32>> = (0..rows)
                 .map(|i| {
-                    let row = mesh.dp().rank() * rows + i;
+                    let row = (mesh.dp().rank() * ep + mesh.ep().rank()) * rows + i;
                     (0..seq)
                         .map(|j| ((row * 131 + j * 31) % cfg.vocab_size) as u32)
                         .collect()
