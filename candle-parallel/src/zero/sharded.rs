@@ -64,9 +64,10 @@ struct Inner {
 
 /// What a module's forward keeps for its backward.
 enum Saved {
-    /// The output with its graph, the input as a variable (float inputs), each parameter's
-    /// variable, and the scope the parameters were released through (resharded after the
-    /// forward: the graph does not hold them and the backward gathers them again).
+    /// The output with its graph, the input as a variable (float inputs), the id of each
+    /// parameter's variable (its gradient's key in the backward's store), and the scope the
+    /// parameters were released through (resharded after the forward: the graph does not
+    /// hold them and the backward gathers them again).
     Graph {
         y: Tensor,
         xv: Option<Var>,
