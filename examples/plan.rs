@@ -197,26 +197,21 @@ fn table(plans: &[Plan]) {
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for p in plans {
-        let (m, t) = (&p.memory, &p.time);
-        let gb = |b: f64| format!("{:.1}", b / 1e9);
+        let memory: Vec<String> = p
+            .memory
+            .kinds()
+            .iter()
+            .map(|b| format!("{:.1}", b / 1e9))
+            .collect();
+        let time: Vec<String> = p.time.kinds().iter().map(|s| format!("{s:.3}")).collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1}% |",
+            "| {} | {} | {:.1} | {} | {:.3} | {} | {:.0} | {:.1}% |",
             p.layout,
             if p.fits { "yes" } else { "no" },
-            gb(m.peak_bytes_per_rank),
-            gb(m.parameters),
-            gb(m.gradients),
-            gb(m.optimizer),
-            gb(m.activations),
-            gb(m.buffers),
-            t.step,
-            t.compute,
-            t.tp_comm,
-            t.ep_comm,
-            t.dp_comm,
-            t.pp_comm,
-            t.bubble,
-            t.optimizer,
+            p.memory.peak_bytes_per_rank / 1e9,
+            memory.join(" | "),
+            p.time.step,
+            time.join(" | "),
             p.tokens_per_s,
             100.0 * p.mfu
         );
@@ -268,18 +263,8 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
             }
         );
         svg += &format!(r#"<text x="10" y="{}">{label}</text>"#, y + 20.0);
-        let m = &p.memory;
         let mut x = left;
-        for (j, v) in [
-            m.parameters,
-            m.gradients,
-            m.optimizer,
-            m.activations,
-            m.buffers,
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (j, v) in p.memory.kinds().iter().enumerate() {
             let bw = v / max_mem * half;
             svg += &format!(
                 r#"<rect x="{x:.1}" y="{y:.1}" width="{bw:.1}" height="30" fill="{}"/>"#,
@@ -287,20 +272,8 @@ fn picture(plans: &[&Plan], device_memory: f64) -> String {
             );
             x += bw;
         }
-        let t = &p.time;
         let mut x = left + half + 20.0;
-        for (j, v) in [
-            t.compute,
-            t.tp_comm,
-            t.ep_comm,
-            t.dp_comm,
-            t.pp_comm,
-            t.bubble,
-            t.optimizer,
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (j, v) in p.time.kinds().iter().enumerate() {
             let bw = v / max_t * (half - 20.0);
             svg += &format!(
                 r#"<rect x="{x:.1}" y="{y:.1}" width="{bw:.1}" height="30" fill="{}"/>"#,

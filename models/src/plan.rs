@@ -488,6 +488,19 @@ pub struct MemoryPlan {
     pub peak_bytes_per_rank: f64,
 }
 
+impl MemoryPlan {
+    /// Parameters, gradients, optimizer state, activations and buffers, in that order.
+    pub fn kinds(&self) -> [f64; 5] {
+        [
+            self.parameters,
+            self.gradients,
+            self.optimizer,
+            self.activations,
+            self.buffers,
+        ]
+    }
+}
+
 /// Seconds per optimizer step, by kind (communication: what is not hidden).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct TimePlan {
@@ -500,6 +513,22 @@ pub struct TimePlan {
     /// The optimizer's step over the parameters this rank updates (memory-bound).
     pub optimizer: f64,
     pub step: f64,
+}
+
+impl TimePlan {
+    /// Compute, tp, ep, dp and pp communication, the bubble and the optimizer step, in that
+    /// order (they add up to the step).
+    pub fn kinds(&self) -> [f64; 7] {
+        [
+            self.compute,
+            self.tp_comm,
+            self.ep_comm,
+            self.dp_comm,
+            self.pp_comm,
+            self.bubble,
+            self.optimizer,
+        ]
+    }
 }
 
 /// A layout's predicted memory and speed.
