@@ -274,8 +274,10 @@ pub(crate) fn gathered_gate_up(
     let value = Tensor::stack(&[a, b], 0)?;
     let idx = idx.detach();
     // The graph keeps `src` and the weights; the gathered rows are made again below.
-    let (w1, w3) = (w1.contiguous()?, w3.contiguous()?);
+    // The weights themselves (a contiguous copy would not be the variable a deferred
+    // gradient belongs to).
     let originals = [w1.clone(), w3.clone()];
+    let (w1, w3) = (w1.contiguous()?, w3.contiguous()?);
     super::checkpoint::attach_many(
         "gathered_gate_up",
         value,
