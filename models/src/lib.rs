@@ -2,12 +2,14 @@
 //!
 //! - [`activations`]: the models' own count of their training activations, by recomputation
 //!   mode and schedule;
+//! - [`chat`]: chat conversations rendered by the model's template, and the tokens to learn;
 //! - [`llama`]: a Llama-style dense transformer with tensor parallelism;
 //! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism;
 //! - [`testing`]: deterministic inputs, error checks and random HF checkpoints for tests,
 //!   examples and benchmarks;
 //! - [`tokenizer`]: byte- and word-level tokenizers that need no download.
 pub mod activations;
+pub mod chat;
 mod block;
 pub mod llama;
 pub mod mixtral;
