@@ -1103,7 +1103,7 @@ fn main() -> Result<()> {
             // and padding stays out of the load-balancing loss.
             let global_tokens = labels.as_ref().map(|(l, _)| counted_targets(l)).transpose()?;
             let mine_labels = labels.map(|(l, m)| Ok::<_, candle_core::Error>((rows(&l)?, rows(&m)?))).transpose()?;
-            let targets = mine_labels.as_ref().zip(global_tokens).map(|((labels, mask), global_tokens)| Targets { labels, global_tokens, replicas, attention_mask: Some(mask) });
+            let targets = mine_labels.as_ref().zip(global_tokens).map(|((labels, mask), global_tokens)| Targets { labels, global_tokens, replicas, attention_mask: Some(mask), position_ids: None });
             // Each layer's gradients go to the trainer as soon as its backward ends.
             let g = match &model {
                 Model::Whole(m) => m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches, pp_comm, args.recompute)?,

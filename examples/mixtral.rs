@@ -526,6 +526,7 @@ fn run_train(command: Command) -> Result<()> {
                 global_tokens,
                 replicas,
                 attention_mask: my_mask.as_ref(),
+                position_ids: None,
             });
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for i in trainer.steps_done()..steps {

@@ -6,7 +6,9 @@ use candle_parallel_models::chat::{parse_messages, ChatTemplate, Message};
 use std::path::{Path, PathBuf};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chat")
+        .join(name)
 }
 
 fn tokenizer(dir: &Path) -> tokenizers::Tokenizer {
@@ -29,7 +31,11 @@ fn renders_and_masks_as_transformers() {
             let prompt = template
                 .render(&messages[..messages.len() - 1], true)
                 .unwrap();
-            assert_eq!(prompt, case["generation_prompt"].as_str().unwrap(), "{name} case {i}");
+            assert_eq!(
+                prompt,
+                case["generation_prompt"].as_str().unwrap(),
+                "{name} case {i}"
+            );
             let (ids, learn) = template.tokenize(&tok, &messages).unwrap();
             let want_ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
             let want_mask: Vec<u8> = serde_json::from_value(case["mask"].clone()).unwrap();
@@ -60,12 +66,19 @@ fn template_errors_are_clear() {
     // A model without a template names the fix.
     let tmp = std::env::temp_dir().join(format!("chat-none-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("tokenizer_config.json"), r#"{"eos_token": "</s>"}"#).unwrap();
+    std::fs::write(
+        tmp.join("tokenizer_config.json"),
+        r#"{"eos_token": "</s>"}"#,
+    )
+    .unwrap();
     let e = ChatTemplate::from_model(&tmp, None)
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("no chat template") && e.contains("--chat-template"), "{e}");
+    assert!(
+        e.contains("no chat template") && e.contains("--chat-template"),
+        "{e}"
+    );
 
     // --chat-template: a Jinja file, with the model's special tokens.
     let file = tmp.join("template.jinja");
@@ -76,7 +89,10 @@ fn template_errors_are_clear() {
     .unwrap();
     let t = ChatTemplate::from_model(&tmp, Some(&file)).unwrap();
     let chat = [Message::new("user", " a "), Message::new("assistant", "b")];
-    assert_eq!(t.render(&chat, false).unwrap(), "user: a</s>\nassistant: b</s>\n");
+    assert_eq!(
+        t.render(&chat, false).unwrap(),
+        "user: a</s>\nassistant: b</s>\n"
+    );
     let (text, spans) = t.render_with_assistant_spans(&chat).unwrap();
     assert_eq!(&text[spans[0].clone()], "assistant: b</s>\n");
 

@@ -589,6 +589,7 @@ fn micro_batches_with_uneven_completions_give_the_whole_batch_gradient() -> Resu
                 global_tokens: counted_targets(&labels)?,
                 replicas: 1,
                 attention_mask: None,
+                position_ids: None,
             };
             let vars: Vec<_> = vb.params().iter().map(|p| p.var.clone()).collect();
             let g = model.batch_grads(&vars, &ids, Some(&targets), micro_batches, ctx.comm())?;

@@ -119,6 +119,7 @@ fn both_ways(
                 global_tokens: counted_targets(&l)? * c.dp * c.ep,
                 replicas: c.dp * c.ep,
                 attention_mask: None,
+                position_ids: None,
             };
             let t = c.labels.then_some(&targets);
             let whole = model.batch_grads(&vars, &ids, t, c.micro_batches, mesh.pp())?;

@@ -5,14 +5,16 @@
 //! - [`chat`]: chat conversations rendered by the model's template, and the tokens to learn;
 //! - [`llama`]: a Llama-style dense transformer with tensor parallelism;
 //! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism;
+//! - [`packing`]: several examples per row, each with its own positions and attention;
 //! - [`testing`]: deterministic inputs, error checks and random HF checkpoints for tests,
 //!   examples and benchmarks;
 //! - [`tokenizer`]: byte- and word-level tokenizers that need no download.
 pub mod activations;
-pub mod chat;
 mod block;
+pub mod chat;
 pub mod llama;
 pub mod mixtral;
+pub mod packing;
 pub mod plan;
 pub mod testing;
 pub mod tokenizer;

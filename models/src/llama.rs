@@ -357,7 +357,28 @@ impl Attention {
         let hd = self.heads.head_dim();
         let (hl, kvl) = (self.heads.local_heads(), self.heads.local_kv_heads());
         let split = |t: Tensor, h: usize| t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous();
-        let (cos, sin) = (rope.0.narrow(0, pos, s)?, rope.1.narrow(0, pos, s)?);
+        // Packed rows (a training step's position ids): each example's own positions and
+        // attention; otherwise positions `pos..pos + s` of one sequence per row.
+        let packed = match crate::packing::current_position_ids() {
+            Some(p) if cache.is_none() && pos == 0 => {
+                if p.dims() != [b, s] {
+                    bail!(
+                        "attention: packed position_ids of shape {:?} for a micro-batch of {b} rows of {s} tokens",
+                        p.dims()
+                    )
+                }
+                Some(p)
+            }
+            _ => None,
+        };
+        let (cos, sin, mask) = match &packed {
+            Some(p) => (
+                crate::packing::rope_at(&rope.0, p)?,
+                crate::packing::rope_at(&rope.1, p)?,
+                Some(crate::packing::packed_causal_mask(p, x.dtype())?),
+            ),
+            None => (rope.0.narrow(0, pos, s)?, rope.1.narrow(0, pos, s)?, None),
+        };
         let q = ops::rope(&split(self.q.forward(x)?, hl)?, &cos, &sin)?;
         let mut k = ops::rope(&split(self.k.forward(x)?, kvl)?, &cos, &sin)?;
         let mut v = split(self.v.forward(x)?, kvl)?;
@@ -373,10 +394,10 @@ impl Attention {
             // values are recomputed in the backward instead of kept.
             let heads = self.heads.clone();
             ops::checkpoint("core_attention", &[&q, &k, &v], move |t| {
-                core_attention(&t[0], &t[1], &t[2], &heads, pos)
+                core_attention(&t[0], &t[1], &t[2], &heads, pos, mask.as_ref())
             })?
         } else {
-            core_attention(&q, &k, &v, &self.heads, pos)?
+            core_attention(&q, &k, &v, &self.heads, pos, mask.as_ref())?
         };
         let out = out.transpose(1, 2)?.reshape((b, s, hl * hd))?;
         self.o.forward(&out)
@@ -384,20 +405,24 @@ impl Attention {
 }
 
 /// Causal attention of `q` (`[b, heads, s, hd]`, positions `pos..pos + s`) over `k` and `v`
-/// (`[b, kv_heads, total, hd]`, positions `0..total`): `[b, heads, s, hd]`.
+/// (`[b, kv_heads, total, hd]`, positions `0..total`): `[b, heads, s, hd]`; with `packed`
+/// (the additive `[b, 1, s, s]` mask of packed rows) that mask instead of the causal one.
 fn core_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: &TpHeads,
     pos: usize,
+    packed: Option<&Tensor>,
 ) -> Result<Tensor> {
     let s = q.dim(2)?;
     let hd = heads.head_dim();
     let (k, v) = (heads.repeat_kv(k)?, heads.repeat_kv(v)?);
     let total = k.dim(2)?;
     let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-    let scores = if s > 1 {
+    let scores = if let Some(mask) = packed {
+        scores.broadcast_add(mask)?
+    } else if s > 1 {
         // Query i (absolute position pos + i) sees keys 0..=pos + i.
         let mask: Vec<f32> = (0..s)
             .flat_map(|i| {

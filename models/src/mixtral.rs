@@ -21,6 +21,7 @@ use candle_parallel::moe::{
     hf_load_balancing_token_sums, moe_layer, AuxScope, Dispatch, ExpertLoad, MoeLayer, MoeStats,
     RouterConfig, Scoring,
 };
+use candle_parallel::pipeline::with_micro_batch;
 use candle_parallel::pipeline::{ModelSchedule, Schedule, ScheduleKind, StageTape, UnitStage};
 use candle_parallel::tensor_parallel::{ColumnParallelLinear, TpHeads, VocabParallelEmbedding};
 use candle_parallel::zero::ShardedModule;
@@ -759,6 +760,10 @@ pub struct Targets<'a> {
     /// the end of a row), which leaves padding out of the load-balancing loss; `None`: no
     /// padding.
     pub attention_mask: Option<&'a Tensor>,
+    /// HF's `position_ids` of packed rows (`[b, s]`, u32: several examples per row, each
+    /// with positions from 0 and attending only to itself; see [`crate::packing`]); `None`: each
+    /// row one sequence from position 0.
+    pub position_ids: Option<&'a Tensor>,
 }
 
 /// The counted targets of `labels` (`[b, s]`): positions past the first not ignored.
@@ -824,25 +829,27 @@ fn pipeline_train(
     let mb = MicroBatches::new(ids, targets, micro_batches)?;
     let (b, s) = mb.ids[0].dims2()?;
     let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
-    candle_parallel::pipeline::run_step_into(
-        pp,
-        schedule,
-        stage,
-        sink,
-        &mb.ids,
-        (
-            &candle_core::Shape::from(stage_activation_len(cfg, b, s)),
-            candle_core::DType::F32,
-        ),
-        &|i, y| {
-            let l = weighted(
-                losses(y, &mb.ids[i], mb.label(i), mb.mask(i))?,
-                mb.weights[i],
-            )?;
-            values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
-            Ok(l.loss)
-        },
-    )?;
+    mb.run(|| {
+        candle_parallel::pipeline::run_step_into(
+            pp,
+            schedule,
+            stage,
+            sink,
+            &mb.ids,
+            (
+                &candle_core::Shape::from(stage_activation_len(cfg, b, s)),
+                candle_core::DType::F32,
+            ),
+            &|i, y| {
+                let l = weighted(
+                    losses(y, &mb.ids[i], mb.label(i), mb.mask(i))?,
+                    mb.weights[i],
+                )?;
+                values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
+                Ok(l.loss)
+            },
+        )
+    })?;
     let values = values.into_inner().unwrap_or_else(|e| e.into_inner());
     pipeline_losses(&values, pp)
 }
@@ -903,32 +910,34 @@ impl Mixtral {
         }
         let (b, s) = mb.ids[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
-        let out = candle_parallel::pipeline::run_step(
-            pp,
-            &self.schedule.schedule(pp.size(), micro_batches)?,
-            &[&MixtralStage {
-                model: self,
-                train: true,
-            }],
-            vars,
-            &mb.ids,
-            (
-                &candle_core::Shape::from(self.stage_activation_len(b, s)),
-                candle_core::DType::F32,
-            ),
-            &|i, y| {
-                let (l, _) = self.stage_losses_over(
-                    y,
-                    &mb.ids[i],
-                    mb.label(i),
-                    mb.mask(i),
-                    self.aux_batch.as_ref(),
-                )?;
-                let l = weighted(l, mb.weights[i])?;
-                values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
-                Ok(l.loss)
-            },
-        )?;
+        let out = mb.run(|| {
+            candle_parallel::pipeline::run_step(
+                pp,
+                &self.schedule.schedule(pp.size(), micro_batches)?,
+                &[&MixtralStage {
+                    model: self,
+                    train: true,
+                }],
+                vars,
+                &mb.ids,
+                (
+                    &candle_core::Shape::from(self.stage_activation_len(b, s)),
+                    candle_core::DType::F32,
+                ),
+                &|i, y| {
+                    let (l, _) = self.stage_losses_over(
+                        y,
+                        &mb.ids[i],
+                        mb.label(i),
+                        mb.mask(i),
+                        self.aux_batch.as_ref(),
+                    )?;
+                    let l = weighted(l, mb.weights[i])?;
+                    values.lock().unwrap_or_else(|e| e.into_inner())[i] = l.values()?;
+                    Ok(l.loss)
+                },
+            )
+        })?;
         // Every rank that meets this one inside a stage (tp, ep) plans the same order.
         self.schedule
             .observe(&[pp, &self.tp, &self.ep], &out.executed)?;
@@ -1010,15 +1019,19 @@ impl Mixtral {
         let m = micro_batches as f64;
         let mut out = BatchLosses::default();
         for (i, ids) in mb.ids.iter().enumerate() {
-            let (l, stats) = self.micro_batch_into(
-                sink,
-                ids,
-                mb.label(i),
-                mb.mask(i),
-                mb.weights[i],
-                recompute,
-                i + 1 == mb.ids.len(),
-            )?;
+            let (l, stats) = mb.run(|| {
+                with_micro_batch(i, || {
+                    self.micro_batch_into(
+                        sink,
+                        ids,
+                        mb.label(i),
+                        mb.mask(i),
+                        mb.weights[i],
+                        recompute,
+                        i + 1 == mb.ids.len(),
+                    )
+                })
+            })?;
             out.add_mean(l, m);
             out.stats = stats;
         }
@@ -1462,6 +1475,8 @@ struct MicroBatches {
     ids: Vec<Tensor>,
     labels: Option<Vec<Tensor>>,
     masks: Option<Vec<Tensor>>,
+    /// Packed rows' position ids, per micro-batch.
+    positions: Option<Vec<Tensor>>,
     weights: Vec<f64>,
 }
 
@@ -1477,6 +1492,7 @@ impl MicroBatches {
                 ids: mbs,
                 labels: None,
                 masks: None,
+                positions: None,
                 weights: vec![1.0; micro_batches],
             });
         };
@@ -1484,6 +1500,9 @@ impl MicroBatches {
             bail!("the global batch has no counted target (every label is ignored)")
         }
         check_attention_mask(t.attention_mask, ids, Some(t.labels))?;
+        if let Some(p) = t.position_ids {
+            crate::packing::check_position_ids(p, ids.dims2()?)?;
+        }
         let lbs = split(t.labels)?;
         let weights = lbs
             .iter()
@@ -1498,6 +1517,7 @@ impl MicroBatches {
             ids: mbs,
             labels: Some(lbs),
             masks: t.attention_mask.map(split).transpose()?,
+            positions: t.position_ids.map(split).transpose()?,
             weights,
         })
     }
@@ -1508,6 +1528,12 @@ impl MicroBatches {
 
     fn mask(&self, i: usize) -> Option<&Tensor> {
         self.masks.as_ref().map(|m| &m[i])
+    }
+
+    /// `f` with these micro-batches' packed positions as the attention's (see
+    /// [`crate::packing`]); each micro-batch runs inside [`with_micro_batch`].
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        crate::packing::with_position_ids(self.positions.as_deref(), f)
     }
 }
 
@@ -1535,17 +1561,23 @@ fn accumulate(
     let m = mb.ids.len() as f64;
     let mut acc = candle_parallel::data_parallel::GradAccumulator::default();
     let mut out = BatchLosses::default();
-    for (i, ids) in mb.ids.iter().enumerate() {
-        let l = weighted(losses(i, ids)?, mb.weights[i])?;
-        let store = l.loss.backward()?;
-        let g: Vec<Option<Tensor>> = vars
-            .iter()
-            .map(|x| store.get(x.as_tensor()).cloned())
-            .collect();
-        acc.add(&g)?;
-        out.add_mean(l.values()?, m);
-        out.stats = l.stats;
-    }
+    mb.run(|| {
+        for (i, ids) in mb.ids.iter().enumerate() {
+            with_micro_batch(i, || -> Result<()> {
+                let l = weighted(losses(i, ids)?, mb.weights[i])?;
+                let store = l.loss.backward()?;
+                let g: Vec<Option<Tensor>> = vars
+                    .iter()
+                    .map(|x| store.get(x.as_tensor()).cloned())
+                    .collect();
+                acc.add(&g)?;
+                out.add_mean(l.values()?, m);
+                out.stats = l.stats;
+                Ok(())
+            })?;
+        }
+        Ok::<_, candle_core::Error>(())
+    })?;
     Ok(BatchGrads {
         grads: acc.take()?,
         ce_loss: out.ce_loss,
@@ -1899,6 +1931,7 @@ impl ShardedMixtral {
         for (i, ids) in mb.ids.iter().enumerate() {
             let (labels, mask) = (mb.label(i), mb.mask(i));
             check_attention_mask(mask, ids, labels)?;
+            let _scope = crate::packing::MicroBatchPositions::enter(&mb.positions, i);
             let (y, tape) = self.forward_units(ids)?;
             let last = Var::from_tensor(&y)?;
             drop(y);

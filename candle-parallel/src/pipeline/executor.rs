@@ -78,6 +78,39 @@ enum Kind {
     Gradient,
 }
 
+thread_local! {
+    static MICRO_BATCH: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The micro-batch this thread's current pipeline action (or [`with_micro_batch`] scope) runs
+/// for: what a model reads per-micro-batch inputs by (e.g. packed sequences' positions) where
+/// a stage's forward and backward get only the activation. `None` outside any.
+pub fn current_micro_batch() -> Option<usize> {
+    MICRO_BATCH.with(|c| c.get())
+}
+
+/// Runs `f` as micro-batch `mb` ([`current_micro_batch`]), as the pipeline executor runs each
+/// action: for the loops that run micro-batches without a schedule.
+pub fn with_micro_batch<R>(mb: usize, f: impl FnOnce() -> R) -> R {
+    let _scope = MicroBatchScope::enter(mb);
+    f()
+}
+
+/// Sets [`current_micro_batch`] until dropped, restoring the one before (also on unwinding).
+struct MicroBatchScope(Option<usize>);
+
+impl MicroBatchScope {
+    fn enter(mb: usize) -> Self {
+        Self(MICRO_BATCH.with(|c| c.replace(Some(mb))))
+    }
+}
+
+impl Drop for MicroBatchScope {
+    fn drop(&mut self) {
+        MICRO_BATCH.with(|c| c.set(self.0));
+    }
+}
+
 /// A message's identity: (kind, micro-batch, the stage it is for).
 type Key = (Kind, usize, usize);
 
@@ -829,6 +862,7 @@ fn execute(
             next_action += 1;
             let start = started.elapsed().as_secs_f64();
             let (mb, chunk, stage) = (t.action.mb(), t.action.chunk(), t.stage);
+            let _scope = MicroBatchScope::enter(mb);
             match t.action {
                 Action::Forward { .. } => {
                     let x = if stage == 0 {

@@ -60,8 +60,9 @@ mod sequential;
 
 pub use choice::{ModelSchedule, ScheduleKind};
 pub use executor::{
-    run_pipedream, run_pipedream_recorded, run_step, run_step_into, split_batch, Communication,
-    Executed, PipeDreamOutput, SinkStepOutput, StageTape, StashableStage, StepOutput, UnitStage,
+    current_micro_batch, run_pipedream, run_pipedream_recorded, run_step, run_step_into,
+    split_batch, with_micro_batch, Communication, Executed, PipeDreamOutput, SinkStepOutput,
+    StageTape, StashableStage, StepOutput, UnitStage,
 };
 pub use schedule::{
     split_balanced, split_layers, Action, ActionCosts, Schedule, Simulation, Timed,
