@@ -3,6 +3,7 @@
 //! - [`activations`]: the models' own count of their training activations, by recomputation
 //!   mode and schedule;
 //! - [`chat`]: chat conversations rendered by the model's template, and the tokens to learn;
+//! - [`data`]: fine-tuning data files (JSONL, Parquet) streamed into padded or packed batches;
 //! - [`llama`]: a Llama-style dense transformer with tensor parallelism;
 //! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism;
 //! - [`packing`]: several examples per row, each with its own positions and attention;
@@ -12,6 +13,7 @@
 pub mod activations;
 mod block;
 pub mod chat;
+pub mod data;
 pub mod llama;
 pub mod mixtral;
 pub mod packing;
