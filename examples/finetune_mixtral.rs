@@ -38,7 +38,11 @@ use candle_parallel::optim::AdamWConfig;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule, ScheduleKind};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
-use candle_parallel_models::llama::IGNORE_INDEX;
+use candle_parallel_models::chat::ChatTemplate;
+use candle_parallel_models::data::{
+    data_files, max_row_bytes, Example, ExampleStream, Overflow, RowBatch, RowFormat, RowReader,
+    Split, Tokenize,
+};
 use candle_parallel_models::mixtral::{
     counted_targets, Mixtral, MixtralConfig, MixtralModel as Model, MixtralStage, ShardedMixtral,
     Targets,
@@ -57,15 +61,41 @@ struct Args {
     /// created with random weights if it does not exist.
     #[arg(long, default_value = "target/finetune-mixtral/model")]
     model: PathBuf,
-    /// Training data: text (one example per line), JSONL with a "text" field, or instruction
-    /// JSONL with "prompt" and "completion" fields (the loss counts the completion only; each
-    /// example is one row padded to --seq-len; the last tenth is held out for the evaluation
-    /// loss, the mean over every completion token of the global batch whatever the layout and
-    /// micro-batches; padding goes through the experts and counts in the routing statistics,
-    /// but not in the load-balancing loss, as HF's attention mask leaves it out). Default: the
+    /// Training data: JSONL or Parquet files, several (comma separated) or directories of
+    /// them (a Hugging Face dataset's `data/*.parquet` shards), read row by row as needed.
+    /// Rows of chat `messages` (rendered by the model's chat template; the loss counts every
+    /// assistant turn), `prompt`/`completion` (the loss counts the completion) or `text`; plain
+    /// text files (one example per line) too. Examples go one per row padded to --seq-len, or
+    /// several per row with --pack; every tenth is held out for the evaluation loss (or
+    /// --eval-data), the mean over every counted token of the global batch whatever the layout
+    /// and micro-batches; padding goes through the experts and counts in the routing
+    /// statistics, but not in the load-balancing loss, as HF's attention mask leaves it out.
+    /// Text rows without --pack are one token stream (read whole) cut into rows. Default: the
     /// built-in addition task.
+    #[arg(long, value_delimiter = ',')]
+    data: Vec<PathBuf>,
+    /// Held-out data for the evaluation loss (its first 32 examples; formats as --data)
+    /// instead of every tenth example of --data.
+    #[arg(long, value_delimiter = ',')]
+    eval_data: Vec<PathBuf>,
+    /// The chat template for `messages` rows: a Jinja file (or a tokenizer_config.json holding
+    /// one) instead of the model's own (`chat_template` in its tokenizer_config.json).
     #[arg(long)]
-    data: Option<PathBuf>,
+    chat_template: Option<PathBuf>,
+    /// Pack several examples into each row of --seq-len tokens (each keeping its own
+    /// positions and attention, as flash-attention's variable-length path): no compute spent
+    /// on padding. The loss and gradients equal those of the same examples padded.
+    #[arg(long)]
+    pack: bool,
+    /// With --pack, an example longer than --seq-len: split (into rows of its own), drop, or
+    /// error.
+    #[arg(long, default_value_t = Overflow::Split)]
+    pack_overflow: Overflow,
+    /// Examples read ahead and drawn from at random (the shuffle buffer): memory holds this
+    /// many examples, not the dataset. Each pass over the data is in a new order, the same for
+    /// the same --seed.
+    #[arg(long, default_value_t = 10_000)]
+    shuffle_buffer: usize,
     /// Skip (and count) rows that are malformed (not UTF-8, not JSON, lacking a field), longer
     /// than --seq-len could hold (refused from their byte length, before tokenizing), have an
     /// empty completion or do not fit --seq-len, instead of stopping at the first with its
@@ -192,25 +222,25 @@ struct Args {
     seed: u64,
 }
 
-/// One instruction example: prompt and completion tokens, and where the completion starts.
-struct Example {
-    ids: Vec<u32>,
-    prompt: usize,
-}
-
 /// The training data, as token ids.
 enum Data {
-    /// Prompt/completion pairs; the last tenth held out.
-    Instruct {
-        train: Vec<Example>,
+    /// Digit addition modulo 10: every problem `a + b = c`.
+    Addition { problems: Vec<[u32; 5]> },
+    /// Text rows without --pack: one token stream cut into rows (read whole); the last tenth
+    /// held out.
+    Text { train: Vec<u32>, eval: Vec<u32> },
+    /// Examples read from the files as needed (chat messages, prompt/completion, or text with
+    /// --pack), one per padded row or packed; the held-out set read up front.
+    Examples {
+        files: Vec<PathBuf>,
+        format: RowFormat,
         eval: Vec<Example>,
         pad: u32,
     },
-    /// Digit addition modulo 10: every problem `a + b = c`.
-    Addition { problems: Vec<[u32; 5]> },
-    /// A token stream; the last tenth is held out for evaluation.
-    Text { train: Vec<u32>, eval: Vec<u32> },
 }
+
+/// The chat template of a new model for --data: ChatML-like turns ended by the end token.
+const CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}";
 
 const ADDITION_WORDS: [&str; 12] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "="];
 
@@ -222,78 +252,23 @@ fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .to_vec())
 }
 
-/// The non-blank lines of a data file with their (1-based) numbers, each as text or, where
-/// it is not, why: invalid UTF-8 (at which byte) or longer than `max_bytes` (refused from its
-/// length, before any parsing or tokenizing). The file is read as bytes, so one bad line does
-/// not make the others unreadable.
-fn data_lines(
-    path: &Path,
-    max_bytes: usize,
-) -> Result<Vec<(usize, std::result::Result<String, String>)>> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
-    })?;
-    Ok(bytes
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .filter(|(_, l)| l.iter().any(|b| !b.is_ascii_whitespace()))
-        .map(|(i, line)| {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let text = if line.len() > max_bytes {
-                Err(format!(
-                    "a row of {} bytes, longer than the {max_bytes} bytes that --seq-len could hold (raise --seq-len or split the row)",
-                    line.len()
-                ))
-            } else {
-                std::str::from_utf8(line).map(str::to_string).map_err(|e| {
-                    format!("not UTF-8 (an invalid byte at byte {} of the line)", e.valid_up_to() + 1)
-                })
-            };
-            (i + 1, text)
-        })
-        .collect())
-}
-
-/// The longest row (bytes) that `seq_len` tokens could come from: no token of a tokenizer
-/// spans more than this many bytes, with room for the JSON around the text.
-fn max_row_bytes(seq_len: usize) -> usize {
-    seq_len * 64 + 4096
-}
-
-fn load_text(path: &Path, seq_len: usize, skip_bad: bool) -> Result<(Vec<String>, usize)> {
-    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
-    let mut out = Vec::new();
-    let mut skipped = 0;
-    // Plain text is one stream cut into rows: a line of any length is fine there.
-    let limit = if jsonl {
-        max_row_bytes(seq_len)
-    } else {
-        usize::MAX
-    };
-    for (n, line) in data_lines(path, limit)? {
-        let row = || -> std::result::Result<String, String> {
-            let line = line.clone()?;
-            if !jsonl {
-                return Ok(line);
-            }
-            let v: serde_json::Value =
-                serde_json::from_str(&line).map_err(|e| format!("not JSON: {e}"))?;
-            match v.get("text").and_then(|t| t.as_str()) {
+/// The "text" of every row of `files`, and how many bad rows were skipped (with `skip_bad`;
+/// otherwise the first bad row is an error naming its file and line or row).
+fn load_text(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<String>, usize)> {
+    let mut rows = RowReader::new(files, usize::MAX);
+    let (mut out, mut skipped) = (Vec::new(), 0);
+    while let Some(row) = rows.next_row()? {
+        let text = row
+            .value
+            .and_then(|v| match v.get("text").and_then(|t| t.as_str()) {
                 Some(t) => Ok(t.to_string()),
-                None => Err("no string field \"text\"".into()),
-            }
-        };
-        match row() {
+                None => Err("no string field \"text\"".to_string()),
+            });
+        match text {
             Ok(t) => out.push(t),
             Err(_) if skip_bad => skipped += 1,
-            Err(e) => candle_core::bail!(
-                "{}:{n}: {e} (--skip-bad-rows skips such rows)",
-                path.display()
-            ),
+            Err(e) => candle_core::bail!("{}: {e} (--skip-bad-rows skips such rows)", row.at),
         }
-    }
-    if out.is_empty() {
-        candle_core::bail!("--data {} holds no examples", path.display());
     }
     Ok((out, skipped))
 }
@@ -323,7 +298,7 @@ fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
         }
     }
     if !dir.join("config.json").exists() {
-        let tok = if args.data.is_some() {
+        let tok = if !args.data.is_empty() {
             byte_tokenizer()?
         } else {
             word_tokenizer(&ADDITION_WORDS)?
@@ -341,6 +316,19 @@ fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
         write_random_mixtral(&tmp, &cfg, args.seed)?;
         tok.save(tmp.join("tokenizer.json"), true)
             .map_err(|e| candle_core::Error::msg(format!("saving the tokenizer: {e}")))?;
+        if !args.data.is_empty() {
+            // A chat template, as instruct models have one, for `messages` data: each turn
+            // `<|role|>` and its text, ended by the end token.
+            let config = serde_json::json!({
+                "chat_template": CHAT_TEMPLATE,
+                "bos_token": "",
+                "eos_token": "<eos>",
+            });
+            candle_parallel::checkpoint::write_file(
+                &tmp.join("tokenizer_config.json"),
+                &serde_json::to_vec_pretty(&config).map_err(candle_core::Error::wrap)?,
+            )?;
+        }
         if let Err(e) = std::fs::rename(&tmp, dir) {
             let _ = std::fs::remove_dir_all(&tmp);
             if !dir.join("config.json").exists() {
@@ -358,96 +346,127 @@ fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
     Ok((cfg, tok))
 }
 
-fn prepare_data(args: &Args, tok: &Tokenizer, cfg: &MixtralConfig) -> Result<Data> {
-    let data = match &args.data {
-        None => {
-            let mut problems = Vec::with_capacity(100);
-            for a in 0..10 {
-                for b in 0..10 {
-                    let ids = encode(tok, &format!("{a} + {b} = {}", (a + b) % 10))?;
-                    let ids: [u32; 5] = ids.try_into().map_err(|_| {
-                        candle_core::Error::msg(
-                            "the model's tokenizer does not know the digits and + =: use --data",
-                        )
-                    })?;
-                    problems.push(ids);
-                }
-            }
-            Data::Addition { problems }
+/// The rows' tokenizing for `format`: examples up to --seq-len tokens, or any length with
+/// --pack (packing splits, drops or refuses the longer ones itself).
+fn tokenize_for<'a>(
+    args: &Args,
+    format: RowFormat,
+    tok: &'a Tokenizer,
+    template: Option<&'a ChatTemplate>,
+    cfg: &MixtralConfig,
+    pack: bool,
+) -> Tokenize<'a> {
+    let mut t = Tokenize::new(format, tok, template, cfg.eos_token_id, args.seq_len);
+    if pack {
+        t.max_tokens = None;
+        // Packing reads rows of any length (it splits them): bound what one row may hold.
+        t.max_bytes = max_row_bytes(args.seq_len * 64);
+    }
+    t
+}
+
+fn prepare_data(
+    args: &Args,
+    tok: &Tokenizer,
+    cfg: &MixtralConfig,
+) -> Result<(Data, Option<ChatTemplate>)> {
+    if args.data.is_empty() {
+        if !args.eval_data.is_empty() || args.pack {
+            candle_core::bail!("--eval-data and --pack go with --data");
         }
-        Some(path) if is_instruct(path)? => {
-            let (mut train, skipped) = load_examples(
-                path,
-                tok,
-                args.seq_len,
-                args.skip_bad_rows,
-                cfg.eos_token_id,
-            )?;
-            if skipped > 0 {
-                eprintln!(
-                    "--data {}: skipped {skipped} bad rows (--skip-bad-rows)",
-                    path.display()
-                );
-            }
-            if train.len() < 2 {
-                candle_core::bail!(
-                    "--data {} has {} usable examples: at least 2 are needed (one held out)",
-                    path.display(),
-                    train.len()
-                );
-            }
-            let eval = train.split_off(train.len() - (train.len() / 10).max(1));
-            Data::Instruct {
-                train,
-                eval,
-                pad: cfg.eos_token_id.unwrap_or(0),
+        let mut problems = Vec::with_capacity(100);
+        for a in 0..10 {
+            for b in 0..10 {
+                let ids = encode(tok, &format!("{a} + {b} = {}", (a + b) % 10))?;
+                let ids: [u32; 5] = ids.try_into().map_err(|_| {
+                    candle_core::Error::msg(
+                        "the model's tokenizer does not know the digits and + =: use --data",
+                    )
+                })?;
+                problems.push(ids);
             }
         }
-        Some(path) => {
-            let mut stream = Vec::new();
-            let (texts, skipped) = load_text(path, args.seq_len, args.skip_bad_rows)?;
-            if skipped > 0 {
-                eprintln!(
-                    "--data {}: skipped {skipped} bad rows (--skip-bad-rows)",
-                    path.display()
-                );
-            }
-            for t in texts {
-                stream.extend(encode(tok, &t)?);
-            }
-            let cut = stream.len() * 9 / 10;
-            if cut < args.seq_len + 1 || stream.len() - cut < args.seq_len + 1 {
-                candle_core::bail!(
-                    "--data {} has {} tokens: too few for --seq-len {} (need 10× that)",
-                    path.display(),
-                    stream.len(),
-                    args.seq_len
-                );
-            }
-            let eval = stream.split_off(cut);
+        return Ok((Data::Addition { problems }, None));
+    }
+    let files = data_files(&args.data)?;
+    let format = RowFormat::detect(&files)?;
+    if format == RowFormat::Text && !args.pack {
+        if !args.eval_data.is_empty() {
+            candle_core::bail!("--eval-data with text rows: text without --pack is one stream whose last tenth is held out; add --pack to train on the rows as examples");
+        }
+        let (texts, skipped) = load_text(&files, args.skip_bad_rows)?;
+        if skipped > 0 {
+            eprintln!("--data: skipped {skipped} bad rows (--skip-bad-rows)");
+        }
+        let mut stream = Vec::new();
+        for t in texts {
+            stream.extend(encode(tok, &t)?);
+        }
+        let cut = stream.len() * 9 / 10;
+        if cut < args.seq_len + 1 || stream.len() - cut < args.seq_len + 1 {
+            candle_core::bail!(
+                "--data {} has {} tokens: too few for --seq-len {} (need 10× that)",
+                files[0].display(),
+                stream.len(),
+                args.seq_len
+            );
+        }
+        let eval = stream.split_off(cut);
+        check_vocab(stream.iter().chain(&eval).copied(), cfg)?;
+        return Ok((
             Data::Text {
                 train: stream,
                 eval,
-            }
-        }
+            },
+            None,
+        ));
+    }
+    let template = match format {
+        RowFormat::Messages => Some(ChatTemplate::from_model(
+            &args.model,
+            args.chat_template.as_deref(),
+        )?),
+        _ => None,
     };
-    let max = match &data {
-        Data::Instruct { train, eval, .. } => train
-            .iter()
-            .chain(eval)
-            .flat_map(|e| e.ids.iter())
-            .copied()
-            .max(),
-        Data::Addition { problems } => problems.iter().flatten().copied().max(),
-        Data::Text { train, .. } => train.iter().copied().max(),
+    let eval_files = match args.eval_data.is_empty() {
+        true => None,
+        false => Some(data_files(&args.eval_data)?),
     };
-    if max.is_some_and(|m| m as usize >= cfg.vocab_size) {
+    // The held-out set (every tenth example of --data, or --eval-data's first), read up
+    // front; it also shows the first bad rows before any rank starts. Held-out examples are
+    // at most --seq-len tokens: with --pack the longer ones are cut.
+    let t = tokenize_for(args, format, tok, template.as_ref(), cfg, args.pack);
+    let eval = match &eval_files {
+        Some(f) => ExampleStream::new(f, &t, Split::All, 0, 1, args.skip_bad_rows).first(32)?,
+        None => ExampleStream::new(&files, &t, Split::Eval, 0, 1, args.skip_bad_rows).first(32)?,
+    };
+    if eval.is_empty() {
+        candle_core::bail!("--data {}: no usable held-out example (every tenth example is held out, or give --eval-data)", files[0].display());
+    }
+    // And at least one to train on.
+    ExampleStream::new(&files, &t, Split::Train, 0, 1, args.skip_bad_rows).first(1)?;
+    check_vocab(eval.iter().flat_map(|e| e.ids.iter()).copied(), cfg)?;
+    Ok((
+        Data::Examples {
+            files,
+            format,
+            eval,
+            pad: cfg.eos_token_id.unwrap_or(0),
+        },
+        template,
+    ))
+}
+
+/// An error if a token id is beyond the model's vocabulary (a tokenizer that is not the
+/// model's).
+fn check_vocab(ids: impl Iterator<Item = u32>, cfg: &MixtralConfig) -> Result<()> {
+    if ids.max().is_some_and(|m| m as usize >= cfg.vocab_size) {
         candle_core::bail!(
             "the tokenizer produces ids beyond the model's vocabulary of {}",
             cfg.vocab_size
         );
     }
-    Ok(data)
+    Ok(())
 }
 
 /// A small deterministic generator (splitmix64).
@@ -463,136 +482,79 @@ impl Rng {
     }
 }
 
+/// One global batch: the ids `[n, s]` and, for examples, the labels (HF's convention: what
+/// the loss does not count is -100), the attention mask (0 on the padding) and,
+/// packed, the position ids; and the tokens that are not padding.
+struct GlobalBatch {
+    ids: Tensor,
+    targets: Option<(Tensor, Tensor, Option<Tensor>)>,
+    tokens: usize,
+}
+
+/// Where a rank draws its global batches from: the generator (addition, text) or the example
+/// stream (every rank reads the same stream, so all draw the same global batches).
+enum Draw<'a> {
+    Rng(Rng),
+    Stream(Box<ExampleStream<'a>>),
+}
+
 impl Data {
-    /// A batch `[n, s]` drawn with `rng`, and for instruction data the labels (HF's
-    /// convention: the prompt and the padding marked [`IGNORE_INDEX`]) and the attention mask
-    /// (0 on the padding).
-    fn batch(
-        &self,
-        rng: &mut Rng,
-        n: usize,
-        seq_len: usize,
-        device: &Device,
-    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
-        if let Data::Instruct { train, pad, .. } = self {
-            let picked: Vec<&Example> = (0..n).map(|_| &train[rng.next(train.len())]).collect();
-            let (ids, labels, mask) = padded_rows(&picked, seq_len, *pad, device)?;
-            return Ok((ids, Some((labels, mask))));
-        }
-        let rows: Vec<Vec<u32>> = match self {
-            Data::Instruct { .. } => unreachable!("above"),
-            Data::Addition { problems } => (0..n)
-                .map(|_| problems[rng.next(problems.len())].to_vec())
-                .collect(),
-            Data::Text { train, .. } => (0..n)
-                .map(|_| {
-                    let at = rng.next(train.len() - seq_len);
-                    train[at..at + seq_len + 1].to_vec()
+    fn draw(&self, from: &mut Draw, args: &Args, device: &Device) -> Result<GlobalBatch> {
+        let (n, seq_len) = (args.batch_size, args.seq_len);
+        match (self, from) {
+            (Data::Examples { pad, .. }, Draw::Stream(s)) => {
+                let b = if args.pack {
+                    s.packed_batch(n, seq_len, *pad, args.pack_overflow)?
+                } else {
+                    s.padded_batch(n, seq_len, *pad)?
+                };
+                row_batch_tensors(&b, device)
+            }
+            (Data::Addition { problems }, Draw::Rng(rng)) => {
+                let rows: Vec<Vec<u32>> = (0..n)
+                    .map(|_| problems[rng.next(problems.len())].to_vec())
+                    .collect();
+                let tokens = n * rows[0].len();
+                Ok(GlobalBatch {
+                    ids: Tensor::new(rows, device)?,
+                    targets: None,
+                    tokens,
                 })
-                .collect(),
-        };
-        Ok((Tensor::new(rows, device)?, None))
-    }
-}
-
-/// Examples as rows of `seq_len` tokens (padded with `pad` at the end, which causal attention
-/// keeps away from the real tokens), their labels (the completion's tokens; the prompt and the
-/// padding [`IGNORE_INDEX`]) and their attention mask (1 for a token, 0 for padding: HF leaves
-/// padding out of the load-balancing loss).
-fn padded_rows(
-    examples: &[&Example],
-    seq_len: usize,
-    pad: u32,
-    device: &Device,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let mut ids = Vec::with_capacity(examples.len() * seq_len);
-    let mut labels = Vec::with_capacity(examples.len() * seq_len);
-    let mut mask = Vec::with_capacity(examples.len() * seq_len);
-    for e in examples {
-        for i in 0..seq_len {
-            let t = e.ids.get(i).copied();
-            ids.push(t.unwrap_or(pad));
-            labels.push(match t {
-                Some(t) if i >= e.prompt => t as i64,
-                _ => IGNORE_INDEX,
-            });
-            mask.push(u8::from(t.is_some()));
+            }
+            (Data::Text { train, .. }, Draw::Rng(rng)) => {
+                let rows: Vec<Vec<u32>> = (0..n)
+                    .map(|_| {
+                        let at = rng.next(train.len() - seq_len);
+                        train[at..at + seq_len + 1].to_vec()
+                    })
+                    .collect();
+                Ok(GlobalBatch {
+                    ids: Tensor::new(rows, device)?,
+                    targets: None,
+                    tokens: n * (seq_len + 1),
+                })
+            }
+            _ => candle_core::bail!("internal: the data and its draw do not match"),
         }
     }
-    let shape = (examples.len(), seq_len);
-    Ok((
-        Tensor::from_vec(ids, shape, device)?,
-        Tensor::from_vec(labels, shape, device)?,
-        Tensor::from_vec(mask, shape, device)?,
-    ))
 }
 
-/// Whether `path` is instruction JSONL: one of its first rows that parse has a "prompt" field
-/// (a bad first row does not turn the file into plain text).
-fn is_instruct(path: &Path) -> Result<bool> {
-    if path.extension().is_none_or(|e| e != "jsonl") {
-        return Ok(false);
-    }
-    Ok(data_lines(path, usize::MAX)?
-        .into_iter()
-        .take(16)
-        .filter_map(|(_, l)| serde_json::from_str::<serde_json::Value>(&l.ok()?).ok())
-        .any(|v| v.get("prompt").is_some()))
-}
-
-/// The prompt/completion examples of an instruction JSONL file, and how many bad rows were
-/// skipped (with `skip_bad`; otherwise the first bad row is an error naming its line).
-fn load_examples(
-    path: &Path,
-    tok: &Tokenizer,
-    seq_len: usize,
-    skip_bad: bool,
-    eos: Option<u32>,
-) -> Result<(Vec<Example>, usize)> {
-    let mut out = Vec::new();
-    let mut skipped = 0;
-    for (n, line) in data_lines(path, max_row_bytes(seq_len))? {
-        let at = format!("{}:{n}", path.display());
-        let row = || -> std::result::Result<Example, String> {
-            let line = line.clone()?;
-            let v: serde_json::Value =
-                serde_json::from_str(&line).map_err(|e| format!("not JSON: {e}"))?;
-            let field = |k: &str| {
-                v.get(k).and_then(|f| f.as_str()).ok_or(format!(
-                    "no string field \"{k}\" (rows need \"prompt\" and \"completion\")"
-                ))
-            };
-            let (prompt, completion) = (field("prompt")?, field("completion")?);
-            let p = encode(tok, prompt).map_err(|e| e.to_string())?;
-            let mut c = encode(tok, completion).map_err(|e| e.to_string())?;
-            if c.is_empty() {
-                return Err("the completion is empty (nothing to learn)".into());
-            }
-            // The end of the answer is learnt too, so that generation knows when to stop.
-            c.extend(eos);
-            if p.len() + c.len() > seq_len {
-                return Err(format!(
-                    "{} + {} tokens do not fit --seq-len {seq_len}",
-                    p.len(),
-                    c.len()
-                ));
-            }
-            if p.is_empty() {
-                return Err("the prompt encodes to no tokens (the first completion token needs one before it)".into());
-            }
-            let prompt = p.len();
-            Ok(Example {
-                ids: [p, c].concat(),
-                prompt,
-            })
-        };
-        match row() {
-            Ok(e) => out.push(e),
-            Err(_) if skip_bad => skipped += 1,
-            Err(e) => candle_core::bail!("{at}: {e} (--skip-bad-rows skips such rows)"),
-        }
-    }
-    Ok((out, skipped))
+/// A [`RowBatch`] as tensors, with the ids checked against the vocabulary.
+fn row_batch_tensors(b: &RowBatch, device: &Device) -> Result<GlobalBatch> {
+    let shape = (b.rows(), b.seq_len);
+    let ids = Tensor::from_vec(b.ids.clone(), shape, device)?;
+    let labels = Tensor::from_vec(b.labels.clone(), shape, device)?;
+    let mask = Tensor::from_vec(b.mask.clone(), shape, device)?;
+    let positions = b
+        .positions
+        .as_ref()
+        .map(|p| Tensor::from_vec(p.clone(), shape, device))
+        .transpose()?;
+    Ok(GlobalBatch {
+        ids,
+        targets: Some((labels, mask, positions)),
+        tokens: b.tokens(),
+    })
 }
 
 /// The complete checkpoints (`step-N`, `step-N.k`) in `dir`, oldest first: (step, directory).
@@ -833,6 +795,10 @@ fn main() -> Result<()> {
     }
     let tokenizer_json =
         candle_parallel::checkpoint::read_file(&args.model.join("tokenizer.json"))?;
+    let tokenizer_config = Some(args.model.join("tokenizer_config.json"))
+        .filter(|p| p.is_file())
+        .map(|p| candle_parallel::checkpoint::read_file(&p))
+        .transpose()?;
     let cfg_json = serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?;
     if args.keep_last == 0 {
         candle_core::bail!("--keep-last must be at least 1 (the checkpoint just written)");
@@ -869,12 +835,12 @@ fn main() -> Result<()> {
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
     let started = std::time::Instant::now();
-    let data = prepare_data(&args, &tok, &cfg)?;
+    let (data, template) = prepare_data(&args, &tok, &cfg)?;
     let tokens_per_step = args.batch_size
         * match &data {
             Data::Addition { problems } => problems[0].len(),
             Data::Text { .. } => args.seq_len + 1,
-            Data::Instruct { .. } => args.seq_len,
+            Data::Examples { .. } => args.seq_len,
         };
     // Rows the model cannot take are refused here, before any rank starts.
     let row = tokens_per_step / args.batch_size.max(1);
@@ -1007,10 +973,11 @@ fn main() -> Result<()> {
                     let right = guess.iter().zip(problems).filter(|(g, p)| **g == p[4]).count();
                     Ok((right as f64 / problems.len() as f64, "accuracy"))
                 }
-                Data::Instruct { eval, pad, .. } => {
-                    // The held-out completions' loss (prompts and padding do not count).
-                    let picked: Vec<&Example> = eval.iter().take(32).collect();
-                    let (rows, labels, mask) = padded_rows(&picked, args.seq_len, *pad, ctx.device())?;
+                Data::Examples { eval, pad, .. } => {
+                    // The held-out examples' loss (what the loss does not count and padding
+                    // left out).
+                    let b = row_batch_tensors(&RowBatch::padded(eval, args.seq_len, *pad), ctx.device())?;
+                    let (rows, (labels, mask, _)) = (b.ids, b.targets.expect("examples have targets"));
                     let ce = match (&model, pp) {
                         (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
                         (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), Some(&mask), false)?.ce_loss,
@@ -1060,10 +1027,14 @@ fn main() -> Result<()> {
                 config: serde_json::to_value(&cfg).map_err(candle_core::Error::wrap)?,
                 // The tokenizer travels with the checkpoint, so that an export is a complete
                 // model; the loss history with it.
-                files: vec![
+                files: [
                     ("tokenizer.json".to_string(), tokenizer_json.clone()),
                     ("history.json".to_string(), serde_json::to_vec_pretty(&log).map_err(candle_core::Error::wrap)?),
-                ],
+                ]
+                .into_iter()
+                // The chat template goes with it, for `generate --chat` on the export.
+                .chain(tokenizer_config.clone().map(|c| ("tokenizer_config.json".to_string(), c)))
+                .collect(),
                 ..Default::default()
             };
             trainer.save_with(&dir, &opts, &model.buffers())?;
@@ -1085,25 +1056,64 @@ fn main() -> Result<()> {
             0 => Some(MetricsWriter::create(&args.out.join("metrics.jsonl"), args.tensorboard.as_deref())?),
             _ => None,
         };
+        if let Some(m) = metrics.as_mut() {
+            // The evaluation before training (or at the resumed step) too.
+            m.scalars(trainer.steps_done() as u64, &[(&format!("eval_{metric}"), first_eval)])?;
+        }
         // Every rank draws the same global batches (the same for any layout) and takes its
         // replica's rows; a resumed job skips the batches its steps already used.
-        let mut rng = Rng(args.seed ^ 0xD1CE);
+        let tokenize = match &data {
+            Data::Examples { format, .. } => Some(tokenize_for(&args, *format, &tok, template.as_ref(), &cfg, args.pack)),
+            _ => None,
+        };
+        let mut draw = match (&data, &tokenize) {
+            (Data::Examples { files, .. }, Some(t)) => Draw::Stream(Box::new(ExampleStream::new(files, t, Split::Train, args.seed, args.shuffle_buffer, args.skip_bad_rows))),
+            _ => Draw::Rng(Rng(args.seed ^ 0xD1CE)),
+        };
+        // What a pass over the data found, once (rank 0).
+        let report_passes = |draw: &mut Draw| {
+            if let Draw::Stream(s) = draw {
+                for r in s.take_reports() {
+                    if ctx.rank() == 0 {
+                        tracing::info!(pass = r.epoch, examples = r.examples, skipped = r.skipped, dropped = r.dropped, "a pass over --data ended");
+                        if r.skipped > 0 && r.epoch == 1 {
+                            eprintln!("--data: skipped {} bad rows (--skip-bad-rows)", r.skipped);
+                        }
+                        if r.dropped > 0 && r.epoch == 1 {
+                            eprintln!("--data: --pack-overflow drop left out {} examples longer than --seq-len", r.dropped);
+                        }
+                    }
+                }
+            }
+        };
         for _ in 0..trainer.steps_done() {
-            data.batch(&mut rng, args.batch_size, args.seq_len, &Device::Cpu)?;
+            data.draw(&mut draw, &args, &Device::Cpu)?;
+            report_passes(&mut draw);
         }
         let replica = mesh.dp().rank() * ep + ep_comm.rank();
         let mut history: Vec<StepReport> = Vec::with_capacity(args.steps);
         let mut evals = vec![(trainer.steps_done(), first_eval)];
         let mut out_dir = None;
         for step in trainer.steps_done() + 1..=args.steps {
-            let (global, labels) = data.batch(&mut rng, args.batch_size, args.seq_len, ctx.device())?;
+            let batch = data.draw(&mut draw, &args, ctx.device())?;
+            report_passes(&mut draw);
             let rows = |t: &Tensor| t.narrow(0, replica * per_replica, per_replica);
-            let mine = rows(&global)?;
-            // Instruction data: the loss is the mean over the global batch's completion tokens,
-            // and padding stays out of the load-balancing loss.
-            let global_tokens = labels.as_ref().map(|(l, _)| counted_targets(l)).transpose()?;
-            let mine_labels = labels.map(|(l, m)| Ok::<_, candle_core::Error>((rows(&l)?, rows(&m)?))).transpose()?;
-            let targets = mine_labels.as_ref().zip(global_tokens).map(|((labels, mask), global_tokens)| Targets { labels, global_tokens, replicas, attention_mask: Some(mask), position_ids: None });
+            let mine = rows(&batch.ids)?;
+            // Examples: the loss is the mean over the global batch's counted tokens, and
+            // padding stays out of the load-balancing loss.
+            let global_tokens = batch.targets.as_ref().map(|(l, _, _)| counted_targets(l)).transpose()?;
+            let mine_targets = batch
+                .targets
+                .as_ref()
+                .map(|(l, m, p)| Ok::<_, candle_core::Error>((rows(l)?, rows(m)?, p.as_ref().map(rows).transpose()?)))
+                .transpose()?;
+            let targets = mine_targets.as_ref().zip(global_tokens).map(|((labels, mask, positions), global_tokens)| Targets {
+                labels,
+                global_tokens,
+                replicas,
+                attention_mask: Some(mask),
+                position_ids: positions.as_ref(),
+            });
             // Each layer's gradients go to the trainer as soon as its backward ends.
             let g = match &model {
                 Model::Whole(m) => m.train_grads(&mut trainer, &mine, targets.as_ref(), micro_batches, pp_comm, args.recompute)?,
@@ -1117,7 +1127,10 @@ fn main() -> Result<()> {
             history.push(r);
             if let Some(m) = metrics.as_mut() {
                 let s = step as u64;
-                m.scalars(s, &[("loss", r.loss), ("ce_loss", g.ce_loss), ("aux_loss", g.aux_loss), ("grad_norm", r.grad_norm), ("lr", r.lr), ("tokens_per_sec", r.tokens_per_sec)])?;
+                // Tokens that are not padding, per second, and padding's share of the batch.
+                let real = r.tokens_per_sec * batch.tokens as f64 / tokens_per_step as f64;
+                let padding = 1.0 - batch.tokens as f64 / batch.ids.elem_count() as f64;
+                m.scalars(s, &[("loss", r.loss), ("ce_loss", g.ce_loss), ("aux_loss", g.aux_loss), ("grad_norm", r.grad_norm), ("lr", r.lr), ("tokens_per_sec", r.tokens_per_sec), ("example_tokens_per_sec", real), ("padding_share", padding)])?;
                 // This rank's routing: tokens per expert, a histogram per layer.
                 for (i, st) in g.stats.iter().enumerate() {
                     let load: Vec<f64> = st.tokens_per_expert.iter().map(|&c| c as f64).collect();
@@ -1213,6 +1226,11 @@ fn main() -> Result<()> {
             out_dir.display()
         );
     }
+    // What to ask the model: a user's turn for chat data, else a prompt to continue.
+    let talk = match template {
+        Some(_) => "--chat --prompt \"what is 3 + 4?\"",
+        None => "--prompt \"3 + 4 =\"",
+    };
     match &lora {
         Some(cfg) => {
             let adapters: HashMap<String, Tensor> = adapters.iter().cloned().collect();
@@ -1241,15 +1259,18 @@ fn main() -> Result<()> {
             let n = modules.len();
             std::fs::write(merged.join("config.json"), serde_json::to_vec_pretty(&cfg_json).map_err(candle_core::Error::wrap)?)?;
             candle_parallel::checkpoint::write_file(&merged.join("tokenizer.json"), &tokenizer_json)?;
+            if let Some(c) = &tokenizer_config {
+                candle_parallel::checkpoint::write_file(&merged.join("tokenizer_config.json"), c)?;
+            }
             println!(
                 "LoRA adapters ({} tensors, PEFT format): {}\nmerged into {n} base weights: {}",
                 adapters.len(),
                 dir.display(),
                 merged.display()
             );
-            println!("talk to it: cargo run --release --example generate -- --model {} --prompt \"3 + 4 =\"", merged.display());
+            println!("talk to it: cargo run --release --example generate -- --model {} {talk}", merged.display());
         }
-        None => println!("then talk to it: cargo run --release --example generate -- --model target/finetune-mixtral/hf --prompt \"3 + 4 =\""),
+        None => println!("then talk to it: cargo run --release --example generate -- --model target/finetune-mixtral/hf {talk}"),
     }
     Ok(())
 }

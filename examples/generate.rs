@@ -21,6 +21,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_parallel::checkpoint::ParallelVarBuilder;
 use candle_parallel::moe::Dispatch;
 use candle_parallel::{Launcher, MeshShape};
+use candle_parallel_models::chat::{ChatTemplate, Message};
 use candle_parallel_models::llama::{KvCache, Llama, LlamaConfig};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
 use clap::Parser;
@@ -54,9 +55,21 @@ struct Args {
     /// Also write the prompt and generated token ids to this JSON file.
     #[arg(long)]
     ids_out: Option<PathBuf>,
-    /// The text to continue.
+    /// The text to continue (with --chat: the user's message).
     #[arg(long, default_value = "Once upon a time")]
     prompt: String,
+    /// Treat --prompt as a user's turn of a conversation, rendered with the model's chat
+    /// template (its tokenizer_config.json's `chat_template`, as transformers'
+    /// `apply_chat_template(..., add_generation_prompt=True)`), and answer it.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system turn before the user's.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// With --chat: this Jinja template (or tokenizer_config.json holding one) instead of the
+    /// model's.
+    #[arg(long, requires = "chat")]
+    chat_template: Option<PathBuf>,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 32)]
     max_tokens: usize,
@@ -216,8 +229,27 @@ fn main() -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         candle_core::bail!("--top-p {} must be in (0, 1]", a.top_p);
     }
+    // With --chat, the conversation as the template renders it, its special tokens written
+    // out in the text (none added, as apply_chat_template tokenizes).
+    let (text, add_special) = if a.chat {
+        let dir = match (&a.model, &a.checkpoint) {
+            (Some(d), _) | (None, Some(d)) => d.clone(),
+            (None, None) => candle_core::bail!(
+                "--chat needs --model or --checkpoint (a model with a chat template)"
+            ),
+        };
+        let template = ChatTemplate::from_model(&dir, a.chat_template.as_deref())?;
+        let mut turns = Vec::new();
+        if let Some(s) = &a.system {
+            turns.push(Message::new("system", s));
+        }
+        turns.push(Message::new("user", &a.prompt));
+        (template.render(&turns, true)?, false)
+    } else {
+        (a.prompt.clone(), true)
+    };
     let prompt: Vec<u32> = tokenizer
-        .encode(a.prompt.as_str(), true)
+        .encode(text.as_str(), add_special)
         .map_err(err)?
         .get_ids()
         .to_vec();
@@ -231,7 +263,7 @@ fn main() -> Result<()> {
             a.max_tokens
         );
     }
-    print!("{}", a.prompt);
+    print!("{text}");
     std::io::stdout().flush()?;
     let mesh = MeshShape::new().ep(a.ep).tp(a.tp);
     let out = Launcher::new(a.ep * a.tp).mesh(mesh).run(|ctx| {

@@ -569,7 +569,8 @@ fn metrics_go_to_jsonl_and_tensorboard() {
         .iter()
         .filter(|l| l.get("eval_accuracy").is_some())
         .count();
-    assert_eq!(evals, 2, "{text}");
+    // Before training, and at steps 3 and 6.
+    assert_eq!(evals, 3, "{text}");
     let loads: Vec<&serde_json::Value> = lines
         .iter()
         .filter_map(|l| l.get("expert_load/layer_1"))
@@ -623,6 +624,116 @@ fn a_seq_len_beyond_the_model_is_refused_before_the_ranks_start() {
         err.contains("rows of 301 tokens exceed the model's max_position_embeddings of 256")
             && err.contains("use --seq-len 255")
             && !err.contains("rank"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Chat data end to end: `messages` rows in Parquet (row groups) rendered with the model's
+/// chat template and packed, at ep 2 × tp 2 and at pp 2 × dp 2: it trains (the held-out
+/// loss falls), the metrics say how much of the batch was padding (less packed than padded),
+/// `--eval-data` is read, `generate --chat` renders the question with the template the
+/// checkpoint carries, and a model without a template is refused with the fix named.
+#[test]
+fn chat_data_packed_trains_and_generates() {
+    let dir = tmp("chat");
+    let model = dir.join("model");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/chat-sums.parquet");
+    let d = data.to_string_lossy().to_string();
+    let padding = |out: &Path| {
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let v: Vec<f64> = text
+            .lines()
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["padding_share"].as_f64()
+            })
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let eval_losses = |out: &Path| {
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .filter_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_eval loss"].as_f64()
+            })
+            .collect::<Vec<f64>>()
+    };
+    let common = [
+        "--data",
+        &d,
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "8",
+        "--steps",
+        "12",
+        "--eval-every",
+        "12",
+    ];
+    let packed = dir.join("packed");
+    finetune(&model, &packed, &[&common[..], &["--pack"]].concat());
+    let e = eval_losses(&packed);
+    assert!(e.len() == 2 && e[1] < 0.7 * e[0], "eval losses {e:?}");
+    let padded = dir.join("padded");
+    finetune(&model, &padded, &common);
+    let (pk, pd) = (padding(&packed), padding(&padded));
+    assert!(
+        pk < 0.2 && pd > 0.5,
+        "padding share packed {pk}, padded {pd}"
+    );
+    // Pipeline stages and replicas, with a held-out file (a JSONL copy of some rows).
+    let pp = dir.join("pp");
+    let rows: Vec<String> = (0..6)
+        .map(|i| format!(r#"{{"messages": [{{"role": "user", "content": "what is {i} + 2?"}}, {{"role": "assistant", "content": "{}"}}]}}"#, (i + 2) % 10))
+        .collect();
+    let eval = dir.join("eval.jsonl");
+    std::fs::write(&eval, rows.join("\n")).unwrap();
+    let ev = eval.to_string_lossy().to_string();
+    finetune(
+        &model,
+        &pp,
+        &[
+            &common[..],
+            &["--pack", "--mesh", "pp=2,dp=2", "--eval-data", &ev],
+        ]
+        .concat(),
+    );
+    let e = eval_losses(&pp);
+    assert!(e.len() == 2 && e[1] < e[0], "eval losses {e:?}");
+    // generate --chat: the question as the template renders it.
+    let o = Command::new(example_path("generate"))
+        .args([
+            "--checkpoint",
+            &packed.join("step-000012").to_string_lossy(),
+            "--ep",
+            "2",
+            "--tp",
+            "2",
+        ])
+        .args(["--chat", "--prompt", "what is 3 + 4?", "--max-tokens", "2"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.starts_with("<|user|>\nwhat is 3 + 4?<eos>\n<|assistant|>\n"),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Without a template: refused, naming --chat-template.
+    std::fs::remove_file(model.join("tokenizer_config.json")).unwrap();
+    let o = Command::new(example_path("finetune_mixtral"))
+        .args([
+            "--model",
+            &model.to_string_lossy(),
+            "--out",
+            &dir.join("none").to_string_lossy(),
+        ])
+        .args(common)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no chat template") && err.contains("--chat-template"),
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();

@@ -120,6 +120,9 @@ enum Path {
     Sharded,
 }
 
+/// A rank's cross-entropy and gradients (flattened).
+type RankGrads = (f64, Vec<Option<Vec<f32>>>);
+
 /// Every rank's (ce loss, gradients) for `batch` (each replica its share of the rows).
 fn grads(
     batch: &Batch,
@@ -129,7 +132,7 @@ fn grads(
     tp: usize,
     micro_batches: usize,
     path: Path,
-) -> Result<Vec<(f64, Vec<Option<Vec<f32>>>)>> {
+) -> Result<Vec<RankGrads>> {
     let cfg = config();
     Launcher::new(dp * pp * ep * tp)
         .mesh(MeshShape::new().dp(dp).pp(pp).ep(ep).tp(tp))

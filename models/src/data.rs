@@ -523,7 +523,7 @@ impl<'a> ExampleStream<'a> {
             let example = row.value.and_then(|v| self.tokenize.example(&v, &row.at));
             match example {
                 Ok(e) => {
-                    let held_out = self.usable % 10 == 0;
+                    let held_out = self.usable.is_multiple_of(10);
                     self.usable += 1;
                     let keep = match self.split {
                         Split::All => true,
@@ -616,6 +616,20 @@ impl<'a> ExampleStream<'a> {
         Ok(out)
     }
 
+    /// The longest buffered example of at most `room` tokens (the first of equals).
+    fn take_fitting(&mut self, room: usize) -> Option<Example> {
+        let (i, _) = self
+            .buffer
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.ids.len() <= room)
+            .fold(None, |best: Option<(usize, usize)>, (i, e)| match best {
+                Some((_, n)) if n >= e.ids.len() => best,
+                _ => Some((i, e.ids.len())),
+            })?;
+        Some(self.buffer.swap_remove(i))
+    }
+
     /// `rows` examples, one per row of `seq_len` tokens padded with `pad` at the end.
     pub fn padded_batch(&mut self, rows: usize, seq_len: usize, pad: u32) -> Result<RowBatch> {
         let mut b = RowBatch::new(seq_len);
@@ -627,9 +641,11 @@ impl<'a> ExampleStream<'a> {
         Ok(b)
     }
 
-    /// `rows` rows of `seq_len` tokens, each packed with as many whole examples (in the
-    /// stream's order) as fit, each with positions from 0 and, in the model, attention to
-    /// itself only; the rest padding. An example longer than a row goes by `overflow`.
+    /// `rows` rows of `seq_len` tokens, each packed with whole examples, each with positions
+    /// from 0 and, in the model, attention to itself only; the rest padding. Examples come in
+    /// the stream's order; where the next does not fit, the longest one in the shuffle buffer
+    /// that fits the rest of the row goes there (best fit). An example longer than a row goes
+    /// by `overflow`.
     pub fn packed_batch(
         &mut self,
         rows: usize,
@@ -679,7 +695,16 @@ impl<'a> ExampleStream<'a> {
                 }
                 if used + e.ids.len() > seq_len {
                     self.pending = Some(e);
-                    break;
+                    // The longest example waiting in the buffer that fills the rest of the row
+                    // (best fit, as TRL's packing), if any.
+                    match self.take_fitting(seq_len - used) {
+                        Some(f) => {
+                            b.place(&f.ids, &f.learn);
+                            used += f.ids.len();
+                            continue;
+                        }
+                        None => break,
+                    }
                 }
                 b.place(&e.ids, &e.learn);
                 used += e.ids.len();
@@ -751,6 +776,18 @@ impl RowBatch {
             positions: None,
             examples: 0,
         }
+    }
+
+    /// `examples` one per row of `seq_len` tokens, padded with `pad` (a longer one cut to
+    /// its first `seq_len` tokens): e.g. a held-out set.
+    pub fn padded(examples: &[Example], seq_len: usize, pad: u32) -> Self {
+        let mut b = Self::new(seq_len);
+        for e in examples {
+            let n = e.ids.len().min(seq_len);
+            b.place(&e.ids[..n], &e.learn[..n]);
+            b.pad_row(pad);
+        }
+        b
     }
 
     /// Rows so far.
