@@ -303,9 +303,12 @@ fn prepare_model(args: &Args) -> Result<(MixtralConfig, Tokenizer)> {
         } else {
             word_tokenizer(&ADDITION_WORDS)?
         };
+        let tiny = MixtralConfig::tiny();
         let cfg = MixtralConfig {
             vocab_size: tok.get_vocab_size(true),
-            ..MixtralConfig::tiny()
+            // The byte tokenizer's end token ends completions and chat turns.
+            eos_token_id: tok.token_to_id("<eos>").or(tiny.eos_token_id),
+            ..tiny
         };
         eprintln!(
             "creating a random Mixtral-style model in {} (once)",
@@ -1002,8 +1005,35 @@ fn main() -> Result<()> {
                 }
             }
         };
+        // Examples: also the share of the held-out counted tokens the model predicts (greedy),
+        // as TRL's mean_token_accuracy.
+        let token_accuracy = || -> Result<Option<f64>> {
+            let Data::Examples { eval, pad, .. } = &data else {
+                return Ok(None);
+            };
+            let b = row_batch_tensors(&RowBatch::padded(eval, args.seq_len, *pad), ctx.device())?;
+            let (rows, (labels, mask, _)) = (b.ids, b.targets.expect("examples have targets"));
+            let logits = match (&model, pp) {
+                (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.1,
+                (Model::Whole(m), 1) => m.forward(&rows, 0, None)?,
+                _ => through_stages(&rows, Some(&labels), Some(&mask))?.0,
+            };
+            let s = args.seq_len;
+            let guess = logits.narrow(1, 0, s - 1)?.argmax(2)?.to_vec2::<u32>()?;
+            let labels = labels.narrow(1, 1, s - 1)?.to_vec2::<i64>()?;
+            let (mut right, mut counted) = (0usize, 0usize);
+            for (g, l) in guess.iter().flatten().zip(labels.iter().flatten()) {
+                if *l >= 0 {
+                    counted += 1;
+                    right += usize::from(*g as i64 == *l);
+                }
+            }
+            Ok(Some(right as f64 / counted.max(1) as f64))
+        };
         let (first_eval, metric) = eval()?;
-        tracing::info!(step = trainer.steps_done(), metric, value = first_eval, "evaluation");
+        let first_accuracy = token_accuracy()?;
+        tracing::info!(step = trainer.steps_done(), metric, value = first_eval, token_accuracy = first_accuracy, "evaluation");
+        let mut accuracies: Vec<(usize, f64)> = first_accuracy.map(|a| (trainer.steps_done(), a)).into_iter().collect();
         let save = |trainer: &Trainer, history: &[StepReport]| -> Result<PathBuf> {
             // Rank 0 names the checkpoint directory for all (ranks may be processes that
             // started at different times).
@@ -1059,6 +1089,9 @@ fn main() -> Result<()> {
         if let Some(m) = metrics.as_mut() {
             // The evaluation before training (or at the resumed step) too.
             m.scalars(trainer.steps_done() as u64, &[(&format!("eval_{metric}"), first_eval)])?;
+            if let Some(a) = first_accuracy {
+                m.scalars(trainer.steps_done() as u64, &[("eval_token_accuracy", a)])?;
+            }
         }
         // Every rank draws the same global batches (the same for any layout) and takes its
         // replica's rows; a resumed job skips the batches its steps already used.
@@ -1140,8 +1173,13 @@ fn main() -> Result<()> {
             if step % args.eval_every == 0 || step == args.steps {
                 let value = eval()?.0;
                 evals.push((step, value));
+                let accuracy = token_accuracy()?;
+                accuracies.extend(accuracy.map(|a| (step, a)));
                 if let Some(m) = metrics.as_mut() {
                     m.scalars(step as u64, &[(&format!("eval_{metric}"), value)])?;
+                    if let Some(a) = accuracy {
+                        m.scalars(step as u64, &[("eval_token_accuracy", a)])?;
+                    }
                     m.flush()?;
                 }
                 tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, lr = r.lr, tokens_per_sec = r.tokens_per_sec, metric, value, "evaluation");
@@ -1173,12 +1211,12 @@ fn main() -> Result<()> {
             Some(_) => gather_model(&trainer.optimizer().named_params()?, mesh)?,
             None => Vec::new(),
         };
-        Ok((history, evals, metric, out_dir, trainer.memory(), adapters))
+        Ok((history, evals, metric, out_dir, trainer.memory(), adapters, accuracies))
     })?;
     if !is_lead()? {
         return Ok(()); // rank 0's process reports
     }
-    let (history, evals, metric, out_dir, memory, adapters) = &report[0];
+    let (history, evals, metric, out_dir, memory, adapters, accuracies) = &report[0];
     let losses: Vec<f32> = history.iter().map(|r| r.loss as f32).collect();
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
     let k = (losses.len() / 10).max(1);
@@ -1196,6 +1234,12 @@ fn main() -> Result<()> {
         best.1,
         best.0
     );
+    if let (Some(a), Some(b)) = (accuracies.first(), accuracies.last()) {
+        println!(
+            "held-out token accuracy {:.3} -> {:.3} (the counted tokens predicted, greedy)",
+            a.1, b.1
+        );
+    }
     println!(
         "steps {}..={} in {secs:.1} s, {} tokens seen ({:.0} tokens/s)",
         history[0].step,

@@ -1,6 +1,6 @@
 """Writes the Parquet fixtures of `tests/data.rs` with pyarrow (what Hugging Face datasets
 writes its files with): the same chat conversations as JSONL, as one snappy Parquet file in
-row groups of 4, and as a directory of two zstd shards named as the Hub names them; and
+row groups of 4, as gzip and lz4 files, and as a directory of two zstd shards named as the Hub names them; and
 prompt/completion rows as Parquet. With --chat-sums FILE, also the README's chat dataset:
 2000 conversations about digit sums modulo 10 of varied lengths (one to three questions,
 some with a system turn, some wordy), as Parquet.
@@ -64,6 +64,8 @@ def main():
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, os.path.join(a.out, "chat.parquet"), row_group_size=4, compression="snappy")
+    for codec in ["gzip", "lz4"]:
+        pq.write_table(table, os.path.join(a.out, f"chat-{codec}.parquet"), compression=codec)
     half = len(rows) // 2
     for k, part in enumerate([rows[:half], rows[half:]]):
         pq.write_table(pa.Table.from_pylist(part),

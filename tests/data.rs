@@ -45,6 +45,10 @@ fn parquet_and_jsonl_give_the_same_rows_and_examples() {
     let want = rows(&jsonl);
     assert_eq!(want.len(), 12);
     assert_eq!(rows(&parquet), want);
+    for codec in ["gzip", "lz4"] {
+        let f = vec![fixture(&format!("data/chat-{codec}.parquet"))];
+        assert_eq!(rows(&f), want, "{codec}");
+    }
     assert_eq!(rows(&shards), want);
     assert_eq!(RowFormat::detect(&parquet).unwrap(), RowFormat::Messages);
     let pc = vec![fixture("data/prompt-completion.parquet")];

@@ -700,6 +700,29 @@ fn chat_data_packed_trains_and_generates() {
     );
     let e = eval_losses(&pp);
     assert!(e.len() == 2 && e[1] < e[0], "eval losses {e:?}");
+    // Resuming replays the stream: the same packed batches, the same losses.
+    let full = dir.join("full");
+    let args = [
+        &common[..],
+        &[
+            "--pack",
+            "--checkpoint-every",
+            "6",
+            "--shuffle-buffer",
+            "64",
+        ],
+    ]
+    .concat();
+    finetune(&model, &full, &args);
+    let whole = losses(&full.join("step-000012"));
+    let out = dir.join("interrupted");
+    copy_dir(&full.join("step-000006"), &out.join("step-000006"));
+    finetune(&model, &out, &args);
+    assert_eq!(
+        losses(&out.join("step-000012")),
+        whole,
+        "resumed after step 6"
+    );
     // generate --chat: the question as the template renders it.
     let o = Command::new(example_path("generate"))
         .args([

@@ -25,6 +25,9 @@ use std::cell::RefCell;
 
 thread_local! {
     static POSITIONS: RefCell<Option<Vec<Tensor>>> = const { RefCell::new(None) };
+    /// The last mask built, by the positions tensor and the dtype: every layer of a
+    /// micro-batch's forward (and recomputed forward) shares it.
+    static MASK: RefCell<Option<(Tensor, DType, Tensor)>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with `per_micro_batch` (the position ids of each micro-batch, `[b, s]` u32) as
@@ -34,6 +37,7 @@ pub fn with_position_ids<R>(per_micro_batch: Option<&[Tensor]>, f: impl FnOnce()
     impl Drop for Restore {
         fn drop(&mut self) {
             POSITIONS.with(|p| *p.borrow_mut() = self.0.take());
+            MASK.with(|m| m.borrow_mut().take());
         }
     }
     let before = POSITIONS.with(|p| p.replace(per_micro_batch.map(<[Tensor]>::to_vec)));
@@ -55,6 +59,7 @@ impl MicroBatchPositions {
 impl Drop for MicroBatchPositions {
     fn drop(&mut self) {
         POSITIONS.with(|p| *p.borrow_mut() = self.0.take());
+        MASK.with(|m| m.borrow_mut().take());
     }
 }
 
@@ -96,6 +101,21 @@ pub fn check_position_ids(pos: &Tensor, dims: (usize, usize)) -> Result<()> {
 /// The additive attention mask `[b, 1, s, s]` of packed rows: query `i` sees keys
 /// `i - pos[i] ..= i` (its own example's, up to itself), every other key `-inf`.
 pub(crate) fn packed_causal_mask(pos: &Tensor, dtype: DType) -> Result<Tensor> {
+    let cached = MASK.with(|m| {
+        m.borrow()
+            .as_ref()
+            .filter(|(p, d, _)| *d == dtype && p.id() == pos.id())
+            .map(|(_, _, mask)| mask.clone())
+    });
+    if let Some(mask) = cached {
+        return Ok(mask);
+    }
+    let mask = build_mask(pos, dtype)?;
+    MASK.with(|m| *m.borrow_mut() = Some((pos.clone(), dtype, mask.clone())));
+    Ok(mask)
+}
+
+fn build_mask(pos: &Tensor, dtype: DType) -> Result<Tensor> {
     let (b, s) = pos.dims2()?;
     let rows = pos.to_vec2::<u32>()?;
     let mut mask = vec![f32::NEG_INFINITY; b * s * s];
