@@ -127,8 +127,8 @@ fn main() -> Result<()> {
     println!("| data | --seq-len | padding (padded) | padding (packed) | example tokens/s padded | packed | packed / padded |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, data, seq_len) in [
-        ("addition, prompt/completion (8-10 tokens)", &addition, 64),
-        ("chat-sums.parquet (30-190 tokens)", &chat, 256),
+        ("addition, prompt/completion (10 tokens)", &addition, 64),
+        ("chat-sums.parquet (42-246 tokens)", &chat, 256),
     ] {
         let (mut t0, mut t1, mut p0, mut p1) = (vec![], vec![], vec![], vec![]);
         for _ in 0..a.reps {

@@ -1182,7 +1182,7 @@ fn main() -> Result<()> {
                     }
                     m.flush()?;
                 }
-                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, lr = r.lr, tokens_per_sec = r.tokens_per_sec, metric, value, "evaluation");
+                tracing::info!(step, loss = r.loss, grad_norm = r.grad_norm, lr = r.lr, tokens_per_sec = r.tokens_per_sec, metric, value, token_accuracy = accuracy, "evaluation");
                 if !g.stats.is_empty() {
                     // This rank's routing, a line per layer: tokens per expert, max/mean load.
                     let table: Vec<String> = g
