@@ -1,8 +1,11 @@
-//! MoE throughput: 8 experts, top-2, hidden 1024, ffn 3584, 2048 tokens (8 × 256), f32.
+//! MoE throughput, 2048 tokens (8 × 256), f32, at two shapes (`--shape`): Mixtral's (8
+//! experts, top-2, hidden 1024, ffn 3584) and Qwen3-30B-A3B's (128 experts, top-8, hidden 2048,
+//! expert ffn 768: many small experts).
 //!
 //! ```text
 //! cargo run --release --example bench_moe
 //! cargo run --release --example bench_moe -- --torch /work/venv-torch/bin/python
+//! cargo run --release --example bench_moe -- --shape qwen3 --torch /work/venv-torch/bin/python
 //! ```
 //!
 //! Measured side by side in one run, medians over `--reps` repetitions (spread: min–max):
@@ -15,10 +18,10 @@
 //!   and ep = 2 (all-to-all between two ranks sharing the cores), and where its time goes:
 //!   route, plan, permute, expert matmuls, SwiGLU, combine, each forward (timed where the
 //!   inference layer runs it) and backward, and the share of the forward that is not a matmul;
-//! - with `--torch PYTHON`: Hugging Face transformers' `MixtralSparseMoeBlock` on PyTorch with
-//!   the same shapes and thread count (`scripts/bench_moe_torch.py`; the README says how to
+//! - with `--torch PYTHON`: Hugging Face transformers' `MixtralSparseMoeBlock` (or
+//!   `Qwen3MoeSparseMoeBlock`) on PyTorch with the same shapes and thread count (`scripts/bench_moe_torch.py`; the README says how to
 //!   make the virtual environment);
-//! - a one-layer Mixtral forward, ours against candle-transformers' on the same checkpoint
+//! - at Mixtral's shape, a one-layer Mixtral forward, ours against candle-transformers' on the same checkpoint
 //!   (its sparse MoE block is not public, so the comparison is the smallest model that holds
 //!   it).
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -45,28 +48,81 @@ struct Args {
     /// Where the random benchmark checkpoint is written (created once, reused).
     #[arg(long, default_value = "target/bench-moe")]
     dir: PathBuf,
+    /// The experts implementation transformers runs (`_experts_implementation`): grouped_mm
+    /// (what `from_pretrained` gives in transformers 5), eager (the per-expert loop), batched_mm.
+    #[arg(long, default_value = "grouped_mm")]
+    torch_experts: String,
+    /// The layer's shape: Mixtral's (8 experts, top-2) or Qwen3-30B-A3B's (128, top-8).
+    #[arg(long, value_enum, default_value_t = ShapeName::Mixtral)]
+    shape: ShapeName,
 }
 
-const B: usize = 8;
-const S: usize = 256;
-const H: usize = 1024;
-const F: usize = 3584;
-const E: usize = 8;
-const K: usize = 2;
-const TOKENS: usize = B * S;
+/// The layer shapes measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ShapeName {
+    /// Mixtral 8×7B's expert count and top-k at a smaller width: 8 experts, top-2, hidden
+    /// 1024, ffn 3584.
+    Mixtral,
+    /// Qwen3-30B-A3B's layer: 128 experts, top-8, hidden 2048, expert ffn 768 (many small
+    /// experts).
+    Qwen3,
+}
+
+/// One measured shape: batch × sequence tokens, hidden, expert ffn, experts, top-k, and the
+/// Hugging Face block PyTorch runs for it.
+#[derive(Debug)]
+struct Shape {
+    b: usize,
+    s: usize,
+    h: usize,
+    f: usize,
+    e: usize,
+    k: usize,
+    tokens: usize,
+    hf_block: &'static str,
+    family: &'static str,
+}
+
+static SHAPE: std::sync::OnceLock<Shape> = std::sync::OnceLock::new();
+
+/// The shape chosen by `--shape`.
+fn sh() -> &'static Shape {
+    SHAPE.get().expect("the shape is set first")
+}
+
+impl ShapeName {
+    fn shape(self) -> Shape {
+        let (b, s) = (8, 256);
+        let (h, f, e, k, hf_block, family) = match self {
+            Self::Mixtral => (1024, 3584, 8, 2, "MixtralSparseMoeBlock", "mixtral"),
+            Self::Qwen3 => (2048, 768, 128, 8, "Qwen3MoeSparseMoeBlock", "qwen3_moe"),
+        };
+        Shape {
+            b,
+            s,
+            h,
+            f,
+            e,
+            k,
+            tokens: b * s,
+            hf_block,
+            family,
+        }
+    }
+}
 
 fn config() -> MixtralConfig {
     MixtralConfig {
-        hidden_size: H,
-        intermediate_size: F,
+        hidden_size: sh().h,
+        intermediate_size: sh().f,
         vocab_size: 256,
         num_hidden_layers: 1,
         num_attention_heads: 8,
         // Grouped KV heads as in Mixtral (candle-transformers' attention also needs them: with
         // one query head per KV head its prefill matmul meets a strided value tensor).
         num_key_value_heads: 4,
-        num_local_experts: E,
-        num_experts_per_tok: K,
+        num_local_experts: sh().e,
+        num_experts_per_tok: sh().k,
         max_position_embeddings: 4096,
         sliding_window: Some(4096),
         ..MixtralConfig::tiny()
@@ -118,9 +174,9 @@ fn layer(
     tp: &candle_parallel::Comm,
 ) -> Result<MoeLayer> {
     moe_layer(
-        H,
-        F,
-        RouterConfig::mixtral(E, K),
+        sh().h,
+        sh().f,
+        RouterConfig::mixtral(sh().e, sh().k),
         Dispatch::AllToAll,
         vb.pp("moe"),
         ep,
@@ -144,16 +200,16 @@ fn layer_times(ep: usize, reps: usize) -> Result<(Times, Times, Times, Times)> {
             mesh.tp(),
         )?;
         let x = Var::from_tensor(&seeded(
-            &[TOKENS / ep, H],
+            &[sh().tokens / ep, sh().h],
             1 + mesh.ep().rank() as u64,
             DType::F32,
         )?)?;
         let (rows, w) = (
-            seeded(&[TOKENS * K / E, H], 3, DType::F32)?,
-            seeded(&[F, H], 4, DType::F32)?,
+            seeded(&[sh().tokens * sh().k / sh().e, sh().h], 3, DType::F32)?,
+            seeded(&[sh().f, sh().h], 4, DType::F32)?,
         );
         let expert_w1 = candle_nn::Linear::new(w, None);
-        let flops = 2.0 * (TOKENS * K / E) as f64 * H as f64 * F as f64;
+        let flops = 2.0 * (sh().tokens * sh().k / sh().e) as f64 * sh().h as f64 * sh().f as f64;
         // Each repetition: the ceiling (the fastest of three matmuls: what the matmul can do),
         // then the measured work. Forwards run back to back, as in inference, then the
         // training steps.
@@ -215,7 +271,7 @@ fn phase_times(reps: usize) -> Result<(Vec<Phase>, Times)> {
             ctx.comm(),
         )?;
         let cfg = *frozen.router().config();
-        let x = seeded(&[TOKENS, H], 1, DType::F32)?;
+        let x = seeded(&[sh().tokens, sh().h], 1, DType::F32)?;
         const NAMES: [&str; 6] = [
             "route (gate, softmax, top-k)",
             "plan (capacity, order)",
@@ -237,7 +293,7 @@ fn phase_times(reps: usize) -> Result<(Vec<Phase>, Times)> {
             clock(1, s);
             let s = Instant::now();
             let w = r.weights.flatten_all()?.to_vec1::<f32>()?;
-            let out = zeros_for_combine(TOKENS, H, DType::F32)?;
+            let out = zeros_for_combine(sh().tokens, sh().h, DType::F32)?;
             clock(5, s);
             let mut at = 0;
             for (e, &n) in frozen.experts().experts().iter().zip(&p.counts) {
@@ -330,7 +386,7 @@ fn phase_times(reps: usize) -> Result<(Vec<Phase>, Times)> {
                     wv.as_tensor(),
                     &p.assignment,
                     &p.token,
-                    TOKENS,
+                    sh().tokens,
                 )?])
             },
         ];
@@ -361,14 +417,30 @@ fn phase_times(reps: usize) -> Result<(Vec<Phase>, Times)> {
 }
 
 /// Runs the PyTorch script; its forward and forward + backward timings.
-fn torch_times(python: &Path, reps: usize) -> Result<(Times, Times, String)> {
+fn torch_times(python: &Path, reps: usize, experts: &str) -> Result<(Times, Times, String)> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_moe_torch.py");
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args(["--tokens", &TOKENS.to_string(), "--batch", &B.to_string()])
-        .args(["--hidden", &H.to_string(), "--ffn", &F.to_string()])
-        .args(["--experts", &E.to_string(), "--top-k", &K.to_string()])
+        .args([
+            "--tokens",
+            &sh().tokens.to_string(),
+            "--batch",
+            &sh().b.to_string(),
+        ])
+        .args([
+            "--hidden",
+            &sh().h.to_string(),
+            "--ffn",
+            &sh().f.to_string(),
+        ])
+        .args([
+            "--experts",
+            &sh().e.to_string(),
+            "--top-k",
+            &sh().k.to_string(),
+        ])
+        .args(["--family", sh().family, "--experts-impl", experts])
         .args([
             "--threads",
             &threads.to_string(),
@@ -395,9 +467,10 @@ fn torch_times(python: &Path, reps: usize) -> Result<(Times, Times, String)> {
         Ok(Times(v.iter().filter_map(|x| x.as_f64()).collect()))
     };
     let version = format!(
-        "torch {}, transformers {}, {} threads",
+        "torch {}, transformers {}, experts {}, {} threads",
         json["torch"].as_str().unwrap_or("?"),
         json["transformers"].as_str().unwrap_or("?"),
+        json["experts_impl"].as_str().unwrap_or("?"),
         json["threads"]
     );
     Ok((times("forward_s")?, times("forward_backward_s")?, version))
@@ -407,12 +480,12 @@ fn torch_times(python: &Path, reps: usize) -> Result<(Times, Times, String)> {
 fn mixtral_times(dir: &Path, reps: usize) -> Result<(Times, Times)> {
     let cfg = config();
     let ids = Tensor::new(
-        (0..TOKENS)
+        (0..sh().tokens)
             .map(|i| (i * 7 % 256) as u32)
             .collect::<Vec<_>>(),
         &Device::Cpu,
     )?
-    .reshape((B, S))?;
+    .reshape((sh().b, sh().s))?;
     let ours = Launcher::new(1).run(|ctx| {
         let vb = ParallelVarBuilder::from_hf_dir(dir, DType::F32, &Device::Cpu)?;
         let m = Mixtral::new(&cfg, vb, ctx.comm(), ctx.comm(), Dispatch::AllToAll)?;
@@ -452,7 +525,7 @@ fn row(what: &str, t: &Times, ratio: &str) {
         "| {what} | {:.0} | {} | {:.0} | {ratio} |",
         m * 1e3,
         t.spread(),
-        TOKENS as f64 / m
+        sh().tokens as f64 / m
     );
 }
 
@@ -461,7 +534,11 @@ fn main() -> Result<()> {
     if a.reps == 0 {
         candle_core::bail!("--reps must be at least 1")
     }
-    if !a.dir.join("config.json").exists() {
+    SHAPE.set(a.shape.shape()).expect("the shape is set once");
+    // The one-layer model against candle-transformers' is Mixtral's (our models do not read
+    // Qwen3-MoE checkpoints yet).
+    let whole_model = a.shape == ShapeName::Mixtral;
+    if whole_model && !a.dir.join("config.json").exists() {
         eprintln!(
             "creating a random one-layer Mixtral checkpoint in {} (once)",
             a.dir.display()
@@ -472,17 +549,25 @@ fn main() -> Result<()> {
     let torch = a
         .torch
         .as_ref()
-        .map(|p| torch_times(p, a.reps))
+        .map(|p| torch_times(p, a.reps, &a.torch_experts))
         .transpose()?;
     let (f2, b2, _, _) = layer_times(2, a.reps)?;
     let (phases, in_situ) = phase_times(a.reps)?;
-    let (ours, theirs) = mixtral_times(&a.dir, a.reps)?;
+    let models = whole_model
+        .then(|| mixtral_times(&a.dir, a.reps))
+        .transpose()?;
 
     // Forward FLOPs: three matmuls of 2·H·F per routed copy, K copies per token.
-    let flops_per_token = (3 * 2 * H * F * K) as f64;
+    let flops_per_token = (3 * 2 * sh().h * sh().f * sh().k) as f64;
     let ceiling = gflops.median() * 1e9 / flops_per_token;
     println!(
-        "MoE: {E} experts, top-{K}, hidden {H}, ffn {F}, {TOKENS} tokens, f32; medians of {} runs (spread min–max)",
+        "MoE ({:?}): {} experts, top-{}, hidden {}, ffn {}, {} tokens, f32; medians of {} runs (spread min–max)",
+        a.shape,
+        sh().e,
+        sh().k,
+        sh().h,
+        sh().f,
+        sh().tokens,
         a.reps
     );
     println!(
@@ -494,13 +579,13 @@ fn main() -> Result<()> {
     println!("| what | median (ms) | spread (ms) | tokens/s | ratio |");
     println!("|---|---:|---:|---:|---:|");
     let of_ceiling =
-        |t: &Times, c: f64| format!("{:.2} of ceiling", TOKENS as f64 / t.median() / c);
+        |t: &Times, c: f64| format!("{:.2} of ceiling", sh().tokens as f64 / t.median() / c);
     // Ours against the ceiling of the same repetition, then the median of those ratios.
     let per_rep = |t: &Times, gflops: &Times, share: f64| {
         let r = Times(
             t.0.iter()
                 .zip(&gflops.0)
-                .map(|(s, g)| TOKENS as f64 / s / (g * 1e9 / flops_per_token * share))
+                .map(|(s, g)| sh().tokens as f64 / s / (g * 1e9 / flops_per_token * share))
                 .collect(),
         );
         let (lo, hi) = (
@@ -521,7 +606,7 @@ fn main() -> Result<()> {
     );
     if let Some((tf, tb, version)) = &torch {
         row(
-            &format!("PyTorch MixtralSparseMoeBlock, forward ({version})"),
+            &format!("PyTorch {}, forward ({version})", sh().hf_block),
             tf,
             &format!(
                 "{} · ours {:.2}× its tokens/s",
@@ -530,7 +615,7 @@ fn main() -> Result<()> {
             ),
         );
         row(
-            "PyTorch MixtralSparseMoeBlock, forward + backward",
+            &format!("PyTorch {}, forward + backward", sh().hf_block),
             tb,
             &format!(
                 "{} · ours {:.2}× its tokens/s",
@@ -549,19 +634,21 @@ fn main() -> Result<()> {
         &b2,
         &format!("{:.2} × ep=1 time", b2.median() / b1.median()),
     );
-    row(
-        "1-layer Mixtral forward, candle-transformers",
-        &theirs,
-        "1.00",
-    );
-    row(
-        "1-layer Mixtral forward, ours (ep=1, tp=1)",
-        &ours,
-        &format!(
-            "{:.2} × candle-transformers' time",
-            ours.median() / theirs.median()
-        ),
-    );
+    if let Some((ours, theirs)) = &models {
+        row(
+            "1-layer Mixtral forward, candle-transformers",
+            theirs,
+            "1.00",
+        );
+        row(
+            "1-layer Mixtral forward, ours (ep=1, tp=1)",
+            ours,
+            &format!(
+                "{:.2} × candle-transformers' time",
+                ours.median() / theirs.median()
+            ),
+        );
+    }
 
     println!();
     println!(

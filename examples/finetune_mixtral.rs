@@ -447,7 +447,12 @@ fn prepare_data(
         candle_core::bail!("--data {}: no usable held-out example (every tenth example is held out, or give --eval-data)", files[0].display());
     }
     // And at least one to train on.
-    ExampleStream::new(&files, &t, Split::Train, 0, 1, args.skip_bad_rows).first(1)?;
+    if ExampleStream::new(&files, &t, Split::Train, 0, 1, args.skip_bad_rows)
+        .first(1)?
+        .is_empty()
+    {
+        candle_core::bail!("--data {}: no usable training example (every tenth example is held out, so at least 2 are needed)", files[0].display());
+    }
     check_vocab(eval.iter().flat_map(|e| e.ids.iter()).copied(), cfg)?;
     Ok((
         Data::Examples {
@@ -963,6 +968,9 @@ fn main() -> Result<()> {
             let ce = ctx.comm().broadcast(&ce, root)?.to_vec1::<f32>()?[0];
             Ok((logits, ce))
         };
+        // Held-out examples go through the model a few rows at a time: the logits of a chunk
+        // (f32, every position, the whole vocabulary) stay within about 256 MiB.
+        let eval_rows = ((256usize << 20) / (args.seq_len * cfg.vocab_size * 4)).max(1);
         let eval = || -> Result<(f64, &'static str)> {
             match &data {
                 Data::Addition { problems } => {
@@ -978,17 +986,26 @@ fn main() -> Result<()> {
                 }
                 Data::Examples { eval, pad, .. } => {
                     // The held-out examples' loss (what the loss does not count and padding
-                    // left out).
-                    let b = row_batch_tensors(&RowBatch::padded(eval, args.seq_len, *pad), ctx.device())?;
-                    let (rows, (labels, mask, _)) = (b.ids, b.targets.expect("examples have targets"));
-                    let ce = match (&model, pp) {
-                        (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
-                        (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), Some(&mask), false)?.ce_loss,
-                        _ => Tensor::new(through_stages(&rows, Some(&labels), Some(&mask))?.1, ctx.device())?,
+                    // left out), a few rows at a time, weighted by their counted tokens.
+                    let (mut sum, mut counted) = (0f64, 0usize);
+                    for chunk in eval.chunks(eval_rows) {
+                        let b = row_batch_tensors(&RowBatch::padded(chunk, args.seq_len, *pad), ctx.device())?;
+                        let (rows, (labels, mask, _)) = (b.ids, b.targets.expect("examples have targets"));
+                        let n = counted_targets(&labels)?;
+                        if n == 0 {
+                            continue;
+                        }
+                        let ce = match (&model, pp) {
+                            (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.0.ce_loss,
+                            (Model::Whole(m), 1) => m.losses_labeled(&rows, Some(&labels), Some(&mask), false)?.ce_loss,
+                            _ => Tensor::new(through_stages(&rows, Some(&labels), Some(&mask))?.1, ctx.device())?,
+                        }
+                        .to_dtype(DType::F32)?
+                        .to_scalar::<f32>()?;
+                        sum += ce as f64 * n as f64;
+                        counted += n;
                     }
-                    .to_dtype(DType::F32)?
-                    .to_scalar::<f32>()?;
-                    Ok((ce as f64, "eval loss"))
+                    Ok((sum / counted.max(1) as f64, "eval loss"))
                 }
                 Data::Text { eval, .. } => {
                     let n = (eval.len() - 1) / args.seq_len;
@@ -1011,21 +1028,23 @@ fn main() -> Result<()> {
             let Data::Examples { eval, pad, .. } = &data else {
                 return Ok(None);
             };
-            let b = row_batch_tensors(&RowBatch::padded(eval, args.seq_len, *pad), ctx.device())?;
-            let (rows, (labels, mask, _)) = (b.ids, b.targets.expect("examples have targets"));
-            let logits = match (&model, pp) {
-                (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.1,
-                (Model::Whole(m), 1) => m.forward(&rows, 0, None)?,
-                _ => through_stages(&rows, Some(&labels), Some(&mask))?.0,
-            };
-            let s = args.seq_len;
-            let guess = logits.narrow(1, 0, s - 1)?.argmax(2)?.to_vec2::<u32>()?;
-            let labels = labels.narrow(1, 1, s - 1)?.to_vec2::<i64>()?;
             let (mut right, mut counted) = (0usize, 0usize);
-            for (g, l) in guess.iter().flatten().zip(labels.iter().flatten()) {
-                if *l >= 0 {
-                    counted += 1;
-                    right += usize::from(*g as i64 == *l);
+            for chunk in eval.chunks(eval_rows) {
+                let b = row_batch_tensors(&RowBatch::padded(chunk, args.seq_len, *pad), ctx.device())?;
+                let (rows, (labels, mask, _)) = (b.ids, b.targets.expect("examples have targets"));
+                let logits = match (&model, pp) {
+                    (Model::Sharded(m), 1) => m.losses(&rows, Some(&labels), Some(&mask))?.1,
+                    (Model::Whole(m), 1) => m.forward(&rows, 0, None)?,
+                    _ => through_stages(&rows, Some(&labels), Some(&mask))?.0,
+                };
+                let s = args.seq_len;
+                let guess = logits.narrow(1, 0, s - 1)?.argmax(2)?.to_vec2::<u32>()?;
+                let labels = labels.narrow(1, 1, s - 1)?.to_vec2::<i64>()?;
+                for (g, l) in guess.iter().flatten().zip(labels.iter().flatten()) {
+                    if *l >= 0 {
+                        counted += 1;
+                        right += usize::from(*g as i64 == *l);
+                    }
                 }
             }
             Ok(Some(right as f64 / counted.max(1) as f64))

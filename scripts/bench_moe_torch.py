@@ -1,8 +1,9 @@
 """PyTorch baseline for the MoE layer benchmark.
 
-Times Hugging Face transformers' `MixtralSparseMoeBlock` on the CPU, in float32, at the
-shapes of `examples/bench_moe.rs` (2048 tokens as batch 8 x seq 256, hidden 1024, ffn 3584,
-8 experts, top-2): a forward pass under `torch.no_grad()`, then a forward + backward pass
+Times Hugging Face transformers' `MixtralSparseMoeBlock` (`--family mixtral`) or
+`Qwen3MoeSparseMoeBlock` (`--family qwen3_moe`, `norm_topk_prob` as Qwen3-30B-A3B's) on the
+CPU, in float32, at the shapes of `examples/bench_moe.rs` (2048 tokens as batch 8 x seq 256;
+hidden, ffn, experts and top-k as given): a forward pass under `torch.no_grad()`, then a forward + backward pass
 (loss `out.pow(2).sum()`, router/gate gradient included). Each is run `--warmup` times
 untimed, then `--reps` times timed with `time.perf_counter`; all forward reps come first.
 
@@ -47,6 +48,10 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--family", choices=["mixtral", "qwen3_moe"], default="mixtral")
+    # What a model loaded with from_pretrained runs (transformers 5 picks grouped_mm where it
+    # can); a block built alone falls back to the per-expert loop ("eager").
+    p.add_argument("--experts-impl", choices=["eager", "grouped_mm", "batched_mm"], default="grouped_mm")
     args = p.parse_args()
     if args.tokens % args.batch:
         p.error("--tokens must be a multiple of --batch")
@@ -54,13 +59,27 @@ def parse_args():
 
 
 def build_block(args):
-    config = transformers.MixtralConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_local_experts=args.experts,
-        num_experts_per_tok=args.top_k,
-    )
-    block = MixtralSparseMoeBlock(config)
+    if args.family == "qwen3_moe":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        config = transformers.Qwen3MoeConfig(
+            hidden_size=args.hidden,
+            moe_intermediate_size=args.ffn,
+            num_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            norm_topk_prob=True,
+        )
+        block = Qwen3MoeSparseMoeBlock(config)
+    else:
+        config = transformers.MixtralConfig(
+            hidden_size=args.hidden,
+            intermediate_size=args.ffn,
+            num_local_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+        )
+        block = MixtralSparseMoeBlock(config)
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = args.experts_impl
     # Recent versions allocate the weights with torch.empty and leave initialisation to
     # PreTrainedModel; initialise every parameter the same way whatever the version.
     with torch.no_grad():
@@ -106,6 +125,7 @@ def run(args):
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
+        "experts_impl": args.experts_impl,
         "tokens": args.tokens,
         "forward_s": timed(forward, args.warmup, args.reps),
         "forward_backward_s": timed(forward_backward, args.warmup, args.reps),

@@ -64,6 +64,8 @@ def main():
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, os.path.join(a.out, "chat.parquet"), row_group_size=4, compression="snappy")
+    # Brotli is a codec this library's build does not read: the test wants a clear error.
+    pq.write_table(table, os.path.join(a.out, "chat-brotli.parquet"), compression="brotli")
     for codec in ["gzip", "lz4"]:
         pq.write_table(table, os.path.join(a.out, f"chat-{codec}.parquet"), compression=codec)
     half = len(rows) // 2

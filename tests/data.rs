@@ -335,3 +335,84 @@ fn a_large_file_streams_in_bounded_memory() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// What a review found: a CRLF line of exactly the limit is accepted; upper-case `.JSONL` is
+/// JSONL; a Parquet codec this build does not read is an error naming the file, not an endless
+/// run of bad rows; packing that drops every example stops with an error instead of reading
+/// forever; a padded batch cuts an example longer than a row; a tokenizer.json's truncation
+/// does not cut examples.
+#[test]
+fn edge_cases_end_in_clear_outcomes() {
+    let dir = tmp("edges");
+    let tok = byte_tokenizer().unwrap();
+    // The limit for --seq-len 4 is 4 * 64 + 4096 bytes.
+    let max = candle_parallel_models::data::max_row_bytes(4);
+    let body = format!(r#"{{"text": "{}"}}"#, "y".repeat(max - 12));
+    assert_eq!(body.len(), max);
+    let p = dir.join("crlf.JSONL");
+    std::fs::write(&p, format!("{body}\r\n{body}x\r\n")).unwrap();
+    let files = data_files(std::slice::from_ref(&dir)).unwrap();
+    assert_eq!(files, vec![p.clone()], "upper-case .JSONL is found");
+    let mut r = RowReader::new(&files, max);
+    assert!(
+        r.next_row().unwrap().unwrap().value.is_ok(),
+        "a CRLF line of exactly the limit"
+    );
+    let e = r.next_row().unwrap().unwrap().value.unwrap_err();
+    assert!(e.contains(&format!("a row of {} bytes", max + 1)), "{e}");
+    assert!(r.next_row().unwrap().is_none());
+    std::fs::remove_file(&p).unwrap();
+
+    let brotli = vec![fixture("data/chat-brotli.parquet")];
+    let e = RowReader::new(&brotli, 1 << 20)
+        .next_row()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("chat-brotli.parquet:row 1: cannot read this Parquet file's rows"),
+        "{e}"
+    );
+
+    let p = dir.join("long.jsonl");
+    std::fs::write(
+        &p,
+        r#"{"text": "abcdefghijklmnopqrstuvwxyz"}"#.to_string()
+            + "\n"
+            + r#"{"text": "0123456789abcdef"}"#,
+    )
+    .unwrap();
+    let files = vec![p];
+    let mut t = Tokenize::new(RowFormat::Text, &tok, None, Some(256), 8);
+    t.max_tokens = None;
+    let mut s = ExampleStream::new(&files, &t, Split::All, 0, 1, false);
+    let e = s
+        .packed_batch(1, 8, 0, Overflow::Drop)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("every example is longer than a row"), "{e}");
+    let b = ExampleStream::new(&files, &t, Split::All, 0, 1, false)
+        .padded_batch(2, 8, 0)
+        .unwrap();
+    assert_eq!(
+        (b.rows(), b.tokens()),
+        (2, 16),
+        "each example cut to its row"
+    );
+
+    // A tokenizer that would truncate to 4 tokens and pad: examples stay whole.
+    let mut short = byte_tokenizer().unwrap();
+    short
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 4,
+            ..Default::default()
+        }))
+        .unwrap();
+    short.with_padding(Some(tokenizers::PaddingParams::default()));
+    let t = Tokenize::new(RowFormat::Text, &short, None, Some(256), 64);
+    let e = ExampleStream::new(&files, &t, Split::All, 0, 1, false)
+        .first(1)
+        .unwrap();
+    assert_eq!(e[0].ids.len(), 27, "26 letters and the end token");
+    std::fs::remove_dir_all(dir).unwrap();
+}

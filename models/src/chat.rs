@@ -263,7 +263,7 @@ impl ChatTemplate {
         messages: &[Message],
     ) -> Result<(Vec<u32>, Vec<bool>)> {
         let (text, spans) = self.render_with_assistant_spans(messages)?;
-        let enc = tokenizer
+        let enc = untruncated(tokenizer)
             .encode(text.as_str(), false)
             .map_err(|e| candle_core::Error::msg(format!("tokenizer: {e}")))?;
         let learn = enc
@@ -273,4 +273,19 @@ impl ChatTemplate {
             .collect();
         Ok((enc.get_ids().to_vec(), learn))
     }
+}
+
+/// `tokenizer` without the truncation or padding its `tokenizer.json` may carry (as
+/// transformers tokenizes a chat or a data row: whole, unpadded), borrowed where it has none.
+pub fn untruncated(
+    tokenizer: &tokenizers::Tokenizer,
+) -> std::borrow::Cow<'_, tokenizers::Tokenizer> {
+    if tokenizer.get_truncation().is_none() && tokenizer.get_padding().is_none() {
+        return std::borrow::Cow::Borrowed(tokenizer);
+    }
+    let mut t = tokenizer.clone();
+    t.with_padding(None);
+    // Turning truncation off cannot fail.
+    let _ = t.with_truncation(None);
+    std::borrow::Cow::Owned(t)
 }

@@ -18,7 +18,7 @@
 //! let batch = stream.padded_batch(8, 512, 2)?;
 //! # Ok(()) }
 //! ```
-use crate::chat::{parse_messages, ChatTemplate};
+use crate::chat::{parse_messages, untruncated, ChatTemplate};
 use crate::llama::IGNORE_INDEX;
 use candle_core::{bail, Result};
 use std::io::{BufRead, BufReader, Read};
@@ -47,7 +47,7 @@ pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         for p in entries {
             if p.is_dir() {
                 walk(&p, out)?;
-            } else if matches!(extension(&p), "jsonl" | "json" | "parquet") {
+            } else if matches!(extension(&p).as_str(), "jsonl" | "json" | "parquet") {
                 out.push(p);
             }
         }
@@ -76,8 +76,12 @@ pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn extension(p: &Path) -> &str {
-    p.extension().and_then(|e| e.to_str()).unwrap_or("")
+/// The file name's extension, lower case (`.JSONL` is JSONL).
+fn extension(p: &Path) -> String {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
 }
 
 /// One row of a data file: where it is, and its JSON (a text file's line is `{"text": line}`)
@@ -126,7 +130,7 @@ impl RowReader {
         let file = std::fs::File::open(path).map_err(|e| {
             candle_core::Error::msg(format!("cannot read --data {}: {e}", path.display()))
         })?;
-        Ok(match extension(path) {
+        Ok(match extension(path).as_str() {
             "parquet" => {
                 let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)
                     .map_err(|e| {
@@ -173,17 +177,22 @@ impl RowReader {
                     Some(r) => {
                         *row += 1;
                         let at = format!("{}:row {}", path.display(), *row);
-                        let value = r
-                            .map_err(|e| format!("unreadable: {e}"))
-                            .map(|r| r.to_json_value())
-                            .and_then(|v| {
-                                let n = text_bytes(&v);
-                                if n > max {
-                                    Err(too_long(n, max))
-                                } else {
-                                    Ok(v)
-                                }
-                            });
+                        // A row group that cannot be decoded (a codec or type this build does
+                        // not read) ends the file's reading: an error, not a bad row, as the
+                        // reader would meet it again at every next row.
+                        let v = r
+                            .map_err(|e| {
+                                candle_core::Error::msg(format!(
+                                    "{at}: cannot read this Parquet file's rows: {e} (snappy, zstd, lz4 and gzip are read; rewrite it with one of them)"
+                                ))
+                            })?
+                            .to_json_value();
+                        let n = text_bytes(&v);
+                        let value = if n > max {
+                            Err(too_long(n, max))
+                        } else {
+                            Ok(v)
+                        };
                         Some(Row { at, value })
                     }
                 },
@@ -220,36 +229,36 @@ fn read_line(
     text: bool,
     max: usize,
 ) -> Result<Option<Row>> {
-    let max = if text { usize::MAX } else { max };
     loop {
         let mut buf = Vec::new();
         *line += 1;
         let io = |e: std::io::Error| {
             candle_core::Error::msg(format!("reading --data {}: {e}", path.display()))
         };
-        // At most max + 1 bytes are held; the rest of a longer line is skipped over.
+        // At most max + 2 bytes are held (a line of max bytes and its "\r\n"); the rest of a
+        // longer line is skipped over.
         let n = reader
             .by_ref()
-            .take(max.saturating_add(1) as u64)
+            .take(max.saturating_add(2) as u64)
             .read_until(b'\n', &mut buf)
             .map_err(io)?;
         if n == 0 {
             return Ok(None);
         }
-        let newline = buf.last() == Some(&b'\n');
-        // The line's length without its newline, read to its end when it is too long.
-        let mut len = buf.len() - usize::from(newline);
-        if !newline && buf.len() > max {
+        let mut len = buf.len();
+        if buf.last() != Some(&b'\n') && buf.len() > max {
             loop {
                 let chunk = reader.fill_buf().map_err(io)?;
                 if chunk.is_empty() {
                     break;
                 }
+                // Counted without the line ending.
                 let (take, end) = match chunk.iter().position(|&b| b == b'\n') {
                     Some(i) => (i + 1, true),
                     None => (chunk.len(), false),
                 };
-                len += take - usize::from(end);
+                let cr = end && take >= 2 && chunk[take - 2] == b'\r';
+                len += take - usize::from(end) - usize::from(cr);
                 reader.consume(take);
                 if end {
                     break;
@@ -259,6 +268,8 @@ fn read_line(
         let at = format!("{}:{}", path.display(), *line);
         let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
         let body = body.strip_suffix(b"\r").unwrap_or(body);
+        // The line's length without its line ending (what was skipped over included).
+        let len = len - (buf.len() - body.len());
         if len <= max && body.iter().all(|b| b.is_ascii_whitespace()) {
             continue;
         }
@@ -333,7 +344,8 @@ impl RowFormat {
 /// any length, for packing that splits or drops them itself).
 pub struct Tokenize<'a> {
     pub format: RowFormat,
-    pub tokenizer: &'a tokenizers::Tokenizer,
+    /// Without the truncation or padding a `tokenizer.json` may carry.
+    pub tokenizer: std::borrow::Cow<'a, tokenizers::Tokenizer>,
     pub template: Option<&'a ChatTemplate>,
     pub eos: Option<u32>,
     pub max_tokens: Option<usize>,
@@ -357,7 +369,7 @@ impl<'a> Tokenize<'a> {
     ) -> Self {
         Self {
             format,
-            tokenizer,
+            tokenizer: untruncated(tokenizer),
             template,
             eos,
             max_tokens: Some(seq_len),
@@ -388,7 +400,7 @@ impl<'a> Tokenize<'a> {
                     .template
                     .ok_or("chat rows need the model's chat template")?;
                 let (ids, learn) = template
-                    .tokenize(self.tokenizer, &messages)
+                    .tokenize(&self.tokenizer, &messages)
                     .map_err(|e| e.to_string())?;
                 if !learn.iter().skip(1).any(|&l| l) {
                     return Err("the assistant turns render to no tokens (nothing to learn)".into());
@@ -472,8 +484,12 @@ pub struct ExampleStream<'a> {
     usable: usize,
     current: EpochReport,
     finished: Vec<EpochReport>,
-    /// The example packing carries to the next row.
-    pending: Option<Example>,
+    /// The examples packing carries to the next rows (an example it did not fit, or the
+    /// parts of a split one).
+    pending: std::collections::VecDeque<Example>,
+    /// Examples packing dropped since it last placed one: a whole pass of them means that no
+    /// example fits.
+    dropped_in_a_row: usize,
 }
 
 impl<'a> ExampleStream<'a> {
@@ -498,7 +514,8 @@ impl<'a> ExampleStream<'a> {
             usable: 0,
             current: EpochReport::default(),
             finished: Vec::new(),
-            pending: None,
+            pending: std::collections::VecDeque::new(),
+            dropped_in_a_row: 0,
         }
     }
 
@@ -572,9 +589,15 @@ impl<'a> ExampleStream<'a> {
             }
             if exhausted {
                 let report = self.current;
+                if report.examples > 0 && self.dropped_in_a_row >= report.examples {
+                    bail!(
+                        "--data {}: every example is longer than a row (--pack-overflow drop drops them all): raise --seq-len or use --pack-overflow split",
+                        self.files[0].display()
+                    )
+                }
                 if report.examples == 0 {
                     bail!(
-                        "--data {}{}: no usable {} example ({} bad rows skipped){}",
+                        "--data {}{}: no usable {}example ({} bad rows skipped){}",
                         self.files[0].display(),
                         if self.files.len() > 1 {
                             format!(" and {} more files", self.files.len() - 1)
@@ -582,14 +605,15 @@ impl<'a> ExampleStream<'a> {
                             String::new()
                         },
                         match self.split {
-                            Split::Eval => "held-out",
-                            _ => "training",
+                            Split::Eval => "held-out ",
+                            Split::Train => "training ",
+                            Split::All => "",
                         },
                         report.skipped,
-                        if self.split == Split::Eval {
-                            ""
-                        } else {
+                        if self.split == Split::Train {
                             ": the held-out set takes every tenth example, so at least 2 are needed"
+                        } else {
+                            ""
                         }
                     )
                 }
@@ -635,7 +659,9 @@ impl<'a> ExampleStream<'a> {
         let mut b = RowBatch::new(seq_len);
         for _ in 0..rows {
             let e = self.next_example()?;
-            b.place(&e.ids, &e.learn);
+            // One row each: a longer example (with no token limit) is cut.
+            let n = e.ids.len().min(seq_len);
+            b.place(&e.ids[..n], &e.learn[..n]);
             b.pad_row(pad);
         }
         Ok(b)
@@ -658,7 +684,7 @@ impl<'a> ExampleStream<'a> {
         for _ in 0..rows {
             let mut used = 0;
             loop {
-                let e = match self.pending.take() {
+                let e = match self.pending.pop_front() {
                     Some(e) => e,
                     None => self.next_example()?,
                 };
@@ -671,36 +697,39 @@ impl<'a> ExampleStream<'a> {
                         ),
                         Overflow::Drop => {
                             self.current.dropped += 1;
+                            self.dropped_in_a_row += 1;
                             continue;
                         }
-                        Overflow::Split if used > 0 => {
-                            // It starts the next row.
-                            self.pending = Some(e);
-                            break;
-                        }
                         Overflow::Split => {
-                            // A row's worth now, the rest an example of its own (a part too
-                            // short to learn from goes).
-                            b.place(&e.ids[..seq_len], &e.learn[..seq_len]);
-                            if e.ids.len() - seq_len >= 2 {
-                                self.pending = Some(Example {
-                                    ids: e.ids[seq_len..].to_vec(),
-                                    learn: e.learn[seq_len..].to_vec(),
-                                    at: e.at,
-                                });
+                            // Its row-sized parts, each a sequence of its own, come next (a
+                            // part too short to learn from goes).
+                            let parts: Vec<Example> = e
+                                .ids
+                                .chunks(seq_len)
+                                .zip(e.learn.chunks(seq_len))
+                                .filter(|(ids, _)| ids.len() >= 2)
+                                .map(|(ids, learn)| Example {
+                                    ids: ids.to_vec(),
+                                    learn: learn.to_vec(),
+                                    at: e.at.clone(),
+                                })
+                                .collect();
+                            for part in parts.into_iter().rev() {
+                                self.pending.push_front(part);
                             }
-                            break;
+                            continue;
                         }
                     }
                 }
                 if used + e.ids.len() > seq_len {
-                    self.pending = Some(e);
+                    self.pending.push_front(e);
                     // The longest example waiting in the buffer that fills the rest of the row
                     // (best fit, as TRL's packing), if any.
                     match self.take_fitting(seq_len - used) {
                         Some(f) => {
                             b.place(&f.ids, &f.learn);
                             used += f.ids.len();
+                            self.dropped_in_a_row = 0;
                             continue;
                         }
                         None => break,
@@ -708,6 +737,7 @@ impl<'a> ExampleStream<'a> {
                 }
                 b.place(&e.ids, &e.learn);
                 used += e.ids.len();
+                self.dropped_in_a_row = 0;
                 if used == seq_len {
                     break;
                 }

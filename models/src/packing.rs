@@ -134,16 +134,12 @@ fn build_mask(pos: &Tensor, dtype: DType) -> Result<Tensor> {
 pub(crate) fn rope_at(table: &Tensor, pos: &Tensor) -> Result<Tensor> {
     let (b, s) = pos.dims2()?;
     let max = table.dim(0)?;
-    if let Some(p) = pos
-        .flatten_all()?
-        .to_vec1::<u32>()?
-        .iter()
-        .find(|&&p| p as usize >= max)
-    {
+    let flat = pos.flatten_all()?;
+    if let Some(p) = flat.to_vec1::<u32>()?.iter().find(|&&p| p as usize >= max) {
         bail!("position_ids: position {p} is beyond the model's {max} positions (max_position_embeddings)")
     }
     table
-        .index_select(&pos.flatten_all()?, 0)?
+        .index_select(&flat, 0)?
         .reshape((b, s, ()))?
         .contiguous()
 }
