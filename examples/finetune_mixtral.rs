@@ -6,6 +6,7 @@
 //! cargo build --release --features nccl --example finetune_mixtral --example launch
 //! cargo run --release --features nccl --example launch -- --nproc 4 -- finetune_mixtral
 //! cargo run --release --example finetune_mixtral -- --data my.jsonl --steps 500 --mesh ep=2,tp=2
+//! cargo run --release --example finetune_mixtral -- --data chat.parquet --pack --seq-len 1024
 //! cargo run --release --example finetune_mixtral -- --model DIR --out runs/ckpt --lr 1e-3
 //! cargo run --release --example finetune_mixtral -- --mesh dp=2,ep=2 --zero 2 --dtype bf16
 //! ```
@@ -13,14 +14,17 @@
 //! With no arguments it creates (or reuses) a small random Mixtral-style checkpoint in Hugging
 //! Face format under `target/finetune-mixtral/model`, with a word-level tokenizer built by the
 //! `tokenizers` crate, and teaches it a task whose learning is visible: digit addition modulo 10
-//! (`3 + 4 = 7`), measured as answer accuracy over all 100 problems. `--data` takes a text file
-//! (one example a line) or JSONL (`{"text": ...}`); a new model for it gets a byte-level
-//! tokenizer, and the evaluation is the held-out loss.
+//! (`3 + 4 = 7`), measured as answer accuracy over all 100 problems. `--data` takes JSONL or
+//! Parquet files or directories of them, streamed (`candle_parallel_models::data`): chat
+//! `messages` rendered by the model's chat template (the loss on every assistant turn),
+//! `prompt`/`completion`, or `text`; `--pack` puts several examples in each row, each with its
+//! own positions and attention. A new model for it gets a byte-level tokenizer and a chat
+//! template, and the evaluation is the held-out loss (and token accuracy).
 //!
 //! Training, with `candle_parallel::trainer`: the dp and ep ranks see different examples (each
 //! its share of every global batch; the ep ranks exchange tokens with all-to-all); the tp ranks
 //! split every matrix; with pp the layers are split into stages (1F1B). Gradients are reduced
-//! over the replicas with ZeRO stage `--zero` (0, 1 or 2), the global norm is clipped, AdamW
+//! over the replicas with ZeRO stage `--zero` (0 to 3), the global norm is clipped, AdamW
 //! steps with warm-up and cosine decay, in f32 or bf16 (`--dtype`, f32 master weights); a
 //! progress bar, loss and expert-load logging (per rank, `RUST_LOG=debug` for every layer),
 //! periodic evaluation and checkpoints (`--checkpoint-every`, `--resume`), and at the end a
