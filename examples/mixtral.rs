@@ -98,7 +98,9 @@ enum Command {
         /// Optionally `"labels"` (HF's: -100 where the loss does not count, and past the first
         /// padded position; default the ids, -100 on padding) and `"attention_mask"` (1 for a
         /// token, 0 for padding at the end of a row; padding stays out of the load-balancing
-        /// loss), both of the batch's shape.
+        /// loss), and `"position_ids"` for packed rows (several examples a row, each from
+        /// position 0, attending only to itself; default labels then leave out each
+        /// example's first token), all of the batch's shape.
         #[arg(long)]
         batch: PathBuf,
         /// Optimizer steps, each over the whole batch.
@@ -394,6 +396,7 @@ fn run_train(command: Command) -> Result<()> {
         rows,
         labels,
         attention_mask,
+        position_ids,
     } = read_batch(&batch, cfg.vocab_size)?;
     let limit = cfg
         .max_position_embeddings
@@ -517,6 +520,10 @@ fn run_train(command: Command) -> Result<()> {
             .as_ref()
             .map(|m| mine(&Tensor::new(m.clone(), ctx.device())?))
             .transpose()?;
+        let my_positions = position_ids
+            .as_ref()
+            .map(|p| mine(&Tensor::new(p.clone(), ctx.device())?))
+            .transpose()?;
         let global_tokens = global_labels.as_ref().map(counted_targets).transpose()?;
         let targets = my_labels
             .as_ref()
@@ -526,7 +533,7 @@ fn run_train(command: Command) -> Result<()> {
                 global_tokens,
                 replicas,
                 attention_mask: my_mask.as_ref(),
-                position_ids: None,
+                position_ids: my_positions.as_ref(),
             });
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         for i in trainer.steps_done()..steps {
@@ -608,6 +615,8 @@ struct Batch {
     rows: Vec<Vec<u32>>,
     labels: Option<Vec<Vec<i64>>>,
     attention_mask: Option<Vec<Vec<u8>>>,
+    /// Packed rows' positions (HF's `position_ids`: from 0 in each example).
+    position_ids: Option<Vec<Vec<u32>>>,
 }
 
 /// The rows of a batch file, checked: equal lengths of at least 2, ids in the vocabulary;
@@ -619,6 +628,7 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
         batch: Vec<Vec<u32>>,
         labels: Option<Vec<Vec<i64>>>,
         attention_mask: Option<Vec<Vec<u8>>>,
+        position_ids: Option<Vec<Vec<u32>>>,
     }
     let text = std::fs::read_to_string(path).map_err(|e| {
         candle_core::Error::msg(format!(
@@ -629,7 +639,7 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
     let file: BatchFile = serde_json::from_str(&text).map_err(|e| {
         candle_core::Error::msg(format!(
             "{}: expected {{\"batch\": [[token ids], ...]}} with non-negative integer ids (and \
-             optionally \"labels\" and \"attention_mask\" of the same shape): {e}",
+             optionally \"labels\", \"attention_mask\" and \"position_ids\" of the same shape): {e}",
             path.display()
         ))
     })?;
@@ -688,6 +698,34 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
         }
     }
     let mut labels = file.labels;
+    if let Some(pos) = &file.position_ids {
+        same_shape("position_ids", pos.iter().map(Vec::len).collect())?;
+        if labels.is_none() {
+            // The ids, but for each example's first token (nothing before it in its row
+            // predicts it) and the padding.
+            labels = Some(
+                rows.iter()
+                    .zip(pos)
+                    .enumerate()
+                    .map(|(i, (r, p))| {
+                        r.iter()
+                            .zip(p)
+                            .enumerate()
+                            .map(|(j, (&t, &p))| {
+                                let pad =
+                                    file.attention_mask.as_ref().is_some_and(|m| m[i][j] == 0);
+                                if p == 0 || pad {
+                                    -100
+                                } else {
+                                    t as i64
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            );
+        }
+    }
     if let Some(mask) = &file.attention_mask {
         same_shape("attention_mask", mask.iter().map(Vec::len).collect())?;
         if labels.is_none() {
@@ -720,5 +758,6 @@ fn read_batch(path: &std::path::Path, vocab: usize) -> Result<Batch> {
         rows,
         labels,
         attention_mask: file.attention_mask,
+        position_ids: file.position_ids,
     })
 }

@@ -71,6 +71,37 @@ fn padded_batch_json() -> String {
     serde_json::json!({ "batch": rows, "labels": labels, "attention_mask": mask }).to_string()
 }
 
+/// [`padded_batch_json`]'s examples packed two per row of 18 (rows 0+1, 2+3, ...: every
+/// replica of dp × ep = 4 and every micro-batch holds the same examples as there), with
+/// `position_ids` from 0 in each and the rest padding; labels as there.
+fn packed_batch_json() -> String {
+    let v: serde_json::Value = serde_json::from_str(&padded_batch_json()).unwrap();
+    let rows: Vec<Vec<i64>> = serde_json::from_value(v["batch"].clone()).unwrap();
+    let labels: Vec<Vec<i64>> = serde_json::from_value(v["labels"].clone()).unwrap();
+    let (mut ids, mut lab, mut mask, mut pos) = (vec![], vec![], vec![], vec![]);
+    for pair in (0..8).collect::<Vec<_>>().chunks(2) {
+        let (mut i, mut l, mut m, mut p) = (vec![], vec![], vec![], vec![]);
+        for &r in pair {
+            let n = 9 - r % 4;
+            i.extend_from_slice(&rows[r][..n]);
+            l.extend_from_slice(&labels[r][..n]);
+            m.extend(std::iter::repeat_n(1u8, n));
+            p.extend(0..n as u32);
+        }
+        let pad = 18 - i.len();
+        i.extend(std::iter::repeat_n(0, pad));
+        l.extend(std::iter::repeat_n(-100, pad));
+        m.extend(std::iter::repeat_n(0u8, pad));
+        p.extend(0..pad as u32);
+        ids.push(i);
+        lab.push(l);
+        mask.push(m);
+        pos.push(p);
+    }
+    serde_json::json!({ "batch": ids, "labels": lab, "attention_mask": mask, "position_ids": pos })
+        .to_string()
+}
+
 /// A model directory and a batch file.
 fn setup(name: &str) -> (PathBuf, PathBuf) {
     let dir = tmp(name);
@@ -292,6 +323,19 @@ fn padded_instruction_batch_matches_transformers_and_every_layout() -> Result<()
         let args = [args, &aux0[..]].concat();
         let got = train(&model, &batch, &dir.join("layout.safetensors"), &args);
         assert_same_run(&format!("padded, {args:?}"), &got, &base, &before, 1e-5)?;
+    }
+    // The same examples packed two a row (`position_ids`): the same run, against the
+    // transformers fixture too, at several layouts.
+    let packed = dir.join("packed.json");
+    std::fs::write(&packed, packed_batch_json()).unwrap();
+    for args in [
+        &[][..],
+        &["--dp", "2", "--ep", "2"],
+        &["--tp", "2", "--pp", "2"],
+        &["--zero", "3", "--dp", "2"],
+    ] {
+        let got = train(&model, &packed, &dir.join("packed.safetensors"), args);
+        assert_same_run(&format!("packed, {args:?}"), &got, &want, &before, 1e-5)?;
     }
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
