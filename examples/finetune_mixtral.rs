@@ -45,7 +45,7 @@ use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
 use candle_parallel_models::chat::ChatTemplate;
 use candle_parallel_models::data::{
     data_files, max_row_bytes, Example, ExampleStream, Overflow, RowBatch, RowFormat, RowReader,
-    Split, Tokenize,
+    Split, SplitMix64, Tokenize,
 };
 use candle_parallel_models::mixtral::{
     counted_targets, Mixtral, MixtralConfig, MixtralModel as Model, MixtralStage, ShardedMixtral,
@@ -481,19 +481,6 @@ fn check_vocab(ids: impl Iterator<Item = u32>, cfg: &MixtralConfig) -> Result<()
     Ok(())
 }
 
-/// A small deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
-    }
-}
-
 /// One global batch: the ids `[n, s]` and, for examples, the labels (HF's convention: what
 /// the loss does not count is -100), the attention mask (0 on the padding) and,
 /// packed, the position ids; and the tokens that are not padding.
@@ -506,7 +493,7 @@ struct GlobalBatch {
 /// Where a rank draws its global batches from: the generator (addition, text) or the example
 /// stream (every rank reads the same stream, so all draw the same global batches).
 enum Draw<'a> {
-    Rng(Rng),
+    Rng(SplitMix64),
     Stream(Box<ExampleStream<'a>>),
 }
 
@@ -524,7 +511,7 @@ impl Data {
             }
             (Data::Addition { problems }, Draw::Rng(rng)) => {
                 let rows: Vec<Vec<u32>> = (0..n)
-                    .map(|_| problems[rng.next(problems.len())].to_vec())
+                    .map(|_| problems[rng.below(problems.len())].to_vec())
                     .collect();
                 let tokens = n * rows[0].len();
                 Ok(GlobalBatch {
@@ -536,7 +523,7 @@ impl Data {
             (Data::Text { train, .. }, Draw::Rng(rng)) => {
                 let rows: Vec<Vec<u32>> = (0..n)
                     .map(|_| {
-                        let at = rng.next(train.len() - seq_len);
+                        let at = rng.below(train.len() - seq_len);
                         train[at..at + seq_len + 1].to_vec()
                     })
                     .collect();
@@ -1124,7 +1111,7 @@ fn main() -> Result<()> {
         };
         let mut draw = match (&data, &tokenize) {
             (Data::Examples { files, .. }, Some(t)) => Draw::Stream(Box::new(ExampleStream::new(files, t, Split::Train, args.seed, args.shuffle_buffer, args.skip_bad_rows))),
-            _ => Draw::Rng(Rng(args.seed ^ 0xD1CE)),
+            _ => Draw::Rng(SplitMix64(args.seed ^ 0xD1CE)),
         };
         // What a pass over the data found, once (rank 0).
         let report_passes = |draw: &mut Draw| {

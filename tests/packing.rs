@@ -167,7 +167,7 @@ fn grads(
                     let g = m.batch_grads(opt.vars(), &ids, Some(&targets), micro_batches)?;
                     (g.ce_loss, g.grads)
                 }
-                Path::Whole => {
+                Path::Whole | Path::UnitsFull => {
                     let m = Mixtral::new_stage(
                         &cfg,
                         vb.clone(),
@@ -177,29 +177,22 @@ fn grads(
                         layers,
                     )?;
                     let vars: Vec<Var> = vb.params().into_iter().map(|p| p.var).collect();
-                    let g = m.batch_grads(&vars, &ids, Some(&targets), micro_batches, mesh.pp())?;
-                    (g.ce_loss, g.grads)
-                }
-                Path::UnitsFull => {
-                    let m = Mixtral::new_stage(
-                        &cfg,
-                        vb.clone(),
-                        mesh.ep(),
-                        mesh.tp(),
-                        Dispatch::AllToAll,
-                        layers,
-                    )?;
-                    let vars: Vec<Var> = vb.params().into_iter().map(|p| p.var).collect();
-                    let mut sink = GradCollector::new(&vars);
-                    let l = m.train_grads(
-                        &mut sink,
-                        &ids,
-                        Some(&targets),
-                        micro_batches,
-                        mesh.pp(),
-                        Recompute::Full,
-                    )?;
-                    (l.ce_loss, sink.take()?)
+                    if path == Path::Whole {
+                        let g =
+                            m.batch_grads(&vars, &ids, Some(&targets), micro_batches, mesh.pp())?;
+                        (g.ce_loss, g.grads)
+                    } else {
+                        let mut sink = GradCollector::new(&vars);
+                        let l = m.train_grads(
+                            &mut sink,
+                            &ids,
+                            Some(&targets),
+                            micro_batches,
+                            mesh.pp(),
+                            Recompute::Full,
+                        )?;
+                        (l.ce_loss, sink.take()?)
+                    }
                 }
             };
             let g = g
@@ -214,11 +207,7 @@ fn grads(
         })
 }
 
-fn assert_close(
-    a: &[(f64, Vec<Option<Vec<f32>>>)],
-    b: &[(f64, Vec<Option<Vec<f32>>>)],
-    what: &str,
-) {
+fn assert_close(a: &[RankGrads], b: &[RankGrads], what: &str) {
     assert_eq!(a.len(), b.len());
     for (rank, ((ca, ga), (cb, gb))) in a.iter().zip(b).enumerate() {
         assert!(

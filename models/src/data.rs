@@ -454,6 +454,22 @@ pub enum Split {
     Eval,
 }
 
+/// A small deterministic generator (splitmix64): the data order's, the same on every rank
+/// and run for the same seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % n as u64) as usize
+    }
+}
+
 /// What one pass over the data found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EpochReport {
@@ -479,7 +495,7 @@ pub struct ExampleStream<'a> {
     skip_bad: bool,
     reader: Option<RowReader>,
     buffer: Vec<Example>,
-    rng: u64,
+    rng: SplitMix64,
     /// Usable examples of this pass so far (both splits).
     usable: usize,
     current: EpochReport,
@@ -510,7 +526,7 @@ impl<'a> ExampleStream<'a> {
             skip_bad,
             reader: None,
             buffer: Vec::new(),
-            rng: 0,
+            rng: SplitMix64(0),
             usable: 0,
             current: EpochReport::default(),
             finished: Vec::new(),
@@ -522,15 +538,6 @@ impl<'a> ExampleStream<'a> {
     /// The passes finished since the last call.
     pub fn take_reports(&mut self) -> Vec<EpochReport> {
         std::mem::take(&mut self.finished)
-    }
-
-    fn random(&mut self, n: usize) -> usize {
-        // splitmix64
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n as u64) as usize
     }
 
     /// The next usable example of this split from the files (`None` at the end of the pass).
@@ -570,8 +577,9 @@ impl<'a> ExampleStream<'a> {
                     ..Default::default()
                 };
                 self.usable = 0;
-                self.rng =
-                    self.seed ^ (self.current.epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+                self.rng = SplitMix64(
+                    self.seed ^ (self.current.epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+                );
             }
             let mut exhausted = false;
             while self.buffer.len() < self.capacity {
@@ -584,7 +592,7 @@ impl<'a> ExampleStream<'a> {
                 }
             }
             if !self.buffer.is_empty() {
-                let j = self.random(self.buffer.len());
+                let j = self.rng.below(self.buffer.len());
                 return Ok(self.buffer.swap_remove(j));
             }
             if exhausted {

@@ -1931,7 +1931,7 @@ impl ShardedMixtral {
         for (i, ids) in mb.ids.iter().enumerate() {
             let (labels, mask) = (mb.label(i), mb.mask(i));
             check_attention_mask(mask, ids, labels)?;
-            let _scope = crate::packing::MicroBatchPositions::enter(&mb.positions, i);
+            let _scope = crate::packing::PositionsScope::micro_batch(&mb.positions, i);
             let (y, tape) = self.forward_units(ids)?;
             let last = Var::from_tensor(&y)?;
             drop(y);

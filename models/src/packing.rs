@@ -33,30 +33,27 @@ thread_local! {
 /// Runs `f` with `per_micro_batch` (the position ids of each micro-batch, `[b, s]` u32) as
 /// this thread's packed positions; `None` runs it without (every row one sequence from 0).
 pub fn with_position_ids<R>(per_micro_batch: Option<&[Tensor]>, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Vec<Tensor>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            POSITIONS.with(|p| *p.borrow_mut() = self.0.take());
-            MASK.with(|m| m.borrow_mut().take());
-        }
-    }
-    let before = POSITIONS.with(|p| p.replace(per_micro_batch.map(<[Tensor]>::to_vec)));
-    let _restore = Restore(before);
+    let _scope = PositionsScope::enter(per_micro_batch.map(<[Tensor]>::to_vec));
     f()
 }
 
-/// Micro-batch `i`'s packed positions (of `per_micro_batch`) as this thread's until dropped,
-/// for loops over micro-batches that run outside any schedule.
-pub(crate) struct MicroBatchPositions(Option<Vec<Tensor>>);
+/// This thread's packed positions (one tensor per micro-batch) until dropped, then the ones
+/// before (and no cached mask).
+pub(crate) struct PositionsScope(Option<Vec<Tensor>>);
 
-impl MicroBatchPositions {
-    pub(crate) fn enter(per_micro_batch: &Option<Vec<Tensor>>, i: usize) -> Self {
-        let mine = per_micro_batch.as_ref().map(|p| vec![p[i].clone()]);
-        Self(POSITIONS.with(|p| p.replace(mine)))
+impl PositionsScope {
+    fn enter(per_micro_batch: Option<Vec<Tensor>>) -> Self {
+        Self(POSITIONS.with(|p| p.replace(per_micro_batch)))
+    }
+
+    /// Micro-batch `i`'s positions alone, for loops over micro-batches that run outside any
+    /// schedule.
+    pub(crate) fn micro_batch(per_micro_batch: &Option<Vec<Tensor>>, i: usize) -> Self {
+        Self::enter(per_micro_batch.as_ref().map(|p| vec![p[i].clone()]))
     }
 }
 
-impl Drop for MicroBatchPositions {
+impl Drop for PositionsScope {
     fn drop(&mut self) {
         POSITIONS.with(|p| *p.borrow_mut() = self.0.take());
         MASK.with(|m| m.borrow_mut().take());
