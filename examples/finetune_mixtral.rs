@@ -207,12 +207,10 @@ struct Args {
     /// LoRA's alpha: the adapters' output is scaled by alpha / rank.
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
-    /// The modules LoRA adapts (PEFT's target_modules, comma separated).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj,w1,w2,w3"
-    )]
+    /// The modules LoRA adapts (PEFT's target_modules, comma separated); by default attention
+    /// and the experts' projections (q_proj, k_proj, v_proj, o_proj and w1, w2, w3 for Mixtral,
+    /// gate_proj, up_proj, down_proj for the Qwen MoE families).
+    #[arg(long, value_delimiter = ',')]
     lora_targets: Vec<String>,
     /// Keep only the latest this many checkpoints in --out (older ones are deleted after a
     /// newer one is complete).
@@ -784,7 +782,11 @@ fn main() -> Result<()> {
     let lora = (args.lora_rank > 0).then(|| LoraConfig {
         rank: args.lora_rank,
         alpha: args.lora_alpha,
-        target_modules: args.lora_targets.clone(),
+        target_modules: if args.lora_targets.is_empty() {
+            cfg.family().map(|f| f.lora_targets()).unwrap_or_default()
+        } else {
+            args.lora_targets.clone()
+        },
     });
     if lora.is_some() && args.zero == 3 {
         candle_core::bail!("--lora-rank with --zero 3: the adapters are small, shard their optimizer state with --zero 1 or 2");
@@ -902,7 +904,7 @@ fn main() -> Result<()> {
             let mut m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
             m.set_schedule(args.schedule)?;
             if lora.is_some() && vb.params().is_empty() {
-                candle_core::bail!("--lora-targets {}: no module of the model matches (Mixtral's are q_proj, k_proj, v_proj, o_proj, w1, w2, w3)", args.lora_targets.join(","));
+                candle_core::bail!("--lora-targets {}: no module of the model matches (this model's are {})", lora.as_ref().map(|l| l.target_modules.join(",")).unwrap_or_default(), cfg.family()?.lora_targets().join(", "));
             }
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;
             (Model::Whole(Box::new(m)), t)

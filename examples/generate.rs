@@ -23,7 +23,7 @@ use candle_parallel::moe::Dispatch;
 use candle_parallel::{Launcher, MeshShape};
 use candle_parallel_models::chat::{ChatTemplate, Message};
 use candle_parallel_models::llama::{KvCache, Llama, LlamaConfig};
-use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, MoeFamily};
 use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
@@ -201,13 +201,14 @@ fn main() -> Result<()> {
     let parse = |what: &str, e: serde_json::Error| {
         candle_core::Error::msg(format!("the {what} config: {e}"))
     };
-    let mixtral = json.get("model_type").and_then(|t| t.as_str()) == Some("mixtral")
+    // Mixtral and the Qwen MoE families run as the sparse MoE model.
+    let sparse = json
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| MoeFamily::of(t).is_ok())
         || json.get("num_local_experts").is_some();
-    let cfg = if mixtral {
-        let c: MixtralConfig =
-            serde_json::from_value(json.clone()).map_err(|e| parse("Mixtral", e))?;
-        c.check()?;
-        Config::Mixtral(c)
+    let cfg = if sparse {
+        Config::Mixtral(MixtralConfig::from_json(json.clone())?)
     } else {
         let c: LlamaConfig = serde_json::from_value(json.clone()).map_err(|e| parse("Llama", e))?;
         c.check()?;
@@ -220,7 +221,7 @@ fn main() -> Result<()> {
     if a.ep == 0 || a.tp == 0 {
         candle_core::bail!("--ep and --tp must be at least 1");
     }
-    if a.ep > 1 && !mixtral {
+    if a.ep > 1 && !sparse {
         candle_core::bail!(
             "--ep {}: the Llama-style model has no experts; use --ep 1",
             a.ep

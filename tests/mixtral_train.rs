@@ -1079,3 +1079,126 @@ fn the_global_load_balancing_loss_matches_one_device_at_every_layout() -> Result
     std::fs::remove_dir_all(dir).unwrap();
     Ok(())
 }
+
+/// A Qwen MoE family's fixture config (`tests/fixtures/moe_families/<family>.json`).
+fn family_config(family: &str) -> MixtralConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/moe_families/{family}.json"));
+    MixtralConfig::from_file(&path).unwrap()
+}
+
+/// Qwen2-MoE (a shared expert with its sigmoid gate, q/k/v biases, a dense layer among the
+/// sparse ones: `mlp_only_layers`) and Qwen3-MoE (q/k norms, `head_dim` unlike hidden / heads,
+/// `decoder_sparse_step` 2, `norm_topk_prob`, rope in `rope_parameters`): the same steps as
+/// transformers' `Qwen2MoeForCausalLM` / `Qwen3MoeForCausalLM` with torch's AdamW (losses with
+/// the load-balancing loss, norms, every parameter's update) at one device and at ep × tp,
+/// pp × tp (stages of dense layers only among them), dp × ep and ZeRO 3.
+#[test]
+fn qwen_moe_families_match_transformers_at_every_layout() -> Result<()> {
+    for (family, layouts) in [
+        (
+            "qwen2_moe",
+            vec![
+                vec!["--ep", "2", "--tp", "2"],
+                vec!["--pp", "3"],
+                vec!["--pp", "2", "--tp", "2"],
+                vec!["--dp", "2", "--ep", "2"],
+                vec!["--zero", "3", "--dp", "2"],
+            ],
+        ),
+        (
+            "qwen3_moe",
+            vec![
+                vec!["--ep", "2", "--tp", "2"],
+                vec!["--pp", "4"],
+                vec!["--dp", "2", "--ep", "2", "--zero", "2"],
+                vec!["--zero", "3", "--ep", "2"],
+            ],
+        ),
+    ] {
+        let dir = tmp(family);
+        let model = dir.join("model");
+        write_random_mixtral(&model, &family_config(family), 21)?;
+        let batch = dir.join("batch.json");
+        std::fs::write(&batch, batch_json()).unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            "tests/fixtures/moe_families/{family}_train_reference.safetensors"
+        ));
+        let mut want = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu)?;
+        want.remove("generated");
+        let before = initial(&model);
+        let one = train(&model, &batch, &dir.join("one.safetensors"), &[]);
+        assert_same_run(
+            &format!("{family}, one device vs transformers"),
+            &one,
+            &want,
+            &before,
+            1e-5,
+        )?;
+        for args in layouts {
+            let got = train(&model, &batch, &dir.join("layout.safetensors"), &args);
+            assert_same_run(
+                &format!("{family}, {args:?} vs transformers"),
+                &got,
+                &want,
+                &before,
+                1e-5,
+            )?;
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    Ok(())
+}
+
+/// Greedy decoding with the KV cache gives transformers' `generate` tokens (the fixture's
+/// `generated`, from the batch's first row) for both Qwen families, at one device and with the
+/// experts and heads split (ep × tp).
+#[test]
+fn qwen_moe_families_generate_transformers_tokens() -> Result<()> {
+    use candle_core::{DType, Device, IndexOp, D};
+    use candle_parallel::checkpoint::ParallelVarBuilder;
+    use candle_parallel::moe::Dispatch;
+    use candle_parallel::MeshShape;
+    use candle_parallel_models::mixtral::Mixtral;
+    let v: serde_json::Value = serde_json::from_str(&batch_json()).unwrap();
+    let prompt: Vec<u32> = serde_json::from_value(v["batch"][0].clone()).unwrap();
+    for family in ["qwen2_moe", "qwen3_moe"] {
+        let cfg = family_config(family);
+        let dir = tmp(&format!("gen-{family}"));
+        write_random_mixtral(&dir, &cfg, 21)?;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            "tests/fixtures/moe_families/{family}_train_reference.safetensors"
+        ));
+        let want: Vec<i64> =
+            candle_core::safetensors::load(&fixture, &Device::Cpu)?["generated"].to_vec1()?;
+        for (ep, tp) in [(1, 1), (2, 2), (1, 2)] {
+            let outs = common::Launcher::new(ep * tp)
+                .mesh(MeshShape::new().ep(ep).tp(tp))
+                .run(|ctx| {
+                    let mesh = ctx.mesh()?;
+                    let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?;
+                    let model = Mixtral::new(&cfg, vb, mesh.ep(), mesh.tp(), Dispatch::AllReduce)?;
+                    let mut cache = model.new_cache();
+                    let mut ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                    let (mut pos, mut out) = (0, Vec::new());
+                    for _ in 0..want.len() {
+                        let logits = model.forward(&ids, pos, Some(&mut cache))?;
+                        pos += ids.dim(1)?;
+                        let next = logits.i((0, ids.dim(1)? - 1))?.argmax(D::Minus1)?;
+                        let next = next.to_scalar::<u32>()?;
+                        out.push(i64::from(next));
+                        ids = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+                    }
+                    Ok(out)
+                })?;
+            for (r, got) in outs.iter().enumerate() {
+                assert_eq!(
+                    got, &want,
+                    "{family}, ep={ep} tp={tp}, rank {r}: greedy tokens"
+                );
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    Ok(())
+}

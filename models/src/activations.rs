@@ -127,7 +127,7 @@ pub fn mixtral_activations(
     let d = lc.head_dim();
     let heads = cfg.num_attention_heads.div_ceil(l.tp);
     let kv = cfg.num_key_value_heads.div_ceil(l.tp).max(1);
-    let ffn = cfg.intermediate_size.div_ceil(l.tp);
+    let ffn = cfg.expert_intermediate_size().div_ceil(l.tp);
     let vocab = cfg.vocab_size.div_ceil(l.tp);
     let (e, k) = (cfg.num_local_experts, cfg.num_experts_per_tok);
     let selective = l.recompute == Recompute::Selective;

@@ -12,9 +12,9 @@ use candle_nn::Init;
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::ops;
 use candle_parallel::tensor_parallel::{
-    column_parallel_linear_no_bias, row_parallel_linear_no_bias, vocab_parallel_cross_entropy,
-    vocab_parallel_embedding, ColumnParallelLinear, RowParallelLinear, TpHeads,
-    VocabParallelEmbedding, VocabRange,
+    column_parallel_linear, column_parallel_linear_no_bias, row_parallel_linear_no_bias,
+    vocab_parallel_cross_entropy, vocab_parallel_embedding, ColumnParallelLinear,
+    RowParallelLinear, TpHeads, VocabParallelEmbedding, VocabRange,
 };
 use candle_parallel::Comm;
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,18 @@ pub struct LlamaConfig {
     /// Not supported yet: a config that sets it is rejected rather than run with wrong numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// The attention heads' width where it is not `hidden_size / num_attention_heads`
+    /// (Qwen3's 128 at hidden 2048 with 32 heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Biases on the query, key and value projections (Qwen2's; set by the MoE families, not
+    /// read from a Llama config, whose `attention_bias` would put one on `o_proj` too).
+    #[serde(skip)]
+    pub qkv_bias: bool,
+    /// RMS norms over each query and key head before the rotation (Qwen3's `q_norm` and
+    /// `k_norm`; set by the MoE families).
+    #[serde(skip)]
+    pub qk_norm: bool,
     /// The config's other fields, kept as read (written back unchanged).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -101,6 +113,9 @@ impl LlamaConfig {
             bos_token_id: Some(1),
             eos_token_id: Some(serde_json::json!(2)),
             rope_scaling: None,
+            head_dim: None,
+            qkv_bias: false,
+            qk_norm: false,
         }
     }
 
@@ -109,7 +124,8 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Checks what the model relies on.
@@ -117,8 +133,17 @@ impl LlamaConfig {
         if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             bail!("config sets rope_scaling, which this Llama model does not implement yet")
         }
+        if self.extra.get("attention_bias").and_then(|v| v.as_bool()) == Some(true)
+            || self.extra.get("mlp_bias").and_then(|v| v.as_bool()) == Some(true)
+        {
+            bail!("config sets attention_bias or mlp_bias, which this Llama model does not implement: biases on o_proj and the MLP are not read")
+        }
+        if self.head_dim == Some(0) {
+            bail!("config: head_dim is 0")
+        }
         if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+            || (self.head_dim.is_none()
+                && !self.hidden_size.is_multiple_of(self.num_attention_heads))
         {
             bail!(
                 "config: hidden_size {} is not divisible by num_attention_heads {}",
@@ -320,6 +345,9 @@ pub(crate) struct Attention {
     k: ColumnParallelLinear,
     v: ColumnParallelLinear,
     o: RowParallelLinear,
+    /// Qwen3's per-head RMS norms of the queries and keys (`[head_dim]`) and their epsilon.
+    qk_norm: Option<(Tensor, Tensor, f64)>,
+    tp: Comm,
     heads: TpHeads,
 }
 
@@ -332,16 +360,27 @@ impl Attention {
         tp: &Comm,
     ) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let q = if cfg.qkv_bias {
+            column_parallel_linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"), tp)?
+        } else {
+            column_parallel_linear_no_bias(h, cfg.num_attention_heads * hd, vb.pp("q_proj"), tp)?
+        };
+        let qk_norm = if cfg.qk_norm {
+            let norm = |name: &str| {
+                vb.pp(name)
+                    .get(hd, "weight", Placement::Replicated, Init::Const(1.0))
+            };
+            Some((norm("q_norm")?, norm("k_norm")?, cfg.rms_norm_eps))
+        } else {
+            None
+        };
         Ok(Self {
-            q: column_parallel_linear_no_bias(
-                h,
-                cfg.num_attention_heads * hd,
-                vb.pp("q_proj"),
-                tp,
-            )?,
-            k: heads.kv_projection(h, false, vb.pp("k_proj"), tp)?,
-            v: heads.kv_projection(h, false, vb.pp("v_proj"), tp)?,
+            q,
+            k: heads.kv_projection(h, cfg.qkv_bias, vb.pp("k_proj"), tp)?,
+            v: heads.kv_projection(h, cfg.qkv_bias, vb.pp("v_proj"), tp)?,
             o: row_parallel_linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"), tp)?,
+            qk_norm,
+            tp: tp.clone(),
             heads: heads.clone(),
         })
     }
@@ -357,6 +396,26 @@ impl Attention {
         let hd = self.heads.head_dim();
         let (hl, kvl) = (self.heads.local_heads(), self.heads.local_kv_heads());
         let split = |t: Tensor, h: usize| t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous();
+        // Qwen3 normalises each head of the queries and keys (over head_dim) before the rotation.
+        let (q, k) = (self.q.forward(x)?, self.k.forward(x)?);
+        // Each rank holds some of the heads, so the norms' weight gradients are partial sums:
+        // summed over tp in the backward (every query head counted on one rank; a key head
+        // replicated over ranks gets each rank's queries' part).
+        let (q, k) = match &self.qk_norm {
+            Some((qn, kn, eps)) => (
+                ops::rms_norm(
+                    &q.reshape((b, s, hl, hd))?,
+                    &ops::copy_to_group(qn, &self.tp)?,
+                    *eps,
+                )?,
+                ops::rms_norm(
+                    &k.reshape((b, s, kvl, hd))?,
+                    &ops::copy_to_group(kn, &self.tp)?,
+                    *eps,
+                )?,
+            ),
+            None => (q, k),
+        };
         // Packed rows (a training step's position ids): each example's own positions and
         // attention; otherwise positions `pos..pos + s` of one sequence per row.
         let packed = match crate::packing::current_position_ids() {
@@ -379,8 +438,8 @@ impl Attention {
             ),
             None => (rope.0.narrow(0, pos, s)?, rope.1.narrow(0, pos, s)?, None),
         };
-        let q = ops::rope(&split(self.q.forward(x)?, hl)?, &cos, &sin)?;
-        let mut k = ops::rope(&split(self.k.forward(x)?, kvl)?, &cos, &sin)?;
+        let q = ops::rope(&split(q, hl)?, &cos, &sin)?;
+        let mut k = ops::rope(&split(k, kvl)?, &cos, &sin)?;
         let mut v = split(self.v.forward(x)?, kvl)?;
         if let Some(cache) = cache {
             if let Some((pk, pv)) = cache.as_ref() {
@@ -437,10 +496,43 @@ fn core_attention(
     ops::softmax_last_dim(&scores)?.matmul(&v)
 }
 
-struct Mlp {
+/// A SwiGLU MLP, `down(silu(gate x) · up x)`, split over tp (gate and up column-parallel,
+/// down row-parallel): Llama's feed-forward, and the dense layers and shared expert of the MoE
+/// families.
+pub(crate) struct Mlp {
     gate: ColumnParallelLinear,
     up: ColumnParallelLinear,
     down: RowParallelLinear,
+}
+
+impl Mlp {
+    /// `vb` at the MLP (`gate_proj`, `up_proj`, `down_proj`), `ffn` wide.
+    pub(crate) fn new(
+        hidden: usize,
+        ffn: usize,
+        vb: &ParallelVarBuilder,
+        tp: &Comm,
+    ) -> Result<Self> {
+        if !ffn.is_multiple_of(tp.size()) {
+            bail!(
+                "MLP {}: intermediate size {ffn} is not divisible by the tensor-parallel size {}",
+                vb.path(),
+                tp.size()
+            )
+        }
+        Ok(Self {
+            gate: column_parallel_linear_no_bias(hidden, ffn, vb.pp("gate_proj"), tp)?,
+            up: column_parallel_linear_no_bias(hidden, ffn, vb.pp("up_proj"), tp)?,
+            down: row_parallel_linear_no_bias(ffn, hidden, vb.pp("down_proj"), tp)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down
+            .forward(&ops::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
+    }
 }
 
 type Block = DecoderBlock<Mlp>;
@@ -495,17 +587,7 @@ impl Llama {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let l = m.pp("layers").pp(i);
-            let p = l.pp("mlp");
-            let mlp = Mlp {
-                gate: column_parallel_linear_no_bias(
-                    h,
-                    cfg.intermediate_size,
-                    p.pp("gate_proj"),
-                    tp,
-                )?,
-                up: column_parallel_linear_no_bias(h, cfg.intermediate_size, p.pp("up_proj"), tp)?,
-                down: row_parallel_linear_no_bias(cfg.intermediate_size, h, p.pp("down_proj"), tp)?,
-            };
+            let mlp = Mlp::new(h, cfg.intermediate_size, &l.pp("mlp"), tp)?;
             blocks.push(DecoderBlock::new(cfg, &heads, &l, tp, mlp)?);
         }
         let (norm, lm_head) = stage_norm_and_head(cfg, last, embed.as_ref(), &vb, tp)?;
@@ -558,10 +640,7 @@ impl Llama {
         for (i, b) in self.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             (x, ()) = b.forward(&x, pos, &self.rope, layer_cache, eps, |mlp, n| {
-                let m = mlp
-                    .down
-                    .forward(&ops::swiglu(&mlp.gate.forward(n)?, &mlp.up.forward(n)?)?)?;
-                Ok((m, ()))
+                Ok((mlp.forward(n)?, ()))
             })?;
         }
         match (&self.norm, &self.lm_head) {

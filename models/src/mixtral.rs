@@ -9,7 +9,7 @@
 use crate::block::DecoderBlock;
 use crate::llama::{
     check_next_token_ids, next_token_loss, rope_tables, stage_embedding, stage_ends,
-    stage_norm_and_head, KvCache, LlamaConfig, IGNORE_INDEX,
+    stage_norm_and_head, KvCache, LlamaConfig, Mlp, IGNORE_INDEX,
 };
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Module, Result, Tensor, Var, D};
@@ -18,8 +18,8 @@ use candle_parallel::data_parallel::{BatchGroups, GradSink, Recompute};
 use candle_parallel::mesh::{DeviceMesh, MeshDim};
 use candle_parallel::moe::{
     hf_load_balancing_loss_of_token_sums_over, hf_load_balancing_loss_over,
-    hf_load_balancing_token_sums, moe_layer, AuxScope, Dispatch, ExpertLoad, MoeLayer, MoeStats,
-    RouterConfig, Scoring,
+    hf_load_balancing_token_sums, moe_layer_named, AuxScope, Dispatch, ExpertLoad, ExpertNames,
+    MoeAux, MoeLayer, MoeStats, RouterConfig, Scoring,
 };
 use candle_parallel::pipeline::with_micro_batch;
 use candle_parallel::pipeline::{ModelSchedule, Schedule, ScheduleKind, StageTape, UnitStage};
@@ -29,10 +29,17 @@ use candle_parallel::{ops, Comm, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// A Hugging Face Mixtral `config.json`: the fields this model uses, `model_type` and
-/// `architectures` (what transformers' Auto classes need; added when a config lacks them), and
-/// every other field as it was read (written back unchanged).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// A Hugging Face `config.json` of a Mixtral-style sparse MoE model: the fields this model
+/// uses, `model_type` and `architectures` (what transformers' Auto classes need; added when a
+/// config lacks them), and every other field as it was read (written back unchanged).
+///
+/// `model_type` picks the family ([`MoeFamily`]): `mixtral`, `qwen2_moe` or `qwen3_moe`. A
+/// Qwen config's `num_experts` is read as [`MixtralConfig::num_local_experts`] (and written
+/// back as `num_experts`); its other keys (`moe_intermediate_size`, `head_dim`,
+/// `shared_expert_intermediate_size`, `decoder_sparse_step`, `mlp_only_layers`, `qkv_bias`,
+/// `norm_topk_prob`, ...) stay in [`MixtralConfig::extra`] and are read through this type's
+/// methods.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct MixtralConfig {
     #[serde(default = "mixtral_model_type")]
     pub model_type: String,
@@ -44,6 +51,7 @@ pub struct MixtralConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    #[serde(alias = "num_experts")]
     pub num_local_experts: usize,
     pub num_experts_per_tok: usize,
     #[serde(default = "default_eps")]
@@ -93,12 +101,219 @@ fn default_act() -> String {
     "silu".into()
 }
 
+/// The sparse MoE families this model reads, by `model_type`: what differs between them is
+/// a few switches and the names of the weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeFamily {
+    /// `mixtral`: `block_sparse_moe.gate`, `experts.J.w1/w2/w3`.
+    Mixtral,
+    /// `qwen2_moe`: `mlp.gate`, `mlp.experts.J.gate_proj/up_proj/down_proj`, a shared expert
+    /// with a sigmoid gate (`mlp.shared_expert`, `mlp.shared_expert_gate`), biases on the query,
+    /// key and value projections (`qkv_bias`).
+    Qwen2Moe,
+    /// `qwen3_moe`: Qwen2-MoE's names without the shared expert, RMS norms over each query and
+    /// key head (`q_norm`, `k_norm`), `head_dim`.
+    Qwen3Moe,
+}
+
+impl MoeFamily {
+    /// The family of `model_type`.
+    pub fn of(model_type: &str) -> Result<Self> {
+        Ok(match model_type {
+            "mixtral" => Self::Mixtral,
+            "qwen2_moe" => Self::Qwen2Moe,
+            "qwen3_moe" => Self::Qwen3Moe,
+            other => bail!(
+                "config: model_type {other:?} is not a sparse MoE family this model reads: use mixtral, qwen2_moe or qwen3_moe"
+            ),
+        })
+    }
+
+    /// Where a decoder layer keeps its feed-forward (`model.layers.N.<this>`).
+    pub fn ffn_prefix(self) -> &'static str {
+        match self {
+            Self::Mixtral => "block_sparse_moe",
+            Self::Qwen2Moe | Self::Qwen3Moe => "mlp",
+        }
+    }
+
+    /// What its checkpoints call an expert's projections.
+    pub fn expert_names(self) -> ExpertNames {
+        match self {
+            Self::Mixtral => ExpertNames::MIXTRAL,
+            Self::Qwen2Moe | Self::Qwen3Moe => ExpertNames::GATE_UP_DOWN,
+        }
+    }
+
+    /// The config key of the number of routed experts.
+    fn experts_key(self) -> &'static str {
+        match self {
+            Self::Mixtral => "num_local_experts",
+            Self::Qwen2Moe | Self::Qwen3Moe => "num_experts",
+        }
+    }
+
+    /// The module names LoRA targets by default: attention and the experts' projections.
+    pub fn lora_targets(self) -> Vec<String> {
+        let e = self.expert_names();
+        ["q_proj", "k_proj", "v_proj", "o_proj", e.gate, e.up, e.down]
+            .map(String::from)
+            .to_vec()
+    }
+}
+
+/// Written as read: the family's own name for the expert count, then every other field.
+impl Serialize for MixtralConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde_json::json;
+        let experts_key = MoeFamily::of(&self.model_type)
+            .map(MoeFamily::experts_key)
+            .unwrap_or("num_local_experts");
+        let mut m = serde_json::Map::new();
+        for (k, v) in [
+            ("model_type", json!(self.model_type)),
+            ("architectures", json!(self.architectures)),
+            ("hidden_size", json!(self.hidden_size)),
+            ("intermediate_size", json!(self.intermediate_size)),
+            ("vocab_size", json!(self.vocab_size)),
+            ("num_hidden_layers", json!(self.num_hidden_layers)),
+            ("num_attention_heads", json!(self.num_attention_heads)),
+            ("num_key_value_heads", json!(self.num_key_value_heads)),
+            (experts_key, json!(self.num_local_experts)),
+            ("num_experts_per_tok", json!(self.num_experts_per_tok)),
+            ("rms_norm_eps", json!(self.rms_norm_eps)),
+            ("rope_theta", json!(self.rope_theta)),
+            (
+                "max_position_embeddings",
+                json!(self.max_position_embeddings),
+            ),
+            ("sliding_window", json!(self.sliding_window)),
+            ("router_aux_loss_coef", json!(self.router_aux_loss_coef)),
+            ("tie_word_embeddings", json!(self.tie_word_embeddings)),
+            ("hidden_act", json!(self.hidden_act)),
+            ("bos_token_id", json!(self.bos_token_id)),
+            ("eos_token_id", json!(self.eos_token_id)),
+        ] {
+            m.insert(k.to_string(), v);
+        }
+        for (k, v) in &self.extra {
+            m.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        m.serialize(s)
+    }
+}
+
 impl MixtralConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = crate::read_json(path, "Mixtral config")?;
+        let v: serde_json::Value = crate::read_json(path, "Mixtral config")?;
+        Self::from_json(v).map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads and checks a parsed `config.json`. Transformers 5 writes the rotary base inside
+    /// `rope_parameters` (`{"rope_type": "default", "rope_theta": ...}`); it is read from there
+    /// where the config has no `rope_theta` of its own.
+    pub fn from_json(mut v: serde_json::Value) -> Result<Self> {
+        if let Some(obj) = v.as_object_mut() {
+            if !obj.contains_key("rope_theta") {
+                let theta = obj
+                    .get("rope_parameters")
+                    .and_then(|r| r.get("rope_theta"))
+                    .cloned();
+                if let Some(theta) = theta {
+                    obj.insert("rope_theta".into(), theta);
+                }
+            }
+        }
+        let cfg: Self = serde_json::from_value(v)
+            .map_err(|e| candle_core::Error::msg(format!("config: {e}")))?;
         cfg.check()?;
         Ok(cfg)
+    }
+
+    /// The family its `model_type` names.
+    pub fn family(&self) -> Result<MoeFamily> {
+        MoeFamily::of(&self.model_type)
+    }
+
+    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match self.extra.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                candle_core::Error::msg(format!("config: {key} is {v}, not true or false"))
+            }),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<Option<usize>> {
+        match self.extra.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => Ok(Some(n as usize)),
+                None => bail!("config: {key} is {v}, not a count"),
+            },
+        }
+    }
+
+    /// Each routed expert's width: Qwen's `moe_intermediate_size`, Mixtral's
+    /// `intermediate_size`.
+    pub fn expert_intermediate_size(&self) -> usize {
+        match self.family() {
+            Ok(MoeFamily::Qwen2Moe | MoeFamily::Qwen3Moe) => self
+                .size("moe_intermediate_size")
+                .ok()
+                .flatten()
+                .unwrap_or(self.intermediate_size),
+            _ => self.intermediate_size,
+        }
+    }
+
+    /// Qwen2-MoE's shared expert width (`shared_expert_intermediate_size`), if it has one.
+    pub fn shared_expert_intermediate_size(&self) -> Option<usize> {
+        match self.family() {
+            Ok(MoeFamily::Qwen2Moe) => self
+                .size("shared_expert_intermediate_size")
+                .ok()
+                .flatten()
+                .filter(|&n| n > 0),
+            _ => None,
+        }
+    }
+
+    /// Whether decoder layer `layer` is sparse (an MoE layer) rather than a dense MLP of
+    /// `intermediate_size`: Qwen's rule, every `decoder_sparse_step`-th layer not listed in
+    /// `mlp_only_layers`; every layer for Mixtral.
+    pub fn is_sparse_layer(&self, layer: usize) -> bool {
+        match self.family() {
+            Ok(MoeFamily::Qwen2Moe | MoeFamily::Qwen3Moe) => {
+                let step = self.size("decoder_sparse_step").ok().flatten().unwrap_or(1);
+                let dense = self
+                    .extra
+                    .get("mlp_only_layers")
+                    .and_then(|v| v.as_array())
+                    .is_some_and(|l| l.iter().any(|x| x.as_u64() == Some(layer as u64)));
+                !dense && self.num_local_experts > 0 && step > 0 && (layer + 1).is_multiple_of(step)
+            }
+            _ => true,
+        }
+    }
+
+    /// The number of sparse layers among `layers`.
+    pub fn sparse_layers(&self, layers: std::ops::Range<usize>) -> usize {
+        layers.filter(|&l| self.is_sparse_layer(l)).count()
+    }
+
+    /// How far back attention reaches: `sliding_window`, which Qwen configs set but use only
+    /// with `use_sliding_window`.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.family() {
+            Ok(MoeFamily::Qwen2Moe | MoeFamily::Qwen3Moe)
+                if !self.flag("use_sliding_window", false).unwrap_or(false) =>
+            {
+                None
+            }
+            _ => self.sliding_window,
+        }
     }
 
     /// A small random-model configuration: 4 experts, top-2.
@@ -128,11 +343,53 @@ impl MixtralConfig {
     }
 
     pub fn check(&self) -> Result<()> {
+        let family = self.family()?;
         if self.hidden_act != "silu" {
             bail!(
-                "config: hidden_act {} is not supported (Mixtral uses silu)",
+                "config: hidden_act {} is not supported (Mixtral, Qwen2-MoE and Qwen3-MoE use silu)",
                 self.hidden_act
             )
+        }
+        if let Some(r) = self.extra.get("rope_parameters").filter(|r| !r.is_null()) {
+            let kind = r
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                bail!("config: rope_parameters.rope_type {kind:?} is not implemented (only the default rotary embedding is): use a config without rope scaling")
+            }
+        }
+        for key in [
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "decoder_sparse_step",
+            "head_dim",
+        ] {
+            self.size(key)?;
+        }
+        self.flag("use_sliding_window", false)?;
+        if family == MoeFamily::Qwen2Moe {
+            self.flag("qkv_bias", true)?;
+        }
+        if family == MoeFamily::Qwen3Moe && self.flag("attention_bias", false)? {
+            bail!("config: attention_bias is true, which puts a bias on o_proj too; this model reads biases on q_proj, k_proj and v_proj only (Qwen2-MoE's qkv_bias)")
+        }
+        if self.flag("use_sliding_window", false)? {
+            bail!("config: use_sliding_window is true, which this model does not implement: set it to false")
+        }
+        if let Some(v) = self.extra.get("mlp_only_layers").filter(|v| !v.is_null()) {
+            let ok = v
+                .as_array()
+                .is_some_and(|l| l.iter().all(|x| x.as_u64().is_some()));
+            if !ok {
+                bail!("config: mlp_only_layers is {v}, not a list of layer indices")
+            }
+        }
+        if self.size("decoder_sparse_step")? == Some(0) {
+            bail!("config: decoder_sparse_step is 0: use 1 for every layer sparse")
+        }
+        if self.sparse_layers(0..self.num_hidden_layers) == 0 {
+            bail!("config: no layer is sparse (num_experts, decoder_sparse_step, mlp_only_layers): a dense model runs as Llama")
         }
         self.router_config()?;
         self.as_llama().check()
@@ -238,11 +495,104 @@ impl MixtralConfig {
             bos_token_id: self.bos_token_id,
             eos_token_id: self.eos_token_id.map(|e| serde_json::json!(e)),
             rope_scaling: None,
+            head_dim: self.size("head_dim").ok().flatten(),
+            qkv_bias: matches!(self.family(), Ok(MoeFamily::Qwen2Moe))
+                && self.flag("qkv_bias", true).unwrap_or(true),
+            qk_norm: matches!(self.family(), Ok(MoeFamily::Qwen3Moe)),
         }
     }
 }
 
-type Block = DecoderBlock<MoeLayer>;
+type Block = DecoderBlock<Ffn>;
+
+/// A decoder layer's feed-forward: an MoE layer (with Qwen2-MoE's gated shared expert), or a
+/// dense MLP of `intermediate_size` (Qwen's `mlp_only_layers` and `decoder_sparse_step`).
+pub(crate) enum Ffn {
+    Sparse {
+        moe: Box<MoeLayer>,
+        shared: Option<SharedExpert>,
+    },
+    Dense(Mlp),
+}
+
+/// Qwen2-MoE's shared expert: an MLP every token goes through, scaled by
+/// `sigmoid(shared_expert_gate · x)` (the gate `[1, hidden]`, replicated).
+pub(crate) struct SharedExpert {
+    mlp: Mlp,
+    gate: Tensor,
+}
+
+impl Ffn {
+    /// Layer `layer`'s feed-forward from `vb` at `model.layers.N`.
+    fn new(
+        cfg: &MixtralConfig,
+        layer: usize,
+        router: RouterConfig,
+        dispatch: Dispatch,
+        vb: &ParallelVarBuilder,
+        ep: &Comm,
+        tp: &Comm,
+    ) -> Result<Self> {
+        let family = cfg.family()?;
+        let h = cfg.hidden_size;
+        let vb = vb.pp(family.ffn_prefix());
+        if !cfg.is_sparse_layer(layer) {
+            return Ok(Self::Dense(Mlp::new(h, cfg.intermediate_size, &vb, tp)?));
+        }
+        let moe = moe_layer_named(
+            h,
+            cfg.expert_intermediate_size(),
+            router,
+            dispatch,
+            vb.clone(),
+            ep,
+            tp,
+            family.expert_names(),
+        )?;
+        let shared = match cfg.shared_expert_intermediate_size() {
+            Some(ffn) => Some(SharedExpert {
+                mlp: Mlp::new(h, ffn, &vb.pp("shared_expert"), tp)?,
+                gate: vb.pp("shared_expert_gate").get(
+                    (1, h),
+                    "weight",
+                    candle_parallel::checkpoint::Placement::Replicated,
+                    candle_parallel::tensor_parallel::linear_weight_init(),
+                )?,
+            }),
+            None => None,
+        };
+        Ok(Self::Sparse {
+            moe: Box::new(moe),
+            shared,
+        })
+    }
+
+    /// The MoE layer, if this is a sparse layer.
+    pub(crate) fn moe(&self) -> Option<&MoeLayer> {
+        match self {
+            Self::Sparse { moe, .. } => Some(moe),
+            Self::Dense(_) => None,
+        }
+    }
+
+    /// The output for the normed input `x` (`[b, s, h]`), with the routing of a sparse layer.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<MoeAux>)> {
+        match self {
+            Self::Dense(mlp) => Ok((mlp.forward(x)?, None)),
+            Self::Sparse { moe, shared } => {
+                let o = moe.forward(x, train)?;
+                let out = match shared {
+                    None => o.output,
+                    Some(sh) => {
+                        let g = candle_nn::ops::sigmoid(&ops::linear(x, &sh.gate)?)?;
+                        (o.output + sh.mlp.forward(x)?.broadcast_mul(&g)?)?
+                    }
+                };
+                Ok((out, Some(o.aux)))
+            }
+        }
+    }
+}
 
 /// The losses of one forward over a batch.
 pub struct MixtralLosses {
@@ -315,7 +665,6 @@ impl Mixtral {
         cfg.check()?;
         let (first, last) = stage_ends("Mixtral", &layers, cfg.num_hidden_layers)?;
         let lcfg = cfg.as_llama();
-        let h = cfg.hidden_size;
         let heads = TpHeads::new(
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -328,16 +677,8 @@ impl Mixtral {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers.clone() {
             let l = m.pp("layers").pp(i);
-            let moe = moe_layer(
-                h,
-                cfg.intermediate_size,
-                router,
-                dispatch,
-                l.pp("block_sparse_moe"),
-                ep,
-                tp,
-            )?;
-            blocks.push(DecoderBlock::new(&lcfg, &heads, &l, tp, moe)?);
+            let ffn = Ffn::new(cfg, i, router, dispatch, &l, ep, tp)?;
+            blocks.push(DecoderBlock::new(&lcfg, &heads, &l, tp, ffn)?);
         }
         let (norm, lm_head) = stage_norm_and_head(&lcfg, last, embed.as_ref(), &vb, tp)?;
         Ok(Self {
@@ -386,7 +727,8 @@ impl Mixtral {
     pub fn update_router_biases(&self, batch: &Comm) -> Result<Vec<ExpertLoad>> {
         let mut loads = Vec::new();
         for b in &self.blocks {
-            if let Some(l) = b.ffn.router().update_bias(Some(batch))? {
+            let Some(moe) = b.ffn.moe() else { continue };
+            if let Some(l) = moe.router().update_bias(Some(batch))? {
                 loads.push(l);
             }
         }
@@ -394,7 +736,8 @@ impl Mixtral {
     }
 
     /// The routers' selection biases under their Hugging Face names
-    /// (`model.layers.N.block_sparse_moe.gate.e_score_correction_bias`), replicated on every
+    /// (`model.layers.N.block_sparse_moe.gate.e_score_correction_bias`, or `mlp.gate` for the
+    /// Qwen families), replicated on every
     /// rank of this stage: what checkpoints save beside the parameters (and what the model
     /// reads back when built from one).
     pub fn router_buffers(&self) -> Vec<(String, Tensor)> {
@@ -402,10 +745,11 @@ impl Mixtral {
             .iter()
             .enumerate()
             .filter_map(|(i, b)| {
-                let bias = b.ffn.router().bias()?;
+                let bias = b.ffn.moe()?.router().bias()?;
                 let layer = self.first_layer + i;
+                let ffn = self.cfg.family().ok()?.ffn_prefix();
                 Some((
-                    format!("model.layers.{layer}.block_sparse_moe.gate.e_score_correction_bias"),
+                    format!("model.layers.{layer}.{ffn}.gate.e_score_correction_bias"),
                     bias,
                 ))
             })
@@ -508,8 +852,13 @@ impl Mixtral {
         s: usize,
     ) -> Result<Tensor> {
         let (e, k) = (self.cfg.num_local_experts, self.cfg.num_experts_per_tok);
-        let (p, f) = hf_load_balancing_token_sums(router_logits, e, k)?;
-        let (p, f) = ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?);
+        // A stage of dense layers only passes the sums on.
+        let (p, f) = if router_logits.is_empty() {
+            (p_in.flatten_all()?, f_in.flatten_all()?)
+        } else {
+            let (p, f) = hf_load_balancing_token_sums(router_logits, e, k)?;
+            ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?)
+        };
         let body = match (&self.norm, &self.lm_head) {
             (Some(norm), Some(head)) => {
                 head.forward(&ops::rms_norm(x, norm, self.cfg.rms_norm_eps)?)?
@@ -603,7 +952,7 @@ impl Mixtral {
                 self.cfg.max_position_embeddings
             )
         }
-        if let Some(w) = self.cfg.sliding_window {
+        if let Some(w) = self.cfg.attention_window() {
             if end > w {
                 bail!("Mixtral: positions up to {end} exceed the sliding window {w}, which this model does not implement: use sequences of at most {w} tokens")
             }
@@ -641,16 +990,18 @@ impl Mixtral {
         let (mut logits, mut stats) = (Vec::new(), Vec::new());
         for i in 0..self.blocks.len() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (y, l, st) = self.block_forward(i, x, pos, layer_cache, train)?;
+            let (y, routed) = self.block_forward(i, x, pos, layer_cache, train)?;
             *x = y;
-            logits.push(l);
-            stats.push(st);
+            if let Some((l, st)) = routed {
+                logits.push(l);
+                stats.push(st);
+            }
         }
         Ok((logits, stats))
     }
 
-    /// This stage's decoder layer `i` on `x`: its output, router logits and routing
-    /// statistics.
+    /// This stage's decoder layer `i` on `x`: its output and, for a sparse layer, its router
+    /// logits and routing statistics.
     fn block_forward(
         &self,
         i: usize,
@@ -658,12 +1009,14 @@ impl Mixtral {
         pos: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
-    ) -> Result<(Tensor, Tensor, MoeStats)> {
+    ) -> Result<(Tensor, Option<(Tensor, MoeStats)>)> {
         let eps = self.cfg.rms_norm_eps;
-        let (y, aux) = self.blocks[i].forward(x, pos, &self.rope, cache, eps, |moe, n| {
-            let o = moe.forward(n, train)?;
-            Ok((o.output, o.aux))
+        let (y, aux) = self.blocks[i].forward(x, pos, &self.rope, cache, eps, |ffn, n| {
+            ffn.forward(n, train)
         })?;
+        let Some(aux) = aux else {
+            return Ok((y, None));
+        };
         tracing::debug!(
             layer = self.first_layer + i,
             tokens_per_expert = ?aux.stats.tokens_per_expert,
@@ -671,7 +1024,7 @@ impl Mixtral {
             dropped = aux.stats.dropped,
             "moe"
         );
-        Ok((y, aux.routing.logits, aux.stats))
+        Ok((y, Some((aux.routing.logits, aux.stats))))
     }
 
     /// Full logits `[b, s, vocab]` on every rank.
@@ -740,7 +1093,7 @@ impl Mixtral {
     /// Whether parameter `name` is an expert weight (held by one ep rank) rather than replicated
     /// over the ep group.
     pub fn is_expert_param(name: &str) -> bool {
-        name.contains(".block_sparse_moe.experts.")
+        name.contains(".block_sparse_moe.experts.") || name.contains(".mlp.experts.")
     }
 }
 
@@ -1142,12 +1495,21 @@ impl Mixtral {
         };
         let selective = recompute == Recompute::Selective;
         for i in 0..n {
-            let (y, l, st) = ops::with_selective_recompute(selective, || {
+            let (y, routed) = ops::with_selective_recompute(selective, || {
                 self.block_forward(i, t.inputs[i].as_tensor(), 0, None, true)
             })?;
             t.inputs.push(Var::from_tensor(&y.detach())?);
-            t.logits.push(Var::from_tensor(&l.detach())?);
-            t.stats.push(st);
+            let l = match routed {
+                Some((l, st)) => {
+                    t.logits.push(Some(Var::from_tensor(&l.detach())?));
+                    t.stats.push(st);
+                    Some(l)
+                }
+                None => {
+                    t.logits.push(None);
+                    None
+                }
+            };
             // Recomputed: the graph (every activation of the layer) is dropped here.
             t.outputs
                 .push((recompute != Recompute::Full).then_some((y, l)));
@@ -1169,15 +1531,15 @@ impl Mixtral {
             let (y, l) = match t.outputs[i].take() {
                 Some(kept) => kept,
                 None => {
-                    let (y, l, _) =
+                    let (y, routed) =
                         self.block_forward(i, t.inputs[i].as_tensor(), 0, None, true)?;
-                    (y, l)
+                    (y, routed.map(|(l, _)| l))
                 }
             };
             let prefix = format!("model.layers.{}.", self.first_layer + i);
             let mut total: Option<Tensor> = None;
-            for (out, g) in [(&y, seed.take()), (&l, seeds_l[i].take())] {
-                if let Some(g) = g {
+            for (out, g) in [(Some(&y), seed.take()), (l.as_ref(), seeds_l[i].take())] {
+                if let (Some(out), Some(g)) = (out, g) {
                     // In f32: the hidden states may be 16-bit, the router logits are f32.
                     let s = (out * g)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
                     total = Some(match total {
@@ -1210,10 +1572,12 @@ struct LayerTapes {
     /// Each layer's input as a variable (its gradient is the previous unit's seed), then the
     /// last layer's output.
     inputs: Vec<Var>,
-    /// Each layer's output and router logits with their graphs (`None`: recomputed).
-    outputs: Vec<Option<(Tensor, Tensor)>>,
-    /// Each layer's router logits as a variable.
-    logits: Vec<Var>,
+    /// Each layer's output and router logits (dense layers: none) with their graphs (`None`:
+    /// recomputed).
+    outputs: Vec<Option<(Tensor, Option<Tensor>)>>,
+    /// Each layer's router logits as a variable (dense layers: none).
+    logits: Vec<Option<Var>>,
+    /// The sparse layers' routing statistics.
     stats: Vec<MoeStats>,
 }
 
@@ -1224,7 +1588,11 @@ impl LayerTapes {
     }
 
     fn router_logits(&self) -> Vec<Tensor> {
-        self.logits.iter().map(|l| l.as_tensor().clone()).collect()
+        self.logits
+            .iter()
+            .flatten()
+            .map(|l| l.as_tensor().clone())
+            .collect()
     }
 
     /// The seeds of the layers' backward from what follows them: the gradients of the last
@@ -1234,7 +1602,7 @@ impl LayerTapes {
             grad_of(store, self.output()),
             self.logits
                 .iter()
-                .map(|l| grad_of(store, l.as_tensor()))
+                .map(|l| l.as_ref().and_then(|l| grad_of(store, l.as_tensor())))
                 .collect(),
         )
     }
@@ -1406,7 +1774,7 @@ fn losses_of_packed(
         &p,
         &f,
         attention_mask,
-        cfg.num_hidden_layers,
+        cfg.sparse_layers(0..cfg.num_hidden_layers),
         aux_batch,
     )?;
     let loss = (&ce_loss + (&aux_loss * cfg.router_aux_loss_coef)?)?;

@@ -22,6 +22,31 @@ pub struct Expert {
     pub w3: ColumnParallelLinear,
 }
 
+/// What a checkpoint calls an expert's three projections: Mixtral's `w1` (gate), `w3` (up)
+/// and `w2` (down), or the `gate_proj` / `up_proj` / `down_proj` of Qwen-MoE, DeepSeek and
+/// dense Llama-style MLPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertNames {
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+impl ExpertNames {
+    /// Mixtral's `w1`, `w3`, `w2`.
+    pub const MIXTRAL: Self = Self {
+        gate: "w1",
+        up: "w3",
+        down: "w2",
+    };
+    /// `gate_proj`, `up_proj`, `down_proj` (Qwen2-MoE, Qwen3-MoE, DeepSeek).
+    pub const GATE_UP_DOWN: Self = Self {
+        gate: "gate_proj",
+        up: "up_proj",
+        down: "down_proj",
+    };
+}
+
 impl Expert {
     /// Wraps this rank's slices of the three weights (no biases).
     pub fn new(w1: Tensor, w2: Tensor, w3: Tensor, tp: &Comm) -> Self {
@@ -35,13 +60,24 @@ impl Expert {
 
     /// Reads expert `vb` (HF names `w1`, `w2`, `w3`): this rank's tp slices.
     pub fn load(hidden: usize, ffn: usize, vb: &ParallelVarBuilder, tp: &Comm) -> Result<Self> {
+        Self::load_named(hidden, ffn, vb, tp, ExpertNames::MIXTRAL)
+    }
+
+    /// [`Expert::load`] with the projections under `names`.
+    pub fn load_named(
+        hidden: usize,
+        ffn: usize,
+        vb: &ParallelVarBuilder,
+        tp: &Comm,
+        names: ExpertNames,
+    ) -> Result<Self> {
         use crate::lora::{adapter, Kind};
         let init = crate::tensor_parallel::linear_weight_init();
         let (col, row) = (Placement::split_over(0, tp), Placement::split_over(1, tp));
         let mut e = Self::new(
-            vb.pp("w1").get((ffn, hidden), "weight", col, init)?,
-            vb.pp("w2").get((hidden, ffn), "weight", row, init)?,
-            vb.pp("w3").get((ffn, hidden), "weight", col, init)?,
+            vb.pp(names.gate).get((ffn, hidden), "weight", col, init)?,
+            vb.pp(names.down).get((hidden, ffn), "weight", row, init)?,
+            vb.pp(names.up).get((ffn, hidden), "weight", col, init)?,
             tp,
         );
         let lora = |name: &str, kind, shard| {
@@ -51,9 +87,9 @@ impl Expert {
             };
             adapter(&vb.pp(name), i, o, kind, shard, None, tp)
         };
-        e.w1 = e.w1.with_lora(lora("w1", Kind::Column, col)?);
-        e.w2 = e.w2.with_lora(lora("w2", Kind::Row, row)?);
-        e.w3 = e.w3.with_lora(lora("w3", Kind::Column, col)?);
+        e.w1 = e.w1.with_lora(lora(names.gate, Kind::Column, col)?);
+        e.w2 = e.w2.with_lora(lora(names.down, Kind::Row, row)?);
+        e.w3 = e.w3.with_lora(lora(names.up, Kind::Column, col)?);
         Ok(e)
     }
 

@@ -1,7 +1,7 @@
 //! [`MoeLayer`]: the router, this rank's experts and a token dispatcher, composed.
 
 use super::dispatcher::{Dispatch, TokenDispatcher};
-use super::experts::{Expert, LocalExperts};
+use super::experts::{Expert, ExpertNames, LocalExperts};
 use super::losses::{router_z_loss, switch_aux_loss};
 use super::plan::plan_tokens;
 use super::router::{Router, RouterConfig, Routing};
@@ -174,6 +174,31 @@ pub fn moe_layer(
     ep: &Comm,
     tp: &Comm,
 ) -> Result<MoeLayer> {
+    moe_layer_named(
+        hidden,
+        ffn,
+        router_cfg,
+        dispatch,
+        vb,
+        ep,
+        tp,
+        ExpertNames::MIXTRAL,
+    )
+}
+
+/// [`moe_layer`] with the experts' projections under `names`
+/// (`experts.J.gate_proj/up_proj/down_proj.weight` for Qwen-MoE: [`ExpertNames::GATE_UP_DOWN`]).
+#[allow(clippy::too_many_arguments)]
+pub fn moe_layer_named(
+    hidden: usize,
+    ffn: usize,
+    router_cfg: RouterConfig,
+    dispatch: Dispatch,
+    vb: ParallelVarBuilder,
+    ep: &Comm,
+    tp: &Comm,
+    names: ExpertNames,
+) -> Result<MoeLayer> {
     let e = router_cfg.num_experts;
     if !e.is_multiple_of(ep.size()) {
         bail!("moe: {e} experts cannot be split over expert-parallel size {}: choose an ep that divides {e}", ep.size())
@@ -195,7 +220,7 @@ pub fn moe_layer(
     // Each ep rank holds its own experts (not replicas of one another's).
     let experts_vb = vb.pp("experts").local_to(MeshDim::Ep);
     let experts = (first..first + el)
-        .map(|j| Expert::load(hidden, ffn, &experts_vb.pp(j), tp))
+        .map(|j| Expert::load_named(hidden, ffn, &experts_vb.pp(j), tp, names))
         .collect::<Result<Vec<_>>>()?;
     let router = Router::new(gate, router_cfg)?;
     // DeepSeek-V3's selection bias, where the checkpoint has one (else zeros).

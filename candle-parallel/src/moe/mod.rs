@@ -37,8 +37,8 @@ pub use combine::{combine_into, combine_outputs, zeros_for_combine};
 pub use dispatcher::{
     AllReduceDispatcher, AllToAllDispatcher, Dispatch, Dispatched, TokenDispatcher,
 };
-pub use experts::{Expert, LocalExperts};
-pub use layer::{moe_layer, MoeAux, MoeLayer, MoeOutput, MoeStats};
+pub use experts::{Expert, ExpertNames, LocalExperts};
+pub use layer::{moe_layer, moe_layer_named, MoeAux, MoeLayer, MoeOutput, MoeStats};
 pub use losses::{
     hf_load_balancing_loss, hf_load_balancing_loss_masked, hf_load_balancing_loss_of_token_sums,
     hf_load_balancing_loss_of_token_sums_over, hf_load_balancing_loss_over,
