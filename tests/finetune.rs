@@ -761,3 +761,85 @@ fn chat_data_packed_trains_and_generates() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A Qwen2-MoE model (`model_type: qwen2_moe`: shared expert, q/k/v biases, a dense layer)
+/// fine-tuned with LoRA by the main job at ep = 2 × tp = 2 with the family's default targets:
+/// adapters on attention, every expert's gate/up/down projections, the shared expert's and the
+/// dense layer's MLP, in PEFT's names; the merged model and the adapters loaded onto the base
+/// (another layout) generate the same tokens; the export keeps the family's config keys.
+#[test]
+fn a_qwen_moe_model_fine_tunes_with_lora_and_exports() {
+    use candle_core::Device;
+    let dir = tmp("qwen-lora");
+    let model = dir.join("model");
+    // A new model gives the directory its tokenizer; the Qwen model of its vocabulary
+    // replaces the weights and config.
+    finetune(&model, &dir.join("first"), &["--steps", "1"]);
+    let old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let cfg = candle_parallel_models::mixtral::MixtralConfig::from_json(serde_json::json!({
+        "model_type": "qwen2_moe",
+        "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24, "vocab_size": old["vocab_size"],
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_experts": 4, "num_experts_per_tok": 2, "mlp_only_layers": [1],
+        "max_position_embeddings": 128, "bos_token_id": old["bos_token_id"],
+        "eos_token_id": old["eos_token_id"],
+    }))
+    .unwrap();
+    candle_parallel_models::testing::write_random_mixtral(&model, &cfg, 5).unwrap();
+    let out = dir.join("out");
+    finetune(
+        &model,
+        &out,
+        &["--steps", "3", "--lora-rank", "4", "--lr", "1e-2"],
+    );
+    let adapters = candle_core::safetensors::load(
+        out.join("adapters/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let base =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let adapted: Vec<&String> = base
+        .keys()
+        .filter(|name| {
+            let module = format!("base_model.model.{}", name.trim_end_matches(".weight"));
+            adapters.contains_key(&format!("{module}.lora_A.weight"))
+        })
+        .collect();
+    for module in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.2.self_attn.o_proj.weight",
+        "model.layers.0.mlp.experts.3.gate_proj.weight",
+        "model.layers.2.mlp.experts.0.down_proj.weight",
+        "model.layers.0.mlp.shared_expert.up_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+    ] {
+        assert!(
+            adapted.iter().any(|n| *n == module),
+            "{module} has no adapter"
+        );
+    }
+    // Per layer q, k, v, o; per sparse layer 4 experts x 3 + the shared expert's 3; the dense
+    // layer's 3.
+    assert_eq!(adapted.len(), 3 * 4 + 2 * (4 * 3 + 3) + 3, "{adapted:?}");
+    let generate =
+        |args: &[&str]| generated_ids(args, &dir.join(format!("ids-{}.json", args.len())));
+    let (m, ad, mg) = (
+        model.to_string_lossy().to_string(),
+        out.join("adapters").to_string_lossy().to_string(),
+        out.join("merged").to_string_lossy().to_string(),
+    );
+    assert_eq!(
+        generate(&["--model", &m, "--adapters", &ad, "--tp", "2"]),
+        generate(&["--model", &mg, "--tp", "1"])
+    );
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("merged/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(merged["model_type"], "qwen2_moe");
+    assert_eq!(merged["num_experts"], 4);
+    assert!(merged.get("num_local_experts").is_none(), "{merged}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
