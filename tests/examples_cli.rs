@@ -252,38 +252,42 @@ fn llama_eval_with_pipeline_stages_writes_what_one_stage_writes() {
 
 /// `mixtral eval --pp P` writes what one stage writes — logits, ce_loss, aux_loss (HF's, over
 /// every layer of every stage), loss and every gradient — with ep and tp inside the stages,
-/// uneven splits and a tied head.
+/// uneven splits and a tied head; and `moe eval` the same for Qwen2-MoE and Qwen3-MoE (whose
+/// stages may hold dense layers only).
 #[test]
 fn mixtral_eval_with_pipeline_stages_writes_what_one_stage_writes() {
     use candle_parallel_models::mixtral::MixtralConfig;
     use candle_parallel_models::testing::{max_rel_err, write_random_mixtral};
+    let fixture = |family: &str| {
+        MixtralConfig::from_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/fixtures/moe_families/{family}.json")),
+        )
+        .unwrap()
+    };
+    let mut runs = Vec::new();
     for tied in [false, true] {
         let mut cfg = MixtralConfig::tiny();
         cfg.num_hidden_layers = 3;
         cfg.tie_word_embeddings = tied;
-        let model = tmp(&format!("mixtral-pp-model-{tied}"));
+        runs.push((format!("mixtral-{tied}"), cfg, "1,17,99,3,200,5", "mixtral"));
+    }
+    for family in ["qwen2_moe", "qwen3_moe"] {
+        runs.push((family.to_string(), fixture(family), "1,17,9,3,60,5", "moe"));
+    }
+    for (what, cfg, tokens, example) in runs {
+        let tied = &what;
+        let model = tmp(&format!("mixtral-pp-model-{what}"));
         write_random_mixtral(&model, &cfg, 13).unwrap();
         let eval = |pp: usize, ep: usize, tp: usize| {
             let out = model.join(format!("out-{pp}-{ep}-{tp}.safetensors"));
             let (m, o) = (model.to_string_lossy(), out.to_string_lossy());
             let (pp_s, ep_s, tp_s) = (pp.to_string(), ep.to_string(), tp.to_string());
             let r = run(
-                "mixtral",
+                example,
                 &[
-                    "eval",
-                    "--model",
-                    &m,
-                    "--tokens",
-                    "1,17,99,3,200,5",
-                    "--pp",
-                    &pp_s,
-                    "--ep",
-                    &ep_s,
-                    "--tp",
-                    &tp_s,
-                    "--out",
-                    &o,
-                    "--grads",
+                    "eval", "--model", &m, "--tokens", tokens, "--pp", &pp_s, "--ep", &ep_s,
+                    "--tp", &tp_s, "--out", &o, "--grads",
                 ],
             );
             assert!(

@@ -613,3 +613,76 @@ fn micro_batches_with_uneven_completions_give_the_whole_batch_gradient() -> Resu
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// The Qwen MoE configs: read with their own keys and transformers' defaults for what they
+/// leave out, written back with the same keys; what the model does not implement is refused
+/// with a message that names the key.
+#[test]
+fn qwen_configs_read_write_and_refuse_clearly() -> Result<()> {
+    use candle_parallel_models::mixtral::MoeFamily;
+    use serde_json::json;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moe_families");
+    // Rope as transformers 5 writes it (rope_parameters only).
+    let q3 = MixtralConfig::from_file(&path.join("qwen3_moe.json"))?;
+    assert_eq!(q3.family()?, MoeFamily::Qwen3Moe);
+    assert_eq!((q3.rope_theta, q3.num_local_experts), (1e6, 8));
+    assert_eq!(q3.expert_intermediate_size(), 16);
+    assert_eq!(q3.as_llama().head_dim(), 16);
+    assert_eq!(
+        (0..4).map(|l| q3.is_sparse_layer(l)).collect::<Vec<_>>(),
+        [false, true, false, true]
+    );
+    assert!(q3.router_config()?.renormalize);
+    let q2 = MixtralConfig::from_file(&path.join("qwen2_moe.json"))?;
+    assert_eq!(q2.shared_expert_intermediate_size(), Some(24));
+    assert!(!q2.is_sparse_layer(1) && q2.is_sparse_layer(2));
+    assert_eq!(q2.attention_window(), None, "use_sliding_window is false");
+    // Written back under the family's keys, everything else kept.
+    let written = serde_json::to_value(&q2).unwrap();
+    assert_eq!(written["num_experts"], 4);
+    assert!(written.get("num_local_experts").is_none());
+    assert_eq!(written["mlp_only_layers"], json!([1]));
+    assert_eq!(MixtralConfig::from_json(written)?, q2);
+    let mixtral = serde_json::to_value(MixtralConfig::tiny()).unwrap();
+    assert!(mixtral.get("num_local_experts").is_some() && mixtral.get("num_experts").is_none());
+    // A minimal Qwen3 config: the family's defaults, not Mixtral's.
+    let minimal = json!({
+        "model_type": "qwen3_moe", "hidden_size": 32, "intermediate_size": 48,
+        "vocab_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+    });
+    let m = MixtralConfig::from_json(minimal.clone())?;
+    assert_eq!(
+        (m.rms_norm_eps, m.rope_theta, m.router_aux_loss_coef),
+        (1e-6, 1e4, 1e-3)
+    );
+    assert!(
+        !m.router_config()?.renormalize,
+        "norm_topk_prob defaults to false"
+    );
+    let refused = |patch: serde_json::Value, needle: &str| {
+        let mut v = minimal.clone();
+        for (k, x) in patch.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let err = MixtralConfig::from_json(v).unwrap_err().to_string();
+        assert!(err.contains(needle), "{patch}: {err}");
+    };
+    refused(
+        json!({"model_type": "deepseek_v3"}),
+        "mixtral, qwen2_moe or qwen3_moe",
+    );
+    refused(json!({"use_sliding_window": true}), "use_sliding_window");
+    refused(json!({"attention_bias": true}), "attention_bias");
+    refused(
+        json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}),
+        "rope_type \"yarn\"",
+    );
+    refused(json!({"decoder_sparse_step": 0}), "decoder_sparse_step");
+    refused(json!({"mlp_only_layers": [0, 1]}), "no layer is sparse");
+    refused(
+        json!({"moe_intermediate_size": "big"}),
+        "moe_intermediate_size",
+    );
+    Ok(())
+}

@@ -122,6 +122,18 @@ fn train_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> HashMap<String, Tensor> {
+    train_with("mixtral", model, batch, out, extra, env)
+}
+
+/// [`train_env`] with the example `example` (`mixtral`, or `moe`: the same program).
+fn train_with(
+    example: &str,
+    model: &Path,
+    batch: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> HashMap<String, Tensor> {
     let mut args: Vec<String> = [
         "train",
         "--model",
@@ -143,14 +155,14 @@ fn train_env(
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
-    let o = Command::new(example_path("mixtral"))
+    let o = Command::new(example_path(example))
         .args(&args)
         .envs(env.iter().copied())
         .output()
-        .expect("mixtral runs");
+        .expect("the example runs");
     assert!(
         o.status.success(),
-        "mixtral {args:?}: {}",
+        "{example} {args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
     candle_core::safetensors::load(out, &candle_core::Device::Cpu).unwrap()
@@ -1127,7 +1139,14 @@ fn qwen_moe_families_match_transformers_at_every_layout() -> Result<()> {
         let mut want = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu)?;
         want.remove("generated");
         let before = initial(&model);
-        let one = train(&model, &batch, &dir.join("one.safetensors"), &[]);
+        let one = train_with(
+            "moe",
+            &model,
+            &batch,
+            &dir.join("one.safetensors"),
+            &[],
+            &[],
+        );
         assert_same_run(
             &format!("{family}, one device vs transformers"),
             &one,
@@ -1136,7 +1155,14 @@ fn qwen_moe_families_match_transformers_at_every_layout() -> Result<()> {
             1e-5,
         )?;
         for args in layouts {
-            let got = train(&model, &batch, &dir.join("layout.safetensors"), &args);
+            let got = train_with(
+                "moe",
+                &model,
+                &batch,
+                &dir.join("layout.safetensors"),
+                &args,
+                &[],
+            );
             assert_same_run(
                 &format!("{family}, {args:?} vs transformers"),
                 &got,

@@ -1,10 +1,13 @@
-//! The decoder block Llama and Mixtral share: pre-norm attention and a pre-norm feed-forward
-//! (Llama's SwiGLU MLP, Mixtral's MoE layer), each added to the residual stream.
+//! The blocks every model shares: the decoder block (pre-norm attention and a pre-norm
+//! feed-forward, each added to the residual stream) and the sparse families' feed-forward
+//! ([`Ffn`]: an MoE layer, with Qwen2-MoE's gated shared expert, or a dense MLP).
 
-use crate::llama::{Attention, LlamaConfig};
-use candle_core::{Result, Tensor};
+use crate::llama::{Attention, LlamaConfig, Mlp};
+use crate::moe_config::MixtralConfig;
+use candle_core::{Module, Result, Tensor};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
+use candle_parallel::moe::{moe_layer_named, Dispatch, MoeAux, MoeLayer, RouterConfig};
 use candle_parallel::tensor_parallel::TpHeads;
 use candle_parallel::{ops, Comm};
 
@@ -64,5 +67,94 @@ impl<F> DecoderBlock<F> {
         let x = (x + a)?;
         let (f, kept) = ffn(&self.ffn, &ops::rms_norm(&x, &self.post_norm, eps)?)?;
         Ok(((x + f)?, kept))
+    }
+}
+
+/// A decoder layer's feed-forward: an MoE layer (with Qwen2-MoE's gated shared expert), or a
+/// dense MLP of `intermediate_size` (Qwen's `mlp_only_layers` and `decoder_sparse_step`).
+pub(crate) enum Ffn {
+    Sparse {
+        moe: Box<MoeLayer>,
+        shared: Option<SharedExpert>,
+    },
+    Dense(Mlp),
+}
+
+/// Qwen2-MoE's shared expert: an MLP every token goes through, scaled by
+/// `sigmoid(shared_expert_gate · x)` (the gate `[1, hidden]`, replicated).
+pub(crate) struct SharedExpert {
+    mlp: Mlp,
+    gate: Tensor,
+}
+
+impl Ffn {
+    /// Layer `layer`'s feed-forward from `vb` at `model.layers.N`.
+    pub(crate) fn new(
+        cfg: &MixtralConfig,
+        layer: usize,
+        router: RouterConfig,
+        dispatch: Dispatch,
+        vb: &ParallelVarBuilder,
+        ep: &Comm,
+        tp: &Comm,
+    ) -> Result<Self> {
+        let family = cfg.family()?;
+        let h = cfg.hidden_size;
+        let vb = vb.pp(family.ffn_prefix());
+        if !cfg.is_sparse_layer(layer) {
+            return Ok(Self::Dense(Mlp::new(h, cfg.intermediate_size, &vb, tp)?));
+        }
+        let moe = moe_layer_named(
+            h,
+            cfg.expert_intermediate_size(),
+            router,
+            dispatch,
+            vb.clone(),
+            ep,
+            tp,
+            family.expert_names(),
+        )?;
+        let shared = match cfg.shared_expert_intermediate_size() {
+            Some(ffn) => Some(SharedExpert {
+                mlp: Mlp::new(h, ffn, &vb.pp("shared_expert"), tp)?,
+                gate: vb.pp("shared_expert_gate").get(
+                    (1, h),
+                    "weight",
+                    Placement::Replicated,
+                    candle_parallel::tensor_parallel::linear_weight_init(),
+                )?,
+            }),
+            None => None,
+        };
+        Ok(Self::Sparse {
+            moe: Box::new(moe),
+            shared,
+        })
+    }
+
+    /// The MoE layer, if this is a sparse layer.
+    pub(crate) fn moe(&self) -> Option<&MoeLayer> {
+        match self {
+            Self::Sparse { moe, .. } => Some(moe),
+            Self::Dense(_) => None,
+        }
+    }
+
+    /// The output for the normed input `x` (`[b, s, h]`), with the routing of a sparse layer.
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<MoeAux>)> {
+        match self {
+            Self::Dense(mlp) => Ok((mlp.forward(x)?, None)),
+            Self::Sparse { moe, shared } => {
+                let o = moe.forward(x, train)?;
+                let out = match shared {
+                    None => o.output,
+                    Some(sh) => {
+                        let g = candle_nn::ops::sigmoid(&ops::linear(x, &sh.gate)?)?;
+                        (o.output + sh.mlp.forward(x)?.broadcast_mul(&g)?)?
+                    }
+                };
+                Ok((out, Some(o.aux)))
+            }
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! - [`chat`]: chat conversations rendered by the model's template, and the tokens to learn;
 //! - [`data`]: fine-tuning data files (JSONL, Parquet) streamed into padded or packed batches;
 //! - [`llama`]: a Llama-style dense transformer with tensor parallelism;
-//! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism;
+//! - [`mixtral`]: a Mixtral-style sparse MoE transformer with expert and tensor parallelism
+//!   (Mixtral, Qwen2-MoE, Qwen3-MoE);
+//! - [`moe_config`]: their configuration, by `model_type`;
 //! - [`packing`]: several examples per row, each with its own positions and attention;
 //! - [`testing`]: deterministic inputs, error checks and random HF checkpoints for tests,
 //!   examples and benchmarks;
@@ -16,6 +18,7 @@ pub mod chat;
 pub mod data;
 pub mod llama;
 pub mod mixtral;
+pub mod moe_config;
 pub mod packing;
 pub mod plan;
 pub mod testing;
