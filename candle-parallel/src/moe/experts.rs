@@ -244,6 +244,11 @@ impl LocalExperts {
     pub fn forward_rows(&self, src: &Tensor, rows: &[u32], counts: &[usize]) -> Result<Tensor> {
         self.check_counts(rows, counts)?;
         let src = ops::copy_to_group(src, &self.tp)?;
+        // Bare experts (no adapters or biases, weights held): one grouped op for all of them.
+        if let Some(weights) = self.grouped_weights().filter(|_| !rows.is_empty()) {
+            let y = crate::ops::grouped::grouped_swiglu(&src, rows, counts, &weights)?;
+            return ops::reduce_from_group(&y, &self.tp);
+        }
         let mut outs = Vec::with_capacity(counts.len());
         let mut at = 0;
         for (expert, &n) in self.experts.iter().zip(counts) {
@@ -261,6 +266,29 @@ impl LocalExperts {
             return ops::depend_on(&empty, &[&src]);
         }
         ops::reduce_from_group(&Tensor::cat(&outs, 0)?, &self.tp)
+    }
+
+    /// The experts' weights for [`crate::ops::grouped::grouped_swiglu`], where every expert is
+    /// bare: no adapter or bias, and no weight released by ZeRO 3 (those take the per-expert
+    /// path, whose linears know how to find them again in the backward).
+    fn grouped_weights(&self) -> Option<Vec<crate::ops::grouped::SwigluWeights>> {
+        let released = |w: &Tensor| crate::ops::released::lookup(w).is_some();
+        self.experts
+            .iter()
+            .map(|e| {
+                let (gate, up, down) = (e.w1.weight(), e.w3.weight(), e.w2.weight());
+                let bare = e.w1.is_bare()
+                    && e.w3.is_bare()
+                    && e.w2.lora().is_none()
+                    && e.w2.bias().is_none()
+                    && ![gate, up, down].into_iter().any(released);
+                bare.then(|| crate::ops::grouped::SwigluWeights {
+                    gate: gate.clone(),
+                    up: up.clone(),
+                    down: down.clone(),
+                })
+            })
+            .collect()
     }
 
     /// [`forward_rows`](Self::forward_rows) with `rows` as the tokens, then

@@ -167,7 +167,28 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// The custom op behind [`linear`].
-struct Linear;
+pub(super) struct Linear;
+
+/// The gradient `gᵀ · x` of weight `w` (`x`: its input `[m, in]`, `g`: its output's gradient
+/// `[m, out]`), or `None` where a backward under [`defer_weight_grads`] leaves it for later
+/// (`w` a variable).
+pub(super) fn weight_grad(w: &Tensor, x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
+        Some(list) if w.is_variable() => {
+            list.push(Deferred {
+                weight: w.clone(),
+                x: x.clone(),
+                g: g.clone(),
+            });
+            true
+        }
+        _ => false,
+    });
+    match deferred {
+        true => Ok(None),
+        false => Ok(Some(g.t()?.matmul(x)?)),
+    }
+}
 
 /// `x · wᵀ` on any backend's storage: `x` contiguous `[m, k]` (any leading dims flattened),
 /// `w` `[n, k]` read transposed by the matmul itself.

@@ -17,6 +17,7 @@
 mod attach;
 mod checkpoint;
 pub mod collectives;
+pub(crate) mod grouped;
 mod linear;
 pub(crate) use linear::without_deferral;
 pub(crate) mod released;

@@ -33,6 +33,30 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)
 }
 
+/// The gradients `(d a, d b)` of [`swiglu`] for the output gradient `g`: fused on the CPU for
+/// f32 and f64, Candle's element-wise ops elsewhere.
+pub(crate) fn swiglu_vjp(a: &Tensor, b: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let fused = a.device().is_cpu()
+        && a.dims() == b.dims()
+        && a.dims() == g.dims()
+        && a.dtype() == b.dtype()
+        && a.dtype() == g.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64);
+    if fused {
+        let both = a.detach().contiguous()?.apply_op3_no_bwd(
+            &b.detach().contiguous()?,
+            &g.contiguous()?,
+            &SwiGluBwd,
+        )?;
+        return Ok((both.get(0)?, both.get(1)?));
+    }
+    // s = σ(a): d a = g · b · s · (1 + a (1 − s)), d b = g · a · s.
+    let s = candle_nn::ops::sigmoid(a)?;
+    let silu = (a * &s)?;
+    let da = ((g * b)? * (&s * ((a * (1.0 - &s)?)? + 1.0)?)?)?;
+    Ok((da, (g * silu)?))
+}
+
 /// SwiGLU for inference, written over `a`: `a ← silu(a) · b`, in one pass without a new
 /// buffer (a MoE layer's expert activations are megabytes each: a fresh buffer per expert
 /// costs page faults as well as the pass). CPU, f32 or f64, same shapes, `a` contiguous.
