@@ -103,7 +103,8 @@ struct Args {
     /// Data-parallel size of the overlap table.
     #[arg(long, default_value_t = 2)]
     overlap_dp: usize,
-    /// A Python with torch: also time gloo's all-reduce.
+    /// A Python with torch and transformers: also time transformers' model trained by torch's
+    /// AdamW (the whole step, one process) and gloo's all-reduce.
     #[arg(long)]
     torch: Option<PathBuf>,
 }
@@ -351,12 +352,14 @@ fn all_reduce_secs(bytes: usize, reps: usize, in_place: bool) -> Result<f64> {
 }
 
 /// gloo's median seconds per all-reduce for each size (2 processes).
-fn gloo_secs(python: &PathBuf, sizes: &[usize], reps: usize) -> Result<(Vec<f64>, String)> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_allreduce_torch.py");
-    let sizes_arg: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+/// Runs `scripts/<script>` with `args` under `python` and parses the JSON line it prints last.
+fn python_json(python: &PathBuf, script: &str, args: &[String]) -> Result<serde_json::Value> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
     let out = std::process::Command::new(python)
         .arg(&script)
-        .args(["--sizes", &sizes_arg.join(","), "--reps", &reps.to_string()])
+        .args(args)
         .output()
         .map_err(|e| candle_core::Error::msg(format!("cannot run {}: {e}", python.display())))?;
     if !out.status.success() {
@@ -367,8 +370,59 @@ fn gloo_secs(python: &PathBuf, sizes: &[usize], reps: usize) -> Result<(Vec<f64>
         );
     }
     let line = String::from_utf8_lossy(&out.stdout);
-    let json: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
-        .map_err(|e| candle_core::Error::msg(format!("{}: bad output: {e}", script.display())))?;
+    serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .map_err(|e| candle_core::Error::msg(format!("{}: bad output: {e}", script.display())))
+}
+
+/// transformers' `MixtralForCausalLM` of the benchmark's shape trained one step at a time by
+/// torch's AdamW with clipping (`scripts/bench_train_step_torch.py`): the step's median seconds,
+/// the versions and torch's thread count.
+fn torch_step_secs(python: &PathBuf, a: &Args) -> Result<(f64, String)> {
+    let args: Vec<String> = [
+        ("--hidden", a.hidden),
+        ("--ffn", a.ffn),
+        ("--experts", a.experts),
+        ("--layers", a.layers),
+        ("--vocab", a.vocab),
+        ("--batch", a.batch),
+        ("--seq", a.seq),
+        ("--reps", a.reps),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .collect();
+    let json = python_json(python, "bench_train_step_torch.py", &args)?;
+    let secs: Vec<f64> = json["step_s"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    if secs.is_empty() {
+        candle_core::bail!("bench_train_step_torch.py: no step times in {json}")
+    }
+    Ok((
+        median(secs),
+        format!(
+            "torch {}, transformers {}, {} threads, {} parameters",
+            json["torch"].as_str().unwrap_or("?"),
+            json["transformers"].as_str().unwrap_or("?"),
+            json["threads"],
+            json["params"]
+        ),
+    ))
+}
+
+fn gloo_secs(python: &PathBuf, sizes: &[usize], reps: usize) -> Result<(Vec<f64>, String)> {
+    let sizes_arg: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
+    let json = python_json(
+        python,
+        "bench_allreduce_torch.py",
+        &[
+            "--sizes".into(),
+            sizes_arg.join(","),
+            "--reps".into(),
+            reps.to_string(),
+        ],
+    )?;
     let secs = json["secs"]
         .as_array()
         .map(|a| {
@@ -482,6 +536,29 @@ fn main() -> Result<()> {
         memory_table(&a, style.clone())?;
     }
 
+    if let Some(py) = &a.torch {
+        // Ours and PyTorch's whole step on one device, one after the other in this run.
+        let (ours, _, psi) = steps(&a, 1, 0)?;
+        let (theirs, versions) = torch_step_secs(py, &a)?;
+        let (ours_again, _, _) = steps(&a, 1, 0)?;
+        let ours = (ours + ours_again) / 2.0;
+        println!(
+            "\nWhole training step against PyTorch, one device: forward with the load-balancing loss, backward, clipping, AdamW; batch {} x {} tokens; median of {} steps (ours: the mean of two medians, before and after PyTorch's); {} M parameters ours; {versions}",
+            a.batch, a.seq, a.reps, psi as f64 / 1e6
+        );
+        println!("\n| what | step (s) | tokens/s | ours vs PyTorch |");
+        println!("|---|---:|---:|---:|");
+        let tokens = (a.batch * a.seq) as f64;
+        println!(
+            "| ours (candle-parallel, ZeRO 0) | {ours:.3} | {:.0} | {:.2}x |",
+            tokens / ours,
+            theirs / ours
+        );
+        println!(
+            "| transformers MixtralForCausalLM + torch.optim.AdamW | {theirs:.3} | {:.0} | 1.00x |",
+            tokens / theirs
+        );
+    }
     let sizes: Vec<usize> = a.sizes_mib.iter().map(|m| m << 20).collect();
     let gloo = match &a.torch {
         Some(py) => Some(gloo_secs(py, &sizes, a.reps)?),
