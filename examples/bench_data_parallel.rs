@@ -537,26 +537,41 @@ fn main() -> Result<()> {
     }
 
     if let Some(py) = &a.torch {
-        // Ours and PyTorch's whole step on one device, one after the other in this run.
-        let (ours, _, psi) = steps(&a, 1, 0)?;
-        let (theirs, versions) = torch_step_secs(py, &a)?;
-        let (ours_again, _, _) = steps(&a, 1, 0)?;
-        let ours = (ours + ours_again) / 2.0;
+        // Ours and PyTorch's whole step on one device, alternating in this run (the machine's
+        // load drifts): three rounds of each, medians of their step medians.
+        let (mut ours, mut theirs, mut psi, mut versions) = (vec![], vec![], 0, String::new());
+        for _ in 0..3 {
+            let (secs, _, p) = steps(&a, 1, 0)?;
+            ours.push(secs);
+            psi = p;
+            let (secs, v) = torch_step_secs(py, &a)?;
+            theirs.push(secs);
+            versions = v;
+        }
+        let span = |v: &[f64]| {
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
+            format!("{lo:.3}–{hi:.3}")
+        };
+        let (o, t) = (median(ours.clone()), median(theirs.clone()));
         println!(
-            "\nWhole training step against PyTorch, one device: forward with the load-balancing loss, backward, clipping, AdamW; batch {} x {} tokens; median of {} steps (ours: the mean of two medians, before and after PyTorch's); {} M parameters ours; {versions}",
+            "\nWhole training step against PyTorch, one device: forward with the load-balancing loss, backward, clipping, AdamW; batch {} x {} tokens; three alternating rounds of {} steps each, the median of the rounds' medians; {} M parameters ours; {versions}",
             a.batch, a.seq, a.reps, psi as f64 / 1e6
         );
-        println!("\n| what | step (s) | tokens/s | ours vs PyTorch |");
-        println!("|---|---:|---:|---:|");
+        println!("\n| what | step (s) | rounds (s) | tokens/s | ours vs PyTorch |");
+        println!("|---|---:|---:|---:|---:|");
         let tokens = (a.batch * a.seq) as f64;
         println!(
-            "| ours (candle-parallel, ZeRO 0) | {ours:.3} | {:.0} | {:.2}x |",
-            tokens / ours,
-            theirs / ours
+            "| ours (candle-parallel, ZeRO 0) | {o:.3} | {} | {:.0} | {:.2}x |",
+            span(&ours),
+            tokens / o,
+            t / o
         );
         println!(
-            "| transformers MixtralForCausalLM + torch.optim.AdamW | {theirs:.3} | {:.0} | 1.00x |",
-            tokens / theirs
+            "| transformers MixtralForCausalLM + torch.optim.AdamW | {t:.3} | {} | {:.0} | 1.00x |",
+            span(&theirs),
+            tokens / t
         );
     }
     let sizes: Vec<usize> = a.sizes_mib.iter().map(|m| m << 20).collect();

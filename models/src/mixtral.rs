@@ -906,7 +906,7 @@ impl Mixtral {
         )?;
         let values = l.values()?;
         sink.begin_backward(last)?;
-        let mut store = l.loss.backward()?;
+        let mut store = ops::backward(&l.loss)?;
         drop((l, shard, router));
         sink.add_store(&mut store)?;
         sink.unit_done(&["model.norm.", "lm_head."])?;
@@ -914,7 +914,7 @@ impl Mixtral {
         drop(store);
         let stats = layers.stats.clone();
         if let Some(g) = self.layers_backward_units(layers, seeds, sink)? {
-            let mut store = (x0 * g)?.sum_all()?.backward()?;
+            let mut store = ops::backward(&(x0 * g)?.sum_all()?)?;
             sink.add_store(&mut store)?;
         }
         sink.unit_done(&["model.embed_tokens."])?;
@@ -989,7 +989,7 @@ impl Mixtral {
             }
             drop((y, l));
             if let Some(total) = total {
-                let mut store = total.backward()?;
+                let mut store = ops::backward(&total)?;
                 seed = grad_of(&store, t.inputs[i].as_tensor());
                 sink.add_store(&mut store)?;
             }
@@ -1135,7 +1135,7 @@ impl StageTape for MixtralStageTape<'_> {
             layers,
             out,
         } = *self;
-        let mut store = (out * grad)?.sum_all()?.backward()?;
+        let mut store = ops::backward(&(out * grad)?.sum_all()?)?;
         sink.add_store(&mut store)?;
         if m.is_last_stage() {
             sink.unit_done(&["model.norm.", "lm_head."])?;
@@ -1152,7 +1152,7 @@ impl StageTape for MixtralStageTape<'_> {
                 Some(x0) => x0,
                 None => m.stage_in(input.tensor())?.x,
             };
-            let mut store = (x0 * g)?.sum_all()?.backward()?;
+            let mut store = ops::backward(&(x0 * g)?.sum_all()?)?;
             sink.add_store(&mut store)?;
             if let StageInput::Packed(v) = &input {
                 if let Some(gx) = grad_of(&store, v.as_tensor()) {
@@ -1372,7 +1372,7 @@ fn accumulate(
         for (i, ids) in mb.ids.iter().enumerate() {
             with_micro_batch(i, || -> Result<()> {
                 let l = weighted(losses(i, ids)?, mb.weights[i])?;
-                let store = l.loss.backward()?;
+                let store = ops::backward(&l.loss)?;
                 let g: Vec<Option<Tensor>> = vars
                     .iter()
                     .map(|x| store.get(x.as_tensor()).cloned())
@@ -1747,9 +1747,7 @@ impl ShardedMixtral {
                 mb.weights[i],
             )?;
             sink.begin_backward(i + 1 == mb.ids.len())?;
-            let seed = l
-                .loss
-                .backward()?
+            let seed = ops::backward(&l.loss)?
                 .remove(last.as_tensor())
                 .map(|g| g.detach());
             // The losses' graph (the head's logits and softmax) goes before the layers'
@@ -1831,7 +1829,7 @@ impl StageTape for ShardedTape {
             let Some(g) = seed.take() else {
                 continue;
             };
-            let mut store = (y * g)?.sum_all()?.backward()?;
+            let mut store = ops::backward(&(y * g)?.sum_all()?)?;
             let input_var = match j {
                 0 => input.as_ref(),
                 _ => inputs.get(j - 1),

@@ -162,7 +162,8 @@ pub fn checkpoint(
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let since = super::linear::deferred_len();
         let y = f(&xs)?;
-        let mut store = (y * g)?.sum_all()?.backward()?;
+        // Its own collection of direct weight gradients: the stand-ins' gradients land here.
+        let mut store = super::backward(&(y * g)?.sum_all()?)?;
         let mut grads: Vec<Option<Tensor>> = vars
             .iter()
             .map(|v| store.remove(v.as_tensor()).map(|g| g.detach()))

@@ -10,6 +10,66 @@ use std::cell::RefCell;
 thread_local! {
     /// While [`defer_weight_grads`] runs on this thread: what the weight gradients need.
     static DEFERRED: RefCell<Option<Vec<Deferred>>> = const { RefCell::new(None) };
+    /// While [`backward`] runs on this thread: the weight gradients it writes into the store
+    /// itself.
+    static DIRECT: RefCell<Option<Vec<(Tensor, Tensor)>>> = const { RefCell::new(None) };
+}
+
+/// `loss.backward()`, with the weight gradients of [`linear`] (every trainable matmul) and of
+/// the grouped experts put into the store as they are, instead of through Candle's
+/// accumulation, which adds each gradient into a fresh zero tensor: a zero fill and an add over
+/// every weight (with a hundred experts a layer, gigabytes of passes per step). A weight with
+/// several gradients gets their sum. The same values as `loss.backward()`.
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_parallel::ops;
+///
+/// let x = Tensor::new(&[[1f32, 2.0]], &Device::Cpu)?;
+/// let w = Var::new(&[[1f32, 0.0], [0.0, 3.0]], &Device::Cpu)?;
+/// let loss = ops::linear(&x, w.as_tensor())?.sum_all()?;
+/// let grads = ops::backward(&loss)?;
+/// assert_eq!(grads.get(w.as_tensor()).unwrap().to_vec2::<f32>()?, [[1.0, 2.0], [1.0, 2.0]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn backward(loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    /// Restores the enclosing collection even if the backward panics.
+    struct Restore(Option<Option<Vec<(Tensor, Tensor)>>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                DIRECT.with(|d| *d.borrow_mut() = outer);
+            }
+        }
+    }
+    let mut restore = Restore(Some(DIRECT.with(|d| d.borrow_mut().replace(Vec::new()))));
+    let out = loss.backward();
+    let outer = restore.0.take().expect("restored once");
+    let direct = DIRECT.with(|d| std::mem::replace(&mut *d.borrow_mut(), outer));
+    let mut store = out?;
+    for (w, dw) in direct.unwrap_or_default() {
+        let g = match store.get(&w) {
+            Some(g) => (g + dw)?,
+            None => dw,
+        };
+        store.insert(&w, g);
+    }
+    Ok(store)
+}
+
+/// The gradient `dw` of weight `w`: kept for the store by a [`backward`] that collects them
+/// (`w` a variable), else returned for Candle's accumulation.
+fn hand_over(w: &Tensor, dw: Tensor) -> Option<Tensor> {
+    if !w.is_variable() {
+        return Some(dw);
+    }
+    DIRECT.with(|d| match d.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push((w.clone(), dw));
+            None
+        }
+        None => Some(dw),
+    })
 }
 
 /// One weight gradient left for later: the weight, and its input and output gradient as
@@ -186,7 +246,7 @@ pub(super) fn weight_grad(w: &Tensor, x: &Tensor, g: &Tensor) -> Result<Option<T
     });
     match deferred {
         true => Ok(None),
-        false => Ok(Some(g.t()?.matmul(x)?)),
+        false => Ok(hand_over(w, g.t()?.matmul(x)?)),
     }
 }
 
@@ -252,22 +312,7 @@ impl CustomOp2 for Linear {
         let x2 = x.detach().reshape((m, k))?;
         // Only a variable's gradient can wait: a weight computed from others (a cast, a merged
         // adapter) must pass its gradient on now, or it would never reach them.
-        let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-            Some(list) if w.is_variable() => {
-                list.push(Deferred {
-                    weight: w.clone(),
-                    x: x2.clone(),
-                    g: g2.clone(),
-                });
-                true
-            }
-            _ => false,
-        });
-        if deferred {
-            return Ok((Some(dx), None));
-        }
-        let dw = g2.t()?.matmul(&x2)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((Some(dx), weight_grad(w, &x2, &g2)?))
     }
 }
 
@@ -314,26 +359,8 @@ pub(crate) fn gathered_gate_up(
             let dsrc = src.zeros_like()?.index_add(&idx, &dx, 0)?;
             // Weight gradients: deferred under a split backward, as `linear`'s (the up
             // projection's first, in Candle's order), for the weights themselves.
-            let mut dws = Vec::with_capacity(2);
-            for (w, gw) in [(&originals[1], &gb), (&originals[0], &ga)] {
-                let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-                    Some(list) if w.is_variable() => {
-                        list.push(Deferred {
-                            weight: w.clone(),
-                            x: x.clone(),
-                            g: (*gw).clone(),
-                        });
-                        true
-                    }
-                    _ => false,
-                });
-                dws.push(match deferred {
-                    true => None,
-                    false => Some(gw.t()?.matmul(&x)?),
-                });
-            }
-            let dw1 = dws.pop().flatten();
-            let dw3 = dws.pop().flatten();
+            let dw3 = weight_grad(&originals[1], &x, &gb)?;
+            let dw1 = weight_grad(&originals[0], &x, &ga)?;
             Ok(vec![Some(dsrc), dw1, dw3])
         },
     )

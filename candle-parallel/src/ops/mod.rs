@@ -34,7 +34,7 @@ pub use collectives::{
     reduce_scatter_to_group, scatter_to_group,
 };
 pub(crate) use linear::gathered_gate_up;
-pub use linear::{defer_weight_grads, linear, DeferredWeightGrads};
+pub use linear::{backward, defer_weight_grads, linear, DeferredWeightGrads};
 pub use swiglu::{swiglu, swiglu_in_place};
 pub use train::{dropout, rms_norm, rope, softmax_last_dim};
 

@@ -159,9 +159,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// `loss.backward()` then [`AdamW::step`].
+    /// `loss.backward()` ([`crate::ops::backward`]) then [`AdamW::step`].
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        let grads = loss.backward()?;
+        let grads = crate::ops::backward(loss)?;
         self.step(&grads)
     }
 

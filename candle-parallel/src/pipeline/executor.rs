@@ -903,7 +903,7 @@ fn execute(
                         let v = Var::from_tensor(&y)?;
                         let l = loss(mb, v.as_tensor())?.to_dtype(DType::F32)?;
                         losses[mb] = l.to_scalar::<f32>()?;
-                        match l.backward()?.remove(v.as_tensor()) {
+                        match crate::ops::backward(&l)?.remove(v.as_tensor()) {
                             Some(g) => g,
                             None => y.zeros_like()?,
                         }
@@ -937,10 +937,10 @@ fn execute(
                         if stage + 1 == stages {
                             let l = loss(mb, &y)?.to_dtype(DType::F32)?;
                             losses[mb] = l.to_scalar::<f32>()?;
-                            l.backward()
+                            crate::ops::backward(&l)
                         } else {
                             let g = inbox.take((Kind::Gradient, mb, stage), "the gradient")?;
-                            (&y * g)?.sum_all()?.backward()
+                            crate::ops::backward(&(&y * g)?.sum_all()?)
                         }
                     };
                     let store = if split {

@@ -539,7 +539,7 @@ impl Inner {
         }
         // The module's weights (copies, or released) do not outlive this backward: none of
         // their gradients can wait for a split schedule's weight step.
-        let store = crate::ops::without_deferral(|| (&y * g)?.sum_all()?.backward());
+        let store = crate::ops::without_deferral(|| crate::ops::backward(&(&y * g)?.sum_all()?));
         if let Some(r) = &released {
             // The gathered parameters go as soon as the graph is through (errors included).
             r.set_weights(None);
