@@ -88,10 +88,10 @@ pub struct ActivationEstimate {
 /// (grouped-query heads), four `[b, heads, s, s]` score tensors (scores, scaled, masked,
 /// probabilities) and the `[s, s]` mask, the attention output and its token-major copy, the output projection and
 /// the residual sum; the MoE layer its normed input, the router's logits and probabilities,
-/// per routed copy the gathered input, w1, w3, SwiGLU and w2 outputs, the expert outputs
-/// concatenated and weighted, the combined output and the residual sum. Selective
-/// recomputation drops the scores and mask, the repeated keys and values, the SwiGLU outputs
-/// and the weighted expert outputs. (Measured by the counting allocator, a layer keeps 3–5% more: index and
+/// per routed copy the gate and up projections and the expert output (the grouped experts make
+/// the gathered input and the SwiGLU output again in their backward; the fused combine keeps
+/// nothing of its own), the combined output and the residual sum. Selective recomputation
+/// drops the scores and mask and the repeated keys and values. (Measured by the counting allocator, a layer keeps 3–5% more: index and
 /// bookkeeping tensors this count leaves out.) The
 /// head keeps the normed states, the logits and three logits-sized tensors of the
 /// cross-entropy; its backward adds seven (one gradient per operation and their sums).
@@ -142,13 +142,12 @@ pub fn mixtral_activations(
         + 2 * t * heads * d // attention output and its token-major copy
         + 2 * t * h; // output projection, residual sum
     let routed = k * t;
-    // The gathered input (recomputed under selective), w1 and w3 outputs, w2 output, and the
-    // SwiGLU activation (recomputed under selective).
-    let experts = routed * (2 * ffn + h) + if selective { 0 } else { routed * (h + ffn) };
+    // The grouped experts keep each routed copy's gate and up projections (the gathered input
+    // and the SwiGLU output are made again in their backward) and their output rows; the fused
+    // combine keeps nothing but its inputs. The same under selective recomputation.
+    let experts = routed * (2 * ffn + h);
     let moe = t * h // normed input
         + experts
-        + routed * h // outputs concatenated
-        + if selective { 0 } else { routed * h } // weighted
         + 2 * t * h; // combined, residual sum
     let router = 3 * t * e; // logits, probabilities, top-k weights (f32)
     let layer_graph = (attention + moe) * l.dtype_bytes + router * 4;

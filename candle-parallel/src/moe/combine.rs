@@ -4,8 +4,9 @@
 //! all the experts' outputs is made.
 
 use crate::ops;
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Weights `y` (rows in `assignment` order) by the routing weights and adds them into a
 /// `[t, h]` output at their tokens.
@@ -16,6 +17,9 @@ pub fn combine_outputs(
     token: &[u32],
     t: usize,
 ) -> Result<Tensor> {
+    if let Some(out) = combine_fused(y, weights, assignment, token, t)? {
+        return Ok(out);
+    }
     if ops::selective_recompute() && !assignment.is_empty() && (y.track_op() || weights.track_op())
     {
         // The weighted rows (`[k·t, h]`) and the zeros they are added into are not kept: the
@@ -27,6 +31,136 @@ pub fn combine_outputs(
         });
     }
     combine(y, weights, assignment, token, t)
+}
+
+/// [`combine_outputs`] on the CPU in f32 or f64 (weights and rows of one dtype): the forward is
+/// [`combine_into`]'s pass into zeros (the same bits as the composite ops), and the backward one
+/// pass over the rows that gives each row's gradient `w[j] · g[token[j]]` and its routing
+/// weight's `g[token[j]] · y[j]`. Candle's composite (a gather of the weights, a broadcast
+/// multiply, an `index_add` into zeros) keeps the `[k·t, h]` weighted rows and takes some ten
+/// passes over them in its backward; this keeps nothing but its inputs. `None` elsewhere.
+fn combine_fused(
+    y: &Tensor,
+    weights: &Tensor,
+    assignment: &[u32],
+    token: &[u32],
+    t: usize,
+) -> Result<Option<Tensor>> {
+    let fits = y.device().is_cpu()
+        && matches!(y.dtype(), DType::F32 | DType::F64)
+        && weights.dtype() == y.dtype()
+        && !assignment.is_empty()
+        && (y.track_op() || weights.track_op());
+    if !fits {
+        return Ok(None);
+    }
+    let (n, h) = y.dims2()?;
+    if assignment.len() != n || token.len() != n {
+        bail!(
+            "moe combine: {n} rows with {} routing assignments and {} tokens",
+            assignment.len(),
+            token.len()
+        )
+    }
+    let flat: Vec<f64> = weights.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+    if let Some(&bad) = assignment.iter().find(|&&k| k as usize >= flat.len()) {
+        bail!(
+            "moe combine: routing assignment {bad} is outside the {} routing weights",
+            flat.len()
+        )
+    }
+    let wj: Vec<f64> = assignment.iter().map(|&k| flat[k as usize]).collect();
+    let out = zeros_for_combine(t, h, y.dtype())?;
+    let y_in = y.detach().contiguous()?;
+    combine_into(&out, &y_in, &wj, token)?;
+    let (assignment, token) = (assignment.to_vec(), token.to_vec());
+    let wdims = weights.dims().to_vec();
+    let out = ops::attach_backward("moe_combine", &out, &[y, weights], move |ins, _, g| {
+        let vjp = CombineVjp {
+            weights: &wj,
+            token: &token,
+            dots: Mutex::new(Vec::new()),
+        };
+        let dy = g
+            .contiguous()?
+            .apply_op2_no_bwd(&ins[0].contiguous()?, &vjp)?;
+        let dots = std::mem::take(&mut *vjp.dots.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut dw = vec![0f64; wdims.iter().product()];
+        for (&k, d) in assignment.iter().zip(dots) {
+            dw[k as usize] = d;
+        }
+        let dw =
+            Tensor::from_vec(dw, wdims.as_slice(), ins[1].device())?.to_dtype(ins[1].dtype())?;
+        Ok(vec![Some(dy), Some(dw)])
+    })?;
+    Ok(Some(out))
+}
+
+/// [`combine_fused`]'s backward over `(g, y)`: the rows' gradient `[n, h]`, and each row's dot
+/// product with its token's gradient (the routing weight's gradient) left in `dots`.
+struct CombineVjp<'a> {
+    weights: &'a [f64],
+    token: &'a [u32],
+    dots: Mutex<Vec<f64>>,
+}
+
+impl CombineVjp<'_> {
+    fn run<T>(&self, g: &[T], y: &[T], h: usize) -> Vec<T>
+    where
+        T: candle_core::WithDType + std::ops::Mul<Output = T> + std::ops::AddAssign,
+    {
+        let n = self.token.len();
+        let mut dy = vec![T::zero(); n * h];
+        let mut dots = vec![0f64; n];
+        dy.par_chunks_mut(h)
+            .zip(dots.par_iter_mut())
+            .enumerate()
+            .for_each(|(j, (row, dot))| {
+                let gr = &g[self.token[j] as usize * h..][..h];
+                let (yr, w) = (&y[j * h..][..h], T::from_f64(self.weights[j]));
+                let mut acc = T::zero();
+                for ((d, &gv), &yv) in row.iter_mut().zip(gr).zip(yr) {
+                    *d = gv * w;
+                    acc += gv * yv;
+                }
+                *dot = acc.to_f64();
+            });
+        *self.dots.lock().unwrap_or_else(|e| e.into_inner()) = dots;
+        dy
+    }
+}
+
+impl CustomOp2 for CombineVjp<'_> {
+    fn name(&self) -> &'static str {
+        "moe-combine-vjp"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (Some((gs, ge)), Some((ys, ye))) = (lg.contiguous_offsets(), ly.contiguous_offsets())
+        else {
+            bail!("moe combine backward: the gradient and rows must be contiguous")
+        };
+        let (n, h) = ly.shape().dims2()?;
+        if self.token.len() != n || self.token.iter().any(|&k| (k as usize + 1) * h > ge - gs) {
+            bail!("moe combine backward: {n} rows whose tokens fall outside the gradient")
+        }
+        let out = match (g, y) {
+            (CpuStorage::F32(g), CpuStorage::F32(y)) => {
+                CpuStorage::F32(self.run(&g[gs..ge], &y[ys..ye], h))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(y)) => {
+                CpuStorage::F64(self.run(&g[gs..ge], &y[ys..ye], h))
+            }
+            _ => bail!("moe combine backward: the pass runs on f32 or f64"),
+        };
+        Ok((out, Shape::from((n, h))))
+    }
 }
 
 /// [`combine_outputs`], every intermediate kept.
@@ -197,6 +331,45 @@ impl InplaceOp2 for CombineInto<'_> {
             (CpuStorage::F64(o), CpuStorage::F64(y)) => self.run(&mut o[os..oe], &y[ys..ye], h),
             _ => bail!("moe combine_into: the pass runs on f32 or f64"),
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod fused_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The fused combine gives the composite's output bit for bit and its gradients (rows
+    /// and routing weights) to float precision, tokens with several rows included.
+    #[test]
+    fn the_fused_combine_equals_the_composite() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, k, h) = (4, 2, 5);
+        let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t * k, h), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::rand(0f32, 1.0, (t, k), &dev)?)?;
+        let token: Vec<u32> = (0..t * k).map(|j| (j % t) as u32).collect();
+        let assignment: Vec<u32> = (0..t * k).map(|j| ((j % t) * k + j / t) as u32).collect();
+        let upstream = Tensor::randn(0f32, 1.0, (t, h), &dev)?;
+        let fused = combine_fused(y.as_tensor(), w.as_tensor(), &assignment, &token, t)?
+            .expect("CPU f32 with gradients takes the fused pass");
+        let composite = combine(y.as_tensor(), w.as_tensor(), &assignment, &token, t)?;
+        assert_eq!(fused.to_vec2::<f32>()?, composite.to_vec2::<f32>()?);
+        let (a, b) = (
+            (&fused * &upstream)?.sum_all()?.backward()?,
+            (&composite * &upstream)?.sum_all()?.backward()?,
+        );
+        for v in [&y, &w] {
+            let d = (a.get(v.as_tensor()).unwrap() - b.get(v.as_tensor()).unwrap())?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-5, "{d}");
+        }
+        // Nothing to differentiate, or another dtype: the composite path.
+        let plain = y.as_tensor().detach();
+        assert!(combine_fused(&plain, &w.as_tensor().detach(), &assignment, &token, t)?.is_none());
         Ok(())
     }
 }

@@ -256,7 +256,14 @@ pub struct ZeroOptimizer {
     micro_batches: usize,
     /// The current micro-batch is the step's last ([`GradSink::begin_backward`]).
     last_backward: bool,
+    /// Stage 2 with `overlap_comm`: the buckets whose reduce-scatter runs on the lane, oldest
+    /// first. At most [`MAX_REDUCTIONS_IN_FLIGHT`]: a backward that outruns the lane waits for
+    /// the oldest instead of piling up full buckets (DeepSpeed bounds them the same way).
+    in_flight: std::collections::VecDeque<usize>,
 }
+
+/// How many buckets' reductions may run on the lane while the backward goes on.
+const MAX_REDUCTIONS_IN_FLIGHT: usize = 2;
 
 /// A bucket's gradient while a step's backward passes run (see [`GradSink`]).
 #[derive(Default)]
@@ -496,6 +503,7 @@ impl ZeroOptimizer {
             routes: Vec::new(),
             micro_batches: 0,
             last_backward: false,
+            in_flight: std::collections::VecDeque::new(),
         }
         .with_routes()
     }
@@ -653,6 +661,7 @@ impl ZeroOptimizer {
         }
         self.micro_batches = 0;
         self.last_backward = false;
+        self.in_flight.clear();
     }
 
     /// Packs one gradient of variable `v` into its buckets' accumulators.
@@ -732,6 +741,13 @@ impl ZeroOptimizer {
         });
         a.reduced = true;
         a.written.iter_mut().for_each(|w| *w = false);
+        if self.cfg.overlap_comm {
+            self.in_flight.push_back(bi);
+            while self.in_flight.len() > MAX_REDUCTIONS_IN_FLIGHT {
+                let oldest = self.in_flight.pop_front().expect("not empty");
+                self.settle(oldest)?;
+            }
+        }
         Ok(())
     }
 
