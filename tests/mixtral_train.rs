@@ -1154,6 +1154,51 @@ fn qwen_moe_families_match_transformers_at_every_layout() -> Result<()> {
             &before,
             1e-5,
         )?;
+        // Checkpointed under ep x tp at step 2, resumed under dp x ZeRO 3 for step 3: the
+        // uninterrupted run's last step and parameters.
+        let ckpt = dir.join("ckpt");
+        let c = ckpt.to_string_lossy().to_string();
+        let every = ["--checkpoint-dir", &c, "--checkpoint-every", "2"];
+        let full = [&["--ep", "2", "--tp", "2"][..], &every].concat();
+        let full = train_with(
+            "moe",
+            &model,
+            &batch,
+            &dir.join("full.safetensors"),
+            &full,
+            &[],
+        );
+        let from = ckpt.join("step-000002").to_string_lossy().to_string();
+        let resume = ["--dp", "2", "--zero", "3", "--resume", &from];
+        let got = train_with(
+            "moe",
+            &model,
+            &batch,
+            &dir.join("resumed.safetensors"),
+            &resume,
+            &[],
+        );
+        for (name, want) in &full {
+            if ["loss.0", "loss.1", "grad_norm.0", "grad_norm.1"].contains(&name.as_str()) {
+                continue;
+            }
+            let d = (&got[name] - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            let tol = 1e-5
+                * want
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?
+                    .max(1.0);
+            assert!(
+                d <= tol,
+                "{family}, resumed at dp=2 ZeRO 3: {name} differs by {d:e}"
+            );
+        }
         for args in layouts {
             let got = train_with(
                 "moe",
