@@ -1177,9 +1177,11 @@ fn main() -> Result<()> {
                 let padding = 1.0 - batch.tokens as f64 / batch.ids.elem_count() as f64;
                 m.scalars(s, &[("loss", r.loss), ("ce_loss", g.ce_loss), ("aux_loss", g.aux_loss), ("grad_norm", r.grad_norm), ("lr", r.lr), ("tokens_per_sec", r.tokens_per_sec), ("example_tokens_per_sec", real), ("padding_share", padding)])?;
                 // This rank's routing: tokens per expert, a histogram per layer.
-                for (i, st) in g.stats.iter().enumerate() {
+                // The stats are the sparse layers' (dense ones route nothing), in order.
+                let sparse = stages[pp_comm.rank()].clone().filter(|&l| cfg.is_sparse_layer(l));
+                for (layer, st) in sparse.zip(&g.stats) {
                     let load: Vec<f64> = st.tokens_per_expert.iter().map(|&c| c as f64).collect();
-                    m.histogram(s, &format!("expert_load/layer_{i}"), &load)?;
+                    m.histogram(s, &format!("expert_load/layer_{layer}"), &load)?;
                 }
             }
             if step % args.eval_every == 0 || step == args.steps {

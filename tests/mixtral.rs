@@ -660,6 +660,15 @@ fn qwen_configs_read_write_and_refuse_clearly() -> Result<()> {
         !m.router_config()?.renormalize,
         "norm_topk_prob defaults to false"
     );
+    // Qwen2-MoE's expert count and widths, as Qwen2MoeConfig's defaults.
+    let q2 = MixtralConfig::from_json(json!({
+        "model_type": "qwen2_moe", "hidden_size": 32, "intermediate_size": 48,
+        "vocab_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }))?;
+    assert_eq!((q2.num_local_experts, q2.num_experts_per_tok), (60, 4));
+    assert_eq!(q2.expert_intermediate_size(), 1408);
+    assert_eq!(q2.shared_expert_intermediate_size(), Some(5632));
     let refused = |patch: serde_json::Value, needle: &str| {
         let mut v = minimal.clone();
         for (k, x) in patch.as_object().unwrap() {

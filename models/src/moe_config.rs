@@ -193,13 +193,32 @@ impl MixtralConfig {
     /// `rope_parameters` (`{"rope_type": "default", "rope_theta": ...}`); it is read from there
     /// where the config has no `rope_theta` of its own. Keys a Qwen config leaves out take
     /// transformers' defaults for its family (`rms_norm_eps` 1e-6, `rope_theta` 10 000,
-    /// `router_aux_loss_coef` 0.001, `norm_topk_prob` false), not Mixtral's.
+    /// `router_aux_loss_coef` 0.001, `norm_topk_prob` false, the expert counts and widths of
+    /// `Qwen2MoeConfig` / `Qwen3MoeConfig`), not Mixtral's.
     pub fn from_json(mut v: serde_json::Value) -> Result<Self> {
         if let Some(obj) = v.as_object_mut() {
-            let qwen = matches!(
-                obj.get("model_type").and_then(|t| t.as_str()),
-                Some("qwen2_moe" | "qwen3_moe")
-            );
+            let family = obj.get("model_type").and_then(|t| t.as_str());
+            // transformers' Qwen2MoeConfig / Qwen3MoeConfig defaults for their own keys.
+            let sizes: &[(&str, usize)] = match family {
+                Some("qwen2_moe") => &[
+                    ("num_experts", 60),
+                    ("num_experts_per_tok", 4),
+                    ("moe_intermediate_size", 1408),
+                    ("shared_expert_intermediate_size", 5632),
+                ],
+                Some("qwen3_moe") => &[
+                    ("num_experts", 128),
+                    ("num_experts_per_tok", 8),
+                    ("moe_intermediate_size", 768),
+                ],
+                _ => &[],
+            };
+            let qwen = !sizes.is_empty();
+            if qwen && !obj.contains_key("num_local_experts") {
+                for &(k, n) in sizes {
+                    obj.entry(k).or_insert(serde_json::json!(n));
+                }
+            }
             if qwen {
                 for (k, default) in [
                     ("rms_norm_eps", serde_json::json!(1e-6)),

@@ -55,6 +55,9 @@ fn combine_fused(
         return Ok(None);
     }
     let (n, h) = y.dims2()?;
+    if h == 0 {
+        return Ok(None);
+    }
     if assignment.len() != n || token.len() != n {
         bail!(
             "moe combine: {n} rows with {} routing assignments and {} tokens",
@@ -86,8 +89,9 @@ fn combine_fused(
             .apply_op2_no_bwd(&ins[0].contiguous()?, &vjp)?;
         let dots = std::mem::take(&mut *vjp.dots.lock().unwrap_or_else(|e| e.into_inner()));
         let mut dw = vec![0f64; wdims.iter().product()];
+        // Rows sharing a routing weight add up, as the composite's gather does.
         for (&k, d) in assignment.iter().zip(dots) {
-            dw[k as usize] = d;
+            dw[k as usize] += d;
         }
         let dw =
             Tensor::from_vec(dw, wdims.as_slice(), ins[1].device())?.to_dtype(ins[1].dtype())?;
@@ -349,7 +353,9 @@ mod fused_tests {
         let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t * k, h), &dev)?)?;
         let w = Var::from_tensor(&Tensor::rand(0f32, 1.0, (t, k), &dev)?)?;
         let token: Vec<u32> = (0..t * k).map(|j| (j % t) as u32).collect();
-        let assignment: Vec<u32> = (0..t * k).map(|j| ((j % t) * k + j / t) as u32).collect();
+        let mut assignment: Vec<u32> = (0..t * k).map(|j| ((j % t) * k + j / t) as u32).collect();
+        // Two rows sharing a routing weight: its gradient is their sum.
+        assignment[1] = assignment[0];
         let upstream = Tensor::randn(0f32, 1.0, (t, h), &dev)?;
         let fused = combine_fused(y.as_tensor(), w.as_tensor(), &assignment, &token, t)?
             .expect("CPU f32 with gradients takes the fused pass");

@@ -244,8 +244,14 @@ impl LocalExperts {
     pub fn forward_rows(&self, src: &Tensor, rows: &[u32], counts: &[usize]) -> Result<Tensor> {
         self.check_counts(rows, counts)?;
         let src = ops::copy_to_group(src, &self.tp)?;
-        // Bare experts (no adapters or biases, weights held): one grouped op for all of them.
-        if let Some(weights) = self.grouped_weights().filter(|_| !rows.is_empty()) {
+        // Training with bare experts (no adapters or biases, weights held): one grouped op for
+        // all of them. Inference keeps the per-expert path, which frees each expert's buffers
+        // as it goes.
+        let training = src.track_op() || self.experts.iter().any(Expert::tracks_gradients);
+        if let Some(weights) = self
+            .grouped_weights()
+            .filter(|_| training && !rows.is_empty())
+        {
             let y = crate::ops::grouped::grouped_swiglu(&src, rows, counts, &weights)?;
             return ops::reduce_from_group(&y, &self.tp);
         }

@@ -81,14 +81,18 @@ pub(crate) fn grouped_swiglu(
         let mut grads: Vec<Option<Tensor>> = vec![None; ins.len()];
         let mut dxs = Vec::with_capacity(spans.len());
         for (j, (&(at, n), (a, b))) in spans.iter().zip(&kept).enumerate() {
-            let (gate, up, down) = (&ins[1 + 3 * j], &ins[2 + 3 * j], &ins[3 + 3 * j]);
+            let (gate, up, down) = (
+                ins[1 + 3 * j].contiguous()?,
+                ins[2 + 3 * j].contiguous()?,
+                ins[3 + 3 * j].contiguous()?,
+            );
             let (xe, ge) = (x.narrow(0, at, n)?, g.narrow(0, at, n)?);
             let h = swiglu(a, b)?;
-            let dh = ge.matmul(down)?;
+            let dh = ge.matmul(&down)?;
             grads[3 + 3 * j] = weight_grad(&originals[3 * j + 2], &h, &ge)?;
             drop(h);
             let (da, db) = swiglu_vjp(a, b, &dh)?;
-            dxs.push((db.matmul(up)? + da.matmul(gate)?)?);
+            dxs.push((db.matmul(&up)? + da.matmul(&gate)?)?);
             grads[2 + 3 * j] = weight_grad(&originals[3 * j + 1], &xe, &db)?;
             grads[1 + 3 * j] = weight_grad(&originals[3 * j], &xe, &da)?;
         }

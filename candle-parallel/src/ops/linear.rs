@@ -21,6 +21,9 @@ thread_local! {
 /// every weight (with a hundred experts a layer, gigabytes of passes per step). A weight with
 /// several gradients gets their sum. The same values as `loss.backward()`.
 ///
+/// A backward run inside an op's backward while this one runs (a recomputation) must call
+/// this function too, so that its weights' gradients land in its own store, not this one's.
+///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
 /// use candle_parallel::ops;
@@ -233,6 +236,10 @@ pub(super) struct Linear;
 /// `[m, out]`), or `None` where a backward under [`defer_weight_grads`] leaves it for later
 /// (`w` a variable).
 pub(super) fn weight_grad(w: &Tensor, x: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    // A weight nothing trains (a frozen base under LoRA) needs no gradient.
+    if !w.track_op() {
+        return Ok(None);
+    }
     let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
         Some(list) if w.is_variable() => {
             list.push(Deferred {

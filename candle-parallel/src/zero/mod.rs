@@ -757,6 +757,7 @@ impl ZeroOptimizer {
         if !matches!(self.buckets[bi].home, Home::Whole { grad: None }) {
             return Ok(());
         }
+        self.in_flight.retain(|&b| b != bi);
         let a = &mut self.acc[bi];
         let Some(work) = a.pending.take() else {
             return Ok(());
