@@ -254,6 +254,51 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
             );
         }
     }
+    // Qwen2-MoE's layout: a shared expert in every sparse layer and a dense layer among them.
+    let qwen = MixtralConfig::from_json(serde_json::json!({
+        "model_type": "qwen2_moe", "hidden_size": 64, "intermediate_size": 128,
+        "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96,
+        "vocab_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+        "mlp_only_layers": [1], "max_position_embeddings": 128,
+    }))?;
+    for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
+        let m = measure(
+            &qwen,
+            MemoryProbe {
+                path: BackwardPath::Units(recompute),
+                ..act
+            },
+        )?;
+        let layout = ActivationLayout {
+            rows: act.rows,
+            seq: act.seq,
+            tp: 1,
+            ep: 1,
+            dtype_bytes: 4,
+            recompute,
+            in_flight: 1,
+            head: true,
+            stage_boundaries: false,
+        };
+        let est = mixtral_activations(&qwen, qwen.num_hidden_layers, &layout)?;
+        let forward = m.step_phases[0].1 - m.persistent;
+        for (what, predicted, measured) in [
+            ("forward", est.forward, forward),
+            ("step", est.peak, m.step_peak - m.persistent),
+        ] {
+            let (predicted, measured) = (predicted as f64, measured as f64);
+            eprintln!(
+                "qwen2_moe, recompute {recompute}: {what} activations predicted {:.2} MiB, measured {:.2} MiB",
+                predicted / (1 << 20) as f64,
+                measured / (1 << 20) as f64
+            );
+            assert!(
+                (predicted - measured).abs() < 0.1 * measured,
+                "qwen2_moe, recompute {recompute}: predicted {predicted} {what} activation bytes, measured {measured}"
+            );
+        }
+    }
     let scores = 4 * act.rows * cfg.num_attention_heads * act.seq * act.seq * 4;
     assert!(
         selective.step_peak + scores * cfg.num_hidden_layers * 3 / 4 <= none.step_peak

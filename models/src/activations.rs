@@ -146,17 +146,37 @@ pub fn mixtral_activations(
     // and the SwiGLU output are made again in their backward) and their output rows; the fused
     // combine keeps nothing but its inputs. The same under selective recomputation.
     let experts = routed * (2 * ffn + h);
+    // Qwen2-MoE's shared expert: its MLP (gate, up and SwiGLU outputs, down output), the gate's
+    // logit and sigmoid, the gated output and its sum with the routed one.
+    let shared_ffn = cfg
+        .shared_expert_intermediate_size()
+        .unwrap_or(0)
+        .div_ceil(l.tp);
+    let shared = match shared_ffn {
+        0 => 0,
+        f => 3 * t * f + 3 * t * h + 2 * t,
+    };
     let moe = t * h // normed input
         + experts
+        + shared
         + 2 * t * h; // combined, residual sum
     let router = 3 * t * e; // logits, probabilities, top-k weights (f32)
-    let layer_graph = (attention + moe) * l.dtype_bytes + router * 4;
+    let sparse_graph = (attention + moe) * l.dtype_bytes + router * 4;
+    // A dense layer (Qwen's mlp_only_layers, decoder_sparse_step): the MLP's normed input, gate,
+    // up and SwiGLU outputs, down output and the residual sum.
+    let dense_ffn = cfg.intermediate_size.div_ceil(l.tp);
+    let dense_graph = (attention + t * h + 3 * t * dense_ffn + 2 * t * h) * l.dtype_bytes;
+    // Per layer, as the model's layers mix them (every layer sparse for Mixtral).
+    let all = cfg.num_hidden_layers.max(1);
+    let sparse_layers = cfg.sparse_layers(0..cfg.num_hidden_layers);
+    let layer_graph = (sparse_graph * sparse_layers + dense_graph * (all - sparse_layers)) / all;
     let layer_boundary = t * h * l.dtype_bytes + t * e * 4;
     let layer_params = h * (heads * d + 2 * kv * d)
         + heads * d * h
         + 2 * h
         + h * e
-        + e.div_ceil(l.ep) * 3 * h * ffn;
+        + e.div_ceil(l.ep) * 3 * h * ffn
+        + 3 * h * shared_ffn;
     // The activation gradients in flight: the attention's backward holds about six
     // score-sized tensors at once (the probabilities' gradient, the softmax backward's three
     // temporaries, the masked and scaled scores' gradients), the experts' about four
@@ -190,7 +210,7 @@ pub fn mixtral_activations(
     };
     let kept = l.in_flight * (layers * kept_per_layer + io);
     let recomputed = match l.recompute {
-        Recompute::Full => layer_graph,
+        Recompute::Full => sparse_graph.max(dense_graph),
         _ => 0,
     };
     let (head_graph, head_backward) = if l.head {
