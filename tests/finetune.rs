@@ -102,6 +102,23 @@ fn generated_ids(args: &[&str], ids: &Path) -> String {
     std::fs::read_to_string(ids).unwrap()
 }
 
+/// Greedy generation from `model` with the LoRA job `out`'s adapters, on the ranks `layout`
+/// names, equals the merged model's on one rank (token ids kept in `dir`).
+fn adapters_generate_as_merged(dir: &Path, model: &Path, out: &Path, layout: &[&str]) {
+    let generate =
+        |args: &[&str]| generated_ids(args, &dir.join(format!("ids-{}.json", args.len())));
+    let (m, ad, mg) = (
+        model.to_string_lossy().to_string(),
+        out.join("adapters").to_string_lossy().to_string(),
+        out.join("merged").to_string_lossy().to_string(),
+    );
+    let with_adapters = [&["--model", &m, "--adapters", &ad][..], layout].concat();
+    assert_eq!(
+        generate(&with_adapters),
+        generate(&["--model", &mg, "--tp", "1"])
+    );
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
@@ -497,16 +514,10 @@ fn lora_trains_adapters_only_and_merges_into_the_base() {
     );
     // The adapters load back onto the base under another layout (ep = 2 × tp = 2; trained at
     // ep = 2 × tp = 2 and merged on one device): greedy generation equals the merged model's.
-    let generate =
-        |args: &[&str]| generated_ids(args, &dir.join(format!("ids-{}.json", args.len())));
-    let (m, ad, mg) = (
+    adapters_generate_as_merged(&dir, &model, &out, &["--ep", "2", "--tp", "2"]);
+    let (m, ad) = (
         model.to_string_lossy().to_string(),
         out.join("adapters").to_string_lossy().to_string(),
-        out.join("merged").to_string_lossy().to_string(),
-    );
-    assert_eq!(
-        generate(&["--model", &m, "--adapters", &ad, "--ep", "2", "--tp", "2"]),
-        generate(&["--model", &mg, "--tp", "1"])
     );
     // Adapters for modules that target_modules does not list are ignored with a warning that
     // names them.
@@ -824,17 +835,7 @@ fn a_qwen_moe_model_fine_tunes_with_lora_and_exports() {
     // Per layer q, k, v, o; per sparse layer 4 experts x 3 + the shared expert's 3; the dense
     // layer's 3.
     assert_eq!(adapted.len(), 3 * 4 + 2 * (4 * 3 + 3) + 3, "{adapted:?}");
-    let generate =
-        |args: &[&str]| generated_ids(args, &dir.join(format!("ids-{}.json", args.len())));
-    let (m, ad, mg) = (
-        model.to_string_lossy().to_string(),
-        out.join("adapters").to_string_lossy().to_string(),
-        out.join("merged").to_string_lossy().to_string(),
-    );
-    assert_eq!(
-        generate(&["--model", &m, "--adapters", &ad, "--tp", "2"]),
-        generate(&["--model", &mg, "--tp", "1"])
-    );
+    adapters_generate_as_merged(&dir, &model, &out, &["--tp", "2"]);
     let merged: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("merged/config.json")).unwrap())
             .unwrap();

@@ -36,6 +36,47 @@ fn mib(b: usize) -> f64 {
 }
 
 /// Rank 0's figures (every rank holds the same amounts here: no experts are split).
+/// The model's count of its activations (`mixtral_activations`, one device) is within 10% of
+/// what the allocator measured in the forward and over the step of run `m` (`probe`'s rows and
+/// tokens, recomputation `recompute`).
+fn assert_activations_predicted(
+    what: &str,
+    cfg: &MixtralConfig,
+    probe: &MemoryProbe,
+    recompute: Recompute,
+    m: &TrainingMemory,
+) -> Result<()> {
+    let layout = ActivationLayout {
+        rows: probe.rows,
+        seq: probe.seq,
+        tp: 1,
+        ep: 1,
+        dtype_bytes: 4,
+        recompute,
+        in_flight: 1,
+        head: true,
+        stage_boundaries: false,
+    };
+    let est = mixtral_activations(cfg, cfg.num_hidden_layers, &layout)?;
+    let forward = m.step_phases[0].1 - m.persistent;
+    for (phase, predicted, measured) in [
+        ("forward", est.forward, forward),
+        ("step", est.peak, m.step_peak - m.persistent),
+    ] {
+        let (predicted, measured) = (predicted as f64, measured as f64);
+        eprintln!(
+            "{what}, recompute {recompute}: {phase} activations predicted {:.2} MiB, measured {:.2} MiB",
+            predicted / (1 << 20) as f64,
+            measured / (1 << 20) as f64
+        );
+        assert!(
+            (predicted - measured).abs() < 0.1 * measured,
+            "{what}, recompute {recompute}: predicted {predicted} {phase} activation bytes, measured {measured}"
+        );
+    }
+    Ok(())
+}
+
 fn measure(cfg: &MixtralConfig, probe: MemoryProbe) -> Result<TrainingMemory> {
     let m = measure_training_memory(cfg, probe)?.remove(0);
     // The step's phases, each peak within the step's.
@@ -225,34 +266,7 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         (&selective, Recompute::Selective),
         (&full, Recompute::Full),
     ] {
-        let layout = ActivationLayout {
-            rows: act.rows,
-            seq: act.seq,
-            tp: 1,
-            ep: 1,
-            dtype_bytes: 4,
-            recompute,
-            in_flight: 1,
-            head: true,
-            stage_boundaries: false,
-        };
-        let est = mixtral_activations(&cfg, cfg.num_hidden_layers, &layout)?;
-        let forward = m.step_phases[0].1 - m.persistent;
-        for (what, predicted, measured) in [
-            ("forward", est.forward, forward),
-            ("step", est.peak, m.step_peak - m.persistent),
-        ] {
-            let (predicted, measured) = (predicted as f64, measured as f64);
-            eprintln!(
-                "recompute {recompute}: {what} activations predicted {:.2} MiB, measured {:.2} MiB",
-                predicted / (1 << 20) as f64,
-                measured / (1 << 20) as f64
-            );
-            assert!(
-                (predicted - measured).abs() < 0.1 * measured,
-                "recompute {recompute}: predicted {predicted} {what} activation bytes, measured {measured}"
-            );
-        }
+        assert_activations_predicted("mixtral", &cfg, &act, recompute, m)?;
     }
     // Qwen2-MoE's layout: a shared expert in every sparse layer and a dense layer among them.
     let qwen = MixtralConfig::from_json(serde_json::json!({
@@ -263,41 +277,12 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         "mlp_only_layers": [1], "max_position_embeddings": 128,
     }))?;
     for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
-        let m = measure(
-            &qwen,
-            MemoryProbe {
-                path: BackwardPath::Units(recompute),
-                ..act
-            },
-        )?;
-        let layout = ActivationLayout {
-            rows: act.rows,
-            seq: act.seq,
-            tp: 1,
-            ep: 1,
-            dtype_bytes: 4,
-            recompute,
-            in_flight: 1,
-            head: true,
-            stage_boundaries: false,
+        let probe = MemoryProbe {
+            path: BackwardPath::Units(recompute),
+            ..act
         };
-        let est = mixtral_activations(&qwen, qwen.num_hidden_layers, &layout)?;
-        let forward = m.step_phases[0].1 - m.persistent;
-        for (what, predicted, measured) in [
-            ("forward", est.forward, forward),
-            ("step", est.peak, m.step_peak - m.persistent),
-        ] {
-            let (predicted, measured) = (predicted as f64, measured as f64);
-            eprintln!(
-                "qwen2_moe, recompute {recompute}: {what} activations predicted {:.2} MiB, measured {:.2} MiB",
-                predicted / (1 << 20) as f64,
-                measured / (1 << 20) as f64
-            );
-            assert!(
-                (predicted - measured).abs() < 0.1 * measured,
-                "qwen2_moe, recompute {recompute}: predicted {predicted} {what} activation bytes, measured {measured}"
-            );
-        }
+        let m = measure(&qwen, probe)?;
+        assert_activations_predicted("qwen2_moe", &qwen, &act, recompute, &m)?;
     }
     let scores = 4 * act.rows * cfg.num_attention_heads * act.seq * act.seq * 4;
     assert!(
