@@ -717,6 +717,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
             bucket_bytes: candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES,
             reshard_after_forward: reshard,
             prefetch,
+            lora_rank: 0,
         };
         let m = measure_training_memory(&cfg, probe)?.remove(0);
         rows.push(MemoryRow {
@@ -838,6 +839,7 @@ fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow, formula: f64) ->
         in_flight: 1,
         head: true,
         stage_boundaries: false,
+        lora_rank: 0,
     };
     let est = mixtral_activations(cfg, cfg.num_hidden_layers, &layout)?;
     // Communication buffers: from stage 2 a bucket is packed and reduce-scattered as the

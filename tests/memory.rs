@@ -56,6 +56,7 @@ fn assert_activations_predicted(
         in_flight: 1,
         head: true,
         stage_boundaries: false,
+        lora_rank: 0,
     };
     let est = mixtral_activations(cfg, cfg.num_hidden_layers, &layout)?;
     let forward = m.step_phases[0].1 - m.persistent;
@@ -123,6 +124,7 @@ fn measured_memory_follows_zero_and_the_unit_wise_backward() -> Result<()> {
         bucket_bytes: 1 << 20,
         reshard_after_forward: true,
         prefetch: true,
+        lora_rank: 0,
     };
     let mut peaks = Vec::new();
     for stage in 0..=3u8 {
@@ -354,6 +356,7 @@ fn pipeline_stages_hold_what_their_schedule_keeps(
                 in_flight: 1,
                 head: true,
                 stage_boundaries: false,
+                lora_rank: 0,
             }
             .one_f_one_b(stage, pp, micro_batches);
             let layers = cfg.num_hidden_layers / pp;

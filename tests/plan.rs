@@ -2,9 +2,7 @@
 //! measured by the counting allocator at many layouts, and what is known of Mixtral 8×7B.
 //! One memory test in this binary: the ranks' counters are per rank number.
 use candle_core::Result;
-use candle_parallel::data_parallel::Recompute;
 use candle_parallel::memory::CountingAlloc;
-use candle_parallel::pipeline::ScheduleKind;
 use candle_parallel_models::mixtral::MixtralConfig;
 use candle_parallel_models::plan::{
     enumerate, plan_layout, Cluster, DeviceSpec, Layout, ModelShape, Workload,
@@ -15,9 +13,11 @@ use candle_parallel_models::testing::{measure_training_memory, BackwardPath, Mem
 static ALLOC: CountingAlloc = CountingAlloc;
 
 /// The predicted peak bytes per rank are within 10% of the measured ones (the most any rank
-/// of the layout held during a step, model states included) at 31 layouts: dp 2 and 4 at
-/// every ZeRO stage and recompute mode; two pipeline stages over 4 micro-batches with 1F1B
-/// and GPipe; ep 2 at every stage.
+/// of the layout held during a step, model states included) at every kind of layout: dp 2 and
+/// 4 at every ZeRO stage and recompute mode; ep 2 at every stage; tp 2 alone, beside dp and
+/// beside ep, at every recompute mode and stage; two pipeline stages over 4 micro-batches with
+/// 1F1B, GPipe and zero-bubble (with ep or tp inside too); and LoRA fine-tunes (rank 8 on the
+/// family's targets) at every recompute mode, ZeRO 1 and 2, ep × tp and two stages.
 #[test]
 fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
     let cfg = MixtralConfig {
@@ -33,69 +33,88 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
     };
     let model = ModelShape::of_mixtral(&cfg);
     let (rows, seq) = (4, 64);
-    use ScheduleKind::{GPipe, OneFOneB};
-    // (dp, pp, ep, tp, ZeRO stage, recompute, micro-batches, schedule)
-    let mut cases = Vec::new();
+    // (layout, LoRA rank or 0)
+    let mut cases: Vec<(String, usize)> = Vec::new();
+    let modes = ["none", "selective", "full"];
     for dp in [2, 4] {
-        for stage in 0..=3u8 {
-            for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
-                cases.push((dp, 1, 1, 1, stage, recompute, 1, OneFOneB));
+        for stage in 0..=3 {
+            for r in modes {
+                cases.push((format!("dp={dp},zero={stage},recompute={r}"), 0));
             }
         }
     }
-    for recompute in [Recompute::None, Recompute::Full] {
-        cases.push((1, 2, 1, 1, 0, recompute, 4, OneFOneB));
+    for stage in 0..=3 {
+        cases.push((format!("ep=2,zero={stage}"), 0));
+        cases.push((format!("dp=2,tp=2,zero={stage}"), 0));
+        cases.push((format!("ep=2,tp=2,zero={stage}"), 0));
     }
-    for stage in 0..=3u8 {
-        cases.push((1, 1, 2, 1, stage, Recompute::None, 1, OneFOneB));
+    for r in modes {
+        cases.push((format!("tp=2,recompute={r}"), 0));
+        cases.push((format!("ep=2,tp=2,recompute={r}"), 0));
     }
-    cases.push((1, 2, 1, 1, 0, Recompute::None, 4, GPipe));
-    // Not yet within 10% (the count under-predicts them by 10-23%, see the README): tp > 1
-    // and zero-bubble's split backwards.
+    for r in ["none", "full"] {
+        cases.push((format!("pp=2,mb=4,recompute={r}"), 0));
+    }
+    cases.push(("pp=2,mb=4,schedule=gpipe".into(), 0));
+    for l in [
+        "pp=2,mb=4,schedule=zero-bubble",
+        "pp=2,mb=2,schedule=zero-bubble",
+        "pp=2,mb=4,schedule=zero-bubble,recompute=selective",
+        "pp=2,ep=2,mb=4,schedule=zero-bubble",
+        "pp=2,tp=2,mb=4,schedule=zero-bubble",
+        "pp=2,tp=2,mb=4",
+        "pp=2,ep=2,mb=4",
+    ] {
+        cases.push((l.into(), 0));
+    }
+    for r in modes {
+        cases.push((format!("dp=2,recompute={r}"), 8));
+    }
+    for l in [
+        "dp=2,zero=1",
+        "dp=2,zero=2",
+        "tp=2",
+        "ep=2,tp=2",
+        "pp=2,mb=4",
+    ] {
+        cases.push((l.into(), 8));
+    }
     let mut worst: f64 = 0.0;
-    for &(dp, pp, ep, tp, stage, recompute, micro_batches, schedule) in &cases {
+    for (text, lora_rank) in &cases {
+        let layout = Layout::parse(text)?;
         let probe = MemoryProbe {
-            dp,
-            pp,
-            ep,
-            tp,
-            schedule,
-            micro_batches,
-            stage,
-            path: BackwardPath::Units(recompute),
+            dp: layout.dp,
+            pp: layout.pp,
+            ep: layout.ep,
+            tp: layout.tp,
+            schedule: layout.schedule,
+            micro_batches: layout.micro_batches,
+            stage: layout.zero,
+            path: BackwardPath::Units(layout.recompute),
             rows,
             seq,
             steps: 2,
             bucket_bytes: candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES,
             reshard_after_forward: true,
             prefetch: true,
+            lora_rank: *lora_rank,
         };
         let ranks = measure_training_memory(&cfg, probe)?;
         let measured = ranks.iter().map(|m| m.step_peak).max().unwrap_or(0) as f64;
-        let world = dp * pp * ep * tp;
+        let world = layout.world();
         let cluster = Cluster::new(DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10), world, world)?;
         let work = Workload {
-            global_batch: rows * dp * ep,
+            global_batch: rows * layout.dp * layout.ep,
             seq,
             dtype_bytes: 4,
-            lora_rank: None,
-        };
-        let layout = Layout {
-            dp,
-            pp,
-            ep,
-            tp,
-            zero: stage,
-            recompute,
-            micro_batches,
-            schedule,
+            lora_rank: (*lora_rank > 0).then_some(*lora_rank),
         };
         let predicted = plan_layout(&model, &work, &cluster, &layout)?
             .memory
             .peak_bytes_per_rank;
         let off = (predicted - measured) / measured;
         eprintln!(
-            "{layout}: predicted {:.2} MiB, measured {:.2} MiB ({:+.1}%)",
+            "{layout}, LoRA rank {lora_rank}: predicted {:.2} MiB, measured {:.2} MiB ({:+.1}%)",
             predicted / 1048576.0,
             measured / 1048576.0,
             100.0 * off
@@ -103,7 +122,7 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
         worst = worst.max(off.abs());
         assert!(
             off.abs() < 0.10,
-            "{layout}: predicted {predicted} bytes per rank, measured {measured}"
+            "{layout}, LoRA rank {lora_rank}: predicted {predicted} bytes per rank, measured {measured}"
         );
     }
     eprintln!("{} layouts, worst {:.1}%", cases.len(), 100.0 * worst);

@@ -31,6 +31,9 @@ pub struct ActivationLayout {
     /// Whether activations pass between pipeline stages: each micro-batch in flight keeps its
     /// packed input and output (hidden states and load-balancing sums).
     pub stage_boundaries: bool,
+    /// LoRA adapters of this rank on attention and the experts (the families' default
+    /// targets), or 0 for a full fine-tune.
+    pub lora_rank: usize,
 }
 
 impl ActivationLayout {
@@ -91,7 +94,10 @@ pub struct ActivationEstimate {
 /// per routed copy the gate and up projections and the expert output (the grouped experts make
 /// the gathered input and the SwiGLU output again in their backward; the fused combine keeps
 /// nothing of its own), the combined output and the residual sum. Selective recomputation
-/// drops the scores and mask and the repeated keys and values. (Measured by the counting allocator, a layer keeps 3–5% more: index and
+/// drops the scores and mask and the repeated keys and values. Over tp each block also keeps
+/// its input copied to the group and its all-reduced output; over ep the all-to-alls' rows;
+/// with LoRA every adapted projection its adapter's intermediates, the experts running one by
+/// one. (Measured by the counting allocator, a layer keeps 3–5% more: index and
 /// bookkeeping tensors this count leaves out.) The
 /// head keeps the normed states, the logits and three logits-sized tensors of the
 /// cross-entropy; its backward adds seven (one gradient per operation and their sums).
@@ -104,7 +110,7 @@ pub struct ActivationEstimate {
 /// let cfg = MixtralConfig::tiny();
 /// let layout = |recompute| ActivationLayout {
 ///     rows: 2, seq: 64, tp: 1, ep: 1, dtype_bytes: 4, recompute, in_flight: 1,
-///     head: true, stage_boundaries: false,
+///     head: true, stage_boundaries: false, lora_rank: 0,
 /// };
 /// let none = mixtral_activations(&cfg, 2, &layout(Recompute::None))?;
 /// let full = mixtral_activations(&cfg, 2, &layout(Recompute::Full))?;
@@ -133,6 +139,19 @@ pub fn mixtral_activations(
     let selective = l.recompute == Recompute::Selective;
     // Elements, then bytes: hidden-state tensors in the model's dtype, router in f32.
     let repeat = if kv < heads { 2 * t * heads * d } else { 0 };
+    // Over tp, a block copies its input to the group once (`copy_to_group`, a tensor of its
+    // own) and all-reduces its row-parallel output into another.
+    let group_copies = if l.tp > 1 { 2 * t * h } else { 0 };
+    // LoRA: each adapted projection keeps x·A (r wide), B's output, its scaled copy and the
+    // sum with the base output; o_proj's output is padded to the full width first over tp.
+    let r = l.lora_rank;
+    let lora_attention = match r {
+        0 => 0,
+        _ => {
+            let outs = (heads + 2 * kv) * d + h.div_ceil(l.tp);
+            t * (4 * r + 3 * outs + if l.tp > 1 { h } else { 0 })
+        }
+    };
     let scores = 4 * b * heads * s * s;
     let attention = t * h // normed input
         + 2 * t * heads * d // q and its head-major copy
@@ -140,12 +159,32 @@ pub fn mixtral_activations(
         + t * (heads + kv) * d // rotated q and k
         + if selective { 0 } else { repeat + scores + s * s } // and the causal mask
         + 2 * t * heads * d // attention output and its token-major copy
-        + 2 * t * h; // output projection, residual sum
+        + 2 * t * h // output projection, residual sum
+        + group_copies // over tp: the input copied to the group, the reduced projection
+        + lora_attention;
     let routed = k * t;
     // The grouped experts keep each routed copy's gate and up projections (the gathered input
     // and the SwiGLU output are made again in their backward) and their output rows; the fused
     // combine keeps nothing but its inputs. The same under selective recomputation.
-    let experts = routed * (2 * ffn + h);
+    // With adapters the experts run one by one (the grouped op takes bare weights): each keeps
+    // its gathered rows, the gate and up projections with their adapters' three tensors each,
+    // the SwiGLU output, the down projection with its adapter's and the concatenated rows.
+    // Selective recomputation makes the SwiGLU and down projection again in the backward.
+    let experts = match (r, selective) {
+        (0, _) => routed * (2 * ffn + h),
+        (_, false) => routed * (9 * ffn + 6 * h + 3 * r),
+        (_, true) => routed * (8 * ffn + 3 * h + 2 * r),
+    };
+    // Over ep, the all-to-alls' rows: those sent in expert order, those received (the
+    // experts' input) and the outputs returned. Over tp, the experts' input copied to the
+    // group and their outputs all-reduced.
+    let dispatched = if l.ep > 1 { 3 * routed * h } else { 0 };
+    let expert_input = if l.ep > 1 { routed } else { t };
+    let expert_copies = if l.tp > 1 {
+        (expert_input + routed) * h
+    } else {
+        0
+    };
     // Qwen2-MoE's shared expert: its MLP (gate, up and SwiGLU outputs, down output), the gate's
     // logit and sigmoid, the gated output and its sum with the routed one.
     let shared_ffn = cfg
@@ -154,10 +193,12 @@ pub fn mixtral_activations(
         .div_ceil(l.tp);
     let shared = match shared_ffn {
         0 => 0,
-        f => 3 * t * f + 3 * t * h + 2 * t,
+        f => 3 * t * f + 3 * t * h + 2 * t + group_copies,
     };
     let moe = t * h // normed input
         + experts
+        + dispatched
+        + expert_copies
         + shared
         + 2 * t * h; // combined, residual sum
     let router = 3 * t * e; // logits, probabilities, top-k weights (f32)
@@ -165,7 +206,8 @@ pub fn mixtral_activations(
     // A dense layer (Qwen's mlp_only_layers, decoder_sparse_step): the MLP's normed input, gate,
     // up and SwiGLU outputs, down output and the residual sum.
     let dense_ffn = cfg.intermediate_size.div_ceil(l.tp);
-    let dense_graph = (attention + t * h + 3 * t * dense_ffn + 2 * t * h) * l.dtype_bytes;
+    let dense_graph =
+        (attention + t * h + 3 * t * dense_ffn + 2 * t * h + group_copies) * l.dtype_bytes;
     // Per layer, as the model's layers mix them (every layer sparse for Mixtral).
     let all = cfg.num_hidden_layers.max(1);
     let sparse_layers = cfg.sparse_layers(0..cfg.num_hidden_layers);
@@ -181,7 +223,18 @@ pub fn mixtral_activations(
     // score-sized tensors at once (the probabilities' gradient, the softmax backward's three
     // temporaries, the masked and scaled scores' gradients), the experts' about four
     // activation-sized ones.
-    let in_flight_grads = (6 * b * heads * s * s).max(4 * routed * ffn).max(4 * t * h);
+    // Over ep the experts' backward also holds the gradient rows the all-to-alls carry back
+    // and forth (about four row sets); over tp the input gradient's all-reduced copy and its
+    // partial (two).
+    let exchanged = match (l.ep > 1, l.tp > 1) {
+        (true, true) => 6,
+        (true, false) => 4,
+        (false, true) => 2,
+        (false, false) => 0,
+    };
+    let in_flight_grads = (6 * b * heads * s * s)
+        .max(routed * (4 * ffn + exchanged * h))
+        .max(4 * t * h);
     // Selective recomputation rebuilds what it dropped, one checkpoint at a time.
     let rebuilt = if selective {
         (repeat + scores + s * s).max(routed * ffn).max(routed * h)

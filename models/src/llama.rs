@@ -374,10 +374,16 @@ impl Attention {
         } else {
             None
         };
+        // The input is copied to the group once for q, k and v (`forward`), not once each:
+        // every copy is a hidden-state-sized tensor the graph keeps.
         Ok(Self {
-            q,
-            k: heads.kv_projection(h, cfg.qkv_bias, vb.pp("k_proj"), tp)?,
-            v: heads.kv_projection(h, cfg.qkv_bias, vb.pp("v_proj"), tp)?,
+            q: q.with_external_communication(true),
+            k: heads
+                .kv_projection(h, cfg.qkv_bias, vb.pp("k_proj"), tp)?
+                .with_external_communication(true),
+            v: heads
+                .kv_projection(h, cfg.qkv_bias, vb.pp("v_proj"), tp)?
+                .with_external_communication(true),
             o: row_parallel_linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"), tp)?,
             qk_norm,
             tp: tp.clone(),
@@ -396,6 +402,7 @@ impl Attention {
         let hd = self.heads.head_dim();
         let (hl, kvl) = (self.heads.local_heads(), self.heads.local_kv_heads());
         let split = |t: Tensor, h: usize| t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous();
+        let x = &ops::copy_to_group(x, &self.tp)?;
         // Qwen3 normalises each head of the queries and keys (over head_dim) before the rotation.
         let (q, k) = (self.q.forward(x)?, self.k.forward(x)?);
         // Each rank holds some of the heads, so the norms' weight gradients are partial sums:
@@ -503,6 +510,7 @@ pub(crate) struct Mlp {
     gate: ColumnParallelLinear,
     up: ColumnParallelLinear,
     down: RowParallelLinear,
+    tp: Comm,
 }
 
 impl Mlp {
@@ -521,15 +529,20 @@ impl Mlp {
             )
         }
         Ok(Self {
-            gate: column_parallel_linear_no_bias(hidden, ffn, vb.pp("gate_proj"), tp)?,
-            up: column_parallel_linear_no_bias(hidden, ffn, vb.pp("up_proj"), tp)?,
+            // The input is copied to the group once for both (`forward`).
+            gate: column_parallel_linear_no_bias(hidden, ffn, vb.pp("gate_proj"), tp)?
+                .with_external_communication(true),
+            up: column_parallel_linear_no_bias(hidden, ffn, vb.pp("up_proj"), tp)?
+                .with_external_communication(true),
             down: row_parallel_linear_no_bias(ffn, hidden, vb.pp("down_proj"), tp)?,
+            tp: tp.clone(),
         })
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = &ops::copy_to_group(x, &self.tp)?;
         self.down
             .forward(&ops::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?)
     }

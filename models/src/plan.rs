@@ -758,6 +758,7 @@ pub fn plan_layout(
             in_flight,
             head: last,
             stage_boundaries: l.pp > 1,
+            lora_rank: work.lora_rank.unwrap_or(0),
         };
         let est = mixtral_activations(&model.as_mixtral(), per_stage, &layout)?;
         let buffers = match l.zero {
@@ -774,20 +775,19 @@ pub fn plan_layout(
         // dp × ep, experts over dp) and reduce-scatters it in place as
         // the layer's backward ends: on top of the layer phase only.
         let bucket = (DEFAULT_BUCKET_BYTES as f64).min(4.0 * trained_d.max(trained_e));
-        let activations = match (l.zero, last) {
-            (3, true) => (est.peak + est.head_graph + est.head_backward) as f64,
-            (2, _) => (est.head_phase as f64).max(est.layer_phase as f64 + bucket),
-            _ => est.peak as f64,
-        } + match (work.lora_rank, l.recompute) {
-            // Adapters on the experts' gate and up projections keep each expert's gathered
-            // input rows, which selective recomputation otherwise drops.
-            (Some(_), Recompute::Selective) => {
-                (in_flight * per_stage * rows * work.seq * model.top_k * model.hidden) as f64
-                    * moe_share
-                    * d
-            }
-            _ => 0.0,
+        // A split-backward schedule runs each stage's backward whole and hands the sink the
+        // step's gradients at its end: they accumulate, in f32, over the micro-batches.
+        let accumulated = if l.pp > 1 && l.schedule.splits_backwards() {
+            (trained_d + trained_e) * 4.0
+        } else {
+            0.0
         };
+        let activations = accumulated
+            + match (l.zero, last) {
+                (3, true) => (est.peak + est.head_graph + est.head_backward) as f64,
+                (2, _) => (est.head_phase as f64).max(est.layer_phase as f64 + bucket),
+                _ => est.peak as f64,
+            };
         Ok(MemoryPlan {
             parameters,
             gradients,

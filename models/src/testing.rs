@@ -251,6 +251,9 @@ pub struct MemoryProbe {
     /// Stage 3: each layer's forward (backward) starts gathering the next (previous) layer's
     /// parameters (FSDP2's prefetch, [`ShardedMixtral::set_prefetch`]).
     pub prefetch: bool,
+    /// LoRA adapters of this rank on the family's default targets (alpha 2r), the base
+    /// frozen; 0: a full fine-tune. Refused with stage 3, as the trainer refuses it.
+    pub lora_rank: usize,
 }
 
 /// Trains a Mixtral-style model of `cfg` (f32, deterministic initialisation, all-to-all
@@ -275,7 +278,22 @@ pub fn measure_training_memory(
         bucket_bytes,
         reshard_after_forward,
         prefetch,
+        lora_rank,
     } = probe;
+    if lora_rank > 0 && stage == 3 {
+        candle_core::bail!(
+            "measure_training_memory: LoRA with ZeRO 3 is refused by the trainer: use stage 0-2"
+        )
+    }
+    let lora = (lora_rank > 0)
+        .then(|| -> Result<candle_parallel::lora::LoraConfig> {
+            Ok(candle_parallel::lora::LoraConfig {
+                rank: lora_rank,
+                alpha: 2.0 * lora_rank as f64,
+                target_modules: cfg.family()?.lora_targets(),
+            })
+        })
+        .transpose()?;
     if steps == 0 {
         candle_core::bail!("measure_training_memory: measure at least one step")
     }
@@ -301,6 +319,10 @@ pub fn measure_training_memory(
             let mut phases = memory::PhaseMeter::new(rank)?;
             phases.enter("load");
             let vb = ParallelVarBuilder::from_init(1, DType::F32, ctx.device()).trainable();
+            let vb = match &lora {
+                Some(l) => candle_parallel::lora::LoraBuilder::with_lora(vb, l.clone())?,
+                None => vb,
+            };
             let zero = ZeroConfig {
                 stage,
                 bucket_bytes,
