@@ -27,6 +27,13 @@ struct Args {
     /// Optimizer steps per run.
     #[arg(long, default_value_t = 4)]
     steps: usize,
+    /// Write the measured step times (JSON: layout → seconds) to this file.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Take the measured step times from a file `--save` wrote instead of measuring (to
+    /// compare predictions without rerunning the layouts).
+    #[arg(long)]
+    load: Option<PathBuf>,
 }
 
 const LAYOUTS: &[&str] = &[
@@ -86,11 +93,37 @@ fn main() -> Result<()> {
         dtype_bytes: 4,
         lora_rank: None,
     };
-    let mut measured = Vec::new();
-    for l in LAYOUTS {
-        let t = measure(&mixtral, &dir, l, a.reps, a.steps)?;
-        eprintln!("{l}: {t:.3} s");
-        measured.push(t);
+    let measured: Vec<f64> = match &a.load {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
+            let saved: std::collections::HashMap<String, f64> = serde_json::from_str(&text)
+                .map_err(|e| candle_core::Error::msg(format!("{}: {e}", file.display())))?;
+            LAYOUTS
+                .iter()
+                .map(|l| match saved.get(*l) {
+                    Some(&t) => Ok(t),
+                    None => bail!("{}: no measured time for layout {l}", file.display()),
+                })
+                .collect::<Result<_>>()?
+        }
+        None => {
+            let mut measured = Vec::new();
+            for l in LAYOUTS {
+                let t = measure(&mixtral, &dir, l, a.reps, a.steps)?;
+                eprintln!("{l}: {t:.3} s");
+                measured.push(t);
+            }
+            measured
+        }
+    };
+    if let Some(file) = &a.save {
+        let map: serde_json::Map<String, serde_json::Value> = LAYOUTS
+            .iter()
+            .zip(&measured)
+            .map(|(l, t)| (l.to_string(), serde_json::json!(t)))
+            .collect();
+        std::fs::write(file, serde_json::Value::Object(map).to_string())?;
     }
     // One reference (the first layout) fixes the share of the matmul rate a whole step reaches.
     let predict = |device: &candle_parallel_models::plan::DeviceSpec, l: &str| {
@@ -106,22 +139,33 @@ fn main() -> Result<()> {
         }
         device.achievable *= raw.compute / (measured[0] - rest);
     }
-    let predicted: Vec<f64> = LAYOUTS
+    let plans: Vec<candle_parallel_models::plan::TimePlan> = LAYOUTS
         .iter()
-        .map(|l| Ok(predict(&device, l)?.step))
+        .map(|l| predict(&device, l))
         .collect::<Result<_>>()?;
+    let predicted: Vec<f64> = plans.iter().map(|p| p.step).collect();
     println!(
-        "\nStep time on 4 CPU ranks over a dialled link ({}), {} × {} tokens per step, f32; measured: median over {} runs of each run's median step after the first; predicted: `plan` for this machine (matmul rate {:.1} GFLOP/s per rank with 4 busy, a step reaching {:.0}% of it, fixed on the first row)\n",
+        "\nStep time on 4 CPU ranks over a dialled link ({}), {} × {} tokens per step, f32; measured: median over {} runs of each run's median step after the first; predicted: `plan` for this machine (calibrated with 4 ranks busy: matmuls {:.1} GFLOP/s, elementwise {:.1} GB/s, the local all-reduce {:.1} GB/s per rank; the matmuls of a whole step reaching {:.0}% of that rate, fixed on the first row)\n",
         a.link,
         rows,
         seq,
         a.reps,
         device.peak_flops_32 / 1e9,
+        device.memory_bw / 1e9,
+        device.collective_bw / 1e9,
         100.0 * device.achievable
     );
-    println!("| layout | measured s | predicted s | predicted / measured |\n|---|---:|---:|---:|");
-    for ((l, m), p) in LAYOUTS.iter().zip(&measured).zip(&predicted) {
-        println!("| {l} | {m:.3} | {p:.3} | {:.2} |", p / m);
+    println!("| layout | measured s | predicted s | predicted / measured | compute | communication | bubble | optimizer |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    for ((l, m), p) in LAYOUTS.iter().zip(&measured).zip(&plans) {
+        println!(
+            "| {l} | {m:.3} | {:.3} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            p.step,
+            p.step / m,
+            p.compute,
+            p.tp_comm + p.ep_comm + p.dp_comm + p.pp_comm,
+            p.bubble,
+            p.optimizer
+        );
     }
     let within = measured
         .iter()

@@ -102,7 +102,11 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
         let ranks = measure_training_memory(&cfg, probe)?;
         let measured = ranks.iter().map(|m| m.step_peak).max().unwrap_or(0) as f64;
         let world = layout.world();
-        let cluster = Cluster::new(DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10), world, world)?;
+        let cluster = Cluster::new(
+            DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10, 1e10),
+            world,
+            world,
+        )?;
         let work = Workload {
             global_batch: rows * layout.dp * layout.ep,
             seq,
@@ -252,5 +256,48 @@ fn config_json_alone_gives_each_familys_size() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(err.contains("num_hidden_layers"), "{err}");
+    Ok(())
+}
+
+/// `--device cpu` measures this machine in a few seconds: positive matmul, elementwise and
+/// collective rates; and on CPU ranks sharing the cores the plan charges what the cores do
+/// besides matmuls: ZeRO 3's gathers and copies, each micro-batch's weight gradients, full
+/// recomputation's second forward.
+#[test]
+fn a_calibrated_cpu_charges_the_work_besides_matmuls() -> Result<()> {
+    let t = std::time::Instant::now();
+    let cpu = candle_parallel_models::plan::calibrate_cpu(2)?;
+    assert!(
+        t.elapsed().as_secs_f64() < 30.0,
+        "calibration took {:?}",
+        t.elapsed()
+    );
+    for (what, v) in [
+        ("matmul rate", cpu.peak_flops_32),
+        ("memory bandwidth", cpu.memory_bw),
+        ("all-reduce rate", cpu.collective_bw),
+    ] {
+        assert!(v.is_finite() && v > 0.0, "{what}: {v}");
+    }
+    let model = ModelShape::from_config_str(
+        r#"{"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 768,
+            "vocab_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2}"#,
+    )?;
+    let cluster = Cluster::new(cpu, 2, 2)?;
+    let work = Workload {
+        global_batch: 8,
+        seq: 128,
+        dtype_bytes: 4,
+        lora_rank: None,
+    };
+    let step = |l: &str| -> Result<f64> {
+        Ok(plan_layout(&model, &work, &cluster, &Layout::parse(l)?)?
+            .time
+            .step)
+    };
+    assert!(step("dp=2,zero=3")? > step("dp=2,zero=2")?);
+    assert!(step("dp=2,mb=4")? > step("dp=2")?);
+    assert!(step("dp=2,recompute=full")? > step("dp=2")?);
     Ok(())
 }

@@ -272,8 +272,14 @@ pub struct DeviceSpec {
     /// Bytes per second a device's memory moves (the optimizer step is bound by it).
     pub memory_bw: f64,
     /// Whether the ranks share one machine's cores (CPU ranks as threads): a rank that waits
-    /// (the pipeline's bubble) leaves its cores to the others.
+    /// (the pipeline's bubble) leaves its cores to the others, and what the step moves through
+    /// memory besides the matmuls (activations, gradients, the backend's copies) is counted
+    /// at `memory_bw` (on GPUs, `achievable` covers it).
     pub shared_cores: bool,
+    /// Bytes per second of a rank's share of the cores the backend's all-reduce runs at (its
+    /// copies and sums; the local backend runs them on the ranks' cores), or 0 where
+    /// collectives take no compute from the ranks (NCCL on GPUs).
+    pub collective_bw: f64,
 }
 
 impl DeviceSpec {
@@ -291,6 +297,7 @@ impl DeviceSpec {
             latency_s: 10e-6,
             memory_bw: 3.35e12,
             shared_cores: false,
+            collective_bw: 0.0,
         }
     }
 
@@ -308,19 +315,23 @@ impl DeviceSpec {
             latency_s: 10e-6,
             memory_bw: 2.0e12,
             shared_cores: false,
+            collective_bw: 0.0,
         }
     }
 
     /// A CPU rank of the local backend (ranks are threads sharing the cores), from measured
     /// rates: `matmul_flops` (what one rank's matmuls reach with every rank busy),
     /// `memory_bytes` per rank, the link (`link_bw` bytes/s per rank, `latency_s`) and
-    /// `memory_bw`, the bytes per second each rank's memory traffic gets with every rank busy.
+    /// `memory_bw`, the bytes per second each rank's elementwise work moves with every rank
+    /// busy, and `collective_bw`, the bytes per second of an all-reduce's input each rank gets
+    /// through with every rank in it.
     pub fn cpu(
         matmul_flops: f64,
         memory_bytes: f64,
         link_bw: f64,
         latency_s: f64,
         memory_bw: f64,
+        collective_bw: f64,
     ) -> Self {
         Self {
             name: "cpu".into(),
@@ -333,6 +344,7 @@ impl DeviceSpec {
             latency_s,
             memory_bw,
             shared_cores: true,
+            collective_bw,
         }
     }
 
@@ -830,39 +842,89 @@ pub fn plan_layout(
     } else {
         1.0
     };
-    let compute = model_flops / (l.dp * l.ep * l.tp * l.pp) as f64 * recompute_factor * lora_factor
+    let matmuls = model_flops / (l.dp * l.ep * l.tp * l.pp) as f64 * recompute_factor * lora_factor
         / flops_rate;
+    // Trained parameters on a rank of the first stage (dense, experts).
+    let (sd, se) = stage_params(true, l.pp == 1);
+    let (td, te) = match work.lora_rank {
+        None => (sd, se),
+        Some(r) => adapters(r),
+    };
+    // On CPU ranks what is not a matmul takes the cores' memory bandwidth too: every tensor
+    // the forward makes is written and read, and the backward writes and reads a gradient
+    // of each and reads what the forward kept (about six passes over the forward's tensors, two
+    // more where full recomputation runs the forward again); each micro-batch's weight
+    // gradients are written, read and added into the step's (16 bytes a parameter). On GPUs
+    // `achievable` covers it.
+    let traffic = if dev.shared_cores {
+        let rows = work.global_batch / (l.dp * l.ep * l.micro_batches);
+        let est = mixtral_activations(
+            &model.as_mixtral(),
+            per_stage,
+            &ActivationLayout {
+                rows,
+                seq: work.seq,
+                tp: l.tp,
+                ep: l.ep,
+                dtype_bytes: work.dtype_bytes,
+                recompute: Recompute::None,
+                in_flight: 1,
+                head: l.pp == 1,
+                stage_boundaries: l.pp > 1,
+                lora_rank: work.lora_rank.unwrap_or(0),
+            },
+        )?;
+        let made = (per_stage * est.layer_graph + est.head_graph) as f64;
+        let passes = match l.recompute {
+            Recompute::Full => 8.0,
+            _ => 6.0,
+        };
+        l.micro_batches as f64 * (passes * made + 16.0 * (td + te)) / dev.memory_bw
+    } else {
+        0.0
+    };
+    let compute = matmuls + traffic;
+    // The seconds of a rank's cores an all-reduce of `bytes` over `n` ranks takes where the
+    // backend runs on them (scaled from the measured world-wide one by the ring's share).
+    let world_share = (cluster.devices.max(2) - 1) as f64 / cluster.devices.max(2) as f64;
+    let cores_s = |bytes: f64, n: usize| {
+        if dev.collective_bw <= 0.0 || n < 2 {
+            0.0
+        } else {
+            bytes * ((n - 1) as f64 / n as f64) / world_share / dev.collective_bw
+        }
+    };
     let lat = dev.latency_s;
     let (tp_stride, ep_stride, pp_stride) = (1, l.tp, l.tp * l.ep);
     let act_bytes = rank_tokens * model.hidden as f64 * d;
     // Two all-reduces of the hidden states per layer forward, two backward.
     let tp_comm = per_stage as f64
         * 4.0
-        * all_reduce_s(
+        * (all_reduce_s(
             act_bytes / l.micro_batches as f64,
             l.tp,
             link_bw(cluster, tp_stride, l.tp),
             lat,
-        )
+        ) + cores_s(act_bytes / l.micro_batches as f64, l.tp))
         * l.micro_batches as f64;
     // Dispatch and combine of top-k copies per MoE layer, forward and backward.
     let ep_comm = match l.ep {
         1 => 0.0,
         n => {
             let bytes = act_bytes * model.top_k as f64 * (n - 1) as f64 / n as f64;
+            // (On CPU ranks each all-to-all also copies its rows out and in.)
+            let copies = match dev.shared_cores {
+                true => 2.0 * bytes / dev.memory_bw,
+                false => 0.0,
+            };
             per_stage as f64
                 * moe_share
                 * 4.0
-                * (bytes / link_bw(cluster, ep_stride, n) + lat * l.micro_batches as f64)
+                * (bytes / link_bw(cluster, ep_stride, n) + lat * l.micro_batches as f64 + copies)
         }
     };
     // Gradient reduction (and ZeRO's parameter gathers) over the replicas, hidden behind the
     // backward (two thirds of the compute) but for the last layer's.
-    let (sd, se) = stage_params(true, l.pp == 1);
-    let (td, te) = match work.lora_rank {
-        None => (sd, se),
-        Some(r) => adapters(r),
-    };
     // Dense parameters are reduced over the dp × ep replicas, experts over dp; a group runs
     // inside a node where all its ranks fit in one (its span: tp·ep, or the world with dp).
     let span = |with_dp: usize, without: usize| if l.dp > 1 { with_dp } else { without };
@@ -886,9 +948,27 @@ pub fn plan_layout(
     };
     let layers = per_stage as f64;
     let hidden_behind = compute * 2.0 / 3.0 * (layers - 1.0) / layers;
+    // What the backend's copies and sums take of the cores (the dialled link's wait is what
+    // can hide): the gradients' reduction (an all-reduce, or a reduce-scatter: half of one)
+    // and the parameters' gathers. ZeRO 1-3 also pack the gradients into their buckets and
+    // copy the gathered parameters into the model's variables (8 bytes a parameter each, read
+    // and written; ZeRO 3 gathers twice a step).
+    let on_cores = |f: f64, bytes_per_param: f64| {
+        f * (cores_s(td * bytes_per_param, nd) + cores_s(te * bytes_per_param, ne))
+    };
+    let copies = |n: f64| match dev.shared_cores && nd > 1 {
+        true => n * 8.0 * (td + te) / dev.memory_bw,
+        false => 0.0,
+    };
+    let dp_cores = match l.zero {
+        0 => on_cores(1.0, 4.0),
+        1 | 2 => on_cores(0.5, 4.0) + on_cores(0.5, d) + copies(2.0),
+        _ => on_cores(0.5, 4.0) + on_cores(1.0, d) + copies(3.0),
+    };
     let dp_comm = (reduce - hidden_behind).max(reduce / layers)
         + after_step
-        + (gathers - compute * (layers - 1.0) / layers).max(gathers / layers);
+        + (gathers - compute * (layers - 1.0) / layers).max(gathers / layers)
+        + dp_cores;
     // Each micro-batch's activations cross each stage boundary forward and back.
     let pp_comm = match l.pp {
         1 => 0.0,
@@ -1052,6 +1132,74 @@ pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
         std::hint::black_box(&dst);
     }
     let memcpy = 5.0 * bytes as f64 / t.elapsed().as_secs_f64();
+    // Elementwise work with every rank busy: every thread, started together, adds two
+    // 4M-element tensors (12 bytes moved an element) a fixed number of times; a rank's share
+    // is the bytes over the time until the last one finished. The best of three rounds.
+    let n = 4 << 20;
+    let ranks = devices.max(1);
+    // Bytes each of `ranks` threads moves per second while all of them run `f` (which
+    // returns the bytes it moved).
+    let together = |f: &(dyn Fn(usize) -> Result<f64> + Sync)| -> Result<f64> {
+        let barrier = std::sync::Barrier::new(ranks);
+        let (barrier, start) = (&barrier, std::time::Instant::now());
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..ranks)
+                .map(|r| {
+                    s.spawn(move || {
+                        barrier.wait();
+                        let t = std::time::Instant::now();
+                        let bytes = f(r)?;
+                        Ok::<_, candle_core::Error>((bytes, t, std::time::Instant::now()))
+                    })
+                })
+                .collect();
+            let mut runs = Vec::new();
+            for h in handles {
+                runs.push(h.join().unwrap_or_else(|_| {
+                    Err(candle_core::Error::msg("calibration thread panicked"))
+                })?);
+            }
+            let first = runs.iter().map(|r| r.1).min().unwrap_or(start);
+            let last = runs.iter().map(|r| r.2).max().unwrap_or(start);
+            let bytes: f64 = runs.iter().map(|r| r.0).sum();
+            Ok(bytes / ranks as f64 / (last - first).as_secs_f64().max(1e-9))
+        })
+    };
+    let mut memory_bw: f64 = 0.0;
+    for _ in 0..3 {
+        memory_bw = memory_bw.max(together(&|_| {
+            let a = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+            let b = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+            drop((&a + &b)?);
+            for _ in 0..8 {
+                drop((&a + &b)?);
+            }
+            Ok(8.0 * 12.0 * n as f64)
+        })?);
+    }
+    // The local backend's all-reduce over every rank, no link dialled: bytes of its input per
+    // second (the best of three rounds of four).
+    let collective_bw = if devices > 1 {
+        let fabric = candle_parallel::comm::local::LocalFabric::new(
+            devices,
+            std::time::Duration::from_secs(60),
+        );
+        let comms = fabric.world_comms();
+        let comms = &comms;
+        let mut best: f64 = 0.0;
+        for _ in 0..3 {
+            best = best.max(together(&|r| {
+                let x = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+                for _ in 0..4 {
+                    comms[r].all_reduce_in_place(&x, candle_parallel::comm::ReduceOp::Sum)?;
+                }
+                Ok(4.0 * 4.0 * n as f64)
+            })?);
+        }
+        best
+    } else {
+        0.0
+    };
     let total = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -1073,6 +1221,7 @@ pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
         total / devices.max(1) as f64,
         link_bw,
         latency,
-        memcpy / devices.max(1) as f64,
+        memory_bw,
+        collective_bw,
     ))
 }
