@@ -130,14 +130,26 @@ fn main() -> Result<()> {
         let cluster = Cluster::new(device.clone(), 4, 4)?;
         Ok::<_, candle_core::Error>(plan_layout(&model, &work, &cluster, &Layout::parse(l)?)?.time)
     };
-    // (A fixed point: what the backward hides depends on the compute.)
-    for _ in 0..20 {
+    // (A fixed point: what the backward hides depends on the compute.) The share only scales
+    // the matmuls: the rest of the compute (what the cores move besides) is the compute at an
+    // endless matmul rate.
+    for _ in 0..50 {
         let raw = predict(&device, LAYOUTS[0])?;
         let rest = raw.step - raw.compute;
-        if measured[0] <= rest {
-            bail!("the reference layout measured {:.3} s, less than its predicted communication and optimizer step ({rest:.3} s)", measured[0])
+        let endless = predict(
+            &candle_parallel_models::plan::DeviceSpec {
+                achievable: f64::INFINITY,
+                ..device.clone()
+            },
+            LAYOUTS[0],
+        )?
+        .compute;
+        let matmuls = raw.compute - endless;
+        let target = measured[0] - rest - endless;
+        if target <= 0.0 || matmuls <= 0.0 {
+            bail!("the reference layout measured {:.3} s, no more than its predicted communication, optimizer step and work besides matmuls ({:.3} s)", measured[0], rest + endless)
         }
-        device.achievable *= raw.compute / (measured[0] - rest);
+        device.achievable *= matmuls / target;
     }
     let plans: Vec<candle_parallel_models::plan::TimePlan> = LAYOUTS
         .iter()

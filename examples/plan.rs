@@ -80,12 +80,16 @@ fn run(a: &Args) -> Result<()> {
         "cpu" => {
             let d = calibrate_cpu(a.devices)?;
             eprintln!(
-                "calibrated: {:.1} GFLOP/s per rank with {} busy, elementwise {:.1} GB/s per rank, all-reduce {:.1} GB/s per rank, {:.1} GB/s per rank between ranks, {:.1} GB per rank",
+                "calibrated: {:.1} GFLOP/s per rank with {} busy ({:.1}× that alone), elementwise {:.1} GB/s per rank, all-reduce {:.1} GB/s per rank, {}, {:.1} GB per rank",
                 d.peak_flops_32 / 1e9,
                 a.devices,
+                d.alone_speedup,
                 d.memory_bw / 1e9,
                 d.collective_bw / 1e9,
-                d.intra_node_bw / 1e9,
+                match d.intra_node_bw {
+                    bw if bw >= 1e17 => "no link dialled (CANDLE_PARALLEL_LINK)".to_string(),
+                    bw => format!("a dialled link of {:.2} GB/s per rank", bw / 1e9),
+                },
                 d.memory_bytes / 1e9
             );
             d

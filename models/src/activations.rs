@@ -191,9 +191,15 @@ pub fn mixtral_activations(
         .shared_expert_intermediate_size()
         .unwrap_or(0)
         .div_ceil(l.tp);
+    // LoRA on an MLP's gate, up and down projections (the families' default targets match the
+    // shared expert and dense layers too): three tensors each as for attention's.
+    let lora_mlp = |f: usize| match r {
+        0 => 0,
+        _ => t * (3 * r + 3 * (2 * f + h.div_ceil(l.tp)) + if l.tp > 1 { h } else { 0 }),
+    };
     let shared = match shared_ffn {
         0 => 0,
-        f => 3 * t * f + 3 * t * h + 2 * t + group_copies,
+        f => 3 * t * f + 3 * t * h + 2 * t + group_copies + lora_mlp(f),
     };
     let moe = t * h // normed input
         + experts
@@ -207,7 +213,8 @@ pub fn mixtral_activations(
     // up and SwiGLU outputs, down output and the residual sum.
     let dense_ffn = cfg.intermediate_size.div_ceil(l.tp);
     let dense_graph =
-        (attention + t * h + 3 * t * dense_ffn + 2 * t * h + group_copies) * l.dtype_bytes;
+        (attention + t * h + 3 * t * dense_ffn + 2 * t * h + group_copies + lora_mlp(dense_ffn))
+            * l.dtype_bytes;
     // Per layer, as the model's layers mix them (every layer sparse for Mixtral).
     let all = cfg.num_hidden_layers.max(1);
     let sparse_layers = cfg.sparse_layers(0..cfg.num_hidden_layers);

@@ -280,6 +280,10 @@ pub struct DeviceSpec {
     /// copies and sums; the local backend runs them on the ranks' cores), or 0 where
     /// collectives take no compute from the ranks (NCCL on GPUs).
     pub collective_bw: f64,
+    /// How much faster one rank runs while the others wait than with every rank busy (ranks
+    /// sharing cores: the pipeline's bubble leaves the waiting ranks' share to the others,
+    /// up to this); 1 where every rank has a device of its own.
+    pub alone_speedup: f64,
 }
 
 impl DeviceSpec {
@@ -298,6 +302,7 @@ impl DeviceSpec {
             memory_bw: 3.35e12,
             shared_cores: false,
             collective_bw: 0.0,
+            alone_speedup: 1.0,
         }
     }
 
@@ -316,6 +321,7 @@ impl DeviceSpec {
             memory_bw: 2.0e12,
             shared_cores: false,
             collective_bw: 0.0,
+            alone_speedup: 1.0,
         }
     }
 
@@ -345,6 +351,8 @@ impl DeviceSpec {
             memory_bw,
             shared_cores: true,
             collective_bw,
+            // Every rank busy or not, unless measured (`calibrate_cpu`).
+            alone_speedup: 1.0,
         }
     }
 
@@ -842,8 +850,22 @@ pub fn plan_layout(
     } else {
         1.0
     };
-    let matmuls = model_flops / (l.dp * l.ep * l.tp * l.pp) as f64 * recompute_factor * lora_factor
-        / flops_rate;
+    // Per token: the head's matmul (the embedding's lookup is none) and a layer's share of the
+    // rest. A stage's compute: its layers, and the last one's head (one stage: both); the
+    // heaviest stage sets the pace.
+    let head_flops = 6.0 * (model.vocab * model.hidden) as f64;
+    let layer_flops = (model.train_flops_per_token(work.seq) - head_flops) / model.layers as f64;
+    let stage_sizes: Vec<usize> = candle_parallel::pipeline::split_layers(model.layers, l.pp)?
+        .iter()
+        .map(|r| r.len())
+        .collect();
+    let rank_tokens_tp = rank_tokens / l.tp as f64;
+    let stage_matmuls = |layers: usize, head: bool| {
+        rank_tokens_tp
+            * (layers as f64 * layer_flops * recompute_factor + if head { head_flops } else { 0.0 })
+            * lora_factor
+            / flops_rate
+    };
     // Trained parameters on a rank of the first stage (dense, experts).
     let (sd, se) = stage_params(true, l.pp == 1);
     let (td, te) = match work.lora_rank {
@@ -856,11 +878,14 @@ pub fn plan_layout(
     // more where full recomputation runs the forward again); each micro-batch's weight
     // gradients are written, read and added into the step's (16 bytes a parameter). On GPUs
     // `achievable` covers it.
-    let traffic = if dev.shared_cores {
+    let stage_traffic = |layers: usize, first: bool, last: bool| -> Result<f64> {
+        if !dev.shared_cores {
+            return Ok(0.0);
+        }
         let rows = work.global_batch / (l.dp * l.ep * l.micro_batches);
         let est = mixtral_activations(
             &model.as_mixtral(),
-            per_stage,
+            layers,
             &ActivationLayout {
                 rows,
                 seq: work.seq,
@@ -869,43 +894,56 @@ pub fn plan_layout(
                 dtype_bytes: work.dtype_bytes,
                 recompute: Recompute::None,
                 in_flight: 1,
-                head: l.pp == 1,
+                head: last,
                 stage_boundaries: l.pp > 1,
                 lora_rank: work.lora_rank.unwrap_or(0),
             },
         )?;
-        let made = (per_stage * est.layer_graph + est.head_graph) as f64;
+        let made = (layers * est.layer_graph + est.head_graph) as f64;
         let passes = match l.recompute {
             Recompute::Full => 8.0,
             _ => 6.0,
         };
-        l.micro_batches as f64 * (passes * made + 16.0 * (td + te)) / dev.memory_bw
-    } else {
-        0.0
+        let (pd, pe) = match work.lora_rank {
+            None => stage_params(first, last),
+            Some(r) => adapters(r),
+        };
+        Ok(l.micro_batches as f64 * (passes * made + 16.0 * (pd + pe)) / dev.memory_bw)
     };
-    let compute = matmuls + traffic;
+    let first_stage =
+        stage_matmuls(stage_sizes[0], l.pp == 1) + stage_traffic(stage_sizes[0], true, l.pp == 1)?;
+    let last_stage = match l.pp {
+        1 => first_stage,
+        _ => {
+            let n = stage_sizes[l.pp - 1];
+            stage_matmuls(n, true) + stage_traffic(n, false, true)?
+        }
+    };
+    let compute = first_stage.max(last_stage);
     // The seconds of a rank's cores an all-reduce of `bytes` over `n` ranks takes where the
-    // backend runs on them (scaled from the measured world-wide one by the ring's share).
-    let world_share = (cluster.devices.max(2) - 1) as f64 / cluster.devices.max(2) as f64;
+    // backend runs on them (the local backend's is direct: each rank reads and writes the
+    // whole of it whatever the group's size).
     let cores_s = |bytes: f64, n: usize| {
         if dev.collective_bw <= 0.0 || n < 2 {
             0.0
         } else {
-            bytes * ((n - 1) as f64 / n as f64) / world_share / dev.collective_bw
+            bytes / dev.collective_bw
         }
     };
     let lat = dev.latency_s;
     let (tp_stride, ep_stride, pp_stride) = (1, l.tp, l.tp * l.ep);
     let act_bytes = rank_tokens * model.hidden as f64 * d;
     // Two all-reduces of the hidden states per layer forward, two backward.
+    // (A dialled link waits only for what the backend's own work left of its time.)
     let tp_comm = per_stage as f64
         * 4.0
-        * (all_reduce_s(
+        * all_reduce_s(
             act_bytes / l.micro_batches as f64,
             l.tp,
             link_bw(cluster, tp_stride, l.tp),
             lat,
-        ) + cores_s(act_bytes / l.micro_batches as f64, l.tp))
+        )
+        .max(cores_s(act_bytes / l.micro_batches as f64, l.tp))
         * l.micro_batches as f64;
     // Dispatch and combine of top-k copies per MoE layer, forward and backward.
     let ep_comm = match l.ep {
@@ -950,18 +988,19 @@ pub fn plan_layout(
     let hidden_behind = compute * 2.0 / 3.0 * (layers - 1.0) / layers;
     // What the backend's copies and sums take of the cores (the dialled link's wait is what
     // can hide): the gradients' reduction (an all-reduce, or a reduce-scatter: half of one)
-    // and the parameters' gathers. ZeRO 1-3 also pack the gradients into their buckets and
-    // copy the gathered parameters into the model's variables (8 bytes a parameter each, read
-    // and written; ZeRO 3 gathers twice a step).
+    // and the parameters' gathers. The gradients are packed into buckets and the reduced ones
+    // (ZeRO 1-3: the gathered parameters) copied back out (8 bytes a parameter each, read and
+    // written; ZeRO 3 gathers twice a step), for the parameters a group reduces.
     let on_cores = |f: f64, bytes_per_param: f64| {
         f * (cores_s(td * bytes_per_param, nd) + cores_s(te * bytes_per_param, ne))
     };
-    let copies = |n: f64| match dev.shared_cores && nd > 1 {
-        true => n * 8.0 * (td + te) / dev.memory_bw,
+    let reduced = |n: usize, params: f64| if n > 1 { params } else { 0.0 };
+    let copies = |n: f64| match dev.shared_cores {
+        true => n * 8.0 * (reduced(nd, td) + reduced(ne, te)) / dev.memory_bw,
         false => 0.0,
     };
     let dp_cores = match l.zero {
-        0 => on_cores(1.0, 4.0),
+        0 => on_cores(1.0, 4.0) + copies(2.0),
         1 | 2 => on_cores(0.5, 4.0) + on_cores(0.5, d) + copies(2.0),
         _ => on_cores(0.5, 4.0) + on_cores(1.0, d) + copies(3.0),
     };
@@ -975,12 +1014,23 @@ pub fn plan_layout(
         _ => 2.0 * (act_bytes / link_bw(cluster, pp_stride, 2) + lat * l.micro_batches as f64),
     };
     let per_micro = (compute + tp_comm + ep_comm) / l.micro_batches as f64;
-    let bubble = match (l.pp, l.schedule) {
+    // The pipeline's idle micro-batch slots: (p − 1) for GPipe and 1F1B, a third of that for
+    // zero-bubble.
+    let idle_slots = match (l.pp, l.schedule) {
         (1, _) => 0.0,
-        // The waiting rank's cores run the others.
-        _ if dev.shared_cores => 0.0,
-        (p, ScheduleKind::ZeroBubble) => (p - 1) as f64 * per_micro / 3.0,
-        (p, _) => (p - 1) as f64 * per_micro,
+        (p, ScheduleKind::ZeroBubble) => (p - 1) as f64 / 3.0,
+        (p, _) => (p - 1) as f64,
+    };
+    let bubble = match dev.shared_cores {
+        // Ranks sharing cores: a waiting rank leaves its share to the others, which then run
+        // up to `alone_speedup` times faster; the step is the longer of the busy time and the
+        // pipeline's critical path (every slot of it at that speed).
+        true => {
+            let busy = compute + tp_comm + ep_comm;
+            let path = (l.micro_batches as f64 + idle_slots) * per_micro / dev.alone_speedup;
+            (path - busy).max(0.0)
+        }
+        false => idle_slots * per_micro,
     };
     // AdamW reads the parameter, its gradient and two moments and writes three of them back
     // (and a 16-bit copy), over the partition this rank steps.
@@ -1091,86 +1141,114 @@ pub fn enumerate(
     (plans, rejected)
 }
 
-/// Measures this machine for `devices` CPU ranks (threads of one process), in a few seconds:
-/// each rank's matmul rate with every rank busy, the memory available per rank, and a link at
-/// memcpy speed shared by the ranks (the local backend's collectives copy between them), or
-/// the link `CANDLE_PARALLEL_LINK` dials (`gbps=25,latency_us=5`).
+/// Measures this machine for `devices` CPU ranks (threads of one process), in a few seconds,
+/// with Candle's pools set as [`candle_parallel::launch::Launcher`] sets them and every rank
+/// busy: each rank's matmul rate, elementwise rate (`memory_bw`) and share of the local
+/// backend's all-reduce (`collective_bw`), and the memory available per rank; the link is the
+/// one `CANDLE_PARALLEL_LINK` dials (`gbps=25,latency_us=5`), else none (the backend's own
+/// work is then all a collective costs). (A link dialled process-wide with
+/// [`candle_parallel::comm::local::dial_link`] would pace the all-reduce measured here too.)
 pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
-    let (m, k, n) = (256, 1024, 1024);
-    let rates: Vec<f64> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..devices.max(1))
-            .map(|_| {
-                s.spawn(move || -> Result<f64> {
-                    let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
-                    let b = Tensor::ones((k, n), DType::F32, &Device::Cpu)?;
-                    a.matmul(&b)?; // warm-up
-                    let t = std::time::Instant::now();
-                    let mut reps = 0;
-                    while t.elapsed().as_secs_f64() < 1.0 {
-                        a.matmul(&b)?;
-                        reps += 1;
-                    }
-                    Ok(2.0 * (m * k * n * reps) as f64 / t.elapsed().as_secs_f64())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(candle_core::Error::msg("calibration thread panicked")))
-            })
-            .collect::<Result<Vec<f64>>>()
-    })?;
-    let flops = rates.iter().sum::<f64>() / rates.len() as f64;
-    let bytes = 64 << 20;
-    let src = vec![1u8; bytes];
-    let mut dst = vec![0u8; bytes];
-    let t = std::time::Instant::now();
-    for _ in 0..5 {
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&dst);
-    }
-    let memcpy = 5.0 * bytes as f64 / t.elapsed().as_secs_f64();
+    // Candle's pools as the ranks will have them.
+    candle_parallel::launch::share_cores_between_ranks(devices);
     // Elementwise work with every rank busy: every thread, started together, adds two
     // 4M-element tensors (12 bytes moved an element) a fixed number of times; a rank's share
     // is the bytes over the time until the last one finished. The best of three rounds.
     let n = 4 << 20;
     let ranks = devices.max(1);
-    // Bytes each of `ranks` threads moves per second while all of them run `f` (which
-    // returns the bytes it moved).
-    let together = |f: &(dyn Fn(usize) -> Result<f64> + Sync)| -> Result<f64> {
-        let barrier = std::sync::Barrier::new(ranks);
-        let (barrier, start) = (&barrier, std::time::Instant::now());
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..ranks)
-                .map(|r| {
-                    s.spawn(move || {
-                        barrier.wait();
-                        let t = std::time::Instant::now();
-                        let bytes = f(r)?;
-                        Ok::<_, candle_core::Error>((bytes, t, std::time::Instant::now()))
-                    })
-                })
-                .collect();
-            let mut runs = Vec::new();
-            for h in handles {
-                runs.push(h.join().unwrap_or_else(|_| {
-                    Err(candle_core::Error::msg("calibration thread panicked"))
-                })?);
+    // Bytes each of `ranks` threads moves per second while all of them run `f`: it prepares
+    // its tensors, calls `go` (which returns once every thread has called it, or left early:
+    // an error or panic in one thread's preparation never leaves the others waiting) and
+    // returns the bytes it moved from then on; a rank's share is the bytes over the time from
+    // the first start to the last end.
+    type Go<'a> = &'a dyn Fn() -> std::time::Instant;
+    let together = |f: &(dyn Fn(usize, Go) -> Result<f64> + Sync)| -> Result<f64> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let arrived = AtomicUsize::new(0);
+        struct Arrive<'a>(&'a AtomicUsize, std::cell::Cell<bool>);
+        impl Arrive<'_> {
+            fn once(&self) {
+                if !self.1.replace(true) {
+                    self.0.fetch_add(1, Ordering::SeqCst);
+                }
             }
-            let first = runs.iter().map(|r| r.1).min().unwrap_or(start);
-            let last = runs.iter().map(|r| r.2).max().unwrap_or(start);
-            let bytes: f64 = runs.iter().map(|r| r.0).sum();
-            Ok(bytes / ranks as f64 / (last - first).as_secs_f64().max(1e-9))
-        })
+        }
+        impl Drop for Arrive<'_> {
+            fn drop(&mut self) {
+                self.once();
+            }
+        }
+        let arrived = &arrived;
+        let results: Vec<Result<(f64, std::time::Instant, std::time::Instant)>> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..ranks)
+                    .map(|r| {
+                        s.spawn(move || {
+                            let me = Arrive(arrived, std::cell::Cell::new(false));
+                            let started = std::cell::Cell::new(None);
+                            let go = || {
+                                me.once();
+                                while arrived.load(Ordering::SeqCst) < ranks {
+                                    std::thread::sleep(std::time::Duration::from_micros(50));
+                                }
+                                let t = std::time::Instant::now();
+                                started.set(Some(t));
+                                t
+                            };
+                            let bytes = f(r, &go)?;
+                            let end = std::time::Instant::now();
+                            Ok((bytes, started.get().unwrap_or(end), end))
+                        })
+                    })
+                    .collect();
+                // Every thread joined before any error is returned.
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(candle_core::Error::msg("calibration thread panicked"))
+                        })
+                    })
+                    .collect()
+            });
+        let runs = results.into_iter().collect::<Result<Vec<_>>>()?;
+        let first = runs.iter().map(|r| r.1).min();
+        let last = runs.iter().map(|r| r.2).max();
+        let (Some(first), Some(last)) = (first, last) else {
+            bail!("calibration: no thread ran")
+        };
+        let bytes: f64 = runs.iter().map(|r| r.0).sum();
+        Ok(bytes / ranks as f64 / (last - first).as_secs_f64().max(1e-9))
     };
+    // Matmuls of 256 × 1024 by 1024 × 1024 with every rank busy, and one rank alone (what a
+    // rank gets where the others wait: the pipeline's bubble).
+    let (m, k) = (256, 1024);
+    let matmuls = |go: Go| -> Result<f64> {
+        let a = Tensor::ones((m, k), DType::F32, &Device::Cpu)?;
+        let b = Tensor::ones((k, k), DType::F32, &Device::Cpu)?;
+        a.matmul(&b)?; // warm-up
+        go();
+        for _ in 0..24 {
+            a.matmul(&b)?;
+        }
+        Ok(24.0 * 2.0 * (m * k * k) as f64)
+    };
+    let mut flops: f64 = 0.0;
+    for _ in 0..2 {
+        flops = flops.max(together(&|_, go| matmuls(go))?);
+    }
+    let started = std::cell::Cell::new(std::time::Instant::now());
+    let alone = matmuls(&|| {
+        started.set(std::time::Instant::now());
+        started.get()
+    })? / started.get().elapsed().as_secs_f64().max(1e-9);
     let mut memory_bw: f64 = 0.0;
     for _ in 0..3 {
-        memory_bw = memory_bw.max(together(&|_| {
+        memory_bw = memory_bw.max(together(&|_, go| {
             let a = Tensor::ones(n, DType::F32, &Device::Cpu)?;
             let b = Tensor::ones(n, DType::F32, &Device::Cpu)?;
-            drop((&a + &b)?);
+            drop((&a + &b)?); // warm-up: the allocator's pages
+            go();
             for _ in 0..8 {
                 drop((&a + &b)?);
             }
@@ -1178,22 +1256,27 @@ pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
         })?);
     }
     // The local backend's all-reduce over every rank, no link dialled: bytes of its input per
-    // second (the best of three rounds of four).
+    // second (the best of three rounds of four). A rank that fails tells the others, which
+    // then stop waiting for it.
     let collective_bw = if devices > 1 {
         let fabric = candle_parallel::comm::local::LocalFabric::new(
             devices,
             std::time::Duration::from_secs(60),
         );
         let comms = fabric.world_comms();
-        let comms = &comms;
+        let (comms, fabric) = (&comms, &fabric);
         let mut best: f64 = 0.0;
         for _ in 0..3 {
-            best = best.max(together(&|r| {
-                let x = Tensor::ones(n, DType::F32, &Device::Cpu)?;
-                for _ in 0..4 {
-                    comms[r].all_reduce_in_place(&x, candle_parallel::comm::ReduceOp::Sum)?;
-                }
-                Ok(4.0 * 4.0 * n as f64)
+            best = best.max(together(&|r, go| {
+                let run = || -> Result<f64> {
+                    let x = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+                    go();
+                    for _ in 0..4 {
+                        comms[r].all_reduce_in_place(&x, candle_parallel::comm::ReduceOp::Sum)?;
+                    }
+                    Ok(4.0 * 4.0 * n as f64)
+                };
+                run().inspect_err(|e| fabric.fail(r, format!("calibration: {e}")))
             })?);
         }
         best
@@ -1214,14 +1297,19 @@ pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
         .map_or(16e9, |kb| kb * 1024.0);
     let (link_bw, latency) = match candle_parallel::comm::local::LinkModel::from_env()? {
         Some(link) => (link.gbps * 1e9 / 8.0, link.latency.as_secs_f64()),
-        None => (memcpy / devices.max(1) as f64, 20e-6),
+        // No link dialled: the backend's own copies and sums are all a collective costs
+        // (`collective_bw`).
+        None => (1e18, 0.0),
     };
-    Ok(DeviceSpec::cpu(
-        flops,
-        total / devices.max(1) as f64,
-        link_bw,
-        latency,
-        memory_bw,
-        collective_bw,
-    ))
+    Ok(DeviceSpec {
+        alone_speedup: (alone / flops).max(1.0),
+        ..DeviceSpec::cpu(
+            flops,
+            total / devices.max(1) as f64,
+            link_bw,
+            latency,
+            memory_bw,
+            collective_bw,
+        )
+    })
 }

@@ -118,6 +118,10 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
         plan.master_port
     };
     let world = plan.nproc * plan.nnodes;
+    // Each process's share of the node's cores for Candle's pools (unless the environment
+    // says): by default every process would make pools as large as the machine.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = (cores / plan.nproc).max(1).to_string();
     let mut children: Vec<(usize, Child)> = Vec::new();
     // Output forwarders report when their pipe closes; a pipe held open by a process a rank
     // left behind must not keep the launcher waiting.
@@ -137,6 +141,14 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
             .env("LOCAL_RANK", local.to_string())
             .env("MASTER_ADDR", &plan.master_addr)
             .env("MASTER_PORT", port.to_string())
+            .env(
+                "CANDLE_NUM_THREADS",
+                std::env::var("CANDLE_NUM_THREADS").unwrap_or(share.clone()),
+            )
+            .env(
+                "RAYON_NUM_THREADS",
+                std::env::var("RAYON_NUM_THREADS").unwrap_or(share.clone()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn();
