@@ -31,7 +31,7 @@ use crate::activations::{mixtral_activations, ActivationLayout};
 use crate::mixtral::MixtralConfig;
 use candle_core::{bail, DType, Device, Result, Tensor};
 use candle_parallel::data_parallel::{Recompute, DEFAULT_BUCKET_BYTES};
-use candle_parallel::pipeline::ScheduleKind;
+use candle_parallel::pipeline::{Schedule, ScheduleKind};
 use serde::Serialize;
 
 /// A decoder-only model's shape, as the planner needs it (read from `config.json`).
@@ -919,7 +919,48 @@ pub fn plan_layout(
             stage_matmuls(n, true) + stage_traffic(n, false, true)?
         }
     };
-    let compute = first_stage.max(last_stage);
+    // Devices of their own: the heaviest stage sets the pace. Ranks sharing cores: a rank
+    // waiting for the heaviest leaves it its share, so the pace is the mean stage, unless the
+    // heaviest alone (at the speed a lone rank gets) takes longer.
+    let compute = match (dev.shared_cores, l.pp) {
+        (true, p) if p > 1 => {
+            let mean = (first_stage * (p - 1) as f64 + last_stage) / p as f64;
+            mean.max(first_stage.max(last_stage) / dev.alone_speedup)
+        }
+        _ => first_stage.max(last_stage),
+    };
+    // Ranks sharing cores: the pipeline's schedule on the clock (unit costs), each tick
+    // taking as long as its busy ranks (those of every replica) take at the speed their share
+    // of the cores gives them (every rank busy: 1; fewer: up to `alone_speedup`): the step's
+    // compute stretched by the ticks where the ranks cannot keep the cores busy.
+    let shared_pipeline = match (dev.shared_cores, l.pp) {
+        (true, p) if p > 1 => {
+            let sim = match l.schedule {
+                ScheduleKind::GPipe => Schedule::gpipe(p, l.micro_batches)?,
+                ScheduleKind::ZeroBubble => Schedule::zero_bubble(p, l.micro_batches)?,
+                _ => Schedule::one_f_one_b(p, l.micro_batches)?,
+            }
+            .simulate()?;
+            let (ranks, replicas) = (cluster.devices as f64, (cluster.devices / p) as f64);
+            let work: usize = sim.timeline()[0].iter().map(|t| t.end - t.start).sum();
+            let ticks: f64 = (0..sim.makespan())
+                .map(|t| {
+                    let busy = sim
+                        .timeline()
+                        .iter()
+                        .filter(|r| r.iter().any(|a| a.start <= t && t < a.end))
+                        .count() as f64
+                        * replicas;
+                    match busy {
+                        b if b > 0.0 => 1.0 / dev.alone_speedup.min(ranks / b).max(1.0),
+                        _ => 0.0,
+                    }
+                })
+                .sum();
+            Some(ticks / work.max(1) as f64)
+        }
+        _ => None,
+    };
     // The seconds of a rank's cores an all-reduce of `bytes` over `n` ranks takes where the
     // backend runs on them (the local backend's is direct: each rank reads and writes the
     // whole of it whatever the group's size).
@@ -1021,16 +1062,9 @@ pub fn plan_layout(
         (p, ScheduleKind::ZeroBubble) => (p - 1) as f64 / 3.0,
         (p, _) => (p - 1) as f64,
     };
-    let bubble = match dev.shared_cores {
-        // Ranks sharing cores: a waiting rank leaves its share to the others, which then run
-        // up to `alone_speedup` times faster; the step is the longer of the busy time and the
-        // pipeline's critical path (every slot of it at that speed).
-        true => {
-            let busy = compute + tp_comm + ep_comm;
-            let path = (l.micro_batches as f64 + idle_slots) * per_micro / dev.alone_speedup;
-            (path - busy).max(0.0)
-        }
-        false => idle_slots * per_micro,
+    let bubble = match shared_pipeline {
+        Some(stretch) => (stretch - 1.0).max(0.0) * (compute + tp_comm + ep_comm),
+        None => idle_slots * per_micro,
     };
     // AdamW reads the parameter, its gradient and two moments and writes three of them back
     // (and a 16-bit copy), over the partition this rank steps.
