@@ -33,8 +33,10 @@ use candle_parallel::memory::{self, CountingAlloc};
 use candle_parallel::moe::Dispatch;
 use candle_parallel::zero::{MemoryReport, ZeroConfig, ZeroOptimizer};
 use candle_parallel::{Launcher, MeshDim, MeshShape, ReduceOp};
-use candle_parallel_models::activations::{mixtral_activations, ActivationLayout};
 use candle_parallel_models::mixtral::{Mixtral, MixtralConfig, ShardedMixtral};
+use candle_parallel_models::plan::{
+    plan_layout, Cluster, DeviceSpec, Layout, ModelShape, Workload,
+};
 use candle_parallel_models::testing::{measure_training_memory, BackwardPath, MemoryProbe};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -761,7 +763,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
     let mut predicted = Vec::with_capacity(rows.len());
     for r in &rows {
         let f = zero_formula(r.stage, psi, dp);
-        let p = predicted_peak(&cfg, a, r, f)?;
+        let p = predicted_peak(&cfg, a, r)?;
         predicted.push(p);
         println!(
             "| {} | {} | {:.1} | {:.1} | {:.3} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
@@ -781,7 +783,7 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
         );
     }
     println!(
-        "\nPredicted peak: ZeRO's formula for what persists, plus the model's own count of its activations for the recompute mode (`candle_parallel_models::activations`), plus every full gradient at once on the whole-graph backward (4Ψ; not the optimizer's packing of them), from stage 2 a bucket and the backend's copy of it, and at ZeRO 3 three layers' parameters (a layer's gathered parameters, the next one's prefetched and the layer's gradients; every layer's with the gathered parameters kept)."
+        "\nPredicted peak: the planner's (`plan::plan_layout`: ZeRO's formula for what persists, the model's own count of its activations for the recompute mode, the buffers in flight: ZeRO 2's bucket, ZeRO 3's gathered, prefetched and gradient layers), plus every full gradient at once on the whole-graph backward (4Ψ; not the optimizer's packing of them), and at ZeRO 3 a layer's parameters less without prefetch, every layer's with the gathered parameters kept."
     );
     println!(
         "\nThe step's peak by phase (MiB; the backward from its first gradient on, the whole graph's forward and backward being one):\n\n| ZeRO | backward | forward | backward | optimizer step |\n|---:|---|---:|---:|---:|"
@@ -822,40 +824,36 @@ fn memory_table(a: &Args, style: ProgressStyle) -> Result<()> {
     Ok(())
 }
 
-/// The step's peak the formula and the model's own activation count predict for row `r`
-/// (`formula`: what persists by ZeRO's formula), in bytes.
-fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow, formula: f64) -> Result<f64> {
-    let recompute = match (r.stage, r.path) {
-        (_, BackwardPath::Units(recompute)) => recompute,
-        (_, BackwardPath::Whole) => Recompute::None,
+/// The step's peak the planner predicts for row `r` ([`plan_layout`]: ZeRO's formulas, the
+/// model's own activation count, the buffers in flight), in bytes; for what the planner leaves
+/// at its defaults: every full gradient at once on the whole-graph backward (4Ψ, its
+/// activations those of no recomputation), and at ZeRO 3 the gathered parameters of every
+/// layer kept or no layer prefetched (a layer's more or less).
+fn predicted_peak(cfg: &MixtralConfig, a: &Args, r: &MemoryRow) -> Result<f64> {
+    let recompute = match r.path {
+        BackwardPath::Units(recompute) => recompute,
+        BackwardPath::Whole => Recompute::None,
     };
-    let layout = ActivationLayout {
-        rows: a.batch / a.memory_dp,
+    let dp = a.memory_dp;
+    let cluster = Cluster::new(DeviceSpec::cpu(1e10, 1e12, 1e10, 1e-6, 1e10, 1e10), dp, dp)?;
+    let work = Workload {
+        global_batch: a.batch,
         seq: a.seq,
-        tp: 1,
-        ep: 1,
         dtype_bytes: 4,
-        recompute,
-        in_flight: 1,
-        head: true,
-        stage_boundaries: false,
-        lora_rank: 0,
+        lora_rank: None,
     };
-    let est = mixtral_activations(cfg, cfg.num_hidden_layers, &layout)?;
-    // Communication buffers: from stage 2 a bucket is packed and reduce-scattered as the
-    // backward goes (the bucket, and the backend's copy of it in the collective).
-    let buckets = 2 * candle_parallel::data_parallel::DEFAULT_BUCKET_BYTES;
+    let layout = Layout::parse(&format!("dp={dp},zero={},recompute={recompute}", r.stage))?;
+    let plan = plan_layout(&ModelShape::of_mixtral(cfg), &work, &cluster, &layout)?.memory;
+    // The planner's ZeRO 3 buffers are three layers' parameters (gathered, prefetched, the
+    // layer's gradients).
+    let layer = plan.buffers / 3.0;
     let extra = match (r.stage, r.path) {
-        // Kept: every layer's gathered parameters by the end of the forward.
-        (3, _) if !r.reshard => cfg.num_hidden_layers * est.layer_param_bytes + buckets,
-        // A layer's gathered parameters, the next one's prefetched, and the layer's gradients.
-        (3, _) if r.prefetch => 3 * est.layer_param_bytes + buckets,
-        (3, _) => 2 * est.layer_param_bytes + buckets,
-        (_, BackwardPath::Whole) => 4 * r.psi,
-        (2, _) => buckets,
-        _ => 0,
+        (3, _) if !r.reshard => (cfg.num_hidden_layers as f64 - 3.0) * layer,
+        (3, _) if !r.prefetch => -layer,
+        (_, BackwardPath::Whole) => 4.0 * r.psi as f64,
+        _ => 0.0,
     };
-    Ok(formula + (est.peak + extra) as f64)
+    Ok(plan.peak_bytes_per_rank + extra)
 }
 
 /// Bars per stage and backward: ZeRO's formula, what persists, the step's peak and its
