@@ -50,6 +50,8 @@ fn predicted_memory_matches_the_measured_peaks() -> Result<()> {
     }
     for r in modes {
         cases.push((format!("tp=2,recompute={r}"), 0));
+    }
+    for r in ["selective", "full"] {
         cases.push((format!("ep=2,tp=2,recompute={r}"), 0));
     }
     for r in ["none", "full"] {
