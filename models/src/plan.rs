@@ -693,6 +693,56 @@ fn half_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
     all_reduce_s(bytes, n, bw, lat) / 2.0
 }
 
+/// Ranks sharing cores: how much the pipeline schedule of `kind` over `p` stages and `m`
+/// micro-batches stretches a step's compute, simulated on the clock with unit costs, each tick
+/// as long as its busy ranks (every replica's, `ranks` in all) take at the speed their share
+/// of the cores gives them (every rank busy: 1; fewer: up to `alone_speedup`). Remembered per
+/// schedule: `enumerate` asks for the same ones many times.
+fn shared_stretch(
+    kind: ScheduleKind,
+    p: usize,
+    m: usize,
+    ranks: usize,
+    alone_speedup: f64,
+) -> Result<f64> {
+    type Key = (String, usize, usize, usize, u64);
+    type Seen = std::sync::Mutex<std::collections::HashMap<Key, f64>>;
+    static SEEN: std::sync::OnceLock<Seen> = std::sync::OnceLock::new();
+    let key = (kind.to_string(), p, m, ranks, alone_speedup.to_bits());
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(&v) = seen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(v);
+    }
+    let sim = match kind {
+        ScheduleKind::GPipe => Schedule::gpipe(p, m)?,
+        ScheduleKind::ZeroBubble => Schedule::zero_bubble(p, m)?,
+        _ => Schedule::one_f_one_b(p, m)?,
+    }
+    .simulate()?;
+    // Busy stages per tick, from a difference array over the actions.
+    let span = sim.makespan();
+    let mut delta = vec![0i64; span + 1];
+    for a in sim.timeline().iter().flatten() {
+        delta[a.start] += 1;
+        delta[a.end] -= 1;
+    }
+    let (replicas, all) = ((ranks / p).max(1) as f64, ranks.max(1) as f64);
+    let (mut busy, mut ticks) = (0i64, 0.0);
+    for d in &delta[..span] {
+        busy += d;
+        if busy > 0 {
+            let speed = alone_speedup.min(all / (busy as f64 * replicas)).max(1.0);
+            ticks += 1.0 / speed;
+        }
+    }
+    let work: usize = sim.timeline()[0].iter().map(|t| t.end - t.start).sum();
+    let v = ticks / work.max(1) as f64;
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, v);
+    Ok(v)
+}
+
 /// The plan of layout `l` (an error where it does not divide the model or the batch).
 pub fn plan_layout(
     model: &ModelShape,
@@ -904,61 +954,48 @@ pub fn plan_layout(
             Recompute::Full => 8.0,
             _ => 6.0,
         };
+        // The stage's trained parameters, for its own number of layers.
         let (pd, pe) = match work.lora_rank {
             None => stage_params(first, last),
             Some(r) => adapters(r),
         };
+        let layers_share = layers as f64 / per_stage as f64;
+        let pd = match work.lora_rank {
+            None => pd + (layers as f64 - per_stage as f64) * layer_dense,
+            Some(_) => pd * layers_share,
+        };
+        let pe = pe * layers_share;
         Ok(l.micro_batches as f64 * (passes * made + 16.0 * (pd + pe)) / dev.memory_bw)
     };
-    let first_stage =
-        stage_matmuls(stage_sizes[0], l.pp == 1) + stage_traffic(stage_sizes[0], true, l.pp == 1)?;
-    let last_stage = match l.pp {
-        1 => first_stage,
-        _ => {
-            let n = stage_sizes[l.pp - 1];
-            stage_matmuls(n, true) + stage_traffic(n, false, true)?
-        }
-    };
+    let stages: Vec<f64> = stage_sizes
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            let (first, last) = (s == 0, s + 1 == l.pp);
+            Ok(stage_matmuls(n, last) + stage_traffic(n, first, last)?)
+        })
+        .collect::<Result<_>>()?;
+    let heaviest = stages.iter().copied().fold(0.0, f64::max);
     // Devices of their own: the heaviest stage sets the pace. Ranks sharing cores: a rank
     // waiting for the heaviest leaves it its share, so the pace is the mean stage, unless the
     // heaviest alone (at the speed a lone rank gets) takes longer.
     let compute = match (dev.shared_cores, l.pp) {
         (true, p) if p > 1 => {
-            let mean = (first_stage * (p - 1) as f64 + last_stage) / p as f64;
-            mean.max(first_stage.max(last_stage) / dev.alone_speedup)
+            let mean = stages.iter().sum::<f64>() / p as f64;
+            mean.max(heaviest / dev.alone_speedup.max(1.0))
         }
-        _ => first_stage.max(last_stage),
+        _ => heaviest,
     };
-    // Ranks sharing cores: the pipeline's schedule on the clock (unit costs), each tick
-    // taking as long as its busy ranks (those of every replica) take at the speed their share
-    // of the cores gives them (every rank busy: 1; fewer: up to `alone_speedup`): the step's
-    // compute stretched by the ticks where the ranks cannot keep the cores busy.
+    // Ranks sharing cores: the step's compute stretched by the ticks of the pipeline's
+    // schedule where the ranks cannot keep the cores busy.
     let shared_pipeline = match (dev.shared_cores, l.pp) {
-        (true, p) if p > 1 => {
-            let sim = match l.schedule {
-                ScheduleKind::GPipe => Schedule::gpipe(p, l.micro_batches)?,
-                ScheduleKind::ZeroBubble => Schedule::zero_bubble(p, l.micro_batches)?,
-                _ => Schedule::one_f_one_b(p, l.micro_batches)?,
-            }
-            .simulate()?;
-            let (ranks, replicas) = (cluster.devices as f64, (cluster.devices / p) as f64);
-            let work: usize = sim.timeline()[0].iter().map(|t| t.end - t.start).sum();
-            let ticks: f64 = (0..sim.makespan())
-                .map(|t| {
-                    let busy = sim
-                        .timeline()
-                        .iter()
-                        .filter(|r| r.iter().any(|a| a.start <= t && t < a.end))
-                        .count() as f64
-                        * replicas;
-                    match busy {
-                        b if b > 0.0 => 1.0 / dev.alone_speedup.min(ranks / b).max(1.0),
-                        _ => 0.0,
-                    }
-                })
-                .sum();
-            Some(ticks / work.max(1) as f64)
-        }
+        (true, p) if p > 1 => Some(shared_stretch(
+            l.schedule,
+            p,
+            l.micro_batches,
+            cluster.devices,
+            dev.alone_speedup,
+        )?),
         _ => None,
     };
     // The seconds of a rank's cores an all-reduce of `bytes` over `n` ranks takes where the
@@ -1215,26 +1252,46 @@ pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
         let arrived = &arrived;
         let results: Vec<Result<(f64, std::time::Instant, std::time::Instant)>> =
             std::thread::scope(|s| {
-                let handles: Vec<_> = (0..ranks)
-                    .map(|r| {
-                        s.spawn(move || {
-                            let me = Arrive(arrived, std::cell::Cell::new(false));
-                            let started = std::cell::Cell::new(None);
-                            let go = || {
-                                me.once();
-                                while arrived.load(Ordering::SeqCst) < ranks {
-                                    std::thread::sleep(std::time::Duration::from_micros(50));
-                                }
-                                let t = std::time::Instant::now();
-                                started.set(Some(t));
-                                t
-                            };
-                            let bytes = f(r, &go)?;
-                            let end = std::time::Instant::now();
-                            Ok((bytes, started.get().unwrap_or(end), end))
-                        })
-                    })
-                    .collect();
+                let mut handles = Vec::with_capacity(ranks);
+                for r in 0..ranks {
+                    let spawned = std::thread::Builder::new().spawn_scoped(s, move || {
+                        let me = Arrive(arrived, std::cell::Cell::new(false));
+                        let started = std::cell::Cell::new(None);
+                        let go = || {
+                            me.once();
+                            while arrived.load(Ordering::SeqCst) < ranks {
+                                std::thread::sleep(std::time::Duration::from_micros(50));
+                            }
+                            let t = std::time::Instant::now();
+                            started.set(Some(t));
+                            t
+                        };
+                        let bytes = f(r, &go)?;
+                        let end = std::time::Instant::now();
+                        Ok((bytes, started.get().unwrap_or(end), end))
+                    });
+                    match spawned {
+                        Ok(h) => handles.push(h),
+                        Err(e) => {
+                            // The threads not started never arrive: count them, so that the
+                            // others do not wait for them.
+                            arrived.fetch_add(ranks - r, Ordering::SeqCst);
+                            handles.truncate(r);
+                            let mut out: Vec<Result<_>> = handles
+                                .into_iter()
+                                .map(|h| {
+                                    h.join().unwrap_or_else(|_| {
+                                        Err(candle_core::Error::msg("calibration thread panicked"))
+                                    })
+                                })
+                                .collect();
+                            out.push(Err(candle_core::Error::msg(format!(
+                                "calibration: cannot start a thread: {e}"
+                            ))));
+                            return out;
+                        }
+                    }
+                }
                 // Every thread joined before any error is returned.
                 handles
                     .into_iter()
@@ -1302,15 +1359,24 @@ pub fn calibrate_cpu(devices: usize) -> Result<DeviceSpec> {
         let mut best: f64 = 0.0;
         for _ in 0..3 {
             best = best.max(together(&|r, go| {
-                let run = || -> Result<f64> {
-                    let x = Tensor::ones(n, DType::F32, &Device::Cpu)?;
-                    go();
-                    for _ in 0..4 {
-                        comms[r].all_reduce_in_place(&x, candle_parallel::comm::ReduceOp::Sum)?;
+                // A rank that fails, by an error or a panic, tells the others, which then stop
+                // waiting for it.
+                struct FailOthers<'a>(&'a candle_parallel::comm::local::LocalFabric, usize, bool);
+                impl Drop for FailOthers<'_> {
+                    fn drop(&mut self) {
+                        if !self.2 {
+                            self.0.fail(self.1, "calibration: a rank stopped");
+                        }
                     }
-                    Ok(4.0 * 4.0 * n as f64)
-                };
-                run().inspect_err(|e| fabric.fail(r, format!("calibration: {e}")))
+                }
+                let mut guard = FailOthers(fabric, r, false);
+                let x = Tensor::ones(n, DType::F32, &Device::Cpu)?;
+                go();
+                for _ in 0..4 {
+                    comms[r].all_reduce_in_place(&x, candle_parallel::comm::ReduceOp::Sum)?;
+                }
+                guard.2 = true;
+                Ok(4.0 * 4.0 * n as f64)
             })?);
         }
         best

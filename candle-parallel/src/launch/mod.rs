@@ -81,48 +81,76 @@ impl RankContext {
     }
 }
 
-/// How many threads Candle's CPU pools should give each of `ranks` ranks sharing this
-/// machine's cores: `(elementwise, matmul)`, from the environment where it says
+/// What the environment said of Candle's thread counts (`CANDLE_NUM_THREADS`,
+/// `RAYON_NUM_THREADS`) before [`share_cores_between_ranks`] first changed it: the user's
+/// choice, which wins.
+pub(crate) fn user_thread_settings() -> &'static (Option<usize>, Option<usize>) {
+    static USER: std::sync::OnceLock<(Option<usize>, Option<usize>)> = std::sync::OnceLock::new();
+    USER.get_or_init(|| {
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        };
+        (var("CANDLE_NUM_THREADS"), var("RAYON_NUM_THREADS"))
+    })
+}
+
+/// How many threads Candle's CPU work should take for each of `ranks` ranks sharing this
+/// machine's logical cores: `(elementwise, matmul)`, as the user set them
 /// (`CANDLE_NUM_THREADS`, `RAYON_NUM_THREADS`), else one for elementwise work (Candle runs a
 /// large elementwise operation on one pool per process, one operation at a time, its threads
 /// spinning while they wait: ranks would queue for it and spin on the cores they share) and,
-/// where the ranks are at least as many as the cores, one for matmuls too (each rank then keeps
-/// a core busy by itself; fewer ranks share the matmul pool's threads).
+/// where the ranks are at least as many as the cores, one for each matmul too (each rank then
+/// keeps a core busy by itself; fewer ranks split the cores between their matmuls).
 ///
 /// ```
 /// let (elementwise, matmul) = candle_parallel::launch::threads_per_rank(64);
 /// assert!(elementwise >= 1 && matmul >= 1);
 /// ```
 pub fn threads_per_rank(ranks: usize) -> (usize, usize) {
-    let var = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
-    };
+    let (elementwise, matmul) = *user_thread_settings();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let matmul = var("RAYON_NUM_THREADS").unwrap_or(if ranks >= cores { 1 } else { cores });
-    (var("CANDLE_NUM_THREADS").unwrap_or(1), matmul)
+    (
+        elementwise.unwrap_or(1),
+        matmul.unwrap_or(if ranks >= cores { 1 } else { cores }),
+    )
 }
 
-/// Sets Candle's CPU pools for `ranks` ranks as threads of this process
-/// ([`threads_per_rank`]), before its first parallel operation makes them: measured on 2
-/// cores, a 4-rank training step of a small Mixtral-style model 1.5× faster. Where Candle has
-/// already made its pools in this process, or with one rank, it changes nothing. Called by
-/// [`Launcher::run`] for ranks as threads; the process launcher gives each rank its share in
-/// its environment.
+/// Sets Candle's CPU threads for `ranks` ranks as threads of this process
+/// ([`threads_per_rank`]); measured on 2 cores, a 4-rank training step of a small
+/// Mixtral-style model 1.5× faster. Called by [`Launcher::run`] for ranks as threads (the
+/// process launcher gives each process its share in its environment).
+///
+/// Candle reads `RAYON_NUM_THREADS` at each matmul (so each job gets its own setting; a
+/// single-rank job gets the user's back), `CANDLE_NUM_THREADS` once, when it makes its
+/// elementwise pool (so the first job's setting stays: one thread, which multi-rank jobs want
+/// and a single-rank job after one does without). Rayon's global pool, where candle-nn's
+/// softmax and norms and this crate's fused kernels run, keeps one thread per core (it is made
+/// here first, if nothing made it yet). The environment is changed from the launching thread;
+/// C code reading it on another thread at that moment (not Rust's own reads) could race.
 pub fn share_cores_between_ranks(ranks: usize) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = lock(&LOCK);
+    let user = *user_thread_settings();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Before RAYON_NUM_THREADS can say 1: the global pool as large as the machine (an error
+    // means it exists already).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(user.1.unwrap_or(cores))
+        .build_global();
+    let restore = |k: &str, v: Option<usize>| match v {
+        Some(n) => std::env::set_var(k, n.to_string()),
+        None => std::env::remove_var(k),
+    };
     if ranks < 2 {
+        restore("RAYON_NUM_THREADS", user.1);
         return;
     }
-    ONCE.call_once(|| {
-        let (elementwise, matmul) = threads_per_rank(ranks);
-        // Once per process, before the ranks' threads start: nothing of ours reads the
-        // environment meanwhile.
-        std::env::set_var("CANDLE_NUM_THREADS", elementwise.to_string());
-        std::env::set_var("RAYON_NUM_THREADS", matmul.to_string());
-    });
+    let (elementwise, matmul) = threads_per_rank(ranks);
+    std::env::set_var("CANDLE_NUM_THREADS", elementwise.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", matmul.to_string());
 }
 
 /// Runs `f` on `world_size` ranks as threads, with the default settings of [`Launcher`].

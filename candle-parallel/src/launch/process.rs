@@ -122,6 +122,8 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
     // says): by default every process would make pools as large as the machine.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let share = (cores / plan.nproc).max(1).to_string();
+    // The user's settings, not what a local job of this process may have set since.
+    let user = *super::user_thread_settings();
     let mut children: Vec<(usize, Child)> = Vec::new();
     // Output forwarders report when their pipe closes; a pipe held open by a process a rank
     // left behind must not keep the launcher waiting.
@@ -143,11 +145,11 @@ pub fn spawn_ranks(program: &std::path::Path, args: &[String], plan: &NodePlan) 
             .env("MASTER_PORT", port.to_string())
             .env(
                 "CANDLE_NUM_THREADS",
-                std::env::var("CANDLE_NUM_THREADS").unwrap_or(share.clone()),
+                user.0.map_or(share.clone(), |n| n.to_string()),
             )
             .env(
                 "RAYON_NUM_THREADS",
-                std::env::var("RAYON_NUM_THREADS").unwrap_or(share.clone()),
+                user.1.map_or(share.clone(), |n| n.to_string()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
