@@ -197,10 +197,24 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Median step seconds of `schedule` with the pipeline messages overlapped (posted on the lane,
+/// One mode's medians: the step, the pipeline messages' time on the communication lane (or
+/// where they were exchanged) and the part of it the ranks waited for (exposed), in seconds,
+/// each a mean over the ranks.
+#[derive(Clone, Copy, Debug)]
+struct OverlapTimes {
+    step: f64,
+    communication: f64,
+    exposed: f64,
+}
+
+/// The medians of `schedule`'s steps with the pipeline messages overlapped (posted on the lane,
 /// waited for where consumed) and not (each tick's exchange done where it is due), alternating
-/// step by step, over `link`.
-fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> Result<(f64, f64)> {
+/// step by step, over `link`: (overlapped, not).
+fn overlap_steps(
+    args: &Args,
+    schedule: &Schedule,
+    link: Option<LinkModel>,
+) -> Result<(OverlapTimes, OverlapTimes)> {
     let (p, m) = (schedule.ranks(), schedule.micro_batches());
     let stages = split_layers(args.layers, schedule.stages())?;
     let mb_rows = args.batch / m;
@@ -217,6 +231,7 @@ fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> R
         let chunks = rank_chunks(schedule, &stages, r, args.hidden)?;
         let vars: Vec<Var> = chunks.iter().flat_map(TanhMlp::vars).collect();
         let refs: Vec<&dyn Module> = chunks.iter().map(|c| c as &dyn Module).collect();
+        // Per mode: (step, communication, exposed) of each step.
         let mut times = [Vec::new(), Vec::new()];
         for rep in 0..=2 * args.reps {
             let on = rep % 2 == 0;
@@ -226,7 +241,7 @@ fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> R
             }
             pp.barrier()?;
             let t = Instant::now();
-            run_step(
+            let out = run_step(
                 &pp,
                 schedule,
                 &refs,
@@ -237,14 +252,39 @@ fn overlap_steps(args: &Args, schedule: &Schedule, link: Option<LinkModel>) -> R
             )?;
             pp.barrier()?;
             if rep > 0 {
-                times[usize::from(!on)].push(t.elapsed().as_secs_f64());
+                times[usize::from(!on)].push((
+                    t.elapsed().as_secs_f64(),
+                    out.communication.lane_seconds(),
+                    out.communication.exposed_seconds(),
+                ));
             }
         }
         candle_parallel::comm::set_overlap_p2p(false);
         Ok(times)
     })?;
-    let t = &per_rank[0];
-    Ok((median(t[0].clone()), median(t[1].clone())))
+    // Each step's figures as the mean over the ranks, then the median over the steps.
+    let mode = |i: usize| {
+        let steps = per_rank[0][i].len();
+        let of = |k: usize| {
+            median(
+                (0..steps)
+                    .map(|s| {
+                        per_rank
+                            .iter()
+                            .map(|r| [r[i][s].0, r[i][s].1, r[i][s].2][k])
+                            .sum::<f64>()
+                            / per_rank.len() as f64
+                    })
+                    .collect(),
+            )
+        };
+        OverlapTimes {
+            step: median(per_rank[0][i].iter().map(|t| t.0).collect()),
+            communication: of(1),
+            exposed: of(2),
+        }
+    };
+    Ok((mode(0), mode(1)))
 }
 
 /// Step time with the pipeline's messages overlapped and not, at the largest `--pp` and
@@ -271,16 +311,20 @@ fn overlap_table(args: &Args) -> Result<()> {
         args.batch / m * args.hidden * 4 / 1024,
         args.reps
     );
-    println!("| schedule | link | step, not overlapped (ms) | step, overlapped (ms) | overlapped / not |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| schedule | link | step, not overlapped (ms) | step, overlapped (ms) | overlapped / not | communication (ms) | waited, not overlapped (ms) | waited, overlapped (ms) |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
     for (name, gbps, on, off) in rows {
         let link = gbps.map_or("none (memory)".to_string(), |g| format!("{g} Gbit/s"));
         println!(
-            "| {name} | {link} | {:.1} | {:.1} | {:.2}x |",
-            off * 1e3,
-            on * 1e3,
-            on / off
+            "| {name} | {link} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.1} | {:.1} |",
+            off.step * 1e3,
+            on.step * 1e3,
+            on.step / off.step,
+            on.communication * 1e3,
+            off.exposed * 1e3,
+            on.exposed * 1e3,
         );
     }
+    println!("\n(communication: the messages' time on the lane, overlapped; waited: where a rank stood waiting for a message instead of computing, which holds the exposed communication and the wait for the stage that sends it (the bubble); means over the ranks)");
     Ok(())
 }
