@@ -3,6 +3,7 @@
 //! steps after the first, each layout run `--reps` times), beside `plan`'s prediction for
 //! this machine (calibrated: the matmul rate with every rank busy, then one reference layout
 //! to fix the share of it a whole step reaches). Prints the table and the rank correlation.
+//! `--save FILE` keeps the measured times, `--load FILE` predicts them again without rerunning.
 //!
 //! ```sh
 //! cargo build --release --example mixtral && cargo run --release --example bench_plan
