@@ -1,8 +1,8 @@
 //! The planner's step times against measured ones: a small Mixtral-style model trained by
 //! `mixtral train` on 4 CPU ranks over a dialled link at a dozen layouts (median of the
 //! steps after the first, each layout run `--reps` times), beside `plan`'s prediction for
-//! this machine (calibrated: the matmul rate with every rank busy, then one reference layout
-//! to fix the share of it a whole step reaches). Prints the table and the rank correlation.
+//! this machine (`calibrate_cpu`: the matmul, elementwise and all-reduce rates with every rank
+//! busy; then one reference layout fixes the share of the matmul rate a whole step reaches). Prints the table and the rank correlation.
 //! `--save FILE` keeps the measured times, `--load FILE` predicts them again without rerunning.
 //!
 //! ```sh
