@@ -79,7 +79,7 @@ fn main() -> Result<()> {
     )?;
     let exe = std::env::current_exe()?;
     let mixtral = exe.with_file_name("mixtral");
-    if !mixtral.exists() {
+    if a.load.is_none() && !mixtral.exists() {
         bail!(
             "{} is missing: cargo build --release --example mixtral first",
             mixtral.display()
