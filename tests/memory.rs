@@ -46,18 +46,7 @@ fn assert_activations_predicted(
     recompute: Recompute,
     m: &TrainingMemory,
 ) -> Result<()> {
-    let layout = ActivationLayout {
-        rows: probe.rows,
-        seq: probe.seq,
-        tp: 1,
-        ep: 1,
-        dtype_bytes: 4,
-        recompute,
-        in_flight: 1,
-        head: true,
-        stage_boundaries: false,
-        lora_rank: 0,
-    };
+    let layout = ActivationLayout::one_rank(probe.rows, probe.seq, recompute);
     let est = mixtral_activations(cfg, cfg.num_hidden_layers, &layout)?;
     let forward = m.step_phases[0].1 - m.persistent;
     for (phase, predicted, measured) in [
@@ -346,19 +335,9 @@ fn pipeline_stages_hold_what_their_schedule_keeps(
             },
         )?;
         for (stage, m) in ranks.iter().enumerate() {
-            let layout = ActivationLayout {
-                rows: probe.rows / micro_batches,
-                seq: probe.seq,
-                tp: 1,
-                ep: 1,
-                dtype_bytes: 4,
-                recompute,
-                in_flight: 1,
-                head: true,
-                stage_boundaries: false,
-                lora_rank: 0,
-            }
-            .one_f_one_b(stage, pp, micro_batches);
+            let layout =
+                ActivationLayout::one_rank(probe.rows / micro_batches, probe.seq, recompute)
+                    .one_f_one_b(stage, pp, micro_batches);
             let layers = cfg.num_hidden_layers / pp;
             let predicted = mixtral_activations(cfg, layers, &layout)?.peak as f64;
             let measured = (m.step_peak - m.persistent) as f64;

@@ -37,6 +37,24 @@ pub struct ActivationLayout {
 }
 
 impl ActivationLayout {
+    /// One rank that holds the whole model over `rows` sequences of `seq` tokens, in f32: no
+    /// tensor or expert parallelism, no pipeline stages (the head on this rank), one
+    /// micro-batch in flight, no adapters. The other layouts change fields of it.
+    pub fn one_rank(rows: usize, seq: usize, recompute: Recompute) -> Self {
+        Self {
+            rows,
+            seq,
+            tp: 1,
+            ep: 1,
+            dtype_bytes: 4,
+            recompute,
+            in_flight: 1,
+            head: true,
+            stage_boundaries: false,
+            lora_rank: 0,
+        }
+    }
+
     /// One rank of a pipeline of `stages` on stage `stage`, a 1F1B schedule of
     /// `micro_batches` (the layout's other fields as given).
     pub fn one_f_one_b(self, stage: usize, stages: usize, micro_batches: usize) -> Self {
@@ -108,10 +126,7 @@ pub struct ActivationEstimate {
 /// use candle_parallel_models::mixtral::MixtralConfig;
 ///
 /// let cfg = MixtralConfig::tiny();
-/// let layout = |recompute| ActivationLayout {
-///     rows: 2, seq: 64, tp: 1, ep: 1, dtype_bytes: 4, recompute, in_flight: 1,
-///     head: true, stage_boundaries: false, lora_rank: 0,
-/// };
+/// let layout = |recompute| ActivationLayout::one_rank(2, 64, recompute);
 /// let none = mixtral_activations(&cfg, 2, &layout(Recompute::None))?;
 /// let full = mixtral_activations(&cfg, 2, &layout(Recompute::Full))?;
 /// let selective = mixtral_activations(&cfg, 2, &layout(Recompute::Selective))?;

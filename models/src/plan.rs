@@ -772,30 +772,48 @@ pub fn plan_layout(
     let embed = (model.vocab * model.hidden) as f64 / l.tp as f64;
     // (dense, expert) parameters of a stage's rank: the first stage has the embedding, the
     // last the head (a tied head is the embedding, on the first stage).
-    let stage_params = |first: bool, last: bool| {
-        let mut dense = per_stage as f64 * layer_dense;
+    let stage_params = |layers: usize, first: bool, last: bool| {
+        let mut dense = layers as f64 * layer_dense;
         if first || (last && !model.tie_embeddings) {
             dense += embed;
         }
         if last && first && !model.tie_embeddings {
             dense += embed;
         }
-        (dense, per_stage as f64 * layer_experts)
+        (dense, layers as f64 * layer_experts)
     };
     // ZeRO partitions dense parameters over dp × ep and experts over dp.
     let (n_dense, n_expert) = ((l.dp * l.ep) as f64, l.dp as f64);
     // LoRA's A and B on every linear layer of a stage's layers (r × (in + out) each): about
     // 2r/h of attention's square-ish weights, r(1/h + 1/ffn) of the experts'.
-    let adapters = |r: usize| -> (f64, f64) {
+    let adapters = |layers: usize, r: usize| -> (f64, f64) {
         let (r, h) = (r as f64, model.hidden as f64);
         let ffn = model.expert_ffn.max(1) as f64;
         (
-            per_stage as f64 * layer_dense * 2.0 * r / h,
-            per_stage as f64 * layer_experts * r * (1.0 / h + 1.0 / ffn),
+            layers as f64 * layer_dense * 2.0 * r / h,
+            layers as f64 * layer_experts * r * (1.0 / h + 1.0 / ffn),
+        )
+    };
+    // What a stage of `layers` layers trains: its parameters, or its adapters under LoRA.
+    let trained = |layers: usize, first: bool, last: bool| match work.lora_rank {
+        None => stage_params(layers, first, last),
+        Some(r) => adapters(layers, r),
+    };
+    // A rank's activation layout: its micro-batch's rows, the mesh's tp and ep, stages or not.
+    let rank_layout = |recompute: Recompute| ActivationLayout {
+        tp: l.tp,
+        ep: l.ep,
+        dtype_bytes: work.dtype_bytes,
+        stage_boundaries: l.pp > 1,
+        lora_rank: work.lora_rank.unwrap_or(0),
+        ..ActivationLayout::one_rank(
+            work.global_batch / (l.dp * l.ep * l.micro_batches),
+            work.seq,
+            recompute,
         )
     };
     let memory_of = |first: bool, last: bool, stage: usize| -> Result<MemoryPlan> {
-        let (dense, experts) = stage_params(first, last);
+        let (dense, experts) = stage_params(per_stage, first, last);
         // Bytes per trained parameter: the parameter, its f32 master copy (16-bit), the f32
         // gradient buffer and two f32 moments, partitioned by stage.
         let master = if work.dtype_bytes < 4 { 4.0 } else { 0.0 };
@@ -803,7 +821,7 @@ pub fn plan_layout(
         let (trained_d, trained_e, frozen) = match work.lora_rank {
             None => (dense, experts, 0.0),
             Some(r) => {
-                let (ad, ae) = adapters(r);
+                let (ad, ae) = adapters(per_stage, r);
                 (ad, ae, (dense + experts) * d)
             }
         };
@@ -812,23 +830,15 @@ pub fn plan_layout(
         let gradients = trained_d * 4.0 / part(n_dense, 2) + trained_e * 4.0 / part(n_expert, 2);
         let optimizer = trained_d * (8.0 + master) / part(n_dense, 1)
             + trained_e * (8.0 + master) / part(n_expert, 1);
-        let rows = work.global_batch / (l.dp * l.ep * l.micro_batches);
         let in_flight = match (l.pp, l.schedule) {
             (1, _) => 1,
             (_, ScheduleKind::GPipe) => l.micro_batches,
             _ => l.micro_batches.min(l.pp - stage),
         };
         let layout = ActivationLayout {
-            rows,
-            seq: work.seq,
-            tp: l.tp,
-            ep: l.ep,
-            dtype_bytes: work.dtype_bytes,
-            recompute: l.recompute,
             in_flight,
             head: last,
-            stage_boundaries: l.pp > 1,
-            lora_rank: work.lora_rank.unwrap_or(0),
+            ..rank_layout(l.recompute)
         };
         let est = mixtral_activations(&model.as_mixtral(), per_stage, &layout)?;
         let buffers = match l.zero {
@@ -917,11 +927,7 @@ pub fn plan_layout(
             / flops_rate
     };
     // Trained parameters on a rank of the first stage (dense, experts).
-    let (sd, se) = stage_params(true, l.pp == 1);
-    let (td, te) = match work.lora_rank {
-        None => (sd, se),
-        Some(r) => adapters(r),
-    };
+    let (td, te) = trained(per_stage, true, l.pp == 1);
     // On CPU ranks what is not a matmul takes the cores' memory bandwidth too: every tensor
     // the forward makes is written and read, and the backward writes and reads a gradient
     // of each and reads what the forward kept (about six passes over the forward's tensors, two
@@ -932,21 +938,12 @@ pub fn plan_layout(
         if !dev.shared_cores {
             return Ok(0.0);
         }
-        let rows = work.global_batch / (l.dp * l.ep * l.micro_batches);
         let est = mixtral_activations(
             &model.as_mixtral(),
             layers,
             &ActivationLayout {
-                rows,
-                seq: work.seq,
-                tp: l.tp,
-                ep: l.ep,
-                dtype_bytes: work.dtype_bytes,
-                recompute: Recompute::None,
-                in_flight: 1,
                 head: last,
-                stage_boundaries: l.pp > 1,
-                lora_rank: work.lora_rank.unwrap_or(0),
+                ..rank_layout(Recompute::None)
             },
         )?;
         let made = (layers * est.layer_graph + est.head_graph) as f64;
@@ -954,17 +951,7 @@ pub fn plan_layout(
             Recompute::Full => 8.0,
             _ => 6.0,
         };
-        // The stage's trained parameters, for its own number of layers.
-        let (pd, pe) = match work.lora_rank {
-            None => stage_params(first, last),
-            Some(r) => adapters(r),
-        };
-        let layers_share = layers as f64 / per_stage as f64;
-        let pd = match work.lora_rank {
-            None => pd + (layers as f64 - per_stage as f64) * layer_dense,
-            Some(_) => pd * layers_share,
-        };
-        let pe = pe * layers_share;
+        let (pd, pe) = trained(layers, first, last);
         Ok(l.micro_batches as f64 * (passes * made + 16.0 * (pd + pe)) / dev.memory_bw)
     };
     let stages: Vec<f64> = stage_sizes
