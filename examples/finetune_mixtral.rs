@@ -39,7 +39,9 @@ use candle_parallel::lora::{adapted_modules, merge_weight, save_peft, LoraBuilde
 use candle_parallel::metrics::MetricsWriter;
 use candle_parallel::moe::{AuxScope, Dispatch};
 use candle_parallel::optim::AdamWConfig;
-use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule, ScheduleKind};
+use candle_parallel::pipeline::{
+    rank_chunks, run_step, split_batch, split_layers, ModelSchedule, Schedule, ScheduleKind,
+};
 use candle_parallel::trainer::{LrSchedule, StepReport, Trainer, TrainerConfig};
 use candle_parallel::{ops, Launcher, MeshDim, MeshShape};
 use candle_parallel_models::chat::ChatTemplate;
@@ -48,8 +50,7 @@ use candle_parallel_models::data::{
     Split, SplitMix64, Tokenize,
 };
 use candle_parallel_models::mixtral::{
-    counted_targets, Mixtral, MixtralConfig, MixtralModel as Model, MixtralStage, ShardedMixtral,
-    Targets,
+    counted_targets, Mixtral, MixtralConfig, MixtralModel as Model, ShardedMixtral, Targets,
 };
 use candle_parallel_models::testing::write_random_mixtral;
 use candle_parallel_models::tokenizer::{byte_tokenizer, word_tokenizer};
@@ -152,11 +153,16 @@ struct Args {
     /// the layer again just before its backward), at every ZeRO stage.
     #[arg(long, default_value_t = Recompute::None)]
     recompute: Recompute,
-    /// Pipeline schedule with pp above 1 in --mesh: gpipe, 1f1b, or zero-bubble (split
-    /// backwards, planned for the costs measured in the first step; ZeRO 0-2). Interleaved
-    /// needs several model chunks per rank, which this command does not build.
+    /// Pipeline schedule with pp above 1 in --mesh: gpipe, 1f1b, interleaved (several model
+    /// chunks per rank, --chunks; ZeRO 0-2) or zero-bubble (split backwards, planned for the
+    /// costs measured in the first step; ZeRO 0-2).
     #[arg(long, default_value_t = ScheduleKind::OneFOneB)]
     schedule: ScheduleKind,
+    /// Model chunks per pipeline rank (Megatron's virtual stages) with the interleaved
+    /// schedule: the layers are split into pp × chunks stages, rank r holding stages r,
+    /// r + pp, ... Default: 2 with interleaved, 1 otherwise.
+    #[arg(long)]
+    chunks: Option<usize>,
     /// Parameter and activation dtype: f32, or bf16 (mixed precision: f32 master weights and
     /// optimizer state, gradients reduced in --reduce-dtype).
     #[arg(long, default_value = "f32")]
@@ -779,6 +785,10 @@ fn main() -> Result<()> {
     let (cfg, tok) = prepare_model(&args)?;
     cfg.check_aux_loss()?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
+    let chunks = args.chunks.unwrap_or(args.schedule.default_chunks());
+    // Refused here, before any rank starts.
+    ModelSchedule::new(args.schedule, chunks)?;
+    rank_chunks(cfg.num_hidden_layers, pp, chunks, 0)?;
     let lora = (args.lora_rank > 0).then(|| LoraConfig {
         rank: args.lora_rank,
         alpha: args.lora_alpha,
@@ -899,9 +909,10 @@ fn main() -> Result<()> {
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)
         } else {
-            // With pipeline stages each rank builds (and reads) only its stage's layers.
-            let layers = stages[pp_comm.rank()].clone();
-            let mut m = Mixtral::new_stage(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, layers)?;
+            // With pipeline stages each rank builds (and reads) only its stage's layers (its
+            // chunks' with the interleaved schedule).
+            let layers = rank_chunks(cfg.num_hidden_layers, pp, chunks, pp_comm.rank())?;
+            let mut m = Mixtral::new_chunks(&cfg, vb.clone(), ep_comm, tp, Dispatch::AllToAll, &layers)?;
             m.set_schedule(args.schedule)?;
             if lora.is_some() && vb.params().is_empty() {
                 candle_core::bail!("--lora-targets {}: no module of the model matches (this model's are {})", lora.as_ref().map(|l| l.target_modules.join(",")).unwrap_or_default(), cfg.family()?.lora_targets().join(", "));
@@ -926,18 +937,19 @@ fn main() -> Result<()> {
         let through_stages = |ids: &Tensor, labels: Option<&Tensor>, mask: Option<&Tensor>| -> Result<(Tensor, f32)> {
             let (b, s) = ids.dims2()?;
             let kept = std::sync::Mutex::new(None);
-            let whole;
-            let (stage, len): (&dyn candle_core::Module, usize) = match &model {
+            let chunks;
+            let (stages, len, schedule): (Vec<&dyn candle_core::Module>, usize, Schedule) = match &model {
                 Model::Whole(m) => {
-                    whole = MixtralStage { model: m, train: false };
-                    (&whole, m.stage_activation_len(b, s))
+                    chunks = m.stages(false);
+                    let refs = chunks.iter().map(|c| c as &dyn candle_core::Module).collect();
+                    (refs, m.stage_activation_len(b, s), m.schedule().forward_schedule(pp, 1)?)
                 }
-                Model::Sharded(m) => (m.as_ref(), m.stage_activation_len(b, s)),
+                Model::Sharded(m) => (vec![m.as_ref()], m.stage_activation_len(b, s), Schedule::gpipe(pp, 1)?),
             };
             run_step(
                 pp_comm,
-                &Schedule::gpipe(pp, 1)?,
-                &[stage],
+                &schedule,
+                &stages,
                 &[],
                 std::slice::from_ref(ids),
                 (&Shape::from(len), DType::F32),

@@ -279,6 +279,7 @@ fn pipeline_stages_with_ep_and_tp_inside_equal_one_rank_for_every_schedule() -> 
                     .map(|model| MixtralStage {
                         model,
                         train: false,
+                        chunk: 0,
                     })
                     .collect();
                 let modules: Vec<&dyn candle_core::Module> = stage_modules

@@ -35,7 +35,9 @@ use candle_parallel::checkpoint::{
 use candle_parallel::data_parallel::{BatchGroups, Recompute};
 use candle_parallel::moe::{AuxScope, Dispatch};
 use candle_parallel::optim::AdamWConfig;
-use candle_parallel::pipeline::{run_step, split_layers, Schedule, ScheduleKind};
+use candle_parallel::pipeline::{
+    rank_chunks, run_step, split_layers, ModelSchedule, Schedule, ScheduleKind,
+};
 use candle_parallel::trainer::{LrSchedule, Trainer, TrainerConfig};
 use candle_parallel::MeshDim;
 use candle_parallel::{ops, Launcher, MeshShape};
@@ -147,11 +149,16 @@ enum Command {
         /// stage.
         #[arg(long, default_value_t = Recompute::None)]
         recompute: Recompute,
-        /// Pipeline schedule with --pp above 1: gpipe, 1f1b, or zero-bubble (split backwards,
-        /// planned for the costs measured in the first step; ZeRO 0-2). Interleaved needs
-        /// several model chunks per rank, which this command does not build.
+        /// Pipeline schedule with --pp above 1: gpipe, 1f1b, interleaved (several model
+        /// chunks per rank, --chunks; ZeRO 0-2) or zero-bubble (split backwards, planned for
+        /// the costs measured in the first step; ZeRO 0-2).
         #[arg(long, default_value_t = ScheduleKind::OneFOneB)]
         schedule: ScheduleKind,
+        /// Model chunks per pipeline rank (Megatron's virtual stages) with the interleaved
+        /// schedule: the layers are split into pp × chunks stages, rank r holding stages r,
+        /// r + pp, ... Default: 2 with interleaved, 1 otherwise.
+        #[arg(long)]
+        chunks: Option<usize>,
         /// ZeRO 3: keep each layer's gathered parameters from its forward to its backward
         /// (FSDP2's reshard_after_forward=False: one gather per step instead of two).
         #[arg(long)]
@@ -255,6 +262,7 @@ fn eval(
             &[&MixtralStage {
                 model: &m,
                 train: false,
+                chunk: 0,
             }],
             &vars,
             std::slice::from_ref(&ids),
@@ -340,6 +348,7 @@ fn run_train(command: Command) -> Result<()> {
         micro_batches,
         recompute,
         schedule,
+        chunks,
         no_reshard_after_forward,
         reduce_dtype,
         no_overlap,
@@ -422,6 +431,10 @@ fn run_train(command: Command) -> Result<()> {
         );
     }
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
+    let chunks = chunks.unwrap_or(schedule.default_chunks());
+    // Refused here, before any rank starts.
+    ModelSchedule::new(schedule, chunks)?;
+    rank_chunks(cfg.num_hidden_layers, pp, chunks, 0)?;
     if pp > 1 && cfg.tie_word_embeddings {
         candle_core::bail!("--pp: a head tied to the embedding would be two copies on the first and last stages; train it with --pp 1");
     }
@@ -471,14 +484,15 @@ fn run_train(command: Command) -> Result<()> {
             let t = Trainer::sharded(&m.units(), vb.params(), &groups, mesh, tcfg)?;
             (Model::Sharded(Box::new(m)), t)
         } else {
-            let layers = stages[mesh.pp().rank()].clone();
-            let mut m = Mixtral::new_stage(
+            // Several chunks per rank with the interleaved schedule.
+            let layers = rank_chunks(cfg.num_hidden_layers, pp, chunks, mesh.pp().rank())?;
+            let mut m = Mixtral::new_chunks(
                 &cfg,
                 vb.clone(),
                 mesh.ep(),
                 mesh.tp(),
                 Dispatch::AllToAll,
-                layers,
+                &layers,
             )?;
             m.set_schedule(schedule)?;
             let t = Trainer::new(vb.params(), mesh, &batch_dims, tcfg)?;

@@ -58,9 +58,13 @@ pub struct Mixtral {
     cfg: MixtralConfig,
     /// On the first stage (and on the last when the head is tied to it).
     embed: Option<VocabParallelEmbedding>,
-    /// Layers `first_layer..first_layer + blocks.len()`.
+    /// The layers of its chunks, in order.
     blocks: Vec<Block>,
-    first_layer: usize,
+    /// The model's layer index of each block.
+    layers: Vec<usize>,
+    /// Its chunks' layer ranges, in order: one contiguous stage, or several chunks per rank
+    /// for the interleaved schedule ([`Mixtral::new_chunks`]).
+    chunks: Vec<std::ops::Range<usize>>,
     /// On the last stage.
     norm: Option<Tensor>,
     lm_head: Option<ColumnParallelLinear>,
@@ -101,8 +105,63 @@ impl Mixtral {
         dispatch: Dispatch,
         layers: std::ops::Range<usize>,
     ) -> Result<Self> {
+        Self::new_chunks(cfg, vb, ep, tp, dispatch, &[layers])
+    }
+
+    /// Several pipeline stages on this rank ("chunks", Megatron's virtual stages), for the
+    /// interleaved schedule: the decoder layers of each range in `chunks` (increasing and
+    /// disjoint; [`candle_parallel::pipeline::rank_chunks`] gives a rank's), the embedding
+    /// when the first starts at layer 0, the final norm and head when the last ends the
+    /// model. Its training steps run [`ScheduleKind::Interleaved`] over the chunks
+    /// ([`Mixtral::set_schedule`]); [`Mixtral::stages`] gives one pipeline stage per chunk.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// use candle_parallel::checkpoint::ParallelVarBuilder;
+    /// use candle_parallel::moe::Dispatch;
+    /// use candle_parallel::pipeline::{rank_chunks, ScheduleKind};
+    /// use candle_parallel::launch;
+    /// use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+    ///
+    /// let mut cfg = MixtralConfig::tiny();
+    /// cfg.num_hidden_layers = 4;
+    /// let held = launch(1, |ctx| {
+    ///     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu);
+    ///     // Rank 1 of 2 pipeline ranks, two chunks each.
+    ///     let chunks = rank_chunks(cfg.num_hidden_layers, 2, 2, 1)?;
+    ///     let (c, d) = (ctx.comm(), ctx.comm());
+    ///     let mut m = Mixtral::new_chunks(&cfg, vb, c, d, Dispatch::AllReduce, &chunks)?;
+    ///     m.set_schedule(ScheduleKind::Interleaved)?;
+    ///     Ok((m.chunks().to_vec(), m.is_first_stage(), m.is_last_stage()))
+    /// })?;
+    /// assert_eq!(held[0], (vec![1..2, 3..4], false, true));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn new_chunks(
+        cfg: &MixtralConfig,
+        vb: ParallelVarBuilder,
+        ep: &Comm,
+        tp: &Comm,
+        dispatch: Dispatch,
+        chunks: &[std::ops::Range<usize>],
+    ) -> Result<Self> {
         cfg.check()?;
-        let (first, last) = stage_ends("Mixtral", &layers, cfg.num_hidden_layers)?;
+        let n = cfg.num_hidden_layers;
+        let (Some(head_chunk), Some(tail_chunk)) = (chunks.first(), chunks.last()) else {
+            bail!("Mixtral::new_chunks: no layer range given: pass at least one chunk of its {n} layers")
+        };
+        for c in chunks {
+            stage_ends("Mixtral", c, n)?;
+        }
+        if let Some(w) = chunks.windows(2).find(|w| w[0].end > w[1].start) {
+            bail!(
+                "Mixtral::new_chunks: chunks {:?} and {:?} overlap or are out of order: pass increasing, disjoint layer ranges (pipeline::rank_chunks gives a rank's)",
+                w[0],
+                w[1]
+            )
+        }
+        let (first, last) = (head_chunk.start == 0, tail_chunk.end == n);
+        let layers: Vec<usize> = chunks.iter().flat_map(|c| c.clone()).collect();
         let lcfg = cfg.as_llama();
         let heads = TpHeads::new(
             cfg.num_attention_heads,
@@ -114,7 +173,7 @@ impl Mixtral {
         let embed = stage_embedding(&lcfg, first, last, &vb, tp)?;
         let router = cfg.router_config()?;
         let mut blocks = Vec::with_capacity(layers.len());
-        for i in layers.clone() {
+        for &i in &layers {
             let l = m.pp("layers").pp(i);
             let ffn = Ffn::new(cfg, i, router, dispatch, &l, ep, tp)?;
             blocks.push(DecoderBlock::new(&lcfg, &heads, &l, tp, ffn)?);
@@ -125,7 +184,8 @@ impl Mixtral {
             cfg: cfg.clone(),
             embed: if first { embed } else { None },
             blocks,
-            first_layer: layers.start,
+            layers,
+            chunks: chunks.to_vec(),
             norm,
             lm_head,
             tp: tp.clone(),
@@ -137,11 +197,35 @@ impl Mixtral {
 
     /// The pipeline schedule its training steps ([`Mixtral::batch_grads`],
     /// [`Mixtral::train_grads`]) run with pipeline stages: GPipe, 1F1B (the default) or
-    /// zero-bubble, planned for the F, I and W costs measured in its first step. Interleaving
-    /// needs several chunks per rank, which this model (one stage) is not: an error says so.
+    /// zero-bubble, planned for the F, I and W costs measured in its first step, on a model of
+    /// one stage per rank; interleaved 1F1B on a model of several chunks
+    /// ([`Mixtral::new_chunks`]). Any other pairing is an error that says what to change.
     pub fn set_schedule(&mut self, kind: ScheduleKind) -> Result<()> {
-        self.schedule = ModelSchedule::new(kind, 1)?;
+        self.schedule = ModelSchedule::new(kind, self.chunks.len())?;
         Ok(())
+    }
+
+    /// The layer ranges of its chunks (one for a plain pipeline stage).
+    pub fn chunks(&self) -> &[std::ops::Range<usize>] {
+        &self.chunks
+    }
+
+    /// Its pipeline stages as modules for `pipeline::run_step`, one per chunk in order, with
+    /// (`train`) or without training-time routing.
+    pub fn stages(&self, train: bool) -> Vec<MixtralStage<'_>> {
+        (0..self.chunks.len())
+            .map(|chunk| MixtralStage {
+                model: self,
+                train,
+                chunk,
+            })
+            .collect()
+    }
+
+    /// The blocks of chunk `c` (indices into `blocks`).
+    fn chunk_blocks(&self, c: usize) -> std::ops::Range<usize> {
+        let start: usize = self.chunks[..c].iter().map(|r| r.len()).sum();
+        start..start + self.chunks[c].len()
     }
 
     /// The schedule setting (and zero-bubble's measured costs).
@@ -185,7 +269,7 @@ impl Mixtral {
             .enumerate()
             .filter_map(|(i, b)| {
                 let bias = b.ffn.moe()?.router().bias()?;
-                let layer = self.first_layer + i;
+                let layer = self.layers[i];
                 let ffn = self.cfg.family().ok()?.ffn_prefix();
                 Some((
                     format!("model.layers.{layer}.{ffn}.gate.e_score_correction_bias"),
@@ -197,7 +281,7 @@ impl Mixtral {
 
     /// Whether this stage starts at the first layer (takes token ids).
     pub fn is_first_stage(&self) -> bool {
-        self.first_layer == 0
+        self.chunks[0].start == 0
     }
 
     /// Whether this stage ends with the head.
@@ -217,28 +301,48 @@ impl Mixtral {
     /// previous stage's packed tensor in; the packed tensor out, or on the last stage this
     /// rank's logit columns packed with the load-balancing sums (for [`Mixtral::stage_losses`]).
     pub fn forward_stage(&self, input: &Tensor, train: bool) -> Result<Tensor> {
+        if self.chunks.len() > 1 {
+            bail!(
+                "forward_stage: this rank holds {} chunks ({:?}): run each with forward_chunk (Mixtral::stages gives them as pipeline stages)",
+                self.chunks.len(),
+                self.chunks
+            )
+        }
+        self.forward_chunk(0, input, train)
+    }
+
+    /// [`Mixtral::forward_stage`] of chunk `c` of this rank's chunks.
+    pub fn forward_chunk(&self, c: usize, input: &Tensor, train: bool) -> Result<Tensor> {
+        if c >= self.chunks.len() {
+            bail!(
+                "forward_chunk: chunk {c} asked of a rank holding {} ({:?})",
+                self.chunks.len(),
+                self.chunks
+            )
+        }
         let StageIn {
             mut x,
             b,
             s,
             p_in,
             f_in,
-        } = self.stage_in(input)?;
-        let (router_logits, _) = self.blocks_forward_with_stats(&mut x, 0, None, train)?;
-        self.stage_out(&x, &router_logits, p_in, f_in, b, s)
+        } = self.stage_in(c, input)?;
+        let (router_logits, _) =
+            self.blocks_forward_with_stats(&mut x, self.chunk_blocks(c), 0, None, train)?;
+        self.stage_out(c, &x, &router_logits, p_in, f_in, b, s)
     }
 
-    /// A stage's first unit: token ids `[b, s]` embedded (first stage), or the previous
+    /// Chunk `c`'s first unit: token ids `[b, s]` embedded (first stage), or the previous
     /// stage's packed tensor unpacked (the hidden states and the load-balancing sums so far:
     /// views of it, so their gradients reach it).
-    fn stage_in(&self, input: &Tensor) -> Result<StageIn> {
+    fn stage_in(&self, c: usize, input: &Tensor) -> Result<StageIn> {
         let (e, k, h) = (
             self.cfg.num_local_experts,
             self.cfg.num_experts_per_tok,
             self.cfg.hidden_size,
         );
         match &self.embed {
-            Some(embed) if self.is_first_stage() => {
+            Some(embed) if self.chunks[c].start == 0 => {
                 let (b, s) = input.dims2()?;
                 self.check_positions(s)?;
                 Ok(StageIn {
@@ -255,7 +359,7 @@ impl Mixtral {
                 if input.dims1()? != self.stage_activation_len(b, s) {
                     bail!(
                         "Mixtral stage at layer {}: got {} values, expected {} for {b} x {s} tokens",
-                        self.first_layer,
+                        self.chunks[c].start,
                         input.dims1()?,
                         self.stage_activation_len(b, s)
                     )
@@ -278,11 +382,13 @@ impl Mixtral {
         }
     }
 
-    /// A stage's last unit: the load-balancing sums with this stage's layers' (from their
+    /// Chunk `c`'s last unit: the load-balancing sums with its layers' (from their
     /// `router_logits`), the head on the last stage's output `x`, all packed into one f32
     /// tensor whatever the model's dtype (its parts get their own dtype back).
+    #[allow(clippy::too_many_arguments)]
     fn stage_out(
         &self,
+        c: usize,
         x: &Tensor,
         router_logits: &[Tensor],
         p_in: Tensor,
@@ -298,8 +404,9 @@ impl Mixtral {
             let (p, f) = hf_load_balancing_token_sums(router_logits, e, k)?;
             ((p_in + p)?.flatten_all()?, (f_in + f)?.flatten_all()?)
         };
+        let last = self.chunks[c].end == self.cfg.num_hidden_layers;
         let body = match (&self.norm, &self.lm_head) {
-            (Some(norm), Some(head)) => {
+            (Some(norm), Some(head)) if last => {
                 head.forward(&ops::rms_norm(x, norm, self.cfg.rms_norm_eps)?)?
             }
             _ => x.clone(),
@@ -374,7 +481,8 @@ impl Mixtral {
     ) -> Result<(Tensor, Vec<Tensor>, Vec<MoeStats>)> {
         let (embed, norm, head) = self.whole_model(ids, pos, "forward_shard")?;
         let mut x = embed.forward(ids)?;
-        let (logits, stats) = self.blocks_forward_with_stats(&mut x, pos, cache, train)?;
+        let blocks = 0..self.blocks.len();
+        let (logits, stats) = self.blocks_forward_with_stats(&mut x, blocks, pos, cache, train)?;
         let out = head.forward(&ops::rms_norm(&x, norm, self.cfg.rms_norm_eps)?)?;
         Ok((out, logits, stats))
     }
@@ -409,25 +517,25 @@ impl Mixtral {
         self.check_positions(pos + s)?;
         let (Some(embed), Some(norm), Some(head)) = (&self.embed, &self.norm, &self.lm_head) else {
             bail!(
-                "{what} needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
-                self.first_layer,
-                self.first_layer + self.blocks.len()
+                "{what} needs the whole model, but this is the pipeline stage of layers {:?}: use forward_stage",
+                self.chunks
             )
         };
         Ok((embed, norm, head))
     }
 
-    /// This stage's decoder layers on `x` (updated in place) at positions `pos..`: every
-    /// layer's router logits and routing statistics.
+    /// The decoder layers `blocks` (indices into this rank's) on `x` (updated in place) at
+    /// positions `pos..`: every layer's router logits and routing statistics.
     fn blocks_forward_with_stats(
         &self,
         x: &mut Tensor,
+        blocks: std::ops::Range<usize>,
         pos: usize,
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<(Vec<Tensor>, Vec<MoeStats>)> {
         let (mut logits, mut stats) = (Vec::new(), Vec::new());
-        for i in 0..self.blocks.len() {
+        for i in blocks {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let (y, routed) = self.block_forward(i, x, pos, layer_cache, train)?;
             *x = y;
@@ -457,7 +565,7 @@ impl Mixtral {
             return Ok((y, None));
         };
         tracing::debug!(
-            layer = self.first_layer + i,
+            layer = self.layers[i],
             tokens_per_expert = ?aux.stats.tokens_per_expert,
             max_over_mean = aux.stats.max_over_mean(),
             dropped = aux.stats.dropped,
@@ -702,14 +810,13 @@ impl Mixtral {
         }
         let (b, s) = mb.ids[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
+        let stages = self.stages(true);
+        let stages: Vec<&dyn Module> = stages.iter().map(|s| s as &dyn Module).collect();
         let out = mb.run(|| {
             candle_parallel::pipeline::run_step(
                 pp,
                 &self.schedule.schedule(pp.size(), micro_batches)?,
-                &[&MixtralStage {
-                    model: self,
-                    train: true,
-                }],
+                &stages,
                 vars,
                 &mb.ids,
                 (
@@ -772,8 +879,8 @@ impl Mixtral {
         pp: &Comm,
         recompute: Recompute,
     ) -> Result<BatchLosses> {
-        if pp.size() > 1 && self.schedule.kind().splits_backwards() {
-            return self.split_backward_train(sink, ids, targets, micro_batches, pp, recompute);
+        if pp.size() > 1 && self.schedule.kind().needs_whole_backward() {
+            return self.whole_backward_train(sink, ids, targets, micro_batches, pp, recompute);
         }
         if pp.size() > 1 {
             let stage = MixtralUnitStage {
@@ -830,10 +937,11 @@ impl Mixtral {
         Ok(out)
     }
 
-    /// [`Mixtral::train_grads`] on a schedule that splits backwards (zero-bubble): the stage's
-    /// whole backward ([`Mixtral::batch_grads`]: a unit-wise backward cannot be split), its
-    /// gradients handed to `sink` as one micro-batch's at the end.
-    fn split_backward_train(
+    /// [`Mixtral::train_grads`] on a schedule whose stages run their backward whole
+    /// ([`ScheduleKind::needs_whole_backward`]: zero-bubble splits each backward, interleaving
+    /// runs several chunks per rank): [`Mixtral::batch_grads`], its gradients handed to `sink`
+    /// as one micro-batch's at the end.
+    fn whole_backward_train(
         &self,
         sink: &mut dyn GradSink,
         ids: &Tensor,
@@ -843,7 +951,10 @@ impl Mixtral {
         recompute: Recompute,
     ) -> Result<BatchLosses> {
         if recompute == Recompute::Full {
-            bail!("--recompute full reruns each layer in a unit-wise backward, which the {} schedule cannot split into input- and weight-gradient steps: use --recompute selective or none with it, or the gpipe or 1f1b schedule", self.schedule.kind())
+            bail!("--recompute full reruns each layer in a unit-wise backward, which the {} schedule cannot run ({}): use --recompute selective or none with it, or the gpipe or 1f1b schedule", self.schedule.kind(), match self.schedule.kind() {
+                ScheduleKind::Interleaved => "it runs several chunks per rank, each backward whole",
+                _ => "it splits each backward into input- and weight-gradient steps",
+            })
         }
         let vars = sink.sink_vars();
         let g = ops::with_selective_recompute(recompute == Recompute::Selective, || {
@@ -975,7 +1086,7 @@ impl Mixtral {
                     (y, routed.map(|(l, _)| l))
                 }
             };
-            let prefix = format!("model.layers.{}.", self.first_layer + i);
+            let prefix = format!("model.layers.{}.", self.layers[i]);
             let mut total: Option<Tensor> = None;
             for (out, g) in [(Some(&y), seed.take()), (l.as_ref(), seeds_l[i].take())] {
                 if let (Some(out), Some(g)) = (out, g) {
@@ -1060,6 +1171,9 @@ pub struct MixtralUnitStage<'a> {
 impl UnitStage for MixtralUnitStage<'_> {
     fn forward_units<'s>(&'s self, input: &Tensor) -> Result<(Tensor, Box<dyn StageTape + 's>)> {
         let m = self.model;
+        if m.chunks.len() > 1 {
+            bail!("MixtralUnitStage runs one stage per rank, and this rank holds {} chunks ({:?}): run them through Mixtral::batch_grads (the interleaved schedule)", m.chunks.len(), m.chunks)
+        }
         // The previous stage's tensor as a variable: its gradient goes back (the first
         // stage's token ids have none).
         let input = match m.is_first_stage() && m.embed.is_some() {
@@ -1072,9 +1186,17 @@ impl UnitStage for MixtralUnitStage<'_> {
             s,
             p_in,
             f_in,
-        } = m.stage_in(input.tensor())?;
+        } = m.stage_in(0, input.tensor())?;
         let layers = m.layers_forward_units(&x0, self.recompute)?;
-        let out = m.stage_out(layers.output(), &layers.router_logits(), p_in, f_in, b, s)?;
+        let out = m.stage_out(
+            0,
+            layers.output(),
+            &layers.router_logits(),
+            p_in,
+            f_in,
+            b,
+            s,
+        )?;
         let tape = MixtralStageTape {
             model: m,
             input,
@@ -1150,7 +1272,7 @@ impl StageTape for MixtralStageTape<'_> {
         if let Some(g) = m.layers_backward_units(layers, seeds, sink)? {
             let x0 = match x0 {
                 Some(x0) => x0,
-                None => m.stage_in(input.tensor())?.x,
+                None => m.stage_in(0, input.tensor())?.x,
             };
             let mut store = ops::backward(&(x0 * g)?.sum_all()?)?;
             sink.add_store(&mut store)?;
@@ -1501,6 +1623,9 @@ impl ShardedMixtral {
     pub fn set_schedule(&mut self, kind: ScheduleKind) -> Result<()> {
         if kind.splits_backwards() {
             bail!("ZeRO 3 with pipeline stages runs each layer's backward whole (gather, backward, reduce-scatter), which the {kind} schedule would split: use gpipe or 1f1b, or ZeRO 0-2 with {kind}")
+        }
+        if kind == ScheduleKind::Interleaved {
+            bail!("ZeRO 3 builds one contiguous stage of sharded layers per pipeline rank, and the interleaved schedule needs several chunks per rank: use gpipe or 1f1b with --zero 3, or ZeRO 0-2 with --schedule interleaved")
         }
         self.schedule = ModelSchedule::new(kind, 1)?;
         Ok(())
@@ -1880,14 +2005,16 @@ impl MixtralModel {
 }
 
 /// A Mixtral pipeline stage as a [`Module`] (for `candle_parallel::pipeline::run_step`):
-/// [`Mixtral::forward_stage`] with or without training-time routing.
+/// chunk `chunk` of the model's ([`Mixtral::forward_chunk`]; 0 for a model of one stage) with
+/// or without training-time routing. [`Mixtral::stages`] gives every chunk's.
 pub struct MixtralStage<'a> {
     pub model: &'a Mixtral,
     pub train: bool,
+    pub chunk: usize,
 }
 
 impl Module for MixtralStage<'_> {
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
-        self.model.forward_stage(input, self.train)
+        self.model.forward_chunk(self.chunk, input, self.train)
     }
 }

@@ -664,7 +664,7 @@ pub fn check_layout(
         ScheduleKind::GPipe | ScheduleKind::OneFOneB | ScheduleKind::ZeroBubble
     ) {
         return Err(format!(
-            "the {} schedule needs several model chunks per rank, which the trainer does not build",
+            "the planner does not model the {} schedule (several chunks per rank) yet: plan with 1f1b",
             l.schedule
         ));
     }

@@ -27,6 +27,21 @@ impl ScheduleKind {
     pub fn splits_backwards(self) -> bool {
         self == Self::ZeroBubble
     }
+
+    /// Whether a stage's backward must run whole (the model's `batch_grads`), not unit by unit
+    /// into a gradient sink: zero-bubble splits it, interleaving runs several chunks per rank.
+    pub fn needs_whole_backward(self) -> bool {
+        matches!(self, Self::ZeroBubble | Self::Interleaved)
+    }
+
+    /// Model chunks per rank when `--chunks` is not given: 2 for interleaved (Megatron's
+    /// usual virtual pipeline size), 1 for the others.
+    pub fn default_chunks(self) -> usize {
+        match self {
+            Self::Interleaved => 2,
+            _ => 1,
+        }
+    }
 }
 
 impl fmt::Display for ScheduleKind {
@@ -72,11 +87,16 @@ type BuiltFor = (usize, usize, ActionCosts);
 /// assert!(s.measured_costs().is_none());
 /// let e = ModelSchedule::new(ScheduleKind::Interleaved, 1).unwrap_err().to_string();
 /// assert!(e.contains("chunks"), "{e}");
+/// // Two chunks per rank: interleaved 1F1B over 2 × 4 stages.
+/// let s = ModelSchedule::new(ScheduleKind::Interleaved, 2)?;
+/// assert_eq!(s.schedule(4, 6)?.stages(), 8);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 #[derive(Debug, Default)]
 pub struct ModelSchedule {
     kind: ScheduleKind,
+    /// Model chunks per rank (several only with [`ScheduleKind::Interleaved`]).
+    chunks: usize,
     measured: Mutex<Option<ActionCosts>>,
     /// The last schedule built, by (ranks, micro-batches, costs): zero-bubble's list
     /// scheduling runs once, not every step.
@@ -87,6 +107,7 @@ impl Clone for ModelSchedule {
     fn clone(&self) -> Self {
         Self {
             kind: self.kind,
+            chunks: self.chunks,
             measured: Mutex::new(*lock(&self.measured)),
             built: Mutex::new(lock(&self.built).clone()),
         }
@@ -98,10 +119,14 @@ impl ModelSchedule {
     /// several.
     pub fn new(kind: ScheduleKind, chunks: usize) -> Result<Self> {
         if kind == ScheduleKind::Interleaved && chunks < 2 {
-            bail!("the interleaved schedule runs several model chunks per pipeline rank, and this model holds {chunks} (one contiguous stage per rank): use gpipe, 1f1b or zero-bubble, or build several stages per rank (Mixtral::new_stage for each chunk) and run them with pipeline::run_step")
+            bail!("the interleaved schedule runs several model chunks per pipeline rank, and this model holds {chunks} (one contiguous stage per rank): use gpipe, 1f1b or zero-bubble, or build the model with several chunks per rank (--chunks 2, Mixtral::new_chunks with pipeline::rank_chunks)")
+        }
+        if kind != ScheduleKind::Interleaved && chunks != 1 {
+            bail!("the {kind} schedule runs one contiguous stage per pipeline rank, and this model holds {chunks} chunks per rank: use --schedule interleaved, or build one stage per rank (--chunks 1)")
         }
         Ok(Self {
             kind,
+            chunks,
             measured: Mutex::new(None),
             built: Mutex::new(None),
         })
@@ -109,6 +134,20 @@ impl ModelSchedule {
 
     pub fn kind(&self) -> ScheduleKind {
         self.kind
+    }
+
+    /// Model chunks per rank.
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+
+    /// A forward-only pass's schedule (evaluation) over `ranks` ranks: one micro-batch through
+    /// every stage, the chunks in turn when there are several.
+    pub fn forward_schedule(&self, ranks: usize, micro_batches: usize) -> Result<Schedule> {
+        match self.chunks {
+            1 => Schedule::gpipe(ranks, micro_batches),
+            v => Schedule::interleaved(ranks, v, micro_batches),
+        }
     }
 
     /// The zero-bubble costs measured so far (`None` before the first zero-bubble step).
@@ -137,9 +176,7 @@ impl ModelSchedule {
         match self.kind {
             ScheduleKind::GPipe => Schedule::gpipe(ranks, micro_batches),
             ScheduleKind::OneFOneB => Schedule::one_f_one_b(ranks, micro_batches),
-            ScheduleKind::Interleaved => bail!(
-                "the interleaved schedule needs several model chunks per rank: run the chunks with pipeline::run_step"
-            ),
+            ScheduleKind::Interleaved => Schedule::interleaved(ranks, self.chunks, micro_batches),
             ScheduleKind::ZeroBubble => Schedule::zero_bubble_with_costs(
                 ranks,
                 micro_batches,

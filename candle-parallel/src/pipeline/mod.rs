@@ -18,7 +18,8 @@
 //!   the costs measured in its first step.
 //! - [`PipelineSequential`]: an ordered list of layers cut into stages (uniformly, balanced by
 //!   weight, or at given boundaries), each rank building only its own.
-//! - [`split_layers`] / [`split_balanced`]: which layers each stage holds.
+//! - [`split_layers`] / [`split_balanced`]: which layers each stage holds; [`rank_chunks`]:
+//!   which stages a rank holds under the interleaved schedule.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Shape, Tensor, Var};
@@ -65,6 +66,6 @@ pub use executor::{
     StageTape, StashableStage, StepOutput, UnitStage,
 };
 pub use schedule::{
-    split_balanced, split_layers, Action, ActionCosts, Schedule, Simulation, Timed,
+    rank_chunks, split_balanced, split_layers, Action, ActionCosts, Schedule, Simulation, Timed,
 };
 pub use sequential::{PipelineSequential, SequentialChunk, StageSplit};

@@ -803,6 +803,41 @@ pub fn split_layers(layers: usize, stages: usize) -> Result<Vec<Range<usize>>> {
         .collect())
 }
 
+/// The layer ranges that rank `rank` of `ranks` holds when `layers` layers are split into
+/// `ranks × chunks` stages ([`split_layers`]) for the interleaved schedule: its chunk `c` is
+/// stage `c · ranks + rank` ([`Schedule::stage_of`]), so each rank holds every `ranks`-th
+/// stage (Megatron's virtual pipeline stages).
+///
+/// ```
+/// use candle_parallel::pipeline::rank_chunks;
+///
+/// // 8 layers, 2 ranks, 2 chunks each: rank 0 holds layers 0..2 and 4..6.
+/// assert_eq!(rank_chunks(8, 2, 2, 0)?, vec![0..2, 4..6]);
+/// assert_eq!(rank_chunks(8, 2, 2, 1)?, vec![2..4, 6..8]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn rank_chunks(
+    layers: usize,
+    ranks: usize,
+    chunks: usize,
+    rank: usize,
+) -> Result<Vec<Range<usize>>> {
+    if chunks == 0 || rank >= ranks {
+        bail!("rank_chunks: rank {rank} of {ranks} pipeline ranks with {chunks} chunks each: use a rank below the rank count and at least one chunk")
+    }
+    if ranks * chunks > layers {
+        bail!(
+            "{layers} layers cannot fill {ranks} pipeline ranks × {chunks} chunks = {} stages (every stage needs a layer): use fewer chunks per rank (at most {}) or a model with more layers",
+            ranks * chunks,
+            (layers / ranks).max(1)
+        )
+    }
+    let stages = split_layers(layers, ranks * chunks)?;
+    Ok((0..chunks)
+        .map(|c| stages[c * ranks + rank].clone())
+        .collect())
+}
+
 /// Splits layers of the given weights (parameter counts, say) into `stages` contiguous
 /// ranges whose largest total weight is as small as possible.
 pub fn split_balanced(weights: &[usize], stages: usize) -> Result<Vec<Range<usize>>> {
