@@ -185,3 +185,83 @@ fn configurations_that_cannot_be_split_fail_clearly() -> Result<()> {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// `Llama::batch_grads` on every pipeline schedule — GPipe, 1F1B, zero-bubble (its backwards
+/// split into input- and weight-gradient steps) and interleaved (two chunks of layers per
+/// rank) — with tensor parallelism inside the stages and as many or fewer micro-batches than
+/// stages, gives the loss and every gradient of one device's plain backward over the whole
+/// batch.
+#[test]
+fn every_schedule_gives_one_devices_gradients() -> Result<()> {
+    use candle_parallel::checkpoint::full_gradients_of;
+    use candle_parallel::pipeline::{rank_chunks, ScheduleKind};
+    use candle_parallel::MeshShape;
+    use std::collections::HashMap;
+
+    let mut cfg = LlamaConfig::tiny();
+    cfg.num_hidden_layers = 4;
+    let dir = checkpoint("schedules", &cfg)?;
+    let rows: Vec<Vec<u32>> = (0..4u32)
+        .map(|r| (0..6).map(|i| (r * 37 + i * 11 + 1) % 256).collect())
+        .collect();
+    let batch = || Tensor::new(rows.clone(), &Device::Cpu);
+    let (loss0, base) = launch(1, |ctx| {
+        let vb = ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+        let loss = Llama::new(&cfg, vb.clone(), ctx.comm())?.loss(&batch()?)?;
+        let grads = loss.backward()?;
+        Ok((
+            loss.to_scalar::<f32>()?,
+            full_gradients(&vb.params(), &grads, ctx.comm())?,
+        ))
+    })?
+    .remove(0);
+    for (kind, pp, tp, micro_batches) in [
+        (ScheduleKind::OneFOneB, 1, 1, 4),
+        (ScheduleKind::GPipe, 2, 1, 4),
+        (ScheduleKind::OneFOneB, 2, 2, 4),
+        (ScheduleKind::ZeroBubble, 2, 1, 4),
+        (ScheduleKind::ZeroBubble, 2, 2, 2),
+        (ScheduleKind::Interleaved, 2, 1, 4),
+        (ScheduleKind::Interleaved, 2, 2, 2),
+    ] {
+        let what = format!("{kind} pp={pp} tp={tp} m={micro_batches}");
+        let out = common::Launcher::new(pp * tp)
+            .mesh(MeshShape::new().pp(pp).tp(tp))
+            .run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb =
+                    ParallelVarBuilder::from_hf_dir(&dir, DType::F32, &Device::Cpu)?.trainable();
+                let chunks = rank_chunks(
+                    cfg.num_hidden_layers,
+                    pp,
+                    kind.default_chunks(),
+                    mesh.pp().rank(),
+                )?;
+                let mut m = Llama::new_chunks(&cfg, vb.clone(), mesh.tp(), &chunks)?;
+                m.set_schedule(kind)?;
+                let params = vb.params();
+                let vars: Vec<_> = params.iter().map(|p| p.var.clone()).collect();
+                let (grads, loss) = m.batch_grads(&vars, &batch()?, micro_batches, mesh.pp())?;
+                Ok((loss, full_gradients_of(&params, &grads, mesh.tp())?))
+            })?;
+        let mut got = HashMap::new();
+        for (r, (loss, grads)) in out.into_iter().enumerate() {
+            assert!(
+                (loss - loss0 as f64).abs() <= 1e-5 * loss0.abs() as f64,
+                "{what} rank {r}: loss {loss} vs {loss0}"
+            );
+            got.extend(grads);
+        }
+        assert_eq!(
+            got.len(),
+            base.len(),
+            "{what}: every parameter has a gradient"
+        );
+        for (name, g) in &base {
+            let e = max_rel_err(&got[name], g)?;
+            assert!(e <= 1e-4, "{what}: gradient of {name} differs by {e:e}");
+        }
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}

@@ -7,10 +7,11 @@
 //! inference with a KV cache.
 
 use crate::block::DecoderBlock;
-use candle_core::{bail, DType, Device, Module, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Module, Result, Shape, Tensor, Var, D};
 use candle_nn::Init;
 use candle_parallel::checkpoint::{ParallelVarBuilder, Placement};
 use candle_parallel::ops;
+use candle_parallel::pipeline::{run_step, split_batch, ModelSchedule, ScheduleKind};
 use candle_parallel::tensor_parallel::{
     column_parallel_linear, column_parallel_linear_no_bias, row_parallel_linear_no_bias,
     vocab_parallel_cross_entropy, vocab_parallel_embedding, ColumnParallelLinear,
@@ -192,6 +193,29 @@ pub(crate) fn lm_head(
 
 /// Whether a pipeline stage of decoder `layers` (of `n`) is the first and the last; an error
 /// naming `model` for an empty or out-of-range range.
+/// [`stage_ends`] of several chunks of one rank, checked increasing and disjoint: whether
+/// they start at the first layer and end at the last.
+pub(crate) fn chunk_ends(
+    model: &str,
+    chunks: &[std::ops::Range<usize>],
+    n: usize,
+) -> Result<(bool, bool)> {
+    let (Some(head), Some(tail)) = (chunks.first(), chunks.last()) else {
+        bail!("a {model} rank needs at least one chunk of its {n} layers, got none")
+    };
+    for c in chunks {
+        stage_ends(model, c, n)?;
+    }
+    if let Some(w) = chunks.windows(2).find(|w| w[0].end > w[1].start) {
+        bail!(
+            "{model} chunks {:?} and {:?} overlap or are out of order: pass increasing, disjoint layer ranges (pipeline::rank_chunks gives a rank's)",
+            w[0],
+            w[1]
+        )
+    }
+    Ok((head.start == 0, tail.end == n))
+}
+
 pub(crate) fn stage_ends(
     model: &str,
     layers: &std::ops::Range<usize>,
@@ -555,14 +579,18 @@ pub struct Llama {
     cfg: LlamaConfig,
     /// On the first stage; also on the last when the head is tied to it.
     embed: Option<VocabParallelEmbedding>,
-    /// Layers `first_layer..first_layer + blocks.len()`.
+    /// The layers of its chunks, in order.
     blocks: Vec<Block>,
-    first_layer: usize,
+    /// Its chunks' layer ranges, in order: one contiguous stage, or several chunks per rank
+    /// for the interleaved schedule ([`Llama::new_chunks`]).
+    chunks: Vec<std::ops::Range<usize>>,
     /// On the last stage.
     norm: Option<Tensor>,
     lm_head: Option<ColumnParallelLinear>,
     rope: (Tensor, Tensor),
     tp: Comm,
+    /// The pipeline schedule of its training steps (1F1B unless set).
+    schedule: ModelSchedule,
 }
 
 impl Llama {
@@ -583,8 +611,22 @@ impl Llama {
         tp: &Comm,
         layers: std::ops::Range<usize>,
     ) -> Result<Self> {
+        Self::new_chunks(cfg, vb, tp, &[layers])
+    }
+
+    /// Several pipeline stages on this rank ("chunks", Megatron's virtual stages) for the
+    /// interleaved schedule: the decoder layers of each range in `chunks` (increasing and
+    /// disjoint; `pipeline::rank_chunks` gives a rank's), the embedding when the first starts
+    /// at layer 0, the final norm and head when the last ends the model; [`Llama::stages`]
+    /// gives one pipeline stage per chunk.
+    pub fn new_chunks(
+        cfg: &LlamaConfig,
+        vb: ParallelVarBuilder,
+        tp: &Comm,
+        chunks: &[std::ops::Range<usize>],
+    ) -> Result<Self> {
         cfg.check()?;
-        let (first, last) = stage_ends("Llama", &layers, cfg.num_hidden_layers)?;
+        let (first, last) = chunk_ends("Llama", chunks, cfg.num_hidden_layers)?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         // Collective when KV heads are replicated: create the groups once, share them.
         let heads = TpHeads::new(cfg.num_attention_heads, cfg.num_kv_heads(), hd, tp)?;
@@ -597,8 +639,8 @@ impl Llama {
         }
         let m = vb.pp("model");
         let embed = stage_embedding(cfg, first, last, &vb, tp)?;
-        let mut blocks = Vec::with_capacity(layers.len());
-        for i in layers.clone() {
+        let mut blocks = Vec::new();
+        for i in chunks.iter().flat_map(|c| c.clone()) {
             let l = m.pp("layers").pp(i);
             let mlp = Mlp::new(h, cfg.intermediate_size, &l.pp("mlp"), tp)?;
             blocks.push(DecoderBlock::new(cfg, &heads, &l, tp, mlp)?);
@@ -609,17 +651,103 @@ impl Llama {
             cfg: cfg.clone(),
             embed: if first { embed } else { None },
             blocks,
-            first_layer: layers.start,
+            chunks: chunks.to_vec(),
             norm,
             lm_head,
             rope,
             tp: tp.clone(),
+            schedule: ModelSchedule::default(),
         })
+    }
+
+    /// The pipeline schedule of its training steps ([`Llama::batch_grads`]): GPipe, 1F1B (the
+    /// default) or zero-bubble (each backward split into its input- and weight-gradient
+    /// halves, planned for the costs measured in its first step) on a model of one stage per
+    /// rank; interleaved 1F1B on a model of several chunks ([`Llama::new_chunks`]).
+    pub fn set_schedule(&mut self, kind: ScheduleKind) -> Result<()> {
+        self.schedule = ModelSchedule::new(kind, self.chunks.len())?;
+        Ok(())
+    }
+
+    /// The layer ranges of its chunks (one for a plain pipeline stage).
+    pub fn chunks(&self) -> &[std::ops::Range<usize>] {
+        &self.chunks
+    }
+
+    /// Its pipeline stages as modules for `pipeline::run_step`, one per chunk in order.
+    pub fn stages(&self) -> Vec<LlamaChunk<'_>> {
+        (0..self.chunks.len())
+            .map(|chunk| LlamaChunk { model: self, chunk })
+            .collect()
+    }
+
+    /// The schedule setting (and zero-bubble's measured costs).
+    pub fn schedule(&self) -> &ModelSchedule {
+        &self.schedule
+    }
+
+    /// One training step's gradients (for `vars`, in their order) of the mean next-token
+    /// cross-entropy over `ids` (`[b, s]`, this rank's rows), and that loss: `micro_batches`
+    /// forward and backward passes, summed without synchronising, through the pipeline stages
+    /// of `pp` on its schedule ([`Llama::set_schedule`]) when it has several ranks (this model
+    /// being this rank's stage). Every rank of `pp` gets the loss; the gradients equal one
+    /// device's (tested for every schedule).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_parallel::checkpoint::ParallelVarBuilder;
+    /// use candle_parallel::pipeline::{split_layers, ScheduleKind};
+    /// use candle_parallel::{Launcher, MeshShape};
+    /// use candle_parallel_models::llama::{Llama, LlamaConfig};
+    ///
+    /// let cfg = LlamaConfig::tiny();
+    /// let losses = Launcher::new(2).mesh(MeshShape::new().pp(2)).run(|ctx| {
+    ///     let mesh = ctx.mesh()?;
+    ///     let vb = ParallelVarBuilder::from_init(0, DType::F32, &Device::Cpu).trainable();
+    ///     let layers = split_layers(cfg.num_hidden_layers, 2)?[mesh.pp().rank()].clone();
+    ///     let mut m = Llama::new_stage(&cfg, vb.clone(), mesh.tp(), layers)?;
+    ///     m.set_schedule(ScheduleKind::ZeroBubble)?;
+    ///     let vars: Vec<_> = vb.params().iter().map(|p| p.var.clone()).collect();
+    ///     let ids = Tensor::new(&[[1u32, 2, 3, 4], [5, 6, 7, 8]], &Device::Cpu)?;
+    ///     let (grads, loss) = m.batch_grads(&vars, &ids, 2, mesh.pp())?;
+    ///     assert!(grads.iter().all(|g| g.is_some()));
+    ///     Ok(loss)
+    /// })?;
+    /// assert_eq!(losses[0], losses[1]);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn batch_grads(
+        &self,
+        vars: &[Var],
+        ids: &Tensor,
+        micro_batches: usize,
+        pp: &Comm,
+    ) -> Result<(Vec<Option<Tensor>>, f64)> {
+        check_next_token_ids(ids)?;
+        let mbs = split_batch(ids, micro_batches)?;
+        let (b, s) = mbs[0].dims2()?;
+        let stages = self.stages();
+        let stages: Vec<&dyn Module> = stages.iter().map(|s| s as &dyn Module).collect();
+        let out = run_step(
+            pp,
+            &self.schedule.schedule(pp.size(), micro_batches)?,
+            &stages,
+            vars,
+            &mbs,
+            (
+                &Shape::from((b, s, self.cfg.hidden_size)),
+                self.rope.0.dtype(),
+            ),
+            &|i, y| self.loss_of_logits(y, &mbs[i]),
+        )?;
+        // Every rank that meets this one inside a stage (tp) plans the same order.
+        self.schedule.observe(&[pp, &self.tp], &out.executed)?;
+        Ok((out.grads, out.loss as f64))
     }
 
     /// Whether this stage starts at the first layer (takes token ids).
     pub fn is_first_stage(&self) -> bool {
-        self.first_layer == 0
+        self.chunks[0].start == 0
     }
 
     /// Whether this stage ends with the head (gives logits).
@@ -633,10 +761,41 @@ impl Llama {
         &self,
         input: &Tensor,
         pos: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        if self.chunks.len() > 1 {
+            bail!(
+                "forward_stage: this rank holds {} chunks ({:?}): run each with forward_chunk (Llama::stages gives them as pipeline stages)",
+                self.chunks.len(),
+                self.chunks
+            )
+        }
+        self.chunk_forward(0, input, pos, cache)
+    }
+
+    /// [`Llama::forward_stage`] of chunk `c` of this rank's chunks (positions from 0).
+    pub fn forward_chunk(&self, c: usize, input: &Tensor) -> Result<Tensor> {
+        if c >= self.chunks.len() {
+            bail!(
+                "forward_chunk: chunk {c} asked of a rank holding {} ({:?})",
+                self.chunks.len(),
+                self.chunks
+            )
+        }
+        self.chunk_forward(c, input, 0, None)
+    }
+
+    fn chunk_forward(
+        &self,
+        c: usize,
+        input: &Tensor,
+        pos: usize,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let start: usize = self.chunks[..c].iter().map(|r| r.len()).sum();
+        let blocks = start..start + self.chunks[c].len();
         let mut x = match &self.embed {
-            Some(e) if self.is_first_stage() => {
+            Some(e) if self.chunks[c].start == 0 => {
                 let (_, s) = input.dims2()?;
                 if pos + s > self.cfg.max_position_embeddings {
                     bail!(
@@ -650,14 +809,15 @@ impl Llama {
             _ => input.clone(),
         };
         let eps = self.cfg.rms_norm_eps;
-        for (i, b) in self.blocks.iter().enumerate() {
+        for i in blocks {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            (x, ()) = b.forward(&x, pos, &self.rope, layer_cache, eps, |mlp, n| {
+            (x, ()) = self.blocks[i].forward(&x, pos, &self.rope, layer_cache, eps, |mlp, n| {
                 Ok((mlp.forward(n)?, ()))
             })?;
         }
+        let last = self.chunks[c].end == self.cfg.num_hidden_layers;
         match (&self.norm, &self.lm_head) {
-            (Some(norm), Some(head)) => head.forward(&ops::rms_norm(&x, norm, eps)?),
+            (Some(norm), Some(head)) if last => head.forward(&ops::rms_norm(&x, norm, eps)?),
             _ => Ok(x),
         }
     }
@@ -678,9 +838,8 @@ impl Llama {
     fn whole(&self, what: &str) -> Result<()> {
         if !self.is_first_stage() || !self.is_last_stage() {
             bail!(
-                "{what} needs the whole model, but this is the pipeline stage of layers {}..{}: use forward_stage",
-                self.first_layer,
-                self.first_layer + self.blocks.len()
+                "{what} needs the whole model, but this is the pipeline stage of layers {:?}: use forward_stage",
+                self.chunks
             )
         }
         Ok(())
@@ -727,5 +886,18 @@ impl Llama {
 impl Module for Llama {
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
         self.forward_stage(input, 0, None)
+    }
+}
+
+/// One chunk of a [`Llama`] as a pipeline stage (for `pipeline::run_step`):
+/// [`Llama::forward_chunk`]. [`Llama::stages`] gives every chunk's.
+pub struct LlamaChunk<'a> {
+    pub model: &'a Llama,
+    pub chunk: usize,
+}
+
+impl Module for LlamaChunk<'_> {
+    fn forward(&self, input: &Tensor) -> Result<Tensor> {
+        self.model.forward_chunk(self.chunk, input)
     }
 }

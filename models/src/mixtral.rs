@@ -12,7 +12,7 @@
 
 use crate::block::{DecoderBlock, Ffn};
 use crate::llama::{
-    check_next_token_ids, next_token_loss, rope_tables, stage_embedding, stage_ends,
+    check_next_token_ids, chunk_ends, next_token_loss, rope_tables, stage_embedding, stage_ends,
     stage_norm_and_head, KvCache, IGNORE_INDEX,
 };
 pub use crate::moe_config::{MixtralConfig, MoeFamily};
@@ -146,21 +146,7 @@ impl Mixtral {
         chunks: &[std::ops::Range<usize>],
     ) -> Result<Self> {
         cfg.check()?;
-        let n = cfg.num_hidden_layers;
-        let (Some(head_chunk), Some(tail_chunk)) = (chunks.first(), chunks.last()) else {
-            bail!("Mixtral::new_chunks: no layer range given: pass at least one chunk of its {n} layers")
-        };
-        for c in chunks {
-            stage_ends("Mixtral", c, n)?;
-        }
-        if let Some(w) = chunks.windows(2).find(|w| w[0].end > w[1].start) {
-            bail!(
-                "Mixtral::new_chunks: chunks {:?} and {:?} overlap or are out of order: pass increasing, disjoint layer ranges (pipeline::rank_chunks gives a rank's)",
-                w[0],
-                w[1]
-            )
-        }
-        let (first, last) = (head_chunk.start == 0, tail_chunk.end == n);
+        let (first, last) = chunk_ends("Mixtral", chunks, cfg.num_hidden_layers)?;
         let layers: Vec<usize> = chunks.iter().flat_map(|c| c.clone()).collect();
         let lcfg = cfg.as_llama();
         let heads = TpHeads::new(
