@@ -265,3 +265,73 @@ fn every_schedule_gives_one_devices_gradients() -> Result<()> {
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
+
+/// `llama train` (the trainer's AdamW steps with clipping) under dp × pp × tp, ZeRO 1-2 and
+/// every schedule writes the parameters and losses one device writes; a schedule the model
+/// cannot run is refused before any rank starts, saying what to change.
+#[test]
+fn llama_train_matches_one_device_at_every_layout() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("cp-llama-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let run = |args: &[&str]| -> std::process::Output {
+        std::process::Command::new(common::example_path("llama"))
+            .args(["train", "--layers", "4", "--micro-batches", "4"])
+            .args(args)
+            .arg("--out")
+            .arg(dir.join("out.safetensors"))
+            .output()
+            .expect("runs the llama example")
+    };
+    let trained = |args: &[&str]| -> Result<std::collections::HashMap<String, Tensor>> {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        candle_core::safetensors::load(dir.join("out.safetensors"), &Device::Cpu)
+    };
+    let base = trained(&[])?;
+    for args in [
+        &["--pp", "2", "--schedule", "zero-bubble"][..],
+        &["--pp", "2", "--schedule", "interleaved", "--tp", "2"],
+        &[
+            "--pp",
+            "2",
+            "--schedule",
+            "gpipe",
+            "--dp",
+            "2",
+            "--zero",
+            "1",
+        ],
+        &["--dp", "2", "--tp", "2", "--zero", "2"],
+    ] {
+        let got = trained(args)?;
+        assert_eq!(got.len(), base.len(), "{args:?}");
+        for (name, want) in &base {
+            let e = max_rel_err(&got[name], want)?;
+            assert!(e <= 1e-4, "{args:?}: {name} differs by {e:e}");
+        }
+    }
+    for (args, want) in [
+        (
+            &["--pp", "2", "--chunks", "2"][..],
+            "--schedule interleaved",
+        ),
+        (
+            &["--pp", "4", "--schedule", "interleaved"],
+            "use fewer chunks",
+        ),
+        (&["--zero", "3"], "ZeRO 0, 1 or 2"),
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(dir)?;
+    Ok(())
+}
