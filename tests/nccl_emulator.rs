@@ -410,3 +410,103 @@ fn grouped_exchanges_with_both_neighbours_deliver_in_order() {
         }
     }
 }
+
+/// The second stream: a group of several ranks enqueues on a communication stream of its own,
+/// each operation first waiting (on the device) for the compute stream's work so far; a
+/// blocking call has the compute stream wait for it at once, an asynchronous one
+/// (`Comm::all_reduce_async`) only where its `Work` is waited for, or dropped — so that
+/// compute enqueued in between overlaps it. Every rank of the whole emulated suite is checked
+/// against the same rule (work on the communication stream after the compute stream's).
+#[test]
+fn overlapped_work_goes_on_the_communication_stream_and_compute_waits_only_for_its_result() {
+    use common::nccl_emulator::StreamCall;
+    let out = world(2, false, Duration::from_secs(60), |rank, comm| {
+        HostNccl::take_trace();
+        let compute = HostNccl::compute_stream();
+        let x = Tensor::new(&[rank as f32 + 1.0, 2.0], &Device::Cpu)?;
+        let work = comm.all_reduce_async(&x, ReduceOp::Sum);
+        let started = HostNccl::take_trace();
+        let y = comm.all_reduce(&x, ReduceOp::Sum)?;
+        let blocking = HostNccl::take_trace();
+        let r = work.wait()?;
+        let waited = HostNccl::take_trace();
+        drop(comm.all_reduce_async(&x, ReduceOp::Max));
+        let dropped = HostNccl::take_trace();
+        Ok((
+            compute,
+            started,
+            blocking,
+            waited,
+            dropped,
+            r.to_vec1::<f32>()?,
+            y.to_vec1::<f32>()?,
+        ))
+    });
+    for (rank, r) in out.into_iter().enumerate() {
+        let (compute, started, blocking, waited, dropped, r, y) = r.unwrap();
+        assert_eq!((r, y), (vec![3.0, 4.0], vec![3.0, 4.0]), "rank {rank}");
+        // The asynchronous all-reduce: on another stream, after a wait for the compute stream.
+        let work_at = |t: &[StreamCall], what: &str| {
+            t.iter()
+                .position(|c| matches!(c, StreamCall::Work { what: w, .. } if w == what))
+        };
+        let i = work_at(&started, "all_reduce").expect("the all-reduce was enqueued");
+        let StreamCall::Work {
+            stream: comm_stream,
+            ..
+        } = started[i].clone()
+        else {
+            unreachable!()
+        };
+        assert_ne!(
+            comm_stream, compute,
+            "rank {rank}: enqueued on the compute stream"
+        );
+        let waits = |t: &[StreamCall], stream: usize, on: usize| -> Vec<u64> {
+            t.iter()
+                .filter_map(|c| match c {
+                    StreamCall::Wait {
+                        stream: s,
+                        on: o,
+                        seq,
+                    } if *s == stream && *o == on => Some(*seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(
+            started[..i].iter().any(
+                |c| matches!(c, StreamCall::Wait { stream, on, .. } if *stream == comm_stream && *on == compute)
+            ),
+            "rank {rank}: the communication stream did not wait for the compute stream first: {started:?}"
+        );
+        assert!(
+            waits(&started, compute, comm_stream).is_empty(),
+            "rank {rank}: the compute stream waits for an operation nobody waited for yet: {started:?}"
+        );
+        // The blocking all-reduce: the same stream (the group's order), then the compute
+        // stream waits for it at once.
+        let j = work_at(&blocking, "all_reduce").expect("the blocking all-reduce");
+        assert!(matches!(&blocking[j], StreamCall::Work { stream, .. } if *stream == comm_stream));
+        let after = waits(&blocking[j..], compute, comm_stream);
+        assert_eq!(after.len(), 1, "rank {rank}: {blocking:?}");
+        // Waiting for the asynchronous work: the compute stream waits for its done event.
+        assert_eq!(
+            waits(&waited, compute, comm_stream).len(),
+            1,
+            "rank {rank}: {waited:?}"
+        );
+        assert!(
+            waited.iter().all(|c| matches!(c, StreamCall::Wait { .. })),
+            "{waited:?}"
+        );
+        // A dropped work still orders the compute stream after it.
+        let k = work_at(&dropped, "all_reduce").expect("the dropped all-reduce");
+        assert_eq!(
+            waits(&dropped[k..], compute, comm_stream).len(),
+            1,
+            "{dropped:?}"
+        );
+    }
+    assert_no_violations();
+}

@@ -51,8 +51,13 @@ impl Launcher {
                 );
                 f(ctx)
             };
-            self.0
-                .run_on_engine::<nccl_emulator::HostNccl, T, _>(|_| Ok(Device::Cpu), &on_engine)
+            let out = self
+                .0
+                .run_on_engine::<nccl_emulator::HostNccl, T, _>(|_| Ok(Device::Cpu), &on_engine);
+            // NCCL's rules (stream order included) kept by every run so far.
+            let broken = nccl_emulator::HostNccl::violations();
+            assert!(broken.is_empty(), "NCCL usage rules broken: {broken:#?}");
+            out
         } else {
             self.0.run(f)
         }

@@ -3,9 +3,15 @@
 //! without GPUs. It is not a user-facing backend.
 //!
 //! What it reproduces, where NCCL differs from the local backend:
-//! - **streams**: each thread has one stream, a worker thread that runs the enqueued work in
-//!   order; a call returns once its work is enqueued, and an event is done once the work before
-//!   it is;
+//! - **streams**: each thread has one stream (its compute stream), and a communicator may make
+//!   more (`new_stream`); each is a worker thread that runs the enqueued work in order; a call
+//!   returns once its work is enqueued, an event is done once the work before it is, and a
+//!   stream made to wait for an event (`wait_event`) runs nothing after that point before it;
+//! - **stream order**: work enqueued on a stream other than the calling thread's compute
+//!   stream must come after a wait for everything the compute stream holds at that moment (or
+//!   it could read inputs not yet written): a violation otherwise; each thread's stream calls
+//!   are traced ([`HostNccl::take_trace`]) for the tests to check where the compute stream
+//!   waits;
 //! - **non-blocking communicators**: joining a world answers `InProgress` until every rank
 //!   arrived; `async_error` reports it, and an injected background error;
 //! - **point-to-point**: an ungrouped send or receive occupies its stream until the peer posts
@@ -17,7 +23,8 @@
 //! - **abort** releases the work waiting on the communicator, which reports failure;
 //! - **misuse** that NCCL forbids is recorded, and [`HostNccl::violations`] lists it: a
 //!   communicator used by two threads at once, used after its abort, or called while a
-//!   previous call of its is still `InProgress`.
+//!   previous call of its is still `InProgress`; work on a communication stream not ordered
+//!   after the compute stream.
 #![allow(dead_code)]
 
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -28,8 +35,8 @@ use candle_parallel::comm::nccl_engine::{Addr, NcclApi, Status};
 use candle_parallel::ReduceOp;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::ThreadId;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,40 +58,92 @@ struct StreamState {
     closed: bool,
 }
 
-/// One thread's stream: a worker thread running its jobs in order.
+/// A stream: a worker thread running its jobs in order.
 #[derive(Default)]
 pub struct EmuStream {
+    /// Unique in the process (for traces and messages).
+    pub id: usize,
     state: Mutex<StreamState>,
     cv: Condvar,
+    /// Per other stream (by id), the most of its work this one was made to wait for.
+    waited_for: Mutex<HashMap<usize, u64>>,
+}
+
+/// What a thread did to its streams, in order ([`HostNccl::take_trace`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamCall {
+    /// An NCCL call's (or copy's) work enqueued on the stream.
+    Work { stream: usize, what: String },
+    /// The stream made to wait for the first `seq` jobs of stream `on`.
+    Wait { stream: usize, on: usize, seq: u64 },
 }
 
 impl EmuStream {
     fn start() -> Arc<Self> {
-        let s = Arc::new(Self::default());
-        let w = s.clone();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let s = Arc::new(Self {
+            id: NEXT.fetch_add(1, Ordering::SeqCst),
+            ..Self::default()
+        });
+        // The worker holds the stream weakly: a stream nobody holds any more (a dropped
+        // communicator's) ends its worker once its queue is empty.
+        let w: Weak<Self> = Arc::downgrade(&s);
         std::thread::Builder::new()
             .name("emulated-stream".into())
             .spawn(move || loop {
+                let Some(me) = w.upgrade() else { return };
                 let job = {
-                    let mut st = lock(&w.state);
+                    let mut st = lock(&me.state);
                     loop {
                         if let Some(j) = st.jobs.pop_front() {
-                            break j;
+                            break Some(j);
                         }
                         if st.closed {
                             return;
                         }
-                        st = w.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                        let (g, t) = me
+                            .cv
+                            .wait_timeout(st, std::time::Duration::from_millis(50))
+                            .unwrap_or_else(|e| e.into_inner());
+                        st = g;
+                        if t.timed_out() {
+                            break None; // let go of the stream, look again
+                        }
                     }
                 };
+                let Some(job) = job else { continue };
                 if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
                     violation(format!("an emulated stream job panicked: {p:?}"));
                 }
-                lock(&w.state).completed += 1;
-                w.cv.notify_all();
+                lock(&me.state).completed += 1;
+                me.cv.notify_all();
             })
             .expect("cannot start an emulated stream");
         s
+    }
+
+    /// Enqueues an NCCL call's work: traced, and checked to come after the calling thread's
+    /// compute stream's work when it goes on another stream.
+    fn enqueue_work(self: &Arc<Self>, what: &str, job: Job) -> u64 {
+        let compute = this_stream();
+        if compute.id != self.id {
+            let waited = lock(&self.waited_for)
+                .get(&compute.id)
+                .copied()
+                .unwrap_or(0);
+            let pending = compute.enqueued();
+            if waited < pending {
+                violation(format!(
+                    "{what} enqueued on stream {} after waiting for {waited} of the {pending} jobs of the compute stream {}: its inputs may not be written yet",
+                    self.id, compute.id
+                ));
+            }
+        }
+        trace(StreamCall::Work {
+            stream: self.id,
+            what: what.to_string(),
+        });
+        self.enqueue(job)
     }
 
     fn enqueue(&self, job: Job) -> u64 {
@@ -121,10 +180,17 @@ impl Drop for StreamOwner {
     }
 }
 
+fn trace(call: StreamCall) {
+    TRACE.with(|t| t.borrow_mut().push(call));
+}
+
 thread_local! {
     static STREAM: StreamOwner = StreamOwner(EmuStream::start());
-    /// Depth of `group_start` and the calls collected in the open group.
-    static GROUP: RefCell<(usize, Vec<P2pOp>)> = const { RefCell::new((0, Vec::new())) };
+    /// This thread's stream calls ([`HostNccl::take_trace`]).
+    static TRACE: RefCell<Vec<StreamCall>> = const { RefCell::new(Vec::new()) };
+    /// Depth of `group_start`, the calls collected in the open group and their stream.
+    static GROUP: RefCell<(usize, Vec<P2pOp>, Option<Arc<EmuStream>>)> =
+        const { RefCell::new((0, Vec::new(), None)) };
 }
 
 fn this_stream() -> Arc<EmuStream> {
@@ -308,6 +374,16 @@ impl HostNccl {
     /// NCCL rules broken so far, by any test in this process.
     pub fn violations() -> Vec<String> {
         lock(violations()).clone()
+    }
+
+    /// This thread's stream calls since the last take, in order.
+    pub fn take_trace() -> Vec<StreamCall> {
+        TRACE.with(|t| std::mem::take(&mut *t.borrow_mut()))
+    }
+
+    /// The id of this thread's (compute) stream.
+    pub fn compute_stream() -> usize {
+        this_stream().id
     }
 }
 
@@ -573,6 +649,13 @@ fn enqueue_p2p(op: P2pOp, stream: &Arc<EmuStream>) -> Status {
         let mut g = g.borrow_mut();
         if g.0 > 0 {
             g.1.push(op);
+            match &g.2 {
+                Some(s) if s.id != stream.id => violation(format!(
+                    "one NCCL group's calls on two streams ({} and {})",
+                    s.id, stream.id
+                )),
+                _ => g.2 = Some(stream.clone()),
+            }
             true
         } else {
             false
@@ -581,7 +664,7 @@ fn enqueue_p2p(op: P2pOp, stream: &Arc<EmuStream>) -> Status {
     if grouped {
         return Status::Success;
     }
-    stream.enqueue(Box::new(move || run_p2p(vec![op])));
+    stream.enqueue_work("p2p", Box::new(move || run_p2p(vec![op])));
     enqueued(&comm(op.comm))
 }
 
@@ -599,7 +682,7 @@ fn enqueue_collective(
         return Status::Failed("emulator: collectives inside a group are not emulated".into());
     }
     let c = me.clone();
-    stream.enqueue(Box::new(move || run_collective(c, kind, send, recv)));
+    stream.enqueue_work(what, Box::new(move || run_collective(c, kind, send, recv)));
     enqueued(&me)
 }
 
@@ -706,19 +789,19 @@ impl NcclApi for HostNccl {
     }
 
     fn group_end() -> Status {
-        let ops = GROUP.with(|g| {
+        let (ops, stream) = GROUP.with(|g| {
             let mut g = g.borrow_mut();
             g.0 -= 1;
             if g.0 == 0 {
-                std::mem::take(&mut g.1)
+                (std::mem::take(&mut g.1), g.2.take())
             } else {
-                Vec::new()
+                (Vec::new(), None)
             }
         });
-        let Some(first) = ops.first().map(|o| o.comm) else {
+        let (Some(first), Some(stream)) = (ops.first().map(|o| o.comm), stream) else {
             return Status::Success;
         };
-        this_stream().enqueue(Box::new(move || run_p2p(ops)));
+        stream.enqueue_work("grouped p2p", Box::new(move || run_p2p(ops)));
         enqueued(&comm(first))
     }
 
@@ -870,6 +953,31 @@ impl NcclApi for HostNccl {
         }
     }
 
+    fn new_stream(device: &Device) -> Result<Arc<EmuStream>> {
+        match device {
+            Device::Cpu => Ok(EmuStream::start()),
+            other => {
+                candle_core::bail!("new_stream: the emulator moves CPU tensors, got {other:?}")
+            }
+        }
+    }
+
+    fn wait_event(stream: &Arc<EmuStream>, (on, seq): &(Arc<EmuStream>, u64)) -> Result<()> {
+        if on.id != stream.id {
+            let mut w = lock(&stream.waited_for);
+            let e = w.entry(on.id).or_insert(0);
+            *e = (*e).max(*seq);
+        }
+        trace(StreamCall::Wait {
+            stream: stream.id,
+            on: on.id,
+            seq: *seq,
+        });
+        let (on, seq) = (on.clone(), *seq);
+        stream.enqueue(Box::new(move || on.wait_for(seq)));
+        Ok(())
+    }
+
     fn bind(_: &Arc<EmuStream>) -> Result<()> {
         Ok(())
     }
@@ -911,9 +1019,12 @@ impl NcclApi for HostNccl {
     }
 
     unsafe fn copy(dst: Addr, src: Addr, bytes: usize, stream: &Arc<EmuStream>) -> Result<()> {
-        stream.enqueue(Box::new(move || unsafe {
-            bytes_mut(dst, bytes).copy_from_slice(self::bytes(src, bytes))
-        }));
+        stream.enqueue_work(
+            "copy",
+            Box::new(move || unsafe {
+                bytes_mut(dst, bytes).copy_from_slice(self::bytes(src, bytes))
+            }),
+        );
         Ok(())
     }
 

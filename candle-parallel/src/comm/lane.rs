@@ -40,6 +40,12 @@ pub struct Work<T> {
 
 enum WorkState<T> {
     Done(Result<T>),
+    /// Enqueued on a device stream of the backend's own ([`crate::comm::Backend::begin_async`]):
+    /// the compute stream waits for the fence first.
+    Fenced {
+        result: Result<T>,
+        fence: Option<Box<dyn Fence>>,
+    },
     Pending {
         rx: mpsc::Receiver<Result<T>>,
         what: String,
@@ -54,10 +60,24 @@ impl<T> Work<T> {
         }
     }
 
-    /// Waits for the operation and returns its result.
+    /// An operation enqueued on a device stream: `fence` orders the caller's work after it.
+    pub(crate) fn fenced(result: Result<T>, fence: Option<Box<dyn Fence>>) -> Self {
+        Self {
+            state: WorkState::Fenced { result, fence },
+        }
+    }
+
+    /// Waits for the operation and returns its result. On NCCL the host does not wait: the
+    /// compute stream is made to wait (on the device) for the communication stream's work.
     pub fn wait(self) -> Result<T> {
         match self.state {
             WorkState::Done(r) => r,
+            WorkState::Fenced { result, fence } => {
+                if let Some(fence) = fence {
+                    fence.wait()?;
+                }
+                result
+            }
             WorkState::Pending { rx, what } => rx.recv().unwrap_or_else(|_| {
                 Err(candle_core::Error::Msg(format!(
                     "{what}: the communication lane stopped before the operation finished"
@@ -65,6 +85,15 @@ impl<T> Work<T> {
             }),
         }
     }
+}
+
+/// What the caller's device work must be ordered after before it uses an asynchronous
+/// operation's results (a CUDA event on the communication stream, waited for by the compute
+/// stream). Dropped without [`Fence::wait`], it still orders the work.
+pub trait Fence: Send {
+    /// Orders the caller's later device work after the operations (on the device; the host
+    /// goes on at once).
+    fn wait(self: Box<Self>) -> Result<()>;
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -30,7 +30,7 @@ pub mod nccl;
 pub mod nccl_engine;
 
 pub use error::CommError;
-pub use lane::Work;
+pub use lane::{Fence, Work};
 
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::shape::Dim;
@@ -305,6 +305,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Marks the group (and, for the local backend, the whole job) as failed because of this
     /// rank, so that no other rank waits forever for it.
     fn abort(&self, reason: &str);
+    /// Starts running this thread's operations on the group on the backend's own
+    /// communication stream without ordering the caller's work after them (what
+    /// [`Comm::start`] does on NCCL): `false`, the default, where the backend has none (the
+    /// CPU's lane thread then runs them).
+    fn begin_async(&self) -> bool {
+        false
+    }
+    /// Ends what [`Backend::begin_async`] started: what the caller's work must be ordered
+    /// after before it uses the operations' results (`None`: nothing to wait for).
+    fn end_async(&self) -> Option<Box<dyn Fence>> {
+        None
+    }
 }
 
 /// A handle for one rank of one communication group: cheap to clone, shareable across threads.
@@ -382,8 +394,9 @@ impl Comm {
 
     /// Starts `f` on this rank's communication lane for the group and returns at once: on the
     /// CPU a thread of the rank's runs the group's operations one after the other in the order
-    /// they were started, while the caller computes; on CUDA `f` runs here (NCCL calls return
-    /// once enqueued). `f` gets a handle that runs its calls directly. Every rank of the group
+    /// they were started, while the caller computes; on NCCL `f` runs here, its operations
+    /// enqueued on the group's communication stream, which the compute stream waits for (on
+    /// the device, with an event) only where the work is waited for ([`Work::wait`]). `f` gets a handle that runs its calls directly. Every rank of the group
     /// must start the same operations in the same order, as with blocking calls; a blocking
     /// call on the group first waits for the operations started before it. `what` names the
     /// operation in errors. With [`set_overlap`]`(false)` it runs here too.
@@ -413,6 +426,23 @@ impl Comm {
             // Behind whatever a lane started before the switch.
             self.drain();
             return Work::done(f(&direct));
+        }
+        if self.backend.begin_async() {
+            // NCCL: enqueued on the group's communication stream here, waited for by the
+            // compute stream where the caller waits for the work.
+            struct Scope<'a>(Option<&'a dyn Backend>);
+            impl Drop for Scope<'_> {
+                fn drop(&mut self) {
+                    // `f` panicked: close the scope (its fence orders the stream as dropped).
+                    if let Some(b) = self.0 {
+                        drop(b.end_async());
+                    }
+                }
+            }
+            let mut scope = Scope(Some(self.backend.as_ref()));
+            let result = f(&direct);
+            scope.0 = None;
+            return Work::fenced(result, self.backend.end_async());
         }
         match self.lane() {
             Some(lane) => lane.submit(what, move || f(&direct)),

@@ -170,6 +170,16 @@ fn cu(stream: &Arc<CudaStream>) -> sys::cudaStream_t {
     stream.cu_stream() as sys::cudaStream_t
 }
 
+/// One NCCL call that enqueues on `stream`: `f` gets the raw communicator and stream, and its
+/// result becomes a [`Status`] with NCCL's message.
+fn enqueue(
+    comm: RawComm,
+    stream: &Arc<CudaStream>,
+    f: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
+) -> Status {
+    status(f(comm.0, cu(stream)), comm.0)
+}
+
 impl NcclApi for CudaNccl {
     type Comm = RawComm;
     type Storage = CudaStorage;
@@ -264,16 +274,9 @@ impl NcclApi for CudaNccl {
         let Some(t) = reduce_type(dtype) else {
             return Status::Failed(format!("NCCL does not reduce {dtype:?}"));
         };
-        let r = sys::ncclAllReduce(
-            send as _,
-            recv as _,
-            count,
-            t,
-            reduce_op(op),
-            comm.0,
-            cu(stream),
-        );
-        status(r, comm.0)
+        enqueue(comm, stream, |c, s| {
+            sys::ncclAllReduce(send as _, recv as _, count, t, reduce_op(op), c, s)
+        })
     }
 
     unsafe fn all_gather(
@@ -283,10 +286,9 @@ impl NcclApi for CudaNccl {
         bytes: usize,
         stream: &Arc<CudaStream>,
     ) -> Status {
-        status(
-            sys::ncclAllGather(send as _, recv as _, bytes, BYTES, comm.0, cu(stream)),
-            comm.0,
-        )
+        enqueue(comm, stream, |c, s| {
+            sys::ncclAllGather(send as _, recv as _, bytes, BYTES, c, s)
+        })
     }
 
     unsafe fn reduce_scatter(
@@ -301,16 +303,9 @@ impl NcclApi for CudaNccl {
         let Some(t) = reduce_type(dtype) else {
             return Status::Failed(format!("NCCL does not reduce {dtype:?}"));
         };
-        let r = sys::ncclReduceScatter(
-            send as _,
-            recv as _,
-            recv_count,
-            t,
-            reduce_op(op),
-            comm.0,
-            cu(stream),
-        );
-        status(r, comm.0)
+        enqueue(comm, stream, |c, s| {
+            sys::ncclReduceScatter(send as _, recv as _, recv_count, t, reduce_op(op), c, s)
+        })
     }
 
     unsafe fn broadcast(
@@ -321,16 +316,9 @@ impl NcclApi for CudaNccl {
         root: usize,
         stream: &Arc<CudaStream>,
     ) -> Status {
-        let r = sys::ncclBroadcast(
-            send as _,
-            recv as _,
-            bytes,
-            BYTES,
-            root as c_int,
-            comm.0,
-            cu(stream),
-        );
-        status(r, comm.0)
+        enqueue(comm, stream, |c, s| {
+            sys::ncclBroadcast(send as _, recv as _, bytes, BYTES, root as c_int, c, s)
+        })
     }
 
     unsafe fn send(
@@ -340,10 +328,9 @@ impl NcclApi for CudaNccl {
         peer: usize,
         stream: &Arc<CudaStream>,
     ) -> Status {
-        status(
-            sys::ncclSend(buf as _, bytes, BYTES, peer as c_int, comm.0, cu(stream)),
-            comm.0,
-        )
+        enqueue(comm, stream, |c, s| {
+            sys::ncclSend(buf as _, bytes, BYTES, peer as c_int, c, s)
+        })
     }
 
     unsafe fn recv(
@@ -353,14 +340,31 @@ impl NcclApi for CudaNccl {
         peer: usize,
         stream: &Arc<CudaStream>,
     ) -> Status {
-        status(
-            sys::ncclRecv(buf as _, bytes, BYTES, peer as c_int, comm.0, cu(stream)),
-            comm.0,
-        )
+        enqueue(comm, stream, |c, s| {
+            sys::ncclRecv(buf as _, bytes, BYTES, peer as c_int, c, s)
+        })
     }
 
     fn stream(device: &Device, op: &str) -> Result<Arc<CudaStream>> {
         Ok(cuda_device(device, op)?.cuda_stream())
+    }
+
+    fn new_stream(device: &Device) -> Result<Arc<CudaStream>> {
+        // A second stream puts the context in cudarc's multi-stream mode: every buffer then
+        // records its reads and writes with events, so that Candle's kernels on the compute
+        // stream wait for what NCCL wrote on this one, and no buffer is freed while this
+        // stream still uses it.
+        cuda_device(device, "new_stream")?
+            .cuda_stream()
+            .context()
+            .new_stream()
+            .map_err(|e| candle_core::Error::msg(format!("cannot create a CUDA stream: {e:?}")))
+    }
+
+    fn wait_event(stream: &Arc<CudaStream>, event: &CudaEvent) -> Result<()> {
+        stream
+            .wait(event)
+            .map_err(|e| candle_core::Error::msg(format!("cudaStreamWaitEvent: {e:?}")))
     }
 
     fn bind(stream: &Arc<CudaStream>) -> Result<()> {
@@ -453,69 +457,28 @@ impl NcclApi for CudaNccl {
     }
 }
 
-/// The device pointer (bytes) of a storage, with the guard that records the use on `stream`.
+/// The device pointer (bytes) of a storage, with the guard that records the use on `stream`:
+/// `$method` (`device_ptr` or `device_ptr_mut`) on the typed slice of every dtype.
 macro_rules! with_ptr {
-    ($storage:expr, $stream:expr, $method:ident, |$p:ident, $g:ident| $body:expr) => {
+    ($storage:expr, $stream:expr, $method:ident) => {
+        with_ptr!(@ $storage, $stream, $method;
+            U8 U32 I16 I32 I64 BF16 F16 F32 F64 F8E4M3 F6E2M3 F6E3M2 F4 F8E8M0)
+    };
+    (@ $storage:expr, $stream:expr, $method:ident; $($dtype:ident)*) => {
         match $storage {
-            CudaStorageSlice::U8(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::U32(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::I16(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::I32(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::I64(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::BF16(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::F16(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::F32(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::F64(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::F8E4M3(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
-            CudaStorageSlice::F6E2M3(s)
-            | CudaStorageSlice::F6E3M2(s)
-            | CudaStorageSlice::F4(s)
-            | CudaStorageSlice::F8E8M0(s) => {
-                let ($p, $g) = s.$method($stream);
-                $body
-            }
+            $(CudaStorageSlice::$dtype(s) => s.$method($stream),)*
         }
     };
 }
 
 /// The device address of a buffer for reading on `stream`; the guard records the use.
 fn read_ptr<'a>(s: &'a CudaStorageSlice, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-    with_ptr!(s, stream, device_ptr, |p, g| (p, g))
+    with_ptr!(s, stream, device_ptr)
 }
 
 /// The device address of a buffer for writing on `stream`; the guard records the use.
 fn write_ptr<'a>(s: &'a mut CudaStorageSlice, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
-    with_ptr!(s, stream, device_ptr_mut, |p, g| (p, g))
+    with_ptr!(s, stream, device_ptr_mut)
 }
 
 /// NCCL's type for reductions over `dtype`.

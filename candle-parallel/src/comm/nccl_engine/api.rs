@@ -132,6 +132,13 @@ pub trait NcclApi: Sized + Send + Sync + 'static {
     /// The stream the backend enqueues on for tensors of `device`; an error naming `op` when
     /// the device is not one this implementation moves.
     fn stream(device: &Device, op: &str) -> Result<Self::Stream>;
+    /// A new stream on `device` for a communicator's own work (PyTorch's NCCL stream): the
+    /// device's compute stream and it are ordered only through events
+    /// ([`NcclApi::record`], [`NcclApi::wait_event`]).
+    fn new_stream(device: &Device) -> Result<Self::Stream>;
+    /// Makes `stream` wait, on the device (the host goes on at once), for everything enqueued
+    /// before `event` on the stream it was recorded on.
+    fn wait_event(stream: &Self::Stream, event: &Self::Event) -> Result<()>;
     /// Makes the calling thread ready to issue work on `stream` (binds the CUDA context).
     fn bind(stream: &Self::Stream) -> Result<()>;
     /// Runs `f` on the storage and layout of `t`, or fails naming `op` when `t` is not stored

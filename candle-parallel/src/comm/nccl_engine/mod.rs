@@ -5,9 +5,14 @@
 //! ranks, on machines without GPUs. It is not a user-facing backend of its own.
 //!
 //! What it promises (the same as the local backend):
-//! - every operation is enqueued on the stream of the communicator's device (its tensors must
-//!   live there) and returns at once (the host waits only where a value is needed on the
-//!   host: barrier, split, the argument checks);
+//! - every operation is enqueued on a device stream and returns at once (the host waits only
+//!   where a value is needed on the host: barrier, split, the argument checks). A group of
+//!   more than one rank enqueues on a communication stream of its own (PyTorch's NCCL stream;
+//!   `CANDLE_PARALLEL_NCCL_STREAM=0` keeps the compute stream): each operation first waits, on
+//!   the device, for the work enqueued on the compute stream of its tensors' device so far,
+//!   and the compute stream waits for it right after (a blocking call) or where the caller
+//!   waits for its [`Work`](super::Work) ([`Comm::start`](super::Comm::start) and the
+//!   `*_async` calls), so that compute and communication overlap in between;
 //! - nothing hangs: NCCL has no timeout, so a watchdog thread follows each operation with an
 //!   event and aborts the communicator when one is not done within the timeout or NCCL reports
 //!   an error; every later call fails with [`CommError::Aborted`] and the reason;
@@ -30,8 +35,9 @@ use super::{
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Result, Shape, Tensor};
 use std::any::Any;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use watchdog::{watchdog, Pending, Watched};
 
@@ -265,6 +271,52 @@ pub struct EngineBackend<A: NcclApi> {
     device: Device,
     /// Compare arguments across ranks first (the same on every rank of the group).
     check_args: AtomicBool,
+    /// The group's communication stream, made by its first operation (`None`: it enqueues on
+    /// the compute stream, a group of one rank or `CANDLE_PARALLEL_NCCL_STREAM=0`).
+    comm_stream: OnceLock<Option<A::Stream>>,
+}
+
+/// An open asynchronous scope: the communicator (its address) and the done event (an
+/// `A::Event`) of its last operation since.
+type AsyncScope = (usize, Option<Box<dyn Any>>);
+
+thread_local! {
+    /// The asynchronous scopes open on this thread ([`Backend::begin_async`]), innermost last:
+    /// their done events the compute stream waits for only where the caller waits for the work.
+    static ASYNC_SCOPES: RefCell<Vec<AsyncScope>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether groups may enqueue on a communication stream of their own
+/// (`CANDLE_PARALLEL_NCCL_STREAM`, on unless `0`).
+fn comm_streams_enabled() -> bool {
+    std::env::var("CANDLE_PARALLEL_NCCL_STREAM").map_or(true, |v| v != "0")
+}
+
+/// What the compute stream waits for before it uses an asynchronous operation's results: the
+/// done event of the operations started in one [`Backend::begin_async`] scope. Dropped without
+/// [`Fence::wait`](super::lane::Fence::wait), it still orders the compute stream after them.
+struct StreamFence<A: NcclApi> {
+    compute: A::Stream,
+    done: Option<A::Event>,
+}
+
+impl<A: NcclApi> super::lane::Fence for StreamFence<A> {
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        match self.done.take() {
+            Some(done) => A::wait_event(&self.compute, &done),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<A: NcclApi> Drop for StreamFence<A> {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            if let Err(e) = A::wait_event(&self.compute, &done) {
+                tracing::warn!("ordering the compute stream after dropped communication: {e}");
+            }
+        }
+    }
 }
 
 /// Tags of the argument-check messages of point-to-point calls.
@@ -379,7 +431,71 @@ impl<A: NcclApi> EngineBackend<A> {
             ranks,
             device,
             check_args: AtomicBool::new(check_args),
+            comm_stream: OnceLock::new(),
         })
+    }
+
+    /// The group's communication stream, made on first use; `None` where it enqueues on the
+    /// compute stream (one rank: nothing to overlap, and a second stream would switch the
+    /// device's buffers to event tracking for nothing).
+    fn comm_stream(&self) -> Option<&A::Stream> {
+        self.comm_stream
+            .get_or_init(|| {
+                if self.size < 2 || !comm_streams_enabled() {
+                    return None;
+                }
+                A::new_stream(&self.device)
+                    .map_err(|e| {
+                        tracing::warn!(
+                            "group {}: no communication stream ({e}); enqueuing on the compute stream",
+                            self.shared.label
+                        )
+                    })
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// This communicator's key in [`ASYNC_SCOPES`].
+    fn scope_key(&self) -> usize {
+        Arc::as_ptr(&self.shared) as *const () as usize
+    }
+
+    /// The stream an operation named `what` enqueues on: the communication stream, made to
+    /// wait for the compute stream's work so far (its inputs), or the compute stream.
+    fn op_stream(&self, what: &str) -> Result<A::Stream> {
+        let compute = A::stream(&self.device, what)?;
+        match self.comm_stream() {
+            Some(comm) => {
+                A::wait_event(comm, &A::record(&compute)?)?;
+                Ok(comm.clone())
+            }
+            None => Ok(compute),
+        }
+    }
+
+    /// After an operation enqueued on `stream`: the compute stream waits for it, now, or where
+    /// the caller waits for the work of the asynchronous scope it belongs to.
+    fn order_compute_after(&self, stream: &A::Stream, what: &str) -> Result<()> {
+        if self.comm_stream().is_none() {
+            return Ok(());
+        }
+        let done = A::record(stream)?;
+        let key = self.scope_key();
+        let unscoped = ASYNC_SCOPES.with(|scopes| {
+            let mut scopes = scopes.borrow_mut();
+            match scopes.iter_mut().rev().find(|(k, _)| *k == key) {
+                Some((_, last)) => {
+                    *last = Some(Box::new(done) as Box<dyn Any>);
+                    None
+                }
+                None => Some(done),
+            }
+        });
+        match unscoped {
+            Some(done) => A::wait_event(&A::stream(&self.device, what)?, &done),
+            None => Ok(()),
+        }
     }
 
     /// Checks every collective's arguments across the group first (what
@@ -400,7 +516,11 @@ impl<A: NcclApi> EngineBackend<A> {
     /// not to be trusted.
     pub fn check(&self) -> Result<()> {
         let synced = A::stream(&self.device, "check").and_then(|s| A::synchronize(&s));
-        self.not_aborted("check").and(synced)
+        let comm_synced = match self.comm_stream.get() {
+            Some(Some(comm)) => A::synchronize(comm),
+            _ => Ok(()),
+        };
+        self.not_aborted("check").and(synced).and(comm_synced)
     }
 
     /// Fails when a communicator of this rank in this world was aborted (no device wait: for
@@ -451,6 +571,11 @@ impl<A: NcclApi> EngineBackend<A> {
         let desc = format!("{what} (call #{call} on group {})", self.shared.label);
         let _serial = lock(&self.shared.issue);
         A::bind(stream)?;
+        if self.comm_stream().is_some() {
+            // What the compute stream enqueued since `op_stream` (buffers allocated or filled
+            // for this call) comes first too.
+            A::wait_event(stream, &A::record(&A::stream(&self.device, what)?)?)?;
+        }
         match self.shared.call(f) {
             Ok(()) => {}
             Err(CallError::Aborted) => {
@@ -481,16 +606,16 @@ impl<A: NcclApi> EngineBackend<A> {
         // Host memory is read as soon as the op returns: wait for it (a no-op on CUDA). A wait
         // that ends because the watchdog aborted the communicator leaves garbage behind.
         A::host_wait(stream)?;
-        match self.shared.failure() {
-            Some(reason) => Err(self.aborted(what, reason)),
-            None => Ok(()),
+        if let Some(reason) = self.shared.failure() {
+            return Err(self.aborted(what, reason));
         }
+        self.order_compute_after(stream, what)
     }
 
     /// Every rank's `values` (the same length on every rank), in group-rank order; waits on
     /// the host for the result.
     fn gather_i64(&self, what: &str, values: &[i64]) -> Result<Vec<i64>> {
-        let stream = A::stream(&self.device, what)?;
+        let stream = self.op_stream(what)?;
         let send = A::upload_i64(&self.device, values)?;
         // SAFETY: the gather below writes every element.
         let mut all = unsafe {
@@ -525,7 +650,7 @@ impl<A: NcclApi> EngineBackend<A> {
         if send.is_empty() && recv.is_empty() {
             return Ok(Vec::new());
         }
-        let stream = A::stream(&self.device, what)?;
+        let stream = self.op_stream(what)?;
         let mut payload = vec![0i64; CHECK_LEN * send.len().max(1)];
         for (i, (_, v)) in send.iter().enumerate() {
             payload[i * CHECK_LEN..i * CHECK_LEN + v.len()].copy_from_slice(v);
@@ -661,7 +786,6 @@ impl<A: NcclApi> EngineBackend<A> {
         let n = self.size;
         let dtype = input.dtype();
         self.check_dtype(name, dtype)?;
-        let stream = A::stream(&self.device, name)?;
         // Always checked, on this rank alone (free): what would make NCCL read or write out of
         // bounds.
         if let Collective::AllToAll {
@@ -706,6 +830,8 @@ impl<A: NcclApi> EngineBackend<A> {
                 self.check_splits(send_splits, recv_splits)?;
             }
         }
+        // After the checks, whose own operations the compute stream waits for.
+        let stream = self.op_stream(name)?;
         Ok((start, end, stream))
     }
 
@@ -968,6 +1094,12 @@ impl<A: NcclApi> EngineBackend<A> {
                 .collect()
         };
         let (so, ro) = (offsets(send), offsets(recv));
+        if send[me] > 0 {
+            // Before the exchange, so that its done event covers this copy too.
+            // SAFETY: both ranges lie inside live buffers ordered on `stream`; the counts are
+            // equal (checked by the caller).
+            unsafe { A::copy(out + ro[me], in_ptr + so[me], send[me] * row_bytes, stream) }?;
+        }
         self.issue("all_to_all", stream, |c| unsafe {
             // SAFETY: offsets and counts stay within the buffers (checked by the caller).
             group::<A>(|| {
@@ -987,14 +1119,7 @@ impl<A: NcclApi> EngineBackend<A> {
                 }
                 st
             })
-        })?;
-        if send[me] > 0 {
-            // SAFETY: both ranges lie inside live buffers ordered on `stream`; the counts are
-            // equal (checked by the caller).
-            unsafe { A::copy(out + ro[me], in_ptr + so[me], send[me] * row_bytes, stream) }?;
-            A::host_wait(stream)?;
-        }
-        Ok(())
+        })
     }
 
     /// A group of point-to-point calls: peers checked here, arguments across the pairs in
@@ -1040,7 +1165,7 @@ impl<A: NcclApi> EngineBackend<A> {
         sends: &[(&Tensor, usize)],
         recvs: &[(usize, &Shape, DType)],
     ) -> Result<Vec<Tensor>> {
-        let stream = A::stream(&self.device, what)?;
+        let stream = self.op_stream(what)?;
         let sends: Vec<(Tensor, usize)> = sends
             .iter()
             .map(|(x, dst)| Ok((x.contiguous()?, *dst)))
@@ -1338,6 +1463,35 @@ fn op_code(op: &Collective) -> i64 {
 }
 
 impl<A: NcclApi> Backend for EngineBackend<A> {
+    fn begin_async(&self) -> bool {
+        if self.comm_stream().is_none() {
+            return false;
+        }
+        ASYNC_SCOPES.with(|s| s.borrow_mut().push((self.scope_key(), None)));
+        true
+    }
+
+    fn end_async(&self) -> Option<Box<dyn super::lane::Fence>> {
+        let key = self.scope_key();
+        let last = ASYNC_SCOPES.with(|s| {
+            let mut s = s.borrow_mut();
+            let i = s.iter().rposition(|(k, _)| *k == key)?;
+            s.remove(i).1
+        })?;
+        let done = *last.downcast::<A::Event>().ok()?;
+        let compute = match A::stream(&self.device, "end_async") {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("no compute stream to order after the communication: {e}");
+                return None;
+            }
+        };
+        Some(Box::new(StreamFence::<A> {
+            compute,
+            done: Some(done),
+        }))
+    }
+
     fn name(&self) -> &'static str {
         "nccl"
     }
