@@ -808,13 +808,37 @@ fn gradients_reduced_in_bf16_differ_by_rounding_only() {
 /// Gradients reduced bucket by bucket while the backward runs (the default) and after it
 /// (`--no-overlap`), and every communication lane off (`CANDLE_PARALLEL_OVERLAP=0`), give the
 /// same model, bit for bit, at every ZeRO stage, with micro-batches, experts over ep and
-/// pipeline stages.
+/// pipeline stages on every schedule (interleaved: in its own test, on a deeper model).
 #[test]
 fn overlapped_gradient_reduction_writes_the_same_model() {
     let (model, batch) = setup("overlap");
     let dir = model.parent().unwrap().to_path_buf();
-    let layouts: [&[&str]; 4] = [
+    let layouts: [&[&str]; 6] = [
         &["--dp", "2", "--zero", "0", "--micro-batches", "2"],
+        &[
+            "--pp",
+            "2",
+            "--dp",
+            "2",
+            "--zero",
+            "1",
+            "--micro-batches",
+            "4",
+            "--schedule",
+            "zero-bubble",
+        ],
+        &[
+            "--pp",
+            "2",
+            "--dp",
+            "2",
+            "--zero",
+            "0",
+            "--micro-batches",
+            "2",
+            "--schedule",
+            "gpipe",
+        ],
         &["--dp", "2", "--ep", "2", "--zero", "1"],
         &[
             "--pp",
@@ -1015,6 +1039,42 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
         (a - b).abs() <= 1e-5 * b.abs(),
         "{last}: {a} resumed as {b}"
     );
+    // Overlap off, and pipeline messages on the lanes: the same model bit for bit.
+    let layout = [
+        &mb4[..],
+        &[
+            "--pp",
+            "2",
+            "--dp",
+            "2",
+            "--zero",
+            "2",
+            "--schedule",
+            "interleaved",
+        ],
+    ]
+    .concat();
+    let on = train(&model, &batch, &dir.join("on.safetensors"), &layout);
+    let off = train(
+        &model,
+        &batch,
+        &dir.join("off.safetensors"),
+        &[&layout[..], &["--no-overlap"]].concat(),
+    );
+    let p2p = train_env(
+        &model,
+        &batch,
+        &dir.join("p2p.safetensors"),
+        &layout,
+        &[("CANDLE_PARALLEL_OVERLAP_P2P", "1")],
+    );
+    for (name, t) in &on {
+        let a = t.flatten_all()?.to_vec1::<f32>()?;
+        for (what, other) in [("--no-overlap", &off), ("messages on the lanes", &p2p)] {
+            let b = other[name].flatten_all()?.to_vec1::<f32>()?;
+            assert!(a == b, "interleaved: {name} differs with {what}");
+        }
+    }
     for name in before.keys() {
         let x = straight[name].flatten_all()?.to_vec1::<f32>()?;
         let y = resumed[name].flatten_all()?.to_vec1::<f32>()?;
