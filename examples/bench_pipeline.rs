@@ -11,6 +11,11 @@
 //! step), the simulated one and, for GPipe and 1F1B, the theoretical (p − 1)/(m + p − 1), and
 //! the most micro-batches whose activations a rank held at once (and their stage-boundary
 //! bytes). The model is a `--layers`-deep tanh MLP, `--hidden` wide, on a `--batch`-row batch.
+//!
+//! `--mixtral` adds the schedules on the model path: a training step's gradients
+//! (`Mixtral::batch_grads`) of an 8-layer Mixtral-style model (hidden 256, 8 experts, top-2)
+//! over 8 rows of 128 tokens in 8 micro-batches, interleaved over two chunks per rank
+//! (`Mixtral::new_chunks`), the others over one stage per rank.
 use candle_core::{DType, Module, Result, Shape, Var};
 use candle_parallel::comm::local::LinkModel;
 use candle_parallel::pipeline::{run_step, split_batch, split_layers, Schedule};
@@ -48,6 +53,9 @@ struct Args {
     /// Skip the overlap table.
     #[arg(long)]
     no_overlap: bool,
+    /// Also time the schedules on the Mixtral model path.
+    #[arg(long)]
+    mixtral: bool,
 }
 
 struct Row {
@@ -193,6 +201,104 @@ fn main() -> Result<()> {
     }
     if !args.no_overlap {
         overlap_table(&args)?;
+    }
+    if args.mixtral {
+        mixtral_table(&args)?;
+    }
+    Ok(())
+}
+
+/// The schedules on the model path (`--mixtral`): the median training step of a Mixtral-style
+/// model's gradients, slowest rank, per pipeline size and schedule.
+fn mixtral_table(args: &Args) -> Result<()> {
+    use candle_parallel::checkpoint::ParallelVarBuilder;
+    use candle_parallel::moe::Dispatch;
+    use candle_parallel::pipeline::ScheduleKind;
+    use candle_parallel_models::mixtral::{Mixtral, MixtralConfig};
+    let cfg = MixtralConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        vocab_size: 4096,
+        num_hidden_layers: 8,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        max_position_embeddings: 512,
+        ..MixtralConfig::tiny()
+    };
+    let (rows, seq, m) = (8usize, 128usize, 8usize);
+    let ids: Vec<Vec<u32>> = (0..rows)
+        .map(|i| {
+            (0..seq)
+                .map(|j| ((i * 131 + j * 31) % 4096) as u32)
+                .collect()
+        })
+        .collect();
+    let kinds = [
+        ScheduleKind::GPipe,
+        ScheduleKind::OneFOneB,
+        ScheduleKind::Interleaved,
+        ScheduleKind::ZeroBubble,
+    ];
+    let mut table = Vec::new();
+    for &p in &args.pp {
+        for kind in kinds {
+            let per_rank = Launcher::new(p).mesh(MeshShape::new().pp(p)).run(|ctx| {
+                let mesh = ctx.mesh()?;
+                let vb = ParallelVarBuilder::from_init(3, DType::F32, ctx.device()).trainable();
+                let chunks = candle_parallel::pipeline::rank_chunks(
+                    cfg.num_hidden_layers,
+                    p,
+                    kind.default_chunks(),
+                    mesh.pp().rank(),
+                )?;
+                let (ep, tp) = (mesh.ep(), mesh.tp());
+                let mut model =
+                    Mixtral::new_chunks(&cfg, vb.clone(), ep, tp, Dispatch::AllReduce, &chunks)?;
+                model.set_schedule(kind)?;
+                let vars: Vec<Var> = vb.params().iter().map(|p| p.var.clone()).collect();
+                let batch = candle_core::Tensor::new(ids.clone(), ctx.device())?;
+                let mut times = Vec::new();
+                for rep in 0..=args.reps {
+                    mesh.pp().barrier()?;
+                    let t = Instant::now();
+                    model.batch_grads(&vars, &batch, None, m, mesh.pp())?;
+                    mesh.pp().barrier()?;
+                    if rep > 0 {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                Ok(times)
+            })?;
+            let step = median(
+                (0..args.reps)
+                    .map(|i| per_rank.iter().map(|r| r[i]).fold(0.0, f64::max))
+                    .collect(),
+            );
+            table.push((p, kind, step));
+        }
+    }
+    println!(
+        "\nThe model path: Mixtral-style, 8 layers, hidden 256, 8 experts (top-2), {rows} × {seq} tokens in {m} micro-batches; median of {} steps\n",
+        args.reps
+    );
+    println!("| p | schedule | step (ms) | vs 1F1B | simulated bubble |");
+    println!("|---:|---|---:|---:|---:|");
+    for &(p, kind, step) in &table {
+        let base = table
+            .iter()
+            .find(|t| t.0 == p && t.1 == ScheduleKind::OneFOneB)
+            .map_or(step, |t| t.2);
+        let sim = Schedule::by_name(&kind.to_string(), p, kind.default_chunks(), m)?
+            .simulate()?
+            .bubble_fraction();
+        println!(
+            "| {p} | {kind} | {:.0} | {:.2} | {:.1}% |",
+            step * 1e3,
+            step / base,
+            100.0 * sim
+        );
     }
     Ok(())
 }

@@ -55,7 +55,7 @@ impl Launcher {
                 .0
                 .run_on_engine::<nccl_emulator::HostNccl, T, _>(|_| Ok(Device::Cpu), &on_engine);
             // NCCL's rules (stream order included) kept by every run so far.
-            let broken = nccl_emulator::HostNccl::violations();
+            let broken = nccl_emulator::HostNccl::take_violations();
             assert!(broken.is_empty(), "NCCL usage rules broken: {broken:#?}");
             out
         } else {

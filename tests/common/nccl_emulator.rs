@@ -180,6 +180,12 @@ impl Drop for StreamOwner {
     }
 }
 
+/// A buffer allocated (or filled) in the compute stream's order: a job on it, which another
+/// stream using the buffer must wait for.
+fn allocated_on_compute() {
+    this_stream().enqueue(Box::new(|| {}));
+}
+
 fn trace(call: StreamCall) {
     TRACE.with(|t| t.borrow_mut().push(call));
 }
@@ -374,6 +380,11 @@ impl HostNccl {
     /// NCCL rules broken so far, by any test in this process.
     pub fn violations() -> Vec<String> {
         lock(violations()).clone()
+    }
+
+    /// [`HostNccl::violations`], cleared (so that one broken rule fails one test).
+    pub fn take_violations() -> Vec<String> {
+        std::mem::take(&mut *lock(violations()))
     }
 
     /// This thread's stream calls since the last take, in order.
@@ -1003,6 +1014,9 @@ impl NcclApi for HostNccl {
     }
 
     unsafe fn alloc(_: &Device, shape: &Shape, dtype: DType) -> Result<CpuStorage> {
+        // Device memory is allocated in the compute stream's order (cuMemAllocAsync): a
+        // stream that writes it must wait for this job.
+        allocated_on_compute();
         // Garbage, as device memory is: a result that reads an unwritten byte shows it.
         let mut s = CpuDevice.zeros_impl(shape, dtype)?;
         let bytes = shape.elem_count() * dtype.size_in_bytes();
@@ -1045,7 +1059,12 @@ impl NcclApi for HostNccl {
         Self::host_wait(stream)
     }
 
+    fn synchronize_device(_: &Device) -> Result<()> {
+        Self::host_wait(&this_stream())
+    }
+
     fn upload_i64(_: &Device, values: &[i64]) -> Result<CpuStorage> {
+        allocated_on_compute();
         CpuDevice.storage_from_slice(values)
     }
 

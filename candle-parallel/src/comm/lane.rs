@@ -41,10 +41,14 @@ pub struct Work<T> {
 enum WorkState<T> {
     Done(Result<T>),
     /// Enqueued on a device stream of the backend's own ([`crate::comm::Backend::begin_async`]):
-    /// the compute stream waits for the fence first.
+    /// the compute stream waits for the fence first. (Fields drop in this order: the fence
+    /// orders the compute stream before the tensors the operation used can be freed.)
     Fenced {
-        result: Result<T>,
         fence: Option<Box<dyn Fence>>,
+        /// The operation's inputs, alive until the compute stream waited for it (PyTorch's
+        /// `record_stream`): freed earlier, their memory could be reused under it.
+        keep: Vec<candle_core::Tensor>,
+        result: Result<T>,
     },
     Pending {
         rx: mpsc::Receiver<Result<T>>,
@@ -60,10 +64,19 @@ impl<T> Work<T> {
         }
     }
 
-    /// An operation enqueued on a device stream: `fence` orders the caller's work after it.
-    pub(crate) fn fenced(result: Result<T>, fence: Option<Box<dyn Fence>>) -> Self {
+    /// An operation enqueued on a device stream: `fence` orders the caller's work after it;
+    /// `keep` stays alive until then.
+    pub(crate) fn fenced(
+        result: Result<T>,
+        fence: Option<Box<dyn Fence>>,
+        keep: Vec<candle_core::Tensor>,
+    ) -> Self {
         Self {
-            state: WorkState::Fenced { result, fence },
+            state: WorkState::Fenced {
+                fence,
+                keep,
+                result,
+            },
         }
     }
 
@@ -72,10 +85,15 @@ impl<T> Work<T> {
     pub fn wait(self) -> Result<T> {
         match self.state {
             WorkState::Done(r) => r,
-            WorkState::Fenced { result, fence } => {
+            WorkState::Fenced {
+                fence,
+                keep,
+                result,
+            } => {
                 if let Some(fence) = fence {
                     fence.wait()?;
                 }
+                drop(keep);
                 result
             }
             WorkState::Pending { rx, what } => rx.recv().unwrap_or_else(|_| {

@@ -396,10 +396,13 @@ impl Comm {
     /// CPU a thread of the rank's runs the group's operations one after the other in the order
     /// they were started, while the caller computes; on NCCL `f` runs here, its operations
     /// enqueued on the group's communication stream, which the compute stream waits for (on
-    /// the device, with an event) only where the work is waited for ([`Work::wait`]). `f` gets a handle that runs its calls directly. Every rank of the group
-    /// must start the same operations in the same order, as with blocking calls; a blocking
-    /// call on the group first waits for the operations started before it. `what` names the
-    /// operation in errors. With [`set_overlap`]`(false)` it runs here too.
+    /// the device, with an event) only where the work is waited for ([`Work::wait`], on the
+    /// thread that started it) or dropped. `f` gets a handle that runs its calls directly.
+    /// Every rank of the group must start the same operations in the same order, as with
+    /// blocking calls; a blocking call on the group first waits for the operations started
+    /// before it. `what` names the operation in errors. With [`set_overlap`]`(false)` it runs
+    /// here too. On NCCL, keep the tensors `f` moves alive until the work is waited for (the
+    /// `*_async` calls keep theirs), as PyTorch's `record_stream` does.
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
@@ -417,6 +420,17 @@ impl Comm {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn start<T, F>(&self, what: &str, f: F) -> Work<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Comm) -> Result<T> + Send + 'static,
+    {
+        self.start_keeping(what, Vec::new(), f)
+    }
+
+    /// [`Comm::start`], with `keep` (the operation's input tensors) alive until the work is
+    /// waited for: on NCCL their memory cannot be reused while the communication stream may
+    /// still read it.
+    fn start_keeping<T, F>(&self, what: &str, keep: Vec<Tensor>, f: F) -> Work<T>
     where
         T: Send + 'static,
         F: FnOnce(&Comm) -> Result<T> + Send + 'static,
@@ -442,7 +456,7 @@ impl Comm {
             let mut scope = Scope(Some(self.backend.as_ref()));
             let result = f(&direct);
             scope.0 = None;
-            return Work::fenced(result, self.backend.end_async());
+            return Work::fenced(result, self.backend.end_async(), keep);
         }
         match self.lane() {
             Some(lane) => lane.submit(what, move || f(&direct)),
@@ -453,14 +467,16 @@ impl Comm {
     /// [`Comm::all_reduce`] on the lane ([`Comm::start`]).
     pub fn all_reduce_async(&self, x: &Tensor, op: ReduceOp) -> Work<Tensor> {
         let x = x.clone();
-        self.start("all_reduce", move |c| c.all_reduce(&x, op))
+        let keep = vec![x.clone()];
+        self.start_keeping("all_reduce", keep, move |c| c.all_reduce(&x, op))
     }
 
     /// [`Comm::all_reduce_in_place`] on the lane ([`Comm::start`]): `x` holds the result once
     /// the work is waited for; do not read or write it before.
     pub fn all_reduce_in_place_async(&self, x: &Tensor, op: ReduceOp) -> Work<()> {
         let x = x.clone();
-        self.start("all_reduce_in_place", move |c| {
+        let keep = vec![x.clone()];
+        self.start_keeping("all_reduce_in_place", keep, move |c| {
             c.all_reduce_in_place(&x, op)
         })
     }
@@ -468,13 +484,17 @@ impl Comm {
     /// [`Comm::reduce_scatter`] along `dim` on the lane ([`Comm::start`]).
     pub fn reduce_scatter_async(&self, x: &Tensor, dim: usize, op: ReduceOp) -> Work<Tensor> {
         let x = x.clone();
-        self.start("reduce_scatter", move |c| c.reduce_scatter(&x, dim, op))
+        let keep = vec![x.clone()];
+        self.start_keeping("reduce_scatter", keep, move |c| {
+            c.reduce_scatter(&x, dim, op)
+        })
     }
 
     /// [`Comm::all_gather`] along `dim` on the lane ([`Comm::start`]).
     pub fn all_gather_async(&self, x: &Tensor, dim: usize) -> Work<Tensor> {
         let x = x.clone();
-        self.start("all_gather", move |c| c.all_gather(&x, dim))
+        let keep = vec![x.clone()];
+        self.start_keeping("all_gather", keep, move |c| c.all_gather(&x, dim))
     }
 
     /// [`Comm::exchange`] on the lane ([`Comm::start`]): sends posted and receives awaited
@@ -484,7 +504,8 @@ impl Comm {
         sends: Vec<(Tensor, usize)>,
         recvs: Vec<(usize, Shape, DType)>,
     ) -> Work<Vec<Tensor>> {
-        self.start("exchange", move |c| {
+        let keep = sends.iter().map(|(t, _)| t.clone()).collect();
+        self.start_keeping("exchange", keep, move |c| {
             let sends: Vec<(&Tensor, usize)> = sends.iter().map(|(t, d)| (t, *d)).collect();
             let recvs: Vec<(usize, &Shape, DType)> =
                 recvs.iter().map(|(s, sh, dt)| (*s, sh, *dt)).collect();

@@ -1,9 +1,11 @@
 //! The NCCL backend: communicators over CUDA devices (cargo feature `nccl`).
 //!
 //! [`NcclBackend`] is the backend logic of [`super::nccl_engine`] over NCCL itself
-//! ([`CudaNccl`]): every operation is enqueued on the CUDA stream of the tensor it moves and
-//! returns at once; the host waits only where the algorithm needs a value on the host (barrier,
-//! [`Comm::split`](super::Comm::split), the argument checks).
+//! ([`CudaNccl`]): every operation is enqueued on a CUDA stream and returns at once (a group
+//! of several ranks has a communication stream of its own, ordered with Candle's compute
+//! stream by events: see [`super::nccl_engine`]); the host waits only where the algorithm
+//! needs a value on the host (barrier, [`Comm::split`](super::Comm::split), the argument
+//! checks).
 //!
 //! NCCL itself never times out: a rank that never arrives leaves its peers' kernels spinning.
 //! A watchdog thread (one per process) therefore follows every enqueued operation with a CUDA
@@ -24,9 +26,11 @@
 //! [`CommError::Mismatch`](super::CommError::Mismatch) on every rank involved, naming the
 //! ranks and their shapes, instead of the hang or garbage NCCL would give.
 //!
-//! Candle's CUDA device has one stream per device; a [`Comm`](super::Comm) enqueues on the
-//! stream of the tensors it is given, so using one communicator from several threads is safe
-//! (calls are serialised) but orders its operations only as the threads do.
+//! Candle's CUDA device computes on the calling thread's own stream (CUDA's per-thread default
+//! stream); a communicator's operations wait for the calling thread's, and a
+//! [`Work`](super::Work) orders the thread that waits for it (wait on the thread that started
+//! it). Using one communicator from several threads is safe (calls are serialised) but orders
+//! its operations only as the threads do.
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -350,14 +354,18 @@ impl NcclApi for CudaNccl {
     }
 
     fn new_stream(device: &Device) -> Result<Arc<CudaStream>> {
-        // A second stream puts the context in cudarc's multi-stream mode: every buffer then
-        // records its reads and writes with events, so that Candle's kernels on the compute
-        // stream wait for what NCCL wrote on this one, and no buffer is freed while this
-        // stream still uses it.
-        cuda_device(device, "new_stream")?
+        // A second stream puts the context in cudarc's multi-stream mode (the first one
+        // synchronizes the context once): every buffer then records its reads and writes with
+        // events, so that Candle's kernels on the compute stream wait for what NCCL wrote on
+        // this one. Without event tracking nothing would order them: refused.
+        let ctx = cuda_device(device, "new_stream")?
             .cuda_stream()
             .context()
-            .new_stream()
+            .clone();
+        if !ctx.is_event_tracking() {
+            candle_core::bail!("the CUDA context's event tracking is off (disable_event_tracking), which a second stream needs")
+        }
+        ctx.new_stream()
             .map_err(|e| candle_core::Error::msg(format!("cannot create a CUDA stream: {e:?}")))
     }
 
@@ -442,6 +450,14 @@ impl NcclApi for CudaNccl {
         stream
             .synchronize()
             .map_err(|e| candle_core::Error::msg(format!("CUDA stream synchronize: {e:?}")))
+    }
+
+    fn synchronize_device(device: &Device) -> Result<()> {
+        cuda_device(device, "synchronize")?
+            .cuda_stream()
+            .context()
+            .synchronize()
+            .map_err(|e| candle_core::Error::msg(format!("CUDA context synchronize: {e:?}")))
     }
 
     fn upload_i64(device: &Device, values: &[i64]) -> Result<CudaStorage> {

@@ -174,6 +174,9 @@ pub trait NcclApi: Sized + Send + Sync + 'static {
     fn host_wait(stream: &Self::Stream) -> Result<()>;
     /// Waits until everything enqueued on `stream` is done.
     fn synchronize(stream: &Self::Stream) -> Result<()>;
+    /// Waits until everything enqueued on any stream of `device` is done (CUDA: the context;
+    /// Candle's compute stream is the calling thread's own).
+    fn synchronize_device(device: &Device) -> Result<()>;
     /// `values` in device memory.
     fn upload_i64(device: &Device, values: &[i64]) -> Result<Self::Storage>;
     /// The values of `s`, once the work enqueued on `stream` before is done.

@@ -298,6 +298,9 @@ fn comm_streams_enabled() -> bool {
 struct StreamFence<A: NcclApi> {
     compute: A::Stream,
     done: Option<A::Event>,
+    /// The communication stream, alive until the compute stream waited for it (dropping the
+    /// last one would end cudarc's multi-stream mode, in which buffers wait for its work).
+    _comm: A::Stream,
 }
 
 impl<A: NcclApi> super::lane::Fence for StreamFence<A> {
@@ -464,14 +467,22 @@ impl<A: NcclApi> EngineBackend<A> {
     /// The stream an operation named `what` enqueues on: the communication stream, made to
     /// wait for the compute stream's work so far (its inputs), or the compute stream.
     fn op_stream(&self, what: &str) -> Result<A::Stream> {
-        let compute = A::stream(&self.device, what)?;
         match self.comm_stream() {
             Some(comm) => {
-                A::wait_event(comm, &A::record(&compute)?)?;
+                self.after_compute(comm, what)?;
                 Ok(comm.clone())
             }
-            None => Ok(compute),
+            None => A::stream(&self.device, what),
         }
+    }
+
+    /// On the communication stream: `stream` waits (on the device) for everything the compute
+    /// stream holds now (inputs written, buffers allocated for the operation).
+    fn after_compute(&self, stream: &A::Stream, what: &str) -> Result<()> {
+        if self.comm_stream().is_none() {
+            return Ok(());
+        }
+        A::wait_event(stream, &A::record(&A::stream(&self.device, what)?)?)
     }
 
     /// After an operation enqueued on `stream`: the compute stream waits for it, now, or where
@@ -515,7 +526,8 @@ impl<A: NcclApi> EngineBackend<A> {
     /// aborted (a timeout, an NCCL error or a peer's failure): values computed since then are
     /// not to be trusted.
     pub fn check(&self) -> Result<()> {
-        let synced = A::stream(&self.device, "check").and_then(|s| A::synchronize(&s));
+        // Every stream of the device (Candle's compute stream is per host thread).
+        let synced = A::synchronize_device(&self.device);
         let comm_synced = match self.comm_stream.get() {
             Some(Some(comm)) => A::synchronize(comm),
             _ => Ok(()),
@@ -571,11 +583,9 @@ impl<A: NcclApi> EngineBackend<A> {
         let desc = format!("{what} (call #{call} on group {})", self.shared.label);
         let _serial = lock(&self.shared.issue);
         A::bind(stream)?;
-        if self.comm_stream().is_some() {
-            // What the compute stream enqueued since `op_stream` (buffers allocated or filled
-            // for this call) comes first too.
-            A::wait_event(stream, &A::record(&A::stream(&self.device, what)?)?)?;
-        }
+        // What the compute stream enqueued since `op_stream` (buffers allocated or filled for
+        // this call) comes first too.
+        self.after_compute(stream, what)?;
         match self.shared.call(f) {
             Ok(()) => {}
             Err(CallError::Aborted) => {
@@ -1095,7 +1105,9 @@ impl<A: NcclApi> EngineBackend<A> {
         };
         let (so, ro) = (offsets(send), offsets(recv));
         if send[me] > 0 {
-            // Before the exchange, so that its done event covers this copy too.
+            // Before the exchange, so that its done event covers this copy too; after the
+            // compute stream's work (the output's allocation).
+            self.after_compute(stream, "all_to_all")?;
             // SAFETY: both ranges lie inside live buffers ordered on `stream`; the counts are
             // equal (checked by the caller).
             unsafe { A::copy(out + ro[me], in_ptr + so[me], send[me] * row_bytes, stream) }?;
@@ -1489,6 +1501,7 @@ impl<A: NcclApi> Backend for EngineBackend<A> {
         Some(Box::new(StreamFence::<A> {
             compute,
             done: Some(done),
+            _comm: self.comm_stream()?.clone(),
         }))
     }
 
