@@ -414,6 +414,8 @@ pub struct Layout {
     pub micro_batches: usize,
     #[serde(serialize_with = "display")]
     pub schedule: ScheduleKind,
+    /// Model chunks per pipeline rank (several only with the interleaved schedule).
+    pub chunks: usize,
 }
 
 fn display<T: std::fmt::Display, S: serde::Serializer>(
@@ -425,7 +427,8 @@ fn display<T: std::fmt::Display, S: serde::Serializer>(
 
 impl Layout {
     /// `dp=4,pp=2,ep=2,tp=1,zero=1,recompute=selective,micro-batches=4,schedule=1f1b`; any
-    /// key left out takes 1 (sizes and micro-batches), 0 (zero), none, or 1f1b.
+    /// key left out takes 1 (sizes and micro-batches), 0 (zero), none, or 1f1b; `chunks`
+    /// (model chunks per rank) takes the schedule's default (2 for interleaved, else 1).
     pub fn parse(s: &str) -> Result<Self> {
         let mut l = Self {
             dp: 1,
@@ -436,6 +439,7 @@ impl Layout {
             recompute: Recompute::None,
             micro_batches: 1,
             schedule: ScheduleKind::OneFOneB,
+            chunks: 0,
         };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((k, v)) = part.split_once('=') else {
@@ -455,8 +459,12 @@ impl Layout {
                 "micro-batches" | "micro_batches" | "mb" => l.micro_batches = n()?,
                 "recompute" => l.recompute = v.parse()?,
                 "schedule" => l.schedule = v.parse()?,
-                _ => bail!("layout {s:?}: unknown key {k:?} (dp, pp, ep, tp, zero, recompute, micro-batches, schedule)"),
+                "chunks" => l.chunks = n()?,
+                _ => bail!("layout {s:?}: unknown key {k:?} (dp, pp, ep, tp, zero, recompute, micro-batches, schedule, chunks)"),
             }
+        }
+        if l.chunks == 0 {
+            l.chunks = l.schedule.default_chunks();
         }
         if [l.dp, l.pp, l.ep, l.tp, l.micro_batches].contains(&0) || l.zero > 3 {
             bail!("layout {s:?}: sizes and micro-batches must be at least 1, zero 0 to 3")
@@ -477,6 +485,9 @@ impl Layout {
         if self.pp > 1 {
             f += &format!(" --schedule {}", self.schedule);
         }
+        if self.chunks > 1 {
+            f += &format!(" --chunks {}", self.chunks);
+        }
         f
     }
 }
@@ -490,6 +501,9 @@ impl std::fmt::Display for Layout {
         )?;
         if self.pp > 1 {
             write!(f, ",schedule={}", self.schedule)?;
+        }
+        if self.chunks > 1 {
+            write!(f, ",chunks={}", self.chunks)?;
         }
         Ok(())
     }
@@ -648,25 +662,29 @@ pub fn check_layout(
     if l.pp == 1 && l.micro_batches > 1 && l.schedule != ScheduleKind::OneFOneB {
         return Err("a schedule without pipeline stages".to_string());
     }
-    if l.zero == 3 && (work.lora_rank.is_some() || l.schedule.splits_backwards()) {
+    if l.zero == 3 && (work.lora_rank.is_some() || l.schedule.needs_whole_backward()) {
         return Err(
-            "ZeRO 3 with LoRA or a split-backward schedule is refused by the trainer".to_string(),
-        );
-    }
-    if l.schedule.splits_backwards() && l.recompute == Recompute::Full {
-        return Err(
-            "full recomputation with a split-backward schedule is refused by the trainer"
+            "ZeRO 3 with LoRA, a split-backward or an interleaved schedule is refused by the trainer"
                 .to_string(),
         );
     }
-    if !matches!(
-        l.schedule,
-        ScheduleKind::GPipe | ScheduleKind::OneFOneB | ScheduleKind::ZeroBubble
-    ) {
+    if l.schedule.needs_whole_backward() && l.recompute == Recompute::Full {
+        return Err(
+            "full recomputation with a split-backward or interleaved schedule is refused by the trainer"
+                .to_string(),
+        );
+    }
+    if let Err(e) = candle_parallel::pipeline::ModelSchedule::new(l.schedule, l.chunks) {
+        return Err(format!("{e}"));
+    }
+    if l.pp * l.chunks > model.layers {
         return Err(format!(
-            "the planner does not model the {} schedule (several chunks per rank) yet: plan with 1f1b",
-            l.schedule
+            "pp={} × {} chunks is more stages than the {} layers",
+            l.pp, l.chunks, model.layers
         ));
+    }
+    if l.schedule == ScheduleKind::Interleaved && l.pp == 1 {
+        return Err("the interleaved schedule without pipeline stages".to_string());
     }
     Ok(())
 }
@@ -699,16 +717,23 @@ fn half_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
 /// of the cores gives them (every rank busy: 1; fewer: up to `alone_speedup`). Remembered per
 /// schedule: `enumerate` asks for the same ones many times.
 fn shared_stretch(
-    kind: ScheduleKind,
+    (kind, chunks): (ScheduleKind, usize),
     p: usize,
     m: usize,
     ranks: usize,
     alone_speedup: f64,
 ) -> Result<f64> {
-    type Key = (String, usize, usize, usize, u64);
+    type Key = (String, usize, usize, usize, usize, u64);
     type Seen = std::sync::Mutex<std::collections::HashMap<Key, f64>>;
     static SEEN: std::sync::OnceLock<Seen> = std::sync::OnceLock::new();
-    let key = (kind.to_string(), p, m, ranks, alone_speedup.to_bits());
+    let key = (
+        kind.to_string(),
+        chunks,
+        p,
+        m,
+        ranks,
+        alone_speedup.to_bits(),
+    );
     let seen = SEEN.get_or_init(Default::default);
     if let Some(&v) = seen.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(v);
@@ -716,7 +741,8 @@ fn shared_stretch(
     let sim = match kind {
         ScheduleKind::GPipe => Schedule::gpipe(p, m)?,
         ScheduleKind::ZeroBubble => Schedule::zero_bubble(p, m)?,
-        _ => Schedule::one_f_one_b(p, m)?,
+        ScheduleKind::Interleaved => Schedule::interleaved(p, chunks, m)?,
+        ScheduleKind::OneFOneB => Schedule::one_f_one_b(p, m)?,
     }
     .simulate()?;
     // Busy stages per tick, from a difference array over the actions.
@@ -830,17 +856,25 @@ pub fn plan_layout(
         let gradients = trained_d * 4.0 / part(n_dense, 2) + trained_e * 4.0 / part(n_expert, 2);
         let optimizer = trained_d * (8.0 + master) / part(n_dense, 1)
             + trained_e * (8.0 + master) / part(n_expert, 1);
-        let in_flight = match (l.pp, l.schedule) {
-            (1, _) => 1,
-            (_, ScheduleKind::GPipe) => l.micro_batches,
-            _ => l.micro_batches.min(l.pp - stage),
+        // Interleaved: the chunks whose activations the rank holds at its peak (the schedule
+        // simulated), each a chunk's share of the stage's layers.
+        let (in_flight, held_layers) = match (l.pp, l.schedule) {
+            (1, _) => (1, per_stage),
+            (_, ScheduleKind::GPipe) => (l.micro_batches, per_stage),
+            (p, ScheduleKind::Interleaved) => {
+                let peaks = Schedule::interleaved(p, l.chunks, l.micro_batches)?
+                    .simulate()?
+                    .peak_in_flight();
+                (peaks[stage], per_stage.div_ceil(l.chunks))
+            }
+            _ => (l.micro_batches.min(l.pp - stage), per_stage),
         };
         let layout = ActivationLayout {
             in_flight,
             head: last,
             ..rank_layout(l.recompute)
         };
-        let est = mixtral_activations(&model.as_mixtral(), per_stage, &layout)?;
+        let est = mixtral_activations(&model.as_mixtral(), held_layers, &layout)?;
         let buffers = match l.zero {
             // A layer's gathered parameters, the next one's prefetched, the layer's gradients.
             3 => (layer_dense + layer_experts) * (2.0 * d + 4.0),
@@ -855,9 +889,10 @@ pub fn plan_layout(
         // dp × ep, experts over dp) and reduce-scatters it in place as
         // the layer's backward ends: on top of the layer phase only.
         let bucket = (DEFAULT_BUCKET_BYTES as f64).min(4.0 * trained_d.max(trained_e));
-        // A split-backward schedule runs each stage's backward whole and hands the sink the
-        // step's gradients at its end: they accumulate, in f32, over the micro-batches.
-        let accumulated = if l.pp > 1 && l.schedule.splits_backwards() {
+        // A split-backward or interleaved schedule runs each stage's backward whole and hands
+        // the sink the step's gradients at its end: they accumulate, in f32, over the
+        // micro-batches.
+        let accumulated = if l.pp > 1 && l.schedule.needs_whole_backward() {
             (trained_d + trained_e) * 4.0
         } else {
             0.0
@@ -977,7 +1012,7 @@ pub fn plan_layout(
     // schedule where the ranks cannot keep the cores busy.
     let shared_pipeline = match (dev.shared_cores, l.pp) {
         (true, p) if p > 1 => Some(shared_stretch(
-            l.schedule,
+            (l.schedule, l.chunks),
             p,
             l.micro_batches,
             cluster.devices,
@@ -1073,17 +1108,22 @@ pub fn plan_layout(
         + after_step
         + (gathers - compute * (layers - 1.0) / layers).max(gathers / layers)
         + dp_cores;
-    // Each micro-batch's activations cross each stage boundary forward and back.
+    // Each micro-batch's activations cross each stage boundary forward and back (each of a
+    // rank's chunks has its own boundaries).
     let pp_comm = match l.pp {
         1 => 0.0,
-        _ => 2.0 * (act_bytes / link_bw(cluster, pp_stride, 2) + lat * l.micro_batches as f64),
+        _ => {
+            2.0 * l.chunks as f64
+                * (act_bytes / link_bw(cluster, pp_stride, 2) + lat * l.micro_batches as f64)
+        }
     };
     let per_micro = (compute + tp_comm + ep_comm) / l.micro_batches as f64;
     // The pipeline's idle micro-batch slots: (p − 1) for GPipe and 1F1B, a third of that for
-    // zero-bubble.
+    // zero-bubble, (p − 1) / v for interleaving v chunks.
     let idle_slots = match (l.pp, l.schedule) {
         (1, _) => 0.0,
         (p, ScheduleKind::ZeroBubble) => (p - 1) as f64 / 3.0,
+        (p, ScheduleKind::Interleaved) => (p - 1) as f64 / l.chunks as f64,
         (p, _) => (p - 1) as f64,
     };
     let bubble = match shared_pipeline {
@@ -1157,7 +1197,11 @@ pub fn enumerate(
                         let mbs: Vec<usize> = (0..7).map(|i| 1 << i).collect();
                         let schedules: &[ScheduleKind] = match pp {
                             1 => &[ScheduleKind::OneFOneB],
-                            _ => &[ScheduleKind::OneFOneB, ScheduleKind::ZeroBubble],
+                            _ => &[
+                                ScheduleKind::OneFOneB,
+                                ScheduleKind::ZeroBubble,
+                                ScheduleKind::Interleaved,
+                            ],
                         };
                         for &micro_batches in &mbs {
                             for &schedule in schedules {
@@ -1170,6 +1214,7 @@ pub fn enumerate(
                                     recompute,
                                     micro_batches,
                                     schedule,
+                                    chunks: schedule.default_chunks(),
                                 };
                                 match check_layout(model, work, cluster, &l) {
                                     Err(why) => rejected.push((l, why)),

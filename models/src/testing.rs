@@ -230,7 +230,7 @@ pub struct MemoryProbe {
     /// Expert-parallel ranks (a batch dimension besides dp) and tensor-parallel ranks.
     pub ep: usize,
     pub tp: usize,
-    /// The pipeline schedule with several stages.
+    /// The pipeline schedule with several stages (interleaved: two chunks per rank).
     pub schedule: candle_parallel::pipeline::ScheduleKind,
     /// Micro-batches per step (dividing `rows`).
     pub micro_batches: usize,
@@ -353,14 +353,20 @@ pub fn measure_training_memory(
                 let opt = ZeroOptimizer::new_sharded(&m.units(), vb.params(), &batch, mesh, zero)?;
                 (None, Some(m), opt)
             } else {
-                let layers = stages[mesh.pp().rank()].clone();
-                let mut m = Mixtral::new_stage(
+                // Several chunks per rank with the interleaved schedule.
+                let layers = candle_parallel::pipeline::rank_chunks(
+                    cfg.num_hidden_layers,
+                    pp,
+                    schedule.default_chunks(),
+                    mesh.pp().rank(),
+                )?;
+                let mut m = Mixtral::new_chunks(
                     cfg,
                     vb.clone(),
                     mesh.ep(),
                     mesh.tp(),
                     Dispatch::AllToAll,
-                    layers,
+                    &layers,
                 )?;
                 if pp > 1 {
                     m.set_schedule(schedule)?;
