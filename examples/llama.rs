@@ -175,9 +175,26 @@ fn run_train(command: Command) -> Result<()> {
             }
         }
     };
+    for (name, v) in [
+        ("--dp", dp),
+        ("--tp", tp),
+        ("--pp", pp),
+        ("--micro-batches", micro_batches),
+        ("--rows", rows),
+        ("--steps", steps),
+    ] {
+        if v == 0 {
+            candle_core::bail!("{name} must be at least 1");
+        }
+    }
     let chunks = chunks.unwrap_or(schedule.default_chunks());
     // Refused here, before any rank starts.
     ModelSchedule::new(schedule, chunks)?;
+    if chunks > 1 && pp == 1 {
+        candle_core::bail!(
+            "--schedule interleaved runs several chunks per pipeline rank: give it --pp 2 or more"
+        );
+    }
     rank_chunks(cfg.num_hidden_layers, pp, chunks, 0)?;
     if zero > 2 {
         candle_core::bail!("--zero {zero}: llama train runs ZeRO 0, 1 or 2 (ZeRO 3's sharded layers are Mixtral's, `moe train --zero 3`)");

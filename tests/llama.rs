@@ -273,12 +273,15 @@ fn every_schedule_gives_one_devices_gradients() -> Result<()> {
 fn llama_train_matches_one_device_at_every_layout() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("cp-llama-train-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let out_file = dir.join("out.safetensors");
     let run = |args: &[&str]| -> std::process::Output {
+        // A run that wrote nothing must not read the previous run's file.
+        let _ = std::fs::remove_file(&out_file);
         std::process::Command::new(common::example_path("llama"))
             .args(["train", "--layers", "4", "--micro-batches", "4"])
             .args(args)
             .arg("--out")
-            .arg(dir.join("out.safetensors"))
+            .arg(&out_file)
             .output()
             .expect("runs the llama example")
     };
@@ -289,7 +292,7 @@ fn llama_train_matches_one_device_at_every_layout() -> Result<()> {
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        candle_core::safetensors::load(dir.join("out.safetensors"), &Device::Cpu)
+        candle_core::safetensors::load(&out_file, &Device::Cpu)
     };
     let base = trained(&[])?;
     for args in [
@@ -321,9 +324,12 @@ fn llama_train_matches_one_device_at_every_layout() -> Result<()> {
         ),
         (
             &["--pp", "4", "--schedule", "interleaved"],
-            "use fewer chunks",
+            "use fewer pipeline ranks (at most 2)",
         ),
         (&["--zero", "3"], "ZeRO 0, 1 or 2"),
+        (&["--schedule", "interleaved"], "--pp 2 or more"),
+        (&["--rows", "0"], "--rows must be at least 1"),
+        (&["--dp", "0"], "--dp must be at least 1"),
     ] {
         let out = run(args);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -155,6 +155,8 @@ fn train_with(
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
+    // A run that wrote nothing must not read an earlier run's file.
+    let _ = std::fs::remove_file(out);
     let o = Command::new(example_path(example))
         .args(&args)
         .envs(env.iter().copied())
@@ -1088,7 +1090,7 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
     for (args, want) in [
         (
             &["--pp", "2", "--schedule", "interleaved", "--chunks", "3"][..],
-            "use fewer chunks",
+            "use at most 2 chunks per rank",
         ),
         (
             &["--pp", "2", "--schedule", "1f1b", "--chunks", "2"],
@@ -1113,6 +1115,7 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
             ],
             "several chunks per rank",
         ),
+        (&["--schedule", "interleaved"], "--pp 2 or more"),
     ] {
         let err = refused(&model, &batch, &dir, args);
         assert!(err.contains(want), "{args:?}: {err}");

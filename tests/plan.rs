@@ -220,6 +220,49 @@ fn mixtral_8x7b_plans_agree_with_what_is_known() -> Result<()> {
     )?;
     assert!(megatron.fits, "{megatron:?}");
     assert!((0.35..0.6).contains(&megatron.mfu), "{megatron:?}");
+    // Megatron's own schedule, interleaving 4 chunks per rank: a quarter of the bubble, more
+    // activations (the warm-up's extra chunk-forwards, the whole backward's f32 copy).
+    let text =
+        "dp=2,pp=4,ep=8,zero=1,recompute=selective,micro-batches=16,schedule=interleaved,chunks=4";
+    let layout = Layout::parse(text)?;
+    assert_eq!(Layout::parse(&layout.to_string())?, layout, "{layout}");
+    assert!(layout.flags().contains("--chunks 4"), "{}", layout.flags());
+    let interleaved = plan_layout(
+        &model,
+        &Workload {
+            global_batch: 256,
+            ..full
+        },
+        &Cluster::new(DeviceSpec::h100(), 64, 8)?,
+        &layout,
+    )?;
+    assert!(
+        (interleaved.time.bubble - megatron.time.bubble / 4.0).abs() < 1e-9,
+        "{interleaved:?}"
+    );
+    assert!(interleaved.mfu > megatron.mfu, "{interleaved:?}");
+    assert!(
+        interleaved.memory.activations > megatron.memory.activations,
+        "{interleaved:?}"
+    );
+    for (text, want) in [
+        ("dp=4,pp=2,schedule=interleaved,chunks=1", "--chunks 2"),
+        ("dp=4,pp=2,chunks=2", "--schedule interleaved"),
+        (
+            "dp=2,pp=4,schedule=interleaved,chunks=16",
+            "more stages than the",
+        ),
+        (
+            "dp=4,pp=2,schedule=interleaved,zero=3",
+            "refused by the trainer",
+        ),
+    ] {
+        let err = plan_layout(&model, &full, &eight, &Layout::parse(text)?)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    assert!(Layout::parse("pp=2,schedule=interleaved,chunks=0").is_err());
     Ok(())
 }
 

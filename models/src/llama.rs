@@ -656,7 +656,14 @@ impl Llama {
             lm_head,
             rope,
             tp: tp.clone(),
-            schedule: ModelSchedule::default(),
+            // Several chunks: interleaved, the one schedule that runs them.
+            schedule: ModelSchedule::new(
+                match chunks.len() {
+                    1 => ScheduleKind::default(),
+                    _ => ScheduleKind::Interleaved,
+                },
+                chunks.len(),
+            )?,
         })
     }
 
@@ -724,6 +731,17 @@ impl Llama {
         pp: &Comm,
     ) -> Result<(Vec<Option<Tensor>>, f64)> {
         check_next_token_ids(ids)?;
+        if pp.size() > 1 && self.cfg.tie_word_embeddings {
+            bail!("Llama::batch_grads: a head tied to the embedding lives on the first and the last stage, whose two gradients this does not sum: train a tied model without pipeline stages")
+        }
+        if pp.size() > 1 {
+            candle_parallel::pipeline::check_rank_chunks(
+                pp,
+                &self.chunks,
+                self.schedule.chunks(),
+                self.cfg.num_hidden_layers,
+            )?;
+        }
         let mbs = split_batch(ids, micro_batches)?;
         let (b, s) = mbs[0].dims2()?;
         let stages = self.stages();
@@ -836,7 +854,8 @@ impl Llama {
     }
 
     fn whole(&self, what: &str) -> Result<()> {
-        if !self.is_first_stage() || !self.is_last_stage() {
+        let held: usize = self.chunks.iter().map(|c| c.len()).sum();
+        if !self.is_first_stage() || !self.is_last_stage() || held != self.cfg.num_hidden_layers {
             bail!(
                 "{what} needs the whole model, but this is the pipeline stage of layers {:?}: use forward_stage",
                 self.chunks
@@ -864,7 +883,13 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         self.whole("forward_shard")?;
-        self.forward_stage(ids, pos, cache)
+        // Every chunk in turn (a whole model held as chunks too).
+        let mut cache = cache;
+        let mut x = ids.clone();
+        for c in 0..self.chunks.len() {
+            x = self.chunk_forward(c, &x, pos, cache.as_deref_mut())?;
+        }
+        Ok(x)
     }
 
     /// Full logits `[b, s, vocab]` on every rank (gathered over the tp group).

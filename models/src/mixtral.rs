@@ -76,6 +76,8 @@ pub struct Mixtral {
     aux_batch: Option<Comm>,
     /// The expert-parallel group (its ranks meet in every MoE layer).
     ep: Comm,
+    /// Whether the pipeline's ranks were checked to hold their stages in order (once).
+    tiling_checked: std::sync::atomic::AtomicBool,
 }
 
 impl Mixtral {
@@ -175,9 +177,17 @@ impl Mixtral {
             norm,
             lm_head,
             tp: tp.clone(),
-            schedule: ModelSchedule::default(),
+            // Several chunks: interleaved, the one schedule that runs them.
+            schedule: ModelSchedule::new(
+                match chunks.len() {
+                    1 => ScheduleKind::default(),
+                    _ => ScheduleKind::Interleaved,
+                },
+                chunks.len(),
+            )?,
             aux_batch: None,
             ep: ep.clone(),
+            tiling_checked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -206,6 +216,22 @@ impl Mixtral {
                 chunk,
             })
             .collect()
+    }
+
+    /// Once per model, collectively over `pp`: its ranks hold their stages in the order the
+    /// schedule runs them ([`candle_parallel::pipeline::check_rank_chunks`]).
+    fn check_tiling(&self, pp: &Comm) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.tiling_checked.load(Ordering::Relaxed) {
+            candle_parallel::pipeline::check_rank_chunks(
+                pp,
+                &self.chunks,
+                self.schedule.chunks(),
+                self.cfg.num_hidden_layers,
+            )?;
+            self.tiling_checked.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The blocks of chunk `c` (indices into `blocks`).
@@ -507,6 +533,13 @@ impl Mixtral {
                 self.chunks
             )
         };
+        if self.layers.len() != self.cfg.num_hidden_layers {
+            bail!(
+                "{what} needs every layer, and this model holds layers {:?} of {}: build it with every layer (Mixtral::new)",
+                self.chunks,
+                self.cfg.num_hidden_layers
+            )
+        }
         Ok((embed, norm, head))
     }
 
@@ -794,6 +827,7 @@ impl Mixtral {
                 self.losses_labeled(ids, mb.label(i), mb.mask(i), true)
             });
         }
+        self.check_tiling(pp)?;
         let (b, s) = mb.ids[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
         let stages = self.stages(true);
@@ -853,8 +887,9 @@ impl Mixtral {
     /// ([`Mixtral::set_schedule`]: GPipe or 1F1B, the default) of [`MixtralUnitStage`]s: each
     /// stage's backward is unit-wise too, and recomputes as asked; the sink then gets one
     /// micro-batch at a time. Zero-bubble splits each backward, which a unit-wise backward
-    /// cannot: the stage's backward then runs whole ([`Mixtral::batch_grads`]) and the sink
-    /// gets the step's gradients at its end.
+    /// cannot, and interleaving runs several chunks per rank: with those the stage's backward
+    /// runs whole ([`Mixtral::batch_grads`]) and the sink gets the step's gradients at its
+    /// end (accumulated in an f32 copy meanwhile).
     #[allow(clippy::too_many_arguments)]
     pub fn train_grads(
         &self,

@@ -439,8 +439,9 @@ impl Layout {
             recompute: Recompute::None,
             micro_batches: 1,
             schedule: ScheduleKind::OneFOneB,
-            chunks: 0,
+            chunks: 1,
         };
+        let mut chunks = None;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((k, v)) = part.split_once('=') else {
                 bail!("layout {s:?}: {part:?} is not key=value (e.g. dp=4,ep=2,zero=3)")
@@ -459,14 +460,12 @@ impl Layout {
                 "micro-batches" | "micro_batches" | "mb" => l.micro_batches = n()?,
                 "recompute" => l.recompute = v.parse()?,
                 "schedule" => l.schedule = v.parse()?,
-                "chunks" => l.chunks = n()?,
+                "chunks" => chunks = Some(n()?),
                 _ => bail!("layout {s:?}: unknown key {k:?} (dp, pp, ep, tp, zero, recompute, micro-batches, schedule, chunks)"),
             }
         }
-        if l.chunks == 0 {
-            l.chunks = l.schedule.default_chunks();
-        }
-        if [l.dp, l.pp, l.ep, l.tp, l.micro_batches].contains(&0) || l.zero > 3 {
+        l.chunks = chunks.unwrap_or(l.schedule.default_chunks());
+        if [l.dp, l.pp, l.ep, l.tp, l.micro_batches, l.chunks].contains(&0) || l.zero > 3 {
             bail!("layout {s:?}: sizes and micro-batches must be at least 1, zero 0 to 3")
         }
         Ok(l)
@@ -769,6 +768,28 @@ fn shared_stretch(
     Ok(v)
 }
 
+/// The most chunk-forwards each rank holds under the interleaved schedule of `chunks` chunks
+/// over `p` ranks and `m` micro-batches (simulated; remembered: `enumerate` asks many times).
+fn interleaved_peaks(p: usize, chunks: usize, m: usize) -> Result<Vec<usize>> {
+    type Seen = std::sync::Mutex<std::collections::HashMap<(usize, usize, usize), Vec<usize>>>;
+    static SEEN: std::sync::OnceLock<Seen> = std::sync::OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if let Some(v) = seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&(p, chunks, m))
+    {
+        return Ok(v.clone());
+    }
+    let v = Schedule::interleaved(p, chunks, m)?
+        .simulate()?
+        .peak_in_flight();
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((p, chunks, m), v.clone());
+    Ok(v)
+}
+
 /// The plan of layout `l` (an error where it does not divide the model or the batch).
 pub fn plan_layout(
     model: &ModelShape,
@@ -861,12 +882,10 @@ pub fn plan_layout(
         let (in_flight, held_layers) = match (l.pp, l.schedule) {
             (1, _) => (1, per_stage),
             (_, ScheduleKind::GPipe) => (l.micro_batches, per_stage),
-            (p, ScheduleKind::Interleaved) => {
-                let peaks = Schedule::interleaved(p, l.chunks, l.micro_batches)?
-                    .simulate()?
-                    .peak_in_flight();
-                (peaks[stage], per_stage.div_ceil(l.chunks))
-            }
+            (p, ScheduleKind::Interleaved) => (
+                interleaved_peaks(p, l.chunks, l.micro_batches)?[stage],
+                per_stage.div_ceil(l.chunks),
+            ),
             _ => (l.micro_batches.min(l.pp - stage), per_stage),
         };
         let layout = ActivationLayout {

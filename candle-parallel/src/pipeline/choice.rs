@@ -92,7 +92,7 @@ type BuiltFor = (usize, usize, ActionCosts);
 /// assert_eq!(s.schedule(4, 6)?.stages(), 8);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ModelSchedule {
     kind: ScheduleKind,
     /// Model chunks per rank (several only with [`ScheduleKind::Interleaved`]).
@@ -101,6 +101,18 @@ pub struct ModelSchedule {
     /// The last schedule built, by (ranks, micro-batches, costs): zero-bubble's list
     /// scheduling runs once, not every step.
     built: Mutex<Option<(BuiltFor, Schedule)>>,
+}
+
+/// 1F1B over one stage per rank.
+impl Default for ModelSchedule {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::default(),
+            chunks: 1,
+            measured: Mutex::new(None),
+            built: Mutex::new(None),
+        }
+    }
 }
 
 impl Clone for ModelSchedule {

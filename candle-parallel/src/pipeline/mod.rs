@@ -66,6 +66,7 @@ pub use executor::{
     StageTape, StashableStage, StepOutput, UnitStage,
 };
 pub use schedule::{
-    rank_chunks, split_balanced, split_layers, Action, ActionCosts, Schedule, Simulation, Timed,
+    check_rank_chunks, rank_chunks, split_balanced, split_layers, Action, ActionCosts, Schedule,
+    Simulation, Timed,
 };
 pub use sequential::{PipelineSequential, SequentialChunk, StageSplit};

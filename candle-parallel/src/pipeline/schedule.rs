@@ -826,16 +826,82 @@ pub fn rank_chunks(
         bail!("rank_chunks: rank {rank} of {ranks} pipeline ranks with {chunks} chunks each: use a rank below the rank count and at least one chunk")
     }
     if ranks * chunks > layers {
+        let most = match layers / ranks {
+            0 | 1 => format!(
+                "use fewer pipeline ranks (at most {})",
+                layers / chunks.max(1)
+            ),
+            v => format!("use at most {v} chunks per rank"),
+        };
         bail!(
-            "{layers} layers cannot fill {ranks} pipeline ranks × {chunks} chunks = {} stages (every stage needs a layer): use fewer chunks per rank (at most {}) or a model with more layers",
-            ranks * chunks,
-            (layers / ranks).max(1)
+            "{layers} layers cannot fill {ranks} pipeline ranks × {chunks} chunks = {} stages (every stage needs a layer): {most}, or a model with more layers",
+            ranks * chunks
         )
     }
     let stages = split_layers(layers, ranks * chunks)?;
     Ok((0..chunks)
         .map(|c| stages[c * ranks + rank].clone())
         .collect())
+}
+
+/// Checks, collectively over the pipeline group `pp`, that its ranks' chunks (`mine`: this
+/// rank's layer ranges, in order) are the stages of `schedule_chunks` chunks per rank that
+/// [`rank_chunks`] gives: stage `c · p + r` (chunk `c` of rank `r`) follows stage `c · p + r − 1`
+/// and the stages cover `0..layers`. A pipeline fed other layer ranges would run the layers
+/// out of order without any shape telling (every stage passes the same packed tensor).
+///
+/// ```
+/// use candle_parallel::launch;
+/// use candle_parallel::pipeline::{check_rank_chunks, rank_chunks};
+///
+/// // 8 layers, 2 ranks, 2 chunks each: rank_chunks's ranges pass, contiguous ones do not.
+/// let verdicts = launch(2, |ctx| {
+///     let r = ctx.comm().rank();
+///     let good = check_rank_chunks(ctx.comm(), &rank_chunks(8, 2, 2, r)?, 2, 8).is_ok();
+///     let contiguous = [r * 4..r * 4 + 2, r * 4 + 2..r * 4 + 4];
+///     let bad = check_rank_chunks(ctx.comm(), &contiguous, 2, 8).is_err();
+///     Ok((good, bad))
+/// })?;
+/// assert_eq!(verdicts, vec![(true, true), (true, true)]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn check_rank_chunks(
+    pp: &crate::Comm,
+    mine: &[Range<usize>],
+    schedule_chunks: usize,
+    layers: usize,
+) -> Result<()> {
+    if mine.len() != schedule_chunks {
+        bail!(
+            "pipeline rank {}: the schedule runs {schedule_chunks} chunks per rank, this model holds {} ({mine:?})",
+            pp.rank(),
+            mine.len()
+        )
+    }
+    let flat: Vec<u32> = mine
+        .iter()
+        .flat_map(|r| [r.start as u32, r.end as u32])
+        .collect();
+    let all = pp
+        .all_gather(&candle_core::Tensor::new(flat.as_slice(), pp.device())?, 0)?
+        .to_vec1::<u32>()?;
+    let p = pp.size();
+    let per = 2 * schedule_chunks;
+    let mut next = 0u32;
+    for s in 0..p * schedule_chunks {
+        let (r, c) = (s % p, s / p);
+        let (start, end) = (all[r * per + 2 * c], all[r * per + 2 * c + 1]);
+        if start != next || end <= start {
+            bail!(
+                "pipeline stage {s} (chunk {c} of rank {r}) holds layers {start}..{end}, but the stages before it end at layer {next}: give rank r the layer ranges pipeline::rank_chunks(layers, pp, chunks, r) returns"
+            )
+        }
+        next = end;
+    }
+    if next as usize != layers {
+        bail!("the pipeline's stages end at layer {next} of {layers}: give every rank pipeline::rank_chunks's layer ranges")
+    }
+    Ok(())
 }
 
 /// Splits layers of the given weights (parameter counts, say) into `stages` contiguous
