@@ -785,13 +785,7 @@ fn main() -> Result<()> {
     let (cfg, tok) = prepare_model(&args)?;
     cfg.check_aux_loss()?;
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
-    let chunks = args.chunks.unwrap_or(args.schedule.default_chunks());
-    // Refused here, before any rank starts.
-    ModelSchedule::new(args.schedule, chunks)?;
-    if chunks > 1 && pp == 1 {
-        candle_core::bail!("--schedule interleaved runs several chunks per pipeline rank: give --mesh a pp of 2 or more");
-    }
-    rank_chunks(cfg.num_hidden_layers, pp, chunks, 0)?;
+    let chunks = ModelSchedule::chunks_for(args.schedule, args.chunks, cfg.num_hidden_layers, pp)?;
     let lora = (args.lora_rank > 0).then(|| LoraConfig {
         rank: args.lora_rank,
         alpha: args.lora_alpha,

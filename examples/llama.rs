@@ -187,15 +187,7 @@ fn run_train(command: Command) -> Result<()> {
             candle_core::bail!("{name} must be at least 1");
         }
     }
-    let chunks = chunks.unwrap_or(schedule.default_chunks());
-    // Refused here, before any rank starts.
-    ModelSchedule::new(schedule, chunks)?;
-    if chunks > 1 && pp == 1 {
-        candle_core::bail!(
-            "--schedule interleaved runs several chunks per pipeline rank: give it --pp 2 or more"
-        );
-    }
-    rank_chunks(cfg.num_hidden_layers, pp, chunks, 0)?;
+    let chunks = ModelSchedule::chunks_for(schedule, chunks, cfg.num_hidden_layers, pp)?;
     if zero > 2 {
         candle_core::bail!("--zero {zero}: llama train runs ZeRO 0, 1 or 2 (ZeRO 3's sharded layers are Mixtral's, `moe train --zero 3`)");
     }

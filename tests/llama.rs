@@ -327,7 +327,7 @@ fn llama_train_matches_one_device_at_every_layout() -> Result<()> {
             "use fewer pipeline ranks (at most 2)",
         ),
         (&["--zero", "3"], "ZeRO 0, 1 or 2"),
-        (&["--schedule", "interleaved"], "--pp 2 or more"),
+        (&["--schedule", "interleaved"], "2 or more pipeline ranks"),
         (&["--rows", "0"], "--rows must be at least 1"),
         (&["--dp", "0"], "--dp must be at least 1"),
     ] {

@@ -1115,7 +1115,7 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
             ],
             "several chunks per rank",
         ),
-        (&["--schedule", "interleaved"], "--pp 2 or more"),
+        (&["--schedule", "interleaved"], "2 or more pipeline ranks"),
     ] {
         let err = refused(&model, &batch, &dir, args);
         assert!(err.contains(want), "{args:?}: {err}");

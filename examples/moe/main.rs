@@ -431,15 +431,7 @@ fn run_train(command: Command) -> Result<()> {
         );
     }
     let stages = split_layers(cfg.num_hidden_layers, pp)?;
-    let chunks = chunks.unwrap_or(schedule.default_chunks());
-    // Refused here, before any rank starts.
-    ModelSchedule::new(schedule, chunks)?;
-    if chunks > 1 && pp == 1 {
-        candle_core::bail!(
-            "--schedule interleaved runs several chunks per pipeline rank: give it --pp 2 or more"
-        );
-    }
-    rank_chunks(cfg.num_hidden_layers, pp, chunks, 0)?;
+    let chunks = ModelSchedule::chunks_for(schedule, chunks, cfg.num_hidden_layers, pp)?;
     if pp > 1 && cfg.tie_word_embeddings {
         candle_core::bail!("--pp: a head tied to the embedding would be two copies on the first and last stages; train it with --pp 1");
     }

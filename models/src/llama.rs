@@ -657,13 +657,7 @@ impl Llama {
             rope,
             tp: tp.clone(),
             // Several chunks: interleaved, the one schedule that runs them.
-            schedule: ModelSchedule::new(
-                match chunks.len() {
-                    1 => ScheduleKind::default(),
-                    _ => ScheduleKind::Interleaved,
-                },
-                chunks.len(),
-            )?,
+            schedule: ModelSchedule::for_chunks(chunks.len())?,
         })
     }
 

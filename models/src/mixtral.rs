@@ -178,13 +178,7 @@ impl Mixtral {
             lm_head,
             tp: tp.clone(),
             // Several chunks: interleaved, the one schedule that runs them.
-            schedule: ModelSchedule::new(
-                match chunks.len() {
-                    1 => ScheduleKind::default(),
-                    _ => ScheduleKind::Interleaved,
-                },
-                chunks.len(),
-            )?,
+            schedule: ModelSchedule::for_chunks(chunks.len())?,
             aux_batch: None,
             ep: ep.clone(),
             tiling_checked: std::sync::atomic::AtomicBool::new(false),

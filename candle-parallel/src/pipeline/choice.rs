@@ -144,6 +144,34 @@ impl ModelSchedule {
         })
     }
 
+    /// The schedule a model of `chunks` chunks per rank runs unless told otherwise: 1F1B over
+    /// one chunk, interleaved over several.
+    pub fn for_chunks(chunks: usize) -> Result<Self> {
+        let kind = match chunks {
+            1 => ScheduleKind::default(),
+            _ => ScheduleKind::Interleaved,
+        };
+        Self::new(kind, chunks)
+    }
+
+    /// A trainer's `--schedule` and `--chunks` (`None`: the schedule's default) for a model of
+    /// `layers` layers over `pp` pipeline ranks: the chunks per rank, or an error that says
+    /// what to change (checked before any rank starts).
+    pub fn chunks_for(
+        kind: ScheduleKind,
+        chunks: Option<usize>,
+        layers: usize,
+        pp: usize,
+    ) -> Result<usize> {
+        let chunks = chunks.unwrap_or(kind.default_chunks());
+        Self::new(kind, chunks)?;
+        if chunks > 1 && pp == 1 {
+            bail!("--schedule interleaved runs several chunks per pipeline rank: give it 2 or more pipeline ranks (--pp 2)")
+        }
+        super::rank_chunks(layers, pp, chunks, 0)?;
+        Ok(chunks)
+    }
+
     pub fn kind(&self) -> ScheduleKind {
         self.kind
     }
