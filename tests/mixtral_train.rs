@@ -1041,6 +1041,59 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
         (a - b).abs() <= 1e-5 * b.abs(),
         "{last}: {a} resumed as {b}"
     );
+    // And the other way: saved by 1F1B at step 2, resumed by the interleaved layout.
+    let ckpt = dir.join("ckpt-1f1b");
+    let c = ckpt.to_string_lossy().to_string();
+    let one_stage = [
+        &mb4[..],
+        &[
+            "--pp",
+            "2",
+            "--checkpoint-dir",
+            &c,
+            "--checkpoint-every",
+            "2",
+        ],
+    ]
+    .concat();
+    let straight_1f1b = train(
+        &model,
+        &batch,
+        &dir.join("straight-1f1b.safetensors"),
+        &one_stage,
+    );
+    let from = ckpt.join("step-000002").to_string_lossy().to_string();
+    let resumed_chunked = train(
+        &model,
+        &batch,
+        &dir.join("resumed-chunked.safetensors"),
+        &[
+            &mb4[..],
+            &["--pp", "2", "--schedule", "interleaved", "--resume", &from],
+        ]
+        .concat(),
+    );
+    let (a, b) = (
+        scalar(&straight_1f1b, &last),
+        scalar(&resumed_chunked, &last),
+    );
+    assert!(
+        (a - b).abs() <= 1e-5 * b.abs(),
+        "{last}: {a} resumed as {b} by the interleaved layout"
+    );
+    for name in before.keys() {
+        let x = straight_1f1b[name].flatten_all()?.to_vec1::<f32>()?;
+        let y = resumed_chunked[name].flatten_all()?.to_vec1::<f32>()?;
+        let diff = x
+            .iter()
+            .zip(&y)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-5,
+            "{name} differs by {diff} resumed by the interleaved layout"
+        );
+    }
     // Overlap off, and pipeline messages on the lanes: the same model bit for bit.
     let layout = [
         &mb4[..],
