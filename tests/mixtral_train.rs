@@ -1010,69 +1010,53 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
     let args = [&mb2[..], &["--pp", "2", "--schedule", "interleaved"]].concat();
     let got = train(&model, &batch, &dir.join("s.safetensors"), &args);
     assert_same_run("interleaved, 2 micro-batches", &got, &base2, &before, 1e-5)?;
+    // Trained straight by `save` with a checkpoint at step 2, and resumed from it by
+    // `resume`: the two runs' outputs.
+    let save_then_resume = |tag: &str, save: &[&str], resume: &[&str]| {
+        let ckpt = dir.join(format!("ckpt-{tag}"));
+        let c = ckpt.to_string_lossy().to_string();
+        let every = ["--checkpoint-dir", &c, "--checkpoint-every", "2"];
+        let straight = train(
+            &model,
+            &batch,
+            &dir.join(format!("straight-{tag}.safetensors")),
+            &[&mb4[..], save, &every[..]].concat(),
+        );
+        let from = ckpt.join("step-000002").to_string_lossy().to_string();
+        let resumed = train(
+            &model,
+            &batch,
+            &dir.join(format!("resumed-{tag}.safetensors")),
+            &[&mb4[..], resume, &["--resume", &from][..]].concat(),
+        );
+        (straight, resumed)
+    };
+    let interleaved = ["--pp", "2", "--schedule", "interleaved"];
     // Saved by the interleaved layout at step 2, resumed under 1F1B: step 3 is the same.
-    let ckpt = dir.join("ckpt");
-    let c = ckpt.to_string_lossy().to_string();
-    let chunked = [
-        &mb4[..],
-        &[
-            "--pp",
-            "2",
-            "--schedule",
-            "interleaved",
-            "--checkpoint-dir",
-            &c,
-            "--checkpoint-every",
-            "2",
-        ],
-    ]
-    .concat();
-    let straight = train(&model, &batch, &dir.join("straight.safetensors"), &chunked);
-    let from = ckpt.join("step-000002").to_string_lossy().to_string();
-    let resumed = train(
-        &model,
-        &batch,
-        &dir.join("resumed.safetensors"),
-        &[&mb4[..], &["--pp", "2", "--resume", &from]].concat(),
-    );
+    let (straight, resumed) = save_then_resume("chunked", &interleaved, &["--pp", "2"]);
     let last = format!("loss.{}", STEPS - 1);
     let (a, b) = (scalar(&straight, &last), scalar(&resumed, &last));
     assert!(
         (a - b).abs() <= 1e-5 * b.abs(),
         "{last}: {a} resumed as {b}"
     );
+    // Every parameter of two runs within 1e-5.
+    let params_within = |x: &HashMap<String, Tensor>, y: &HashMap<String, Tensor>, what: &str| {
+        for name in before.keys() {
+            let a = x[name].flatten_all()?.to_vec1::<f32>()?;
+            let b = y[name].flatten_all()?.to_vec1::<f32>()?;
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff <= 1e-5, "{name} differs by {diff} {what}");
+        }
+        Ok::<(), candle_core::Error>(())
+    };
+    params_within(&straight, &resumed, "after resuming")?;
     // And the other way: saved by 1F1B at step 2, resumed by the interleaved layout.
-    let ckpt = dir.join("ckpt-1f1b");
-    let c = ckpt.to_string_lossy().to_string();
-    let one_stage = [
-        &mb4[..],
-        &[
-            "--pp",
-            "2",
-            "--checkpoint-dir",
-            &c,
-            "--checkpoint-every",
-            "2",
-        ],
-    ]
-    .concat();
-    let straight_1f1b = train(
-        &model,
-        &batch,
-        &dir.join("straight-1f1b.safetensors"),
-        &one_stage,
-    );
-    let from = ckpt.join("step-000002").to_string_lossy().to_string();
-    let resumed_chunked = train(
-        &model,
-        &batch,
-        &dir.join("resumed-chunked.safetensors"),
-        &[
-            &mb4[..],
-            &["--pp", "2", "--schedule", "interleaved", "--resume", &from],
-        ]
-        .concat(),
-    );
+    let (straight_1f1b, resumed_chunked) = save_then_resume("1f1b", &["--pp", "2"], &interleaved);
     let (a, b) = (
         scalar(&straight_1f1b, &last),
         scalar(&resumed_chunked, &last),
@@ -1081,19 +1065,11 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
         (a - b).abs() <= 1e-5 * b.abs(),
         "{last}: {a} resumed as {b} by the interleaved layout"
     );
-    for name in before.keys() {
-        let x = straight_1f1b[name].flatten_all()?.to_vec1::<f32>()?;
-        let y = resumed_chunked[name].flatten_all()?.to_vec1::<f32>()?;
-        let diff = x
-            .iter()
-            .zip(&y)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            diff <= 1e-5,
-            "{name} differs by {diff} resumed by the interleaved layout"
-        );
-    }
+    params_within(
+        &straight_1f1b,
+        &resumed_chunked,
+        "resumed by the interleaved layout",
+    )?;
     // Overlap off, and pipeline messages on the lanes: the same model bit for bit.
     let layout = [
         &mb4[..],
@@ -1129,16 +1105,6 @@ fn interleaved_schedule_on_the_model_path_matches_one_device() -> Result<()> {
             let b = other[name].flatten_all()?.to_vec1::<f32>()?;
             assert!(a == b, "interleaved: {name} differs with {what}");
         }
-    }
-    for name in before.keys() {
-        let x = straight[name].flatten_all()?.to_vec1::<f32>()?;
-        let y = resumed[name].flatten_all()?.to_vec1::<f32>()?;
-        let diff = x
-            .iter()
-            .zip(&y)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(diff <= 1e-5, "{name} differs by {diff} after resuming");
     }
     for (args, want) in [
         (

@@ -591,8 +591,6 @@ pub struct Llama {
     tp: Comm,
     /// The pipeline schedule of its training steps (1F1B unless set).
     schedule: ModelSchedule,
-    /// Whether the pipeline's ranks were checked to hold their stages in order (once).
-    tiling_checked: std::sync::atomic::AtomicBool,
 }
 
 impl Llama {
@@ -660,7 +658,6 @@ impl Llama {
             tp: tp.clone(),
             // Several chunks: interleaved, the one schedule that runs them.
             schedule: ModelSchedule::for_chunks(chunks.len())?,
-            tiling_checked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -731,21 +728,9 @@ impl Llama {
         if pp.size() > 1 && self.cfg.tie_word_embeddings {
             bail!("Llama::batch_grads: a head tied to the embedding lives on the first and the last stage, whose two gradients this does not sum: train a tied model without pipeline stages")
         }
-        if pp.size() > 1
-            && !self
-                .tiling_checked
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // Once per model: the ranks hold their stages in the schedule's order.
-            candle_parallel::pipeline::check_rank_chunks(
-                pp,
-                &self.chunks,
-                self.schedule.chunks(),
-                self.cfg.num_hidden_layers,
-            )?;
-            self.tiling_checked
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+        // Once per model: the ranks hold their stages in the schedule's order.
+        self.schedule
+            .check_stages(pp, &self.chunks, self.cfg.num_hidden_layers)?;
         let mbs = split_batch(ids, micro_batches)?;
         let (b, s) = mbs[0].dims2()?;
         let stages = self.stages();

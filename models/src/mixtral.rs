@@ -76,8 +76,6 @@ pub struct Mixtral {
     aux_batch: Option<Comm>,
     /// The expert-parallel group (its ranks meet in every MoE layer).
     ep: Comm,
-    /// Whether the pipeline's ranks were checked to hold their stages in order (once).
-    tiling_checked: std::sync::atomic::AtomicBool,
 }
 
 impl Mixtral {
@@ -181,7 +179,6 @@ impl Mixtral {
             schedule: ModelSchedule::for_chunks(chunks.len())?,
             aux_batch: None,
             ep: ep.clone(),
-            tiling_checked: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -210,22 +207,6 @@ impl Mixtral {
                 chunk,
             })
             .collect()
-    }
-
-    /// Once per model, collectively over `pp`: its ranks hold their stages in the order the
-    /// schedule runs them ([`candle_parallel::pipeline::check_rank_chunks`]).
-    fn check_tiling(&self, pp: &Comm) -> Result<()> {
-        use std::sync::atomic::Ordering;
-        if !self.tiling_checked.load(Ordering::Relaxed) {
-            candle_parallel::pipeline::check_rank_chunks(
-                pp,
-                &self.chunks,
-                self.schedule.chunks(),
-                self.cfg.num_hidden_layers,
-            )?;
-            self.tiling_checked.store(true, Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     /// The blocks of chunk `c` (indices into `blocks`).
@@ -821,7 +802,8 @@ impl Mixtral {
                 self.losses_labeled(ids, mb.label(i), mb.mask(i), true)
             });
         }
-        self.check_tiling(pp)?;
+        self.schedule
+            .check_stages(pp, &self.chunks, self.cfg.num_hidden_layers)?;
         let (b, s) = mb.ids[0].dims2()?;
         let values = std::sync::Mutex::new(vec![[0f64; 3]; micro_batches]);
         let stages = self.stages(true);

@@ -4,6 +4,7 @@ use super::{Action, ActionCosts, Executed, Schedule};
 use crate::comm::{lock, Comm, ReduceOp};
 use candle_core::{bail, Result, Tensor};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// A pipeline schedule by kind, as `--schedule` names it.
@@ -101,6 +102,9 @@ pub struct ModelSchedule {
     /// The last schedule built, by (ranks, micro-batches, costs): zero-bubble's list
     /// scheduling runs once, not every step.
     built: Mutex<Option<(BuiltFor, Schedule)>>,
+    /// Whether the pipeline's ranks were found to hold their stages in this schedule's
+    /// order ([`ModelSchedule::check_stages`], once).
+    stages_checked: AtomicBool,
 }
 
 /// 1F1B over one stage per rank.
@@ -111,6 +115,7 @@ impl Default for ModelSchedule {
             chunks: 1,
             measured: Mutex::new(None),
             built: Mutex::new(None),
+            stages_checked: AtomicBool::new(false),
         }
     }
 }
@@ -122,6 +127,7 @@ impl Clone for ModelSchedule {
             chunks: self.chunks,
             measured: Mutex::new(*lock(&self.measured)),
             built: Mutex::new(lock(&self.built).clone()),
+            stages_checked: AtomicBool::new(self.stages_checked.load(Ordering::Relaxed)),
         }
     }
 }
@@ -141,6 +147,7 @@ impl ModelSchedule {
             chunks,
             measured: Mutex::new(None),
             built: Mutex::new(None),
+            stages_checked: AtomicBool::new(false),
         })
     }
 
@@ -174,6 +181,22 @@ impl ModelSchedule {
 
     pub fn kind(&self) -> ScheduleKind {
         self.kind
+    }
+
+    /// The first time it is called, collectively over `pp`: the ranks hold their stages
+    /// (`mine`: this rank's layer ranges) in the order this schedule runs them, over
+    /// `layers` layers ([`super::check_rank_chunks`]); later calls do nothing.
+    pub fn check_stages(
+        &self,
+        pp: &Comm,
+        mine: &[std::ops::Range<usize>],
+        layers: usize,
+    ) -> Result<()> {
+        if pp.size() > 1 && !self.stages_checked.load(Ordering::Relaxed) {
+            super::check_rank_chunks(pp, mine, self.chunks, layers)?;
+            self.stages_checked.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Model chunks per rank.
